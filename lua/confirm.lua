@@ -1,0 +1,50 @@
+-- confirm.lua — payment arrived for held order ARGV[1]: its hold becomes a final claim.
+-- KEYS: the SKU key set (prelude.lua)
+-- ARGV: 1 order id, 2 now (ms)
+-- Reply: {'new'|'replay', state, expires_at, late, id, code, ...} (see order_reply)
+--      | {'not_found'} | {'hold_expired'} | {'sold_out'} | {'user_limit', current, limit}
+-- After the hold lapsed, fresh codes are claimed if any remain (late = 1), unless the SKU
+-- disallows late confirms (hold_expired). A released order cannot be confirmed.
+
+local order_id, now = ARGV[1], tonumber(ARGV[2])
+
+expire_due(now, 100)
+local o = decode_order(redis.call('HGET', K.orders, order_id))
+if not o then return { 'not_found' } end
+if o.state == 'held' and now >= o.expires_at then
+  expire_order(order_id, o, now)
+end
+
+if o.state == 'claimed' then return order_reply('replay', o) end
+if o.state == 'released' then return { 'hold_expired' } end
+
+if o.state == 'held' then
+  for _, id in ipairs(o.ids) do
+    local k = load_key(id)
+    local before = snapshot(k)
+    k.held = math.max(k.held - 1, 0)
+    k.sold = k.sold + 1
+    save_key(id, before, k)
+  end
+  redis.call('ZREM', K.holds, order_id)
+  o.state = 'claimed'
+  o.updated_at = now
+  save_order(order_id, o)
+  emit('confirm', now, { 'order', order_id, 'user', o.user, 'ids', table.concat(o.ids, ',') })
+  return order_reply('new', o)
+end
+
+-- The hold lapsed: the late path.
+if redis.call('HGET', K.meta, 'allow_late') == '0' then return { 'hold_expired' } end
+local limited = check_user_limit(o.user, o.qty)
+if limited then return limited end
+local ids = take(o.qty)
+if not ids then return { 'sold_out' } end
+issue(ids, false)
+add_user_codes(o.user, o.qty)
+o.state, o.late, o.ids, o.updated_at = 'claimed', true, ids, now
+save_order(order_id, o)
+emit('confirm', now, {
+  'order', order_id, 'user', o.user, 'ids', table.concat(ids, ','), 'late', 1,
+})
+return order_reply('new', o)

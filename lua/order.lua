@@ -1,0 +1,12 @@
+-- order.lua — read order ARGV[1], lapsing its hold first if it is due.
+-- KEYS: the SKU key set (prelude.lua)
+-- ARGV: 1 order id, 2 now (ms)
+-- Reply: {'found', state, expires_at, late, id, code, ...} (see order_reply) | {'not_found'}
+
+local order_id, now = ARGV[1], tonumber(ARGV[2])
+local o = decode_order(redis.call('HGET', K.orders, order_id))
+if not o then return { 'not_found' } end
+if o.state == 'held' and now >= o.expires_at then
+  expire_order(order_id, o, now)
+end
+return order_reply('found', o)

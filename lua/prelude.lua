@@ -1,0 +1,229 @@
+-- prelude.lua — prepended to every script of this directory (Redis scripts cannot import).
+--
+-- KEYS of every per-SKU script, in this order; all share the SKU's hash tag `{sku}` so a
+-- script touches one Redis Cluster slot:
+--   1 meta         HASH  SKU settings: config (JSON), per_user_limit, allow_late, max_issues,
+--                        max_uses, seq (last key id), created_at
+--   2 avail        LIST  key ids that can be issued now, oldest first
+--   3 keys         HASH  key id -> key record (see decode_key)
+--   4 codes        HASH  key id -> canonical code (returned to the claimer)
+--   5 idx          HASH  code digest -> key id
+--   6 orders       HASH  order id -> order record (see decode_order)
+--   7 holds        ZSET  order id scored by its hold's expiry (ms)
+--   8 users        HASH  user id -> codes currently issued to that user (held or claimed)
+--   9 redemptions  HASH  "<key id>|<redeemer>" -> redeemed_at (ms)
+--  10 counts       HASH  state -> number of keys in it
+--  11 events       STREAM every state change, for the ledger
+--
+-- Records are '|'-separated: identifiers (order, user, redeemer) are checked at the edge to
+-- never contain '|' or ','. Times are integer milliseconds passed in ARGV, so every engine and
+-- every test agrees on "now".
+
+local K = {
+  meta = KEYS[1], avail = KEYS[2], keys = KEYS[3], codes = KEYS[4], idx = KEYS[5],
+  orders = KEYS[6], holds = KEYS[7], users = KEYS[8], redemptions = KEYS[9],
+  counts = KEYS[10], events = KEYS[11],
+}
+
+-- Splits on a single plain separator character, keeping empty fields.
+local function split(s, sep)
+  local out, n, start = {}, 0, 1
+  if s == '' then return out end
+  while true do
+    local i = string.find(s, sep, start, true)
+    n = n + 1
+    if not i then
+      out[n] = string.sub(s, start)
+      return out
+    end
+    out[n] = string.sub(s, start, i - 1)
+    start = i + 1
+  end
+end
+
+-- A key (one card code) record:
+--   void|held|sold|uses|max_issues|max_uses|expires_at|redeemer|redeemed_at
+-- held/sold count the orders holding/owning the key (more than one only for reusable codes).
+local function decode_key(rec)
+  if not rec then return nil end
+  local f = split(rec, '|')
+  return {
+    void = f[1] == '1', held = tonumber(f[2]), sold = tonumber(f[3]), uses = tonumber(f[4]),
+    max_issues = tonumber(f[5]), max_uses = tonumber(f[6]), expires_at = tonumber(f[7]),
+    redeemer = f[8], redeemed_at = tonumber(f[9]),
+  }
+end
+
+local function encode_key(k)
+  return table.concat({
+    k.void and '1' or '0', k.held, k.sold, k.uses, k.max_issues, k.max_uses, k.expires_at,
+    k.redeemer, k.redeemed_at,
+  }, '|')
+end
+
+local function load_key(id)
+  return decode_key(redis.call('HGET', K.keys, id))
+end
+
+-- A key's state is derived, never stored, so counts cannot disagree with records.
+local function key_state(k)
+  if k.void then return 'void' end
+  if k.sold > 0 and k.uses >= k.max_uses then return 'redeemed' end
+  if k.sold + k.held >= k.max_issues then
+    if k.sold > 0 then return 'claimed' end
+    return 'held'
+  end
+  return 'available'
+end
+
+-- Whether the key may be handed to another order; exactly these keys are in `avail`.
+local function issuable(k)
+  return not k.void and k.uses < k.max_uses and k.sold + k.held < k.max_issues
+end
+
+-- What `save` needs to know about a key before it changed.
+local function snapshot(k)
+  if not k then return { state = nil, in_list = false } end
+  return { state = key_state(k), in_list = issuable(k) }
+end
+
+-- Stores a changed key and keeps `counts` and `avail` consistent with it.
+local function save_key(id, before, k)
+  redis.call('HSET', K.keys, id, encode_key(k))
+  local state = key_state(k)
+  if before.state ~= state then
+    if before.state then redis.call('HINCRBY', K.counts, before.state, -1) end
+    redis.call('HINCRBY', K.counts, state, 1)
+  end
+  local want = issuable(k)
+  if want and not before.in_list then
+    redis.call('RPUSH', K.avail, id)
+  elseif before.in_list and not want then
+    redis.call('LREM', K.avail, 0, id)
+  end
+end
+
+-- An order record: state|quantity|user|hold_ms|expires_at|late|created_at|updated_at|ids
+-- state: held, claimed, released or expired. ids are ','-joined key ids.
+local function decode_order(rec)
+  if not rec then return nil end
+  local f = split(rec, '|')
+  return {
+    state = f[1], qty = tonumber(f[2]), user = f[3], hold_ms = tonumber(f[4]),
+    expires_at = tonumber(f[5]), late = f[6] == '1', created_at = tonumber(f[7]),
+    updated_at = tonumber(f[8]), ids = split(f[9], ','),
+  }
+end
+
+local function save_order(order_id, o)
+  redis.call('HSET', K.orders, order_id, table.concat({
+    o.state, o.qty, o.user, o.hold_ms, o.expires_at, o.late and '1' or '0', o.created_at,
+    o.updated_at, table.concat(o.ids, ','),
+  }, '|'))
+end
+
+-- Appends an event to the SKU's stream. `fields` alternate names and values.
+local function emit(kind, now, fields)
+  redis.call('XADD', K.events, '*', 't', kind, 'at', now, unpack(fields))
+end
+
+-- Adjusts how many codes a user currently has from this SKU.
+local function add_user_codes(user, delta)
+  if user == '' then return end
+  local n = redis.call('HINCRBY', K.users, user, delta)
+  if n <= 0 then redis.call('HDEL', K.users, user) end
+end
+
+-- Whether issuing `qty` more codes to `user` stays within the SKU's per-user limit.
+-- Returns nil when allowed, else a user_limit reply.
+local function check_user_limit(user, qty)
+  if user == '' then return nil end
+  local limit = tonumber(redis.call('HGET', K.meta, 'per_user_limit') or '0')
+  if limit <= 0 then return nil end
+  local current = tonumber(redis.call('HGET', K.users, user) or '0')
+  if current + qty > limit then return { 'user_limit', current, limit } end
+  return nil
+end
+
+-- Pops `qty` issuable keys, all or none. Returns their ids, or nil when stock is short.
+local function take(qty)
+  local got = {}
+  while #got < qty do
+    local batch = redis.call('LPOP', K.avail, qty - #got)
+    if not batch then break end
+    for _, id in ipairs(batch) do
+      local k = load_key(id)
+      -- `avail` only ever holds issuable keys; a stale entry is dropped, not issued.
+      if k and issuable(k) then got[#got + 1] = id end
+    end
+  end
+  if #got < qty then
+    for i = #got, 1, -1 do redis.call('LPUSH', K.avail, got[i]) end
+    return nil
+  end
+  return got
+end
+
+-- Marks freshly taken keys as held or sold by one more order.
+local function issue(ids, held)
+  for _, id in ipairs(ids) do
+    local k = load_key(id)
+    local before = snapshot(k)
+    before.in_list = false -- `take` popped it
+    if held then k.held = k.held + 1 else k.sold = k.sold + 1 end
+    save_key(id, before, k)
+  end
+end
+
+-- Returns a hold's keys: each key is held by one order fewer.
+local function unhold(ids)
+  for _, id in ipairs(ids) do
+    local k = load_key(id)
+    if k then
+      local before = snapshot(k)
+      k.held = math.max(k.held - 1, 0)
+      save_key(id, before, k)
+    end
+  end
+end
+
+-- Lapses one held order whose time is up: its codes go back to inventory.
+local function expire_order(order_id, o, now)
+  unhold(o.ids)
+  add_user_codes(o.user, -o.qty)
+  o.state = 'expired'
+  o.updated_at = now
+  save_order(order_id, o)
+  redis.call('ZREM', K.holds, order_id)
+  emit('expire', now, { 'order', order_id, 'user', o.user, 'ids', table.concat(o.ids, ',') })
+end
+
+-- Lapses up to `limit` holds that are due. Scripts that issue or read orders call it first,
+-- so an expired hold is never observed as held and its stock is never missed.
+local function expire_due(now, limit)
+  local due = redis.call('ZRANGEBYSCORE', K.holds, '-inf', now, 'LIMIT', 0, limit)
+  for _, order_id in ipairs(due) do
+    local o = decode_order(redis.call('HGET', K.orders, order_id))
+    if o and o.state == 'held' then
+      expire_order(order_id, o, now)
+    else
+      redis.call('ZREM', K.holds, order_id)
+    end
+  end
+  return #due
+end
+
+-- The reply describing an order: {tag, state, expires_at, late, id, code, id, code, ...}.
+-- Codes are revealed only once the order is final: a hold's codes may go back on sale.
+local function order_reply(tag, o)
+  local reply = { tag, o.state, o.expires_at, o.late and 1 or 0 }
+  local codes = {}
+  if o.state == 'claimed' and #o.ids > 0 then
+    codes = redis.call('HMGET', K.codes, unpack(o.ids))
+  end
+  for i, id in ipairs(o.ids) do
+    reply[#reply + 1] = id
+    reply[#reply + 1] = codes[i] or ''
+  end
+  return reply
+end

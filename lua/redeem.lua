@@ -1,0 +1,30 @@
+-- redeem.lua — redeem the code with digest ARGV[1] for redeemer ARGV[2].
+-- KEYS: the SKU key set (prelude.lua)
+-- ARGV: 1 code digest, 2 redeemer, 3 now (ms)
+-- Reply: {'new', key id, redeemed_at} | {'replay', key id, redeemed_at}
+--      | {'invalid'} | {'used', redeemed_at, redeemer} | {'expired', expires_at}
+-- Only a sold code can be redeemed: unknown, unsold (available or held) and voided codes all
+-- get the same {'invalid'}, so guessing cannot tell them apart. The same redeemer again gets
+-- its first answer; a code's uses are capped by its max_uses.
+
+local digest, redeemer, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+
+local id = redis.call('HGET', K.idx, digest)
+if not id then return { 'invalid' } end
+local k = load_key(id)
+if not k or k.void or k.sold == 0 then return { 'invalid' } end
+if k.expires_at > 0 and now >= k.expires_at then return { 'expired', k.expires_at } end
+
+local mark = id .. '|' .. redeemer
+local previous = redis.call('HGET', K.redemptions, mark)
+if previous then return { 'replay', id, previous } end
+if k.uses >= k.max_uses then return { 'used', k.redeemed_at, k.redeemer } end
+
+local before = snapshot(k)
+k.uses = k.uses + 1
+k.redeemer = redeemer
+k.redeemed_at = now
+save_key(id, before, k)
+redis.call('HSET', K.redemptions, mark, now)
+emit('redeem', now, { 'ids', id, 'redeemer', redeemer, 'uses', k.uses })
+return { 'new', id, now }

@@ -1,0 +1,25 @@
+-- release.lua — cancel held order ARGV[1]: its codes go back to inventory at once.
+-- KEYS: the SKU key set (prelude.lua)
+-- ARGV: 1 order id, 2 now (ms)
+-- Reply: {'new'|'replay', state, expires_at, late, id, '', ...} (see order_reply)
+--      | {'not_found'} | {'conflict'} (a final claim: its codes were delivered)
+-- Releasing an order that already lapsed or was released answers its state again.
+
+local order_id, now = ARGV[1], tonumber(ARGV[2])
+
+local o = decode_order(redis.call('HGET', K.orders, order_id))
+if not o then return { 'not_found' } end
+if o.state == 'held' and now >= o.expires_at then
+  expire_order(order_id, o, now)
+end
+if o.state == 'claimed' then return { 'conflict' } end
+if o.state ~= 'held' then return order_reply('replay', o) end
+
+unhold(o.ids)
+add_user_codes(o.user, -o.qty)
+redis.call('ZREM', K.holds, order_id)
+o.state = 'released'
+o.updated_at = now
+save_order(order_id, o)
+emit('release', now, { 'order', order_id, 'user', o.user, 'ids', table.concat(o.ids, ',') })
+return order_reply('new', o)

@@ -1,0 +1,215 @@
+//! Configuration: defaults, then an optional TOML file, then `KAMIGATE_*` environment
+//! variables, which win. Units are in the field names.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Everything `kamigate serve` needs. Every field has a default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Public and merchant API (`KAMIGATE_LISTEN`).
+    pub listen: SocketAddr,
+    /// Admin API, `/metrics`, `/healthz`, `/readyz` (`KAMIGATE_ADMIN_LISTEN`).
+    pub admin_listen: SocketAddr,
+    /// `redis://…`, `redis-cluster://…` or `redis-sentinel://…`; unset runs the embedded
+    /// engine (`KAMIGATE_REDIS_URL`).
+    pub redis_url: Option<String>,
+    /// `sqlite://…` or `postgres://…` (`KAMIGATE_DATABASE_URL`); used by the ledger.
+    pub database_url: Option<String>,
+    /// Embedded state and the SQLite ledger (`KAMIGATE_DATA_DIR`).
+    pub data_dir: PathBuf,
+    /// Admin bearer token; generated and printed once at start when unset
+    /// (`KAMIGATE_ADMIN_TOKEN`).
+    pub admin_token: Option<String>,
+    /// Merchant bearer token; generated and printed once at start when unset
+    /// (`KAMIGATE_MERCHANT_TOKEN`).
+    pub merchant_token: Option<String>,
+    /// Largest JSON request body.
+    pub max_body_bytes: u64,
+    /// Largest import upload (streamed, never held in memory).
+    pub max_import_bytes: u64,
+    /// After SIGTERM, how long the gateway keeps serving while `/readyz` answers 503, so load
+    /// balancers stop sending traffic before connections close.
+    pub shutdown_delay_ms: u64,
+    /// Seconds in-flight requests may run after the listeners close before they are cut off.
+    pub drain_timeout_secs: u64,
+    /// How often lapsed holds are swept back into inventory, in milliseconds. Claims and
+    /// confirms also lapse due holds themselves, so stock is never missed between sweeps.
+    pub hold_sweep_interval_ms: u64,
+    /// Logs as JSON lines instead of text (`KAMIGATE_LOG_JSON=1`).
+    pub log_json: bool,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: ([127, 0, 0, 1], 8080).into(),
+            admin_listen: ([127, 0, 0, 1], 8081).into(),
+            redis_url: None,
+            database_url: None,
+            data_dir: PathBuf::from("./kamigate-data"),
+            admin_token: None,
+            merchant_token: None,
+            max_body_bytes: 64 * 1024,
+            max_import_bytes: 1024 * 1024 * 1024,
+            shutdown_delay_ms: 2000,
+            drain_timeout_secs: 30,
+            hold_sweep_interval_ms: 500,
+            log_json: false,
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{name}: {why}")]
+    Env { name: &'static str, why: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Defaults, overlaid by `file` if given, overlaid by the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.into(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.into(),
+                    source,
+                })?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(|name| std::env::var(name).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Overlays `KAMIGATE_*` variables read through `get`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn addr(name: &'static str, v: String) -> Result<SocketAddr, ConfigError> {
+            v.parse().map_err(|e| ConfigError::Env {
+                name,
+                why: format!("not a socket address: {e}"),
+            })
+        }
+        let set = |v: Option<String>| v.filter(|v| !v.is_empty());
+        if let Some(v) = set(get("KAMIGATE_LISTEN")) {
+            self.listen = addr("KAMIGATE_LISTEN", v)?;
+        }
+        if let Some(v) = set(get("KAMIGATE_ADMIN_LISTEN")) {
+            self.admin_listen = addr("KAMIGATE_ADMIN_LISTEN", v)?;
+        }
+        if let Some(v) = set(get("KAMIGATE_REDIS_URL")) {
+            self.redis_url = Some(v);
+        }
+        if let Some(v) = set(get("KAMIGATE_DATABASE_URL")) {
+            self.database_url = Some(v);
+        }
+        if let Some(v) = set(get("KAMIGATE_DATA_DIR")) {
+            self.data_dir = v.into();
+        }
+        if let Some(v) = set(get("KAMIGATE_ADMIN_TOKEN")) {
+            self.admin_token = Some(v);
+        }
+        if let Some(v) = set(get("KAMIGATE_MERCHANT_TOKEN")) {
+            self.merchant_token = Some(v);
+        }
+        if let Some(v) = set(get("KAMIGATE_LOG_JSON")) {
+            self.log_json = matches!(v.as_str(), "1" | "true" | "yes");
+        }
+        Ok(())
+    }
+
+    /// Rejects settings that cannot work together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |why: &str| Err(ConfigError::Invalid(why.into()));
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
+            return invalid("listen and admin_listen must differ");
+        }
+        for (name, token) in [
+            ("admin_token", &self.admin_token),
+            ("merchant_token", &self.merchant_token),
+        ] {
+            if token.as_ref().is_some_and(|t| t.len() < 16) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be at least 16 characters"
+                )));
+            }
+        }
+        if self.admin_token.is_some() && self.admin_token == self.merchant_token {
+            return invalid("admin_token and merchant_token must differ");
+        }
+        if self.max_body_bytes == 0 || self.max_import_bytes == 0 {
+            return invalid("body limits must be positive");
+        }
+        if self.hold_sweep_interval_ms == 0 {
+            return invalid("hold_sweep_interval_ms must be positive");
+        }
+        if let Some(url) = &self.redis_url {
+            let known = ["redis://", "redis-cluster://", "redis-sentinel://"];
+            if !known.iter().any(|s| url.starts_with(s)) {
+                return invalid(
+                    "redis_url must start with redis://, redis-cluster:// or redis-sentinel://",
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_overrides_file_and_defaults() {
+        let mut config: Config = toml::from_str("listen = \"127.0.0.1:9000\"\n").expect("toml");
+        config
+            .apply_env(|name| match name {
+                "KAMIGATE_LISTEN" => Some("127.0.0.1:9100".into()),
+                "KAMIGATE_REDIS_URL" => Some("redis://127.0.0.1:7000".into()),
+                _ => None,
+            })
+            .expect("env applies");
+        assert_eq!(config.listen.port(), 9100);
+        assert_eq!(config.admin_listen.port(), 8081);
+        assert_eq!(config.redis_url.as_deref(), Some("redis://127.0.0.1:7000"));
+        config.validate().expect("valid");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut config = Config::default();
+        let err = config
+            .apply_env(|name| (name == "KAMIGATE_LISTEN").then(|| "nope".into()))
+            .expect_err("not an address");
+        assert!(err.to_string().contains("KAMIGATE_LISTEN"));
+        let short = Config {
+            admin_token: Some("short".into()),
+            ..Config::default()
+        };
+        assert!(short.validate().is_err());
+        assert!(toml::from_str::<Config>("no_such_field = 1").is_err());
+    }
+}

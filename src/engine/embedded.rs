@@ -1,0 +1,698 @@
+//! The embedded engine: the scripts of `lua/` run in-process on Lua 5.1 (Redis's dialect,
+//! through mlua) against a [`Keyspace`], with no Redis to set up.
+//!
+//! # Why one dedicated thread
+//!
+//! Redis runs one script at a time on one thread; that alone makes every script atomic: no
+//! other command interleaves with it, so a script can read, decide and write without locks.
+//! This engine gets the same guarantee the same way. One OS thread, `kamigate-engine`, owns
+//! both the Lua state and the keyspace; [`ScriptEngine::eval`] queues a job to it and awaits
+//! the reply on a oneshot channel, so tokio's workers never block and never touch the data.
+//! It is also the only option: an mlua [`Lua`] state (built without mlua's `send` feature) is
+//! `!Send`, so it cannot hop between tokio worker threads and must stay on the thread that
+//! created it. The thread stops when the engine is dropped; if it ever dies, every call
+//! answers [`EngineError::Unavailable`].
+//!
+//! # The same Lua as Redis
+//!
+//! Scripts must behave identically on both engines, so the environment copies Redis 7.0's:
+//!
+//! - Only the base, `table`, `string` and `math` libraries. No `os`, `io`, `package`/`require`,
+//!   `debug`, `dofile` or `loadfile`; `load`, `loadstring` and `print` are removed as well
+//!   (scripts must neither compile code at run time nor write to the gateway's stdout, where a
+//!   secret code would end up in the logs).
+//! - `redis.call`, `redis.pcall`, `redis.error_reply`, `redis.status_reply`, `redis.sha1hex`,
+//!   `redis.log` (a no-op: Redis writes to its own log, which the gateway never sees either)
+//!   and the `redis.LOG_*` constants.
+//! - Arguments of `redis.call` convert like Redis: strings as bytes, numbers with `%.17g`
+//!   (what Redis uses instead of Lua's lossy `%.14g`), anything else is an error. Replies
+//!   convert back like Redis: integer → number, bulk → string, nil → `false`, array → table,
+//!   status → `{ok = …}`, error → raised (`call`) or returned as `{err = …}` (`pcall`).
+//! - Globals are protected: creating one raises `Script attempted to create global variable`
+//!   and reading an undefined one `Script attempted to access nonexistent global variable`,
+//!   so the script bugs Redis catches are caught here too.
+//! - The script's value converts to a [`Reply`] by Redis's rules (numbers truncate, `true` is
+//!   1, `false`/`nil` are nil, `{ok=…}` a status, `{err=…}` a failure, other tables arrays up
+//!   to their first `nil`).
+//!
+//! Each script is compiled once (by SHA-1) and then only called: a call builds two small
+//! argument tables and nothing else, so the flash-sale path pays for the script, not the
+//! machinery around it.
+
+use std::collections::HashMap;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::mpsc as std_mpsc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use mlua::chunk::ChunkMode;
+use mlua::{Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use super::keyspace::{format_g17, Clock, Keyspace, Resp, SystemClock};
+use super::{EngineError, EngineKind, Reply, Script, ScriptEngine};
+
+/// Jobs waiting for the engine thread. Bounded so that a burst beyond what the engine can
+/// absorb waits in the callers (where the edge's in-flight cap sheds it) rather than growing
+/// without limit here.
+const QUEUE_DEPTH: usize = 1024;
+
+/// How long the engine thread keeps polling for the next job before it parks.
+const SPIN: Duration = Duration::from_micros(20);
+
+/// Scripts slower than this are logged: on a single-threaded engine they stall everything.
+const SLOW_SCRIPT: Duration = Duration::from_millis(100);
+
+/// How deeply nested a script's returned tables may be (Redis: "reached lua stack limit").
+/// Also what stops a self-referencing table from recursing forever.
+const MAX_REPLY_DEPTH: usize = 1000;
+
+/// Stack for the engine thread: Lua's C recursion and the reply conversion run on it.
+const THREAD_STACK: usize = 8 * 1024 * 1024;
+
+const ARGUMENT_TYPE_ERROR: &str = "ERR Lua redis lib command arguments must be strings or integers";
+
+/// Installs Redis's `redis` table and global protection. Receives the native command function
+/// (`raw`: returns the reply, or `nil, {err = …}`) and `sha1hex`.
+const GLUE: &str = r#"
+local raw, sha1hex = ...
+local error, pcall, select, type = error, pcall, select, type
+
+redis = {
+  LOG_DEBUG = 0, LOG_VERBOSE = 1, LOG_NOTICE = 2, LOG_WARNING = 3,
+  REPL_NONE = 0, REPL_AOF = 1, REPL_SLAVE = 2, REPL_REPLICA = 2, REPL_ALL = 3,
+}
+
+function redis.call(...)
+  local reply, err = raw(...)
+  if reply == nil then
+    -- Where the script called us ("claim:12: "), for the final error message only.
+    local _, at = pcall(error, '', 3)
+    err.at = at
+    error(err, 0)
+  end
+  return reply
+end
+
+function redis.pcall(...)
+  local reply, err = raw(...)
+  if reply == nil then return err end
+  return reply
+end
+
+-- Redis 7: a leading '-' is dropped, and a message without an error code gets "ERR".
+function redis.error_reply(msg)
+  if type(msg) ~= 'string' then return { err = 'ERR wrong number or type of arguments' } end
+  if msg:sub(1, 1) == '-' then msg = msg:sub(2) end
+  if not msg:find(' ', 1, true) then msg = 'ERR ' .. msg end
+  return { err = (msg:gsub('[\r\n]+$', '')) }
+end
+
+function redis.status_reply(msg)
+  if type(msg) ~= 'string' then return { err = 'ERR wrong number or type of arguments' } end
+  return { ok = msg }
+end
+
+redis.sha1hex = sha1hex
+
+function redis.log(level, ...)
+  if select('#', ...) < 1 then error('redis.log() requires two arguments or more.', 2) end
+  if type(level) ~= 'number' or level < 0 or level > 3 then error('Invalid debug level.', 2) end
+end
+
+function redis.replicate_commands() return true end
+function redis.set_repl(_) end
+
+dofile, loadfile, load, loadstring, print = nil, nil, nil, nil, nil
+
+setmetatable(_G, {
+  __newindex = function(_, name)
+    error("Script attempted to create global variable '" .. tostring(name) .. "'", 2)
+  end,
+  __index = function(_, name)
+    error("Script attempted to access nonexistent global variable '" .. tostring(name) .. "'", 2)
+  end,
+})
+"#;
+
+/// One request to the engine thread.
+enum Job {
+    Eval {
+        script: &'static Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+        reply: oneshot::Sender<Result<Reply, EngineError>>,
+    },
+    Ping(oneshot::Sender<()>),
+}
+
+/// Runs the scripts in-process on a dedicated thread. See the module documentation.
+#[derive(Debug)]
+pub struct EmbeddedEngine {
+    /// `None` only while dropping, so the thread sees the channel close before we join it.
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EmbeddedEngine {
+    /// An engine on an empty keyspace and the wall clock.
+    pub fn start() -> Result<EmbeddedEngine, EngineError> {
+        EmbeddedEngine::with_clock(SystemClock)
+    }
+
+    /// An engine on an empty keyspace whose time (key expiry, stream ids) comes from `clock`;
+    /// tests pass a clock they can move.
+    pub fn with_clock(clock: impl Clock) -> Result<EmbeddedEngine, EngineError> {
+        EmbeddedEngine::with_keyspace(Keyspace::with_clock(clock))
+    }
+
+    /// An engine serving `keyspace`, e.g. one prepared by a test.
+    pub fn with_keyspace(keyspace: Keyspace) -> Result<EmbeddedEngine, EngineError> {
+        let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
+        // The Lua state must be created on the thread that uses it; it reports back whether
+        // that worked before we hand out the engine.
+        let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
+        let thread = thread::Builder::new()
+            .name("kamigate-engine".into())
+            .stack_size(THREAD_STACK)
+            .spawn(move || serve(keyspace, queue, ready_tx))
+            .map_err(|e| {
+                EngineError::Unavailable(format!("cannot start the engine thread: {e}"))
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(EmbeddedEngine {
+                jobs: Some(jobs),
+                thread: Some(thread),
+            }),
+            Ok(Err(message)) => Err(EngineError::Unavailable(format!(
+                "cannot set up the Lua environment: {message}"
+            ))),
+            Err(_) => Err(EngineError::Unavailable(
+                "the engine thread exited during startup".into(),
+            )),
+        }
+    }
+
+    fn sender(&self) -> Result<&mpsc::Sender<Job>, EngineError> {
+        self.jobs.as_ref().ok_or_else(stopped)
+    }
+}
+
+fn stopped() -> EngineError {
+    EngineError::Unavailable("the embedded engine thread has stopped".into())
+}
+
+impl ScriptEngine for EmbeddedEngine {
+    /// Queues the script; it runs alone, after every script queued before it. If this future
+    /// is dropped before the script starts, the script does not run.
+    fn eval(
+        &self,
+        script: &'static Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> BoxFuture<'_, Result<Reply, EngineError>> {
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            self.sender()?
+                .send(Job::Eval {
+                    script,
+                    keys,
+                    args,
+                    reply,
+                })
+                .await
+                .map_err(|_| stopped())?;
+            answer.await.map_err(|_| stopped())?
+        })
+    }
+
+    /// Round-trips the engine thread, so it proves scripts can be served now.
+    fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            self.sender()?
+                .send(Job::Ping(reply))
+                .await
+                .map_err(|_| stopped())?;
+            answer.await.map_err(|_| stopped())
+        })
+    }
+
+    fn kind(&self) -> EngineKind {
+        EngineKind::Embedded
+    }
+}
+
+impl Drop for EmbeddedEngine {
+    /// Closes the queue and waits for the thread: it finishes the scripts already queued
+    /// (each is short) and exits, releasing the keyspace.
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the embedded engine thread had panicked");
+            }
+        }
+    }
+}
+
+/// The engine thread's body.
+fn serve(
+    keyspace: Keyspace,
+    mut queue: mpsc::Receiver<Job>,
+    ready: std_mpsc::SyncSender<Result<(), String>>,
+) {
+    let mut vm = match Vm::new(keyspace) {
+        Ok(vm) => vm,
+        Err(e) => {
+            // The receiver waits in `with_keyspace`; if it is gone there is no one to tell.
+            let _ = ready.send(Err(e.to_string()));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    drop(ready);
+
+    // A panic here is a bug in the engine; the state may be half-changed, so the engine stops
+    // (callers get `Unavailable`) rather than serve from it.
+    let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+        while let Some(job) = next_job(&mut queue) {
+            match job {
+                Job::Eval {
+                    script,
+                    keys,
+                    args,
+                    reply,
+                } => {
+                    if reply.is_closed() {
+                        continue; // the caller gave up before the script started
+                    }
+                    let started = Instant::now();
+                    let result = vm.eval(script, &keys, &args);
+                    let elapsed = started.elapsed();
+                    if elapsed >= SLOW_SCRIPT {
+                        tracing::warn!(
+                            script = script.name(),
+                            elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+                            "slow script in the embedded engine"
+                        );
+                    }
+                    let _ = reply.send(result);
+                }
+                Job::Ping(reply) => {
+                    let _ = reply.send(());
+                }
+            }
+        }
+    }));
+    if outcome.is_err() {
+        tracing::error!("the embedded engine thread panicked; the engine is unavailable");
+    }
+}
+
+/// The next job, or `None` once the engine is dropped and the queue drained.
+///
+/// After a job the thread polls for [`SPIN`] before parking: under load the next job usually
+/// arrives within microseconds, and catching it without a park/unpark round trip through the
+/// kernel roughly halves a script's latency. When idle, it parks, costing nothing.
+fn next_job(queue: &mut mpsc::Receiver<Job>) -> Option<Job> {
+    let deadline = Instant::now() + SPIN;
+    loop {
+        match queue.try_recv() {
+            Ok(job) => return Some(job),
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            Err(mpsc::error::TryRecvError::Empty) if Instant::now() >= deadline => {
+                return queue.blocking_recv();
+            }
+            Err(mpsc::error::TryRecvError::Empty) => std::hint::spin_loop(),
+        }
+    }
+}
+
+/// The Lua state and the compiled scripts; lives on the engine thread only.
+struct Vm {
+    lua: Lua,
+    /// Lua's own `pcall`: calling scripts through it hands us the raw error value (a string,
+    /// or the `{err = …}` table `redis.call` raised) instead of mlua's wrapped error.
+    pcall: Function,
+    /// Compiled scripts by SHA-1.
+    compiled: HashMap<&'static str, Function>,
+}
+
+impl Vm {
+    fn new(mut keyspace: Keyspace) -> mlua::Result<Vm> {
+        let lua = Lua::new_with(
+            StdLib::TABLE | StdLib::STRING | StdLib::MATH,
+            LuaOptions::default(),
+        )?;
+
+        // The keyspace moves into the command function: it is only ever reached from scripts.
+        let mut argv: Vec<Bytes> = Vec::new();
+        let raw = lua.create_function_mut(move |lua, args: MultiValue| {
+            argv.clear();
+            for arg in args.iter() {
+                match command_arg(arg) {
+                    Some(bytes) => argv.push(bytes),
+                    None => return error_pair(lua, ARGUMENT_TYPE_ERROR),
+                }
+            }
+            let result = keyspace.call(&argv);
+            argv.clear();
+            match result {
+                Ok(resp) => Ok((resp_to_lua(lua, resp)?, Value::Nil)),
+                Err(message) => error_pair(lua, &message),
+            }
+        })?;
+        let sha1hex = lua.create_function(|_, args: MultiValue| {
+            let (1, Some(Value::String(s))) = (args.len(), args.front()) else {
+                return Err(mlua::Error::runtime("wrong number of arguments"));
+            };
+            Ok(sha1_smol::Sha1::from(&*s.as_bytes()).digest().to_string())
+        })?;
+        lua.load(GLUE)
+            .set_name("=redis")
+            .set_mode(ChunkMode::Text)
+            .call::<()>((raw, sha1hex))?;
+        let pcall = lua.globals().raw_get("pcall")?;
+        Ok(Vm {
+            lua,
+            pcall,
+            compiled: HashMap::new(),
+        })
+    }
+
+    fn eval(
+        &mut self,
+        script: &'static Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<Reply, EngineError> {
+        let fail = |message: String| EngineError::Script {
+            script: script.name(),
+            message,
+        };
+        let lua_fail = |e: mlua::Error| fail(e.to_string());
+
+        if !self.compiled.contains_key(script.sha1()) {
+            let function = self
+                .lua
+                .load(script.source())
+                .set_name(format!("={}", script.name()))
+                .set_mode(ChunkMode::Text)
+                .into_function()
+                .map_err(lua_fail)?;
+            self.compiled.insert(script.sha1(), function);
+        }
+        let Some(function) = self.compiled.get(script.sha1()) else {
+            return Err(fail("compiled script went missing".into()));
+        };
+
+        let globals = self.lua.globals();
+        let keys = self
+            .lua
+            .create_sequence_from(keys.iter().map(String::as_str))
+            .map_err(lua_fail)?;
+        let args = self
+            .lua
+            .create_sequence_from(args.iter().map(String::as_str))
+            .map_err(lua_fail)?;
+        globals.raw_set("KEYS", keys).map_err(lua_fail)?;
+        globals.raw_set("ARGV", args).map_err(lua_fail)?;
+
+        let mut out = self
+            .pcall
+            .call::<MultiValue>(function)
+            .map_err(lua_fail)?
+            .into_iter();
+        let succeeded = matches!(out.next(), Some(Value::Boolean(true)));
+        // Like Redis, only the first value a script returns counts.
+        let value = out.next().unwrap_or(Value::Nil);
+        if succeeded {
+            to_reply(&value, 0).map_err(fail)
+        } else {
+            Err(fail(error_message(&value)))
+        }
+    }
+}
+
+/// A `redis.call` argument as Redis builds it: strings as they are, numbers with `%.17g`;
+/// `None` for any other type.
+fn command_arg(value: &Value) -> Option<Bytes> {
+    match value {
+        Value::String(s) => Some(Bytes::copy_from_slice(&s.as_bytes())),
+        Value::Integer(i) => {
+            let i = lua_integer(*i);
+            // Below 1e17, %.17g prints an integer's digits exactly.
+            Some(Bytes::from(if i.unsigned_abs() < 100_000_000_000_000_000 {
+                i.to_string()
+            } else {
+                format_g17(i as f64)
+            }))
+        }
+        Value::Number(n) => Some(Bytes::from(format_g17(*n))),
+        _ => None,
+    }
+}
+
+/// mlua's integer type is `i64` on 64-bit targets, `i32` elsewhere.
+#[allow(clippy::useless_conversion)]
+fn lua_integer(i: mlua::Integer) -> i64 {
+    i64::from(i)
+}
+
+/// `raw`'s failure result: `nil, {err = message}`.
+fn error_pair(lua: &Lua, message: &str) -> mlua::Result<(Value, Value)> {
+    let table = lua.create_table_with_capacity(0, 2)?;
+    table.raw_set("err", message)?;
+    Ok((Value::Nil, Value::Table(table)))
+}
+
+/// A command reply as Redis hands it to Lua.
+fn resp_to_lua(lua: &Lua, resp: Resp) -> mlua::Result<Value> {
+    Ok(match resp {
+        Resp::Nil => Value::Boolean(false),
+        // Lua 5.1 numbers are doubles; Redis pushes (lua_Number)value the same way.
+        Resp::Int(i) => Value::Number(i as f64),
+        Resp::Bulk(bytes) => Value::String(lua.create_string(&bytes)?),
+        Resp::Status(status) => {
+            let table = lua.create_table_with_capacity(0, 1)?;
+            table.raw_set("ok", status)?;
+            Value::Table(table)
+        }
+        Resp::Array(items) => {
+            let table = lua.create_table_with_capacity(items.len(), 0)?;
+            for (i, item) in items.into_iter().enumerate() {
+                table.raw_set(i + 1, resp_to_lua(lua, item)?)?;
+            }
+            Value::Table(table)
+        }
+    })
+}
+
+/// A script's return value as Redis converts it.
+fn to_reply(value: &Value, depth: usize) -> Result<Reply, String> {
+    Ok(match value {
+        Value::Nil | Value::Boolean(false) => Reply::Nil,
+        Value::Boolean(true) => Reply::Int(1),
+        Value::Integer(i) => Reply::Int(lua_integer(*i)),
+        // C's (long long) cast: truncation toward zero (saturating here, where C is undefined).
+        Value::Number(n) => Reply::Int(*n as i64),
+        Value::String(s) => Reply::Bulk(Bytes::copy_from_slice(&s.as_bytes())),
+        Value::Table(table) => table_reply(table, depth)?,
+        // Functions, userdata, threads: Redis replies nil.
+        _ => Reply::Nil,
+    })
+}
+
+/// `{err = …}` fails the script (also when nested in an array: a reply carries no errors),
+/// `{ok = …}` is a status, anything else an array of `t[1..]` up to the first nil.
+fn table_reply(table: &Table, depth: usize) -> Result<Reply, String> {
+    if depth >= MAX_REPLY_DEPTH {
+        return Err("reached lua stack limit".into());
+    }
+    let field = |name: &str| table.raw_get::<Value>(name).map_err(|e| e.to_string());
+    if let Value::String(err) = field("err")? {
+        return Err(err.to_string_lossy());
+    }
+    if let Value::String(ok) = field("ok")? {
+        return Ok(Reply::Status(ok.to_string_lossy()));
+    }
+    let mut items = Vec::new();
+    for i in 1.. {
+        let item: Value = table.raw_get(i).map_err(|e| e.to_string())?;
+        if item.is_nil() {
+            break;
+        }
+        items.push(to_reply(&item, depth + 1)?);
+    }
+    Ok(Reply::Array(items))
+}
+
+/// The message of whatever a script raised.
+fn error_message(error: &Value) -> String {
+    match error {
+        Value::String(s) => s.to_string_lossy(),
+        Value::Table(table) => match table.raw_get::<Value>("err") {
+            Ok(Value::String(err)) => {
+                let at = match table.raw_get::<Value>("at") {
+                    Ok(Value::String(at)) => at.to_string_lossy(),
+                    _ => String::new(),
+                };
+                format!("{at}{}", err.to_string_lossy())
+            }
+            _ => "(error object is a table value)".into(),
+        },
+        Value::Error(e) => e.to_string(),
+        other => format!("(error object is a {} value)", other.type_name()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn probe(body: &str) -> &'static Script {
+        Box::leak(Box::new(Script::new("probe", body)))
+    }
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| (*s).to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn runs_scripts_against_the_keyspace_in_order() {
+        let engine = EmbeddedEngine::start().expect("engine starts");
+        engine.ping().await.expect("ping");
+        assert_eq!(engine.kind(), EngineKind::Embedded);
+        let incr = probe("return redis.call('INCRBY', KEYS[1], ARGV[1])");
+        let futures: Vec<_> = (0..50)
+            .map(|_| engine.eval(incr, strings(&["n"]), strings(&["2"])))
+            .collect();
+        let mut replies = Vec::new();
+        for f in futures {
+            replies.push(f.await.expect("incr"));
+        }
+        assert_eq!(replies.last(), Some(&Reply::Int(100)));
+        let get = probe("return redis.call('GET', KEYS[1])");
+        assert_eq!(
+            engine
+                .eval(get, strings(&["n"]), vec![])
+                .await
+                .expect("get"),
+            Reply::from("100")
+        );
+    }
+
+    #[tokio::test]
+    async fn injected_clock_drives_expiry_and_stream_ids() {
+        let now = Arc::new(AtomicU64::new(5_000));
+        let clock = Arc::clone(&now);
+        let engine = EmbeddedEngine::with_clock(move || clock.load(Ordering::SeqCst))
+            .expect("engine starts");
+        let set = probe(
+            "redis.call('SET', KEYS[1], 'v', 'PX', 100) \
+             return redis.call('XADD', KEYS[2], '*', 'f', 'v')",
+        );
+        let get = probe("return redis.call('GET', KEYS[1])");
+        let keys = strings(&["k", "s"]);
+        assert_eq!(
+            engine.eval(set, keys.clone(), vec![]).await.expect("set"),
+            Reply::from("5000-0")
+        );
+        assert_eq!(
+            engine.eval(get, keys.clone(), vec![]).await.expect("get"),
+            Reply::from("v")
+        );
+        now.store(5_101, Ordering::SeqCst);
+        assert_eq!(
+            engine.eval(get, keys.clone(), vec![]).await.expect("get"),
+            Reply::Nil
+        );
+        now.store(1_000, Ordering::SeqCst);
+        assert_eq!(
+            engine.eval(set, keys, vec![]).await.expect("set"),
+            Reply::from("5000-1")
+        );
+    }
+
+    #[tokio::test]
+    async fn compile_errors_are_script_errors() {
+        let engine = EmbeddedEngine::start().expect("engine starts");
+        let broken = probe("return (");
+        match engine.eval(broken, vec![], vec![]).await {
+            Err(EngineError::Script { script, message }) => {
+                assert_eq!(script, "probe");
+                assert!(message.contains("probe:"), "{message}");
+            }
+            other => panic!("expected a script error, got {other:?}"),
+        }
+        // The engine keeps serving.
+        engine.ping().await.expect("ping");
+    }
+
+    #[tokio::test]
+    async fn redis_call_errors_carry_the_script_line() {
+        let engine = EmbeddedEngine::start().expect("engine starts");
+        // Not a tail call: `return redis.call(...)` replaces the script's frame, as in Redis.
+        let script = probe("local x = redis.call('HGET', 'h')\nreturn x");
+        let Err(EngineError::Script { message, .. }) = engine.eval(script, vec![], vec![]).await
+        else {
+            panic!("expected a script error");
+        };
+        let lines = script.source().lines().count();
+        assert_eq!(
+            message,
+            format!(
+                "probe:{}: ERR wrong number of arguments for 'hget' command",
+                lines - 1
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stopped_thread_is_unavailable() {
+        let (jobs, queue) = mpsc::channel(1);
+        drop(queue);
+        let engine = EmbeddedEngine {
+            jobs: Some(jobs),
+            thread: None,
+        };
+        assert!(matches!(
+            engine.ping().await,
+            Err(EngineError::Unavailable(_))
+        ));
+        let script = probe("return 1");
+        assert!(matches!(
+            engine.eval(script, vec![], vec![]).await,
+            Err(EngineError::Unavailable(_))
+        ));
+    }
+
+    #[test]
+    fn dropping_the_engine_stops_its_thread() {
+        let engine = EmbeddedEngine::start().expect("engine starts");
+        let thread = engine
+            .thread
+            .as_ref()
+            .map(|t| t.thread().name().map(str::to_owned));
+        assert_eq!(thread, Some(Some("kamigate-engine".to_owned())));
+        drop(engine); // joins: returning at all means the thread exited
+    }
+
+    #[test]
+    fn numbers_become_arguments_like_redis() {
+        let arg = |v: Value| command_arg(&v).map(|b| String::from_utf8_lossy(&b).into_owned());
+        assert_eq!(arg(Value::Integer(42)), Some("42".into()));
+        assert_eq!(arg(Value::Integer(-7)), Some("-7".into()));
+        assert_eq!(arg(Value::Number(2.5)), Some("2.5".into()));
+        assert_eq!(arg(Value::Number(0.1)), Some("0.10000000000000001".into()));
+        assert_eq!(arg(Value::Number(1e20)), Some("1e+20".into()));
+        assert_eq!(arg(Value::Boolean(true)), None);
+        assert_eq!(arg(Value::Nil), None);
+    }
+}

@@ -1,0 +1,2280 @@
+//! An in-memory keyspace implementing exactly the Redis commands the scripts of `lua/` call.
+//!
+//! The embedded engine runs the very same Lua scripts as Redis, so every `redis.call` must
+//! behave as it does on Redis 7.0: the same replies (a missing key reads as `nil`, `LPOP key 2`
+//! on a missing key is a nil array, scores come back as strings), the same argument parsing and
+//! error texts (`ERR wrong number of arguments for 'hget' command`, `WRONGTYPE …`), and the same
+//! data rules (an emptied hash, list, set or sorted set no longer exists; streams do). A script
+//! that passes the conformance suite here then passes it on Redis, and the other way round.
+//!
+//! It is deliberately not a general Redis:
+//!
+//! - Only the commands listed by [`Keyspace::supports`] exist; anything else fails with Redis's
+//!   unknown-command error. `tests/lua_commands.rs` checks that every command named in `lua/`
+//!   is supported, so a script cannot quietly come to depend on a command only Redis has.
+//! - It is driven through `&mut self`: the engine owns it on one thread and runs one script at a
+//!   time, which is what makes each script atomic, as in Redis. No locking is needed.
+//! - Expiry is lazy: a key whose time has passed is removed when a command next touches it,
+//!   judged by an injected [`Clock`] so tests can move time. There is no background sweep; the
+//!   scripts keep time-based state in sorted sets rather than relying on key TTLs.
+//! - Iteration order of hashes and sets is unspecified, as it is for large ones in Redis.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+/// Milliseconds since the Unix epoch, as the keyspace sees them: key expiry and stream ids.
+///
+/// Any `Fn() -> u64 + Send` closure is a clock, so tests can share an `AtomicU64` and move time.
+pub trait Clock: Send + 'static {
+    /// The current time in milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+}
+
+/// The wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+impl<F: Fn() -> u64 + Send + 'static> Clock for F {
+    fn now_ms(&self) -> u64 {
+        self()
+    }
+}
+
+/// A command's reply, shaped like RESP2 so the Lua glue converts it the way Redis does.
+/// Error replies are the `Err` side of [`Keyspace::call`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resp {
+    /// A nil bulk string or nil array (Lua sees `false`).
+    Nil,
+    Int(i64),
+    Bulk(Bytes),
+    /// A status reply such as `OK` (Lua sees `{ok = "OK"}`).
+    Status(&'static str),
+    Array(Vec<Resp>),
+}
+
+const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
+const NOT_INTEGER: &str = "ERR value is not an integer or out of range";
+const NOT_FLOAT: &str = "ERR value is not a valid float";
+const MIN_MAX_NOT_FLOAT: &str = "ERR min or max is not a float";
+const SYNTAX: &str = "ERR syntax error";
+const OVERFLOW: &str = "ERR increment or decrement would overflow";
+const NOT_POSITIVE: &str = "ERR value is out of range, must be positive";
+const HASH_NOT_INTEGER: &str = "ERR hash value is not an integer";
+const INVALID_STREAM_ID: &str = "ERR Invalid stream ID specified as stream command argument";
+const NO_ARGUMENTS: &str = "ERR Please specify at least one argument for this redis lib call";
+
+type Result<T> = std::result::Result<T, String>;
+type Handler = fn(&mut Keyspace, &[Bytes]) -> Result<Resp>;
+
+/// One supported command: its name, Redis's arity (negative: at least that many arguments,
+/// the name included) and its implementation.
+struct Command {
+    name: &'static str,
+    arity: i32,
+    run: Handler,
+}
+
+/// Every supported command, sorted by name for binary search (a unit test checks the order).
+#[rustfmt::skip]
+const COMMANDS: &[Command] = &[
+    Command { name: "DEL", arity: -2, run: Keyspace::del },
+    Command { name: "EXISTS", arity: -2, run: Keyspace::exists },
+    Command { name: "GET", arity: 2, run: Keyspace::get },
+    Command { name: "HDEL", arity: -3, run: Keyspace::hdel },
+    Command { name: "HEXISTS", arity: 3, run: Keyspace::hexists },
+    Command { name: "HGET", arity: 3, run: Keyspace::hget },
+    Command { name: "HGETALL", arity: 2, run: Keyspace::hgetall },
+    Command { name: "HINCRBY", arity: 4, run: Keyspace::hincrby },
+    Command { name: "HLEN", arity: 2, run: Keyspace::hlen },
+    Command { name: "HMGET", arity: -3, run: Keyspace::hmget },
+    Command { name: "HSET", arity: -4, run: Keyspace::hset },
+    Command { name: "HSETNX", arity: 4, run: Keyspace::hsetnx },
+    Command { name: "INCR", arity: 2, run: Keyspace::incr },
+    Command { name: "INCRBY", arity: 3, run: Keyspace::incrby },
+    Command { name: "LLEN", arity: 2, run: Keyspace::llen },
+    Command { name: "LPOP", arity: -2, run: Keyspace::lpop },
+    Command { name: "LPUSH", arity: -3, run: Keyspace::lpush },
+    Command { name: "LRANGE", arity: 4, run: Keyspace::lrange },
+    Command { name: "LREM", arity: 4, run: Keyspace::lrem },
+    Command { name: "PEXPIRE", arity: -3, run: Keyspace::pexpire },
+    Command { name: "PTTL", arity: 2, run: Keyspace::pttl },
+    Command { name: "RPOP", arity: -2, run: Keyspace::rpop },
+    Command { name: "RPUSH", arity: -3, run: Keyspace::rpush },
+    Command { name: "SADD", arity: -3, run: Keyspace::sadd },
+    Command { name: "SCARD", arity: 2, run: Keyspace::scard },
+    Command { name: "SET", arity: -3, run: Keyspace::set },
+    Command { name: "SISMEMBER", arity: 3, run: Keyspace::sismember },
+    Command { name: "SMEMBERS", arity: 2, run: Keyspace::smembers },
+    Command { name: "SREM", arity: -3, run: Keyspace::srem },
+    Command { name: "TYPE", arity: 2, run: Keyspace::type_of },
+    Command { name: "XADD", arity: -5, run: Keyspace::xadd },
+    Command { name: "XDEL", arity: -3, run: Keyspace::xdel },
+    Command { name: "XLEN", arity: 2, run: Keyspace::xlen },
+    Command { name: "XRANGE", arity: -4, run: Keyspace::xrange },
+    Command { name: "XTRIM", arity: -4, run: Keyspace::xtrim },
+    Command { name: "ZADD", arity: -4, run: Keyspace::zadd },
+    Command { name: "ZCARD", arity: 2, run: Keyspace::zcard },
+    Command { name: "ZRANGE", arity: -4, run: Keyspace::zrange },
+    Command { name: "ZRANGEBYSCORE", arity: -4, run: Keyspace::zrangebyscore },
+    Command { name: "ZREM", arity: -3, run: Keyspace::zrem },
+    Command { name: "ZREMRANGEBYSCORE", arity: 4, run: Keyspace::zremrangebyscore },
+    Command { name: "ZSCORE", arity: 3, run: Keyspace::zscore },
+];
+
+/// Finds a command by name, ignoring ASCII case, without allocating.
+fn lookup(name: &[u8]) -> Option<&'static Command> {
+    let mut buf = [0u8; 24];
+    let upper = buf.get_mut(..name.len())?;
+    for (dst, src) in upper.iter_mut().zip(name) {
+        *dst = src.to_ascii_uppercase();
+    }
+    let upper: &[u8] = upper;
+    COMMANDS
+        .binary_search_by(|c| c.name.as_bytes().cmp(upper))
+        .ok()
+        .map(|i| &COMMANDS[i])
+}
+
+/// A stored value.
+enum Data {
+    Str(Bytes),
+    Hash(HashMap<Bytes, Bytes>),
+    List(VecDeque<Bytes>),
+    Set(HashSet<Bytes>),
+    ZSet(ZSet),
+    Stream(Stream),
+}
+
+impl Data {
+    fn type_name(&self) -> &'static str {
+        match self {
+            Data::Str(_) => "string",
+            Data::Hash(_) => "hash",
+            Data::List(_) => "list",
+            Data::Set(_) => "set",
+            Data::ZSet(_) => "zset",
+            Data::Stream(_) => "stream",
+        }
+    }
+
+    /// Whether Redis would delete the key: emptied collections vanish, streams and strings don't.
+    fn is_empty_collection(&self) -> bool {
+        match self {
+            Data::Hash(h) => h.is_empty(),
+            Data::List(l) => l.is_empty(),
+            Data::Set(s) => s.is_empty(),
+            Data::ZSet(z) => z.scores.is_empty(),
+            Data::Str(_) | Data::Stream(_) => false,
+        }
+    }
+}
+
+struct Entry {
+    data: Data,
+    /// Absolute expiry in ms; the key is gone once the clock is past it.
+    expires_at: Option<u64>,
+}
+
+impl Entry {
+    fn new(data: Data) -> Entry {
+        Entry {
+            data,
+            expires_at: None,
+        }
+    }
+}
+
+/// A sorted-set score ordered totally (scores are never NaN), with `-0` folded into `0` so the
+/// order agrees with Redis's numeric comparison.
+#[derive(Debug, Clone, Copy)]
+struct Score(f64);
+
+impl Score {
+    fn new(value: f64) -> Score {
+        Score(if value == 0.0 { 0.0 } else { value })
+    }
+}
+
+impl PartialEq for Score {
+    fn eq(&self, other: &Score) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Score {}
+
+impl PartialOrd for Score {
+    fn partial_cmp(&self, other: &Score) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Score {
+    fn cmp(&self, other: &Score) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// A sorted set: members by score, ties broken by member bytes, exactly Redis's order.
+#[derive(Default)]
+struct ZSet {
+    scores: HashMap<Bytes, f64>,
+    order: BTreeSet<(Score, Bytes)>,
+}
+
+impl ZSet {
+    /// Sets `member`'s score; true when the member is new.
+    fn insert(&mut self, member: &Bytes, score: f64) -> bool {
+        match self.scores.insert(member.clone(), score) {
+            Some(old) => {
+                if Score::new(old) != Score::new(score) {
+                    self.order.remove(&(Score::new(old), member.clone()));
+                    self.order.insert((Score::new(score), member.clone()));
+                }
+                false
+            }
+            None => {
+                self.order.insert((Score::new(score), member.clone()));
+                true
+            }
+        }
+    }
+
+    fn remove(&mut self, member: &[u8]) -> bool {
+        match self.scores.remove_entry(member) {
+            Some((member, score)) => {
+                self.order.remove(&(Score::new(score), member));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Members within `range`, lowest score first.
+    fn in_range(&self, range: ScoreRange) -> impl Iterator<Item = &(Score, Bytes)> {
+        self.order
+            .range((Score::new(range.min), Bytes::new())..)
+            .skip_while(move |(s, _)| range.min_exclusive && s.0 <= range.min)
+            .take_while(move |(s, _)| range.below_max(s.0))
+    }
+}
+
+/// A `ZRANGEBYSCORE`-style interval: `-inf`, `+inf`, `(` for exclusive bounds.
+#[derive(Clone, Copy)]
+struct ScoreRange {
+    min: f64,
+    min_exclusive: bool,
+    max: f64,
+    max_exclusive: bool,
+}
+
+impl ScoreRange {
+    fn parse(min: &[u8], max: &[u8]) -> Result<ScoreRange> {
+        let bound = |arg: &[u8]| match arg.split_first() {
+            Some((b'(', rest)) => parse_f64(rest).map(|v| (v, true)),
+            _ => parse_f64(arg).map(|v| (v, false)),
+        };
+        match (bound(min), bound(max)) {
+            (Some((min, min_exclusive)), Some((max, max_exclusive))) => Ok(ScoreRange {
+                min,
+                min_exclusive,
+                max,
+                max_exclusive,
+            }),
+            _ => Err(MIN_MAX_NOT_FLOAT.into()),
+        }
+    }
+
+    fn below_max(&self, score: f64) -> bool {
+        if self.max_exclusive {
+            score < self.max
+        } else {
+            score <= self.max
+        }
+    }
+}
+
+/// A stream entry id, `ms-seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+struct StreamId {
+    ms: u64,
+    seq: u64,
+}
+
+impl StreamId {
+    const MIN: StreamId = StreamId { ms: 0, seq: 0 };
+    const MAX: StreamId = StreamId {
+        ms: u64::MAX,
+        seq: u64::MAX,
+    };
+
+    fn next(self) -> Option<StreamId> {
+        if self.seq < u64::MAX {
+            Some(StreamId {
+                ms: self.ms,
+                seq: self.seq + 1,
+            })
+        } else if self.ms < u64::MAX {
+            Some(StreamId {
+                ms: self.ms + 1,
+                seq: 0,
+            })
+        } else {
+            None
+        }
+    }
+
+    fn prev(self) -> Option<StreamId> {
+        if self.seq > 0 {
+            Some(StreamId {
+                ms: self.ms,
+                seq: self.seq - 1,
+            })
+        } else if self.ms > 0 {
+            Some(StreamId {
+                ms: self.ms - 1,
+                seq: u64::MAX,
+            })
+        } else {
+            None
+        }
+    }
+
+    fn to_bytes(self) -> Bytes {
+        Bytes::from(format!("{}-{}", self.ms, self.seq))
+    }
+
+    /// Parses `ms-seq`, `ms` (seq = `missing_seq`) and, unless `strict`, `-` and `+`.
+    fn parse(arg: &[u8], missing_seq: u64, strict: bool) -> Option<StreamId> {
+        match arg {
+            b"-" if !strict => return Some(StreamId::MIN),
+            b"+" if !strict => return Some(StreamId::MAX),
+            _ => {}
+        }
+        if arg.len() > 127 {
+            return None;
+        }
+        let (ms, seq) = match arg.iter().position(|&b| b == b'-') {
+            Some(dash) => (parse_u64(&arg[..dash])?, parse_u64(&arg[dash + 1..])?),
+            None => (parse_u64(arg)?, missing_seq),
+        };
+        Some(StreamId { ms, seq })
+    }
+}
+
+/// A stream: entries (flat field/value lists) by id, and the last id ever issued, which only
+/// grows, so ids stay strictly increasing even after deletions or when the clock goes back.
+#[derive(Default)]
+struct Stream {
+    entries: BTreeMap<StreamId, Vec<Bytes>>,
+    last_id: StreamId,
+}
+
+impl Stream {
+    /// Removes entries from the oldest by `strategy`, at most `limit` of them (0: no limit).
+    fn trim(&mut self, strategy: Trim, limit: u64) -> i64 {
+        let mut removed: u64 = 0;
+        while limit == 0 || removed < limit {
+            let len = u64::try_from(self.entries.len()).unwrap_or(u64::MAX);
+            let Some(entry) = self.entries.first_entry() else {
+                break;
+            };
+            let excess = match strategy {
+                Trim::MaxLen(max) => len > max,
+                Trim::MinId(min) => *entry.key() < min,
+            };
+            if !excess {
+                break;
+            }
+            entry.remove();
+            removed += 1;
+        }
+        i64::try_from(removed).unwrap_or(i64::MAX)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Trim {
+    MaxLen(u64),
+    MinId(StreamId),
+}
+
+/// The id argument of `XADD`.
+#[derive(Clone, Copy)]
+enum NewId {
+    /// `*`: from the clock.
+    Auto,
+    /// `ms-*`: the given ms, the next free sequence.
+    AutoSeq(u64),
+    /// `ms-seq` or `ms`.
+    Explicit(StreamId),
+}
+
+/// The parsed options shared by `XADD` and `XTRIM`.
+struct TrimArgs {
+    trim: Option<Trim>,
+    limit: u64,
+    no_mkstream: bool,
+    /// `XADD` only: the id and the index of the first field.
+    id: Option<(NewId, usize)>,
+}
+
+/// The in-memory keyspace. See the module documentation.
+pub struct Keyspace {
+    entries: HashMap<Bytes, Entry>,
+    clock: Box<dyn Clock>,
+}
+
+impl fmt::Debug for Keyspace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keyspace")
+            .field("keys", &self.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Keyspace {
+    fn default() -> Keyspace {
+        Keyspace::new()
+    }
+}
+
+macro_rules! typed_access {
+    ($read:ident, $write:ident, $create:ident, $variant:ident, $ty:ty) => {
+        /// The value at `key` if it exists and has this type; WRONGTYPE otherwise.
+        fn $read(&mut self, key: &[u8]) -> Result<Option<&$ty>> {
+            match self.read(key).map(|e| &e.data) {
+                None => Ok(None),
+                Some(Data::$variant(v)) => Ok(Some(v)),
+                Some(_) => Err(WRONGTYPE.into()),
+            }
+        }
+
+        fn $write(&mut self, key: &[u8]) -> Result<Option<&mut $ty>> {
+            match self.write(key).map(|e| &mut e.data) {
+                None => Ok(None),
+                Some(Data::$variant(v)) => Ok(Some(v)),
+                Some(_) => Err(WRONGTYPE.into()),
+            }
+        }
+
+        /// The value at `key`, created empty if missing. Callers always add to it.
+        fn $create(&mut self, key: &Bytes) -> Result<&mut $ty> {
+            self.expire_if_needed(key);
+            let entry = self
+                .entries
+                .entry(key.clone())
+                .or_insert_with(|| Entry::new(Data::$variant(Default::default())));
+            match &mut entry.data {
+                Data::$variant(v) => Ok(v),
+                _ => Err(WRONGTYPE.into()),
+            }
+        }
+    };
+}
+
+impl Keyspace {
+    /// An empty keyspace on the wall clock.
+    pub fn new() -> Keyspace {
+        Keyspace::with_clock(SystemClock)
+    }
+
+    /// An empty keyspace on `clock`, e.g. a test's movable clock.
+    pub fn with_clock(clock: impl Clock) -> Keyspace {
+        Keyspace {
+            entries: HashMap::new(),
+            clock: Box::new(clock),
+        }
+    }
+
+    /// Whether `command` (any case) is implemented.
+    pub fn supports(command: &str) -> bool {
+        lookup(command.as_bytes()).is_some()
+    }
+
+    /// The implemented commands, upper case.
+    pub fn commands() -> impl Iterator<Item = &'static str> {
+        COMMANDS.iter().map(|c| c.name)
+    }
+
+    /// Runs one command, `args[0]` being its name, with Redis 7.0 semantics. `Err` holds the
+    /// error reply's text, e.g. `ERR syntax error`.
+    pub fn call(&mut self, args: &[Bytes]) -> Result<Resp> {
+        let Some(name) = args.first() else {
+            return Err(NO_ARGUMENTS.into());
+        };
+        let Some(command) = lookup(name) else {
+            return Err(unknown_command(name, &args[1..]));
+        };
+        let argc = i64::try_from(args.len()).unwrap_or(i64::MAX);
+        let arity = i64::from(command.arity);
+        if (arity > 0 && argc != arity) || (arity < 0 && argc < -arity) {
+            return Err(arity_error(command.name));
+        }
+        (command.run)(self, args)
+    }
+
+    // ---- access ----------------------------------------------------------------------------
+
+    fn now(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// Lazy expiry: drops `key` if its time has passed (Redis: expired once now > expiry).
+    fn expire_if_needed(&mut self, key: &[u8]) {
+        let Some(at) = self.entries.get(key).and_then(|e| e.expires_at) else {
+            return;
+        };
+        if self.now() > at {
+            self.entries.remove(key);
+        }
+    }
+
+    fn read(&mut self, key: &[u8]) -> Option<&Entry> {
+        self.expire_if_needed(key);
+        self.entries.get(key)
+    }
+
+    fn write(&mut self, key: &[u8]) -> Option<&mut Entry> {
+        self.expire_if_needed(key);
+        self.entries.get_mut(key)
+    }
+
+    /// Deletes `key` if a command just emptied its collection, as Redis does.
+    fn drop_if_empty(&mut self, key: &[u8]) {
+        if self
+            .entries
+            .get(key)
+            .is_some_and(|e| e.data.is_empty_collection())
+        {
+            self.entries.remove(key);
+        }
+    }
+
+    typed_access!(hash, hash_mut, hash_or_create, Hash, HashMap<Bytes, Bytes>);
+    typed_access!(list, list_mut, list_or_create, List, VecDeque<Bytes>);
+    typed_access!(set_of, set_mut, set_or_create, Set, HashSet<Bytes>);
+    typed_access!(zset, zset_mut, zset_or_create, ZSet, ZSet);
+    typed_access!(stream, stream_mut, stream_or_create, Stream, Stream);
+
+    // ---- keys and strings ------------------------------------------------------------------
+
+    fn get(&mut self, a: &[Bytes]) -> Result<Resp> {
+        match self.read(&a[1]).map(|e| &e.data) {
+            None => Ok(Resp::Nil),
+            Some(Data::Str(s)) => Ok(Resp::Bulk(s.clone())),
+            Some(_) => Err(WRONGTYPE.into()),
+        }
+    }
+
+    /// `SET key value [NX|XX] [GET] [EX s|PX ms|KEEPTTL]`
+    fn set(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let (mut nx, mut xx, mut get, mut keep_ttl) = (false, false, false, false);
+        let mut ttl_ms: Option<u64> = None;
+        let mut i = 3;
+        while i < a.len() {
+            let opt = &a[i];
+            let has_next = i + 1 < a.len();
+            if is(opt, "NX") && !xx {
+                nx = true;
+            } else if is(opt, "XX") && !nx {
+                xx = true;
+            } else if is(opt, "GET") {
+                get = true;
+            } else if is(opt, "KEEPTTL") && ttl_ms.is_none() {
+                keep_ttl = true;
+            } else if (is(opt, "EX") || is(opt, "PX")) && !keep_ttl && ttl_ms.is_none() && has_next
+            {
+                let n = int_arg(&a[i + 1])?;
+                let ms = if is(opt, "EX") {
+                    n.checked_mul(1000)
+                } else {
+                    Some(n)
+                };
+                ttl_ms = match ms.and_then(|ms| u64::try_from(ms).ok()) {
+                    Some(ms) if ms > 0 => Some(ms),
+                    _ => return Err("ERR invalid expire time in 'set' command".into()),
+                };
+                i += 1;
+            } else {
+                return Err(SYNTAX.into());
+            }
+            i += 1;
+        }
+
+        let key = &a[1];
+        let expires_at = match ttl_ms {
+            Some(ms) => Some(
+                self.now()
+                    .checked_add(ms)
+                    .ok_or("ERR invalid expire time in 'set' command")?,
+            ),
+            None => None,
+        };
+        let old = self.read(key);
+        let previous = match old.map(|e| &e.data) {
+            Some(Data::Str(s)) if get => Resp::Bulk(s.clone()),
+            Some(_) if get => return Err(WRONGTYPE.into()),
+            _ => Resp::Nil,
+        };
+        let exists = old.is_some();
+        let old_expiry = old.and_then(|e| e.expires_at);
+        if (nx && exists) || (xx && !exists) {
+            return Ok(if get { previous } else { Resp::Nil });
+        }
+        let expires_at = if keep_ttl { old_expiry } else { expires_at };
+        self.entries.insert(
+            key.clone(),
+            Entry {
+                data: Data::Str(a[2].clone()),
+                expires_at,
+            },
+        );
+        Ok(if get { previous } else { Resp::Status("OK") })
+    }
+
+    fn incr(&mut self, a: &[Bytes]) -> Result<Resp> {
+        self.incr_by(&a[1], 1)
+    }
+
+    fn incrby(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let by = int_arg(&a[2])?;
+        self.incr_by(&a[1], by)
+    }
+
+    /// Adds to an integer string, keeping its TTL, creating it at 0.
+    fn incr_by(&mut self, key: &Bytes, by: i64) -> Result<Resp> {
+        match self.write(key) {
+            None => {
+                self.entries
+                    .insert(key.clone(), Entry::new(Data::Str(int_bytes(by))));
+                Ok(Resp::Int(by))
+            }
+            Some(entry) => match &mut entry.data {
+                Data::Str(s) => {
+                    let current = parse_i64(s).ok_or(NOT_INTEGER)?;
+                    let new = current.checked_add(by).ok_or(OVERFLOW)?;
+                    *s = int_bytes(new);
+                    Ok(Resp::Int(new))
+                }
+                _ => Err(WRONGTYPE.into()),
+            },
+        }
+    }
+
+    fn del(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let mut n = 0;
+        for key in &a[1..] {
+            self.expire_if_needed(key);
+            if self.entries.remove(key.as_ref()).is_some() {
+                n += 1;
+            }
+        }
+        Ok(Resp::Int(n))
+    }
+
+    fn exists(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let mut n = 0;
+        for key in &a[1..] {
+            if self.read(key).is_some() {
+                n += 1;
+            }
+        }
+        Ok(Resp::Int(n))
+    }
+
+    /// `PEXPIRE key ms [NX|XX|GT|LT]`
+    fn pexpire(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let ms = int_arg(&a[2])?;
+        let (mut nx, mut xx, mut gt, mut lt) = (false, false, false, false);
+        for opt in &a[3..] {
+            if is(opt, "NX") {
+                nx = true;
+            } else if is(opt, "XX") {
+                xx = true;
+            } else if is(opt, "GT") {
+                gt = true;
+            } else if is(opt, "LT") {
+                lt = true;
+            } else {
+                return Err(format!(
+                    "ERR Unsupported option {}",
+                    String::from_utf8_lossy(opt)
+                ));
+            }
+        }
+        if nx && (xx || gt || lt) {
+            return Err(
+                "ERR NX and XX, GT or LT options at the same time are not compatible".into(),
+            );
+        }
+        if gt && lt {
+            return Err("ERR GT and LT options at the same time are not compatible".into());
+        }
+        let now = self.now();
+        let when = i64::try_from(now)
+            .ok()
+            .and_then(|now| now.checked_add(ms))
+            .ok_or("ERR invalid expire time in 'pexpire' command")?;
+        let key = &a[1];
+        let Some(entry) = self.write(key) else {
+            return Ok(Resp::Int(0));
+        };
+        let current = entry
+            .expires_at
+            .map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+        let skip = match current {
+            Some(current) => nx || (gt && when <= current) || (lt && when >= current),
+            // No expiry counts as infinite: GT never beats it, LT always does.
+            None => xx || gt,
+        };
+        if skip {
+            return Ok(Resp::Int(0));
+        }
+        match u64::try_from(when) {
+            Ok(when) if when > now => entry.expires_at = Some(when),
+            // Already in the past: Redis deletes the key right away.
+            _ => {
+                self.entries.remove(key.as_ref());
+            }
+        }
+        Ok(Resp::Int(1))
+    }
+
+    fn pttl(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let now = self.now();
+        Ok(Resp::Int(match self.read(&a[1]) {
+            None => -2,
+            Some(Entry {
+                expires_at: None, ..
+            }) => -1,
+            Some(Entry {
+                expires_at: Some(at),
+                ..
+            }) => i64::try_from(at.saturating_sub(now)).unwrap_or(i64::MAX),
+        }))
+    }
+
+    fn type_of(&mut self, a: &[Bytes]) -> Result<Resp> {
+        Ok(Resp::Status(
+            self.read(&a[1]).map_or("none", |e| e.data.type_name()),
+        ))
+    }
+
+    // ---- hashes ----------------------------------------------------------------------------
+
+    fn hget(&mut self, a: &[Bytes]) -> Result<Resp> {
+        Ok(bulk_or_nil(self.hash(&a[1])?.and_then(|h| h.get(&a[2]))))
+    }
+
+    /// `HSET key field value [field value …]`: the number of new fields.
+    fn hset(&mut self, a: &[Bytes]) -> Result<Resp> {
+        if a.len() % 2 != 0 {
+            return Err(arity_error("HSET"));
+        }
+        let hash = self.hash_or_create(&a[1])?;
+        let mut added = 0;
+        for pair in a[2..].chunks_exact(2) {
+            if hash.insert(pair[0].clone(), pair[1].clone()).is_none() {
+                added += 1;
+            }
+        }
+        Ok(Resp::Int(added))
+    }
+
+    fn hsetnx(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let hash = self.hash_or_create(&a[1])?;
+        if hash.contains_key(&a[2]) {
+            return Ok(Resp::Int(0));
+        }
+        hash.insert(a[2].clone(), a[3].clone());
+        Ok(Resp::Int(1))
+    }
+
+    fn hmget(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let hash = self.hash(&a[1])?;
+        Ok(Resp::Array(
+            a[2..]
+                .iter()
+                .map(|field| bulk_or_nil(hash.and_then(|h| h.get(field))))
+                .collect(),
+        ))
+    }
+
+    fn hincrby(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let by = int_arg(&a[3])?;
+        let hash = self.hash_or_create(&a[1])?;
+        let current = match hash.get(&a[2]) {
+            Some(v) => parse_i64(v).ok_or(HASH_NOT_INTEGER)?,
+            None => 0,
+        };
+        let new = current.checked_add(by).ok_or(OVERFLOW)?;
+        hash.insert(a[2].clone(), int_bytes(new));
+        Ok(Resp::Int(new))
+    }
+
+    fn hdel(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let Some(hash) = self.hash_mut(&a[1])? else {
+            return Ok(Resp::Int(0));
+        };
+        let removed = a[2..]
+            .iter()
+            .filter(|f| hash.remove(f.as_ref()).is_some())
+            .count();
+        self.drop_if_empty(&a[1]);
+        Ok(Resp::Int(count(removed)))
+    }
+
+    fn hexists(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let found = self.hash(&a[1])?.is_some_and(|h| h.contains_key(&a[2]));
+        Ok(Resp::Int(i64::from(found)))
+    }
+
+    fn hlen(&mut self, a: &[Bytes]) -> Result<Resp> {
+        Ok(Resp::Int(count(self.hash(&a[1])?.map_or(0, HashMap::len))))
+    }
+
+    fn hgetall(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let items = self.hash(&a[1])?.map_or_else(Vec::new, |h| {
+            h.iter()
+                .flat_map(|(f, v)| [Resp::Bulk(f.clone()), Resp::Bulk(v.clone())])
+                .collect()
+        });
+        Ok(Resp::Array(items))
+    }
+
+    // ---- lists -----------------------------------------------------------------------------
+
+    fn lpush(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let list = self.list_or_create(&a[1])?;
+        for v in &a[2..] {
+            list.push_front(v.clone());
+        }
+        Ok(Resp::Int(count(list.len())))
+    }
+
+    fn rpush(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let list = self.list_or_create(&a[1])?;
+        list.extend(a[2..].iter().cloned());
+        Ok(Resp::Int(count(list.len())))
+    }
+
+    fn lpop(&mut self, a: &[Bytes]) -> Result<Resp> {
+        self.pop(a, true)
+    }
+
+    fn rpop(&mut self, a: &[Bytes]) -> Result<Resp> {
+        self.pop(a, false)
+    }
+
+    /// `LPOP`/`RPOP key [count]`, Redis 7: without a count a bulk or nil; with one an array,
+    /// or a nil array when the key does not exist.
+    fn pop(&mut self, a: &[Bytes], front: bool) -> Result<Resp> {
+        if a.len() > 3 {
+            return Err(arity_error(if front { "LPOP" } else { "RPOP" }));
+        }
+        let wanted = match a.get(2) {
+            Some(arg) => Some(
+                parse_i64(arg)
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or(NOT_POSITIVE)?,
+            ),
+            None => None,
+        };
+        let Some(list) = self.list_mut(&a[1])? else {
+            return Ok(Resp::Nil);
+        };
+        let take = |list: &mut VecDeque<Bytes>| {
+            if front {
+                list.pop_front()
+            } else {
+                list.pop_back()
+            }
+        };
+        let reply = match wanted {
+            None => bulk_or_nil(take(list).as_ref()),
+            Some(n) => {
+                let n = n.min(list.len());
+                Resp::Array((0..n).filter_map(|_| take(list)).map(Resp::Bulk).collect())
+            }
+        };
+        self.drop_if_empty(&a[1]);
+        Ok(reply)
+    }
+
+    fn llen(&mut self, a: &[Bytes]) -> Result<Resp> {
+        Ok(Resp::Int(count(self.list(&a[1])?.map_or(0, VecDeque::len))))
+    }
+
+    /// `LREM key count element`: count > 0 from the head, < 0 from the tail, 0 all.
+    fn lrem(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let limit = int_arg(&a[2])?;
+        let Some(list) = self.list_mut(&a[1])? else {
+            return Ok(Resp::Int(0));
+        };
+        let element = &a[3];
+        let matches = list.iter().filter(|v| *v == element).count();
+        let remove = match usize::try_from(limit.unsigned_abs()) {
+            Ok(0) => matches,
+            Ok(n) => n.min(matches),
+            Err(_) => matches,
+        };
+        // From the tail: keep the first `matches - remove` matches, drop the rest.
+        let mut keep = if limit < 0 { matches - remove } else { 0 };
+        let mut left = remove;
+        list.retain(|v| {
+            if v != element || left == 0 {
+                return true;
+            }
+            if keep > 0 {
+                keep -= 1;
+                return true;
+            }
+            left -= 1;
+            false
+        });
+        self.drop_if_empty(&a[1]);
+        Ok(Resp::Int(count(remove)))
+    }
+
+    fn lrange(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let start = int_arg(&a[2])?;
+        let stop = int_arg(&a[3])?;
+        let Some(list) = self.list(&a[1])? else {
+            return Ok(Resp::Array(Vec::new()));
+        };
+        Ok(Resp::Array(match index_range(start, stop, list.len()) {
+            Some((from, to)) => list
+                .range(from..=to)
+                .map(|v| Resp::Bulk(v.clone()))
+                .collect(),
+            None => Vec::new(),
+        }))
+    }
+
+    // ---- sets ------------------------------------------------------------------------------
+
+    fn sadd(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let set = self.set_or_create(&a[1])?;
+        let added = a[2..].iter().filter(|m| set.insert((*m).clone())).count();
+        Ok(Resp::Int(count(added)))
+    }
+
+    fn srem(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let Some(set) = self.set_mut(&a[1])? else {
+            return Ok(Resp::Int(0));
+        };
+        let removed = a[2..].iter().filter(|m| set.remove(m.as_ref())).count();
+        self.drop_if_empty(&a[1]);
+        Ok(Resp::Int(count(removed)))
+    }
+
+    fn smembers(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let items = self.set_of(&a[1])?.map_or_else(Vec::new, |s| {
+            s.iter().map(|m| Resp::Bulk(m.clone())).collect()
+        });
+        Ok(Resp::Array(items))
+    }
+
+    fn sismember(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let found = self.set_of(&a[1])?.is_some_and(|s| s.contains(&a[2]));
+        Ok(Resp::Int(i64::from(found)))
+    }
+
+    fn scard(&mut self, a: &[Bytes]) -> Result<Resp> {
+        Ok(Resp::Int(count(
+            self.set_of(&a[1])?.map_or(0, HashSet::len),
+        )))
+    }
+
+    // ---- sorted sets -----------------------------------------------------------------------
+
+    /// `ZADD key [NX|XX] [GT|LT] [CH] [INCR] score member [score member …]`
+    fn zadd(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let (mut nx, mut xx, mut gt, mut lt, mut ch, mut incr) =
+            (false, false, false, false, false, false);
+        let mut i = 2;
+        while let Some(opt) = a.get(i) {
+            let flag = if is(opt, "NX") {
+                &mut nx
+            } else if is(opt, "XX") {
+                &mut xx
+            } else if is(opt, "GT") {
+                &mut gt
+            } else if is(opt, "LT") {
+                &mut lt
+            } else if is(opt, "CH") {
+                &mut ch
+            } else if is(opt, "INCR") {
+                &mut incr
+            } else {
+                break;
+            };
+            *flag = true;
+            i += 1;
+        }
+        let pairs = &a[i..];
+        if pairs.is_empty() || pairs.len() % 2 != 0 {
+            return Err(SYNTAX.into());
+        }
+        if nx && xx {
+            return Err("ERR XX and NX options at the same time are not compatible".into());
+        }
+        if (nx && (gt || lt)) || (gt && lt) {
+            return Err("ERR GT, LT, and/or NX options at the same time are not compatible".into());
+        }
+        if incr && pairs.len() > 2 {
+            return Err("ERR INCR option supports a single increment-element pair".into());
+        }
+        // Every score is checked before anything changes.
+        let scores = pairs
+            .chunks_exact(2)
+            .map(|p| parse_f64(&p[0]).ok_or(NOT_FLOAT))
+            .collect::<std::result::Result<Vec<f64>, _>>()?;
+
+        let key = &a[1];
+        if xx && self.zset(key)?.is_none() {
+            return Ok(if incr { Resp::Nil } else { Resp::Int(0) });
+        }
+        let zset = self.zset_or_create(key)?;
+        let (mut added, mut changed) = (0, 0);
+        let mut incr_result = None;
+        for (pair, &score) in pairs.chunks_exact(2).zip(&scores) {
+            let member = &pair[1];
+            match zset.scores.get(member).copied() {
+                Some(current) => {
+                    if nx {
+                        continue;
+                    }
+                    let new = if incr { current + score } else { score };
+                    if new.is_nan() {
+                        return Err("ERR resulting score is not a number (NaN)".into());
+                    }
+                    if (lt && new >= current) || (gt && new <= current) {
+                        continue;
+                    }
+                    if Score::new(new) != Score::new(current) {
+                        zset.insert(member, new);
+                        changed += 1;
+                    }
+                    incr_result = Some(new);
+                }
+                None => {
+                    if xx {
+                        continue;
+                    }
+                    zset.insert(member, score);
+                    added += 1;
+                    incr_result = Some(score);
+                }
+            }
+        }
+        if incr {
+            return Ok(incr_result.map_or(Resp::Nil, |s| Resp::Bulk(format_score(s))));
+        }
+        Ok(Resp::Int(if ch { added + changed } else { added }))
+    }
+
+    fn zrem(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let Some(zset) = self.zset_mut(&a[1])? else {
+            return Ok(Resp::Int(0));
+        };
+        let removed = a[2..].iter().filter(|m| zset.remove(m)).count();
+        self.drop_if_empty(&a[1]);
+        Ok(Resp::Int(count(removed)))
+    }
+
+    fn zscore(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let score = self.zset(&a[1])?.and_then(|z| z.scores.get(&a[2]).copied());
+        Ok(score.map_or(Resp::Nil, |s| Resp::Bulk(format_score(s))))
+    }
+
+    fn zcard(&mut self, a: &[Bytes]) -> Result<Resp> {
+        Ok(Resp::Int(count(
+            self.zset(&a[1])?.map_or(0, |z| z.scores.len()),
+        )))
+    }
+
+    /// `ZRANGEBYSCORE key min max [WITHSCORES] [LIMIT offset count]`
+    fn zrangebyscore(&mut self, a: &[Bytes]) -> Result<Resp> {
+        self.zrange_generic(a, RangeKind::Score, false)
+    }
+
+    /// `ZRANGE key start stop [BYSCORE] [REV] [LIMIT offset count] [WITHSCORES]`
+    fn zrange(&mut self, a: &[Bytes]) -> Result<Resp> {
+        self.zrange_generic(a, RangeKind::Rank, true)
+    }
+
+    /// Redis's `zrangeGenericCommand`: options first, then the range, then the key.
+    fn zrange_generic(&mut self, a: &[Bytes], default: RangeKind, zrange: bool) -> Result<Resp> {
+        let mut kind = default;
+        let mut rev = false;
+        let mut with_scores = false;
+        let mut offset = 0i64;
+        let mut limit = -1i64;
+        let mut j = 4;
+        while let Some(opt) = a.get(j) {
+            let left = a.len() - j - 1;
+            if is(opt, "WITHSCORES") {
+                with_scores = true;
+            } else if is(opt, "LIMIT") && left >= 2 {
+                offset = int_arg(&a[j + 1])?;
+                limit = int_arg(&a[j + 2])?;
+                j += 2;
+            } else if zrange && is(opt, "REV") {
+                rev = true;
+            } else if zrange && is(opt, "BYSCORE") {
+                kind = RangeKind::Score;
+            } else if zrange && is(opt, "BYLEX") {
+                return Err(
+                    "ERR syntax error, BYLEX is not supported by the embedded engine".into(),
+                );
+            } else {
+                return Err(SYNTAX.into());
+            }
+            j += 1;
+        }
+        if limit != -1 && kind == RangeKind::Rank {
+            return Err(
+                "ERR syntax error, LIMIT is only supported in combination with either BYSCORE or BYLEX"
+                    .into(),
+            );
+        }
+        let (lo, hi) = if rev && kind == RangeKind::Score {
+            (&a[3], &a[2])
+        } else {
+            (&a[2], &a[3])
+        };
+        enum Parsed {
+            Rank(i64, i64),
+            Score(ScoreRange),
+        }
+        let parsed = match kind {
+            RangeKind::Rank => Parsed::Rank(int_arg(lo)?, int_arg(hi)?),
+            RangeKind::Score => Parsed::Score(ScoreRange::parse(lo, hi)?),
+        };
+        let Some(zset) = self.zset(&a[1])? else {
+            return Ok(Resp::Array(Vec::new()));
+        };
+        let selected: Vec<&(Score, Bytes)> = match parsed {
+            Parsed::Rank(start, stop) => match index_range(start, stop, zset.order.len()) {
+                None => Vec::new(),
+                Some((from, to)) if rev => zset
+                    .order
+                    .iter()
+                    .rev()
+                    .skip(from)
+                    .take(to - from + 1)
+                    .collect(),
+                Some((from, to)) => zset.order.iter().skip(from).take(to - from + 1).collect(),
+            },
+            Parsed::Score(range) => {
+                // A negative offset selects nothing, a negative count means "all".
+                let Ok(offset) = usize::try_from(offset) else {
+                    return Ok(Resp::Array(Vec::new()));
+                };
+                let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+                if rev {
+                    let mut all: Vec<_> = zset.in_range(range).collect();
+                    all.reverse();
+                    all.into_iter().skip(offset).take(limit).collect()
+                } else {
+                    zset.in_range(range).skip(offset).take(limit).collect()
+                }
+            }
+        };
+        let mut out = Vec::with_capacity(selected.len() * if with_scores { 2 } else { 1 });
+        for (score, member) in selected {
+            out.push(Resp::Bulk(member.clone()));
+            if with_scores {
+                out.push(Resp::Bulk(format_score(score.0)));
+            }
+        }
+        Ok(Resp::Array(out))
+    }
+
+    fn zremrangebyscore(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let range = ScoreRange::parse(&a[2], &a[3])?;
+        let Some(zset) = self.zset_mut(&a[1])? else {
+            return Ok(Resp::Int(0));
+        };
+        let doomed: Vec<Bytes> = zset.in_range(range).map(|(_, m)| m.clone()).collect();
+        for member in &doomed {
+            zset.remove(member);
+        }
+        self.drop_if_empty(&a[1]);
+        Ok(Resp::Int(count(doomed.len())))
+    }
+
+    // ---- streams ---------------------------------------------------------------------------
+
+    /// Redis's `streamParseAddOrTrimArgsOrReply`, for `XADD` (`xadd`) and `XTRIM`.
+    fn parse_trim_args(a: &[Bytes], xadd: bool) -> Result<TrimArgs> {
+        let mut args = TrimArgs {
+            trim: None,
+            limit: 0,
+            no_mkstream: false,
+            id: None,
+        };
+        let mut approx = false;
+        let mut limit_given = false;
+        let mut i = 2;
+        while i < a.len() {
+            let more = a.len() - 1 - i;
+            let opt = &a[i];
+            if xadd && opt.as_ref() == b"*" {
+                args.id = Some((NewId::Auto, i + 1));
+                break;
+            } else if (is(opt, "MAXLEN") || is(opt, "MINID")) && more > 0 {
+                if args.trim.is_some() {
+                    return Err("ERR syntax error, MAXLEN and MINID options at the same time are not compatible".into());
+                }
+                approx = false;
+                if more >= 2 && a[i + 1].as_ref() == b"~" {
+                    approx = true;
+                    i += 1;
+                } else if more >= 2 && a[i + 1].as_ref() == b"=" {
+                    i += 1;
+                }
+                let threshold = &a[i + 1];
+                args.trim = Some(if is(opt, "MAXLEN") {
+                    let n = int_arg(threshold)?;
+                    Trim::MaxLen(
+                        u64::try_from(n).map_err(|_| "ERR The MAXLEN argument must be >= 0.")?,
+                    )
+                } else {
+                    Trim::MinId(StreamId::parse(threshold, 0, true).ok_or(INVALID_STREAM_ID)?)
+                });
+                i += 1;
+            } else if is(opt, "LIMIT") && more > 0 {
+                let n = int_arg(&a[i + 1])?;
+                args.limit =
+                    u64::try_from(n).map_err(|_| "ERR The LIMIT argument must be >= 0.")?;
+                limit_given = true;
+                i += 1;
+            } else if xadd && is(opt, "NOMKSTREAM") {
+                args.no_mkstream = true;
+            } else if xadd {
+                args.id = Some((parse_new_id(opt)?, i + 1));
+                break;
+            } else {
+                return Err(SYNTAX.into());
+            }
+            i += 1;
+        }
+        if args.limit > 0 && args.trim.is_none() {
+            return Err(
+                "ERR syntax error, LIMIT cannot be used without specifying a trimming strategy"
+                    .into(),
+            );
+        }
+        if !xadd && args.trim.is_none() {
+            return Err("ERR syntax error, XTRIM must be called with a trimming strategy".into());
+        }
+        if limit_given && !approx {
+            return Err(
+                "ERR syntax error, LIMIT cannot be used without the special ~ option".into(),
+            );
+        }
+        if !limit_given && approx {
+            // Redis bounds approximate trimming's work per call; so do we.
+            args.limit = 10_000;
+        }
+        Ok(args)
+    }
+
+    /// `XADD key [NOMKSTREAM] [MAXLEN|MINID [=|~] threshold [LIMIT n]] *|id field value …`
+    fn xadd(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let args = Self::parse_trim_args(a, true)?;
+        let (new_id, fields_at) = args.id.unwrap_or((NewId::Auto, a.len()));
+        let fields = a.get(fields_at..).unwrap_or_default();
+        if args.id.is_none() || fields.len() < 2 || fields.len() % 2 != 0 {
+            return Err(arity_error("XADD"));
+        }
+        if let NewId::Explicit(StreamId::MIN) = new_id {
+            return Err("ERR The ID specified in XADD must be greater than 0-0".into());
+        }
+        if args.no_mkstream && self.stream(&a[1])?.is_none() {
+            return Ok(Resp::Nil);
+        }
+        let now = self.now();
+        let stream = self.stream_or_create(&a[1])?;
+        let last = stream.last_id;
+        if last == StreamId::MAX {
+            return Err(
+                "ERR The stream has exhausted the last possible ID, unable to add more items"
+                    .into(),
+            );
+        }
+        let too_small =
+            || "ERR The ID specified in XADD is equal or smaller than the target stream top item";
+        let id = match new_id {
+            NewId::Auto if now > last.ms => StreamId { ms: now, seq: 0 },
+            NewId::Auto => last.next().ok_or_else(too_small)?,
+            NewId::AutoSeq(ms) if ms == last.ms => {
+                last.next().filter(|n| n.ms == ms).ok_or_else(too_small)?
+            }
+            NewId::AutoSeq(ms) => StreamId { ms, seq: 0 },
+            NewId::Explicit(id) => id,
+        };
+        if id <= last {
+            return Err(too_small().into());
+        }
+        stream.entries.insert(id, fields.to_vec());
+        stream.last_id = id;
+        if let Some(trim) = args.trim {
+            stream.trim(trim, args.limit);
+        }
+        Ok(Resp::Bulk(id.to_bytes()))
+    }
+
+    fn xlen(&mut self, a: &[Bytes]) -> Result<Resp> {
+        Ok(Resp::Int(count(
+            self.stream(&a[1])?.map_or(0, |s| s.entries.len()),
+        )))
+    }
+
+    /// `XRANGE key start end [COUNT n]`; `-`, `+`, `ms`, `ms-seq`, `(` exclusive.
+    fn xrange(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let start = parse_interval_id(&a[2], 0)?;
+        let end = parse_interval_id(&a[3], u64::MAX)?;
+        let start = match start {
+            (id, true) => id.next().ok_or("ERR invalid start ID for the interval")?,
+            (id, false) => id,
+        };
+        let end = match end {
+            (id, true) => id.prev().ok_or("ERR invalid end ID for the interval")?,
+            (id, false) => id,
+        };
+        let mut limit: Option<usize> = None;
+        let mut j = 4;
+        while let Some(opt) = a.get(j) {
+            if is(opt, "COUNT") && j + 1 < a.len() {
+                let n = int_arg(&a[j + 1])?;
+                limit = Some(usize::try_from(n).unwrap_or(0));
+                j += 2;
+            } else {
+                return Err(SYNTAX.into());
+            }
+        }
+        let Some(stream) = self.stream(&a[1])? else {
+            return Ok(Resp::Array(Vec::new()));
+        };
+        if limit == Some(0) {
+            // Redis answers COUNT 0 (or negative) with a nil array.
+            return Ok(Resp::Nil);
+        }
+        if start > end {
+            return Ok(Resp::Array(Vec::new()));
+        }
+        let entries = stream
+            .entries
+            .range(start..=end)
+            .take(limit.unwrap_or(usize::MAX))
+            .map(|(id, fields)| {
+                Resp::Array(vec![
+                    Resp::Bulk(id.to_bytes()),
+                    Resp::Array(fields.iter().cloned().map(Resp::Bulk).collect()),
+                ])
+            })
+            .collect();
+        Ok(Resp::Array(entries))
+    }
+
+    fn xdel(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let ids = a[2..]
+            .iter()
+            .map(|arg| StreamId::parse(arg, 0, true).ok_or(INVALID_STREAM_ID))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let Some(stream) = self.stream_mut(&a[1])? else {
+            return Ok(Resp::Int(0));
+        };
+        let removed = ids
+            .iter()
+            .filter(|id| stream.entries.remove(id).is_some())
+            .count();
+        Ok(Resp::Int(count(removed)))
+    }
+
+    /// `XTRIM key MAXLEN|MINID [=|~] threshold [LIMIT n]`
+    fn xtrim(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let args = Self::parse_trim_args(a, false)?;
+        let Some(stream) = self.stream_mut(&a[1])? else {
+            return Ok(Resp::Int(0));
+        };
+        let removed = match args.trim {
+            Some(trim) => stream.trim(trim, args.limit),
+            None => 0,
+        };
+        Ok(Resp::Int(removed))
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RangeKind {
+    Rank,
+    Score,
+}
+
+/// `*`, `ms-*`, `ms-seq` or `ms` (seq 0), Redis's strict id parsing for `XADD`.
+fn parse_new_id(arg: &[u8]) -> Result<NewId> {
+    if let Some(ms) = arg.strip_suffix(b"-*") {
+        return parse_u64(ms)
+            .map(NewId::AutoSeq)
+            .ok_or_else(|| INVALID_STREAM_ID.into());
+    }
+    StreamId::parse(arg, 0, true)
+        .map(NewId::Explicit)
+        .ok_or_else(|| INVALID_STREAM_ID.into())
+}
+
+/// An `XRANGE` bound: the id and whether it is exclusive (`(` prefix).
+fn parse_interval_id(arg: &[u8], missing_seq: u64) -> Result<(StreamId, bool)> {
+    match arg.split_first() {
+        Some((b'(', rest)) if !rest.is_empty() => StreamId::parse(rest, missing_seq, true)
+            .map(|id| (id, true))
+            .ok_or_else(|| INVALID_STREAM_ID.into()),
+        _ => StreamId::parse(arg, missing_seq, false)
+            .map(|id| (id, false))
+            .ok_or_else(|| INVALID_STREAM_ID.into()),
+    }
+}
+
+/// Redis's `LRANGE`/`ZRANGE` index normalisation: negative counts from the end; `None` when
+/// the range is empty.
+fn index_range(start: i64, stop: i64, len: usize) -> Option<(usize, usize)> {
+    let len = i64::try_from(len).ok()?;
+    let start = if start < 0 { start + len } else { start }.max(0);
+    let stop = if stop < 0 { stop + len } else { stop };
+    if start > stop || start >= len {
+        return None;
+    }
+    let stop = stop.min(len - 1);
+    Some((usize::try_from(start).ok()?, usize::try_from(stop).ok()?))
+}
+
+fn is(arg: &[u8], word: &str) -> bool {
+    arg.eq_ignore_ascii_case(word.as_bytes())
+}
+
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn bulk_or_nil(value: Option<&Bytes>) -> Resp {
+    value.map_or(Resp::Nil, |v| Resp::Bulk(v.clone()))
+}
+
+fn int_bytes(n: i64) -> Bytes {
+    Bytes::from(n.to_string())
+}
+
+fn int_arg(arg: &[u8]) -> Result<i64> {
+    parse_i64(arg).ok_or_else(|| NOT_INTEGER.into())
+}
+
+fn arity_error(command: &str) -> String {
+    format!(
+        "ERR wrong number of arguments for '{}' command",
+        command.to_ascii_lowercase()
+    )
+}
+
+/// Redis 7.0's text: `unknown command 'X', with args beginning with: 'a' 'b' `.
+fn unknown_command(name: &[u8], args: &[Bytes]) -> String {
+    let mut listed = String::new();
+    for arg in args {
+        if listed.len() >= 128 {
+            break;
+        }
+        listed.push('\'');
+        listed.extend(String::from_utf8_lossy(arg).chars().take(128));
+        listed.push_str("' ");
+    }
+    let name: String = String::from_utf8_lossy(name).chars().take(128).collect();
+    format!("ERR unknown command '{name}', with args beginning with: {listed}")
+}
+
+/// Redis's `string2ll`: optional `-`, no `+`, no leading zeros, no spaces, within i64.
+fn parse_i64(s: &[u8]) -> Option<i64> {
+    if s.is_empty() || s.len() > 20 {
+        return None;
+    }
+    if s == b"0" {
+        return Some(0);
+    }
+    let (negative, digits) = match s.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, s),
+    };
+    if !matches!(digits.first(), Some(b'1'..=b'9')) {
+        return None;
+    }
+    let mut value: u64 = 0;
+    for &c in digits {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        value = value.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+    }
+    if negative {
+        0i64.checked_sub_unsigned(value)
+    } else {
+        i64::try_from(value).ok()
+    }
+}
+
+/// Unsigned decimal for stream ids (leading zeros allowed, as `strtoull` does).
+fn parse_u64(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 20 {
+        return None;
+    }
+    s.iter().try_fold(0u64, |acc, &c| {
+        if c.is_ascii_digit() {
+            acc.checked_mul(10)?.checked_add(u64::from(c - b'0'))
+        } else {
+            None
+        }
+    })
+}
+
+/// A score argument: decimal or exponent notation, `inf`, `+inf`, `-inf`; never NaN.
+fn parse_f64(s: &[u8]) -> Option<f64> {
+    let v: f64 = std::str::from_utf8(s).ok()?.parse().ok()?;
+    (!v.is_nan()).then_some(v)
+}
+
+/// Formats a score like Redis 7.0's `addReplyDouble`: `inf`/`-inf`, otherwise C's `%.17g`
+/// (`1`, `1.5`, `1e+20`, `0.10000000000000001`). Redis 7.2+ prints the shortest round-trip
+/// form instead; the two agree on every integral score, which is all the scripts store.
+fn format_score(v: f64) -> Bytes {
+    if v.is_infinite() {
+        return Bytes::from_static(if v > 0.0 { b"inf" } else { b"-inf" });
+    }
+    Bytes::from(format_g17(v))
+}
+
+/// C's `printf("%.17g", v)`, which Redis uses for doubles it turns into strings: score
+/// replies, and Lua numbers passed to `redis.call`.
+pub(crate) fn format_g17(v: f64) -> String {
+    if v.is_nan() {
+        return if v.is_sign_negative() { "-nan" } else { "nan" }.into();
+    }
+    if v.is_infinite() {
+        return if v > 0.0 { "inf" } else { "-inf" }.into();
+    }
+    // Integral values below 1e17 have at most 17 digits: %.17g prints them exactly. This is
+    // the common case (ids, counts, millisecond times) and avoids float formatting.
+    if v == v.trunc() && v.abs() < 1e17 {
+        if v == 0.0 && v.is_sign_negative() {
+            return "-0".into();
+        }
+        return (v as i64).to_string();
+    }
+    // %g: with X the exponent of the value rounded to 17 significant digits, fixed notation
+    // with 16 - X decimals when -4 <= X < 17, else scientific; trailing zeros removed.
+    let sci = format!("{v:.16e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if (-4..17).contains(&exp) {
+        let decimals = usize::try_from(16 - exp).unwrap_or(0);
+        trim_fraction(&format!("{v:.decimals$}")).to_string()
+    } else {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!(
+            "{}e{sign}{:02}",
+            trim_fraction(mantissa),
+            exp.unsigned_abs()
+        )
+    }
+}
+
+/// Drops trailing zeros of a decimal fraction, and the point if nothing is left after it.
+fn trim_fraction(s: &str) -> &str {
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// A keyspace whose clock the test moves.
+    fn keyspace() -> (Keyspace, Arc<AtomicU64>) {
+        let now = Arc::new(AtomicU64::new(1_000_000));
+        let clock = Arc::clone(&now);
+        (
+            Keyspace::with_clock(move || clock.load(AtomicOrdering::SeqCst)),
+            now,
+        )
+    }
+
+    fn run(ks: &mut Keyspace, line: &str) -> Result<Resp> {
+        let args: Vec<Bytes> = line
+            .split_whitespace()
+            .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+            .collect();
+        ks.call(&args)
+    }
+
+    fn ok(ks: &mut Keyspace, line: &str) -> Resp {
+        run(ks, line).unwrap_or_else(|e| panic!("{line}: {e}"))
+    }
+
+    fn err(ks: &mut Keyspace, line: &str) -> String {
+        match run(ks, line) {
+            Ok(r) => panic!("{line}: expected an error, got {r:?}"),
+            Err(e) => e,
+        }
+    }
+
+    fn bulk(s: &str) -> Resp {
+        Resp::Bulk(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn bulks(items: &[&str]) -> Resp {
+        Resp::Array(items.iter().map(|s| bulk(s)).collect())
+    }
+
+    fn sorted(r: Resp) -> Resp {
+        match r {
+            Resp::Array(mut items) => {
+                items.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+                Resp::Array(items)
+            }
+            other => other,
+        }
+    }
+
+    #[test]
+    fn command_table_is_sorted_and_complete() {
+        assert!(COMMANDS.windows(2).all(|w| w[0].name < w[1].name));
+        assert_eq!(COMMANDS.len(), 42);
+        for name in Keyspace::commands() {
+            assert!(Keyspace::supports(name));
+            assert!(Keyspace::supports(&name.to_ascii_lowercase()));
+        }
+        assert!(!Keyspace::supports("HINCRBYFLOAT"));
+        assert!(!Keyspace::supports("EVAL"));
+        assert!(!Keyspace::supports(""));
+        assert!(!Keyspace::supports("ZREMRANGEBYSCOREXXXXXXXXXXXXXXXXXXX"));
+    }
+
+    #[test]
+    fn unknown_commands_arity_and_empty_calls() {
+        let (mut ks, _) = keyspace();
+        assert_eq!(
+            err(&mut ks, "hincrbyfloat h f 1"),
+            "ERR unknown command 'hincrbyfloat', with args beginning with: 'h' 'f' '1' "
+        );
+        assert_eq!(
+            err(&mut ks, "HGET h"),
+            "ERR wrong number of arguments for 'hget' command"
+        );
+        assert_eq!(
+            err(&mut ks, "get a b"),
+            "ERR wrong number of arguments for 'get' command"
+        );
+        assert_eq!(
+            err(&mut ks, "HSET h f v f2"),
+            "ERR wrong number of arguments for 'hset' command"
+        );
+        assert_eq!(
+            err(&mut ks, "LPOP l 1 2"),
+            "ERR wrong number of arguments for 'lpop' command"
+        );
+        assert_eq!(ks.call(&[]), Err(NO_ARGUMENTS.to_string()));
+        assert_eq!(ok(&mut ks, "gEt missing"), Resp::Nil);
+    }
+
+    #[test]
+    fn strings_set_get_incr() {
+        let (mut ks, _) = keyspace();
+        assert_eq!(ok(&mut ks, "SET a 1"), Resp::Status("OK"));
+        assert_eq!(ok(&mut ks, "GET a"), bulk("1"));
+        assert_eq!(ok(&mut ks, "SET a 2 NX"), Resp::Nil);
+        assert_eq!(ok(&mut ks, "SET b 2 XX"), Resp::Nil);
+        assert_eq!(ok(&mut ks, "EXISTS b"), Resp::Int(0));
+        assert_eq!(ok(&mut ks, "SET a 3 XX GET"), bulk("1"));
+        assert_eq!(ok(&mut ks, "INCR a"), Resp::Int(4));
+        assert_eq!(ok(&mut ks, "INCRBY a -10"), Resp::Int(-6));
+        assert_eq!(ok(&mut ks, "INCRBY fresh 5"), Resp::Int(5));
+        assert_eq!(err(&mut ks, "SET a 1 NX XX"), SYNTAX);
+        assert_eq!(err(&mut ks, "SET a 1 PX"), SYNTAX);
+        assert_eq!(err(&mut ks, "SET a 1 PX 5 EX 5"), SYNTAX);
+        assert_eq!(
+            err(&mut ks, "SET a 1 PX 0"),
+            "ERR invalid expire time in 'set' command"
+        );
+        assert_eq!(err(&mut ks, "SET a 1 PX x"), NOT_INTEGER);
+        assert_eq!(err(&mut ks, "INCRBY a 1.5"), NOT_INTEGER);
+        assert_eq!(err(&mut ks, "INCRBY a +1"), NOT_INTEGER);
+        assert_eq!(err(&mut ks, "INCRBY a 01"), NOT_INTEGER);
+        ok(&mut ks, "SET s hello");
+        assert_eq!(err(&mut ks, "INCR s"), NOT_INTEGER);
+        ok(&mut ks, "SET big 9223372036854775807");
+        assert_eq!(err(&mut ks, "INCR big"), OVERFLOW);
+        ok(&mut ks, "SET small -9223372036854775808");
+        assert_eq!(err(&mut ks, "INCRBY small -1"), OVERFLOW);
+        assert_eq!(err(&mut ks, "INCRBY a 9223372036854775808"), NOT_INTEGER);
+        assert_eq!(ok(&mut ks, "DEL a b fresh a"), Resp::Int(2));
+        assert_eq!(ok(&mut ks, "EXISTS s s missing"), Resp::Int(2));
+        assert_eq!(ok(&mut ks, "TYPE s"), Resp::Status("string"));
+        assert_eq!(ok(&mut ks, "TYPE missing"), Resp::Status("none"));
+    }
+
+    #[test]
+    fn wrongtype_everywhere() {
+        let (mut ks, _) = keyspace();
+        ok(&mut ks, "HSET h f v");
+        ok(&mut ks, "SET s v");
+        for line in [
+            "GET h",
+            "INCR h",
+            "SET h v GET",
+            "HGET s f",
+            "HSET s f v",
+            "HMGET s f",
+            "HINCRBY s f 1",
+            "HDEL s f",
+            "HGETALL s",
+            "LPUSH s x",
+            "LPOP s",
+            "LPOP s 2",
+            "LRANGE s 0 -1",
+            "LREM s 0 x",
+            "SADD s x",
+            "SMEMBERS s",
+            "ZADD s 1 m",
+            "ZRANGEBYSCORE s -inf +inf",
+            "ZRANGE s 0 -1",
+            "ZSCORE s m",
+            "XADD s * f v",
+            "XRANGE s - +",
+            "XLEN s",
+        ] {
+            assert_eq!(err(&mut ks, line), WRONGTYPE, "{line}");
+        }
+        // SET without GET overwrites whatever was there.
+        assert_eq!(ok(&mut ks, "SET h now-a-string"), Resp::Status("OK"));
+        assert_eq!(ok(&mut ks, "TYPE h"), Resp::Status("string"));
+    }
+
+    #[test]
+    fn expiry_follows_the_injected_clock() {
+        let (mut ks, now) = keyspace();
+        ok(&mut ks, "SET k v PX 100");
+        assert_eq!(ok(&mut ks, "PTTL k"), Resp::Int(100));
+        now.fetch_add(100, AtomicOrdering::SeqCst);
+        // Redis: a key expires once the time is past its deadline, not at it.
+        assert_eq!(ok(&mut ks, "PTTL k"), Resp::Int(0));
+        assert_eq!(ok(&mut ks, "GET k"), bulk("v"));
+        now.fetch_add(1, AtomicOrdering::SeqCst);
+        assert_eq!(ok(&mut ks, "GET k"), Resp::Nil);
+        assert_eq!(ok(&mut ks, "PTTL k"), Resp::Int(-2));
+
+        ok(&mut ks, "HSET h f v");
+        assert_eq!(ok(&mut ks, "PTTL h"), Resp::Int(-1));
+        assert_eq!(ok(&mut ks, "PEXPIRE h 50"), Resp::Int(1));
+        assert_eq!(ok(&mut ks, "PEXPIRE h 80 NX"), Resp::Int(0));
+        assert_eq!(ok(&mut ks, "PEXPIRE h 40 GT"), Resp::Int(0));
+        assert_eq!(ok(&mut ks, "PEXPIRE h 60 GT"), Resp::Int(1));
+        assert_eq!(ok(&mut ks, "PEXPIRE h 70 LT"), Resp::Int(0));
+        assert_eq!(ok(&mut ks, "PTTL h"), Resp::Int(60));
+        // INCR and HSET keep the TTL; plain SET drops it; KEEPTTL keeps it.
+        ok(&mut ks, "HSET h g w");
+        assert_eq!(ok(&mut ks, "PTTL h"), Resp::Int(60));
+        ok(&mut ks, "SET c 1 EX 1");
+        ok(&mut ks, "INCR c");
+        assert_eq!(ok(&mut ks, "PTTL c"), Resp::Int(1000));
+        ok(&mut ks, "SET c 5 KEEPTTL");
+        assert_eq!(ok(&mut ks, "PTTL c"), Resp::Int(1000));
+        ok(&mut ks, "SET c 6");
+        assert_eq!(ok(&mut ks, "PTTL c"), Resp::Int(-1));
+
+        now.fetch_add(61, AtomicOrdering::SeqCst);
+        assert_eq!(ok(&mut ks, "HGET h f"), Resp::Nil);
+        assert_eq!(ok(&mut ks, "EXISTS h"), Resp::Int(0));
+        // An expired key of another type no longer causes WRONGTYPE.
+        ok(&mut ks, "SET t v PX 5");
+        now.fetch_add(6, AtomicOrdering::SeqCst);
+        assert_eq!(ok(&mut ks, "LPUSH t a"), Resp::Int(1));
+
+        assert_eq!(ok(&mut ks, "PEXPIRE missing 10"), Resp::Int(0));
+        assert_eq!(ok(&mut ks, "PEXPIRE t 0"), Resp::Int(1));
+        assert_eq!(ok(&mut ks, "EXISTS t"), Resp::Int(0));
+        assert_eq!(
+            err(&mut ks, "PEXPIRE c 10 NX XX"),
+            "ERR NX and XX, GT or LT options at the same time are not compatible"
+        );
+        assert_eq!(
+            err(&mut ks, "PEXPIRE c 10 GT LT"),
+            "ERR GT and LT options at the same time are not compatible"
+        );
+        assert_eq!(
+            err(&mut ks, "PEXPIRE c 10 FOO"),
+            "ERR Unsupported option FOO"
+        );
+        assert_eq!(
+            err(&mut ks, "PEXPIRE c 9223372036854775807"),
+            "ERR invalid expire time in 'pexpire' command"
+        );
+        assert_eq!(ok(&mut ks, "DEL c"), Resp::Int(1));
+    }
+
+    #[test]
+    fn hashes() {
+        let (mut ks, _) = keyspace();
+        assert_eq!(ok(&mut ks, "HSET h a 1 b 2 a 3"), Resp::Int(2));
+        assert_eq!(ok(&mut ks, "HGET h a"), bulk("3"));
+        assert_eq!(ok(&mut ks, "HSET h a 4 c 5"), Resp::Int(1));
+        assert_eq!(ok(&mut ks, "HSETNX h a 9"), Resp::Int(0));
+        assert_eq!(ok(&mut ks, "HSETNX h d 9"), Resp::Int(1));
+        assert_eq!(
+            ok(&mut ks, "HMGET h a nope d"),
+            Resp::Array(vec![bulk("4"), Resp::Nil, bulk("9")])
+        );
+        assert_eq!(
+            ok(&mut ks, "HMGET missing a b"),
+            Resp::Array(vec![Resp::Nil, Resp::Nil])
+        );
+        assert_eq!(ok(&mut ks, "HINCRBY h n -3"), Resp::Int(-3));
+        assert_eq!(ok(&mut ks, "HINCRBY h n 10"), Resp::Int(7));
+        ok(&mut ks, "HSET h text x");
+        assert_eq!(err(&mut ks, "HINCRBY h text 1"), HASH_NOT_INTEGER);
+        assert_eq!(err(&mut ks, "HINCRBY h n one"), NOT_INTEGER);
+        ok(&mut ks, "HSET h max 9223372036854775807");
+        assert_eq!(err(&mut ks, "HINCRBY h max 1"), OVERFLOW);
+        assert_eq!(ok(&mut ks, "HEXISTS h a"), Resp::Int(1));
+        assert_eq!(ok(&mut ks, "HEXISTS h zz"), Resp::Int(0));
+        assert_eq!(ok(&mut ks, "HLEN h"), Resp::Int(7));
+        assert_eq!(ok(&mut ks, "HLEN missing"), Resp::Int(0));
+        assert_eq!(ok(&mut ks, "HDEL h a b zz"), Resp::Int(2));
+        assert_eq!(ok(&mut ks, "HDEL h c d n text max"), Resp::Int(5));
+        assert_eq!(
+            ok(&mut ks, "EXISTS h"),
+            Resp::Int(0),
+            "emptied hash is deleted"
+        );
+        assert_eq!(ok(&mut ks, "HDEL h a"), Resp::Int(0));
+        ok(&mut ks, "HSET g f1 v1 f2 v2");
+        assert_eq!(
+            sorted(ok(&mut ks, "HGETALL g")),
+            sorted(bulks(&["f1", "v1", "f2", "v2"]))
+        );
+        assert_eq!(ok(&mut ks, "HGETALL missing"), Resp::Array(vec![]));
+        assert_eq!(ok(&mut ks, "TYPE g"), Resp::Status("hash"));
+    }
+
+    #[test]
+    fn lists() {
+        let (mut ks, _) = keyspace();
+        assert_eq!(ok(&mut ks, "RPUSH l a b c"), Resp::Int(3));
+        assert_eq!(ok(&mut ks, "LPUSH l y z"), Resp::Int(5));
+        assert_eq!(
+            ok(&mut ks, "LRANGE l 0 -1"),
+            bulks(&["z", "y", "a", "b", "c"])
+        );
+        assert_eq!(ok(&mut ks, "LRANGE l -2 100"), bulks(&["b", "c"]));
+        assert_eq!(ok(&mut ks, "LRANGE l 3 1"), bulks(&[]));
+        assert_eq!(ok(&mut ks, "LRANGE l -100 0"), bulks(&["z"]));
+        assert_eq!(ok(&mut ks, "LRANGE missing 0 -1"), bulks(&[]));
+        assert_eq!(ok(&mut ks, "LLEN l"), Resp::Int(5));
+        assert_eq!(ok(&mut ks, "LPOP l"), bulk("z"));
+        assert_eq!(ok(&mut ks, "RPOP l"), bulk("c"));
+        assert_eq!(ok(&mut ks, "LPOP l 2"), bulks(&["y", "a"]));
+        assert_eq!(ok(&mut ks, "LPOP l 0"), bulks(&[]));
+        assert_eq!(ok(&mut ks, "RPOP l 5"), bulks(&["b"]));
+        assert_eq!(
+            ok(&mut ks, "EXISTS l"),
+            Resp::Int(0),
+            "emptied list is deleted"
+        );
+        // Redis 7: a count on a missing key is a nil array, no count a nil bulk.
+        assert_eq!(ok(&mut ks, "LPOP l 3"), Resp::Nil);
+        assert_eq!(ok(&mut ks, "LPOP l 0"), Resp::Nil);
+        assert_eq!(ok(&mut ks, "LPOP l"), Resp::Nil);
+        assert_eq!(ok(&mut ks, "RPOP l 3"), Resp::Nil);
+        assert_eq!(err(&mut ks, "LPOP l -1"), NOT_POSITIVE);
+        assert_eq!(err(&mut ks, "LPOP l x"), NOT_POSITIVE);
+
+        ok(&mut ks, "RPUSH r x a x b x c x");
+        assert_eq!(ok(&mut ks, "LREM r 2 x"), Resp::Int(2));
+        assert_eq!(
+            ok(&mut ks, "LRANGE r 0 -1"),
+            bulks(&["a", "b", "x", "c", "x"])
+        );
+        ok(&mut ks, "RPUSH r x");
+        assert_eq!(ok(&mut ks, "LREM r -2 x"), Resp::Int(2));
+        assert_eq!(ok(&mut ks, "LRANGE r 0 -1"), bulks(&["a", "b", "x", "c"]));
+        assert_eq!(ok(&mut ks, "LREM r 0 nope"), Resp::Int(0));
+        assert_eq!(ok(&mut ks, "LREM r -10 x"), Resp::Int(1));
+        assert_eq!(ok(&mut ks, "LREM missing 0 x"), Resp::Int(0));
+        ok(&mut ks, "DEL r");
+        ok(&mut ks, "RPUSH r x x");
+        assert_eq!(ok(&mut ks, "LREM r 0 x"), Resp::Int(2));
+        assert_eq!(ok(&mut ks, "TYPE r"), Resp::Status("none"));
+        assert_eq!(err(&mut ks, "LREM r one x"), NOT_INTEGER);
+    }
+
+    #[test]
+    fn sets() {
+        let (mut ks, _) = keyspace();
+        assert_eq!(ok(&mut ks, "SADD s a b a"), Resp::Int(2));
+        assert_eq!(ok(&mut ks, "SADD s b c"), Resp::Int(1));
+        assert_eq!(ok(&mut ks, "SCARD s"), Resp::Int(3));
+        assert_eq!(ok(&mut ks, "SISMEMBER s a"), Resp::Int(1));
+        assert_eq!(ok(&mut ks, "SISMEMBER s z"), Resp::Int(0));
+        assert_eq!(ok(&mut ks, "SISMEMBER missing z"), Resp::Int(0));
+        assert_eq!(sorted(ok(&mut ks, "SMEMBERS s")), bulks(&["a", "b", "c"]));
+        assert_eq!(ok(&mut ks, "SREM s a z"), Resp::Int(1));
+        assert_eq!(ok(&mut ks, "SREM s b c"), Resp::Int(2));
+        assert_eq!(
+            ok(&mut ks, "EXISTS s"),
+            Resp::Int(0),
+            "emptied set is deleted"
+        );
+        assert_eq!(ok(&mut ks, "SMEMBERS s"), bulks(&[]));
+        assert_eq!(ok(&mut ks, "SCARD s"), Resp::Int(0));
+    }
+
+    #[test]
+    fn sorted_sets_add_and_score() {
+        let (mut ks, _) = keyspace();
+        assert_eq!(ok(&mut ks, "ZADD z 1 a 2 b 2 c"), Resp::Int(3));
+        assert_eq!(ok(&mut ks, "ZADD z 5 a 7 d"), Resp::Int(1));
+        assert_eq!(ok(&mut ks, "ZSCORE z a"), bulk("5"));
+        assert_eq!(ok(&mut ks, "ZADD z NX 9 a 3 e"), Resp::Int(1));
+        assert_eq!(ok(&mut ks, "ZSCORE z a"), bulk("5"));
+        assert_eq!(ok(&mut ks, "ZADD z XX 6 a 3 f"), Resp::Int(0));
+        assert_eq!(ok(&mut ks, "ZSCORE z a"), bulk("6"));
+        assert_eq!(ok(&mut ks, "ZSCORE z f"), Resp::Nil);
+        assert_eq!(ok(&mut ks, "ZADD z GT CH 1 a 8 b"), Resp::Int(1));
+        assert_eq!(ok(&mut ks, "ZSCORE z a"), bulk("6"));
+        assert_eq!(ok(&mut ks, "ZADD z LT CH 1 a 9 b"), Resp::Int(1));
+        assert_eq!(ok(&mut ks, "ZSCORE z a"), bulk("1"));
+        assert_eq!(ok(&mut ks, "ZADD z INCR 0.5 a"), bulk("1.5"));
+        assert_eq!(ok(&mut ks, "ZADD z NX INCR 1 a"), Resp::Nil);
+        assert_eq!(ok(&mut ks, "ZADD z 1e20 big -inf low"), Resp::Int(2));
+        assert_eq!(ok(&mut ks, "ZSCORE z big"), bulk("1e+20"));
+        assert_eq!(ok(&mut ks, "ZSCORE z low"), bulk("-inf"));
+        assert_eq!(ok(&mut ks, "ZADD z 0.1 tenth"), Resp::Int(1));
+        assert_eq!(ok(&mut ks, "ZSCORE z tenth"), bulk("0.10000000000000001"));
+        assert_eq!(ok(&mut ks, "ZCARD z"), Resp::Int(8));
+        assert_eq!(ok(&mut ks, "ZADD missing XX 1 a"), Resp::Int(0));
+        assert_eq!(ok(&mut ks, "EXISTS missing"), Resp::Int(0));
+        assert_eq!(err(&mut ks, "ZADD z 1 a 2"), SYNTAX);
+        assert_eq!(
+            err(&mut ks, "ZADD z NX"),
+            "ERR wrong number of arguments for 'zadd' command"
+        );
+        assert_eq!(
+            err(&mut ks, "ZADD z NX XX 1 a"),
+            "ERR XX and NX options at the same time are not compatible"
+        );
+        assert_eq!(
+            err(&mut ks, "ZADD z GT LT 1 a"),
+            "ERR GT, LT, and/or NX options at the same time are not compatible"
+        );
+        assert_eq!(
+            err(&mut ks, "ZADD z INCR 1 a 2 b"),
+            "ERR INCR option supports a single increment-element pair"
+        );
+        assert_eq!(err(&mut ks, "ZADD z 1 a nan b"), NOT_FLOAT);
+        assert_eq!(err(&mut ks, "ZADD z one a"), NOT_FLOAT);
+        assert_eq!(
+            ok(&mut ks, "ZSCORE z a"),
+            bulk("1.5"),
+            "failed ZADD changed nothing"
+        );
+        assert_eq!(ok(&mut ks, "ZREM z a b nope"), Resp::Int(2));
+        assert_eq!(ok(&mut ks, "ZCARD z"), Resp::Int(6));
+        assert_eq!(ok(&mut ks, "ZREM z c d e big low tenth"), Resp::Int(6));
+        assert_eq!(ok(&mut ks, "ZREM z zz"), Resp::Int(0));
+        assert_eq!(ok(&mut ks, "ZCARD z"), Resp::Int(0));
+        assert_eq!(
+            ok(&mut ks, "EXISTS z"),
+            Resp::Int(0),
+            "emptied zset is deleted"
+        );
+    }
+
+    #[test]
+    fn sorted_set_ranges() {
+        let (mut ks, _) = keyspace();
+        ok(&mut ks, "ZADD z 1 a 2 b 2 c 3 d 4 e -1 neg");
+        assert_eq!(
+            ok(&mut ks, "ZRANGEBYSCORE z -inf +inf"),
+            bulks(&["neg", "a", "b", "c", "d", "e"])
+        );
+        assert_eq!(ok(&mut ks, "ZRANGEBYSCORE z 2 3"), bulks(&["b", "c", "d"]));
+        assert_eq!(ok(&mut ks, "ZRANGEBYSCORE z (2 3"), bulks(&["d"]));
+        assert_eq!(ok(&mut ks, "ZRANGEBYSCORE z 2 (3"), bulks(&["b", "c"]));
+        assert_eq!(ok(&mut ks, "ZRANGEBYSCORE z (1 (2"), bulks(&[]));
+        assert_eq!(ok(&mut ks, "ZRANGEBYSCORE z 3 2"), bulks(&[]));
+        assert_eq!(
+            ok(&mut ks, "ZRANGEBYSCORE z -inf 2 LIMIT 1 2"),
+            bulks(&["a", "b"])
+        );
+        assert_eq!(
+            ok(&mut ks, "ZRANGEBYSCORE z -inf +inf LIMIT 4 -1"),
+            bulks(&["d", "e"])
+        );
+        assert_eq!(
+            ok(&mut ks, "ZRANGEBYSCORE z -inf +inf LIMIT -1 5"),
+            bulks(&[])
+        );
+        assert_eq!(
+            ok(&mut ks, "ZRANGEBYSCORE z -inf +inf LIMIT 0 0"),
+            bulks(&[])
+        );
+        assert_eq!(
+            ok(&mut ks, "ZRANGEBYSCORE z 1 2 WITHSCORES LIMIT 0 2"),
+            bulks(&["a", "1", "b", "2"])
+        );
+        assert_eq!(ok(&mut ks, "ZRANGEBYSCORE missing -inf +inf"), bulks(&[]));
+        assert_eq!(err(&mut ks, "ZRANGEBYSCORE z x 1"), MIN_MAX_NOT_FLOAT);
+        assert_eq!(err(&mut ks, "ZRANGEBYSCORE z (x 1"), MIN_MAX_NOT_FLOAT);
+        assert_eq!(err(&mut ks, "ZRANGEBYSCORE z 0 1 LIMIT 0"), SYNTAX);
+        assert_eq!(err(&mut ks, "ZRANGEBYSCORE z 0 1 LIMIT a 1"), NOT_INTEGER);
+        assert_eq!(err(&mut ks, "ZRANGEBYSCORE z 0 1 REV"), SYNTAX);
+
+        assert_eq!(ok(&mut ks, "ZRANGE z 0 1"), bulks(&["neg", "a"]));
+        assert_eq!(
+            ok(&mut ks, "ZRANGE z -2 -1 WITHSCORES"),
+            bulks(&["d", "3", "e", "4"])
+        );
+        assert_eq!(ok(&mut ks, "ZRANGE z 0 0 REV"), bulks(&["e"]));
+        assert_eq!(ok(&mut ks, "ZRANGE z 5 100"), bulks(&["e"]));
+        assert_eq!(ok(&mut ks, "ZRANGE z 6 100"), bulks(&[]));
+        assert_eq!(ok(&mut ks, "ZRANGE z (3 +inf BYSCORE"), bulks(&["e"]));
+        assert_eq!(
+            ok(&mut ks, "ZRANGE z +inf 2 BYSCORE REV LIMIT 1 2"),
+            bulks(&["d", "c"])
+        );
+        assert_eq!(
+            err(&mut ks, "ZRANGE z 0 1 LIMIT 0 1"),
+            "ERR syntax error, LIMIT is only supported in combination with either BYSCORE or BYLEX"
+        );
+        assert_eq!(err(&mut ks, "ZRANGE z a 1"), NOT_INTEGER);
+
+        assert_eq!(ok(&mut ks, "ZREMRANGEBYSCORE z (1 2"), Resp::Int(2));
+        assert_eq!(ok(&mut ks, "ZRANGE z 0 -1"), bulks(&["neg", "a", "d", "e"]));
+        assert_eq!(ok(&mut ks, "ZREMRANGEBYSCORE z -inf +inf"), Resp::Int(4));
+        assert_eq!(ok(&mut ks, "EXISTS z"), Resp::Int(0));
+        assert_eq!(ok(&mut ks, "ZREMRANGEBYSCORE z -inf +inf"), Resp::Int(0));
+    }
+
+    #[test]
+    fn sorted_set_ties_break_by_member_bytes() {
+        let (mut ks, _) = keyspace();
+        ok(&mut ks, "ZADD z 5 b 5 a 5 ab 5 B 0 x -0 y");
+        assert_eq!(
+            ok(&mut ks, "ZRANGE z 0 -1"),
+            bulks(&["x", "y", "B", "a", "ab", "b"])
+        );
+        // Changing a score moves the member.
+        ok(&mut ks, "ZADD z 1 b");
+        assert_eq!(ok(&mut ks, "ZRANGEBYSCORE z 1 1"), bulks(&["b"]));
+        assert_eq!(ok(&mut ks, "ZRANGEBYSCORE z 0 0"), bulks(&["x", "y"]));
+    }
+
+    #[test]
+    fn stream_ids_strictly_increase() {
+        let (mut ks, now) = keyspace();
+        let t = now.load(AtomicOrdering::SeqCst);
+        assert_eq!(ok(&mut ks, "XADD s * a 1"), bulk(&format!("{t}-0")));
+        assert_eq!(ok(&mut ks, "XADD s * a 2"), bulk(&format!("{t}-1")));
+        // The clock going back never produces a smaller id.
+        now.store(t - 500, AtomicOrdering::SeqCst);
+        assert_eq!(ok(&mut ks, "XADD s * a 3"), bulk(&format!("{t}-2")));
+        now.store(t + 1, AtomicOrdering::SeqCst);
+        assert_eq!(ok(&mut ks, "XADD s * a 4"), bulk(&format!("{}-0", t + 1)));
+        assert_eq!(
+            err(&mut ks, &format!("XADD s {t}-5 a 5")),
+            "ERR The ID specified in XADD is equal or smaller than the target stream top item"
+        );
+        assert_eq!(
+            ok(&mut ks, &format!("XADD s {}-* a 5", t + 1)),
+            bulk(&format!("{}-1", t + 1))
+        );
+        assert_eq!(
+            ok(&mut ks, &format!("XADD s {} a 6", t + 2)),
+            bulk(&format!("{}-0", t + 2))
+        );
+        assert_eq!(
+            ok(&mut ks, &format!("XADD s {}-7 a 7", t + 2)),
+            bulk(&format!("{}-7", t + 2))
+        );
+        assert_eq!(ok(&mut ks, "XLEN s"), Resp::Int(7));
+        // Deleting the newest entry does not let its id be reused.
+        assert_eq!(ok(&mut ks, &format!("XDEL s {}-7", t + 2)), Resp::Int(1));
+        assert_eq!(ok(&mut ks, "XADD s * a 8"), bulk(&format!("{}-8", t + 2)));
+        assert_eq!(
+            err(&mut ks, "XADD fresh 0-0 a 1"),
+            "ERR The ID specified in XADD must be greater than 0-0"
+        );
+        assert_eq!(ok(&mut ks, "XADD fresh 0-* a 1"), bulk("0-1"));
+        assert_eq!(err(&mut ks, "XADD s 12x a 1"), INVALID_STREAM_ID);
+        assert_eq!(
+            err(&mut ks, "XADD s * a"),
+            "ERR wrong number of arguments for 'xadd' command"
+        );
+        assert_eq!(
+            err(&mut ks, "XADD s * a 1 b"),
+            "ERR wrong number of arguments for 'xadd' command"
+        );
+        assert_eq!(ok(&mut ks, "XADD nope NOMKSTREAM * a 1"), Resp::Nil);
+        assert_eq!(ok(&mut ks, "EXISTS nope"), Resp::Int(0));
+        assert_eq!(ok(&mut ks, "TYPE s"), Resp::Status("stream"));
+    }
+
+    #[test]
+    fn stream_range_trim_and_delete() {
+        let (mut ks, _) = keyspace();
+        for i in 1..=5 {
+            ok(&mut ks, &format!("XADD s {i}-0 n {i}"));
+        }
+        let entry =
+            |i: u64| Resp::Array(vec![bulk(&format!("{i}-0")), bulks(&["n", &i.to_string()])]);
+        assert_eq!(
+            ok(&mut ks, "XRANGE s - +"),
+            Resp::Array((1..=5).map(entry).collect())
+        );
+        assert_eq!(
+            ok(&mut ks, "XRANGE s 2 3"),
+            Resp::Array(vec![entry(2), entry(3)])
+        );
+        assert_eq!(
+            ok(&mut ks, "XRANGE s (2-0 + COUNT 2"),
+            Resp::Array(vec![entry(3), entry(4)])
+        );
+        assert_eq!(ok(&mut ks, "XRANGE s - (1-0"), Resp::Array(vec![]));
+        assert_eq!(ok(&mut ks, "XRANGE s 4 2"), Resp::Array(vec![]));
+        assert_eq!(ok(&mut ks, "XRANGE s - + COUNT 0"), Resp::Nil);
+        assert_eq!(ok(&mut ks, "XRANGE missing - +"), Resp::Array(vec![]));
+        assert_eq!(err(&mut ks, "XRANGE s - + COUNT"), SYNTAX);
+        assert_eq!(err(&mut ks, "XRANGE s x +"), INVALID_STREAM_ID);
+        assert_eq!(
+            err(
+                &mut ks,
+                "XRANGE s (18446744073709551615-18446744073709551615 +"
+            ),
+            "ERR invalid start ID for the interval"
+        );
+        assert_eq!(
+            err(&mut ks, "XRANGE s - (0-0"),
+            "ERR invalid end ID for the interval"
+        );
+
+        assert_eq!(ok(&mut ks, "XDEL s 2-0 9-0 2-0"), Resp::Int(1));
+        assert_eq!(err(&mut ks, "XDEL s +"), INVALID_STREAM_ID);
+        assert_eq!(ok(&mut ks, "XTRIM s MAXLEN 2"), Resp::Int(2));
+        assert_eq!(
+            ok(&mut ks, "XRANGE s - +"),
+            Resp::Array(vec![entry(4), entry(5)])
+        );
+        assert_eq!(ok(&mut ks, "XTRIM s MINID = 5"), Resp::Int(1));
+        assert_eq!(ok(&mut ks, "XADD s MAXLEN ~ 1 5-* n 6"), bulk("5-1"));
+        assert_eq!(ok(&mut ks, "XLEN s"), Resp::Int(1));
+        assert_eq!(ok(&mut ks, "XTRIM s MAXLEN 0"), Resp::Int(1));
+        // Unlike other types, an emptied stream still exists, and keeps its last id.
+        assert_eq!(ok(&mut ks, "EXISTS s"), Resp::Int(1));
+        assert_eq!(ok(&mut ks, "XADD s 5-* n 7"), bulk("5-2"));
+        assert_eq!(ok(&mut ks, "XTRIM missing MAXLEN 0"), Resp::Int(0));
+        assert_eq!(
+            err(&mut ks, "XTRIM s MAXLEN 1 LIMIT 10"),
+            "ERR syntax error, LIMIT cannot be used without the special ~ option"
+        );
+        assert_eq!(ok(&mut ks, "XTRIM s MAXLEN ~ 0 LIMIT 10"), Resp::Int(1));
+        assert_eq!(
+            err(&mut ks, "XTRIM s MAXLEN -1"),
+            "ERR The MAXLEN argument must be >= 0."
+        );
+        assert_eq!(
+            err(&mut ks, "XTRIM s MAXLEN 1 MINID 1"),
+            "ERR syntax error, MAXLEN and MINID options at the same time are not compatible"
+        );
+        assert_eq!(
+            err(&mut ks, "XTRIM s LIMIT 1"),
+            "ERR syntax error, LIMIT cannot be used without specifying a trimming strategy"
+        );
+        assert_eq!(err(&mut ks, "XTRIM s FOO 1"), SYNTAX);
+        ok(&mut ks, "XADD big * n 1");
+        ok(&mut ks, "XADD big * n 2");
+        ok(&mut ks, "XADD big * n 3");
+        assert_eq!(
+            ok(&mut ks, "XADD big MINID 1000000-2 * n 4"),
+            bulk("1000000-3")
+        );
+        assert_eq!(ok(&mut ks, "XLEN big"), Resp::Int(2));
+    }
+
+    #[test]
+    fn integer_parsing_matches_redis() {
+        for (s, v) in [
+            ("0", Some(0)),
+            ("-1", Some(-1)),
+            ("9223372036854775807", Some(i64::MAX)),
+            ("-9223372036854775808", Some(i64::MIN)),
+            ("9223372036854775808", None),
+            ("-0", None),
+            ("+1", None),
+            ("01", None),
+            (" 1", None),
+            ("1 ", None),
+            ("", None),
+            ("-", None),
+            ("1.0", None),
+        ] {
+            assert_eq!(parse_i64(s.as_bytes()), v, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn double_formatting_matches_redis() {
+        for (v, s) in [
+            (1.0, "1"),
+            (-3.0, "-3"),
+            (0.0, "0"),
+            (-0.0, "-0"),
+            (1.5, "1.5"),
+            (0.25, "0.25"),
+            (0.1, "0.10000000000000001"),
+            (10.0 / 3.0, "3.3333333333333335"),
+            (1_700_000_000_000.0, "1700000000000"),
+            (1e16, "10000000000000000"),
+            (1e17, "1e+17"),
+            (1e20, "1e+20"),
+            (-2.5e-7, "-2.4999999999999999e-07"),
+            (0.0001, "0.0001"),
+            (0.00001, "1.0000000000000001e-05"),
+            (123456.789, "123456.789"),
+            (f64::NAN, "nan"),
+        ] {
+            assert_eq!(format_g17(v), s, "{v}");
+        }
+        assert_eq!(format_score(f64::INFINITY), Bytes::from("inf"));
+        assert_eq!(format_score(f64::NEG_INFINITY), Bytes::from("-inf"));
+        assert_eq!(format_score(2.0), Bytes::from("2"));
+    }
+}

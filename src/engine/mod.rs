@@ -1,0 +1,121 @@
+//! The engine: where inventory state lives and changes.
+//!
+//! Every state change is one Lua script from `lua/` run atomically. Two engines run the very
+//! same script text behind [`ScriptEngine`]:
+//!
+//! - [`redis::RedisEngine`] runs them in Redis (EVALSHA, reloading on NOSCRIPT), standalone,
+//!   Sentinel or Cluster. Production and scale.
+//! - [`embedded::EmbeddedEngine`] runs them in-process with mlua (Lua 5.1, Redis's dialect)
+//!   against [`keyspace::Keyspace`], an in-memory keyspace implementing exactly the
+//!   `redis.call` commands the scripts use, one script at a time like Redis. Zero setup.
+//!
+//! The engines only move [`Reply`] values; [`crate::inventory`] gives them domain meaning, so
+//! the reply parsing is shared and one conformance suite covers both.
+
+pub mod embedded;
+pub mod keyspace;
+pub mod redis;
+pub mod script;
+
+use std::fmt;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+
+pub use script::{Script, Scripts, SCRIPTS};
+
+/// A script's reply, converted the way Redis converts Lua values (`false`/`nil` → [`Reply::Nil`],
+/// numbers truncated to integers, `{ok=…}` → [`Reply::Status`], tables → arrays up to the
+/// first `nil`). `{err=…}` and runtime errors become [`EngineError::Script`] instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Nil,
+    Int(i64),
+    Bulk(Bytes),
+    Status(String),
+    Array(Vec<Reply>),
+}
+
+impl Reply {
+    /// The reply as text, if it is a bulk string (or status) holding UTF-8.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Reply::Bulk(b) => std::str::from_utf8(b).ok(),
+            Reply::Status(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The reply as an integer: integer replies, and bulk strings holding a decimal integer
+    /// (scripts return numbers inside arrays as strings to keep them exact).
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Reply::Int(i) => Some(*i),
+            Reply::Bulk(_) => self.as_str()?.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// The elements of an array reply.
+    pub fn as_array(&self) -> Option<&[Reply]> {
+        match self {
+            Reply::Array(items) => Some(items),
+            _ => None,
+        }
+    }
+}
+
+impl From<&str> for Reply {
+    fn from(s: &str) -> Reply {
+        Reply::Bulk(Bytes::copy_from_slice(s.as_bytes()))
+    }
+}
+
+/// Why an engine call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The engine cannot be reached or did not answer in time; the call may or may not have
+    /// run (Redis), so callers retry only idempotent operations.
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+    /// The script raised an error or returned one: a bug, never a client's fault.
+    #[error("script {script} failed: {message}")]
+    Script {
+        script: &'static str,
+        message: String,
+    },
+}
+
+/// Runs the scripts of `lua/` atomically. The only seam between the domain and a store.
+pub trait ScriptEngine: Send + Sync + 'static {
+    /// Runs `script` with `KEYS` = `keys` and `ARGV` = `args`, atomically with respect to every
+    /// other script on the same keys.
+    fn eval(
+        &self,
+        script: &'static Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> BoxFuture<'_, Result<Reply, EngineError>>;
+
+    /// Answers when the engine can serve scripts (readiness).
+    fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>>;
+
+    /// `"redis"` or `"embedded"`, for logs, metrics and `/readyz`.
+    fn kind(&self) -> EngineKind;
+}
+
+/// Which engine is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    Redis,
+    Embedded,
+}
+
+impl fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EngineKind::Redis => "redis",
+            EngineKind::Embedded => "embedded",
+        })
+    }
+}

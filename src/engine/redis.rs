@@ -1,0 +1,732 @@
+//! The Redis engine: the scripts of `lua/` run inside Redis (standalone, Sentinel or Cluster).
+//!
+//! # Why it is built this way
+//!
+//! - **One multiplexed connection.** A single fred [`Client`] pipelines every concurrent call
+//!   over one connection per node. Measured on the target hardware it beats a pool: the scripts
+//!   are tiny, so throughput is bound by syscalls and round trips, which pipelining amortises.
+//!   Do not put a pool behind this engine.
+//! - **EVALSHA, then EVAL on `NOSCRIPT`.** Redis forgets cached scripts on `SCRIPT FLUSH`, on a
+//!   restart, on a failover and on every Cluster node that has not seen them yet. Sending the
+//!   source with `EVAL` whenever `NOSCRIPT` comes back caches it again there, so the engine needs
+//!   no bookkeeping of which node knows which script.
+//! - **Raw reply frames.** Replies are converted from the protocol frames rather than from
+//!   fred's `Value`, because `Value` cannot tell a status reply (`{ok=…}`) from a bulk string,
+//!   and error replies nested in arrays must not be lost. RESP2 is forced, so the conversion
+//!   matches what Redis does to Lua values and what the embedded engine reproduces.
+//! - **Fail fast, never hang.** Every call carries the command timeout and fred's per-command
+//!   `fail_fast` flag: while the connection is down a call fails at once with
+//!   [`EngineError::Unavailable`] instead of queueing until Redis returns, and a call whose
+//!   connection drops mid-flight is not silently re-sent (a script may already have run; only
+//!   the caller knows whether retrying is safe). Meanwhile the client reconnects in the
+//!   background with capped exponential backoff, forever, so the gateway survives Redis
+//!   restarts and failovers without being recreated.
+//! - **No secrets in errors.** Error messages carry Redis's error text and fred's transport
+//!   error, never the keys or arguments of a call (they can hold secret codes).
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fred::prelude::{
+    Client, ClientLike, Config, EventInterface, Options, ReconnectPolicy, TcpConfig, Value,
+};
+use fred::types::{Builder, ClusterHash, CustomCommand, Resp3Frame, RespVersion};
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+
+use super::{EngineError, EngineKind, Reply, Script, ScriptEngine};
+
+/// Connection settings of [`RedisEngine`]. Start from [`RedisOptions::default`] and override
+/// fields with struct update syntax.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisOptions {
+    /// Bound on opening one connection: TCP connect plus the handshake (`AUTH`, `SELECT`,
+    /// Cluster slot discovery, Sentinel master lookup). Applies to the first connection, per
+    /// seed node, and to every reconnection attempt. Default 3,000 ms.
+    pub connect_timeout_ms: u64,
+    /// Bound on one call, from sending it to its reply. A call that exceeds it fails with
+    /// [`EngineError::Unavailable`] (the script may still run). Also the default timeout of
+    /// commands sent through [`RedisEngine::client`]. `0` is treated as 1 ms: timeouts cannot be
+    /// disabled. Default 2,000 ms.
+    pub command_timeout_ms: u64,
+    /// First delay before reconnecting after a connection is lost; it doubles on each failed
+    /// attempt up to [`RedisOptions::reconnect_max_delay_ms`]. Default 50 ms.
+    pub reconnect_min_delay_ms: u32,
+    /// Cap on the delay between reconnection attempts, which go on forever. It is also the
+    /// longest the engine may stay unavailable after Redis is back. Default 2,000 ms.
+    pub reconnect_max_delay_ms: u32,
+    /// A connection with a command outstanding for longer than this is considered dead (a
+    /// silently dropped network path, a frozen server) and is closed and reconnected. Must
+    /// exceed the slowest legitimate script. `0` disables the check. Default 10,000 ms.
+    pub unresponsive_timeout_ms: u64,
+}
+
+impl Default for RedisOptions {
+    fn default() -> RedisOptions {
+        RedisOptions {
+            connect_timeout_ms: 3_000,
+            command_timeout_ms: 2_000,
+            reconnect_min_delay_ms: 50,
+            reconnect_max_delay_ms: 2_000,
+            unresponsive_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Runs the scripts in Redis through one multiplexed fred [`Client`].
+///
+/// Create it with [`RedisEngine::connect`]; it reconnects by itself for as long as it lives.
+/// Dropping it does not close the connection (other holders of [`RedisEngine::client`] may
+/// still use it): call [`RedisEngine::quit`] on shutdown.
+pub struct RedisEngine {
+    /// The shared client, for [`RedisEngine::client`] and connection management.
+    client: Client,
+    /// The same client with the per-call options (timeout, fail fast) applied.
+    calls: fred::clients::WithOptions<Client>,
+    /// Throttles reconnections forced by `READONLY` replies after a Sentinel failover.
+    last_forced_reconnect: std::sync::Mutex<Option<Instant>>,
+}
+
+impl fmt::Debug for RedisEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisEngine")
+            .field("client_id", &self.client.id())
+            .field("state", &self.client.state())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Error prefixes of replies that mean "Redis cannot serve this now", not "the script is
+/// wrong": they map to [`EngineError::Unavailable`] so callers answer 503 and retry later.
+const UNAVAILABLE_PREFIXES: &[&str] = &[
+    "LOADING",
+    "BUSY",
+    "MASTERDOWN",
+    "READONLY",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "NOREPLICAS",
+    "OOM",
+    "MISCONF",
+    "NOAUTH",
+    "WRONGPASS",
+    "NOPERM",
+];
+
+/// Minimum time between two reconnections forced by `READONLY` replies.
+const FORCED_RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+
+impl RedisEngine {
+    /// Connects to Redis and waits for the first connection, failing with
+    /// [`EngineError::Unavailable`] if it cannot be made within
+    /// [`RedisOptions::connect_timeout_ms`] (per seed node). Once connected, lost connections
+    /// are re-established in the background forever.
+    ///
+    /// Accepted URLs (user name and password optional, percent-encoded; no TLS in this build):
+    ///
+    /// - `redis://[[user]:password@]host[:port][/db]` — one server; port 6379, database 0 by
+    ///   default.
+    /// - `redis-cluster://[[user]:password@]host[:port][,host[:port]…]` — Redis Cluster, any
+    ///   number of seed nodes (port 6379 by default). fred's form
+    ///   `redis-cluster://host:port?node=host:port&node=…` is accepted too.
+    /// - `redis-sentinel://[[user]:password@]host[:port][,host[:port]…]/service_name[/db]` —
+    ///   the master named `service_name` as told by the listed Sentinels (port 26379 by
+    ///   default); the credentials are the data nodes'. fred's form
+    ///   `redis-sentinel://host:port[/db]?sentinelServiceName=name&node=host:port` is
+    ///   accepted too.
+    ///
+    /// `valkey`, `valkey-cluster` and `valkey-sentinel` are synonyms. IPv6 literals
+    /// (`[::1]:6379`) are accepted as the first host only. A malformed URL is reported as
+    /// [`EngineError::Unavailable`] with a message that never repeats the URL (it may hold a
+    /// password).
+    pub async fn connect(url: &str, opts: RedisOptions) -> Result<RedisEngine, EngineError> {
+        let fred_url = to_fred_url(url).map_err(invalid_url)?;
+        let mut config = Config::from_url(&fred_url).map_err(|e| invalid_url(e.details()))?;
+        // RESP2: the reply conversion below mirrors Redis's Lua-to-RESP2 rules.
+        config.version = RespVersion::RESP2;
+        // The first connection must succeed, so a wrong URL or a down server is reported at
+        // start-up instead of hidden behind background retries.
+        config.fail_fast = true;
+        let seeds = u32::try_from(config.server.hosts().len()).unwrap_or(u32::MAX);
+
+        let connect_timeout = Duration::from_millis(opts.connect_timeout_ms.max(1));
+        let command_timeout = Duration::from_millis(opts.command_timeout_ms.max(1));
+        let min_delay = opts.reconnect_min_delay_ms.max(1);
+        let max_delay = opts.reconnect_max_delay_ms.max(min_delay);
+        let unresponsive = (opts.unresponsive_timeout_ms > 0)
+            .then(|| Duration::from_millis(opts.unresponsive_timeout_ms));
+
+        let client = Builder::from_config(config)
+            .with_connection_config(|c| {
+                c.connection_timeout = connect_timeout;
+                c.internal_command_timeout = connect_timeout;
+                c.tcp = TcpConfig {
+                    nodelay: Some(true),
+                    ..TcpConfig::default()
+                };
+                c.unresponsive.max_timeout = unresponsive;
+                if let Some(max) = unresponsive {
+                    c.unresponsive.interval = (max / 4).max(Duration::from_millis(100));
+                }
+            })
+            .with_performance_config(|p| p.default_command_timeout = command_timeout)
+            // max_attempts 0: retry forever; base 2: the delay doubles up to the cap.
+            .set_policy(ReconnectPolicy::new_exponential(0, min_delay, max_delay, 2))
+            .build()
+            .map_err(|e| EngineError::Unavailable(format!("cannot configure Redis client: {e}")))?;
+
+        // fred bounds each seed node's attempt by connection_timeout; bound the whole start
+        // as well (one more slot for the handshake after the TCP connect).
+        let bound = connect_timeout.saturating_mul(seeds.saturating_add(1));
+        match tokio::time::timeout(bound, client.init()).await {
+            Ok(Ok(_connection_task)) => {}
+            Ok(Err(e)) => {
+                return Err(EngineError::Unavailable(format!(
+                    "cannot connect to Redis: {e}"
+                )))
+            }
+            Err(_) => {
+                // With fail_fast the connection task gives up on its own after its timeout.
+                return Err(EngineError::Unavailable(format!(
+                    "cannot connect to Redis: no connection within {} ms",
+                    bound.as_millis()
+                )));
+            }
+        }
+        log_connection_changes(&client);
+        tracing::info!(
+            clustered = client.is_clustered(),
+            sentinel = client.uses_sentinels(),
+            "connected to Redis"
+        );
+
+        let calls = client.with_options(&Options {
+            timeout: Some(command_timeout),
+            fail_fast: true,
+            ..Options::default()
+        });
+        Ok(RedisEngine {
+            client,
+            calls,
+            last_forced_reconnect: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// The underlying fred client, for other Redis work of the gateway (streams read by the
+    /// ledger writer, pub/sub, admin commands).
+    ///
+    /// It is the engine's one multiplexed connection: commands inherit the
+    /// [`RedisOptions::command_timeout_ms`] default timeout and fred's default of retrying a
+    /// command when its connection drops (use `with_options` to change either). Never send
+    /// blocking commands (`XREADGROUP … BLOCK`, `SUBSCRIBE`) on it — they would stall every
+    /// script behind them; use `client().clone_new()` and `init()` on the copy, which opens a
+    /// separate connection with the same configuration.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Closes the connection and stops reconnecting, for a graceful shutdown. Calls made
+    /// afterwards fail with [`EngineError::Unavailable`].
+    pub async fn quit(&self) {
+        if let Err(e) = self.client.quit().await {
+            tracing::debug!(error = %e, "error while closing the Redis connection");
+        }
+    }
+
+    /// Compiles and caches `scripts` on the server (`SCRIPT LOAD`), to find a broken script at
+    /// start-up rather than on its first call, and checks Redis names each by the SHA-1 the
+    /// engine will send. On Cluster this loads on one node; the others learn each script on
+    /// its first `NOSCRIPT`.
+    pub async fn preload<'a>(
+        &self,
+        scripts: impl IntoIterator<Item = &'a Script>,
+    ) -> Result<(), EngineError> {
+        for script in scripts {
+            let frame = self
+                .calls
+                .custom_raw(
+                    CustomCommand::new_static("SCRIPT", ClusterHash::Random, false),
+                    vec![Value::from("LOAD"), Value::from(script.source())],
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+            match to_reply(frame) {
+                Ok(reply) if reply.as_str() == Some(script.sha1()) => {}
+                Ok(_) => {
+                    return Err(EngineError::Script {
+                        script: script.name(),
+                        message: "SCRIPT LOAD returned an unexpected SHA-1".to_owned(),
+                    })
+                }
+                Err(message) => return Err(self.reply_error(script, message)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn eval_script(
+        &self,
+        script: &'static Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Reply, EngineError> {
+        // Route by the first key's hash slot (all keys of a script share one hash tag).
+        let hash = keys
+            .first()
+            .map(|k| ClusterHash::Custom(fred::util::redis_keyslot(k.as_bytes())))
+            .unwrap_or(ClusterHash::Random);
+        let numkeys = i64::try_from(keys.len()).unwrap_or(i64::MAX);
+        let mut argv = Vec::with_capacity(2 + keys.len() + args.len());
+        argv.push(Value::from(script.sha1()));
+        argv.push(Value::Integer(numkeys));
+        argv.extend(keys.into_iter().map(Value::from));
+        argv.extend(args.into_iter().map(Value::from));
+
+        // Keeps the arguments for the EVAL fallback (clones share the buffers).
+        let fallback = argv.clone();
+        let frame = self
+            .calls
+            .custom_raw(
+                CustomCommand::new_static("EVALSHA", hash.clone(), false),
+                argv,
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+
+        let frame = if error_text(&frame).is_some_and(|m| m.starts_with("NOSCRIPT")) {
+            tracing::debug!(
+                script = script.name(),
+                "script not cached in Redis, sending its source"
+            );
+            let mut argv = fallback;
+            argv[0] = Value::from(script.source());
+            self.calls
+                .custom_raw(CustomCommand::new_static("EVAL", hash, false), argv)
+                .await
+                .map_err(|e| unavailable(&e))?
+        } else {
+            frame
+        };
+        to_reply(frame).map_err(|message| self.reply_error(script, message))
+    }
+
+    /// Classifies an error reply: the server's availability problems are
+    /// [`EngineError::Unavailable`], anything else is the script's fault.
+    fn reply_error(&self, script: &Script, message: String) -> EngineError {
+        let code = message.split_whitespace().next().unwrap_or("");
+        if !UNAVAILABLE_PREFIXES.contains(&code) {
+            return EngineError::Script {
+                script: script.name(),
+                message,
+            };
+        }
+        if code == "READONLY" {
+            self.reconnect_after_failover();
+        }
+        EngineError::Unavailable(format!("Redis refused script {}: {message}", script.name()))
+    }
+
+    /// After a Sentinel failover the old master answers writes with `READONLY` until it drops
+    /// our connection, which it may never do; reconnecting asks the Sentinels for the new
+    /// master. At most once per [`FORCED_RECONNECT_INTERVAL`].
+    fn reconnect_after_failover(&self) {
+        if !self.client.uses_sentinels() {
+            return;
+        }
+        let now = Instant::now();
+        {
+            let Ok(mut last) = self.last_forced_reconnect.lock() else {
+                return;
+            };
+            if last.is_some_and(|t| now.duration_since(t) < FORCED_RECONNECT_INTERVAL) {
+                return;
+            }
+            *last = Some(now);
+        }
+        tracing::warn!("Redis master is read-only (failover?), reconnecting through Sentinel");
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.force_reconnection().await {
+                tracing::warn!(error = %e, "forced Redis reconnection failed");
+            }
+        });
+    }
+}
+
+impl ScriptEngine for RedisEngine {
+    fn eval(
+        &self,
+        script: &'static Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> BoxFuture<'_, Result<Reply, EngineError>> {
+        self.eval_script(script, keys, args).boxed()
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        async move {
+            self.calls
+                .ping::<Value>(None)
+                .await
+                .map(|_| ())
+                .map_err(|e| unavailable(&e))
+        }
+        .boxed()
+    }
+
+    fn kind(&self) -> EngineKind {
+        EngineKind::Redis
+    }
+}
+
+/// A transport-level failure (connection down, timeout, I/O): the call may or may not have run.
+fn unavailable(e: &fred::error::Error) -> EngineError {
+    EngineError::Unavailable(format!("Redis: {e}"))
+}
+
+fn invalid_url(reason: impl fmt::Display) -> EngineError {
+    EngineError::Unavailable(format!("invalid Redis URL: {reason}"))
+}
+
+/// Logs each change of connection state once: lost (then reconnecting with backoff) and
+/// re-established. Failed reconnection attempts in between are logged at debug level.
+fn log_connection_changes(client: &Client) {
+    let up = Arc::new(AtomicBool::new(true));
+    let down = Arc::clone(&up);
+    client.on_error(move |(error, server)| {
+        let server = server.map_or_else(|| "-".to_owned(), |s| s.to_string());
+        if down.swap(false, Ordering::AcqRel) {
+            tracing::warn!(%server, %error, "lost the Redis connection, reconnecting");
+        } else {
+            tracing::debug!(%server, %error, "Redis reconnection attempt failed");
+        }
+        std::future::ready(Ok(()))
+    });
+    client.on_reconnect(move |server| {
+        if !up.swap(true, Ordering::AcqRel) {
+            tracing::info!(%server, "Redis connection re-established");
+        }
+        std::future::ready(Ok(()))
+    });
+    client.on_unresponsive(|server| {
+        tracing::warn!(%server, "Redis connection unresponsive, closing it");
+        std::future::ready(Ok(()))
+    });
+}
+
+/// The text of an error reply frame.
+fn error_text(frame: &Resp3Frame) -> Option<&str> {
+    match frame {
+        Resp3Frame::SimpleError { data, .. } => Some(data),
+        Resp3Frame::BlobError { data, .. } => std::str::from_utf8(data).ok(),
+        _ => None,
+    }
+}
+
+/// Converts a reply frame the way Redis converted the Lua value (see [`Reply`]); an error
+/// reply, at the top or nested in an array, is returned as its text.
+fn to_reply(frame: Resp3Frame) -> Result<Reply, String> {
+    Ok(match frame {
+        Resp3Frame::Null => Reply::Nil,
+        Resp3Frame::Number { data, .. } => Reply::Int(data),
+        Resp3Frame::BlobString { data, .. }
+        | Resp3Frame::BigNumber { data, .. }
+        | Resp3Frame::VerbatimString { data, .. }
+        | Resp3Frame::ChunkedString(data) => Reply::Bulk(data),
+        Resp3Frame::SimpleString { data, .. } => {
+            Reply::Status(String::from_utf8_lossy(&data).into_owned())
+        }
+        Resp3Frame::SimpleError { data, .. } => return Err(data.to_string()),
+        Resp3Frame::BlobError { data, .. } => {
+            return Err(String::from_utf8_lossy(&data).into_owned())
+        }
+        // RESP3 only; kept consistent with the Lua conversion should RESP3 ever be enabled.
+        Resp3Frame::Boolean { data, .. } => {
+            if data {
+                Reply::Int(1)
+            } else {
+                Reply::Nil
+            }
+        }
+        // Saturating truncation toward zero, like Redis's Lua number conversion.
+        Resp3Frame::Double { data, .. } => Reply::Int(data as i64),
+        Resp3Frame::Array { data, .. } | Resp3Frame::Push { data, .. } => {
+            Reply::Array(data.into_iter().map(to_reply).collect::<Result<_, _>>()?)
+        }
+        Resp3Frame::Set { data, .. } => {
+            Reply::Array(data.into_iter().map(to_reply).collect::<Result<_, _>>()?)
+        }
+        Resp3Frame::Map { data, .. } => {
+            let mut items = Vec::with_capacity(data.len() * 2);
+            for (k, v) in data {
+                items.push(to_reply(k)?);
+                items.push(to_reply(v)?);
+            }
+            Reply::Array(items)
+        }
+        Resp3Frame::Hello { .. } => return Err("unexpected HELLO frame in a reply".to_owned()),
+    })
+}
+
+/// Which topology a URL scheme names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Topology {
+    Standalone,
+    Cluster,
+    Sentinel,
+}
+
+/// Rewrites the URL forms documented on [`RedisEngine::connect`] into the syntax of fred's
+/// `Config::from_url`: extra hosts become `node=` parameters and a Sentinel service name in the
+/// path becomes `sentinelServiceName=`. Errors never quote the URL (it may hold a password).
+fn to_fred_url(url: &str) -> Result<String, String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or("expected scheme://host, e.g. redis://127.0.0.1:6379")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let topology = match scheme.as_str() {
+        "redis" | "valkey" => Topology::Standalone,
+        "redis-cluster" | "valkey-cluster" => Topology::Cluster,
+        "redis-sentinel" | "valkey-sentinel" => Topology::Sentinel,
+        s if s.starts_with("rediss") || s.starts_with("valkeys") => {
+            return Err("TLS (rediss://) is not supported by this build".to_owned())
+        }
+        s if s.ends_with("+unix") => {
+            return Err("Unix sockets are not supported; use redis://host:port".to_owned())
+        }
+        _ => {
+            return Err(
+                "unknown scheme; use redis://, redis-cluster:// or redis-sentinel://".to_owned(),
+            )
+        }
+    };
+
+    // Drop a fragment, then split authority / path / query.
+    let rest = rest.split_once('#').map_or(rest, |(r, _)| r);
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (path, query) = match tail.split_once('?') {
+        Some((p, q)) => (p, q),
+        None => (tail, ""),
+    };
+    let (userinfo, host_list) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let hosts: Vec<&str> = host_list.split(',').map(str::trim).collect();
+    if hosts.iter().any(|h| h.is_empty()) {
+        return Err("missing host".to_owned());
+    }
+    let default_port = if topology == Topology::Sentinel {
+        26379
+    } else {
+        6379
+    };
+
+    let mut params: Vec<String> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let has_param = |params: &[String], name: &str| {
+        params
+            .iter()
+            .any(|p| p.split('=').next().is_some_and(|k| k == name))
+    };
+
+    match topology {
+        Topology::Standalone if hosts.len() > 1 => {
+            return Err(
+                "redis:// takes one host; use redis-cluster:// or redis-sentinel:// for several"
+                    .to_owned(),
+            )
+        }
+        Topology::Standalone => {}
+        Topology::Cluster => {
+            if !path.trim_matches('/').is_empty() {
+                return Err("Redis Cluster has no databases: remove the /db path".to_owned());
+            }
+        }
+        Topology::Sentinel => {}
+    }
+    for host in &hosts[1..] {
+        if host.starts_with('[') {
+            return Err("IPv6 literals are only supported as the first host".to_owned());
+        }
+        if host.contains(':') {
+            params.push(format!("node={host}"));
+        } else {
+            params.push(format!("node={host}:{default_port}"));
+        }
+    }
+
+    let path = if topology == Topology::Sentinel && !has_param(&params, "sentinelServiceName") {
+        let mut segments = path.split('/').filter(|s| !s.is_empty());
+        let service = segments
+            .next()
+            .ok_or("missing Sentinel service name: redis-sentinel://host:port/service_name")?;
+        let db = segments.next();
+        if segments.next().is_some() {
+            return Err("expected /service_name[/db] after the Sentinel hosts".to_owned());
+        }
+        // The path segment is percent-encoded already; escape what a query would read
+        // differently.
+        let service = service
+            .replace('+', "%2B")
+            .replace('&', "%26")
+            .replace('=', "%3D");
+        params.push(format!("sentinelServiceName={service}"));
+        db.map(|d| format!("/{d}")).unwrap_or_default()
+    } else {
+        path.to_owned()
+    };
+
+    let mut out = format!("{scheme}://");
+    if let Some(userinfo) = userinfo {
+        out.push_str(userinfo);
+        out.push('@');
+    }
+    out.push_str(hosts[0]);
+    out.push_str(&path);
+    if !params.is_empty() {
+        out.push('?');
+        out.push_str(&params.join("&"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fred::prelude::ServerConfig;
+
+    fn config(url: &str) -> Config {
+        let fred_url = to_fred_url(url).expect("accepted URL");
+        Config::from_url(&fred_url).expect("fred accepts the translation")
+    }
+
+    fn hosts(config: &Config) -> Vec<String> {
+        let mut hosts: Vec<String> = config
+            .server
+            .hosts()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        hosts.sort();
+        hosts
+    }
+
+    #[test]
+    fn standalone_url_keeps_database_and_credentials() {
+        let c = config("redis://user:s%40cret@db.example:6380/3");
+        assert!(matches!(c.server, ServerConfig::Centralized { .. }));
+        assert_eq!(hosts(&c), ["db.example:6380"]);
+        assert_eq!(c.database, Some(3));
+        assert_eq!(c.username.as_deref(), Some("user"));
+        assert_eq!(c.password.as_deref(), Some("s@cret"));
+        let c = config("redis://127.0.0.1");
+        assert_eq!(hosts(&c), ["127.0.0.1:6379"]);
+        assert_eq!(c.database, None);
+    }
+
+    #[test]
+    fn cluster_url_takes_a_comma_separated_seed_list() {
+        let c = config("redis-cluster://:pw@a:7000,b:7001,c");
+        assert!(matches!(c.server, ServerConfig::Clustered { .. }));
+        assert_eq!(hosts(&c), ["a:7000", "b:7001", "c:6379"]);
+        assert_eq!(c.password.as_deref(), Some("pw"));
+        let c = config("redis-cluster://a:7000?node=b:7001");
+        assert_eq!(hosts(&c), ["a:7000", "b:7001"]);
+    }
+
+    #[test]
+    fn sentinel_url_takes_service_name_in_path() {
+        let c = config("redis-sentinel://s1:26379,s2,s3:26380/mymaster/2");
+        match &c.server {
+            ServerConfig::Sentinel { service_name, .. } => assert_eq!(service_name, "mymaster"),
+            other => panic!("expected sentinel, got {other:?}"),
+        }
+        assert_eq!(hosts(&c), ["s1:26379", "s2:26379", "s3:26380"]);
+        assert_eq!(c.database, Some(2));
+        let c = config("redis-sentinel://s1/my+master");
+        match &c.server {
+            ServerConfig::Sentinel { service_name, .. } => assert_eq!(service_name, "my+master"),
+            other => panic!("expected sentinel, got {other:?}"),
+        }
+        // fred's own form.
+        let c = config("redis-sentinel://s1:26379/1?sentinelServiceName=svc&node=s2:26379");
+        match &c.server {
+            ServerConfig::Sentinel { service_name, .. } => assert_eq!(service_name, "svc"),
+            other => panic!("expected sentinel, got {other:?}"),
+        }
+        assert_eq!(c.database, Some(1));
+    }
+
+    #[test]
+    fn bad_urls_are_rejected_without_quoting_them() {
+        for url in [
+            "rediss://:hunter2@h:6379",
+            "redis://:hunter2@a:1,b:2",
+            "redis-sentinel://:hunter2@s1:26379",
+            "redis-cluster://:hunter2@a:1/3",
+            "http://:hunter2@h",
+            "hunter2",
+            "redis://:hunter2@",
+        ] {
+            let err = to_fred_url(url).expect_err(url);
+            assert!(!err.contains("hunter2"), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn replies_convert_like_lua_values() {
+        let bulk = |s: &str| Resp3Frame::BlobString {
+            data: bytes::Bytes::copy_from_slice(s.as_bytes()),
+            attributes: None,
+        };
+        let frame = Resp3Frame::Array {
+            data: vec![
+                Resp3Frame::Number {
+                    data: 7,
+                    attributes: None,
+                },
+                bulk("x"),
+                Resp3Frame::Null,
+                Resp3Frame::SimpleString {
+                    data: "OK".into(),
+                    attributes: None,
+                },
+                Resp3Frame::Double {
+                    data: -2.9,
+                    attributes: None,
+                },
+                Resp3Frame::Boolean {
+                    data: false,
+                    attributes: None,
+                },
+            ],
+            attributes: None,
+        };
+        assert_eq!(
+            to_reply(frame),
+            Ok(Reply::Array(vec![
+                Reply::Int(7),
+                Reply::from("x"),
+                Reply::Nil,
+                Reply::Status("OK".into()),
+                Reply::Int(-2),
+                Reply::Nil,
+            ]))
+        );
+        let nested_error = Resp3Frame::Array {
+            data: vec![Resp3Frame::SimpleError {
+                data: "boom".into(),
+                attributes: None,
+            }],
+            attributes: None,
+        };
+        assert_eq!(to_reply(nested_error), Err("boom".to_owned()));
+    }
+}

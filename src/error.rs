@@ -1,0 +1,213 @@
+//! The one error type of the API: its code, HTTP status and JSON envelope live here together,
+//! so a client's view of a failure is decided in a single place.
+//!
+//! Messages never contain a secret code: they describe what was wrong and where, not what
+//! was sent. Internal errors tell the client "something went wrong" and are logged once,
+//! with their details, where they are turned into a response.
+
+use http::StatusCode;
+use serde_json::{json, Map, Value};
+
+use crate::code::Malformed;
+use crate::engine::EngineError;
+
+/// Everything a request can fail with. Each variant is one documented `ERR_…` code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("request body is larger than {limit_bytes} bytes")]
+    PayloadTooLarge { limit_bytes: u64 },
+    #[error("code is malformed")]
+    CardMalformed(Malformed),
+    #[error("no redeemable card with this code")]
+    CardInvalid,
+    #[error("card was already redeemed")]
+    CardUsed {
+        redeemed_at_ms: u64,
+        masked_redeemer: String,
+    },
+    #[error("card has expired")]
+    CardExpired { expires_at_ms: u64 },
+    #[error("sold out")]
+    SoldOut,
+    #[error("per-user limit of {limit} codes reached")]
+    UserLimit { current: u64, limit: u64 },
+    #[error("{0}")]
+    OrderConflict(String),
+    #[error("the hold lapsed or was released")]
+    HoldExpired,
+    #[error("too many requests")]
+    RateLimited { retry_after_ms: u64 },
+    #[error("too many failed redemptions")]
+    LockedOut { retry_after_ms: u64 },
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::BadRequest(_) => "ERR_BAD_REQUEST",
+            Error::Unauthorized => "ERR_UNAUTHORIZED",
+            Error::NotFound(_) => "ERR_NOT_FOUND",
+            Error::PayloadTooLarge { .. } => "ERR_PAYLOAD_TOO_LARGE",
+            Error::CardMalformed(_) => "ERR_CARD_MALFORMED",
+            Error::CardInvalid => "ERR_CARD_INVALID",
+            Error::CardUsed { .. } => "ERR_CARD_USED",
+            Error::CardExpired { .. } => "ERR_CARD_EXPIRED",
+            Error::SoldOut => "ERR_SOLD_OUT",
+            Error::UserLimit { .. } => "ERR_USER_LIMIT",
+            Error::OrderConflict(_) => "ERR_ORDER_CONFLICT",
+            Error::HoldExpired => "ERR_HOLD_EXPIRED",
+            Error::RateLimited { .. } => "ERR_RATE_LIMITED",
+            Error::LockedOut { .. } => "ERR_LOCKED_OUT",
+            Error::Unavailable(_) => "ERR_UNAVAILABLE",
+            Error::Internal(_) => "ERR_INTERNAL",
+        }
+    }
+
+    /// The HTTP status the code is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::Unauthorized => StatusCode::UNAUTHORIZED,
+            Error::NotFound(_) | Error::CardInvalid => StatusCode::NOT_FOUND,
+            Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::CardMalformed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::CardExpired { .. } => StatusCode::GONE,
+            Error::CardUsed { .. }
+            | Error::SoldOut
+            | Error::UserLimit { .. }
+            | Error::OrderConflict(_)
+            | Error::HoldExpired => StatusCode::CONFLICT,
+            Error::RateLimited { .. } | Error::LockedOut { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Seconds for a `Retry-After` header, for the errors that have one.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Error::RateLimited { retry_after_ms } | Error::LockedOut { retry_after_ms } => {
+                Some(retry_after_ms.div_ceil(1000).max(1))
+            }
+            Error::Unavailable(_) => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The JSON envelope: `{"error":{"code","message","hint",…details}}`.
+    pub fn envelope(&self) -> Value {
+        let mut body = Map::new();
+        body.insert("code".into(), self.code().into());
+        let message = match self {
+            // Details of internal failures stay in the logs.
+            Error::Internal(_) => "something went wrong".to_string(),
+            other => other.to_string(),
+        };
+        body.insert("message".into(), message.into());
+        if let Some(hint) = self.hint() {
+            body.insert("hint".into(), hint.into());
+        }
+        match self {
+            Error::CardUsed {
+                redeemed_at_ms,
+                masked_redeemer,
+            } => {
+                body.insert("redeemed_at".into(), timestamp(*redeemed_at_ms).into());
+                body.insert("redeemer".into(), masked_redeemer.clone().into());
+            }
+            Error::CardExpired { expires_at_ms } => {
+                body.insert("expires_at".into(), timestamp(*expires_at_ms).into());
+            }
+            Error::UserLimit { current, limit } => {
+                body.insert("current".into(), (*current).into());
+                body.insert("limit".into(), (*limit).into());
+            }
+            Error::RateLimited { retry_after_ms } | Error::LockedOut { retry_after_ms } => {
+                body.insert("retry_after_ms".into(), (*retry_after_ms).into());
+            }
+            Error::PayloadTooLarge { limit_bytes } => {
+                body.insert("limit_bytes".into(), (*limit_bytes).into());
+            }
+            _ => {}
+        }
+        json!({ "error": body })
+    }
+
+    fn hint(&self) -> Option<String> {
+        Some(match self {
+            Error::CardMalformed(why) => why.to_string(),
+            Error::Unauthorized => "send `Authorization: Bearer <token>`".into(),
+            Error::SoldOut => "no codes are left for this SKU".into(),
+            Error::HoldExpired => "claim again with a new order_id".into(),
+            Error::OrderConflict(_) => "retries must repeat the original request exactly".into(),
+            Error::Unavailable(_) => "retry after the Retry-After interval".into(),
+            _ => return None,
+        })
+    }
+}
+
+impl From<EngineError> for Error {
+    fn from(e: EngineError) -> Error {
+        match e {
+            EngineError::Unavailable(why) => Error::Unavailable(why),
+            script @ EngineError::Script { .. } => Error::Internal(script.to_string()),
+        }
+    }
+}
+
+/// Milliseconds since the epoch as RFC 3339 UTC with milliseconds, the API's time format.
+pub fn timestamp(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Masks an identifier for display to others: `user-42` → `us****42`.
+pub fn mask(id: &str) -> String {
+    let chars: Vec<char> = id.chars().collect();
+    if chars.len() <= 4 {
+        return "*".repeat(chars.len().max(4));
+    }
+    let head: String = chars[..2].iter().collect();
+    let tail: String = chars[chars.len() - 2..].iter().collect();
+    format!("{head}****{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_all_but_the_ends() {
+        assert_eq!(mask("user-42"), "us****42");
+        assert_eq!(mask("abc"), "****");
+        assert_eq!(mask("abcde"), "ab****de");
+    }
+
+    #[test]
+    fn internal_details_stay_out_of_the_envelope() {
+        let e = Error::Internal("connection pool poisoned at 10.0.0.3".into());
+        let body = e.envelope().to_string();
+        assert!(!body.contains("10.0.0.3"));
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn throttles_carry_retry_after() {
+        let e = Error::RateLimited {
+            retry_after_ms: 1500,
+        };
+        assert_eq!(e.retry_after_secs(), Some(2));
+        assert_eq!(e.envelope()["error"]["retry_after_ms"], 1500);
+    }
+}

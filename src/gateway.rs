@@ -1,0 +1,213 @@
+//! Assembling a running gateway from a [`Config`]: engine, tokens, listeners, the HTTP edge
+//! and background work. `main` only parses the command line and waits for a signal; tests
+//! call [`Gateway::start`] with port 0 and drive the result.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::engine::embedded::EmbeddedEngine;
+use crate::engine::redis::{RedisEngine, RedisOptions};
+use crate::engine::{EngineError, ScriptEngine};
+use crate::http::{self, App, Limits};
+use crate::inventory::Inventory;
+use crate::metrics as m;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("engine: {0}")]
+    Engine(#[from] EngineError),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Opens the configured engine: Redis when a URL is set, else the embedded one.
+pub async fn open_engine(config: &Config) -> Result<Arc<dyn ScriptEngine>, EngineError> {
+    Ok(match &config.redis_url {
+        Some(url) => Arc::new(RedisEngine::connect(url, RedisOptions::default()).await?),
+        None => Arc::new(EmbeddedEngine::start()?),
+    })
+}
+
+/// A random bearer token: 32 bytes of OS randomness, hex.
+pub fn generate_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    hex::encode(bytes)
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub app: Arc<App>,
+    pub public_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub merchant_token: String,
+    pub admin_token: String,
+    /// Whether the tokens were generated (and so must be shown to the operator once).
+    pub generated_tokens: bool,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Opens the engine, binds both listeners and starts serving.
+    pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        let engine = open_engine(&config).await?;
+        Gateway::start_with(config, Inventory::new(engine)).await
+    }
+
+    /// Starts serving over an already opened inventory (tests inject clocks this way).
+    pub async fn start_with(config: Config, inventory: Inventory) -> Result<Gateway, StartError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })
+        };
+        let public = bind(config.listen).await?;
+        let admin = bind(config.admin_listen).await?;
+        let public_addr = public.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
+            addr: config.admin_listen,
+            source,
+        })?;
+        let generated_tokens = config.merchant_token.is_none() || config.admin_token.is_none();
+        let merchant_token = config.merchant_token.clone().unwrap_or_else(generate_token);
+        let admin_token = config.admin_token.clone().unwrap_or_else(generate_token);
+        let limits = Limits {
+            max_body_bytes: config.max_body_bytes,
+            max_import_bytes: config.max_import_bytes,
+        };
+        let app = Arc::new(App::new(
+            inventory,
+            merchant_token.clone(),
+            admin_token.clone(),
+            limits,
+        ));
+        m::handle();
+
+        let (stop, stopped) = watch::channel(false);
+        let sweep = tokio::spawn(sweep_holds(
+            app.inventory.clone(),
+            Duration::from_millis(config.hold_sweep_interval_ms),
+            stopped.clone(),
+        ));
+        let shutdown = http::Shutdown {
+            delay: Duration::from_millis(config.shutdown_delay_ms),
+            drain: Duration::from_secs(config.drain_timeout_secs),
+        };
+        let serve_app = app.clone();
+        let task = tokio::spawn(async move {
+            let mut stopped = stopped;
+            let signal = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            http::serve(serve_app, public, admin, signal, shutdown).await;
+            let _ = sweep.await;
+        });
+        Ok(Gateway {
+            app,
+            public_addr,
+            admin_addr,
+            merchant_token,
+            admin_token,
+            generated_tokens,
+            stop,
+            task,
+        })
+    }
+
+    /// Runs until `signal` resolves, then shuts down gracefully.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) {
+        signal.await;
+        self.stop().await;
+    }
+
+    /// Stops accepting, turns readiness to 503, drains in-flight requests, stops background
+    /// work, and returns when all of it has finished.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "gateway task failed");
+        }
+    }
+}
+
+/// Lapses due holds of every SKU on a fixed interval, and refreshes the inventory and
+/// engine-up gauges. Claims and confirms lapse due holds themselves too; this sweep makes
+/// returned stock visible in counts and to other readers within an interval.
+async fn sweep_holds(inventory: Inventory, every: Duration, mut stopped: watch::Receiver<bool>) {
+    const BATCH: u64 = 500;
+    const GAUGES_EVERY: Duration = Duration::from_secs(5);
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut skus: Vec<String> = Vec::new();
+    let mut listed_at: Option<Instant> = None;
+    let mut gauges_at: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => return,
+            _ = ticker.tick() => {}
+        }
+        if listed_at.is_none_or(|t| t.elapsed() >= GAUGES_EVERY) {
+            match inventory.list_skus().await {
+                Ok(list) => {
+                    skus = list;
+                    listed_at = Some(Instant::now());
+                    metrics::gauge!(m::ENGINE_UP).set(1.0);
+                }
+                Err(e) => {
+                    metrics::gauge!(m::ENGINE_UP).set(0.0);
+                    tracing::warn!(error = %e, "hold sweep: listing SKUs failed");
+                    continue;
+                }
+            }
+        }
+        for sku in &skus {
+            // Bounded per tick so one SKU with a backlog cannot starve the others.
+            for _ in 0..10 {
+                match inventory.expire_due(sku, BATCH).await {
+                    Ok((lapsed, more)) => {
+                        metrics::counter!(m::HOLDS_EXPIRED).increment(lapsed);
+                        if !more {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(sku, error = %e, "hold sweep failed");
+                        break;
+                    }
+                }
+            }
+        }
+        if gauges_at.is_none_or(|t| t.elapsed() >= GAUGES_EVERY) {
+            gauges_at = Some(Instant::now());
+            for sku in &skus {
+                if let Ok(c) = inventory.counts(sku).await {
+                    for (state, n) in [
+                        ("available", c.available),
+                        ("held", c.held),
+                        ("claimed", c.claimed),
+                        ("redeemed", c.redeemed),
+                        ("void", c.void),
+                    ] {
+                        metrics::gauge!(m::INVENTORY_KEYS, "sku" => sku.clone(), "state" => state)
+                            .set(n as f64);
+                    }
+                }
+            }
+        }
+    }
+}

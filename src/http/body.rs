@@ -1,0 +1,210 @@
+//! Reading requests and writing responses: size limits, JSON fields, the error envelope.
+//!
+//! JSON bodies are parsed into a `serde_json::Value` and fields are taken out one by one,
+//! rather than deserialised into structs, so that every error message is ours: serde's
+//! messages can quote the offending value, and a value may be a secret code.
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::{Map, Value};
+
+use crate::error::Error;
+
+/// What handlers answer with.
+pub type Reply = Response<Full<Bytes>>;
+
+/// A JSON response.
+pub fn json(status: StatusCode, body: &Value) -> Reply {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// A plain-text response (for `/metrics`).
+pub fn text(body: String, content_type: &'static str) -> Reply {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// The error envelope, with `Retry-After` where the error has one.
+pub fn error(e: &Error) -> Reply {
+    let mut response = json(e.status(), &e.envelope());
+    if let Some(secs) = e.retry_after_secs() {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
+
+/// Rejects a request whose declared length exceeds `limit` before reading any of it.
+pub fn check_declared_length(headers: &http::HeaderMap, limit: u64) -> Result<(), Error> {
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit => Err(Error::PayloadTooLarge { limit_bytes: limit }),
+        _ => Ok(()),
+    }
+}
+
+/// Reads a whole (small) body, at most `limit` bytes.
+pub async fn read_limited(body: Incoming, limit: u64) -> Result<Bytes, Error> {
+    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+    match Limited::new(body, limit_usize).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(Error::PayloadTooLarge { limit_bytes: limit })
+        }
+        Err(_) => Err(Error::BadRequest(
+            "the request body could not be read".into(),
+        )),
+    }
+}
+
+/// A JSON object body, with the fields it may contain.
+pub struct JsonBody {
+    fields: Map<String, Value>,
+}
+
+impl JsonBody {
+    /// Parses `bytes` as a JSON object whose keys are all in `allowed`. An empty body is an
+    /// empty object.
+    pub fn parse(bytes: &[u8], allowed: &[&str]) -> Result<JsonBody, Error> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(JsonBody { fields: Map::new() });
+        }
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+            Error::BadRequest(format!(
+                "malformed JSON at line {} column {}",
+                e.line(),
+                e.column()
+            ))
+        })?;
+        let Value::Object(fields) = value else {
+            return Err(Error::BadRequest("the body must be a JSON object".into()));
+        };
+        if let Some(unknown) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
+            // Field names are echoed only if they are short and plain.
+            let plain = unknown.len() <= 32
+                && unknown
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            return Err(Error::BadRequest(if plain {
+                format!("unknown field `{unknown}`; allowed: {}", allowed.join(", "))
+            } else {
+                format!("unknown field; allowed: {}", allowed.join(", "))
+            }));
+        }
+        Ok(JsonBody { fields })
+    }
+
+    /// The raw object (for bodies handed to serde whole, such as SKU settings).
+    pub fn into_value(self) -> Value {
+        Value::Object(self.fields)
+    }
+
+    /// An optional string field of at most `max` bytes.
+    pub fn opt_str(&self, name: &str, max: usize) -> Result<Option<&str>, Error> {
+        match self.fields.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.len() <= max => Ok(Some(s)),
+            Some(Value::String(_)) => Err(Error::BadRequest(format!(
+                "field `{name}` is longer than {max} bytes"
+            ))),
+            Some(_) => Err(Error::BadRequest(format!(
+                "field `{name}` must be a string"
+            ))),
+        }
+    }
+
+    /// A required string field of at most `max` bytes.
+    pub fn str(&self, name: &str, max: usize) -> Result<&str, Error> {
+        self.opt_str(name, max)?
+            .ok_or_else(|| Error::BadRequest(format!("field `{name}` is required")))
+    }
+
+    /// An optional integer field within `range`.
+    pub fn opt_u64(
+        &self,
+        name: &str,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<Option<u64>, Error> {
+        match self.fields.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if range.contains(&n) => Ok(Some(n)),
+                _ => Err(Error::BadRequest(format!(
+                    "field `{name}` must be an integer from {} to {}",
+                    range.start(),
+                    range.end()
+                ))),
+            },
+        }
+    }
+
+    /// An optional boolean field.
+    pub fn opt_bool(&self, name: &str) -> Result<Option<bool>, Error> {
+        match self.fields.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(Error::BadRequest(format!(
+                "field `{name}` must be true or false"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_errors_never_quote_values() {
+        let secret = "SECRET-CODE-1234";
+        let bodies = [
+            format!("{{\"code\": \"{secret}\""),
+            format!("{{\"code\": 5, \"{secret}\": 1}}"),
+            format!("[\"{secret}\"]"),
+        ];
+        for body in bodies {
+            let err = JsonBody::parse(body.as_bytes(), &["code"])
+                .err()
+                .expect("rejected");
+            assert!(!err.to_string().contains(secret), "{err}");
+        }
+        let body = JsonBody::parse(
+            format!("{{\"code\": {{\"x\": \"{secret}\"}}}}").as_bytes(),
+            &["code"],
+        )
+        .expect("parses");
+        let err = body.str("code", 10).expect_err("not a string");
+        assert!(!err.to_string().contains(secret));
+    }
+
+    #[test]
+    fn integers_are_range_checked() {
+        let body = JsonBody::parse(
+            br#"{"quantity": 0, "n": -1, "f": 1.5}"#,
+            &["quantity", "n", "f"],
+        )
+        .expect("parses");
+        assert!(body.opt_u64("quantity", 1..=100).is_err());
+        assert!(body.opt_u64("n", 0..=10).is_err());
+        assert!(body.opt_u64("f", 0..=10).is_err());
+        assert_eq!(
+            body.opt_u64("missing", 1..=2).expect("absent is fine"),
+            None
+        );
+    }
+}

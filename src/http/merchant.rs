@@ -1,0 +1,134 @@
+//! Merchant routes (merchant bearer token): claims, holds and SKU status.
+
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::body::{self, JsonBody, Reply};
+use super::{App, Params};
+use crate::error::Error;
+use crate::inventory::{ClaimRequest, Order};
+use crate::metrics as m;
+use crate::sku::{check_id, check_sku, MAX_ID_LEN};
+
+/// Most codes one claim may take.
+pub const MAX_QUANTITY: u64 = 100;
+
+/// `POST /v1/skus/{sku}/claims`: claim or hold codes for an order.
+pub async fn claim(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
+    app.merchant(&req)?;
+    let sku = params.get("sku");
+    check_sku(sku)?;
+    let limit = app.limits.max_body_bytes;
+    body::check_declared_length(req.headers(), limit)?;
+    let bytes = body::read_limited(req.into_body(), limit).await?;
+    let result = claim_body(app, sku, &bytes).await;
+    let outcome = match &result {
+        Ok(o) if o.replayed => "replay",
+        Ok(o) if o.state == "held" => "held",
+        Ok(_) => "new",
+        Err(e) => e.code(),
+    };
+    metrics::counter!(m::CLAIMS, "outcome" => outcome).increment(1);
+    Ok(body::json(StatusCode::OK, &result?.to_json()))
+}
+
+async fn claim_body(app: &App, sku: &str, bytes: &[u8]) -> Result<Order, Error> {
+    let body = JsonBody::parse(
+        bytes,
+        &["order_id", "quantity", "user_id", "hold_ms", "hold"],
+    )?;
+    let order_id = body.str("order_id", MAX_ID_LEN)?;
+    check_id("order_id", order_id, MAX_ID_LEN)?;
+    let quantity = body.opt_u64("quantity", 1..=MAX_QUANTITY)?.unwrap_or(1);
+    let user_id = body.opt_str("user_id", MAX_ID_LEN)?;
+    if let Some(user) = user_id {
+        check_id("user_id", user, MAX_ID_LEN)?;
+    }
+    let settings = app.skus.require(&app.inventory, sku).await?;
+    if settings.per_user_limit > 0 && user_id.is_none() {
+        return Err(Error::BadRequest(
+            "field `user_id` is required: this SKU has a per-user limit".into(),
+        ));
+    }
+    let hold_ms = match (
+        body.opt_u64("hold_ms", 1..=settings.max_hold_ms)?,
+        body.opt_bool("hold")?,
+    ) {
+        (Some(ms), Some(false)) => {
+            return Err(Error::BadRequest(format!(
+                "`hold: false` contradicts `hold_ms: {ms}`"
+            )))
+        }
+        (Some(ms), _) => Some(ms),
+        (None, Some(true)) => Some(settings.default_hold_ms),
+        (None, _) => None,
+    };
+    let request = ClaimRequest {
+        order_id: order_id.to_owned(),
+        quantity,
+        user_id: user_id.map(str::to_owned),
+        hold_ms,
+    };
+    app.inventory.claim(sku, &request).await
+}
+
+/// Checks the token and path of an order route; returns (sku, order id).
+async fn order_route<'p>(
+    app: &App,
+    params: &'p Params,
+    req: &Request<Incoming>,
+) -> Result<(&'p str, &'p str), Error> {
+    app.merchant(req)?;
+    let (sku, order_id) = (params.get("sku"), params.get("order_id"));
+    check_sku(sku)?;
+    check_id("order_id", order_id, MAX_ID_LEN)?;
+    app.skus.require(&app.inventory, sku).await?;
+    Ok((sku, order_id))
+}
+
+/// `GET /v1/skus/{sku}/claims/{order_id}`.
+pub async fn order(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
+    let (sku, order_id) = order_route(app, &params, &req).await?;
+    let order = app.inventory.order(sku, order_id).await?;
+    Ok(body::json(StatusCode::OK, &order.to_json()))
+}
+
+/// `POST /v1/skus/{sku}/claims/{order_id}/confirm`: payment arrived.
+pub async fn confirm(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
+    let (sku, order_id) = order_route(app, &params, &req).await?;
+    let order = app.inventory.confirm(sku, order_id).await?;
+    Ok(body::json(StatusCode::OK, &order.to_json()))
+}
+
+/// `POST /v1/skus/{sku}/claims/{order_id}/release`: cancel a hold.
+pub async fn release(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
+    let (sku, order_id) = order_route(app, &params, &req).await?;
+    let order = app.inventory.release(sku, order_id).await?;
+    Ok(body::json(StatusCode::OK, &order.to_json()))
+}
+
+/// `GET /v1/skus/{sku}` on the public listener (merchant token).
+pub async fn sku(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
+    app.merchant(&req)?;
+    sku_view(app, params.get("sku")).await
+}
+
+/// A SKU's settings and counts by state.
+pub async fn sku_view(app: &App, sku: &str) -> Result<Reply, Error> {
+    check_sku(sku)?;
+    let settings = app.skus.require(&app.inventory, sku).await?;
+    let counts = app.inventory.counts(sku).await?;
+    Ok(body::json(
+        StatusCode::OK,
+        &json!({
+            "sku": sku,
+            "config": *settings,
+            "engine": counts,
+            // Filled in by the ledger: until then the engine is the only record.
+            "ledger": null,
+            "in_flight": null,
+            "drift": null,
+        }),
+    ))
+}

@@ -1,0 +1,377 @@
+//! The HTTP edge: two hyper 1.x listeners, routing, auth, metrics and graceful shutdown.
+//!
+//! - The public listener serves `POST /v1/redeem` (no token) and the merchant routes
+//!   (merchant bearer token).
+//! - The admin listener serves the admin routes (admin bearer token) and, without a token,
+//!   `/healthz`, `/readyz` and `/metrics`; it is meant to stay off the public network.
+//!
+//! Routes are matched with `matchit`; the matched pattern, never the raw path, labels the
+//! metrics. Handlers live one file per group: [`public`], [`merchant`], [`admin`].
+
+pub mod admin;
+pub mod body;
+pub mod merchant;
+pub mod public;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::AUTHORIZATION;
+use http::{Method, Request};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::error::Error;
+use crate::inventory::settings::SkuSettings;
+use crate::inventory::Inventory;
+use crate::metrics as m;
+use body::Reply;
+
+/// Everything handlers share.
+pub struct App {
+    pub inventory: Inventory,
+    pub skus: SkuSettings,
+    pub limits: Limits,
+    merchant_token: String,
+    admin_token: String,
+    draining: AtomicBool,
+}
+
+/// Body size limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_body_bytes: u64,
+    pub max_import_bytes: u64,
+}
+
+impl App {
+    /// An app over `inventory` with the given bearer tokens.
+    pub fn new(
+        inventory: Inventory,
+        merchant_token: String,
+        admin_token: String,
+        limits: Limits,
+    ) -> App {
+        App {
+            inventory,
+            skus: SkuSettings::default(),
+            limits,
+            merchant_token,
+            admin_token,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether shutdown has begun (readiness then answers 503).
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    fn authorize(&self, req: &Request<Incoming>, token: &str) -> Result<(), Error> {
+        let sent = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .ok_or(Error::Unauthorized)?;
+        // Constant time, so response timing does not reveal how much of a guess was right.
+        if bool::from(sent.ct_eq(token.as_bytes())) {
+            Ok(())
+        } else {
+            Err(Error::Unauthorized)
+        }
+    }
+
+    /// Requires the merchant token.
+    pub fn merchant(&self, req: &Request<Incoming>) -> Result<(), Error> {
+        self.authorize(req, &self.merchant_token)
+    }
+
+    /// Requires the admin token.
+    pub fn admin(&self, req: &Request<Incoming>) -> Result<(), Error> {
+        self.authorize(req, &self.admin_token)
+    }
+}
+
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy)]
+enum Listener {
+    Public,
+    Admin,
+}
+
+/// How the edge winds down after the shutdown signal.
+#[derive(Debug, Clone, Copy)]
+pub struct Shutdown {
+    /// Keep serving, with `/readyz` at 503, for this long.
+    pub delay: Duration,
+    /// Then stop accepting and give in-flight requests this long to finish.
+    pub drain: Duration,
+}
+
+/// Serves both listeners until `signal` resolves; then readiness turns 503 while serving
+/// goes on for `shutdown.delay`, the listeners close, and in-flight requests get up to
+/// `shutdown.drain` to finish.
+pub async fn serve(
+    app: Arc<App>,
+    public: TcpListener,
+    admin: TcpListener,
+    signal: impl Future<Output = ()>,
+    shutdown: Shutdown,
+) {
+    let Shutdown { delay, drain } = shutdown;
+    let public_routes = Arc::new(public_routes());
+    let admin_routes = Arc::new(admin_routes());
+    let graceful = Arc::new(GracefulShutdown::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let accept = |listener: TcpListener, which: Listener| {
+        let app = app.clone();
+        let routes = match which {
+            Listener::Public => public_routes.clone(),
+            Listener::Admin => admin_routes.clone(),
+        };
+        let mut stop = stop_rx.clone();
+        let graceful = graceful.clone();
+        async move {
+            loop {
+                let (stream, peer) = tokio::select! {
+                    _ = stop.changed() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(conn) => conn,
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off, keep serving.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let _ = stream.set_nodelay(true);
+                let app = app.clone();
+                let routes = routes.clone();
+                let service = service_fn(move |req| {
+                    let app = app.clone();
+                    let routes = routes.clone();
+                    async move { Ok::<_, Infallible>(handle(&app, &routes, which, req, peer).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watcher().watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    };
+
+    let public_task = tokio::spawn(accept(public, Listener::Public));
+    let admin_task = tokio::spawn(accept(admin, Listener::Admin));
+    signal.await;
+    app.draining.store(true, Ordering::Relaxed);
+    tracing::info!(
+        delay_ms = delay.as_millis() as u64,
+        "shutting down: readiness is now 503"
+    );
+    tokio::time::sleep(delay).await;
+    tracing::info!("closing listeners, draining in-flight requests");
+    let _ = stop_tx.send(true);
+    let _ = tokio::join!(public_task, admin_task);
+    match Arc::try_unwrap(graceful) {
+        Ok(graceful) => tokio::select! {
+            _ = graceful.shutdown() => tracing::info!("all connections drained"),
+            _ = tokio::time::sleep(drain) => {
+                tracing::warn!("drain timeout: closing remaining connections");
+            }
+        },
+        // The accept loops own the other handles and have returned, so this is not reached.
+        Err(_) => tracing::warn!("connections could not be drained"),
+    }
+}
+
+/// Every route, on either listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteId {
+    Redeem,
+    Claims,
+    Claim,
+    ClaimConfirm,
+    ClaimRelease,
+    Sku,
+    Batches,
+    KeyVoid,
+    KeyRestore,
+    Healthz,
+    Readyz,
+    Metrics,
+}
+
+/// A route table entry: the pattern (the metrics label) and what it is.
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    pub pattern: &'static str,
+    pub id: RouteId,
+}
+
+/// A listener's route table.
+pub type Routes = matchit::Router<Route>;
+
+fn table(entries: &[(&'static str, RouteId)]) -> Routes {
+    let mut router = matchit::Router::new();
+    for &(pattern, id) in entries {
+        router
+            .insert(pattern, Route { pattern, id })
+            .expect("route patterns are fixed and do not conflict");
+    }
+    router
+}
+
+fn public_routes() -> Routes {
+    table(&[
+        ("/v1/redeem", RouteId::Redeem),
+        ("/v1/skus/{sku}", RouteId::Sku),
+        ("/v1/skus/{sku}/claims", RouteId::Claims),
+        ("/v1/skus/{sku}/claims/{order_id}", RouteId::Claim),
+        (
+            "/v1/skus/{sku}/claims/{order_id}/confirm",
+            RouteId::ClaimConfirm,
+        ),
+        (
+            "/v1/skus/{sku}/claims/{order_id}/release",
+            RouteId::ClaimRelease,
+        ),
+    ])
+}
+
+fn admin_routes() -> Routes {
+    table(&[
+        ("/healthz", RouteId::Healthz),
+        ("/readyz", RouteId::Readyz),
+        ("/metrics", RouteId::Metrics),
+        ("/v1/skus/{sku}", RouteId::Sku),
+        ("/v1/skus/{sku}/batches", RouteId::Batches),
+        ("/v1/keys/{key_id}/void", RouteId::KeyVoid),
+        ("/v1/keys/{key_id}/restore", RouteId::KeyRestore),
+    ])
+}
+
+async fn dispatch(
+    app: &App,
+    which: Listener,
+    route: RouteId,
+    params: Params,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Reply, Error> {
+    use RouteId::*;
+    let method = req.method().clone();
+    match (which, route, method) {
+        (Listener::Public, Redeem, Method::POST) => public::redeem(app, req, peer).await,
+        (Listener::Public, Sku, Method::GET) => merchant::sku(app, params, req).await,
+        (Listener::Public, Claims, Method::POST) => merchant::claim(app, params, req).await,
+        (Listener::Public, Claim, Method::GET) => merchant::order(app, params, req).await,
+        (Listener::Public, ClaimConfirm, Method::POST) => merchant::confirm(app, params, req).await,
+        (Listener::Public, ClaimRelease, Method::POST) => merchant::release(app, params, req).await,
+        (Listener::Admin, Healthz, Method::GET) => Ok(admin::healthz()),
+        (Listener::Admin, Readyz, Method::GET) => Ok(admin::readyz(app).await),
+        (Listener::Admin, Metrics, Method::GET) => Ok(admin::metrics()),
+        (Listener::Admin, Sku, Method::PUT) => admin::put_sku(app, params, req).await,
+        (Listener::Admin, Sku, Method::GET) => {
+            app.admin(&req)?;
+            merchant::sku_view(app, params.get("sku")).await
+        }
+        (Listener::Admin, Batches, Method::POST) => admin::import(app, params, req).await,
+        (Listener::Admin, KeyVoid, Method::POST) => admin::void(app, params, req, true).await,
+        (Listener::Admin, KeyRestore, Method::POST) => admin::void(app, params, req, false).await,
+        _ => Err(Error::NotFound("route".into())),
+    }
+}
+
+async fn handle(
+    app: &App,
+    routes: &Routes,
+    which: Listener,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Reply {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let (pattern, result) = match routes.at(req.uri().path()) {
+        Ok(found) => {
+            let route = *found.value;
+            let params = Params::from(&found.params);
+            let result = dispatch(app, which, route.id, params, req, peer).await;
+            (route.pattern, result)
+        }
+        Err(_) => ("unmatched", Err(Error::NotFound("route".into()))),
+    };
+    let (response, code) = match result {
+        Ok(response) => (response, "OK"),
+        Err(e) => {
+            if let Error::Internal(details) = &e {
+                tracing::error!(route = pattern, %method, details, "request failed");
+            }
+            (body::error(&e), e.code())
+        }
+    };
+    let status = response.status();
+    let outcome = if status.is_server_error() {
+        "server_error"
+    } else if status.is_client_error() {
+        "client_error"
+    } else {
+        "ok"
+    };
+    metrics::counter!(m::HTTP_REQUESTS, "route" => pattern, "method" => method_label(&method),
+        "status" => status.as_u16().to_string(), "code" => code)
+    .increment(1);
+    metrics::histogram!(m::HTTP_DURATION, "route" => pattern, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Methods as a bounded label set.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        _ => "OTHER",
+    }
+}
+
+/// Path parameters of a matched route, owned so handlers can hold them across awaits.
+#[derive(Debug, Default)]
+pub struct Params(Vec<(String, String)>);
+
+impl Params {
+    fn from(params: &matchit::Params<'_, '_>) -> Params {
+        Params(
+            params
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        )
+    }
+
+    /// A parameter the route pattern guarantees.
+    pub fn get(&self, name: &str) -> &str {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,68 @@
+//! The public route: `POST /v1/redeem`. No token; rate limits apply per client.
+
+use std::net::SocketAddr;
+
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+
+use super::body::{self, JsonBody, Reply};
+use super::App;
+use crate::code::Format;
+use crate::error::Error;
+use crate::inventory::{canonical, Redemption};
+use crate::metrics as m;
+use crate::sku::{check_id, check_sku, MAX_ID_LEN, MAX_SKU_LEN};
+
+/// Longest `code` field accepted before any parsing; a canonical code has at most 256
+/// characters, the rest is room for spaces and dashes.
+pub const MAX_RAW_CODE_BYTES: usize = 1024;
+
+/// Redeems a sold code for a redeemer.
+pub async fn redeem(app: &App, req: Request<Incoming>, _peer: SocketAddr) -> Result<Reply, Error> {
+    let limit = app.limits.max_body_bytes;
+    body::check_declared_length(req.headers(), limit)?;
+    let bytes = body::read_limited(req.into_body(), limit).await?;
+    let result = redeem_body(app, &bytes).await;
+    let outcome = match &result {
+        Ok(r) if r.replayed => "replay",
+        Ok(_) => "new",
+        Err(e) => e.code(),
+    };
+    metrics::counter!(m::REDEMPTIONS, "outcome" => outcome).increment(1);
+    Ok(body::json(StatusCode::OK, &result?.to_json()))
+}
+
+async fn redeem_body(app: &App, bytes: &[u8]) -> Result<Redemption, Error> {
+    let body = JsonBody::parse(bytes, &["code", "redeemer", "sku"])?;
+    let raw = body.str("code", MAX_RAW_CODE_BYTES)?;
+    let redeemer = body.str("redeemer", MAX_ID_LEN)?;
+    check_id("redeemer", redeemer, MAX_ID_LEN)?;
+    let sku = body.opt_str("sku", MAX_SKU_LEN)?;
+    let inventory = &app.inventory;
+    match sku {
+        Some(sku) => {
+            check_sku(sku)?;
+            let settings = app.skus.get(inventory, sku).await?;
+            // An unknown SKU answers like an unknown code once the code is well-formed.
+            let format = settings.as_ref().map(|s| &s.format);
+            let code = canonical(format.unwrap_or(&Format::default()), raw)?;
+            if settings.is_none() {
+                return Err(Error::CardInvalid);
+            }
+            inventory.redeem(sku, &code, redeemer).await
+        }
+        None => {
+            canonical(&Format::default(), raw)?;
+            let Some(sku) = inventory.locate(raw).await? else {
+                return Err(Error::CardInvalid);
+            };
+            let settings = app.skus.require(inventory, &sku).await?;
+            // The SKU's own format judges the code; failing it here would reveal that the
+            // index knew the code, so it gets the uniform answer instead.
+            let Ok(code) = canonical(&settings.format, raw) else {
+                return Err(Error::CardInvalid);
+            };
+            inventory.redeem(&sku, &code, redeemer).await
+        }
+    }
+}

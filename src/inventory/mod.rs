@@ -1,0 +1,560 @@
+//! The inventory: claims, holds, redemptions and imports, in domain terms.
+//!
+//! [`Inventory`] builds each script's `KEYS` and `ARGV`, runs it on whichever
+//! [`ScriptEngine`] is configured and turns the reply into a typed result or an [`Error`].
+//! This is the only place that knows the scripts' reply shapes, so both engines share it.
+//! Knows nothing of HTTP.
+
+pub mod import;
+pub mod settings;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::code::{digest, Format};
+use crate::engine::{EngineError, Reply, Script, ScriptEngine, SCRIPTS};
+use crate::error::{mask, timestamp, Error};
+use crate::metrics as m;
+use crate::sku::{key_id, parse_key_id, SkuConfig};
+
+/// Milliseconds since the epoch; injected so tests control time.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The wall clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    })
+}
+
+/// The keys of one SKU, in the order `lua/prelude.lua` expects; all share the hash tag.
+pub fn sku_keys(sku: &str) -> Vec<String> {
+    [
+        "meta",
+        "avail",
+        "keys",
+        "codes",
+        "idx",
+        "orders",
+        "holds",
+        "users",
+        "redemptions",
+        "counts",
+        "events",
+    ]
+    .iter()
+    .map(|part| format!("kg:{{{sku}}}:{part}"))
+    .collect()
+}
+
+/// The SKU's event stream key.
+pub fn events_key(sku: &str) -> String {
+    format!("kg:{{{sku}}}:events")
+}
+
+/// The global code index is sharded by the digest's first hex digit, so on Redis Cluster it
+/// spreads over 16 slots instead of one hot key.
+fn index_shard(digest: &str) -> String {
+    let shard = digest.get(..1).unwrap_or("0");
+    format!("kg:{{ix{shard}}}:codes")
+}
+
+const REGISTRY: &str = "kg:skus";
+
+/// What a claim asks for.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    pub order_id: String,
+    pub quantity: u64,
+    pub user_id: Option<String>,
+    /// `None`: a final claim. `Some(ms)`: a hold that lapses by itself after `ms`.
+    pub hold_ms: Option<u64>,
+}
+
+/// A code issued to an order. The code itself is present only once the order is final.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedKey {
+    pub key_id: String,
+    pub code: Option<String>,
+}
+
+/// An order's state as the engine knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    pub order_id: String,
+    pub sku: String,
+    /// `held`, `claimed`, `released` or `expired`.
+    pub state: String,
+    pub keys: Vec<IssuedKey>,
+    pub hold_expires_at_ms: Option<u64>,
+    pub late: bool,
+    pub replayed: bool,
+}
+
+impl Order {
+    /// The API representation.
+    pub fn to_json(&self) -> Value {
+        let keys: Vec<Value> = self
+            .keys
+            .iter()
+            .map(|k| match &k.code {
+                Some(code) => json!({ "key_id": k.key_id, "code": code }),
+                None => json!({ "key_id": k.key_id }),
+            })
+            .collect();
+        json!({
+            "order_id": self.order_id,
+            "sku": self.sku,
+            "state": self.state,
+            "keys": keys,
+            "hold_expires_at": self.hold_expires_at_ms.map(timestamp),
+            "late": self.late,
+            "replayed": self.replayed,
+        })
+    }
+}
+
+/// A successful redemption.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redemption {
+    pub sku: String,
+    pub key_id: String,
+    pub redeemed_at_ms: u64,
+    pub replayed: bool,
+}
+
+impl Redemption {
+    /// The API representation.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "state": "redeemed",
+            "sku": self.sku,
+            "key_id": self.key_id,
+            "redeemed_at": timestamp(self.redeemed_at_ms),
+            "replayed": self.replayed,
+        })
+    }
+}
+
+/// Keys of a SKU by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub available: u64,
+    pub held: u64,
+    pub claimed: u64,
+    pub redeemed: u64,
+    pub void: u64,
+}
+
+/// A code to add to a SKU: already validated and in canonical form.
+#[derive(Debug, Clone)]
+pub struct NewCode {
+    pub canonical: String,
+    /// Milliseconds since the epoch after which it can no longer be redeemed.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// What adding one code did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Added {
+    New(String),
+    /// The SKU already had this code, under the given key id.
+    Duplicate(String),
+}
+
+/// The typed face of the engine.
+#[derive(Clone)]
+pub struct Inventory {
+    engine: Arc<dyn ScriptEngine>,
+    clock: Clock,
+}
+
+impl Inventory {
+    /// An inventory over `engine`, on the wall clock.
+    pub fn new(engine: Arc<dyn ScriptEngine>) -> Inventory {
+        Inventory::with_clock(engine, system_clock())
+    }
+
+    /// An inventory whose notion of "now" is `clock`.
+    pub fn with_clock(engine: Arc<dyn ScriptEngine>, clock: Clock) -> Inventory {
+        Inventory { engine, clock }
+    }
+
+    /// The engine underneath.
+    pub fn engine(&self) -> &Arc<dyn ScriptEngine> {
+        &self.engine
+    }
+
+    /// Now, in milliseconds since the epoch.
+    pub fn now_ms(&self) -> u64 {
+        (self.clock)()
+    }
+
+    /// Runs a script, recording its latency and failures.
+    async fn eval(
+        &self,
+        script: &'static Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Reply, Error> {
+        let started = Instant::now();
+        let result = self.engine.eval(script, keys, args).await;
+        let engine = self.engine.kind().to_string();
+        metrics::histogram!(m::SCRIPT_DURATION, "script" => script.name(), "engine" => engine)
+            .record(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            let kind = match e {
+                EngineError::Unavailable(_) => "unavailable",
+                EngineError::Script { .. } => "script",
+            };
+            metrics::counter!(m::SCRIPT_ERRORS, "script" => script.name(), "kind" => kind)
+                .increment(1);
+        }
+        Ok(result?)
+    }
+
+    /// Runs a per-SKU script, whose replies are always arrays.
+    async fn run(
+        &self,
+        script: &'static Script,
+        sku: &str,
+        args: Vec<String>,
+    ) -> Result<Vec<Reply>, Error> {
+        match self.eval(script, sku_keys(sku), args).await? {
+            Reply::Array(items) => Ok(items),
+            other => Err(unexpected(script.name(), &other)),
+        }
+    }
+
+    /// Creates or updates a SKU. Returns whether it was created.
+    pub async fn put_sku(&self, sku: &str, config: &SkuConfig) -> Result<bool, Error> {
+        let json = serde_json::to_string(config)
+            .map_err(|e| Error::Internal(format!("encoding SKU settings: {e}")))?;
+        let args = vec![
+            "put".into(),
+            json,
+            config.per_user_limit.to_string(),
+            if config.allow_late_confirm { "1" } else { "0" }.into(),
+            config.max_issues.to_string(),
+            config.max_uses.to_string(),
+            self.now_ms().to_string(),
+        ];
+        let reply = self.run(&SCRIPTS.sku, sku, args).await?;
+        let created = tag(&reply) == "created";
+        self.eval(
+            &SCRIPTS.index,
+            vec![REGISTRY.into()],
+            vec!["register".into(), sku.into()],
+        )
+        .await?;
+        Ok(created)
+    }
+
+    /// A SKU's settings, or `None` if it does not exist.
+    pub async fn get_sku(&self, sku: &str) -> Result<Option<SkuConfig>, Error> {
+        let reply = self.run(&SCRIPTS.sku, sku, vec!["get".into()]).await?;
+        match tag(&reply) {
+            "no_sku" => Ok(None),
+            json => serde_json::from_str(json)
+                .map(Some)
+                .map_err(|e| Error::Internal(format!("stored settings of SKU {sku}: {e}"))),
+        }
+    }
+
+    /// Every SKU ever created.
+    pub async fn list_skus(&self) -> Result<Vec<String>, Error> {
+        let reply = self
+            .eval(&SCRIPTS.index, vec![REGISTRY.into()], vec!["list".into()])
+            .await?;
+        let mut skus: Vec<String> = reply
+            .as_array()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| r.as_str().map(str::to_owned))
+            .collect();
+        skus.sort();
+        Ok(skus)
+    }
+
+    /// Adds codes to a SKU's inventory (one script call: keep `codes` to a few hundred) and
+    /// to the global index. Codes the SKU already has are reported, not added again.
+    pub async fn add_codes(&self, sku: &str, codes: &[NewCode]) -> Result<Vec<Added>, Error> {
+        let mut args = Vec::with_capacity(1 + codes.len() * 4);
+        args.push(self.now_ms().to_string());
+        for code in codes {
+            args.push(String::new());
+            args.push(digest(&code.canonical));
+            args.push(code.canonical.clone());
+            args.push(code.expires_at_ms.unwrap_or(0).to_string());
+        }
+        let reply = self.run(&SCRIPTS.add, sku, args).await?;
+        if tag(&reply) == "no_sku" {
+            return Err(Error::NotFound(format!("SKU {sku}")));
+        }
+        if reply.len() != codes.len() {
+            return Err(Error::Internal(format!(
+                "add.lua answered {} entries for {} codes",
+                reply.len(),
+                codes.len()
+            )));
+        }
+        let added = reply
+            .iter()
+            .map(|r| match r.as_str().unwrap_or_default() {
+                dup if dup.starts_with('=') => Added::Duplicate(key_id(sku, &dup[1..])),
+                new => Added::New(key_id(sku, new)),
+            })
+            .collect();
+        let folded: Vec<String> = codes.iter().map(|c| index_digest(&c.canonical)).collect();
+        self.index(sku, &folded).await?;
+        Ok(added)
+    }
+
+    /// Points the global index at `sku` for these digests. Idempotent; run again for
+    /// duplicates too, so a retried import repairs an index write that failed before.
+    async fn index(&self, sku: &str, digests: &[String]) -> Result<(), Error> {
+        let mut shards: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for d in digests {
+            let args = shards
+                .entry(index_shard(d))
+                .or_insert_with(|| vec!["set".into()]);
+            args.push(d.clone());
+            args.push(sku.to_owned());
+        }
+        for (shard, args) in shards {
+            self.eval(&SCRIPTS.index, vec![shard], args).await?;
+        }
+        Ok(())
+    }
+
+    /// Which SKU holds `raw` (as sent by a client), through the global index.
+    pub async fn locate(&self, raw: &str) -> Result<Option<String>, Error> {
+        let digest = index_digest(raw);
+        let digest = digest.as_str();
+        let reply = self
+            .eval(
+                &SCRIPTS.index,
+                vec![index_shard(digest)],
+                vec!["get".into(), digest.into()],
+            )
+            .await?;
+        Ok(reply.as_str().map(str::to_owned))
+    }
+
+    /// Claims codes for an order, or replays the answer to an earlier identical claim.
+    pub async fn claim(&self, sku: &str, req: &ClaimRequest) -> Result<Order, Error> {
+        let args = vec![
+            req.order_id.clone(),
+            req.quantity.to_string(),
+            req.user_id.clone().unwrap_or_default(),
+            req.hold_ms.unwrap_or(0).to_string(),
+            self.now_ms().to_string(),
+        ];
+        let reply = self.run(&SCRIPTS.claim, sku, args).await?;
+        order_result(sku, &req.order_id, &reply)
+    }
+
+    /// Turns a hold into a final claim (payment arrived).
+    pub async fn confirm(&self, sku: &str, order_id: &str) -> Result<Order, Error> {
+        let args = vec![order_id.to_owned(), self.now_ms().to_string()];
+        let reply = self.run(&SCRIPTS.confirm, sku, args).await?;
+        order_result(sku, order_id, &reply)
+    }
+
+    /// Cancels a hold: its codes go back to inventory.
+    pub async fn release(&self, sku: &str, order_id: &str) -> Result<Order, Error> {
+        let args = vec![order_id.to_owned(), self.now_ms().to_string()];
+        let reply = self.run(&SCRIPTS.release, sku, args).await?;
+        order_result(sku, order_id, &reply)
+    }
+
+    /// An order's current state.
+    pub async fn order(&self, sku: &str, order_id: &str) -> Result<Order, Error> {
+        let args = vec![order_id.to_owned(), self.now_ms().to_string()];
+        let reply = self.run(&SCRIPTS.order, sku, args).await?;
+        let mut order = order_result(sku, order_id, &reply)?;
+        order.replayed = false;
+        Ok(order)
+    }
+
+    /// Redeems the code with canonical form `canonical` in `sku` for `redeemer`.
+    pub async fn redeem(
+        &self,
+        sku: &str,
+        canonical: &str,
+        redeemer: &str,
+    ) -> Result<Redemption, Error> {
+        let args = vec![
+            digest(canonical),
+            redeemer.to_owned(),
+            self.now_ms().to_string(),
+        ];
+        let reply = self.run(&SCRIPTS.redeem, sku, args).await?;
+        let field = |i: usize| reply.get(i).and_then(Reply::as_i64).unwrap_or(0) as u64;
+        match tag(&reply) {
+            t @ ("new" | "replay") => Ok(Redemption {
+                sku: sku.to_owned(),
+                key_id: key_id(sku, reply.get(1).and_then(Reply::as_str).unwrap_or("")),
+                redeemed_at_ms: field(2),
+                replayed: t == "replay",
+            }),
+            "invalid" => Err(Error::CardInvalid),
+            "used" => Err(Error::CardUsed {
+                redeemed_at_ms: field(1),
+                masked_redeemer: mask(reply.get(2).and_then(Reply::as_str).unwrap_or("")),
+            }),
+            "expired" => Err(Error::CardExpired {
+                expires_at_ms: field(1),
+            }),
+            _ => Err(unexpected("redeem", &Reply::Array(reply))),
+        }
+    }
+
+    /// Keys of a SKU by state.
+    pub async fn counts(&self, sku: &str) -> Result<Counts, Error> {
+        let reply = self.run(&SCRIPTS.counts, sku, vec![]).await?;
+        if tag(&reply) == "no_sku" {
+            return Err(Error::NotFound(format!("SKU {sku}")));
+        }
+        let n = |i: usize| reply.get(i).and_then(Reply::as_i64).unwrap_or(0).max(0) as u64;
+        Ok(Counts {
+            available: n(0),
+            held: n(1),
+            claimed: n(2),
+            redeemed: n(3),
+            void: n(4),
+        })
+    }
+
+    /// Lapses up to `limit` due holds. Returns how many lapsed and whether more are due.
+    pub async fn expire_due(&self, sku: &str, limit: u64) -> Result<(u64, bool), Error> {
+        let args = vec![self.now_ms().to_string(), limit.to_string()];
+        let reply = self.run(&SCRIPTS.expire, sku, args).await?;
+        let n = |i: usize| reply.get(i).and_then(Reply::as_i64).unwrap_or(0).max(0) as u64;
+        Ok((n(0), n(1) > 0))
+    }
+
+    /// Voids a key. Returns its state before, or `None` if it was already void.
+    pub async fn void(&self, key_id: &str, reason: &str) -> Result<Option<String>, Error> {
+        self.key_change(&SCRIPTS.void, key_id, reason).await
+    }
+
+    /// Undoes a void. Returns its state after, or `None` if it was not void.
+    pub async fn restore(&self, key_id: &str, reason: &str) -> Result<Option<String>, Error> {
+        self.key_change(&SCRIPTS.restore, key_id, reason).await
+    }
+
+    async fn key_change(
+        &self,
+        script: &'static Script,
+        key: &str,
+        reason: &str,
+    ) -> Result<Option<String>, Error> {
+        let not_found = || Error::NotFound(format!("key {key}"));
+        let (sku, local) = parse_key_id(key).ok_or_else(not_found)?;
+        let args = vec![
+            local.to_owned(),
+            reason.to_owned(),
+            self.now_ms().to_string(),
+        ];
+        let reply = self.run(script, sku, args).await?;
+        let state = || reply.get(1).and_then(Reply::as_str).map(str::to_owned);
+        match tag(&reply) {
+            "new" => Ok(state()),
+            "replay" => Ok(None),
+            "not_found" => Err(not_found()),
+            _ => Err(unexpected(script.name(), &Reply::Array(reply.clone()))),
+        }
+    }
+}
+
+/// The global index's digest: of the code folded so that any SKU format's canonical form
+/// and any way a client may type it agree (upper case, no spaces or dashes, look-alikes
+/// O→0, I/L→1). Folding may merge distinct codes; the SKU's own index then decides.
+fn index_digest(code: &str) -> String {
+    let folded: String = code
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '-')
+        .map(|c| match c.to_ascii_uppercase() {
+            'O' => '0',
+            'I' | 'L' => '1',
+            other => other,
+        })
+        .collect();
+    digest(&folded)
+}
+
+/// Validates and canonicalises a code under a SKU's format.
+pub fn canonical(format: &Format, raw: &str) -> Result<String, Error> {
+    format.validate(raw).map_err(Error::CardMalformed)
+}
+
+fn tag(reply: &[Reply]) -> &str {
+    reply.first().and_then(Reply::as_str).unwrap_or("")
+}
+
+fn unexpected(script: &str, reply: &Reply) -> Error {
+    // Replies carry codes: log only their shape.
+    let shape = match reply {
+        Reply::Array(items) => format!("array of {}", items.len()),
+        Reply::Nil => "nil".into(),
+        Reply::Int(_) => "integer".into(),
+        Reply::Bulk(_) => "string".into(),
+        Reply::Status(_) => "status".into(),
+    };
+    Error::Internal(format!("{script}.lua gave an unexpected reply ({shape})"))
+}
+
+/// Turns the order reply of claim/confirm/release/order into an [`Order`] or an error.
+fn order_result(sku: &str, order_id: &str, reply: &[Reply]) -> Result<Order, Error> {
+    let replayed = match tag(reply) {
+        "new" => false,
+        "replay" | "found" => true,
+        "sold_out" => return Err(Error::SoldOut),
+        "conflict" => {
+            return Err(Error::OrderConflict(format!(
+                "order {order_id} exists with other parameters or can no longer change this way"
+            )))
+        }
+        "user_limit" => {
+            let n = |i: usize| reply.get(i).and_then(Reply::as_i64).unwrap_or(0).max(0) as u64;
+            return Err(Error::UserLimit {
+                current: n(1),
+                limit: n(2),
+            });
+        }
+        "not_found" => return Err(Error::NotFound(format!("order {order_id}"))),
+        "no_sku" => return Err(Error::NotFound(format!("SKU {sku}"))),
+        "hold_expired" => return Err(Error::HoldExpired),
+        _ => return Err(unexpected("order", &Reply::Array(reply.to_vec()))),
+    };
+    let text = |i: usize| reply.get(i).and_then(Reply::as_str).unwrap_or("");
+    let expires = reply.get(2).and_then(Reply::as_i64).unwrap_or(0);
+    let state = text(1).to_owned();
+    let keys = reply
+        .get(4..)
+        .unwrap_or_default()
+        .chunks(2)
+        .map(|pair| {
+            let code = pair.get(1).and_then(Reply::as_str).unwrap_or("");
+            IssuedKey {
+                key_id: key_id(sku, pair[0].as_str().unwrap_or("")),
+                code: (!code.is_empty()).then(|| code.to_owned()),
+            }
+        })
+        .collect();
+    Ok(Order {
+        order_id: order_id.to_owned(),
+        sku: sku.to_owned(),
+        hold_expires_at_ms: (state == "held" && expires > 0).then_some(expires as u64),
+        state,
+        keys,
+        late: reply.get(3).and_then(Reply::as_i64) == Some(1),
+        replayed,
+    })
+}

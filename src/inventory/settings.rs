@@ -1,0 +1,57 @@
+//! A short-lived cache of SKU settings, so the edge can validate codes and reject unknown
+//! SKUs without a round trip per request. Entries live [`SETTINGS_TTL`]: a change made
+//! through another gateway instance is seen within that time.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+
+use super::Inventory;
+use crate::error::Error;
+use crate::sku::SkuConfig;
+
+/// How long a cached SKU's settings are trusted.
+pub const SETTINGS_TTL: Duration = Duration::from_secs(5);
+
+/// SKU name → settings, as last read from the engine.
+#[derive(Default)]
+pub struct SkuSettings {
+    entries: DashMap<String, (Arc<SkuConfig>, Instant)>,
+}
+
+impl SkuSettings {
+    /// The settings of `sku`, or `None` if it does not exist.
+    pub async fn get(
+        &self,
+        inventory: &Inventory,
+        sku: &str,
+    ) -> Result<Option<Arc<SkuConfig>>, Error> {
+        if let Some(entry) = self.entries.get(sku) {
+            if entry.1.elapsed() < SETTINGS_TTL {
+                return Ok(Some(entry.0.clone()));
+            }
+        }
+        let Some(config) = inventory.get_sku(sku).await? else {
+            self.entries.remove(sku);
+            return Ok(None);
+        };
+        let config = Arc::new(config);
+        self.entries
+            .insert(sku.to_owned(), (config.clone(), Instant::now()));
+        Ok(Some(config))
+    }
+
+    /// Like [`SkuSettings::get`], but an unknown SKU is `ERR_NOT_FOUND`.
+    pub async fn require(&self, inventory: &Inventory, sku: &str) -> Result<Arc<SkuConfig>, Error> {
+        self.get(inventory, sku)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("SKU {sku}")))
+    }
+
+    /// Records settings just written by this instance.
+    pub fn put(&self, sku: &str, config: SkuConfig) {
+        self.entries
+            .insert(sku.to_owned(), (Arc::new(config), Instant::now()));
+    }
+}

@@ -1,0 +1,25 @@
+//! kamigate: a high-throughput redemption gateway for card keys (gift cards, top-up codes,
+//! license keys).
+//!
+//! # Layout
+//!
+//! - [`config`]: configuration from defaults, a TOML file and `KAMIGATE_*` variables.
+//! - [`error`]: the API's error type, its HTTP status and JSON envelope.
+//! - [`code`]: code formats: normalise, validate, check character, generate (pure).
+//! - [`sku`]: SKU settings and identifier rules.
+//! - [`engine`]: the [`engine::ScriptEngine`] seam; Redis (fred) and embedded (mlua)
+//!   engines run the same `lua/` scripts, the only code that changes inventory state.
+//! - [`inventory`]: claims, holds, redemptions and imports in domain terms over an engine.
+//! - [`http`]: the hyper edge: routing, auth, handlers, graceful shutdown.
+//! - [`gateway`]: wiring a [`config::Config`] into a running gateway with background work.
+//! - [`metrics`]: every exported metric and its description.
+
+pub mod code;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod gateway;
+pub mod http;
+pub mod inventory;
+pub mod metrics;
+pub mod sku;

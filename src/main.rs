@@ -1,0 +1,158 @@
+//! The `kamigate` binary: parses the command line, loads configuration, and hands over to
+//! the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kamigate::code::Format;
+use kamigate::config::Config;
+use kamigate::gateway::Gateway;
+
+#[derive(Parser)]
+#[command(name = "kamigate", version, about = "Redemption gateway for card keys")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the public, merchant and admin APIs until SIGTERM or Ctrl-C.
+    Serve {
+        /// TOML configuration file; KAMIGATE_* environment variables override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print random codes for a format, one per line.
+    Gen {
+        /// How many codes.
+        #[arg(long, default_value_t = 10)]
+        count: u64,
+        /// Code length, including the check character.
+        #[arg(long, default_value_t = 16)]
+        length: usize,
+        /// Insert '-' every N characters for display (0: none).
+        #[arg(long, default_value_t = 4)]
+        group: usize,
+        /// Append a Luhn mod 32 check character.
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::Gen {
+            count,
+            length,
+            group,
+            check,
+        } => gen(count, length, group, check),
+    }
+}
+
+fn serve(file: Option<PathBuf>) -> ExitCode {
+    let config = match Config::load(file.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("kamigate: configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logs(config.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kamigate: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let engine = if config.redis_url.is_some() {
+            "redis"
+        } else {
+            "embedded (in memory)"
+        };
+        let gateway = match Gateway::start(config).await {
+            Ok(gateway) => gateway,
+            Err(e) => {
+                eprintln!("kamigate: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if gateway.generated_tokens {
+            // Printed, not logged: logs are shipped elsewhere, tokens must not be.
+            eprintln!("merchant token: {}", gateway.merchant_token);
+            eprintln!("admin token:    {}", gateway.admin_token);
+        }
+        tracing::info!(
+            public = %gateway.public_addr,
+            admin = %gateway.admin_addr,
+            engine,
+            "kamigate is serving"
+        );
+        gateway.run_until(shutdown_signal()).await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn gen(count: u64, length: usize, group: usize, check: bool) -> ExitCode {
+    let format = Format::crockford32(length, group, check);
+    if let Err(e) = format.validate_spec() {
+        eprintln!("kamigate gen: {e}");
+        return ExitCode::from(2);
+    }
+    let mut rng = rand::rng();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for _ in 0..count {
+        use std::io::Write;
+        if writeln!(out, "{}", format.generate(&mut rng)).is_err() {
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,168 @@
+//! The `kamigate` binary itself: `serve` from environment variables until SIGTERM, and `gen`.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kamigate");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[tokio::test]
+async fn serve_generates_tokens_serves_and_exits_cleanly_on_sigterm() {
+    let (public, admin) = (free_port(), free_port());
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .env("KAMIGATE_LISTEN", format!("127.0.0.1:{public}"))
+        .env("KAMIGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("KAMIGATE_DATA_DIR", data.path())
+        .env_remove("KAMIGATE_REDIS_URL")
+        .env_remove("KAMIGATE_ADMIN_TOKEN")
+        .env_remove("KAMIGATE_MERCHANT_TOKEN")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kamigate starts");
+
+    // The generated tokens are printed once on stderr.
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let (mut merchant, mut admin_token) = (None, None);
+    let mut log = Vec::new();
+    let read = async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(t) = line.strip_prefix("merchant token: ") {
+                merchant = Some(t.trim().to_owned());
+            } else if let Some(t) = line.strip_prefix("admin token:") {
+                admin_token = Some(t.trim().to_owned());
+            }
+            log.push(line);
+            if merchant.is_some() && admin_token.is_some() {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("tokens printed in time");
+    let merchant = merchant.expect("merchant token printed");
+    let admin_token = admin_token.expect("admin token printed");
+    assert_eq!(merchant.len(), 64);
+    assert_ne!(merchant, admin_token);
+    // Keep draining stderr so the child never blocks on a full pipe.
+    let log_task = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            rest.push(line);
+        }
+        rest
+    });
+
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = client
+            .get(format!("http://127.0.0.1:{admin}/readyz"))
+            .send()
+            .await;
+        if ready.map(|r| r.status()).ok() == Some(StatusCode::OK) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let put = client
+        .put(format!("http://127.0.0.1:{admin}/v1/skus/bin"))
+        .bearer_auth(&admin_token)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(put.status(), StatusCode::CREATED);
+    let import = client
+        .post(format!(
+            "http://127.0.0.1:{admin}/v1/skus/bin/batches?batch_id=b1"
+        ))
+        .bearer_auth(&admin_token)
+        .body("SECRET-ONE\nSECRET-TWO\n")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(import.status(), StatusCode::OK);
+    let order: Value = client
+        .post(format!("http://127.0.0.1:{public}/v1/skus/bin/claims"))
+        .bearer_auth(&merchant)
+        .json(&json!({"order_id": "o-1"}))
+        .send()
+        .await
+        .expect("answered")
+        .json()
+        .await
+        .expect("json");
+    let code = order["keys"][0]["code"].as_str().expect("code").to_owned();
+    let redeemed = client
+        .post(format!("http://127.0.0.1:{public}/v1/redeem"))
+        .json(&json!({"code": code, "redeemer": "user-1"}))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(redeemed.status(), StatusCode::OK);
+
+    let pid = child.id().expect("running") as i32;
+    // SAFETY: signalling our own child process by its pid.
+    assert_eq!(unsafe { libc_kill(pid, 15) }, 0);
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "clean exit: {status}");
+    let rest = log_task.await.expect("log");
+    let all = log
+        .iter()
+        .chain(&rest)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n");
+    for secret in ["SECRETONE", "SECRETTWO", "SECRET-ONE", code.as_str()] {
+        assert!(!all.contains(secret), "a code reached the logs");
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+#[test]
+fn gen_prints_valid_codes() {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "gen", "--count", "50", "--length", "12", "--group", "4", "--check",
+        ])
+        .output()
+        .expect("gen runs");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let codes: Vec<&str> = text.lines().collect();
+    assert_eq!(codes.len(), 50);
+    let format = kamigate::code::Format::crockford32(12, 4, true);
+    for code in &codes {
+        assert_eq!(code.len(), 14, "grouped XXXX-XXXX-XXXX: {code}");
+        format
+            .validate(code)
+            .expect("every generated code validates");
+    }
+    let distinct: std::collections::HashSet<_> = codes.iter().collect();
+    assert_eq!(distinct.len(), 50);
+}

@@ -1,0 +1,630 @@
+//! One suite, two engines: every scenario runs against the embedded engine and against a
+//! real `redis-server` of its own, through the same [`Inventory`].
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use kamigate::engine::embedded::EmbeddedEngine;
+use kamigate::engine::redis::{RedisEngine, RedisOptions};
+use kamigate::engine::{Script, ScriptEngine};
+use kamigate::error::Error;
+use kamigate::inventory::{sku_keys, Added, ClaimRequest, Counts, Inventory, NewCode, Order};
+use kamigate::sku::SkuConfig;
+use support::clock::ManualClock;
+use support::redis_server::RedisServer;
+
+struct Harness {
+    inv: Inventory,
+    clock: ManualClock,
+    _redis: Option<RedisServer>,
+}
+
+impl Harness {
+    async fn embedded() -> Harness {
+        let engine: Arc<dyn ScriptEngine> =
+            Arc::new(EmbeddedEngine::start().expect("embedded engine starts"));
+        Harness::over(engine, None)
+    }
+
+    async fn redis() -> Harness {
+        let redis = RedisServer::start().await;
+        let engine = RedisEngine::connect(&redis.url(), RedisOptions::default())
+            .await
+            .expect("connects to its redis-server");
+        Harness::over(Arc::new(engine), Some(redis))
+    }
+
+    fn over(engine: Arc<dyn ScriptEngine>, redis: Option<RedisServer>) -> Harness {
+        let clock = ManualClock::new();
+        Harness {
+            inv: Inventory::with_clock(engine, clock.clock()),
+            clock,
+            _redis: redis,
+        }
+    }
+
+    /// Creates `sku` with `config` and `n` codes; returns the codes.
+    async fn stock(&self, sku: &str, config: SkuConfig, n: usize) -> Vec<String> {
+        self.inv.put_sku(sku, &config).await.expect("SKU created");
+        let codes: Vec<String> = (0..n).map(|i| format!("{sku}-CODE-{i:05}")).collect();
+        self.add(sku, &codes, None).await;
+        codes.iter().map(|c| c.replace('-', "")).collect()
+    }
+
+    async fn add(&self, sku: &str, codes: &[String], expires_at_ms: Option<u64>) -> Vec<Added> {
+        let new: Vec<NewCode> = codes
+            .iter()
+            .map(|c| NewCode {
+                canonical: c.replace('-', "").to_uppercase(),
+                expires_at_ms,
+            })
+            .collect();
+        let mut added = Vec::new();
+        for chunk in new.chunks(500) {
+            added.extend(self.inv.add_codes(sku, chunk).await.expect("codes added"));
+        }
+        added
+    }
+
+    async fn claim(&self, sku: &str, order: &str, quantity: u64) -> Result<Order, Error> {
+        let req = ClaimRequest {
+            order_id: order.into(),
+            quantity,
+            user_id: None,
+            hold_ms: None,
+        };
+        self.inv.claim(sku, &req).await
+    }
+
+    async fn hold(&self, sku: &str, order: &str, quantity: u64, ms: u64) -> Result<Order, Error> {
+        let req = ClaimRequest {
+            order_id: order.into(),
+            quantity,
+            user_id: None,
+            hold_ms: Some(ms),
+        };
+        self.inv.claim(sku, &req).await
+    }
+
+    async fn counts(&self, sku: &str) -> Counts {
+        self.inv.counts(sku).await.expect("counts")
+    }
+
+    /// The event types in the SKU's stream, oldest first.
+    async fn events(&self, sku: &str) -> Vec<String> {
+        static PROBE: std::sync::OnceLock<&'static Script> = std::sync::OnceLock::new();
+        let probe = PROBE.get_or_init(|| {
+            Box::leak(Box::new(Script::new(
+                "probe_events",
+                "local out = {}\n\
+                 for _, e in ipairs(redis.call('XRANGE', K.events, '-', '+')) do\n\
+                   out[#out + 1] = e[2][2]\n\
+                 end\n\
+                 return out",
+            )))
+        });
+        let reply = self
+            .inv
+            .engine()
+            .eval(probe, sku_keys(sku), vec![])
+            .await
+            .expect("probe runs");
+        reply
+            .as_array()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| r.as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+fn codes_of(order: &Order) -> Vec<String> {
+    order
+        .keys
+        .iter()
+        .map(|k| k.code.clone().expect("a final claim reveals its codes"))
+        .collect()
+}
+
+fn total(c: &Counts) -> u64 {
+    c.available + c.held + c.claimed + c.redeemed + c.void
+}
+
+// ---- scenarios ------------------------------------------------------------------------
+
+async fn concurrent_claims_issue_exactly_the_stock_and_no_code_twice(h: Harness) {
+    h.stock("flash", SkuConfig::default(), 40).await;
+    let inv = Arc::new(h.inv.clone());
+    let mut tasks = Vec::new();
+    for i in 0..160 {
+        let inv = inv.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = ClaimRequest {
+                order_id: format!("o-{i}"),
+                quantity: 1 + (i % 2),
+                user_id: None,
+                hold_ms: None,
+            };
+            inv.claim("flash", &req).await
+        }));
+    }
+    let mut issued = Vec::new();
+    let mut sold_out = 0;
+    for t in tasks {
+        match t.await.expect("task ran") {
+            Ok(order) => issued.extend(codes_of(&order)),
+            Err(Error::SoldOut) => sold_out += 1,
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    let distinct: HashSet<_> = issued.iter().collect();
+    assert_eq!(issued.len(), 40, "exactly the stock is issued");
+    assert_eq!(distinct.len(), 40, "no code is issued twice");
+    assert!(sold_out > 0);
+    let c = h.counts("flash").await;
+    assert_eq!((c.available, c.claimed), (0, 40));
+}
+
+async fn retried_claim_returns_the_same_codes_even_after_sell_out(h: Harness) {
+    h.stock("retry", SkuConfig::default(), 3).await;
+    let first = h.claim("retry", "o-1", 2).await.expect("claimed");
+    assert!(!first.replayed);
+    h.claim("retry", "o-2", 1).await.expect("last code claimed");
+    assert!(matches!(
+        h.claim("retry", "o-3", 1).await,
+        Err(Error::SoldOut)
+    ));
+    let again = h.claim("retry", "o-1", 2).await.expect("replayed");
+    assert!(again.replayed);
+    assert_eq!(codes_of(&again), codes_of(&first));
+    assert_eq!(h.counts("retry").await.claimed, 3);
+}
+
+async fn doubly_sent_orders_get_identical_answers(h: Harness) {
+    h.stock("double", SkuConfig::default(), 10).await;
+    let inv = h.inv.clone();
+    let send = |inv: Inventory| async move {
+        let req = ClaimRequest {
+            order_id: "same".into(),
+            quantity: 3,
+            user_id: Some("u-1".into()),
+            hold_ms: None,
+        };
+        inv.claim("double", &req).await.expect("claimed")
+    };
+    let (a, b) = tokio::join!(send(inv.clone()), send(inv.clone()));
+    assert_eq!(codes_of(&a), codes_of(&b));
+    assert!(
+        a.replayed != b.replayed,
+        "exactly one of the two did the work"
+    );
+    assert_eq!(h.counts("double").await.claimed, 3);
+}
+
+async fn reused_order_id_with_other_parameters_is_a_conflict(h: Harness) {
+    h.stock("conflict", SkuConfig::default(), 5).await;
+    h.claim("conflict", "o-1", 1).await.expect("claimed");
+    assert!(matches!(
+        h.claim("conflict", "o-1", 2).await,
+        Err(Error::OrderConflict(_))
+    ));
+    assert!(matches!(
+        h.hold("conflict", "o-1", 1, 60_000).await,
+        Err(Error::OrderConflict(_))
+    ));
+    assert_eq!(
+        h.counts("conflict").await.claimed,
+        1,
+        "nothing more was claimed"
+    );
+}
+
+async fn holds_expire_and_their_codes_return(h: Harness) {
+    h.stock("hold", SkuConfig::default(), 1).await;
+    let held = h.hold("hold", "o-1", 1, 1_000).await.expect("held");
+    assert_eq!(held.state, "held");
+    assert!(
+        held.keys[0].code.is_none(),
+        "a hold does not reveal its code"
+    );
+    assert_eq!(held.hold_expires_at_ms, Some(h.clock.now() + 1_000));
+    assert!(matches!(
+        h.claim("hold", "o-2", 1).await,
+        Err(Error::SoldOut)
+    ));
+    h.clock.advance(999);
+    assert!(matches!(
+        h.claim("hold", "o-3", 1).await,
+        Err(Error::SoldOut)
+    ));
+    h.clock.advance(1);
+    let next = h
+        .claim("hold", "o-4", 1)
+        .await
+        .expect("the lapsed code is sold again");
+    assert_eq!(next.keys[0].key_id, held.keys[0].key_id);
+    let lapsed = h.inv.order("hold", "o-1").await.expect("order readable");
+    assert_eq!(lapsed.state, "expired");
+}
+
+async fn sweep_returns_lapsed_holds_without_other_traffic(h: Harness) {
+    h.stock("sweep", SkuConfig::default(), 2).await;
+    h.hold("sweep", "o-1", 2, 500).await.expect("held");
+    assert_eq!(h.counts("sweep").await.held, 2);
+    h.clock.advance(500);
+    let (lapsed, more) = h.inv.expire_due("sweep", 10).await.expect("sweep runs");
+    assert_eq!((lapsed, more), (1, false));
+    let c = h.counts("sweep").await;
+    assert_eq!((c.available, c.held), (2, 0));
+}
+
+async fn confirm_makes_a_hold_final_and_reveals_codes(h: Harness) {
+    h.stock("confirm", SkuConfig::default(), 2).await;
+    h.hold("confirm", "o-1", 2, 60_000).await.expect("held");
+    let confirmed = h.inv.confirm("confirm", "o-1").await.expect("confirmed");
+    assert_eq!(confirmed.state, "claimed");
+    assert!(!confirmed.late);
+    assert_eq!(codes_of(&confirmed).len(), 2);
+    let again = h.inv.confirm("confirm", "o-1").await.expect("replayed");
+    assert!(again.replayed);
+    assert_eq!(codes_of(&again), codes_of(&confirmed));
+    h.clock.advance(120_000);
+    let c = h.counts("confirm").await;
+    assert_eq!((c.claimed, c.held, c.available), (2, 0, 0));
+}
+
+async fn late_confirm_takes_fresh_codes_or_is_sold_out(h: Harness) {
+    h.stock("late", SkuConfig::default(), 2).await;
+    h.hold("late", "o-1", 1, 1_000).await.expect("held");
+    h.clock.advance(1_000);
+    let late = h.inv.confirm("late", "o-1").await.expect("late confirm");
+    assert!(late.late);
+    assert_eq!(late.state, "claimed");
+    assert_eq!(late.keys.len(), 1);
+    h.hold("late", "o-2", 1, 1_000).await.expect("held");
+    h.claim("late", "o-3", 1)
+        .await
+        .expect_err("only the held code is left");
+    h.clock.advance(1_000);
+    h.claim("late", "o-4", 1).await.expect("the lapsed code");
+    assert!(matches!(
+        h.inv.confirm("late", "o-2").await,
+        Err(Error::SoldOut)
+    ));
+}
+
+async fn late_confirm_can_be_disallowed(h: Harness) {
+    let config = SkuConfig {
+        allow_late_confirm: false,
+        ..SkuConfig::default()
+    };
+    h.stock("strict", config, 2).await;
+    h.hold("strict", "o-1", 1, 1_000).await.expect("held");
+    h.clock.advance(5_000);
+    assert!(matches!(
+        h.inv.confirm("strict", "o-1").await,
+        Err(Error::HoldExpired)
+    ));
+    assert_eq!(h.counts("strict").await.available, 2);
+}
+
+async fn release_returns_codes_and_final_claims_cannot_be_released(h: Harness) {
+    h.stock("release", SkuConfig::default(), 2).await;
+    h.hold("release", "o-1", 2, 60_000).await.expect("held");
+    let released = h.inv.release("release", "o-1").await.expect("released");
+    assert_eq!(released.state, "released");
+    assert!(
+        h.inv
+            .release("release", "o-1")
+            .await
+            .expect("again")
+            .replayed
+    );
+    assert_eq!(h.counts("release").await.available, 2);
+    assert!(matches!(
+        h.inv.confirm("release", "o-1").await,
+        Err(Error::HoldExpired)
+    ));
+    h.claim("release", "o-2", 1).await.expect("claimed");
+    assert!(matches!(
+        h.inv.release("release", "o-2").await,
+        Err(Error::OrderConflict(_))
+    ));
+    assert!(matches!(
+        h.inv.release("release", "nope").await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+async fn per_user_limit_counts_held_and_claimed_codes(h: Harness) {
+    let config = SkuConfig {
+        per_user_limit: 2,
+        ..SkuConfig::default()
+    };
+    h.stock("limited", config, 10).await;
+    let req = |order: &str, qty: u64, hold_ms: Option<u64>| ClaimRequest {
+        order_id: order.into(),
+        quantity: qty,
+        user_id: Some("u-9".into()),
+        hold_ms,
+    };
+    h.inv
+        .claim("limited", &req("o-1", 1, None))
+        .await
+        .expect("first");
+    h.inv
+        .claim("limited", &req("o-2", 1, Some(1_000)))
+        .await
+        .expect("held");
+    match h.inv.claim("limited", &req("o-3", 1, None)).await {
+        Err(Error::UserLimit { current, limit }) => assert_eq!((current, limit), (2, 2)),
+        other => panic!("expected the user limit, got {other:?}"),
+    }
+    h.clock.advance(1_000);
+    h.inv
+        .claim("limited", &req("o-4", 1, None))
+        .await
+        .expect("the lapsed hold freed a slot");
+}
+
+async fn redeem_only_sold_codes_once_per_code(h: Harness) {
+    let codes = h.stock("redeem", SkuConfig::default(), 3).await;
+    let order = h.claim("redeem", "o-1", 1).await.expect("claimed");
+    let sold = codes_of(&order).remove(0);
+    let unsold = codes
+        .iter()
+        .find(|c| **c != sold)
+        .expect("an unsold code")
+        .clone();
+
+    let first = h
+        .inv
+        .redeem("redeem", &sold, "user-42")
+        .await
+        .expect("redeemed");
+    assert!(!first.replayed);
+    assert_eq!(first.key_id, order.keys[0].key_id);
+    let again = h
+        .inv
+        .redeem("redeem", &sold, "user-42")
+        .await
+        .expect("replayed");
+    assert!(again.replayed);
+    assert_eq!(again.redeemed_at_ms, first.redeemed_at_ms);
+    match h.inv.redeem("redeem", &sold, "user-77").await {
+        Err(Error::CardUsed {
+            redeemed_at_ms,
+            masked_redeemer,
+        }) => {
+            assert_eq!(redeemed_at_ms, first.redeemed_at_ms);
+            assert_eq!(masked_redeemer, "us****42");
+        }
+        other => panic!("expected ERR_CARD_USED, got {other:?}"),
+    }
+    assert!(matches!(
+        h.inv.redeem("redeem", &unsold, "user-42").await,
+        Err(Error::CardInvalid)
+    ));
+    let c = h.counts("redeem").await;
+    assert_eq!((c.redeemed, c.claimed, c.available), (1, 0, 2));
+}
+
+async fn unsold_unknown_held_and_void_codes_are_indistinguishable(h: Harness) {
+    let codes = h.stock("uniform", SkuConfig::default(), 4).await;
+    let held = h.hold("uniform", "o-h", 1, 60_000).await.expect("held");
+    let voided = h.claim("uniform", "o-v", 1).await.expect("claimed");
+    h.inv
+        .void(&voided.keys[0].key_id, "chargeback")
+        .await
+        .expect("voided");
+    let void_code = codes_of(&voided).remove(0);
+    let held_key = &held.keys[0].key_id;
+    let taken: HashSet<String> = [void_code.clone()].into();
+    let mut answers = Vec::new();
+    for code in codes.iter().filter(|c| !taken.contains(*c)) {
+        answers.push(h.inv.redeem("uniform", code, "user-1").await);
+    }
+    answers.push(h.inv.redeem("uniform", "NEVERIMPORTED", "user-1").await);
+    answers.push(h.inv.redeem("uniform", &void_code, "user-1").await);
+    let bodies: HashSet<String> = answers
+        .iter()
+        .map(|a| match a {
+            Err(e) => e.envelope().to_string(),
+            Ok(r) => panic!("redeemed {r:?} (held key {held_key})"),
+        })
+        .collect();
+    assert_eq!(bodies.len(), 1, "one answer for all: {bodies:?}");
+    assert!(bodies.iter().all(|b| b.contains("ERR_CARD_INVALID")));
+}
+
+async fn multi_use_codes_redeem_up_to_max_uses(h: Harness) {
+    let config = SkuConfig {
+        max_uses: 2,
+        ..SkuConfig::default()
+    };
+    h.stock("multi", config, 1).await;
+    let code = codes_of(&h.claim("multi", "o-1", 1).await.expect("claimed")).remove(0);
+    h.inv
+        .redeem("multi", &code, "a-1")
+        .await
+        .expect("first use");
+    assert_eq!(h.counts("multi").await.claimed, 1, "still redeemable");
+    h.inv
+        .redeem("multi", &code, "b-2")
+        .await
+        .expect("second use");
+    assert!(
+        h.inv
+            .redeem("multi", &code, "a-1")
+            .await
+            .expect("replay")
+            .replayed
+    );
+    assert!(matches!(
+        h.inv.redeem("multi", &code, "c-3").await,
+        Err(Error::CardUsed { .. })
+    ));
+    assert_eq!(h.counts("multi").await.redeemed, 1);
+}
+
+async fn reusable_codes_issue_up_to_max_issues(h: Harness) {
+    let config = SkuConfig {
+        max_issues: 2,
+        ..SkuConfig::default()
+    };
+    h.stock("reuse", config, 1).await;
+    let a = h.claim("reuse", "o-1", 1).await.expect("first issue");
+    let b = h.claim("reuse", "o-2", 1).await.expect("second issue");
+    assert_eq!(codes_of(&a), codes_of(&b));
+    assert!(matches!(
+        h.claim("reuse", "o-3", 1).await,
+        Err(Error::SoldOut)
+    ));
+    assert!(
+        matches!(h.claim("reuse", "o-4", 2).await, Err(Error::SoldOut)),
+        "one order never gets the same code twice"
+    );
+}
+
+async fn expired_cards_cannot_be_redeemed(h: Harness) {
+    h.inv
+        .put_sku("expiring", &SkuConfig::default())
+        .await
+        .expect("SKU");
+    let deadline = h.clock.now() + 10_000;
+    h.add(
+        "expiring",
+        &["EXP-1".into(), "EXP-2".into()],
+        Some(deadline),
+    )
+    .await;
+    let order = h.claim("expiring", "o-1", 2).await.expect("claimed");
+    let codes = codes_of(&order);
+    h.inv
+        .redeem("expiring", &codes[0], "u-1")
+        .await
+        .expect("before the deadline");
+    h.clock.advance(10_000);
+    match h.inv.redeem("expiring", &codes[1], "u-1").await {
+        Err(Error::CardExpired { expires_at_ms }) => assert_eq!(expires_at_ms, deadline),
+        other => panic!("expected ERR_CARD_EXPIRED, got {other:?}"),
+    }
+}
+
+async fn adding_codes_again_changes_nothing(h: Harness) {
+    h.stock("dups", SkuConfig::default(), 5).await;
+    let again = h
+        .add(
+            "dups",
+            &(0..5)
+                .map(|i| format!("dups-CODE-{i:05}"))
+                .collect::<Vec<_>>(),
+            None,
+        )
+        .await;
+    assert!(again.iter().all(|a| matches!(a, Added::Duplicate(_))));
+    assert_eq!(total(&h.counts("dups").await), 5);
+}
+
+async fn void_takes_codes_out_and_restore_puts_them_back(h: Harness) {
+    h.stock("void", SkuConfig::default(), 1).await;
+    let key = "void.1";
+    assert_eq!(
+        h.inv.void(key, "leaked").await.expect("void"),
+        Some("available".into())
+    );
+    assert_eq!(h.inv.void(key, "leaked").await.expect("void again"), None);
+    assert!(matches!(
+        h.claim("void", "o-1", 1).await,
+        Err(Error::SoldOut)
+    ));
+    assert_eq!(
+        h.inv.restore(key, "false alarm").await.expect("restore"),
+        Some("available".into())
+    );
+    h.claim("void", "o-2", 1).await.expect("back on sale");
+    assert!(matches!(
+        h.inv.void("void.99", "x").await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+async fn every_state_change_is_an_event(h: Harness) {
+    h.stock("events", SkuConfig::default(), 4).await;
+    let code = codes_of(&h.claim("events", "o-1", 1).await.expect("claim")).remove(0);
+    h.hold("events", "o-2", 1, 1_000).await.expect("hold");
+    h.inv.confirm("events", "o-2").await.expect("confirm");
+    h.hold("events", "o-3", 1, 1_000).await.expect("hold");
+    h.inv.release("events", "o-3").await.expect("release");
+    h.hold("events", "o-4", 1, 1_000).await.expect("hold");
+    h.clock.advance(1_000);
+    h.inv.expire_due("events", 10).await.expect("sweep");
+    h.inv.redeem("events", &code, "u-1").await.expect("redeem");
+    h.inv.void("events.4", "test").await.expect("void");
+    h.inv.restore("events.4", "test").await.expect("restore");
+    // Replays and refusals change nothing, so they add no events.
+    h.claim("events", "o-1", 1).await.expect("replay");
+    h.inv.redeem("events", &code, "u-1").await.expect("replay");
+    let _ = h.inv.redeem("events", "UNKNOWN", "u-1").await;
+    assert_eq!(
+        h.events("events").await,
+        [
+            "sku", "add", "claim", "hold", "confirm", "hold", "release", "hold", "expire",
+            "redeem", "void", "restore"
+        ]
+    );
+}
+
+async fn redeem_without_sku_finds_the_code_through_the_index(h: Harness) {
+    h.stock("indexed", SkuConfig::default(), 2).await;
+    let code = codes_of(&h.claim("indexed", "o-1", 1).await.expect("claimed")).remove(0);
+    let typed = code.to_lowercase();
+    assert_eq!(
+        h.inv.locate(&typed).await.expect("lookup").as_deref(),
+        Some("indexed")
+    );
+    assert_eq!(h.inv.locate("NOPE").await.expect("lookup"), None);
+    assert_eq!(h.inv.list_skus().await.expect("list"), ["indexed"]);
+}
+
+macro_rules! conformance {
+    ($($scenario:ident),* $(,)?) => {
+        mod embedded {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() {
+                super::$scenario(super::Harness::embedded().await).await
+            })*
+        }
+        mod redis {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() {
+                super::$scenario(super::Harness::redis().await).await
+            })*
+        }
+    };
+}
+
+conformance!(
+    concurrent_claims_issue_exactly_the_stock_and_no_code_twice,
+    retried_claim_returns_the_same_codes_even_after_sell_out,
+    doubly_sent_orders_get_identical_answers,
+    reused_order_id_with_other_parameters_is_a_conflict,
+    holds_expire_and_their_codes_return,
+    sweep_returns_lapsed_holds_without_other_traffic,
+    confirm_makes_a_hold_final_and_reveals_codes,
+    late_confirm_takes_fresh_codes_or_is_sold_out,
+    late_confirm_can_be_disallowed,
+    release_returns_codes_and_final_claims_cannot_be_released,
+    per_user_limit_counts_held_and_claimed_codes,
+    redeem_only_sold_codes_once_per_code,
+    unsold_unknown_held_and_void_codes_are_indistinguishable,
+    multi_use_codes_redeem_up_to_max_uses,
+    reusable_codes_issue_up_to_max_issues,
+    expired_cards_cannot_be_redeemed,
+    adding_codes_again_changes_nothing,
+    void_takes_codes_out_and_restore_puts_them_back,
+    every_state_change_is_an_event,
+    redeem_without_sku_finds_the_code_through_the_index,
+);

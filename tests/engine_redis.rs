@@ -1,0 +1,549 @@
+//! The Redis engine against real `redis-server` processes owned by each test: reply
+//! conversion, script errors, script cache recovery, surviving Redis restarts, bounded
+//! failures while Redis is down or busy, and the shipped scripts compiling in Redis.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use kamigate::engine::redis::{RedisEngine, RedisOptions};
+use kamigate::engine::{EngineError, EngineKind, Reply, Script, ScriptEngine, SCRIPTS};
+use support::redis_server::{RedisCluster, RedisServer, Resp};
+
+/// A probe script with the prelude prepended, like the shipped ones.
+fn probe(name: &'static str, body: &str) -> &'static Script {
+    Box::leak(Box::new(Script::new(name, body)))
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn bulk(s: &str) -> Reply {
+    Reply::from(s)
+}
+
+/// Short timeouts so failure paths finish quickly.
+fn fast_options() -> RedisOptions {
+    RedisOptions {
+        connect_timeout_ms: 500,
+        command_timeout_ms: 500,
+        reconnect_min_delay_ms: 20,
+        reconnect_max_delay_ms: 200,
+        ..RedisOptions::default()
+    }
+}
+
+async fn engine_for(server: &RedisServer) -> RedisEngine {
+    RedisEngine::connect(&server.url(), fast_options())
+        .await
+        .expect("connect to the test redis-server")
+}
+
+async fn eval(engine: &RedisEngine, script: &'static Script) -> Result<Reply, EngineError> {
+    engine.eval(script, vec![], vec![]).await
+}
+
+fn assert_unavailable<T: std::fmt::Debug>(result: Result<T, EngineError>) {
+    match result {
+        Err(EngineError::Unavailable(_)) => {}
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn replies_convert_like_redis_converts_lua_values() {
+    let server = RedisServer::start().await;
+    let engine = engine_for(&server).await;
+    assert_eq!(engine.kind(), EngineKind::Redis);
+
+    let cases: &[(&str, Reply)] = &[
+        ("return 42", Reply::Int(42)),
+        ("return 3.99", Reply::Int(3)),
+        ("return -2.7", Reply::Int(-2)),
+        ("return 'text'", bulk("text")),
+        ("return ''", bulk("")),
+        ("return nil", Reply::Nil),
+        ("return false", Reply::Nil),
+        ("return true", Reply::Int(1)),
+        ("return {ok='DONE'}", Reply::Status("DONE".into())),
+        (
+            "return redis.status_reply('FINE')",
+            Reply::Status("FINE".into()),
+        ),
+        ("return {}", Reply::Array(vec![])),
+        (
+            "return {1, 'two', {3, 'four', {}}, 5.5, false, 'after-false'}",
+            Reply::Array(vec![
+                Reply::Int(1),
+                bulk("two"),
+                Reply::Array(vec![Reply::Int(3), bulk("four"), Reply::Array(vec![])]),
+                Reply::Int(5),
+                Reply::Nil,
+                bulk("after-false"),
+            ]),
+        ),
+        // Arrays stop at the first nil, nested ones too.
+        (
+            "return {1, {2, nil, 3}, nil, 4}",
+            Reply::Array(vec![Reply::Int(1), Reply::Array(vec![Reply::Int(2)])]),
+        ),
+        (
+            "return {'a', {ok='OK'}}",
+            Reply::Array(vec![bulk("a"), Reply::Status("OK".into())]),
+        ),
+    ];
+    for (i, (body, expected)) in cases.iter().enumerate() {
+        let script = probe("probe", body);
+        let reply = eval(&engine, script).await;
+        assert_eq!(
+            reply.as_ref().ok(),
+            Some(expected),
+            "case {i}: {body}: {reply:?}"
+        );
+    }
+
+    // KEYS and ARGV arrive in order, binary-safe, and state persists between calls.
+    let echo = probe(
+        "echo",
+        "redis.call('SET', KEYS[1], ARGV[1]); return {KEYS[1], KEYS[2], redis.call('GET', KEYS[1]), ARGV[2], #ARGV}",
+    );
+    let reply = engine
+        .eval(
+            echo,
+            strings(&["kg:{sku}:a", "kg:{sku}:b"]),
+            strings(&["héllo wörld\r\n", ""]),
+        )
+        .await
+        .expect("echo");
+    assert_eq!(
+        reply,
+        Reply::Array(vec![
+            bulk("kg:{sku}:a"),
+            bulk("kg:{sku}:b"),
+            bulk("héllo wörld\r\n"),
+            bulk(""),
+            Reply::Int(2),
+        ])
+    );
+}
+
+#[tokio::test]
+async fn script_errors_become_script_errors_without_arguments() {
+    let server = RedisServer::start().await;
+    let engine = engine_for(&server).await;
+    let secret = "SECRET-CODE-0123456789";
+
+    let returned = probe("returns_err", "return {err='BAD_THING happened'}");
+    let raised = probe("raises", "error('exploded')");
+    let wrong_type = probe(
+        "wrong_type",
+        "redis.call('SET', KEYS[1], ARGV[1]); return redis.call('INCR', KEYS[1])",
+    );
+    let nested = probe("nested_err", "return {1, {err='inner failure'}}");
+    let compile = probe("compile_error", "return (");
+
+    for (script, needle) in [
+        (returned, "BAD_THING happened"),
+        (raised, "exploded"),
+        (wrong_type, "not an integer"),
+        (nested, "inner failure"),
+        (compile, "compiling"),
+    ] {
+        let result = engine
+            .eval(script, strings(&["kg:{s}:k"]), strings(&[secret]))
+            .await;
+        match result {
+            Err(EngineError::Script {
+                script: name,
+                message,
+            }) => {
+                assert_eq!(name, script.name());
+                assert!(message.contains(needle), "{name}: {message}");
+                assert!(
+                    !message.contains(secret),
+                    "{name} leaks an argument: {message}"
+                );
+                let shown = EngineError::Script {
+                    script: name,
+                    message,
+                }
+                .to_string();
+                assert!(!shown.contains(secret), "{shown}");
+            }
+            other => panic!("{}: expected a script error, got {other:?}", script.name()),
+        }
+    }
+    // A failed script leaves the engine usable.
+    assert_eq!(
+        eval(&engine, probe("ok", "return 1")).await.ok(),
+        Some(Reply::Int(1))
+    );
+}
+
+#[tokio::test]
+async fn scripts_reload_after_script_flush() {
+    let server = RedisServer::start().await;
+    let engine = engine_for(&server).await;
+    let counter = probe("counter", "return redis.call('INCR', KEYS[1])");
+    let keys = || strings(&["kg:{flush}:n"]);
+
+    assert_eq!(
+        engine.eval(counter, keys(), vec![]).await.ok(),
+        Some(Reply::Int(1))
+    );
+    let exists = server
+        .redis_cli(&["SCRIPT", "EXISTS", counter.sha1()])
+        .await;
+    assert_eq!(
+        exists,
+        Resp::Array(Some(vec![Resp::Int(1)])),
+        "EVAL cached the script"
+    );
+
+    server.redis_cli(&["SCRIPT", "FLUSH"]).await;
+    let exists = server
+        .redis_cli(&["SCRIPT", "EXISTS", counter.sha1()])
+        .await;
+    assert_eq!(exists, Resp::Array(Some(vec![Resp::Int(0)])));
+
+    // NOSCRIPT → EVAL with the source, which runs it exactly once and caches it again.
+    assert_eq!(
+        engine.eval(counter, keys(), vec![]).await.ok(),
+        Some(Reply::Int(2))
+    );
+    let exists = server
+        .redis_cli(&["SCRIPT", "EXISTS", counter.sha1()])
+        .await;
+    assert_eq!(exists, Resp::Array(Some(vec![Resp::Int(1)])));
+    assert_eq!(
+        engine.eval(counter, keys(), vec![]).await.ok(),
+        Some(Reply::Int(3))
+    );
+}
+
+#[tokio::test]
+async fn engine_survives_redis_kill_and_restart() {
+    let mut server = RedisServer::start().await;
+    let engine = engine_for(&server).await;
+    let counter = probe("restart_counter", "return redis.call('INCR', KEYS[1])");
+    let keys = || strings(&["kg:{restart}:n"]);
+
+    engine.ping().await.expect("ping while up");
+    assert_eq!(
+        engine.eval(counter, keys(), vec![]).await.ok(),
+        Some(Reply::Int(1))
+    );
+
+    server.kill9();
+    // While Redis is down every call fails promptly with Unavailable: bounded by the command
+    // timeout (500 ms), not by how long Redis stays away.
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert_unavailable(engine.eval(counter, keys(), vec![]).await);
+        assert_unavailable(engine.ping().await);
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(1_500),
+            "calls while down took {took:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Same port, empty data set and empty script cache: the same engine recovers by itself.
+    server.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reply = loop {
+        match engine.eval(counter, keys(), vec![]).await {
+            Ok(reply) => break reply,
+            Err(EngineError::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("engine did not recover after the restart: {e}"),
+        }
+    };
+    assert_eq!(
+        reply,
+        Reply::Int(1),
+        "a fresh Redis without persistence starts empty"
+    );
+    engine.ping().await.expect("ping after the restart");
+    assert_eq!(
+        engine.eval(counter, keys(), vec![]).await.ok(),
+        Some(Reply::Int(2))
+    );
+}
+
+#[tokio::test]
+async fn persisted_data_survives_a_restart_with_aof() {
+    let mut server =
+        RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await;
+    let engine = engine_for(&server).await;
+    let counter = probe("aof_counter", "return redis.call('INCR', KEYS[1])");
+    let keys = || strings(&["kg:{aof}:n"]);
+    for expected in 1..=3 {
+        assert_eq!(
+            engine.eval(counter, keys(), vec![]).await.ok(),
+            Some(Reply::Int(expected))
+        );
+    }
+    server.kill9();
+    server.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match engine.eval(counter, keys(), vec![]).await {
+            Ok(reply) => {
+                assert_eq!(reply, Reply::Int(4), "every acknowledged write survived");
+                break;
+            }
+            Err(EngineError::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("engine did not recover after the restart: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn calls_time_out_while_redis_is_busy() {
+    let server = RedisServer::start_with(&["--enable-debug-command", "yes"]).await;
+    let engine = engine_for(&server).await;
+    let one = probe("busy_probe", "return 1");
+    assert_eq!(eval(&engine, one).await.ok(), Some(Reply::Int(1)));
+
+    // DEBUG SLEEP blocks the whole server, like a stuck or overloaded Redis.
+    let port = server.port();
+    let sleeper = tokio::spawn(async move {
+        let _ = RedisServer::cmd_on_port(port, &["DEBUG", "SLEEP", "2"]).await;
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    assert_unavailable(eval(&engine, one).await);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(1_500),
+        "the call should fail at the 500 ms command timeout, took {took:?}"
+    );
+    sleeper.await.expect("sleeper task");
+    assert_eq!(eval(&engine, one).await.ok(), Some(Reply::Int(1)));
+}
+
+#[tokio::test]
+async fn redis_busy_with_a_long_script_is_unavailable_not_a_script_error() {
+    let server = RedisServer::start_with(&["--busy-reply-threshold", "50"]).await;
+    let engine = engine_for(&server).await;
+    let one = probe("busy_reply_probe", "return 1");
+
+    // A script spinning for a second: past the threshold Redis answers BUSY to everyone else.
+    let spin = "local t = redis.call('TIME') local start = t[1] * 1000000 + t[2] \
+        while true do local n = redis.call('TIME') \
+        if n[1] * 1000000 + n[2] - start > 1000000 then break end end return 1";
+    let port = server.port();
+    let spinner =
+        tokio::spawn(async move { RedisServer::cmd_on_port(port, &["EVAL", spin, "0"]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    match eval(&engine, one).await {
+        Err(EngineError::Unavailable(message)) => assert!(message.contains("BUSY"), "{message}"),
+        other => panic!("expected Unavailable(BUSY), got {other:?}"),
+    }
+    spinner
+        .await
+        .expect("spinner task")
+        .expect("spinning script");
+    assert_eq!(eval(&engine, one).await.ok(), Some(Reply::Int(1)));
+}
+
+#[tokio::test]
+async fn ping_answers_when_redis_is_up() {
+    let server = RedisServer::start().await;
+    let engine = engine_for(&server).await;
+    engine.ping().await.expect("ping");
+}
+
+#[tokio::test]
+async fn connecting_to_a_closed_port_is_unavailable_within_the_timeout() {
+    let mut server = RedisServer::start().await;
+    let url = server.url();
+    server.kill9();
+
+    let started = Instant::now();
+    let result = RedisEngine::connect(&url, fast_options()).await;
+    let took = started.elapsed();
+    assert_unavailable(result.map(|_| ()));
+    assert!(took < Duration::from_secs(2), "connect took {took:?}");
+}
+
+#[tokio::test]
+async fn invalid_urls_are_rejected_without_echoing_secrets() {
+    for url in [
+        "rediss://:hunter2@127.0.0.1:1",
+        "redis://:hunter2@127.0.0.1:1,127.0.0.1:2",
+        "redis-sentinel://:hunter2@127.0.0.1:1",
+        "nonsense",
+    ] {
+        match RedisEngine::connect(url, fast_options()).await {
+            Err(EngineError::Unavailable(message)) => {
+                assert!(message.contains("invalid Redis URL"), "{url}: {message}");
+                assert!(!message.contains("hunter2"), "{url}: {message}");
+            }
+            other => panic!("{url}: expected Unavailable, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn database_in_url_is_selected() {
+    let server = RedisServer::start().await;
+    let db3 = RedisEngine::connect(&format!("{}/3", server.url()), fast_options())
+        .await
+        .expect("connect to db 3");
+    let db0 = engine_for(&server).await;
+    let set = probe("set_marker", "return redis.call('SET', KEYS[1], 'x')");
+    let exists = probe("marker_exists", "return redis.call('EXISTS', KEYS[1])");
+    let key = || strings(&["kg:{db}:marker"]);
+
+    assert_eq!(
+        db3.eval(set, key(), vec![]).await.ok(),
+        Some(Reply::Status("OK".into()))
+    );
+    assert_eq!(
+        db3.eval(exists, key(), vec![]).await.ok(),
+        Some(Reply::Int(1))
+    );
+    assert_eq!(
+        db0.eval(exists, key(), vec![]).await.ok(),
+        Some(Reply::Int(0))
+    );
+}
+
+#[tokio::test]
+async fn concurrent_calls_share_one_connection() {
+    let server = RedisServer::start().await;
+    let engine = engine_for(&server).await;
+    let counter = probe("concurrent_counter", "return redis.call('INCR', KEYS[1])");
+
+    let calls = (0..500).map(|_| engine.eval(counter, strings(&["kg:{c}:n"]), vec![]));
+    let replies = futures_util::future::join_all(calls).await;
+    let mut seen: Vec<i64> = replies
+        .into_iter()
+        .map(|r| r.expect("concurrent eval").as_i64().expect("integer"))
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        (1..=500).collect::<Vec<_>>(),
+        "every call ran exactly once"
+    );
+
+    // The engine's single connection plus the one asking.
+    let info = server.redis_cli(&["INFO", "clients"]).await;
+    let info = info.as_str().expect("INFO text");
+    assert!(info.contains("connected_clients:2\r\n"), "{info}");
+}
+
+#[tokio::test]
+async fn shipped_scripts_compile_in_redis() {
+    let server = RedisServer::start().await;
+    let engine = engine_for(&server).await;
+    for script in SCRIPTS.all() {
+        let loaded = server
+            .cmd(&["SCRIPT", "LOAD", script.source()])
+            .await
+            .expect("SCRIPT LOAD");
+        assert_eq!(
+            loaded.as_str(),
+            Some(script.sha1()),
+            "lua/{}.lua: {loaded:?}",
+            script.name()
+        );
+    }
+    server.redis_cli(&["SCRIPT", "FLUSH"]).await;
+    engine
+        .preload(SCRIPTS.all())
+        .await
+        .expect("preload the shipped scripts");
+    for script in SCRIPTS.all() {
+        let exists = server.redis_cli(&["SCRIPT", "EXISTS", script.sha1()]).await;
+        assert_eq!(
+            exists,
+            Resp::Array(Some(vec![Resp::Int(1)])),
+            "{}",
+            script.name()
+        );
+    }
+}
+
+#[tokio::test]
+async fn preload_reports_a_script_that_does_not_compile() {
+    let server = RedisServer::start().await;
+    let engine = engine_for(&server).await;
+    let broken = probe("broken", "return (");
+    match engine.preload([broken]).await {
+        Err(EngineError::Script { script, message }) => {
+            assert_eq!(script, "broken");
+            assert!(message.contains("compiling"), "{message}");
+        }
+        other => panic!("expected a script error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn scripts_run_on_every_redis_cluster_node() {
+    let cluster = RedisCluster::start(3).await;
+    let engine = RedisEngine::connect(&cluster.url(), fast_options())
+        .await
+        .expect("connect to the cluster");
+    engine.ping().await.expect("ping the cluster");
+    let counter = probe("cluster_counter", "return redis.call('INCR', KEYS[1])");
+
+    // Enough SKUs that every node owns some of them; each node first answers NOSCRIPT.
+    let skus: Vec<String> = (0..30).map(|i| format!("kg:{{sku-{i}}}:n")).collect();
+    for round in 1..=2 {
+        for key in &skus {
+            let reply = engine.eval(counter, vec![key.clone()], vec![]).await;
+            assert_eq!(reply.ok(), Some(Reply::Int(round)), "{key}");
+        }
+    }
+    for node in cluster.nodes() {
+        let exists = node.redis_cli(&["SCRIPT", "EXISTS", counter.sha1()]).await;
+        assert_eq!(
+            exists,
+            Resp::Array(Some(vec![Resp::Int(1)])),
+            "node {} learned the script",
+            node.port()
+        );
+    }
+
+    // Keys of different hash tags in one script are a bug, reported as a script error.
+    let two = probe("cross_slot", "return redis.call('MGET', KEYS[1], KEYS[2])");
+    match engine
+        .eval(two, strings(&["kg:{a}:x", "kg:{b}:x"]), vec![])
+        .await
+    {
+        Err(EngineError::Script { script, message }) => {
+            assert_eq!(script, "cross_slot");
+            assert!(message.contains("CROSSSLOT"), "{message}");
+        }
+        other => panic!("expected a CROSSSLOT script error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn sentinel_url_finds_the_master() {
+    let master = RedisServer::start().await;
+    let sentinel = RedisServer::start_sentinel(&master, "kg-master").await;
+    let url = format!("redis-sentinel://127.0.0.1:{}/kg-master", sentinel.port());
+    let engine = RedisEngine::connect(&url, fast_options())
+        .await
+        .expect("connect through Sentinel");
+    let set = probe("sentinel_set", "return redis.call('SET', KEYS[1], ARGV[1])");
+    assert_eq!(
+        engine
+            .eval(set, strings(&["kg:{s}:k"]), strings(&["v"]))
+            .await
+            .ok(),
+        Some(Reply::Status("OK".into()))
+    );
+    let stored = master.redis_cli(&["GET", "kg:{s}:k"]).await;
+    assert_eq!(stored.as_str(), Some("v"), "the write reached the master");
+}

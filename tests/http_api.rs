@@ -1,0 +1,616 @@
+//! The HTTP API end to end: a gateway on port 0, a real client, every documented error.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kamigate::engine::embedded::EmbeddedEngine;
+use kamigate::inventory::{Inventory, NewCode};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use support::clock::ManualClock;
+use support::gateway::{config, TestGateway, ADMIN_TOKEN, MERCHANT_TOKEN};
+use support::redis_server::RedisServer;
+
+fn code_of(order: &Value) -> String {
+    order["keys"][0]["code"]
+        .as_str()
+        .expect("a final claim carries its code")
+        .to_owned()
+}
+
+fn error_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("<no error code>")
+}
+
+#[tokio::test]
+async fn walkthrough_create_import_claim_redeem() {
+    let gw = TestGateway::embedded().await;
+    let (status, body) = gw.put_sku("gift-50", json!({})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = gw.put_sku("gift-50", json!({"max_uses": 1})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["created"], false);
+
+    let (status, report) = gw
+        .import("gift-50", "AAAA-1111\nBBBB-2222\ncccc 3333\n")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(report["accepted"], 3);
+
+    let (status, order) = gw
+        .claim("gift-50", json!({"order_id": "o-1", "user_id": "u-9"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["state"], "claimed");
+    assert_eq!(order["replayed"], false);
+    let code = code_of(&order);
+
+    let (status, redeemed) = gw
+        .redeem(json!({"code": code, "redeemer": "user-42"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{redeemed}");
+    assert_eq!(redeemed["state"], "redeemed");
+    assert_eq!(redeemed["sku"], "gift-50");
+    assert_eq!(redeemed["key_id"], order["keys"][0]["key_id"]);
+
+    let (status, used) = gw
+        .redeem(json!({"code": code, "redeemer": "user-77", "sku": "gift-50"}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(error_code(&used), "ERR_CARD_USED");
+    assert_eq!(used["error"]["redeemer"], "us****42");
+    assert_eq!(used["error"]["redeemed_at"], redeemed["redeemed_at"]);
+
+    let counts = gw.counts("gift-50").await;
+    assert_eq!(
+        counts,
+        json!({"available": 2, "held": 0, "claimed": 0, "redeemed": 1, "void": 0})
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_guard_merchant_and_admin_routes() {
+    let gw = TestGateway::embedded().await;
+    gw.stock("s", &["CODE1"]).await;
+    let claims = format!("{}/v1/skus/s/claims", gw.public);
+    for token in [None, Some("wrong"), Some(ADMIN_TOKEN)] {
+        let mut req = gw.client.post(&claims).json(&json!({"order_id": "o-1"}));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await.expect("answered");
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "token {token:?}");
+        let body: Value = res.json().await.expect("json");
+        assert_eq!(error_code(&body), "ERR_UNAUTHORIZED");
+    }
+    let admin_put = gw
+        .client
+        .put(format!("{}/v1/skus/t", gw.admin))
+        .bearer_auth(MERCHANT_TOKEN)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(admin_put.status(), StatusCode::UNAUTHORIZED);
+    let (status, _) = gw.merchant_get("/v1/skus/t").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "nothing was created");
+    assert_eq!(gw.counts("s").await["available"], 1, "nothing was claimed");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_get_bad_request_and_change_nothing() {
+    let gw = TestGateway::embedded().await;
+    gw.stock("s", &["CODE1", "CODE2"]).await;
+    let cases = [
+        json!("{\"order_id\": "),
+        json!("[1, 2]"),
+        json!("{}"),
+        json!("{\"order_id\": 5}"),
+        json!("{\"order_id\": \"o|1\"}"),
+        json!("{\"order_id\": \"o-1\", \"quantity\": 0}"),
+        json!("{\"order_id\": \"o-1\", \"quantity\": 101}"),
+        json!("{\"order_id\": \"o-1\", \"quantity\": \"1\"}"),
+        json!("{\"order_id\": \"o-1\", \"hold_msec\": 5}"),
+        json!("{\"order_id\": \"o-1\", \"hold_ms\": 0}"),
+        json!("{\"order_id\": \"o-1\", \"hold_ms\": 100, \"hold\": false}"),
+        json!("{\"order_id\": \"o-1\", \"user_id\": \"'; DROP TABLE keys; --\"}"),
+    ];
+    for raw in cases {
+        let raw = raw.as_str().expect("raw body");
+        let res = gw
+            .client
+            .post(format!("{}/v1/skus/s/claims", gw.public))
+            .bearer_auth(MERCHANT_TOKEN)
+            .header("content-type", "application/json")
+            .body(raw.to_owned())
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{raw}");
+        let body: Value = res.json().await.expect("json");
+        assert_eq!(error_code(&body), "ERR_BAD_REQUEST", "{raw}");
+        assert!(body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+    assert_eq!(gw.counts("s").await["available"], 2);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused() {
+    let gw = TestGateway::embedded().await;
+    gw.stock("s", &["CODE1"]).await;
+    let big = format!(
+        "{{\"order_id\": \"o-1\", \"pad\": \"{}\"}}",
+        "x".repeat(100_000)
+    );
+    let res = gw
+        .client
+        .post(format!("{}/v1/skus/s/claims", gw.public))
+        .bearer_auth(MERCHANT_TOKEN)
+        .body(big.clone())
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = res.json().await.expect("json");
+    assert_eq!(error_code(&body), "ERR_PAYLOAD_TOO_LARGE");
+
+    // Without a Content-Length the limit is enforced while reading.
+    let chunks: Vec<Result<String, std::io::Error>> = big
+        .as_bytes()
+        .chunks(8192)
+        .map(|c| Ok(String::from_utf8_lossy(c).into_owned()))
+        .collect();
+    let streamed = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let res = gw
+        .client
+        .post(format!("{}/v1/redeem", gw.public))
+        .body(streamed)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(gw.counts("s").await["available"], 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn hostile_codes_get_documented_errors_and_never_echo() {
+    let gw = TestGateway::embedded().await;
+    gw.stock("s", &["GOOD-CODE-1"]).await;
+    let long = "A".repeat(10_000);
+    let cases: Vec<(String, StatusCode, &str)> = vec![
+        (
+            "'; DROP TABLE keys; --".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ERR_CARD_MALFORMED",
+        ),
+        (
+            "ABC\0DEF".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ERR_CARD_MALFORMED",
+        ),
+        (
+            "ABC\u{202E}FED".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ERR_CARD_MALFORMED",
+        ),
+        (
+            "<script>x</script>".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ERR_CARD_MALFORMED",
+        ),
+        (
+            "".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ERR_CARD_MALFORMED",
+        ),
+        (
+            "A".repeat(300),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ERR_CARD_MALFORMED",
+        ),
+        (long, StatusCode::BAD_REQUEST, "ERR_BAD_REQUEST"),
+    ];
+    for (code, status, expected) in cases {
+        for sku in [None, Some("s")] {
+            let mut body = json!({"code": code, "redeemer": "user-1"});
+            if let Some(sku) = sku {
+                body["sku"] = sku.into();
+            }
+            let (got, answer) = gw.redeem(body).await;
+            assert_eq!(got, status, "{code:.40?} sku {sku:?}: {answer}");
+            assert_eq!(error_code(&answer), expected);
+            if code.len() > 3 {
+                assert!(!answer.to_string().contains(&code), "the code is echoed");
+            }
+        }
+    }
+    let (status, hint) = gw
+        .redeem(json!({"code": "GOOD-CO#E-1", "redeemer": "u-1"}))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        hint["error"]["hint"]
+            .as_str()
+            .is_some_and(|h| h.contains("character 7,")),
+        "the hint says where: {hint}"
+    );
+    let counts = gw.counts("s").await;
+    assert_eq!(counts["available"], 1);
+    assert_eq!(counts["redeemed"], 0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_things_are_not_found_and_unsold_codes_look_unknown() {
+    let gw = TestGateway::embedded().await;
+    gw.stock("s", &["UNSOLD-1"]).await;
+    for path in [
+        "/v1/skus/nope",
+        "/v1/skus/s/claims/o-404",
+        "/v1/nothing-here",
+    ] {
+        let (status, body) = gw.merchant_get(path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(error_code(&body), "ERR_NOT_FOUND");
+    }
+    let (status, body) = gw.claim("nope", json!({"order_id": "o-1"})).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::NOT_FOUND, "ERR_NOT_FOUND")
+    );
+
+    let unsold = gw
+        .redeem(json!({"code": "UNSOLD-1", "redeemer": "u-1", "sku": "s"}))
+        .await;
+    let unknown = gw
+        .redeem(json!({"code": "NEVER-SEEN", "redeemer": "u-1", "sku": "s"}))
+        .await;
+    let no_sku = gw
+        .redeem(json!({"code": "UNSOLD-1", "redeemer": "u-1"}))
+        .await;
+    let other_sku = gw
+        .redeem(json!({"code": "UNSOLD-1", "redeemer": "u-1", "sku": "zz"}))
+        .await;
+    assert_eq!(unsold.0, StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&unsold.1), "ERR_CARD_INVALID");
+    for other in [unknown, no_sku, other_sku] {
+        assert_eq!(other.0, unsold.0);
+        assert_eq!(
+            other.1.to_string(),
+            unsold.1.to_string(),
+            "byte-identical answers"
+        );
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn claim_conflicts_sell_out_and_user_limits() {
+    let gw = TestGateway::embedded().await;
+    gw.put_sku("ltd", json!({"per_user_limit": 1})).await;
+    gw.import("ltd", "L1\nL2\nL3\n").await;
+    let (status, body) = gw.claim("ltd", json!({"order_id": "o-1"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "user_id required: {body}");
+    let (status, first) = gw
+        .claim("ltd", json!({"order_id": "o-1", "user_id": "u-1"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, again) = gw
+        .claim("ltd", json!({"order_id": "o-1", "user_id": "u-1"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(again["replayed"], true);
+    assert_eq!(code_of(&again), code_of(&first));
+    let (status, body) = gw
+        .claim("ltd", json!({"order_id": "o-1", "user_id": "u-2"}))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::CONFLICT, "ERR_ORDER_CONFLICT")
+    );
+    let (status, body) = gw
+        .claim("ltd", json!({"order_id": "o-2", "user_id": "u-1"}))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::CONFLICT, "ERR_USER_LIMIT")
+    );
+    assert_eq!(body["error"]["limit"], 1);
+    gw.claim("ltd", json!({"order_id": "o-3", "user_id": "u-2"}))
+        .await;
+    gw.claim("ltd", json!({"order_id": "o-4", "user_id": "u-3"}))
+        .await;
+    let (status, body) = gw
+        .claim("ltd", json!({"order_id": "o-5", "user_id": "u-4"}))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::CONFLICT, "ERR_SOLD_OUT")
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn holds_confirm_release_and_expire_over_http() {
+    let clock = ManualClock::new();
+    let engine = Arc::new(EmbeddedEngine::start().expect("engine"));
+    let inventory = Inventory::with_clock(engine, clock.clock());
+    let gw = TestGateway::with_inventory(config(), inventory).await;
+    gw.put_sku(
+        "h",
+        json!({"allow_late_confirm": false, "default_hold_ms": 60000}),
+    )
+    .await;
+    gw.import("h", "H1\nH2\n").await;
+
+    let (status, held) = gw
+        .claim("h", json!({"order_id": "o-1", "hold": true}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{held}");
+    assert_eq!(held["state"], "held");
+    assert!(
+        held["keys"][0].get("code").is_none(),
+        "a hold reveals no code"
+    );
+    assert!(held["hold_expires_at"].is_string());
+    let (status, confirmed) = gw
+        .merchant_post("/v1/skus/h/claims/o-1/confirm", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{confirmed}");
+    assert_eq!(confirmed["state"], "claimed");
+    assert!(confirmed["keys"][0]["code"].is_string());
+
+    gw.claim("h", json!({"order_id": "o-2", "hold_ms": 1000}))
+        .await;
+    let (status, released) = gw
+        .merchant_post("/v1/skus/h/claims/o-2/release", json!({}))
+        .await;
+    assert_eq!(
+        (status, released["state"].as_str()),
+        (StatusCode::OK, Some("released"))
+    );
+
+    gw.claim("h", json!({"order_id": "o-3", "hold_ms": 1000}))
+        .await;
+    clock.advance(1000);
+    let (status, body) = gw
+        .merchant_post("/v1/skus/h/claims/o-3/confirm", json!({}))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::CONFLICT, "ERR_HOLD_EXPIRED")
+    );
+    let (status, order) = gw.merchant_get("/v1/skus/h/claims/o-3").await;
+    assert_eq!(
+        (status, order["state"].as_str()),
+        (StatusCode::OK, Some("expired"))
+    );
+    assert_eq!(gw.counts("h").await["available"], 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn expired_cards_answer_gone() {
+    let gw = TestGateway::embedded().await;
+    gw.put_sku("exp", json!({})).await;
+    let past = gw.inventory().now_ms() - 1;
+    gw.inventory()
+        .add_codes(
+            "exp",
+            &[NewCode {
+                canonical: "OLDCODE".into(),
+                expires_at_ms: Some(past),
+            }],
+        )
+        .await
+        .expect("added");
+    let (_, order) = gw.claim("exp", json!({"order_id": "o-1"})).await;
+    let (status, body) = gw
+        .redeem(json!({"code": code_of(&order), "redeemer": "u-1"}))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::GONE, "ERR_CARD_EXPIRED")
+    );
+    assert!(body["error"]["expires_at"].is_string());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn imports_report_rejected_and_duplicate_lines() {
+    let gw = TestGateway::embedded().await;
+    gw.put_sku(
+        "fmt",
+        json!({"format": {"preset": "crockford32", "min_length": 8, "max_length": 8}}),
+    )
+    .await;
+    let long = "Z".repeat(5000);
+    let mut body =
+        format!("\u{feff}ABCD-EFGH\r\n\nabcd efgh\nABCD-EFGU\nshort\n{long}\nJKMN-PQRS\n")
+            .into_bytes();
+    body.extend_from_slice(b"\xff\xfe\x00\nJKMNPQRS");
+    let (status, report) = gw.import("fmt", body).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["accepted"], 2, "{report}");
+    assert_eq!(report["duplicate"], 2, "{report}");
+    assert_eq!(report["rejected"], 4, "{report}");
+    let lines: Vec<u64> = report["rejected_lines"]
+        .as_array()
+        .expect("lines")
+        .iter()
+        .map(|l| l["line"].as_u64().expect("line number"))
+        .collect();
+    assert_eq!(lines, [3, 4, 5, 6, 8, 9], "{report}");
+
+    let (_, again) = gw.import("fmt", "ABCDEFGH\nJKMNPQRS\n").await;
+    assert_eq!(
+        (again["accepted"].as_u64(), again["duplicate"].as_u64()),
+        (Some(0), Some(2))
+    );
+    assert_eq!(gw.counts("fmt").await["available"], 2);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn probes_and_metrics_on_the_admin_listener() {
+    let gw = TestGateway::embedded().await;
+    gw.stock("m", &["M1"]).await;
+    gw.claim("m", json!({"order_id": "o-1"})).await;
+    gw.claim("m", json!({"order_id": "o-2"})).await;
+    let get = |path: &str| gw.client.get(format!("{}{path}", gw.admin)).send();
+    assert_eq!(
+        get("/healthz").await.expect("answered").status(),
+        StatusCode::OK
+    );
+    let ready: Value = get("/readyz")
+        .await
+        .expect("answered")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(ready["status"], "ready");
+    let text = get("/metrics")
+        .await
+        .expect("answered")
+        .text()
+        .await
+        .expect("text");
+    assert!(text.contains("# HELP kamigate_http_requests_total"));
+    assert!(
+        text.contains("route=\"/v1/skus/{sku}/claims\""),
+        "labels are patterns"
+    );
+    assert!(!text.contains("/v1/skus/m/claims"), "never raw paths");
+    assert!(text.contains("kamigate_claims_total{outcome=\"ERR_SOLD_OUT\"}"));
+    assert!(text.contains("kamigate_engine_script_duration_seconds_bucket"));
+    assert!(!text.contains("M1"), "no code in metrics");
+    if let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("promtool reads");
+        let out = child.wait_with_output().expect("promtool runs");
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else if std::env::var_os("CI").is_some() {
+        panic!("promtool is required in CI");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_turns_readiness_off_and_finishes_in_flight_requests() {
+    let mut cfg = config();
+    cfg.shutdown_delay_ms = 400;
+    let gw = TestGateway::start(cfg).await;
+    gw.stock("s", &["S1", "S2"]).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(4);
+    let upload = gw
+        .client
+        .post(format!("{}/v1/skus/s/batches", gw.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .body(reqwest::Body::wrap_stream(tokio_stream_from(rx)))
+        .send();
+    let upload = tokio::spawn(upload);
+    tx.send(Ok("S3\n".into())).await.expect("sent");
+    let ready = format!("{}/readyz", gw.admin);
+    let client = gw.client.clone();
+    let stopping = tokio::spawn(gw.gateway.stop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = client.get(&ready).send().await.map(|r| r.status());
+        if status.ok() == Some(StatusCode::SERVICE_UNAVAILABLE) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readiness never turned 503"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tx.send(Ok("S4\n".into()))
+        .await
+        .expect("the upload is still being read");
+    drop(tx);
+    let res = upload
+        .await
+        .expect("task")
+        .expect("the in-flight upload completes");
+    assert_eq!(res.status(), StatusCode::OK);
+    let report: Value = res.json().await.expect("json");
+    assert_eq!(report["accepted"], 2);
+    stopping.await.expect("stopped");
+    assert!(client.get(&ready).send().await.is_err(), "listeners closed");
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<String, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<String, std::io::Error>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test]
+async fn engine_outage_answers_unavailable_then_recovers() {
+    let mut redis = RedisServer::start().await;
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    let gw = TestGateway::start(cfg).await;
+    gw.stock("r", &["R1", "R2"]).await;
+    redis.kill9();
+    let (status, body) = gw.claim("r", json!({"order_id": "o-1"})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(error_code(&body), "ERR_UNAVAILABLE");
+    let res = gw
+        .client
+        .get(format!("{}/readyz", gw.admin))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let res = gw
+        .client
+        .post(format!("{}/v1/skus/r/claims", gw.public))
+        .bearer_auth(MERCHANT_TOKEN)
+        .json(&json!({"order_id": "o-1"}))
+        .send()
+        .await
+        .expect("answered");
+    assert!(res.headers().contains_key("retry-after"));
+    redis.restart().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = gw.merchant_get("/v1/skus/r").await;
+        // Redis ran without persistence: the SKU is gone with its data, which the ledger
+        // (re-warm) takes care of; here only the engine's return matters.
+        if status != StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the engine never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.stop().await;
+}

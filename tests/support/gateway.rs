@@ -1,0 +1,167 @@
+//! A gateway on port 0 driven by a real HTTP client.
+
+use std::net::SocketAddr;
+
+use kamigate::config::Config;
+use kamigate::gateway::Gateway;
+use kamigate::inventory::Inventory;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+pub const MERCHANT_TOKEN: &str = "merchant-token-for-tests-0001";
+pub const ADMIN_TOKEN: &str = "admin-token-for-tests-00000001";
+
+/// A configuration for tests: ephemeral ports, fixed tokens, short shutdown delay.
+pub fn config() -> Config {
+    Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        merchant_token: Some(MERCHANT_TOKEN.into()),
+        admin_token: Some(ADMIN_TOKEN.into()),
+        shutdown_delay_ms: 0,
+        drain_timeout_secs: 5,
+        hold_sweep_interval_ms: 50,
+        ..Config::default()
+    }
+}
+
+/// A running gateway and a client for it.
+pub struct TestGateway {
+    pub gateway: Gateway,
+    pub client: reqwest::Client,
+    pub public: String,
+    pub admin: String,
+}
+
+impl TestGateway {
+    /// A gateway on the embedded engine.
+    pub async fn embedded() -> TestGateway {
+        TestGateway::start(config()).await
+    }
+
+    /// A gateway with its own engine from `config`.
+    pub async fn start(config: Config) -> TestGateway {
+        let gateway = Gateway::start(config).await.expect("gateway starts");
+        TestGateway::wrap(gateway)
+    }
+
+    /// A gateway over a given inventory (e.g. with a manual clock).
+    pub async fn with_inventory(config: Config, inventory: Inventory) -> TestGateway {
+        let gateway = Gateway::start_with(config, inventory)
+            .await
+            .expect("gateway starts");
+        TestGateway::wrap(gateway)
+    }
+
+    fn wrap(gateway: Gateway) -> TestGateway {
+        TestGateway {
+            public: format!("http://{}", gateway.public_addr),
+            admin: format!("http://{}", gateway.admin_addr),
+            client: reqwest::Client::new(),
+            gateway,
+        }
+    }
+
+    pub fn inventory(&self) -> &Inventory {
+        &self.gateway.app.inventory
+    }
+
+    async fn send(req: reqwest::RequestBuilder) -> (StatusCode, Value) {
+        let res = req.send().await.expect("request is answered");
+        let status = res.status();
+        let bytes = res.bytes().await.expect("body is read");
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    /// `PUT /v1/skus/{sku}` with the admin token.
+    pub async fn put_sku(&self, sku: &str, settings: Value) -> (StatusCode, Value) {
+        Self::send(
+            self.client
+                .put(format!("{}/v1/skus/{sku}", self.admin))
+                .bearer_auth(ADMIN_TOKEN)
+                .json(&settings),
+        )
+        .await
+    }
+
+    /// Imports `body` (a code per line) into `sku`.
+    pub async fn import(&self, sku: &str, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
+        Self::send(
+            self.client
+                .post(format!("{}/v1/skus/{sku}/batches", self.admin))
+                .bearer_auth(ADMIN_TOKEN)
+                .header("content-type", "text/plain")
+                .body(body),
+        )
+        .await
+    }
+
+    /// Creates `sku` with default settings and imports `codes`.
+    pub async fn stock(&self, sku: &str, codes: &[&str]) {
+        let (status, _) = self.put_sku(sku, serde_json::json!({})).await;
+        assert!(status.is_success(), "SKU created: {status}");
+        let (status, report) = self.import(sku, codes.join("\n")).await;
+        assert_eq!(status, StatusCode::OK, "{report}");
+        assert_eq!(report["accepted"], codes.len(), "{report}");
+    }
+
+    /// A merchant `POST` on the public listener.
+    pub async fn merchant_post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        Self::send(
+            self.client
+                .post(format!("{}{path}", self.public))
+                .bearer_auth(MERCHANT_TOKEN)
+                .json(&body),
+        )
+        .await
+    }
+
+    /// A merchant `GET` on the public listener.
+    pub async fn merchant_get(&self, path: &str) -> (StatusCode, Value) {
+        Self::send(
+            self.client
+                .get(format!("{}{path}", self.public))
+                .bearer_auth(MERCHANT_TOKEN),
+        )
+        .await
+    }
+
+    /// `POST /v1/skus/{sku}/claims`.
+    pub async fn claim(&self, sku: &str, body: Value) -> (StatusCode, Value) {
+        self.merchant_post(&format!("/v1/skus/{sku}/claims"), body)
+            .await
+    }
+
+    /// `POST /v1/redeem`.
+    pub async fn redeem(&self, body: Value) -> (StatusCode, Value) {
+        Self::send(
+            self.client
+                .post(format!("{}/v1/redeem", self.public))
+                .json(&body),
+        )
+        .await
+    }
+
+    /// An admin `POST`.
+    pub async fn admin_post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        Self::send(
+            self.client
+                .post(format!("{}{path}", self.admin))
+                .bearer_auth(ADMIN_TOKEN)
+                .json(&body),
+        )
+        .await
+    }
+
+    /// Engine counts of a SKU, through the API.
+    pub async fn counts(&self, sku: &str) -> Value {
+        let (status, body) = self.merchant_get(&format!("/v1/skus/{sku}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["engine"].clone()
+    }
+
+    pub async fn stop(self) {
+        self.gateway.stop().await;
+    }
+}
