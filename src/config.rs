@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::limit::LimitsConfig;
+
 /// Everything `kamigate serve` needs. Every field has a default.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -41,6 +43,8 @@ pub struct Config {
     pub hold_sweep_interval_ms: u64,
     /// Logs as JSON lines instead of text (`KAMIGATE_LOG_JSON=1`).
     pub log_json: bool,
+    /// Rate limits, load shedding and abuse protection (`[limits]`).
+    pub limits: LimitsConfig,
 }
 
 impl Default for Config {
@@ -59,6 +63,7 @@ impl Default for Config {
             drain_timeout_secs: 30,
             hold_sweep_interval_ms: 500,
             log_json: false,
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -166,6 +171,7 @@ impl Config {
         if self.hold_sweep_interval_ms == 0 {
             return invalid("hold_sweep_interval_ms must be positive");
         }
+        self.limits.validate().map_err(ConfigError::Invalid)?;
         if let Some(url) = &self.redis_url {
             let known = ["redis://", "redis-cluster://", "redis-sentinel://"];
             if !known.iter().any(|s| url.starts_with(s)) {

@@ -95,15 +95,17 @@ impl Gateway {
             merchant_token.clone(),
             admin_token.clone(),
             limits,
+            config.limits.clone(),
         ));
         m::handle();
 
         let (stop, stopped) = watch::channel(false);
         let sweep = tokio::spawn(sweep_holds(
-            app.inventory.clone(),
+            app.clone(),
             Duration::from_millis(config.hold_sweep_interval_ms),
             stopped.clone(),
         ));
+        let limiter_sweep = tokio::spawn(sweep_limiters(app.clone(), stopped.clone()));
         let shutdown = http::Shutdown {
             delay: Duration::from_millis(config.shutdown_delay_ms),
             drain: Duration::from_secs(config.drain_timeout_secs),
@@ -115,7 +117,7 @@ impl Gateway {
                 let _ = stopped.wait_for(|s| *s).await;
             };
             http::serve(serve_app, public, admin, signal, shutdown).await;
-            let _ = sweep.await;
+            let _ = tokio::join!(sweep, limiter_sweep);
         });
         Ok(Gateway {
             app,
@@ -148,7 +150,8 @@ impl Gateway {
 /// Lapses due holds of every SKU on a fixed interval, and refreshes the inventory and
 /// engine-up gauges. Claims and confirms lapse due holds themselves too; this sweep makes
 /// returned stock visible in counts and to other readers within an interval.
-async fn sweep_holds(inventory: Inventory, every: Duration, mut stopped: watch::Receiver<bool>) {
+async fn sweep_holds(app: Arc<App>, every: Duration, mut stopped: watch::Receiver<bool>) {
+    let inventory = &app.inventory;
     const BATCH: u64 = 500;
     const GAUGES_EVERY: Duration = Duration::from_secs(5);
     let mut ticker = tokio::time::interval(every);
@@ -181,6 +184,9 @@ async fn sweep_holds(inventory: Inventory, every: Duration, mut stopped: watch::
                 match inventory.expire_due(sku, BATCH).await {
                     Ok((lapsed, more)) => {
                         metrics::counter!(m::HOLDS_EXPIRED).increment(lapsed);
+                        if lapsed > 0 {
+                            app.edge.sold_out.invalidate(sku);
+                        }
                         if !more {
                             break;
                         }
@@ -208,6 +214,19 @@ async fn sweep_holds(inventory: Inventory, every: Duration, mut stopped: watch::
                     }
                 }
             }
+        }
+    }
+}
+
+/// Drops idle limiter state (buckets of clients gone quiet, expired cache entries) so memory
+/// follows the active clients, not every client ever seen.
+async fn sweep_limiters(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(app.edge.sweep_interval());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => return,
+            _ = ticker.tick() => app.edge.sweep(),
         }
     }
 }

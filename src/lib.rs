@@ -10,6 +10,8 @@
 //! - [`engine`]: the [`engine::ScriptEngine`] seam; Redis (fred) and embedded (mlua)
 //!   engines run the same `lua/` scripts, the only code that changes inventory state.
 //! - [`inventory`]: claims, holds, redemptions and imports in domain terms over an engine.
+//! - [`ledger`]: the durable record (SQLite or PostgreSQL) of imports and every change.
+//! - [`limit`]: token buckets, load shedding, sliding windows and local reject caches.
 //! - [`http`]: the hyper edge: routing, auth, handlers, graceful shutdown.
 //! - [`gateway`]: wiring a [`config::Config`] into a running gateway with background work.
 //! - [`metrics`]: every exported metric and its description.
@@ -21,5 +23,7 @@ pub mod error;
 pub mod gateway;
 pub mod http;
 pub mod inventory;
+pub mod ledger;
+pub mod limit;
 pub mod metrics;
 pub mod sku;

@@ -8,6 +8,8 @@ use std::sync::OnceLock;
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::limit;
+
 /// HTTP requests by `route`, `method`, `status` and `code` (`OK` or the `ERR_…` code).
 pub const HTTP_REQUESTS: &str = "kamigate_http_requests_total";
 /// HTTP request latency by `route` and `outcome` (`ok`, `client_error`, `server_error`).
@@ -28,6 +30,8 @@ pub const HOLDS_EXPIRED: &str = "kamigate_holds_expired_total";
 pub const INVENTORY_KEYS: &str = "kamigate_inventory_keys";
 /// 1 while the engine answers, 0 while it does not.
 pub const ENGINE_UP: &str = "kamigate_engine_up";
+// Limiter metrics are named next to the limiters: [`limit::DECISIONS`],
+// [`limit::IN_FLIGHT`], [`limit::SHED`].
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -70,4 +74,7 @@ fn describe() {
     describe_counter!(HOLDS_EXPIRED, "Holds lapsed by the background sweep.");
     describe_gauge!(INVENTORY_KEYS, "Keys per SKU and state in the engine.");
     describe_gauge!(ENGINE_UP, "1 while the engine answers, else 0.");
+    describe_counter!(limit::DECISIONS, limit::DECISIONS_HELP);
+    describe_gauge!(limit::IN_FLIGHT, limit::IN_FLIGHT_HELP);
+    describe_counter!(limit::SHED, limit::SHED_HELP);
 }

@@ -97,6 +97,15 @@ pub trait ScriptEngine: Send + Sync + 'static {
         args: Vec<String>,
     ) -> BoxFuture<'_, Result<Reply, EngineError>>;
 
+    /// Whether hash `key` has `field`: a plain read, for edge checks that must stay cheaper
+    /// than a script call (e.g. telling a retried order from a new one at sell-out).
+    fn hexists(&self, key: String, field: String) -> BoxFuture<'_, Result<bool, EngineError>> {
+        Box::pin(async move {
+            let reply = self.eval(&SCRIPTS.exists, vec![key], vec![field]).await?;
+            Ok(reply.as_i64() == Some(1))
+        })
+    }
+
     /// Answers when the engine can serve scripts (readiness).
     fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>>;
 

@@ -30,7 +30,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fred::prelude::{
-    Client, ClientLike, Config, EventInterface, Options, ReconnectPolicy, TcpConfig, Value,
+    Client, ClientLike, Config, EventInterface, HashesInterface, Options, ReconnectPolicy,
+    TcpConfig, Value,
 };
 use fred::types::{Builder, ClusterHash, CustomCommand, Resp3Frame, RespVersion};
 use futures_util::future::BoxFuture;
@@ -363,6 +364,16 @@ impl ScriptEngine for RedisEngine {
         args: Vec<String>,
     ) -> BoxFuture<'_, Result<Reply, EngineError>> {
         self.eval_script(script, keys, args).boxed()
+    }
+
+    fn hexists(&self, key: String, field: String) -> BoxFuture<'_, Result<bool, EngineError>> {
+        async move {
+            self.calls
+                .hexists::<bool, _, _>(key, field)
+                .await
+                .map_err(|e| unavailable(&e))
+        }
+        .boxed()
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>> {

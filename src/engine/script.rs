@@ -67,7 +67,10 @@ macro_rules! scripts {
     };
 }
 
-scripts!(sku, add, claim, confirm, release, expire, redeem, order, counts, void, restore, index);
+scripts!(
+    sku, add, claim, confirm, release, expire, redeem, order, counts, void, restore, index, window,
+    exists
+);
 
 /// The scripts, loaded once.
 pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(Scripts::load);

@@ -130,6 +130,9 @@ pub async fn import(app: &App, params: Params, req: Request<Incoming>) -> Result
         }
     }
     let report = importer.finish().await?;
+    if report.accepted > 0 {
+        app.edge.sold_out.invalidate(sku);
+    }
     metrics::counter!(m::IMPORT_ROWS, "result" => "accepted").increment(report.accepted);
     metrics::counter!(m::IMPORT_ROWS, "result" => "rejected").increment(report.rejected);
     metrics::counter!(m::IMPORT_ROWS, "result" => "duplicate").increment(report.duplicate);
@@ -168,7 +171,12 @@ pub async fn void(
         (before.is_some(), "void".to_owned())
     } else {
         match app.inventory.restore(&key_id, reason).await? {
-            Some(after) => (true, after),
+            Some(after) => {
+                if let Some((sku, _)) = crate::sku::parse_key_id(&key_id) {
+                    app.edge.sold_out.invalidate(sku);
+                }
+                (true, after)
+            }
             None => (false, String::new()),
         }
     };

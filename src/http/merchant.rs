@@ -16,7 +16,6 @@ pub const MAX_QUANTITY: u64 = 100;
 
 /// `POST /v1/skus/{sku}/claims`: claim or hold codes for an order.
 pub async fn claim(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
-    app.merchant(&req)?;
     let sku = params.get("sku");
     check_sku(sku)?;
     let limit = app.limits.max_body_bytes;
@@ -64,22 +63,30 @@ async fn claim_body(app: &App, sku: &str, bytes: &[u8]) -> Result<Order, Error> 
         (None, Some(true)) => Some(settings.default_hold_ms),
         (None, _) => None,
     };
+    if app.edge.sold_out.is_sold_out(sku) && !app.inventory.order_exists(sku, order_id).await? {
+        // Known sold out, and not a retry: answered without a script. A retried order
+        // still goes to the engine, which answers it as it did the first time.
+        app.edge.sold_out_at_edge();
+        return Err(Error::SoldOut);
+    }
+    if let Some(user) = user_id {
+        app.edge.claim_allowed(user).await?;
+    }
     let request = ClaimRequest {
         order_id: order_id.to_owned(),
         quantity,
         user_id: user_id.map(str::to_owned),
         hold_ms,
     };
-    app.inventory.claim(sku, &request).await
+    let result = app.inventory.claim(sku, &request).await;
+    if matches!(result, Err(Error::SoldOut)) {
+        app.edge.sold_out.mark(sku);
+    }
+    result
 }
 
-/// Checks the token and path of an order route; returns (sku, order id).
-async fn order_route<'p>(
-    app: &App,
-    params: &'p Params,
-    req: &Request<Incoming>,
-) -> Result<(&'p str, &'p str), Error> {
-    app.merchant(req)?;
+/// Checks the path of an order route; returns (sku, order id).
+async fn order_route<'p>(app: &App, params: &'p Params) -> Result<(&'p str, &'p str), Error> {
     let (sku, order_id) = (params.get("sku"), params.get("order_id"));
     check_sku(sku)?;
     check_id("order_id", order_id, MAX_ID_LEN)?;
@@ -88,30 +95,27 @@ async fn order_route<'p>(
 }
 
 /// `GET /v1/skus/{sku}/claims/{order_id}`.
-pub async fn order(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
-    let (sku, order_id) = order_route(app, &params, &req).await?;
+pub async fn order(app: &App, params: Params) -> Result<Reply, Error> {
+    let (sku, order_id) = order_route(app, &params).await?;
     let order = app.inventory.order(sku, order_id).await?;
     Ok(body::json(StatusCode::OK, &order.to_json()))
 }
 
 /// `POST /v1/skus/{sku}/claims/{order_id}/confirm`: payment arrived.
-pub async fn confirm(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
-    let (sku, order_id) = order_route(app, &params, &req).await?;
+pub async fn confirm(app: &App, params: Params) -> Result<Reply, Error> {
+    let (sku, order_id) = order_route(app, &params).await?;
     let order = app.inventory.confirm(sku, order_id).await?;
     Ok(body::json(StatusCode::OK, &order.to_json()))
 }
 
 /// `POST /v1/skus/{sku}/claims/{order_id}/release`: cancel a hold.
-pub async fn release(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
-    let (sku, order_id) = order_route(app, &params, &req).await?;
+pub async fn release(app: &App, params: Params) -> Result<Reply, Error> {
+    let (sku, order_id) = order_route(app, &params).await?;
     let order = app.inventory.release(sku, order_id).await?;
+    if !order.replayed {
+        app.edge.sold_out.invalidate(sku);
+    }
     Ok(body::json(StatusCode::OK, &order.to_json()))
-}
-
-/// `GET /v1/skus/{sku}` on the public listener (merchant token).
-pub async fn sku(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
-    app.merchant(&req)?;
-    sku_view(app, params.get("sku")).await
 }
 
 /// A SKU's settings and counts by state.

@@ -10,12 +10,13 @@
 
 pub mod admin;
 pub mod body;
+pub mod guard;
 pub mod merchant;
 pub mod public;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,14 +34,17 @@ use tokio::sync::watch;
 use crate::error::Error;
 use crate::inventory::settings::SkuSettings;
 use crate::inventory::Inventory;
+use crate::limit::LimitsConfig;
 use crate::metrics as m;
 use body::Reply;
+use guard::Edge;
 
 /// Everything handlers share.
 pub struct App {
     pub inventory: Inventory,
     pub skus: SkuSettings,
     pub limits: Limits,
+    pub edge: Edge,
     merchant_token: String,
     admin_token: String,
     draining: AtomicBool,
@@ -60,8 +64,10 @@ impl App {
         merchant_token: String,
         admin_token: String,
         limits: Limits,
+        edge: LimitsConfig,
     ) -> App {
         App {
+            edge: Edge::new(edge, inventory.engine().clone(), inventory.clock()),
             inventory,
             skus: SkuSettings::default(),
             limits,
@@ -90,9 +96,15 @@ impl App {
         }
     }
 
-    /// Requires the merchant token.
-    pub fn merchant(&self, req: &Request<Incoming>) -> Result<(), Error> {
-        self.authorize(req, &self.merchant_token)
+    /// Requires the merchant token, then takes from that token's bucket. Requests with a
+    /// wrong token are limited by the client's public bucket instead, so guessing tokens
+    /// costs as much as any other public request.
+    pub fn merchant(&self, req: &Request<Incoming>, ip: IpAddr) -> Result<(), Error> {
+        if let Err(e) = self.authorize(req, &self.merchant_token) {
+            self.edge.public(ip)?;
+            return Err(e);
+        }
+        self.edge.merchant(self.merchant_token.as_bytes())
     }
 
     /// Requires the admin token.
@@ -271,17 +283,38 @@ async fn dispatch(
     route: RouteId,
     params: Params,
     req: Request<Incoming>,
-    peer: SocketAddr,
+    ip: IpAddr,
 ) -> Result<Reply, Error> {
     use RouteId::*;
     let method = req.method().clone();
+    // Everything on the public listener reaches the engine: cap it before any work.
+    let _slot = match which {
+        Listener::Public => Some(app.edge.admit()?),
+        Listener::Admin => None,
+    };
+    let merchant = |req: &Request<Incoming>| app.merchant(req, ip);
     match (which, route, method) {
-        (Listener::Public, Redeem, Method::POST) => public::redeem(app, req, peer).await,
-        (Listener::Public, Sku, Method::GET) => merchant::sku(app, params, req).await,
-        (Listener::Public, Claims, Method::POST) => merchant::claim(app, params, req).await,
-        (Listener::Public, Claim, Method::GET) => merchant::order(app, params, req).await,
-        (Listener::Public, ClaimConfirm, Method::POST) => merchant::confirm(app, params, req).await,
-        (Listener::Public, ClaimRelease, Method::POST) => merchant::release(app, params, req).await,
+        (Listener::Public, Redeem, Method::POST) => public::redeem(app, req, ip).await,
+        (Listener::Public, Sku, Method::GET) => {
+            merchant(&req)?;
+            merchant::sku_view(app, params.get("sku")).await
+        }
+        (Listener::Public, Claims, Method::POST) => {
+            merchant(&req)?;
+            merchant::claim(app, params, req).await
+        }
+        (Listener::Public, Claim, Method::GET) => {
+            merchant(&req)?;
+            merchant::order(app, params).await
+        }
+        (Listener::Public, ClaimConfirm, Method::POST) => {
+            merchant(&req)?;
+            merchant::confirm(app, params).await
+        }
+        (Listener::Public, ClaimRelease, Method::POST) => {
+            merchant(&req)?;
+            merchant::release(app, params).await
+        }
         (Listener::Admin, Healthz, Method::GET) => Ok(admin::healthz()),
         (Listener::Admin, Readyz, Method::GET) => Ok(admin::readyz(app).await),
         (Listener::Admin, Metrics, Method::GET) => Ok(admin::metrics()),
@@ -306,11 +339,12 @@ async fn handle(
 ) -> Reply {
     let started = Instant::now();
     let method = req.method().clone();
+    let ip = app.edge.client_ip(peer, req.headers());
     let (pattern, result) = match routes.at(req.uri().path()) {
         Ok(found) => {
             let route = *found.value;
             let params = Params::from(&found.params);
-            let result = dispatch(app, which, route.id, params, req, peer).await;
+            let result = dispatch(app, which, route.id, params, req, ip).await;
             (route.pattern, result)
         }
         Err(_) => ("unmatched", Err(Error::NotFound("route".into()))),

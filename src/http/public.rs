@@ -1,6 +1,6 @@
 //! The public route: `POST /v1/redeem`. No token; rate limits apply per client.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
@@ -18,11 +18,12 @@ use crate::sku::{check_id, check_sku, MAX_ID_LEN, MAX_SKU_LEN};
 pub const MAX_RAW_CODE_BYTES: usize = 1024;
 
 /// Redeems a sold code for a redeemer.
-pub async fn redeem(app: &App, req: Request<Incoming>, _peer: SocketAddr) -> Result<Reply, Error> {
+pub async fn redeem(app: &App, req: Request<Incoming>, ip: IpAddr) -> Result<Reply, Error> {
+    app.edge.public(ip)?;
     let limit = app.limits.max_body_bytes;
     body::check_declared_length(req.headers(), limit)?;
     let bytes = body::read_limited(req.into_body(), limit).await?;
-    let result = redeem_body(app, &bytes).await;
+    let result = redeem_body(app, &bytes, ip).await;
     let outcome = match &result {
         Ok(r) if r.replayed => "replay",
         Ok(_) => "new",
@@ -32,12 +33,30 @@ pub async fn redeem(app: &App, req: Request<Incoming>, _peer: SocketAddr) -> Res
     Ok(body::json(StatusCode::OK, &result?.to_json()))
 }
 
-async fn redeem_body(app: &App, bytes: &[u8]) -> Result<Redemption, Error> {
+async fn redeem_body(app: &App, bytes: &[u8], ip: IpAddr) -> Result<Redemption, Error> {
     let body = JsonBody::parse(bytes, &["code", "redeemer", "sku"])?;
     let raw = body.str("code", MAX_RAW_CODE_BYTES)?;
     let redeemer = body.str("redeemer", MAX_ID_LEN)?;
     check_id("redeemer", redeemer, MAX_ID_LEN)?;
     let sku = body.opt_str("sku", MAX_SKU_LEN)?;
+    app.edge.redemption_allowed(ip, redeemer).await?;
+    let result = attempt(app, raw, redeemer, sku).await;
+    if matches!(
+        result,
+        Err(Error::CardMalformed(_) | Error::CardInvalid | Error::CardUsed { .. })
+    ) {
+        app.edge.redemption_failed(ip, redeemer).await;
+    }
+    result
+}
+
+/// One redemption attempt, after the limits let it through.
+async fn attempt(
+    app: &App,
+    raw: &str,
+    redeemer: &str,
+    sku: Option<&str>,
+) -> Result<Redemption, Error> {
     let inventory = &app.inventory;
     match sku {
         Some(sku) => {

@@ -5,6 +5,7 @@
 //! This is the only place that knows the scripts' reply shapes, so both engines share it.
 //! Knows nothing of HTTP.
 
+pub mod formats;
 pub mod import;
 pub mod settings;
 
@@ -188,6 +189,17 @@ impl Inventory {
     /// The engine underneath.
     pub fn engine(&self) -> &Arc<dyn ScriptEngine> {
         &self.engine
+    }
+
+    /// The clock this inventory runs on.
+    pub fn clock(&self) -> Clock {
+        self.clock.clone()
+    }
+
+    /// Whether `sku` has an order `order_id`, by a plain read rather than a script.
+    pub async fn order_exists(&self, sku: &str, order_id: &str) -> Result<bool, Error> {
+        let key = format!("kg:{{{sku}}}:orders");
+        Ok(self.engine.hexists(key, order_id.to_owned()).await?)
     }
 
     /// Now, in milliseconds since the epoch.

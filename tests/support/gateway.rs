@@ -11,9 +11,14 @@ use serde_json::Value;
 pub const MERCHANT_TOKEN: &str = "merchant-token-for-tests-0001";
 pub const ADMIN_TOKEN: &str = "admin-token-for-tests-00000001";
 
-/// A configuration for tests: ephemeral ports, fixed tokens, short shutdown delay.
+/// A configuration for tests: ephemeral ports, fixed tokens, short shutdown delay, and no
+/// lockouts of failed redemptions (tests of error answers fail on purpose; `tests/limits.rs`
+/// turns lockouts on where it tests them).
 pub fn config() -> Config {
+    let mut limits = kamigate::limit::LimitsConfig::default();
+    limits.failed_redemptions.max_failures = 0;
     Config {
+        limits,
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         merchant_token: Some(MERCHANT_TOKEN.into()),
