@@ -18,13 +18,21 @@
 //!   judged by an injected [`Clock`] so tests can move time. There is no background sweep; the
 //!   scripts keep time-based state in sorted sets rather than relying on key TTLs.
 //! - Iteration order of hashes and sets is unspecified, as it is for large ones in Redis.
+//!
+//! Streams, consumer groups included, live in their own file (`keyspace_streams.rs`), a child
+//! module sharing this one's helpers.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+
+#[path = "keyspace_streams.rs"]
+mod streams;
+
+use streams::Stream;
 
 /// Milliseconds since the Unix epoch, as the keyspace sees them: key expiry and stream ids.
 ///
@@ -73,7 +81,6 @@ const SYNTAX: &str = "ERR syntax error";
 const OVERFLOW: &str = "ERR increment or decrement would overflow";
 const NOT_POSITIVE: &str = "ERR value is out of range, must be positive";
 const HASH_NOT_INTEGER: &str = "ERR hash value is not an integer";
-const INVALID_STREAM_ID: &str = "ERR Invalid stream ID specified as stream command argument";
 const NO_ARGUMENTS: &str = "ERR Please specify at least one argument for this redis lib call";
 
 type Result<T> = std::result::Result<T, String>;
@@ -120,10 +127,17 @@ const COMMANDS: &[Command] = &[
     Command { name: "SMEMBERS", arity: 2, run: Keyspace::smembers },
     Command { name: "SREM", arity: -3, run: Keyspace::srem },
     Command { name: "TYPE", arity: 2, run: Keyspace::type_of },
+    Command { name: "XACK", arity: -4, run: Keyspace::xack },
     Command { name: "XADD", arity: -5, run: Keyspace::xadd },
+    Command { name: "XAUTOCLAIM", arity: -6, run: Keyspace::xautoclaim },
+    Command { name: "XCLAIM", arity: -6, run: Keyspace::xclaim },
     Command { name: "XDEL", arity: -3, run: Keyspace::xdel },
+    Command { name: "XGROUP", arity: -2, run: Keyspace::xgroup },
+    Command { name: "XINFO", arity: -2, run: Keyspace::xinfo },
     Command { name: "XLEN", arity: 2, run: Keyspace::xlen },
+    Command { name: "XPENDING", arity: -3, run: Keyspace::xpending },
     Command { name: "XRANGE", arity: -4, run: Keyspace::xrange },
+    Command { name: "XREADGROUP", arity: -7, run: Keyspace::xreadgroup },
     Command { name: "XTRIM", arity: -4, run: Keyspace::xtrim },
     Command { name: "ZADD", arity: -4, run: Keyspace::zadd },
     Command { name: "ZCARD", arity: 2, run: Keyspace::zcard },
@@ -305,131 +319,6 @@ impl ScoreRange {
             score <= self.max
         }
     }
-}
-
-/// A stream entry id, `ms-seq`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-struct StreamId {
-    ms: u64,
-    seq: u64,
-}
-
-impl StreamId {
-    const MIN: StreamId = StreamId { ms: 0, seq: 0 };
-    const MAX: StreamId = StreamId {
-        ms: u64::MAX,
-        seq: u64::MAX,
-    };
-
-    fn next(self) -> Option<StreamId> {
-        if self.seq < u64::MAX {
-            Some(StreamId {
-                ms: self.ms,
-                seq: self.seq + 1,
-            })
-        } else if self.ms < u64::MAX {
-            Some(StreamId {
-                ms: self.ms + 1,
-                seq: 0,
-            })
-        } else {
-            None
-        }
-    }
-
-    fn prev(self) -> Option<StreamId> {
-        if self.seq > 0 {
-            Some(StreamId {
-                ms: self.ms,
-                seq: self.seq - 1,
-            })
-        } else if self.ms > 0 {
-            Some(StreamId {
-                ms: self.ms - 1,
-                seq: u64::MAX,
-            })
-        } else {
-            None
-        }
-    }
-
-    fn to_bytes(self) -> Bytes {
-        Bytes::from(format!("{}-{}", self.ms, self.seq))
-    }
-
-    /// Parses `ms-seq`, `ms` (seq = `missing_seq`) and, unless `strict`, `-` and `+`.
-    fn parse(arg: &[u8], missing_seq: u64, strict: bool) -> Option<StreamId> {
-        match arg {
-            b"-" if !strict => return Some(StreamId::MIN),
-            b"+" if !strict => return Some(StreamId::MAX),
-            _ => {}
-        }
-        if arg.len() > 127 {
-            return None;
-        }
-        let (ms, seq) = match arg.iter().position(|&b| b == b'-') {
-            Some(dash) => (parse_u64(&arg[..dash])?, parse_u64(&arg[dash + 1..])?),
-            None => (parse_u64(arg)?, missing_seq),
-        };
-        Some(StreamId { ms, seq })
-    }
-}
-
-/// A stream: entries (flat field/value lists) by id, and the last id ever issued, which only
-/// grows, so ids stay strictly increasing even after deletions or when the clock goes back.
-#[derive(Default)]
-struct Stream {
-    entries: BTreeMap<StreamId, Vec<Bytes>>,
-    last_id: StreamId,
-}
-
-impl Stream {
-    /// Removes entries from the oldest by `strategy`, at most `limit` of them (0: no limit).
-    fn trim(&mut self, strategy: Trim, limit: u64) -> i64 {
-        let mut removed: u64 = 0;
-        while limit == 0 || removed < limit {
-            let len = u64::try_from(self.entries.len()).unwrap_or(u64::MAX);
-            let Some(entry) = self.entries.first_entry() else {
-                break;
-            };
-            let excess = match strategy {
-                Trim::MaxLen(max) => len > max,
-                Trim::MinId(min) => *entry.key() < min,
-            };
-            if !excess {
-                break;
-            }
-            entry.remove();
-            removed += 1;
-        }
-        i64::try_from(removed).unwrap_or(i64::MAX)
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Trim {
-    MaxLen(u64),
-    MinId(StreamId),
-}
-
-/// The id argument of `XADD`.
-#[derive(Clone, Copy)]
-enum NewId {
-    /// `*`: from the clock.
-    Auto,
-    /// `ms-*`: the given ms, the next free sequence.
-    AutoSeq(u64),
-    /// `ms-seq` or `ms`.
-    Explicit(StreamId),
-}
-
-/// The parsed options shared by `XADD` and `XTRIM`.
-struct TrimArgs {
-    trim: Option<Trim>,
-    limit: u64,
-    no_mkstream: bool,
-    /// `XADD` only: the id and the index of the first field.
-    id: Option<(NewId, usize)>,
 }
 
 /// The in-memory keyspace. See the module documentation.
@@ -1218,239 +1107,12 @@ impl Keyspace {
         self.drop_if_empty(&a[1]);
         Ok(Resp::Int(count(doomed.len())))
     }
-
-    // ---- streams ---------------------------------------------------------------------------
-
-    /// Redis's `streamParseAddOrTrimArgsOrReply`, for `XADD` (`xadd`) and `XTRIM`.
-    fn parse_trim_args(a: &[Bytes], xadd: bool) -> Result<TrimArgs> {
-        let mut args = TrimArgs {
-            trim: None,
-            limit: 0,
-            no_mkstream: false,
-            id: None,
-        };
-        let mut approx = false;
-        let mut limit_given = false;
-        let mut i = 2;
-        while i < a.len() {
-            let more = a.len() - 1 - i;
-            let opt = &a[i];
-            if xadd && opt.as_ref() == b"*" {
-                args.id = Some((NewId::Auto, i + 1));
-                break;
-            } else if (is(opt, "MAXLEN") || is(opt, "MINID")) && more > 0 {
-                if args.trim.is_some() {
-                    return Err("ERR syntax error, MAXLEN and MINID options at the same time are not compatible".into());
-                }
-                approx = false;
-                if more >= 2 && a[i + 1].as_ref() == b"~" {
-                    approx = true;
-                    i += 1;
-                } else if more >= 2 && a[i + 1].as_ref() == b"=" {
-                    i += 1;
-                }
-                let threshold = &a[i + 1];
-                args.trim = Some(if is(opt, "MAXLEN") {
-                    let n = int_arg(threshold)?;
-                    Trim::MaxLen(
-                        u64::try_from(n).map_err(|_| "ERR The MAXLEN argument must be >= 0.")?,
-                    )
-                } else {
-                    Trim::MinId(StreamId::parse(threshold, 0, true).ok_or(INVALID_STREAM_ID)?)
-                });
-                i += 1;
-            } else if is(opt, "LIMIT") && more > 0 {
-                let n = int_arg(&a[i + 1])?;
-                args.limit =
-                    u64::try_from(n).map_err(|_| "ERR The LIMIT argument must be >= 0.")?;
-                limit_given = true;
-                i += 1;
-            } else if xadd && is(opt, "NOMKSTREAM") {
-                args.no_mkstream = true;
-            } else if xadd {
-                args.id = Some((parse_new_id(opt)?, i + 1));
-                break;
-            } else {
-                return Err(SYNTAX.into());
-            }
-            i += 1;
-        }
-        if args.limit > 0 && args.trim.is_none() {
-            return Err(
-                "ERR syntax error, LIMIT cannot be used without specifying a trimming strategy"
-                    .into(),
-            );
-        }
-        if !xadd && args.trim.is_none() {
-            return Err("ERR syntax error, XTRIM must be called with a trimming strategy".into());
-        }
-        if limit_given && !approx {
-            return Err(
-                "ERR syntax error, LIMIT cannot be used without the special ~ option".into(),
-            );
-        }
-        if !limit_given && approx {
-            // Redis bounds approximate trimming's work per call; so do we.
-            args.limit = 10_000;
-        }
-        Ok(args)
-    }
-
-    /// `XADD key [NOMKSTREAM] [MAXLEN|MINID [=|~] threshold [LIMIT n]] *|id field value …`
-    fn xadd(&mut self, a: &[Bytes]) -> Result<Resp> {
-        let args = Self::parse_trim_args(a, true)?;
-        let (new_id, fields_at) = args.id.unwrap_or((NewId::Auto, a.len()));
-        let fields = a.get(fields_at..).unwrap_or_default();
-        if args.id.is_none() || fields.len() < 2 || fields.len() % 2 != 0 {
-            return Err(arity_error("XADD"));
-        }
-        if let NewId::Explicit(StreamId::MIN) = new_id {
-            return Err("ERR The ID specified in XADD must be greater than 0-0".into());
-        }
-        if args.no_mkstream && self.stream(&a[1])?.is_none() {
-            return Ok(Resp::Nil);
-        }
-        let now = self.now();
-        let stream = self.stream_or_create(&a[1])?;
-        let last = stream.last_id;
-        if last == StreamId::MAX {
-            return Err(
-                "ERR The stream has exhausted the last possible ID, unable to add more items"
-                    .into(),
-            );
-        }
-        let too_small =
-            || "ERR The ID specified in XADD is equal or smaller than the target stream top item";
-        let id = match new_id {
-            NewId::Auto if now > last.ms => StreamId { ms: now, seq: 0 },
-            NewId::Auto => last.next().ok_or_else(too_small)?,
-            NewId::AutoSeq(ms) if ms == last.ms => {
-                last.next().filter(|n| n.ms == ms).ok_or_else(too_small)?
-            }
-            NewId::AutoSeq(ms) => StreamId { ms, seq: 0 },
-            NewId::Explicit(id) => id,
-        };
-        if id <= last {
-            return Err(too_small().into());
-        }
-        stream.entries.insert(id, fields.to_vec());
-        stream.last_id = id;
-        if let Some(trim) = args.trim {
-            stream.trim(trim, args.limit);
-        }
-        Ok(Resp::Bulk(id.to_bytes()))
-    }
-
-    fn xlen(&mut self, a: &[Bytes]) -> Result<Resp> {
-        Ok(Resp::Int(count(
-            self.stream(&a[1])?.map_or(0, |s| s.entries.len()),
-        )))
-    }
-
-    /// `XRANGE key start end [COUNT n]`; `-`, `+`, `ms`, `ms-seq`, `(` exclusive.
-    fn xrange(&mut self, a: &[Bytes]) -> Result<Resp> {
-        let start = parse_interval_id(&a[2], 0)?;
-        let end = parse_interval_id(&a[3], u64::MAX)?;
-        let start = match start {
-            (id, true) => id.next().ok_or("ERR invalid start ID for the interval")?,
-            (id, false) => id,
-        };
-        let end = match end {
-            (id, true) => id.prev().ok_or("ERR invalid end ID for the interval")?,
-            (id, false) => id,
-        };
-        let mut limit: Option<usize> = None;
-        let mut j = 4;
-        while let Some(opt) = a.get(j) {
-            if is(opt, "COUNT") && j + 1 < a.len() {
-                let n = int_arg(&a[j + 1])?;
-                limit = Some(usize::try_from(n).unwrap_or(0));
-                j += 2;
-            } else {
-                return Err(SYNTAX.into());
-            }
-        }
-        let Some(stream) = self.stream(&a[1])? else {
-            return Ok(Resp::Array(Vec::new()));
-        };
-        if limit == Some(0) {
-            // Redis answers COUNT 0 (or negative) with a nil array.
-            return Ok(Resp::Nil);
-        }
-        if start > end {
-            return Ok(Resp::Array(Vec::new()));
-        }
-        let entries = stream
-            .entries
-            .range(start..=end)
-            .take(limit.unwrap_or(usize::MAX))
-            .map(|(id, fields)| {
-                Resp::Array(vec![
-                    Resp::Bulk(id.to_bytes()),
-                    Resp::Array(fields.iter().cloned().map(Resp::Bulk).collect()),
-                ])
-            })
-            .collect();
-        Ok(Resp::Array(entries))
-    }
-
-    fn xdel(&mut self, a: &[Bytes]) -> Result<Resp> {
-        let ids = a[2..]
-            .iter()
-            .map(|arg| StreamId::parse(arg, 0, true).ok_or(INVALID_STREAM_ID))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let Some(stream) = self.stream_mut(&a[1])? else {
-            return Ok(Resp::Int(0));
-        };
-        let removed = ids
-            .iter()
-            .filter(|id| stream.entries.remove(id).is_some())
-            .count();
-        Ok(Resp::Int(count(removed)))
-    }
-
-    /// `XTRIM key MAXLEN|MINID [=|~] threshold [LIMIT n]`
-    fn xtrim(&mut self, a: &[Bytes]) -> Result<Resp> {
-        let args = Self::parse_trim_args(a, false)?;
-        let Some(stream) = self.stream_mut(&a[1])? else {
-            return Ok(Resp::Int(0));
-        };
-        let removed = match args.trim {
-            Some(trim) => stream.trim(trim, args.limit),
-            None => 0,
-        };
-        Ok(Resp::Int(removed))
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum RangeKind {
     Rank,
     Score,
-}
-
-/// `*`, `ms-*`, `ms-seq` or `ms` (seq 0), Redis's strict id parsing for `XADD`.
-fn parse_new_id(arg: &[u8]) -> Result<NewId> {
-    if let Some(ms) = arg.strip_suffix(b"-*") {
-        return parse_u64(ms)
-            .map(NewId::AutoSeq)
-            .ok_or_else(|| INVALID_STREAM_ID.into());
-    }
-    StreamId::parse(arg, 0, true)
-        .map(NewId::Explicit)
-        .ok_or_else(|| INVALID_STREAM_ID.into())
-}
-
-/// An `XRANGE` bound: the id and whether it is exclusive (`(` prefix).
-fn parse_interval_id(arg: &[u8], missing_seq: u64) -> Result<(StreamId, bool)> {
-    match arg.split_first() {
-        Some((b'(', rest)) if !rest.is_empty() => StreamId::parse(rest, missing_seq, true)
-            .map(|id| (id, true))
-            .ok_or_else(|| INVALID_STREAM_ID.into()),
-        _ => StreamId::parse(arg, missing_seq, false)
-            .map(|id| (id, false))
-            .ok_or_else(|| INVALID_STREAM_ID.into()),
-    }
 }
 
 /// Redis's `LRANGE`/`ZRANGE` index normalisation: negative counts from the end; `None` when
@@ -1537,20 +1199,6 @@ fn parse_i64(s: &[u8]) -> Option<i64> {
     }
 }
 
-/// Unsigned decimal for stream ids (leading zeros allowed, as `strtoull` does).
-fn parse_u64(s: &[u8]) -> Option<u64> {
-    if s.is_empty() || s.len() > 20 {
-        return None;
-    }
-    s.iter().try_fold(0u64, |acc, &c| {
-        if c.is_ascii_digit() {
-            acc.checked_mul(10)?.checked_add(u64::from(c - b'0'))
-        } else {
-            None
-        }
-    })
-}
-
 /// A score argument: decimal or exponent notation, `inf`, `+inf`, `-inf`; never NaN.
 fn parse_f64(s: &[u8]) -> Option<f64> {
     let v: f64 = std::str::from_utf8(s).ok()?.parse().ok()?;
@@ -1619,7 +1267,7 @@ mod tests {
     use super::*;
 
     /// A keyspace whose clock the test moves.
-    fn keyspace() -> (Keyspace, Arc<AtomicU64>) {
+    pub(super) fn keyspace() -> (Keyspace, Arc<AtomicU64>) {
         let now = Arc::new(AtomicU64::new(1_000_000));
         let clock = Arc::clone(&now);
         (
@@ -1636,22 +1284,22 @@ mod tests {
         ks.call(&args)
     }
 
-    fn ok(ks: &mut Keyspace, line: &str) -> Resp {
+    pub(super) fn ok(ks: &mut Keyspace, line: &str) -> Resp {
         run(ks, line).unwrap_or_else(|e| panic!("{line}: {e}"))
     }
 
-    fn err(ks: &mut Keyspace, line: &str) -> String {
+    pub(super) fn err(ks: &mut Keyspace, line: &str) -> String {
         match run(ks, line) {
             Ok(r) => panic!("{line}: expected an error, got {r:?}"),
             Err(e) => e,
         }
     }
 
-    fn bulk(s: &str) -> Resp {
+    pub(super) fn bulk(s: &str) -> Resp {
         Resp::Bulk(Bytes::copy_from_slice(s.as_bytes()))
     }
 
-    fn bulks(items: &[&str]) -> Resp {
+    pub(super) fn bulks(items: &[&str]) -> Resp {
         Resp::Array(items.iter().map(|s| bulk(s)).collect())
     }
 
@@ -1668,7 +1316,7 @@ mod tests {
     #[test]
     fn command_table_is_sorted_and_complete() {
         assert!(COMMANDS.windows(2).all(|w| w[0].name < w[1].name));
-        assert_eq!(COMMANDS.len(), 42);
+        assert_eq!(COMMANDS.len(), 49);
         for name in Keyspace::commands() {
             assert!(Keyspace::supports(name));
             assert!(Keyspace::supports(&name.to_ascii_lowercase()));
@@ -1771,6 +1419,15 @@ mod tests {
             "XADD s * f v",
             "XRANGE s - +",
             "XLEN s",
+            "XDEL s 1-1",
+            "XTRIM s MAXLEN 1",
+            "XGROUP CREATE s g $ MKSTREAM",
+            "XREADGROUP GROUP g c STREAMS s >",
+            "XACK s g 1-1",
+            "XPENDING s g",
+            "XCLAIM s g c 0 1-1",
+            "XAUTOCLAIM s g c 0 0",
+            "XINFO GROUPS s",
         ] {
             assert_eq!(err(&mut ks, line), WRONGTYPE, "{line}");
         }
@@ -2096,137 +1753,6 @@ mod tests {
         ok(&mut ks, "ZADD z 1 b");
         assert_eq!(ok(&mut ks, "ZRANGEBYSCORE z 1 1"), bulks(&["b"]));
         assert_eq!(ok(&mut ks, "ZRANGEBYSCORE z 0 0"), bulks(&["x", "y"]));
-    }
-
-    #[test]
-    fn stream_ids_strictly_increase() {
-        let (mut ks, now) = keyspace();
-        let t = now.load(AtomicOrdering::SeqCst);
-        assert_eq!(ok(&mut ks, "XADD s * a 1"), bulk(&format!("{t}-0")));
-        assert_eq!(ok(&mut ks, "XADD s * a 2"), bulk(&format!("{t}-1")));
-        // The clock going back never produces a smaller id.
-        now.store(t - 500, AtomicOrdering::SeqCst);
-        assert_eq!(ok(&mut ks, "XADD s * a 3"), bulk(&format!("{t}-2")));
-        now.store(t + 1, AtomicOrdering::SeqCst);
-        assert_eq!(ok(&mut ks, "XADD s * a 4"), bulk(&format!("{}-0", t + 1)));
-        assert_eq!(
-            err(&mut ks, &format!("XADD s {t}-5 a 5")),
-            "ERR The ID specified in XADD is equal or smaller than the target stream top item"
-        );
-        assert_eq!(
-            ok(&mut ks, &format!("XADD s {}-* a 5", t + 1)),
-            bulk(&format!("{}-1", t + 1))
-        );
-        assert_eq!(
-            ok(&mut ks, &format!("XADD s {} a 6", t + 2)),
-            bulk(&format!("{}-0", t + 2))
-        );
-        assert_eq!(
-            ok(&mut ks, &format!("XADD s {}-7 a 7", t + 2)),
-            bulk(&format!("{}-7", t + 2))
-        );
-        assert_eq!(ok(&mut ks, "XLEN s"), Resp::Int(7));
-        // Deleting the newest entry does not let its id be reused.
-        assert_eq!(ok(&mut ks, &format!("XDEL s {}-7", t + 2)), Resp::Int(1));
-        assert_eq!(ok(&mut ks, "XADD s * a 8"), bulk(&format!("{}-8", t + 2)));
-        assert_eq!(
-            err(&mut ks, "XADD fresh 0-0 a 1"),
-            "ERR The ID specified in XADD must be greater than 0-0"
-        );
-        assert_eq!(ok(&mut ks, "XADD fresh 0-* a 1"), bulk("0-1"));
-        assert_eq!(err(&mut ks, "XADD s 12x a 1"), INVALID_STREAM_ID);
-        assert_eq!(
-            err(&mut ks, "XADD s * a"),
-            "ERR wrong number of arguments for 'xadd' command"
-        );
-        assert_eq!(
-            err(&mut ks, "XADD s * a 1 b"),
-            "ERR wrong number of arguments for 'xadd' command"
-        );
-        assert_eq!(ok(&mut ks, "XADD nope NOMKSTREAM * a 1"), Resp::Nil);
-        assert_eq!(ok(&mut ks, "EXISTS nope"), Resp::Int(0));
-        assert_eq!(ok(&mut ks, "TYPE s"), Resp::Status("stream"));
-    }
-
-    #[test]
-    fn stream_range_trim_and_delete() {
-        let (mut ks, _) = keyspace();
-        for i in 1..=5 {
-            ok(&mut ks, &format!("XADD s {i}-0 n {i}"));
-        }
-        let entry =
-            |i: u64| Resp::Array(vec![bulk(&format!("{i}-0")), bulks(&["n", &i.to_string()])]);
-        assert_eq!(
-            ok(&mut ks, "XRANGE s - +"),
-            Resp::Array((1..=5).map(entry).collect())
-        );
-        assert_eq!(
-            ok(&mut ks, "XRANGE s 2 3"),
-            Resp::Array(vec![entry(2), entry(3)])
-        );
-        assert_eq!(
-            ok(&mut ks, "XRANGE s (2-0 + COUNT 2"),
-            Resp::Array(vec![entry(3), entry(4)])
-        );
-        assert_eq!(ok(&mut ks, "XRANGE s - (1-0"), Resp::Array(vec![]));
-        assert_eq!(ok(&mut ks, "XRANGE s 4 2"), Resp::Array(vec![]));
-        assert_eq!(ok(&mut ks, "XRANGE s - + COUNT 0"), Resp::Nil);
-        assert_eq!(ok(&mut ks, "XRANGE missing - +"), Resp::Array(vec![]));
-        assert_eq!(err(&mut ks, "XRANGE s - + COUNT"), SYNTAX);
-        assert_eq!(err(&mut ks, "XRANGE s x +"), INVALID_STREAM_ID);
-        assert_eq!(
-            err(
-                &mut ks,
-                "XRANGE s (18446744073709551615-18446744073709551615 +"
-            ),
-            "ERR invalid start ID for the interval"
-        );
-        assert_eq!(
-            err(&mut ks, "XRANGE s - (0-0"),
-            "ERR invalid end ID for the interval"
-        );
-
-        assert_eq!(ok(&mut ks, "XDEL s 2-0 9-0 2-0"), Resp::Int(1));
-        assert_eq!(err(&mut ks, "XDEL s +"), INVALID_STREAM_ID);
-        assert_eq!(ok(&mut ks, "XTRIM s MAXLEN 2"), Resp::Int(2));
-        assert_eq!(
-            ok(&mut ks, "XRANGE s - +"),
-            Resp::Array(vec![entry(4), entry(5)])
-        );
-        assert_eq!(ok(&mut ks, "XTRIM s MINID = 5"), Resp::Int(1));
-        assert_eq!(ok(&mut ks, "XADD s MAXLEN ~ 1 5-* n 6"), bulk("5-1"));
-        assert_eq!(ok(&mut ks, "XLEN s"), Resp::Int(1));
-        assert_eq!(ok(&mut ks, "XTRIM s MAXLEN 0"), Resp::Int(1));
-        // Unlike other types, an emptied stream still exists, and keeps its last id.
-        assert_eq!(ok(&mut ks, "EXISTS s"), Resp::Int(1));
-        assert_eq!(ok(&mut ks, "XADD s 5-* n 7"), bulk("5-2"));
-        assert_eq!(ok(&mut ks, "XTRIM missing MAXLEN 0"), Resp::Int(0));
-        assert_eq!(
-            err(&mut ks, "XTRIM s MAXLEN 1 LIMIT 10"),
-            "ERR syntax error, LIMIT cannot be used without the special ~ option"
-        );
-        assert_eq!(ok(&mut ks, "XTRIM s MAXLEN ~ 0 LIMIT 10"), Resp::Int(1));
-        assert_eq!(
-            err(&mut ks, "XTRIM s MAXLEN -1"),
-            "ERR The MAXLEN argument must be >= 0."
-        );
-        assert_eq!(
-            err(&mut ks, "XTRIM s MAXLEN 1 MINID 1"),
-            "ERR syntax error, MAXLEN and MINID options at the same time are not compatible"
-        );
-        assert_eq!(
-            err(&mut ks, "XTRIM s LIMIT 1"),
-            "ERR syntax error, LIMIT cannot be used without specifying a trimming strategy"
-        );
-        assert_eq!(err(&mut ks, "XTRIM s FOO 1"), SYNTAX);
-        ok(&mut ks, "XADD big * n 1");
-        ok(&mut ks, "XADD big * n 2");
-        ok(&mut ks, "XADD big * n 3");
-        assert_eq!(
-            ok(&mut ks, "XADD big MINID 1000000-2 * n 4"),
-            bulk("1000000-3")
-        );
-        assert_eq!(ok(&mut ks, "XLEN big"), Resp::Int(2));
     }
 
     #[test]
