@@ -205,6 +205,19 @@ mod tests {
     }
 
     #[test]
+    fn readme_configuration_examples_parse_and_validate() {
+        let readme = include_str!("../README.md");
+        let mut blocks = 0;
+        for block in readme.split("```toml").skip(1) {
+            let text = block.split("```").next().expect("closed block");
+            let config: Config = toml::from_str(text).expect("README example parses");
+            config.validate().expect("README example validates");
+            blocks += 1;
+        }
+        assert!(blocks > 0, "the README shows a configuration example");
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let mut config = Config::default();
         let err = config

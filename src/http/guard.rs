@@ -94,16 +94,13 @@ impl Edge {
             return Ok(());
         }
         let now = (self.clock)();
-        let subjects = [
-            subject("ip", &ip.to_string()),
-            subject("redeemer", redeemer),
-        ];
+        let ip_text = client_subject(ip);
+        let subjects = [subject("ip", &ip_text), subject("redeemer", redeemer)];
         for s in &subjects {
             if let Some(until) = self.lockouts.locked_until(s, now) {
                 return self.lockout(until.saturating_sub(now), rule.shadow);
             }
         }
-        let ip_text = ip.to_string();
         let (by_ip, by_redeemer) = tokio::join!(
             self.windows.check("ip", &ip_text),
             self.windows.check("redeemer", redeemer)
@@ -131,7 +128,7 @@ impl Edge {
         if rule.max_failures == 0 {
             return;
         }
-        let ip_text = ip.to_string();
+        let ip_text = client_subject(ip);
         let (by_ip, by_redeemer) = tokio::join!(
             self.windows.fail("ip", &ip_text, rule),
             self.windows.fail("redeemer", redeemer, rule)
@@ -227,4 +224,29 @@ impl Edge {
 
 fn subject(kind: &str, id: &str) -> String {
     format!("{kind}:{id}")
+}
+
+/// The client as the windows count it: an IPv4 address, or the /64 an IPv6 address lies in
+/// (one subscriber usually holds a whole /64 and could otherwise rotate through it).
+fn client_subject(ip: IpAddr) -> String {
+    match ClientKey::from(ip) {
+        ClientKey::V4(v4) => std::net::Ipv4Addr::from(v4).to_string(),
+        ClientKey::V6Net(net) => format!("{net:016x}/64"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_clients_are_counted_per_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().expect("ip");
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().expect("ip");
+        let c: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert_eq!(client_subject(a), client_subject(b));
+        assert_ne!(client_subject(a), client_subject(c));
+        let v4: IpAddr = "::ffff:192.0.2.7".parse().expect("ip");
+        assert_eq!(client_subject(v4), "192.0.2.7");
+    }
 }
