@@ -16,7 +16,9 @@ use crate::engine::embedded::EmbeddedEngine;
 use crate::engine::redis::{RedisEngine, RedisOptions};
 use crate::engine::{EngineError, ScriptEngine};
 use crate::http::{self, App, Limits};
+use crate::inventory::warm::restore_sku;
 use crate::inventory::Inventory;
+use crate::ledger::{self, Ledger, LedgerError};
 use crate::metrics as m;
 
 /// Why the gateway could not start.
@@ -24,6 +26,8 @@ use crate::metrics as m;
 pub enum StartError {
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
+    #[error("ledger: {0}")]
+    Ledger(#[from] LedgerError),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -66,8 +70,11 @@ impl Gateway {
         Gateway::start_with(config, Inventory::new(engine)).await
     }
 
-    /// Starts serving over an already opened inventory (tests inject clocks this way).
+    /// Starts serving over an already opened inventory (tests inject clocks this way); the
+    /// ledger is opened from `config`, and the engine is given every SKU it lacks.
     pub async fn start_with(config: Config, inventory: Inventory) -> Result<Gateway, StartError> {
+        let ledger = ledger::open(config.database_url.as_deref(), &config.data_dir).await?;
+        restore_all(ledger.as_ref(), &inventory).await;
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -92,6 +99,7 @@ impl Gateway {
         };
         let app = Arc::new(App::new(
             inventory,
+            ledger,
             merchant_token.clone(),
             admin_token.clone(),
             limits,
@@ -147,6 +155,23 @@ impl Gateway {
     }
 }
 
+/// Gives the engine every SKU of the ledger it lacks (a fresh embedded engine, or Redis that
+/// lost its data). Failures are logged: the periodic check tries again.
+async fn restore_all(ledger: &dyn Ledger, inventory: &Inventory) {
+    let skus = match ledger.list_skus().await {
+        Ok(skus) => skus,
+        Err(e) => {
+            tracing::warn!(error = %e, "listing the ledger's SKUs failed");
+            return;
+        }
+    };
+    for sku in skus {
+        if let Err(e) = restore_sku(ledger, inventory, &sku).await {
+            tracing::warn!(sku, error = %e, "restoring a SKU into the engine failed");
+        }
+    }
+}
+
 /// Lapses due holds of every SKU on a fixed interval, and refreshes the inventory and
 /// engine-up gauges. Claims and confirms lapse due holds themselves too; this sweep makes
 /// returned stock visible in counts and to other readers within an interval.
@@ -165,6 +190,9 @@ async fn sweep_holds(app: Arc<App>, every: Duration, mut stopped: watch::Receive
             _ = ticker.tick() => {}
         }
         if listed_at.is_none_or(|t| t.elapsed() >= GAUGES_EVERY) {
+            // An engine that lost its data (Redis restarted empty, FLUSHALL) is rebuilt
+            // from the ledger within this interval.
+            restore_all(app.ledger.as_ref(), inventory).await;
             match inventory.list_skus().await {
                 Ok(list) => {
                     skus = list;

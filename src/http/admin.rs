@@ -11,10 +11,13 @@ use serde_json::json;
 
 use super::body::{self, JsonBody, Reply};
 use super::{App, Params};
+use crate::error::timestamp;
 use crate::error::Error;
-use crate::inventory::import::Importer;
+use crate::inventory::formats::UploadFormat;
+use crate::inventory::import::{self, Begun, Importer};
+use crate::inventory::warm::{ledger_error, restore_sku, warm_sku};
 use crate::metrics as m;
-use crate::sku::{check_id, check_sku, SkuConfig, MAX_ID_LEN};
+use crate::sku::{check_id, check_sku, parse_key_id, SkuConfig, MAX_ID_LEN};
 
 /// How long `/readyz` waits for the engine.
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
@@ -76,6 +79,14 @@ pub async fn put_sku(app: &App, params: Params, req: Request<Incoming>) -> Resul
     let config: SkuConfig = serde_json::from_value(value)
         .map_err(|e| Error::BadRequest(format!("invalid SKU settings: {e}")))?;
     config.validate()?;
+    // The ledger first: it is the record the engine can always be rebuilt from.
+    let json = serde_json::to_string(&config)
+        .map_err(|e| Error::Internal(format!("encoding SKU settings: {e}")))?;
+    let now = app.inventory.now_ms() as i64;
+    app.ledger
+        .put_sku(sku, &json, config.format.version, now)
+        .await
+        .map_err(ledger_error)?;
     let created = app.inventory.put_sku(sku, &config).await?;
     app.skus.put(sku, config.clone());
     let status = if created {
@@ -89,48 +100,78 @@ pub async fn put_sku(app: &App, params: Params, req: Request<Incoming>) -> Resul
     ))
 }
 
-/// `POST /v1/skus/{sku}/batches?batch_id=…`: import codes, a code per line, streamed.
+/// `POST /v1/skus/{sku}/batches?batch_id=…&activate=…`: import codes, streamed, through
+/// the ledger. `text/plain` (a code per line), `text/csv` (a `code` column, optional
+/// `expires_at`, `max_uses`) or `application/x-ndjson`.
 pub async fn import(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
     app.admin(&req)?;
     let sku = params.get("sku");
     check_sku(sku)?;
-    let batch_id = match query_param(req.uri().query(), "batch_id") {
+    let query = req.uri().query();
+    let batch_id = match query_param(query, "batch_id") {
         Some(id) => {
             check_id("batch_id", &id, MAX_ID_LEN)?;
             id
         }
         None => format!("b{}", app.inventory.now_ms()),
     };
+    let activate = match query_param(query, "activate").as_deref() {
+        None | Some("true") | Some("1") => true,
+        Some("false") | Some("0") => false,
+        Some(_) => return Err(Error::BadRequest("activate must be true or false".into())),
+    };
     let content_type = req
         .headers()
         .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("text/plain");
-    let essence = content_type.split(';').next().unwrap_or("").trim();
-    if !matches!(essence, "text/plain" | "application/octet-stream") {
-        return Err(Error::BadRequest(
-            "send codes as text/plain, one per line".into(),
-        ));
-    }
+        .and_then(|v| v.to_str().ok());
+    let format = UploadFormat::from_content_type(content_type).ok_or_else(|| {
+        Error::BadRequest(
+            "send text/plain (a code per line), text/csv or application/x-ndjson".into(),
+        )
+    })?;
     let limit = app.limits.max_import_bytes;
     body::check_declared_length(req.headers(), limit)?;
     let settings = app.skus.require(&app.inventory, sku).await?;
 
-    let mut importer = Importer::new(&app.inventory, sku, &settings.format);
+    let importer = Importer::begin(
+        app.ledger.as_ref(),
+        &app.inventory,
+        sku,
+        &batch_id,
+        &settings,
+        format,
+    )
+    .await?;
+    let mut importer = match importer {
+        Begun::Fresh(importer) => importer,
+        Begun::Replayed(report) => {
+            return Ok(body::json(StatusCode::OK, &report.to_json(&batch_id)))
+        }
+    };
     let mut upload = req.into_body();
     let mut received: u64 = 0;
-    while let Some(frame) = upload.frame().await {
-        let frame = frame.map_err(|_| Error::BadRequest("the upload was interrupted".into()))?;
-        if let Some(data) = frame.data_ref() {
-            received += data.len() as u64;
-            if received > limit {
-                return Err(Error::PayloadTooLarge { limit_bytes: limit });
+    let fed: Result<(), Error> = async {
+        while let Some(frame) = upload.frame().await {
+            let frame =
+                frame.map_err(|_| Error::BadRequest("the upload was interrupted".into()))?;
+            if let Some(data) = frame.data_ref() {
+                received += data.len() as u64;
+                if received > limit {
+                    return Err(Error::PayloadTooLarge { limit_bytes: limit });
+                }
+                importer.feed(data).await?;
             }
-            importer.feed(data).await?;
         }
+        Ok(())
     }
-    let report = importer.finish().await?;
-    if report.accepted > 0 {
+    .await;
+    if let Err(e) = fed {
+        // Nothing of a failed upload stays: no partial batch is ever visible to claims.
+        importer.abort().await;
+        return Err(e);
+    }
+    let report = importer.finish(activate).await?;
+    if report.accepted > 0 && activate {
         app.edge.sold_out.invalidate(sku);
     }
     metrics::counter!(m::IMPORT_ROWS, "result" => "accepted").increment(report.accepted);
@@ -142,9 +183,85 @@ pub async fn import(app: &App, params: Params, req: Request<Incoming>) -> Result
         accepted = report.accepted,
         rejected = report.rejected,
         duplicate = report.duplicate,
+        state = report.state,
         "imported a batch"
     );
     Ok(body::json(StatusCode::OK, &report.to_json(&batch_id)))
+}
+
+/// `POST /v1/skus/{sku}/batches/{batch_id}/activate`: a pending batch goes on sale.
+pub async fn activate(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
+    app.admin(&req)?;
+    let (sku, batch_id) = (params.get("sku"), params.get("batch_id"));
+    check_sku(sku)?;
+    check_id("batch_id", batch_id, MAX_ID_LEN)?;
+    app.skus.require(&app.inventory, sku).await?;
+    let warmed = import::activate(app.ledger.as_ref(), &app.inventory, sku, batch_id).await?;
+    app.edge.sold_out.invalidate(sku);
+    Ok(body::json(
+        StatusCode::OK,
+        &json!({ "sku": sku, "batch_id": batch_id, "state": "active", "loaded": warmed.loaded }),
+    ))
+}
+
+/// `POST /v1/skus/{sku}/warm`: load every ledger key the engine lacks.
+pub async fn warm(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
+    app.admin(&req)?;
+    let sku = params.get("sku");
+    check_sku(sku)?;
+    let restored = restore_sku(app.ledger.as_ref(), &app.inventory, sku).await?;
+    let report = match restored {
+        Some(report) => report,
+        None => warm_sku(app.ledger.as_ref(), &app.inventory, sku, 0, |_| {}).await?,
+    };
+    app.edge.sold_out.invalidate(sku);
+    Ok(body::json(
+        StatusCode::OK,
+        &json!({ "sku": sku, "loaded": report.loaded, "present": report.present }),
+    ))
+}
+
+/// `GET /v1/keys/{key_id}/events`: a key's audit trail, oldest first.
+pub async fn key_events(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
+    app.admin(&req)?;
+    let key_id = params.get("key_id");
+    let not_found = || Error::NotFound(format!("key {key_id}"));
+    parse_key_id(key_id).ok_or_else(not_found)?;
+    let key = app
+        .ledger
+        .get_key(key_id)
+        .await
+        .map_err(ledger_error)?
+        .ok_or_else(not_found)?;
+    let events = app.ledger.key_events(key_id).await.map_err(ledger_error)?;
+    let events: Vec<_> = events
+        .iter()
+        .map(|e| {
+            let fields: serde_json::Value =
+                serde_json::from_str(&e.fields_json).unwrap_or(serde_json::Value::Null);
+            json!({
+                "event_id": e.event_id,
+                "kind": e.kind,
+                "at": timestamp(e.at_ms.max(0) as u64),
+                "order_id": e.order_id,
+                "user_id": e.user_id,
+                "redeemer": e.redeemer,
+                "reason": e.reason,
+                "fields": fields,
+            })
+        })
+        .collect();
+    Ok(body::json(
+        StatusCode::OK,
+        &json!({
+            "key_id": key.key_id,
+            "sku": key.sku,
+            "state": key.state,
+            "batch_id": key.batch_id,
+            "format_version": key.format_version,
+            "events": events,
+        }),
+    ))
 }
 
 /// `POST /v1/keys/{key_id}/void` and `/restore`, with `{"reason": "…"}`.

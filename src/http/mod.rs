@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use crate::error::Error;
 use crate::inventory::settings::SkuSettings;
 use crate::inventory::Inventory;
+use crate::ledger::Ledger;
 use crate::limit::LimitsConfig;
 use crate::metrics as m;
 use body::Reply;
@@ -42,6 +43,8 @@ use guard::Edge;
 /// Everything handlers share.
 pub struct App {
     pub inventory: Inventory,
+    /// The durable record: imports land here first, engine events end here.
+    pub ledger: Arc<dyn Ledger>,
     pub skus: SkuSettings,
     pub limits: Limits,
     pub edge: Edge,
@@ -61,6 +64,7 @@ impl App {
     /// An app over `inventory` with the given bearer tokens.
     pub fn new(
         inventory: Inventory,
+        ledger: Arc<dyn Ledger>,
         merchant_token: String,
         admin_token: String,
         limits: Limits,
@@ -69,6 +73,7 @@ impl App {
         App {
             edge: Edge::new(edge, inventory.engine().clone(), inventory.clock()),
             inventory,
+            ledger,
             skus: SkuSettings::default(),
             limits,
             merchant_token,
@@ -221,7 +226,10 @@ pub enum RouteId {
     ClaimRelease,
     Sku,
     Batches,
+    BatchActivate,
+    Warm,
     KeyVoid,
+    KeyEvents,
     KeyRestore,
     Healthz,
     Readyz,
@@ -272,7 +280,13 @@ fn admin_routes() -> Routes {
         ("/metrics", RouteId::Metrics),
         ("/v1/skus/{sku}", RouteId::Sku),
         ("/v1/skus/{sku}/batches", RouteId::Batches),
+        (
+            "/v1/skus/{sku}/batches/{batch_id}/activate",
+            RouteId::BatchActivate,
+        ),
+        ("/v1/skus/{sku}/warm", RouteId::Warm),
         ("/v1/keys/{key_id}/void", RouteId::KeyVoid),
+        ("/v1/keys/{key_id}/events", RouteId::KeyEvents),
         ("/v1/keys/{key_id}/restore", RouteId::KeyRestore),
     ])
 }
@@ -324,6 +338,9 @@ async fn dispatch(
             merchant::sku_view(app, params.get("sku")).await
         }
         (Listener::Admin, Batches, Method::POST) => admin::import(app, params, req).await,
+        (Listener::Admin, BatchActivate, Method::POST) => admin::activate(app, params, req).await,
+        (Listener::Admin, Warm, Method::POST) => admin::warm(app, params, req).await,
+        (Listener::Admin, KeyEvents, Method::GET) => admin::key_events(app, params, req).await,
         (Listener::Admin, KeyVoid, Method::POST) => admin::void(app, params, req, true).await,
         (Listener::Admin, KeyRestore, Method::POST) => admin::void(app, params, req, false).await,
         _ => Err(Error::NotFound("route".into())),

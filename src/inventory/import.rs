@@ -1,23 +1,29 @@
-//! Streaming import of codes, a code per line.
+//! Streaming import of codes: upload → validation → ledger → engine.
 //!
-//! The body is fed in whatever chunks the network delivers; memory stays bounded by one line
-//! and one engine chunk, whatever the upload size. A line longer than [`MAX_LINE_BYTES`] is
-//! skipped without being buffered. Every line is validated against the SKU's format;
-//! duplicates (against the SKU or within the file) are detected by the engine itself, which
-//! checks the code index atomically as it adds.
+//! The upload is fed in whatever chunks arrive (HTTP body frames, file reads); memory stays
+//! bounded by one row and one chunk of [`CHUNK_ROWS`] validated codes, whatever the upload's
+//! size. Rows are parsed by [`super::formats::RowParser`] (a code per line, CSV or NDJSON),
+//! validated against the SKU's format, and written to the ledger in multi-row inserts inside
+//! transactions. Duplicates — within the upload or against the SKU — are detected by the
+//! ledger's unique digest index, never by an in-memory set.
+//!
+//! The batch stays invisible to claims until it is complete: its keys reach the engine only
+//! when the batch is activated, and a failed upload is aborted (its keys deleted). The same
+//! `batch_id` again adds nothing and answers the first import's counts.
 
 use serde_json::{json, Value};
 
-use super::{Added, Inventory, NewCode};
-use crate::code::Format;
+use super::formats::{Parsed, RowParser, UploadFormat};
+use super::warm::{ledger_error, warm_sku, WarmReport};
+use super::Inventory;
+use crate::code::digest;
 use crate::error::Error;
+use crate::ledger::{BatchCounts, BatchStart, InsertOutcome, Ledger, NewKey};
+use crate::sku::SkuConfig;
 
-/// Longest line accepted; a code is at most 256 characters, the rest is slack for spaces.
-pub const MAX_LINE_BYTES: usize = 1024;
-/// Codes per engine call: large enough to amortise the round trip, small enough that no
-/// single script blocks the engine for long.
-pub const CHUNK_CODES: usize = 500;
-/// Rejected lines listed in the report; all are counted.
+/// Validated codes per ledger transaction.
+pub const CHUNK_ROWS: usize = 1000;
+/// Rejected or duplicate lines listed in the report; all are counted.
 pub const MAX_REPORTED_LINES: usize = 1000;
 
 /// The outcome of an import.
@@ -28,6 +34,10 @@ pub struct ImportReport {
     pub duplicate: u64,
     /// `(line number, reason)` of the first rejected or duplicate lines.
     pub lines: Vec<(u64, String)>,
+    /// `active` (warmed into the engine) or `pending` (waiting for activation).
+    pub state: String,
+    /// True when the batch id had been imported before and nothing was added now.
+    pub replayed: bool,
 }
 
 impl ImportReport {
@@ -40,10 +50,12 @@ impl ImportReport {
             .collect();
         json!({
             "batch_id": batch_id,
+            "state": self.state,
             "accepted": self.accepted,
             "rejected": self.rejected,
             "duplicate": self.duplicate,
             "rejected_lines": lines,
+            "replayed": self.replayed,
         })
     }
 
@@ -54,154 +66,182 @@ impl ImportReport {
     }
 }
 
-/// Feeds an upload, chunk by chunk, into a SKU's inventory.
+/// How [`Importer::begin`] started.
+pub enum Begun<'a> {
+    /// A new batch: feed it.
+    Fresh(Box<Importer<'a>>),
+    /// The batch id was imported before: its counts, nothing added.
+    Replayed(ImportReport),
+}
+
+/// Feeds one upload into a SKU, through the ledger.
 pub struct Importer<'a> {
+    ledger: &'a dyn Ledger,
     inventory: &'a Inventory,
     sku: &'a str,
-    format: &'a Format,
-    line: Vec<u8>,
-    line_no: u64,
-    overlong: bool,
-    pending: Vec<(u64, NewCode)>,
-    /// Key ids are allocated in increasing order per SKU, so a duplicate whose existing key is
-    /// at least the first one this import added repeats a line of this very file.
-    first_new: Option<u64>,
+    batch_id: &'a str,
+    settings: &'a SkuConfig,
+    parser: RowParser,
+    parsed: Vec<Parsed>,
+    pending: Vec<NewKey>,
+    /// The smallest local id this import added: warming starts after it.
+    first_local: Option<i64>,
     report: ImportReport,
 }
 
 impl<'a> Importer<'a> {
-    /// Starts an import into `sku`, validating codes with `format`.
-    pub fn new(inventory: &'a Inventory, sku: &'a str, format: &'a Format) -> Importer<'a> {
-        Importer {
+    /// Opens batch `batch_id` of `sku` in the ledger.
+    pub async fn begin(
+        ledger: &'a dyn Ledger,
+        inventory: &'a Inventory,
+        sku: &'a str,
+        batch_id: &'a str,
+        settings: &'a SkuConfig,
+        format: UploadFormat,
+    ) -> Result<Begun<'a>, Error> {
+        let started = ledger
+            .begin_batch(sku, batch_id, inventory.now_ms() as i64)
+            .await
+            .map_err(ledger_error)?;
+        if let BatchStart::Existing(batch) = started {
+            return Ok(Begun::Replayed(ImportReport {
+                accepted: batch.accepted,
+                rejected: batch.rejected,
+                duplicate: batch.duplicate,
+                lines: Vec::new(),
+                state: batch.state,
+                replayed: true,
+            }));
+        }
+        Ok(Begun::Fresh(Box::new(Importer {
+            ledger,
             inventory,
             sku,
-            format,
-            line: Vec::new(),
-            line_no: 0,
-            overlong: false,
-            pending: Vec::with_capacity(CHUNK_CODES),
-            first_new: None,
+            batch_id,
+            settings,
+            parser: RowParser::new(format),
+            parsed: Vec::new(),
+            pending: Vec::with_capacity(CHUNK_ROWS),
+            first_local: None,
             report: ImportReport::default(),
-        }
+        })))
     }
 
     /// Consumes the next bytes of the upload.
-    pub async fn feed(&mut self, mut bytes: &[u8]) -> Result<(), Error> {
-        if self.line_no == 0 && self.line.is_empty() {
-            bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-        }
-        while let Some(nl) = bytes.iter().position(|&b| b == b'\n') {
-            self.push(&bytes[..nl]);
-            self.end_line().await?;
-            bytes = &bytes[nl + 1..];
-        }
-        self.push(bytes);
-        Ok(())
+    pub async fn feed(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        self.parser.feed(bytes, &mut self.parsed);
+        self.take_parsed().await
     }
 
-    /// Ends the upload and returns the report.
-    pub async fn finish(mut self) -> Result<ImportReport, Error> {
-        if !self.line.is_empty() || self.overlong {
-            self.end_line().await?;
-        }
-        self.flush().await?;
-        // Rejections are noted as lines are read, duplicates when their chunk is added.
-        self.report.lines.sort_by_key(|(line, _)| *line);
-        Ok(self.report)
-    }
-
-    fn push(&mut self, bytes: &[u8]) {
-        if self.overlong {
-            return;
-        }
-        if self.line.len() + bytes.len() > MAX_LINE_BYTES {
-            self.overlong = true;
-            self.line.clear();
-        } else {
-            self.line.extend_from_slice(bytes);
-        }
-    }
-
-    async fn end_line(&mut self) -> Result<(), Error> {
-        self.line_no += 1;
-        let line_no = self.line_no;
-        if std::mem::take(&mut self.overlong) {
-            self.reject(
-                line_no,
-                format!("line is longer than {MAX_LINE_BYTES} bytes"),
-            );
-            return Ok(());
-        }
-        let line = std::mem::take(&mut self.line);
-        let text = match std::str::from_utf8(&line) {
-            Ok(text) => text.trim(),
-            Err(e) => {
-                let at = e.valid_up_to() + 1;
-                self.reject(line_no, format!("not valid UTF-8 at byte {at}"));
-                return Ok(());
-            }
-        };
-        if text.is_empty() {
-            return Ok(());
-        }
-        match self.format.validate(text) {
-            Ok(canonical) => {
-                self.pending.push((
-                    line_no,
-                    NewCode {
-                        canonical,
-                        expires_at_ms: None,
-                    },
-                ));
-                if self.pending.len() >= CHUNK_CODES {
-                    self.flush().await?;
+    async fn take_parsed(&mut self) -> Result<(), Error> {
+        let format = &self.settings.format;
+        for parsed in std::mem::take(&mut self.parsed) {
+            match parsed {
+                Parsed::Rejected { line, reason } => {
+                    self.report.rejected += 1;
+                    self.report.note(line, reason);
                 }
+                Parsed::Row(row) => match format.validate(&row.code) {
+                    Err(why) => {
+                        self.report.rejected += 1;
+                        self.report.note(row.line, why.to_string());
+                    }
+                    Ok(canonical) => {
+                        self.pending.push(NewKey {
+                            line: row.line,
+                            digest: digest(&canonical),
+                            code: canonical,
+                            expires_at_ms: row.expires_at_ms.map(|ms| ms as i64),
+                            max_issues: self.settings.max_issues as i64,
+                            max_uses: row.max_uses.unwrap_or(self.settings.max_uses) as i64,
+                            format_version: i64::from(format.version),
+                        });
+                        if self.pending.len() >= CHUNK_ROWS {
+                            self.flush().await?;
+                        }
+                    }
+                },
             }
-            Err(why) => self.reject(line_no, why.to_string()),
         }
-        self.line = line;
-        self.line.clear();
         Ok(())
-    }
-
-    fn reject(&mut self, line: u64, reason: String) {
-        self.report.rejected += 1;
-        self.report.note(line, reason);
     }
 
     async fn flush(&mut self) -> Result<(), Error> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let (lines, codes): (Vec<u64>, Vec<NewCode>) = self.pending.drain(..).unzip();
-        let added = self.inventory.add_codes(self.sku, &codes).await?;
-        for (line, outcome) in lines.into_iter().zip(added) {
+        let outcomes = self
+            .ledger
+            .insert_keys(self.sku, self.batch_id, &self.pending)
+            .await
+            .map_err(ledger_error)?;
+        for (key, outcome) in self.pending.iter().zip(outcomes) {
             match outcome {
-                Added::New(key_id) => {
+                InsertOutcome::Inserted { local_id, .. } => {
                     self.report.accepted += 1;
-                    if self.first_new.is_none() {
-                        self.first_new = local_number(&key_id);
-                    }
+                    self.first_local = Some(self.first_local.map_or(local_id, |f| f.min(local_id)));
                 }
-                Added::Duplicate(key_id) => {
+                InsertOutcome::Duplicate { same_batch, .. } => {
                     self.report.duplicate += 1;
-                    let within = matches!(
-                        (self.first_new, local_number(&key_id)),
-                        (Some(first), Some(n)) if n >= first
-                    );
-                    let reason = if within {
+                    let reason = if same_batch {
                         "duplicate: repeats an earlier line of this upload"
                     } else {
                         "duplicate: the SKU already has this code"
                     };
-                    self.report.note(line, reason.into());
+                    self.report.note(key.line, reason.into());
                 }
             }
         }
+        self.pending.clear();
         Ok(())
+    }
+
+    /// Ends the upload: records the batch and, when `activate`, loads it into the engine.
+    pub async fn finish(mut self: Box<Self>, activate: bool) -> Result<ImportReport, Error> {
+        self.parser.finish(&mut self.parsed);
+        self.take_parsed().await?;
+        self.flush().await?;
+        let counts = BatchCounts {
+            accepted: self.report.accepted,
+            rejected: self.report.rejected,
+            duplicate: self.report.duplicate,
+        };
+        let now = self.inventory.now_ms() as i64;
+        self.ledger
+            .finish_batch(self.sku, self.batch_id, &counts, activate, now)
+            .await
+            .map_err(ledger_error)?;
+        // Rejections are noted as rows are parsed, duplicates when their chunk is written.
+        self.report.lines.sort_by_key(|(line, _)| *line);
+        self.report.state = if activate { "active" } else { "pending" }.into();
+        if activate {
+            if let Some(first) = self.first_local {
+                warm_sku(self.ledger, self.inventory, self.sku, first - 1, |_| {}).await?;
+            }
+        }
+        Ok(self.report)
+    }
+
+    /// Gives up on the upload: the ledger forgets the batch and its keys.
+    pub async fn abort(self: Box<Self>) {
+        if let Err(e) = self.ledger.abort_batch(self.sku, self.batch_id).await {
+            tracing::error!(sku = self.sku, batch_id = self.batch_id, error = %e, "aborting a batch failed");
+        }
     }
 }
 
-fn local_number(key_id: &str) -> Option<u64> {
-    key_id.rsplit_once('.')?.1.parse().ok()
+/// Activates a pending batch and loads it into the engine.
+pub async fn activate(
+    ledger: &dyn Ledger,
+    inventory: &Inventory,
+    sku: &str,
+    batch_id: &str,
+) -> Result<WarmReport, Error> {
+    ledger
+        .activate_batch(sku, batch_id, inventory.now_ms() as i64)
+        .await
+        .map_err(ledger_error)?;
+    // Keys already in the engine are skipped, so warming the whole SKU is safe; it is
+    // bounded by the SKU's size, which activation of a large batch is anyway.
+    warm_sku(ledger, inventory, sku, 0, |_| {}).await
 }

@@ -8,6 +8,7 @@
 pub mod formats;
 pub mod import;
 pub mod settings;
+pub mod warm;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -228,6 +229,22 @@ impl Inventory {
                 .increment(1);
         }
         Ok(result?)
+    }
+
+    /// Runs a per-SKU script, for the other modules of the inventory.
+    pub(crate) async fn run_sku(
+        &self,
+        script: &'static Script,
+        sku: &str,
+        args: Vec<String>,
+    ) -> Result<Vec<Reply>, Error> {
+        self.run(script, sku, args).await
+    }
+
+    /// Points the global index at `sku` for these canonical codes.
+    pub(crate) async fn index_codes(&self, sku: &str, codes: &[&str]) -> Result<(), Error> {
+        let digests: Vec<String> = codes.iter().map(|c| index_digest(c)).collect();
+        self.index(sku, &digests).await
     }
 
     /// Runs a per-SKU script, whose replies are always arrays.

@@ -30,9 +30,21 @@ pub fn config() -> Config {
     }
 }
 
+/// Gives a gateway its own temporary data dir unless the test chose a ledger.
+fn own_data_dir(config: &mut Config) -> Option<tempfile::TempDir> {
+    if config.database_url.is_some() || config.data_dir != Config::default().data_dir {
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    config.data_dir = dir.path().to_owned();
+    Some(dir)
+}
+
 /// A running gateway and a client for it.
 pub struct TestGateway {
     pub gateway: Gateway,
+    /// The data dir (SQLite ledger) when the test did not choose one.
+    pub data: Option<tempfile::TempDir>,
     pub client: reqwest::Client,
     pub public: String,
     pub admin: String,
@@ -45,21 +57,24 @@ impl TestGateway {
     }
 
     /// A gateway with its own engine from `config`.
-    pub async fn start(config: Config) -> TestGateway {
+    pub async fn start(mut config: Config) -> TestGateway {
+        let data = own_data_dir(&mut config);
         let gateway = Gateway::start(config).await.expect("gateway starts");
-        TestGateway::wrap(gateway)
+        TestGateway::wrap(gateway, data)
     }
 
     /// A gateway over a given inventory (e.g. with a manual clock).
-    pub async fn with_inventory(config: Config, inventory: Inventory) -> TestGateway {
+    pub async fn with_inventory(mut config: Config, inventory: Inventory) -> TestGateway {
+        let data = own_data_dir(&mut config);
         let gateway = Gateway::start_with(config, inventory)
             .await
             .expect("gateway starts");
-        TestGateway::wrap(gateway)
+        TestGateway::wrap(gateway, data)
     }
 
-    fn wrap(gateway: Gateway) -> TestGateway {
+    fn wrap(gateway: Gateway, data: Option<tempfile::TempDir>) -> TestGateway {
         TestGateway {
+            data,
             public: format!("http://{}", gateway.public_addr),
             admin: format!("http://{}", gateway.admin_addr),
             client: reqwest::Client::new(),

@@ -1,0 +1,448 @@
+//! The ledger: the durable record of every SKU, import batch and card key, and of every change
+//! the engine made to them.
+//!
+//! # Why there is a ledger
+//!
+//! The engine (Redis or the embedded keyspace) is the hot, atomic working set: every claim and
+//! redemption runs there, at flash-sale rates. It is not the record of truth: Redis may run
+//! without persistence, fail over, or be flushed. The ledger is. Imports land here first and
+//! are warmed into the engine from here ([`Ledger::keys_after`]); every change the engine makes
+//! comes back as an event ([`Ledger::apply_events`]), so the ledger can rebuild the engine,
+//! answer audits and measure drift.
+//!
+//! # What it promises
+//!
+//! - **Imports are all or nothing.** A batch's keys are invisible (to warm-up and counts) until
+//!   it is activated, and an aborted batch leaves no keys behind. Re-sending a batch id is
+//!   recognised ([`BatchStart::Existing`]), and a code already in the SKU is reported as a
+//!   duplicate, never stored twice.
+//! - **Events apply exactly once.** Stream delivery is at-least-once (a writer may crash between
+//!   commit and acknowledgement); the ledger records each `event_id` in the same transaction as
+//!   its effect, so a redelivered event changes nothing.
+//! - **The same rules as the engine.** [`rules`] transcribes `lua/prelude.lua`; the ledger
+//!   recomputes each key's state with it on every change, so engine and ledger counts agree.
+//! - **Bounded memory.** Nothing loads a batch: activation and abort are single statements,
+//!   warm-up pages by local id, counts are an indexed `GROUP BY`.
+//! - **Retryable failures say so.** [`LedgerError::Unavailable`] (connection, I/O, lock
+//!   timeouts, serialisation failures) may be retried; the others are not transient.
+//!
+//! # Layout
+//!
+//! - [`rules`]: the key state rules, pure, shared by both backends.
+//! - `replay`: applying a batch of new events to the keys they name, in memory (pure).
+//! - `sql`: the [`Ledger`] implementation, written once over sqlx for both backends (the schema
+//!   is column-for-column identical; only locking and transaction start differ).
+//! - `sqlite`, `postgres`: connecting, pool shape, pragmas and migrations of each backend.
+//! - [`stream`]: turning an engine stream entry into a [`LedgerEvent`].
+//!
+//! Migrations live in `migrations/sqlite` and `migrations/postgres` and run on [`open`].
+
+pub mod rules;
+pub mod stream;
+pub mod writer;
+
+mod postgres;
+mod replay;
+mod sql;
+mod sqlite;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+pub use rules::{apply_to_key, key_state, EventKind, KeyState, KeyStatus};
+
+/// The durable record behind the engine. Implemented for SQLite and PostgreSQL; get one with
+/// [`open`].
+#[async_trait::async_trait]
+pub trait Ledger: Send + Sync + 'static {
+    /// Creates a SKU or updates its settings. Returns `true` when it was created.
+    async fn put_sku(
+        &self,
+        sku: &str,
+        config_json: &str,
+        format_version: u32,
+        now_ms: i64,
+    ) -> Result<bool, LedgerError>;
+
+    /// A SKU's record, or `None` if it was never created.
+    async fn get_sku(&self, sku: &str) -> Result<Option<SkuRecord>, LedgerError>;
+
+    /// Every SKU, sorted by name.
+    async fn list_skus(&self) -> Result<Vec<String>, LedgerError>;
+
+    /// Records the epoch marker written into the engine when the SKU was last warmed: an
+    /// engine without the marker lost its data and must be warmed again.
+    async fn set_epoch(&self, sku: &str, epoch: &str) -> Result<(), LedgerError>;
+
+    /// Starts an import. A batch id seen before answers [`BatchStart::Existing`] with its record
+    /// (so a re-sent import adds nothing twice), except an aborted one, which starts afresh.
+    async fn begin_batch(
+        &self,
+        sku: &str,
+        batch_id: &str,
+        now_ms: i64,
+    ) -> Result<BatchStart, LedgerError>;
+
+    /// Inserts a chunk of validated codes into a pending batch in one transaction, with
+    /// multi-row `INSERT`s. Allocates per-SKU local ids from the SKU's counter, in row order.
+    /// A digest the SKU already has (in any batch, or earlier in this chunk) is reported as
+    /// [`InsertOutcome::Duplicate`] and not inserted. Returns one outcome per row, in order.
+    ///
+    /// Keep chunks to about a thousand rows: larger ones are split into several statements
+    /// but still one transaction, which holds the SKU's counter lock longer.
+    async fn insert_keys(
+        &self,
+        sku: &str,
+        batch_id: &str,
+        rows: &[NewKey],
+    ) -> Result<Vec<InsertOutcome>, LedgerError>;
+
+    /// Records an import's counts and leaves the batch pending, or activates it. Finishing an
+    /// active batch again with `activate` only updates its counts.
+    async fn finish_batch(
+        &self,
+        sku: &str,
+        batch_id: &str,
+        report: &BatchCounts,
+        activate: bool,
+        now_ms: i64,
+    ) -> Result<(), LedgerError>;
+
+    /// Makes a pending batch's keys visible to warm-up and counts (one `UPDATE`, whatever the
+    /// batch size). Activating an active batch changes nothing.
+    async fn activate_batch(
+        &self,
+        sku: &str,
+        batch_id: &str,
+        now_ms: i64,
+    ) -> Result<BatchRecord, LedgerError>;
+
+    /// Abandons a pending batch and deletes its keys: a failed import leaves nothing visible.
+    /// An active batch cannot be aborted (its keys may be in the engine: void them instead).
+    async fn abort_batch(&self, sku: &str, batch_id: &str) -> Result<(), LedgerError>;
+
+    /// A batch's record.
+    async fn get_batch(
+        &self,
+        sku: &str,
+        batch_id: &str,
+    ) -> Result<Option<BatchRecord>, LedgerError>;
+
+    /// Up to `limit` keys of the SKU's active batches with a local id above `after_local_id`,
+    /// by local id: warm-up pages through a SKU with the last id of each page as the cursor.
+    async fn keys_after(
+        &self,
+        sku: &str,
+        after_local_id: i64,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, LedgerError>;
+
+    /// Applies engine events idempotently, in one transaction and in the order given (pass
+    /// them in stream order). An event whose `event_id` is already recorded changes nothing;
+    /// returns how many were newly applied. Each applied event changes the keys it names by
+    /// the engine's rules ([`apply_to_key`]); ids of keys the ledger does not have (an aborted
+    /// batch) are skipped, and unknown kinds are recorded without effect.
+    async fn apply_events(&self, events: &[LedgerEvent]) -> Result<u64, LedgerError>;
+
+    /// A key's audit trail, oldest first. Empty for an unknown or malformed key id.
+    async fn key_events(&self, key_id: &str) -> Result<Vec<EventRecord>, LedgerError>;
+
+    /// A key by its public id (`<sku>.<local id>`), in any batch state.
+    async fn get_key(&self, key_id: &str) -> Result<Option<KeyRecord>, LedgerError>;
+
+    /// Keys of the SKU's active batches by state (all zero for an unknown SKU).
+    async fn counts(&self, sku: &str) -> Result<StateCounts, LedgerError>;
+
+    /// Checks the database answers (for `/readyz`).
+    async fn ping(&self) -> Result<(), LedgerError>;
+}
+
+/// Opens the ledger, creating and migrating its database as needed.
+///
+/// - `None`: SQLite in `<data_dir>/ledger.sqlite3` (the directory and file are created).
+/// - `sqlite://…` (or `sqlite:…`): that SQLite database, created if missing.
+/// - `postgres://…` or `postgresql://…`: PostgreSQL.
+///
+/// Migrations run every time; those already applied are skipped, so reopening is cheap.
+pub async fn open(url: Option<&str>, data_dir: &Path) -> Result<Arc<dyn Ledger>, LedgerError> {
+    match url {
+        None => Ok(Arc::new(
+            sqlite::open_file(&data_dir.join("ledger.sqlite3")).await?,
+        )),
+        Some(url) if url.starts_with("sqlite:") => Ok(Arc::new(sqlite::open_url(url).await?)),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(Arc::new(postgres::open(url).await?))
+        }
+        Some(url) => {
+            // Only the scheme: the rest of a URL may hold a password.
+            let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
+            Err(LedgerError::Corrupt(format!(
+                "unsupported database URL scheme {scheme:?}: use sqlite:// or postgres://"
+            )))
+        }
+    }
+}
+
+/// What went wrong in the ledger. Messages never contain a secret code (digests may appear).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    /// The database cannot be reached or is busy (connection, pool, I/O, lock timeout,
+    /// serialisation failure). Transient: answer 503 and retry.
+    #[error("ledger unavailable: {0}")]
+    Unavailable(String),
+    /// The request contradicts the ledger's state (e.g. inserting into an active batch).
+    #[error("ledger conflict: {0}")]
+    Conflict(String),
+    /// A SKU, batch or key the request names does not exist.
+    #[error("{0} not found in the ledger")]
+    NotFound(String),
+    /// The database answered something the ledger never writes, or a bad setting: a bug or
+    /// a misconfiguration, not worth retrying.
+    #[error("ledger corrupt or misconfigured: {0}")]
+    Corrupt(String),
+}
+
+impl LedgerError {
+    /// Whether retrying the same call later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, LedgerError::Unavailable(_))
+    }
+}
+
+/// A SKU as the ledger knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkuRecord {
+    pub sku: String,
+    /// The settings as sent to `PUT /v1/skus/{sku}` ([`crate::sku::SkuConfig`] as JSON).
+    pub config_json: String,
+    /// Version of the code format; each key records the version it was imported under.
+    pub format_version: u32,
+    /// The marker last written into the engine when warmed, if ever.
+    pub epoch: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// An import batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchRecord {
+    pub sku: String,
+    pub batch_id: String,
+    /// `pending` (keys invisible), `active` (keys count and warm) or `aborted` (keys deleted).
+    pub state: String,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub duplicate: u64,
+    pub created_at_ms: i64,
+    pub activated_at_ms: Option<i64>,
+}
+
+/// What [`Ledger::begin_batch`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchStart {
+    /// A fresh (or previously aborted) batch id: import into it.
+    New,
+    /// The batch id was used before: here is its record.
+    Existing(BatchRecord),
+}
+
+/// An import's outcome per row, recorded on the batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchCounts {
+    pub accepted: u64,
+    pub rejected: u64,
+    pub duplicate: u64,
+}
+
+/// A validated code to import.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewKey {
+    /// Line of the import file it came from (for reports; not stored).
+    pub line: u64,
+    /// Hex SHA-256 of the canonical code ([`crate::code::digest`]).
+    pub digest: String,
+    /// The canonical code.
+    pub code: String,
+    /// After this instant (ms since the epoch) it can no longer be redeemed.
+    pub expires_at_ms: Option<i64>,
+    pub max_issues: i64,
+    pub max_uses: i64,
+    /// The SKU's format version it was validated under.
+    pub format_version: i64,
+}
+
+/// What inserting one row did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InsertOutcome {
+    /// Stored under a fresh id.
+    Inserted { key_id: String, local_id: i64 },
+    /// The SKU already had this code under `key_id`; `same_batch` when that key belongs to the
+    /// batch being imported (a re-sent chunk or a repeat within the file).
+    Duplicate { key_id: String, same_batch: bool },
+}
+
+/// A card key as the ledger records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// Public id, `<sku>.<local_id>` ([`crate::sku::key_id`]).
+    pub key_id: String,
+    pub sku: String,
+    pub local_id: i64,
+    pub digest: String,
+    /// The canonical code: a secret. Never log it.
+    pub code: String,
+    pub batch_id: String,
+    pub format_version: i64,
+    pub expires_at_ms: Option<i64>,
+    pub max_issues: i64,
+    pub max_uses: i64,
+    pub held: i64,
+    pub sold: i64,
+    pub uses: i64,
+    pub void: bool,
+    /// `available`, `held`, `claimed`, `redeemed` or `void` ([`KeyState`]).
+    pub state: String,
+    /// The order that most recently held or claimed the key; earlier ones are in the audit
+    /// trail.
+    pub order_id: Option<String>,
+    pub user_id: Option<String>,
+    pub redeemer: Option<String>,
+    pub redeemed_at_ms: Option<i64>,
+    pub updated_at_ms: i64,
+}
+
+/// One engine event, ready for [`Ledger::apply_events`] (see [`stream`] to build one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEvent {
+    /// Unique: `<sku>/<stream entry id>`.
+    pub event_id: String,
+    pub sku: String,
+    /// The stream's `t` field: `hold`, `claim`, `confirm`, … ([`EventKind`]).
+    pub kind: String,
+    /// Engine time of the change.
+    pub at_ms: i64,
+    /// The SKU-local ids of the keys it changed.
+    pub key_local_ids: Vec<i64>,
+    pub order_id: Option<String>,
+    pub user_id: Option<String>,
+    pub redeemer: Option<String>,
+    /// Why a key was voided or restored.
+    pub reason: Option<String>,
+    /// A confirm that claimed fresh keys after its hold lapsed.
+    pub late: bool,
+    /// Every raw field of the stream entry as a JSON object, kept for the audit.
+    pub fields_json: String,
+}
+
+/// A recorded event, as the audit trail shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRecord {
+    pub event_id: String,
+    pub sku: String,
+    pub kind: String,
+    pub at_ms: i64,
+    pub order_id: Option<String>,
+    pub user_id: Option<String>,
+    pub redeemer: Option<String>,
+    pub reason: Option<String>,
+    pub fields_json: String,
+}
+
+/// Keys of a SKU's active batches by state; the same shape as the engine's counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StateCounts {
+    pub available: u64,
+    pub held: u64,
+    pub claimed: u64,
+    pub redeemed: u64,
+    pub void: u64,
+}
+
+impl StateCounts {
+    /// The counter for `state`.
+    pub fn slot(&mut self, state: KeyState) -> &mut u64 {
+        match state {
+            KeyState::Available => &mut self.available,
+            KeyState::Held => &mut self.held,
+            KeyState::Claimed => &mut self.claimed,
+            KeyState::Redeemed => &mut self.redeemed,
+            KeyState::Void => &mut self.void,
+        }
+    }
+
+    /// All keys counted.
+    pub fn total(&self) -> u64 {
+        self.available + self.held + self.claimed + self.redeemed + self.void
+    }
+}
+
+/// Classifies a database error. Only the database's own message is kept: it names
+/// constraints and columns, never bound values, so no code can leak through it.
+impl From<sqlx::Error> for LedgerError {
+    fn from(e: sqlx::Error) -> LedgerError {
+        use sqlx::Error as E;
+        match e {
+            E::Io(_)
+            | E::Tls(_)
+            | E::Protocol(_)
+            | E::PoolTimedOut
+            | E::PoolClosed
+            | E::WorkerCrashed => LedgerError::Unavailable(e.to_string()),
+            E::RowNotFound => LedgerError::NotFound("row".into()),
+            E::Database(db) => {
+                let message = db.message().to_owned();
+                if transient(db.as_ref()) {
+                    LedgerError::Unavailable(message)
+                } else if matches!(
+                    db.kind(),
+                    sqlx::error::ErrorKind::UniqueViolation
+                        | sqlx::error::ErrorKind::ForeignKeyViolation
+                ) {
+                    LedgerError::Conflict(message)
+                } else {
+                    LedgerError::Corrupt(message)
+                }
+            }
+            other => LedgerError::Corrupt(other.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for LedgerError {
+    fn from(e: sqlx::migrate::MigrateError) -> LedgerError {
+        match e {
+            sqlx::migrate::MigrateError::Execute(inner)
+            | sqlx::migrate::MigrateError::ExecuteMigration(inner, _) => {
+                match LedgerError::from(inner) {
+                    LedgerError::Unavailable(m) => LedgerError::Unavailable(m),
+                    other => LedgerError::Corrupt(format!("migration failed: {other}")),
+                }
+            }
+            other => LedgerError::Corrupt(format!("migrations: {other}")),
+        }
+    }
+}
+
+/// Whether a database error is worth retrying: the server is going away, out of resources,
+/// or the transaction lost a lock race.
+fn transient(db: &dyn sqlx::error::DatabaseError) -> bool {
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        // SQLSTATE classes: 08 connection, 40 transaction rollback (serialisation failure,
+        // deadlock), 53 insufficient resources, 57 operator intervention (shutdown,
+        // cancel), 58 system error (I/O).
+        return ["08", "40", "53", "57", "58"]
+            .iter()
+            .any(|class| pg.code().starts_with(class));
+    }
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        // Primary result codes: BUSY, LOCKED, IOERR, FULL, CANTOPEN.
+        let primary = db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .map(|c| c & 0xff);
+        return matches!(primary, Some(5 | 6 | 10 | 13 | 14));
+    }
+    false
+}

@@ -1,0 +1,174 @@
+//! Replaying newly recorded events onto the keys they name, in memory.
+//!
+//! [`Ledger::apply_events`](super::Ledger::apply_events) works in one transaction: record the
+//! events (those already recorded drop out), load the keys the rest name, replay them here in
+//! order, write back the keys that changed. Keeping the middle step pure means both backends
+//! replay identically and it is tested without a database; each key is read and written once
+//! per call, however many events touch it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::rules::{apply_to_key, EventKind, KeyStatus};
+use super::LedgerEvent;
+
+/// An event newly recorded in this transaction: its kind, and the sequence number the ledger
+/// gave it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewEvent<'e> {
+    pub event: &'e LedgerEvent,
+    pub kind: EventKind,
+    pub seq: i64,
+}
+
+impl<'e> NewEvent<'e> {
+    pub(crate) fn new(event: &'e LedgerEvent, seq: i64) -> NewEvent<'e> {
+        NewEvent {
+            event,
+            kind: EventKind::parse(&event.kind),
+            seq,
+        }
+    }
+}
+
+/// The keys to load, per SKU: those named by events that change keys. Warns once per event
+/// of a kind this version does not know (forward compatibility: recorded, no effect).
+pub(crate) fn keys_to_load<'e>(events: &[NewEvent<'e>]) -> BTreeMap<&'e str, BTreeSet<i64>> {
+    let mut wanted: BTreeMap<&str, BTreeSet<i64>> = BTreeMap::new();
+    for e in events {
+        if e.kind == EventKind::Unknown {
+            tracing::warn!(
+                event_id = %e.event.event_id,
+                kind = %e.event.kind,
+                "unknown event kind: recorded for the audit, no key changed"
+            );
+        } else if e.kind.changes_keys() {
+            wanted
+                .entry(e.event.sku.as_str())
+                .or_default()
+                .extend(&e.event.key_local_ids);
+        }
+    }
+    wanted
+}
+
+/// What replaying changed.
+#[derive(Debug, Default)]
+pub(crate) struct Replayed<'e> {
+    /// Keys whose status changed, per SKU, by local id.
+    pub changed: BTreeMap<&'e str, Vec<(i64, KeyStatus)>>,
+    /// Key ids events named that were not loaded (unknown to the ledger: skipped).
+    pub skipped: u64,
+}
+
+/// Applies `events` in order to the loaded `keys` (by SKU and local id).
+pub(crate) fn replay<'e>(
+    events: &[NewEvent<'e>],
+    mut keys: BTreeMap<(&'e str, i64), KeyStatus>,
+) -> Replayed<'e> {
+    let mut dirty: BTreeSet<(&str, i64)> = BTreeSet::new();
+    let mut skipped = 0;
+    for e in events.iter().filter(|e| e.kind.changes_keys()) {
+        let sku = e.event.sku.as_str();
+        for &id in &e.event.key_local_ids {
+            match keys.get_mut(&(sku, id)) {
+                Some(status) => {
+                    if apply_to_key(status, e.kind, e.event) {
+                        dirty.insert((sku, id));
+                    }
+                }
+                None => skipped += 1,
+            }
+        }
+    }
+    let mut changed: BTreeMap<&str, Vec<(i64, KeyStatus)>> = BTreeMap::new();
+    for (sku, id) in dirty {
+        if let Some(status) = keys.remove(&(sku, id)) {
+            changed.entry(sku).or_default().push((id, status));
+        }
+    }
+    Replayed { changed, skipped }
+}
+
+/// Rows of the audit index: (SKU, local id, event seq), once per key an event names.
+pub(crate) fn audit_links<'e>(events: &[NewEvent<'e>]) -> Vec<(&'e str, i64, i64)> {
+    let mut links = Vec::new();
+    for e in events {
+        let ids: BTreeSet<i64> = e.event.key_local_ids.iter().copied().collect();
+        links.extend(ids.into_iter().map(|id| (e.event.sku.as_str(), id, e.seq)));
+    }
+    links
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(sku: &str, kind: &str, ids: &[i64]) -> LedgerEvent {
+        LedgerEvent {
+            event_id: format!("{sku}/{kind}"),
+            sku: sku.into(),
+            kind: kind.into(),
+            at_ms: 10,
+            key_local_ids: ids.to_vec(),
+            order_id: None,
+            user_id: None,
+            redeemer: None,
+            reason: None,
+            late: false,
+            fields_json: "{}".into(),
+        }
+    }
+
+    fn fresh() -> KeyStatus {
+        KeyStatus {
+            void: false,
+            held: 0,
+            sold: 0,
+            uses: 0,
+            max_issues: 1,
+            max_uses: 1,
+            order_id: None,
+            user_id: None,
+            redeemer: None,
+            redeemed_at_ms: None,
+            updated_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn only_key_changing_events_load_keys() {
+        let add = event("a", "add", &[1, 2]);
+        let hold = event("a", "hold", &[2, 3]);
+        let odd = event("b", "teleport", &[9]);
+        let void = event("b", "void", &[4]);
+        let events: Vec<NewEvent> = [&add, &hold, &odd, &void]
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| NewEvent::new(e, i as i64))
+            .collect();
+        let wanted = keys_to_load(&events);
+        assert_eq!(wanted["a"], BTreeSet::from([2, 3]));
+        assert_eq!(wanted["b"], BTreeSet::from([4]));
+    }
+
+    #[test]
+    fn replay_applies_in_order_and_skips_unknown_keys() {
+        let hold = event("a", "hold", &[1, 7]);
+        let confirm = event("a", "confirm", &[1]);
+        let events = [NewEvent::new(&hold, 1), NewEvent::new(&confirm, 2)];
+        let keys = BTreeMap::from([(("a", 1), fresh()), (("a", 2), fresh())]);
+        let out = replay(&events, keys);
+        assert_eq!(out.skipped, 1);
+        let changed = &out.changed["a"];
+        assert_eq!(changed.len(), 1, "key 2 was not touched");
+        let (id, status) = &changed[0];
+        assert_eq!((*id, status.held, status.sold), (1, 0, 1));
+    }
+
+    #[test]
+    fn audit_links_name_each_key_once_per_event() {
+        let claim = event("a", "claim", &[3, 1, 3]);
+        let links = audit_links(&[NewEvent::new(&claim, 5)]);
+        assert_eq!(links, vec![("a", 1, 5), ("a", 3, 5)]);
+    }
+}

@@ -1,0 +1,380 @@
+//! The key state rules, mirrored from `lua/prelude.lua` and the scripts that emit events.
+//!
+//! The engine changes a key and appends an event in the same script; the ledger replays that
+//! event here. Both must land on the same numbers, or drift appears that no one caused, so
+//! these functions are a line-by-line transcription of the Lua (`key_state`, `issue`, `unhold`,
+//! the confirm, redeem, void and restore scripts) and nothing else. They are pure, so both
+//! backends share them and unit tests pin them down without a database.
+
+use super::LedgerEvent;
+
+/// What an event does to the keys it names. Parsed from the stream's `t` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// Codes were added (`add.lua`); the ledger already has them.
+    Add,
+    /// SKU settings were created or updated (`sku.lua`).
+    Sku,
+    /// Keys were reserved for an order (`claim.lua` with a hold).
+    Hold,
+    /// Keys were issued to an order for good (`claim.lua` without a hold).
+    Claim,
+    /// A hold became final, or a late confirm claimed fresh keys (`confirm.lua`).
+    Confirm,
+    /// A hold was cancelled (`release.lua`).
+    Release,
+    /// A hold lapsed (`expire_order` in the prelude).
+    Expire,
+    /// A sold key was redeemed once more (`redeem.lua`).
+    Redeem,
+    /// A key was taken out of circulation (`void.lua`).
+    Void,
+    /// A void was undone (`restore.lua`).
+    Restore,
+    /// A kind this version does not know: recorded for the audit, changes nothing.
+    Unknown,
+}
+
+impl EventKind {
+    /// The kind named by an event's `kind` field.
+    pub fn parse(kind: &str) -> EventKind {
+        match kind {
+            "add" => EventKind::Add,
+            "sku" => EventKind::Sku,
+            "hold" => EventKind::Hold,
+            "claim" => EventKind::Claim,
+            "confirm" => EventKind::Confirm,
+            "release" => EventKind::Release,
+            "expire" => EventKind::Expire,
+            "redeem" => EventKind::Redeem,
+            "void" => EventKind::Void,
+            "restore" => EventKind::Restore,
+            _ => EventKind::Unknown,
+        }
+    }
+
+    /// Whether applying the event changes the keys it names.
+    pub fn changes_keys(self) -> bool {
+        !matches!(self, EventKind::Add | EventKind::Sku | EventKind::Unknown)
+    }
+}
+
+/// A key's derived state, as `key_state` in `lua/prelude.lua` computes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyState {
+    Available,
+    Held,
+    Claimed,
+    Redeemed,
+    Void,
+}
+
+impl KeyState {
+    /// The name stored in the ledger's `state` column and used by the engine's counts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Available => "available",
+            KeyState::Held => "held",
+            KeyState::Claimed => "claimed",
+            KeyState::Redeemed => "redeemed",
+            KeyState::Void => "void",
+        }
+    }
+
+    /// The state with this name, if any.
+    pub fn parse(name: &str) -> Option<KeyState> {
+        Some(match name {
+            "available" => KeyState::Available,
+            "held" => KeyState::Held,
+            "claimed" => KeyState::Claimed,
+            "redeemed" => KeyState::Redeemed,
+            "void" => KeyState::Void,
+            _ => return None,
+        })
+    }
+}
+
+/// A key's state from its counters, exactly as the engine derives it.
+pub fn key_state(
+    void: bool,
+    held: i64,
+    sold: i64,
+    uses: i64,
+    max_issues: i64,
+    max_uses: i64,
+) -> KeyState {
+    if void {
+        KeyState::Void
+    } else if sold > 0 && uses >= max_uses {
+        KeyState::Redeemed
+    } else if sold + held >= max_issues {
+        if sold > 0 {
+            KeyState::Claimed
+        } else {
+            KeyState::Held
+        }
+    } else {
+        KeyState::Available
+    }
+}
+
+/// The part of a key that events change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStatus {
+    pub void: bool,
+    /// Orders holding the key (more than one only for reusable codes).
+    pub held: i64,
+    /// Orders owning the key.
+    pub sold: i64,
+    /// Times the key was redeemed.
+    pub uses: i64,
+    pub max_issues: i64,
+    pub max_uses: i64,
+    /// The order that most recently took the key (held or claimed it).
+    pub order_id: Option<String>,
+    /// The user of that order, if it named one.
+    pub user_id: Option<String>,
+    /// Who redeemed the key last.
+    pub redeemer: Option<String>,
+    pub redeemed_at_ms: Option<i64>,
+    /// Engine time of the latest event applied to the key.
+    pub updated_at_ms: i64,
+}
+
+impl KeyStatus {
+    /// The key's derived state.
+    pub fn state(&self) -> KeyState {
+        key_state(
+            self.void,
+            self.held,
+            self.sold,
+            self.uses,
+            self.max_issues,
+            self.max_uses,
+        )
+    }
+}
+
+/// Applies one event to one key it names, exactly as the engine changed that key.
+///
+/// Returns whether the key changed. Events of kinds that change no key (`add`, `sku`, unknown
+/// kinds) leave it alone. A key named twice by an event is applied twice, as the scripts loop
+/// over ids.
+pub fn apply_to_key(key: &mut KeyStatus, kind: EventKind, event: &LedgerEvent) -> bool {
+    let before = key.clone();
+    match kind {
+        EventKind::Add | EventKind::Sku | EventKind::Unknown => return false,
+        EventKind::Hold => {
+            key.held += 1;
+            take_for_order(key, event);
+        }
+        EventKind::Claim => {
+            key.sold += 1;
+            take_for_order(key, event);
+        }
+        EventKind::Confirm => {
+            // A late confirm claimed fresh keys (`issue(ids, false)`); an ordinary one turns
+            // the order's own hold into a sale.
+            if !event.late {
+                key.held = (key.held - 1).max(0);
+            }
+            key.sold += 1;
+            take_for_order(key, event);
+        }
+        EventKind::Release | EventKind::Expire => {
+            key.held = (key.held - 1).max(0);
+        }
+        EventKind::Redeem => {
+            key.uses += 1;
+            key.redeemer = non_empty(&event.redeemer);
+            key.redeemed_at_ms = Some(event.at_ms);
+        }
+        EventKind::Void => key.void = true,
+        EventKind::Restore => key.void = false,
+    }
+    key.updated_at_ms = key.updated_at_ms.max(event.at_ms);
+    *key != before
+}
+
+/// Records the order (and its user) that took the key; the audit trail keeps earlier ones.
+fn take_for_order(key: &mut KeyStatus, event: &LedgerEvent) {
+    if let Some(order) = non_empty(&event.order_id) {
+        key.order_id = Some(order);
+        key.user_id = non_empty(&event.user_id);
+    }
+}
+
+/// The scripts write `''` for "none"; the ledger stores NULL.
+fn non_empty(value: &Option<String>) -> Option<String> {
+    value
+        .as_deref()
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fresh(max_issues: i64, max_uses: i64) -> KeyStatus {
+        KeyStatus {
+            void: false,
+            held: 0,
+            sold: 0,
+            uses: 0,
+            max_issues,
+            max_uses,
+            order_id: None,
+            user_id: None,
+            redeemer: None,
+            redeemed_at_ms: None,
+            updated_at_ms: 0,
+        }
+    }
+
+    fn event(kind: &str, at_ms: i64) -> LedgerEvent {
+        LedgerEvent {
+            event_id: format!("s/{at_ms}-0"),
+            sku: "s".into(),
+            kind: kind.into(),
+            at_ms,
+            key_local_ids: vec![1],
+            order_id: Some("o-1".into()),
+            user_id: Some("u-1".into()),
+            redeemer: None,
+            reason: None,
+            late: false,
+            fields_json: "{}".into(),
+        }
+    }
+
+    fn apply(key: &mut KeyStatus, e: &LedgerEvent) -> bool {
+        apply_to_key(key, EventKind::parse(&e.kind), e)
+    }
+
+    #[test]
+    fn state_follows_the_prelude() {
+        use KeyState::*;
+        // (void, held, sold, uses, max_issues, max_uses) -> state
+        let cases = [
+            ((false, 0, 0, 0, 1, 1), Available),
+            ((false, 1, 0, 0, 1, 1), Held),
+            ((false, 0, 1, 0, 1, 1), Claimed),
+            ((false, 0, 1, 1, 1, 1), Redeemed),
+            ((true, 0, 1, 1, 1, 1), Void),
+            ((true, 0, 0, 0, 1, 1), Void),
+            // Reusable: one of two issues taken is still available.
+            ((false, 1, 0, 0, 2, 1), Available),
+            ((false, 1, 1, 0, 2, 1), Claimed),
+            ((false, 2, 0, 0, 2, 1), Held),
+            // Redeemed wins over claimed once uses reach max_uses, even with issues left.
+            ((false, 0, 1, 1, 2, 1), Redeemed),
+            // Multi-use: one use of two leaves it claimed.
+            ((false, 0, 1, 1, 1, 2), Claimed),
+            ((false, 0, 1, 2, 1, 2), Redeemed),
+            // Unsold keys are never redeemed, whatever `uses` says.
+            ((false, 0, 0, 5, 1, 1), Available),
+        ];
+        for ((void, held, sold, uses, mi, mu), want) in cases {
+            assert_eq!(
+                key_state(void, held, sold, uses, mi, mu),
+                want,
+                "{:?}",
+                (void, held, sold, uses, mi, mu)
+            );
+        }
+    }
+
+    #[test]
+    fn state_names_round_trip() {
+        use KeyState::*;
+        for s in [Available, Held, Claimed, Redeemed, Void] {
+            assert_eq!(KeyState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(KeyState::parse("sold"), None);
+    }
+
+    #[test]
+    fn hold_then_confirm_sells_and_records_the_order() {
+        let mut k = fresh(1, 1);
+        assert!(apply(&mut k, &event("hold", 10)));
+        assert_eq!((k.held, k.sold, k.state()), (1, 0, KeyState::Held));
+        assert_eq!(k.order_id.as_deref(), Some("o-1"));
+        assert_eq!(k.user_id.as_deref(), Some("u-1"));
+        assert!(apply(&mut k, &event("confirm", 20)));
+        assert_eq!((k.held, k.sold, k.state()), (0, 1, KeyState::Claimed));
+        assert_eq!(k.updated_at_ms, 20);
+    }
+
+    #[test]
+    fn late_confirm_sells_without_touching_holds() {
+        let mut k = fresh(2, 1);
+        apply(&mut k, &event("hold", 10));
+        let mut late = event("confirm", 20);
+        late.late = true;
+        apply(&mut k, &late);
+        assert_eq!((k.held, k.sold), (1, 1));
+    }
+
+    #[test]
+    fn release_and_expire_never_go_below_zero() {
+        for kind in ["release", "expire"] {
+            let mut k = fresh(1, 1);
+            apply(&mut k, &event("hold", 1));
+            apply(&mut k, &event(kind, 2));
+            assert_eq!((k.held, k.state()), (0, KeyState::Available));
+            apply(&mut k, &event(kind, 3));
+            assert_eq!(k.held, 0, "{kind}");
+        }
+        // An ordinary confirm of a key nobody holds still sells it, holds stay at zero.
+        let mut k = fresh(1, 1);
+        apply(&mut k, &event("confirm", 1));
+        assert_eq!((k.held, k.sold), (0, 1));
+    }
+
+    #[test]
+    fn redeem_counts_uses_and_records_the_redeemer() {
+        let mut k = fresh(1, 2);
+        apply(&mut k, &event("claim", 1));
+        let mut r = event("redeem", 5);
+        r.redeemer = Some("user-42".into());
+        apply(&mut k, &r);
+        assert_eq!((k.uses, k.state()), (1, KeyState::Claimed));
+        assert_eq!(k.redeemer.as_deref(), Some("user-42"));
+        assert_eq!(k.redeemed_at_ms, Some(5));
+        apply(&mut k, &event("redeem", 6));
+        assert_eq!((k.uses, k.state()), (2, KeyState::Redeemed));
+    }
+
+    #[test]
+    fn void_and_restore_toggle_only_the_flag() {
+        let mut k = fresh(1, 1);
+        apply(&mut k, &event("claim", 1));
+        assert!(apply(&mut k, &event("void", 2)));
+        assert_eq!(k.state(), KeyState::Void);
+        assert!(apply(&mut k, &event("restore", 3)));
+        assert_eq!(k.state(), KeyState::Claimed);
+        assert_eq!(k.sold, 1);
+    }
+
+    #[test]
+    fn record_only_kinds_change_nothing() {
+        for kind in ["add", "sku", "teleport"] {
+            let mut k = fresh(1, 1);
+            assert!(!apply(&mut k, &event(kind, 9)), "{kind}");
+            assert_eq!(k, fresh(1, 1));
+        }
+        assert!(!EventKind::parse("teleport").changes_keys());
+        assert!(EventKind::parse("hold").changes_keys());
+    }
+
+    #[test]
+    fn empty_identifiers_are_stored_as_none() {
+        let mut k = fresh(1, 1);
+        let mut e = event("claim", 1);
+        e.user_id = Some(String::new());
+        apply(&mut k, &e);
+        assert_eq!(k.user_id, None);
+        assert_eq!(k.order_id.as_deref(), Some("o-1"));
+    }
+}

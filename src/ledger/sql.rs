@@ -1,0 +1,852 @@
+//! The [`Ledger`] implementation, written once for SQLite and PostgreSQL.
+//!
+//! # Why one implementation
+//!
+//! The two schemas are column-for-column identical and every statement here is plain SQL both
+//! speak (`ON CONFLICT`, `RETURNING`, `UPDATE … FROM` a `VALUES` list), so the logic that must
+//! not diverge (duplicate detection, id allocation, applying events) exists once. What does
+//! differ is captured in [`Dialect`]:
+//!
+//! - **Write transactions.** SQLite starts them with `BEGIN IMMEDIATE`: a deferred transaction
+//!   that reads and then writes can fail with `SQLITE_BUSY` at the upgrade instead of waiting.
+//!   PostgreSQL uses its default `READ COMMITTED` and takes row locks where it matters.
+//! - **Row locks.** PostgreSQL appends `FOR UPDATE` / `FOR SHARE` to reads of rows a
+//!   transaction depends on (the SKU's id counter, the batch, the keys an event changes), so
+//!   concurrent imports of one SKU serialise on its counter and concurrent writers cannot lose
+//!   updates. SQLite has one writer at a time and needs none.
+//! - **Bind-parameter limits** (32766 for SQLite, 65535 for PostgreSQL): multi-row statements
+//!   are cut to fit, and to at most [`MAX_ROWS_PER_STATEMENT`] rows.
+//! - **Placeholders** of generated multi-row statements: `?n` for SQLite, `$n` for
+//!   PostgreSQL (fixed statements use `$n`, which both accept).
+//!
+//! Statements built with a variable number of rows are not kept in the prepared-statement
+//! cache (`persistent(false)`): each chunk size would be a new entry evicting useful ones.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use sqlx::database::HasStatementCache;
+use sqlx::{
+    ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Transaction, Type,
+};
+
+use super::replay::{self, NewEvent};
+use super::rules::{key_state, KeyState, KeyStatus};
+use super::{
+    BatchCounts, BatchRecord, BatchStart, EventRecord, InsertOutcome, KeyRecord, Ledger,
+    LedgerError, LedgerEvent, NewKey, SkuRecord, StateCounts,
+};
+use crate::sku::{key_id, parse_key_id};
+
+/// Most rows one multi-row statement carries, whatever the parameter limit allows: keeps
+/// statements (and the time they hold locks) short.
+pub(crate) const MAX_ROWS_PER_STATEMENT: usize = 1000;
+
+/// How a backend differs from the other; see the module docs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dialect {
+    /// Statement opening a write transaction; `None` for the driver's default `BEGIN`.
+    pub begin_write: Option<&'static str>,
+    /// Appended to a read of rows the transaction will change.
+    pub lock_rows: &'static str,
+    /// Appended to a read of rows that must not change before the transaction commits.
+    pub share_rows: &'static str,
+    /// Most bind parameters one statement may carry.
+    pub max_binds: usize,
+    /// Prefix of numbered parameters in generated multi-row statements: `$` for PostgreSQL,
+    /// `?` for SQLite, whose parser looks `$n` names up linearly (quadratic in a statement
+    /// of ten thousand parameters) but appends ascending `?n` directly.
+    pub placeholder: char,
+}
+
+/// The ledger over one sqlx database. Reads and writes may use different pools: SQLite
+/// funnels writes through a single connection so writers queue in-process instead of
+/// spinning on the file lock, while reads run concurrently (WAL).
+pub(crate) struct SqlLedger<DB: Database> {
+    read: Pool<DB>,
+    write: Pool<DB>,
+    dialect: Dialect,
+}
+
+const SKU_COLUMNS: &str = "sku, config_json, format_version, epoch, created_at_ms, updated_at_ms";
+const BATCH_COLUMNS: &str =
+    "sku, batch_id, state, accepted, rejected, duplicate, created_at_ms, activated_at_ms";
+const KEY_COLUMNS: &str = "sku, local_id, digest, code, batch_id, format_version, \
+     expires_at_ms, max_issues, max_uses, held, sold, uses, void, state, order_id, user_id, \
+     redeemer, redeemed_at_ms, updated_at_ms";
+/// What applying events reads and writes of a key ([`KeyStatus`] plus its id).
+const STATUS_COLUMNS: &str = "local_id, void, held, sold, uses, max_issues, max_uses, \
+     order_id, user_id, redeemer, redeemed_at_ms, updated_at_ms";
+const EVENT_COLUMNS: &str =
+    "e.event_id, e.sku, e.kind, e.at_ms, e.order_id, e.user_id, e.redeemer, e.reason, e.fields_json";
+
+impl<DB> SqlLedger<DB>
+where
+    DB: Database + HasStatementCache,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> bool: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> String: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<i64>: Encode<'q, DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB>,
+    usize: ColumnIndex<DB::Row>,
+{
+    /// A ledger over already migrated pools.
+    pub(crate) fn new(read: Pool<DB>, write: Pool<DB>, dialect: Dialect) -> SqlLedger<DB> {
+        SqlLedger {
+            read,
+            write,
+            dialect,
+        }
+    }
+
+    async fn begin_write(&self) -> Result<Transaction<'static, DB>, LedgerError> {
+        Ok(match self.dialect.begin_write {
+            Some(statement) => self.write.begin_with(statement).await?,
+            None => self.write.begin().await?,
+        })
+    }
+
+    /// Rows per multi-row statement when each row binds `per_row` parameters and the
+    /// statement `fixed` more.
+    fn rows_per_statement(&self, per_row: usize, fixed: usize) -> usize {
+        (self.dialect.max_binds.saturating_sub(fixed) / per_row).clamp(1, MAX_ROWS_PER_STATEMENT)
+    }
+
+    /// A batch, read inside `conn`'s transaction with the lock clause `lock`.
+    async fn batch_in(
+        conn: &mut DB::Connection,
+        sku: &str,
+        batch_id: &str,
+        lock: &str,
+    ) -> Result<Option<BatchRecord>, LedgerError> {
+        let sql =
+            format!("SELECT {BATCH_COLUMNS} FROM batches WHERE sku = $1 AND batch_id = $2{lock}");
+        let row = sqlx::query(&sql)
+            .bind(sku)
+            .bind(batch_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+        row.map(|r| Self::batch_from_row(&r)).transpose()
+    }
+
+    /// Marks a pending batch and its keys active: one `UPDATE` of the keys, however many.
+    async fn activate_in(
+        conn: &mut DB::Connection,
+        sku: &str,
+        batch_id: &str,
+        now_ms: i64,
+    ) -> Result<(), LedgerError> {
+        sqlx::query("UPDATE keys SET active = TRUE WHERE sku = $1 AND batch_id = $2")
+            .bind(sku)
+            .bind(batch_id)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query(
+            "UPDATE batches SET state = 'active', activated_at_ms = $3 \
+             WHERE sku = $1 AND batch_id = $2",
+        )
+        .bind(sku)
+        .bind(batch_id)
+        .bind(now_ms)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Finds which of `digests` the SKU already has: digest → (local id, in `batch_id`).
+    async fn existing_digests(
+        &self,
+        conn: &mut DB::Connection,
+        sku: &str,
+        batch_id: &str,
+        digests: &[&str],
+    ) -> Result<HashMap<String, (i64, bool)>, LedgerError> {
+        let mut found = HashMap::new();
+        let p = self.dialect.placeholder;
+        for chunk in digests.chunks(self.rows_per_statement(1, 1)) {
+            let sql = format!(
+                "SELECT digest, local_id, batch_id FROM keys WHERE sku = {p}1 AND digest IN {}",
+                tuples(p, 1, chunk.len(), 2)
+            );
+            let mut query = sqlx::query(&sql).persistent(false).bind(sku);
+            for digest in chunk {
+                query = query.bind(*digest);
+            }
+            for row in query.fetch_all(&mut *conn).await? {
+                let digest: String = row.try_get(0)?;
+                let local_id: i64 = row.try_get(1)?;
+                let batch: String = row.try_get(2)?;
+                found.insert(digest, (local_id, batch == batch_id));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Loads the status of `ids` of `sku` (those that exist), locking them for the update.
+    async fn load_statuses(
+        &self,
+        conn: &mut DB::Connection,
+        sku: &str,
+        ids: &BTreeSet<i64>,
+    ) -> Result<Vec<(i64, KeyStatus)>, LedgerError> {
+        let ids: Vec<i64> = ids.iter().copied().collect();
+        let mut out = Vec::with_capacity(ids.len());
+        let p = self.dialect.placeholder;
+        for chunk in ids.chunks(self.rows_per_statement(1, 1)) {
+            let sql = format!(
+                "SELECT {STATUS_COLUMNS} FROM keys WHERE sku = {p}1 AND local_id IN {} \
+                 ORDER BY local_id{}",
+                tuples(p, 1, chunk.len(), 2),
+                self.dialect.lock_rows
+            );
+            let mut query = sqlx::query(&sql).persistent(false).bind(sku);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&mut *conn).await? {
+                let status = KeyStatus {
+                    void: row.try_get(1)?,
+                    held: row.try_get(2)?,
+                    sold: row.try_get(3)?,
+                    uses: row.try_get(4)?,
+                    max_issues: row.try_get(5)?,
+                    max_uses: row.try_get(6)?,
+                    order_id: row.try_get(7)?,
+                    user_id: row.try_get(8)?,
+                    redeemer: row.try_get(9)?,
+                    redeemed_at_ms: row.try_get(10)?,
+                    updated_at_ms: row.try_get(11)?,
+                };
+                out.push((row.try_get(0)?, status));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes changed key statuses back, many rows per `UPDATE … FROM (VALUES …)`.
+    async fn store_statuses(
+        &self,
+        conn: &mut DB::Connection,
+        sku: &str,
+        rows: &[(i64, KeyStatus)],
+    ) -> Result<(), LedgerError> {
+        let p = self.dialect.placeholder;
+        for chunk in rows.chunks(self.rows_per_statement(11, 1)) {
+            let sql = format!(
+                "WITH v (local_id, void, held, sold, uses, state, order_id, user_id, redeemer, \
+                 redeemed_at_ms, updated_at_ms) AS (VALUES {}) \
+                 UPDATE keys SET void = v.void, held = v.held, sold = v.sold, uses = v.uses, \
+                 state = v.state, order_id = v.order_id, user_id = v.user_id, \
+                 redeemer = v.redeemer, redeemed_at_ms = v.redeemed_at_ms, \
+                 updated_at_ms = v.updated_at_ms \
+                 FROM v WHERE keys.sku = {p}1 AND keys.local_id = v.local_id",
+                tuples(p, chunk.len(), 11, 2)
+            );
+            let mut query = sqlx::query(&sql).persistent(false).bind(sku);
+            for (local_id, k) in chunk {
+                query = query
+                    .bind(*local_id)
+                    .bind(k.void)
+                    .bind(k.held)
+                    .bind(k.sold)
+                    .bind(k.uses)
+                    .bind(k.state().as_str())
+                    .bind(k.order_id.as_deref())
+                    .bind(k.user_id.as_deref())
+                    .bind(k.redeemer.as_deref())
+                    .bind(k.redeemed_at_ms)
+                    .bind(k.updated_at_ms);
+            }
+            query.execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
+
+    fn sku_from_row(row: &DB::Row) -> Result<SkuRecord, LedgerError> {
+        let version: i64 = row.try_get(2)?;
+        Ok(SkuRecord {
+            sku: row.try_get(0)?,
+            config_json: row.try_get(1)?,
+            format_version: u32::try_from(version)
+                .map_err(|_| LedgerError::Corrupt(format!("format_version {version}")))?,
+            epoch: row.try_get(3)?,
+            created_at_ms: row.try_get(4)?,
+            updated_at_ms: row.try_get(5)?,
+        })
+    }
+
+    fn batch_from_row(row: &DB::Row) -> Result<BatchRecord, LedgerError> {
+        Ok(BatchRecord {
+            sku: row.try_get(0)?,
+            batch_id: row.try_get(1)?,
+            state: row.try_get(2)?,
+            accepted: count(row.try_get(3)?)?,
+            rejected: count(row.try_get(4)?)?,
+            duplicate: count(row.try_get(5)?)?,
+            created_at_ms: row.try_get(6)?,
+            activated_at_ms: row.try_get(7)?,
+        })
+    }
+
+    fn key_from_row(row: &DB::Row) -> Result<KeyRecord, LedgerError> {
+        let sku: String = row.try_get(0)?;
+        let local_id: i64 = row.try_get(1)?;
+        Ok(KeyRecord {
+            key_id: key_id(&sku, &local_id.to_string()),
+            sku,
+            local_id,
+            digest: row.try_get(2)?,
+            code: row.try_get(3)?,
+            batch_id: row.try_get(4)?,
+            format_version: row.try_get(5)?,
+            expires_at_ms: row.try_get(6)?,
+            max_issues: row.try_get(7)?,
+            max_uses: row.try_get(8)?,
+            held: row.try_get(9)?,
+            sold: row.try_get(10)?,
+            uses: row.try_get(11)?,
+            void: row.try_get(12)?,
+            state: row.try_get(13)?,
+            order_id: row.try_get(14)?,
+            user_id: row.try_get(15)?,
+            redeemer: row.try_get(16)?,
+            redeemed_at_ms: row.try_get(17)?,
+            updated_at_ms: row.try_get(18)?,
+        })
+    }
+
+    fn event_from_row(row: &DB::Row) -> Result<EventRecord, LedgerError> {
+        Ok(EventRecord {
+            event_id: row.try_get(0)?,
+            sku: row.try_get(1)?,
+            kind: row.try_get(2)?,
+            at_ms: row.try_get(3)?,
+            order_id: row.try_get(4)?,
+            user_id: row.try_get(5)?,
+            redeemer: row.try_get(6)?,
+            reason: row.try_get(7)?,
+            fields_json: row.try_get(8)?,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl<DB> Ledger for SqlLedger<DB>
+where
+    DB: Database + HasStatementCache,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> bool: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> String: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<i64>: Encode<'q, DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB>,
+    usize: ColumnIndex<DB::Row>,
+{
+    async fn put_sku(
+        &self,
+        sku: &str,
+        config_json: &str,
+        format_version: u32,
+        now_ms: i64,
+    ) -> Result<bool, LedgerError> {
+        let mut tx = self.begin_write().await?;
+        let created = sqlx::query(
+            "INSERT INTO skus (sku, config_json, format_version, next_local_id, created_at_ms, \
+             updated_at_ms) VALUES ($1, $2, $3, 1, $4, $4) ON CONFLICT (sku) DO NOTHING \
+             RETURNING sku",
+        )
+        .bind(sku)
+        .bind(config_json)
+        .bind(i64::from(format_version))
+        .bind(now_ms)
+        .fetch_optional(&mut *tx)
+        .await?
+        .is_some();
+        if !created {
+            sqlx::query(
+                "UPDATE skus SET config_json = $2, format_version = $3, updated_at_ms = $4 \
+                 WHERE sku = $1",
+            )
+            .bind(sku)
+            .bind(config_json)
+            .bind(i64::from(format_version))
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    async fn get_sku(&self, sku: &str) -> Result<Option<SkuRecord>, LedgerError> {
+        let sql = format!("SELECT {SKU_COLUMNS} FROM skus WHERE sku = $1");
+        let row = sqlx::query(&sql)
+            .bind(sku)
+            .fetch_optional(&self.read)
+            .await?;
+        row.map(|r| Self::sku_from_row(&r)).transpose()
+    }
+
+    async fn list_skus(&self) -> Result<Vec<String>, LedgerError> {
+        let rows = sqlx::query("SELECT sku FROM skus ORDER BY sku")
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get(0).map_err(LedgerError::from))
+            .collect()
+    }
+
+    async fn set_epoch(&self, sku: &str, epoch: &str) -> Result<(), LedgerError> {
+        let updated = sqlx::query("UPDATE skus SET epoch = $2 WHERE sku = $1 RETURNING sku")
+            .bind(sku)
+            .bind(epoch)
+            .fetch_optional(&self.write)
+            .await?;
+        if updated.is_none() {
+            return Err(LedgerError::NotFound(format!("SKU {sku}")));
+        }
+        Ok(())
+    }
+
+    async fn begin_batch(
+        &self,
+        sku: &str,
+        batch_id: &str,
+        now_ms: i64,
+    ) -> Result<BatchStart, LedgerError> {
+        let mut tx = self.begin_write().await?;
+        // Concurrent first attempts race on the primary key; exactly one inserts.
+        let inserted = sqlx::query(
+            "INSERT INTO batches (sku, batch_id, state, created_at_ms) \
+             SELECT $1, $2, 'pending', $3 WHERE EXISTS (SELECT 1 FROM skus WHERE sku = $1) \
+             ON CONFLICT (sku, batch_id) DO NOTHING RETURNING batch_id",
+        )
+        .bind(sku)
+        .bind(batch_id)
+        .bind(now_ms)
+        .fetch_optional(&mut *tx)
+        .await?
+        .is_some();
+        let start = if inserted {
+            BatchStart::New
+        } else {
+            match Self::batch_in(&mut tx, sku, batch_id, self.dialect.lock_rows).await? {
+                None => return Err(LedgerError::NotFound(format!("SKU {sku}"))),
+                // An aborted import left nothing behind: the merchant's retry starts afresh.
+                Some(b) if b.state == "aborted" => {
+                    sqlx::query(
+                        "UPDATE batches SET state = 'pending', accepted = 0, rejected = 0, \
+                         duplicate = 0, created_at_ms = $3, activated_at_ms = NULL \
+                         WHERE sku = $1 AND batch_id = $2",
+                    )
+                    .bind(sku)
+                    .bind(batch_id)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                    BatchStart::New
+                }
+                Some(b) => BatchStart::Existing(b),
+            }
+        };
+        tx.commit().await?;
+        Ok(start)
+    }
+
+    async fn insert_keys(
+        &self,
+        sku: &str,
+        batch_id: &str,
+        rows: &[NewKey],
+    ) -> Result<Vec<InsertOutcome>, LedgerError> {
+        if let Some(bad) = rows.iter().find(|r| r.max_issues < 1 || r.max_uses < 1) {
+            return Err(LedgerError::Corrupt(format!(
+                "line {}: max_issues and max_uses must be at least 1",
+                bad.line
+            )));
+        }
+        let mut tx = self.begin_write().await?;
+        let batch = Self::batch_in(&mut tx, sku, batch_id, self.dialect.share_rows)
+            .await?
+            .ok_or_else(|| LedgerError::NotFound(format!("batch {batch_id} of SKU {sku}")))?;
+        if batch.state != "pending" {
+            return Err(LedgerError::Conflict(format!(
+                "batch {batch_id} of SKU {sku} is {}, not pending",
+                batch.state
+            )));
+        }
+        // Locking the counter first serialises imports of one SKU, so the duplicate check
+        // below sees every key committed before this transaction allocates.
+        let sql = format!(
+            "SELECT next_local_id FROM skus WHERE sku = $1{}",
+            self.dialect.lock_rows
+        );
+        let first_id: i64 = sqlx::query(&sql)
+            .bind(sku)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| LedgerError::NotFound(format!("SKU {sku}")))?
+            .try_get(0)?;
+
+        let mut digests: Vec<&str> = rows.iter().map(|r| r.digest.as_str()).collect();
+        digests.sort_unstable();
+        digests.dedup();
+        let mut known = self
+            .existing_digests(&mut tx, sku, batch_id, &digests)
+            .await?;
+
+        let mut outcomes = Vec::with_capacity(rows.len());
+        let mut fresh: Vec<(i64, &NewKey)> = Vec::new();
+        let mut next_id = first_id;
+        for row in rows {
+            if let Some(&(local_id, same_batch)) = known.get(&row.digest) {
+                outcomes.push(InsertOutcome::Duplicate {
+                    key_id: key_id(sku, &local_id.to_string()),
+                    same_batch,
+                });
+                continue;
+            }
+            known.insert(row.digest.clone(), (next_id, true));
+            fresh.push((next_id, row));
+            outcomes.push(InsertOutcome::Inserted {
+                key_id: key_id(sku, &next_id.to_string()),
+                local_id: next_id,
+            });
+            next_id += 1;
+        }
+
+        let p = self.dialect.placeholder;
+
+        for chunk in fresh.chunks(self.rows_per_statement(11, 0)) {
+            let sql = format!(
+                "INSERT INTO keys (sku, local_id, digest, code, batch_id, format_version, \
+                 expires_at_ms, max_issues, max_uses, state, updated_at_ms) VALUES {}",
+                tuples(p, chunk.len(), 11, 1)
+            );
+            let mut query = sqlx::query(&sql).persistent(false);
+            for (local_id, row) in chunk {
+                let state = key_state(false, 0, 0, 0, row.max_issues, row.max_uses);
+                query = query
+                    .bind(sku)
+                    .bind(*local_id)
+                    .bind(row.digest.as_str())
+                    .bind(row.code.as_str())
+                    .bind(batch_id)
+                    .bind(row.format_version)
+                    .bind(row.expires_at_ms)
+                    .bind(row.max_issues)
+                    .bind(row.max_uses)
+                    .bind(state.as_str())
+                    .bind(batch.created_at_ms);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        if next_id != first_id {
+            sqlx::query("UPDATE skus SET next_local_id = $2 WHERE sku = $1")
+                .bind(sku)
+                .bind(next_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    async fn finish_batch(
+        &self,
+        sku: &str,
+        batch_id: &str,
+        report: &BatchCounts,
+        activate: bool,
+        now_ms: i64,
+    ) -> Result<(), LedgerError> {
+        let mut tx = self.begin_write().await?;
+        let batch = Self::batch_in(&mut tx, sku, batch_id, self.dialect.lock_rows)
+            .await?
+            .ok_or_else(|| LedgerError::NotFound(format!("batch {batch_id} of SKU {sku}")))?;
+        match (batch.state.as_str(), activate) {
+            ("pending", _) | ("active", true) => {}
+            (state, _) => {
+                return Err(LedgerError::Conflict(format!(
+                    "batch {batch_id} of SKU {sku} is {state}"
+                )))
+            }
+        }
+        sqlx::query(
+            "UPDATE batches SET accepted = $3, rejected = $4, duplicate = $5 \
+             WHERE sku = $1 AND batch_id = $2",
+        )
+        .bind(sku)
+        .bind(batch_id)
+        .bind(signed(report.accepted)?)
+        .bind(signed(report.rejected)?)
+        .bind(signed(report.duplicate)?)
+        .execute(&mut *tx)
+        .await?;
+        if activate && batch.state == "pending" {
+            Self::activate_in(&mut tx, sku, batch_id, now_ms).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn activate_batch(
+        &self,
+        sku: &str,
+        batch_id: &str,
+        now_ms: i64,
+    ) -> Result<BatchRecord, LedgerError> {
+        let mut tx = self.begin_write().await?;
+        let batch = Self::batch_in(&mut tx, sku, batch_id, self.dialect.lock_rows)
+            .await?
+            .ok_or_else(|| LedgerError::NotFound(format!("batch {batch_id} of SKU {sku}")))?;
+        let batch = match batch.state.as_str() {
+            "active" => batch,
+            "pending" => {
+                Self::activate_in(&mut tx, sku, batch_id, now_ms).await?;
+                BatchRecord {
+                    state: "active".into(),
+                    activated_at_ms: Some(now_ms),
+                    ..batch
+                }
+            }
+            state => {
+                return Err(LedgerError::Conflict(format!(
+                    "batch {batch_id} of SKU {sku} is {state}"
+                )))
+            }
+        };
+        tx.commit().await?;
+        Ok(batch)
+    }
+
+    async fn abort_batch(&self, sku: &str, batch_id: &str) -> Result<(), LedgerError> {
+        let mut tx = self.begin_write().await?;
+        let batch = Self::batch_in(&mut tx, sku, batch_id, self.dialect.lock_rows)
+            .await?
+            .ok_or_else(|| LedgerError::NotFound(format!("batch {batch_id} of SKU {sku}")))?;
+        match batch.state.as_str() {
+            "aborted" => return Ok(()),
+            "active" => {
+                return Err(LedgerError::Conflict(format!(
+                    "batch {batch_id} of SKU {sku} is active: void its keys instead"
+                )))
+            }
+            _ => {}
+        }
+        sqlx::query("DELETE FROM keys WHERE sku = $1 AND batch_id = $2")
+            .bind(sku)
+            .bind(batch_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE batches SET state = 'aborted' WHERE sku = $1 AND batch_id = $2")
+            .bind(sku)
+            .bind(batch_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_batch(
+        &self,
+        sku: &str,
+        batch_id: &str,
+    ) -> Result<Option<BatchRecord>, LedgerError> {
+        let mut conn = self.read.acquire().await?;
+        Self::batch_in(&mut conn, sku, batch_id, "").await
+    }
+
+    async fn keys_after(
+        &self,
+        sku: &str,
+        after_local_id: i64,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, LedgerError> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM keys WHERE sku = $1 AND local_id > $2 AND active = TRUE \
+             ORDER BY local_id LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(sku)
+            .bind(after_local_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(Self::key_from_row).collect()
+    }
+
+    async fn apply_events(&self, events: &[LedgerEvent]) -> Result<u64, LedgerError> {
+        // A writer's batch may carry an entry twice (a reclaim racing a read): once is enough.
+        let mut seen = HashSet::new();
+        let events: Vec<&LedgerEvent> = events
+            .iter()
+            .filter(|e| seen.insert(e.event_id.as_str()))
+            .collect();
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.begin_write().await?;
+
+        // Record the events; those already recorded are not returned and change nothing.
+        let mut recorded: HashMap<String, i64> = HashMap::new();
+        let p = self.dialect.placeholder;
+        for chunk in events.chunks(self.rows_per_statement(11, 0)) {
+            let sql = format!(
+                "INSERT INTO events (event_id, sku, kind, at_ms, key_local_ids, order_id, \
+                 user_id, redeemer, reason, late, fields_json) VALUES {} \
+                 ON CONFLICT (event_id) DO NOTHING RETURNING seq, event_id",
+                tuples(p, chunk.len(), 11, 1)
+            );
+            let mut query = sqlx::query(&sql).persistent(false);
+            for e in chunk {
+                let ids: Vec<String> = e.key_local_ids.iter().map(i64::to_string).collect();
+                query = query
+                    .bind(e.event_id.as_str())
+                    .bind(e.sku.as_str())
+                    .bind(e.kind.as_str())
+                    .bind(e.at_ms)
+                    .bind(ids.join(","))
+                    .bind(e.order_id.as_deref())
+                    .bind(e.user_id.as_deref())
+                    .bind(e.redeemer.as_deref())
+                    .bind(e.reason.as_deref())
+                    .bind(e.late)
+                    .bind(e.fields_json.as_str());
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                recorded.insert(row.try_get(1)?, row.try_get(0)?);
+            }
+        }
+        let applied: Vec<NewEvent> = events
+            .iter()
+            .filter_map(|e| Some(NewEvent::new(e, *recorded.get(&e.event_id)?)))
+            .collect();
+
+        let mut keys = BTreeMap::new();
+        for (sku, ids) in replay::keys_to_load(&applied) {
+            for (id, status) in self.load_statuses(&mut tx, sku, &ids).await? {
+                keys.insert((sku, id), status);
+            }
+        }
+        let replayed = replay::replay(&applied, keys);
+        if replayed.skipped > 0 {
+            tracing::info!(
+                skipped = replayed.skipped,
+                "events named keys the ledger does not have (aborted batches); skipped them"
+            );
+        }
+        for (sku, rows) in &replayed.changed {
+            self.store_statuses(&mut tx, sku, rows).await?;
+        }
+
+        let links = replay::audit_links(&applied);
+        let p = self.dialect.placeholder;
+        for chunk in links.chunks(self.rows_per_statement(3, 0)) {
+            let sql = format!(
+                "INSERT INTO event_keys (sku, local_id, event_seq) VALUES {}",
+                tuples(p, chunk.len(), 3, 1)
+            );
+            let mut query = sqlx::query(&sql).persistent(false);
+            for (sku, id, seq) in chunk {
+                query = query.bind(*sku).bind(*id).bind(*seq);
+            }
+            query.execute(&mut *tx).await?;
+        }
+
+        tx.commit().await?;
+        Ok(applied.len() as u64)
+    }
+
+    async fn key_events(&self, key_id: &str) -> Result<Vec<EventRecord>, LedgerError> {
+        let Some((sku, local_id)) = parse_local(key_id) else {
+            return Ok(Vec::new());
+        };
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM event_keys k JOIN events e ON e.seq = k.event_seq \
+             WHERE k.sku = $1 AND k.local_id = $2 ORDER BY e.at_ms, e.seq"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(sku)
+            .bind(local_id)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(Self::event_from_row).collect()
+    }
+
+    async fn get_key(&self, key_id: &str) -> Result<Option<KeyRecord>, LedgerError> {
+        let Some((sku, local_id)) = parse_local(key_id) else {
+            return Ok(None);
+        };
+        let sql = format!("SELECT {KEY_COLUMNS} FROM keys WHERE sku = $1 AND local_id = $2");
+        let row = sqlx::query(&sql)
+            .bind(sku)
+            .bind(local_id)
+            .fetch_optional(&self.read)
+            .await?;
+        row.map(|r| Self::key_from_row(&r)).transpose()
+    }
+
+    async fn counts(&self, sku: &str) -> Result<StateCounts, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT state, COUNT(*) FROM keys WHERE sku = $1 AND active = TRUE GROUP BY state",
+        )
+        .bind(sku)
+        .fetch_all(&self.read)
+        .await?;
+        let mut counts = StateCounts::default();
+        for row in rows {
+            let name: String = row.try_get(0)?;
+            let state = KeyState::parse(&name)
+                .ok_or_else(|| LedgerError::Corrupt(format!("unknown key state {name:?}")))?;
+            *counts.slot(state) = count(row.try_get(1)?)?;
+        }
+        Ok(counts)
+    }
+
+    async fn ping(&self) -> Result<(), LedgerError> {
+        sqlx::query("SELECT 1").execute(&self.read).await?;
+        Ok(())
+    }
+}
+
+/// `rows` parenthesised tuples of `width` numbered placeholders, numbering from `first`:
+/// `tuples('$', 2, 2, 3)` is `($3, $4), ($5, $6)`.
+fn tuples(placeholder: char, rows: usize, width: usize, first: usize) -> String {
+    let mut sql = String::with_capacity(rows * width * 7);
+    for r in 0..rows {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for c in 0..width {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push(placeholder);
+            sql.push_str(&(first + r * width + c).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// Splits a public key id into SKU and numeric local id.
+fn parse_local(key_id: &str) -> Option<(&str, i64)> {
+    let (sku, local) = parse_key_id(key_id)?;
+    Some((sku, local.parse().ok()?))
+}
+
+/// A stored count, which is never negative.
+fn count(value: i64) -> Result<u64, LedgerError> {
+    u64::try_from(value).map_err(|_| LedgerError::Corrupt(format!("negative count {value}")))
+}
+
+/// A count to store.
+fn signed(value: u64) -> Result<i64, LedgerError> {
+    i64::try_from(value).map_err(|_| LedgerError::Corrupt(format!("count {value} too large")))
+}

@@ -1,0 +1,92 @@
+//! The SQLite ledger: a file in the data directory, the zero-setup default.
+//!
+//! # Settings, and why
+//!
+//! - **WAL journal**: readers never block the writer nor each other, so counts and warm-up run
+//!   while events are applied.
+//! - **`synchronous = FULL`**: every commit is on disk before it returns. The event writer
+//!   acknowledges stream entries once their transaction commits; with `NORMAL` a power loss
+//!   could drop commits whose entries were already acknowledged, losing events for good. The
+//!   cost is one fsync per transaction, which the writer's group commits amortise.
+//! - **One writer connection**: SQLite allows one writer at a time anyway. Funnelling writes
+//!   through a single pooled connection makes in-process writers queue fairly on the pool
+//!   instead of sleeping in SQLite's busy handler; reads get their own small pool.
+//! - **`busy_timeout`** still covers other processes on the same file (a `kamigate import`
+//!   next to a running gateway), together with `BEGIN IMMEDIATE` write transactions.
+//! - **Foreign keys on**: keys must belong to a batch, batches to a SKU.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::Sqlite;
+
+use super::sql::{Dialect, SqlLedger};
+use super::LedgerError;
+
+/// SQLite's default `SQLITE_MAX_VARIABLE_NUMBER` since 3.32.
+const MAX_BINDS: usize = 32_766;
+
+/// How long a statement waits for another process's write lock before failing as busy.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a caller waits for the writer connection before the ledger reports itself
+/// unavailable.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Concurrent readers.
+const READERS: u32 = 4;
+
+const DIALECT: Dialect = Dialect {
+    begin_write: Some("BEGIN IMMEDIATE"),
+    lock_rows: "",
+    share_rows: "",
+    max_binds: MAX_BINDS,
+    placeholder: '?',
+};
+
+/// Opens (creating it and its directory if needed) the ledger file at `path`.
+pub(crate) async fn open_file(path: &Path) -> Result<SqlLedger<Sqlite>, LedgerError> {
+    open_with(SqliteConnectOptions::new().filename(path)).await
+}
+
+/// Opens the ledger at a `sqlite:` URL.
+pub(crate) async fn open_url(url: &str) -> Result<SqlLedger<Sqlite>, LedgerError> {
+    let options = SqliteConnectOptions::from_str(url)
+        .map_err(|e| LedgerError::Corrupt(format!("SQLite URL: {e}")))?;
+    open_with(options).await
+}
+
+async fn open_with(options: SqliteConnectOptions) -> Result<SqlLedger<Sqlite>, LedgerError> {
+    if let Some(dir) = options.get_filename().parent() {
+        if !dir.as_os_str().is_empty() {
+            tokio::fs::create_dir_all(dir).await.map_err(|e| {
+                LedgerError::Unavailable(format!("creating {}: {e}", dir.display()))
+            })?;
+        }
+    }
+    let options = options
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(BUSY_TIMEOUT)
+        .foreign_keys(true);
+    // The writer stays open for good: no reconnect on the write path, and an in-memory
+    // database (`sqlite::memory:`) lives as long as the ledger.
+    let write = SqlitePoolOptions::new()
+        .max_connections(1)
+        .min_connections(1)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options.clone())
+        .await?;
+    sqlx::migrate!("./migrations/sqlite").run(&write).await?;
+    let read = SqlitePoolOptions::new()
+        .max_connections(READERS)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options)
+        .await?;
+    Ok(SqlLedger::new(read, write, DIALECT))
+}

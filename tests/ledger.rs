@@ -1,0 +1,793 @@
+//! The ledger, on both backends: every behaviour runs once on SQLite (a temp dir) and once on
+//! PostgreSQL (a fresh database on the local server; see `support/postgres.rs`).
+
+#[path = "support/postgres.rs"]
+mod pg_support;
+
+use std::sync::Arc;
+
+use kamigate::code::digest;
+use kamigate::ledger::{
+    open, BatchCounts, BatchStart, InsertOutcome, KeyRecord, Ledger, LedgerError, LedgerEvent,
+    NewKey, StateCounts,
+};
+use tempfile::TempDir;
+
+use pg_support::TestDatabase;
+
+/// One ledger under test, and what it takes to open it again.
+struct Env {
+    ledger: Arc<dyn Ledger>,
+    url: Option<String>,
+    dir: TempDir,
+    // Dropped last: the database outlives the pools that use it.
+    _pg: Option<TestDatabase>,
+}
+
+impl Env {
+    async fn sqlite() -> Env {
+        let dir = TempDir::new().expect("temp dir");
+        let ledger = open(None, dir.path())
+            .await
+            .expect("open the SQLite ledger");
+        Env {
+            ledger,
+            url: None,
+            dir,
+            _pg: None,
+        }
+    }
+
+    async fn postgres() -> Option<Env> {
+        let pg = TestDatabase::create().await?;
+        let dir = TempDir::new().expect("temp dir");
+        let url = pg.url().to_owned();
+        let ledger = open(Some(&url), dir.path())
+            .await
+            .expect("open the PostgreSQL ledger");
+        Some(Env {
+            ledger,
+            url: Some(url),
+            dir,
+            _pg: Some(pg),
+        })
+    }
+
+    /// Opens the same database again (migrations run again).
+    async fn reopen(&self) -> Arc<dyn Ledger> {
+        open(self.url.as_deref(), self.dir.path())
+            .await
+            .expect("reopen the ledger")
+    }
+}
+
+/// Runs each named `async fn(&Env)` as a test on SQLite and on PostgreSQL.
+macro_rules! both_ledgers {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let env = super::Env::sqlite().await;
+                    super::$name(&env).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if let Some(env) = super::Env::postgres().await {
+                        super::$name(&env).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+both_ledgers!(
+    migrations_are_idempotent_on_reopen,
+    skus_are_created_then_updated,
+    import_allocates_monotonic_ids_and_reports_duplicates,
+    resent_batch_id_is_existing,
+    pending_batch_is_invisible_until_activated,
+    abort_removes_the_batch_keys,
+    applying_the_same_events_twice_changes_nothing,
+    hold_confirm_release_and_expire_follow_the_engine,
+    claim_redeem_void_and_restore_follow_the_engine,
+    late_confirm_sells_fresh_keys,
+    reusable_keys_count_issues,
+    multi_use_keys_count_uses,
+    counts_group_active_keys_by_state,
+    key_events_are_an_audit_trail_oldest_first,
+    unknown_keys_and_kinds_are_recorded_and_skipped,
+    concurrent_writers_apply_each_event_once,
+    large_import_pages_through_keys_after,
+);
+
+const NOW: i64 = 1_700_000_000_000;
+
+#[tokio::test]
+async fn database_urls_choose_the_backend() {
+    let dir = TempDir::new().expect("temp dir");
+    // No URL: a file in the data dir, created with its directory.
+    let data = dir.path().join("data");
+    let l = open(None, &data).await.expect("default ledger");
+    l.ping().await.expect("ping");
+    assert!(data.join("ledger.sqlite3").exists());
+
+    let path = dir.path().join("elsewhere/ledger.db");
+    let l = open(Some(&format!("sqlite://{}", path.display())), &data)
+        .await
+        .expect("sqlite URL");
+    l.ping().await.expect("ping");
+    assert!(path.exists());
+
+    let l = open(Some("sqlite::memory:"), &data)
+        .await
+        .expect("in memory");
+    l.put_sku("gift", "{}", 1, NOW).await.expect("put_sku");
+    assert!(l.get_sku("gift").await.expect("get").is_some());
+
+    match open(Some("mysql://kg:s3cret@db/kg"), &data).await {
+        Err(LedgerError::Corrupt(message)) => assert!(!message.contains("s3cret"), "{message}"),
+        Err(other) => panic!("expected Corrupt, got {other:?}"),
+        Ok(_) => panic!("mysql is not a ledger backend"),
+    }
+}
+
+fn key(code: &str) -> NewKey {
+    NewKey {
+        line: 1,
+        digest: digest(code),
+        code: code.to_owned(),
+        expires_at_ms: None,
+        max_issues: 1,
+        max_uses: 1,
+        format_version: 1,
+    }
+}
+
+fn keys(codes: &[&str]) -> Vec<NewKey> {
+    codes.iter().map(|c| key(c)).collect()
+}
+
+/// An event of `sku` at `NOW + n`, with stream entry id `<n>-0`.
+fn event(sku: &str, n: i64, kind: &str, ids: &[i64]) -> LedgerEvent {
+    LedgerEvent {
+        event_id: format!("{sku}/{n}-0"),
+        sku: sku.to_owned(),
+        kind: kind.to_owned(),
+        at_ms: NOW + n,
+        key_local_ids: ids.to_vec(),
+        order_id: Some(format!("o-{n}")),
+        user_id: Some("u-1".into()),
+        redeemer: None,
+        reason: None,
+        late: false,
+        fields_json: format!(r#"{{"t":"{kind}"}}"#),
+    }
+}
+
+fn inserted(local_id: i64, sku: &str) -> InsertOutcome {
+    InsertOutcome::Inserted {
+        key_id: format!("{sku}.{local_id}"),
+        local_id,
+    }
+}
+
+fn duplicate(local_id: i64, sku: &str, same_batch: bool) -> InsertOutcome {
+    InsertOutcome::Duplicate {
+        key_id: format!("{sku}.{local_id}"),
+        same_batch,
+    }
+}
+
+/// Creates `sku` with one active batch holding `rows`; returns the batch's outcomes.
+async fn stocked(l: &dyn Ledger, sku: &str, rows: &[NewKey]) -> Vec<InsertOutcome> {
+    l.put_sku(sku, "{}", 1, NOW).await.expect("put_sku");
+    let batch = format!("{sku}-b1");
+    assert_eq!(
+        l.begin_batch(sku, &batch, NOW).await.expect("begin"),
+        BatchStart::New
+    );
+    let out = l.insert_keys(sku, &batch, rows).await.expect("insert");
+    let report = BatchCounts {
+        accepted: rows.len() as u64,
+        ..BatchCounts::default()
+    };
+    l.finish_batch(sku, &batch, &report, true, NOW)
+        .await
+        .expect("finish");
+    out
+}
+
+async fn get(l: &dyn Ledger, key_id: &str) -> KeyRecord {
+    l.get_key(key_id)
+        .await
+        .expect("get_key")
+        .unwrap_or_else(|| panic!("key {key_id} exists"))
+}
+
+/// (held, sold, uses, void, state) of a key.
+async fn tally(l: &dyn Ledger, key_id: &str) -> (i64, i64, i64, bool, String) {
+    let k = get(l, key_id).await;
+    (k.held, k.sold, k.uses, k.void, k.state)
+}
+
+fn tallied(
+    held: i64,
+    sold: i64,
+    uses: i64,
+    void: bool,
+    state: &str,
+) -> (i64, i64, i64, bool, String) {
+    (held, sold, uses, void, state.to_owned())
+}
+
+async fn migrations_are_idempotent_on_reopen(env: &Env) {
+    env.ledger
+        .put_sku("gift", r#"{"max_uses":1}"#, 3, NOW)
+        .await
+        .expect("put_sku");
+    for _ in 0..2 {
+        let again = env.reopen().await;
+        again.ping().await.expect("ping");
+        let sku = again.get_sku("gift").await.expect("get_sku").expect("kept");
+        assert_eq!(sku.format_version, 3);
+    }
+}
+
+async fn skus_are_created_then_updated(env: &Env) {
+    let l = env.ledger.as_ref();
+    assert_eq!(l.get_sku("gift").await.expect("get"), None);
+    assert!(l
+        .put_sku("gift", r#"{"a":1}"#, 1, NOW)
+        .await
+        .expect("create"));
+    assert!(l.put_sku("aaa", "{}", 1, NOW).await.expect("create"));
+    assert!(!l
+        .put_sku("gift", r#"{"a":2}"#, 2, NOW + 5)
+        .await
+        .expect("update"));
+    let sku = l.get_sku("gift").await.expect("get").expect("exists");
+    assert_eq!(sku.config_json, r#"{"a":2}"#);
+    assert_eq!(sku.format_version, 2);
+    assert_eq!((sku.created_at_ms, sku.updated_at_ms), (NOW, NOW + 5));
+    assert_eq!(sku.epoch, None);
+    assert_eq!(l.list_skus().await.expect("list"), vec!["aaa", "gift"]);
+
+    l.set_epoch("gift", "epoch-7").await.expect("set_epoch");
+    let sku = l.get_sku("gift").await.expect("get").expect("exists");
+    assert_eq!(sku.epoch.as_deref(), Some("epoch-7"));
+    assert!(matches!(
+        l.set_epoch("nope", "e").await,
+        Err(LedgerError::NotFound(_))
+    ));
+}
+
+async fn import_allocates_monotonic_ids_and_reports_duplicates(env: &Env) {
+    let l = env.ledger.as_ref();
+    l.put_sku("gift", "{}", 1, NOW).await.expect("put_sku");
+    assert_eq!(
+        l.begin_batch("gift", "b1", NOW).await.expect("begin"),
+        BatchStart::New
+    );
+    let out = l
+        .insert_keys("gift", "b1", &keys(&["AAA", "BBB", "CCC", "AAA"]))
+        .await
+        .expect("insert");
+    assert_eq!(
+        out,
+        vec![
+            inserted(1, "gift"),
+            inserted(2, "gift"),
+            inserted(3, "gift"),
+            duplicate(1, "gift", true),
+        ]
+    );
+    // A re-sent chunk of the same batch.
+    let out = l
+        .insert_keys("gift", "b1", &keys(&["BBB", "DDD"]))
+        .await
+        .expect("insert");
+    assert_eq!(out, vec![duplicate(2, "gift", true), inserted(4, "gift")]);
+    l.finish_batch("gift", "b1", &BatchCounts::default(), true, NOW)
+        .await
+        .expect("finish");
+
+    // Another batch: codes of b1 are duplicates from another batch; ids keep growing.
+    l.begin_batch("gift", "b2", NOW).await.expect("begin");
+    let out = l
+        .insert_keys("gift", "b2", &keys(&["CCC", "EEE"]))
+        .await
+        .expect("insert");
+    assert_eq!(out, vec![duplicate(3, "gift", false), inserted(5, "gift")]);
+
+    // Ids are per SKU.
+    l.put_sku("other", "{}", 1, NOW).await.expect("put_sku");
+    l.begin_batch("other", "b1", NOW).await.expect("begin");
+    let out = l
+        .insert_keys("other", "b1", &keys(&["AAA"]))
+        .await
+        .expect("insert");
+    assert_eq!(out, vec![inserted(1, "other")]);
+
+    let k = get(l, "gift.5").await;
+    assert_eq!(k.code, "EEE");
+    assert_eq!(k.digest, digest("EEE"));
+    assert_eq!(k.batch_id, "b2");
+    assert_eq!(k.state, "available");
+    assert!(matches!(
+        l.insert_keys("gift", "missing", &keys(&["X"])).await,
+        Err(LedgerError::NotFound(_))
+    ));
+}
+
+async fn resent_batch_id_is_existing(env: &Env) {
+    let l = env.ledger.as_ref();
+    assert!(matches!(
+        l.begin_batch("nope", "b1", NOW).await,
+        Err(LedgerError::NotFound(_))
+    ));
+    l.put_sku("gift", "{}", 1, NOW).await.expect("put_sku");
+    assert_eq!(
+        l.begin_batch("gift", "b1", NOW).await.expect("begin"),
+        BatchStart::New
+    );
+    l.insert_keys("gift", "b1", &keys(&["A1", "A2"]))
+        .await
+        .expect("insert");
+    let report = BatchCounts {
+        accepted: 2,
+        rejected: 1,
+        duplicate: 0,
+    };
+    l.finish_batch("gift", "b1", &report, true, NOW + 1)
+        .await
+        .expect("finish");
+    match l.begin_batch("gift", "b1", NOW + 2).await.expect("again") {
+        BatchStart::Existing(b) => {
+            assert_eq!(b.state, "active");
+            assert_eq!((b.accepted, b.rejected, b.duplicate), (2, 1, 0));
+            assert_eq!((b.created_at_ms, b.activated_at_ms), (NOW, Some(NOW + 1)));
+        }
+        other => panic!("expected Existing, got {other:?}"),
+    }
+    // An aborted batch id starts afresh.
+    l.begin_batch("gift", "b2", NOW).await.expect("begin");
+    l.abort_batch("gift", "b2").await.expect("abort");
+    assert_eq!(
+        l.begin_batch("gift", "b2", NOW + 3).await.expect("restart"),
+        BatchStart::New
+    );
+    let b = l
+        .get_batch("gift", "b2")
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!((b.state.as_str(), b.created_at_ms), ("pending", NOW + 3));
+}
+
+async fn pending_batch_is_invisible_until_activated(env: &Env) {
+    let l = env.ledger.as_ref();
+    l.put_sku("gift", "{}", 1, NOW).await.expect("put_sku");
+    l.begin_batch("gift", "b1", NOW).await.expect("begin");
+    l.insert_keys("gift", "b1", &keys(&["P1", "P2", "P3"]))
+        .await
+        .expect("insert");
+    let report = BatchCounts {
+        accepted: 3,
+        ..BatchCounts::default()
+    };
+    l.finish_batch("gift", "b1", &report, false, NOW)
+        .await
+        .expect("finish pending");
+    let b = l
+        .get_batch("gift", "b1")
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!((b.state.as_str(), b.accepted), ("pending", 3));
+    assert!(l.keys_after("gift", 0, 100).await.expect("keys").is_empty());
+    assert_eq!(
+        l.counts("gift").await.expect("counts"),
+        StateCounts::default()
+    );
+    // Still findable by id (admin lookups), just not live.
+    assert_eq!(get(l, "gift.2").await.batch_id, "b1");
+
+    let b = l
+        .activate_batch("gift", "b1", NOW + 9)
+        .await
+        .expect("activate");
+    assert_eq!(
+        (b.state.as_str(), b.activated_at_ms),
+        ("active", Some(NOW + 9))
+    );
+    let live = l.keys_after("gift", 0, 100).await.expect("keys");
+    assert_eq!(
+        live.iter().map(|k| k.local_id).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(l.counts("gift").await.expect("counts").available, 3);
+
+    // Activating again changes nothing; an active batch takes no more keys.
+    let again = l
+        .activate_batch("gift", "b1", NOW + 20)
+        .await
+        .expect("again");
+    assert_eq!(again.activated_at_ms, Some(NOW + 9));
+    assert!(matches!(
+        l.insert_keys("gift", "b1", &keys(&["P4"])).await,
+        Err(LedgerError::Conflict(_))
+    ));
+    assert!(matches!(
+        l.finish_batch("gift", "b1", &report, false, NOW).await,
+        Err(LedgerError::Conflict(_))
+    ));
+}
+
+async fn abort_removes_the_batch_keys(env: &Env) {
+    let l = env.ledger.as_ref();
+    l.put_sku("gift", "{}", 1, NOW).await.expect("put_sku");
+    l.begin_batch("gift", "b1", NOW).await.expect("begin");
+    l.insert_keys("gift", "b1", &keys(&["X1", "X2"]))
+        .await
+        .expect("insert");
+    l.abort_batch("gift", "b1").await.expect("abort");
+    l.abort_batch("gift", "b1")
+        .await
+        .expect("abort is idempotent");
+    assert_eq!(l.get_key("gift.1").await.expect("get"), None);
+    let b = l.get_batch("gift", "b1").await.expect("get").expect("kept");
+    assert_eq!(b.state, "aborted");
+    assert!(matches!(
+        l.activate_batch("gift", "b1", NOW).await,
+        Err(LedgerError::Conflict(_))
+    ));
+
+    // Its codes are not duplicates any more; ids are never reused.
+    l.begin_batch("gift", "b2", NOW).await.expect("begin");
+    let out = l
+        .insert_keys("gift", "b2", &keys(&["X1"]))
+        .await
+        .expect("insert");
+    assert_eq!(out, vec![inserted(3, "gift")]);
+    l.activate_batch("gift", "b2", NOW).await.expect("activate");
+    assert!(matches!(
+        l.abort_batch("gift", "b2").await,
+        Err(LedgerError::Conflict(_))
+    ));
+    assert!(matches!(
+        l.abort_batch("gift", "nope").await,
+        Err(LedgerError::NotFound(_))
+    ));
+}
+
+async fn applying_the_same_events_twice_changes_nothing(env: &Env) {
+    let l = env.ledger.as_ref();
+    stocked(l, "gift", &keys(&["K1", "K2", "K3"])).await;
+    let events = vec![
+        event("gift", 1, "hold", &[1]),
+        event("gift", 2, "claim", &[2]),
+        event("gift", 3, "confirm", &[1]),
+        event("gift", 3, "confirm", &[1]), // the same entry twice in one call
+    ];
+    assert_eq!(l.apply_events(&events).await.expect("apply"), 3);
+    let before = (
+        get(l, "gift.1").await,
+        get(l, "gift.2").await,
+        l.counts("gift").await.expect("counts"),
+        l.key_events("gift.1").await.expect("audit").len(),
+    );
+    assert_eq!(l.apply_events(&events).await.expect("again"), 0);
+    assert_eq!(l.apply_events(&events[1..2]).await.expect("part"), 0);
+    let after = (
+        get(l, "gift.1").await,
+        get(l, "gift.2").await,
+        l.counts("gift").await.expect("counts"),
+        l.key_events("gift.1").await.expect("audit").len(),
+    );
+    assert_eq!(before, after);
+    assert_eq!(tally(l, "gift.1").await, tallied(0, 1, 0, false, "claimed"));
+    assert_eq!(l.apply_events(&[]).await.expect("empty"), 0);
+}
+
+async fn hold_confirm_release_and_expire_follow_the_engine(env: &Env) {
+    let l = env.ledger.as_ref();
+    stocked(l, "gift", &keys(&["H1", "H2", "H3"])).await;
+    l.apply_events(&[event("gift", 1, "hold", &[1, 2, 3])])
+        .await
+        .expect("hold");
+    let k = get(l, "gift.1").await;
+    assert_eq!((k.held, k.sold, k.state.as_str()), (1, 0, "held"));
+    assert_eq!(k.order_id.as_deref(), Some("o-1"));
+    assert_eq!(k.user_id.as_deref(), Some("u-1"));
+    assert_eq!(k.updated_at_ms, NOW + 1);
+
+    l.apply_events(&[
+        event("gift", 2, "confirm", &[1]),
+        event("gift", 3, "release", &[2]),
+        event("gift", 4, "expire", &[3]),
+        // Releasing again never drives holds below zero.
+        event("gift", 5, "release", &[3]),
+    ])
+    .await
+    .expect("apply");
+    assert_eq!(tally(l, "gift.1").await, tallied(0, 1, 0, false, "claimed"));
+    assert_eq!(
+        tally(l, "gift.2").await,
+        tallied(0, 0, 0, false, "available")
+    );
+    assert_eq!(
+        tally(l, "gift.3").await,
+        tallied(0, 0, 0, false, "available")
+    );
+}
+
+async fn claim_redeem_void_and_restore_follow_the_engine(env: &Env) {
+    let l = env.ledger.as_ref();
+    stocked(l, "gift", &keys(&["C1", "C2"])).await;
+    let mut redeem = event("gift", 2, "redeem", &[1]);
+    redeem.redeemer = Some("user-42".into());
+    redeem.order_id = None;
+    let mut void = event("gift", 3, "void", &[2]);
+    void.reason = Some("fraud".into());
+    l.apply_events(&[event("gift", 1, "claim", &[1, 2]), redeem, void])
+        .await
+        .expect("apply");
+    let k = get(l, "gift.1").await;
+    assert_eq!((k.sold, k.uses, k.state.as_str()), (1, 1, "redeemed"));
+    assert_eq!(k.redeemer.as_deref(), Some("user-42"));
+    assert_eq!(k.redeemed_at_ms, Some(NOW + 2));
+    assert_eq!(k.order_id.as_deref(), Some("o-1"));
+    assert_eq!(tally(l, "gift.2").await, tallied(0, 1, 0, true, "void"));
+
+    l.apply_events(&[event("gift", 4, "restore", &[2])])
+        .await
+        .expect("restore");
+    assert_eq!(tally(l, "gift.2").await, tallied(0, 1, 0, false, "claimed"));
+}
+
+async fn late_confirm_sells_fresh_keys(env: &Env) {
+    let l = env.ledger.as_ref();
+    stocked(l, "gift", &keys(&["L1", "L2"])).await;
+    // The hold on key 1 lapsed; the late confirm claimed key 2 instead.
+    let mut late = event("gift", 3, "confirm", &[2]);
+    late.late = true;
+    late.order_id = Some("o-1".into());
+    l.apply_events(&[
+        event("gift", 1, "hold", &[1]),
+        event("gift", 2, "expire", &[1]),
+        late,
+    ])
+    .await
+    .expect("apply");
+    assert_eq!(
+        tally(l, "gift.1").await,
+        tallied(0, 0, 0, false, "available")
+    );
+    assert_eq!(tally(l, "gift.2").await, tallied(0, 1, 0, false, "claimed"));
+    assert_eq!(get(l, "gift.2").await.order_id.as_deref(), Some("o-1"));
+}
+
+async fn reusable_keys_count_issues(env: &Env) {
+    let l = env.ledger.as_ref();
+    let mut shared = key("SHARED");
+    shared.max_issues = 2;
+    stocked(l, "gift", &[shared]).await;
+    l.apply_events(&[event("gift", 1, "claim", &[1])])
+        .await
+        .expect("claim");
+    // One issue of two taken: still available to another order.
+    assert_eq!(
+        tally(l, "gift.1").await,
+        tallied(0, 1, 0, false, "available")
+    );
+    l.apply_events(&[event("gift", 2, "hold", &[1])])
+        .await
+        .expect("hold");
+    assert_eq!(tally(l, "gift.1").await, tallied(1, 1, 0, false, "claimed"));
+    l.apply_events(&[event("gift", 3, "release", &[1])])
+        .await
+        .expect("release");
+    assert_eq!(
+        tally(l, "gift.1").await,
+        tallied(0, 1, 0, false, "available")
+    );
+    l.apply_events(&[event("gift", 4, "claim", &[1])])
+        .await
+        .expect("claim");
+    assert_eq!(tally(l, "gift.1").await, tallied(0, 2, 0, false, "claimed"));
+    assert_eq!(get(l, "gift.1").await.order_id.as_deref(), Some("o-4"));
+}
+
+async fn multi_use_keys_count_uses(env: &Env) {
+    let l = env.ledger.as_ref();
+    let mut twice = key("TWICE");
+    twice.max_uses = 2;
+    stocked(l, "gift", &[twice]).await;
+    let redeem = |n: i64, who: &str| {
+        let mut e = event("gift", n, "redeem", &[1]);
+        e.redeemer = Some(who.into());
+        e
+    };
+    l.apply_events(&[event("gift", 1, "claim", &[1]), redeem(2, "alice")])
+        .await
+        .expect("apply");
+    assert_eq!(tally(l, "gift.1").await, tallied(0, 1, 1, false, "claimed"));
+    l.apply_events(&[redeem(3, "bob")]).await.expect("apply");
+    let k = get(l, "gift.1").await;
+    assert_eq!((k.uses, k.state.as_str()), (2, "redeemed"));
+    assert_eq!(k.redeemer.as_deref(), Some("bob"));
+    assert_eq!(k.redeemed_at_ms, Some(NOW + 3));
+}
+
+async fn counts_group_active_keys_by_state(env: &Env) {
+    let l = env.ledger.as_ref();
+    let codes: Vec<String> = (0..8).map(|i| format!("N{i}")).collect();
+    let refs: Vec<&str> = codes.iter().map(String::as_str).collect();
+    stocked(l, "gift", &keys(&refs)).await;
+    // A pending batch on the side never counts.
+    l.begin_batch("gift", "side", NOW).await.expect("begin");
+    l.insert_keys("gift", "side", &keys(&["SIDE1", "SIDE2"]))
+        .await
+        .expect("insert");
+    l.apply_events(&[
+        event("gift", 1, "hold", &[1, 2]),
+        event("gift", 2, "claim", &[3, 4, 5]),
+        event("gift", 3, "redeem", &[5]),
+        event("gift", 4, "void", &[6]),
+    ])
+    .await
+    .expect("apply");
+    let counts = l.counts("gift").await.expect("counts");
+    assert_eq!(
+        counts,
+        StateCounts {
+            available: 2,
+            held: 2,
+            claimed: 2,
+            redeemed: 1,
+            void: 1,
+        }
+    );
+    assert_eq!(counts.total(), 8);
+    assert_eq!(
+        l.counts("unknown").await.expect("counts"),
+        StateCounts::default()
+    );
+}
+
+async fn key_events_are_an_audit_trail_oldest_first(env: &Env) {
+    let l = env.ledger.as_ref();
+    stocked(l, "gift", &keys(&["A1", "A2"])).await;
+    let mut add = event("gift", 0, "add", &[1, 2]);
+    add.order_id = None;
+    l.apply_events(&[add, event("gift", 1, "hold", &[1, 2])])
+        .await
+        .expect("apply");
+    let mut void = event("gift", 3, "void", &[1]);
+    void.reason = Some("merchant request".into());
+    l.apply_events(&[event("gift", 2, "confirm", &[1]), void])
+        .await
+        .expect("apply");
+
+    let trail = l.key_events("gift.1").await.expect("audit");
+    let kinds: Vec<&str> = trail.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, vec!["add", "hold", "confirm", "void"]);
+    assert_eq!(trail[1].event_id, "gift/1-0");
+    assert_eq!(trail[1].order_id.as_deref(), Some("o-1"));
+    assert_eq!(trail[3].reason.as_deref(), Some("merchant request"));
+    assert_eq!(trail[3].at_ms, NOW + 3);
+    assert_eq!(trail[3].fields_json, r#"{"t":"void"}"#);
+    let other: Vec<String> = l
+        .key_events("gift.2")
+        .await
+        .expect("audit")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(other, vec!["add", "hold"]);
+    assert!(l.key_events("gift.99").await.expect("audit").is_empty());
+    assert!(l.key_events("not-a-key").await.expect("audit").is_empty());
+    assert_eq!(l.get_key("gift.x").await.expect("get"), None);
+}
+
+async fn unknown_keys_and_kinds_are_recorded_and_skipped(env: &Env) {
+    let l = env.ledger.as_ref();
+    stocked(l, "gift", &keys(&["U1"])).await;
+    let applied = l
+        .apply_events(&[
+            // Key 999 never existed (or its batch was aborted): skipped, key 1 still changes.
+            event("gift", 1, "claim", &[1, 999]),
+            event("gift", 2, "teleport", &[1]),
+            event("elsewhere", 3, "hold", &[1]),
+        ])
+        .await
+        .expect("apply");
+    assert_eq!(applied, 3);
+    assert_eq!(tally(l, "gift.1").await, tallied(0, 1, 0, false, "claimed"));
+    let kinds: Vec<String> = l
+        .key_events("gift.1")
+        .await
+        .expect("audit")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, vec!["claim", "teleport"]);
+    assert_eq!(l.key_events("gift.999").await.expect("audit").len(), 1);
+}
+
+async fn concurrent_writers_apply_each_event_once(env: &Env) {
+    let l = env.ledger.clone();
+    let codes: Vec<String> = (0..50).map(|i| format!("W{i}")).collect();
+    let refs: Vec<&str> = codes.iter().map(String::as_str).collect();
+    stocked(l.as_ref(), "gift", &keys(&refs)).await;
+    let events: Vec<LedgerEvent> = (1..=50).map(|i| event("gift", i, "claim", &[i])).collect();
+    // Two writers racing over overlapping, reclaimed entries.
+    let (a, b) = (l.clone(), l.clone());
+    let (first, second) = (events.clone(), events[10..].to_vec());
+    let (x, y) = tokio::join!(
+        tokio::spawn(async move { a.apply_events(&first).await }),
+        tokio::spawn(async move { b.apply_events(&second).await }),
+    );
+    let total = x.expect("join").expect("apply") + y.expect("join").expect("apply");
+    assert_eq!(total, 50);
+    let counts = l.counts("gift").await.expect("counts");
+    assert_eq!((counts.claimed, counts.available), (50, 0));
+    assert_eq!(tally(l.as_ref(), "gift.20").await.1, 1);
+}
+
+async fn large_import_pages_through_keys_after(env: &Env) {
+    let l = env.ledger.as_ref();
+    l.put_sku("bulk", "{}", 1, NOW).await.expect("put_sku");
+    l.begin_batch("bulk", "big", NOW).await.expect("begin");
+    const TOTAL: usize = 20_000;
+    let mut accepted = 0u64;
+    for start in (0..TOTAL).step_by(1000) {
+        let rows: Vec<NewKey> = (start..start + 1000)
+            .map(|i| {
+                let mut k = key(&format!("BULK{i:06}"));
+                k.line = i as u64 + 1;
+                k
+            })
+            .collect();
+        let out = l.insert_keys("bulk", "big", &rows).await.expect("insert");
+        accepted += out
+            .iter()
+            .filter(|o| matches!(o, InsertOutcome::Inserted { .. }))
+            .count() as u64;
+    }
+    assert_eq!(accepted, TOTAL as u64);
+    let report = BatchCounts {
+        accepted,
+        ..BatchCounts::default()
+    };
+    l.finish_batch("bulk", "big", &report, true, NOW)
+        .await
+        .expect("finish");
+
+    let mut cursor = 0;
+    let mut seen = 0;
+    loop {
+        let page = l.keys_after("bulk", cursor, 1500).await.expect("page");
+        let Some(last) = page.last() else { break };
+        for k in &page {
+            assert!(k.local_id > cursor, "ids ascend across pages");
+            cursor = k.local_id;
+        }
+        assert_eq!(cursor, last.local_id);
+        seen += page.len();
+    }
+    assert_eq!(seen, TOTAL);
+    assert_eq!(cursor, TOTAL as i64);
+    let first = get(l, "bulk.1").await;
+    assert_eq!(first.code, "BULK000000");
+    assert_eq!(
+        l.counts("bulk").await.expect("counts").available,
+        TOTAL as u64
+    );
+}

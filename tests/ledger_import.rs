@@ -1,0 +1,205 @@
+//! Imports through the ledger, end to end over HTTP: formats, re-sent batches, pending
+//! batches, interrupted uploads, and a restart that rebuilds the engine from the ledger.
+
+mod support;
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use support::gateway::{config, TestGateway, ADMIN_TOKEN};
+
+async fn upload(
+    gw: &TestGateway,
+    sku: &str,
+    query: &str,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> (StatusCode, Value) {
+    let res = gw
+        .client
+        .post(format!("{}/v1/skus/{sku}/batches?{query}", gw.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("answered");
+    let status = res.status();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn csv_and_ndjson_uploads_carry_expiry_and_uses() {
+    let gw = TestGateway::embedded().await;
+    gw.put_sku("multi", json!({})).await;
+    let csv = "id,Code,expires_at,max_uses\r\n\
+               1,\"CSV-0001\",,\r\n\
+               2,CSV-0002,2000-01-01T00:00:00Z,\r\n\
+               3,CSV-0003,,3\r\n\
+               4,\"bad,code\",,\r\n\
+               5,CSV-0005,not-a-date,\r\n";
+    let (status, report) = upload(&gw, "multi", "batch_id=c1", "text/csv", csv).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["accepted"], 3, "{report}");
+    assert_eq!(report["rejected"], 2, "{report}");
+    let ndjson =
+        "{\"code\":\"ND-0001\"}\n{\"code\":5}\n{\"code\":\"ND-0002\",\"max_uses\":2}\nnot json\n";
+    let (status, report) =
+        upload(&gw, "multi", "batch_id=n1", "application/x-ndjson", ndjson).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(
+        (report["accepted"].as_u64(), report["rejected"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(gw.counts("multi").await["available"], 5);
+
+    // The expired CSV code can be sold but not redeemed.
+    let mut expired = 0;
+    for i in 0..5 {
+        let (_, order) = gw
+            .claim("multi", json!({"order_id": format!("o-{i}")}))
+            .await;
+        let code = order["keys"][0]["code"].as_str().expect("code").to_owned();
+        let (status, _) = gw.redeem(json!({"code": code, "redeemer": "u-1"})).await;
+        if status == StatusCode::GONE {
+            expired += 1;
+        }
+    }
+    assert_eq!(expired, 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_resent_batch_adds_nothing_and_answers_the_first_counts() {
+    let gw = TestGateway::embedded().await;
+    gw.put_sku("again", json!({})).await;
+    let (_, first) = upload(&gw, "again", "batch_id=b1", "text/plain", "A1\nA2\nA2\n").await;
+    assert_eq!(
+        (first["accepted"].as_u64(), first["duplicate"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let (status, second) = upload(&gw, "again", "batch_id=b1", "text/plain", "A1\nA2\nA3\n").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(second["replayed"], true);
+    assert_eq!(second["accepted"], 2);
+    assert_eq!(gw.counts("again").await["available"], 2, "A3 was not added");
+    let (_, other) = upload(&gw, "again", "batch_id=b2", "text/plain", "A1\nA3\n").await;
+    assert_eq!(
+        (other["accepted"].as_u64(), other["duplicate"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(
+        other["rejected_lines"][0]["reason"],
+        "duplicate: the SKU already has this code"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn pending_batches_are_not_for_sale_until_activated() {
+    let gw = TestGateway::embedded().await;
+    gw.put_sku("later", json!({})).await;
+    let (_, report) = upload(
+        &gw,
+        "later",
+        "batch_id=p1&activate=false",
+        "text/plain",
+        "P1\nP2\n",
+    )
+    .await;
+    assert_eq!(report["state"], "pending");
+    let (status, body) = gw.claim("later", json!({"order_id": "o-1"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, body) = gw
+        .admin_post("/v1/skus/later/batches/p1/activate", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["loaded"], 2);
+    let (status, _) = gw.claim("later", json!({"order_id": "o-2"})).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "activation invalidated the sold-out memory"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_interrupted_upload_leaves_nothing_behind() {
+    let gw = TestGateway::embedded().await;
+    gw.put_sku("cut", json!({})).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(2);
+    let body = reqwest::Body::wrap_stream(futures_util::stream::poll_fn({
+        let mut rx = rx;
+        move |cx| rx.poll_recv(cx)
+    }));
+    let send = tokio::spawn(
+        gw.client
+            .post(format!("{}/v1/skus/cut/batches?batch_id=x1", gw.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "text/plain")
+            .body(body)
+            .send(),
+    );
+    let lines: String = (0..3000).map(|i| format!("CUT-{i:06}\n")).collect();
+    tx.send(Ok(lines)).await.expect("sent");
+    tx.send(Err(std::io::Error::other("client went away")))
+        .await
+        .expect("sent");
+    drop(tx);
+    let _ = send.await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        // The aborted batch id can be used again, and the SKU has none of its codes.
+        let (status, report) =
+            upload(&gw, "cut", "batch_id=x1", "text/plain", "CUT-000001\n").await;
+        if status == StatusCode::OK && report["replayed"] == false {
+            assert_eq!(report["accepted"], 1, "{report}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "batch never aborted: {report}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gw.counts("cut").await["available"], 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn unsupported_upload_types_are_refused() {
+    let gw = TestGateway::embedded().await;
+    gw.put_sku("t", json!({})).await;
+    let (status, body) = upload(&gw, "t", "batch_id=z", "image/png", "\u{89}PNG").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, _) = upload(&gw, "t", "activate=maybe", "text/plain", "A").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(gw.counts("t").await["available"], 0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_embedded_gateway_is_rebuilt_from_the_ledger() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut cfg = config();
+    cfg.data_dir = data.path().to_owned();
+    let gw = TestGateway::start(cfg.clone()).await;
+    gw.put_sku("durable", json!({"max_uses": 2})).await;
+    gw.import("durable", "D-0001\nD-0002\nD-0003\n").await;
+    gw.stop().await;
+
+    let gw = TestGateway::start(cfg).await;
+    let counts = gw.counts("durable").await;
+    assert_eq!(counts["available"], 3, "{counts}");
+    let (status, order) = gw.claim("durable", json!({"order_id": "o-1"})).await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    let (status, body) = gw.put_sku("durable", json!({"max_uses": 2})).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the SKU exists after the restart: {body}"
+    );
+    gw.stop().await;
+}
