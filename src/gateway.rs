@@ -16,10 +16,11 @@ use crate::engine::embedded::EmbeddedEngine;
 use crate::engine::redis::{RedisEngine, RedisOptions};
 use crate::engine::{EngineError, ScriptEngine};
 use crate::http::{self, App, Limits};
-use crate::inventory::warm::restore_sku;
+use crate::inventory::warm::{restore_sku, warm_sku};
 use crate::inventory::Inventory;
 use crate::ledger::{self, Ledger, LedgerError};
 use crate::metrics as m;
+use dashmap::DashMap;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +75,8 @@ impl Gateway {
     /// ledger is opened from `config`, and the engine is given every SKU it lacks.
     pub async fn start_with(config: Config, inventory: Inventory) -> Result<Gateway, StartError> {
         let ledger = ledger::open(config.database_url.as_deref(), &config.data_dir).await?;
-        restore_all(ledger.as_ref(), &inventory).await;
+        let cursors = Arc::new(WarmCursors::new());
+        sync_with_ledger(ledger.as_ref(), &inventory, &cursors).await;
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -110,6 +112,7 @@ impl Gateway {
         let (stop, stopped) = watch::channel(false);
         let sweep = tokio::spawn(sweep_holds(
             app.clone(),
+            cursors,
             Duration::from_millis(config.hold_sweep_interval_ms),
             stopped.clone(),
         ));
@@ -155,9 +158,14 @@ impl Gateway {
     }
 }
 
-/// Gives the engine every SKU of the ledger it lacks (a fresh embedded engine, or Redis that
-/// lost its data). Failures are logged: the periodic check tries again.
-async fn restore_all(ledger: &dyn Ledger, inventory: &Inventory) {
+/// How far each SKU's ledger keys are known to be in the engine, by local id.
+pub type WarmCursors = DashMap<String, i64>;
+
+/// Brings the engine up to the ledger: every SKU it lacks (a fresh embedded engine, Redis
+/// that lost its data) is rebuilt whole, and keys of batches activated elsewhere (the
+/// `kamigate import` command, another instance) are loaded. Idempotent; failures are logged
+/// and the next pass tries again.
+async fn sync_with_ledger(ledger: &dyn Ledger, inventory: &Inventory, cursors: &WarmCursors) {
     let skus = match ledger.list_skus().await {
         Ok(skus) => skus,
         Err(e) => {
@@ -166,8 +174,22 @@ async fn restore_all(ledger: &dyn Ledger, inventory: &Inventory) {
         }
     };
     for sku in skus {
-        if let Err(e) = restore_sku(ledger, inventory, &sku).await {
-            tracing::warn!(sku, error = %e, "restoring a SKU into the engine failed");
+        let result = match restore_sku(ledger, inventory, &sku).await {
+            Ok(Some(report)) => Ok(report),
+            Ok(None) => {
+                let after = cursors.get(&sku).map(|c| *c).unwrap_or(0);
+                warm_sku(ledger, inventory, &sku, after, |_| {}).await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(report) => {
+                if report.loaded > 0 {
+                    tracing::info!(sku, loaded = report.loaded, "loaded new ledger keys");
+                }
+                cursors.insert(sku, report.last_local_id);
+            }
+            Err(e) => tracing::warn!(sku, error = %e, "syncing a SKU with the ledger failed"),
         }
     }
 }
@@ -175,7 +197,12 @@ async fn restore_all(ledger: &dyn Ledger, inventory: &Inventory) {
 /// Lapses due holds of every SKU on a fixed interval, and refreshes the inventory and
 /// engine-up gauges. Claims and confirms lapse due holds themselves too; this sweep makes
 /// returned stock visible in counts and to other readers within an interval.
-async fn sweep_holds(app: Arc<App>, every: Duration, mut stopped: watch::Receiver<bool>) {
+async fn sweep_holds(
+    app: Arc<App>,
+    cursors: Arc<WarmCursors>,
+    every: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
     let inventory = &app.inventory;
     const BATCH: u64 = 500;
     const GAUGES_EVERY: Duration = Duration::from_secs(5);
@@ -192,7 +219,7 @@ async fn sweep_holds(app: Arc<App>, every: Duration, mut stopped: watch::Receive
         if listed_at.is_none_or(|t| t.elapsed() >= GAUGES_EVERY) {
             // An engine that lost its data (Redis restarted empty, FLUSHALL) is rebuilt
             // from the ledger within this interval.
-            restore_all(app.ledger.as_ref(), inventory).await;
+            sync_with_ledger(app.ledger.as_ref(), inventory, &cursors).await;
             match inventory.list_skus().await {
                 Ok(list) => {
                     skus = list;

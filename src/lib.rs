@@ -13,10 +13,12 @@
 //! - [`ledger`]: the durable record (SQLite or PostgreSQL) of imports and every change.
 //! - [`limit`]: token buckets, load shedding, sliding windows and local reject caches.
 //! - [`http`]: the hyper edge: routing, auth, handlers, graceful shutdown.
+//! - [`commands`]: the `import` and `warm` commands.
 //! - [`gateway`]: wiring a [`config::Config`] into a running gateway with background work.
 //! - [`metrics`]: every exported metric and its description.
 
 pub mod code;
+pub mod commands;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -24,6 +24,29 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Stream a file of codes (a code per line, .csv or .ndjson) into a SKU, through the
+    /// ledger.
+    Import {
+        /// The file; its extension picks the format (.csv, .ndjson/.jsonl, else a code per line).
+        file: PathBuf,
+        #[arg(long)]
+        sku: String,
+        /// Batch id: the same id again adds nothing.
+        #[arg(long)]
+        batch: String,
+        /// Leave the batch pending (not for sale) until activated.
+        #[arg(long)]
+        pending: bool,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Load ledger keys the engine lacks (Redis; the embedded engine warms itself).
+    Warm {
+        #[arg(long)]
+        sku: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Print random codes for a format, one per line.
     Gen {
         /// How many codes.
@@ -45,6 +68,40 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => serve(config),
+        Command::Import {
+            file,
+            sku,
+            batch,
+            pending,
+            config,
+        } => operate(config, |config| async move {
+            let report = kamigate::commands::import(&config, &file, &sku, &batch, !pending).await?;
+            println!(
+                "batch {batch}: {} accepted, {} rejected, {} duplicate ({}{})",
+                report.accepted,
+                report.rejected,
+                report.duplicate,
+                if pending { "pending" } else { "active" },
+                if report.replayed {
+                    ", imported before: nothing added"
+                } else {
+                    ""
+                },
+            );
+            for (line, reason) in report.lines.iter().take(20) {
+                println!("  line {line}: {reason}");
+            }
+            Ok(())
+        }),
+        Command::Warm { sku, config } => operate(config, |config| async move {
+            for (sku, report) in kamigate::commands::warm(&config, sku.as_deref()).await? {
+                println!(
+                    "{sku}: {} loaded, {} already present",
+                    report.loaded, report.present
+                );
+            }
+            Ok(())
+        }),
         Command::Gen {
             count,
             length,
@@ -101,6 +158,39 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// Runs an operator command with the configuration `serve` would use.
+fn operate<F, Fut>(file: Option<PathBuf>, command: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = Result<(), kamigate::commands::CommandError>>,
+{
+    let config = match Config::load(file.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("kamigate: configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logs(config.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kamigate: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kamigate: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -1,4 +1,7 @@
-//! The `kamigate` binary itself: `serve` from environment variables until SIGTERM, and `gen`.
+//! The `kamigate` binary itself: `serve` from environment variables until SIGTERM, `import`
+//! and `gen`.
+
+mod support;
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -165,4 +168,73 @@ fn gen_prints_valid_codes() {
     }
     let distinct: std::collections::HashSet<_> = codes.iter().collect();
     assert_eq!(distinct.len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_command_feeds_the_ledger_and_a_running_gateway_picks_it_up() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut cfg = support::gateway::config();
+    cfg.data_dir = data.path().to_owned();
+    let gw = support::gateway::TestGateway::start(cfg).await;
+    gw.put_sku("cli", json!({})).await;
+    let file = data.path().join("codes.csv");
+    let mut csv = String::from("code,max_uses\n");
+    for i in 0..2500 {
+        csv.push_str(&format!("CLI-{i:06},\n"));
+    }
+    csv.push_str("bad code!,\n");
+    std::fs::write(&file, csv).expect("file written");
+
+    let run = || {
+        std::process::Command::new(BIN)
+            .args([
+                "import",
+                file.to_str().expect("utf-8 path"),
+                "--sku",
+                "cli",
+                "--batch",
+                "b1",
+            ])
+            .env("KAMIGATE_DATA_DIR", data.path())
+            .env_remove("KAMIGATE_REDIS_URL")
+            .env_remove("KAMIGATE_DATABASE_URL")
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("import runs")
+    };
+    let out = run();
+    let summary = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{summary}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        summary.contains("2500 accepted, 1 rejected, 0 duplicate"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("line 2502"),
+        "rejected lines are listed: {summary}"
+    );
+    assert!(!summary.contains("bad code"), "codes are never echoed");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if gw.counts("cli").await["available"] == 2500 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway never loaded the batch"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = run();
+    let summary = String::from_utf8_lossy(&again.stdout).into_owned();
+    assert!(
+        summary.contains("imported before: nothing added"),
+        "{summary}"
+    );
+    gw.stop().await;
 }

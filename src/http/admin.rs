@@ -170,7 +170,7 @@ pub async fn import(app: &App, params: Params, req: Request<Incoming>) -> Result
         importer.abort().await;
         return Err(e);
     }
-    let report = importer.finish(activate).await?;
+    let report = importer.finish(activate, true).await?;
     if report.accepted > 0 && activate {
         app.edge.sold_out.invalidate(sku);
     }

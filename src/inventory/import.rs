@@ -196,8 +196,14 @@ impl<'a> Importer<'a> {
         Ok(())
     }
 
-    /// Ends the upload: records the batch and, when `activate`, loads it into the engine.
-    pub async fn finish(mut self: Box<Self>, activate: bool) -> Result<ImportReport, Error> {
+    /// Ends the upload: records the batch, active or pending, and when `warm` loads an
+    /// active batch into this process's engine (a CLI over the embedded engine leaves that
+    /// to the running gateway, which picks new active keys up by itself).
+    pub async fn finish(
+        mut self: Box<Self>,
+        activate: bool,
+        warm: bool,
+    ) -> Result<ImportReport, Error> {
         self.parser.finish(&mut self.parsed);
         self.take_parsed().await?;
         self.flush().await?;
@@ -214,7 +220,7 @@ impl<'a> Importer<'a> {
         // Rejections are noted as rows are parsed, duplicates when their chunk is written.
         self.report.lines.sort_by_key(|(line, _)| *line);
         self.report.state = if activate { "active" } else { "pending" }.into();
-        if activate {
+        if activate && warm {
             if let Some(first) = self.first_local {
                 warm_sku(self.ledger, self.inventory, self.sku, first - 1, |_| {}).await?;
             }

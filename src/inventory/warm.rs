@@ -22,6 +22,8 @@ pub struct WarmReport {
     pub loaded: u64,
     /// Keys the engine already had.
     pub present: u64,
+    /// The highest local id seen: where the next warm-up of new keys starts.
+    pub last_local_id: i64,
 }
 
 /// Maps a ledger failure to the API's error.
@@ -42,7 +44,10 @@ pub async fn warm_sku(
     after_local_id: i64,
     mut progress: impl FnMut(WarmReport),
 ) -> Result<WarmReport, Error> {
-    let mut report = WarmReport::default();
+    let mut report = WarmReport {
+        last_local_id: after_local_id,
+        ..WarmReport::default()
+    };
     let mut cursor = after_local_id;
     loop {
         let keys = ledger
@@ -53,6 +58,7 @@ pub async fn warm_sku(
             return Ok(report);
         };
         cursor = last.local_id;
+        report.last_local_id = cursor;
         let loaded = inventory.warm_keys(sku, &keys).await?;
         report.loaded += loaded;
         report.present += keys.len() as u64 - loaded;

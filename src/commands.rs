@@ -1,0 +1,143 @@
+//! The operator commands besides `serve`: `import` and `warm`. They open the same ledger and
+//! engine a gateway with the same configuration would.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::io::AsyncReadExt;
+
+use crate::config::Config;
+use crate::engine::EngineKind;
+use crate::error::Error;
+use crate::gateway::open_engine;
+use crate::inventory::formats::UploadFormat;
+use crate::inventory::import::{Begun, ImportReport, Importer};
+use crate::inventory::warm::{ledger_error, restore_sku, warm_sku, WarmReport};
+use crate::inventory::Inventory;
+use crate::ledger::{self, Ledger};
+use crate::sku::{check_id, check_sku, SkuConfig, MAX_ID_LEN};
+
+/// Bytes read from the file per step.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("{0}")]
+    Api(#[from] Error),
+    #[error("{0}")]
+    Ledger(#[from] crate::ledger::LedgerError),
+    #[error("engine: {0}")]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+async fn open(config: &Config) -> Result<(Arc<dyn Ledger>, Inventory), CommandError> {
+    let ledger = ledger::open(config.database_url.as_deref(), &config.data_dir).await?;
+    let inventory = Inventory::new(open_engine(config).await?);
+    Ok((ledger, inventory))
+}
+
+async fn settings(ledger: &dyn Ledger, sku: &str) -> Result<SkuConfig, CommandError> {
+    let record = ledger.get_sku(sku).await?.ok_or_else(|| {
+        Error::NotFound(format!(
+            "SKU {sku}: create it first with PUT /v1/skus/{sku} on the admin listener"
+        ))
+    })?;
+    serde_json::from_str(&record.config_json)
+        .map_err(|e| Error::Internal(format!("ledger settings of SKU {sku}: {e}")).into())
+}
+
+/// `kamigate import FILE --sku S --batch B`: streams a file into the ledger, with a progress
+/// bar on a terminal. With Redis configured the batch is also loaded into Redis; with the
+/// embedded engine the running gateway loads it within seconds.
+pub async fn import(
+    config: &Config,
+    file: &Path,
+    sku: &str,
+    batch_id: &str,
+    activate: bool,
+) -> Result<ImportReport, CommandError> {
+    check_sku(sku)?;
+    check_id("batch_id", batch_id, MAX_ID_LEN)?;
+    let (ledger, inventory) = open(config).await?;
+    let settings = settings(ledger.as_ref(), sku).await?;
+    let shared_engine = inventory.engine().kind() == EngineKind::Redis;
+    if shared_engine {
+        restore_sku(ledger.as_ref(), &inventory, sku).await?;
+    }
+    let read_error = |source| CommandError::Read {
+        path: file.display().to_string(),
+        source,
+    };
+    let mut input = tokio::fs::File::open(file).await.map_err(read_error)?;
+    let size = input.metadata().await.map_err(read_error)?.len();
+    let format = UploadFormat::from_path(file);
+    let begun = Importer::begin(
+        ledger.as_ref(),
+        &inventory,
+        sku,
+        batch_id,
+        &settings,
+        format,
+    )
+    .await?;
+    let mut importer = match begun {
+        Begun::Fresh(importer) => importer,
+        Begun::Replayed(report) => return Ok(report),
+    };
+    let bar = ProgressBar::with_draw_target(Some(size), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let n = match input.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                importer.abort().await;
+                return Err(read_error(e));
+            }
+        };
+        if let Err(e) = importer.feed(&buf[..n]).await {
+            importer.abort().await;
+            return Err(e.into());
+        }
+        bar.inc(n as u64);
+    }
+    bar.finish_and_clear();
+    Ok(importer.finish(activate, shared_engine).await?)
+}
+
+/// `kamigate warm [--sku S]`: loads ledger keys the engine lacks. Only meaningful for Redis:
+/// the embedded engine lives inside the gateway process, which warms itself on start.
+pub async fn warm(
+    config: &Config,
+    sku: Option<&str>,
+) -> Result<Vec<(String, WarmReport)>, CommandError> {
+    let (ledger, inventory) = open(config).await?;
+    let skus = match sku {
+        Some(sku) => {
+            check_sku(sku)?;
+            vec![sku.to_owned()]
+        }
+        None => ledger.list_skus().await.map_err(ledger_error)?,
+    };
+    let mut reports = Vec::new();
+    for sku in skus {
+        let report = match restore_sku(ledger.as_ref(), &inventory, &sku).await? {
+            Some(report) => report,
+            None => warm_sku(ledger.as_ref(), &inventory, &sku, 0, |_| {}).await?,
+        };
+        reports.push((sku, report));
+    }
+    Ok(reports)
+}
