@@ -13,7 +13,8 @@ local reply = {}
 for i = 1, #ARGV, 12 do
   local id, digest, code = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local existing = redis.call('HGET', K.idx, digest)
-  if existing then
+  -- An index entry whose record is gone (partial loss) does not count: load the key again.
+  if existing and redis.call('HEXISTS', K.keys, existing) == 1 then
     reply[#reply + 1] = '=' .. existing
   else
     local k = {

@@ -7,7 +7,8 @@ use serde_json::json;
 use super::body::{self, JsonBody, Reply};
 use super::{App, Params};
 use crate::error::Error;
-use crate::inventory::{ClaimRequest, Order};
+use crate::inventory::warm::ledger_error;
+use crate::inventory::{drift, ClaimRequest, Order};
 use crate::metrics as m;
 use crate::sku::{check_id, check_sku, MAX_ID_LEN};
 
@@ -118,21 +119,24 @@ pub async fn release(app: &App, params: Params) -> Result<Reply, Error> {
     Ok(body::json(StatusCode::OK, &order.to_json()))
 }
 
-/// A SKU's settings and counts by state.
+/// A SKU's settings, its counts by state in the engine and in the ledger, and the drift
+/// between them.
 pub async fn sku_view(app: &App, sku: &str) -> Result<Reply, Error> {
     check_sku(sku)?;
     let settings = app.skus.require(&app.inventory, sku).await?;
-    let counts = app.inventory.counts(sku).await?;
+    let (engine, ledger) = tokio::join!(app.inventory.counts(sku), app.ledger.counts(sku));
+    let engine = engine?;
+    let ledger = ledger.map_err(ledger_error)?;
+    let drift = drift::Drift::between(&engine, &ledger, 0);
     Ok(body::json(
         StatusCode::OK,
         &json!({
             "sku": sku,
             "config": *settings,
-            "engine": counts,
-            // Filled in by the ledger: until then the engine is the only record.
-            "ledger": null,
-            "in_flight": null,
-            "drift": null,
+            "engine": engine,
+            "ledger": ledger,
+            "in_flight": drift.in_flight,
+            "drift": drift.keys,
         }),
     ))
 }

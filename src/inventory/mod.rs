@@ -5,8 +5,10 @@
 //! This is the only place that knows the scripts' reply shapes, so both engines share it.
 //! Knows nothing of HTTP.
 
+pub mod drift;
 pub mod formats;
 pub mod import;
+pub mod reconcile;
 pub mod settings;
 pub mod warm;
 
@@ -239,6 +241,16 @@ impl Inventory {
         args: Vec<String>,
     ) -> Result<Vec<Reply>, Error> {
         self.run(script, sku, args).await
+    }
+
+    /// Runs a per-SKU script whose reply is not an array.
+    pub(crate) async fn eval_plain(
+        &self,
+        script: &'static Script,
+        sku: &str,
+        args: Vec<String>,
+    ) -> Result<Reply, Error> {
+        self.eval(script, sku_keys(sku), args).await
     }
 
     /// Points the global index at `sku` for these canonical codes.
