@@ -2,7 +2,7 @@
 -- KEYS: the SKU key set (prelude.lua)
 -- ARGV: 1 order id, 2 quantity (>= 1), 3 user id ('' = none), 4 hold ms ('0' = final claim),
 --       5 now (ms)
--- Reply: {'new'|'replay', state, expires_at, late, id, code, ...} (see order_reply)
+-- Reply: {'new'|'replay', state, expires_at, late, event id, id, code, ...} (see order_reply)
 --      | {'sold_out'} | {'conflict'} | {'user_limit', current, limit} | {'no_sku'}
 -- A retried order gets its first answer again, also after the SKU sold out; the same order id
 -- with other parameters is a conflict, never a second claim.
@@ -35,9 +35,10 @@ local o = {
   expires_at = held and (now + hold_ms) or 0, late = false, created_at = now,
   updated_at = now, ids = ids,
 }
+o.eid = emit(held and 'hold' or 'claim', now, {
+  'order', order_id, 'user', user, 'ids', table.concat(ids, ','), 'expires_at', o.expires_at,
+  'hold_ms', hold_ms, 'qty', qty,
+})
 save_order(order_id, o)
 if held then redis.call('ZADD', K.holds, o.expires_at, order_id) end
-emit(held and 'hold' or 'claim', now, {
-  'order', order_id, 'user', user, 'ids', table.concat(ids, ','), 'expires_at', o.expires_at,
-})
 return order_reply('new', o)

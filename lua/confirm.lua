@@ -1,7 +1,7 @@
 -- confirm.lua — payment arrived for held order ARGV[1]: its hold becomes a final claim.
 -- KEYS: the SKU key set (prelude.lua)
 -- ARGV: 1 order id, 2 now (ms)
--- Reply: {'new'|'replay', state, expires_at, late, id, code, ...} (see order_reply)
+-- Reply: {'new'|'replay', state, expires_at, late, event id, id, code, ...} (see order_reply)
 --      | {'not_found'} | {'hold_expired'} | {'sold_out'} | {'user_limit', current, limit}
 -- After the hold lapsed, fresh codes are claimed if any remain (late = 1), unless the SKU
 -- disallows late confirms (hold_expired). A released order cannot be confirmed.
@@ -29,8 +29,10 @@ if o.state == 'held' then
   redis.call('ZREM', K.holds, order_id)
   o.state = 'claimed'
   o.updated_at = now
+  o.eid = emit('confirm', now, {
+    'order', order_id, 'user', o.user, 'ids', table.concat(o.ids, ','),
+  })
   save_order(order_id, o)
-  emit('confirm', now, { 'order', order_id, 'user', o.user, 'ids', table.concat(o.ids, ',') })
   return order_reply('new', o)
 end
 
@@ -43,8 +45,8 @@ if not ids then return { 'sold_out' } end
 issue(ids, false)
 add_user_codes(o.user, o.qty)
 o.state, o.late, o.ids, o.updated_at = 'claimed', true, ids, now
-save_order(order_id, o)
-emit('confirm', now, {
+o.eid = emit('confirm', now, {
   'order', order_id, 'user', o.user, 'ids', table.concat(ids, ','), 'late', 1,
 })
+save_order(order_id, o)
 return order_reply('new', o)

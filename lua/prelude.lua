@@ -11,7 +11,7 @@
 --   6 orders       HASH  order id -> order record (see decode_order)
 --   7 holds        ZSET  order id scored by its hold's expiry (ms)
 --   8 users        HASH  user id -> codes currently issued to that user (held or claimed)
---   9 redemptions  HASH  "<key id>|<redeemer>" -> redeemed_at (ms)
+--   9 redemptions  HASH  "<key id>|<redeemer>" -> "<redeemed_at ms>|<event id>"
 --  10 counts       HASH  state -> number of keys in it
 --  11 events       STREAM every state change, for the ledger
 --
@@ -103,28 +103,31 @@ local function save_key(id, before, k)
   end
 end
 
--- An order record: state|quantity|user|hold_ms|expires_at|late|created_at|updated_at|ids
--- state: held, claimed, released or expired. ids are ','-joined key ids.
+-- An order record: state|quantity|user|hold_ms|expires_at|late|created_at|updated_at|ids|eid
+-- state: held, claimed, released or expired. ids are ','-joined key ids. eid is the stream id
+-- of the last event that changed the order: with durability "ledger", answers (replays too)
+-- wait until the ledger has committed it.
 local function decode_order(rec)
   if not rec then return nil end
   local f = split(rec, '|')
   return {
     state = f[1], qty = tonumber(f[2]), user = f[3], hold_ms = tonumber(f[4]),
     expires_at = tonumber(f[5]), late = f[6] == '1', created_at = tonumber(f[7]),
-    updated_at = tonumber(f[8]), ids = split(f[9], ','),
+    updated_at = tonumber(f[8]), ids = split(f[9], ','), eid = f[10] or '',
   }
 end
 
 local function save_order(order_id, o)
   redis.call('HSET', K.orders, order_id, table.concat({
     o.state, o.qty, o.user, o.hold_ms, o.expires_at, o.late and '1' or '0', o.created_at,
-    o.updated_at, table.concat(o.ids, ','),
+    o.updated_at, table.concat(o.ids, ','), o.eid or '',
   }, '|'))
 end
 
--- Appends an event to the SKU's stream. `fields` alternate names and values.
+-- Appends an event to the SKU's stream and returns its id. `fields` alternate names and
+-- values.
 local function emit(kind, now, fields)
-  redis.call('XADD', K.events, '*', 't', kind, 'at', now, unpack(fields))
+  return redis.call('XADD', K.events, '*', 't', kind, 'at', now, unpack(fields))
 end
 
 -- Adjusts how many codes a user currently has from this SKU.
@@ -193,9 +196,9 @@ local function expire_order(order_id, o, now)
   add_user_codes(o.user, -o.qty)
   o.state = 'expired'
   o.updated_at = now
+  o.eid = emit('expire', now, { 'order', order_id, 'user', o.user, 'ids', table.concat(o.ids, ',') })
   save_order(order_id, o)
   redis.call('ZREM', K.holds, order_id)
-  emit('expire', now, { 'order', order_id, 'user', o.user, 'ids', table.concat(o.ids, ',') })
 end
 
 -- Lapses up to `limit` holds that are due. Scripts that issue or read orders call it first,
@@ -213,10 +216,10 @@ local function expire_due(now, limit)
   return #due
 end
 
--- The reply describing an order: {tag, state, expires_at, late, id, code, id, code, ...}.
+-- The reply describing an order: {tag, state, expires_at, late, eid, id, code, id, code, ...}.
 -- Codes are revealed only once the order is final: a hold's codes may go back on sale.
 local function order_reply(tag, o)
-  local reply = { tag, o.state, o.expires_at, o.late and 1 or 0 }
+  local reply = { tag, o.state, o.expires_at, o.late and 1 or 0, o.eid }
   local codes = {}
   if o.state == 'claimed' and #o.ids > 0 then
     codes = redis.call('HMGET', K.codes, unpack(o.ids))

@@ -1,7 +1,7 @@
 -- redeem.lua — redeem the code with digest ARGV[1] for redeemer ARGV[2].
 -- KEYS: the SKU key set (prelude.lua)
 -- ARGV: 1 code digest, 2 redeemer, 3 now (ms)
--- Reply: {'new', key id, redeemed_at} | {'replay', key id, redeemed_at}
+-- Reply: {'new'|'replay', key id, redeemed_at, event id}
 --      | {'invalid'} | {'used', redeemed_at, redeemer} | {'expired', expires_at}
 -- Only a sold code can be redeemed: unknown, unsold (available or held) and voided codes all
 -- get the same {'invalid'}, so guessing cannot tell them apart. The same redeemer again gets
@@ -17,7 +17,10 @@ if k.expires_at > 0 and now >= k.expires_at then return { 'expired', k.expires_a
 
 local mark = id .. '|' .. redeemer
 local previous = redis.call('HGET', K.redemptions, mark)
-if previous then return { 'replay', id, previous } end
+if previous then
+  local at, eid = string.match(previous, '^(%d+)|?(.*)$')
+  return { 'replay', id, at, eid }
+end
 if k.uses >= k.max_uses then return { 'used', k.redeemed_at, k.redeemer } end
 
 local before = snapshot(k)
@@ -25,6 +28,6 @@ k.uses = k.uses + 1
 k.redeemer = redeemer
 k.redeemed_at = now
 save_key(id, before, k)
-redis.call('HSET', K.redemptions, mark, now)
-emit('redeem', now, { 'ids', id, 'redeemer', redeemer, 'uses', k.uses })
-return { 'new', id, now }
+local eid = emit('redeem', now, { 'ids', id, 'redeemer', redeemer, 'uses', k.uses })
+redis.call('HSET', K.redemptions, mark, now .. '|' .. eid)
+return { 'new', id, now, eid }

@@ -1,7 +1,7 @@
 -- release.lua — cancel held order ARGV[1]: its codes go back to inventory at once.
 -- KEYS: the SKU key set (prelude.lua)
 -- ARGV: 1 order id, 2 now (ms)
--- Reply: {'new'|'replay', state, expires_at, late, id, '', ...} (see order_reply)
+-- Reply: {'new'|'replay', state, expires_at, late, event id, id, '', ...} (see order_reply)
 --      | {'not_found'} | {'conflict'} (a final claim: its codes were delivered)
 -- Releasing an order that already lapsed or was released answers its state again.
 
@@ -20,6 +20,8 @@ add_user_codes(o.user, -o.qty)
 redis.call('ZREM', K.holds, order_id)
 o.state = 'released'
 o.updated_at = now
+o.eid = emit('release', now, {
+  'order', order_id, 'user', o.user, 'ids', table.concat(o.ids, ','),
+})
 save_order(order_id, o)
-emit('release', now, { 'order', order_id, 'user', o.user, 'ids', table.concat(o.ids, ',') })
 return order_reply('new', o)

@@ -1,1 +1,235 @@
--- stream.lua — (being written)
+-- stream.lua — the ledger writer's side of a SKU's event stream (src/ledger/writer.rs).
+-- KEYS: 1 the SKU's events (STREAM kg:{sku}:events), 2 its dead letters (STREAM kg:{sku}:dead);
+--       both carry the SKU's hash tag. The prelude's K names do not apply here.
+-- ARGV: 'read', group, consumer, count, min idle ms
+--         Creates the group (from the first entry) if missing, then gives `consumer` up to
+--         `count` entries: first its own unacknowledged ones (a batch whose commit failed),
+--         then entries other consumers have left unacknowledged for min idle ms (they died),
+--         then entries never delivered.
+--         Reply: {pending, lag, floor, last_delivered, own, claimed, new, entry, entry, …}
+--           pending, lag     the group's backlog before this read: delivered and not yet
+--                            acknowledged, and not yet delivered (lag)
+--           floor            the oldest unsettled entry's id before this read (the smallest
+--                            pending id or the first undelivered one), '' when none: every
+--                            entry below it was acknowledged
+--           last_delivered   the group's last delivered id before this read
+--           own, claimed, new  how many of the entries came from each source, in this order
+--           entry            {id, {field, value, …}}, as XREADGROUP gives them
+--     | 'ack', group, id…          Reply: how many were pending
+--         Acknowledges committed entries, then trims what every group has settled.
+--     | 'dead', group, id, reason  Reply: 1 | 0 (the entry was no longer pending or gone)
+--         Copies a pending entry to the dead-letter stream (with `source_id` and `reason`
+--         fields before its own) and acknowledges it, in one step.
+--     | 'backlog', group, now ms   Reply: {pending, lag, oldest unsettled entry's age ms}
+--     | 'reap', group, idle ms     Reply: how many consumers were deleted
+--         Deletes consumers that own nothing and were not seen for idle ms: gateways that
+--         stopped (each run has a fresh consumer name, so they would pile up otherwise).
+--
+-- Trimming never drops what a group still needs: the stream is cut below, for every group,
+-- the smaller of its oldest pending id and its last delivered id. An entry below both was
+-- delivered and acknowledged, i.e. committed to the ledger (or dead-lettered).
+
+local events, dead = KEYS[1], KEYS[2]
+local op, group = ARGV[1], ARGV[2]
+
+-- Dead letters kept at most (approximately): poison should never happen, and a runaway
+-- producer must not fill the engine's memory. Each one is also logged and counted.
+local DEAD_LETTERS_MAX = 100000
+-- Upper bound of the count made when Redis cannot tell a group's lag (after XDEL).
+local LAG_COUNT_MAX = 10000
+-- XAUTOCLAIM calls per read: each scans at most ten PEL entries per entry wanted, so a PEL
+-- crowded with live consumers' entries is walked a few steps at a time, never all at once.
+local AUTOCLAIM_ROUNDS = 4
+
+-- Stream ids compare as (ms, seq). Both parts are exact Lua numbers: ms are epoch
+-- milliseconds (< 2^53), seq counts entries within one millisecond.
+local function id_parts(id)
+  local dash = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+
+local function id_less(a, b)
+  local am, as = id_parts(a)
+  local bm, bs = id_parts(b)
+  return am < bm or (am == bm and as < bs)
+end
+
+-- The smaller of two ids, either of which may be nil.
+local function min_id(a, b)
+  if not a then return b end
+  if not b then return a end
+  if id_less(b, a) then return b end
+  return a
+end
+
+-- A flat RESP2 map {name, value, …} (XINFO) as a table.
+local function as_map(flat)
+  local m = {}
+  for i = 1, #flat, 2 do m[flat[i]] = flat[i + 1] end
+  return m
+end
+
+-- The group's XINFO GROUPS record, or nil (also when the stream does not exist).
+local function group_info(name)
+  if redis.call('EXISTS', events) == 0 then return nil end
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', events)) do
+    local m = as_map(g)
+    if m['name'] == name then return m end
+  end
+  return nil
+end
+
+-- The id of the first entry after `id`, or nil.
+local function entry_after(id)
+  local e = redis.call('XRANGE', events, '(' .. id, '+', 'COUNT', 1)[1]
+  if e then return e[1] end
+  return nil
+end
+
+-- What group `g` (an XINFO GROUPS record) still owes the ledger:
+-- pending, lag, the oldest unsettled id (nil when none), the last delivered id.
+local function owed(g)
+  local pending = tonumber(g['pending'])
+  local last = g['last-delivered-id']
+  local floor = entry_after(last)
+  if pending > 0 then floor = min_id(redis.call('XPENDING', events, g['name'])[2], floor) end
+  local lag = g['lag']
+  if not lag then
+    -- Redis 7.0 cannot tell after an XDEL behind the group: count, up to a bound.
+    lag = #redis.call('XRANGE', events, '(' .. last, '+', 'COUNT', LAG_COUNT_MAX)
+  end
+  return pending, tonumber(lag), floor, last
+end
+
+-- Trims what every group has settled (see the header). Returns how many entries went.
+local function trim_settled()
+  if redis.call('EXISTS', events) == 0 then return 0 end
+  local floor = nil
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', events)) do
+    local m = as_map(g)
+    local bound = m['last-delivered-id']
+    if tonumber(m['pending']) > 0 then
+      bound = min_id(redis.call('XPENDING', events, m['name'])[2], bound)
+    end
+    floor = min_id(floor, bound)
+  end
+  if not floor then return 0 end
+  return redis.call('XTRIM', events, 'MINID', floor)
+end
+
+if op == 'read' then
+  local consumer, count, min_idle = ARGV[3], tonumber(ARGV[4]), ARGV[5]
+  local g = group_info(group)
+  if not g then
+    -- From the first entry: events written before any writer ran are owed too.
+    redis.call('XGROUP', 'CREATE', events, group, '0', 'MKSTREAM')
+    g = group_info(group)
+  end
+  local pending, lag, floor, last = owed(g)
+  local entries, seen = {}, {}
+  local function take(entry)
+    -- A deleted entry comes back as {id, nil}: it can never be committed (trimmed by hand).
+    if entry[2] and not seen[entry[1]] then
+      seen[entry[1]] = true
+      entries[#entries + 1] = entry
+      return 1
+    end
+    return 0
+  end
+
+  -- 1. This consumer's own unacknowledged entries: a batch whose commit failed.
+  local own = 0
+  local mine = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count,
+    'STREAMS', events, '0')
+  if mine and mine[1] then
+    local gone = {}
+    for _, e in ipairs(mine[1][2]) do
+      if e[2] then own = own + take(e) else gone[#gone + 1] = e[1] end
+    end
+    if #gone > 0 then redis.call('XACK', events, group, unpack(gone)) end
+  end
+
+  -- 2. Entries another consumer has left unacknowledged for min idle ms.
+  local claimed, cursor = 0, '0-0'
+  for _ = 1, AUTOCLAIM_ROUNDS do
+    if #entries >= count then break end
+    local r = redis.call('XAUTOCLAIM', events, group, consumer, min_idle, cursor,
+      'COUNT', count - #entries)
+    for _, e in ipairs(r[2]) do claimed = claimed + take(e) end
+    cursor = r[1]
+    if cursor == '0-0' then break end
+  end
+
+  -- 3. Entries never delivered.
+  local new = 0
+  if #entries < count then
+    local fresh = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count - #entries,
+      'STREAMS', events, '>')
+    if fresh and fresh[1] then
+      for _, e in ipairs(fresh[1][2]) do new = new + take(e) end
+    end
+  end
+
+  local reply = { pending, lag, floor or '', last, own, claimed, new }
+  for _, e in ipairs(entries) do reply[#reply + 1] = e end
+  return reply
+end
+
+if op == 'ack' then
+  local acked = 0
+  if #ARGV > 2 then acked = redis.call('XACK', events, group, unpack(ARGV, 3)) end
+  trim_settled()
+  return acked
+end
+
+if op == 'dead' then
+  local id, reason = ARGV[3], ARGV[4]
+  if not group_info(group) then return 0 end
+  -- Only while still pending: two writers holding the same entry (a reclaim racing a slow
+  -- consumer) must not copy it twice.
+  if #redis.call('XPENDING', events, group, id, id, 1) == 0 then return 0 end
+  local moved = 0
+  local entry = redis.call('XRANGE', events, id, id)[1]
+  if entry then
+    redis.call('XADD', dead, 'MAXLEN', '~', DEAD_LETTERS_MAX, '*', 'source_id', id,
+      'reason', reason, unpack(entry[2]))
+    moved = 1
+  end
+  redis.call('XACK', events, group, id)
+  trim_settled()
+  return moved
+end
+
+if op == 'backlog' then
+  local now = tonumber(ARGV[3])
+  local function age(id)
+    if not id then return 0 end
+    local ms = id_parts(id)
+    return math.max(now - ms, 0)
+  end
+  local g = group_info(group)
+  if not g then
+    -- No writer has read this stream yet: all of it is owed.
+    if redis.call('EXISTS', events) == 0 then return { 0, 0, 0 } end
+    local first = redis.call('XRANGE', events, '-', '+', 'COUNT', 1)[1]
+    return { 0, redis.call('XLEN', events), age(first and first[1]) }
+  end
+  local pending, lag, floor = owed(g)
+  return { pending, lag, age(floor) }
+end
+
+if op == 'reap' then
+  local idle = tonumber(ARGV[3])
+  if not group_info(group) then return 0 end
+  local reaped = 0
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', events, group)) do
+    local m = as_map(c)
+    if tonumber(m['pending']) == 0 and tonumber(m['idle']) >= idle then
+      redis.call('XGROUP', 'DELCONSUMER', events, group, m['name'])
+      reaped = reaped + 1
+    end
+  end
+  return reaped
+end
+
+return redis.error_reply('stream.lua: unknown op ' .. tostring(op))

@@ -179,6 +179,11 @@ async fn retried_claim_returns_the_same_codes_even_after_sell_out(h: Harness) {
     let again = h.claim("retry", "o-1", 2).await.expect("replayed");
     assert!(again.replayed);
     assert_eq!(codes_of(&again), codes_of(&first));
+    assert!(first.event_id.is_some());
+    assert_eq!(
+        again.event_id, first.event_id,
+        "a replay waits on the original event"
+    );
     assert_eq!(h.counts("retry").await.claimed, 3);
 }
 

@@ -98,6 +98,8 @@ pub struct Order {
     pub hold_expires_at_ms: Option<u64>,
     pub late: bool,
     pub replayed: bool,
+    /// Stream id of the last event that changed the order (for `durability = "ledger"`).
+    pub event_id: Option<String>,
 }
 
 impl Order {
@@ -130,6 +132,8 @@ pub struct Redemption {
     pub key_id: String,
     pub redeemed_at_ms: u64,
     pub replayed: bool,
+    /// Stream id of the redemption's event (for `durability = "ledger"`).
+    pub event_id: Option<String>,
 }
 
 impl Redemption {
@@ -443,6 +447,11 @@ impl Inventory {
                 key_id: key_id(sku, reply.get(1).and_then(Reply::as_str).unwrap_or("")),
                 redeemed_at_ms: field(2),
                 replayed: t == "replay",
+                event_id: reply
+                    .get(3)
+                    .and_then(Reply::as_str)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned),
             }),
             "invalid" => Err(Error::CardInvalid),
             "used" => Err(Error::CardUsed {
@@ -577,8 +586,13 @@ fn order_result(sku: &str, order_id: &str, reply: &[Reply]) -> Result<Order, Err
     let text = |i: usize| reply.get(i).and_then(Reply::as_str).unwrap_or("");
     let expires = reply.get(2).and_then(Reply::as_i64).unwrap_or(0);
     let state = text(1).to_owned();
+    let event_id = reply
+        .get(4)
+        .and_then(Reply::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned);
     let keys = reply
-        .get(4..)
+        .get(5..)
         .unwrap_or_default()
         .chunks(2)
         .map(|pair| {
@@ -597,5 +611,6 @@ fn order_result(sku: &str, order_id: &str, reply: &[Reply]) -> Result<Order, Err
         keys,
         late: reply.get(3).and_then(Reply::as_i64) == Some(1),
         replayed,
+        event_id,
     })
 }
