@@ -1,5 +1,5 @@
-//! The operator commands besides `serve`: `import` and `warm`. They open the same ledger and
-//! engine a gateway with the same configuration would.
+//! The operator commands besides `serve`: `import`, `warm` and `reconcile`. They open the
+//! same ledger and engine a gateway with the same configuration would.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,8 +13,10 @@ use crate::error::Error;
 use crate::gateway::open_engine;
 use crate::inventory::formats::UploadFormat;
 use crate::inventory::import::{Begun, ImportReport, Importer};
+use crate::inventory::reconcile::{self, SkuReconcile};
 use crate::inventory::warm::{ledger_error, restore_sku, warm_sku, WarmReport};
 use crate::inventory::Inventory;
+use crate::ledger::writer::{EventWriter, WriterOptions};
 use crate::ledger::{self, Ledger};
 use crate::sku::{check_id, check_sku, SkuConfig, MAX_ID_LEN};
 
@@ -140,4 +142,41 @@ pub async fn warm(
         reports.push((sku, report));
     }
     Ok(reports)
+}
+
+/// `kamigate reconcile [--sku S] [--repair]`: compares Redis with the ledger key by key. The
+/// embedded engine lives inside the gateway: use `POST /v1/reconcile` there.
+pub async fn reconcile(
+    config: &Config,
+    sku: Option<&str>,
+    repair: bool,
+) -> Result<Vec<SkuReconcile>, CommandError> {
+    if config.redis_url.is_none() {
+        return Err(Error::BadRequest(
+            "reconcile compares Redis with the ledger; with the embedded engine use \
+             POST /v1/reconcile on the running gateway"
+                .into(),
+        )
+        .into());
+    }
+    if let Some(sku) = sku {
+        check_sku(sku)?;
+    }
+    let (ledger, inventory) = open(config).await?;
+    let writer = EventWriter::new(
+        inventory.engine().clone(),
+        ledger.clone(),
+        WriterOptions::default(),
+    );
+    let writer = &writer;
+    Ok(
+        reconcile::reconcile(ledger.as_ref(), &inventory, sku, repair, |sku| async move {
+            writer
+                .backlog(&sku)
+                .await
+                .map(|b| b.in_flight())
+                .map_err(|e| Error::Unavailable(format!("event stream: {e}")))
+        })
+        .await?,
+    )
 }

@@ -45,6 +45,24 @@ pub struct Config {
     pub log_json: bool,
     /// Rate limits, load shedding and abuse protection (`[limits]`).
     pub limits: LimitsConfig,
+    /// When a claim, confirm, release or redemption is answered (`KAMIGATE_DURABILITY`).
+    pub durability: Durability,
+    /// With `durability = "ledger"`, how long an answer waits for the ledger's commit before
+    /// it is `ERR_UNAVAILABLE` (the change stands; a retry replays it).
+    pub ledger_wait_ms: u64,
+}
+
+/// When a state change is answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// As soon as the engine's script ran: the change is in the engine (and, with Redis,
+    /// as durable as its AOF settings make it); the ledger follows within moments.
+    #[default]
+    Engine,
+    /// Once the ledger committed the change's event (group commit): nothing answered can
+    /// be lost with the engine.
+    Ledger,
 }
 
 impl Default for Config {
@@ -64,6 +82,8 @@ impl Default for Config {
             hold_sweep_interval_ms: 500,
             log_json: false,
             limits: LimitsConfig::default(),
+            durability: Durability::Engine,
+            ledger_wait_ms: 5000,
         }
     }
 }
@@ -139,6 +159,18 @@ impl Config {
         }
         if let Some(v) = set(get("KAMIGATE_MERCHANT_TOKEN")) {
             self.merchant_token = Some(v);
+        }
+        if let Some(v) = set(get("KAMIGATE_DURABILITY")) {
+            self.durability = match v.as_str() {
+                "engine" => Durability::Engine,
+                "ledger" => Durability::Ledger,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "KAMIGATE_DURABILITY",
+                        why: "must be engine or ledger".into(),
+                    })
+                }
+            };
         }
         if let Some(v) = set(get("KAMIGATE_LOG_JSON")) {
             self.log_json = matches!(v.as_str(), "1" | "true" | "yes");

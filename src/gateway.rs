@@ -16,8 +16,10 @@ use crate::engine::embedded::EmbeddedEngine;
 use crate::engine::redis::{RedisEngine, RedisOptions};
 use crate::engine::{EngineError, ScriptEngine};
 use crate::http::{self, App, Limits};
+use crate::inventory::drift::Drift;
 use crate::inventory::warm::{restore_sku, warm_sku};
 use crate::inventory::Inventory;
+use crate::ledger::writer::{EventWriter, WriterOptions};
 use crate::ledger::{self, Ledger, LedgerError};
 use crate::metrics as m;
 use dashmap::DashMap;
@@ -99,13 +101,18 @@ impl Gateway {
             max_body_bytes: config.max_body_bytes,
             max_import_bytes: config.max_import_bytes,
         };
+        let writer = EventWriter::new(
+            inventory.engine().clone(),
+            ledger.clone(),
+            WriterOptions::default(),
+        );
         let app = Arc::new(App::new(
             inventory,
             ledger,
-            merchant_token.clone(),
-            admin_token.clone(),
+            writer.clone(),
+            (merchant_token.clone(), admin_token.clone()),
             limits,
-            config.limits.clone(),
+            &config,
         ));
         m::handle();
 
@@ -117,6 +124,10 @@ impl Gateway {
             stopped.clone(),
         ));
         let limiter_sweep = tokio::spawn(sweep_limiters(app.clone(), stopped.clone()));
+        // The writer stops last, after in-flight requests finished, so their events reach
+        // the ledger before the process exits.
+        let (stop_writer, writer_stopped) = watch::channel(false);
+        let writing = tokio::spawn(writer.run(writer_stopped));
         let shutdown = http::Shutdown {
             delay: Duration::from_millis(config.shutdown_delay_ms),
             drain: Duration::from_secs(config.drain_timeout_secs),
@@ -129,6 +140,8 @@ impl Gateway {
             };
             http::serve(serve_app, public, admin, signal, shutdown).await;
             let _ = tokio::join!(sweep, limiter_sweep);
+            let _ = stop_writer.send(true);
+            let _ = writing.await;
         });
         Ok(Gateway {
             app,
@@ -256,18 +269,7 @@ async fn sweep_holds(
         if gauges_at.is_none_or(|t| t.elapsed() >= GAUGES_EVERY) {
             gauges_at = Some(Instant::now());
             for sku in &skus {
-                if let Ok(c) = inventory.counts(sku).await {
-                    for (state, n) in [
-                        ("available", c.available),
-                        ("held", c.held),
-                        ("claimed", c.claimed),
-                        ("redeemed", c.redeemed),
-                        ("void", c.void),
-                    ] {
-                        metrics::gauge!(m::INVENTORY_KEYS, "sku" => sku.clone(), "state" => state)
-                            .set(n as f64);
-                    }
-                }
+                refresh_gauges(&app, sku).await;
             }
         }
     }
@@ -284,4 +286,30 @@ async fn sweep_limiters(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
             _ = ticker.tick() => app.edge.sweep(),
         }
     }
+}
+
+/// Engine and ledger counts, events in flight and drift of one SKU, as gauges.
+async fn refresh_gauges(app: &App, sku: &str) {
+    let (engine, ledger, backlog) = tokio::join!(
+        app.inventory.counts(sku),
+        app.ledger.counts(sku),
+        app.writer.backlog(sku)
+    );
+    let (Ok(engine), Ok(ledger), Ok(backlog)) = (engine, ledger, backlog) else {
+        return;
+    };
+    for (state, e, l) in [
+        ("available", engine.available, ledger.available),
+        ("held", engine.held, ledger.held),
+        ("claimed", engine.claimed, ledger.claimed),
+        ("redeemed", engine.redeemed, ledger.redeemed),
+        ("void", engine.void, ledger.void),
+    ] {
+        let labels = [("sku", sku.to_owned()), ("state", state.to_owned())];
+        metrics::gauge!(m::INVENTORY_KEYS, &labels).set(e as f64);
+        metrics::gauge!(m::LEDGER_KEYS, &labels).set(l as f64);
+    }
+    let drift = Drift::between(&engine, &ledger, backlog.in_flight());
+    metrics::gauge!(m::DRIFT, "sku" => sku.to_owned()).set(drift.keys as f64);
+    metrics::gauge!(m::IN_FLIGHT_EVENTS, "sku" => sku.to_owned()).set(backlog.in_flight() as f64);
 }

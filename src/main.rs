@@ -47,6 +47,16 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Compare Redis with the ledger key by key; with --repair, fix what the ledger is ahead
+    /// on (never rolling back a change only the engine has).
+    Reconcile {
+        #[arg(long)]
+        sku: Option<String>,
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Print random codes for a format, one per line.
     Gen {
         /// How many codes.
@@ -90,6 +100,29 @@ fn main() -> ExitCode {
             );
             for (line, reason) in report.lines.iter().take(20) {
                 println!("  line {line}: {reason}");
+            }
+            Ok(())
+        }),
+        Command::Reconcile {
+            sku,
+            repair,
+            config,
+        } => operate(config, |config| async move {
+            for r in kamigate::commands::reconcile(&config, sku.as_deref(), repair).await? {
+                println!(
+                    "{}: {} checked, {} missing in engine, {} ledger ahead, {} engine ahead, \
+                     {} deferred (events in flight), {} repaired",
+                    r.sku,
+                    r.checked,
+                    r.missing_in_engine,
+                    r.ledger_ahead,
+                    r.engine_ahead,
+                    r.deferred,
+                    r.repaired
+                );
+                for d in r.differences.iter().take(50) {
+                    println!("  {} {} ({})", d.key_id, d.kind, d.action);
+                }
             }
             Ok(())
         }),

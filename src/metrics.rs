@@ -30,6 +30,13 @@ pub const HOLDS_EXPIRED: &str = "kamigate_holds_expired_total";
 pub const INVENTORY_KEYS: &str = "kamigate_inventory_keys";
 /// 1 while the engine answers, 0 while it does not.
 pub const ENGINE_UP: &str = "kamigate_engine_up";
+/// Keys per `sku` and `state` in the ledger, refreshed with the engine's.
+pub const LEDGER_KEYS: &str = "kamigate_ledger_keys";
+/// Keys per `sku` whose state differs between engine and ledger beyond the events in
+/// flight ([`crate::inventory::drift`]).
+pub const DRIFT: &str = "kamigate_drift_keys";
+/// Events per `sku` written by the engine and not yet committed to the ledger.
+pub const IN_FLIGHT_EVENTS: &str = "kamigate_events_in_flight";
 // Limiter metrics are named next to the limiters: [`limit::DECISIONS`],
 // [`limit::IN_FLIGHT`], [`limit::SHED`].
 
@@ -74,6 +81,16 @@ fn describe() {
     describe_counter!(HOLDS_EXPIRED, "Holds lapsed by the background sweep.");
     describe_gauge!(INVENTORY_KEYS, "Keys per SKU and state in the engine.");
     describe_gauge!(ENGINE_UP, "1 while the engine answers, else 0.");
+    describe_gauge!(LEDGER_KEYS, "Keys per SKU and state in the ledger.");
+    describe_gauge!(
+        DRIFT,
+        "Keys per SKU whose state differs between engine and ledger beyond the events in flight."
+    );
+    describe_gauge!(
+        IN_FLIGHT_EVENTS,
+        "Events per SKU written by the engine and not yet committed to the ledger."
+    );
+    crate::ledger::writer::describe();
     describe_counter!(limit::DECISIONS, limit::DECISIONS_HELP);
     describe_gauge!(limit::IN_FLIGHT, limit::IN_FLIGHT_HELP);
     describe_counter!(limit::SHED, limit::SHED_HELP);

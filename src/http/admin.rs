@@ -15,6 +15,7 @@ use crate::error::timestamp;
 use crate::error::Error;
 use crate::inventory::formats::UploadFormat;
 use crate::inventory::import::{self, Begun, Importer};
+use crate::inventory::reconcile;
 use crate::inventory::warm::{ledger_error, restore_sku, warm_sku};
 use crate::metrics as m;
 use crate::sku::{check_id, check_sku, parse_key_id, SkuConfig, MAX_ID_LEN};
@@ -89,6 +90,9 @@ pub async fn put_sku(app: &App, params: Params, req: Request<Incoming>) -> Resul
         .map_err(ledger_error)?;
     let created = app.inventory.put_sku(sku, &config).await?;
     app.skus.put(sku, config.clone());
+    if created {
+        app.writer.sku_added();
+    }
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -261,6 +265,44 @@ pub async fn key_events(app: &App, params: Params, req: Request<Incoming>) -> Re
             "format_version": key.format_version,
             "events": events,
         }),
+    ))
+}
+
+/// `POST /v1/reconcile` with `{"sku"?, "repair"?}`: compare engine and ledger key by key.
+pub async fn reconcile(app: &App, req: Request<Incoming>) -> Result<Reply, Error> {
+    app.admin(&req)?;
+    let limit = app.limits.max_body_bytes;
+    body::check_declared_length(req.headers(), limit)?;
+    let bytes = body::read_limited(req.into_body(), limit).await?;
+    let body = JsonBody::parse(&bytes, &["sku", "repair"])?;
+    let sku = body.opt_str("sku", crate::sku::MAX_SKU_LEN)?;
+    if let Some(sku) = sku {
+        check_sku(sku)?;
+    }
+    let repair = body.opt_bool("repair")?.unwrap_or(false);
+    let writer = &app.writer;
+    let reports = reconcile::reconcile(
+        app.ledger.as_ref(),
+        &app.inventory,
+        sku,
+        repair,
+        |sku| async move {
+            writer
+                .backlog(&sku)
+                .await
+                .map(|b| b.in_flight())
+                .map_err(|e| Error::Unavailable(format!("event stream: {e}")))
+        },
+    )
+    .await?;
+    if repair {
+        for r in reports.iter().filter(|r| r.repaired > 0) {
+            app.edge.sold_out.invalidate(&r.sku);
+        }
+    }
+    Ok(body::json(
+        StatusCode::OK,
+        &json!({ "repair": repair, "skus": reports }),
     ))
 }
 

@@ -83,7 +83,9 @@ async fn claim_body(app: &App, sku: &str, bytes: &[u8]) -> Result<Order, Error> 
     if matches!(result, Err(Error::SoldOut)) {
         app.edge.sold_out.mark(sku);
     }
-    result
+    let order = result?;
+    app.durable(sku, order.event_id.as_deref()).await?;
+    Ok(order)
 }
 
 /// Checks the path of an order route; returns (sku, order id).
@@ -106,6 +108,7 @@ pub async fn order(app: &App, params: Params) -> Result<Reply, Error> {
 pub async fn confirm(app: &App, params: Params) -> Result<Reply, Error> {
     let (sku, order_id) = order_route(app, &params).await?;
     let order = app.inventory.confirm(sku, order_id).await?;
+    app.durable(sku, order.event_id.as_deref()).await?;
     Ok(body::json(StatusCode::OK, &order.to_json()))
 }
 
@@ -116,6 +119,7 @@ pub async fn release(app: &App, params: Params) -> Result<Reply, Error> {
     if !order.replayed {
         app.edge.sold_out.invalidate(sku);
     }
+    app.durable(sku, order.event_id.as_deref()).await?;
     Ok(body::json(StatusCode::OK, &order.to_json()))
 }
 
@@ -124,10 +128,17 @@ pub async fn release(app: &App, params: Params) -> Result<Reply, Error> {
 pub async fn sku_view(app: &App, sku: &str) -> Result<Reply, Error> {
     check_sku(sku)?;
     let settings = app.skus.require(&app.inventory, sku).await?;
-    let (engine, ledger) = tokio::join!(app.inventory.counts(sku), app.ledger.counts(sku));
+    let (engine, ledger, backlog) = tokio::join!(
+        app.inventory.counts(sku),
+        app.ledger.counts(sku),
+        app.writer.backlog(sku)
+    );
     let engine = engine?;
     let ledger = ledger.map_err(ledger_error)?;
-    let drift = drift::Drift::between(&engine, &ledger, 0);
+    let in_flight = backlog
+        .map_err(|e| Error::Unavailable(format!("event stream: {e}")))?
+        .in_flight();
+    let drift = drift::Drift::between(&engine, &ledger, in_flight);
     Ok(body::json(
         StatusCode::OK,
         &json!({

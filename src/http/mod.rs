@@ -31,11 +31,12 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::config::{Config, Durability};
 use crate::error::Error;
 use crate::inventory::settings::SkuSettings;
 use crate::inventory::Inventory;
+use crate::ledger::writer::EventWriter;
 use crate::ledger::Ledger;
-use crate::limit::LimitsConfig;
 use crate::metrics as m;
 use body::Reply;
 use guard::Edge;
@@ -45,6 +46,11 @@ pub struct App {
     pub inventory: Inventory,
     /// The durable record: imports land here first, engine events end here.
     pub ledger: Arc<dyn Ledger>,
+    /// Moves engine events into the ledger; answers wait on it with `durability = "ledger"`.
+    pub writer: EventWriter,
+    /// When state changes are answered, and how long they may wait for the ledger.
+    pub durability: Durability,
+    pub ledger_wait: std::time::Duration,
     pub skus: SkuSettings,
     pub limits: Limits,
     pub edge: Edge,
@@ -65,20 +71,48 @@ impl App {
     pub fn new(
         inventory: Inventory,
         ledger: Arc<dyn Ledger>,
-        merchant_token: String,
-        admin_token: String,
+        writer: EventWriter,
+        tokens: (String, String),
         limits: Limits,
-        edge: LimitsConfig,
+        config: &Config,
     ) -> App {
+        let (merchant_token, admin_token) = tokens;
         App {
-            edge: Edge::new(edge, inventory.engine().clone(), inventory.clock()),
+            edge: Edge::new(
+                config.limits.clone(),
+                inventory.engine().clone(),
+                inventory.clock(),
+            ),
             inventory,
             ledger,
+            writer,
+            durability: config.durability,
+            ledger_wait: std::time::Duration::from_millis(config.ledger_wait_ms),
             skus: SkuSettings::default(),
             limits,
             merchant_token,
             admin_token,
             draining: AtomicBool::new(false),
+        }
+    }
+
+    /// With `durability = "ledger"`, waits until the ledger committed the event behind an
+    /// answer. The change itself stands either way: on timeout the client is told to retry,
+    /// and the retry replays it.
+    pub async fn durable(&self, sku: &str, event_id: Option<&str>) -> Result<(), Error> {
+        let (Durability::Ledger, Some(event_id)) = (self.durability, event_id) else {
+            return Ok(());
+        };
+        if self
+            .writer
+            .wait_committed(sku, event_id, self.ledger_wait)
+            .await
+        {
+            Ok(())
+        } else {
+            Err(Error::Unavailable(
+                "the ledger has not confirmed the change yet".into(),
+            ))
         }
     }
 
@@ -230,6 +264,7 @@ pub enum RouteId {
     Warm,
     KeyVoid,
     KeyEvents,
+    Reconcile,
     KeyRestore,
     Healthz,
     Readyz,
@@ -287,6 +322,7 @@ fn admin_routes() -> Routes {
         ("/v1/skus/{sku}/warm", RouteId::Warm),
         ("/v1/keys/{key_id}/void", RouteId::KeyVoid),
         ("/v1/keys/{key_id}/events", RouteId::KeyEvents),
+        ("/v1/reconcile", RouteId::Reconcile),
         ("/v1/keys/{key_id}/restore", RouteId::KeyRestore),
     ])
 }
@@ -341,6 +377,7 @@ async fn dispatch(
         (Listener::Admin, BatchActivate, Method::POST) => admin::activate(app, params, req).await,
         (Listener::Admin, Warm, Method::POST) => admin::warm(app, params, req).await,
         (Listener::Admin, KeyEvents, Method::GET) => admin::key_events(app, params, req).await,
+        (Listener::Admin, Reconcile, Method::POST) => admin::reconcile(app, req).await,
         (Listener::Admin, KeyVoid, Method::POST) => admin::void(app, params, req, true).await,
         (Listener::Admin, KeyRestore, Method::POST) => admin::void(app, params, req, false).await,
         _ => Err(Error::NotFound("route".into())),

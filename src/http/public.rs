@@ -68,7 +68,9 @@ async fn attempt(
             if settings.is_none() {
                 return Err(Error::CardInvalid);
             }
-            inventory.redeem(sku, &code, redeemer).await
+            let redemption = inventory.redeem(sku, &code, redeemer).await?;
+            app.durable(sku, redemption.event_id.as_deref()).await?;
+            Ok(redemption)
         }
         None => {
             canonical(&Format::default(), raw)?;
@@ -81,7 +83,9 @@ async fn attempt(
             let Ok(code) = canonical(&settings.format, raw) else {
                 return Err(Error::CardInvalid);
             };
-            inventory.redeem(&sku, &code, redeemer).await
+            let redemption = inventory.redeem(&sku, &code, redeemer).await?;
+            app.durable(&sku, redemption.event_id.as_deref()).await?;
+            Ok(redemption)
         }
     }
 }

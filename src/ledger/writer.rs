@@ -1,1 +1,1016 @@
-//! The event writer (being written).
+//! The event writer: brings every SKU's event stream into the ledger.
+//!
+//! Every script that changes a SKU appends an event to the SKU's stream (`kg:{sku}:events`) in
+//! the same atomic step, so the engine never changes without saying so. [`EventWriter`] reads
+//! those streams through one consumer group shared by every gateway, turns entries into
+//! [`LedgerEvent`]s ([`super::stream`]), commits them, and only then acknowledges them. The
+//! stream side lives in `lua/stream.lua`; this module decides what happens when.
+//!
+//! # Exactly-once effect from at-least-once delivery
+//!
+//! Each pass over a SKU is: read a batch, commit it to the ledger in one
+//! [`Ledger::apply_events`] call, acknowledge it, trim. The order is the whole argument:
+//!
+//! - An entry is acknowledged only after the transaction holding it committed. Whatever fails
+//!   before (the ledger is down, the gateway crashes), the entry stays in the group's pending
+//!   list and is read again: by this writer (its own pending entries come first on every read)
+//!   or, if this writer died, by another one once the entry has been idle for
+//!   [`WriterOptions::reclaim_idle_ms`] (`XAUTOCLAIM`). Nothing is lost.
+//! - A crash between commit and acknowledgement delivers the entry a second time. The ledger
+//!   records each `event_id` (`<sku>/<stream entry id>`) in the same transaction as its effect
+//!   and ignores ids it already has, so the second delivery changes nothing. Nothing is doubled.
+//! - The stream is trimmed only below what every group has delivered and acknowledged, so
+//!   nothing is dropped before it was committed (see `lua/stream.lua`).
+//!
+//! At-least-once delivery plus idempotent apply is an exactly-once effect on the ledger.
+//!
+//! # Group commit
+//!
+//! A batch is up to [`WriterOptions::batch`] entries in one transaction: at flash-sale rates
+//! the cost of a commit (an fsync on SQLite, a round trip on PostgreSQL) is shared by hundreds
+//! of events, which is also what keeps `durability = "ledger"` requests fast: they wait for
+//! the next group commit ([`EventWriter::wait_committed`]), not for a commit of their own.
+//!
+//! # Poison
+//!
+//! An entry no script writes (no kind, a non-numeric time or key id, bytes that are not
+//! UTF-8) can never be committed; retrying it would stall its SKU for good. It is moved to the
+//! SKU's dead-letter stream (`kg:{sku}:dead`, with `source_id` and `reason` fields), counted
+//! ([`EVENTS_DEAD_LETTERED`]) and logged, and the entries after it go on. A ledger that
+//! *rejects* a well-formed batch is a different matter (a schema or configuration problem):
+//! nothing is dead-lettered for it, the SKU is retried with backoff and the failure is counted
+//! ([`LEDGER_WRITE_FAILURES`]), because moving good events aside would lose them.
+//!
+//! # Several gateways
+//!
+//! Every gateway runs a writer with its own consumer name in the same group: the group hands
+//! each entry to one of them, and a writer that dies leaves its entries pending until another
+//! takes them over. A gateway that waits for a commit learns of commits made by other writers
+//! from the group itself: every read reports the oldest entry not yet acknowledged, and
+//! everything below it is settled, whoever committed it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use tokio::sync::watch;
+
+use super::stream::event_from_entry;
+use super::{Ledger, LedgerError, LedgerEvent};
+use crate::engine::{EngineError, Reply, ScriptEngine, SCRIPTS};
+use crate::inventory::events_key;
+use crate::metrics as m;
+
+/// Stream entries committed to the ledger, by `source`: `new` (first delivery), `own` (this
+/// writer's earlier batch whose commit failed), `claimed` (taken over from a dead consumer).
+pub const EVENTS_COMMITTED: &str = "kamigate_ledger_events_committed_total";
+/// Poison entries moved to a dead-letter stream, by `sku`.
+pub const EVENTS_DEAD_LETTERED: &str = "kamigate_ledger_events_dead_lettered_total";
+/// Latency of one group commit (`apply_events`), successful or not.
+pub const LEDGER_WRITE_DURATION: &str = "kamigate_ledger_write_duration_seconds";
+/// Failed group commits, by `kind`: `unavailable` (retried) or `rejected` (the ledger refused
+/// the batch: retried too, but needs an operator).
+pub const LEDGER_WRITE_FAILURES: &str = "kamigate_ledger_write_failures_total";
+/// Events of a `sku` not yet committed: delivered and unacknowledged, plus never delivered.
+pub const STREAM_BACKLOG: &str = "kamigate_stream_backlog_events";
+/// Age of the oldest event of a `sku` not yet committed, 0 when there is none.
+pub const STREAM_OLDEST_AGE: &str = "kamigate_stream_oldest_pending_age_seconds";
+
+/// Describes the writer's metrics; called once with the rest from [`crate::metrics`].
+pub fn describe() {
+    describe_counter!(
+        EVENTS_COMMITTED,
+        "Stream events committed to the ledger, by source (new, own retry, claimed from a dead consumer)."
+    );
+    describe_counter!(
+        EVENTS_DEAD_LETTERED,
+        "Poison stream entries moved to the SKU's dead-letter stream."
+    );
+    describe_histogram!(
+        LEDGER_WRITE_DURATION,
+        Unit::Seconds,
+        "Latency of one group commit of stream events to the ledger."
+    );
+    describe_counter!(
+        LEDGER_WRITE_FAILURES,
+        "Failed group commits to the ledger, by kind (unavailable, rejected)."
+    );
+    describe_gauge!(
+        STREAM_BACKLOG,
+        "Events per SKU not yet committed to the ledger (pending plus undelivered)."
+    );
+    describe_gauge!(
+        STREAM_OLDEST_AGE,
+        Unit::Seconds,
+        "Age of the oldest event per SKU not yet committed to the ledger."
+    );
+}
+
+/// The SKU's dead-letter stream: poison entries of its event stream, moved aside.
+pub fn dead_letters_key(sku: &str) -> String {
+    format!("kg:{{{sku}}}:dead")
+}
+
+/// Most entries per batch: the acknowledgement passes them as script arguments, and Lua 5.1
+/// unpacks at most about 8,000 values at once.
+pub const MAX_BATCH: u32 = 5_000;
+
+/// How often the SKU list is read again from the ledger.
+const SKU_REFRESH: Duration = Duration::from_secs(5);
+/// How long a stopping writer keeps committing what the streams still hold.
+const DRAIN_ON_STOP: Duration = Duration::from_secs(10);
+/// Batches drained from one SKU before the others get their turn.
+const BATCHES_PER_VISIT: usize = 8;
+/// How often consumers of stopped gateways are deleted from the group.
+const REAP_EVERY: Duration = Duration::from_secs(300);
+/// How long a consumer owning nothing must have been silent to be deleted (at least).
+const REAP_IDLE: Duration = Duration::from_secs(3600);
+/// First delay after a failure; doubles up to [`WriterOptions::max_backoff_ms`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Commit runs remembered per SKU for waiters (see [`Settled`]); beyond, the oldest go and
+/// their waiters fall back on the group's acknowledgement floor.
+const MAX_RUNS: usize = 4096;
+
+/// The scope logged for outages of the ledger or the engine, which hold up every SKU.
+const ALL_SKUS: &str = "all SKUs";
+
+/// How an [`EventWriter`] reads and retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriterOptions {
+    /// The consumer group every gateway's writer joins; the same for all of them, so each
+    /// entry is committed by one writer.
+    pub group: String,
+    /// This writer's name in the group. Unique per gateway process
+    /// ([`WriterOptions::unique_consumer`]): a restarted gateway must not mistake a dead
+    /// predecessor's entries for its own failed batch, nor two gateways share a name.
+    pub consumer: String,
+    /// Most entries per group commit (capped at [`MAX_BATCH`]).
+    pub batch: u32,
+    /// Sleep between passes when no SKU had anything to write.
+    pub idle_poll_ms: u64,
+    /// Entries left unacknowledged this long by another consumer are taken over: that
+    /// consumer is presumed dead. Keep it well above a commit's worst latency (a live
+    /// consumer's entries taken over are committed twice, harmlessly but for nothing).
+    pub reclaim_idle_ms: u64,
+    /// Longest wait between retries while the ledger or the engine is unavailable.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for WriterOptions {
+    fn default() -> WriterOptions {
+        WriterOptions {
+            group: "ledger".into(),
+            consumer: WriterOptions::unique_consumer(),
+            batch: 500,
+            idle_poll_ms: 50,
+            reclaim_idle_ms: 30_000,
+            max_backoff_ms: 5_000,
+        }
+    }
+}
+
+impl WriterOptions {
+    /// `<host>-<pid>-<random>`: unique per process, and says where it ran.
+    pub fn unique_consumer() -> String {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "kamigate".into());
+        format!(
+            "{host}-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        )
+    }
+}
+
+/// Why a pass over a SKU failed. Nothing was acknowledged that was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// `lua/stream.lua` answered something it never sends: a bug.
+    #[error("stream.lua gave an unexpected reply: {0}")]
+    Reply(String),
+}
+
+impl WriterError {
+    /// Whether the failure concerns every SKU (a store is unreachable), not just this one.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            WriterError::Engine(EngineError::Unavailable(_))
+                | WriterError::Ledger(LedgerError::Unavailable(_))
+        )
+    }
+}
+
+/// What a SKU's stream still owes the ledger.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Delivered to a writer and not yet acknowledged (being committed, or its writer died).
+    pub pending: u64,
+    /// Not yet delivered to any writer.
+    pub lag: u64,
+    /// Age of the oldest of those events (pending or undelivered), 0 when there is none.
+    pub oldest_pending_age_ms: u64,
+}
+
+impl Backlog {
+    /// Events written by the engine and not yet committed to the ledger.
+    pub fn in_flight(&self) -> u64 {
+        self.pending + self.lag
+    }
+}
+
+/// Consumes every SKU's event stream into the ledger. Cheap to clone: clones share one state,
+/// so the gateway keeps a handle (for [`EventWriter::wait_committed`] and
+/// [`EventWriter::backlog`]) while [`EventWriter::run`] owns another.
+#[derive(Clone)]
+pub struct EventWriter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Arc<dyn ScriptEngine>,
+    ledger: Arc<dyn Ledger>,
+    opts: WriterOptions,
+    /// Per SKU, what is known to be committed; waiters watch it.
+    settled: DashMap<String, watch::Sender<Settled>>,
+    /// Set when a SKU was created here: the next pass lists SKUs again instead of waiting
+    /// for the periodic refresh, so a new SKU's first events are not held up.
+    relist: AtomicBool,
+}
+
+impl fmt::Debug for EventWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventWriter")
+            .field("opts", &self.inner.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one pass over a SKU did.
+#[derive(Debug, Clone, Copy, Default)]
+struct Pass {
+    /// Entries read (committed + dead-lettered, once the pass succeeded).
+    read: usize,
+    committed: usize,
+    dead: usize,
+}
+
+impl EventWriter {
+    /// A writer of `engine`'s streams into `ledger`. Starts nothing: call
+    /// [`EventWriter::run`] (or [`EventWriter::drain_once`]).
+    pub fn new(
+        engine: Arc<dyn ScriptEngine>,
+        ledger: Arc<dyn Ledger>,
+        mut opts: WriterOptions,
+    ) -> EventWriter {
+        opts.batch = opts.batch.clamp(1, MAX_BATCH);
+        EventWriter {
+            inner: Arc::new(Inner {
+                engine,
+                ledger,
+                opts,
+                settled: DashMap::new(),
+                relist: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Tells the writer a SKU was just created, so it starts consuming its stream at once.
+    pub fn sku_added(&self) {
+        self.inner.relist.store(true, Ordering::Relaxed);
+    }
+
+    /// The options in force (the batch size capped).
+    pub fn options(&self) -> &WriterOptions {
+        &self.inner.opts
+    }
+
+    /// One pass over one SKU: reads a batch (this writer's unacknowledged entries first, then
+    /// entries of dead consumers, then new ones), dead-letters poison, commits the rest in one
+    /// [`Ledger::apply_events`] call, acknowledges only after the commit, and trims.
+    ///
+    /// Returns how many stream entries it settled: committed (whether new to the ledger or
+    /// already there from an earlier delivery) or dead-lettered. 0 means nothing was waiting,
+    /// so `while drain_once(sku).await? > 0 {}` drains a SKU. On error nothing that was not
+    /// committed was acknowledged; the entries are read again next time.
+    pub async fn drain_once(&self, sku: &str) -> Result<usize, WriterError> {
+        let pass = self.pass(sku).await?;
+        Ok(pass.committed + pass.dead)
+    }
+
+    /// Drains every SKU of the ledger until `stop` turns true (or its sender is dropped).
+    ///
+    /// Each round visits the SKUs in turn (the list is read again every few seconds) and
+    /// drains each while it yields full batches, a bounded number of them so one busy SKU
+    /// cannot starve the others; when no SKU had a full batch it sleeps
+    /// [`WriterOptions::idle_poll_ms`]. While the ledger or the engine is unavailable it
+    /// retries with exponential backoff up to [`WriterOptions::max_backoff_ms`], logging the
+    /// outage once when it starts and once when it ends. A SKU whose batch the ledger rejects
+    /// is retried with backoff on its own, without holding up the others.
+    ///
+    /// SKUs are drained one after the other: a ledger takes one write transaction at a time
+    /// per SKU anyway (and SQLite one in all), so parallel passes would only queue. An idle
+    /// round costs one script call per SKU.
+    ///
+    /// Stopping waits for the pass in progress (a commit is never cut in half, though that
+    /// would be harmless); entries still pending are committed after a restart, by this or
+    /// another gateway.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let opts = &self.inner.opts;
+        let max_backoff = Duration::from_millis(opts.max_backoff_ms).max(FIRST_BACKOFF);
+        let idle = Duration::from_millis(opts.idle_poll_ms);
+        let mut outage = Trouble::default();
+        let mut troubled: HashMap<String, Trouble> = HashMap::new();
+        let mut skus: Vec<String> = Vec::new();
+        let mut listed_at: Option<Instant> = None;
+        let mut reaped_at = Instant::now();
+        tracing::info!(
+            group = %opts.group,
+            consumer = %opts.consumer,
+            batch = opts.batch,
+            "event writer started"
+        );
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let relist = self.inner.relist.swap(false, Ordering::Relaxed);
+            if relist || listed_at.is_none_or(|t| t.elapsed() >= SKU_REFRESH) {
+                match self.inner.ledger.list_skus().await {
+                    Ok(list) => {
+                        skus = list;
+                        listed_at = Some(Instant::now());
+                        troubled.retain(|sku, _| skus.contains(sku));
+                    }
+                    Err(e) => {
+                        let delay = outage.fail(ALL_SKUS, &e, max_backoff);
+                        if pause(&mut stop, delay).await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
+
+            let mut busy = false;
+            let mut failure: Option<WriterError> = None;
+            'skus: for sku in &skus {
+                if *stop.borrow() {
+                    break;
+                }
+                if troubled.get(sku).is_some_and(|t| !t.due()) {
+                    continue;
+                }
+                for _ in 0..BATCHES_PER_VISIT {
+                    match self.pass(sku).await {
+                        Ok(pass) => {
+                            if let Some(mut t) = troubled.remove(sku) {
+                                t.recover(sku);
+                            }
+                            if pass.read < opts.batch as usize {
+                                break;
+                            }
+                            busy = true;
+                        }
+                        Err(e) if e.is_outage() => {
+                            failure = Some(e);
+                            break 'skus;
+                        }
+                        Err(e) => {
+                            troubled
+                                .entry(sku.clone())
+                                .or_default()
+                                .fail(sku, &e, max_backoff);
+                            break;
+                        }
+                    }
+                }
+            }
+            if let Some(e) = failure {
+                let delay = outage.fail(ALL_SKUS, &e, max_backoff);
+                if pause(&mut stop, delay).await {
+                    break;
+                }
+                continue;
+            }
+            outage.recover(ALL_SKUS);
+
+            if reaped_at.elapsed() >= REAP_EVERY {
+                reaped_at = Instant::now();
+                self.reap(&skus).await;
+            }
+            if !busy && pause(&mut stop, idle).await {
+                break;
+            }
+        }
+        // SKUs created since the last listing have events too.
+        if let Ok(list) = self.inner.ledger.list_skus().await {
+            skus = list;
+        }
+        self.drain_before_exit(&skus).await;
+        tracing::info!(consumer = %opts.consumer, "event writer stopped");
+    }
+
+    /// On stop, commits what the streams still hold, for a bounded time: the gateway stops
+    /// the writer after its last request, and an embedded engine's streams end with the
+    /// process, so what is not committed now would be lost.
+    async fn drain_before_exit(&self, skus: &[String]) {
+        let deadline = Instant::now() + DRAIN_ON_STOP;
+        for sku in skus {
+            loop {
+                if Instant::now() >= deadline {
+                    tracing::warn!("stopping with events not yet committed to the ledger");
+                    return;
+                }
+                match self.pass(sku).await {
+                    Ok(pass) if pass.read > 0 => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(sku, error = %e, "final drain failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until stream entry `entry_id` of `sku` (e.g. `1767225600000-3`) is known to be
+    /// committed to the ledger, for `durability = "ledger"` responses. Returns `true` once it
+    /// is, `false` when `timeout` passes first (or `entry_id` is not a stream id).
+    ///
+    /// "Known" is either of: this writer committed it, or the group's oldest unacknowledged
+    /// entry (reported on every read, at most [`WriterOptions::idle_poll_ms`] apart while
+    /// idle) is above it, i.e. some writer committed it. The second also counts an entry
+    /// another gateway dead-lettered as settled; poison never comes from a script's own
+    /// change, so a waiter never waits for one. Ids compare as (ms, seq).
+    pub async fn wait_committed(&self, sku: &str, entry_id: &str, timeout: Duration) -> bool {
+        let Some(id) = EntryId::parse(entry_id) else {
+            return false;
+        };
+        // The map guard is dropped before awaiting: a DashMap shard lock must not be held
+        // across a suspension point.
+        let mut rx = self.settled_of(sku).subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|s| s.covers(id)))
+            .await
+            .is_ok_and(|seen| seen.is_ok())
+    }
+
+    /// What `sku`'s stream still owes the ledger (the in-flight count of drift, and metrics).
+    pub async fn backlog(&self, sku: &str) -> Result<Backlog, WriterError> {
+        let args = vec![
+            "backlog".into(),
+            self.inner.opts.group.clone(),
+            now_ms().to_string(),
+        ];
+        let reply = self.eval(sku, args).await?;
+        let n = |i: usize| {
+            reply
+                .as_array()
+                .and_then(|a| a.get(i))
+                .and_then(Reply::as_i64)
+                .and_then(|v| u64::try_from(v).ok())
+                .ok_or_else(|| WriterError::Reply(format!("backlog: {}", shape(&reply))))
+        };
+        Ok(Backlog {
+            pending: n(0)?,
+            lag: n(1)?,
+            oldest_pending_age_ms: n(2)?,
+        })
+    }
+
+    /// Runs `lua/stream.lua` on `sku`'s streams.
+    async fn eval(&self, sku: &str, args: Vec<String>) -> Result<Reply, EngineError> {
+        let engine = &self.inner.engine;
+        let started = Instant::now();
+        let result = engine
+            .eval(
+                &SCRIPTS.stream,
+                vec![events_key(sku), dead_letters_key(sku)],
+                args,
+            )
+            .await;
+        metrics::histogram!(
+            m::SCRIPT_DURATION,
+            "script" => SCRIPTS.stream.name(),
+            "engine" => engine.kind().to_string()
+        )
+        .record(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            let kind = match e {
+                EngineError::Unavailable(_) => "unavailable",
+                EngineError::Script { .. } => "script",
+            };
+            metrics::counter!(m::SCRIPT_ERRORS, "script" => SCRIPTS.stream.name(), "kind" => kind)
+                .increment(1);
+        }
+        result
+    }
+
+    async fn pass(&self, sku: &str) -> Result<Pass, WriterError> {
+        let opts = &self.inner.opts;
+        let args = vec![
+            "read".into(),
+            opts.group.clone(),
+            opts.consumer.clone(),
+            opts.batch.to_string(),
+            opts.reclaim_idle_ms.to_string(),
+        ];
+        let reply = self.eval(sku, args).await?;
+        let read = ReadReply::parse(&reply)?;
+        self.observe(sku, &read);
+        if read.entries.is_empty() {
+            return Ok(Pass::default());
+        }
+
+        // Decode; poison goes aside now, so it cannot hold up the entries behind it.
+        let mut events = Vec::with_capacity(read.entries.len());
+        let mut committed: Vec<(usize, EntryId, String)> = Vec::with_capacity(read.entries.len());
+        let mut dead = 0;
+        for (at, entry) in read.entries.iter().enumerate() {
+            let (id_text, id, decoded) = decode(sku, entry)?;
+            match decoded {
+                Ok(event) => {
+                    events.push(event);
+                    committed.push((at, id, id_text));
+                }
+                Err(reason) => {
+                    self.dead_letter(sku, &id_text, &reason).await?;
+                    dead += 1;
+                }
+            }
+        }
+        if events.is_empty() {
+            return Ok(Pass {
+                read: read.entries.len(),
+                committed: 0,
+                dead,
+            });
+        }
+
+        let started = Instant::now();
+        let result = self.inner.ledger.apply_events(&events).await;
+        metrics::histogram!(LEDGER_WRITE_DURATION).record(started.elapsed().as_secs_f64());
+        if let Err(e) = result {
+            let kind = if e.is_retryable() {
+                "unavailable"
+            } else {
+                "rejected"
+            };
+            metrics::counter!(LEDGER_WRITE_FAILURES, "kind" => kind).increment(1);
+            return Err(e.into());
+        }
+
+        // Committed: waiters may go, whatever happens to the acknowledgement.
+        self.note_committed(sku, &read, &committed);
+        for (source, n) in read.sources(committed.iter().map(|(at, _, _)| *at)) {
+            if n > 0 {
+                metrics::counter!(EVENTS_COMMITTED, "source" => source).increment(n);
+            }
+        }
+
+        let mut args = Vec::with_capacity(2 + committed.len());
+        args.push("ack".to_owned());
+        args.push(self.inner.opts.group.clone());
+        args.extend(committed.iter().map(|(_, _, text)| text.clone()));
+        self.eval(sku, args).await?;
+        Ok(Pass {
+            read: read.entries.len(),
+            committed: committed.len(),
+            dead,
+        })
+    }
+
+    /// Moves a poison entry to the dead-letter stream and acknowledges it, in one step.
+    async fn dead_letter(&self, sku: &str, id: &str, reason: &str) -> Result<(), WriterError> {
+        let args = vec![
+            "dead".into(),
+            self.inner.opts.group.clone(),
+            id.to_owned(),
+            reason.to_owned(),
+        ];
+        let moved = self.eval(sku, args).await?.as_i64() == Some(1);
+        if moved {
+            metrics::counter!(EVENTS_DEAD_LETTERED, "sku" => sku.to_owned()).increment(1);
+            tracing::warn!(
+                sku,
+                entry = id,
+                reason,
+                dead_letters = %dead_letters_key(sku),
+                "poison stream entry moved to the dead-letter stream"
+            );
+        }
+        Ok(())
+    }
+
+    /// Updates the backlog gauges and what is known settled from a read's report.
+    fn observe(&self, sku: &str, read: &ReadReply<'_>) {
+        let backlog = read.pending.saturating_add(read.lag);
+        let age_ms = read
+            .floor
+            .map_or(0, |floor| now_ms().saturating_sub(floor.ms));
+        metrics::gauge!(STREAM_BACKLOG, "sku" => sku.to_owned()).set(backlog as f64);
+        metrics::gauge!(STREAM_OLDEST_AGE, "sku" => sku.to_owned()).set(age_ms as f64 / 1000.0);
+
+        // Everything below the oldest unsettled entry is settled; with none, everything
+        // delivered so far (later entries get larger ids).
+        let through = match read.floor {
+            Some(floor) => floor.prev(),
+            None => Some(read.last_delivered),
+        };
+        if let Some(through) = through {
+            self.settled_of(sku)
+                .send_if_modified(|s| s.advance(through));
+        }
+    }
+
+    /// Records the entries of a committed batch for waiters. Entries delivered new form
+    /// runs of consecutive stream entries (a `>` read hands out the next entries in order),
+    /// split only by poison; entries read again or taken over are not consecutive and count
+    /// one by one.
+    fn note_committed(
+        &self,
+        sku: &str,
+        read: &ReadReply<'_>,
+        committed: &[(usize, EntryId, String)],
+    ) {
+        let first_new = read.own + read.claimed;
+        let mut runs: Vec<(EntryId, EntryId)> = Vec::new();
+        let mut previous: Option<usize> = None;
+        for (at, id, _) in committed {
+            let extends =
+                *at >= first_new && previous.is_some_and(|p| p >= first_new && p + 1 == *at);
+            match runs.last_mut() {
+                Some(run) if extends => run.1 = *id,
+                _ => runs.push((*id, *id)),
+            }
+            previous = Some(*at);
+        }
+        self.settled_of(sku).send_modify(|s| {
+            for (first, last) in runs {
+                s.add(first, last);
+            }
+        });
+    }
+
+    /// The settled state of `sku`, created on first use (a waiter may come before a commit).
+    fn settled_of(&self, sku: &str) -> watch::Sender<Settled> {
+        if let Some(tx) = self.inner.settled.get(sku) {
+            return tx.clone();
+        }
+        self.inner
+            .settled
+            .entry(sku.to_owned())
+            .or_insert_with(|| watch::channel(Settled::default()).0)
+            .clone()
+    }
+
+    /// Deletes consumers of stopped gateways (owning nothing, silent for long) from the group.
+    async fn reap(&self, skus: &[String]) {
+        let opts = &self.inner.opts;
+        let idle = REAP_IDLE
+            .max(Duration::from_millis(opts.reclaim_idle_ms))
+            .as_millis();
+        for sku in skus {
+            let args = vec!["reap".into(), opts.group.clone(), idle.to_string()];
+            match self.eval(sku, args).await {
+                Ok(reply) => {
+                    if let Some(n) = reply.as_i64().filter(|n| *n > 0) {
+                        tracing::debug!(
+                            sku,
+                            consumers = n,
+                            "deleted consumers of stopped gateways"
+                        );
+                    }
+                }
+                Err(e) => {
+                    // Housekeeping only: the next round tries again.
+                    tracing::debug!(sku, error = %e, "could not delete stale consumers");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A parsed `read` reply of `lua/stream.lua`.
+struct ReadReply<'a> {
+    pending: u64,
+    lag: u64,
+    /// The oldest unsettled entry before the read, if any.
+    floor: Option<EntryId>,
+    last_delivered: EntryId,
+    own: usize,
+    claimed: usize,
+    entries: &'a [Reply],
+}
+
+impl<'a> ReadReply<'a> {
+    fn parse(reply: &'a Reply) -> Result<ReadReply<'a>, WriterError> {
+        let bad = || WriterError::Reply(format!("read: {}", shape(reply)));
+        let items = reply.as_array().ok_or_else(bad)?;
+        let (head, entries) = items.split_at_checked(7).ok_or_else(bad)?;
+        let n = |i: usize| {
+            head[i]
+                .as_i64()
+                .and_then(|v| u64::try_from(v).ok())
+                .ok_or_else(bad)
+        };
+        let floor = match head[2].as_str().ok_or_else(bad)? {
+            "" => None,
+            id => Some(EntryId::parse(id).ok_or_else(bad)?),
+        };
+        let last_delivered = head[3].as_str().and_then(EntryId::parse).ok_or_else(bad)?;
+        let (own, claimed, new) = (n(4)? as usize, n(5)? as usize, n(6)? as usize);
+        if own + claimed + new != entries.len() {
+            return Err(bad());
+        }
+        Ok(ReadReply {
+            pending: n(0)?,
+            lag: n(1)?,
+            floor,
+            last_delivered,
+            own,
+            claimed,
+            entries,
+        })
+    }
+
+    /// How many of the entries at positions `at` came from each source.
+    fn sources(&self, at: impl Iterator<Item = usize>) -> [(&'static str, u64); 3] {
+        let mut counts = [("own", 0), ("claimed", 0), ("new", 0)];
+        for i in at {
+            let slot = if i < self.own {
+                0
+            } else if i < self.own + self.claimed {
+                1
+            } else {
+                2
+            };
+            counts[slot].1 += 1;
+        }
+        counts
+    }
+}
+
+/// Splits a stream entry (`{id, {field, value, …}}`) into its id and its event, or the reason
+/// it is poison. Only a reply without an id is an error: that is not an entry at all.
+#[allow(clippy::type_complexity)]
+fn decode(
+    sku: &str,
+    entry: &Reply,
+) -> Result<(String, EntryId, Result<LedgerEvent, String>), WriterError> {
+    let bad = || WriterError::Reply(format!("entry: {}", shape(entry)));
+    let parts = entry.as_array().ok_or_else(bad)?;
+    let id_text = parts.first().and_then(Reply::as_str).ok_or_else(bad)?;
+    let id = EntryId::parse(id_text).ok_or_else(bad)?;
+    let event = fields(parts.get(1)).and_then(|fields| {
+        event_from_entry(sku, id_text, &fields).map_err(|e| match e {
+            LedgerError::Corrupt(reason) => reason,
+            other => other.to_string(),
+        })
+    });
+    Ok((id_text.to_owned(), id, event))
+}
+
+/// An entry's field/value pairs, or why they cannot be an event.
+fn fields(reply: Option<&Reply>) -> Result<Vec<(String, String)>, String> {
+    let items = reply
+        .and_then(Reply::as_array)
+        .ok_or("fields are not an array")?;
+    if items.len() % 2 != 0 {
+        return Err("odd number of fields".into());
+    }
+    items
+        .chunks(2)
+        .map(|pair| {
+            let text = |r: &Reply| {
+                r.as_str()
+                    // The ledger stores text; PostgreSQL refuses NUL in it.
+                    .filter(|s| !s.contains('\0'))
+                    .map(str::to_owned)
+                    .ok_or_else(|| "a field is not UTF-8 text".to_owned())
+            };
+            Ok((text(&pair[0])?, text(&pair[1])?))
+        })
+        .collect()
+}
+
+/// A reply's outline, for errors: replies may carry anything, so never their content.
+fn shape(reply: &Reply) -> String {
+    match reply {
+        Reply::Array(items) => format!("array of {}", items.len()),
+        Reply::Nil => "nil".into(),
+        Reply::Int(_) => "integer".into(),
+        Reply::Bulk(_) => "string".into(),
+        Reply::Status(_) => "status".into(),
+    }
+}
+
+/// A stream entry id, ordered as Redis orders them: by milliseconds, then sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct EntryId {
+    ms: u64,
+    seq: u64,
+}
+
+impl EntryId {
+    /// `ms-seq`, or `ms` (sequence 0).
+    fn parse(text: &str) -> Option<EntryId> {
+        let (ms, seq) = text.split_once('-').unwrap_or((text, "0"));
+        Some(EntryId {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+
+    /// The largest id below this one.
+    fn prev(self) -> Option<EntryId> {
+        match (self.ms, self.seq) {
+            (0, 0) => None,
+            (ms, 0) => Some(EntryId {
+                ms: ms - 1,
+                seq: u64::MAX,
+            }),
+            (ms, seq) => Some(EntryId { ms, seq: seq - 1 }),
+        }
+    }
+}
+
+/// What is known to be committed for one SKU.
+#[derive(Debug, Default)]
+struct Settled {
+    /// Every entry at or below this id was acknowledged by the group (committed by some
+    /// writer, or dead-lettered).
+    through: Option<EntryId>,
+    /// Runs of entries this writer committed above `through`, first → last. A run holds only
+    /// committed entries (see [`EventWriter::note_committed`]).
+    runs: BTreeMap<EntryId, EntryId>,
+}
+
+impl Settled {
+    fn covers(&self, id: EntryId) -> bool {
+        self.through.is_some_and(|t| id <= t)
+            || self
+                .runs
+                .range(..=id)
+                .next_back()
+                .is_some_and(|(_, last)| id <= *last)
+    }
+
+    /// Raises `through`; returns whether it moved (waiters are woken only then).
+    fn advance(&mut self, through: EntryId) -> bool {
+        if self.through.is_some_and(|t| t >= through) {
+            return false;
+        }
+        self.through = Some(through);
+        self.runs.retain(|_, last| *last > through);
+        true
+    }
+
+    fn add(&mut self, first: EntryId, last: EntryId) {
+        if self.through.is_some_and(|t| last <= t) {
+            return;
+        }
+        self.runs.insert(first, last);
+        if self.runs.len() > MAX_RUNS {
+            self.runs.pop_first();
+        }
+    }
+}
+
+/// A failure streak (an outage, or one SKU's rejected batches): logged when it starts and
+/// when it ends, never per attempt, with an exponentially growing delay.
+#[derive(Debug, Default)]
+struct Trouble {
+    since: Option<Instant>,
+    attempts: u32,
+    delay: Duration,
+    retry_at: Option<Instant>,
+}
+
+impl Trouble {
+    /// Records a failure of `scope` (a SKU, or [`ALL_SKUS`]); returns how long to wait
+    /// before the next attempt.
+    fn fail(&mut self, scope: &str, error: &dyn fmt::Display, max: Duration) -> Duration {
+        self.attempts += 1;
+        if self.since.is_none() {
+            self.since = Some(Instant::now());
+            self.delay = FIRST_BACKOFF.min(max);
+            tracing::warn!(
+                scope,
+                %error,
+                "event writer: ledger writes failing; retrying with backoff until they recover"
+            );
+        } else {
+            self.delay = (self.delay * 2).min(max);
+        }
+        self.retry_at = Some(Instant::now() + self.delay);
+        self.delay
+    }
+
+    /// Whether the next attempt is due.
+    fn due(&self) -> bool {
+        self.retry_at.is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// Ends a streak, if any.
+    fn recover(&mut self, scope: &str) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(
+                scope,
+                after = ?since.elapsed(),
+                failed_attempts = self.attempts,
+                "event writer: ledger writes recovered"
+            );
+            *self = Trouble::default();
+        }
+    }
+}
+
+/// Sleeps `delay` unless `stop` fires first; returns whether it did (a dropped sender counts:
+/// nobody can stop the writer any more, so it stops now).
+async fn pause(stop: &mut watch::Receiver<bool>, delay: Duration) -> bool {
+    tokio::select! {
+        _ = stop.wait_for(|s| *s) => true,
+        _ = tokio::time::sleep(delay) => false,
+    }
+}
+
+/// Milliseconds since the epoch, the unit of stream ids.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(text: &str) -> EntryId {
+        EntryId::parse(text).expect("an id")
+    }
+
+    #[test]
+    fn entry_ids_compare_numerically() {
+        assert!(id("9-5") < id("10-0"));
+        assert!(id("10-2") < id("10-10"));
+        assert_eq!(id("7"), id("7-0"));
+        assert_eq!(id("10-0").prev(), Some(id("9-18446744073709551615")));
+        assert_eq!(id("10-3").prev(), Some(id("10-2")));
+        assert_eq!(id("0-0").prev(), None);
+        for bad in ["", "x-1", "1-", "-1", "1-2-3"] {
+            assert!(EntryId::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn settled_covers_the_floor_and_runs_committed_here() {
+        let mut s = Settled::default();
+        assert!(!s.covers(id("1-0")));
+        s.add(id("5-0"), id("7-0"));
+        s.add(id("9-1"), id("9-1"));
+        assert!(s.covers(id("6-3")) && s.covers(id("9-1")));
+        assert!(!s.covers(id("8-0")) && !s.covers(id("9-2")) && !s.covers(id("4-0")));
+        assert!(s.advance(id("8-0")));
+        assert!(!s.advance(id("3-0")), "the floor never goes back");
+        assert!(s.covers(id("4-0")) && s.covers(id("8-0")) && s.covers(id("9-1")));
+        assert_eq!(s.runs.len(), 1, "runs below the floor are forgotten");
+    }
+
+    #[test]
+    fn poison_fields_are_reasons_not_errors() {
+        let entry = |fields: Vec<Reply>| Reply::Array(vec!["5-0".into(), Reply::Array(fields)]);
+        let (_, _, event) = decode("s", &entry(vec!["bogus".into(), "1".into()])).expect("entry");
+        assert!(event.is_err());
+        let (_, _, event) = decode("s", &entry(vec!["t".into()])).expect("entry");
+        assert_eq!(event.err().as_deref(), Some("odd number of fields"));
+        let nul = Reply::Bulk(bytes::Bytes::from_static(b"a\0b"));
+        let (_, _, event) = decode(
+            "s",
+            &entry(vec!["t".into(), "claim".into(), "order".into(), nul]),
+        )
+        .expect("entry");
+        assert!(event.is_err());
+        let (text, _, event) = decode(
+            "s",
+            &entry(vec!["t".into(), "sku".into(), "at".into(), "5".into()]),
+        )
+        .expect("entry");
+        assert_eq!(text, "5-0");
+        assert_eq!(event.expect("an event").event_id, "s/5-0");
+        assert!(decode("s", &Reply::Int(1)).is_err(), "no id: not an entry");
+    }
+}

@@ -10,6 +10,7 @@
 //! SQLite half.
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::sync::Once;
 use std::time::Duration;
 
@@ -38,13 +39,16 @@ impl TestDatabase {
                 }
                 static NOTE: Once = Once::new();
                 NOTE.call_once(|| {
-                    eprintln!(
+                    // Straight to the process's stderr: the harness captures `eprintln!` of
+                    // passing tests, and this note must not be missed.
+                    let note = format!(
                         "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
                          !!! PostgreSQL is not reachable at {admin_url}: {e}\n\
                          !!! The PostgreSQL half of these tests was SKIPPED; only SQLite ran.\n\
                          !!! Start it: pg_ctlcluster --skip-systemctl-redirect <version> main start\n\
                          !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
                     );
+                    let _ = std::io::stderr().write_all(note.as_bytes());
                 });
                 return None;
             }

@@ -1,0 +1,182 @@
+//! Engine changes reach the ledger, end to end through the gateway: drift settles to zero,
+//! the audit trail shows every change, `durability = "ledger"` answers after the commit, and
+//! an engine that lost its data is rebuilt without selling anything twice.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use kamigate::config::{Config, Durability};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use support::gateway::{config, TestGateway, ADMIN_TOKEN};
+use support::redis_server::RedisServer;
+
+/// Polls the SKU view until the ledger caught up with the engine.
+async fn settled(gw: &TestGateway, sku: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, view) = gw.merchant_get(&format!("/v1/skus/{sku}")).await;
+        assert_eq!(status, StatusCode::OK, "{view}");
+        if view["in_flight"] == 0 && view["engine"] == view["ledger"] {
+            assert_eq!(view["drift"], 0, "{view}");
+            return view;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never settled: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn code_of(order: &Value) -> String {
+    order["keys"][0]["code"].as_str().expect("code").to_owned()
+}
+
+async fn sell_and_redeem(gw: &TestGateway, sku: &str) -> Vec<String> {
+    let mut codes = Vec::new();
+    for i in 0..3 {
+        let (status, order) = gw.claim(sku, json!({"order_id": format!("o-{i}")})).await;
+        assert_eq!(status, StatusCode::OK, "{order}");
+        codes.push(code_of(&order));
+    }
+    let (status, _) = gw
+        .redeem(json!({"code": codes[0], "redeemer": "user-1"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    gw.claim(sku, json!({"order_id": "h-1", "hold_ms": 60000}))
+        .await;
+    gw.merchant_post(&format!("/v1/skus/{sku}/claims/h-1/release"), json!({}))
+        .await;
+    codes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_reach_the_ledger_and_the_audit_trail() {
+    let gw = TestGateway::embedded().await;
+    gw.stock("flow", &["F-1", "F-2", "F-3", "F-4", "F-5"]).await;
+    sell_and_redeem(&gw, "flow").await;
+    let view = settled(&gw, "flow").await;
+    assert_eq!(view["ledger"]["claimed"], 2, "{view}");
+    assert_eq!(view["ledger"]["redeemed"], 1, "{view}");
+    assert_eq!(view["ledger"]["available"], 2, "{view}");
+
+    let trail: Value = gw
+        .client
+        .get(format!("{}/v1/keys/flow.1/events", gw.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("answered")
+        .json()
+        .await
+        .expect("json");
+    let kinds: Vec<&str> = trail["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert_eq!(kinds, ["claim", "redeem"], "{trail}");
+    assert_eq!(trail["state"], "redeemed");
+    assert!(
+        !trail.to_string().contains("F1"),
+        "the audit trail holds no code"
+    );
+    let (status, _) = gw.merchant_get("/v1/keys/flow.99/events").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_durability_answers_after_the_commit() {
+    let mut cfg: Config = config();
+    cfg.durability = Durability::Ledger;
+    let gw = TestGateway::start(cfg).await;
+    gw.stock("durable", &["D-1", "D-2"]).await;
+    let (status, order) = gw.claim("durable", json!({"order_id": "o-1"})).await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    // The answer came after the commit: the ledger already has the claim.
+    let key = gw
+        .gateway
+        .app
+        .ledger
+        .get_key(order["keys"][0]["key_id"].as_str().expect("key id"))
+        .await
+        .expect("ledger answers")
+        .expect("key");
+    assert_eq!(key.state, "claimed");
+    assert_eq!(key.order_id.as_deref(), Some("o-1"));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_embedded_gateway_keeps_what_it_sold() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut cfg = config();
+    cfg.data_dir = data.path().to_owned();
+    let gw = TestGateway::start(cfg.clone()).await;
+    gw.stock("keep", &["K-1", "K-2", "K-3", "K-4", "K-5"]).await;
+    let sold = sell_and_redeem(&gw, "keep").await;
+    // A graceful stop commits every event before exiting.
+    gw.stop().await;
+
+    let gw = TestGateway::start(cfg).await;
+    let view = settled(&gw, "keep").await;
+    assert_eq!(view["engine"]["available"], 2, "{view}");
+    let (status, used) = gw
+        .redeem(json!({"code": sold[0], "redeemer": "user-2"}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "still redeemed: {used}");
+    let mut issued: HashSet<String> = sold.into_iter().collect();
+    for i in 0..2 {
+        let (status, order) = gw
+            .claim("keep", json!({"order_id": format!("n-{i}")}))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(issued.insert(code_of(&order)), "a code was sold twice");
+    }
+    let (status, _) = gw.claim("keep", json!({"order_id": "n-9"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "sold out");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushall_is_rebuilt_from_the_ledger_without_selling_twice() {
+    let redis = RedisServer::start().await;
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    cfg.durability = Durability::Ledger;
+    let gw = TestGateway::start(cfg).await;
+    gw.stock("flush", &["X-1", "X-2", "X-3", "X-4", "X-5"])
+        .await;
+    let sold = sell_and_redeem(&gw, "flush").await;
+    settled(&gw, "flush").await;
+
+    redis.cmd(&["FLUSHALL"]).await.expect("flushed");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, view) = gw.merchant_get("/v1/skus/flush").await;
+        if status == StatusCode::OK && view["engine"]["available"] == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never rebuilt: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut issued: HashSet<String> = sold.into_iter().collect();
+    for i in 0..2 {
+        let (status, order) = gw
+            .claim("flush", json!({"order_id": format!("n-{i}")}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{order}");
+        assert!(issued.insert(code_of(&order)), "a code was sold twice");
+    }
+    let (status, body) = gw.claim("flush", json!({"order_id": "n-9"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    gw.stop().await;
+}

@@ -1,0 +1,988 @@
+//! The event writer, end to end: engine changes reach the ledger once each, through poison,
+//! dead consumers and ledger outages.
+//!
+//! Every behaviour runs on the embedded engine and on a real `redis-server` of its own, with
+//! the SQLite ledger in a temp dir; the main scenario also runs on PostgreSQL (skipped with a
+//! note when no server answers, see `support/postgres.rs`). SKUs are stocked the way imports
+//! do it: keys go into the ledger first, then into the engine, under the same local ids.
+
+mod support;
+
+#[path = "support/postgres.rs"]
+mod pg_support;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use kamigate::code::digest;
+use kamigate::engine::embedded::EmbeddedEngine;
+use kamigate::engine::redis::{RedisEngine, RedisOptions};
+use kamigate::engine::{Reply, Script, ScriptEngine, SCRIPTS};
+use kamigate::inventory::reconcile::reconcile_sku;
+use kamigate::inventory::{events_key, sku_keys, Added, ClaimRequest, Inventory, NewCode, Order};
+use kamigate::ledger::writer::{
+    dead_letters_key, Backlog, EventWriter, WriterError, WriterOptions,
+};
+use kamigate::ledger::{
+    BatchCounts, BatchRecord, BatchStart, EventRecord, InsertOutcome, KeyRecord, Ledger,
+    LedgerError, LedgerEvent, NewKey, SkuRecord, StateCounts,
+};
+use kamigate::sku::SkuConfig;
+use pg_support::TestDatabase;
+use support::clock::ManualClock;
+use support::redis_server::RedisServer;
+use tempfile::TempDir;
+
+const GROUP: &str = "ledger";
+
+/// Runs one command given as `ARGV` (keys named in it): for looking at streams directly.
+static PROBE: LazyLock<Script> =
+    LazyLock::new(|| Script::new("writer_probe", "return redis.call(unpack(ARGV))"));
+
+#[derive(Clone, Copy)]
+enum EngineKind {
+    Embedded,
+    Redis,
+}
+
+#[derive(Clone, Copy)]
+enum Store {
+    Sqlite,
+    Postgres,
+}
+
+/// One engine and one ledger, with everything they need kept alive.
+struct Env {
+    inv: Inventory,
+    engine: Arc<dyn ScriptEngine>,
+    ledger: Arc<dyn Ledger>,
+    clock: ManualClock,
+    _dir: TempDir,
+    _redis: Option<RedisServer>,
+    // Dropped last: the database outlives the pools that use it.
+    _pg: Option<TestDatabase>,
+}
+
+impl Env {
+    /// `None` when PostgreSQL is asked for and not running (outside CI).
+    async fn start(engine: EngineKind, store: Store) -> Option<Env> {
+        let dir = TempDir::new().expect("temp dir");
+        let (url, pg) = match store {
+            Store::Sqlite => (None, None),
+            Store::Postgres => {
+                let pg = TestDatabase::create().await?;
+                (Some(pg.url().to_owned()), Some(pg))
+            }
+        };
+        let ledger = kamigate::ledger::open(url.as_deref(), dir.path())
+            .await
+            .expect("open the ledger");
+        let (engine, redis): (Arc<dyn ScriptEngine>, _) = match engine {
+            EngineKind::Embedded => (
+                Arc::new(EmbeddedEngine::start().expect("embedded engine starts")),
+                None,
+            ),
+            EngineKind::Redis => {
+                let redis = RedisServer::start().await;
+                let engine = RedisEngine::connect(&redis.url(), RedisOptions::default())
+                    .await
+                    .expect("connects to its redis-server");
+                (Arc::new(engine), Some(redis))
+            }
+        };
+        let clock = ManualClock::new();
+        Some(Env {
+            inv: Inventory::with_clock(engine.clone(), clock.clock()),
+            engine,
+            ledger,
+            clock,
+            _dir: dir,
+            _redis: redis,
+            _pg: pg,
+        })
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.now() as i64
+    }
+
+    /// A writer over this env's engine and `ledger`, as consumer `consumer`.
+    fn writer_over(
+        &self,
+        ledger: Arc<dyn Ledger>,
+        consumer: &str,
+        reclaim_idle_ms: u64,
+    ) -> EventWriter {
+        self.writer_with(ledger, consumer, reclaim_idle_ms, 500)
+    }
+
+    fn writer_with(
+        &self,
+        ledger: Arc<dyn Ledger>,
+        consumer: &str,
+        reclaim_idle_ms: u64,
+        batch: u32,
+    ) -> EventWriter {
+        EventWriter::new(
+            self.engine.clone(),
+            ledger,
+            WriterOptions {
+                group: GROUP.into(),
+                consumer: consumer.into(),
+                batch,
+                idle_poll_ms: 10,
+                reclaim_idle_ms,
+                max_backoff_ms: 50,
+            },
+        )
+    }
+
+    /// A writer over this env's own ledger that never takes over live consumers' entries.
+    fn writer(&self, consumer: &str) -> EventWriter {
+        self.writer_over(self.ledger.clone(), consumer, 60_000)
+    }
+
+    /// Creates `sku` with `n` codes in the ledger, then in the engine, and checks both gave
+    /// the keys the same local ids (1..n). Returns the codes.
+    async fn stock(&self, sku: &str, n: usize) -> Vec<String> {
+        let config = SkuConfig::default();
+        let json = serde_json::to_string(&config).expect("settings encode");
+        self.ledger
+            .put_sku(sku, &json, 1, self.now())
+            .await
+            .expect("ledger put_sku");
+        let codes: Vec<String> = (1..=n)
+            .map(|i| format!("{}X{i:05}", sku.to_uppercase()))
+            .collect();
+        let batch = format!("{sku}-b1");
+        assert_eq!(
+            self.ledger
+                .begin_batch(sku, &batch, self.now())
+                .await
+                .expect("begin"),
+            BatchStart::New
+        );
+        let rows: Vec<NewKey> = codes
+            .iter()
+            .enumerate()
+            .map(|(i, code)| NewKey {
+                line: i as u64 + 1,
+                digest: digest(code),
+                code: code.clone(),
+                expires_at_ms: None,
+                max_issues: 1,
+                max_uses: 1,
+                format_version: 1,
+            })
+            .collect();
+        let outcomes = self
+            .ledger
+            .insert_keys(sku, &batch, &rows)
+            .await
+            .expect("insert");
+        let report = BatchCounts {
+            accepted: n as u64,
+            ..BatchCounts::default()
+        };
+        self.ledger
+            .finish_batch(sku, &batch, &report, true, self.now())
+            .await
+            .expect("activate");
+
+        self.inv
+            .put_sku(sku, &config)
+            .await
+            .expect("engine put_sku");
+        let new: Vec<NewCode> = codes
+            .iter()
+            .map(|c| NewCode {
+                canonical: c.clone(),
+                expires_at_ms: None,
+            })
+            .collect();
+        let added = self.inv.add_codes(sku, &new).await.expect("codes added");
+        for (i, (ledger, engine)) in outcomes.iter().zip(&added).enumerate() {
+            let key_id = format!("{sku}.{}", i + 1);
+            assert_eq!(
+                ledger,
+                &InsertOutcome::Inserted {
+                    key_id: key_id.clone(),
+                    local_id: i as i64 + 1
+                }
+            );
+            assert_eq!(engine, &Added::New(key_id), "engine and ledger ids agree");
+        }
+        codes
+    }
+
+    async fn claim(&self, sku: &str, order: &str, quantity: u64, hold_ms: Option<u64>) -> Order {
+        let req = ClaimRequest {
+            order_id: order.into(),
+            quantity,
+            user_id: Some("u-9".into()),
+            hold_ms,
+        };
+        self.inv.claim(sku, &req).await.expect("claim succeeds")
+    }
+
+    /// Voids and restores key `key_id`: two events.
+    async fn void_and_restore(&self, key_id: &str) {
+        self.inv.void(key_id, "check").await.expect("void");
+        self.inv.restore(key_id, "check").await.expect("restore");
+    }
+
+    /// The consumers of `sku`'s group.
+    async fn consumers(&self, sku: &str) -> usize {
+        let key = events_key(sku);
+        let reply = self.cmd(&["XINFO", "CONSUMERS", &key, GROUP]).await;
+        reply.as_array().expect("an array").len()
+    }
+
+    /// Runs one command through the probe script.
+    async fn cmd(&self, args: &[&str]) -> Reply {
+        self.engine
+            .eval(
+                &PROBE,
+                Vec::new(),
+                args.iter().map(|a| (*a).to_owned()).collect(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    async fn xlen(&self, key: &str) -> i64 {
+        self.cmd(&["XLEN", key])
+            .await
+            .as_i64()
+            .expect("XLEN answers a number")
+    }
+
+    /// Ids of the entries of `sku`'s event stream, oldest first.
+    async fn entry_ids(&self, sku: &str) -> Vec<String> {
+        let key = events_key(sku);
+        let reply = self.cmd(&["XRANGE", &key, "-", "+"]).await;
+        reply
+            .as_array()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|e| e.as_array()?.first()?.as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Has consumer `consumer` read up to `count` entries of `sku`'s stream without ever
+    /// acknowledging them: a writer that dies right after reading.
+    async fn read_and_die(&self, sku: &str, consumer: &str, count: u32) -> usize {
+        let reply = self
+            .engine
+            .eval(
+                &SCRIPTS.stream,
+                vec![events_key(sku), dead_letters_key(sku)],
+                vec![
+                    "read".into(),
+                    GROUP.into(),
+                    consumer.into(),
+                    count.to_string(),
+                    "3600000".into(),
+                ],
+            )
+            .await
+            .expect("read");
+        reply.as_array().expect("an array").len() - 7
+    }
+
+    /// Engine and ledger agree on `sku`: counts by state, and every key's counters.
+    async fn assert_in_step(&self, sku: &str) {
+        let engine = self.inv.counts(sku).await.expect("engine counts");
+        let ledger = self.ledger.counts(sku).await.expect("ledger counts");
+        assert_eq!(
+            (
+                engine.available,
+                engine.held,
+                engine.claimed,
+                engine.redeemed,
+                engine.void
+            ),
+            (
+                ledger.available,
+                ledger.held,
+                ledger.claimed,
+                ledger.redeemed,
+                ledger.void
+            ),
+            "counts by state: engine (left) vs ledger (right)"
+        );
+        let report = reconcile_sku(self.ledger.as_ref(), &self.inv, sku, false, 0)
+            .await
+            .expect("reconcile");
+        assert_eq!(report.checked, ledger.total(), "every key compared");
+        assert!(report.differences.is_empty(), "{:?}", report.differences);
+
+        let ids: Vec<String> = (1..=ledger.total()).map(|i| i.to_string()).collect();
+        let inspected = self
+            .engine
+            .eval(&SCRIPTS.inspect, sku_keys(sku), ids.clone())
+            .await
+            .expect("inspect");
+        for (local, record) in ids.iter().zip(inspected.as_array().expect("array")) {
+            let f = record.as_array().expect("the engine has the key");
+            let n = |i: usize| f[i].as_i64().expect("a number");
+            let key = self
+                .ledger
+                .get_key(&format!("{sku}.{local}"))
+                .await
+                .expect("get_key")
+                .expect("the ledger has the key");
+            assert_eq!(
+                (f[0].as_str() == Some("1"), n(1), n(2), n(3)),
+                (key.void, key.held, key.sold, key.uses),
+                "key {sku}.{local}: (void, held, sold, uses), engine (left) vs ledger (right)"
+            );
+            assert_eq!(
+                f[4].as_str().filter(|r| !r.is_empty()),
+                key.redeemer.as_deref(),
+                "key {sku}.{local}: redeemer"
+            );
+        }
+    }
+
+    /// Every key's audit trail names each event once, and holds `expected` events in all.
+    async fn assert_audit_once(&self, sku: &str, keys: u64) -> usize {
+        let mut total = 0;
+        for local in 1..=keys {
+            let trail = self
+                .ledger
+                .key_events(&format!("{sku}.{local}"))
+                .await
+                .expect("audit trail");
+            let unique: HashSet<&str> = trail.iter().map(|e| e.event_id.as_str()).collect();
+            assert_eq!(
+                unique.len(),
+                trail.len(),
+                "key {sku}.{local}: an event twice"
+            );
+            total += trail.len();
+        }
+        total
+    }
+}
+
+/// Drains `sku` until a pass finds nothing; returns the entries settled.
+async fn drain(writer: &EventWriter, sku: &str) -> usize {
+    let mut total = 0;
+    for _ in 0..1000 {
+        match writer.drain_once(sku).await.expect("drain") {
+            0 => return total,
+            n => total += n,
+        }
+    }
+    panic!("{sku}: the stream never ran dry");
+}
+
+/// Polls `check` until it holds or `within` passes.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---- scenarios ------------------------------------------------------------------------
+
+/// Claims, holds, confirms, releases, expiries, redemptions, voids and restores all reach
+/// the ledger, which then agrees with the engine key by key; draining again changes nothing.
+async fn ledger_follows_every_kind_of_change(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 10).await;
+    let sold: Vec<String> = env
+        .claim(sku, "o-1", 2, None)
+        .await
+        .keys
+        .into_iter()
+        .map(|k| k.code.expect("a final claim reveals its codes"))
+        .collect();
+    env.claim(sku, "o-2", 2, Some(60_000)).await;
+    env.inv.confirm(sku, "o-2").await.expect("confirm");
+    env.claim(sku, "o-3", 1, Some(60_000)).await;
+    env.inv.release(sku, "o-3").await.expect("release");
+    env.claim(sku, "o-4", 1, Some(60_000)).await;
+    env.clock.advance(120_000);
+    assert_eq!(env.inv.expire_due(sku, 100).await.expect("expire").0, 1);
+    env.inv
+        .redeem(sku, &sold[0], "user-42")
+        .await
+        .expect("redeem");
+    env.inv.void("gift.10", "fraud").await.expect("void");
+    env.inv.void("gift.9", "mistake").await.expect("void");
+    env.inv.restore("gift.9", "mistake").await.expect("restore");
+
+    let engine = env.inv.counts(sku).await.expect("counts");
+    assert_eq!(
+        (
+            engine.available,
+            engine.held,
+            engine.claimed,
+            engine.redeemed,
+            engine.void
+        ),
+        (5, 0, 3, 1, 1),
+        "the scenario did what it says"
+    );
+    let entries = env.entry_ids(sku).await.len();
+    let writer = env.writer("w1");
+    assert_eq!(drain(&writer, sku).await, entries);
+    env.assert_in_step(sku).await;
+    let trail = env.assert_audit_once(sku, 10).await;
+
+    assert_eq!(
+        writer.drain_once(sku).await.expect("drain"),
+        0,
+        "nothing left"
+    );
+    assert_eq!(env.assert_audit_once(sku, 10).await, trail);
+    assert_eq!(
+        writer.backlog(sku).await.expect("backlog"),
+        Backlog::default()
+    );
+    env.assert_in_step(sku).await;
+}
+
+/// A bogus entry goes to the dead-letter stream with its id and the reason, and the entries
+/// after it are committed all the same.
+async fn poison_is_dead_lettered_and_does_not_block_later_entries(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 3).await;
+    env.claim(sku, "o-1", 1, None).await;
+    let events = events_key(sku);
+    let bogus = env.cmd(&["XADD", &events, "*", "bogus", "1"]).await;
+    let bogus = bogus.as_str().expect("XADD answers the id").to_owned();
+    env.claim(sku, "o-2", 1, None).await;
+
+    let writer = env.writer("w1");
+    drain(&writer, sku).await;
+    env.assert_in_step(sku).await;
+    assert_eq!(env.ledger.counts(sku).await.expect("counts").claimed, 2);
+
+    let dead = dead_letters_key(sku);
+    let letters = env.cmd(&["XRANGE", &dead, "-", "+"]).await;
+    let letters = letters.as_array().expect("array");
+    assert_eq!(letters.len(), 1, "one dead letter");
+    let fields: Vec<&str> = letters[0].as_array().expect("entry")[1]
+        .as_array()
+        .expect("fields")
+        .iter()
+        .map(|f| f.as_str().expect("text"))
+        .collect();
+    assert_eq!(&fields[..2], &["source_id", bogus.as_str()]);
+    assert_eq!(fields[2], "reason");
+    assert!(!fields[3].is_empty(), "a reason is given");
+    assert_eq!(
+        &fields[4..],
+        &["bogus", "1"],
+        "the entry's own fields follow"
+    );
+    assert_eq!(writer.backlog(sku).await.expect("backlog").in_flight(), 0);
+    assert_eq!(writer.drain_once(sku).await.expect("drain"), 0);
+}
+
+/// Entries a consumer read and never acknowledged stay with it while it may be alive, and are
+/// taken over once they have been idle for `reclaim_idle_ms` (0 here).
+async fn entries_of_a_dead_consumer_are_taken_over(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 5).await;
+    env.claim(sku, "o-1", 1, None).await;
+    env.claim(sku, "o-2", 2, None).await;
+    let entries = env.entry_ids(sku).await.len();
+    assert_eq!(env.read_and_die(sku, "ghost", 100).await, entries);
+
+    let patient = env.writer("w1");
+    assert_eq!(
+        patient.drain_once(sku).await.expect("drain"),
+        0,
+        "entries of a consumer that may be alive are left alone"
+    );
+    let backlog = patient.backlog(sku).await.expect("backlog");
+    assert_eq!((backlog.pending, backlog.lag), (entries as u64, 0));
+    assert_eq!(env.ledger.counts(sku).await.expect("counts").claimed, 0);
+
+    let taker = env.writer_over(env.ledger.clone(), "w2", 0);
+    assert_eq!(drain(&taker, sku).await, entries);
+    env.assert_in_step(sku).await;
+    assert_eq!(
+        taker.backlog(sku).await.expect("backlog"),
+        Backlog::default()
+    );
+}
+
+/// Acknowledged entries are trimmed from the stream; entries still pending are not.
+async fn acked_entries_are_trimmed_and_pending_ones_kept(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 6).await;
+    env.claim(sku, "o-1", 1, None).await;
+    let events = events_key(sku);
+    let before = env.xlen(&events).await;
+    assert!(before >= 3, "sku, add and claim events");
+
+    let writer = env.writer("w1");
+    drain(&writer, sku).await;
+    assert!(
+        env.xlen(&events).await <= 1,
+        "committed entries are trimmed"
+    );
+
+    // A dead consumer's entries are older than the ones committed after them: kept.
+    env.claim(sku, "o-2", 1, None).await;
+    env.claim(sku, "o-3", 1, None).await;
+    assert_eq!(env.read_and_die(sku, "ghost", 2).await, 2);
+    env.claim(sku, "o-4", 1, None).await;
+    assert_eq!(drain(&writer, sku).await, 1);
+    assert!(
+        env.xlen(&events).await >= 3,
+        "pending entries and what follows stay"
+    );
+
+    let taker = env.writer_over(env.ledger.clone(), "w2", 0);
+    assert_eq!(drain(&taker, sku).await, 2);
+    assert!(env.xlen(&events).await <= 1);
+    env.assert_in_step(sku).await;
+}
+
+/// The backlog counts entries pending on a consumer and entries not yet delivered, and how
+/// old the oldest of them is.
+async fn backlog_reports_pending_and_lag(env: Env) {
+    let sku = "gift";
+    let writer = env.writer("w1");
+    assert_eq!(
+        writer.backlog("nothing-here").await.expect("backlog"),
+        Backlog::default()
+    );
+
+    env.stock(sku, 4).await;
+    env.claim(sku, "o-1", 1, None).await;
+    env.claim(sku, "o-2", 1, None).await;
+    let entries = env.entry_ids(sku).await.len() as u64;
+    let backlog = writer.backlog(sku).await.expect("backlog");
+    assert_eq!(
+        (backlog.pending, backlog.lag),
+        (0, entries),
+        "nothing read yet"
+    );
+    assert!(backlog.oldest_pending_age_ms < 60_000);
+
+    env.read_and_die(sku, "ghost", 2).await;
+    let backlog = writer.backlog(sku).await.expect("backlog");
+    assert_eq!((backlog.pending, backlog.lag), (2, entries - 2));
+    assert_eq!(backlog.in_flight(), entries);
+    assert!(backlog.oldest_pending_age_ms < 60_000);
+
+    drain(&env.writer_over(env.ledger.clone(), "w2", 0), sku).await;
+    assert_eq!(
+        writer.backlog(sku).await.expect("backlog"),
+        Backlog::default()
+    );
+}
+
+/// A waiter learns of its event's commit: not before, at once after, also when another
+/// gateway's writer committed it.
+async fn wait_committed_answers_after_the_commit(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 3).await;
+    let order = env.claim(sku, "o-1", 1, None).await;
+    let last = order.event_id.expect("a claim names its event");
+    assert_eq!(env.entry_ids(sku).await.last(), Some(&last));
+
+    let writer = env.writer("w1");
+    let other = env.writer("w2");
+    assert!(
+        !writer
+            .wait_committed(sku, &last, Duration::from_millis(30))
+            .await
+    );
+    assert!(
+        !writer
+            .wait_committed(sku, "not-an-id", Duration::from_millis(30))
+            .await
+    );
+
+    let waiter = {
+        let writer = writer.clone();
+        let last = last.clone();
+        tokio::spawn(async move {
+            writer
+                .wait_committed(sku, &last, Duration::from_secs(30))
+                .await
+        })
+    };
+    drain(&writer, sku).await;
+    assert!(waiter.await.expect("waiter"), "woken by the commit");
+    assert!(
+        writer
+            .wait_committed(sku, &last, Duration::from_millis(10))
+            .await
+    );
+
+    // The other writer committed nothing; its next read shows everything was acknowledged.
+    assert!(
+        !other
+            .wait_committed(sku, &last, Duration::from_millis(30))
+            .await
+    );
+    assert_eq!(other.drain_once(sku).await.expect("drain"), 0);
+    assert!(
+        other
+            .wait_committed(sku, &last, Duration::from_millis(10))
+            .await
+    );
+
+    // A later event is not covered by an earlier commit.
+    env.claim(sku, "o-2", 1, None).await;
+    let next = env.entry_ids(sku).await.pop().expect("an entry");
+    assert!(
+        !writer
+            .wait_committed(sku, &next, Duration::from_millis(30))
+            .await
+    );
+}
+
+/// A backlog larger than a batch is committed a batch at a time, and a batch whose commit
+/// failed is read again first, topped up with new entries.
+async fn backlogs_commit_in_batches_failed_ones_first(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 2).await;
+    for _ in 0..3 {
+        env.void_and_restore("gift.1").await;
+    }
+    assert_eq!(
+        env.entry_ids(sku).await.len(),
+        8,
+        "sku, add, then 3 × void and restore"
+    );
+    let flaky = Flaky::new(env.ledger.clone());
+    let writer = env.writer_with(flaky.clone(), "w1", 60_000, 3);
+    let mut passes = Vec::new();
+    loop {
+        match writer.drain_once(sku).await.expect("drain") {
+            0 => break,
+            n => passes.push(n),
+        }
+    }
+    assert_eq!(passes, [3, 3, 2]);
+
+    env.void_and_restore("gift.2").await;
+    flaky.fail_next(1);
+    assert!(
+        writer.drain_once(sku).await.is_err(),
+        "2 read, not committed"
+    );
+    env.void_and_restore("gift.2").await;
+    assert_eq!(
+        writer.drain_once(sku).await.expect("drain"),
+        3,
+        "the 2 again, and 1 new"
+    );
+    assert_eq!(writer.drain_once(sku).await.expect("drain"), 1);
+    assert_eq!(writer.drain_once(sku).await.expect("drain"), 0);
+    env.assert_in_step(sku).await;
+    // add + 3 × (void, restore) on key 1; add + 2 × (void, restore) on key 2.
+    assert_eq!(env.assert_audit_once(sku, 2).await, 7 + 5);
+}
+
+/// Consumers of stopped gateways, owning nothing, are deleted from the group once silent for
+/// long; a consumer that still owns entries is kept whatever its silence.
+async fn consumers_of_stopped_gateways_are_reaped(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 2).await;
+    env.read_and_die(sku, "ghost", 1).await;
+    let reap = |idle_ms: &str| {
+        let args = vec!["reap".into(), GROUP.into(), idle_ms.to_owned()];
+        let keys = vec![events_key(sku), dead_letters_key(sku)];
+        let engine = env.engine.clone();
+        async move {
+            let reply = engine
+                .eval(&SCRIPTS.stream, keys, args)
+                .await
+                .expect("reap");
+            reply.as_i64().expect("a count")
+        }
+    };
+    assert_eq!(reap("0").await, 0, "the ghost still owns an entry");
+    drain(&env.writer_over(env.ledger.clone(), "w2", 0), sku).await;
+    assert_eq!(env.consumers(sku).await, 2);
+    assert_eq!(reap("3600000").await, 0, "not silent for long enough");
+    assert_eq!(reap("0").await, 2, "owning nothing, both go");
+    assert_eq!(env.consumers(sku).await, 0);
+}
+
+/// While the ledger is down nothing is acknowledged; once it is back every event is
+/// committed, once, including a batch whose commit went through but whose answer was lost.
+async fn ledger_outage_loses_nothing_and_doubles_nothing(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 6).await;
+    let flaky = Flaky::new(env.ledger.clone());
+    let writer = env.writer_over(flaky.clone(), "w1", 60_000);
+
+    env.claim(sku, "o-1", 1, None).await;
+    flaky.fail_next(2);
+    for _ in 0..2 {
+        match writer.drain_once(sku).await {
+            Err(WriterError::Ledger(LedgerError::Unavailable(_))) => {}
+            other => panic!("expected the ledger to be unavailable, got {other:?}"),
+        }
+    }
+    let entries = env.entry_ids(sku).await.len() as u64;
+    let backlog = writer.backlog(sku).await.expect("backlog");
+    assert_eq!(backlog.in_flight(), entries, "nothing acknowledged");
+    assert_eq!(env.ledger.counts(sku).await.expect("counts").claimed, 0);
+
+    // Committed, but the writer never hears so: it must not acknowledge, and the retry
+    // must not apply anything twice.
+    env.claim(sku, "o-2", 2, Some(60_000)).await;
+    flaky.lose_next_replies(1);
+    assert!(writer.drain_once(sku).await.is_err());
+    assert_eq!(env.ledger.counts(sku).await.expect("counts").claimed, 1);
+    assert_eq!(
+        writer.backlog(sku).await.expect("backlog").pending,
+        entries + 1
+    );
+
+    env.inv.confirm(sku, "o-2").await.expect("confirm");
+    drain(&writer, sku).await;
+    env.assert_in_step(sku).await;
+    // Each key's trail: o-1's key: add, claim; o-2's keys: add, hold, confirm; others: add.
+    assert_eq!(env.assert_audit_once(sku, 6).await, 2 + 3 * 2 + 3);
+    assert_eq!(
+        writer.backlog(sku).await.expect("backlog"),
+        Backlog::default()
+    );
+}
+
+/// `run` drains every SKU of the ledger, rides out a ledger outage, and stops when told.
+async fn run_drains_every_sku_through_an_outage(env: Env) {
+    env.stock("gift", 4).await;
+    env.stock("game", 4).await;
+    let flaky = Flaky::new(env.ledger.clone());
+    flaky.fail_next(3);
+    let writer = env.writer_over(flaky.clone(), "w1", 60_000);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(writer.clone().run(stopped));
+
+    env.claim("gift", "o-1", 2, None).await;
+    let held = env.claim("game", "o-1", 1, Some(60_000)).await;
+    let last = held.event_id.expect("a hold names its event");
+    assert!(
+        writer
+            .wait_committed("game", &last, Duration::from_secs(20))
+            .await
+    );
+    for sku in ["gift", "game"] {
+        let w = &writer;
+        eventually(
+            Duration::from_secs(20),
+            "the ledger catches up",
+            || async move { w.backlog(sku).await.expect("backlog").in_flight() == 0 },
+        )
+        .await;
+        env.assert_in_step(sku).await;
+    }
+    assert_eq!(flaky.failures_left(), 0, "the outage happened");
+
+    stop.send(true).expect("the writer listens");
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("run stops when told")
+        .expect("run does not panic");
+}
+
+// ---- a ledger that fails on demand -----------------------------------------------------
+
+/// Wraps a ledger; `apply_events` fails as told, everything else passes through.
+struct Flaky {
+    inner: Arc<dyn Ledger>,
+    /// Calls that fail before touching the database.
+    fail: AtomicU32,
+    /// Calls that commit and then fail, as when the connection drops before the answer.
+    lose: AtomicU32,
+}
+
+impl Flaky {
+    fn new(inner: Arc<dyn Ledger>) -> Arc<Flaky> {
+        Arc::new(Flaky {
+            inner,
+            fail: AtomicU32::new(0),
+            lose: AtomicU32::new(0),
+        })
+    }
+
+    fn fail_next(&self, n: u32) {
+        self.fail.store(n, Ordering::SeqCst);
+    }
+
+    fn lose_next_replies(&self, n: u32) {
+        self.lose.store(n, Ordering::SeqCst);
+    }
+
+    fn failures_left(&self) -> u32 {
+        self.fail.load(Ordering::SeqCst)
+    }
+}
+
+/// Takes one from `n` if it is above 0.
+fn take(n: &AtomicU32) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+        .is_ok()
+}
+
+#[async_trait::async_trait]
+impl Ledger for Flaky {
+    async fn put_sku(&self, sku: &str, c: &str, v: u32, now: i64) -> Result<bool, LedgerError> {
+        self.inner.put_sku(sku, c, v, now).await
+    }
+    async fn get_sku(&self, sku: &str) -> Result<Option<SkuRecord>, LedgerError> {
+        self.inner.get_sku(sku).await
+    }
+    async fn list_skus(&self) -> Result<Vec<String>, LedgerError> {
+        self.inner.list_skus().await
+    }
+    async fn set_epoch(&self, sku: &str, epoch: &str) -> Result<(), LedgerError> {
+        self.inner.set_epoch(sku, epoch).await
+    }
+    async fn begin_batch(&self, sku: &str, b: &str, now: i64) -> Result<BatchStart, LedgerError> {
+        self.inner.begin_batch(sku, b, now).await
+    }
+    async fn insert_keys(
+        &self,
+        sku: &str,
+        b: &str,
+        rows: &[NewKey],
+    ) -> Result<Vec<InsertOutcome>, LedgerError> {
+        self.inner.insert_keys(sku, b, rows).await
+    }
+    async fn finish_batch(
+        &self,
+        sku: &str,
+        b: &str,
+        report: &BatchCounts,
+        activate: bool,
+        now: i64,
+    ) -> Result<(), LedgerError> {
+        self.inner.finish_batch(sku, b, report, activate, now).await
+    }
+    async fn activate_batch(
+        &self,
+        sku: &str,
+        b: &str,
+        now: i64,
+    ) -> Result<BatchRecord, LedgerError> {
+        self.inner.activate_batch(sku, b, now).await
+    }
+    async fn abort_batch(&self, sku: &str, b: &str) -> Result<(), LedgerError> {
+        self.inner.abort_batch(sku, b).await
+    }
+    async fn get_batch(&self, sku: &str, b: &str) -> Result<Option<BatchRecord>, LedgerError> {
+        self.inner.get_batch(sku, b).await
+    }
+    async fn keys_after(
+        &self,
+        sku: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, LedgerError> {
+        self.inner.keys_after(sku, after, limit).await
+    }
+    async fn apply_events(&self, events: &[LedgerEvent]) -> Result<u64, LedgerError> {
+        if take(&self.fail) {
+            return Err(LedgerError::Unavailable("injected outage".into()));
+        }
+        if take(&self.lose) {
+            self.inner.apply_events(events).await?;
+            return Err(LedgerError::Unavailable(
+                "connection lost after commit".into(),
+            ));
+        }
+        self.inner.apply_events(events).await
+    }
+    async fn key_events(&self, key_id: &str) -> Result<Vec<EventRecord>, LedgerError> {
+        self.inner.key_events(key_id).await
+    }
+    async fn get_key(&self, key_id: &str) -> Result<Option<KeyRecord>, LedgerError> {
+        self.inner.get_key(key_id).await
+    }
+    async fn counts(&self, sku: &str) -> Result<StateCounts, LedgerError> {
+        self.inner.counts(sku).await
+    }
+    async fn ping(&self) -> Result<(), LedgerError> {
+        self.inner.ping().await
+    }
+}
+
+// ---- both engines ----------------------------------------------------------------------
+
+macro_rules! on_both_engines {
+    ($($scenario:ident),* $(,)?) => {
+        mod embedded {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() {
+                let env = super::Env::start(super::EngineKind::Embedded, super::Store::Sqlite)
+                    .await
+                    .expect("SQLite is always there");
+                super::$scenario(env).await
+            })*
+        }
+        mod redis {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() {
+                let env = super::Env::start(super::EngineKind::Redis, super::Store::Sqlite)
+                    .await
+                    .expect("SQLite is always there");
+                super::$scenario(env).await
+            })*
+        }
+    };
+}
+
+on_both_engines!(
+    ledger_follows_every_kind_of_change,
+    poison_is_dead_lettered_and_does_not_block_later_entries,
+    entries_of_a_dead_consumer_are_taken_over,
+    acked_entries_are_trimmed_and_pending_ones_kept,
+    backlog_reports_pending_and_lag,
+    wait_committed_answers_after_the_commit,
+    backlogs_commit_in_batches_failed_ones_first,
+    consumers_of_stopped_gateways_are_reaped,
+    ledger_outage_loses_nothing_and_doubles_nothing,
+    run_drains_every_sku_through_an_outage,
+);
+
+mod postgres {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded_ledger_follows_every_kind_of_change() {
+        if let Some(env) =
+            super::Env::start(super::EngineKind::Embedded, super::Store::Postgres).await
+        {
+            super::ledger_follows_every_kind_of_change(env).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_ledger_follows_every_kind_of_change() {
+        if let Some(env) = super::Env::start(super::EngineKind::Redis, super::Store::Postgres).await
+        {
+            super::ledger_follows_every_kind_of_change(env).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded_ledger_outage_loses_nothing_and_doubles_nothing() {
+        if let Some(env) =
+            super::Env::start(super::EngineKind::Embedded, super::Store::Postgres).await
+        {
+            super::ledger_outage_loses_nothing_and_doubles_nothing(env).await
+        }
+    }
+}
