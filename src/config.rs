@@ -50,6 +50,9 @@ pub struct Config {
     /// With `durability = "ledger"`, how long an answer waits for the ledger's commit before
     /// it is `ERR_UNAVAILABLE` (the change stands; a retry replays it).
     pub ledger_wait_ms: u64,
+    /// Events another gateway left unacknowledged this long are taken over by this one's
+    /// writer: that gateway is presumed dead.
+    pub event_reclaim_idle_ms: u64,
 }
 
 /// When a state change is answered.
@@ -84,6 +87,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             durability: Durability::Engine,
             ledger_wait_ms: 5000,
+            event_reclaim_idle_ms: 30_000,
         }
     }
 }

@@ -104,7 +104,10 @@ impl Gateway {
         let writer = EventWriter::new(
             inventory.engine().clone(),
             ledger.clone(),
-            WriterOptions::default(),
+            WriterOptions {
+                reclaim_idle_ms: config.event_reclaim_idle_ms,
+                ..WriterOptions::default()
+            },
         );
         let app = Arc::new(App::new(
             inventory,
