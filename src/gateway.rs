@@ -291,28 +291,48 @@ async fn sweep_limiters(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
     }
 }
 
-/// Engine and ledger counts, events in flight and drift of one SKU, as gauges.
+/// Engine and ledger counts, events in flight and drift of one SKU, as gauges. What can be
+/// known is published even while the other store is down: during a ledger outage the
+/// growing number of events in flight is exactly what on-call needs to see.
 async fn refresh_gauges(app: &App, sku: &str) {
     let (engine, ledger, backlog) = tokio::join!(
         app.inventory.counts(sku),
         app.ledger.counts(sku),
         app.writer.backlog(sku)
     );
-    let (Ok(engine), Ok(ledger), Ok(backlog)) = (engine, ledger, backlog) else {
-        return;
-    };
-    for (state, e, l) in [
-        ("available", engine.available, ledger.available),
-        ("held", engine.held, ledger.held),
-        ("claimed", engine.claimed, ledger.claimed),
-        ("redeemed", engine.redeemed, ledger.redeemed),
-        ("void", engine.void, ledger.void),
-    ] {
-        let labels = [("sku", sku.to_owned()), ("state", state.to_owned())];
-        metrics::gauge!(m::INVENTORY_KEYS, &labels).set(e as f64);
-        metrics::gauge!(m::LEDGER_KEYS, &labels).set(l as f64);
+    let states = ["available", "held", "claimed", "redeemed", "void"];
+    if let Ok(engine) = &engine {
+        let values = [
+            engine.available,
+            engine.held,
+            engine.claimed,
+            engine.redeemed,
+            engine.void,
+        ];
+        for (state, n) in states.iter().zip(values) {
+            metrics::gauge!(m::INVENTORY_KEYS, "sku" => sku.to_owned(), "state" => *state)
+                .set(n as f64);
+        }
     }
-    let drift = Drift::between(&engine, &ledger, backlog.in_flight());
-    metrics::gauge!(m::DRIFT, "sku" => sku.to_owned()).set(drift.keys as f64);
-    metrics::gauge!(m::IN_FLIGHT_EVENTS, "sku" => sku.to_owned()).set(backlog.in_flight() as f64);
+    if let Ok(ledger) = &ledger {
+        let values = [
+            ledger.available,
+            ledger.held,
+            ledger.claimed,
+            ledger.redeemed,
+            ledger.void,
+        ];
+        for (state, n) in states.iter().zip(values) {
+            metrics::gauge!(m::LEDGER_KEYS, "sku" => sku.to_owned(), "state" => *state)
+                .set(n as f64);
+        }
+    }
+    if let Ok(backlog) = &backlog {
+        metrics::gauge!(m::IN_FLIGHT_EVENTS, "sku" => sku.to_owned())
+            .set(backlog.in_flight() as f64);
+    }
+    if let (Ok(engine), Ok(ledger), Ok(backlog)) = (engine, ledger, backlog) {
+        let drift = Drift::between(&engine, &ledger, backlog.in_flight());
+        metrics::gauge!(m::DRIFT, "sku" => sku.to_owned()).set(drift.keys as f64);
+    }
 }

@@ -1,0 +1,210 @@
+//! The ledger's database stopped under load: with `durability = "engine"` claims go on, the
+//! events queue in the engine's streams (`kamigate_events_in_flight` shows them), and once the
+//! database is back the ledger catches up to zero drift with nothing lost.
+//!
+//! The test runs its own PostgreSQL server (initdb in a temp dir, as the `postgres` user) so
+//! it can stop and start it without touching the shared one.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use support::gateway::{config, TestGateway};
+
+/// A private PostgreSQL server.
+struct Postgres {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+fn as_postgres(bin: &Path, tool: &str, args: &[&str]) -> std::process::Output {
+    Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(bin.join(tool))
+        .args(args)
+        .output()
+        .expect("runuser runs")
+}
+
+impl Postgres {
+    fn start() -> Postgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is installed")
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("bin"))
+            .find(|p| p.join("initdb").exists())
+            .expect("initdb");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let chown = Command::new("chown")
+            .args(["postgres:postgres", dir.path().to_str().expect("utf-8")])
+            .status()
+            .expect("chown runs");
+        assert!(chown.success());
+        let data = dir.path().join("data");
+        let out = as_postgres(
+            &bin,
+            "initdb",
+            &[
+                "-D",
+                data.to_str().expect("utf-8"),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let pg = Postgres { bin, dir, port };
+        pg.up();
+        pg
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn up(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("log").display().to_string();
+        let out = as_postgres(
+            &self.bin,
+            "pg_ctl",
+            &["-D", &self.data(), "-o", &opts, "-l", &log, "-w", "start"],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn down(&self) {
+        let out = as_postgres(
+            &self.bin,
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "fast", "-w", "stop"],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = as_postgres(
+            &self.bin,
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "stop"],
+        );
+    }
+}
+
+async fn view(gw: &TestGateway, sku: &str) -> (StatusCode, Value) {
+    gw.merchant_get(&format!("/v1/skus/{sku}")).await
+}
+
+fn backlog_metric(text: &str, sku: &str) -> f64 {
+    text.lines()
+        .find(|l| {
+            l.starts_with("kamigate_events_in_flight") && l.contains(&format!("sku=\"{sku}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_go_on_while_the_database_is_down_and_the_ledger_catches_up() {
+    let pg = Postgres::start();
+    let mut cfg = config();
+    cfg.database_url = Some(pg.url());
+    let gw = TestGateway::start(cfg).await;
+    let codes: Vec<String> = (0..60).map(|i| format!("PG-{i:04}")).collect();
+    let refs: Vec<&str> = codes.iter().map(String::as_str).collect();
+    gw.stock("outage", &refs).await;
+    for i in 0..10 {
+        let (status, _) = gw
+            .claim("outage", json!({"order_id": format!("a-{i}")}))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    pg.down();
+    for i in 0..20 {
+        let (status, body) = gw
+            .claim("outage", json!({"order_id": format!("b-{i}")}))
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "claims go on without the ledger: {body}"
+        );
+    }
+    let (status, body) = view(&gw, "outage").await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the ledger's view is unavailable: {body}"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = gw
+            .client
+            .get(format!("{}/metrics", gw.admin))
+            .send()
+            .await
+            .expect("answered")
+            .text()
+            .await
+            .expect("text");
+        if backlog_metric(&text, "outage") >= 20.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the backlog never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    pg.up();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, v) = view(&gw, "outage").await;
+        if status == StatusCode::OK && v["in_flight"] == 0 && v["engine"] == v["ledger"] {
+            assert_eq!(v["drift"], 0);
+            assert_eq!(v["ledger"]["claimed"], 30, "nothing lost: {v}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never caught up: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    gw.stop().await;
+}
