@@ -17,7 +17,7 @@ use crate::engine::redis::{RedisEngine, RedisOptions};
 use crate::engine::{EngineError, ScriptEngine};
 use crate::http::{self, App, Limits};
 use crate::inventory::drift::Drift;
-use crate::inventory::warm::{restore_sku, warm_sku};
+use crate::inventory::warm::{check_epoch, restore_sku, warm_sku};
 use crate::inventory::Inventory;
 use crate::ledger::writer::{EventWriter, WriterOptions};
 use crate::ledger::{self, Ledger, LedgerError};
@@ -78,7 +78,6 @@ impl Gateway {
     pub async fn start_with(config: Config, inventory: Inventory) -> Result<Gateway, StartError> {
         let ledger = ledger::open(config.database_url.as_deref(), &config.data_dir).await?;
         let cursors = Arc::new(WarmCursors::new());
-        sync_with_ledger(ledger.as_ref(), &inventory, &cursors).await;
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -109,6 +108,7 @@ impl Gateway {
                 ..WriterOptions::default()
             },
         );
+        sync_with_ledger(ledger.as_ref(), &inventory, &writer, &cursors).await;
         let app = Arc::new(App::new(
             inventory,
             ledger,
@@ -181,7 +181,12 @@ pub type WarmCursors = DashMap<String, i64>;
 /// that lost its data) is rebuilt whole, and keys of batches activated elsewhere (the
 /// `kamigate import` command, another instance) are loaded. Idempotent; failures are logged
 /// and the next pass tries again.
-async fn sync_with_ledger(ledger: &dyn Ledger, inventory: &Inventory, cursors: &WarmCursors) {
+async fn sync_with_ledger(
+    ledger: &dyn Ledger,
+    inventory: &Inventory,
+    writer: &EventWriter,
+    cursors: &WarmCursors,
+) {
     let skus = match ledger.list_skus().await {
         Ok(skus) => skus,
         Err(e) => {
@@ -194,7 +199,14 @@ async fn sync_with_ledger(ledger: &dyn Ledger, inventory: &Inventory, cursors: &
             Ok(Some(report)) => Ok(report),
             Ok(None) => {
                 let after = cursors.get(&sku).map(|c| *c).unwrap_or(0);
-                warm_sku(ledger, inventory, &sku, after, |_| {}).await
+                let warmed = warm_sku(ledger, inventory, &sku, after, |_| {}).await;
+                if let Ok(backlog) = writer.backlog(&sku).await {
+                    if let Err(e) = check_epoch(ledger, inventory, &sku, backlog.in_flight()).await
+                    {
+                        tracing::warn!(sku, error = %e, "checking the epoch marker failed");
+                    }
+                }
+                warmed
             }
             Err(e) => Err(e),
         };
@@ -235,7 +247,7 @@ async fn sweep_holds(
         if listed_at.is_none_or(|t| t.elapsed() >= GAUGES_EVERY) {
             // An engine that lost its data (Redis restarted empty, FLUSHALL) is rebuilt
             // from the ledger within this interval.
-            sync_with_ledger(app.ledger.as_ref(), inventory, &cursors).await;
+            sync_with_ledger(app.ledger.as_ref(), inventory, &app.writer, &cursors).await;
             match inventory.list_skus().await {
                 Ok(list) => {
                     skus = list;

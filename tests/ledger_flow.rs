@@ -180,3 +180,52 @@ async fn flushall_is_rebuilt_from_the_ledger_without_selling_twice() {
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_engine_hidden_by_a_recreated_sku_is_caught_by_the_epoch_marker() {
+    let redis = RedisServer::start().await;
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    let gw = TestGateway::start(cfg).await;
+    gw.stock("epoch", &["E-1", "E-2", "E-3"]).await;
+    let (_, order) = gw.claim("epoch", json!({"order_id": "o-1"})).await;
+    let sold = code_of(&order);
+    settled(&gw, "epoch").await;
+    let ledger = gw.gateway.app.ledger.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while ledger
+        .get_sku("epoch")
+        .await
+        .expect("ledger")
+        .and_then(|r| r.epoch)
+        .is_none()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never marked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Redis loses everything, and an update of the SKU recreates its settings at once: the
+    // engine has the SKU again, but none of its keys.
+    redis.cmd(&["FLUSHALL"]).await.expect("flushed");
+    let (status, _) = gw.put_sku("epoch", json!({})).await;
+    assert!(status.is_success());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, view) = gw.merchant_get("/v1/skus/epoch").await;
+        if view["engine"]["available"] == 2 && view["engine"]["claimed"] == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reconciled: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = gw.redeem(json!({"code": sold, "redeemer": "u-1"})).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the sold code is still sold, and only once"
+    );
+    gw.stop().await;
+}

@@ -311,6 +311,23 @@ impl Inventory {
         }
     }
 
+    /// The epoch marker the engine holds for `sku` (`""` if none), or `None` if the engine
+    /// lacks the SKU.
+    pub async fn epoch(&self, sku: &str) -> Result<Option<String>, Error> {
+        let reply = self.run(&SCRIPTS.sku, sku, vec!["epoch".into()]).await?;
+        Ok(match tag(&reply) {
+            "no_sku" => None,
+            epoch => Some(epoch.to_owned()),
+        })
+    }
+
+    /// Writes the epoch marker of `sku` into the engine.
+    pub async fn mark_epoch(&self, sku: &str, epoch: &str) -> Result<(), Error> {
+        self.run(&SCRIPTS.sku, sku, vec!["mark".into(), epoch.into()])
+            .await
+            .map(|_| ())
+    }
+
     /// Every SKU ever created.
     pub async fn list_skus(&self) -> Result<Vec<String>, Error> {
         let reply = self

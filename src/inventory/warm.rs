@@ -84,6 +84,10 @@ pub async fn restore_sku(
         .map_err(|e| Error::Internal(format!("ledger settings of SKU {sku}: {e}")))?;
     inventory.put_sku(sku, &config).await?;
     let report = warm_sku(ledger, inventory, sku, 0, |_| {}).await?;
+    // The rebuilt engine now agrees with the ledger: mark both alike.
+    let epoch = hex::encode(rand::random::<[u8; 8]>());
+    ledger.set_epoch(sku, &epoch).await.map_err(ledger_error)?;
+    inventory.mark_epoch(sku, &epoch).await?;
     tracing::info!(
         sku,
         loaded = report.loaded,
@@ -127,4 +131,57 @@ impl Inventory {
         self.index_codes(sku, &codes).await?;
         Ok(loaded)
     }
+}
+
+/// What [`check_epoch`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EpochCheck {
+    /// Engine and ledger carry the same marker.
+    Same,
+    /// Neither had one yet (a new SKU): both carry a fresh one now.
+    Marked,
+    /// The engine's marker differed: it was replaced behind the gateway's back. It was
+    /// reconciled (missing keys loaded, keys the ledger is ahead on repaired, nothing only
+    /// the engine has rolled back) and both carry a fresh marker.
+    Diverged(super::reconcile::SkuReconcile),
+}
+
+/// Compares the engine's epoch marker of `sku` with the ledger's and acts on a difference.
+/// `in_flight` is the SKU's events not yet in the ledger. Call only when the engine has
+/// the SKU (see [`restore_sku`]).
+pub async fn check_epoch(
+    ledger: &dyn Ledger,
+    inventory: &Inventory,
+    sku: &str,
+    in_flight: u64,
+) -> Result<EpochCheck, Error> {
+    let Some(engine_epoch) = inventory.epoch(sku).await? else {
+        return Err(Error::NotFound(format!("SKU {sku} in the engine")));
+    };
+    let ledger_epoch = ledger
+        .get_sku(sku)
+        .await
+        .map_err(ledger_error)?
+        .and_then(|r| r.epoch)
+        .unwrap_or_default();
+    if !engine_epoch.is_empty() && engine_epoch == ledger_epoch {
+        return Ok(EpochCheck::Same);
+    }
+    let outcome = if engine_epoch.is_empty() && ledger_epoch.is_empty() {
+        EpochCheck::Marked
+    } else {
+        let report =
+            super::reconcile::reconcile_sku(ledger, inventory, sku, true, in_flight).await?;
+        tracing::warn!(
+            sku,
+            repaired = report.repaired,
+            deferred = report.deferred,
+            "the engine's epoch differs from the ledger's: reconciled"
+        );
+        EpochCheck::Diverged(report)
+    };
+    let epoch = hex::encode(rand::random::<[u8; 8]>());
+    ledger.set_epoch(sku, &epoch).await.map_err(ledger_error)?;
+    inventory.mark_epoch(sku, &epoch).await?;
+    Ok(outcome)
 }
