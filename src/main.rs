@@ -144,7 +144,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(file: Option<PathBuf>) -> ExitCode {
+/// Loads the configuration, sets up logs and a runtime, and runs `body` on it.
+fn run<F, Fut>(file: Option<PathBuf>, body: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = ExitCode>,
+{
     let config = match Config::load(file.as_deref()) {
         Ok(config) => config,
         Err(e) => {
@@ -153,21 +158,24 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
         }
     };
     init_logs(config.log_json);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => rt,
+        Ok(runtime) => runtime.block_on(body(config)),
         Err(e) => {
             eprintln!("kamigate: starting the runtime: {e}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
-    runtime.block_on(async move {
+    }
+}
+
+fn serve(file: Option<PathBuf>) -> ExitCode {
+    run(file, |config| async move {
         let engine = if config.redis_url.is_some() {
             "redis"
         } else {
-            "embedded (in memory)"
+            "embedded"
         };
         let gateway = match Gateway::start(config).await {
             Ok(gateway) => gateway,
@@ -199,31 +207,15 @@ where
     F: FnOnce(Config) -> Fut,
     Fut: std::future::Future<Output = Result<(), kamigate::commands::CommandError>>,
 {
-    let config = match Config::load(file.as_deref()) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("kamigate: configuration: {e}");
-            return ExitCode::from(2);
+    run(file, |config| async move {
+        match command(config).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kamigate: {e}");
+                ExitCode::FAILURE
+            }
         }
-    };
-    init_logs(config.log_json);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("kamigate: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(command(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("kamigate: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -12,18 +12,11 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use support::gateway::{config, TestGateway, ADMIN_TOKEN, MERCHANT_TOKEN};
+use support::gateway::{config, free_port, TestGateway, ADMIN_TOKEN, MERCHANT_TOKEN};
 use support::redis_server::RedisServer;
 use tokio::process::{Child, Command};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kamigate");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 struct Binary {
     child: Child,

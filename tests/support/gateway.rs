@@ -30,6 +30,14 @@ pub fn config() -> Config {
     }
 }
 
+/// A port free on 127.0.0.1 right now (for processes that must be told their port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// Gives a gateway its own temporary data dir unless the test chose a ledger.
 fn own_data_dir(config: &mut Config) -> Option<tempfile::TempDir> {
     if config.database_url.is_some() || config.data_dir != Config::default().data_dir {
