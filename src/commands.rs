@@ -137,7 +137,22 @@ pub async fn warm(
     for sku in skus {
         let report = match restore_sku(ledger.as_ref(), &inventory, &sku).await? {
             Some(report) => report,
-            None => warm_sku(ledger.as_ref(), &inventory, &sku, 0, |_| {}).await?,
+            None => {
+                // Resumable by design: keys already in the engine are skipped, so an
+                // interrupted warm-up is simply run again.
+                let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+                bar.set_style(
+                    ProgressStyle::with_template("{spinner} {msg} {pos} keys checked")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                );
+                bar.set_message(sku.clone());
+                let report = warm_sku(ledger.as_ref(), &inventory, &sku, 0, |r| {
+                    bar.set_position(r.loaded + r.present);
+                })
+                .await?;
+                bar.finish_and_clear();
+                report
+            }
         };
         reports.push((sku, report));
     }
