@@ -233,3 +233,62 @@ async fn import_command_feeds_the_ledger_and_a_running_gateway_picks_it_up() {
     );
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_and_reconcile_commands_work_against_redis() {
+    let redis = support::redis_server::RedisServer::start().await;
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut cfg = support::gateway::config();
+    cfg.data_dir = data.path().to_owned();
+    cfg.redis_url = Some(redis.url());
+    let gw = support::gateway::TestGateway::start(cfg).await;
+    gw.stock("ops", &["OPS-1", "OPS-2", "OPS-3"]).await;
+    gw.stop().await;
+
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .env("KAMIGATE_DATA_DIR", data.path())
+            .env("KAMIGATE_REDIS_URL", redis.url())
+            .env_remove("KAMIGATE_DATABASE_URL")
+            .env("RUST_LOG", "error")
+            .output()
+            .expect("command runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let report = run(&["reconcile", "--sku", "ops"]);
+    assert!(
+        report.contains("ops: 3 checked, 0 missing in engine"),
+        "{report}"
+    );
+    let warm = run(&["warm", "--sku", "ops"]);
+    assert!(warm.contains("ops: 0 loaded, 3 already present"), "{warm}");
+
+    redis.cmd(&["FLUSHALL"]).await.expect("flushed");
+    let warm = run(&["warm"]);
+    assert!(warm.contains("ops: 3 loaded"), "{warm}");
+    let report = run(&["reconcile", "--repair"]);
+    assert!(
+        report.contains("ops: 3 checked, 0 missing in engine, 0 ledger ahead"),
+        "{report}"
+    );
+}
+
+#[test]
+fn reconcile_refuses_the_embedded_engine_with_a_pointer() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let out = std::process::Command::new(BIN)
+        .args(["reconcile"])
+        .env("KAMIGATE_DATA_DIR", data.path())
+        .env_remove("KAMIGATE_REDIS_URL")
+        .output()
+        .expect("command runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("POST /v1/reconcile"));
+}
