@@ -910,6 +910,14 @@ impl Ledger for Flaky {
     async fn key_events(&self, key_id: &str) -> Result<Vec<EventRecord>, LedgerError> {
         self.inner.key_events(key_id).await
     }
+    async fn order_events_after(
+        &self,
+        sku: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, EventRecord)>, LedgerError> {
+        self.inner.order_events_after(sku, after_seq, limit).await
+    }
     async fn get_key(&self, key_id: &str) -> Result<Option<KeyRecord>, LedgerError> {
         self.inner.get_key(key_id).await
     }

@@ -69,7 +69,7 @@ macro_rules! scripts {
 
 scripts!(
     sku, add, claim, confirm, release, expire, redeem, order, counts, void, restore, index, window,
-    exists, stream, warm, inspect, repair
+    exists, stream, warm, inspect, repair, orders
 );
 
 /// The scripts, loaded once.

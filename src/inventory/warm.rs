@@ -84,6 +84,7 @@ pub async fn restore_sku(
         .map_err(|e| Error::Internal(format!("ledger settings of SKU {sku}: {e}")))?;
     inventory.put_sku(sku, &config).await?;
     let report = warm_sku(ledger, inventory, sku, 0, |_| {}).await?;
+    let orders = restore_orders(ledger, inventory, sku).await?;
     // The rebuilt engine now agrees with the ledger: mark both alike.
     let epoch = hex::encode(rand::random::<[u8; 8]>());
     ledger.set_epoch(sku, &epoch).await.map_err(ledger_error)?;
@@ -91,9 +92,76 @@ pub async fn restore_sku(
     tracing::info!(
         sku,
         loaded = report.loaded,
+        order_events = orders,
         "engine did not have the SKU: restored from the ledger"
     );
     Ok(Some(report))
+}
+
+/// Order events per engine call while restoring orders.
+const ORDER_CHUNK: u32 = 200;
+
+/// Rebuilds the engine's order records of `sku` from the ledger's order events, so orders
+/// placed before the engine lost its data are recognised when retried. Returns how many
+/// events were replayed.
+pub async fn restore_orders(
+    ledger: &dyn Ledger,
+    inventory: &Inventory,
+    sku: &str,
+) -> Result<u64, Error> {
+    let mut cursor = 0;
+    let mut applied = 0;
+    loop {
+        let events = ledger
+            .order_events_after(sku, cursor, ORDER_CHUNK)
+            .await
+            .map_err(ledger_error)?;
+        let Some((last, _)) = events.last() else {
+            return Ok(applied);
+        };
+        cursor = *last;
+        let mut args = Vec::with_capacity(events.len() * 10);
+        for (_, e) in &events {
+            let fields: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(&e.fields_json).unwrap_or_default();
+            let field = |name: &str| {
+                fields
+                    .get(name)
+                    .and_then(|v| {
+                        v.as_str()
+                            .map(str::to_owned)
+                            .or_else(|| Some(v.to_string()))
+                    })
+                    .filter(|v| v != "null")
+                    .unwrap_or_default()
+            };
+            let number = |name: &str| {
+                let v = field(name);
+                if v.parse::<i64>().is_ok() {
+                    v
+                } else {
+                    "0".to_owned()
+                }
+            };
+            let stream_id = e.event_id.rsplit_once('/').map_or("", |(_, id)| id);
+            args.extend([
+                e.kind.clone(),
+                e.order_id.clone().unwrap_or_default(),
+                e.user_id.clone().unwrap_or_default(),
+                field("ids"),
+                stream_id.to_owned(),
+                e.at_ms.to_string(),
+                number("expires_at"),
+                number("hold_ms"),
+                number("qty"),
+                if field("late") == "1" { "1" } else { "0" }.to_owned(),
+            ]);
+        }
+        let reply = inventory
+            .eval_plain(&crate::engine::SCRIPTS.orders, sku, args)
+            .await?;
+        applied += reply.as_i64().unwrap_or(0).max(0) as u64;
+    }
 }
 
 impl Inventory {

@@ -149,6 +149,16 @@ pub trait Ledger: Send + Sync + 'static {
     /// A key's audit trail, oldest first. Empty for an unknown or malformed key id.
     async fn key_events(&self, key_id: &str) -> Result<Vec<EventRecord>, LedgerError>;
 
+    /// Events of `sku` that concern an order (hold, claim, confirm, release, expire) after
+    /// the cursor `after_seq`, oldest first, with their sequence numbers: what a rebuilt
+    /// engine needs to recognise retried orders again.
+    async fn order_events_after(
+        &self,
+        sku: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, EventRecord)>, LedgerError>;
+
     /// A key by its public id (`<sku>.<local id>`), in any batch state.
     async fn get_key(&self, key_id: &str) -> Result<Option<KeyRecord>, LedgerError>;
 

@@ -778,6 +778,27 @@ where
         rows.iter().map(Self::event_from_row).collect()
     }
 
+    async fn order_events_after(
+        &self,
+        sku: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, EventRecord)>, LedgerError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS}, e.seq FROM events e \
+             WHERE e.sku = $1 AND e.seq > $2 AND e.order_id IS NOT NULL ORDER BY e.seq LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(sku)
+            .bind(after_seq)
+            .bind(i64::from(limit))
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(9)?, Self::event_from_row(row)?)))
+            .collect()
+    }
+
     async fn get_key(&self, key_id: &str) -> Result<Option<KeyRecord>, LedgerError> {
         let Some((sku, local_id)) = parse_local(key_id) else {
             return Ok(None);
