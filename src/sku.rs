@@ -28,6 +28,9 @@ pub struct SkuConfig {
     pub max_issues: u64,
     /// How many times one code may be redeemed.
     pub max_uses: u64,
+    /// Codes never to import (leaked, test or placeholder codes); rows holding one are
+    /// rejected. Compared after normalisation, so any spelling of an entry matches.
+    pub blacklist: Vec<String>,
 }
 
 impl Default for SkuConfig {
@@ -40,11 +43,20 @@ impl Default for SkuConfig {
             allow_late_confirm: true,
             max_issues: 1,
             max_uses: 1,
+            blacklist: Vec::new(),
         }
     }
 }
 
 impl SkuConfig {
+    /// The blacklist in canonical form, for lookups during an import.
+    pub fn blacklisted(&self) -> std::collections::HashSet<String> {
+        self.blacklist
+            .iter()
+            .map(|code| self.format.normalise(code))
+            .collect()
+    }
+
     /// Checks the settings make sense together; the message suits a 400 answer.
     pub fn validate(&self) -> Result<(), Error> {
         self.format.validate_spec().map_err(Error::BadRequest)?;
@@ -52,6 +64,11 @@ impl SkuConfig {
             return Err(Error::BadRequest(
                 "max_issues and max_uses must be at least 1".into(),
             ));
+        }
+        if self.blacklist.len() > MAX_BLACKLIST {
+            return Err(Error::BadRequest(format!(
+                "blacklist has more than {MAX_BLACKLIST} entries"
+            )));
         }
         if self.default_hold_ms == 0 || self.default_hold_ms > self.max_hold_ms {
             return Err(Error::BadRequest(
@@ -61,6 +78,9 @@ impl SkuConfig {
         Ok(())
     }
 }
+
+/// Most blacklist entries a SKU may carry.
+pub const MAX_BLACKLIST: usize = 10_000;
 
 /// Longest SKU name.
 pub const MAX_SKU_LEN: usize = 64;

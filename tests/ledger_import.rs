@@ -203,3 +203,34 @@ async fn a_restarted_embedded_gateway_is_rebuilt_from_the_ledger() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn blacklisted_codes_are_rejected_in_any_spelling() {
+    let gw = TestGateway::embedded().await;
+    let (status, body) = gw
+        .put_sku("bl", json!({"blacklist": ["TEST-0000", "1234-5678"]}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, report) = upload(
+        &gw,
+        "bl",
+        "batch_id=b1",
+        "text/plain",
+        "GOOD-0001\ntest 0000\n12345678\nGOOD-0002\n",
+    )
+    .await;
+    assert_eq!(
+        (report["accepted"].as_u64(), report["rejected"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(report["rejected_lines"][0]["line"], 2);
+    assert_eq!(
+        report["rejected_lines"][0]["reason"],
+        "the code is on the SKU's blacklist"
+    );
+    assert!(
+        !report.to_string().contains("TEST"),
+        "the reason names no code"
+    );
+    gw.stop().await;
+}

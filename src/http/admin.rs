@@ -74,6 +74,7 @@ pub async fn put_sku(app: &App, params: Params, req: Request<Incoming>) -> Resul
         "allow_late_confirm",
         "max_issues",
         "max_uses",
+        "blacklist",
     ];
     let value = JsonBody::parse(&bytes, &fields)?.into_value();
     // Settings hold no secrets, so serde's own messages are safe to return.

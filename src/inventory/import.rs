@@ -82,6 +82,7 @@ pub struct Importer<'a> {
     batch_id: &'a str,
     settings: &'a SkuConfig,
     parser: RowParser,
+    blacklist: std::collections::HashSet<String>,
     parsed: Vec<Parsed>,
     pending: Vec<NewKey>,
     /// The smallest local id this import added: warming starts after it.
@@ -120,6 +121,7 @@ impl<'a> Importer<'a> {
             batch_id,
             settings,
             parser: RowParser::new(format),
+            blacklist: settings.blacklisted(),
             parsed: Vec::new(),
             pending: Vec::with_capacity(CHUNK_ROWS),
             first_local: None,
@@ -145,6 +147,11 @@ impl<'a> Importer<'a> {
                     Err(why) => {
                         self.report.rejected += 1;
                         self.report.note(row.line, why.to_string());
+                    }
+                    Ok(canonical) if self.blacklist.contains(&canonical) => {
+                        self.report.rejected += 1;
+                        self.report
+                            .note(row.line, "the code is on the SKU's blacklist".into());
                     }
                     Ok(canonical) => {
                         self.pending.push(NewKey {
