@@ -227,5 +227,11 @@ async fn a_lost_engine_hidden_by_a_recreated_sku_is_caught_by_the_epoch_marker()
         StatusCode::OK,
         "the sold code is still sold, and only once"
     );
+    let (status, retried) = gw.claim("epoch", json!({"order_id": "o-1"})).await;
+    assert_eq!(status, StatusCode::OK, "{retried}");
+    assert_eq!(
+        retried["replayed"], true,
+        "the order was rebuilt too: {retried}"
+    );
     gw.stop().await;
 }

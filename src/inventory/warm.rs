@@ -240,6 +240,18 @@ pub async fn check_epoch(
     } else {
         let report =
             super::reconcile::reconcile_sku(ledger, inventory, sku, true, in_flight).await?;
+        // If the engine lost its orders too (its oldest order is gone), rebuild them. One
+        // probe decides: rebuilding on top of surviving orders would count users twice.
+        let oldest = ledger
+            .order_events_after(sku, 0, 1)
+            .await
+            .map_err(ledger_error)?;
+        if let Some((_, first)) = oldest.first() {
+            let order_id = first.order_id.as_deref().unwrap_or_default();
+            if !inventory.order_exists(sku, order_id).await? {
+                restore_orders(ledger, inventory, sku).await?;
+            }
+        }
         tracing::warn!(
             sku,
             repaired = report.repaired,
