@@ -120,11 +120,18 @@ pub enum EngineKind {
     Embedded,
 }
 
-impl fmt::Display for EngineKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl EngineKind {
+    /// `"redis"` or `"embedded"`: a metric label that costs no allocation.
+    pub fn as_str(self) -> &'static str {
+        match self {
             EngineKind::Redis => "redis",
             EngineKind::Embedded => "embedded",
-        })
+        }
+    }
+}
+
+impl fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }

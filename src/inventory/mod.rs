@@ -223,7 +223,7 @@ impl Inventory {
     ) -> Result<Reply, Error> {
         let started = Instant::now();
         let result = self.engine.eval(script, keys, args).await;
-        let engine = self.engine.kind().to_string();
+        let engine = self.engine.kind().as_str();
         metrics::histogram!(m::SCRIPT_DURATION, "script" => script.name(), "engine" => engine)
             .record(started.elapsed().as_secs_f64());
         if let Err(e) = &result {

@@ -504,7 +504,7 @@ impl EventWriter {
         metrics::histogram!(
             m::SCRIPT_DURATION,
             "script" => SCRIPTS.stream.name(),
-            "engine" => engine.kind().to_string()
+            "engine" => engine.kind().as_str()
         )
         .record(started.elapsed().as_secs_f64());
         if let Err(e) = &result {
