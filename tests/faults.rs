@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use support::gateway::{config, free_port, TestGateway, ADMIN_TOKEN, MERCHANT_TOKEN};
+use support::gateway::{audit_trail, config, free_port, TestGateway, ADMIN_TOKEN, MERCHANT_TOKEN};
 use support::redis_server::RedisServer;
 use tokio::process::{Child, Command};
 
@@ -144,24 +144,10 @@ async fn check_answered(
         // Redeemable means sold: the engine agrees it was issued.
         assert_eq!(body["state"], "redeemed", "{body}");
         let key_id = body["key_id"].as_str().expect("key id");
-        let trail: Value = client
-            .get(format!("{admin}/v1/keys/{key_id}/events"))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .expect("answered")
-            .json()
-            .await
-            .expect("json");
-        let kinds: Vec<&str> = trail["events"]
-            .as_array()
-            .expect("events")
-            .iter()
-            .filter_map(|e| e["kind"].as_str())
-            .collect();
+        let (trail, kinds) = audit_trail(client, admin, key_id).await;
         assert_eq!(
-            kinds.first(),
-            Some(&"claim"),
+            kinds.first().map(String::as_str),
+            Some("claim"),
             "the ledger has the claim: {trail}"
         );
     }

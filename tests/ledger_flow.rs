@@ -10,7 +10,7 @@ use std::time::Duration;
 use kamigate::config::{Config, Durability};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use support::gateway::{config, TestGateway, ADMIN_TOKEN};
+use support::gateway::{audit_trail, config, TestGateway};
 use support::redis_server::RedisServer;
 
 /// Polls the SKU view until the ledger caught up with the engine.
@@ -63,22 +63,7 @@ async fn changes_reach_the_ledger_and_the_audit_trail() {
     assert_eq!(view["ledger"]["redeemed"], 1, "{view}");
     assert_eq!(view["ledger"]["available"], 2, "{view}");
 
-    let trail: Value = gw
-        .client
-        .get(format!("{}/v1/keys/flow.1/events", gw.admin))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .expect("answered")
-        .json()
-        .await
-        .expect("json");
-    let kinds: Vec<&str> = trail["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .filter_map(|e| e["kind"].as_str())
-        .collect();
+    let (trail, kinds) = audit_trail(&gw.client, &gw.admin, "flow.1").await;
     assert_eq!(kinds, ["claim", "redeem"], "{trail}");
     assert_eq!(trail["state"], "redeemed");
     assert!(

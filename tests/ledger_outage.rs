@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use support::gateway::{config, TestGateway};
+use support::gateway::{config, metric, TestGateway};
 
 /// A private PostgreSQL server.
 struct Postgres {
@@ -127,16 +127,6 @@ async fn view(gw: &TestGateway, sku: &str) -> (StatusCode, Value) {
     gw.merchant_get(&format!("/v1/skus/{sku}")).await
 }
 
-fn backlog_metric(text: &str, sku: &str) -> f64 {
-    text.lines()
-        .find(|l| {
-            l.starts_with("kamigate_events_in_flight") && l.contains(&format!("sku=\"{sku}\""))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_go_on_while_the_database_is_down_and_the_ledger_catches_up() {
     let pg = Postgres::start();
@@ -172,16 +162,9 @@ async fn claims_go_on_while_the_database_is_down_and_the_ledger_catches_up() {
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let text = gw
-            .client
-            .get(format!("{}/metrics", gw.admin))
-            .send()
-            .await
-            .expect("answered")
-            .text()
-            .await
-            .expect("text");
-        if backlog_metric(&text, "outage") >= 20.0 {
+        let text = gw.metrics().await;
+        let in_flight = metric(&text, "kamigate_events_in_flight", &["sku=\"outage\""]);
+        if in_flight.unwrap_or(0.0) >= 20.0 {
             break;
         }
         assert!(

@@ -10,7 +10,7 @@ use kamigate::config::Config;
 use kamigate::limit::BucketRule;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use support::gateway::{config, TestGateway};
+use support::gateway::{config, metric, TestGateway};
 use support::redis_server::{RedisServer, Resp};
 
 fn client_from(last_octet: u8) -> reqwest::Client {
@@ -325,25 +325,12 @@ async fn shadow_mode_blocks_nothing_but_counts() {
         let (status, _, _) = redeem_as(&client, &gw, "SHADOW-CODE", "u-1").await;
         assert_eq!(status, StatusCode::NOT_FOUND, "shadow mode never blocks");
     }
-    let metrics = gw
-        .client
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .expect("answered")
-        .text()
-        .await
-        .expect("text");
-    let shadowed = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("kamigate_limiter_decisions_total")
-                && l.contains("rule=\"public\"")
-                && l.contains("decision=\"shadow_deny\"")
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|n| n.parse::<f64>().ok())
-        .unwrap_or(0.0);
+    let shadowed = metric(
+        &gw.metrics().await,
+        "kamigate_limiter_decisions_total",
+        &["rule=\"public\"", "decision=\"shadow_deny\""],
+    )
+    .unwrap_or(0.0);
     assert!(shadowed >= 4.0, "shadow denials are counted: {shadowed}");
     gw.stop().await;
 }
@@ -405,28 +392,19 @@ async fn windows_fail_closed_or_open_when_redis_is_down() {
         // The redemption itself needs the engine either way: 503 both times; the metric
         // tells which path the window rule took.
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-        let metrics = gw
-            .client
-            .get(format!("{}/metrics", gw.admin))
-            .send()
-            .await
-            .expect("answered")
-            .text()
-            .await
-            .expect("text");
+        let metrics = gw.metrics().await;
         let decision = if fail_open {
             "fail_open"
         } else {
             "fail_closed"
         };
-        assert!(
-            metrics
-                .lines()
-                .any(|l| l.starts_with("kamigate_limiter_decisions_total")
-                    && l.contains("rule=\"failed_redemptions\"")
-                    && l.contains(&format!("decision=\"{decision}\""))),
-            "the {decision} path is counted"
+        let decision_label = format!("decision=\"{decision}\"");
+        let counted = metric(
+            &metrics,
+            "kamigate_limiter_decisions_total",
+            &["rule=\"failed_redemptions\"", &decision_label],
         );
+        assert!(counted.is_some(), "the {decision} path is counted");
         gw.stop().await;
     }
 }

@@ -189,7 +189,52 @@ impl TestGateway {
         body["engine"].clone()
     }
 
+    /// The `/metrics` text of the admin listener.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .expect("answered")
+            .text()
+            .await
+            .expect("text")
+    }
+
     pub async fn stop(self) {
         self.gateway.stop().await;
     }
+}
+
+/// The value of the first sample of `name` carrying every one of `labels` (`key="value"`
+/// fragments) in a Prometheus text exposition, if there is one.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// A key's audit trail from the admin API, and the kinds of its events in order.
+pub async fn audit_trail(
+    client: &reqwest::Client,
+    admin: &str,
+    key_id: &str,
+) -> (Value, Vec<String>) {
+    let trail: Value = client
+        .get(format!("{admin}/v1/keys/{key_id}/events"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("answered")
+        .json()
+        .await
+        .expect("json");
+    let kinds = trail["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["kind"].as_str().map(str::to_owned))
+        .collect();
+    (trail, kinds)
 }
