@@ -2,15 +2,18 @@
 -- KEYS: the SKU key set (prelude.lua)
 -- ARGV: 1 order id, 2 quantity (>= 1), 3 user id ('' = none), 4 hold ms ('0' = final claim),
 --       5 now (ms)
--- Reply: {'new'|'replay', state, expires_at, late, event id, id, code, ...} (see order_reply)
---      | {'sold_out'} | {'conflict'} | {'user_limit', current, limit} | {'no_sku'}
+-- Reply: {'new'|'replay', state, expires_at, late, event id, event, id, code, ...}
+--        (see order_reply)
+--      | {'sold_out', issuable} (issuable: keys there were, fewer than asked; 0 = none)
+--      | {'conflict'} | {'user_limit', current, limit} | {'no_sku'} | {'loading'}
 -- A retried order gets its first answer again, also after the SKU sold out; the same order id
 -- with other parameters is a conflict, never a second claim.
 
 local order_id, qty, user = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local hold_ms, now = tonumber(ARGV[4]), tonumber(ARGV[5])
 
-if redis.call('EXISTS', K.meta) == 0 then return { 'no_sku' } end
+local refused = unservable()
+if refused then return refused end
 expire_due(now, 100)
 
 local existing = decode_order(redis.call('HGET', K.orders, order_id))
@@ -24,8 +27,8 @@ end
 local limited = check_user_limit(user, qty)
 if limited then return limited end
 
-local ids = take(qty)
-if not ids then return { 'sold_out' } end
+local ids, issuable_left = take(qty, now)
+if not ids then return { 'sold_out', issuable_left } end
 local held = hold_ms > 0
 issue(ids, held)
 add_user_codes(user, qty)

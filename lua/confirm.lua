@@ -1,13 +1,17 @@
 -- confirm.lua — payment arrived for held order ARGV[1]: its hold becomes a final claim.
 -- KEYS: the SKU key set (prelude.lua)
 -- ARGV: 1 order id, 2 now (ms)
--- Reply: {'new'|'replay', state, expires_at, late, event id, id, code, ...} (see order_reply)
---      | {'not_found'} | {'hold_expired'} | {'sold_out'} | {'user_limit', current, limit}
+-- Reply: {'new'|'replay', state, expires_at, late, event id, event, id, code, ...}
+--        (see order_reply)
+--      | {'not_found'} | {'hold_expired'} | {'sold_out', issuable}
+--      | {'user_limit', current, limit} | {'no_sku'} | {'loading'}
 -- After the hold lapsed, fresh codes are claimed if any remain (late = 1), unless the SKU
 -- disallows late confirms (hold_expired). A released order cannot be confirmed.
 
 local order_id, now = ARGV[1], tonumber(ARGV[2])
 
+local refused = unservable()
+if refused then return refused end
 expire_due(now, 100)
 local o = decode_order(redis.call('HGET', K.orders, order_id))
 if not o then return { 'not_found' } end
@@ -40,8 +44,8 @@ end
 if redis.call('HGET', K.meta, 'allow_late') == '0' then return { 'hold_expired' } end
 local limited = check_user_limit(o.user, o.qty)
 if limited then return limited end
-local ids = take(o.qty)
-if not ids then return { 'sold_out' } end
+local ids, issuable_left = take(o.qty, now)
+if not ids then return { 'sold_out', issuable_left } end
 issue(ids, false)
 add_user_codes(o.user, o.qty)
 o.state, o.late, o.ids, o.updated_at = 'claimed', true, ids, now

@@ -1,21 +1,33 @@
 -- index.lua — the global code index (digest -> SKU) for redemptions that name no SKU, and
 -- the registry of SKUs. Neither changes inventory; both live outside any SKU's hash slot.
 -- KEYS: 1 an index shard (HASH, chosen by the digest's first hex digit) or the registry (SET)
--- ARGV: 'get', digest                      Reply: sku | nil
+-- ARGV: 'get', digest                      Reply: {sku or '', ready ('1'|'0')}
 --     | 'set', digest, sku, digest, sku …  Reply: number of new entries
+--     | 'ready'                            Reply: 1 (marks the shard complete)
+--     | 'ready?'                           Reply: 1 if the shard is marked complete, else 0
 --     | 'register', sku                    Reply: 1 if new, else 0
 --     | 'list'                             Reply: every registered SKU
+-- A shard is complete once the gateway indexed every SKU's codes into it; the mark (field
+-- READY, which no hex digest can equal) goes with the shard when the engine loses its data,
+-- so "no such code" is never answered from an index still being rebuilt.
 -- The prelude's K names do not apply here: this script is not per-SKU.
 
+local READY = '_ready'
 local op = ARGV[1]
 if op == 'get' then
-  return redis.call('HGET', KEYS[1], ARGV[2])
+  local r = redis.call('HMGET', KEYS[1], ARGV[2], READY)
+  return { r[1] or '', r[2] or '0' }
 elseif op == 'set' then
   local added = 0
   for i = 2, #ARGV, 2 do
     added = added + redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
   return added
+elseif op == 'ready' then
+  redis.call('HSET', KEYS[1], READY, '1')
+  return 1
+elseif op == 'ready?' then
+  return redis.call('HEXISTS', KEYS[1], READY)
 elseif op == 'register' then
   return redis.call('SADD', KEYS[1], ARGV[2])
 elseif op == 'list' then

@@ -1,10 +1,12 @@
 -- order.lua — read order ARGV[1], lapsing its hold first if it is due.
 -- KEYS: the SKU key set (prelude.lua)
 -- ARGV: 1 order id, 2 now (ms)
--- Reply: {'found', state, expires_at, late, event id, id, code, ...} (see order_reply)
---      | {'not_found'}
+-- Reply: {'found', state, expires_at, late, event id, event, id, code, ...} (see order_reply)
+--      | {'not_found'} | {'no_sku'} | {'loading'}
 
 local order_id, now = ARGV[1], tonumber(ARGV[2])
+local refused = unservable()
+if refused then return refused end
 local o = decode_order(redis.call('HGET', K.orders, order_id))
 if not o then return { 'not_found' } end
 if o.state == 'held' and now >= o.expires_at then

@@ -1,48 +1,80 @@
 -- orders.lua — rebuild order records from the ledger's order events (after engine data loss).
 -- KEYS: the SKU key set (prelude.lua)
--- ARGV: per event 10 values, oldest first: kind (hold|claim|confirm|release|expire), order id,
---       user id, ','-joined key ids, event id, at (ms), expires_at, hold ms, quantity,
---       late ('1'|'0')
+-- ARGV: per event 11 values: kind (hold|claim|confirm|release|expire), order id, user id,
+--       ','-joined key ids, event id, at (ms), expires_at, hold ms, quantity, late ('1'|'0'),
+--       the event's sequence number in the ledger
 -- Reply: number of events applied
 -- Keys come back from the ledger in their own state (warm.lua); this restores what makes a
 -- retried order_id recognisable — its record, its hold in the expiry set, and per-user
 -- counts — so a retry after the loss replays instead of claiming again. No events: the
 -- ledger already has them.
+--
+-- The ledger holds events in the order they were committed, which is not always the order
+-- they happened: several writers commit a SKU's stream, each its own batch. So an order's
+-- events are merged by rank, not applied in arrival order: a confirm (final) outranks a
+-- release or expiry, which outranks the hold or claim that created the order; an event of
+-- lower rank only fills in what the record lacks (quantity, hold length, creation time).
+-- Events at or below the SKU's `orders_seq` (meta) were applied already: a rebuild that is
+-- run again (interrupted, or by two gateways at once) changes nothing twice.
+
+local RANK = { hold = 1, claim = 1, release = 2, expire = 2, confirm = 3 }
+-- Whether an order in this state holds or owns its codes (counts toward its user).
+local function counted(state) return state == 'held' or state == 'claimed' end
 
 local applied = 0
-for i = 1, #ARGV, 10 do
-  local kind, order_id, user, ids, eid = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  local at, expires_at = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
-  local hold_ms, qty, late = tonumber(ARGV[i + 7]), tonumber(ARGV[i + 8]), ARGV[i + 9] == '1'
-  local id_list = split(ids, ',')
-  local o = decode_order(redis.call('HGET', K.orders, order_id))
-  if kind == 'hold' or kind == 'claim' then
-    local held = kind == 'hold'
-    o = {
-      state = held and 'held' or 'claimed', qty = qty > 0 and qty or #id_list, user = user,
-      hold_ms = hold_ms, expires_at = expires_at, late = false, created_at = at,
-      updated_at = at, ids = id_list,
-    }
-    add_user_codes(user, o.qty)
-    if held then redis.call('ZADD', K.holds, expires_at, order_id) end
-  elseif o and kind == 'confirm' then
-    if late then
-      -- The hold had lapsed (its codes counted off the user); fresh codes count again.
-      o.ids = id_list
-      add_user_codes(o.user, o.qty)
+local done = tonumber(redis.call('HGET', K.meta, 'orders_seq') or '0')
+for i = 1, #ARGV, 11 do
+  local seq = tonumber(ARGV[i + 10])
+  local kind = ARGV[i]
+  if seq > done and RANK[kind] then
+    done = seq
+    local order_id, user, ids = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    local at, expires_at = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
+    local hold_ms, qty, late = tonumber(ARGV[i + 7]), tonumber(ARGV[i + 8]), ARGV[i + 9] == '1'
+    local id_list = split(ids, ',')
+    local o = decode_order(redis.call('HGET', K.orders, order_id))
+    local rank = RANK[kind]
+    local was = o and o.state
+    local was_rank = o and tonumber(o.rank) or 0
+    if not o then
+      o = {
+        state = 'held', qty = qty > 0 and qty or #id_list, user = user, hold_ms = 0,
+        expires_at = 0, late = false, created_at = at, updated_at = at, ids = id_list,
+      }
     end
-    o.state, o.late, o.updated_at = 'claimed', late, at
-    redis.call('ZREM', K.holds, order_id)
-  elseif o and (kind == 'release' or kind == 'expire') then
-    if o.state == 'held' then add_user_codes(o.user, -o.qty) end
-    o.state = kind == 'release' and 'released' or 'expired'
-    o.updated_at = at
-    redis.call('ZREM', K.holds, order_id)
-  end
-  if o then
-    o.eid = eid
+    if rank == 1 then
+      -- The creation: what only it knows.
+      o.qty = qty > 0 and qty or #id_list
+      o.hold_ms, o.created_at = hold_ms, at
+      if kind == 'hold' then o.expires_at = expires_at end
+      if not was then o.user = user end
+    end
+    if rank >= was_rank then
+      if kind == 'claim' then
+        o.state = 'claimed'
+      elseif kind == 'hold' then
+        o.state = 'held'
+      elseif kind == 'confirm' then
+        o.state, o.late = 'claimed', late
+        if late then o.ids = id_list end
+      else
+        o.state = kind == 'release' and 'released' or 'expired'
+      end
+      o.ids = id_list
+      o.updated_at = math.max(o.updated_at, at)
+      o.rank = rank
+    end
+    if o.state == 'held' then
+      redis.call('ZADD', K.holds, o.expires_at, order_id)
+    else
+      redis.call('ZREM', K.holds, order_id)
+    end
+    local delta = (counted(o.state) and o.qty or 0) - ((was and counted(was)) and o.qty or 0)
+    if delta ~= 0 then add_user_codes(o.user, delta) end
+    o.eid = ''
     save_order(order_id, o)
     applied = applied + 1
   end
 end
+redis.call('HSET', K.meta, 'orders_seq', done)
 return applied

@@ -3,7 +3,10 @@
 -- KEYS of every per-SKU script, in this order; all share the SKU's hash tag `{sku}` so a
 -- script touches one Redis Cluster slot:
 --   1 meta         HASH  SKU settings: config (JSON), per_user_limit, allow_late, max_issues,
---                        max_uses, seq (last key id), created_at
+--                        max_uses, seq (last key id), created_at; gen (this incarnation of
+--                        the SKU in the engine, see emit); loading ('1' while a rebuild from
+--                        the ledger is under way: scripts that serve clients answer
+--                        {'loading'} instead of judging stock from a partial load)
 --   2 avail        LIST  key ids that can be issued now, oldest first
 --   3 keys         HASH  key id -> key record (see decode_key)
 --   4 codes        HASH  key id -> canonical code (returned to the claimer)
@@ -103,31 +106,52 @@ local function save_key(id, before, k)
   end
 end
 
--- An order record: state|quantity|user|hold_ms|expires_at|late|created_at|updated_at|ids|eid
--- state: held, claimed, released or expired. ids are ','-joined key ids. eid is the stream id
--- of the last event that changed the order: with durability "ledger", answers (replays too)
--- wait until the ledger has committed it.
+-- An order record:
+--   state|quantity|user|hold_ms|expires_at|late|created_at|updated_at|ids|eid|rank
+-- state: held, claimed, released or expired. ids are ','-joined key ids. eid is the answer id
+-- (see emit) of the last event that changed the order: with durability "ledger", answers
+-- (replays too) wait until the ledger has committed it; '' when the ledger has it already.
+-- rank is set only on orders rebuilt from the ledger (orders.lua).
 local function decode_order(rec)
   if not rec then return nil end
   local f = split(rec, '|')
   return {
     state = f[1], qty = tonumber(f[2]), user = f[3], hold_ms = tonumber(f[4]),
     expires_at = tonumber(f[5]), late = f[6] == '1', created_at = tonumber(f[7]),
-    updated_at = tonumber(f[8]), ids = split(f[9], ','), eid = f[10] or '',
+    updated_at = tonumber(f[8]), ids = split(f[9], ','), eid = f[10] or '', rank = f[11] or '',
   }
 end
 
 local function save_order(order_id, o)
   redis.call('HSET', K.orders, order_id, table.concat({
     o.state, o.qty, o.user, o.hold_ms, o.expires_at, o.late and '1' or '0', o.created_at,
-    o.updated_at, table.concat(o.ids, ','), o.eid or '',
+    o.updated_at, table.concat(o.ids, ','), o.eid or '', o.rank or '',
   }, '|'))
 end
 
--- Appends an event to the SKU's stream and returns its id. `fields` alternate names and
--- values.
+-- The last event this script call appended: {stream id, t, kind, at, now, field, value, …}.
+-- Replies that answer a change carry it, so the answering gateway can keep the change until
+-- the ledger has it, even if the engine loses its data first (see src/ledger/journal.rs).
+local EMITTED = {}
+
+-- Appends an event to the SKU's stream and returns its answer id, `<gen>:<stream id>`.
+-- `fields` alternate names and values. The SKU's generation (meta `gen`, new each time the
+-- SKU is created in an engine) tells an entry of a stream that was lost and recreated from
+-- a later one with a larger id, so nobody takes one for the other.
 local function emit(kind, now, fields)
-  return redis.call('XADD', K.events, '*', 't', kind, 'at', now, unpack(fields))
+  local id = redis.call('XADD', K.events, '*', 't', kind, 'at', now, unpack(fields))
+  EMITTED = { id, 't', kind, 'at', tostring(now) }
+  for i = 1, #fields do EMITTED[#EMITTED + 1] = tostring(fields[i]) end
+  return (redis.call('HGET', K.meta, 'gen') or '') .. ':' .. id
+end
+
+-- Nil when the SKU can serve clients, else the reply to give: {'no_sku'} when the engine
+-- lacks it, {'loading'} while it is being rebuilt from the ledger.
+local function unservable()
+  local loading = redis.call('HGET', K.meta, 'loading')
+  if loading == '1' then return { 'loading' } end
+  if not loading and redis.call('EXISTS', K.meta) == 0 then return { 'no_sku' } end
+  return nil
 end
 
 -- Adjusts how many codes a user currently has from this SKU.
@@ -148,21 +172,40 @@ local function check_user_limit(user, qty)
   return nil
 end
 
--- Pops `qty` issuable keys, all or none. Returns their ids, or nil when stock is short.
-local function take(qty)
-  local got = {}
+-- Pops `qty` issuable keys, all or none. Returns their ids, or nil and how many issuable
+-- keys there were when stock is short (0: none at all, the SKU is sold out for everyone).
+-- Keys past their `expires_at` are never issued: they are retired (voided with reason
+-- `expired`, one event for all of them) as they come up.
+local function take(qty, now)
+  local got, expired = {}, {}
   while #got < qty do
     local batch = redis.call('LPOP', K.avail, qty - #got)
     if not batch then break end
     for _, id in ipairs(batch) do
       local k = load_key(id)
       -- `avail` only ever holds issuable keys; a stale entry is dropped, not issued.
-      if k and issuable(k) then got[#got + 1] = id end
+      if k and issuable(k) then
+        if k.expires_at > 0 and now >= k.expires_at then
+          local before = snapshot(k)
+          before.in_list = false -- popped
+          k.void = true
+          save_key(id, before, k)
+          expired[#expired + 1] = id
+        else
+          got[#got + 1] = id
+        end
+      end
     end
+  end
+  if #expired > 0 then
+    local answer = EMITTED
+    emit('void', now, { 'ids', table.concat(expired, ','), 'reason', 'expired',
+      'before', 'available' })
+    EMITTED = answer -- not the change a client is answered about
   end
   if #got < qty then
     for i = #got, 1, -1 do redis.call('LPUSH', K.avail, got[i]) end
-    return nil
+    return nil, #got
   end
   return got
 end
@@ -216,10 +259,12 @@ local function expire_due(now, limit)
   return #due
 end
 
--- The reply describing an order: {tag, state, expires_at, late, eid, id, code, id, code, ...}.
--- Codes are revealed only once the order is final: a hold's codes may go back on sale.
+-- The reply describing an order:
+-- {tag, state, expires_at, late, eid, event, id, code, id, code, ...}, where event is the
+-- change this call made (EMITTED; empty for a replay). Codes are revealed only once the
+-- order is final: a hold's codes may go back on sale.
 local function order_reply(tag, o)
-  local reply = { tag, o.state, o.expires_at, o.late and 1 or 0, o.eid }
+  local reply = { tag, o.state, o.expires_at, o.late and 1 or 0, o.eid, EMITTED }
   local codes = {}
   if o.state == 'claimed' and #o.ids > 0 then
     codes = redis.call('HMGET', K.codes, unpack(o.ids))

@@ -1,12 +1,16 @@
 -- release.lua — cancel held order ARGV[1]: its codes go back to inventory at once.
 -- KEYS: the SKU key set (prelude.lua)
 -- ARGV: 1 order id, 2 now (ms)
--- Reply: {'new'|'replay', state, expires_at, late, event id, id, '', ...} (see order_reply)
+-- Reply: {'new'|'replay', state, expires_at, late, event id, event, id, '', ...}
+--        (see order_reply)
 --      | {'not_found'} | {'conflict'} (a final claim: its codes were delivered)
+--      | {'no_sku'} | {'loading'}
 -- Releasing an order that already lapsed or was released answers its state again.
 
 local order_id, now = ARGV[1], tonumber(ARGV[2])
 
+local refused = unservable()
+if refused then return refused end
 local o = decode_order(redis.call('HGET', K.orders, order_id))
 if not o then return { 'not_found' } end
 if o.state == 'held' and now >= o.expires_at then

@@ -1,8 +1,14 @@
 -- sku.lua — create or update a SKU's settings, or read them.
 -- KEYS: the SKU key set (prelude.lua)
 -- ARGV: 'put', config JSON, per_user_limit (0 = none), allow_late ('1'|'0'), max_issues,
---       max_uses, now (ms)                       Reply: {'created'} | {'updated'}
---     | 'get'                                    Reply: {config JSON} | {'no_sku'}
+--       max_uses, now (ms), gen, loading ('1'|'0')
+--                                                Reply: {'created'} | {'updated'}
+--         gen and loading apply only when the call creates the SKU: gen names this
+--         incarnation (see emit in the prelude); loading = '1' creates it for a rebuild
+--         from the ledger, unservable until 'ready'.
+--     | 'get'                                    Reply: {config JSON, gen, loading,
+--                                                      created_at} | {'no_sku'}
+--     | 'ready'                                  Reply: {'ready'} | {'no_sku'}
 --     | 'epoch'                                  Reply: {epoch or ''} | {'no_sku'}
 --     | 'mark', epoch                            Reply: {'marked'} | {'no_sku'}
 -- The epoch is a marker the gateway writes into both the engine and the ledger when they
@@ -21,13 +27,22 @@ if op == 'epoch' or op == 'mark' then
   return { redis.call('HGET', K.meta, 'epoch') or '' }
 end
 if op == 'get' then
-  local config = redis.call('HGET', K.meta, 'config')
-  if not config then return { 'no_sku' } end
-  return { config }
+  local m = redis.call('HMGET', K.meta, 'config', 'gen', 'loading', 'created_at')
+  if not m[1] then return { 'no_sku' } end
+  return { m[1], m[2] or '', m[3] or '0', m[4] or '0' }
+end
+if op == 'ready' then
+  if redis.call('EXISTS', K.meta) == 0 then return { 'no_sku' } end
+  redis.call('HDEL', K.meta, 'loading')
+  return { 'ready' }
 end
 
 local now = tonumber(ARGV[7])
 local created = redis.call('HSETNX', K.meta, 'created_at', now) == 1
+if created then
+  redis.call('HSET', K.meta, 'gen', ARGV[8] or '')
+  if ARGV[9] == '1' then redis.call('HSET', K.meta, 'loading', '1') end
+end
 redis.call('HSET', K.meta, 'config', ARGV[2], 'per_user_limit', ARGV[3], 'allow_late', ARGV[4],
   'max_issues', ARGV[5], 'max_uses', ARGV[6], 'updated_at', now)
 emit('sku', now, { 'op', created and 'create' or 'update' })

@@ -1,12 +1,13 @@
 -- stream.lua — the ledger writer's side of a SKU's event stream (src/ledger/writer.rs).
--- KEYS: 1 the SKU's events (STREAM kg:{sku}:events), 2 its dead letters (STREAM kg:{sku}:dead);
---       both carry the SKU's hash tag. The prelude's K names do not apply here.
+-- KEYS: 1 the SKU's events (STREAM kg:{sku}:events), 2 its dead letters (STREAM kg:{sku}:dead),
+--       3 its settings (HASH kg:{sku}:meta, read only: its `gen`); all carry the SKU's hash
+--       tag. The prelude's K names do not apply here.
 -- ARGV: 'read', group, consumer, count, min idle ms
 --         Creates the group (from the first entry) if missing, then gives `consumer` up to
 --         `count` entries: first its own unacknowledged ones (a batch whose commit failed),
 --         then entries other consumers have left unacknowledged for min idle ms (they died),
 --         then entries never delivered.
---         Reply: {pending, lag, floor, last_delivered, own, claimed, new, entry, entry, …}
+--         Reply: {pending, lag, floor, last_delivered, own, claimed, new, gen, entry, …}
 --           pending, lag     the group's backlog before this read: delivered and not yet
 --                            acknowledged, and not yet delivered (lag)
 --           floor            the oldest unsettled entry's id before this read (the smallest
@@ -14,13 +15,17 @@
 --                            entry below it was acknowledged
 --           last_delivered   the group's last delivered id before this read
 --           own, claimed, new  how many of the entries came from each source, in this order
+--           gen              the SKU's generation in the engine ('' without one): answers
+--                            name it with their entry id, and ids compare only within one
 --           entry            {id, {field, value, …}}, as XREADGROUP gives them
 --     | 'ack', group, id…          Reply: how many were pending
 --         Acknowledges committed entries, then trims what every group has settled.
 --     | 'dead', group, id, reason  Reply: 1 | 0 (the entry was no longer pending or gone)
 --         Copies a pending entry to the dead-letter stream (with `source_id` and `reason`
 --         fields before its own) and acknowledges it, in one step.
---     | 'backlog', group, now ms   Reply: {pending, lag, oldest unsettled entry's age ms}
+--     | 'backlog', group, now ms   Reply: {pending, lag, oldest unsettled entry's age ms, keys}
+--         keys: how many keys the unsettled events change (an upper bound beyond the first
+--         KEYS_COUNTED_MAX events, counting MAX_KEYS_PER_EVENT for each of the rest)
 --     | 'reap', group, idle ms     Reply: how many consumers were deleted
 --         Deletes consumers that own nothing and were not seen for idle ms: gateways that
 --         stopped (each run has a fresh consumer name, so they would pile up otherwise).
@@ -29,7 +34,7 @@
 -- the smaller of its oldest pending id and its last delivered id. An entry below both was
 -- delivered and acknowledged, i.e. committed to the ledger (or dead-lettered).
 
-local events, dead = KEYS[1], KEYS[2]
+local events, dead, meta = KEYS[1], KEYS[2], KEYS[3]
 local op, group = ARGV[1], ARGV[2]
 
 -- Dead letters kept at most (approximately): poison should never happen, and a runaway
@@ -40,6 +45,12 @@ local LAG_COUNT_MAX = 10000
 -- XAUTOCLAIM calls per read: each scans at most ten PEL entries per entry wanted, so a PEL
 -- crowded with live consumers' entries is walked a few steps at a time, never all at once.
 local AUTOCLAIM_ROUNDS = 4
+-- Unsettled events whose keys 'backlog' counts one by one, and the most keys one event can
+-- change (a claim's largest quantity) assumed for each event beyond.
+local KEYS_COUNTED_MAX = 2000
+local MAX_KEYS_PER_EVENT = 100
+-- Events that change no key's state: the ledger already has what they say.
+local NO_KEY_CHANGE = { add = true, sku = true }
 
 -- Stream ids compare as (ms, seq). Both parts are exact Lua numbers: ms are epoch
 -- milliseconds (< 2^53), seq counts entries within one millisecond.
@@ -170,7 +181,8 @@ if op == 'read' then
     end
   end
 
-  local reply = { pending, lag, floor or '', last, own, claimed, new }
+  local gen = redis.call('HGET', meta, 'gen') or ''
+  local reply = { pending, lag, floor or '', last, own, claimed, new, gen }
   for _, e in ipairs(entries) do reply[#reply + 1] = e end
   return reply
 end
@@ -207,15 +219,40 @@ if op == 'backlog' then
     local ms = id_parts(id)
     return math.max(now - ms, 0)
   end
+  -- Keys changed by the unsettled entries from `from` on: pending ones at or below
+  -- `last` (delivered), every one above it.
+  local function keys_owed(from, last, pending_ids, total)
+    if not from then return 0 end
+    local keys, seen = 0, 0
+    for _, e in ipairs(redis.call('XRANGE', events, from, '+', 'COUNT', KEYS_COUNTED_MAX)) do
+      if (not last) or pending_ids[e[1]] or id_less(last, e[1]) then
+        seen = seen + 1
+        local f = as_map(e[2])
+        if not NO_KEY_CHANGE[f['t']] and f['ids'] and f['ids'] ~= '' then
+          local n = 1
+          for _ in string.gmatch(f['ids'], ',') do n = n + 1 end
+          keys = keys + n
+        end
+      end
+    end
+    return keys + math.max(total - seen, 0) * MAX_KEYS_PER_EVENT
+  end
   local g = group_info(group)
   if not g then
     -- No writer has read this stream yet: all of it is owed.
-    if redis.call('EXISTS', events) == 0 then return { 0, 0, 0 } end
+    if redis.call('EXISTS', events) == 0 then return { 0, 0, 0, 0 } end
     local first = redis.call('XRANGE', events, '-', '+', 'COUNT', 1)[1]
-    return { 0, redis.call('XLEN', events), age(first and first[1]) }
+    local lag = redis.call('XLEN', events)
+    return { 0, lag, age(first and first[1]), keys_owed('-', nil, {}, lag) }
   end
-  local pending, lag, floor = owed(g)
-  return { pending, lag, age(floor) }
+  local pending, lag, floor, last = owed(g)
+  local pending_ids = {}
+  if pending > 0 then
+    for _, p in ipairs(redis.call('XPENDING', events, group, '-', '+', KEYS_COUNTED_MAX)) do
+      pending_ids[p[1]] = true
+    end
+  end
+  return { pending, lag, age(floor), keys_owed(floor, last, pending_ids, pending + lag) }
 end
 
 if op == 'reap' then

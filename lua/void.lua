@@ -1,10 +1,12 @@
 -- void.lua — take key ARGV[1] out of circulation: it can be neither issued nor redeemed.
 -- KEYS: the SKU key set (prelude.lua)
 -- ARGV: 1 key id, 2 reason, 3 now (ms)
--- Reply: {'new', state before} | {'replay'} (already void) | {'not_found'}
+-- Reply: {'new', state before} | {'replay'} (already void) | {'not_found'} | {'no_sku'} | {'loading'}
 -- Orders keep their record of the key; the key just stops counting as sold.
 
 local id, reason, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local refused = unservable()
+if refused then return refused end
 local k = load_key(id)
 if not k then return { 'not_found' } end
 if k.void then return { 'replay' } end
@@ -12,4 +14,4 @@ local before = snapshot(k)
 k.void = true
 save_key(id, before, k)
 emit('void', now, { 'ids', id, 'reason', reason, 'before', before.state })
-return { 'new', before.state }
+return { 'new', before.state, EMITTED }

@@ -72,7 +72,7 @@ pub async fn import(
     let settings = settings(ledger.as_ref(), sku).await?;
     let shared_engine = inventory.engine().kind() == EngineKind::Redis;
     if shared_engine {
-        restore_sku(ledger.as_ref(), &inventory, sku).await?;
+        restore_sku(ledger.as_ref(), &inventory, sku, grace(config)).await?;
     }
     let read_error = |source| CommandError::Read {
         path: file.display().to_string(),
@@ -135,7 +135,7 @@ pub async fn warm(
     };
     let mut reports = Vec::new();
     for sku in skus {
-        let report = match restore_sku(ledger.as_ref(), &inventory, &sku).await? {
+        let report = match restore_sku(ledger.as_ref(), &inventory, &sku, grace(config)).await? {
             Some(report) => report,
             None => {
                 // Resumable by design: keys already in the engine are skipped, so an
@@ -194,4 +194,10 @@ pub async fn reconcile(
         })
         .await?,
     )
+}
+
+/// How long a rebuild from the command line waits for running gateways to write what they
+/// answered into the ledger (see [`crate::ledger::journal`]).
+fn grace(config: &Config) -> std::time::Duration {
+    std::time::Duration::from_millis(config.rebuild_grace_ms)
 }

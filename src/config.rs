@@ -46,22 +46,33 @@ pub struct Config {
     /// Rate limits, load shedding and abuse protection (`[limits]`).
     pub limits: LimitsConfig,
     /// When a claim, confirm, release or redemption is answered (`KAMIGATE_DURABILITY`).
-    pub durability: Durability,
+    /// Unset: `ledger` on the embedded engine (the ledger is its persistence: nothing
+    /// answered may be lost with the process), `engine` on Redis. See
+    /// [`Config::durability`].
+    pub durability: Option<Durability>,
     /// With `durability = "ledger"`, how long an answer waits for the ledger's commit before
     /// it is `ERR_UNAVAILABLE` (the change stands; a retry replays it).
     pub ledger_wait_ms: u64,
     /// Events another gateway left unacknowledged this long are taken over by this one's
     /// writer: that gateway is presumed dead.
     pub event_reclaim_idle_ms: u64,
+    /// When Redis lost a SKU's data, how long a rebuild waits after it began before loading
+    /// the ledger's keys, so every other gateway has noticed the loss and written the changes
+    /// it answered into the ledger first. Above the loss-detection interval (1 s).
+    pub rebuild_grace_ms: u64,
+    /// With `durability = "engine"`, most answered changes a gateway keeps in memory until
+    /// the ledger has them; beyond, changes are answered `ERR_UNAVAILABLE` (the ledger is
+    /// far behind).
+    pub journal_max_events: usize,
 }
 
 /// When a state change is answered.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
     /// As soon as the engine's script ran: the change is in the engine (and, with Redis,
-    /// as durable as its AOF settings make it); the ledger follows within moments.
-    #[default]
+    /// as durable as its AOF settings make it) and in the answering gateway's journal until
+    /// the ledger has it; the ledger follows within moments.
     Engine,
     /// Once the ledger committed the change's event (group commit): nothing answered can
     /// be lost with the engine.
@@ -85,9 +96,11 @@ impl Default for Config {
             hold_sweep_interval_ms: 500,
             log_json: false,
             limits: LimitsConfig::default(),
-            durability: Durability::Engine,
+            durability: None,
             ledger_wait_ms: 5000,
             event_reclaim_idle_ms: 30_000,
+            rebuild_grace_ms: 2000,
+            journal_max_events: 1_000_000,
         }
     }
 }
@@ -166,8 +179,8 @@ impl Config {
         }
         if let Some(v) = set(get("KAMIGATE_DURABILITY")) {
             self.durability = match v.as_str() {
-                "engine" => Durability::Engine,
-                "ledger" => Durability::Ledger,
+                "engine" => Some(Durability::Engine),
+                "ledger" => Some(Durability::Ledger),
                 _ => {
                     return Err(ConfigError::Env {
                         name: "KAMIGATE_DURABILITY",
@@ -180,6 +193,15 @@ impl Config {
             self.log_json = matches!(v.as_str(), "1" | "true" | "yes");
         }
         Ok(())
+    }
+
+    /// When changes are answered: as configured, else `ledger` on the embedded engine and
+    /// `engine` on Redis.
+    pub fn durability(&self) -> Durability {
+        self.durability.unwrap_or(match self.redis_url {
+            Some(_) => Durability::Engine,
+            None => Durability::Ledger,
+        })
     }
 
     /// Rejects settings that cannot work together.
@@ -206,6 +228,9 @@ impl Config {
         }
         if self.hold_sweep_interval_ms == 0 {
             return invalid("hold_sweep_interval_ms must be positive");
+        }
+        if self.journal_max_events == 0 {
+            return invalid("journal_max_events must be positive");
         }
         self.limits.validate().map_err(ConfigError::Invalid)?;
         if let Some(url) = &self.redis_url {

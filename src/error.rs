@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 
 use crate::code::Malformed;
 use crate::engine::EngineError;
+use crate::ledger::LedgerError;
 
 /// Everything a request can fail with. Each variant is one documented `ERR_…` code.
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +182,16 @@ pub fn mask(id: &str) -> String {
     let head: String = chars[..2].iter().collect();
     let tail: String = chars[chars.len() - 2..].iter().collect();
     format!("{head}****{tail}")
+}
+
+impl From<LedgerError> for Error {
+    fn from(e: LedgerError) -> Error {
+        match e {
+            LedgerError::Unavailable(why) => Error::Unavailable(format!("ledger: {why}")),
+            LedgerError::NotFound(what) => Error::NotFound(what),
+            other => Error::Internal(format!("ledger: {other}")),
+        }
+    }
 }
 
 #[cfg(test)]

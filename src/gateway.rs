@@ -12,12 +12,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::datadir::{self, DataDirLock, LockError};
 use crate::engine::embedded::EmbeddedEngine;
 use crate::engine::redis::{RedisEngine, RedisOptions};
-use crate::engine::{EngineError, ScriptEngine};
+use crate::engine::{EngineError, EngineKind, ScriptEngine};
+use crate::error::Error;
 use crate::http::{self, App, Limits};
 use crate::inventory::drift::Drift;
-use crate::inventory::warm::{check_epoch, restore_sku, warm_sku};
+use crate::inventory::warm::{check_epoch, restore_sku, warm_sku, WarmReport};
 use crate::inventory::Inventory;
 use crate::ledger::writer::{EventWriter, WriterOptions};
 use crate::ledger::{self, Ledger, LedgerError};
@@ -31,6 +33,8 @@ pub enum StartError {
     Engine(#[from] EngineError),
     #[error("ledger: {0}")]
     Ledger(#[from] LedgerError),
+    #[error("{0}")]
+    DataDir(#[from] LockError),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -64,6 +68,8 @@ pub struct Gateway {
     pub generated_tokens: bool,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// Held until the gateway stopped.
+    _lock: Option<DataDirLock>,
 }
 
 impl Gateway {
@@ -76,6 +82,12 @@ impl Gateway {
     /// Starts serving over an already opened inventory (tests inject clocks this way); the
     /// ledger is opened from `config`, and the engine is given every SKU it lacks.
     pub async fn start_with(config: Config, inventory: Inventory) -> Result<Gateway, StartError> {
+        // The embedded engine is this process: a second one on the same data dir would be a
+        // second inventory of the same codes.
+        let lock = match inventory.engine().kind() {
+            EngineKind::Embedded => Some(datadir::lock(&config.data_dir)?),
+            EngineKind::Redis => None,
+        };
         let ledger = ledger::open(config.database_url.as_deref(), &config.data_dir).await?;
         let cursors = Arc::new(WarmCursors::new());
         let bind = |addr: SocketAddr| async move {
@@ -105,10 +117,19 @@ impl Gateway {
             ledger.clone(),
             WriterOptions {
                 reclaim_idle_ms: config.event_reclaim_idle_ms,
+                journal_max_events: config.journal_max_events,
                 ..WriterOptions::default()
             },
         );
-        sync_with_ledger(ledger.as_ref(), &inventory, &writer, &cursors).await;
+        let sync = Sync {
+            grace: match inventory.engine().kind() {
+                // Nobody else shares an embedded engine: nobody else has answers to write.
+                EngineKind::Embedded => Duration::ZERO,
+                EngineKind::Redis => Duration::from_millis(config.rebuild_grace_ms),
+            },
+            cursors,
+        };
+        let known = sync.run(ledger.as_ref(), &inventory, &writer).await;
         let app = Arc::new(App::new(
             inventory,
             ledger,
@@ -117,15 +138,16 @@ impl Gateway {
             limits,
             &config,
         ));
+        app.skus.know(&known);
         m::handle();
 
         let (stop, stopped) = watch::channel(false);
         let sweep = tokio::spawn(sweep_holds(
             app.clone(),
-            cursors,
             Duration::from_millis(config.hold_sweep_interval_ms),
             stopped.clone(),
         ));
+        let syncing = tokio::spawn(keep_in_sync(app.clone(), sync, stopped.clone()));
         let limiter_sweep = tokio::spawn(sweep_limiters(app.clone(), stopped.clone()));
         // The writer stops last, after in-flight requests finished, so their events reach
         // the ledger before the process exits.
@@ -142,7 +164,7 @@ impl Gateway {
                 let _ = stopped.wait_for(|s| *s).await;
             };
             http::serve(serve_app, public, admin, signal, shutdown).await;
-            let _ = tokio::join!(sweep, limiter_sweep);
+            let _ = tokio::join!(sweep, limiter_sweep, syncing);
             let _ = stop_writer.send(true);
             let _ = writing.await;
         });
@@ -155,6 +177,7 @@ impl Gateway {
             generated_tokens,
             stop,
             task,
+            _lock: lock,
         })
     }
 
@@ -177,60 +200,127 @@ impl Gateway {
 /// How far each SKU's ledger keys are known to be in the engine, by local id.
 pub type WarmCursors = DashMap<String, i64>;
 
-/// Brings the engine up to the ledger: every SKU it lacks (a fresh embedded engine, Redis
-/// that lost its data) is rebuilt whole, and keys of batches activated elsewhere (the
-/// `kamigate import` command, another instance) are loaded. Idempotent; failures are logged
-/// and the next pass tries again.
-async fn sync_with_ledger(
-    ledger: &dyn Ledger,
-    inventory: &Inventory,
-    writer: &EventWriter,
-    cursors: &WarmCursors,
-) {
-    let skus = match ledger.list_skus().await {
-        Ok(skus) => skus,
-        Err(e) => {
-            tracing::warn!(error = %e, "listing the ledger's SKUs failed");
-            return;
-        }
-    };
-    for sku in skus {
-        let result = match restore_sku(ledger, inventory, &sku).await {
-            Ok(Some(report)) => Ok(report),
-            Ok(None) => {
-                let after = cursors.get(&sku).map(|c| *c).unwrap_or(0);
-                let warmed = warm_sku(ledger, inventory, &sku, after, |_| {}).await;
-                if let Ok(backlog) = writer.backlog(&sku).await {
-                    if let Err(e) = check_epoch(ledger, inventory, &sku, backlog.in_flight()).await
-                    {
-                        tracing::warn!(sku, error = %e, "checking the epoch marker failed");
-                    }
-                }
-                warmed
+/// How often the engine is checked against the ledger: a SKU the engine lost is noticed
+/// within this interval (at once when a request runs into it).
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeping the engine up to the ledger.
+struct Sync {
+    /// How long a rebuild waits for other gateways to write what they answered.
+    grace: Duration,
+    cursors: Arc<WarmCursors>,
+}
+
+impl Sync {
+    /// Brings the engine up to the ledger: every SKU it lacks (a fresh embedded engine,
+    /// Redis that lost its data) is rebuilt whole, after the changes this gateway answered
+    /// and the ledger may not have are written into it; keys of batches activated
+    /// elsewhere (the `kamigate import` command, another instance) are loaded; and once
+    /// every SKU's codes are indexed, the global index is marked complete. Idempotent;
+    /// failures are logged and the next pass tries again. Returns the ledger's SKUs.
+    async fn run(
+        &self,
+        ledger: &dyn Ledger,
+        inventory: &Inventory,
+        writer: &EventWriter,
+    ) -> Vec<String> {
+        let skus = match ledger.list_skus().await {
+            Ok(skus) => skus,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing the ledger's SKUs failed");
+                return Vec::new();
             }
-            Err(e) => Err(e),
         };
-        match result {
-            Ok(report) => {
-                if report.loaded > 0 {
-                    tracing::info!(sku, loaded = report.loaded, "loaded new ledger keys");
-                }
-                cursors.insert(sku, report.last_local_id);
+        let index_ready = match inventory.index_ready().await {
+            Ok(ready) => ready,
+            Err(e) => {
+                tracing::warn!(error = %e, "checking the code index failed");
+                return skus;
             }
-            Err(e) => tracing::warn!(sku, error = %e, "syncing a SKU with the ledger failed"),
+        };
+        let mut complete = true;
+        for sku in &skus {
+            match self
+                .sync_sku(ledger, inventory, writer, sku, !index_ready)
+                .await
+            {
+                Ok(report) => {
+                    if report.loaded > 0 {
+                        tracing::info!(sku, loaded = report.loaded, "loaded new ledger keys");
+                    }
+                    self.cursors.insert(sku.clone(), report.last_local_id);
+                }
+                Err(e) => {
+                    complete = false;
+                    tracing::warn!(sku, error = %e, "syncing a SKU with the ledger failed");
+                }
+            }
         }
+        if !index_ready && complete {
+            match inventory.mark_index_ready().await {
+                Ok(()) => tracing::info!(skus = skus.len(), "code index complete"),
+                Err(e) => tracing::warn!(error = %e, "marking the code index complete failed"),
+            }
+        }
+        skus
+    }
+
+    /// One SKU of [`Sync::run`]. `reindex`: the global index lost its data, so every key is
+    /// indexed again, not only new ones.
+    async fn sync_sku(
+        &self,
+        ledger: &dyn Ledger,
+        inventory: &Inventory,
+        writer: &EventWriter,
+        sku: &str,
+        reindex: bool,
+    ) -> Result<WarmReport, Error> {
+        let state = inventory.sku_state(sku).await?;
+        let current = state
+            .as_ref()
+            .filter(|s| !s.loading)
+            .map(|s| s.gen.as_str());
+        // Before anything is rebuilt from the ledger, the ledger gets what this gateway
+        // answered that the engine lost; if it cannot, the rebuild waits.
+        writer.flush_lost(sku, current).await.map_err(Error::from)?;
+        if let Some(report) = restore_sku(ledger, inventory, sku, self.grace).await? {
+            return Ok(report);
+        }
+        let after = if reindex {
+            0
+        } else {
+            self.cursors.get(sku).map(|c| *c).unwrap_or(0)
+        };
+        let warmed = warm_sku(ledger, inventory, sku, after, |_| {}).await?;
+        if let Ok(backlog) = writer.backlog(sku).await {
+            if let Err(e) = check_epoch(ledger, inventory, sku, backlog.in_flight()).await {
+                tracing::warn!(sku, error = %e, "checking the epoch marker failed");
+            }
+        }
+        Ok(warmed)
+    }
+}
+
+/// Checks the engine against the ledger every [`SYNC_EVERY`], and at once when a request
+/// found a SKU missing or loading.
+async fn keep_in_sync(app: Arc<App>, sync: Sync, mut stopped: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(SYNC_EVERY) => {}
+            _ = app.inventory.lost_sku() => {}
+        }
+        let known = sync
+            .run(app.ledger.as_ref(), &app.inventory, &app.writer)
+            .await;
+        app.skus.know(&known);
     }
 }
 
 /// Lapses due holds of every SKU on a fixed interval, and refreshes the inventory and
 /// engine-up gauges. Claims and confirms lapse due holds themselves too; this sweep makes
 /// returned stock visible in counts and to other readers within an interval.
-async fn sweep_holds(
-    app: Arc<App>,
-    cursors: Arc<WarmCursors>,
-    every: Duration,
-    mut stopped: watch::Receiver<bool>,
-) {
+async fn sweep_holds(app: Arc<App>, every: Duration, mut stopped: watch::Receiver<bool>) {
     let inventory = &app.inventory;
     const BATCH: u64 = 500;
     const GAUGES_EVERY: Duration = Duration::from_secs(5);
@@ -245,9 +335,6 @@ async fn sweep_holds(
             _ = ticker.tick() => {}
         }
         if listed_at.is_none_or(|t| t.elapsed() >= GAUGES_EVERY) {
-            // An engine that lost its data (Redis restarted empty, FLUSHALL) is rebuilt
-            // from the ledger within this interval.
-            sync_with_ledger(app.ledger.as_ref(), inventory, &app.writer, &cursors).await;
             match inventory.list_skus().await {
                 Ok(list) => {
                     skus = list;
@@ -344,7 +431,7 @@ async fn refresh_gauges(app: &App, sku: &str) {
             .set(backlog.in_flight() as f64);
     }
     if let (Ok(engine), Ok(ledger), Ok(backlog)) = (engine, ledger, backlog) {
-        let drift = Drift::between(&engine, &ledger, backlog.in_flight());
+        let drift = Drift::between(&engine, &ledger, backlog.in_flight(), backlog.keys);
         metrics::gauge!(m::DRIFT, "sku" => sku.to_owned()).set(drift.keys as f64);
     }
 }

@@ -7,6 +7,7 @@
 //! - [`error`]: the API's error type, its HTTP status and JSON envelope.
 //! - [`code`]: code formats: normalise, validate, check character, generate (pure).
 //! - [`sku`]: SKU settings and identifier rules.
+//! - [`datadir`]: one gateway per data dir (an OS lock).
 //! - [`engine`]: the [`engine::ScriptEngine`] seam; Redis (fred) and embedded (mlua)
 //!   engines run the same `lua/` scripts, the only code that changes inventory state.
 //! - [`inventory`]: claims, holds, redemptions and imports in domain terms over an engine.
@@ -20,6 +21,7 @@
 pub mod code;
 pub mod commands;
 pub mod config;
+pub mod datadir;
 pub mod engine;
 pub mod error;
 pub mod gateway;

@@ -47,6 +47,8 @@ impl Harness {
 
     /// Creates `sku` with `config` and `n` codes; returns the codes.
     async fn stock(&self, sku: &str, config: SkuConfig, n: usize) -> Vec<String> {
+        // As a gateway does once every SKU is indexed.
+        self.inv.mark_index_ready().await.expect("index marked");
         self.inv.put_sku(sku, &config).await.expect("SKU created");
         let codes: Vec<String> = (0..n).map(|i| format!("{sku}-CODE-{i:05}")).collect();
         self.add(sku, &codes, None).await;
@@ -632,4 +634,135 @@ conformance!(
     void_takes_codes_out_and_restore_puts_them_back,
     every_state_change_is_an_event,
     redeem_without_sku_finds_the_code_through_the_index,
+    expired_codes_are_never_issued_and_are_retired,
+    a_claim_for_more_than_remains_says_codes_are_left,
+    a_sku_being_rebuilt_answers_unavailable_never_sold_out_or_unknown,
+    an_incomplete_index_answers_unavailable_never_unknown,
+    answers_name_the_generation_of_the_sku,
 );
+
+async fn expired_codes_are_never_issued_and_are_retired(h: Harness) {
+    h.inv.mark_index_ready().await.expect("index marked");
+    h.inv
+        .put_sku("exp", &SkuConfig::default())
+        .await
+        .expect("SKU created");
+    let now = h.clock.now();
+    h.add("exp", &["OLD-1".into(), "OLD-2".into()], Some(now + 1_000))
+        .await;
+    h.add("exp", &["FRESH-1".into()], None).await;
+    h.clock.advance(1_000);
+    let order = h
+        .claim("exp", "o-1", 1)
+        .await
+        .expect("the fresh code is sold");
+    assert_eq!(codes_of(&order), ["FRESH1"]);
+    let c = h.counts("exp").await;
+    assert_eq!(
+        (c.available, c.claimed, c.void),
+        (0, 1, 2),
+        "the expired codes were retired as void, not left for sale"
+    );
+    assert!(matches!(
+        h.claim("exp", "o-2", 1).await,
+        Err(Error::SoldOut)
+    ));
+    let events = h.events("exp").await;
+    assert!(events.contains(&"void".to_owned()), "{events:?}");
+}
+
+async fn a_claim_for_more_than_remains_says_codes_are_left(h: Harness) {
+    h.stock("partial", SkuConfig::default(), 5).await;
+    let big = ClaimRequest {
+        order_id: "big".into(),
+        quantity: 10,
+        user_id: None,
+        hold_ms: None,
+    };
+    let (result, exhausted) = h.inv.claim_checked("partial", &big).await;
+    assert!(matches!(result, Err(Error::SoldOut)));
+    assert!(!exhausted, "5 codes are left: not sold out for everyone");
+    assert_eq!(h.counts("partial").await.available, 5, "nothing taken");
+    h.claim("partial", "small", 5)
+        .await
+        .expect("the 5 are sold");
+    let again = ClaimRequest {
+        order_id: "last".into(),
+        ..big
+    };
+    let (result, exhausted) = h.inv.claim_checked("partial", &again).await;
+    assert!(matches!(result, Err(Error::SoldOut)));
+    assert!(exhausted, "nothing left at all");
+}
+
+async fn a_sku_being_rebuilt_answers_unavailable_never_sold_out_or_unknown(h: Harness) {
+    h.inv.mark_index_ready().await.expect("index marked");
+    let inv = &h.inv;
+    assert!(inv
+        .create_loading("rebuild", &SkuConfig::default())
+        .await
+        .expect("created loading"));
+    h.add("rebuild", &["CODE-1".into()], None).await;
+    let unavailable = |r: &Result<Order, Error>| matches!(r, Err(Error::Unavailable(_)));
+    assert!(unavailable(&h.claim("rebuild", "o-1", 1).await));
+    assert!(unavailable(&inv.confirm("rebuild", "o-1").await));
+    assert!(unavailable(&inv.release("rebuild", "o-1").await));
+    assert!(unavailable(&inv.order("rebuild", "o-1").await));
+    assert!(matches!(
+        inv.redeem("rebuild", "CODE1", "u-1").await,
+        Err(Error::Unavailable(_))
+    ));
+    assert!(matches!(
+        inv.counts("rebuild").await,
+        Err(Error::Unavailable(_))
+    ));
+    assert_eq!(
+        inv.expire_due("rebuild", 10).await.expect("sweep"),
+        (0, false)
+    );
+    assert!(
+        inv.sku_state("rebuild")
+            .await
+            .expect("state")
+            .expect("exists")
+            .loading
+    );
+    inv.mark_ready("rebuild").await.expect("ready");
+    h.claim("rebuild", "o-1", 1)
+        .await
+        .expect("claimable once ready");
+    // A SKU the engine lost while a request was on its way: unavailable, not unknown.
+    assert!(unavailable(&h.claim("never-created", "o-1", 1).await));
+}
+
+async fn an_incomplete_index_answers_unavailable_never_unknown(h: Harness) {
+    assert!(!h.inv.index_ready().await.expect("readable"));
+    assert!(matches!(
+        h.inv.locate("SOME-CODE").await,
+        Err(Error::Unavailable(_))
+    ));
+    h.inv.mark_index_ready().await.expect("marked");
+    assert!(h.inv.index_ready().await.expect("readable"));
+    assert_eq!(h.inv.locate("SOME-CODE").await.expect("lookup"), None);
+}
+
+async fn answers_name_the_generation_of_the_sku(h: Harness) {
+    h.stock("gen", SkuConfig::default(), 2).await;
+    let gen = h
+        .inv
+        .sku_state("gen")
+        .await
+        .expect("state")
+        .expect("exists")
+        .gen;
+    assert_eq!(gen.len(), 16, "a fresh random generation");
+    let order = h.claim("gen", "o-1", 1).await.expect("claimed");
+    let answer = order.event_id.expect("an answer id");
+    assert!(answer.starts_with(&format!("{gen}:")), "{answer}");
+    let emitted = order.emitted.expect("the claim's event");
+    assert_eq!(emitted.answer_id, answer);
+    assert!(emitted.fields.contains(&("t".into(), "claim".into())));
+    let replay = h.claim("gen", "o-1", 1).await.expect("replayed");
+    assert!(replay.emitted.is_none(), "a replay made no change");
+    assert_eq!(replay.event_id.as_deref(), Some(answer.as_str()));
+}

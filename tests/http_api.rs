@@ -399,20 +399,25 @@ async fn holds_confirm_release_and_expire_over_http() {
 
 #[tokio::test]
 async fn expired_cards_answer_gone() {
-    let gw = TestGateway::embedded().await;
+    let clock = ManualClock::new();
+    let engine = Arc::new(EmbeddedEngine::start().expect("engine"));
+    let gw =
+        TestGateway::with_inventory(config(), Inventory::with_clock(engine, clock.clock())).await;
     gw.put_sku("exp", json!({})).await;
-    let past = gw.inventory().now_ms() - 1;
+    let soon = gw.inventory().now_ms() + 60_000;
     gw.inventory()
         .add_codes(
             "exp",
             &[NewCode {
                 canonical: "OLDCODE".into(),
-                expires_at_ms: Some(past),
+                expires_at_ms: Some(soon),
             }],
         )
         .await
         .expect("added");
     let (_, order) = gw.claim("exp", json!({"order_id": "o-1"})).await;
+    // Sold while valid; the holder comes too late.
+    clock.advance(60_000);
     let (status, body) = gw
         .redeem(json!({"code": code_of(&order), "redeemer": "u-1"}))
         .await;

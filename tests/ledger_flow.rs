@@ -78,7 +78,7 @@ async fn changes_reach_the_ledger_and_the_audit_trail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ledger_durability_answers_after_the_commit() {
     let mut cfg: Config = config();
-    cfg.durability = Durability::Ledger;
+    cfg.durability = Some(Durability::Ledger);
     let gw = TestGateway::start(cfg).await;
     gw.stock("durable", &["D-1", "D-2"]).await;
     let (status, order) = gw.claim("durable", json!({"order_id": "o-1"})).await;
@@ -133,7 +133,7 @@ async fn flushall_is_rebuilt_from_the_ledger_without_selling_twice() {
     let redis = RedisServer::start().await;
     let mut cfg = config();
     cfg.redis_url = Some(redis.url());
-    cfg.durability = Durability::Ledger;
+    cfg.durability = Some(Durability::Ledger);
     let gw = TestGateway::start(cfg).await;
     gw.stock("flush", &["X-1", "X-2", "X-3", "X-4", "X-5"])
         .await;
@@ -217,6 +217,81 @@ async fn a_lost_engine_hidden_by_a_recreated_sku_is_caught_by_the_epoch_marker()
     assert_eq!(
         retried["replayed"], true,
         "the order was rebuilt too: {retried}"
+    );
+    gw.stop().await;
+}
+
+/// Redis loses everything while buyers keep claiming a large stock: until the whole stock
+/// is back, every buyer is told to retry (503 with Retry-After), never that the SKU does not
+/// exist or that the sale is over; the loss is noticed at once, and every code is sold once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buyers_see_only_retry_while_a_lost_sku_is_rebuilt() {
+    let redis = RedisServer::start().await;
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    cfg.limits.public = kamigate::limit::BucketRule::enforced(100_000, 100_000);
+    let gw = TestGateway::start(cfg).await;
+    // Several warm-up chunks: a partial load is observable if it is ever served.
+    const STOCK: usize = 3000;
+    let codes: Vec<String> = (0..STOCK).map(|i| format!("RB-{i:06}")).collect();
+    let body: String = codes.iter().map(|c| format!("{c}\n")).collect();
+    gw.put_sku("rebuild", json!({})).await;
+    let (status, report) = gw.import("rebuild", body).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    let (_, first) = gw.claim("rebuild", json!({"order_id": "before"})).await;
+    let mut issued: HashSet<String> = [code_of(&first)].into();
+    settled(&gw, "rebuild").await;
+
+    redis.cmd(&["FLUSHALL"]).await.expect("flushed");
+    let lost_at = tokio::time::Instant::now();
+    let (status, body) = gw.claim("rebuild", json!({"order_id": "during-0"})).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a lost SKU is unavailable at once, not unknown: {body}"
+    );
+    assert_eq!(body["error"]["code"], "ERR_UNAVAILABLE");
+
+    // Claims keep coming until the SKU serves again; each is retried until it is answered.
+    let mut unavailable = 0;
+    let mut n = 1;
+    let deadline = lost_at + Duration::from_secs(60);
+    loop {
+        let order = format!("during-{n}");
+        let (status, body) = gw.claim("rebuild", json!({"order_id": order})).await;
+        match status {
+            StatusCode::OK => {
+                assert!(issued.insert(code_of(&body)), "a code was sold twice");
+                n += 1;
+                if n > 50 {
+                    break;
+                }
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(body["error"]["code"], "ERR_UNAVAILABLE", "{body}");
+                unavailable += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            other => panic!("a buyer was told {other} during the rebuild: {body}"),
+        }
+        let (status, body) = gw
+            .redeem(json!({"code": code_of(&first), "redeemer": "holder"}))
+            .await;
+        assert!(
+            status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE,
+            "a redemption during the rebuild was answered {status}: {body}"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the SKU never served again"
+        );
+    }
+    assert!(unavailable > 0, "the loss was seen");
+    let view = settled(&gw, "rebuild").await;
+    assert_eq!(
+        view["engine"]["available"],
+        (STOCK - issued.len()) as u64,
+        "the whole stock is back: {view}"
     );
     gw.stop().await;
 }

@@ -7,121 +7,12 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use support::gateway::{config, metric, TestGateway};
-
-/// A private PostgreSQL server.
-struct Postgres {
-    bin: PathBuf,
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-fn as_postgres(bin: &Path, tool: &str, args: &[&str]) -> std::process::Output {
-    Command::new("runuser")
-        .args(["-u", "postgres", "--"])
-        .arg(bin.join(tool))
-        .args(args)
-        .output()
-        .expect("runuser runs")
-}
-
-impl Postgres {
-    fn start() -> Postgres {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .expect("PostgreSQL is installed")
-            .filter_map(Result::ok)
-            .map(|e| e.path().join("bin"))
-            .find(|p| p.join("initdb").exists())
-            .expect("initdb");
-        let dir = tempfile::tempdir().expect("temp dir");
-        let chown = Command::new("chown")
-            .args(["postgres:postgres", dir.path().to_str().expect("utf-8")])
-            .status()
-            .expect("chown runs");
-        assert!(chown.success());
-        let data = dir.path().join("data");
-        let out = as_postgres(
-            &bin,
-            "initdb",
-            &[
-                "-D",
-                data.to_str().expect("utf-8"),
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
-        let pg = Postgres { bin, dir, port };
-        pg.up();
-        pg
-    }
-
-    fn data(&self) -> String {
-        self.dir.path().join("data").display().to_string()
-    }
-
-    fn up(&self) {
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-            self.port,
-            self.dir.path().display()
-        );
-        let log = self.dir.path().join("log").display().to_string();
-        let out = as_postgres(
-            &self.bin,
-            "pg_ctl",
-            &["-D", &self.data(), "-o", &opts, "-l", &log, "-w", "start"],
-        );
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn down(&self) {
-        let out = as_postgres(
-            &self.bin,
-            "pg_ctl",
-            &["-D", &self.data(), "-m", "fast", "-w", "stop"],
-        );
-        assert!(
-            out.status.success(),
-            "pg_ctl stop: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let _ = as_postgres(
-            &self.bin,
-            "pg_ctl",
-            &["-D", &self.data(), "-m", "immediate", "stop"],
-        );
-    }
-}
+use support::postgres_server::Postgres;
 
 async fn view(gw: &TestGateway, sku: &str) -> (StatusCode, Value) {
     gw.merchant_get(&format!("/v1/skus/{sku}")).await
@@ -131,6 +22,8 @@ async fn view(gw: &TestGateway, sku: &str) -> (StatusCode, Value) {
 async fn claims_go_on_while_the_database_is_down_and_the_ledger_catches_up() {
     let pg = Postgres::start();
     let mut cfg = config();
+    // Answers that do not wait for the ledger are what this test is about.
+    cfg.durability = Some(kamigate::config::Durability::Engine);
     cfg.database_url = Some(pg.url());
     let gw = TestGateway::start(cfg).await;
     let codes: Vec<String> = (0..60).map(|i| format!("PG-{i:04}")).collect();

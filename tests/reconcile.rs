@@ -16,6 +16,8 @@ use support::redis_server::RedisServer;
 async fn gateway(redis: Option<&RedisServer>) -> TestGateway {
     let mut cfg = config();
     cfg.redis_url = redis.map(RedisServer::url);
+    // The scenario has the engine ahead of the ledger: answers must not wait for it.
+    cfg.durability = Some(kamigate::config::Durability::Engine);
     TestGateway::start(cfg).await
 }
 

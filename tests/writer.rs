@@ -21,7 +21,9 @@ use kamigate::engine::embedded::EmbeddedEngine;
 use kamigate::engine::redis::{RedisEngine, RedisOptions};
 use kamigate::engine::{Reply, Script, ScriptEngine, SCRIPTS};
 use kamigate::inventory::reconcile::reconcile_sku;
-use kamigate::inventory::{events_key, sku_keys, Added, ClaimRequest, Inventory, NewCode, Order};
+use kamigate::inventory::{
+    events_key, meta_key, sku_keys, Added, ClaimRequest, Inventory, NewCode, Order,
+};
 use kamigate::ledger::writer::{
     dead_letters_key, Backlog, EventWriter, WriterError, WriterOptions,
 };
@@ -135,6 +137,7 @@ impl Env {
                 idle_poll_ms: 10,
                 reclaim_idle_ms,
                 max_backoff_ms: 50,
+                ..WriterOptions::default()
             },
         )
     }
@@ -227,6 +230,33 @@ impl Env {
         self.inv.claim(sku, &req).await.expect("claim succeeds")
     }
 
+    /// Deletes every key of `sku` from the engine, as FLUSHALL or a restart without
+    /// persistence would.
+    async fn lose_sku(&self, sku: &str) {
+        static WIPE: LazyLock<Script> = LazyLock::new(|| {
+            Script::new(
+                "probe_wipe",
+                "for _, k in ipairs(KEYS) do redis.call('DEL', k) end\nreturn 1",
+            )
+        });
+        let mut keys = sku_keys(sku);
+        keys.push(dead_letters_key(sku));
+        self.engine.eval(&WIPE, keys, vec![]).await.expect("wiped");
+    }
+
+    /// Adds one fresh code to `sku` and claims it as order `o-new`; returns the answer id.
+    async fn claim_new_stock(&self, sku: &str) -> String {
+        let code = NewCode {
+            canonical: format!("NEW{}", self.clock.now()),
+            expires_at_ms: None,
+        };
+        self.inv.add_codes(sku, &[code]).await.expect("added");
+        self.claim(sku, "o-new", 1, None)
+            .await
+            .event_id
+            .expect("event")
+    }
+
     /// Voids and restores key `key_id`: two events.
     async fn void_and_restore(&self, key_id: &str) {
         self.inv.void(key_id, "check").await.expect("void");
@@ -278,7 +308,7 @@ impl Env {
             .engine
             .eval(
                 &SCRIPTS.stream,
-                vec![events_key(sku), dead_letters_key(sku)],
+                vec![events_key(sku), dead_letters_key(sku), meta_key(sku)],
                 vec![
                     "read".into(),
                     GROUP.into(),
@@ -289,7 +319,7 @@ impl Env {
             )
             .await
             .expect("read");
-        reply.as_array().expect("an array").len() - 7
+        reply.as_array().expect("an array").len() - 8
     }
 
     /// Engine and ledger agree on `sku`: counts by state, and every key's counters.
@@ -595,7 +625,19 @@ async fn wait_committed_answers_after_the_commit(env: Env) {
     env.stock(sku, 3).await;
     let order = env.claim(sku, "o-1", 1, None).await;
     let last = order.event_id.expect("a claim names its event");
-    assert_eq!(env.entry_ids(sku).await.last(), Some(&last));
+    let gen = env
+        .inv
+        .sku_state(sku)
+        .await
+        .expect("state")
+        .expect("sku")
+        .gen;
+    let entry = env.entry_ids(sku).await.pop().expect("an entry");
+    assert_eq!(
+        last,
+        format!("{gen}:{entry}"),
+        "answers name generation and entry"
+    );
 
     let writer = env.writer("w1");
     let other = env.writer("w2");
@@ -641,13 +683,115 @@ async fn wait_committed_answers_after_the_commit(env: Env) {
     );
 
     // A later event is not covered by an earlier commit.
-    env.claim(sku, "o-2", 1, None).await;
-    let next = env.entry_ids(sku).await.pop().expect("an entry");
+    let next = env
+        .claim(sku, "o-2", 1, None)
+        .await
+        .event_id
+        .expect("event");
     assert!(
         !writer
             .wait_committed(sku, &next, Duration::from_millis(30))
             .await
     );
+}
+
+/// The engine loses a SKU's data (FLUSHALL, a restart without persistence) and the SKU is
+/// recreated: its new stream's ids pass the lost entries' ids, and its acknowledgement floor
+/// with them. A waiter for a lost entry must learn it was lost, never that it was committed.
+async fn an_answer_of_a_lost_generation_is_never_taken_as_committed(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 3).await;
+    let writer = env.writer("w1");
+    drain(&writer, sku).await;
+    let lost = env
+        .claim(sku, "o-1", 1, None)
+        .await
+        .event_id
+        .expect("event");
+    env.lose_sku(sku).await;
+    env.inv
+        .put_sku(sku, &SkuConfig::default())
+        .await
+        .expect("recreated");
+    env.clock.advance(5_000);
+    let later = env.claim_new_stock(sku).await;
+    drain(&writer, sku).await;
+    assert!(
+        writer
+            .wait_committed(sku, &later, Duration::from_millis(10))
+            .await,
+        "the new generation's entries are committed"
+    );
+    let started = Instant::now();
+    assert!(
+        !writer
+            .wait_committed(sku, &lost, Duration::from_secs(20))
+            .await,
+        "a lost entry is never taken as committed"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the waiter learns of the loss at once, not at its timeout"
+    );
+    assert_eq!(
+        writer.journal().keep(sku, &lost, &[]),
+        kamigate::ledger::journal::Kept::Lost,
+        "a late reply of the lost generation is not answered"
+    );
+}
+
+/// With `durability = "engine"`, what a gateway answered is kept until the ledger has it;
+/// when the engine lost it, it is written into the ledger before the rebuild.
+async fn answers_the_engine_lost_reach_the_ledger_from_the_journal(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 3).await;
+    let writer = env.writer("w1");
+    let order = env.claim(sku, "o-1", 1, None).await;
+    let emitted = order.emitted.clone().expect("the claim's event");
+    assert_eq!(
+        writer
+            .journal()
+            .keep(sku, &emitted.answer_id, &emitted.fields),
+        kamigate::ledger::journal::Kept::Kept
+    );
+    assert_eq!(writer.journal().len(), 1);
+    env.lose_sku(sku).await;
+    // The writer never saw the entry: it is gone with the engine's data.
+    drain(&writer, sku).await;
+    let key_id = order.keys[0].key_id.clone();
+    let key = env
+        .ledger
+        .get_key(&key_id)
+        .await
+        .expect("read")
+        .expect("key");
+    assert_eq!(key.sold, 0, "the ledger never heard of the claim");
+    assert_eq!(writer.flush_lost(sku, None).await.expect("flushed"), 1);
+    let key = env
+        .ledger
+        .get_key(&key_id)
+        .await
+        .expect("read")
+        .expect("key");
+    assert_eq!((key.sold, key.state.as_str()), (1, "claimed"));
+    assert!(writer.journal().is_empty());
+    // Written once; a second flush has nothing to write and changes nothing.
+    assert_eq!(writer.flush_lost(sku, None).await.expect("flushed"), 0);
+
+    // Committed entries are forgotten as the writer settles them.
+    env.inv
+        .put_sku(sku, &SkuConfig::default())
+        .await
+        .expect("recreated");
+    let later = env.claim_new_stock(sku).await;
+    let fields = vec![
+        ("t".to_owned(), "claim".to_owned()),
+        ("at".to_owned(), "1".to_owned()),
+    ];
+    writer.journal().keep(sku, &later, &fields);
+    assert_eq!(writer.journal().len(), 1);
+    drain(&writer, sku).await;
+    assert!(writer.journal().is_empty(), "settled entries are forgotten");
 }
 
 /// A backlog larger than a batch is committed a batch at a time, and a batch whose commit
@@ -961,6 +1105,8 @@ on_both_engines!(
     acked_entries_are_trimmed_and_pending_ones_kept,
     backlog_reports_pending_and_lag,
     wait_committed_answers_after_the_commit,
+    an_answer_of_a_lost_generation_is_never_taken_as_committed,
+    answers_the_engine_lost_reach_the_ledger_from_the_journal,
     backlogs_commit_in_batches_failed_ones_first,
     consumers_of_stopped_gateways_are_reaped,
     ledger_outage_loses_nothing_and_doubles_nothing,

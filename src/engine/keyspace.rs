@@ -671,7 +671,7 @@ impl Keyspace {
 
     /// `HSET key field value [field value …]`: the number of new fields.
     fn hset(&mut self, a: &[Bytes]) -> Result<Resp> {
-        if a.len() % 2 != 0 {
+        if !a.len().is_multiple_of(2) {
             return Err(arity_error("HSET"));
         }
         let hash = self.hash_or_create(&a[1])?;
@@ -916,7 +916,7 @@ impl Keyspace {
             i += 1;
         }
         let pairs = &a[i..];
-        if pairs.is_empty() || pairs.len() % 2 != 0 {
+        if pairs.is_empty() || !pairs.len().is_multiple_of(2) {
             return Err(SYNTAX.into());
         }
         if nx && xx {

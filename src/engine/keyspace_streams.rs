@@ -778,7 +778,7 @@ impl Keyspace {
                 i += 1;
             } else if is(opt, "STREAMS") && more > 0 {
                 streams_at = i + 1;
-                if (a.len() - streams_at) % 2 != 0 {
+                if !(a.len() - streams_at).is_multiple_of(2) {
                     return Err(UNBALANCED.into());
                 }
                 break;

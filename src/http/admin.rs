@@ -214,7 +214,7 @@ pub async fn warm(app: &App, params: Params, req: Request<Incoming>) -> Result<R
     app.admin(&req)?;
     let sku = params.get("sku");
     check_sku(sku)?;
-    let restored = restore_sku(app.ledger.as_ref(), &app.inventory, sku).await?;
+    let restored = restore_sku(app.ledger.as_ref(), &app.inventory, sku, app.rebuild_grace).await?;
     let report = match restored {
         Some(report) => report,
         None => warm_sku(app.ledger.as_ref(), &app.inventory, sku, 0, |_| {}).await?,

@@ -79,12 +79,15 @@ async fn claim_body(app: &App, sku: &str, bytes: &[u8]) -> Result<Order, Error> 
         user_id: user_id.map(str::to_owned),
         hold_ms,
     };
-    let result = app.inventory.claim(sku, &request).await;
-    if matches!(result, Err(Error::SoldOut)) {
+    let (result, exhausted) = app.inventory.claim_checked(sku, &request).await;
+    // Only when nothing at all was left: a claim asking for more than remains must not
+    // turn every other order away.
+    if exhausted {
         app.edge.sold_out.mark(sku);
     }
     let order = result?;
-    app.durable(sku, order.event_id.as_deref()).await?;
+    app.durable(sku, order.event_id.as_deref(), order.emitted.as_ref())
+        .await?;
     Ok(order)
 }
 
@@ -108,7 +111,8 @@ pub async fn order(app: &App, params: Params) -> Result<Reply, Error> {
 pub async fn confirm(app: &App, params: Params) -> Result<Reply, Error> {
     let (sku, order_id) = order_route(app, &params).await?;
     let order = app.inventory.confirm(sku, order_id).await?;
-    app.durable(sku, order.event_id.as_deref()).await?;
+    app.durable(sku, order.event_id.as_deref(), order.emitted.as_ref())
+        .await?;
     Ok(body::json(StatusCode::OK, &order.to_json()))
 }
 
@@ -119,7 +123,8 @@ pub async fn release(app: &App, params: Params) -> Result<Reply, Error> {
     if !order.replayed {
         app.edge.sold_out.invalidate(sku);
     }
-    app.durable(sku, order.event_id.as_deref()).await?;
+    app.durable(sku, order.event_id.as_deref(), order.emitted.as_ref())
+        .await?;
     Ok(body::json(StatusCode::OK, &order.to_json()))
 }
 
@@ -135,10 +140,8 @@ pub async fn sku_view(app: &App, sku: &str) -> Result<Reply, Error> {
     );
     let engine = engine?;
     let ledger = ledger.map_err(ledger_error)?;
-    let in_flight = backlog
-        .map_err(|e| Error::Unavailable(format!("event stream: {e}")))?
-        .in_flight();
-    let drift = drift::Drift::between(&engine, &ledger, in_flight);
+    let backlog = backlog.map_err(|e| Error::Unavailable(format!("event stream: {e}")))?;
+    let drift = drift::Drift::between(&engine, &ledger, backlog.in_flight(), backlog.keys);
     Ok(body::json(
         StatusCode::OK,
         &json!({

@@ -34,7 +34,8 @@ use tokio::sync::watch;
 use crate::config::{Config, Durability};
 use crate::error::Error;
 use crate::inventory::settings::SkuSettings;
-use crate::inventory::Inventory;
+use crate::inventory::{Emitted, Inventory};
+use crate::ledger::journal::Kept;
 use crate::ledger::writer::EventWriter;
 use crate::ledger::Ledger;
 use crate::metrics as m;
@@ -51,6 +52,8 @@ pub struct App {
     /// When state changes are answered, and how long they may wait for the ledger.
     pub durability: Durability,
     pub ledger_wait: std::time::Duration,
+    /// How long a rebuild waits for other gateways' answers to reach the ledger.
+    pub rebuild_grace: std::time::Duration,
     pub skus: SkuSettings,
     pub limits: Limits,
     pub edge: Edge,
@@ -86,8 +89,9 @@ impl App {
             inventory,
             ledger,
             writer,
-            durability: config.durability,
+            durability: config.durability(),
             ledger_wait: std::time::Duration::from_millis(config.ledger_wait_ms),
+            rebuild_grace: std::time::Duration::from_millis(config.rebuild_grace_ms),
             skus: SkuSettings::default(),
             limits,
             merchant_token,
@@ -96,13 +100,39 @@ impl App {
         }
     }
 
-    /// With `durability = "ledger"`, waits until the ledger committed the event behind an
-    /// answer. The change itself stands either way: on timeout the client is told to retry,
-    /// and the retry replays it.
-    pub async fn durable(&self, sku: &str, event_id: Option<&str>) -> Result<(), Error> {
-        let (Durability::Ledger, Some(event_id)) = (self.durability, event_id) else {
+    /// Makes the change behind an answer as durable as the configuration promises before
+    /// it is answered. With `durability = "ledger"`, waits until the ledger committed its
+    /// event; the change stands either way: on timeout the client is told to retry, and the
+    /// retry replays it. With `durability = "engine"`, keeps the change in the journal
+    /// until the ledger has it; a change of a generation the engine already lost is not
+    /// answered as made (the client retries against the rebuilt engine).
+    pub async fn durable(
+        &self,
+        sku: &str,
+        event_id: Option<&str>,
+        emitted: Option<&Emitted>,
+    ) -> Result<(), Error> {
+        let Some(event_id) = event_id else {
             return Ok(());
         };
+        if self.durability == Durability::Engine {
+            let Some(emitted) = emitted else {
+                return Ok(());
+            };
+            return match self
+                .writer
+                .journal()
+                .keep(sku, &emitted.answer_id, &emitted.fields)
+            {
+                Kept::Kept => Ok(()),
+                Kept::Lost => Err(Error::Unavailable(
+                    "the engine lost this change before the ledger had it; retry".into(),
+                )),
+                Kept::Full => Err(Error::Unavailable(
+                    "the ledger is too far behind to keep more changes; retry".into(),
+                )),
+            };
+        }
         if self
             .writer
             .wait_committed(sku, event_id, self.ledger_wait)

@@ -69,7 +69,12 @@ async fn attempt(
                 return Err(Error::CardInvalid);
             }
             let redemption = inventory.redeem(sku, &code, redeemer).await?;
-            app.durable(sku, redemption.event_id.as_deref()).await?;
+            app.durable(
+                sku,
+                redemption.event_id.as_deref(),
+                redemption.emitted.as_ref(),
+            )
+            .await?;
             Ok(redemption)
         }
         None => {
@@ -84,7 +89,12 @@ async fn attempt(
                 return Err(Error::CardInvalid);
             };
             let redemption = inventory.redeem(&sku, &code, redeemer).await?;
-            app.durable(&sku, redemption.event_id.as_deref()).await?;
+            app.durable(
+                &sku,
+                redemption.event_id.as_deref(),
+                redemption.emitted.as_ref(),
+            )
+            .await?;
             Ok(redemption)
         }
     }

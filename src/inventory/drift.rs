@@ -17,15 +17,20 @@ pub struct Drift {
     pub differing: u64,
     /// Events written by the engine and not yet committed to the ledger.
     pub in_flight: u64,
-    /// Differences the events in flight cannot explain. Each event in flight is allowed to
-    /// account for one key; claims of several keys in flight can make this read low while
-    /// a backlog drains, and it is exact once the backlog is empty.
+    /// Differences the events in flight cannot explain: each is allowed for the keys it
+    /// changes (a claim of 20 codes in flight explains 20 differing keys, not one).
     pub keys: u64,
 }
 
 impl Drift {
-    /// Compares engine and ledger counts, allowing for `in_flight` events.
-    pub fn between(engine: &Counts, ledger: &StateCounts, in_flight: u64) -> Drift {
+    /// Compares engine and ledger counts, allowing for `in_flight` events that change
+    /// `in_flight_keys` keys.
+    pub fn between(
+        engine: &Counts,
+        ledger: &StateCounts,
+        in_flight: u64,
+        in_flight_keys: u64,
+    ) -> Drift {
         let pairs = [
             (engine.available, ledger.available),
             (engine.held, ledger.held),
@@ -41,7 +46,7 @@ impl Drift {
         Drift {
             differing,
             in_flight,
-            keys: differing.saturating_sub(in_flight),
+            keys: differing.saturating_sub(in_flight_keys),
         }
     }
 }
@@ -61,10 +66,25 @@ mod tests {
             available: 10,
             ..StateCounts::default()
         };
-        let settled = Drift::between(&engine, &ledger, 0);
+        let settled = Drift::between(&engine, &ledger, 0, 0);
         assert_eq!((settled.differing, settled.keys), (1, 1));
-        let in_flight = Drift::between(&engine, &ledger, 1);
+        let in_flight = Drift::between(&engine, &ledger, 1, 1);
         assert_eq!(in_flight.keys, 0, "explained by the event in flight");
+    }
+
+    #[test]
+    fn one_event_in_flight_explains_every_key_it_changes() {
+        let engine = Counts {
+            available: 80,
+            claimed: 20,
+            ..Counts::default()
+        };
+        let ledger = StateCounts {
+            available: 100,
+            ..StateCounts::default()
+        };
+        let drift = Drift::between(&engine, &ledger, 1, 20);
+        assert_eq!((drift.in_flight, drift.keys), (1, 0));
     }
 
     #[test]
@@ -74,6 +94,6 @@ mod tests {
             available: 3,
             ..StateCounts::default()
         };
-        assert_eq!(Drift::between(&engine, &ledger, 0).keys, 3);
+        assert_eq!(Drift::between(&engine, &ledger, 0, 0).keys, 3);
     }
 }

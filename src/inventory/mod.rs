@@ -56,6 +56,11 @@ pub fn sku_keys(sku: &str) -> Vec<String> {
     .collect()
 }
 
+/// The SKU's settings hash key.
+pub fn meta_key(sku: &str) -> String {
+    format!("kg:{{{sku}}}:meta")
+}
+
 /// The SKU's event stream key.
 pub fn events_key(sku: &str) -> String {
     format!("kg:{{{sku}}}:events")
@@ -68,7 +73,26 @@ fn index_shard(digest: &str) -> String {
     format!("kg:{{ix{shard}}}:codes")
 }
 
+/// Every shard of the global index.
+fn index_shards() -> impl Iterator<Item = String> {
+    "0123456789abcdef"
+        .chars()
+        .map(|c| format!("kg:{{ix{c}}}:codes"))
+}
+
 const REGISTRY: &str = "kg:skus";
+
+/// A SKU as the engine holds it.
+#[derive(Debug, Clone)]
+pub struct EngineSku {
+    pub config: SkuConfig,
+    /// This incarnation of the SKU in the engine: new each time it is (re)created.
+    pub gen: String,
+    /// Being rebuilt from the ledger: not serving clients yet.
+    pub loading: bool,
+    /// When the engine created it (ms): for a rebuild, when the rebuild began.
+    pub created_at_ms: u64,
+}
 
 /// What a claim asks for.
 #[derive(Debug, Clone)]
@@ -98,8 +122,42 @@ pub struct Order {
     pub hold_expires_at_ms: Option<u64>,
     pub late: bool,
     pub replayed: bool,
-    /// Stream id of the last event that changed the order (for `durability = "ledger"`).
+    /// Answer id (`<gen>:<stream id>`) of the last event that changed the order, for
+    /// `durability = "ledger"`; `None` when the ledger already has it (a rebuilt order).
     pub event_id: Option<String>,
+    /// The change this call made, if it made one (a replay made none).
+    pub emitted: Option<Emitted>,
+}
+
+/// An event a script appended to its SKU's stream, as the script reported it: what the
+/// answering gateway keeps until the ledger has it ([`crate::ledger::journal`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Emitted {
+    /// `<gen>:<stream id>`, as in [`Order::event_id`].
+    pub answer_id: String,
+    /// The stream entry's field/value pairs (`t`, `at`, then the kind's own fields).
+    pub fields: Vec<(String, String)>,
+}
+
+impl Emitted {
+    /// Reads the `EMITTED` element of a reply (see `lua/prelude.lua`); `None` when empty.
+    /// `gen` is the SKU's generation, taken from the reply's answer id.
+    fn from_reply(reply: Option<&Reply>, answer_id: Option<&str>) -> Option<Emitted> {
+        let items = reply?.as_array()?;
+        let (id, pairs) = items.split_first()?;
+        let stream_id = id.as_str()?;
+        let gen = answer_id
+            .and_then(|a| a.rsplit_once(':'))
+            .map_or("", |(g, _)| g);
+        let fields = pairs
+            .chunks_exact(2)
+            .map(|p| Some((p[0].as_str()?.to_owned(), p[1].as_str()?.to_owned())))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Emitted {
+            answer_id: format!("{gen}:{stream_id}"),
+            fields,
+        })
+    }
 }
 
 impl Order {
@@ -132,8 +190,10 @@ pub struct Redemption {
     pub key_id: String,
     pub redeemed_at_ms: u64,
     pub replayed: bool,
-    /// Stream id of the redemption's event (for `durability = "ledger"`).
+    /// Answer id of the redemption's event (for `durability = "ledger"`).
     pub event_id: Option<String>,
+    /// The change this call made (`None` for a replay).
+    pub emitted: Option<Emitted>,
 }
 
 impl Redemption {
@@ -180,6 +240,9 @@ pub enum Added {
 pub struct Inventory {
     engine: Arc<dyn ScriptEngine>,
     clock: Clock,
+    /// Told whenever a script finds a SKU missing or still loading, so the gateway checks
+    /// the engine against the ledger at once instead of at its next periodic pass.
+    lost: Arc<tokio::sync::Notify>,
 }
 
 impl Inventory {
@@ -190,7 +253,16 @@ impl Inventory {
 
     /// An inventory whose notion of "now" is `clock`.
     pub fn with_clock(engine: Arc<dyn ScriptEngine>, clock: Clock) -> Inventory {
-        Inventory { engine, clock }
+        Inventory {
+            engine,
+            clock,
+            lost: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// Resolves when a script found a SKU missing or loading since the last call.
+    pub async fn lost_sku(&self) {
+        self.lost.notified().await
     }
 
     /// The engine underneath.
@@ -271,13 +343,44 @@ impl Inventory {
         args: Vec<String>,
     ) -> Result<Vec<Reply>, Error> {
         match self.eval(script, sku_keys(sku), args).await? {
-            Reply::Array(items) => Ok(items),
+            Reply::Array(items) => {
+                // Reading a SKU's settings is how unknown SKUs are told apart: not a loss.
+                if script.name() != "sku" && matches!(tag(&items), "no_sku" | "loading") {
+                    self.lost.notify_one();
+                }
+                Ok(items)
+            }
             other => Err(unexpected(script.name(), &other)),
         }
     }
 
     /// Creates or updates a SKU. Returns whether it was created.
     pub async fn put_sku(&self, sku: &str, config: &SkuConfig) -> Result<bool, Error> {
+        self.put_sku_as(sku, config, false).await
+    }
+
+    /// Creates a SKU for a rebuild from the ledger: it answers `ERR_UNAVAILABLE` until
+    /// [`Inventory::mark_ready`], so no client sees a partly loaded stock. Returns whether it
+    /// was created (`false`: the engine had it already, and nothing about loading changed).
+    pub async fn create_loading(&self, sku: &str, config: &SkuConfig) -> Result<bool, Error> {
+        self.put_sku_as(sku, config, true).await
+    }
+
+    /// Ends a rebuild: the SKU serves clients again.
+    pub async fn mark_ready(&self, sku: &str) -> Result<(), Error> {
+        let reply = self.run(&SCRIPTS.sku, sku, vec!["ready".into()]).await?;
+        match tag(&reply) {
+            "ready" => Ok(()),
+            _ => Err(rebuilding(sku)),
+        }
+    }
+
+    async fn put_sku_as(
+        &self,
+        sku: &str,
+        config: &SkuConfig,
+        loading: bool,
+    ) -> Result<bool, Error> {
         let json = serde_json::to_string(config)
             .map_err(|e| Error::Internal(format!("encoding SKU settings: {e}")))?;
         let args = vec![
@@ -288,6 +391,9 @@ impl Inventory {
             config.max_issues.to_string(),
             config.max_uses.to_string(),
             self.now_ms().to_string(),
+            // A fresh generation each time the SKU is created in an engine (see emit).
+            hex::encode(rand::random::<[u8; 8]>()),
+            if loading { "1" } else { "0" }.into(),
         ];
         let reply = self.run(&SCRIPTS.sku, sku, args).await?;
         let created = tag(&reply) == "created";
@@ -302,12 +408,22 @@ impl Inventory {
 
     /// A SKU's settings, or `None` if it does not exist.
     pub async fn get_sku(&self, sku: &str) -> Result<Option<SkuConfig>, Error> {
+        Ok(self.sku_state(sku).await?.map(|s| s.config))
+    }
+
+    /// A SKU as the engine holds it, or `None` if the engine lacks it.
+    pub async fn sku_state(&self, sku: &str) -> Result<Option<EngineSku>, Error> {
         let reply = self.run(&SCRIPTS.sku, sku, vec!["get".into()]).await?;
+        let text = |i: usize| reply.get(i).and_then(Reply::as_str).unwrap_or("");
         match tag(&reply) {
             "no_sku" => Ok(None),
-            json => serde_json::from_str(json)
-                .map(Some)
-                .map_err(|e| Error::Internal(format!("stored settings of SKU {sku}: {e}"))),
+            json => Ok(Some(EngineSku {
+                config: serde_json::from_str(json)
+                    .map_err(|e| Error::Internal(format!("stored settings of SKU {sku}: {e}")))?,
+                gen: text(1).to_owned(),
+                loading: text(2) == "1",
+                created_at_ms: text(3).parse().unwrap_or(0),
+            })),
         }
     }
 
@@ -395,6 +511,8 @@ impl Inventory {
     }
 
     /// Which SKU holds `raw` (as sent by a client), through the global index.
+    /// `ERR_UNAVAILABLE` while the index shard is not known to be complete (the engine lost
+    /// it and the gateway is rebuilding it): "no such code" would be a guess.
     pub async fn locate(&self, raw: &str) -> Result<Option<String>, Error> {
         let digest = index_digest(raw);
         let digest = digest.as_str();
@@ -405,11 +523,56 @@ impl Inventory {
                 vec!["get".into(), digest.into()],
             )
             .await?;
-        Ok(reply.as_str().map(str::to_owned))
+        let item = |i: usize| {
+            reply
+                .as_array()
+                .and_then(|a| a.get(i))
+                .and_then(Reply::as_str)
+        };
+        if item(1) != Some("1") {
+            return Err(Error::Unavailable(
+                "the code index is being restored from the ledger; retry shortly".into(),
+            ));
+        }
+        Ok(item(0).filter(|s| !s.is_empty()).map(str::to_owned))
+    }
+
+    /// Whether every shard of the global index is known to be complete.
+    pub async fn index_ready(&self) -> Result<bool, Error> {
+        for shard in index_shards() {
+            let reply = self
+                .eval(&SCRIPTS.index, vec![shard], vec!["ready?".into()])
+                .await?;
+            if reply.as_i64() != Some(1) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Marks every shard of the global index complete: call only once every SKU's codes
+    /// are indexed.
+    pub async fn mark_index_ready(&self) -> Result<(), Error> {
+        for shard in index_shards() {
+            self.eval(&SCRIPTS.index, vec![shard], vec!["ready".into()])
+                .await?;
+        }
+        Ok(())
     }
 
     /// Claims codes for an order, or replays the answer to an earlier identical claim.
     pub async fn claim(&self, sku: &str, req: &ClaimRequest) -> Result<Order, Error> {
+        self.claim_checked(sku, req).await.0
+    }
+
+    /// Like [`Inventory::claim`], and tells whether an `ERR_SOLD_OUT` meant that nothing at
+    /// all was left (`true`), as opposed to fewer codes than the claim asked for: only the
+    /// former may be remembered as "sold out" for every order.
+    pub async fn claim_checked(
+        &self,
+        sku: &str,
+        req: &ClaimRequest,
+    ) -> (Result<Order, Error>, bool) {
         let args = vec![
             req.order_id.clone(),
             req.quantity.to_string(),
@@ -417,8 +580,13 @@ impl Inventory {
             req.hold_ms.unwrap_or(0).to_string(),
             self.now_ms().to_string(),
         ];
-        let reply = self.run(&SCRIPTS.claim, sku, args).await?;
-        order_result(sku, &req.order_id, &reply)
+        let reply = match self.run(&SCRIPTS.claim, sku, args).await {
+            Ok(reply) => reply,
+            Err(e) => return (Err(e), false),
+        };
+        let exhausted =
+            tag(&reply) == "sold_out" && reply.get(1).and_then(Reply::as_i64) == Some(0);
+        (order_result(sku, &req.order_id, &reply), exhausted)
     }
 
     /// Turns a hold into a final claim (payment arrived).
@@ -459,17 +627,22 @@ impl Inventory {
         let reply = self.run(&SCRIPTS.redeem, sku, args).await?;
         let field = |i: usize| reply.get(i).and_then(Reply::as_i64).unwrap_or(0) as u64;
         match tag(&reply) {
-            t @ ("new" | "replay") => Ok(Redemption {
-                sku: sku.to_owned(),
-                key_id: key_id(sku, reply.get(1).and_then(Reply::as_str).unwrap_or("")),
-                redeemed_at_ms: field(2),
-                replayed: t == "replay",
-                event_id: reply
+            t @ ("new" | "replay") => {
+                let event_id = reply
                     .get(3)
                     .and_then(Reply::as_str)
                     .filter(|s| !s.is_empty())
-                    .map(str::to_owned),
-            }),
+                    .map(str::to_owned);
+                Ok(Redemption {
+                    sku: sku.to_owned(),
+                    key_id: key_id(sku, reply.get(1).and_then(Reply::as_str).unwrap_or("")),
+                    redeemed_at_ms: field(2),
+                    replayed: t == "replay",
+                    emitted: Emitted::from_reply(reply.get(4), event_id.as_deref()),
+                    event_id,
+                })
+            }
+            "no_sku" | "loading" => Err(rebuilding(sku)),
             "invalid" => Err(Error::CardInvalid),
             "used" => Err(Error::CardUsed {
                 redeemed_at_ms: field(1),
@@ -485,8 +658,8 @@ impl Inventory {
     /// Keys of a SKU by state.
     pub async fn counts(&self, sku: &str) -> Result<Counts, Error> {
         let reply = self.run(&SCRIPTS.counts, sku, vec![]).await?;
-        if tag(&reply) == "no_sku" {
-            return Err(Error::NotFound(format!("SKU {sku}")));
+        if matches!(tag(&reply), "no_sku" | "loading") {
+            return Err(rebuilding(sku));
         }
         let n = |i: usize| reply.get(i).and_then(Reply::as_i64).unwrap_or(0).max(0) as u64;
         Ok(Counts {
@@ -535,6 +708,7 @@ impl Inventory {
             "new" => Ok(state()),
             "replay" => Ok(None),
             "not_found" => Err(not_found()),
+            "no_sku" | "loading" => Err(rebuilding(sku)),
             _ => Err(unexpected(script.name(), &Reply::Array(reply.clone()))),
         }
     }
@@ -596,7 +770,9 @@ fn order_result(sku: &str, order_id: &str, reply: &[Reply]) -> Result<Order, Err
             });
         }
         "not_found" => return Err(Error::NotFound(format!("order {order_id}"))),
-        "no_sku" => return Err(Error::NotFound(format!("SKU {sku}"))),
+        // The SKU's settings were found before the call (handlers check them first), so the
+        // engine lost it since, or is rebuilding it: never judge stock from that.
+        "no_sku" | "loading" => return Err(rebuilding(sku)),
         "hold_expired" => return Err(Error::HoldExpired),
         _ => return Err(unexpected("order", &Reply::Array(reply.to_vec()))),
     };
@@ -608,8 +784,9 @@ fn order_result(sku: &str, order_id: &str, reply: &[Reply]) -> Result<Order, Err
         .and_then(Reply::as_str)
         .filter(|s| !s.is_empty())
         .map(str::to_owned);
+    let emitted = Emitted::from_reply(reply.get(5), event_id.as_deref());
     let keys = reply
-        .get(5..)
+        .get(6..)
         .unwrap_or_default()
         .chunks(2)
         .map(|pair| {
@@ -629,5 +806,15 @@ fn order_result(sku: &str, order_id: &str, reply: &[Reply]) -> Result<Order, Err
         late: reply.get(3).and_then(Reply::as_i64) == Some(1),
         replayed,
         event_id,
+        emitted,
     })
+}
+
+/// The answer while the engine lacks a SKU the gateway knows, or is rebuilding it from the
+/// ledger: retry shortly. Never `ERR_NOT_FOUND` or `ERR_SOLD_OUT`, which buyers would take
+/// for the end of the sale.
+pub fn rebuilding(sku: &str) -> Error {
+    Error::Unavailable(format!(
+        "SKU {sku} is being restored from the ledger; retry shortly"
+    ))
 }

@@ -76,7 +76,10 @@ impl EngineKey {
     }
 
     fn matches(&self, k: &KeyRecord) -> bool {
-        self.void == k.void && self.held == k.held && self.sold == k.sold && self.uses == k.uses
+        self.void == k.void
+            && self.held == k.held.max(0)
+            && self.sold == k.sold
+            && self.uses == k.uses
     }
 
     /// Whether every counter of the engine is at least the ledger's: the engine has seen
@@ -84,7 +87,7 @@ impl EngineKey {
     fn ahead_of(&self, k: &KeyRecord) -> bool {
         self.sold >= k.sold
             && self.uses >= k.uses
-            && self.held + self.sold >= k.held + k.sold
+            && self.held + self.sold >= k.held.max(0) + k.sold
             && (self.void || !k.void)
     }
 }
@@ -177,7 +180,8 @@ async fn set_to_ledger(
         args.extend([
             k.local_id.to_string(),
             if k.void { "1" } else { "0" }.to_owned(),
-            k.held.to_string(),
+            // Below zero only while an earlier event is on its way (see ledger::rules).
+            k.held.max(0).to_string(),
             k.sold.to_string(),
             k.uses.to_string(),
             k.redeemer.clone().unwrap_or_default(),

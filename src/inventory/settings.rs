@@ -18,6 +18,8 @@ pub const SETTINGS_TTL: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub struct SkuSettings {
     entries: DashMap<String, (Arc<SkuConfig>, Instant)>,
+    /// SKUs the ledger has: one the engine lacks is being rebuilt, not unknown.
+    known: DashMap<String, ()>,
 }
 
 impl SkuSettings {
@@ -34,6 +36,11 @@ impl SkuSettings {
         }
         let Some(config) = inventory.get_sku(sku).await? else {
             self.entries.remove(sku);
+            if self.known.contains_key(sku) {
+                // The engine lost it: the gateway is (about to be) rebuilding it. "Unknown
+                // SKU" would tell buyers the product does not exist.
+                return Err(super::rebuilding(sku));
+            }
             return Ok(None);
         };
         let config = Arc::new(config);
@@ -51,7 +58,17 @@ impl SkuSettings {
 
     /// Records settings just written by this instance.
     pub fn put(&self, sku: &str, config: SkuConfig) {
+        self.known.insert(sku.to_owned(), ());
         self.entries
             .insert(sku.to_owned(), (Arc::new(config), Instant::now()));
+    }
+
+    /// Records the SKUs the ledger has (they only ever grow: there is no deletion).
+    pub fn know(&self, skus: &[String]) {
+        for sku in skus {
+            if !self.known.contains_key(sku) {
+                self.known.insert(sku.clone(), ());
+            }
+        }
     }
 }

@@ -28,11 +28,7 @@ pub struct WarmReport {
 
 /// Maps a ledger failure to the API's error.
 pub fn ledger_error(e: LedgerError) -> Error {
-    match e {
-        LedgerError::Unavailable(why) => Error::Unavailable(format!("ledger: {why}")),
-        LedgerError::NotFound(what) => Error::NotFound(what),
-        other => Error::Internal(format!("ledger: {other}")),
-    }
+    Error::from(e)
 }
 
 /// Loads every key of `sku` with a local id above `after_local_id` from the ledger into the
@@ -67,28 +63,45 @@ pub async fn warm_sku(
 }
 
 /// Makes sure the engine has `sku`: when it does not (a fresh embedded engine, or Redis that
-/// lost its data), recreates it from the ledger's settings and loads all its keys.
-/// Returns `None` when the engine already had the SKU.
+/// lost its data), recreates it from the ledger's settings and loads all its keys and
+/// orders. Returns `None` when the engine already had the SKU, ready.
+///
+/// The SKU is created *loading*: until every key and order is in, its scripts answer
+/// `ERR_UNAVAILABLE`, never "sold out" or "unknown" from a partial load. Keys are loaded
+/// only once `grace` has passed since the rebuild began, so other gateways have noticed the
+/// loss and written what they answered into the ledger ([`crate::ledger::journal`]). A
+/// rebuild found loading (interrupted, or run by another gateway) is carried on: every step
+/// is idempotent.
 pub async fn restore_sku(
     ledger: &dyn Ledger,
     inventory: &Inventory,
     sku: &str,
+    grace: std::time::Duration,
 ) -> Result<Option<WarmReport>, Error> {
-    if inventory.get_sku(sku).await?.is_some() {
-        return Ok(None);
-    }
-    let Some(record) = ledger.get_sku(sku).await.map_err(ledger_error)? else {
-        return Err(Error::NotFound(format!("SKU {sku}")));
+    let began_ms = match inventory.sku_state(sku).await? {
+        Some(state) if !state.loading => return Ok(None),
+        Some(state) => state.created_at_ms,
+        None => {
+            let Some(record) = ledger.get_sku(sku).await.map_err(ledger_error)? else {
+                return Err(Error::NotFound(format!("SKU {sku}")));
+            };
+            let config: SkuConfig = serde_json::from_str(&record.config_json)
+                .map_err(|e| Error::Internal(format!("ledger settings of SKU {sku}: {e}")))?;
+            inventory.create_loading(sku, &config).await?;
+            inventory.now_ms()
+        }
     };
-    let config: SkuConfig = serde_json::from_str(&record.config_json)
-        .map_err(|e| Error::Internal(format!("ledger settings of SKU {sku}: {e}")))?;
-    inventory.put_sku(sku, &config).await?;
+    let waited = inventory.now_ms().saturating_sub(began_ms);
+    if let Some(rest) = grace.checked_sub(std::time::Duration::from_millis(waited)) {
+        tokio::time::sleep(rest).await;
+    }
     let report = warm_sku(ledger, inventory, sku, 0, |_| {}).await?;
     let orders = restore_orders(ledger, inventory, sku).await?;
     // The rebuilt engine now agrees with the ledger: mark both alike.
     let epoch = hex::encode(rand::random::<[u8; 8]>());
     ledger.set_epoch(sku, &epoch).await.map_err(ledger_error)?;
     inventory.mark_epoch(sku, &epoch).await?;
+    inventory.mark_ready(sku).await?;
     tracing::info!(
         sku,
         loaded = report.loaded,
@@ -120,8 +133,8 @@ pub async fn restore_orders(
             return Ok(applied);
         };
         cursor = *last;
-        let mut args = Vec::with_capacity(events.len() * 10);
-        for (_, e) in &events {
+        let mut args = Vec::with_capacity(events.len() * 11);
+        for (seq, e) in &events {
             let fields: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_str(&e.fields_json).unwrap_or_default();
             let field = |name: &str| {
@@ -143,18 +156,20 @@ pub async fn restore_orders(
                     "0".to_owned()
                 }
             };
-            let stream_id = e.event_id.rsplit_once('/').map_or("", |(_, id)| id);
             args.extend([
                 e.kind.clone(),
                 e.order_id.clone().unwrap_or_default(),
                 e.user_id.clone().unwrap_or_default(),
                 field("ids"),
-                stream_id.to_owned(),
+                // No answer id: the ledger has these events, so a replayed answer need not
+                // wait for them (and the stream they came from may be gone).
+                String::new(),
                 e.at_ms.to_string(),
                 number("expires_at"),
                 number("hold_ms"),
                 number("qty"),
                 if field("late") == "1" { "1" } else { "0" }.to_owned(),
+                seq.to_string(),
             ]);
         }
         let reply = inventory
@@ -177,7 +192,8 @@ impl Inventory {
                 k.expires_at_ms.unwrap_or(0).to_string(),
                 k.max_issues.to_string(),
                 k.max_uses.to_string(),
-                k.held.to_string(),
+                // Below zero only while an earlier event is on its way (see ledger::rules).
+                k.held.max(0).to_string(),
                 k.sold.to_string(),
                 k.uses.to_string(),
                 if k.void { "1" } else { "0" }.to_owned(),

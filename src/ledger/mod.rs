@@ -37,6 +37,7 @@
 //!
 //! Migrations live in `migrations/sqlite` and `migrations/postgres` and run on [`open`].
 
+pub mod journal;
 pub mod rules;
 pub mod stream;
 pub mod writer;

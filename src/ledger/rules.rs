@@ -119,6 +119,13 @@ pub fn key_state(
 }
 
 /// The part of a key that events change.
+///
+/// Several writers commit a SKU's events, each its own batch, so the ledger may apply a
+/// key's events in another order than the engine made them (a release committed before the
+/// hold it ends). The counters therefore only ever add and subtract, never clamp: the sums
+/// are the same in any order, and a counter below zero only means an earlier event is still
+/// on its way. The derived state and what is loaded into an engine read `held` as at least
+/// zero ([`KeyStatus::held_now`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyStatus {
     pub void: bool,
@@ -142,11 +149,16 @@ pub struct KeyStatus {
 }
 
 impl KeyStatus {
+    /// Orders holding the key, as far as the events applied so far tell.
+    pub fn held_now(&self) -> i64 {
+        self.held.max(0)
+    }
+
     /// The key's derived state.
     pub fn state(&self) -> KeyState {
         key_state(
             self.void,
-            self.held,
+            self.held_now(),
             self.sold,
             self.uses,
             self.max_issues,
@@ -176,13 +188,13 @@ pub fn apply_to_key(key: &mut KeyStatus, kind: EventKind, event: &LedgerEvent) -
             // A late confirm claimed fresh keys (`issue(ids, false)`); an ordinary one turns
             // the order's own hold into a sale.
             if !event.late {
-                key.held = (key.held - 1).max(0);
+                key.held -= 1;
             }
             key.sold += 1;
             take_for_order(key, event);
         }
         EventKind::Release | EventKind::Expire => {
-            key.held = (key.held - 1).max(0);
+            key.held -= 1;
         }
         EventKind::Redeem => {
             key.uses += 1;
@@ -317,19 +329,35 @@ mod tests {
     }
 
     #[test]
-    fn release_and_expire_never_go_below_zero() {
-        for kind in ["release", "expire"] {
-            let mut k = fresh(1, 1);
-            apply(&mut k, &event("hold", 1));
-            apply(&mut k, &event(kind, 2));
-            assert_eq!((k.held, k.state()), (0, KeyState::Available));
-            apply(&mut k, &event(kind, 3));
-            assert_eq!(k.held, 0, "{kind}");
+    fn a_keys_events_land_on_the_same_state_in_any_order() {
+        // What two writers committing their batches in either order can do.
+        for ending in ["release", "expire", "confirm"] {
+            let (hold, end) = (event("hold", 1), event(ending, 2));
+            let mut in_order = fresh(1, 1);
+            apply(&mut in_order, &hold);
+            apply(&mut in_order, &end);
+            let mut reversed = fresh(1, 1);
+            apply(&mut reversed, &end);
+            assert!(
+                reversed.held_now() == 0,
+                "a counter below zero reads as none held"
+            );
+            apply(&mut reversed, &hold);
+            assert_eq!(
+                (reversed.held, reversed.sold, reversed.state()),
+                (in_order.held, in_order.sold, in_order.state()),
+                "{ending}"
+            );
         }
-        // An ordinary confirm of a key nobody holds still sells it, holds stay at zero.
+        let mut k = fresh(1, 1);
+        apply(&mut k, &event("release", 1));
+        assert_eq!(
+            (k.held, k.held_now(), k.state()),
+            (-1, 0, KeyState::Available)
+        );
         let mut k = fresh(1, 1);
         apply(&mut k, &event("confirm", 1));
-        assert_eq!((k.held, k.sold), (0, 1));
+        assert_eq!((k.held_now(), k.sold, k.state()), (0, 1, KeyState::Claimed));
     }
 
     #[test]

@@ -57,12 +57,13 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
+use super::journal::{split_answer_id, Journal};
 use super::stream::event_from_entry;
 use super::{Ledger, LedgerError, LedgerEvent};
 use crate::engine::{EngineError, Reply, ScriptEngine, SCRIPTS};
-use crate::inventory::events_key;
+use crate::inventory::{events_key, meta_key};
 use crate::metrics as m;
 
 /// Stream entries committed to the ledger, by `source`: `new` (first delivery), `own` (this
@@ -134,6 +135,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Commit runs remembered per SKU for waiters (see [`Settled`]); beyond, the oldest go and
 /// their waiters fall back on the group's acknowledgement floor.
 const MAX_RUNS: usize = 4096;
+/// Lost generations of a SKU remembered for waiters (see [`Settled::lost`]).
+const LOST_GENERATIONS: usize = 16;
 
 /// The scope logged for outages of the ledger or the engine, which hold up every SKU.
 const ALL_SKUS: &str = "all SKUs";
@@ -158,6 +161,9 @@ pub struct WriterOptions {
     pub reclaim_idle_ms: u64,
     /// Longest wait between retries while the ledger or the engine is unavailable.
     pub max_backoff_ms: u64,
+    /// Most answered changes kept in memory until the ledger has them (see
+    /// [`super::journal`]); beyond, changes are not answered as made.
+    pub journal_max_events: usize,
 }
 
 impl Default for WriterOptions {
@@ -169,6 +175,7 @@ impl Default for WriterOptions {
             idle_poll_ms: 50,
             reclaim_idle_ms: 30_000,
             max_backoff_ms: 5_000,
+            journal_max_events: 1_000_000,
         }
     }
 }
@@ -222,6 +229,8 @@ pub struct Backlog {
     pub lag: u64,
     /// Age of the oldest of those events (pending or undelivered), 0 when there is none.
     pub oldest_pending_age_ms: u64,
+    /// Keys whose state those events change (an upper bound for a very long backlog).
+    pub keys: u64,
 }
 
 impl Backlog {
@@ -248,6 +257,10 @@ struct Inner {
     /// Set when a SKU was created here: the next pass lists SKUs again instead of waiting
     /// for the periodic refresh, so a new SKU's first events are not held up.
     relist: AtomicBool,
+    /// Woken by waiters, so a commit starts at once instead of after the idle poll.
+    wake: Notify,
+    /// What this gateway answered and the ledger may not have yet.
+    journal: Journal,
 }
 
 impl fmt::Debug for EventWriter {
@@ -280,10 +293,46 @@ impl EventWriter {
             inner: Arc::new(Inner {
                 engine,
                 ledger,
+                journal: Journal::new(opts.journal_max_events),
                 opts,
                 settled: DashMap::new(),
                 relist: AtomicBool::new(false),
+                wake: Notify::new(),
             }),
+        }
+    }
+
+    /// What this gateway answered and the ledger may not have yet.
+    pub fn journal(&self) -> &Journal {
+        &self.inner.journal
+    }
+
+    /// Writes the journal's events of `sku`'s lost generations (every generation but
+    /// `current`; all when the engine lacks the SKU) into the ledger. Call before
+    /// rebuilding the SKU from the ledger; on failure the events stay for the next try and
+    /// the rebuild must wait. Returns how many events were written (new or not).
+    pub async fn flush_lost(&self, sku: &str, current: Option<&str>) -> Result<usize, LedgerError> {
+        let journal = &self.inner.journal;
+        if !journal.has_lost(sku, current) {
+            // Still mark them: a late reply of a generation the engine no longer has must
+            // not be answered as made.
+            let _ = journal.take_lost(sku, current);
+            return Ok(0);
+        }
+        let events = journal.take_lost(sku, current);
+        match self.inner.ledger.apply_events(&events).await {
+            Ok(_) => {
+                tracing::warn!(
+                    sku,
+                    events = events.len(),
+                    "the engine lost changes this gateway answered: written to the ledger before the rebuild"
+                );
+                Ok(events.len())
+            }
+            Err(e) => {
+                journal.restore(sku, events);
+                Err(e)
+            }
         }
     }
 
@@ -411,8 +460,15 @@ impl EventWriter {
                 reaped_at = Instant::now();
                 self.reap(&skus).await;
             }
-            if !busy && pause(&mut stop, idle).await {
-                break;
+            if !busy {
+                // A waiter wakes the writer at once: its answer waits for the next group
+                // commit, not for the idle poll.
+                let woken = self.inner.wake.notified();
+                tokio::pin!(woken);
+                tokio::select! {
+                    _ = &mut woken => {}
+                    stopped = pause(&mut stop, idle) => if stopped { break },
+                }
             }
         }
         // SKUs created since the last listing have events too.
@@ -455,16 +511,26 @@ impl EventWriter {
     /// idle) is above it, i.e. some writer committed it. The second also counts an entry
     /// another gateway dead-lettered as settled; poison never comes from a script's own
     /// change, so a waiter never waits for one. Ids compare as (ms, seq).
-    pub async fn wait_committed(&self, sku: &str, entry_id: &str, timeout: Duration) -> bool {
-        let Some(id) = EntryId::parse(entry_id) else {
+    ///
+    /// `answer_id` is `<gen>:<stream id>` as scripts answer it: ids compare only within the
+    /// SKU's generation. An entry of a generation the engine lost (its stream went with its
+    /// data, and a recreated stream's ids pass the lost ones) is never taken as committed:
+    /// the wait ends `false` as soon as the writer sees the generation change.
+    pub async fn wait_committed(&self, sku: &str, answer_id: &str, timeout: Duration) -> bool {
+        let Some((gen, (ms, seq))) = split_answer_id(answer_id) else {
             return false;
         };
+        let id = EntryId { ms, seq };
         // The map guard is dropped before awaiting: a DashMap shard lock must not be held
         // across a suspension point.
         let mut rx = self.settled_of(sku).subscribe();
-        tokio::time::timeout(timeout, rx.wait_for(|s| s.covers(id)))
-            .await
-            .is_ok_and(|seen| seen.is_ok())
+        self.inner.wake.notify_one();
+        tokio::time::timeout(
+            timeout,
+            rx.wait_for(|s| s.covers(gen, id) || s.is_lost(gen)),
+        )
+        .await
+        .is_ok_and(|seen| seen.is_ok_and(|s| s.covers(gen, id)))
     }
 
     /// What `sku`'s stream still owes the ledger (the in-flight count of drift, and metrics).
@@ -487,6 +553,7 @@ impl EventWriter {
             pending: n(0)?,
             lag: n(1)?,
             oldest_pending_age_ms: n(2)?,
+            keys: n(3)?,
         })
     }
 
@@ -497,7 +564,7 @@ impl EventWriter {
         let result = engine
             .eval(
                 &SCRIPTS.stream,
-                vec![events_key(sku), dead_letters_key(sku)],
+                vec![events_key(sku), dead_letters_key(sku), meta_key(sku)],
                 args,
             )
             .await;
@@ -623,6 +690,21 @@ impl EventWriter {
         metrics::gauge!(STREAM_BACKLOG, "sku" => sku.to_owned()).set(backlog as f64);
         metrics::gauge!(STREAM_OLDEST_AGE, "sku" => sku.to_owned()).set(age_ms as f64 / 1000.0);
 
+        // A new generation: the engine lost the SKU's data (its stream too) and it was
+        // rebuilt. What was known of the old stream says nothing of the new one.
+        let settled = self.settled_of(sku);
+        let mut lost_gen = None;
+        settled.send_if_modified(|s| {
+            if s.gen.as_deref() == Some(read.gen) {
+                return false;
+            }
+            lost_gen = s.switch_to(read.gen);
+            true
+        });
+        if let Some(gen) = lost_gen {
+            self.inner.journal.mark_lost(sku, &gen);
+        }
+
         // Everything below the oldest unsettled entry is settled; with none, everything
         // delivered so far (later entries get larger ids).
         let through = match read.floor {
@@ -630,8 +712,10 @@ impl EventWriter {
             None => Some(read.last_delivered),
         };
         if let Some(through) = through {
-            self.settled_of(sku)
-                .send_if_modified(|s| s.advance(through));
+            settled.send_if_modified(|s| s.advance(through));
+            self.inner
+                .journal
+                .settled_through(sku, read.gen, (through.ms, through.seq));
         }
     }
 
@@ -657,11 +741,22 @@ impl EventWriter {
             }
             previous = Some(*at);
         }
-        self.settled_of(sku).send_modify(|s| {
+        self.settled_of(sku).send_if_modified(|s| {
+            // Runs name entries of the generation read; if it changed meanwhile they
+            // belong to a stream nobody waits on any more.
+            if s.gen.as_deref() != Some(read.gen) {
+                return false;
+            }
             for (first, last) in runs {
                 s.add(first, last);
             }
+            true
         });
+        self.inner.journal.committed(
+            sku,
+            read.gen,
+            committed.iter().map(|(_, id, _)| (id.ms, id.seq)),
+        );
     }
 
     /// The settled state of `sku`, created on first use (a waiter may come before a commit).
@@ -713,6 +808,8 @@ struct ReadReply<'a> {
     last_delivered: EntryId,
     own: usize,
     claimed: usize,
+    /// The SKU's generation in the engine (`""` without one).
+    gen: &'a str,
     entries: &'a [Reply],
 }
 
@@ -720,7 +817,7 @@ impl<'a> ReadReply<'a> {
     fn parse(reply: &'a Reply) -> Result<ReadReply<'a>, WriterError> {
         let bad = || WriterError::Reply(format!("read: {}", shape(reply)));
         let items = reply.as_array().ok_or_else(bad)?;
-        let (head, entries) = items.split_at_checked(7).ok_or_else(bad)?;
+        let (head, entries) = items.split_at_checked(8).ok_or_else(bad)?;
         let n = |i: usize| {
             head[i]
                 .as_i64()
@@ -743,6 +840,7 @@ impl<'a> ReadReply<'a> {
             last_delivered,
             own,
             claimed,
+            gen: head[7].as_str().ok_or_else(bad)?,
             entries,
         })
     }
@@ -848,9 +946,13 @@ impl EntryId {
     }
 }
 
-/// What is known to be committed for one SKU.
+/// What is known to be committed for one SKU, in its current generation.
 #[derive(Debug, Default)]
 struct Settled {
+    /// The SKU's generation these ids belong to; `None` until the first read.
+    gen: Option<String>,
+    /// Generations the engine lost: their entries are never settled by this writer.
+    lost: std::collections::VecDeque<String>,
     /// Every entry at or below this id was acknowledged by the group (committed by some
     /// writer, or dead-lettered).
     through: Option<EntryId>,
@@ -860,13 +962,34 @@ struct Settled {
 }
 
 impl Settled {
-    fn covers(&self, id: EntryId) -> bool {
+    fn covers(&self, gen: &str, id: EntryId) -> bool {
+        if self.gen.as_deref() != Some(gen) {
+            return false;
+        }
         self.through.is_some_and(|t| id <= t)
             || self
                 .runs
                 .range(..=id)
                 .next_back()
                 .is_some_and(|(_, last)| id <= *last)
+    }
+
+    fn is_lost(&self, gen: &str) -> bool {
+        self.lost.iter().any(|g| g == gen)
+    }
+
+    /// Starts over for generation `gen`; returns the generation that was lost, if any.
+    fn switch_to(&mut self, gen: &str) -> Option<String> {
+        let old = self.gen.replace(gen.to_owned());
+        self.through = None;
+        self.runs.clear();
+        self.lost.retain(|g| g != gen);
+        let old = old?;
+        self.lost.push_back(old.clone());
+        if self.lost.len() > LOST_GENERATIONS {
+            self.lost.pop_front();
+        }
+        Some(old)
     }
 
     /// Raises `through`; returns whether it moved (waiters are woken only then).
@@ -979,15 +1102,36 @@ mod tests {
     #[test]
     fn settled_covers_the_floor_and_runs_committed_here() {
         let mut s = Settled::default();
-        assert!(!s.covers(id("1-0")));
+        assert_eq!(s.switch_to("g"), None);
+        assert!(!s.covers("g", id("1-0")));
         s.add(id("5-0"), id("7-0"));
         s.add(id("9-1"), id("9-1"));
-        assert!(s.covers(id("6-3")) && s.covers(id("9-1")));
-        assert!(!s.covers(id("8-0")) && !s.covers(id("9-2")) && !s.covers(id("4-0")));
+        assert!(s.covers("g", id("6-3")) && s.covers("g", id("9-1")));
+        assert!(
+            !s.covers("g", id("8-0")) && !s.covers("g", id("9-2")) && !s.covers("g", id("4-0"))
+        );
         assert!(s.advance(id("8-0")));
         assert!(!s.advance(id("3-0")), "the floor never goes back");
-        assert!(s.covers(id("4-0")) && s.covers(id("8-0")) && s.covers(id("9-1")));
+        assert!(s.covers("g", id("4-0")) && s.covers("g", id("8-0")) && s.covers("g", id("9-1")));
         assert_eq!(s.runs.len(), 1, "runs below the floor are forgotten");
+        assert!(
+            !s.covers("other", id("4-0")),
+            "ids compare only within a generation"
+        );
+    }
+
+    #[test]
+    fn a_lost_generation_is_never_covered_by_the_next_one() {
+        let mut s = Settled::default();
+        s.switch_to("old");
+        s.advance(id("10-0"));
+        assert_eq!(s.switch_to("new").as_deref(), Some("old"));
+        s.advance(id("99-0"));
+        assert!(
+            !s.covers("old", id("20-0")),
+            "the new stream's floor passes old ids"
+        );
+        assert!(s.is_lost("old") && !s.is_lost("new"));
     }
 
     #[test]

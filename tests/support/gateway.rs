@@ -38,9 +38,10 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// Gives a gateway its own temporary data dir unless the test chose a ledger.
+/// Gives a gateway its own temporary data dir unless the test chose one.
 fn own_data_dir(config: &mut Config) -> Option<tempfile::TempDir> {
-    if config.database_url.is_some() || config.data_dir != Config::default().data_dir {
+    // Also with PostgreSQL: the data dir holds the embedded engine's lock.
+    if config.data_dir != Config::default().data_dir {
         return None;
     }
     let dir = tempfile::tempdir().expect("temp dir");

@@ -3,4 +3,5 @@
 
 pub mod clock;
 pub mod gateway;
+pub mod postgres_server;
 pub mod redis_server;

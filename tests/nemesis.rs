@@ -1,0 +1,738 @@
+//! Faults injected *while* requests are in flight, then every answer checked.
+//!
+//! A workload of claims, holds, confirms, releases and redemptions runs from many clients
+//! against gateway binaries; each client retries the same request (same `order_id`, same
+//! redeemer) on any answer that is not final (a transport error, 429, 5xx), as a merchant's
+//! order system does. Meanwhile a nemesis injects random faults: gateways killed with
+//! SIGKILL and restarted, paused (SIGSTOP) for longer than `event_reclaim_idle_ms`, Redis
+//! killed and restarted (AOF `always`) or losing all its data (FLUSHALL), the ledger's
+//! PostgreSQL stopped and started. Once the faults stop and the clients have final answers,
+//! a checker verifies:
+//!
+//! - no code was answered to two orders, and a retried order always got the same codes;
+//! - no code was redeemed by two redeemers;
+//! - every answered claim, hold, confirm and redemption is in the ledger, and the engine
+//!   (rebuilt or not) still answers every answered order as it was answered;
+//! - no `ERR_SOLD_OUT` (the stock always exceeds the demand) and no `404` of any kind;
+//! - in-flight events and drift return to 0, and engine and ledger counts agree.
+//!
+//! Each run prints its seed; `NEMESIS_SEED=<seed>` replays its choices, and
+//! `NEMESIS_SECS=<n>` runs the workload longer than CI's default
+//! (`NEMESIS_SECS=120 cargo test --release --test nemesis -- --nocapture`).
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use support::gateway::{free_port, ADMIN_TOKEN, MERCHANT_TOKEN};
+use support::postgres_server::Postgres;
+use support::redis_server::RedisServer;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kamigate");
+const SKU: &str = "nemesis";
+/// More codes than the workload can ever take: any `ERR_SOLD_OUT` is a bug.
+const STOCK: usize = 6000;
+const WORKERS: usize = 8;
+/// Orders each worker places at most (each takes one or two codes).
+const ORDERS_PER_WORKER: usize = STOCK / WORKERS / 3;
+const RECLAIM_IDLE_MS: u64 = 800;
+
+/// The runs of one binary share two cores: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    Embedded,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LedgerDb {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    KillGateway,
+    PauseGateway,
+    KillRedis,
+    FlushRedis,
+    RestartLedger,
+}
+
+/// A gateway binary.
+struct Gateway {
+    config: PathBuf,
+    public: String,
+    admin: String,
+    child: Option<Child>,
+}
+
+impl Gateway {
+    async fn spawn(config: PathBuf, public: u16, admin: u16) -> Gateway {
+        let mut gw = Gateway {
+            config,
+            public: format!("http://127.0.0.1:{public}"),
+            admin: format!("http://127.0.0.1:{admin}"),
+            child: None,
+        };
+        gw.start().await;
+        gw
+    }
+
+    async fn start(&mut self) {
+        let child = Command::new(BIN)
+            .args(["serve", "--config", self.config.to_str().expect("utf-8")])
+            .env_clear()
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("gateway starts");
+        self.child = Some(child);
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = client.get(format!("{}/readyz", self.admin)).send().await;
+            if ready.map(|r| r.status()).ok() == Some(StatusCode::OK) {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("gateway exited at start: {status}");
+            }
+            assert!(Instant::now() < deadline, "gateway never ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn pid(&self) -> String {
+        self.child
+            .as_ref()
+            .and_then(Child::id)
+            .expect("running")
+            .to_string()
+    }
+
+    async fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.start_kill().expect("SIGKILL sent");
+        child.wait().await.expect("reaped");
+    }
+
+    async fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.pid()])
+            .status()
+            .await
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal}");
+    }
+}
+
+/// Everything one run owns.
+struct World {
+    gateways: Vec<Gateway>,
+    redis: Option<RedisServer>,
+    postgres: Option<Postgres>,
+    database_url: Option<String>,
+    data_dir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl World {
+    async fn start(engine: Engine, ledger: LedgerDb, durability: Option<&str>) -> World {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = dir.path().join("data");
+        let redis = match engine {
+            Engine::Redis => Some(
+                RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await,
+            ),
+            Engine::Embedded => None,
+        };
+        let postgres = (ledger == LedgerDb::Postgres).then(Postgres::start);
+        let database_url = postgres.as_ref().map(Postgres::url);
+        // Two gateways share Redis; the embedded engine allows one per data dir.
+        let count = match engine {
+            Engine::Redis => 2,
+            Engine::Embedded => 1,
+        };
+        let mut gateways = Vec::new();
+        for i in 0..count {
+            let (public, admin) = (free_port(), free_port());
+            let mut toml = format!(
+                "listen = \"127.0.0.1:{public}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+                 data_dir = \"{}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n\
+                 merchant_token = \"{MERCHANT_TOKEN}\"\n\
+                 event_reclaim_idle_ms = {RECLAIM_IDLE_MS}\nshutdown_delay_ms = 0\n\
+                 hold_sweep_interval_ms = 200\nrebuild_grace_ms = 1500\n",
+                data_dir.display()
+            );
+            if let Some(redis) = &redis {
+                toml.push_str(&format!("redis_url = \"{}\"\n", redis.url()));
+            }
+            if let Some(url) = &database_url {
+                toml.push_str(&format!("database_url = \"{url}\"\n"));
+            }
+            if let Some(d) = durability {
+                toml.push_str(&format!("durability = \"{d}\"\n"));
+            }
+            toml.push_str(
+                "[limits.public]\nper_second = 1000000\nburst = 1000000\n\
+                 [limits.merchant]\nper_second = 1000000\nburst = 1000000\n\
+                 [limits.failed_redemptions]\nmax_failures = 1000000\n",
+            );
+            let path = dir.path().join(format!("gateway-{i}.toml"));
+            std::fs::write(&path, toml).expect("config written");
+            gateways.push(Gateway::spawn(path, public, admin).await);
+        }
+        World {
+            gateways,
+            redis,
+            postgres,
+            database_url,
+            data_dir,
+            _dir: dir,
+        }
+    }
+
+    fn faults(&self) -> Vec<Fault> {
+        let mut faults = vec![Fault::KillGateway, Fault::PauseGateway];
+        if self.redis.is_some() {
+            faults.extend([Fault::KillRedis, Fault::FlushRedis]);
+        }
+        if self.postgres.is_some() {
+            faults.push(Fault::RestartLedger);
+        }
+        faults
+    }
+
+    /// Injects `fault`, then brings the world back (the next fault may come at once).
+    async fn inject(&mut self, fault: Fault, rng: &mut StdRng, log: &mut Vec<String>) {
+        let pause =
+            |rng: &mut StdRng, lo: u64, hi: u64| Duration::from_millis(rng.random_range(lo..hi));
+        match fault {
+            Fault::KillGateway => {
+                let i = rng.random_range(0..self.gateways.len());
+                log.push(format!("kill -9 gateway {i}"));
+                self.gateways[i].kill9().await;
+                tokio::time::sleep(pause(rng, 50, 500)).await;
+                self.gateways[i].start().await;
+            }
+            Fault::PauseGateway => {
+                let i = rng.random_range(0..self.gateways.len());
+                log.push(format!("SIGSTOP gateway {i}"));
+                self.gateways[i].signal("-STOP").await;
+                tokio::time::sleep(pause(rng, RECLAIM_IDLE_MS + 200, RECLAIM_IDLE_MS + 1200)).await;
+                self.gateways[i].signal("-CONT").await;
+            }
+            Fault::KillRedis => {
+                log.push("kill -9 redis".into());
+                let redis = self.redis.as_mut().expect("redis");
+                redis.kill9();
+                tokio::time::sleep(pause(rng, 50, 500)).await;
+                redis.restart().await;
+            }
+            Fault::FlushRedis => {
+                log.push("redis FLUSHALL".into());
+                let redis = self.redis.as_ref().expect("redis");
+                redis.cmd(&["FLUSHALL"]).await.expect("FLUSHALL");
+            }
+            Fault::RestartLedger => {
+                log.push("stop PostgreSQL".into());
+                let pg = self.postgres.as_ref().expect("postgres");
+                pg.down();
+                tokio::time::sleep(pause(rng, 200, 1500)).await;
+                pg.up();
+            }
+        }
+    }
+}
+
+/// One answer a client took as final.
+#[derive(Debug, Clone)]
+struct Answer {
+    op: &'static str,
+    order: String,
+    status: StatusCode,
+    body: Value,
+}
+
+impl Answer {
+    fn error(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    fn codes(&self) -> Vec<String> {
+        self.body["keys"]
+            .as_array()
+            .map(|keys| {
+                keys.iter()
+                    .filter_map(|k| k["code"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn key_ids(&self) -> Vec<String> {
+        self.body["keys"]
+            .as_array()
+            .map(|keys| {
+                keys.iter()
+                    .filter_map(|k| k["key_id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Sends one request until it gets a final answer (or the hard deadline passes: `None`).
+async fn until_final(
+    client: &reqwest::Client,
+    bases: &[String],
+    rng: &Mutex<StdRng>,
+    path: &str,
+    body: Value,
+    merchant: bool,
+    deadline: Instant,
+) -> Option<(StatusCode, Value)> {
+    loop {
+        if Instant::now() >= deadline {
+            return None;
+        }
+        let base = {
+            let mut rng = rng.lock().expect("rng");
+            bases[rng.random_range(0..bases.len())].clone()
+        };
+        let mut req = client.post(format!("{base}{path}")).json(&body);
+        if merchant {
+            req = req.bearer_auth(MERCHANT_TOKEN);
+        }
+        if let Ok(res) = req.send().await {
+            let status = res.status();
+            let retry = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
+            if let Ok(body) = res.json::<Value>().await {
+                if !retry {
+                    return Some((status, body));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+/// One client: places orders, confirms, releases or abandons holds, redeems what it got.
+#[allow(clippy::too_many_arguments)]
+async fn client_loop(
+    w: usize,
+    seed: u64,
+    bases: Vec<String>,
+    stop: Arc<AtomicBool>,
+    hard_deadline: Instant,
+    answers: Arc<Mutex<Vec<Answer>>>,
+    unfinished: Arc<Mutex<Vec<String>>>,
+) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .expect("client");
+    let rng = Mutex::new(StdRng::seed_from_u64(
+        seed ^ (w as u64).wrapping_mul(0x9e37_79b9),
+    ));
+    let pick = |lo: u32, hi: u32| rng.lock().expect("rng").random_range(lo..hi);
+    let record = |op: &'static str, order: &str, answer: Option<(StatusCode, Value)>| match answer {
+        Some((status, body)) => {
+            let a = Answer {
+                op,
+                order: order.to_owned(),
+                status,
+                body,
+            };
+            answers.lock().expect("answers").push(a.clone());
+            Some(a)
+        }
+        None => {
+            unfinished
+                .lock()
+                .expect("unfinished")
+                .push(format!("{op} {order}"));
+            None
+        }
+    };
+    for n in 0..ORDERS_PER_WORKER {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let order = format!("w{w}-{n}");
+        let quantity = pick(1, 3);
+        let hold = pick(0, 2) == 0;
+        let mut body = json!({"order_id": order, "quantity": quantity});
+        if hold {
+            body["hold_ms"] = json!(pick(1500, 4000));
+        }
+        let path = format!("/v1/skus/{SKU}/claims");
+        let got = until_final(&client, &bases, &rng, &path, body, true, hard_deadline).await;
+        let Some(claim) = record(if hold { "hold" } else { "claim" }, &order, got) else {
+            continue;
+        };
+        let mut codes = Vec::new();
+        if claim.status == StatusCode::OK && !hold {
+            codes = claim.codes();
+        }
+        if claim.status == StatusCode::OK && hold {
+            let path = |what: &str| format!("/v1/skus/{SKU}/claims/{order}/{what}");
+            match pick(0, 4) {
+                0 | 1 => {
+                    let got = until_final(
+                        &client,
+                        &bases,
+                        &rng,
+                        &path("confirm"),
+                        json!({}),
+                        true,
+                        hard_deadline,
+                    )
+                    .await;
+                    if let Some(a) = record("confirm", &order, got) {
+                        if a.status == StatusCode::OK {
+                            codes = a.codes();
+                        }
+                    }
+                }
+                2 => {
+                    let got = until_final(
+                        &client,
+                        &bases,
+                        &rng,
+                        &path("release"),
+                        json!({}),
+                        true,
+                        hard_deadline,
+                    )
+                    .await;
+                    record("release", &order, got);
+                }
+                _ => {} // left to lapse
+            }
+        }
+        if let Some(code) = codes.first() {
+            let redeemers = if pick(0, 5) == 0 { 2 } else { 1 };
+            for r in 0..redeemers {
+                let body = json!({"code": code, "redeemer": format!("r{r}-{order}"), "sku": SKU});
+                let got = until_final(
+                    &client,
+                    &bases,
+                    &rng,
+                    "/v1/redeem",
+                    body,
+                    false,
+                    hard_deadline,
+                )
+                .await;
+                record(if r == 0 { "redeem" } else { "redeem-again" }, &order, got);
+            }
+        }
+    }
+}
+
+/// Waits until the ledger has every change and engine and ledger agree.
+async fn settle(client: &reqwest::Client, gw: &Gateway) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut last = Value::Null;
+    loop {
+        if let Ok(res) = client
+            .get(format!("{}/v1/skus/{SKU}", gw.public))
+            .bearer_auth(MERCHANT_TOKEN)
+            .send()
+            .await
+        {
+            if let Ok(view) = res.json::<Value>().await {
+                let engine = &view["engine"];
+                if view["in_flight"] == 0
+                    && view["drift"] == 0
+                    && engine.is_object()
+                    && *engine == view["ledger"]
+                    && engine["held"] == 0
+                {
+                    return view;
+                }
+                last = view;
+            }
+        }
+        assert!(Instant::now() < deadline, "never settled: {last}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
+    let _serial = SERIAL.lock().await;
+    let seed: u64 = std::env::var("NEMESIS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    let secs: u64 = std::env::var("NEMESIS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    eprintln!(
+        "nemesis: {engine:?} engine, {ledger:?} ledger, durability {}: NEMESIS_SEED={seed} NEMESIS_SECS={secs}",
+        durability.unwrap_or("default")
+    );
+    let mut world = World::start(engine, ledger, durability).await;
+    let client = reqwest::Client::new();
+    let admin = world.gateways[0].admin.clone();
+    let put = client
+        .put(format!("{admin}/v1/skus/{SKU}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(put.status(), StatusCode::CREATED);
+    let codes: String = (0..STOCK).map(|i| format!("NEM-{i:06}\n")).collect();
+    let import = client
+        .post(format!("{admin}/v1/skus/{SKU}/batches?batch_id=b1"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "text/plain")
+        .body(codes)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(import.status(), StatusCode::OK);
+
+    let bases: Vec<String> = world.gateways.iter().map(|g| g.public.clone()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers = Arc::new(Mutex::new(Vec::new()));
+    let unfinished = Arc::new(Mutex::new(Vec::new()));
+    let hard_deadline = Instant::now() + Duration::from_secs(secs + 120);
+    let clients: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            tokio::spawn(client_loop(
+                w,
+                seed,
+                bases.clone(),
+                stop.clone(),
+                hard_deadline,
+                answers.clone(),
+                unfinished.clone(),
+            ))
+        })
+        .collect();
+
+    // The nemesis: faults while the clients run.
+    let mut rng = StdRng::seed_from_u64(seed);
+    let faults = world.faults();
+    let mut log = Vec::new();
+    let until = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..1200))).await;
+        let fault = faults[rng.random_range(0..faults.len())];
+        world.inject(fault, &mut rng, &mut log).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.expect("client finished");
+    }
+    eprintln!("nemesis: faults injected: {log:?}");
+    let answers = answers.lock().expect("answers").clone();
+    let unfinished = unfinished.lock().expect("unfinished").clone();
+    assert!(
+        unfinished.is_empty(),
+        "requests never got a final answer: {unfinished:?}"
+    );
+    assert!(
+        answers.len() > 50,
+        "too little work done: {}",
+        answers.len()
+    );
+
+    // 1. Every answer is one a user may get: no sold out, no 404, no 5xx.
+    for a in &answers {
+        let allowed = match (a.op, a.status) {
+            (_, StatusCode::OK) => true,
+            ("redeem-again", StatusCode::CONFLICT) => a.error() == "ERR_CARD_USED",
+            _ => false,
+        };
+        assert!(allowed, "answer a client must never get: {a:?}");
+    }
+
+    // 2. No code to two orders; a retried order got the same codes every time.
+    let mut owner: HashMap<String, String> = HashMap::new();
+    let mut order_codes: HashMap<String, Vec<String>> = HashMap::new();
+    for a in answers.iter().filter(|a| a.status == StatusCode::OK) {
+        let codes = a.codes();
+        if codes.is_empty() {
+            continue;
+        }
+        if let Some(before) = order_codes.get(&a.order) {
+            assert_eq!(before, &codes, "order {} answered two ways", a.order);
+        }
+        order_codes.insert(a.order.clone(), codes.clone());
+        for code in codes {
+            if let Some(other) = owner.insert(code.clone(), a.order.clone()) {
+                assert_eq!(other, a.order, "a code was sold to two orders");
+            }
+        }
+    }
+    // 3. No code redeemed by two redeemers.
+    let mut redeemed: HashMap<String, String> = HashMap::new();
+    for a in answers
+        .iter()
+        .filter(|a| a.op.starts_with("redeem") && a.status == StatusCode::OK)
+    {
+        let key = a.body["key_id"].as_str().expect("key id").to_owned();
+        let who = a.op.to_owned();
+        if let Some(before) = redeemed.insert(key.clone(), who.clone()) {
+            assert_eq!(before, who, "key {key} redeemed by two redeemers");
+        }
+    }
+
+    // 4. Everything settles: nothing in flight, no drift, engine and ledger agree.
+    let view = settle(&client, &world.gateways[0]).await;
+    let claimed = view["ledger"]["claimed"].as_u64().unwrap_or(0)
+        + view["ledger"]["redeemed"].as_u64().unwrap_or(0);
+    let sold: usize = order_codes.values().map(Vec::len).sum();
+    assert!(
+        claimed >= sold as u64,
+        "the ledger sold fewer codes than were answered: {view}"
+    );
+
+    // 5. The engine still answers every answered order as it was answered.
+    for (order, codes) in &order_codes {
+        let res = client
+            .get(format!("{}/v1/skus/{SKU}/claims/{order}", bases[0]))
+            .bearer_auth(MERCHANT_TOKEN)
+            .send()
+            .await
+            .expect("answered");
+        let body: Value = res.json().await.expect("json");
+        let now = Answer {
+            op: "order",
+            order: order.clone(),
+            status: StatusCode::OK,
+            body,
+        };
+        assert_eq!(&now.codes(), codes, "order {order} changed: {:?}", now.body);
+    }
+
+    // 6. The ledger has every answered change.
+    for gw in &mut world.gateways {
+        gw.kill9().await;
+    }
+    let ledger = kamigate::ledger::open(world.database_url.as_deref(), &world.data_dir)
+        .await
+        .expect("ledger opens");
+    let mut kinds: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut cursor = 0;
+    loop {
+        let events = ledger
+            .order_events_after(SKU, cursor, 1000)
+            .await
+            .expect("order events");
+        let Some((last, _)) = events.last() else {
+            break;
+        };
+        cursor = *last;
+        for (_, e) in events {
+            if let Some(order) = e.order_id {
+                kinds.entry(order).or_default().insert(e.kind);
+            }
+        }
+    }
+    for a in answers.iter().filter(|a| a.status == StatusCode::OK) {
+        let has = |kind: &str| kinds.get(&a.order).is_some_and(|k| k.contains(kind));
+        match a.op {
+            "claim" => assert!(has("claim"), "answered claim {} not in the ledger", a.order),
+            "hold" => assert!(has("hold"), "answered hold {} not in the ledger", a.order),
+            "confirm" => assert!(
+                has("confirm"),
+                "answered confirm {} not in the ledger",
+                a.order
+            ),
+            "release" => assert!(
+                has("release") || has("expire"),
+                "answered release {} not in the ledger",
+                a.order
+            ),
+            _ => {
+                let key_id = a.body["key_id"].as_str().expect("key id");
+                let key = ledger
+                    .get_key(key_id)
+                    .await
+                    .expect("readable")
+                    .expect("key");
+                assert!(
+                    key.uses >= 1,
+                    "answered redemption of {key_id} not in the ledger"
+                );
+            }
+        }
+        for key_id in a.key_ids() {
+            let key = ledger
+                .get_key(&key_id)
+                .await
+                .expect("readable")
+                .expect("key");
+            if matches!(a.op, "claim" | "confirm") && !a.codes().is_empty() {
+                assert!(
+                    key.sold >= 1,
+                    "{key_id} answered sold, ledger says {}",
+                    key.state
+                );
+            }
+        }
+    }
+    eprintln!(
+        "nemesis: {} answers checked ({} orders sold {} codes), {} faults",
+        answers.len(),
+        order_codes.len(),
+        sold,
+        log.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_default_on_sqlite_survives_the_nemesis() {
+    run(Engine::Embedded, LedgerDb::Sqlite, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_default_on_postgres_survives_the_nemesis() {
+    run(Engine::Embedded, LedgerDb::Postgres, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_engine_durability_on_sqlite_survives_the_nemesis() {
+    run(Engine::Redis, LedgerDb::Sqlite, Some("engine")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_engine_durability_on_postgres_survives_the_nemesis() {
+    run(Engine::Redis, LedgerDb::Postgres, Some("engine")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_ledger_durability_on_sqlite_survives_the_nemesis() {
+    run(Engine::Redis, LedgerDb::Sqlite, Some("ledger")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_ledger_durability_on_postgres_survives_the_nemesis() {
+    run(Engine::Redis, LedgerDb::Postgres, Some("ledger")).await;
+}
