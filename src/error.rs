@@ -41,6 +41,9 @@ pub enum Error {
     OrderConflict(String),
     #[error("the hold lapsed or was released")]
     HoldExpired,
+    /// Another upload is filling the same import batch.
+    #[error("{0}")]
+    BatchInProgress(String),
     #[error("too many requests")]
     RateLimited { retry_after_ms: u64 },
     #[error("too many failed redemptions")]
@@ -67,6 +70,7 @@ impl Error {
             Error::UserLimit { .. } => "ERR_USER_LIMIT",
             Error::OrderConflict(_) => "ERR_ORDER_CONFLICT",
             Error::HoldExpired => "ERR_HOLD_EXPIRED",
+            Error::BatchInProgress(_) => "ERR_BATCH_IN_PROGRESS",
             Error::RateLimited { .. } => "ERR_RATE_LIMITED",
             Error::LockedOut { .. } => "ERR_LOCKED_OUT",
             Error::Unavailable(_) => "ERR_UNAVAILABLE",
@@ -87,7 +91,8 @@ impl Error {
             | Error::SoldOut
             | Error::UserLimit { .. }
             | Error::OrderConflict(_)
-            | Error::HoldExpired => StatusCode::CONFLICT,
+            | Error::HoldExpired
+            | Error::BatchInProgress(_) => StatusCode::CONFLICT,
             Error::RateLimited { .. } | Error::LockedOut { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -151,6 +156,11 @@ impl Error {
             Error::SoldOut => "no codes are left for this SKU".into(),
             Error::HoldExpired => "claim again with a new order_id".into(),
             Error::OrderConflict(_) => "retries must repeat the original request exactly".into(),
+            Error::BatchInProgress(_) => {
+                "retry once the other upload has finished: the retry answers its counts, or \
+                 imports afresh if it failed"
+                    .into()
+            }
             Error::Unavailable(_) => "retry after the Retry-After interval".into(),
             _ => return None,
         })

@@ -31,6 +31,7 @@ pub fn ledger_error(e: LedgerError) -> Error {
     match e {
         LedgerError::Unavailable(why) => Error::Unavailable(format!("ledger: {why}")),
         LedgerError::NotFound(what) => Error::NotFound(what),
+        LedgerError::BatchBusy(why) => Error::BatchInProgress(why),
         other => Error::Internal(format!("ledger: {other}")),
     }
 }

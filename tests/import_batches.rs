@@ -1,0 +1,181 @@
+//! Import batches as a merchant meets them, over HTTP on both ledgers (SQLite, and PostgreSQL
+//! when it runs; see `support/postgres.rs`) and through `kamigate import`:
+//!
+//! - a second upload of a batch id while the first is still running is refused with `409
+//!   ERR_BATCH_IN_PROGRESS`, never answered with counts that dropped its content;
+
+mod support;
+
+#[path = "support/postgres.rs"]
+mod pg_support;
+
+use std::time::Duration;
+
+use pg_support::TestDatabase;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use support::gateway::{config, TestGateway, ADMIN_TOKEN};
+use tempfile::TempDir;
+
+#[derive(Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A gateway over a ledger of its own.
+struct Env {
+    gw: TestGateway,
+    _dir: TempDir,
+    // Dropped last: the database outlives the gateway's pools.
+    _pg: Option<TestDatabase>,
+}
+
+impl Env {
+    /// `None` when PostgreSQL is asked for and not running (outside CI).
+    async fn start(backend: Backend) -> Option<Env> {
+        let dir = TempDir::new().expect("temp dir");
+        let pg = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(TestDatabase::create().await?),
+        };
+        let mut cfg = config();
+        cfg.data_dir = dir.path().to_owned();
+        cfg.database_url = pg.as_ref().map(|pg| pg.url().to_owned());
+        let gw = TestGateway::start(cfg).await;
+        Some(Env {
+            gw,
+            _dir: dir,
+            _pg: pg,
+        })
+    }
+
+    async fn upload(
+        &self,
+        sku: &str,
+        batch_id: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, Value) {
+        let res = self
+            .gw
+            .client
+            .post(self.batches_url(sku, batch_id))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("answered");
+        let status = res.status();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    fn batches_url(&self, sku: &str, batch_id: &str) -> String {
+        format!(
+            "{}/v1/skus/{sku}/batches?batch_id={batch_id}",
+            self.gw.admin
+        )
+    }
+
+    async fn stop(self) {
+        self.gw.stop().await;
+    }
+}
+
+/// Runs each named `async fn(Backend)` as a test on SQLite and on PostgreSQL.
+macro_rules! on_both_ledgers {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_ledgers!(a_second_upload_of_a_running_batch_is_refused_not_replayed,);
+
+async fn a_second_upload_of_a_running_batch_is_refused_not_replayed(backend: Backend) {
+    let Some(env) = Env::start(backend).await else {
+        return;
+    };
+    env.gw.put_sku("conc", json!({})).await;
+
+    // The first upload starts and keeps its body open.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(4);
+    let body = reqwest::Body::wrap_stream(futures_util::stream::poll_fn({
+        let mut rx = rx;
+        move |cx| rx.poll_recv(cx)
+    }));
+    let first = tokio::spawn(
+        env.gw
+            .client
+            .post(env.batches_url("conc", "b1"))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "text/plain")
+            .body(body)
+            .send(),
+    );
+    tx.send(Ok("A-0001\nA-0002\nA-0003\n".into()))
+        .await
+        .expect("sent");
+    let ledger = env.gw.gateway.app.ledger.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ledger
+        .get_batch("conc", "b1")
+        .await
+        .expect("ledger answers")
+        .is_none()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first upload never began"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // A second upload of the same batch id meanwhile: refused, and it says why.
+    let (status, body) = env
+        .upload("conc", "b1", "text/plain", "B-0001\nB-0002\n")
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "ERR_BATCH_IN_PROGRESS", "{body}");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("b1"), "{message}");
+    assert!(body["error"]["hint"].is_string(), "{body}");
+
+    // The first upload is untouched by it and completes.
+    tx.send(Ok("A-0004\n".into())).await.expect("sent");
+    drop(tx);
+    let res = first.await.expect("joined").expect("answered");
+    assert_eq!(res.status(), StatusCode::OK);
+    let report: Value = res.json().await.expect("json");
+    assert_eq!(
+        (report["accepted"].as_u64(), report["replayed"].as_bool()),
+        (Some(4), Some(false)),
+        "{report}"
+    );
+
+    // After it finished, the batch id replays its counts and adds nothing, as before.
+    let (status, again) = env.upload("conc", "b1", "text/plain", "C-0001\n").await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(
+        (again["replayed"].as_bool(), again["accepted"].as_u64()),
+        (Some(true), Some(4)),
+        "{again}"
+    );
+    assert_eq!(env.gw.counts("conc").await["available"], 4);
+    env.stop().await;
+}
