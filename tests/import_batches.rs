@@ -3,6 +3,8 @@
 //!
 //! - a second upload of a batch id while the first is still running is refused with `409
 //!   ERR_BATCH_IN_PROGRESS`, never answered with counts that dropped its content;
+//! - a file that fails before any row is read is `ERR_BAD_REQUEST` and leaves its batch id
+//!   free;
 
 mod support;
 
@@ -11,6 +13,9 @@ mod pg_support;
 
 use std::time::Duration;
 
+use kamigate::commands::{self, CommandError};
+use kamigate::config::Config;
+use kamigate::sku::SkuConfig;
 use pg_support::TestDatabase;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -105,7 +110,10 @@ macro_rules! on_both_ledgers {
     };
 }
 
-on_both_ledgers!(a_second_upload_of_a_running_batch_is_refused_not_replayed,);
+on_both_ledgers!(
+    a_second_upload_of_a_running_batch_is_refused_not_replayed,
+    a_file_refused_before_any_row_leaves_its_batch_id_free,
+);
 
 async fn a_second_upload_of_a_running_batch_is_refused_not_replayed(backend: Backend) {
     let Some(env) = Env::start(backend).await else {
@@ -178,4 +186,95 @@ async fn a_second_upload_of_a_running_batch_is_refused_not_replayed(backend: Bac
     );
     assert_eq!(env.gw.counts("conc").await["available"], 4);
     env.stop().await;
+}
+
+async fn a_file_refused_before_any_row_leaves_its_batch_id_free(backend: Backend) {
+    let Some(env) = Env::start(backend).await else {
+        return;
+    };
+    env.gw.put_sku("hdr", json!({})).await;
+
+    // A CSV without a `code` column: nothing is imported, and the merchant is told why.
+    let (status, body) = env
+        .upload(
+            "hdr",
+            "h1",
+            "text/csv",
+            "id,serial\n1,HDR-0001\n2,HDR-0002\n",
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "ERR_BAD_REQUEST", "{body}");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("no `code` column"), "{message}");
+    assert!(!message.contains("HDR"), "no code is quoted: {message}");
+    let (status, report) = env
+        .upload("hdr", "h1", "text/csv", "code\nHDR-0001\nHDR-0002\n")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(
+        (report["replayed"].as_bool(), report["accepted"].as_u64()),
+        (Some(false), Some(2)),
+        "the batch id imports normally: {report}"
+    );
+
+    // Found only when the upload ends: a lone header without a newline.
+    let (status, body) = env.upload("hdr", "h2", "text/csv", "serial").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (_, report) = env
+        .upload("hdr", "h2", "text/csv", "code\nHDR-0003\n")
+        .await;
+    assert_eq!(
+        (report["replayed"].as_bool(), report["accepted"].as_u64()),
+        (Some(false), Some(1)),
+        "{report}"
+    );
+
+    // An unsupported content type.
+    let (status, body) = env
+        .upload("hdr", "h3", "application/json", "[\"HDR-0004\"]")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "ERR_BAD_REQUEST", "{body}");
+    let (_, report) = env.upload("hdr", "h3", "text/plain", "HDR-0004\n").await;
+    assert_eq!(
+        (report["replayed"].as_bool(), report["accepted"].as_u64()),
+        (Some(false), Some(1)),
+        "{report}"
+    );
+    assert_eq!(env.gw.counts("hdr").await["available"], 4);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_command_refuses_a_csv_without_a_code_column_and_frees_the_batch_id() {
+    let dir = TempDir::new().expect("temp dir");
+    let cfg = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    let ledger = kamigate::ledger::open(None, dir.path())
+        .await
+        .expect("open the ledger");
+    let settings = serde_json::to_string(&SkuConfig::default()).expect("settings encode");
+    ledger
+        .put_sku("cli", &settings, 1, 0)
+        .await
+        .expect("SKU created");
+
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "serial,expires_at\nCLI-0001,\n").expect("file written");
+    match commands::import(&cfg, &bad, "cli", "b1", true).await {
+        Err(CommandError::Api(e)) => {
+            assert_eq!(e.code(), "ERR_BAD_REQUEST");
+            assert!(e.to_string().contains("no `code` column"), "{e}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let good = dir.path().join("good.csv");
+    std::fs::write(&good, "code,expires_at\nCLI-0001,\nCLI-0002,\n").expect("file written");
+    let report = commands::import(&cfg, &good, "cli", "b1", true)
+        .await
+        .expect("imported");
+    assert_eq!((report.accepted, report.replayed), (2, false), "{report:?}");
 }

@@ -135,6 +135,27 @@ fn file_extension_picks_the_format() {
     }
 }
 
+#[test]
+fn an_unusable_csv_header_is_reported_as_such() {
+    let mut parser = RowParser::new(UploadFormat::Csv);
+    let mut out = Vec::new();
+    parser.feed(b"\nserial\n", &mut out);
+    let (line, reason) = parser.header_failure().expect("the header failed");
+    assert_eq!(line, 2);
+    assert!(reason.contains("no `code` column"), "{reason}");
+    for (format, input) in [
+        (UploadFormat::Csv, &b"code\nAB\n"[..]),
+        (UploadFormat::Csv, b"\n"),
+        (UploadFormat::Lines, b"AB\n"),
+        (UploadFormat::Ndjson, b"{}\n"),
+    ] {
+        let mut parser = RowParser::new(format);
+        parser.feed(input, &mut out);
+        parser.finish(&mut out);
+        assert_eq!(parser.header_failure(), None, "{input:?}");
+    }
+}
+
 // ---- lines ----
 
 #[test]

@@ -185,6 +185,7 @@ pub struct ParserStats {
 /// unreadable), the header is rejected with the reason, and then *every* later non-blank row
 /// is rejected on its own with "no `code` column in the header", so that the counts of an
 /// import stay truthful (a million rows not imported are a million rejections, not one).
+/// [`RowParser::header_failure`] tells a caller who would rather refuse the upload at once.
 ///
 /// The output does not depend on how the input is split into chunks.
 pub struct RowParser {
@@ -263,6 +264,15 @@ impl RowParser {
             splitter.feed(&BOM[..matched], &mut emit);
         }
         splitter.finish(&mut emit);
+    }
+
+    /// Why a CSV header could not be used, and its line: every later row is rejected for it,
+    /// so nothing of the upload can be imported. `None` while the header is fine or unread.
+    pub fn header_failure(&self) -> Option<(u64, &str)> {
+        self.decoder
+            .header_failure
+            .as_ref()
+            .map(|(line, reason)| (*line, reason.as_str()))
     }
 
     /// Rows emitted and rejected so far, bytes fed.
@@ -475,6 +485,8 @@ struct Decoder {
     /// csv-core always has room when it is handed the row's final `\n`.
     fields: Vec<u8>,
     header: Header,
+    /// Why the CSV header failed, and its line.
+    header_failure: Option<(u64, String)>,
     stats: ParserStats,
 }
 
@@ -490,6 +502,7 @@ impl Decoder {
             csv: csv_reader(),
             fields,
             header: Header::Pending { first: true },
+            header_failure: None,
             stats: ParserStats::default(),
         }
     }
@@ -535,6 +548,7 @@ impl Decoder {
         if let Header::Pending { .. } = self.header {
             if self.format == UploadFormat::Csv {
                 self.header = Header::Failed;
+                self.header_failure = Some((line, reason.clone()));
             }
         }
         self.reject(line, reason, out);

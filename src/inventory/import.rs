@@ -12,6 +12,9 @@
 //! frees its `batch_id`. The same `batch_id` again after an import finished adds nothing and
 //! answers that import's counts; while another upload of it is still running it is refused
 //! with [`Error::BatchInProgress`], never answered with counts that are not its own.
+//!
+//! A CSV upload whose header cannot be used fails as a whole before anything is written
+//! ([`Error::BadRequest`]).
 
 use serde_json::{json, Value};
 
@@ -156,11 +159,24 @@ impl<'a> Importer<'a> {
         })))
     }
 
-    /// Consumes the next bytes of the upload.
+    /// Consumes the next bytes of the upload. A CSV header that cannot be used fails the
+    /// upload ([`Error::BadRequest`]): abort it then.
     pub async fn feed(&mut self, bytes: &[u8]) -> Result<(), Error> {
         self.parser.feed(bytes, &mut self.parsed);
+        self.check_header()?;
         self.take_parsed().await?;
         self.renew_if_due().await
+    }
+
+    /// Refuses the whole upload when its CSV header cannot be used: every row would be
+    /// rejected, and a merchant would rather fix the file than read a million rejections.
+    fn check_header(&self) -> Result<(), Error> {
+        match self.parser.header_failure() {
+            None => Ok(()),
+            Some((line, why)) => Err(Error::BadRequest(format!(
+                "the CSV header on line {line} cannot be used: {why}; nothing was imported"
+            ))),
+        }
     }
 
     /// Tells the ledger this upload is alive, so no other upload of the batch id takes over.
@@ -272,6 +288,7 @@ impl<'a> Importer<'a> {
     /// Parses and writes what is left of the upload and records the batch's counts.
     async fn record(&mut self, activate: bool) -> Result<(), Error> {
         self.parser.finish(&mut self.parsed);
+        self.check_header()?;
         self.take_parsed().await?;
         self.flush().await?;
         let counts = BatchCounts {
