@@ -5,6 +5,7 @@
 //!   ERR_BATCH_IN_PROGRESS`, never answered with counts that dropped its content;
 //! - a file that fails before any row is read is `ERR_BAD_REQUEST` and leaves its batch id
 //!   free;
+//! - a CSV sent as `text/plain` imports its rows, not its header;
 
 mod support;
 
@@ -113,6 +114,7 @@ macro_rules! on_both_ledgers {
 on_both_ledgers!(
     a_second_upload_of_a_running_batch_is_refused_not_replayed,
     a_file_refused_before_any_row_leaves_its_batch_id_free,
+    a_csv_sent_as_text_plain_imports_its_rows_not_its_header,
 );
 
 async fn a_second_upload_of_a_running_batch_is_refused_not_replayed(backend: Backend) {
@@ -243,6 +245,74 @@ async fn a_file_refused_before_any_row_leaves_its_batch_id_free(backend: Backend
         "{report}"
     );
     assert_eq!(env.gw.counts("hdr").await["available"], 4);
+    env.stop().await;
+}
+
+async fn a_csv_sent_as_text_plain_imports_its_rows_not_its_header(backend: Backend) {
+    let Some(env) = Env::start(backend).await else {
+        return;
+    };
+    env.gw.put_sku("txt", json!({})).await;
+    let (status, report) = env
+        .upload(
+            "txt",
+            "t1",
+            "text/plain",
+            "code\r\nTXT-0001\r\nTXT-0002\r\n",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(
+        (report["accepted"].as_u64(), report["rejected"].as_u64()),
+        (Some(2), Some(0)),
+        "{report}"
+    );
+    let (status, order) = env
+        .gw
+        .claim("txt", json!({"order_id": "o-1", "quantity": 2}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    let mut codes: Vec<&str> = order["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .filter_map(|k| k["code"].as_str())
+        .collect();
+    codes.sort_unstable();
+    assert_eq!(codes, ["TXT0001", "TXT0002"], "no code named CODE");
+    let (status, body) = env.gw.claim("txt", json!({"order_id": "o-2"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "sold out: {body}");
+
+    // Its other columns count too, as they would in text/csv.
+    let (_, report) = env
+        .upload(
+            "txt",
+            "t2",
+            "text/plain",
+            "\u{feff}\"Code\", expires_at\nTXT-0003,2099-01-01T00:00:00Z\n",
+        )
+        .await;
+    assert_eq!(
+        (report["accepted"].as_u64(), report["rejected"].as_u64()),
+        (Some(1), Some(0)),
+        "{report}"
+    );
+    let key = env
+        .gw
+        .gateway
+        .app
+        .ledger
+        .get_key("txt.3")
+        .await
+        .expect("ledger answers")
+        .expect("imported");
+    assert_eq!(key.expires_at_ms, Some(4_070_908_800_000));
+
+    // A plain list of codes is read as before.
+    let (_, report) = env
+        .upload("txt", "t3", "text/plain", "TXT-0004\nTXT-0005\n")
+        .await;
+    assert_eq!(report["accepted"], 2, "{report}");
     env.stop().await;
 }
 
