@@ -6,20 +6,25 @@
 //! - a file that fails before any row is read is `ERR_BAD_REQUEST` and leaves its batch id
 //!   free;
 //! - a CSV sent as `text/plain` imports its rows, not its header;
+//! - codes already expired are rejected with the reason.
 
 mod support;
 
 #[path = "support/postgres.rs"]
 mod pg_support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kamigate::commands::{self, CommandError};
 use kamigate::config::Config;
+use kamigate::engine::embedded::EmbeddedEngine;
+use kamigate::inventory::Inventory;
 use kamigate::sku::SkuConfig;
 use pg_support::TestDatabase;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::clock::ManualClock;
 use support::gateway::{config, TestGateway, ADMIN_TOKEN};
 use tempfile::TempDir;
 
@@ -38,8 +43,9 @@ struct Env {
 }
 
 impl Env {
-    /// `None` when PostgreSQL is asked for and not running (outside CI).
-    async fn start(backend: Backend) -> Option<Env> {
+    /// `None` when PostgreSQL is asked for and not running (outside CI). With `clock`, the
+    /// gateway's "now" is the test's.
+    async fn start(backend: Backend, clock: Option<&ManualClock>) -> Option<Env> {
         let dir = TempDir::new().expect("temp dir");
         let pg = match backend {
             Backend::Sqlite => None,
@@ -48,7 +54,13 @@ impl Env {
         let mut cfg = config();
         cfg.data_dir = dir.path().to_owned();
         cfg.database_url = pg.as_ref().map(|pg| pg.url().to_owned());
-        let gw = TestGateway::start(cfg).await;
+        let gw = match clock {
+            None => TestGateway::start(cfg).await,
+            Some(clock) => {
+                let engine = Arc::new(EmbeddedEngine::start().expect("embedded engine starts"));
+                TestGateway::with_inventory(cfg, Inventory::with_clock(engine, clock.clock())).await
+            }
+        };
         Some(Env {
             gw,
             _dir: dir,
@@ -115,10 +127,11 @@ on_both_ledgers!(
     a_second_upload_of_a_running_batch_is_refused_not_replayed,
     a_file_refused_before_any_row_leaves_its_batch_id_free,
     a_csv_sent_as_text_plain_imports_its_rows_not_its_header,
+    codes_already_expired_are_rejected_with_the_reason,
 );
 
 async fn a_second_upload_of_a_running_batch_is_refused_not_replayed(backend: Backend) {
-    let Some(env) = Env::start(backend).await else {
+    let Some(env) = Env::start(backend, None).await else {
         return;
     };
     env.gw.put_sku("conc", json!({})).await;
@@ -191,7 +204,7 @@ async fn a_second_upload_of_a_running_batch_is_refused_not_replayed(backend: Bac
 }
 
 async fn a_file_refused_before_any_row_leaves_its_batch_id_free(backend: Backend) {
-    let Some(env) = Env::start(backend).await else {
+    let Some(env) = Env::start(backend, None).await else {
         return;
     };
     env.gw.put_sku("hdr", json!({})).await;
@@ -249,7 +262,7 @@ async fn a_file_refused_before_any_row_leaves_its_batch_id_free(backend: Backend
 }
 
 async fn a_csv_sent_as_text_plain_imports_its_rows_not_its_header(backend: Backend) {
-    let Some(env) = Env::start(backend).await else {
+    let Some(env) = Env::start(backend, None).await else {
         return;
     };
     env.gw.put_sku("txt", json!({})).await;
@@ -313,6 +326,52 @@ async fn a_csv_sent_as_text_plain_imports_its_rows_not_its_header(backend: Backe
         .upload("txt", "t3", "text/plain", "TXT-0004\nTXT-0005\n")
         .await;
     assert_eq!(report["accepted"], 2, "{report}");
+    env.stop().await;
+}
+
+async fn codes_already_expired_are_rejected_with_the_reason(backend: Backend) {
+    // Now is 2026-01-01T00:00:00Z.
+    let clock = ManualClock::new();
+    let Some(env) = Env::start(backend, Some(&clock)).await else {
+        return;
+    };
+    env.gw.put_sku("exp", json!({})).await;
+    let csv = "code,expires_at\n\
+               EXP-0001,2025-12-31T23:59:59Z\n\
+               EXP-0002,2026-01-01T00:00:00Z\n\
+               EXP-0003,2026-01-01T00:00:01Z\n\
+               EXP-0004,\n\
+               EXP-0005,0\n";
+    let (status, report) = env.upload("exp", "e1", "text/csv", csv).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(
+        (report["accepted"].as_u64(), report["rejected"].as_u64()),
+        (Some(2), Some(3)),
+        "{report}"
+    );
+    assert_eq!(
+        report["rejected_lines"],
+        json!([
+            {"line": 2, "reason": "expired at 2025-12-31T23:59:59.000Z"},
+            {"line": 3, "reason": "expired at 2026-01-01T00:00:00.000Z"},
+            {"line": 6, "reason": "expired at 1970-01-01T00:00:00.000Z"},
+        ])
+    );
+    let ndjson = "{\"code\":\"EXP-0006\",\"expires_at\":1767225599}\n\
+                  {\"code\":\"EXP-0007\",\"expires_at\":\"2030-01-01T00:00:00Z\"}\n";
+    let (_, report) = env
+        .upload("exp", "e2", "application/x-ndjson", ndjson)
+        .await;
+    assert_eq!(
+        (report["accepted"].as_u64(), report["rejected"].as_u64()),
+        (Some(1), Some(1)),
+        "{report}"
+    );
+    assert_eq!(
+        report["rejected_lines"][0]["reason"],
+        "expired at 2025-12-31T23:59:59.000Z"
+    );
+    assert_eq!(env.gw.counts("exp").await["available"], 3);
     env.stop().await;
 }
 

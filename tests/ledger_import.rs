@@ -3,10 +3,14 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use kamigate::engine::embedded::EmbeddedEngine;
+use kamigate::inventory::Inventory;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::clock::ManualClock;
 use support::gateway::{config, TestGateway, ADMIN_TOKEN};
 
 async fn upload(
@@ -31,11 +35,15 @@ async fn upload(
 
 #[tokio::test]
 async fn csv_and_ndjson_uploads_carry_expiry_and_uses() {
-    let gw = TestGateway::embedded().await;
+    // Now is 2026-01-01T00:00:00Z: codes already expired would be rejected at import.
+    let clock = ManualClock::new();
+    let engine = Arc::new(EmbeddedEngine::start().expect("engine"));
+    let gw =
+        TestGateway::with_inventory(config(), Inventory::with_clock(engine, clock.clock())).await;
     gw.put_sku("multi", json!({})).await;
     let csv = "id,Code,expires_at,max_uses\r\n\
                1,\"CSV-0001\",,\r\n\
-               2,CSV-0002,2000-01-01T00:00:00Z,\r\n\
+               2,CSV-0002,2026-01-01T01:00:00Z,\r\n\
                3,CSV-0003,,3\r\n\
                4,\"bad,code\",,\r\n\
                5,CSV-0005,not-a-date,\r\n";
@@ -54,7 +62,8 @@ async fn csv_and_ndjson_uploads_carry_expiry_and_uses() {
     );
     assert_eq!(gw.counts("multi").await["available"], 5);
 
-    // The expired CSV code can be sold but not redeemed.
+    // Once its time has passed, the CSV code with an expiry can be sold but not redeemed.
+    clock.advance(2 * 3600 * 1000);
     let mut expired = 0;
     for i in 0..5 {
         let (_, order) = gw

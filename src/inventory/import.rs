@@ -13,8 +13,9 @@
 //! answers that import's counts; while another upload of it is still running it is refused
 //! with [`Error::BatchInProgress`], never answered with counts that are not its own.
 //!
-//! A CSV upload whose header cannot be used fails as a whole before anything is written
-//! ([`Error::BadRequest`]).
+//! Rows are refused for the SKU's format and blacklist, and codes whose `expires_at` has
+//! already passed are refused too: they could be sold but never redeemed. A CSV upload whose
+//! header cannot be used fails as a whole before anything is written ([`Error::BadRequest`]).
 
 use serde_json::{json, Value};
 
@@ -195,6 +196,7 @@ impl<'a> Importer<'a> {
 
     async fn take_parsed(&mut self) -> Result<(), Error> {
         let format = &self.settings.format;
+        let now = self.inventory.now_ms();
         for parsed in std::mem::take(&mut self.parsed) {
             match parsed {
                 Parsed::Rejected { line, reason } => {
@@ -210,6 +212,13 @@ impl<'a> Importer<'a> {
                         self.report.rejected += 1;
                         self.report
                             .note(row.line, "the code is on the SKU's blacklist".into());
+                    }
+                    // The engine refuses to redeem a code from its `expires_at` on.
+                    Ok(_) if row.expires_at_ms.is_some_and(|at| at <= now) => {
+                        let at = row.expires_at_ms.unwrap_or_default();
+                        self.report.rejected += 1;
+                        self.report
+                            .note(row.line, format!("expired at {}", timestamp(at)));
                     }
                     Ok(canonical) => {
                         self.pending.push(NewKey {
