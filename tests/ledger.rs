@@ -457,6 +457,28 @@ async fn a_batch_being_uploaded_is_in_progress_for_other_uploads(env: &Env) {
         }
         other => panic!("expected Existing, got {other:?}"),
     }
+    // Activated by someone else while its upload ran: finishing records the counts.
+    l.begin_batch("gift", "b3", "first", NOW)
+        .await
+        .expect("begin");
+    l.insert_keys("gift", "b3", "first", &keys(&["C1"]))
+        .await
+        .expect("insert");
+    l.activate_batch("gift", "b3", NOW + 1)
+        .await
+        .expect("activate");
+    let one = BatchCounts {
+        accepted: 1,
+        ..BatchCounts::default()
+    };
+    l.finish_batch("gift", "b3", "first", &one, true, NOW + 2)
+        .await
+        .expect("finish");
+    let b = l.get_batch("gift", "b3").await.expect("get").expect("kept");
+    assert_eq!(
+        (b.state.as_str(), b.accepted, b.activated_at_ms, b.upload_id),
+        ("active", 1, Some(NOW + 1), None)
+    );
     // A batch finished pending is finished too.
     l.begin_batch("gift", "b2", "first", NOW)
         .await

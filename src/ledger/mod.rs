@@ -126,7 +126,8 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> Result<Vec<InsertOutcome>, LedgerError>;
 
     /// Ends upload `upload_id`: records its counts and leaves the batch pending, or activates
-    /// it. From then on the batch id answers [`BatchStart::Existing`].
+    /// it (a batch activated meanwhile only gets its counts). From then on the batch id
+    /// answers [`BatchStart::Existing`].
     async fn finish_batch(
         &self,
         sku: &str,

@@ -623,7 +623,15 @@ where
         now_ms: i64,
     ) -> Result<(), LedgerError> {
         let mut tx = self.begin_write().await?;
-        Self::owned_batch(&mut tx, sku, batch_id, upload_id, self.dialect.lock_rows).await?;
+        let batch = Self::batch_in(&mut tx, sku, batch_id, self.dialect.lock_rows)
+            .await?
+            .ok_or_else(|| LedgerError::NotFound(format!("batch {batch_id} of SKU {sku}")))?;
+        // Activated by someone else while this upload ran: only its counts are left to record.
+        let activated_meanwhile =
+            activate && batch.state == "active" && batch.upload_id.as_deref() == Some(upload_id);
+        if !activated_meanwhile {
+            check_owner(&batch, upload_id)?;
+        }
         sqlx::query(
             "UPDATE batches SET accepted = $3, rejected = $4, duplicate = $5, upload_id = NULL, \
              touched_at_ms = $6 WHERE sku = $1 AND batch_id = $2",
@@ -636,7 +644,7 @@ where
         .bind(now_ms)
         .execute(&mut *tx)
         .await?;
-        if activate {
+        if activate && !activated_meanwhile {
             Self::activate_in(&mut tx, sku, batch_id, now_ms).await?;
         }
         tx.commit().await?;
