@@ -42,6 +42,9 @@ pub enum Error {
     OrderConflict(String),
     #[error("the hold lapsed or was released")]
     HoldExpired,
+    /// Another upload is filling the same import batch.
+    #[error("{0}")]
+    BatchInProgress(String),
     #[error("too many requests")]
     RateLimited { retry_after_ms: u64 },
     #[error("too many failed redemptions")]
@@ -68,6 +71,7 @@ impl Error {
             Error::UserLimit { .. } => "ERR_USER_LIMIT",
             Error::OrderConflict(_) => "ERR_ORDER_CONFLICT",
             Error::HoldExpired => "ERR_HOLD_EXPIRED",
+            Error::BatchInProgress(_) => "ERR_BATCH_IN_PROGRESS",
             Error::RateLimited { .. } => "ERR_RATE_LIMITED",
             Error::LockedOut { .. } => "ERR_LOCKED_OUT",
             Error::Unavailable(_) => "ERR_UNAVAILABLE",
@@ -88,7 +92,8 @@ impl Error {
             | Error::SoldOut
             | Error::UserLimit { .. }
             | Error::OrderConflict(_)
-            | Error::HoldExpired => StatusCode::CONFLICT,
+            | Error::HoldExpired
+            | Error::BatchInProgress(_) => StatusCode::CONFLICT,
             Error::RateLimited { .. } | Error::LockedOut { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -152,6 +157,11 @@ impl Error {
             Error::SoldOut => "no codes are left for this SKU".into(),
             Error::HoldExpired => "claim again with a new order_id".into(),
             Error::OrderConflict(_) => "retries must repeat the original request exactly".into(),
+            Error::BatchInProgress(_) => {
+                "retry once the other upload has finished: the retry answers its counts, or \
+                 imports afresh if it failed"
+                    .into()
+            }
             Error::Unavailable(_) => "retry after the Retry-After interval".into(),
             _ => return None,
         })
@@ -189,6 +199,7 @@ impl From<LedgerError> for Error {
         match e {
             LedgerError::Unavailable(why) => Error::Unavailable(format!("ledger: {why}")),
             LedgerError::NotFound(what) => Error::NotFound(what),
+            LedgerError::BatchBusy(why) => Error::BatchInProgress(why),
             other => Error::Internal(format!("ledger: {other}")),
         }
     }

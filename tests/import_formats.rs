@@ -135,6 +135,92 @@ fn file_extension_picks_the_format() {
     }
 }
 
+#[test]
+fn a_lines_upload_opening_with_a_code_header_is_read_as_csv() {
+    let cases: &[(&[u8], Vec<Parsed>)] = &[
+        (b"code\nAB\nCD", vec![row(2, "AB"), row(3, "CD")]),
+        (b"\xEF\xBB\xBF\r\n \nCODE\r\nAB\r\n", vec![row(4, "AB")]),
+        (
+            b"\"Code\", expires_at ,note\n\"AB\",2030-01-31T23:59:59Z,\"x\ny\"\nCD,,\n",
+            vec![full_row(2, "AB", Some(EXPIRY_MS), None), row(4, "CD")],
+        ),
+        (
+            b"max_uses,code\n2,AB\n",
+            vec![full_row(2, "AB", None, Some(2))],
+        ),
+        (b"code", vec![]),
+    ];
+    for (input, expected) in cases {
+        for sizes in [&[usize::MAX][..], &[1], &[3, 1]] {
+            let mut parser = RowParser::new(UploadFormat::Lines);
+            let mut out = Vec::new();
+            let mut rest: &[u8] = input;
+            for &size in sizes.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (chunk, tail) = rest.split_at(size.min(rest.len()));
+                parser.feed(chunk, &mut out);
+                rest = tail;
+            }
+            parser.finish(&mut out);
+            assert_eq!(&out, expected, "{:?}", String::from_utf8_lossy(input));
+            assert_eq!(parser.format(), UploadFormat::Csv);
+            assert!(parser.buffered_capacity() <= BUFFER_BOUND);
+        }
+    }
+}
+
+#[test]
+fn a_lines_upload_of_codes_stays_lines() {
+    for input in [
+        &b"AB\ncode\n"[..],
+        b"codes\nAB\n",
+        b"code-1\nAB\n",
+        b"\"AB,CD\"\n",
+        b"code;expires_at\nAB;1\n",
+    ] {
+        let mut parser = RowParser::new(UploadFormat::Lines);
+        let mut out = Vec::new();
+        parser.feed(input, &mut out);
+        parser.finish(&mut out);
+        assert_eq!(parser.format(), UploadFormat::Lines, "{input:?}");
+        let lines = input.iter().filter(|&&b| b == b'\n').count();
+        assert_eq!(out.len(), lines, "every line is a row or a rejection");
+    }
+    // Only the first non-blank line within the first row's worth of bytes is looked at.
+    let mut input = "\n".repeat(MAX_ROW_BYTES);
+    input.push_str("code\nAB\n");
+    let out = parse(UploadFormat::Lines, input.as_bytes());
+    let line = MAX_ROW_BYTES as u64 + 1;
+    assert_eq!(out, vec![row(line, "code"), row(line + 1, "AB")]);
+}
+
+#[test]
+fn an_unusable_csv_header_is_reported_as_such() {
+    let mut parser = RowParser::new(UploadFormat::Csv);
+    let mut out = Vec::new();
+    parser.feed(b"\nserial\n", &mut out);
+    let (line, reason) = parser.header_failure().expect("the header failed");
+    assert_eq!(line, 2);
+    assert!(reason.contains("no `code` column"), "{reason}");
+    for (format, input) in [
+        (UploadFormat::Csv, &b"code\nAB\n"[..]),
+        (UploadFormat::Csv, b"\n"),
+        (UploadFormat::Lines, b"AB\n"),
+        (UploadFormat::Ndjson, b"{}\n"),
+    ] {
+        let mut parser = RowParser::new(format);
+        parser.feed(input, &mut out);
+        parser.finish(&mut out);
+        assert_eq!(parser.header_failure(), None, "{input:?}");
+    }
+    // A text/plain CSV whose header names `code` twice fails like any CSV.
+    let mut parser = RowParser::new(UploadFormat::Lines);
+    parser.feed(b"code,CODE\nAB\n", &mut out);
+    assert!(parser.header_failure().is_some());
+}
+
 // ---- lines ----
 
 #[test]
@@ -903,7 +989,8 @@ proptest! {
             4 => (UploadFormat::Csv, format!("code\n{code}\0\n")),
             5 => (UploadFormat::Ndjson, format!("{{\"code\":\"{code}\"\n")),
             6 => (UploadFormat::Ndjson, format!("{{\"code\":\"{code}\",\"max_uses\":\"{code}\"}}\n")),
-            7 => (UploadFormat::Ndjson, format!("{{\"code\":\"{code}\",\"expires_at\":\"{code}\"}}\n")),
+            // Prefixed, as in case 0: an all-digit code would be a valid unix time.
+            7 => (UploadFormat::Ndjson, format!("{{\"code\":\"{code}\",\"expires_at\":\"x{code}\"}}\n")),
             8 => (UploadFormat::Ndjson, format!("[\"{code}\"]\n")),
             9 => (UploadFormat::Ndjson, format!("{{\"code\":\"{code}\"}} {code}\n")),
             10 => (UploadFormat::Ndjson, format!("{{\"{code}\":{code}x}}\n")),

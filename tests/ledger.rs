@@ -9,7 +9,7 @@ use std::sync::Arc;
 use kamigate::code::digest;
 use kamigate::ledger::{
     open, BatchCounts, BatchStart, InsertOutcome, KeyRecord, Ledger, LedgerError, LedgerEvent,
-    NewKey, StateCounts,
+    NewKey, StateCounts, UPLOAD_LEASE_MS,
 };
 use tempfile::TempDir;
 
@@ -91,6 +91,8 @@ both_ledgers!(
     skus_are_created_then_updated,
     import_allocates_monotonic_ids_and_reports_duplicates,
     resent_batch_id_is_existing,
+    a_batch_being_uploaded_is_in_progress_for_other_uploads,
+    a_silent_upload_is_taken_over_and_fenced_off,
     pending_batch_is_invisible_until_activated,
     abort_removes_the_batch_keys,
     applying_the_same_events_twice_changes_nothing,
@@ -107,6 +109,8 @@ both_ledgers!(
 );
 
 const NOW: i64 = 1_700_000_000_000;
+/// The upload filling a test's batches, unless a test races several.
+const UPLOAD: &str = "upload-1";
 
 #[tokio::test]
 async fn database_urls_choose_the_backend() {
@@ -189,15 +193,20 @@ async fn stocked(l: &dyn Ledger, sku: &str, rows: &[NewKey]) -> Vec<InsertOutcom
     l.put_sku(sku, "{}", 1, NOW).await.expect("put_sku");
     let batch = format!("{sku}-b1");
     assert_eq!(
-        l.begin_batch(sku, &batch, NOW).await.expect("begin"),
+        l.begin_batch(sku, &batch, UPLOAD, NOW)
+            .await
+            .expect("begin"),
         BatchStart::New
     );
-    let out = l.insert_keys(sku, &batch, rows).await.expect("insert");
+    let out = l
+        .insert_keys(sku, &batch, UPLOAD, rows)
+        .await
+        .expect("insert");
     let report = BatchCounts {
         accepted: rows.len() as u64,
         ..BatchCounts::default()
     };
-    l.finish_batch(sku, &batch, &report, true, NOW)
+    l.finish_batch(sku, &batch, UPLOAD, &report, true, NOW)
         .await
         .expect("finish");
     out
@@ -271,11 +280,13 @@ async fn import_allocates_monotonic_ids_and_reports_duplicates(env: &Env) {
     let l = env.ledger.as_ref();
     l.put_sku("gift", "{}", 1, NOW).await.expect("put_sku");
     assert_eq!(
-        l.begin_batch("gift", "b1", NOW).await.expect("begin"),
+        l.begin_batch("gift", "b1", UPLOAD, NOW)
+            .await
+            .expect("begin"),
         BatchStart::New
     );
     let out = l
-        .insert_keys("gift", "b1", &keys(&["AAA", "BBB", "CCC", "AAA"]))
+        .insert_keys("gift", "b1", UPLOAD, &keys(&["AAA", "BBB", "CCC", "AAA"]))
         .await
         .expect("insert");
     assert_eq!(
@@ -289,27 +300,31 @@ async fn import_allocates_monotonic_ids_and_reports_duplicates(env: &Env) {
     );
     // A re-sent chunk of the same batch.
     let out = l
-        .insert_keys("gift", "b1", &keys(&["BBB", "DDD"]))
+        .insert_keys("gift", "b1", UPLOAD, &keys(&["BBB", "DDD"]))
         .await
         .expect("insert");
     assert_eq!(out, vec![duplicate(2, "gift", true), inserted(4, "gift")]);
-    l.finish_batch("gift", "b1", &BatchCounts::default(), true, NOW)
+    l.finish_batch("gift", "b1", UPLOAD, &BatchCounts::default(), true, NOW)
         .await
         .expect("finish");
 
     // Another batch: codes of b1 are duplicates from another batch; ids keep growing.
-    l.begin_batch("gift", "b2", NOW).await.expect("begin");
+    l.begin_batch("gift", "b2", UPLOAD, NOW)
+        .await
+        .expect("begin");
     let out = l
-        .insert_keys("gift", "b2", &keys(&["CCC", "EEE"]))
+        .insert_keys("gift", "b2", UPLOAD, &keys(&["CCC", "EEE"]))
         .await
         .expect("insert");
     assert_eq!(out, vec![duplicate(3, "gift", false), inserted(5, "gift")]);
 
     // Ids are per SKU.
     l.put_sku("other", "{}", 1, NOW).await.expect("put_sku");
-    l.begin_batch("other", "b1", NOW).await.expect("begin");
+    l.begin_batch("other", "b1", UPLOAD, NOW)
+        .await
+        .expect("begin");
     let out = l
-        .insert_keys("other", "b1", &keys(&["AAA"]))
+        .insert_keys("other", "b1", UPLOAD, &keys(&["AAA"]))
         .await
         .expect("insert");
     assert_eq!(out, vec![inserted(1, "other")]);
@@ -320,7 +335,8 @@ async fn import_allocates_monotonic_ids_and_reports_duplicates(env: &Env) {
     assert_eq!(k.batch_id, "b2");
     assert_eq!(k.state, "available");
     assert!(matches!(
-        l.insert_keys("gift", "missing", &keys(&["X"])).await,
+        l.insert_keys("gift", "missing", UPLOAD, &keys(&["X"]))
+            .await,
         Err(LedgerError::NotFound(_))
     ));
 }
@@ -328,15 +344,17 @@ async fn import_allocates_monotonic_ids_and_reports_duplicates(env: &Env) {
 async fn resent_batch_id_is_existing(env: &Env) {
     let l = env.ledger.as_ref();
     assert!(matches!(
-        l.begin_batch("nope", "b1", NOW).await,
+        l.begin_batch("nope", "b1", UPLOAD, NOW).await,
         Err(LedgerError::NotFound(_))
     ));
     l.put_sku("gift", "{}", 1, NOW).await.expect("put_sku");
     assert_eq!(
-        l.begin_batch("gift", "b1", NOW).await.expect("begin"),
+        l.begin_batch("gift", "b1", UPLOAD, NOW)
+            .await
+            .expect("begin"),
         BatchStart::New
     );
-    l.insert_keys("gift", "b1", &keys(&["A1", "A2"]))
+    l.insert_keys("gift", "b1", UPLOAD, &keys(&["A1", "A2"]))
         .await
         .expect("insert");
     let report = BatchCounts {
@@ -344,10 +362,14 @@ async fn resent_batch_id_is_existing(env: &Env) {
         rejected: 1,
         duplicate: 0,
     };
-    l.finish_batch("gift", "b1", &report, true, NOW + 1)
+    l.finish_batch("gift", "b1", UPLOAD, &report, true, NOW + 1)
         .await
         .expect("finish");
-    match l.begin_batch("gift", "b1", NOW + 2).await.expect("again") {
+    match l
+        .begin_batch("gift", "b1", UPLOAD, NOW + 2)
+        .await
+        .expect("again")
+    {
         BatchStart::Existing(b) => {
             assert_eq!(b.state, "active");
             assert_eq!((b.accepted, b.rejected, b.duplicate), (2, 1, 0));
@@ -356,10 +378,14 @@ async fn resent_batch_id_is_existing(env: &Env) {
         other => panic!("expected Existing, got {other:?}"),
     }
     // An aborted batch id starts afresh.
-    l.begin_batch("gift", "b2", NOW).await.expect("begin");
-    l.abort_batch("gift", "b2").await.expect("abort");
+    l.begin_batch("gift", "b2", UPLOAD, NOW)
+        .await
+        .expect("begin");
+    l.abort_batch("gift", "b2", UPLOAD).await.expect("abort");
     assert_eq!(
-        l.begin_batch("gift", "b2", NOW + 3).await.expect("restart"),
+        l.begin_batch("gift", "b2", UPLOAD, NOW + 3)
+            .await
+            .expect("restart"),
         BatchStart::New
     );
     let b = l
@@ -370,18 +396,207 @@ async fn resent_batch_id_is_existing(env: &Env) {
     assert_eq!((b.state.as_str(), b.created_at_ms), ("pending", NOW + 3));
 }
 
+async fn a_batch_being_uploaded_is_in_progress_for_other_uploads(env: &Env) {
+    let l = env.ledger.as_ref();
+    l.put_sku("gift", "{}", 1, NOW).await.expect("put_sku");
+    assert_eq!(
+        l.begin_batch("gift", "b1", "first", NOW)
+            .await
+            .expect("begin"),
+        BatchStart::New
+    );
+    l.insert_keys("gift", "b1", "first", &keys(&["A1", "A2"]))
+        .await
+        .expect("insert");
+
+    // A second upload of the batch id while the first runs is told so, and can write nothing.
+    match l.begin_batch("gift", "b1", "second", NOW + 1).await {
+        Ok(BatchStart::InProgress(b)) => {
+            assert_eq!(b.state, "pending");
+            assert_eq!(b.upload_id.as_deref(), Some("first"));
+            assert_eq!((b.created_at_ms, b.touched_at_ms), (NOW, Some(NOW)));
+        }
+        other => panic!("expected InProgress, got {other:?}"),
+    }
+    assert!(matches!(
+        l.insert_keys("gift", "b1", "second", &keys(&["B1"])).await,
+        Err(LedgerError::BatchBusy(_))
+    ));
+    assert!(matches!(
+        l.touch_batch("gift", "b1", "second", NOW + 1).await,
+        Err(LedgerError::BatchBusy(_))
+    ));
+    let counts = BatchCounts {
+        accepted: 2,
+        ..BatchCounts::default()
+    };
+    assert!(matches!(
+        l.finish_batch("gift", "b1", "second", &counts, true, NOW + 1)
+            .await,
+        Err(LedgerError::BatchBusy(_))
+    ));
+    assert!(matches!(
+        l.abort_batch("gift", "b1", "second").await,
+        Err(LedgerError::BatchBusy(_))
+    ));
+    assert_eq!(
+        get(l, "gift.2").await.batch_id,
+        "b1",
+        "the first upload's keys stay"
+    );
+    assert_eq!(l.get_key("gift.3").await.expect("get"), None);
+
+    // Once the first finished, the batch id answers its record: a retry adds nothing.
+    l.finish_batch("gift", "b1", "first", &counts, true, NOW + 2)
+        .await
+        .expect("finish");
+    match l.begin_batch("gift", "b1", "third", NOW + 3).await {
+        Ok(BatchStart::Existing(b)) => {
+            assert_eq!((b.state.as_str(), b.accepted), ("active", 2));
+            assert_eq!(b.upload_id, None);
+        }
+        other => panic!("expected Existing, got {other:?}"),
+    }
+    // Activated by someone else while its upload ran: finishing records the counts.
+    l.begin_batch("gift", "b3", "first", NOW)
+        .await
+        .expect("begin");
+    l.insert_keys("gift", "b3", "first", &keys(&["C1"]))
+        .await
+        .expect("insert");
+    l.activate_batch("gift", "b3", NOW + 1)
+        .await
+        .expect("activate");
+    let one = BatchCounts {
+        accepted: 1,
+        ..BatchCounts::default()
+    };
+    l.finish_batch("gift", "b3", "first", &one, true, NOW + 2)
+        .await
+        .expect("finish");
+    let b = l.get_batch("gift", "b3").await.expect("get").expect("kept");
+    assert_eq!(
+        (b.state.as_str(), b.accepted, b.activated_at_ms, b.upload_id),
+        ("active", 1, Some(NOW + 1), None)
+    );
+    // A batch finished pending is finished too.
+    l.begin_batch("gift", "b2", "first", NOW)
+        .await
+        .expect("begin");
+    l.finish_batch("gift", "b2", "first", &BatchCounts::default(), false, NOW)
+        .await
+        .expect("finish pending");
+    assert!(matches!(
+        l.begin_batch("gift", "b2", "second", NOW + 1).await,
+        Ok(BatchStart::Existing(b)) if b.state == "pending"
+    ));
+
+    // Two first uploads racing: exactly one starts the batch.
+    let (a, b) = tokio::join!(
+        l.begin_batch("gift", "race", "left", NOW),
+        l.begin_batch("gift", "race", "right", NOW)
+    );
+    let mut starts = [a.expect("left"), b.expect("right")];
+    starts.sort_by_key(|s| matches!(s, BatchStart::InProgress(_)));
+    assert!(
+        matches!(&starts, [BatchStart::New, BatchStart::InProgress(_)]),
+        "{starts:?}"
+    );
+}
+
+async fn a_silent_upload_is_taken_over_and_fenced_off(env: &Env) {
+    let l = env.ledger.as_ref();
+    l.put_sku("gift", "{}", 1, NOW).await.expect("put_sku");
+    l.begin_batch("gift", "b1", "dead", NOW)
+        .await
+        .expect("begin");
+    l.insert_keys("gift", "b1", "dead", &keys(&["X1", "X2"]))
+        .await
+        .expect("insert");
+    let in_progress =
+        |start: Result<BatchStart, LedgerError>| matches!(start, Ok(BatchStart::InProgress(_)));
+    // Each sign of life renews the lease.
+    assert!(in_progress(
+        l.begin_batch("gift", "b1", "next", NOW + UPLOAD_LEASE_MS - 1)
+            .await
+    ));
+    l.touch_batch("gift", "b1", "dead", NOW + UPLOAD_LEASE_MS - 1)
+        .await
+        .expect("touch");
+    let renewed = NOW + UPLOAD_LEASE_MS - 1;
+    assert!(in_progress(
+        l.begin_batch("gift", "b1", "next", renewed + UPLOAD_LEASE_MS - 1)
+            .await
+    ));
+
+    // Silent for the whole lease: the next upload takes the batch over, afresh.
+    let taken = renewed + UPLOAD_LEASE_MS;
+    assert_eq!(
+        l.begin_batch("gift", "b1", "next", taken)
+            .await
+            .expect("begin"),
+        BatchStart::New
+    );
+    assert_eq!(
+        l.get_key("gift.1").await.expect("get"),
+        None,
+        "its keys are gone"
+    );
+    let b = l.get_batch("gift", "b1").await.expect("get").expect("kept");
+    assert_eq!(
+        (b.state.as_str(), b.upload_id.as_deref(), b.created_at_ms),
+        ("pending", Some("next"), taken)
+    );
+
+    // The presumed-dead upload, waking up, can change nothing.
+    assert!(matches!(
+        l.insert_keys("gift", "b1", "dead", &keys(&["X3"])).await,
+        Err(LedgerError::BatchBusy(_))
+    ));
+    assert!(matches!(
+        l.touch_batch("gift", "b1", "dead", taken).await,
+        Err(LedgerError::BatchBusy(_))
+    ));
+    assert!(matches!(
+        l.finish_batch("gift", "b1", "dead", &BatchCounts::default(), true, taken)
+            .await,
+        Err(LedgerError::BatchBusy(_))
+    ));
+    assert!(matches!(
+        l.abort_batch("gift", "b1", "dead").await,
+        Err(LedgerError::BatchBusy(_))
+    ));
+
+    // The successor imports normally; ids are never reused.
+    let out = l
+        .insert_keys("gift", "b1", "next", &keys(&["X1"]))
+        .await
+        .expect("insert");
+    assert_eq!(out, vec![inserted(3, "gift")]);
+    let counts = BatchCounts {
+        accepted: 1,
+        ..BatchCounts::default()
+    };
+    l.finish_batch("gift", "b1", "next", &counts, true, taken)
+        .await
+        .expect("finish");
+    assert_eq!(l.counts("gift").await.expect("counts").available, 1);
+}
+
 async fn pending_batch_is_invisible_until_activated(env: &Env) {
     let l = env.ledger.as_ref();
     l.put_sku("gift", "{}", 1, NOW).await.expect("put_sku");
-    l.begin_batch("gift", "b1", NOW).await.expect("begin");
-    l.insert_keys("gift", "b1", &keys(&["P1", "P2", "P3"]))
+    l.begin_batch("gift", "b1", UPLOAD, NOW)
+        .await
+        .expect("begin");
+    l.insert_keys("gift", "b1", UPLOAD, &keys(&["P1", "P2", "P3"]))
         .await
         .expect("insert");
     let report = BatchCounts {
         accepted: 3,
         ..BatchCounts::default()
     };
-    l.finish_batch("gift", "b1", &report, false, NOW)
+    l.finish_batch("gift", "b1", UPLOAD, &report, false, NOW)
         .await
         .expect("finish pending");
     let b = l
@@ -420,11 +635,12 @@ async fn pending_batch_is_invisible_until_activated(env: &Env) {
         .expect("again");
     assert_eq!(again.activated_at_ms, Some(NOW + 9));
     assert!(matches!(
-        l.insert_keys("gift", "b1", &keys(&["P4"])).await,
+        l.insert_keys("gift", "b1", UPLOAD, &keys(&["P4"])).await,
         Err(LedgerError::Conflict(_))
     ));
     assert!(matches!(
-        l.finish_batch("gift", "b1", &report, false, NOW).await,
+        l.finish_batch("gift", "b1", UPLOAD, &report, false, NOW)
+            .await,
         Err(LedgerError::Conflict(_))
     ));
 }
@@ -432,12 +648,14 @@ async fn pending_batch_is_invisible_until_activated(env: &Env) {
 async fn abort_removes_the_batch_keys(env: &Env) {
     let l = env.ledger.as_ref();
     l.put_sku("gift", "{}", 1, NOW).await.expect("put_sku");
-    l.begin_batch("gift", "b1", NOW).await.expect("begin");
-    l.insert_keys("gift", "b1", &keys(&["X1", "X2"]))
+    l.begin_batch("gift", "b1", UPLOAD, NOW)
+        .await
+        .expect("begin");
+    l.insert_keys("gift", "b1", UPLOAD, &keys(&["X1", "X2"]))
         .await
         .expect("insert");
-    l.abort_batch("gift", "b1").await.expect("abort");
-    l.abort_batch("gift", "b1")
+    l.abort_batch("gift", "b1", UPLOAD).await.expect("abort");
+    l.abort_batch("gift", "b1", UPLOAD)
         .await
         .expect("abort is idempotent");
     assert_eq!(l.get_key("gift.1").await.expect("get"), None);
@@ -449,19 +667,21 @@ async fn abort_removes_the_batch_keys(env: &Env) {
     ));
 
     // Its codes are not duplicates any more; ids are never reused.
-    l.begin_batch("gift", "b2", NOW).await.expect("begin");
+    l.begin_batch("gift", "b2", UPLOAD, NOW)
+        .await
+        .expect("begin");
     let out = l
-        .insert_keys("gift", "b2", &keys(&["X1"]))
+        .insert_keys("gift", "b2", UPLOAD, &keys(&["X1"]))
         .await
         .expect("insert");
     assert_eq!(out, vec![inserted(3, "gift")]);
     l.activate_batch("gift", "b2", NOW).await.expect("activate");
     assert!(matches!(
-        l.abort_batch("gift", "b2").await,
+        l.abort_batch("gift", "b2", UPLOAD).await,
         Err(LedgerError::Conflict(_))
     ));
     assert!(matches!(
-        l.abort_batch("gift", "nope").await,
+        l.abort_batch("gift", "nope", UPLOAD).await,
         Err(LedgerError::NotFound(_))
     ));
 }
@@ -643,8 +863,10 @@ async fn counts_group_active_keys_by_state(env: &Env) {
     let refs: Vec<&str> = codes.iter().map(String::as_str).collect();
     stocked(l, "gift", &keys(&refs)).await;
     // A pending batch on the side never counts.
-    l.begin_batch("gift", "side", NOW).await.expect("begin");
-    l.insert_keys("gift", "side", &keys(&["SIDE1", "SIDE2"]))
+    l.begin_batch("gift", "side", UPLOAD, NOW)
+        .await
+        .expect("begin");
+    l.insert_keys("gift", "side", UPLOAD, &keys(&["SIDE1", "SIDE2"]))
         .await
         .expect("insert");
     l.apply_events(&[
@@ -756,7 +978,9 @@ async fn concurrent_writers_apply_each_event_once(env: &Env) {
 async fn large_import_pages_through_keys_after(env: &Env) {
     let l = env.ledger.as_ref();
     l.put_sku("bulk", "{}", 1, NOW).await.expect("put_sku");
-    l.begin_batch("bulk", "big", NOW).await.expect("begin");
+    l.begin_batch("bulk", "big", UPLOAD, NOW)
+        .await
+        .expect("begin");
     const TOTAL: usize = 20_000;
     let mut accepted = 0u64;
     for start in (0..TOTAL).step_by(1000) {
@@ -767,7 +991,10 @@ async fn large_import_pages_through_keys_after(env: &Env) {
                 k
             })
             .collect();
-        let out = l.insert_keys("bulk", "big", &rows).await.expect("insert");
+        let out = l
+            .insert_keys("bulk", "big", UPLOAD, &rows)
+            .await
+            .expect("insert");
         accepted += out
             .iter()
             .filter(|o| matches!(o, InsertOutcome::Inserted { .. }))
@@ -778,7 +1005,7 @@ async fn large_import_pages_through_keys_after(env: &Env) {
         accepted,
         ..BatchCounts::default()
     };
-    l.finish_batch("bulk", "big", &report, true, NOW)
+    l.finish_batch("bulk", "big", UPLOAD, &report, true, NOW)
         .await
         .expect("finish");
 

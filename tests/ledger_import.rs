@@ -3,10 +3,14 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use kamigate::engine::embedded::EmbeddedEngine;
+use kamigate::inventory::Inventory;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::clock::ManualClock;
 use support::gateway::{config, TestGateway, ADMIN_TOKEN};
 
 async fn upload(
@@ -31,11 +35,15 @@ async fn upload(
 
 #[tokio::test]
 async fn csv_and_ndjson_uploads_carry_expiry_and_uses() {
-    let gw = TestGateway::embedded().await;
+    // Now is 2026-01-01T00:00:00Z: codes already expired would be rejected at import.
+    let clock = ManualClock::new();
+    let engine = Arc::new(EmbeddedEngine::start().expect("engine"));
+    let gw =
+        TestGateway::with_inventory(config(), Inventory::with_clock(engine, clock.clock())).await;
     gw.put_sku("multi", json!({})).await;
     let csv = "id,Code,expires_at,max_uses\r\n\
                1,\"CSV-0001\",,\r\n\
-               2,CSV-0002,2000-01-01T00:00:00Z,\r\n\
+               2,CSV-0002,2026-01-01T01:00:00Z,\r\n\
                3,CSV-0003,,3\r\n\
                4,\"bad,code\",,\r\n\
                5,CSV-0005,not-a-date,\r\n";
@@ -54,19 +62,45 @@ async fn csv_and_ndjson_uploads_carry_expiry_and_uses() {
     );
     assert_eq!(gw.counts("multi").await["available"], 5);
 
-    // The expired CSV code is never sold: the claim that comes upon it retires it.
-    for i in 0..4 {
+    // Sold while valid, the CSV code with an expiry cannot be redeemed once its time passed.
+    let mut codes = Vec::new();
+    for i in 0..5 {
         let (status, order) = gw
             .claim("multi", json!({"order_id": format!("o-{i}")}))
             .await;
         assert_eq!(status, StatusCode::OK, "{order}");
-        let code = order["keys"][0]["code"].as_str().expect("code").to_owned();
-        let (status, _) = gw.redeem(json!({"code": code, "redeemer": "u-1"})).await;
-        assert_eq!(status, StatusCode::OK);
+        codes.push(order["keys"][0]["code"].as_str().expect("code").to_owned());
     }
-    let (status, _) = gw.claim("multi", json!({"order_id": "o-4"})).await;
+    clock.advance(2 * 3600 * 1000);
+    let mut expired = 0;
+    for code in codes {
+        let (status, _) = gw.redeem(json!({"code": code, "redeemer": "u-1"})).await;
+        if status == StatusCode::GONE {
+            expired += 1;
+        }
+    }
+    assert_eq!(expired, 1);
+
+    // Unsold, a code past its time is never sold: the claim that comes upon it retires it.
+    let (status, report) = upload(
+        &gw,
+        "multi",
+        "batch_id=c2",
+        "text/csv",
+        "code,expires_at\nLATE-0001,2026-01-01T04:00:00Z\nLATE-0002,\n",
+    )
+    .await;
+    assert_eq!(
+        (status, report["accepted"].as_u64()),
+        (StatusCode::OK, Some(2))
+    );
+    clock.advance(3 * 3600 * 1000);
+    let (status, order) = gw.claim("multi", json!({"order_id": "o-5"})).await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["keys"][0]["code"], "LATE0002");
+    let (status, _) = gw.claim("multi", json!({"order_id": "o-6"})).await;
     assert_eq!(status, StatusCode::CONFLICT, "sold out");
-    assert_eq!(gw.counts("multi").await["void"], 1);
+    assert_eq!(gw.counts("multi").await["void"], 1, "retired, and counted");
     gw.stop().await;
 }
 

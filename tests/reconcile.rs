@@ -1,44 +1,117 @@
 //! Reconcile, key by key, on both engines: keys the engine lost are loaded again, keys where
 //! the ledger is ahead are set to the ledger's state, and a change only the engine has is
 //! never rolled back.
+//!
+//! What reconcile reports depends on which events the ledger has committed, so the test owns
+//! the event writer instead of running a gateway whose writer commits whenever the scheduler
+//! lets it: the engine's claim stays in flight exactly until the test drains the stream.
 
 mod support;
 
-use kamigate::engine::Script;
-use kamigate::inventory::reconcile::reconcile_sku;
-use kamigate::inventory::sku_keys;
-use kamigate::ledger::LedgerEvent;
-use reqwest::StatusCode;
-use serde_json::json;
-use support::gateway::{config, TestGateway};
-use support::redis_server::RedisServer;
+use std::sync::Arc;
 
-async fn gateway(redis: Option<&RedisServer>) -> TestGateway {
-    let mut cfg = config();
-    cfg.redis_url = redis.map(RedisServer::url);
-    // The scenario has the engine ahead of the ledger: answers must not wait for it.
-    cfg.durability = Some(kamigate::config::Durability::Engine);
-    TestGateway::start(cfg).await
+use kamigate::engine::embedded::EmbeddedEngine;
+use kamigate::engine::redis::{RedisEngine, RedisOptions};
+use kamigate::engine::{Script, ScriptEngine};
+use kamigate::inventory::formats::UploadFormat;
+use kamigate::inventory::import::{Begun, Importer};
+use kamigate::inventory::reconcile::reconcile_sku;
+use kamigate::inventory::{sku_keys, ClaimRequest, Inventory};
+use kamigate::ledger::writer::{EventWriter, WriterOptions};
+use kamigate::ledger::{Ledger, LedgerEvent};
+use kamigate::sku::SkuConfig;
+use support::redis_server::RedisServer;
+use tempfile::TempDir;
+
+/// An engine, a SQLite ledger and an event writer that runs only when the test drains it.
+struct Env {
+    inv: Inventory,
+    ledger: Arc<dyn Ledger>,
+    writer: EventWriter,
+    _dir: TempDir,
+}
+
+impl Env {
+    async fn start(engine: Arc<dyn ScriptEngine>) -> Env {
+        let dir = TempDir::new().expect("temp dir");
+        let ledger = kamigate::ledger::open(None, dir.path())
+            .await
+            .expect("open the ledger");
+        let writer = EventWriter::new(engine.clone(), ledger.clone(), WriterOptions::default());
+        Env {
+            inv: Inventory::new(engine),
+            ledger,
+            writer,
+            _dir: dir,
+        }
+    }
+
+    /// Creates `sku` and imports `codes` the way the admin API does: ledger first, then
+    /// warmed into the engine.
+    async fn stock(&self, sku: &str, codes: &[&str]) {
+        let config = SkuConfig::default();
+        let json = serde_json::to_string(&config).expect("settings encode");
+        let now = self.inv.now_ms() as i64;
+        self.ledger
+            .put_sku(sku, &json, config.format.version, now)
+            .await
+            .expect("ledger put_sku");
+        self.inv
+            .put_sku(sku, &config)
+            .await
+            .expect("engine put_sku");
+        let begun = Importer::begin(
+            self.ledger.as_ref(),
+            &self.inv,
+            sku,
+            "b-1",
+            &config,
+            UploadFormat::Lines,
+        )
+        .await
+        .expect("batch begins");
+        let Begun::Fresh(mut importer) = begun else {
+            panic!("a new batch id");
+        };
+        importer
+            .feed(codes.join("\n").as_bytes())
+            .await
+            .expect("codes fed");
+        let report = importer.finish(true, true).await.expect("batch finished");
+        assert_eq!(report.accepted, codes.len() as u64, "{report:?}");
+    }
+
+    /// Commits every event the engine wrote for `sku` to the ledger.
+    async fn drain(&self, sku: &str) {
+        while self.writer.drain_once(sku).await.expect("drain") > 0 {}
+    }
+
+    /// Events of `sku` the engine wrote and the ledger has not committed.
+    async fn in_flight(&self, sku: &str) -> u64 {
+        self.writer.backlog(sku).await.expect("backlog").in_flight()
+    }
 }
 
 /// Deletes key `id` of `sku` from the engine behind kamigate's back.
-async fn lose_key(gw: &TestGateway, sku: &str, id: &str) {
+async fn lose_key(inv: &Inventory, sku: &str, id: &str) {
     let probe: &'static Script = Box::leak(Box::new(Script::new(
         "probe_lose",
         "redis.call('HDEL', K.keys, ARGV[1]) redis.call('LREM', K.avail, 0, ARGV[1]) \
          redis.call('HINCRBY', K.counts, 'available', -1) return 1",
     )));
-    gw.inventory()
-        .engine()
+    inv.engine()
         .eval(probe, sku_keys(sku), vec![id.to_owned()])
         .await
         .expect("probe runs");
 }
 
-async fn scenario(gw: TestGateway) {
-    gw.stock("rec", &["REC-1", "REC-2", "REC-3", "REC-4"]).await;
-    let ledger = gw.gateway.app.ledger.clone();
-    let inv = gw.inventory();
+async fn scenario(env: Env) {
+    env.stock("rec", &["REC-1", "REC-2", "REC-3", "REC-4"])
+        .await;
+    env.drain("rec").await;
+    assert_eq!(env.in_flight("rec").await, 0);
+    let ledger = env.ledger.clone();
+    let inv = &env.inv;
 
     let clean = reconcile_sku(ledger.as_ref(), inv, "rec", false, 0)
         .await
@@ -47,7 +120,7 @@ async fn scenario(gw: TestGateway) {
 
     // The engine lost key 1; the ledger recorded a sale of key 4 the engine lacks; the
     // engine sold key 2 (first in line) and the ledger has not heard yet.
-    lose_key(&gw, "rec", "1").await;
+    lose_key(inv, "rec", "1").await;
     let sale = LedgerEvent {
         event_id: "rec/test-1".into(),
         sku: "rec".into(),
@@ -62,10 +135,19 @@ async fn scenario(gw: TestGateway) {
         fields_json: "{}".into(),
     };
     ledger.apply_events(&[sale]).await.expect("applied");
-    let (status, _) = gw.claim("rec", json!({"order_id": "o-new"})).await;
-    assert_eq!(status, StatusCode::OK);
-    let claimed = gw.inventory().order("rec", "o-new").await.expect("order");
+    let claim = ClaimRequest {
+        order_id: "o-new".into(),
+        quantity: 1,
+        user_id: None,
+        hold_ms: None,
+    };
+    let claimed = inv.claim("rec", &claim).await.expect("claimed");
     let engine_only = claimed.keys[0].key_id.clone();
+    assert_eq!(engine_only, "rec.2");
+    // The claim's event is written and, with no writer draining, stays uncommitted until
+    // the end of the test.
+    let in_flight = env.in_flight("rec").await;
+    assert_eq!(in_flight, 1, "the claim's event");
 
     let report = reconcile_sku(ledger.as_ref(), inv, "rec", false, 0)
         .await
@@ -79,7 +161,7 @@ async fn scenario(gw: TestGateway) {
     assert!(report.differences.iter().all(|d| d.action != "repaired"));
 
     // While events are in flight, keys the engine has are left alone.
-    let deferred = reconcile_sku(ledger.as_ref(), inv, "rec", true, 5)
+    let deferred = reconcile_sku(ledger.as_ref(), inv, "rec", true, in_flight)
         .await
         .expect("reconcile");
     assert_eq!(deferred.deferred, 2, "{deferred:?}");
@@ -88,10 +170,13 @@ async fn scenario(gw: TestGateway) {
     let repaired = reconcile_sku(ledger.as_ref(), inv, "rec", true, 0)
         .await
         .expect("reconcile");
-    assert!(repaired
-        .differences
-        .iter()
-        .any(|d| d.key_id == engine_only && d.action == "kept"));
+    assert!(
+        repaired
+            .differences
+            .iter()
+            .any(|d| d.key_id == engine_only && d.action == "kept"),
+        "{repaired:?}"
+    );
     assert_eq!(
         repaired.repaired, 1,
         "the key the ledger was ahead on: {repaired:?}"
@@ -100,22 +185,37 @@ async fn scenario(gw: TestGateway) {
         .await
         .expect("reconcile");
     assert_eq!(after.missing_in_engine + after.ledger_ahead, 0, "{after:?}");
-    let counts = gw.counts("rec").await;
+    let counts = inv.counts("rec").await.expect("counts");
     assert_eq!(
-        (counts["available"].as_u64(), counts["claimed"].as_u64()),
-        (Some(2), Some(2)),
-        "key 1 back on sale, keys 2 and 4 sold: {counts}"
+        (counts.available, counts.claimed),
+        (2, 2),
+        "key 1 back on sale, keys 2 and 4 sold: {counts:?}"
     );
-    gw.stop().await;
+
+    // Once the claim's event is committed, engine and ledger agree on every key.
+    env.drain("rec").await;
+    assert_eq!(env.in_flight("rec").await, 0);
+    let settled = reconcile_sku(ledger.as_ref(), inv, "rec", false, 0)
+        .await
+        .expect("reconcile");
+    assert_eq!(
+        (settled.checked, settled.differences.len()),
+        (4, 0),
+        "{settled:?}"
+    );
 }
 
 #[tokio::test]
 async fn reconcile_on_the_embedded_engine() {
-    scenario(gateway(None).await).await;
+    let engine = EmbeddedEngine::start().expect("embedded engine starts");
+    scenario(Env::start(Arc::new(engine)).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_on_redis() {
     let redis = RedisServer::start().await;
-    scenario(gateway(Some(&redis)).await).await;
+    let engine = RedisEngine::connect(&redis.url(), RedisOptions::default())
+        .await
+        .expect("connects to its redis-server");
+    scenario(Env::start(Arc::new(engine)).await).await;
 }

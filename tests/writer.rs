@@ -38,6 +38,8 @@ use support::redis_server::RedisServer;
 use tempfile::TempDir;
 
 const GROUP: &str = "ledger";
+/// The one upload that stocks each test batch.
+const UPLOAD: &str = "upload-1";
 
 /// Runs one command given as `ARGV` (keys named in it): for looking at streams directly.
 static PROBE: LazyLock<Script> =
@@ -162,7 +164,7 @@ impl Env {
         let batch = format!("{sku}-b1");
         assert_eq!(
             self.ledger
-                .begin_batch(sku, &batch, self.now())
+                .begin_batch(sku, &batch, UPLOAD, self.now())
                 .await
                 .expect("begin"),
             BatchStart::New
@@ -182,7 +184,7 @@ impl Env {
             .collect();
         let outcomes = self
             .ledger
-            .insert_keys(sku, &batch, &rows)
+            .insert_keys(sku, &batch, UPLOAD, &rows)
             .await
             .expect("insert");
         let report = BatchCounts {
@@ -190,7 +192,7 @@ impl Env {
             ..BatchCounts::default()
         };
         self.ledger
-            .finish_batch(sku, &batch, &report, true, self.now())
+            .finish_batch(sku, &batch, UPLOAD, &report, true, self.now())
             .await
             .expect("activate");
 
@@ -996,26 +998,45 @@ impl Ledger for Flaky {
     async fn set_epoch(&self, sku: &str, epoch: &str) -> Result<(), LedgerError> {
         self.inner.set_epoch(sku, epoch).await
     }
-    async fn begin_batch(&self, sku: &str, b: &str, now: i64) -> Result<BatchStart, LedgerError> {
-        self.inner.begin_batch(sku, b, now).await
+    async fn begin_batch(
+        &self,
+        sku: &str,
+        b: &str,
+        upload: &str,
+        now: i64,
+    ) -> Result<BatchStart, LedgerError> {
+        self.inner.begin_batch(sku, b, upload, now).await
+    }
+    async fn touch_batch(
+        &self,
+        sku: &str,
+        b: &str,
+        upload: &str,
+        now: i64,
+    ) -> Result<(), LedgerError> {
+        self.inner.touch_batch(sku, b, upload, now).await
     }
     async fn insert_keys(
         &self,
         sku: &str,
         b: &str,
+        upload: &str,
         rows: &[NewKey],
     ) -> Result<Vec<InsertOutcome>, LedgerError> {
-        self.inner.insert_keys(sku, b, rows).await
+        self.inner.insert_keys(sku, b, upload, rows).await
     }
     async fn finish_batch(
         &self,
         sku: &str,
         b: &str,
+        upload: &str,
         report: &BatchCounts,
         activate: bool,
         now: i64,
     ) -> Result<(), LedgerError> {
-        self.inner.finish_batch(sku, b, report, activate, now).await
+        self.inner
+            .finish_batch(sku, b, upload, report, activate, now)
+            .await
     }
     async fn activate_batch(
         &self,
@@ -1025,8 +1046,8 @@ impl Ledger for Flaky {
     ) -> Result<BatchRecord, LedgerError> {
         self.inner.activate_batch(sku, b, now).await
     }
-    async fn abort_batch(&self, sku: &str, b: &str) -> Result<(), LedgerError> {
-        self.inner.abort_batch(sku, b).await
+    async fn abort_batch(&self, sku: &str, b: &str, upload: &str) -> Result<(), LedgerError> {
+        self.inner.abort_batch(sku, b, upload).await
     }
     async fn get_batch(&self, sku: &str, b: &str) -> Result<Option<BatchRecord>, LedgerError> {
         self.inner.get_batch(sku, b).await

@@ -106,8 +106,10 @@ pub async fn put_sku(app: &App, params: Params, req: Request<Incoming>) -> Resul
 }
 
 /// `POST /v1/skus/{sku}/batches?batch_id=…&activate=…`: import codes, streamed, through
-/// the ledger. `text/plain` (a code per line), `text/csv` (a `code` column, optional
-/// `expires_at`, `max_uses`) or `application/x-ndjson`.
+/// the ledger. `text/plain` (a code per line, or CSV under a `code` header), `text/csv` (a
+/// `code` column, optional `expires_at`, `max_uses`) or `application/x-ndjson`. A file
+/// refused before any row is imported (an unsupported type, an unusable CSV header) leaves
+/// its batch id unused; another upload still filling the batch id is `409`.
 pub async fn import(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
     app.admin(&req)?;
     let sku = params.get("sku");

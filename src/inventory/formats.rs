@@ -68,7 +68,9 @@ const NDJSON_TYPES: &[&str] = &[
 /// How an upload is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UploadFormat {
-    /// One code per line, nothing else.
+    /// One code per line, nothing else; unless the first non-blank line is a CSV header
+    /// naming a `code` column (`code`, `Code,expires_at`, …): a CSV file sent as plain
+    /// text is then read as [`UploadFormat::Csv`], so its header never becomes a code.
     Lines,
     /// RFC 4180 CSV (`,` separated, `"` quoted with `""` escapes, quoted fields may span
     /// lines) under a header row whose names are matched trimmed and case-insensitively:
@@ -180,26 +182,40 @@ pub struct ParserStats {
 /// - every [`Parsed`] carries the physical line where its row starts, however many lines
 ///   earlier rows (or quoted CSV fields) spanned.
 ///
+/// Lines: if the first non-blank line, within the first [`MAX_ROW_BYTES`] bytes, is a CSV
+/// header naming a `code` column (comma-separated names, trimmed, optionally quoted, matched
+/// case-insensitively), the whole upload is read as CSV ([`RowParser::format`] tells which).
+/// Until that line is complete the parser holds at most that many bytes.
+///
 /// CSV: the first non-blank row is the header (an Excel `sep=` line before it is skipped).
 /// If the header cannot be used (no `code` column, a column named twice, or the row itself
 /// unreadable), the header is rejected with the reason, and then *every* later non-blank row
 /// is rejected on its own with "no `code` column in the header", so that the counts of an
 /// import stay truthful (a million rows not imported are a million rejections, not one).
+/// [`RowParser::header_failure`] tells a caller who would rather refuse the upload at once.
 ///
 /// The output does not depend on how the input is split into chunks.
 pub struct RowParser {
     bom: Bom,
+    /// A lines upload's first bytes, held until they show whether it is really CSV; `None`
+    /// once that is settled (at once for CSV and NDJSON).
+    sniff: Option<Vec<u8>>,
     finished: bool,
     bytes: u64,
     splitter: Splitter,
     decoder: Decoder,
 }
 
+/// Bytes a lines upload is held for while looking for its first non-blank line: the longest
+/// row and its line ending.
+const SNIFF_BYTES: usize = MAX_ROW_BYTES + 2;
+
 impl RowParser {
     /// A parser for an upload in `format`.
     pub fn new(format: UploadFormat) -> RowParser {
         RowParser {
             bom: Bom::Checking(0),
+            sniff: (format == UploadFormat::Lines).then(|| Vec::with_capacity(SNIFF_BYTES)),
             finished: false,
             bytes: 0,
             splitter: Splitter::new(format == UploadFormat::Csv),
@@ -214,33 +230,26 @@ impl RowParser {
             return;
         }
         self.bytes += bytes.len() as u64;
-        let RowParser {
-            bom,
-            splitter,
-            decoder,
-            ..
-        } = self;
-        let mut emit = |split: Split<'_>| decoder.take(split, out);
         let mut bytes = bytes;
         // The BOM may arrive split across chunks: match it byte by byte, and if the input
         // turns out not to start with one, hand the bytes matched so far on as data.
-        while let Bom::Checking(matched) = *bom {
+        while let Bom::Checking(matched) = self.bom {
             let Some((&first, rest)) = bytes.split_first() else {
                 break;
             };
             if BOM.get(matched) == Some(&first) {
                 bytes = rest;
-                *bom = if matched + 1 == BOM.len() {
+                self.bom = if matched + 1 == BOM.len() {
                     Bom::Done
                 } else {
                     Bom::Checking(matched + 1)
                 };
             } else {
-                *bom = Bom::Done;
-                splitter.feed(&BOM[..matched], &mut emit);
+                self.bom = Bom::Done;
+                self.pass(&BOM[..matched], out);
             }
         }
-        splitter.feed(bytes, &mut emit);
+        self.pass(bytes, out);
     }
 
     /// Ends the input: emits the last row (a file need not end with a newline) and reports a
@@ -251,18 +260,33 @@ impl RowParser {
             return;
         }
         self.finished = true;
-        let RowParser {
-            bom,
-            splitter,
-            decoder,
-            ..
-        } = self;
-        let mut emit = |split: Split<'_>| decoder.take(split, out);
-        if let Bom::Checking(matched) = *bom {
-            *bom = Bom::Done;
-            splitter.feed(&BOM[..matched], &mut emit);
+        if let Bom::Checking(matched) = self.bom {
+            self.bom = Bom::Done;
+            self.pass(&BOM[..matched], out);
         }
-        splitter.finish(&mut emit);
+        if let Some(head) = &self.sniff {
+            let csv = sniff_csv(head, true) == Some(true);
+            self.settle(csv, out);
+        }
+        let RowParser {
+            splitter, decoder, ..
+        } = self;
+        splitter.finish(&mut |split: Split<'_>| decoder.take(split, out));
+    }
+
+    /// The format rows are read in: the one asked for, except a lines upload found to be CSV
+    /// (see [`UploadFormat::Lines`]), which is known once its first non-blank line is.
+    pub fn format(&self) -> UploadFormat {
+        self.decoder.format
+    }
+
+    /// Why a CSV header could not be used, and its line: every later row is rejected for it,
+    /// so nothing of the upload can be imported. `None` while the header is fine or unread.
+    pub fn header_failure(&self) -> Option<(u64, &str)> {
+        self.decoder
+            .header_failure
+            .as_ref()
+            .map(|(line, reason)| (*line, reason.as_str()))
     }
 
     /// Rows emitted and rejected so far, bytes fed.
@@ -276,8 +300,86 @@ impl RowParser {
     /// Bytes of memory the parser holds in its buffers: for tests and metrics, to show that
     /// it stays bounded by about two rows whatever the input.
     pub fn buffered_capacity(&self) -> usize {
-        self.splitter.row.capacity() + self.decoder.fields.capacity()
+        self.splitter.row.capacity()
+            + self.decoder.fields.capacity()
+            + self.sniff.as_ref().map_or(0, Vec::capacity)
     }
+
+    /// Hands bytes that follow the BOM on: to the sniffer while a lines upload's format is
+    /// open, then to the splitter.
+    fn pass(&mut self, bytes: &[u8], out: &mut Vec<Parsed>) {
+        let mut bytes = bytes;
+        if let Some(head) = &mut self.sniff {
+            // Never more than SNIFF_BYTES: the decision depends on those alone, so the
+            // chunking of the input cannot change it.
+            let take = bytes.len().min(SNIFF_BYTES - head.len());
+            head.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            match sniff_csv(head, false) {
+                Some(csv) => self.settle(csv, out),
+                None => return,
+            }
+        }
+        let RowParser {
+            splitter, decoder, ..
+        } = self;
+        splitter.feed(bytes, &mut |split: Split<'_>| decoder.take(split, out));
+    }
+
+    /// Ends sniffing: a lines upload found to be CSV is parsed as CSV from its first byte.
+    fn settle(&mut self, csv: bool, out: &mut Vec<Parsed>) {
+        let Some(head) = self.sniff.take() else {
+            return;
+        };
+        if csv {
+            self.splitter = Splitter::new(true);
+            self.decoder = Decoder::new(UploadFormat::Csv);
+        }
+        let RowParser {
+            splitter, decoder, ..
+        } = self;
+        splitter.feed(&head, &mut |split: Split<'_>| decoder.take(split, out));
+    }
+}
+
+/// Whether a lines upload starting with `head` is CSV: whether its first non-blank line is a
+/// CSV header naming a `code` column. `None` while that cannot be told yet: no complete
+/// non-blank line in `head`, which has room for more, and the input has not `ended`.
+fn sniff_csv(head: &[u8], ended: bool) -> Option<bool> {
+    let mut rest = head;
+    while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+        let line = &rest[..nl];
+        rest = &rest[nl + 1..];
+        if !is_blank(line) {
+            return Some(is_code_header(line));
+        }
+    }
+    if ended {
+        Some(!is_blank(rest) && is_code_header(rest))
+    } else {
+        (head.len() >= SNIFF_BYTES).then_some(false)
+    }
+}
+
+/// A line the decoder skips: UTF-8 and whitespace only.
+fn is_blank(line: &[u8]) -> bool {
+    std::str::from_utf8(line).is_ok_and(|text| text.trim().is_empty())
+}
+
+/// A CSV header naming a `code` column, by the header's own rules (names trimmed, matched
+/// case-insensitively), also when the names are quoted.
+fn is_code_header(line: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(line) else {
+        return false;
+    };
+    text.split(',').any(|name| {
+        let name = name.trim();
+        let name = name
+            .strip_prefix('"')
+            .and_then(|n| n.strip_suffix('"'))
+            .unwrap_or(name);
+        name.trim().eq_ignore_ascii_case("code")
+    })
 }
 
 /// Progress of skipping a BOM at the start of the input.
@@ -475,6 +577,8 @@ struct Decoder {
     /// csv-core always has room when it is handed the row's final `\n`.
     fields: Vec<u8>,
     header: Header,
+    /// Why the CSV header failed, and its line.
+    header_failure: Option<(u64, String)>,
     stats: ParserStats,
 }
 
@@ -490,6 +594,7 @@ impl Decoder {
             csv: csv_reader(),
             fields,
             header: Header::Pending { first: true },
+            header_failure: None,
             stats: ParserStats::default(),
         }
     }
@@ -535,6 +640,7 @@ impl Decoder {
         if let Header::Pending { .. } = self.header {
             if self.format == UploadFormat::Csv {
                 self.header = Header::Failed;
+                self.header_failure = Some((line, reason.clone()));
             }
         }
         self.reject(line, reason, out);

@@ -8,8 +8,14 @@
 //! ledger's unique digest index, never by an in-memory set.
 //!
 //! The batch stays invisible to claims until it is complete: its keys reach the engine only
-//! when the batch is activated, and a failed upload is aborted (its keys deleted). The same
-//! `batch_id` again adds nothing and answers the first import's counts.
+//! when the batch is activated, and a failed upload is aborted (its keys deleted), which
+//! frees its `batch_id`. The same `batch_id` again after an import finished adds nothing and
+//! answers that import's counts; while another upload of it is still running it is refused
+//! with [`Error::BatchInProgress`], never answered with counts that are not its own.
+//!
+//! Rows are refused for the SKU's format and blacklist, and codes whose `expires_at` has
+//! already passed are refused too: they could be sold but never redeemed. A CSV upload whose
+//! header cannot be used fails as a whole before anything is written ([`Error::BadRequest`]).
 
 use serde_json::{json, Value};
 
@@ -17,14 +23,19 @@ use super::formats::{Parsed, RowParser, UploadFormat};
 use super::warm::{ledger_error, warm_sku, WarmReport};
 use super::Inventory;
 use crate::code::digest;
-use crate::error::Error;
-use crate::ledger::{BatchCounts, BatchStart, InsertOutcome, Ledger, NewKey};
+use crate::error::{timestamp, Error};
+use crate::ledger::{
+    BatchCounts, BatchStart, InsertOutcome, Ledger, LedgerError, NewKey, UPLOAD_LEASE_MS,
+};
 use crate::sku::SkuConfig;
 
 /// Validated codes per ledger transaction.
 pub const CHUNK_ROWS: usize = 1000;
 /// Rejected or duplicate lines listed in the report; all are counted.
 pub const MAX_REPORTED_LINES: usize = 1000;
+/// How often an upload renews its hold on the batch: well within the lease, so only an
+/// uploader that died or stalled loses it.
+const RENEW_EVERY_MS: u64 = UPLOAD_LEASE_MS as u64 / 10;
 
 /// The outcome of an import.
 #[derive(Debug, Default, Clone)]
@@ -80,6 +91,10 @@ pub struct Importer<'a> {
     inventory: &'a Inventory,
     sku: &'a str,
     batch_id: &'a str,
+    /// This upload's token in the ledger: the batch is its own while the token matches.
+    upload_id: String,
+    /// When this upload last renewed its hold on the batch.
+    renewed_at_ms: u64,
     settings: &'a SkuConfig,
     parser: RowParser,
     blacklist: std::collections::HashSet<String>,
@@ -91,7 +106,8 @@ pub struct Importer<'a> {
 }
 
 impl<'a> Importer<'a> {
-    /// Opens batch `batch_id` of `sku` in the ledger.
+    /// Opens batch `batch_id` of `sku` in the ledger. [`Error::BatchInProgress`] while
+    /// another upload is filling it.
     pub async fn begin(
         ledger: &'a dyn Ledger,
         inventory: &'a Inventory,
@@ -100,25 +116,40 @@ impl<'a> Importer<'a> {
         settings: &'a SkuConfig,
         format: UploadFormat,
     ) -> Result<Begun<'a>, Error> {
+        let upload_id = format!("{:032x}", rand::random::<u128>());
+        let now = inventory.now_ms();
         let started = ledger
-            .begin_batch(sku, batch_id, inventory.now_ms() as i64)
+            .begin_batch(sku, batch_id, &upload_id, now as i64)
             .await
             .map_err(ledger_error)?;
-        if let BatchStart::Existing(batch) = started {
-            return Ok(Begun::Replayed(ImportReport {
-                accepted: batch.accepted,
-                rejected: batch.rejected,
-                duplicate: batch.duplicate,
-                lines: Vec::new(),
-                state: batch.state,
-                replayed: true,
-            }));
+        match started {
+            BatchStart::New => {}
+            BatchStart::Existing(batch) => {
+                return Ok(Begun::Replayed(ImportReport {
+                    accepted: batch.accepted,
+                    rejected: batch.rejected,
+                    duplicate: batch.duplicate,
+                    lines: Vec::new(),
+                    state: batch.state,
+                    replayed: true,
+                }))
+            }
+            BatchStart::InProgress(batch) => {
+                let since = batch.created_at_ms.max(0) as u64;
+                return Err(Error::BatchInProgress(format!(
+                    "batch {batch_id} of SKU {sku} is being imported by another upload, \
+                     started at {}; nothing of this one was imported",
+                    timestamp(since)
+                )));
+            }
         }
         Ok(Begun::Fresh(Box::new(Importer {
             ledger,
             inventory,
             sku,
             batch_id,
+            upload_id,
+            renewed_at_ms: now,
             settings,
             parser: RowParser::new(format),
             blacklist: settings.blacklisted(),
@@ -129,14 +160,43 @@ impl<'a> Importer<'a> {
         })))
     }
 
-    /// Consumes the next bytes of the upload.
+    /// Consumes the next bytes of the upload. A CSV header that cannot be used fails the
+    /// upload ([`Error::BadRequest`]): abort it then.
     pub async fn feed(&mut self, bytes: &[u8]) -> Result<(), Error> {
         self.parser.feed(bytes, &mut self.parsed);
-        self.take_parsed().await
+        self.check_header()?;
+        self.take_parsed().await?;
+        self.renew_if_due().await
+    }
+
+    /// Refuses the whole upload when its CSV header cannot be used: every row would be
+    /// rejected, and a merchant would rather fix the file than read a million rejections.
+    fn check_header(&self) -> Result<(), Error> {
+        match self.parser.header_failure() {
+            None => Ok(()),
+            Some((line, why)) => Err(Error::BadRequest(format!(
+                "the CSV header on line {line} cannot be used: {why}; nothing was imported"
+            ))),
+        }
+    }
+
+    /// Tells the ledger this upload is alive, so no other upload of the batch id takes over.
+    async fn renew_if_due(&mut self) -> Result<(), Error> {
+        let now = self.inventory.now_ms();
+        if now.saturating_sub(self.renewed_at_ms) < RENEW_EVERY_MS {
+            return Ok(());
+        }
+        self.ledger
+            .touch_batch(self.sku, self.batch_id, &self.upload_id, now as i64)
+            .await
+            .map_err(ledger_error)?;
+        self.renewed_at_ms = now;
+        Ok(())
     }
 
     async fn take_parsed(&mut self) -> Result<(), Error> {
         let format = &self.settings.format;
+        let now = self.inventory.now_ms();
         for parsed in std::mem::take(&mut self.parsed) {
             match parsed {
                 Parsed::Rejected { line, reason } => {
@@ -152,6 +212,13 @@ impl<'a> Importer<'a> {
                         self.report.rejected += 1;
                         self.report
                             .note(row.line, "the code is on the SKU's blacklist".into());
+                    }
+                    // The engine refuses to redeem a code from its `expires_at` on.
+                    Ok(_) if row.expires_at_ms.is_some_and(|at| at <= now) => {
+                        let at = row.expires_at_ms.unwrap_or_default();
+                        self.report.rejected += 1;
+                        self.report
+                            .note(row.line, format!("expired at {}", timestamp(at)));
                     }
                     Ok(canonical) => {
                         self.pending.push(NewKey {
@@ -179,7 +246,7 @@ impl<'a> Importer<'a> {
         }
         let outcomes = self
             .ledger
-            .insert_keys(self.sku, self.batch_id, &self.pending)
+            .insert_keys(self.sku, self.batch_id, &self.upload_id, &self.pending)
             .await
             .map_err(ledger_error)?;
         for (key, outcome) in self.pending.iter().zip(outcomes) {
@@ -205,25 +272,17 @@ impl<'a> Importer<'a> {
 
     /// Ends the upload: records the batch, active or pending, and when `warm` loads an
     /// active batch into this process's engine (a CLI over the embedded engine leaves that
-    /// to the running gateway, which picks new active keys up by itself).
+    /// to the running gateway, which picks new active keys up by itself). If the batch cannot
+    /// be recorded the upload is aborted, so its batch id can be used again.
     pub async fn finish(
         mut self: Box<Self>,
         activate: bool,
         warm: bool,
     ) -> Result<ImportReport, Error> {
-        self.parser.finish(&mut self.parsed);
-        self.take_parsed().await?;
-        self.flush().await?;
-        let counts = BatchCounts {
-            accepted: self.report.accepted,
-            rejected: self.report.rejected,
-            duplicate: self.report.duplicate,
-        };
-        let now = self.inventory.now_ms() as i64;
-        self.ledger
-            .finish_batch(self.sku, self.batch_id, &counts, activate, now)
-            .await
-            .map_err(ledger_error)?;
+        if let Err(e) = self.record(activate).await {
+            self.abort().await;
+            return Err(e);
+        }
         // Rejections are noted as rows are parsed, duplicates when their chunk is written.
         self.report.lines.sort_by_key(|(line, _)| *line);
         self.report.state = if activate { "active" } else { "pending" }.into();
@@ -235,10 +294,49 @@ impl<'a> Importer<'a> {
         Ok(self.report)
     }
 
-    /// Gives up on the upload: the ledger forgets the batch and its keys.
+    /// Parses and writes what is left of the upload and records the batch's counts.
+    async fn record(&mut self, activate: bool) -> Result<(), Error> {
+        self.parser.finish(&mut self.parsed);
+        self.check_header()?;
+        self.take_parsed().await?;
+        self.flush().await?;
+        let counts = BatchCounts {
+            accepted: self.report.accepted,
+            rejected: self.report.rejected,
+            duplicate: self.report.duplicate,
+        };
+        let now = self.inventory.now_ms() as i64;
+        self.ledger
+            .finish_batch(
+                self.sku,
+                self.batch_id,
+                &self.upload_id,
+                &counts,
+                activate,
+                now,
+            )
+            .await
+            .map_err(ledger_error)
+    }
+
+    /// Gives up on the upload: the ledger forgets the batch and its keys, and the batch id
+    /// can be used again. A batch another upload took over is left to that upload.
     pub async fn abort(self: Box<Self>) {
-        if let Err(e) = self.ledger.abort_batch(self.sku, self.batch_id).await {
-            tracing::error!(sku = self.sku, batch_id = self.batch_id, error = %e, "aborting a batch failed");
+        let (sku, batch_id) = (self.sku, self.batch_id);
+        match self
+            .ledger
+            .abort_batch(sku, batch_id, &self.upload_id)
+            .await
+        {
+            Ok(()) => {}
+            Err(LedgerError::BatchBusy(_)) => {
+                tracing::info!(
+                    sku,
+                    batch_id,
+                    "not aborting a batch another upload took over"
+                );
+            }
+            Err(e) => tracing::error!(sku, batch_id, error = %e, "aborting a batch failed"),
         }
     }
 }

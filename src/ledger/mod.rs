@@ -16,6 +16,10 @@
 //!   it is activated, and an aborted batch leaves no keys behind. Re-sending a batch id is
 //!   recognised ([`BatchStart::Existing`]), and a code already in the SKU is reported as a
 //!   duplicate, never stored twice.
+//! - **One upload fills a batch.** Each upload names itself with a token; while it is alive
+//!   (see [`UPLOAD_LEASE_MS`]) another upload of the same batch id is told so
+//!   ([`BatchStart::InProgress`]) instead of being answered with counts it did not produce,
+//!   and a presumed-dead upload taken over cannot write into its successor's batch.
 //! - **Events apply exactly once.** Stream delivery is at-least-once (a writer may crash between
 //!   commit and acknowledgement); the ledger records each `event_id` in the same transaction as
 //!   its effect, so a redelivered event changes nothing.
@@ -77,19 +81,40 @@ pub trait Ledger: Send + Sync + 'static {
     /// engine without the marker lost its data and must be warmed again.
     async fn set_epoch(&self, sku: &str, epoch: &str) -> Result<(), LedgerError>;
 
-    /// Starts an import. A batch id seen before answers [`BatchStart::Existing`] with its record
-    /// (so a re-sent import adds nothing twice), except an aborted one, which starts afresh.
+    /// Starts an import as upload `upload_id` (a token unique to this attempt, which every
+    /// later call of the upload names).
+    ///
+    /// - A batch id never seen (or aborted) starts afresh: [`BatchStart::New`].
+    /// - A batch another upload is still filling answers [`BatchStart::InProgress`], unless
+    ///   that upload gave no sign of life for [`UPLOAD_LEASE_MS`]: it is presumed dead, its
+    ///   keys are deleted and the batch starts afresh for this upload ([`BatchStart::New`]).
+    ///   The presumed-dead upload, should it wake up, is refused with
+    ///   [`LedgerError::BatchBusy`] on its next call.
+    /// - A finished batch answers [`BatchStart::Existing`] with its record, so a re-sent import
+    ///   adds nothing twice.
     async fn begin_batch(
         &self,
         sku: &str,
         batch_id: &str,
+        upload_id: &str,
         now_ms: i64,
     ) -> Result<BatchStart, LedgerError>;
 
-    /// Inserts a chunk of validated codes into a pending batch in one transaction, with
-    /// multi-row `INSERT`s. Allocates per-SKU local ids from the SKU's counter, in row order.
-    /// A digest the SKU already has (in any batch, or earlier in this chunk) is reported as
-    /// [`InsertOutcome::Duplicate`] and not inserted. Returns one outcome per row, in order.
+    /// Tells the ledger upload `upload_id` is alive and still filling the batch: renews its
+    /// lease ([`UPLOAD_LEASE_MS`]). [`LedgerError::BatchBusy`] if another upload took over.
+    async fn touch_batch(
+        &self,
+        sku: &str,
+        batch_id: &str,
+        upload_id: &str,
+        now_ms: i64,
+    ) -> Result<(), LedgerError>;
+
+    /// Inserts a chunk of validated codes into a batch that upload `upload_id` is filling, in
+    /// one transaction, with multi-row `INSERT`s. Allocates per-SKU local ids from the SKU's
+    /// counter, in row order. A digest the SKU already has (in any batch, or earlier in this
+    /// chunk) is reported as [`InsertOutcome::Duplicate`] and not inserted. Returns one outcome
+    /// per row, in order.
     ///
     /// Keep chunks to about a thousand rows: larger ones are split into several statements
     /// but still one transaction, which holds the SKU's counter lock longer.
@@ -97,15 +122,18 @@ pub trait Ledger: Send + Sync + 'static {
         &self,
         sku: &str,
         batch_id: &str,
+        upload_id: &str,
         rows: &[NewKey],
     ) -> Result<Vec<InsertOutcome>, LedgerError>;
 
-    /// Records an import's counts and leaves the batch pending, or activates it. Finishing an
-    /// active batch again with `activate` only updates its counts.
+    /// Ends upload `upload_id`: records its counts and leaves the batch pending, or activates
+    /// it (a batch activated meanwhile only gets its counts). From then on the batch id
+    /// answers [`BatchStart::Existing`].
     async fn finish_batch(
         &self,
         sku: &str,
         batch_id: &str,
+        upload_id: &str,
         report: &BatchCounts,
         activate: bool,
         now_ms: i64,
@@ -120,9 +148,16 @@ pub trait Ledger: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<BatchRecord, LedgerError>;
 
-    /// Abandons a pending batch and deletes its keys: a failed import leaves nothing visible.
-    /// An active batch cannot be aborted (its keys may be in the engine: void them instead).
-    async fn abort_batch(&self, sku: &str, batch_id: &str) -> Result<(), LedgerError>;
+    /// Gives up upload `upload_id`: the batch is aborted and its keys deleted, so a failed
+    /// import leaves nothing visible and the batch id can be used again. An active batch
+    /// cannot be aborted (its keys may be in the engine: void them instead), nor a batch
+    /// another upload took over ([`LedgerError::BatchBusy`]).
+    async fn abort_batch(
+        &self,
+        sku: &str,
+        batch_id: &str,
+        upload_id: &str,
+    ) -> Result<(), LedgerError>;
 
     /// A batch's record.
     async fn get_batch(
@@ -206,6 +241,9 @@ pub enum LedgerError {
     /// The request contradicts the ledger's state (e.g. inserting into an active batch).
     #[error("ledger conflict: {0}")]
     Conflict(String),
+    /// Another upload fills the batch: this one was presumed dead and taken over.
+    #[error("{0}")]
+    BatchBusy(String),
     /// A SKU, batch or key the request names does not exist.
     #[error("{0} not found in the ledger")]
     NotFound(String),
@@ -246,17 +284,30 @@ pub struct BatchRecord {
     pub accepted: u64,
     pub rejected: u64,
     pub duplicate: u64,
+    /// When the batch (or the latest upload filling it) started.
     pub created_at_ms: i64,
     pub activated_at_ms: Option<i64>,
+    /// The upload filling the batch, while one is; `None` once it finished or was aborted.
+    pub upload_id: Option<String>,
+    /// When that upload last gave a sign of life (it began, or renewed its lease).
+    pub touched_at_ms: Option<i64>,
 }
+
+/// How long an upload owns the batch it fills without a sign of life, in milliseconds. An
+/// uploader renews its lease well within this ([`Ledger::touch_batch`]); one silent for this
+/// long (its process died mid-upload, or its client stalled) is presumed dead, and the next
+/// upload of the same batch id takes the batch over instead of waiting forever.
+pub const UPLOAD_LEASE_MS: i64 = 5 * 60 * 1000;
 
 /// What [`Ledger::begin_batch`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchStart {
-    /// A fresh (or previously aborted) batch id: import into it.
+    /// A fresh (or previously aborted, or abandoned) batch id: import into it.
     New,
-    /// The batch id was used before: here is its record.
+    /// The batch id was imported before: here is its record.
     Existing(BatchRecord),
+    /// Another upload is filling the batch right now: here is its record.
+    InProgress(BatchRecord),
 }
 
 /// An import's outcome per row, recorded on the batch.

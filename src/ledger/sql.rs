@@ -33,7 +33,7 @@ use super::replay::{self, NewEvent};
 use super::rules::{key_state, KeyState, KeyStatus};
 use super::{
     BatchCounts, BatchRecord, BatchStart, EventRecord, InsertOutcome, KeyRecord, Ledger,
-    LedgerError, LedgerEvent, NewKey, SkuRecord, StateCounts,
+    LedgerError, LedgerEvent, NewKey, SkuRecord, StateCounts, UPLOAD_LEASE_MS,
 };
 use crate::sku::{key_id, parse_key_id};
 
@@ -68,8 +68,8 @@ pub(crate) struct SqlLedger<DB: Database> {
 }
 
 const SKU_COLUMNS: &str = "sku, config_json, format_version, epoch, created_at_ms, updated_at_ms";
-const BATCH_COLUMNS: &str =
-    "sku, batch_id, state, accepted, rejected, duplicate, created_at_ms, activated_at_ms";
+const BATCH_COLUMNS: &str = "sku, batch_id, state, accepted, rejected, duplicate, \
+     created_at_ms, activated_at_ms, upload_id, touched_at_ms";
 const KEY_COLUMNS: &str = "sku, local_id, digest, code, batch_id, format_version, \
      expires_at_ms, max_issues, max_uses, held, sold, uses, void, state, order_id, user_id, \
      redeemer, redeemed_at_ms, updated_at_ms";
@@ -129,6 +129,22 @@ where
             .fetch_optional(&mut *conn)
             .await?;
         row.map(|r| Self::batch_from_row(&r)).transpose()
+    }
+
+    /// The pending batch upload `upload_id` is filling, read inside `conn`'s transaction with
+    /// the lock clause `lock` (see [`check_owner`]).
+    async fn owned_batch(
+        conn: &mut DB::Connection,
+        sku: &str,
+        batch_id: &str,
+        upload_id: &str,
+        lock: &str,
+    ) -> Result<BatchRecord, LedgerError> {
+        let batch = Self::batch_in(conn, sku, batch_id, lock)
+            .await?
+            .ok_or_else(|| LedgerError::NotFound(format!("batch {batch_id} of SKU {sku}")))?;
+        check_owner(&batch, upload_id)?;
+        Ok(batch)
     }
 
     /// Marks a pending batch and its keys active: one `UPDATE` of the keys, however many.
@@ -287,6 +303,8 @@ where
             duplicate: count(row.try_get(5)?)?,
             created_at_ms: row.try_get(6)?,
             activated_at_ms: row.try_get(7)?,
+            upload_id: row.try_get(8)?,
+            touched_at_ms: row.try_get(9)?,
         })
     }
 
@@ -416,51 +434,97 @@ where
         &self,
         sku: &str,
         batch_id: &str,
+        upload_id: &str,
         now_ms: i64,
     ) -> Result<BatchStart, LedgerError> {
         let mut tx = self.begin_write().await?;
         // Concurrent first attempts race on the primary key; exactly one inserts.
         let inserted = sqlx::query(
-            "INSERT INTO batches (sku, batch_id, state, created_at_ms) \
-             SELECT $1, $2, 'pending', $3 WHERE EXISTS (SELECT 1 FROM skus WHERE sku = $1) \
+            "INSERT INTO batches (sku, batch_id, state, created_at_ms, upload_id, touched_at_ms) \
+             SELECT $1, $2, 'pending', $3, $4, $3 WHERE EXISTS (SELECT 1 FROM skus WHERE sku = $1) \
              ON CONFLICT (sku, batch_id) DO NOTHING RETURNING batch_id",
         )
         .bind(sku)
         .bind(batch_id)
         .bind(now_ms)
+        .bind(upload_id)
         .fetch_optional(&mut *tx)
         .await?
         .is_some();
-        let start = if inserted {
-            BatchStart::New
-        } else {
-            match Self::batch_in(&mut tx, sku, batch_id, self.dialect.lock_rows).await? {
-                None => return Err(LedgerError::NotFound(format!("SKU {sku}"))),
-                // An aborted import left nothing behind: the merchant's retry starts afresh.
-                Some(b) if b.state == "aborted" => {
-                    sqlx::query(
-                        "UPDATE batches SET state = 'pending', accepted = 0, rejected = 0, \
-                         duplicate = 0, created_at_ms = $3, activated_at_ms = NULL \
-                         WHERE sku = $1 AND batch_id = $2",
-                    )
+        if inserted {
+            tx.commit().await?;
+            return Ok(BatchStart::New);
+        }
+        let Some(batch) = Self::batch_in(&mut tx, sku, batch_id, self.dialect.lock_rows).await?
+        else {
+            return Err(LedgerError::NotFound(format!("SKU {sku}")));
+        };
+        let start = match (batch.state.as_str(), &batch.upload_id) {
+            // An aborted import left nothing behind: the merchant's retry starts afresh.
+            ("aborted", _) => BatchStart::New,
+            ("pending", Some(_)) => {
+                let silent_ms = now_ms.saturating_sub(batch.touched_at_ms.unwrap_or(i64::MIN));
+                if silent_ms < UPLOAD_LEASE_MS {
+                    return Ok(BatchStart::InProgress(batch));
+                }
+                // Its uploader died mid-upload (or stalled): nothing of it was ever visible,
+                // and its successor starts the batch afresh.
+                tracing::warn!(
+                    sku,
+                    batch_id,
+                    silent_ms,
+                    "taking over a batch whose upload gave no sign of life"
+                );
+                sqlx::query("DELETE FROM keys WHERE sku = $1 AND batch_id = $2")
                     .bind(sku)
                     .bind(batch_id)
-                    .bind(now_ms)
                     .execute(&mut *tx)
                     .await?;
-                    BatchStart::New
-                }
-                Some(b) => BatchStart::Existing(b),
+                BatchStart::New
             }
+            _ => BatchStart::Existing(batch),
         };
+        if start == BatchStart::New {
+            sqlx::query(
+                "UPDATE batches SET state = 'pending', accepted = 0, rejected = 0, \
+                 duplicate = 0, created_at_ms = $3, activated_at_ms = NULL, upload_id = $4, \
+                 touched_at_ms = $3 WHERE sku = $1 AND batch_id = $2",
+            )
+            .bind(sku)
+            .bind(batch_id)
+            .bind(now_ms)
+            .bind(upload_id)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(start)
+    }
+
+    async fn touch_batch(
+        &self,
+        sku: &str,
+        batch_id: &str,
+        upload_id: &str,
+        now_ms: i64,
+    ) -> Result<(), LedgerError> {
+        let mut tx = self.begin_write().await?;
+        Self::owned_batch(&mut tx, sku, batch_id, upload_id, self.dialect.lock_rows).await?;
+        sqlx::query("UPDATE batches SET touched_at_ms = $3 WHERE sku = $1 AND batch_id = $2")
+            .bind(sku)
+            .bind(batch_id)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn insert_keys(
         &self,
         sku: &str,
         batch_id: &str,
+        upload_id: &str,
         rows: &[NewKey],
     ) -> Result<Vec<InsertOutcome>, LedgerError> {
         if let Some(bad) = rows.iter().find(|r| r.max_issues < 1 || r.max_uses < 1) {
@@ -470,15 +534,8 @@ where
             )));
         }
         let mut tx = self.begin_write().await?;
-        let batch = Self::batch_in(&mut tx, sku, batch_id, self.dialect.share_rows)
-            .await?
-            .ok_or_else(|| LedgerError::NotFound(format!("batch {batch_id} of SKU {sku}")))?;
-        if batch.state != "pending" {
-            return Err(LedgerError::Conflict(format!(
-                "batch {batch_id} of SKU {sku} is {}, not pending",
-                batch.state
-            )));
-        }
+        let batch =
+            Self::owned_batch(&mut tx, sku, batch_id, upload_id, self.dialect.share_rows).await?;
         // Locking the counter first serialises imports of one SKU, so the duplicate check
         // below sees every key committed before this transaction allocates.
         let sql = format!(
@@ -560,6 +617,7 @@ where
         &self,
         sku: &str,
         batch_id: &str,
+        upload_id: &str,
         report: &BatchCounts,
         activate: bool,
         now_ms: i64,
@@ -568,26 +626,25 @@ where
         let batch = Self::batch_in(&mut tx, sku, batch_id, self.dialect.lock_rows)
             .await?
             .ok_or_else(|| LedgerError::NotFound(format!("batch {batch_id} of SKU {sku}")))?;
-        match (batch.state.as_str(), activate) {
-            ("pending", _) | ("active", true) => {}
-            (state, _) => {
-                return Err(LedgerError::Conflict(format!(
-                    "batch {batch_id} of SKU {sku} is {state}"
-                )))
-            }
+        // Activated by someone else while this upload ran: only its counts are left to record.
+        let activated_meanwhile =
+            activate && batch.state == "active" && batch.upload_id.as_deref() == Some(upload_id);
+        if !activated_meanwhile {
+            check_owner(&batch, upload_id)?;
         }
         sqlx::query(
-            "UPDATE batches SET accepted = $3, rejected = $4, duplicate = $5 \
-             WHERE sku = $1 AND batch_id = $2",
+            "UPDATE batches SET accepted = $3, rejected = $4, duplicate = $5, upload_id = NULL, \
+             touched_at_ms = $6 WHERE sku = $1 AND batch_id = $2",
         )
         .bind(sku)
         .bind(batch_id)
         .bind(signed(report.accepted)?)
         .bind(signed(report.rejected)?)
         .bind(signed(report.duplicate)?)
+        .bind(now_ms)
         .execute(&mut *tx)
         .await?;
-        if activate && batch.state == "pending" {
+        if activate && !activated_meanwhile {
             Self::activate_in(&mut tx, sku, batch_id, now_ms).await?;
         }
         tx.commit().await?;
@@ -624,7 +681,12 @@ where
         Ok(batch)
     }
 
-    async fn abort_batch(&self, sku: &str, batch_id: &str) -> Result<(), LedgerError> {
+    async fn abort_batch(
+        &self,
+        sku: &str,
+        batch_id: &str,
+        upload_id: &str,
+    ) -> Result<(), LedgerError> {
         let mut tx = self.begin_write().await?;
         let batch = Self::batch_in(&mut tx, sku, batch_id, self.dialect.lock_rows)
             .await?
@@ -638,16 +700,21 @@ where
             }
             _ => {}
         }
+        // A successor's keys are not this upload's to delete.
+        check_owner(&batch, upload_id)?;
         sqlx::query("DELETE FROM keys WHERE sku = $1 AND batch_id = $2")
             .bind(sku)
             .bind(batch_id)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE batches SET state = 'aborted' WHERE sku = $1 AND batch_id = $2")
-            .bind(sku)
-            .bind(batch_id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE batches SET state = 'aborted', upload_id = NULL \
+             WHERE sku = $1 AND batch_id = $2",
+        )
+        .bind(sku)
+        .bind(batch_id)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -833,6 +900,26 @@ where
         sqlx::query("SELECT 1").execute(&self.read).await?;
         Ok(())
     }
+}
+
+/// Whether upload `upload_id` may still write into `batch`: [`LedgerError::Conflict`] when the
+/// batch is no longer pending, [`LedgerError::BatchBusy`] when another upload took it over.
+fn check_owner(batch: &BatchRecord, upload_id: &str) -> Result<(), LedgerError> {
+    let (sku, batch_id) = (&batch.sku, &batch.batch_id);
+    if batch.state != "pending" {
+        return Err(LedgerError::Conflict(format!(
+            "batch {batch_id} of SKU {sku} is {}, not pending",
+            batch.state
+        )));
+    }
+    if batch.upload_id.as_deref() != Some(upload_id) {
+        return Err(LedgerError::BatchBusy(format!(
+            "batch {batch_id} of SKU {sku} was taken over by another upload after this one \
+             gave no sign of life for {} s",
+            UPLOAD_LEASE_MS / 1000
+        )));
+    }
+    Ok(())
 }
 
 /// `rows` parenthesised tuples of `width` numbered placeholders, numbering from `first`:

@@ -1,0 +1,409 @@
+//! Import batches as a merchant meets them, over HTTP on both ledgers (SQLite, and PostgreSQL
+//! when it runs; see `support/postgres.rs`) and through `kamigate import`:
+//!
+//! - a second upload of a batch id while the first is still running is refused with `409
+//!   ERR_BATCH_IN_PROGRESS`, never answered with counts that dropped its content;
+//! - a file that fails before any row is read is `ERR_BAD_REQUEST` and leaves its batch id
+//!   free;
+//! - a CSV sent as `text/plain` imports its rows, not its header;
+//! - codes already expired are rejected with the reason.
+
+mod support;
+
+#[path = "support/postgres.rs"]
+mod pg_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kamigate::commands::{self, CommandError};
+use kamigate::config::Config;
+use kamigate::engine::embedded::EmbeddedEngine;
+use kamigate::inventory::Inventory;
+use kamigate::sku::SkuConfig;
+use pg_support::TestDatabase;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use support::clock::ManualClock;
+use support::gateway::{config, TestGateway, ADMIN_TOKEN};
+use tempfile::TempDir;
+
+#[derive(Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A gateway over a ledger of its own.
+struct Env {
+    gw: TestGateway,
+    _dir: TempDir,
+    // Dropped last: the database outlives the gateway's pools.
+    _pg: Option<TestDatabase>,
+}
+
+impl Env {
+    /// `None` when PostgreSQL is asked for and not running (outside CI). With `clock`, the
+    /// gateway's "now" is the test's.
+    async fn start(backend: Backend, clock: Option<&ManualClock>) -> Option<Env> {
+        let dir = TempDir::new().expect("temp dir");
+        let pg = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(TestDatabase::create().await?),
+        };
+        let mut cfg = config();
+        cfg.data_dir = dir.path().to_owned();
+        cfg.database_url = pg.as_ref().map(|pg| pg.url().to_owned());
+        let gw = match clock {
+            None => TestGateway::start(cfg).await,
+            Some(clock) => {
+                let engine = Arc::new(EmbeddedEngine::start().expect("embedded engine starts"));
+                TestGateway::with_inventory(cfg, Inventory::with_clock(engine, clock.clock())).await
+            }
+        };
+        Some(Env {
+            gw,
+            _dir: dir,
+            _pg: pg,
+        })
+    }
+
+    async fn upload(
+        &self,
+        sku: &str,
+        batch_id: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, Value) {
+        let res = self
+            .gw
+            .client
+            .post(self.batches_url(sku, batch_id))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("answered");
+        let status = res.status();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    fn batches_url(&self, sku: &str, batch_id: &str) -> String {
+        format!(
+            "{}/v1/skus/{sku}/batches?batch_id={batch_id}",
+            self.gw.admin
+        )
+    }
+
+    async fn stop(self) {
+        self.gw.stop().await;
+    }
+}
+
+/// Runs each named `async fn(Backend)` as a test on SQLite and on PostgreSQL.
+macro_rules! on_both_ledgers {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_ledgers!(
+    a_second_upload_of_a_running_batch_is_refused_not_replayed,
+    a_file_refused_before_any_row_leaves_its_batch_id_free,
+    a_csv_sent_as_text_plain_imports_its_rows_not_its_header,
+    codes_already_expired_are_rejected_with_the_reason,
+);
+
+async fn a_second_upload_of_a_running_batch_is_refused_not_replayed(backend: Backend) {
+    let Some(env) = Env::start(backend, None).await else {
+        return;
+    };
+    env.gw.put_sku("conc", json!({})).await;
+
+    // The first upload starts and keeps its body open.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(4);
+    let body = reqwest::Body::wrap_stream(futures_util::stream::poll_fn({
+        let mut rx = rx;
+        move |cx| rx.poll_recv(cx)
+    }));
+    let first = tokio::spawn(
+        env.gw
+            .client
+            .post(env.batches_url("conc", "b1"))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "text/plain")
+            .body(body)
+            .send(),
+    );
+    tx.send(Ok("A-0001\nA-0002\nA-0003\n".into()))
+        .await
+        .expect("sent");
+    let ledger = env.gw.gateway.app.ledger.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ledger
+        .get_batch("conc", "b1")
+        .await
+        .expect("ledger answers")
+        .is_none()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first upload never began"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // A second upload of the same batch id meanwhile: refused, and it says why.
+    let (status, body) = env
+        .upload("conc", "b1", "text/plain", "B-0001\nB-0002\n")
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "ERR_BATCH_IN_PROGRESS", "{body}");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("b1"), "{message}");
+    assert!(body["error"]["hint"].is_string(), "{body}");
+
+    // The first upload is untouched by it and completes.
+    tx.send(Ok("A-0004\n".into())).await.expect("sent");
+    drop(tx);
+    let res = first.await.expect("joined").expect("answered");
+    assert_eq!(res.status(), StatusCode::OK);
+    let report: Value = res.json().await.expect("json");
+    assert_eq!(
+        (report["accepted"].as_u64(), report["replayed"].as_bool()),
+        (Some(4), Some(false)),
+        "{report}"
+    );
+
+    // After it finished, the batch id replays its counts and adds nothing, as before.
+    let (status, again) = env.upload("conc", "b1", "text/plain", "C-0001\n").await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(
+        (again["replayed"].as_bool(), again["accepted"].as_u64()),
+        (Some(true), Some(4)),
+        "{again}"
+    );
+    assert_eq!(env.gw.counts("conc").await["available"], 4);
+    env.stop().await;
+}
+
+async fn a_file_refused_before_any_row_leaves_its_batch_id_free(backend: Backend) {
+    let Some(env) = Env::start(backend, None).await else {
+        return;
+    };
+    env.gw.put_sku("hdr", json!({})).await;
+
+    // A CSV without a `code` column: nothing is imported, and the merchant is told why.
+    let (status, body) = env
+        .upload(
+            "hdr",
+            "h1",
+            "text/csv",
+            "id,serial\n1,HDR-0001\n2,HDR-0002\n",
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "ERR_BAD_REQUEST", "{body}");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("no `code` column"), "{message}");
+    assert!(!message.contains("HDR"), "no code is quoted: {message}");
+    let (status, report) = env
+        .upload("hdr", "h1", "text/csv", "code\nHDR-0001\nHDR-0002\n")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(
+        (report["replayed"].as_bool(), report["accepted"].as_u64()),
+        (Some(false), Some(2)),
+        "the batch id imports normally: {report}"
+    );
+
+    // Found only when the upload ends: a lone header without a newline.
+    let (status, body) = env.upload("hdr", "h2", "text/csv", "serial").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (_, report) = env
+        .upload("hdr", "h2", "text/csv", "code\nHDR-0003\n")
+        .await;
+    assert_eq!(
+        (report["replayed"].as_bool(), report["accepted"].as_u64()),
+        (Some(false), Some(1)),
+        "{report}"
+    );
+
+    // An unsupported content type.
+    let (status, body) = env
+        .upload("hdr", "h3", "application/json", "[\"HDR-0004\"]")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "ERR_BAD_REQUEST", "{body}");
+    let (_, report) = env.upload("hdr", "h3", "text/plain", "HDR-0004\n").await;
+    assert_eq!(
+        (report["replayed"].as_bool(), report["accepted"].as_u64()),
+        (Some(false), Some(1)),
+        "{report}"
+    );
+    assert_eq!(env.gw.counts("hdr").await["available"], 4);
+    env.stop().await;
+}
+
+async fn a_csv_sent_as_text_plain_imports_its_rows_not_its_header(backend: Backend) {
+    let Some(env) = Env::start(backend, None).await else {
+        return;
+    };
+    env.gw.put_sku("txt", json!({})).await;
+    let (status, report) = env
+        .upload(
+            "txt",
+            "t1",
+            "text/plain",
+            "code\r\nTXT-0001\r\nTXT-0002\r\n",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(
+        (report["accepted"].as_u64(), report["rejected"].as_u64()),
+        (Some(2), Some(0)),
+        "{report}"
+    );
+    let (status, order) = env
+        .gw
+        .claim("txt", json!({"order_id": "o-1", "quantity": 2}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    let mut codes: Vec<&str> = order["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .filter_map(|k| k["code"].as_str())
+        .collect();
+    codes.sort_unstable();
+    assert_eq!(codes, ["TXT0001", "TXT0002"], "no code named CODE");
+    let (status, body) = env.gw.claim("txt", json!({"order_id": "o-2"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "sold out: {body}");
+
+    // Its other columns count too, as they would in text/csv.
+    let (_, report) = env
+        .upload(
+            "txt",
+            "t2",
+            "text/plain",
+            "\u{feff}\"Code\", expires_at\nTXT-0003,2099-01-01T00:00:00Z\n",
+        )
+        .await;
+    assert_eq!(
+        (report["accepted"].as_u64(), report["rejected"].as_u64()),
+        (Some(1), Some(0)),
+        "{report}"
+    );
+    let key = env
+        .gw
+        .gateway
+        .app
+        .ledger
+        .get_key("txt.3")
+        .await
+        .expect("ledger answers")
+        .expect("imported");
+    assert_eq!(key.expires_at_ms, Some(4_070_908_800_000));
+
+    // A plain list of codes is read as before.
+    let (_, report) = env
+        .upload("txt", "t3", "text/plain", "TXT-0004\nTXT-0005\n")
+        .await;
+    assert_eq!(report["accepted"], 2, "{report}");
+    env.stop().await;
+}
+
+async fn codes_already_expired_are_rejected_with_the_reason(backend: Backend) {
+    // Now is 2026-01-01T00:00:00Z.
+    let clock = ManualClock::new();
+    let Some(env) = Env::start(backend, Some(&clock)).await else {
+        return;
+    };
+    env.gw.put_sku("exp", json!({})).await;
+    let csv = "code,expires_at\n\
+               EXP-0001,2025-12-31T23:59:59Z\n\
+               EXP-0002,2026-01-01T00:00:00Z\n\
+               EXP-0003,2026-01-01T00:00:01Z\n\
+               EXP-0004,\n\
+               EXP-0005,0\n";
+    let (status, report) = env.upload("exp", "e1", "text/csv", csv).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(
+        (report["accepted"].as_u64(), report["rejected"].as_u64()),
+        (Some(2), Some(3)),
+        "{report}"
+    );
+    assert_eq!(
+        report["rejected_lines"],
+        json!([
+            {"line": 2, "reason": "expired at 2025-12-31T23:59:59.000Z"},
+            {"line": 3, "reason": "expired at 2026-01-01T00:00:00.000Z"},
+            {"line": 6, "reason": "expired at 1970-01-01T00:00:00.000Z"},
+        ])
+    );
+    let ndjson = "{\"code\":\"EXP-0006\",\"expires_at\":1767225599}\n\
+                  {\"code\":\"EXP-0007\",\"expires_at\":\"2030-01-01T00:00:00Z\"}\n";
+    let (_, report) = env
+        .upload("exp", "e2", "application/x-ndjson", ndjson)
+        .await;
+    assert_eq!(
+        (report["accepted"].as_u64(), report["rejected"].as_u64()),
+        (Some(1), Some(1)),
+        "{report}"
+    );
+    assert_eq!(
+        report["rejected_lines"][0]["reason"],
+        "expired at 2025-12-31T23:59:59.000Z"
+    );
+    assert_eq!(env.gw.counts("exp").await["available"], 3);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_command_refuses_a_csv_without_a_code_column_and_frees_the_batch_id() {
+    let dir = TempDir::new().expect("temp dir");
+    let cfg = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    let ledger = kamigate::ledger::open(None, dir.path())
+        .await
+        .expect("open the ledger");
+    let settings = serde_json::to_string(&SkuConfig::default()).expect("settings encode");
+    ledger
+        .put_sku("cli", &settings, 1, 0)
+        .await
+        .expect("SKU created");
+
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "serial,expires_at\nCLI-0001,\n").expect("file written");
+    match commands::import(&cfg, &bad, "cli", "b1", true).await {
+        Err(CommandError::Api(e)) => {
+            assert_eq!(e.code(), "ERR_BAD_REQUEST");
+            assert!(e.to_string().contains("no `code` column"), "{e}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let good = dir.path().join("good.csv");
+    std::fs::write(&good, "code,expires_at\nCLI-0001,\nCLI-0002,\n").expect("file written");
+    let report = commands::import(&cfg, &good, "cli", "b1", true)
+        .await
+        .expect("imported");
+    assert_eq!((report.accepted, report.replayed), (2, false), "{report:?}");
+}
