@@ -292,3 +292,69 @@ fn reconcile_refuses_the_embedded_engine_with_a_pointer() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("POST /v1/reconcile"));
 }
+
+/// Starts `serve` on the embedded engine with data dir `data` on fresh ports.
+fn serve_on(data: &std::path::Path) -> (tokio::process::Child, u16) {
+    let (public, admin) = (free_port(), free_port());
+    let child = Command::new(BIN)
+        .arg("serve")
+        .env("KAMIGATE_LISTEN", format!("127.0.0.1:{public}"))
+        .env("KAMIGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("KAMIGATE_DATA_DIR", data)
+        .env("KAMIGATE_ADMIN_TOKEN", "admin-token-for-tests-0001")
+        .env("KAMIGATE_MERCHANT_TOKEN", "merchant-token-for-tests-01")
+        .env_remove("KAMIGATE_REDIS_URL")
+        .env_remove("KAMIGATE_DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kamigate starts");
+    (child, admin)
+}
+
+async fn wait_ready(admin: u16) {
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = client
+            .get(format!("http://127.0.0.1:{admin}/readyz"))
+            .send()
+            .await;
+        if ready.map(|r| r.status()).ok() == Some(StatusCode::OK) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_on_a_data_dir_in_use_refuses_to_start_until_the_first_is_gone() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let (mut first, admin) = serve_on(data.path());
+    wait_ready(admin).await;
+
+    let (second, _) = serve_on(data.path());
+    let out = tokio::time::timeout(Duration::from_secs(20), second.wait_with_output())
+        .await
+        .expect("the second gateway gives up at once")
+        .expect("waited");
+    assert!(!out.status.success(), "the second gateway must not run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("in use by another kamigate"),
+        "the refusal says why: {stderr}"
+    );
+    let pid = first.id().expect("running").to_string();
+    assert!(stderr.contains(&pid), "and who holds it: {stderr}");
+
+    // A crash releases the lock: no stale lock file to clean up.
+    first.start_kill().expect("SIGKILL sent");
+    first.wait().await.expect("reaped");
+    let (mut third, admin) = serve_on(data.path());
+    wait_ready(admin).await;
+    third.start_kill().expect("SIGKILL sent");
+    third.wait().await.expect("reaped");
+}

@@ -448,3 +448,39 @@ async fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
     );
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_for_more_than_remains_does_not_turn_other_orders_away() {
+    let gw = TestGateway::embedded().await;
+    let codes: Vec<String> = (0..50).map(|i| format!("BIG-{i:03}")).collect();
+    gw.stock("big", &codes.iter().map(String::as_str).collect::<Vec<_>>())
+        .await;
+    for round in 0..3 {
+        let (status, body) = gw
+            .claim(
+                "big",
+                json!({"order_id": format!("greedy-{round}"), "quantity": 100}),
+            )
+            .await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (StatusCode::CONFLICT, "ERR_SOLD_OUT")
+        );
+        // Right after, not after the sold-out cache's lifetime: the codes left still sell.
+        let (status, body) = gw
+            .claim("big", json!({"order_id": format!("one-{round}")}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (status, body) = gw
+        .claim("big", json!({"order_id": "rest", "quantity": 47}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = gw.claim("big", json!({"order_id": "late"})).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::CONFLICT, "ERR_SOLD_OUT"),
+        "now it is sold out for everyone"
+    );
+    gw.stop().await;
+}

@@ -20,6 +20,7 @@ use kamigate::code::digest;
 use kamigate::engine::embedded::EmbeddedEngine;
 use kamigate::engine::redis::{RedisEngine, RedisOptions};
 use kamigate::engine::{Reply, Script, ScriptEngine, SCRIPTS};
+use kamigate::inventory::drift::Drift;
 use kamigate::inventory::reconcile::reconcile_sku;
 use kamigate::inventory::{
     events_key, meta_key, sku_keys, Added, ClaimRequest, Inventory, NewCode, Order,
@@ -796,6 +797,26 @@ async fn answers_the_engine_lost_reach_the_ledger_from_the_journal(env: Env) {
     assert!(writer.journal().is_empty(), "settled entries are forgotten");
 }
 
+/// Drift counts keys, not events: one claim of 20 codes in flight explains 20 differing
+/// keys, so the SKU shows no drift while it is on its way.
+async fn a_claim_of_many_codes_in_flight_is_no_drift(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 30).await;
+    let writer = env.writer("w1");
+    drain(&writer, sku).await;
+    env.claim(sku, "o-big", 20, None).await;
+    let backlog = writer.backlog(sku).await.expect("backlog");
+    assert_eq!((backlog.in_flight(), backlog.keys), (1, 20));
+    let engine = env.inv.counts(sku).await.expect("engine counts");
+    let ledger = env.ledger.counts(sku).await.expect("ledger counts");
+    let drift = Drift::between(&engine, &ledger, backlog.in_flight(), backlog.keys);
+    assert_eq!((drift.differing, drift.keys), (20, 0));
+    drain(&writer, sku).await;
+    let backlog = writer.backlog(sku).await.expect("backlog");
+    assert_eq!((backlog.in_flight(), backlog.keys), (0, 0));
+    env.assert_in_step(sku).await;
+}
+
 /// A backlog larger than a batch is committed a batch at a time, and a batch whose commit
 /// failed is read again first, topped up with new entries.
 async fn backlogs_commit_in_batches_failed_ones_first(env: Env) {
@@ -1128,6 +1149,7 @@ on_both_engines!(
     wait_committed_answers_after_the_commit,
     an_answer_of_a_lost_generation_is_never_taken_as_committed,
     answers_the_engine_lost_reach_the_ledger_from_the_journal,
+    a_claim_of_many_codes_in_flight_is_no_drift,
     backlogs_commit_in_batches_failed_ones_first,
     consumers_of_stopped_gateways_are_reaped,
     ledger_outage_loses_nothing_and_doubles_nothing,
