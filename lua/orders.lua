@@ -1,9 +1,10 @@
 -- orders.lua — rebuild order records from the ledger's order events (after engine data loss).
 -- KEYS: the SKU key set (prelude.lua)
--- ARGV: per event 11 values: kind (hold|claim|confirm|release|expire), order id, user id,
+-- ARGV: 1 the SKU generation this rebuild is for, then per event 11 values: kind (hold|claim|confirm|release|expire), order id, user id,
 --       ','-joined key ids, event id, at (ms), expires_at, hold ms, quantity, late ('1'|'0'),
 --       the event's sequence number in the ledger
--- Reply: number of events applied
+-- Reply: number of events applied | {'stale'} (the SKU is another generation: lost and
+--        recreated since this rebuild began; that rebuild restores its orders)
 -- Keys come back from the ledger in their own state (warm.lua); this restores what makes a
 -- retried order_id recognisable — its record, its hold in the expiry set, and per-user
 -- counts — so a retry after the loss replays instead of claiming again. No events: the
@@ -21,9 +22,10 @@ local RANK = { hold = 1, claim = 1, release = 2, expire = 2, confirm = 3 }
 -- Whether an order in this state holds or owns its codes (counts toward its user).
 local function counted(state) return state == 'held' or state == 'claimed' end
 
+if (redis.call('HGET', K.meta, 'gen') or '') ~= ARGV[1] then return { 'stale' } end
 local applied = 0
 local done = tonumber(redis.call('HGET', K.meta, 'orders_seq') or '0')
-for i = 1, #ARGV, 11 do
+for i = 2, #ARGV, 11 do
   local seq = tonumber(ARGV[i + 10])
   local kind = ARGV[i]
   if seq > done and RANK[kind] then

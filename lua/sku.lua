@@ -8,7 +8,9 @@
 --         from the ledger, unservable until 'ready'.
 --     | 'get'                                    Reply: {config JSON, gen, loading,
 --                                                      created_at} | {'no_sku'}
---     | 'ready'                                  Reply: {'ready'} | {'no_sku'}
+--     | 'ready', gen                             Reply: {'ready'} | {'no_sku'} | {'stale'}
+--         Ends a rebuild of generation gen; 'stale' when the SKU was lost and recreated
+--         since (that rebuild ends it).
 --     | 'epoch'                                  Reply: {epoch or ''} | {'no_sku'}
 --     | 'mark', epoch                            Reply: {'marked'} | {'no_sku'}
 -- The epoch is a marker the gateway writes into both the engine and the ledger when they
@@ -33,6 +35,7 @@ if op == 'get' then
 end
 if op == 'ready' then
   if redis.call('EXISTS', K.meta) == 0 then return { 'no_sku' } end
+  if (redis.call('HGET', K.meta, 'gen') or '') ~= ARGV[2] then return { 'stale' } end
   redis.call('HDEL', K.meta, 'loading')
   return { 'ready' }
 end

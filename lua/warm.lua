@@ -1,16 +1,21 @@
 -- warm.lua — load keys from the ledger into the engine, each in the state the ledger has.
 -- KEYS: the SKU key set (prelude.lua)
--- ARGV: per key 12 values: key id, digest, canonical code, expires_at ('0' = never),
---       max_issues, max_uses, held, sold, uses, void ('1'|'0'), redeemer, redeemed_at
+-- ARGV: 1 the SKU generation this load is for ('' = any), then per key 12 values: key id,
+--       digest, canonical code, expires_at ('0' = never), max_issues, max_uses, held, sold,
+--       uses, void ('1'|'0'), redeemer, redeemed_at
 -- Reply: one entry per key: its id if loaded, or '=' .. the id already holding that digest
---        (nothing changes for it) | {'no_sku'}
+--        (nothing changes for it) | {'no_sku'} | {'stale'} (the SKU is another generation:
+--        it was lost and recreated since this rebuild began, and that rebuild loads it)
 -- Used for new batches and to rebuild an engine that lost its data. Chunks stay small (a
 -- few hundred keys) so no call blocks the engine for long.
 
 if redis.call('EXISTS', K.meta) == 0 then return { 'no_sku' } end
+if ARGV[1] ~= '' and (redis.call('HGET', K.meta, 'gen') or '') ~= ARGV[1] then
+  return { 'stale' }
+end
 
 local reply = {}
-for i = 1, #ARGV, 12 do
+for i = 2, #ARGV, 12 do
   local id, digest, code = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local existing = redis.call('HGET', K.idx, digest)
   -- An index entry whose record is gone (partial loss) does not count: load the key again.

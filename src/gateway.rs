@@ -16,10 +16,9 @@ use crate::datadir::{self, DataDirLock, LockError};
 use crate::engine::embedded::EmbeddedEngine;
 use crate::engine::redis::{RedisEngine, RedisOptions};
 use crate::engine::{EngineError, EngineKind, ScriptEngine};
-use crate::error::Error;
 use crate::http::{self, App, Limits};
 use crate::inventory::drift::Drift;
-use crate::inventory::warm::{check_epoch, restore_sku, warm_sku, WarmReport};
+use crate::inventory::warm::{begin_restore, check_epoch, finish_restore, warm_sku, Rebuild};
 use crate::inventory::Inventory;
 use crate::ledger::writer::{EventWriter, WriterOptions};
 use crate::ledger::{self, Ledger, LedgerError};
@@ -200,9 +199,13 @@ impl Gateway {
 /// How far each SKU's ledger keys are known to be in the engine, by local id.
 pub type WarmCursors = DashMap<String, i64>;
 
-/// How often the engine is checked against the ledger: a SKU the engine lost is noticed
-/// within this interval (at once when a request runs into it).
-const SYNC_EVERY: Duration = Duration::from_secs(1);
+/// How often the engine is checked for a loss of its data (one cheap probe: the global
+/// index's completeness marks, which go with the data): a loss is noticed within this
+/// interval, and at once when a request runs into it.
+const LOSS_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How often the engine is brought up to the ledger in full (new batches, epoch markers,
+/// SKUs lost one by one).
+const SYNC_EVERY: Duration = Duration::from_secs(5);
 
 /// Keeping the engine up to the ledger.
 struct Sync {
@@ -212,12 +215,17 @@ struct Sync {
 }
 
 impl Sync {
-    /// Brings the engine up to the ledger: every SKU it lacks (a fresh embedded engine,
-    /// Redis that lost its data) is rebuilt whole, after the changes this gateway answered
-    /// and the ledger may not have are written into it; keys of batches activated
-    /// elsewhere (the `kamigate import` command, another instance) are loaded; and once
-    /// every SKU's codes are indexed, the global index is marked complete. Idempotent;
-    /// failures are logged and the next pass tries again. Returns the ledger's SKUs.
+    /// Brings the engine up to the ledger. Idempotent; failures are logged and the next
+    /// pass tries again. Returns the ledger's SKUs. In phases, so that one grace period
+    /// covers every SKU lost at once:
+    ///
+    /// 1. every answered change this gateway journaled for a generation the engine no
+    ///    longer has is written into the ledger (before anything is rebuilt from it);
+    /// 2. every SKU the engine lacks is recreated *loading* (unservable);
+    /// 3. once `grace` has passed since the earliest rebuild began (other gateways have
+    ///    written theirs too), each loading SKU gets its keys and orders and serves again;
+    /// 4. the other SKUs get keys of batches activated elsewhere, and their epoch checked;
+    /// 5. once every SKU's codes are indexed, the global index is marked complete.
     async fn run(
         &self,
         ledger: &dyn Ledger,
@@ -239,11 +247,63 @@ impl Sync {
             }
         };
         let mut complete = true;
+        let mut failed = |sku: &str, what: &str, e: &dyn std::fmt::Display| {
+            complete = false;
+            tracing::warn!(sku, error = %e, "{what}");
+        };
+
+        // 1 and 2.
+        let mut loading: Vec<(&String, Rebuild)> = Vec::new();
+        let mut serving: Vec<&String> = Vec::new();
         for sku in &skus {
-            match self
-                .sync_sku(ledger, inventory, writer, sku, !index_ready)
-                .await
-            {
+            let state = match inventory.sku_state(sku).await {
+                Ok(state) => state,
+                Err(e) => {
+                    failed(sku, "reading a SKU from the engine failed", &e);
+                    continue;
+                }
+            };
+            let current = state
+                .as_ref()
+                .filter(|s| !s.loading)
+                .map(|s| s.gen.as_str());
+            if let Err(e) = writer.flush_lost(sku, current).await {
+                // The rebuild waits: the ledger must have what was answered first.
+                failed(sku, "writing answered changes the engine lost failed", &e);
+                continue;
+            }
+            match begin_restore(ledger, inventory, sku).await {
+                Ok(Some(rebuild)) => loading.push((sku, rebuild)),
+                Ok(None) => serving.push(sku),
+                Err(e) => failed(sku, "recreating a lost SKU failed", &e),
+            }
+        }
+
+        // 3.
+        if let Some(earliest) = loading.iter().map(|(_, r)| r.began_ms).min() {
+            let waited = Duration::from_millis(inventory.now_ms().saturating_sub(earliest));
+            if let Some(rest) = self.grace.checked_sub(waited) {
+                tokio::time::sleep(rest).await;
+            }
+        }
+        for (sku, rebuild) in loading {
+            match finish_restore(ledger, inventory, sku, &rebuild.gen).await {
+                Ok(report) => {
+                    self.cursors.insert(sku.clone(), report.last_local_id);
+                }
+                Err(e) => failed(sku, "rebuilding a lost SKU failed", &e),
+            }
+        }
+
+        // 4.
+        for sku in serving {
+            let after = if index_ready {
+                self.cursors.get(sku).map(|c| *c).unwrap_or(0)
+            } else {
+                // The index lost its data: every key is indexed again, not only new ones.
+                0
+            };
+            match warm_sku(ledger, inventory, sku, after, |_| {}).await {
                 Ok(report) => {
                     if report.loaded > 0 {
                         tracing::info!(sku, loaded = report.loaded, "loaded new ledger keys");
@@ -251,11 +311,18 @@ impl Sync {
                     self.cursors.insert(sku.clone(), report.last_local_id);
                 }
                 Err(e) => {
-                    complete = false;
-                    tracing::warn!(sku, error = %e, "syncing a SKU with the ledger failed");
+                    failed(sku, "loading new ledger keys failed", &e);
+                    continue;
+                }
+            }
+            if let Ok(backlog) = writer.backlog(sku).await {
+                if let Err(e) = check_epoch(ledger, inventory, sku, backlog.in_flight()).await {
+                    tracing::warn!(sku, error = %e, "checking the epoch marker failed");
                 }
             }
         }
+
+        // 5.
         if !index_ready && complete {
             match inventory.mark_index_ready().await {
                 Ok(()) => tracing::info!(skus = skus.len(), "code index complete"),
@@ -264,56 +331,29 @@ impl Sync {
         }
         skus
     }
-
-    /// One SKU of [`Sync::run`]. `reindex`: the global index lost its data, so every key is
-    /// indexed again, not only new ones.
-    async fn sync_sku(
-        &self,
-        ledger: &dyn Ledger,
-        inventory: &Inventory,
-        writer: &EventWriter,
-        sku: &str,
-        reindex: bool,
-    ) -> Result<WarmReport, Error> {
-        let state = inventory.sku_state(sku).await?;
-        let current = state
-            .as_ref()
-            .filter(|s| !s.loading)
-            .map(|s| s.gen.as_str());
-        // Before anything is rebuilt from the ledger, the ledger gets what this gateway
-        // answered that the engine lost; if it cannot, the rebuild waits.
-        writer.flush_lost(sku, current).await.map_err(Error::from)?;
-        if let Some(report) = restore_sku(ledger, inventory, sku, self.grace).await? {
-            return Ok(report);
-        }
-        let after = if reindex {
-            0
-        } else {
-            self.cursors.get(sku).map(|c| *c).unwrap_or(0)
-        };
-        let warmed = warm_sku(ledger, inventory, sku, after, |_| {}).await?;
-        if let Ok(backlog) = writer.backlog(sku).await {
-            if let Err(e) = check_epoch(ledger, inventory, sku, backlog.in_flight()).await {
-                tracing::warn!(sku, error = %e, "checking the epoch marker failed");
-            }
-        }
-        Ok(warmed)
-    }
 }
 
-/// Checks the engine against the ledger every [`SYNC_EVERY`], and at once when a request
-/// found a SKU missing or loading.
+/// Keeps the engine up to the ledger: in full every [`SYNC_EVERY`], and at once when the
+/// engine lost its data (checked every [`LOSS_CHECK_EVERY`]) or a request found a SKU
+/// missing or loading.
 async fn keep_in_sync(app: Arc<App>, sync: Sync, mut stopped: watch::Receiver<bool>) {
+    let mut synced_at = Instant::now();
     loop {
-        tokio::select! {
+        let told = tokio::select! {
             _ = stopped.wait_for(|s| *s) => return,
-            _ = tokio::time::sleep(SYNC_EVERY) => {}
-            _ = app.inventory.lost_sku() => {}
+            _ = tokio::time::sleep(LOSS_CHECK_EVERY) => false,
+            _ = app.inventory.lost_sku() => true,
+        };
+        // Not ready: the marks went with the engine's data (or are not set yet).
+        let lost = told || !app.inventory.index_ready().await.unwrap_or(true);
+        if !lost && synced_at.elapsed() < SYNC_EVERY {
+            continue;
         }
         let known = sync
             .run(app.ledger.as_ref(), &app.inventory, &app.writer)
             .await;
         app.skus.know(&known);
+        synced_at = Instant::now();
     }
 }
 

@@ -639,7 +639,63 @@ conformance!(
     a_sku_being_rebuilt_answers_unavailable_never_sold_out_or_unknown,
     an_incomplete_index_answers_unavailable_never_unknown,
     answers_name_the_generation_of_the_sku,
+    a_rebuild_overtaken_by_a_newer_loss_never_declares_the_sku_ready,
 );
+
+async fn a_rebuild_overtaken_by_a_newer_loss_never_declares_the_sku_ready(h: Harness) {
+    let inv = &h.inv;
+    let config = SkuConfig::default();
+    let first = inv
+        .create_loading("again", &config)
+        .await
+        .expect("created")
+        .expect("new");
+    assert_eq!(
+        inv.create_loading("again", &config)
+            .await
+            .expect("answered"),
+        None,
+        "a second creation changes nothing"
+    );
+    // Lost again in the middle of the first rebuild, and recreated by another one.
+    static WIPE: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+        Script::new(
+            "probe_wipe",
+            "for _, k in ipairs(KEYS) do redis.call('DEL', k) end\nreturn 1",
+        )
+    });
+    inv.engine()
+        .eval(&WIPE, sku_keys("again"), vec![])
+        .await
+        .expect("wiped");
+    let second = inv
+        .create_loading("again", &config)
+        .await
+        .expect("created")
+        .expect("new");
+    assert_ne!(first, second);
+    assert!(matches!(
+        inv.mark_ready("again", &first).await,
+        Err(Error::Unavailable(_))
+    ));
+    assert!(
+        inv.sku_state("again")
+            .await
+            .expect("state")
+            .expect("sku")
+            .loading
+    );
+    inv.mark_ready("again", &second)
+        .await
+        .expect("the newer rebuild ends it");
+    assert!(
+        !inv.sku_state("again")
+            .await
+            .expect("state")
+            .expect("sku")
+            .loading
+    );
+}
 
 async fn expired_codes_are_never_issued_and_are_retired(h: Harness) {
     h.inv.mark_index_ready().await.expect("index marked");
@@ -698,10 +754,11 @@ async fn a_claim_for_more_than_remains_says_codes_are_left(h: Harness) {
 async fn a_sku_being_rebuilt_answers_unavailable_never_sold_out_or_unknown(h: Harness) {
     h.inv.mark_index_ready().await.expect("index marked");
     let inv = &h.inv;
-    assert!(inv
+    let gen = inv
         .create_loading("rebuild", &SkuConfig::default())
         .await
-        .expect("created loading"));
+        .expect("created loading")
+        .expect("new");
     h.add("rebuild", &["CODE-1".into()], None).await;
     let unavailable = |r: &Result<Order, Error>| matches!(r, Err(Error::Unavailable(_)));
     assert!(unavailable(&h.claim("rebuild", "o-1", 1).await));
@@ -727,7 +784,7 @@ async fn a_sku_being_rebuilt_answers_unavailable_never_sold_out_or_unknown(h: Ha
             .expect("exists")
             .loading
     );
-    inv.mark_ready("rebuild").await.expect("ready");
+    inv.mark_ready("rebuild", &gen).await.expect("ready");
     h.claim("rebuild", "o-1", 1)
         .await
         .expect("claimable once ready");

@@ -356,31 +356,42 @@ impl Inventory {
 
     /// Creates or updates a SKU. Returns whether it was created.
     pub async fn put_sku(&self, sku: &str, config: &SkuConfig) -> Result<bool, Error> {
-        self.put_sku_as(sku, config, false).await
+        Ok(self.put_sku_as(sku, config, false).await?.is_some())
     }
 
     /// Creates a SKU for a rebuild from the ledger: it answers `ERR_UNAVAILABLE` until
-    /// [`Inventory::mark_ready`], so no client sees a partly loaded stock. Returns whether it
-    /// was created (`false`: the engine had it already, and nothing about loading changed).
-    pub async fn create_loading(&self, sku: &str, config: &SkuConfig) -> Result<bool, Error> {
+    /// [`Inventory::mark_ready`], so no client sees a partly loaded stock. Returns the new
+    /// generation, or `None` when the engine had the SKU already (nothing about loading
+    /// changed).
+    pub async fn create_loading(
+        &self,
+        sku: &str,
+        config: &SkuConfig,
+    ) -> Result<Option<String>, Error> {
         self.put_sku_as(sku, config, true).await
     }
 
-    /// Ends a rebuild: the SKU serves clients again.
-    pub async fn mark_ready(&self, sku: &str) -> Result<(), Error> {
-        let reply = self.run(&SCRIPTS.sku, sku, vec!["ready".into()]).await?;
+    /// Ends the rebuild of generation `gen`: the SKU serves clients again. Fails when the
+    /// SKU was lost and recreated since (the rebuild of the new generation ends that one).
+    pub async fn mark_ready(&self, sku: &str, gen: &str) -> Result<(), Error> {
+        let reply = self
+            .run(&SCRIPTS.sku, sku, vec!["ready".into(), gen.into()])
+            .await?;
         match tag(&reply) {
             "ready" => Ok(()),
-            _ => Err(rebuilding(sku)),
+            _ => Err(lost_again(sku)),
         }
     }
 
+    /// Creates or updates a SKU; returns the generation it was created with, or `None` when
+    /// it existed.
     async fn put_sku_as(
         &self,
         sku: &str,
         config: &SkuConfig,
         loading: bool,
-    ) -> Result<bool, Error> {
+    ) -> Result<Option<String>, Error> {
+        let gen = hex::encode(rand::random::<[u8; 8]>());
         let json = serde_json::to_string(config)
             .map_err(|e| Error::Internal(format!("encoding SKU settings: {e}")))?;
         let args = vec![
@@ -392,11 +403,11 @@ impl Inventory {
             config.max_uses.to_string(),
             self.now_ms().to_string(),
             // A fresh generation each time the SKU is created in an engine (see emit).
-            hex::encode(rand::random::<[u8; 8]>()),
+            gen.clone(),
             if loading { "1" } else { "0" }.into(),
         ];
         let reply = self.run(&SCRIPTS.sku, sku, args).await?;
-        let created = tag(&reply) == "created";
+        let created = (tag(&reply) == "created").then_some(gen);
         self.eval(
             &SCRIPTS.index,
             vec![REGISTRY.into()],
@@ -816,5 +827,13 @@ fn order_result(sku: &str, order_id: &str, reply: &[Reply]) -> Result<Order, Err
 pub fn rebuilding(sku: &str) -> Error {
     Error::Unavailable(format!(
         "SKU {sku} is being restored from the ledger; retry shortly"
+    ))
+}
+
+/// A rebuild step found its SKU lost and recreated since the rebuild began: the rebuild of
+/// the new generation takes over.
+pub fn lost_again(sku: &str) -> Error {
+    Error::Unavailable(format!(
+        "SKU {sku} was lost again while it was being restored; the newer restore goes on"
     ))
 }

@@ -153,7 +153,7 @@ pub async fn reconcile_sku(
         }
         if repair {
             if !missing.is_empty() {
-                out.repaired += inventory.warm_keys(sku, &missing).await?;
+                out.repaired += inventory.warm_keys(sku, &missing, "").await?;
             }
             if !behind.is_empty() {
                 out.repaired += set_to_ledger(inventory, sku, &behind).await?;

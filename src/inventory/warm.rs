@@ -38,6 +38,19 @@ pub async fn warm_sku(
     inventory: &Inventory,
     sku: &str,
     after_local_id: i64,
+    progress: impl FnMut(WarmReport),
+) -> Result<WarmReport, Error> {
+    warm_generation(ledger, inventory, sku, after_local_id, "", progress).await
+}
+
+/// Like [`warm_sku`], for a rebuild of generation `gen` (`""`: whatever generation the
+/// engine has): fails as soon as the SKU turns out lost and recreated since.
+async fn warm_generation(
+    ledger: &dyn Ledger,
+    inventory: &Inventory,
+    sku: &str,
+    after_local_id: i64,
+    gen: &str,
     mut progress: impl FnMut(WarmReport),
 ) -> Result<WarmReport, Error> {
     let mut report = WarmReport {
@@ -55,7 +68,7 @@ pub async fn warm_sku(
         };
         cursor = last.local_id;
         report.last_local_id = cursor;
-        let loaded = inventory.warm_keys(sku, &keys).await?;
+        let loaded = inventory.warm_keys(sku, &keys, gen).await?;
         report.loaded += loaded;
         report.present += keys.len() as u64 - loaded;
         progress(report);
@@ -66,61 +79,113 @@ pub async fn warm_sku(
 /// lost its data), recreates it from the ledger's settings and loads all its keys and
 /// orders. Returns `None` when the engine already had the SKU, ready.
 ///
-/// The SKU is created *loading*: until every key and order is in, its scripts answer
-/// `ERR_UNAVAILABLE`, never "sold out" or "unknown" from a partial load. Keys are loaded
-/// only once `grace` has passed since the rebuild began, so other gateways have noticed the
-/// loss and written what they answered into the ledger ([`crate::ledger::journal`]). A
-/// rebuild found loading (interrupted, or run by another gateway) is carried on: every step
-/// is idempotent.
+/// The SKU is created *loading* ([`begin_restore`]): until every key and order is in, its
+/// scripts answer `ERR_UNAVAILABLE`, never "sold out" or "unknown" from a partial load.
+/// Keys are loaded ([`finish_restore`]) only once `grace` has passed since the rebuild
+/// began, so other gateways have noticed the loss and written what they answered into the
+/// ledger ([`crate::ledger::journal`]).
 pub async fn restore_sku(
     ledger: &dyn Ledger,
     inventory: &Inventory,
     sku: &str,
     grace: std::time::Duration,
 ) -> Result<Option<WarmReport>, Error> {
-    let began_ms = match inventory.sku_state(sku).await? {
-        Some(state) if !state.loading => return Ok(None),
-        Some(state) => state.created_at_ms,
-        None => {
-            let Some(record) = ledger.get_sku(sku).await.map_err(ledger_error)? else {
-                return Err(Error::NotFound(format!("SKU {sku}")));
-            };
-            let config: SkuConfig = serde_json::from_str(&record.config_json)
-                .map_err(|e| Error::Internal(format!("ledger settings of SKU {sku}: {e}")))?;
-            inventory.create_loading(sku, &config).await?;
-            inventory.now_ms()
-        }
+    let Some(rebuild) = begin_restore(ledger, inventory, sku).await? else {
+        return Ok(None);
     };
-    let waited = inventory.now_ms().saturating_sub(began_ms);
+    let waited = inventory.now_ms().saturating_sub(rebuild.began_ms);
     if let Some(rest) = grace.checked_sub(std::time::Duration::from_millis(waited)) {
         tokio::time::sleep(rest).await;
     }
-    let report = warm_sku(ledger, inventory, sku, 0, |_| {}).await?;
-    let orders = restore_orders(ledger, inventory, sku).await?;
+    finish_restore(ledger, inventory, sku, &rebuild.gen)
+        .await
+        .map(Some)
+}
+
+/// A rebuild under way: the generation it loads, and when it began.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuild {
+    pub gen: String,
+    pub began_ms: u64,
+}
+
+/// Starts rebuilding `sku` if the engine lacks it: creates it loading from the ledger's
+/// settings. Returns the rebuild, also one found under way (interrupted, or run by another
+/// gateway: every step of it is idempotent), or `None` when the engine has the SKU, ready.
+pub async fn begin_restore(
+    ledger: &dyn Ledger,
+    inventory: &Inventory,
+    sku: &str,
+) -> Result<Option<Rebuild>, Error> {
+    let found = |state: super::EngineSku| {
+        state.loading.then_some(Rebuild {
+            gen: state.gen,
+            began_ms: state.created_at_ms,
+        })
+    };
+    if let Some(state) = inventory.sku_state(sku).await? {
+        return Ok(found(state));
+    }
+    let Some(record) = ledger.get_sku(sku).await? else {
+        return Err(Error::NotFound(format!("SKU {sku}")));
+    };
+    let config: SkuConfig = serde_json::from_str(&record.config_json)
+        .map_err(|e| Error::Internal(format!("ledger settings of SKU {sku}: {e}")))?;
+    if let Some(gen) = inventory.create_loading(sku, &config).await? {
+        tracing::warn!(
+            sku,
+            "the engine lacks the SKU: rebuilding it from the ledger"
+        );
+        return Ok(Some(Rebuild {
+            gen,
+            began_ms: inventory.now_ms(),
+        }));
+    }
+    // Created by someone else meanwhile.
+    match inventory.sku_state(sku).await? {
+        Some(state) => Ok(found(state)),
+        None => Err(super::lost_again(sku)),
+    }
+}
+
+/// Ends a rebuild of generation `gen` [`begin_restore`] began: loads every key and order of
+/// `sku` from the ledger, marks engine and ledger alike, and lets the SKU serve again. If
+/// the SKU is lost and recreated meanwhile (a newer generation), every step refuses, and
+/// the rebuild of the newer one does the work: a rebuild never declares ready a stock it
+/// loaded only partly.
+pub async fn finish_restore(
+    ledger: &dyn Ledger,
+    inventory: &Inventory,
+    sku: &str,
+    gen: &str,
+) -> Result<WarmReport, Error> {
+    let report = warm_generation(ledger, inventory, sku, 0, gen, |_| {}).await?;
+    let orders = restore_orders(ledger, inventory, sku, gen).await?;
     // The rebuilt engine now agrees with the ledger: mark both alike.
     let epoch = hex::encode(rand::random::<[u8; 8]>());
-    ledger.set_epoch(sku, &epoch).await.map_err(ledger_error)?;
+    ledger.set_epoch(sku, &epoch).await?;
     inventory.mark_epoch(sku, &epoch).await?;
-    inventory.mark_ready(sku).await?;
+    inventory.mark_ready(sku, gen).await?;
     tracing::info!(
         sku,
         loaded = report.loaded,
         order_events = orders,
-        "engine did not have the SKU: restored from the ledger"
+        "SKU restored from the ledger"
     );
-    Ok(Some(report))
+    Ok(report)
 }
 
 /// Order events per engine call while restoring orders.
 const ORDER_CHUNK: u32 = 200;
 
-/// Rebuilds the engine's order records of `sku` from the ledger's order events, so orders
-/// placed before the engine lost its data are recognised when retried. Returns how many
-/// events were replayed.
+/// Rebuilds the engine's order records of `sku` (generation `gen`) from the ledger's order
+/// events, so orders placed before the engine lost its data are recognised when retried.
+/// Returns how many events were replayed.
 pub async fn restore_orders(
     ledger: &dyn Ledger,
     inventory: &Inventory,
     sku: &str,
+    gen: &str,
 ) -> Result<u64, Error> {
     let mut cursor = 0;
     let mut applied = 0;
@@ -133,7 +198,8 @@ pub async fn restore_orders(
             return Ok(applied);
         };
         cursor = *last;
-        let mut args = Vec::with_capacity(events.len() * 11);
+        let mut args = Vec::with_capacity(1 + events.len() * 11);
+        args.push(gen.to_owned());
         for (seq, e) in &events {
             let fields: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_str(&e.fields_json).unwrap_or_default();
@@ -175,15 +241,20 @@ pub async fn restore_orders(
         let reply = inventory
             .eval_plain(&crate::engine::SCRIPTS.orders, sku, args)
             .await?;
-        applied += reply.as_i64().unwrap_or(0).max(0) as u64;
+        let Some(n) = reply.as_i64() else {
+            return Err(super::lost_again(sku));
+        };
+        applied += n.max(0) as u64;
     }
 }
 
 impl Inventory {
     /// Loads ledger keys into the engine (one script call; keep to a few hundred keys) and
     /// the global index. Returns how many were new to the engine.
-    pub async fn warm_keys(&self, sku: &str, keys: &[KeyRecord]) -> Result<u64, Error> {
-        let mut args = Vec::with_capacity(keys.len() * 12);
+    /// `gen`: the SKU generation a rebuild loads (`""`: any).
+    pub async fn warm_keys(&self, sku: &str, keys: &[KeyRecord], gen: &str) -> Result<u64, Error> {
+        let mut args = Vec::with_capacity(1 + keys.len() * 12);
+        args.push(gen.to_owned());
         for k in keys {
             args.extend([
                 k.local_id.to_string(),
@@ -204,8 +275,10 @@ impl Inventory {
         let reply = self
             .run_sku(&crate::engine::SCRIPTS.warm, sku, args)
             .await?;
-        if reply.first().and_then(|r| r.as_str()) == Some("no_sku") {
-            return Err(Error::NotFound(format!("SKU {sku}")));
+        match reply.first().and_then(|r| r.as_str()) {
+            Some("no_sku") => return Err(Error::NotFound(format!("SKU {sku}"))),
+            Some("stale") => return Err(super::lost_again(sku)),
+            _ => {}
         }
         let loaded = reply
             .iter()
@@ -265,7 +338,12 @@ pub async fn check_epoch(
         if let Some((_, first)) = oldest.first() {
             let order_id = first.order_id.as_deref().unwrap_or_default();
             if !inventory.order_exists(sku, order_id).await? {
-                restore_orders(ledger, inventory, sku).await?;
+                let gen = inventory
+                    .sku_state(sku)
+                    .await?
+                    .map(|s| s.gen)
+                    .unwrap_or_default();
+                restore_orders(ledger, inventory, sku, &gen).await?;
             }
         }
         tracing::warn!(
