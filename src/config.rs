@@ -33,6 +33,19 @@ pub struct Config {
     pub max_body_bytes: u64,
     /// Largest import upload (streamed, never held in memory).
     pub max_import_bytes: u64,
+    /// How long a client has to send a request's line and headers, in milliseconds, counted
+    /// from the connection's start or its previous answer; past it the connection is closed.
+    /// It cuts slowloris connections that send a partial request and stall or trickle, and
+    /// it also bounds how long an idle keep-alive connection stays open (hyper runs one timer
+    /// for both), so keep it above the idle timeout of a load balancer in front.
+    pub header_read_timeout_ms: u64,
+    /// Connections the public listener holds open at once; past it new connections are
+    /// closed at once instead of queueing, so a flood of idle or half-sent connections
+    /// cannot exhaust the process's file descriptors.
+    pub max_connections: usize,
+    /// Connections the admin listener holds open at once: its own budget, so probes and
+    /// scrapes are answered while the public listener is flooded.
+    pub admin_max_connections: usize,
     /// After SIGTERM, how long the gateway keeps serving while `/readyz` answers 503, so load
     /// balancers stop sending traffic before connections close.
     pub shutdown_delay_ms: u64,
@@ -80,6 +93,9 @@ impl Default for Config {
             merchant_token: None,
             max_body_bytes: 64 * 1024,
             max_import_bytes: 1024 * 1024 * 1024,
+            header_read_timeout_ms: 10_000,
+            max_connections: 4096,
+            admin_max_connections: 256,
             shutdown_delay_ms: 2000,
             drain_timeout_secs: 30,
             hold_sweep_interval_ms: 500,
@@ -204,6 +220,12 @@ impl Config {
         if self.max_body_bytes == 0 || self.max_import_bytes == 0 {
             return invalid("body limits must be positive");
         }
+        if self.header_read_timeout_ms == 0 {
+            return invalid("header_read_timeout_ms must be positive");
+        }
+        if self.max_connections == 0 || self.admin_max_connections == 0 {
+            return invalid("max_connections and admin_max_connections must be positive");
+        }
         if self.hold_sweep_interval_ms == 0 {
             return invalid("hold_sweep_interval_ms must be positive");
         }
@@ -266,5 +288,28 @@ mod tests {
         };
         assert!(short.validate().is_err());
         assert!(toml::from_str::<Config>("no_such_field = 1").is_err());
+    }
+
+    #[test]
+    fn connection_limits_are_checked() {
+        let defaults = Config::default();
+        defaults.validate().expect("defaults are valid");
+        let broken = [
+            Config {
+                header_read_timeout_ms: 0,
+                ..Config::default()
+            },
+            Config {
+                max_connections: 0,
+                ..Config::default()
+            },
+            Config {
+                admin_max_connections: 0,
+                ..Config::default()
+            },
+        ];
+        for config in broken {
+            assert!(config.validate().is_err(), "{config:?}");
+        }
     }
 }

@@ -7,9 +7,11 @@
 //!
 //! Routes are matched with `matchit`; the matched pattern, never the raw path, labels the
 //! metrics. Handlers live one file per group: [`public`], [`merchant`], [`admin`].
+//! Connection caps and the header read timeout are in [`conn`].
 
 pub mod admin;
 pub mod body;
+pub mod conn;
 pub mod guard;
 pub mod merchant;
 pub mod public;
@@ -39,6 +41,7 @@ use crate::ledger::writer::EventWriter;
 use crate::ledger::Ledger;
 use crate::metrics as m;
 use body::Reply;
+use conn::{ConnectionCap, HeadLimits};
 use guard::Edge;
 
 /// Everything handlers share.
@@ -59,11 +62,32 @@ pub struct App {
     draining: AtomicBool,
 }
 
-/// Body size limits.
+/// Request and connection limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_body_bytes: u64,
     pub max_import_bytes: u64,
+    /// The header read timeout.
+    pub head: HeadLimits,
+    /// Connections open at once on the public listener.
+    pub max_connections: usize,
+    /// Connections open at once on the admin listener.
+    pub admin_max_connections: usize,
+}
+
+impl Limits {
+    /// The limits `config` sets.
+    pub fn from_config(config: &Config) -> Limits {
+        Limits {
+            max_body_bytes: config.max_body_bytes,
+            max_import_bytes: config.max_import_bytes,
+            head: HeadLimits {
+                header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+            },
+            max_connections: config.max_connections,
+            admin_max_connections: config.admin_max_connections,
+        }
+    }
 }
 
 impl App {
@@ -181,15 +205,21 @@ pub async fn serve(
     let Shutdown { delay, drain } = shutdown;
     let public_routes = Arc::new(public_routes());
     let admin_routes = Arc::new(admin_routes());
+    let limits = app.limits;
+    conn::ensure_descriptors(limits.max_connections + limits.admin_max_connections);
+    let http1 = Arc::new(limits.head.builder());
+    let public_cap = ConnectionCap::new("public", limits.max_connections);
+    let admin_cap = ConnectionCap::new("admin", limits.admin_max_connections);
     let graceful = Arc::new(GracefulShutdown::new());
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let accept = |listener: TcpListener, which: Listener| {
         let app = app.clone();
-        let routes = match which {
-            Listener::Public => public_routes.clone(),
-            Listener::Admin => admin_routes.clone(),
+        let (routes, cap) = match which {
+            Listener::Public => (public_routes.clone(), public_cap.clone()),
+            Listener::Admin => (admin_routes.clone(), admin_cap.clone()),
         };
+        let http1 = http1.clone();
         let mut stop = stop_rx.clone();
         let graceful = graceful.clone();
         async move {
@@ -206,6 +236,12 @@ pub async fn serve(
                         }
                     },
                 };
+                // Past the cap the socket is closed at once: the client sees the connection end
+                // and can retry, instead of waiting in a queue behind idle connections.
+                let Some(slot) = cap.admit() else {
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let app = app.clone();
                 let routes = routes.clone();
@@ -214,13 +250,17 @@ pub async fn serve(
                     let routes = routes.clone();
                     async move { Ok::<_, Infallible>(handle(&app, &routes, which, req, peer).await) }
                 });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service);
+                let conn = http1.serve_connection(TokioIo::new(stream), service);
                 let conn = graceful.watcher().watch(conn);
+                let cap = cap.clone();
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
+                        if e.is_timeout() {
+                            cap.timed_out();
+                        }
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
+                    drop(slot);
                 });
             }
         }

@@ -1,0 +1,243 @@
+//! Hostile clients: slowloris connections and connection floods. Each test owns a gateway on
+//! port 0; connection-level behaviour is driven with raw TCP sockets.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::json;
+use support::gateway::{config, metric, TestGateway};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// A request cut off in the middle of its headers.
+const HALF_SENT: &[u8] = b"POST /v1/redeem HTTP/1.1\r\nHost: kamigate\r\nContent-Type: appl";
+
+/// A client that keeps no idle connections, so a server closing idle ones cannot race it.
+fn fresh_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+/// Reads until the server closes the connection (EOF or reset); returns what was read and
+/// when the connection ended, or `None` if it was still open at `deadline`.
+async fn until_closed(mut stream: TcpStream, deadline: Instant) -> Option<(Vec<u8>, Instant)> {
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some((received, Instant::now())),
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Opens a connection and sends `bytes`; a server that already closed it is fine.
+async fn send_raw(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connects");
+    let _ = stream.write_all(bytes).await;
+    stream
+}
+
+#[tokio::test]
+async fn half_sent_requests_are_cut_after_the_header_read_timeout() {
+    let timeout = Duration::from_millis(800);
+    let mut cfg = config();
+    cfg.header_read_timeout_ms = timeout.as_millis() as u64;
+    let gw = TestGateway::start(cfg).await;
+    let public = gw.gateway.public_addr;
+    // Generous: a stuck connection fails the test, a busy machine does not.
+    let deadline = Instant::now() + Duration::from_secs(15);
+
+    let started = Instant::now();
+    // Part of a request, then nothing.
+    let stalled = tokio::spawn(until_closed(send_raw(public, HALF_SENT).await, deadline));
+    // Nothing at all.
+    let silent = tokio::spawn(until_closed(
+        TcpStream::connect(public).await.expect("connects"),
+        deadline,
+    ));
+    // A byte every 100 ms: the timeout bounds the whole head, not the gap between reads.
+    let trickle = TcpStream::connect(public).await.expect("connects");
+    let (reader, mut writer) = trickle.into_split();
+    let trickling = tokio::spawn(async move {
+        let head = b"POST /v1/redeem HTTP/1.1\r\nX-Slow: "
+            .iter()
+            .chain([b'a'; 10_000].iter());
+        for byte in head {
+            if writer.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let trickled = tokio::spawn(async move {
+        let mut reader = reader;
+        let mut buf = [0u8; 64];
+        loop {
+            match tokio::time::timeout_at(deadline, reader.read(&mut buf)).await {
+                Err(_) => return None,
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(Instant::now()),
+                Ok(Ok(_)) => {}
+            }
+        }
+    });
+    // A whole request answered, then an idle keep-alive connection.
+    let body = r#"{"code":"NEVER-SEEN-1","redeemer":"u-1"}"#;
+    let request = format!(
+        "POST /v1/redeem HTTP/1.1\r\nHost: kamigate\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let idle = tokio::spawn(until_closed(
+        send_raw(public, request.as_bytes()).await,
+        deadline,
+    ));
+
+    // Meanwhile other clients are served as usual.
+    let res = fresh_client()
+        .post(format!("{}/v1/redeem", gw.public))
+        .json(&json!({"code": "NEVER-SEEN-2", "redeemer": "u-2"}))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+
+    let cut = |what: &str, at: Option<Instant>| {
+        let at = at.unwrap_or_else(|| panic!("the {what} connection was never closed"));
+        let after = at - started;
+        // The timer starts when the connection is accepted, after `started`.
+        assert!(
+            after >= timeout - Duration::from_millis(20),
+            "the {what} connection was closed after {after:?}, before the timeout"
+        );
+    };
+    let (nothing, at) = stalled.await.expect("task").unzip();
+    cut("stalled", at);
+    assert_eq!(
+        nothing.as_deref(),
+        Some(&b""[..]),
+        "no answer to half a request"
+    );
+    cut("silent", silent.await.expect("task").map(|(_, at)| at));
+    cut("trickling", trickled.await.expect("task"));
+    trickling.abort();
+    let (answer, at) = idle.await.expect("task").unzip();
+    cut("idle keep-alive", at);
+    let answer = String::from_utf8_lossy(answer.as_deref().unwrap_or_default()).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(answer.contains("ERR_CARD_INVALID"), "{answer}");
+
+    let text = gw.metrics().await;
+    let timeouts = metric(
+        &text,
+        "kamigate_header_read_timeouts_total",
+        &["listener=\"public\""],
+    );
+    assert!(timeouts.is_some_and(|n| n >= 3.0), "{timeouts:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_flood_is_capped_and_readiness_and_other_clients_are_served() {
+    const CAP: usize = 32;
+    const FLOOD: usize = 300;
+    let timeout = Duration::from_secs(5);
+    let mut cfg = config();
+    cfg.max_connections = CAP;
+    cfg.header_read_timeout_ms = timeout.as_millis() as u64;
+    let gw = TestGateway::start(cfg).await;
+    let public = gw.gateway.public_addr;
+    let deadline = Instant::now() + timeout + Duration::from_secs(25);
+
+    let started = Instant::now();
+    let mut flood = Vec::with_capacity(FLOOD);
+    for _ in 0..FLOOD {
+        let stream = send_raw(public, HALF_SENT).await;
+        flood.push(tokio::spawn(until_closed(stream, deadline)));
+    }
+
+    // While the public listener is full, the admin listener answers at once...
+    let admin = fresh_client();
+    let ready = admin
+        .get(format!("{}/readyz", gw.admin))
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await
+        .expect("readiness is answered during the flood");
+    assert_eq!(ready.status(), StatusCode::OK);
+    // ...and another public connection is closed at once rather than left waiting.
+    let body = r#"{"code":"NEVER-SEEN-1","redeemer":"u-1"}"#;
+    let request = format!(
+        "POST /v1/redeem HTTP/1.1\r\nHost: kamigate\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let refused = until_closed(send_raw(public, request.as_bytes()).await, deadline)
+        .await
+        .expect("a connection past the cap is closed");
+    assert!(refused.0.is_empty(), "no answer past the cap");
+    assert!(
+        started.elapsed() < timeout,
+        "the flood had to still be in place: this check came too late to mean anything"
+    );
+
+    // No held connection can be cut before the header read timeout, which starts after
+    // `started`: every connection closed before then was refused at the cap.
+    let mut refused_at_cap = 0;
+    let mut timed_out = 0;
+    for watcher in flood {
+        let (_, at) = watcher
+            .await
+            .expect("task")
+            .expect("every flood connection is closed by the deadline");
+        if at - started < timeout {
+            refused_at_cap += 1;
+        } else {
+            timed_out += 1;
+        }
+    }
+    assert_eq!(
+        (refused_at_cap, timed_out),
+        (FLOOD - CAP, CAP),
+        "the cap holds {CAP} connections and refuses the rest; the timeout cuts those held"
+    );
+
+    // The flood is gone: a legitimate client gets its answer (it may race the last slots
+    // being released, so it retries like any client would).
+    let client = fresh_client();
+    let served = loop {
+        let res = client
+            .post(format!("{}/v1/redeem", gw.public))
+            .json(&json!({"code": "NEVER-SEEN-2", "redeemer": "u-2"}))
+            .send()
+            .await;
+        if let Ok(res) = res {
+            break res;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the public listener never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(served.status(), StatusCode::NOT_FOUND);
+    let text = gw.metrics().await;
+    let refusals = metric(
+        &text,
+        "kamigate_connections_refused_total",
+        &["listener=\"public\""],
+    );
+    assert!(
+        refusals.is_some_and(|n| n >= (FLOOD - CAP) as f64),
+        "{refusals:?}"
+    );
+    gw.stop().await;
+}
