@@ -46,6 +46,13 @@ pub struct Config {
     /// Connections the admin listener holds open at once: its own budget, so probes and
     /// scrapes are answered while the public listener is flooded.
     pub admin_max_connections: usize,
+    /// Longest request target (path and query) answered; longer is `ERR_URI_TOO_LONG` (414).
+    pub max_uri_bytes: usize,
+    /// Largest request header block (names and values together); larger is
+    /// `ERR_HEADERS_TOO_LARGE` (431).
+    pub max_header_bytes: usize,
+    /// Most request header lines; more is `ERR_HEADERS_TOO_LARGE` (431).
+    pub max_headers: usize,
     /// After SIGTERM, how long the gateway keeps serving while `/readyz` answers 503, so load
     /// balancers stop sending traffic before connections close.
     pub shutdown_delay_ms: u64,
@@ -67,6 +74,17 @@ pub struct Config {
     /// writer: that gateway is presumed dead.
     pub event_reclaim_idle_ms: u64,
 }
+
+/// Smallest `max_uri_bytes` and `max_header_bytes`: room for every route and ordinary headers.
+const MIN_HEAD_LIMIT: usize = 1024;
+/// Largest `max_uri_bytes`: twice it must stay under hyper's fixed 64 KiB request target limit.
+const MAX_URI_BYTES: usize = 32 * 1024;
+/// Largest `max_header_bytes`.
+const MAX_HEADER_BYTES: usize = 1024 * 1024;
+/// Fewest `max_headers`: a proxied client sends a dozen or so.
+const MIN_HEADERS: usize = 16;
+/// Most `max_headers`: hyper allocates twice this many header slots per parse.
+const MAX_HEADERS: usize = 1000;
 
 /// When a state change is answered.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -96,6 +114,9 @@ impl Default for Config {
             header_read_timeout_ms: 10_000,
             max_connections: 4096,
             admin_max_connections: 256,
+            max_uri_bytes: 8 * 1024,
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
             shutdown_delay_ms: 2000,
             drain_timeout_secs: 30,
             hold_sweep_interval_ms: 500,
@@ -226,6 +247,23 @@ impl Config {
         if self.max_connections == 0 || self.admin_max_connections == 0 {
             return invalid("max_connections and admin_max_connections must be positive");
         }
+        // Hyper's own parser limits are at least twice these (see `http::conn`), and hyper never
+        // reads a request target over 64 KiB.
+        if !(MIN_HEAD_LIMIT..=MAX_URI_BYTES).contains(&self.max_uri_bytes) {
+            return Err(ConfigError::Invalid(format!(
+                "max_uri_bytes must be from {MIN_HEAD_LIMIT} to {MAX_URI_BYTES}"
+            )));
+        }
+        if !(MIN_HEAD_LIMIT..=MAX_HEADER_BYTES).contains(&self.max_header_bytes) {
+            return Err(ConfigError::Invalid(format!(
+                "max_header_bytes must be from {MIN_HEAD_LIMIT} to {MAX_HEADER_BYTES}"
+            )));
+        }
+        if !(MIN_HEADERS..=MAX_HEADERS).contains(&self.max_headers) {
+            return Err(ConfigError::Invalid(format!(
+                "max_headers must be from {MIN_HEADERS} to {MAX_HEADERS}"
+            )));
+        }
         if self.hold_sweep_interval_ms == 0 {
             return invalid("hold_sweep_interval_ms must be positive");
         }
@@ -291,7 +329,7 @@ mod tests {
     }
 
     #[test]
-    fn connection_limits_are_checked() {
+    fn connection_and_head_limits_are_checked() {
         let defaults = Config::default();
         defaults.validate().expect("defaults are valid");
         let broken = [
@@ -305,6 +343,18 @@ mod tests {
             },
             Config {
                 admin_max_connections: 0,
+                ..Config::default()
+            },
+            Config {
+                max_uri_bytes: 64 * 1024,
+                ..Config::default()
+            },
+            Config {
+                max_header_bytes: 10,
+                ..Config::default()
+            },
+            Config {
+                max_headers: 5000,
                 ..Config::default()
             },
         ];

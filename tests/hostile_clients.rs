@@ -1,5 +1,5 @@
-//! Hostile clients: slowloris connections and connection floods. Each test owns a gateway on
-//! port 0; connection-level behaviour is driven with raw TCP sockets.
+//! Hostile clients: slowloris connections, connection floods and protocol-level errors. Each
+//! test owns a gateway on port 0; connection-level behaviour is driven with raw TCP sockets.
 
 mod support;
 
@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde_json::json;
-use support::gateway::{config, metric, TestGateway};
+use serde_json::{json, Value};
+use support::gateway::{config, metric, TestGateway, ADMIN_TOKEN, MERCHANT_TOKEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -23,6 +23,10 @@ fn fresh_client() -> reqwest::Client {
         .timeout(Duration::from_secs(10))
         .build()
         .expect("client")
+}
+
+fn error_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("<no error code>")
 }
 
 /// Reads until the server closes the connection (EOF or reset); returns what was read and
@@ -239,5 +243,133 @@ async fn a_connection_flood_is_capped_and_readiness_and_other_clients_are_served
         refusals.is_some_and(|n| n >= (FLOOD - CAP) as f64),
         "{refusals:?}"
     );
+    gw.stop().await;
+}
+
+/// Checks an error answer: status, JSON content type, code and a message; returns the body.
+async fn envelope(res: reqwest::Response, status: StatusCode, code: &str) -> Value {
+    assert_eq!(res.status(), status, "{code}");
+    let content_type = res.headers().get("content-type").cloned();
+    assert_eq!(
+        content_type.as_ref().and_then(|v| v.to_str().ok()),
+        Some("application/json"),
+        "{code}"
+    );
+    let body: Value = res.json().await.expect("a JSON body");
+    assert_eq!(error_code(&body), code, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    body
+}
+
+#[tokio::test]
+async fn another_method_on_a_known_route_is_405_with_allow() {
+    let gw = TestGateway::embedded().await;
+    gw.stock("s", &["METHOD-CODE-1"]).await;
+    let client = &gw.client;
+    let cases = [
+        (client.get(format!("{}/v1/redeem", gw.public)), "POST"),
+        (
+            client
+                .put(format!("{}/v1/skus/s", gw.public))
+                .bearer_auth(MERCHANT_TOKEN),
+            "GET",
+        ),
+        (
+            client
+                .delete(format!("{}/v1/skus/s", gw.admin))
+                .bearer_auth(ADMIN_TOKEN),
+            "GET, PUT",
+        ),
+        (client.post(format!("{}/readyz", gw.admin)), "GET"),
+        (client.get(format!("{}/v1/keys/s.1/void", gw.admin)), "POST"),
+    ];
+    for (req, allow) in cases {
+        let res = req.send().await.expect("answered");
+        let allowed = res.headers().get("allow").cloned();
+        assert_eq!(allowed.as_ref().and_then(|v| v.to_str().ok()), Some(allow));
+        let body = envelope(
+            res,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "ERR_METHOD_NOT_ALLOWED",
+        )
+        .await;
+        assert!(
+            body["error"]["hint"]
+                .as_str()
+                .is_some_and(|h| h.contains(allow)),
+            "{body}"
+        );
+    }
+    // Unknown paths stay 404, whatever the method.
+    let res = client
+        .delete(format!("{}/v1/nothing-here", gw.public))
+        .send()
+        .await
+        .expect("answered");
+    envelope(res, StatusCode::NOT_FOUND, "ERR_NOT_FOUND").await;
+    assert_eq!(gw.counts("s").await["available"], 1, "nothing changed");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn protocol_errors_come_in_the_json_envelope() {
+    let gw = TestGateway::embedded().await;
+    gw.stock("s", &["ENV-CODE-1"]).await;
+    let client = &gw.client;
+
+    // A request target over `max_uri_bytes` (hyper alone would accept up to 64 KiB).
+    let long = format!("{}/v1/redeem?pad={}", gw.public, "a".repeat(9000));
+    let res = client.post(long).send().await.expect("answered");
+    let body = envelope(res, StatusCode::URI_TOO_LONG, "ERR_URI_TOO_LONG").await;
+    assert_eq!(body["error"]["limit_bytes"], 8192);
+
+    // Headers over `max_header_bytes`, and more header lines than `max_headers` (hyper
+    // alone would answer a bare 431 past 100 lines).
+    let res = client
+        .post(format!("{}/v1/redeem", gw.public))
+        .header("x-pad", "p".repeat(20_000))
+        .send()
+        .await
+        .expect("answered");
+    envelope(
+        res,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "ERR_HEADERS_TOO_LARGE",
+    )
+    .await;
+    let mut many = client.get(format!("{}/readyz", gw.admin));
+    for i in 0..150 {
+        many = many.header(format!("x-h-{i}"), "1");
+    }
+    let body = envelope(
+        many.send().await.expect("answered"),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "ERR_HEADERS_TOO_LARGE",
+    )
+    .await;
+    assert_eq!(body["error"]["limit_headers"], 100);
+
+    // Bodies over `max_body_bytes`, and malformed JSON.
+    let res = client
+        .post(format!("{}/v1/redeem", gw.public))
+        .body(vec![b' '; 70_000])
+        .send()
+        .await
+        .expect("answered");
+    envelope(res, StatusCode::PAYLOAD_TOO_LARGE, "ERR_PAYLOAD_TOO_LARGE").await;
+    let res = client
+        .post(format!("{}/v1/redeem", gw.public))
+        .body("{\"code\": ")
+        .send()
+        .await
+        .expect("answered");
+    envelope(res, StatusCode::BAD_REQUEST, "ERR_BAD_REQUEST").await;
+
+    assert_eq!(gw.counts("s").await["available"], 1, "nothing changed");
     gw.stop().await;
 }

@@ -5,7 +5,7 @@
 //! messages can quote the offending value, and a value may be a secret code.
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -42,6 +42,11 @@ pub fn error(e: &Error) -> Reply {
         response
             .headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if let Error::MethodNotAllowed { allow } = e {
+        if let Ok(allow) = HeaderValue::from_str(allow) {
+            response.headers_mut().insert(ALLOW, allow);
+        }
     }
     response
 }

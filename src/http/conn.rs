@@ -7,32 +7,78 @@
 //! - **A header read timeout** (hyper's, driven by [`TokioTimer`]): a connection that does not
 //!   deliver a request's line and headers in time — a slowloris sending a partial request and
 //!   stalling or trickling, or an idle keep-alive connection — is closed.
+//! - **Head limits** ([`HeadLimits`]): hyper's parser would answer an over-long request target
+//!   or header block itself, with a bare status and no body. Its limits are set to at least
+//!   twice ours, so a request moderately over ours reaches the service and gets
+//!   `ERR_URI_TOO_LONG` (414) or `ERR_HEADERS_TOO_LARGE` (431) in the envelope; only one past
+//!   those (or a request that is not HTTP at all) gets hyper's bare answer before the
+//!   connection closes.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::Request;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioTimer;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::error::Error;
 use crate::metrics as m;
 
-/// How long a client may take to send a request's head.
+/// What a request's head (target and headers) may be, and how long a client may take to
+/// send it.
 #[derive(Debug, Clone, Copy)]
 pub struct HeadLimits {
+    pub max_uri_bytes: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
     pub header_read_timeout: Duration,
 }
 
 impl HeadLimits {
-    /// The HTTP/1 connection settings: hyper's header read timeout, on tokio's timer.
+    /// Refuses a request whose target or headers exceed the limits, before routing.
+    pub fn check<B>(&self, req: &Request<B>) -> Result<(), Error> {
+        let uri = req.uri();
+        let target = uri.path_and_query().map_or(0, |pq| pq.as_str().len())
+            + uri.authority().map_or(0, |a| a.as_str().len());
+        if target > self.max_uri_bytes {
+            return Err(Error::UriTooLong {
+                limit_bytes: self.max_uri_bytes,
+            });
+        }
+        let headers = req.headers();
+        let bytes: usize = headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum();
+        if headers.len() > self.max_headers || bytes > self.max_header_bytes {
+            return Err(Error::HeadersTooLarge {
+                limit_bytes: self.max_header_bytes,
+                limit_headers: self.max_headers,
+            });
+        }
+        Ok(())
+    }
+
+    /// The HTTP/1 connection settings: the header read timeout, and parser limits at twice
+    /// ours, or more (see the module docs).
     pub fn builder(&self) -> http1::Builder {
+        // Request line, `: ` and CRLF per header line, and the blank line, around the bytes
+        // [`HeadLimits::check`] counts.
+        let framing = 1024 + 4 * self.max_headers;
+        let parse_buffer = 2 * (self.max_uri_bytes + self.max_header_bytes + framing);
         let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout);
+            .header_read_timeout(self.header_read_timeout)
+            .max_headers(2 * self.max_headers)
+            .max_buf_size(parse_buffer.max(MIN_PARSE_BUFFER_BYTES));
         builder
     }
 }
+
+/// Hyper refuses a smaller read buffer; body reads also use it, so it is never tiny.
+const MIN_PARSE_BUFFER_BYTES: usize = 64 * 1024;
 
 /// At most so many open connections on one listener.
 #[derive(Clone)]
@@ -149,6 +195,48 @@ fn raise_descriptor_limit(_needed: u64) -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn limits() -> HeadLimits {
+        HeadLimits {
+            max_uri_bytes: 64,
+            max_header_bytes: 100,
+            max_headers: 3,
+            header_read_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn request(uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut builder = Request::builder().uri(uri);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).expect("a valid request")
+    }
+
+    #[test]
+    fn head_limits_count_target_header_bytes_and_lines() {
+        let limits = limits();
+        limits
+            .check(&request("/v1/redeem?x=1", &[("host", "a")]))
+            .expect("small");
+        let long = format!("/v1/{}", "a".repeat(61));
+        assert_eq!(
+            limits.check(&request(&long, &[])).map_err(|e| e.code()),
+            Err("ERR_URI_TOO_LONG")
+        );
+        let big = "v".repeat(97);
+        assert_eq!(
+            limits
+                .check(&request("/", &[("abcd", &big)]))
+                .map_err(|e| e.code()),
+            Err("ERR_HEADERS_TOO_LARGE")
+        );
+        let many = [("a", "1"), ("b", "2"), ("c", "3"), ("a", "4")];
+        assert_eq!(
+            limits.check(&request("/", &many)).map_err(|e| e.code()),
+            Err("ERR_HEADERS_TOO_LARGE")
+        );
+    }
 
     #[test]
     fn a_full_listener_refuses_until_a_connection_ends() {

@@ -6,8 +6,9 @@
 //!   `/healthz`, `/readyz` and `/metrics`; it is meant to stay off the public network.
 //!
 //! Routes are matched with `matchit`; the matched pattern, never the raw path, labels the
-//! metrics. Handlers live one file per group: [`public`], [`merchant`], [`admin`].
-//! Connection caps and the header read timeout are in [`conn`].
+//! metrics. Each route declares its methods: another method is `ERR_METHOD_NOT_ALLOWED` with
+//! an `Allow` header. Handlers live one file per group: [`public`], [`merchant`], [`admin`].
+//! Connection caps, the header read timeout and head limits are in [`conn`].
 
 pub mod admin;
 pub mod body;
@@ -67,7 +68,7 @@ pub struct App {
 pub struct Limits {
     pub max_body_bytes: u64,
     pub max_import_bytes: u64,
-    /// The header read timeout.
+    /// Request target and header limits, and the header read timeout.
     pub head: HeadLimits,
     /// Connections open at once on the public listener.
     pub max_connections: usize,
@@ -82,6 +83,9 @@ impl Limits {
             max_body_bytes: config.max_body_bytes,
             max_import_bytes: config.max_import_bytes,
             head: HeadLimits {
+                max_uri_bytes: config.max_uri_bytes,
+                max_header_bytes: config.max_header_bytes,
+                max_headers: config.max_headers,
                 header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
             },
             max_connections: config.max_connections,
@@ -311,21 +315,41 @@ pub enum RouteId {
     Metrics,
 }
 
-/// A route table entry: the pattern (the metrics label) and what it is.
+/// A route table entry: the pattern (the metrics label), what it is, and its methods.
 #[derive(Debug, Clone, Copy)]
 pub struct Route {
     pub pattern: &'static str,
     pub id: RouteId,
+    pub methods: &'static [Method],
 }
+
+impl Route {
+    /// The route's methods as an `Allow` header lists them.
+    fn allow(&self) -> String {
+        let names: Vec<&str> = self.methods.iter().map(Method::as_str).collect();
+        names.join(", ")
+    }
+}
+
+const GET: &[Method] = &[Method::GET];
+const POST: &[Method] = &[Method::POST];
+const GET_PUT: &[Method] = &[Method::GET, Method::PUT];
 
 /// A listener's route table.
 pub type Routes = matchit::Router<Route>;
 
-fn table(entries: &[(&'static str, RouteId)]) -> Routes {
+fn table(entries: &[(&'static str, RouteId, &'static [Method])]) -> Routes {
     let mut router = matchit::Router::new();
-    for &(pattern, id) in entries {
+    for &(pattern, id, methods) in entries {
         router
-            .insert(pattern, Route { pattern, id })
+            .insert(
+                pattern,
+                Route {
+                    pattern,
+                    id,
+                    methods,
+                },
+            )
             .expect("route patterns are fixed and do not conflict");
     }
     router
@@ -333,37 +357,40 @@ fn table(entries: &[(&'static str, RouteId)]) -> Routes {
 
 fn public_routes() -> Routes {
     table(&[
-        ("/v1/redeem", RouteId::Redeem),
-        ("/v1/skus/{sku}", RouteId::Sku),
-        ("/v1/skus/{sku}/claims", RouteId::Claims),
-        ("/v1/skus/{sku}/claims/{order_id}", RouteId::Claim),
+        ("/v1/redeem", RouteId::Redeem, POST),
+        ("/v1/skus/{sku}", RouteId::Sku, GET),
+        ("/v1/skus/{sku}/claims", RouteId::Claims, POST),
+        ("/v1/skus/{sku}/claims/{order_id}", RouteId::Claim, GET),
         (
             "/v1/skus/{sku}/claims/{order_id}/confirm",
             RouteId::ClaimConfirm,
+            POST,
         ),
         (
             "/v1/skus/{sku}/claims/{order_id}/release",
             RouteId::ClaimRelease,
+            POST,
         ),
     ])
 }
 
 fn admin_routes() -> Routes {
     table(&[
-        ("/healthz", RouteId::Healthz),
-        ("/readyz", RouteId::Readyz),
-        ("/metrics", RouteId::Metrics),
-        ("/v1/skus/{sku}", RouteId::Sku),
-        ("/v1/skus/{sku}/batches", RouteId::Batches),
+        ("/healthz", RouteId::Healthz, GET),
+        ("/readyz", RouteId::Readyz, GET),
+        ("/metrics", RouteId::Metrics, GET),
+        ("/v1/skus/{sku}", RouteId::Sku, GET_PUT),
+        ("/v1/skus/{sku}/batches", RouteId::Batches, POST),
         (
             "/v1/skus/{sku}/batches/{batch_id}/activate",
             RouteId::BatchActivate,
+            POST,
         ),
-        ("/v1/skus/{sku}/warm", RouteId::Warm),
-        ("/v1/keys/{key_id}/void", RouteId::KeyVoid),
-        ("/v1/keys/{key_id}/events", RouteId::KeyEvents),
-        ("/v1/reconcile", RouteId::Reconcile),
-        ("/v1/keys/{key_id}/restore", RouteId::KeyRestore),
+        ("/v1/skus/{sku}/warm", RouteId::Warm, POST),
+        ("/v1/keys/{key_id}/void", RouteId::KeyVoid, POST),
+        ("/v1/keys/{key_id}/events", RouteId::KeyEvents, GET),
+        ("/v1/reconcile", RouteId::Reconcile, POST),
+        ("/v1/keys/{key_id}/restore", RouteId::KeyRestore, POST),
     ])
 }
 
@@ -420,7 +447,11 @@ async fn dispatch(
         (Listener::Admin, Reconcile, Method::POST) => admin::reconcile(app, req).await,
         (Listener::Admin, KeyVoid, Method::POST) => admin::void(app, params, req, true).await,
         (Listener::Admin, KeyRestore, Method::POST) => admin::void(app, params, req, false).await,
-        _ => Err(Error::NotFound("route".into())),
+        // `handle` answers methods the route table does not declare; reaching this means the
+        // table declares a method no arm serves.
+        (_, route, method) => Err(Error::Internal(format!(
+            "the route table lets {method} through to {route:?}, which has no handler for it"
+        ))),
     }
 }
 
@@ -433,15 +464,25 @@ async fn handle(
 ) -> Reply {
     let started = Instant::now();
     let method = req.method().clone();
-    let ip = app.edge.client_ip(peer, req.headers());
-    let (pattern, result) = match routes.at(req.uri().path()) {
-        Ok(found) => {
-            let route = *found.value;
-            let params = Params::from(&found.params);
-            let result = dispatch(app, which, route.id, params, req, ip).await;
-            (route.pattern, result)
+    let (pattern, result) = if let Err(e) = app.limits.head.check(&req) {
+        ("unmatched", Err(e))
+    } else {
+        match routes.at(req.uri().path()) {
+            Ok(found) if !found.value.methods.contains(&method) => (
+                found.value.pattern,
+                Err(Error::MethodNotAllowed {
+                    allow: found.value.allow(),
+                }),
+            ),
+            Ok(found) => {
+                let route = *found.value;
+                let params = Params::from(&found.params);
+                let ip = app.edge.client_ip(peer, req.headers());
+                let result = dispatch(app, which, route.id, params, req, ip).await;
+                (route.pattern, result)
+            }
+            Err(_) => ("unmatched", Err(Error::NotFound("route".into()))),
         }
-        Err(_) => ("unmatched", Err(Error::NotFound("route".into()))),
     };
     let (response, code) = match result {
         Ok(response) => (response, "OK"),
@@ -501,5 +542,20 @@ impl Params {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_allow_header_lists_a_routes_methods() {
+        let admin = admin_routes();
+        let sku = admin.at("/v1/skus/s").expect("matched");
+        assert_eq!(sku.value.allow(), "GET, PUT");
+        let public = public_routes();
+        let redeem = public.at("/v1/redeem").expect("matched");
+        assert_eq!(redeem.value.allow(), "POST");
     }
 }
