@@ -1,5 +1,6 @@
-//! Hostile clients: slowloris connections, connection floods and protocol-level errors. Each
-//! test owns a gateway on port 0; connection-level behaviour is driven with raw TCP sockets.
+//! Hostile clients: slowloris connections, connection floods, protocol-level errors and
+//! duplicate JSON keys. Each test owns a gateway on port 0; connection-level behaviour is
+//! driven with raw TCP sockets.
 
 mod support;
 
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use support::gateway::{config, metric, TestGateway, ADMIN_TOKEN, MERCHANT_TOKEN};
+use support::gateway::{audit_trail, config, metric, TestGateway, ADMIN_TOKEN, MERCHANT_TOKEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -371,5 +372,123 @@ async fn protocol_errors_come_in_the_json_envelope() {
     envelope(res, StatusCode::BAD_REQUEST, "ERR_BAD_REQUEST").await;
 
     assert_eq!(gw.counts("s").await["available"], 1, "nothing changed");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn duplicate_json_keys_are_bad_requests_on_every_endpoint_and_change_nothing() {
+    let gw = TestGateway::embedded().await;
+    gw.stock("s", &["DUP-CODE-1", "DUP-CODE-2", "DUP-CODE-3"])
+        .await;
+    let (status, order) = gw.claim("s", json!({"order_id": "o-sold"})).await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    let sold = order["keys"][0]["code"].as_str().expect("code").to_owned();
+    let key_id = order["keys"][0]["key_id"].as_str().expect("key").to_owned();
+    let client = &gw.client;
+    let raw = |req: reqwest::RequestBuilder, body: String| {
+        req.header("content-type", "application/json").body(body)
+    };
+
+    let cases = vec![
+        (
+            "redeem",
+            raw(
+                client.post(format!("{}/v1/redeem", gw.public)),
+                format!(r#"{{"code":"{sold}","redeemer":"u-1","redeemer":"u-2"}}"#),
+            ),
+        ),
+        (
+            "claim",
+            raw(
+                client
+                    .post(format!("{}/v1/skus/s/claims", gw.public))
+                    .bearer_auth(MERCHANT_TOKEN),
+                r#"{"order_id":"a","order_id":"b"}"#.into(),
+            ),
+        ),
+        (
+            "put sku",
+            raw(
+                client
+                    .put(format!("{}/v1/skus/fresh", gw.admin))
+                    .bearer_auth(ADMIN_TOKEN),
+                r#"{"max_uses":1,"max_uses":5}"#.into(),
+            ),
+        ),
+        (
+            "put sku, nested",
+            raw(
+                client
+                    .put(format!("{}/v1/skus/fresh", gw.admin))
+                    .bearer_auth(ADMIN_TOKEN),
+                r#"{"format":{"preset":"default","preset":"crockford32"}}"#.into(),
+            ),
+        ),
+        (
+            "reconcile",
+            raw(
+                client
+                    .post(format!("{}/v1/reconcile", gw.admin))
+                    .bearer_auth(ADMIN_TOKEN),
+                r#"{"repair":false,"repair":true}"#.into(),
+            ),
+        ),
+        (
+            "void",
+            raw(
+                client
+                    .post(format!("{}/v1/keys/{key_id}/void", gw.admin))
+                    .bearer_auth(ADMIN_TOKEN),
+                r#"{"reason":"fraud","reason":"test"}"#.into(),
+            ),
+        ),
+    ];
+    for (endpoint, req) in cases {
+        let res = req.send().await.expect("answered");
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{endpoint}");
+        let body: Value = res.json().await.expect("json");
+        assert_eq!(error_code(&body), "ERR_BAD_REQUEST", "{endpoint}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with("duplicate key"),
+            "{endpoint}: {message}"
+        );
+    }
+
+    assert_eq!(
+        gw.counts("s").await,
+        json!({"available": 2, "held": 0, "claimed": 1, "redeemed": 0, "void": 0}),
+        "nothing was claimed, redeemed or voided"
+    );
+    for order_id in ["a", "b"] {
+        let (status, _) = gw
+            .merchant_get(&format!("/v1/skus/s/claims/{order_id}"))
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "order {order_id}");
+    }
+    let (status, _) = gw.merchant_get("/v1/skus/fresh").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "no SKU was created");
+    let (_, kinds) = audit_trail(client, &gw.admin, &key_id).await;
+    assert!(!kinds.iter().any(|k| k == "void"), "{kinds:?}");
+
+    // Restoring with a duplicate key leaves a voided key void.
+    let (status, _) = gw
+        .admin_post(
+            &format!("/v1/keys/{key_id}/void"),
+            json!({"reason": "fraud"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let res = raw(
+        client
+            .post(format!("{}/v1/keys/{key_id}/restore", gw.admin))
+            .bearer_auth(ADMIN_TOKEN),
+        r#"{"reason":"ok","reason":"ok"}"#.into(),
+    )
+    .send()
+    .await
+    .expect("answered");
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(gw.counts("s").await["void"], 1);
     gw.stop().await;
 }
