@@ -1,6 +1,6 @@
-//! Hostile clients: slowloris connections, connection floods, protocol-level errors and
-//! duplicate JSON keys. Each test owns a gateway on port 0; connection-level behaviour is
-//! driven with raw TCP sockets.
+//! Hostile clients: slowloris connections, connection floods, protocol-level errors,
+//! duplicate JSON keys and odd spellings of the bearer scheme. Each test owns a gateway on
+//! port 0; connection-level behaviour is driven with raw TCP sockets.
 
 mod support;
 
@@ -490,5 +490,46 @@ async fn duplicate_json_keys_are_bad_requests_on_every_endpoint_and_change_nothi
     .expect("answered");
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     assert_eq!(gw.counts("s").await["void"], 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_matched_case_insensitively_and_the_token_is_not() {
+    let gw = TestGateway::embedded().await;
+    gw.stock("s", &["AUTH-CODE-1"]).await;
+    let sku_view = |authorization: String| {
+        gw.client
+            .get(format!("{}/v1/skus/s", gw.public))
+            .header("authorization", authorization)
+            .send()
+    };
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR", "Bearer  "] {
+        let res = sku_view(format!("{scheme} {MERCHANT_TOKEN}"))
+            .await
+            .expect("answered");
+        assert_eq!(res.status(), StatusCode::OK, "scheme {scheme:?}");
+    }
+    let wrong = [
+        format!("Bearer {}", MERCHANT_TOKEN.to_uppercase()),
+        format!("bearer {}", &MERCHANT_TOKEN[..MERCHANT_TOKEN.len() - 1]),
+        format!("Basic {MERCHANT_TOKEN}"),
+        format!("Bearer{MERCHANT_TOKEN}"),
+        format!("Bearer {ADMIN_TOKEN}"),
+    ];
+    for authorization in wrong {
+        let res = sku_view(authorization.clone()).await.expect("answered");
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "{authorization}");
+        let body: Value = res.json().await.expect("json");
+        assert_eq!(error_code(&body), "ERR_UNAUTHORIZED");
+    }
+    let res = gw
+        .client
+        .put(format!("{}/v1/skus/lower", gw.admin))
+        .header("authorization", format!("bearer {ADMIN_TOKEN}"))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(res.status(), StatusCode::CREATED, "admin routes too");
     gw.stop().await;
 }

@@ -153,7 +153,7 @@ impl App {
         let sent = req
             .headers()
             .get(AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .and_then(|v| bearer_token(v.as_bytes()))
             .ok_or(Error::Unauthorized)?;
         // Constant time, so response timing does not reveal how much of a guess was right.
         if bool::from(sent.ct_eq(token.as_bytes())) {
@@ -178,6 +178,17 @@ impl App {
     pub fn admin(&self, req: &Request<Incoming>) -> Result<(), Error> {
         self.authorize(req, &self.admin_token)
     }
+}
+
+/// The token of a `Bearer` authorization. The scheme is matched case-insensitively and may
+/// be followed by several spaces (RFC 9110 §11.1, §11.4); the token itself is case-sensitive.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(b"Bearer".len())?;
+    if !scheme.eq_ignore_ascii_case(b"Bearer") || rest.first() != Some(&b' ') {
+        return None;
+    }
+    let start = rest.iter().position(|&b| b != b' ')?;
+    Some(&rest[start..])
 }
 
 /// Which listener a connection came in on.
@@ -548,6 +559,23 @@ impl Params {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_the_token_is_not() {
+        assert_eq!(bearer_token(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"BEARER ABC"), Some(&b"ABC"[..]));
+        assert_eq!(bearer_token(b"bEaReR   abc"), Some(&b"abc"[..]));
+        for refused in [
+            &b"Bearer"[..],
+            b"Bearer ",
+            b"Bearerabc",
+            b"Basic abc",
+            b"Bear abc",
+        ] {
+            assert_eq!(bearer_token(refused), None, "{refused:?}");
+        }
+    }
 
     #[test]
     fn the_allow_header_lists_a_routes_methods() {
