@@ -11,9 +11,11 @@
 
 local digest, redeemer, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
+-- The index first: a decoy call for an unknown code (src/inventory, redeem_unknown) runs
+-- against a SKU that does not exist and must cost what a real lookup costs.
+local id = redis.call('HGET', K.idx, digest)
 local refused = unservable()
 if refused then return refused end
-local id = redis.call('HGET', K.idx, digest)
 if not id then return { 'invalid' } end
 local k = load_key(id)
 if not k or k.void or k.sold == 0 then return { 'invalid' } end

@@ -33,6 +33,26 @@ pub struct Config {
     pub max_body_bytes: u64,
     /// Largest import upload (streamed, never held in memory).
     pub max_import_bytes: u64,
+    /// How long a client has to send a request's line and headers, in milliseconds, counted
+    /// from the connection's start or its previous answer; past it the connection is closed.
+    /// It cuts slowloris connections that send a partial request and stall or trickle, and
+    /// it also bounds how long an idle keep-alive connection stays open (hyper runs one timer
+    /// for both), so keep it above the idle timeout of a load balancer in front.
+    pub header_read_timeout_ms: u64,
+    /// Connections the public listener holds open at once; past it new connections are
+    /// closed at once instead of queueing, so a flood of idle or half-sent connections
+    /// cannot exhaust the process's file descriptors.
+    pub max_connections: usize,
+    /// Connections the admin listener holds open at once: its own budget, so probes and
+    /// scrapes are answered while the public listener is flooded.
+    pub admin_max_connections: usize,
+    /// Longest request target (path and query) answered; longer is `ERR_URI_TOO_LONG` (414).
+    pub max_uri_bytes: usize,
+    /// Largest request header block (names and values together); larger is
+    /// `ERR_HEADERS_TOO_LARGE` (431).
+    pub max_header_bytes: usize,
+    /// Most request header lines; more is `ERR_HEADERS_TOO_LARGE` (431).
+    pub max_headers: usize,
     /// After SIGTERM, how long the gateway keeps serving while `/readyz` answers 503, so load
     /// balancers stop sending traffic before connections close.
     pub shutdown_delay_ms: u64,
@@ -66,6 +86,17 @@ pub struct Config {
     pub journal_max_events: usize,
 }
 
+/// Smallest `max_uri_bytes` and `max_header_bytes`: room for every route and ordinary headers.
+const MIN_HEAD_LIMIT: usize = 1024;
+/// Largest `max_uri_bytes`: twice it must stay under hyper's fixed 64 KiB request target limit.
+const MAX_URI_BYTES: usize = 32 * 1024;
+/// Largest `max_header_bytes`.
+const MAX_HEADER_BYTES: usize = 1024 * 1024;
+/// Fewest `max_headers`: a proxied client sends a dozen or so.
+const MIN_HEADERS: usize = 16;
+/// Most `max_headers`: hyper allocates twice this many header slots per parse.
+const MAX_HEADERS: usize = 1000;
+
 /// When a state change is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -91,6 +122,12 @@ impl Default for Config {
             merchant_token: None,
             max_body_bytes: 64 * 1024,
             max_import_bytes: 1024 * 1024 * 1024,
+            header_read_timeout_ms: 10_000,
+            max_connections: 4096,
+            admin_max_connections: 256,
+            max_uri_bytes: 8 * 1024,
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
             shutdown_delay_ms: 2000,
             drain_timeout_secs: 30,
             hold_sweep_interval_ms: 500,
@@ -226,6 +263,29 @@ impl Config {
         if self.max_body_bytes == 0 || self.max_import_bytes == 0 {
             return invalid("body limits must be positive");
         }
+        if self.header_read_timeout_ms == 0 {
+            return invalid("header_read_timeout_ms must be positive");
+        }
+        if self.max_connections == 0 || self.admin_max_connections == 0 {
+            return invalid("max_connections and admin_max_connections must be positive");
+        }
+        // Hyper's own parser limits are at least twice these (see `http::conn`), and hyper never
+        // reads a request target over 64 KiB.
+        if !(MIN_HEAD_LIMIT..=MAX_URI_BYTES).contains(&self.max_uri_bytes) {
+            return Err(ConfigError::Invalid(format!(
+                "max_uri_bytes must be from {MIN_HEAD_LIMIT} to {MAX_URI_BYTES}"
+            )));
+        }
+        if !(MIN_HEAD_LIMIT..=MAX_HEADER_BYTES).contains(&self.max_header_bytes) {
+            return Err(ConfigError::Invalid(format!(
+                "max_header_bytes must be from {MIN_HEAD_LIMIT} to {MAX_HEADER_BYTES}"
+            )));
+        }
+        if !(MIN_HEADERS..=MAX_HEADERS).contains(&self.max_headers) {
+            return Err(ConfigError::Invalid(format!(
+                "max_headers must be from {MIN_HEADERS} to {MAX_HEADERS}"
+            )));
+        }
         if self.hold_sweep_interval_ms == 0 {
             return invalid("hold_sweep_interval_ms must be positive");
         }
@@ -291,5 +351,40 @@ mod tests {
         };
         assert!(short.validate().is_err());
         assert!(toml::from_str::<Config>("no_such_field = 1").is_err());
+    }
+
+    #[test]
+    fn connection_and_head_limits_are_checked() {
+        let defaults = Config::default();
+        defaults.validate().expect("defaults are valid");
+        let broken = [
+            Config {
+                header_read_timeout_ms: 0,
+                ..Config::default()
+            },
+            Config {
+                max_connections: 0,
+                ..Config::default()
+            },
+            Config {
+                admin_max_connections: 0,
+                ..Config::default()
+            },
+            Config {
+                max_uri_bytes: 64 * 1024,
+                ..Config::default()
+            },
+            Config {
+                max_header_bytes: 10,
+                ..Config::default()
+            },
+            Config {
+                max_headers: 5000,
+                ..Config::default()
+            },
+        ];
+        for config in broken {
+            assert!(config.validate().is_err(), "{config:?}");
+        }
     }
 }

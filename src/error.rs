@@ -21,8 +21,20 @@ pub enum Error {
     Unauthorized,
     #[error("{0} not found")]
     NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed {
+        /// The route's methods, as the `Allow` header lists them (`"GET, PUT"`).
+        allow: String,
+    },
     #[error("request body is larger than {limit_bytes} bytes")]
     PayloadTooLarge { limit_bytes: u64 },
+    #[error("request target is longer than {limit_bytes} bytes")]
+    UriTooLong { limit_bytes: usize },
+    #[error("request headers exceed {limit_bytes} bytes or {limit_headers} lines")]
+    HeadersTooLarge {
+        limit_bytes: usize,
+        limit_headers: usize,
+    },
     #[error("code is malformed")]
     CardMalformed(Malformed),
     #[error("no redeemable card with this code")]
@@ -62,7 +74,10 @@ impl Error {
             Error::BadRequest(_) => "ERR_BAD_REQUEST",
             Error::Unauthorized => "ERR_UNAUTHORIZED",
             Error::NotFound(_) => "ERR_NOT_FOUND",
+            Error::MethodNotAllowed { .. } => "ERR_METHOD_NOT_ALLOWED",
             Error::PayloadTooLarge { .. } => "ERR_PAYLOAD_TOO_LARGE",
+            Error::UriTooLong { .. } => "ERR_URI_TOO_LONG",
+            Error::HeadersTooLarge { .. } => "ERR_HEADERS_TOO_LARGE",
             Error::CardMalformed(_) => "ERR_CARD_MALFORMED",
             Error::CardInvalid => "ERR_CARD_INVALID",
             Error::CardUsed { .. } => "ERR_CARD_USED",
@@ -85,7 +100,10 @@ impl Error {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::NotFound(_) | Error::CardInvalid => StatusCode::NOT_FOUND,
+            Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            Error::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Error::CardMalformed(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::CardExpired { .. } => StatusCode::GONE,
             Error::CardUsed { .. }
@@ -145,6 +163,16 @@ impl Error {
             Error::PayloadTooLarge { limit_bytes } => {
                 body.insert("limit_bytes".into(), (*limit_bytes).into());
             }
+            Error::UriTooLong { limit_bytes } => {
+                body.insert("limit_bytes".into(), (*limit_bytes).into());
+            }
+            Error::HeadersTooLarge {
+                limit_bytes,
+                limit_headers,
+            } => {
+                body.insert("limit_bytes".into(), (*limit_bytes).into());
+                body.insert("limit_headers".into(), (*limit_headers).into());
+            }
             _ => {}
         }
         json!({ "error": body })
@@ -154,6 +182,7 @@ impl Error {
         Some(match self {
             Error::CardMalformed(why) => why.to_string(),
             Error::Unauthorized => "send `Authorization: Bearer <token>`".into(),
+            Error::MethodNotAllowed { allow } => format!("this route accepts {allow}"),
             Error::SoldOut => "no codes are left for this SKU".into(),
             Error::HoldExpired => "claim again with a new order_id".into(),
             Error::OrderConflict(_) => "retries must repeat the original request exactly".into(),

@@ -107,10 +107,7 @@ impl Gateway {
         let generated_tokens = config.merchant_token.is_none() || config.admin_token.is_none();
         let merchant_token = config.merchant_token.clone().unwrap_or_else(generate_token);
         let admin_token = config.admin_token.clone().unwrap_or_else(generate_token);
-        let limits = Limits {
-            max_body_bytes: config.max_body_bytes,
-            max_import_bytes: config.max_import_bytes,
-        };
+        let limits = Limits::from_config(&config);
         let writer = EventWriter::new(
             inventory.engine().clone(),
             ledger.clone(),

@@ -37,6 +37,13 @@ pub const LEDGER_KEYS: &str = "kamigate_ledger_keys";
 pub const DRIFT: &str = "kamigate_drift_keys";
 /// Events per `sku` written by the engine and not yet committed to the ledger.
 pub const IN_FLIGHT_EVENTS: &str = "kamigate_events_in_flight";
+/// Gauge: connections open per `listener` (`public`, `admin`).
+pub const CONNECTIONS_OPEN: &str = "kamigate_connections_open";
+/// Connections closed on accept per `listener` because the listener's cap was reached.
+pub const CONNECTIONS_REFUSED: &str = "kamigate_connections_refused_total";
+/// Connections closed per `listener` because a request's head did not arrive within the
+/// header read timeout (slowloris, or an idle keep-alive connection).
+pub const HEADER_TIMEOUTS: &str = "kamigate_header_read_timeouts_total";
 // Limiter metrics are named next to the limiters: [`limit::DECISIONS`],
 // [`limit::IN_FLIGHT`], [`limit::SHED`].
 
@@ -89,6 +96,15 @@ fn describe() {
     describe_gauge!(
         IN_FLIGHT_EVENTS,
         "Events per SKU written by the engine and not yet committed to the ledger."
+    );
+    describe_gauge!(CONNECTIONS_OPEN, "Connections open per listener.");
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed on accept per listener because its connection cap was reached."
+    );
+    describe_counter!(
+        HEADER_TIMEOUTS,
+        "Connections closed per listener because a request head did not arrive within the header read timeout."
     );
     crate::ledger::writer::describe();
     describe_counter!(limit::DECISIONS, limit::DECISIONS_HELP);

@@ -2,14 +2,18 @@
 //!
 //! JSON bodies are parsed into a `serde_json::Value` and fields are taken out one by one,
 //! rather than deserialised into structs, so that every error message is ours: serde's
-//! messages can quote the offending value, and a value may be a secret code.
+//! messages can quote the offending value, and a value may be a secret code. A key given
+//! twice in any object of a body is refused: a plain `Value` would keep the last one, while
+//! a proxy or firewall in front may have judged the first.
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use serde_json::{Map, Value};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::error::Category;
+use serde_json::{Map, Number, Value};
 
 use crate::error::Error;
 
@@ -42,6 +46,11 @@ pub fn error(e: &Error) -> Reply {
         response
             .headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if let Error::MethodNotAllowed { allow } = e {
+        if let Ok(allow) = HeaderValue::from_str(allow) {
+            response.headers_mut().insert(ALLOW, allow);
+        }
     }
     response
 }
@@ -84,12 +93,14 @@ impl JsonBody {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(JsonBody { fields: Map::new() });
         }
-        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-            Error::BadRequest(format!(
-                "malformed JSON at line {} column {}",
-                e.line(),
-                e.column()
-            ))
+        let StrictValue(value) = serde_json::from_slice(bytes).map_err(|e| {
+            // The only data error a `StrictValue` raises is a repeated key; the key itself
+            // is not echoed, it may be a code.
+            let what = match e.classify() {
+                Category::Data => "duplicate key in a JSON object",
+                _ => "malformed JSON",
+            };
+            Error::BadRequest(format!("{what} at line {} column {}", e.line(), e.column()))
         })?;
         let Value::Object(fields) = value else {
             return Err(Error::BadRequest("the body must be a JSON object".into()));
@@ -165,6 +176,74 @@ impl JsonBody {
     }
 }
 
+/// A JSON value read like `serde_json::Value`, except that an object naming a key twice, at
+/// any depth, is an error instead of keeping the last value.
+struct StrictValue(Value);
+
+impl<'de> Deserialize<'de> for StrictValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<StrictValue, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // JSON text cannot spell NaN or infinity, so this is always a number.
+        Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(StrictValue(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut fields = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let StrictValue(value) = map.next_value()?;
+            if fields.insert(key, value).is_some() {
+                return Err(de::Error::custom("duplicate key"));
+            }
+        }
+        Ok(Value::Object(fields))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +269,35 @@ mod tests {
         .expect("parses");
         let err = body.str("code", 10).expect_err("not a string");
         assert!(!err.to_string().contains(secret));
+    }
+
+    #[test]
+    fn keys_given_twice_are_refused_at_any_depth() {
+        let secret = "SECRET-CODE-1234";
+        let bodies = [
+            r#"{"order_id": "a", "order_id": "b"}"#.to_owned(),
+            r#"{"format": {"preset": "default", "preset": "crockford32"}}"#.to_owned(),
+            r#"{"list": [{"x": 1, "x": 1}]}"#.to_owned(),
+            format!(r#"{{"{secret}": 1, "{secret}": 2}}"#),
+        ];
+        for body in bodies {
+            let err = JsonBody::parse(body.as_bytes(), &["order_id", "format", "list"])
+                .err()
+                .expect("refused");
+            assert_eq!(err.code(), "ERR_BAD_REQUEST");
+            let message = err.to_string();
+            assert!(message.starts_with("duplicate key"), "{message}");
+            assert!(!message.contains(secret), "{message}");
+        }
+        let parsed = JsonBody::parse(
+            br#"{"format": {"a": [1, -2, 1.5, true, null, "s", {"b": {}}]}, "order_id": "o"}"#,
+            &["order_id", "format"],
+        )
+        .expect("distinct keys at every level parse");
+        assert_eq!(
+            parsed.into_value(),
+            serde_json::json!({"format": {"a": [1, -2, 1.5, true, null, "s", {"b": {}}]}, "order_id": "o"})
+        );
     }
 
     #[test]

@@ -6,10 +6,13 @@
 //!   `/healthz`, `/readyz` and `/metrics`; it is meant to stay off the public network.
 //!
 //! Routes are matched with `matchit`; the matched pattern, never the raw path, labels the
-//! metrics. Handlers live one file per group: [`public`], [`merchant`], [`admin`].
+//! metrics. Each route declares its methods: another method is `ERR_METHOD_NOT_ALLOWED` with
+//! an `Allow` header. Handlers live one file per group: [`public`], [`merchant`], [`admin`].
+//! Connection caps, the header read timeout and head limits are in [`conn`].
 
 pub mod admin;
 pub mod body;
+pub mod conn;
 pub mod guard;
 pub mod merchant;
 pub mod public;
@@ -40,6 +43,7 @@ use crate::ledger::writer::EventWriter;
 use crate::ledger::Ledger;
 use crate::metrics as m;
 use body::Reply;
+use conn::{ConnectionCap, HeadLimits};
 use guard::Edge;
 
 /// Everything handlers share.
@@ -62,11 +66,35 @@ pub struct App {
     draining: AtomicBool,
 }
 
-/// Body size limits.
+/// Request and connection limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_body_bytes: u64,
     pub max_import_bytes: u64,
+    /// Request target and header limits, and the header read timeout.
+    pub head: HeadLimits,
+    /// Connections open at once on the public listener.
+    pub max_connections: usize,
+    /// Connections open at once on the admin listener.
+    pub admin_max_connections: usize,
+}
+
+impl Limits {
+    /// The limits `config` sets.
+    pub fn from_config(config: &Config) -> Limits {
+        Limits {
+            max_body_bytes: config.max_body_bytes,
+            max_import_bytes: config.max_import_bytes,
+            head: HeadLimits {
+                max_uri_bytes: config.max_uri_bytes,
+                max_header_bytes: config.max_header_bytes,
+                max_headers: config.max_headers,
+                header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+            },
+            max_connections: config.max_connections,
+            admin_max_connections: config.admin_max_connections,
+        }
+    }
 }
 
 impl App {
@@ -155,7 +183,7 @@ impl App {
         let sent = req
             .headers()
             .get(AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .and_then(|v| bearer_token(v.as_bytes()))
             .ok_or(Error::Unauthorized)?;
         // Constant time, so response timing does not reveal how much of a guess was right.
         if bool::from(sent.ct_eq(token.as_bytes())) {
@@ -180,6 +208,17 @@ impl App {
     pub fn admin(&self, req: &Request<Incoming>) -> Result<(), Error> {
         self.authorize(req, &self.admin_token)
     }
+}
+
+/// The token of a `Bearer` authorization. The scheme is matched case-insensitively and may
+/// be followed by several spaces (RFC 9110 §11.1, §11.4); the token itself is case-sensitive.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(b"Bearer".len())?;
+    if !scheme.eq_ignore_ascii_case(b"Bearer") || rest.first() != Some(&b' ') {
+        return None;
+    }
+    let start = rest.iter().position(|&b| b != b' ')?;
+    Some(&rest[start..])
 }
 
 /// Which listener a connection came in on.
@@ -211,15 +250,21 @@ pub async fn serve(
     let Shutdown { delay, drain } = shutdown;
     let public_routes = Arc::new(public_routes());
     let admin_routes = Arc::new(admin_routes());
+    let limits = app.limits;
+    conn::ensure_descriptors(limits.max_connections + limits.admin_max_connections);
+    let http1 = Arc::new(limits.head.builder());
+    let public_cap = ConnectionCap::new("public", limits.max_connections);
+    let admin_cap = ConnectionCap::new("admin", limits.admin_max_connections);
     let graceful = Arc::new(GracefulShutdown::new());
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let accept = |listener: TcpListener, which: Listener| {
         let app = app.clone();
-        let routes = match which {
-            Listener::Public => public_routes.clone(),
-            Listener::Admin => admin_routes.clone(),
+        let (routes, cap) = match which {
+            Listener::Public => (public_routes.clone(), public_cap.clone()),
+            Listener::Admin => (admin_routes.clone(), admin_cap.clone()),
         };
+        let http1 = http1.clone();
         let mut stop = stop_rx.clone();
         let graceful = graceful.clone();
         async move {
@@ -236,6 +281,12 @@ pub async fn serve(
                         }
                     },
                 };
+                // Past the cap the socket is closed at once: the client sees the connection end
+                // and can retry, instead of waiting in a queue behind idle connections.
+                let Some(slot) = cap.admit() else {
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let app = app.clone();
                 let routes = routes.clone();
@@ -244,13 +295,17 @@ pub async fn serve(
                     let routes = routes.clone();
                     async move { Ok::<_, Infallible>(handle(&app, &routes, which, req, peer).await) }
                 });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service);
+                let conn = http1.serve_connection(TokioIo::new(stream), service);
                 let conn = graceful.watcher().watch(conn);
+                let cap = cap.clone();
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
+                        if e.is_timeout() {
+                            cap.timed_out();
+                        }
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
+                    drop(slot);
                 });
             }
         }
@@ -301,21 +356,41 @@ pub enum RouteId {
     Metrics,
 }
 
-/// A route table entry: the pattern (the metrics label) and what it is.
+/// A route table entry: the pattern (the metrics label), what it is, and its methods.
 #[derive(Debug, Clone, Copy)]
 pub struct Route {
     pub pattern: &'static str,
     pub id: RouteId,
+    pub methods: &'static [Method],
 }
+
+impl Route {
+    /// The route's methods as an `Allow` header lists them.
+    fn allow(&self) -> String {
+        let names: Vec<&str> = self.methods.iter().map(Method::as_str).collect();
+        names.join(", ")
+    }
+}
+
+const GET: &[Method] = &[Method::GET];
+const POST: &[Method] = &[Method::POST];
+const GET_PUT: &[Method] = &[Method::GET, Method::PUT];
 
 /// A listener's route table.
 pub type Routes = matchit::Router<Route>;
 
-fn table(entries: &[(&'static str, RouteId)]) -> Routes {
+fn table(entries: &[(&'static str, RouteId, &'static [Method])]) -> Routes {
     let mut router = matchit::Router::new();
-    for &(pattern, id) in entries {
+    for &(pattern, id, methods) in entries {
         router
-            .insert(pattern, Route { pattern, id })
+            .insert(
+                pattern,
+                Route {
+                    pattern,
+                    id,
+                    methods,
+                },
+            )
             .expect("route patterns are fixed and do not conflict");
     }
     router
@@ -323,37 +398,40 @@ fn table(entries: &[(&'static str, RouteId)]) -> Routes {
 
 fn public_routes() -> Routes {
     table(&[
-        ("/v1/redeem", RouteId::Redeem),
-        ("/v1/skus/{sku}", RouteId::Sku),
-        ("/v1/skus/{sku}/claims", RouteId::Claims),
-        ("/v1/skus/{sku}/claims/{order_id}", RouteId::Claim),
+        ("/v1/redeem", RouteId::Redeem, POST),
+        ("/v1/skus/{sku}", RouteId::Sku, GET),
+        ("/v1/skus/{sku}/claims", RouteId::Claims, POST),
+        ("/v1/skus/{sku}/claims/{order_id}", RouteId::Claim, GET),
         (
             "/v1/skus/{sku}/claims/{order_id}/confirm",
             RouteId::ClaimConfirm,
+            POST,
         ),
         (
             "/v1/skus/{sku}/claims/{order_id}/release",
             RouteId::ClaimRelease,
+            POST,
         ),
     ])
 }
 
 fn admin_routes() -> Routes {
     table(&[
-        ("/healthz", RouteId::Healthz),
-        ("/readyz", RouteId::Readyz),
-        ("/metrics", RouteId::Metrics),
-        ("/v1/skus/{sku}", RouteId::Sku),
-        ("/v1/skus/{sku}/batches", RouteId::Batches),
+        ("/healthz", RouteId::Healthz, GET),
+        ("/readyz", RouteId::Readyz, GET),
+        ("/metrics", RouteId::Metrics, GET),
+        ("/v1/skus/{sku}", RouteId::Sku, GET_PUT),
+        ("/v1/skus/{sku}/batches", RouteId::Batches, POST),
         (
             "/v1/skus/{sku}/batches/{batch_id}/activate",
             RouteId::BatchActivate,
+            POST,
         ),
-        ("/v1/skus/{sku}/warm", RouteId::Warm),
-        ("/v1/keys/{key_id}/void", RouteId::KeyVoid),
-        ("/v1/keys/{key_id}/events", RouteId::KeyEvents),
-        ("/v1/reconcile", RouteId::Reconcile),
-        ("/v1/keys/{key_id}/restore", RouteId::KeyRestore),
+        ("/v1/skus/{sku}/warm", RouteId::Warm, POST),
+        ("/v1/keys/{key_id}/void", RouteId::KeyVoid, POST),
+        ("/v1/keys/{key_id}/events", RouteId::KeyEvents, GET),
+        ("/v1/reconcile", RouteId::Reconcile, POST),
+        ("/v1/keys/{key_id}/restore", RouteId::KeyRestore, POST),
     ])
 }
 
@@ -410,7 +488,11 @@ async fn dispatch(
         (Listener::Admin, Reconcile, Method::POST) => admin::reconcile(app, req).await,
         (Listener::Admin, KeyVoid, Method::POST) => admin::void(app, params, req, true).await,
         (Listener::Admin, KeyRestore, Method::POST) => admin::void(app, params, req, false).await,
-        _ => Err(Error::NotFound("route".into())),
+        // `handle` answers methods the route table does not declare; reaching this means the
+        // table declares a method no arm serves.
+        (_, route, method) => Err(Error::Internal(format!(
+            "the route table lets {method} through to {route:?}, which has no handler for it"
+        ))),
     }
 }
 
@@ -423,15 +505,25 @@ async fn handle(
 ) -> Reply {
     let started = Instant::now();
     let method = req.method().clone();
-    let ip = app.edge.client_ip(peer, req.headers());
-    let (pattern, result) = match routes.at(req.uri().path()) {
-        Ok(found) => {
-            let route = *found.value;
-            let params = Params::from(&found.params);
-            let result = dispatch(app, which, route.id, params, req, ip).await;
-            (route.pattern, result)
+    let (pattern, result) = if let Err(e) = app.limits.head.check(&req) {
+        ("unmatched", Err(e))
+    } else {
+        match routes.at(req.uri().path()) {
+            Ok(found) if !found.value.methods.contains(&method) => (
+                found.value.pattern,
+                Err(Error::MethodNotAllowed {
+                    allow: found.value.allow(),
+                }),
+            ),
+            Ok(found) => {
+                let route = *found.value;
+                let params = Params::from(&found.params);
+                let ip = app.edge.client_ip(peer, req.headers());
+                let result = dispatch(app, which, route.id, params, req, ip).await;
+                (route.pattern, result)
+            }
+            Err(_) => ("unmatched", Err(Error::NotFound("route".into()))),
         }
-        Err(_) => ("unmatched", Err(Error::NotFound("route".into()))),
     };
     let (response, code) = match result {
         Ok(response) => (response, "OK"),
@@ -491,5 +583,37 @@ impl Params {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_the_token_is_not() {
+        assert_eq!(bearer_token(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"BEARER ABC"), Some(&b"ABC"[..]));
+        assert_eq!(bearer_token(b"bEaReR   abc"), Some(&b"abc"[..]));
+        for refused in [
+            &b"Bearer"[..],
+            b"Bearer ",
+            b"Bearerabc",
+            b"Basic abc",
+            b"Bear abc",
+        ] {
+            assert_eq!(bearer_token(refused), None, "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn the_allow_header_lists_a_routes_methods() {
+        let admin = admin_routes();
+        let sku = admin.at("/v1/skus/s").expect("matched");
+        assert_eq!(sku.value.allow(), "GET, PUT");
+        let public = public_routes();
+        let redeem = public.at("/v1/redeem").expect("matched");
+        assert_eq!(redeem.value.allow(), "POST");
     }
 }

@@ -79,23 +79,25 @@ async fn attempt(
         }
         None => {
             canonical(&Format::default(), raw)?;
-            let Some(sku) = inventory.locate(raw).await? else {
-                return Err(Error::CardInvalid);
-            };
-            let settings = app.skus.require(inventory, &sku).await?;
-            // The SKU's own format judges the code; failing it here would reveal that the
-            // index knew the code, so it gets the uniform answer instead.
-            let Ok(code) = canonical(&settings.format, raw) else {
-                return Err(Error::CardInvalid);
-            };
-            let redemption = inventory.redeem(&sku, &code, redeemer).await?;
-            app.durable(
-                &sku,
-                redemption.event_id.as_deref(),
-                redemption.emitted.as_ref(),
-            )
-            .await?;
-            Ok(redemption)
+            if let Some(sku) = inventory.locate(raw).await? {
+                // The SKU's own format judges the code; failing it here would reveal that
+                // the index knew the code, so it gets the uniform answer instead.
+                let settings = app.skus.get(inventory, &sku).await?;
+                if let Some(Ok(code)) = settings.map(|s| canonical(&s.format, raw)) {
+                    let redemption = inventory.redeem(&sku, &code, redeemer).await?;
+                    app.durable(
+                        &sku,
+                        redemption.event_id.as_deref(),
+                        redemption.emitted.as_ref(),
+                    )
+                    .await?;
+                    return Ok(redemption);
+                }
+            }
+            // Not redeemable wherever the index pointed, or nowhere: the same script call as
+            // an unsold code costs, so timing does not reveal which codes exist.
+            inventory.redeem_unknown(raw, redeemer).await?;
+            Err(Error::CardInvalid)
         }
     }
 }
