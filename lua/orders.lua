@@ -16,66 +16,72 @@
 -- release or expiry, which outranks the hold or claim that created the order; an event of
 -- lower rank only fills in what the record lacks (quantity, hold length, creation time).
 -- Events at or below the SKU's `orders_seq` (meta) were applied already: a rebuild that is
--- run again (interrupted, or by two gateways at once) changes nothing twice.
+-- run again (interrupted, or by two gateways at once) changes nothing twice. Once the SKU
+-- serves clients, an order changed live (a record without a rank) is newer than anything the
+-- ledger can tell and is left alone; only orders the engine lacks, or still holds as rebuilt,
+-- are written.
 
 local RANK = { hold = 1, claim = 1, release = 2, expire = 2, confirm = 3 }
 -- Whether an order in this state holds or owns its codes (counts toward its user).
 local function counted(state) return state == 'held' or state == 'claimed' end
 
 if (redis.call('HGET', K.meta, 'gen') or '') ~= ARGV[1] then return { 'stale' } end
+local loading = redis.call('HGET', K.meta, 'loading') == '1'
+-- Merges one ledger event into order `order_id`'s record.
+local function merge(order_id, o, kind, user, id_list, at, expires_at, hold_ms, qty, late)
+  local rank = RANK[kind]
+  local was = o and o.state
+  local was_rank = o and tonumber(o.rank) or 0
+  if not o then
+    o = {
+      state = 'held', qty = qty > 0 and qty or #id_list, user = user, hold_ms = 0,
+      expires_at = 0, late = false, created_at = at, updated_at = at, ids = id_list,
+    }
+  end
+  if rank == 1 then
+    -- The creation: what only it knows.
+    o.qty = qty > 0 and qty or #id_list
+    o.hold_ms, o.created_at = hold_ms, at
+    if kind == 'hold' then o.expires_at = expires_at end
+    if not was then o.user = user end
+  end
+  if rank >= was_rank then
+    if kind == 'claim' or kind == 'confirm' then
+      o.state = 'claimed'
+    elseif kind == 'hold' then
+      o.state = 'held'
+    else
+      o.state = kind == 'release' and 'released' or 'expired'
+    end
+    if kind == 'confirm' then o.late = late end
+    o.ids = id_list
+    o.updated_at = math.max(o.updated_at, at)
+    o.rank = rank
+  end
+  if o.state == 'held' then
+    redis.call('ZADD', K.holds, o.expires_at, order_id)
+  else
+    redis.call('ZREM', K.holds, order_id)
+  end
+  local delta = (counted(o.state) and o.qty or 0) - ((was and counted(was)) and o.qty or 0)
+  if delta ~= 0 then add_user_codes(o.user, delta) end
+  o.eid = ''
+  save_order(order_id, o, o.rank)
+end
+
 local applied = 0
 local done = tonumber(redis.call('HGET', K.meta, 'orders_seq') or '0')
 for i = 2, #ARGV, 11 do
-  local seq = tonumber(ARGV[i + 10])
-  local kind = ARGV[i]
+  local seq, kind, order_id = tonumber(ARGV[i + 10]), ARGV[i], ARGV[i + 1]
   if seq > done and RANK[kind] then
     done = seq
-    local order_id, user, ids = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-    local at, expires_at = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
-    local hold_ms, qty, late = tonumber(ARGV[i + 7]), tonumber(ARGV[i + 8]), ARGV[i + 9] == '1'
-    local id_list = split(ids, ',')
     local o = decode_order(redis.call('HGET', K.orders, order_id))
-    local rank = RANK[kind]
-    local was = o and o.state
-    local was_rank = o and tonumber(o.rank) or 0
-    if not o then
-      o = {
-        state = 'held', qty = qty > 0 and qty or #id_list, user = user, hold_ms = 0,
-        expires_at = 0, late = false, created_at = at, updated_at = at, ids = id_list,
-      }
+    -- An order changed live since (no rank) is newer than the ledger: keep it.
+    if loading or not o or o.rank ~= '' then
+      merge(order_id, o, kind, ARGV[i + 2], split(ARGV[i + 3], ','), tonumber(ARGV[i + 5]),
+        tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7]), tonumber(ARGV[i + 8]), ARGV[i + 9] == '1')
+      applied = applied + 1
     end
-    if rank == 1 then
-      -- The creation: what only it knows.
-      o.qty = qty > 0 and qty or #id_list
-      o.hold_ms, o.created_at = hold_ms, at
-      if kind == 'hold' then o.expires_at = expires_at end
-      if not was then o.user = user end
-    end
-    if rank >= was_rank then
-      if kind == 'claim' then
-        o.state = 'claimed'
-      elseif kind == 'hold' then
-        o.state = 'held'
-      elseif kind == 'confirm' then
-        o.state, o.late = 'claimed', late
-        if late then o.ids = id_list end
-      else
-        o.state = kind == 'release' and 'released' or 'expired'
-      end
-      o.ids = id_list
-      o.updated_at = math.max(o.updated_at, at)
-      o.rank = rank
-    end
-    if o.state == 'held' then
-      redis.call('ZADD', K.holds, o.expires_at, order_id)
-    else
-      redis.call('ZREM', K.holds, order_id)
-    end
-    local delta = (counted(o.state) and o.qty or 0) - ((was and counted(was)) and o.qty or 0)
-    if delta ~= 0 then add_user_codes(o.user, delta) end
-    o.eid = ''
-    save_order(order_id, o)
-    applied = applied + 1
   end
 end
 redis.call('HSET', K.meta, 'orders_seq', done)

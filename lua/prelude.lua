@@ -111,7 +111,8 @@ end
 -- state: held, claimed, released or expired. ids are ','-joined key ids. eid is the answer id
 -- (see emit) of the last event that changed the order: with durability "ledger", answers
 -- (replays too) wait until the ledger has committed it; '' when the ledger has it already.
--- rank is set only on orders rebuilt from the ledger (orders.lua).
+-- rank is set only on orders rebuilt from the ledger and not changed since (orders.lua): any
+-- live change saves the record without it, so a rebuild never overwrites a live order.
 local function decode_order(rec)
   if not rec then return nil end
   local f = split(rec, '|')
@@ -122,10 +123,10 @@ local function decode_order(rec)
   }
 end
 
-local function save_order(order_id, o)
+local function save_order(order_id, o, rank)
   redis.call('HSET', K.orders, order_id, table.concat({
     o.state, o.qty, o.user, o.hold_ms, o.expires_at, o.late and '1' or '0', o.created_at,
-    o.updated_at, table.concat(o.ids, ','), o.eid or '', o.rank or '',
+    o.updated_at, table.concat(o.ids, ','), o.eid or '', rank or '',
   }, '|'))
 end
 

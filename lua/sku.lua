@@ -8,9 +8,11 @@
 --         from the ledger, unservable until 'ready'.
 --     | 'get'                                    Reply: {config JSON, gen, loading,
 --                                                      created_at} | {'no_sku'}
---     | 'ready', gen                             Reply: {'ready'} | {'no_sku'} | {'stale'}
---         Ends a rebuild of generation gen; 'stale' when the SKU was lost and recreated
---         since (that rebuild ends it).
+--     | 'ready', gen, epoch                      Reply: {'ready'} | {'done'} | {'stale'}
+--                                                     | {'no_sku'}
+--         Ends a rebuild of generation gen and marks the engine with epoch (see below): the
+--         one call that ends it gets 'ready'; 'done' when another rebuild ended it already;
+--         'stale' when the SKU was lost and recreated since (that rebuild ends it).
 --     | 'epoch'                                  Reply: {epoch or ''} | {'no_sku'}
 --     | 'mark', epoch                            Reply: {'marked'} | {'no_sku'}
 -- The epoch is a marker the gateway writes into both the engine and the ledger when they
@@ -36,7 +38,9 @@ end
 if op == 'ready' then
   if redis.call('EXISTS', K.meta) == 0 then return { 'no_sku' } end
   if (redis.call('HGET', K.meta, 'gen') or '') ~= ARGV[2] then return { 'stale' } end
+  if redis.call('HGET', K.meta, 'loading') ~= '1' then return { 'done' } end
   redis.call('HDEL', K.meta, 'loading')
+  redis.call('HSET', K.meta, 'epoch', ARGV[3])
   return { 'ready' }
 end
 

@@ -640,7 +640,42 @@ conformance!(
     an_incomplete_index_answers_unavailable_never_unknown,
     answers_name_the_generation_of_the_sku,
     a_rebuild_overtaken_by_a_newer_loss_never_declares_the_sku_ready,
+    a_late_order_rebuild_never_overwrites_a_live_order,
 );
+
+/// A second gateway finishing a rebuild after the first one already let the SKU serve
+/// replays ledger events on a live engine: orders changed live since stay as they are.
+async fn a_late_order_rebuild_never_overwrites_a_live_order(h: Harness) {
+    h.stock("late", SkuConfig::default(), 3).await;
+    let live = h.claim("late", "o-1", 1).await.expect("claimed live");
+    let gen = h
+        .inv
+        .sku_state("late")
+        .await
+        .expect("state")
+        .expect("sku")
+        .gen;
+    // kind, order, user, ids, event id, at, expires_at, hold ms, quantity, late, seq
+    let event = |kind: &str, order: &str, ids: &str, seq: &str| {
+        [kind, order, "", ids, "", "1", "0", "0", "1", "0", seq].map(str::to_owned)
+    };
+    let mut args = vec![gen];
+    args.extend(event("expire", "o-1", "1", "7"));
+    args.extend(event("claim", "o-9", "2", "8"));
+    h.inv
+        .engine()
+        .eval(&kamigate::engine::SCRIPTS.orders, sku_keys("late"), args)
+        .await
+        .expect("orders.lua runs");
+    let after = h.inv.order("late", "o-1").await.expect("order");
+    assert_eq!(after.state, "claimed", "the live order is kept");
+    assert_eq!(after.keys, live.keys);
+    let missing = h.inv.order("late", "o-9").await.expect("order");
+    assert_eq!(
+        missing.state, "claimed",
+        "an order the engine lacked is rebuilt"
+    );
+}
 
 async fn a_rebuild_overtaken_by_a_newer_loss_never_declares_the_sku_ready(h: Harness) {
     let inv = &h.inv;
@@ -675,7 +710,7 @@ async fn a_rebuild_overtaken_by_a_newer_loss_never_declares_the_sku_ready(h: Har
         .expect("new");
     assert_ne!(first, second);
     assert!(matches!(
-        inv.mark_ready("again", &first).await,
+        inv.mark_ready("again", &first, "e").await,
         Err(Error::Unavailable(_))
     ));
     assert!(
@@ -685,7 +720,7 @@ async fn a_rebuild_overtaken_by_a_newer_loss_never_declares_the_sku_ready(h: Har
             .expect("sku")
             .loading
     );
-    inv.mark_ready("again", &second)
+    inv.mark_ready("again", &second, "e")
         .await
         .expect("the newer rebuild ends it");
     assert!(
@@ -784,7 +819,17 @@ async fn a_sku_being_rebuilt_answers_unavailable_never_sold_out_or_unknown(h: Ha
             .expect("exists")
             .loading
     );
-    inv.mark_ready("rebuild", &gen).await.expect("ready");
+    assert!(inv.mark_ready("rebuild", &gen, "e1").await.expect("ready"));
+    assert!(
+        !inv.mark_ready("rebuild", &gen, "e2")
+            .await
+            .expect("answered"),
+        "ended once"
+    );
+    assert_eq!(
+        inv.epoch("rebuild").await.expect("epoch").as_deref(),
+        Some("e1")
+    );
     h.claim("rebuild", "o-1", 1)
         .await
         .expect("claimable once ready");

@@ -40,12 +40,9 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kamigate");
-const SKU: &str = "nemesis";
-/// More codes than the workload can ever take: any `ERR_SOLD_OUT` is a bug.
-const STOCK: usize = 6000;
+/// Two SKUs: one grace period covers both when Redis loses them together.
+const SKUS: [&str; 2] = ["nemesis-a", "nemesis-b"];
 const WORKERS: usize = 8;
-/// Orders each worker places at most (each takes one or two codes).
-const ORDERS_PER_WORKER: usize = STOCK / WORKERS / 3;
 const RECLAIM_IDLE_MS: u64 = 800;
 
 /// The runs of one binary share two cores: one at a time.
@@ -269,6 +266,7 @@ impl World {
 #[derive(Debug, Clone)]
 struct Answer {
     op: &'static str,
+    sku: &'static str,
     order: String,
     status: StatusCode,
     body: Value,
@@ -341,6 +339,7 @@ async fn until_final(
 #[allow(clippy::too_many_arguments)]
 async fn client_loop(
     w: usize,
+    orders: usize,
     seed: u64,
     bases: Vec<String>,
     stop: Arc<AtomicBool>,
@@ -356,10 +355,14 @@ async fn client_loop(
         seed ^ (w as u64).wrapping_mul(0x9e37_79b9),
     ));
     let pick = |lo: u32, hi: u32| rng.lock().expect("rng").random_range(lo..hi);
-    let record = |op: &'static str, order: &str, answer: Option<(StatusCode, Value)>| match answer {
+    let record = |op: &'static str,
+                  sku: &'static str,
+                  order: &str,
+                  answer: Option<(StatusCode, Value)>| match answer {
         Some((status, body)) => {
             let a = Answer {
                 op,
+                sku,
                 order: order.to_owned(),
                 status,
                 body,
@@ -375,20 +378,22 @@ async fn client_loop(
             None
         }
     };
-    for n in 0..ORDERS_PER_WORKER {
+    for n in 0..orders {
         if stop.load(Ordering::Relaxed) {
             return;
         }
+        let sku = SKUS[pick(0, 2) as usize];
         let order = format!("w{w}-{n}");
         let quantity = pick(1, 3);
         let hold = pick(0, 2) == 0;
+        let hold_ms = pick(1500, 4000);
         let mut body = json!({"order_id": order, "quantity": quantity});
         if hold {
-            body["hold_ms"] = json!(pick(1500, 4000));
+            body["hold_ms"] = json!(hold_ms);
         }
-        let path = format!("/v1/skus/{SKU}/claims");
-        let got = until_final(&client, &bases, &rng, &path, body, true, hard_deadline).await;
-        let Some(claim) = record(if hold { "hold" } else { "claim" }, &order, got) else {
+        let claims = format!("/v1/skus/{sku}/claims");
+        let got = until_final(&client, &bases, &rng, &claims, body, true, hard_deadline).await;
+        let Some(claim) = record(if hold { "hold" } else { "claim" }, sku, &order, got) else {
             continue;
         };
         let mut codes = Vec::new();
@@ -396,45 +401,43 @@ async fn client_loop(
             codes = claim.codes();
         }
         if claim.status == StatusCode::OK && hold {
-            let path = |what: &str| format!("/v1/skus/{SKU}/claims/{order}/{what}");
-            match pick(0, 4) {
-                0 | 1 => {
-                    let got = until_final(
-                        &client,
-                        &bases,
-                        &rng,
-                        &path("confirm"),
-                        json!({}),
-                        true,
-                        hard_deadline,
-                    )
-                    .await;
-                    if let Some(a) = record("confirm", &order, got) {
-                        if a.status == StatusCode::OK {
-                            codes = a.codes();
-                        }
+            let path = |what: &str| format!("/v1/skus/{sku}/claims/{order}/{what}");
+            let choice = pick(0, 8);
+            if choice == 7 {
+                // Paid too late: the hold lapses first, the confirm takes fresh codes.
+                tokio::time::sleep(Duration::from_millis(u64::from(hold_ms) + 300)).await;
+            }
+            let then = match choice {
+                0..=2 | 7 => Some("confirm"),
+                3 | 4 => Some("release"),
+                _ => None, // left to lapse
+            };
+            if let Some(what) = then {
+                let got = until_final(
+                    &client,
+                    &bases,
+                    &rng,
+                    &path(what),
+                    json!({}),
+                    true,
+                    hard_deadline,
+                )
+                .await;
+                if let Some(a) = record(what, sku, &order, got) {
+                    if what == "confirm" && a.status == StatusCode::OK {
+                        codes = a.codes();
                     }
                 }
-                2 => {
-                    let got = until_final(
-                        &client,
-                        &bases,
-                        &rng,
-                        &path("release"),
-                        json!({}),
-                        true,
-                        hard_deadline,
-                    )
-                    .await;
-                    record("release", &order, got);
-                }
-                _ => {} // left to lapse
             }
         }
         if let Some(code) = codes.first() {
             let redeemers = if pick(0, 5) == 0 { 2 } else { 1 };
             for r in 0..redeemers {
-                let body = json!({"code": code, "redeemer": format!("r{r}-{order}"), "sku": SKU});
+                let mut body = json!({"code": code, "redeemer": format!("r{r}-{order}")});
+                // Half name the SKU; the others are found through the global index.
+                if pick(0, 2) == 0 {
+                    body["sku"] = json!(sku);
+                }
                 let got = until_final(
                     &client,
                     &bases,
@@ -445,19 +448,20 @@ async fn client_loop(
                     hard_deadline,
                 )
                 .await;
-                record(if r == 0 { "redeem" } else { "redeem-again" }, &order, got);
+                let op = if r == 0 { "redeem" } else { "redeem-again" };
+                record(op, sku, &order, got);
             }
         }
     }
 }
 
 /// Waits until the ledger has every change and engine and ledger agree.
-async fn settle(client: &reqwest::Client, gw: &Gateway) -> Value {
+async fn settle(client: &reqwest::Client, gw: &Gateway, sku: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut last = Value::Null;
     loop {
         if let Ok(res) = client
-            .get(format!("{}/v1/skus/{SKU}", gw.public))
+            .get(format!("{}/v1/skus/{sku}", gw.public))
             .bearer_auth(MERCHANT_TOKEN)
             .send()
             .await
@@ -497,24 +501,30 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
     let mut world = World::start(engine, ledger, durability).await;
     let client = reqwest::Client::new();
     let admin = world.gateways[0].admin.clone();
-    let put = client
-        .put(format!("{admin}/v1/skus/{SKU}"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("answered");
-    assert_eq!(put.status(), StatusCode::CREATED);
-    let codes: String = (0..STOCK).map(|i| format!("NEM-{i:06}\n")).collect();
-    let import = client
-        .post(format!("{admin}/v1/skus/{SKU}/batches?batch_id=b1"))
-        .bearer_auth(ADMIN_TOKEN)
-        .header("content-type", "text/plain")
-        .body(codes)
-        .send()
-        .await
-        .expect("answered");
-    assert_eq!(import.status(), StatusCode::OK);
+    // More codes than the workload can take: any `ERR_SOLD_OUT` is a bug.
+    let stock = 300 * secs.max(10) as usize;
+    for sku in SKUS {
+        let put = client
+            .put(format!("{admin}/v1/skus/{sku}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(put.status(), StatusCode::CREATED);
+        let codes: String = (0..stock).map(|i| format!("{sku}-{i:06}\n")).collect();
+        let import = client
+            .post(format!("{admin}/v1/skus/{sku}/batches?batch_id=b1"))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "text/plain")
+            .body(codes)
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(import.status(), StatusCode::OK);
+    }
+    // Each order takes at most two codes of one of the SKUs.
+    let orders = stock / WORKERS / 2;
 
     let bases: Vec<String> = world.gateways.iter().map(|g| g.public.clone()).collect();
     let stop = Arc::new(AtomicBool::new(false));
@@ -525,6 +535,7 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         .map(|w| {
             tokio::spawn(client_loop(
                 w,
+                orders,
                 seed,
                 bases.clone(),
                 stop.clone(),
@@ -574,16 +585,17 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
 
     // 2. No code to two orders; a retried order got the same codes every time.
     let mut owner: HashMap<String, String> = HashMap::new();
-    let mut order_codes: HashMap<String, Vec<String>> = HashMap::new();
+    let mut order_codes: HashMap<(&str, String), Vec<String>> = HashMap::new();
     for a in answers.iter().filter(|a| a.status == StatusCode::OK) {
         let codes = a.codes();
         if codes.is_empty() {
             continue;
         }
-        if let Some(before) = order_codes.get(&a.order) {
+        let order = (a.sku, a.order.clone());
+        if let Some(before) = order_codes.get(&order) {
             assert_eq!(before, &codes, "order {} answered two ways", a.order);
         }
-        order_codes.insert(a.order.clone(), codes.clone());
+        order_codes.insert(order, codes.clone());
         for code in codes {
             if let Some(other) = owner.insert(code.clone(), a.order.clone()) {
                 assert_eq!(other, a.order, "a code was sold to two orders");
@@ -604,19 +616,22 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
     }
 
     // 4. Everything settles: nothing in flight, no drift, engine and ledger agree.
-    let view = settle(&client, &world.gateways[0]).await;
-    let claimed = view["ledger"]["claimed"].as_u64().unwrap_or(0)
-        + view["ledger"]["redeemed"].as_u64().unwrap_or(0);
+    let mut claimed = 0;
+    for sku in SKUS {
+        let view = settle(&client, &world.gateways[0], sku).await;
+        claimed += view["ledger"]["claimed"].as_u64().unwrap_or(0)
+            + view["ledger"]["redeemed"].as_u64().unwrap_or(0);
+    }
     let sold: usize = order_codes.values().map(Vec::len).sum();
     assert!(
         claimed >= sold as u64,
-        "the ledger sold fewer codes than were answered: {view}"
+        "the ledger sold fewer codes ({claimed}) than were answered ({sold})"
     );
 
     // 5. The engine still answers every answered order as it was answered.
-    for (order, codes) in &order_codes {
+    for ((sku, order), codes) in &order_codes {
         let res = client
-            .get(format!("{}/v1/skus/{SKU}/claims/{order}", bases[0]))
+            .get(format!("{}/v1/skus/{sku}/claims/{order}", bases[0]))
             .bearer_auth(MERCHANT_TOKEN)
             .send()
             .await
@@ -624,6 +639,7 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         let body: Value = res.json().await.expect("json");
         let now = Answer {
             op: "order",
+            sku,
             order: order.clone(),
             status: StatusCode::OK,
             body,
@@ -638,25 +654,28 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
     let ledger = kamigate::ledger::open(world.database_url.as_deref(), &world.data_dir)
         .await
         .expect("ledger opens");
-    let mut kinds: HashMap<String, HashSet<String>> = HashMap::new();
-    let mut cursor = 0;
-    loop {
-        let events = ledger
-            .order_events_after(SKU, cursor, 1000)
-            .await
-            .expect("order events");
-        let Some((last, _)) = events.last() else {
-            break;
-        };
-        cursor = *last;
-        for (_, e) in events {
-            if let Some(order) = e.order_id {
-                kinds.entry(order).or_default().insert(e.kind);
+    let mut kinds: HashMap<(&str, String), HashSet<String>> = HashMap::new();
+    for sku in SKUS {
+        let mut cursor = 0;
+        loop {
+            let events = ledger
+                .order_events_after(sku, cursor, 1000)
+                .await
+                .expect("order events");
+            let Some((last, _)) = events.last() else {
+                break;
+            };
+            cursor = *last;
+            for (_, e) in events {
+                if let Some(order) = e.order_id {
+                    kinds.entry((sku, order)).or_default().insert(e.kind);
+                }
             }
         }
     }
     for a in answers.iter().filter(|a| a.status == StatusCode::OK) {
-        let has = |kind: &str| kinds.get(&a.order).is_some_and(|k| k.contains(kind));
+        let order = (a.sku, a.order.clone());
+        let has = |kind: &str| kinds.get(&order).is_some_and(|k| k.contains(kind));
         match a.op {
             "claim" => assert!(has("claim"), "answered claim {} not in the ledger", a.order),
             "hold" => assert!(has("hold"), "answered hold {} not in the ledger", a.order),

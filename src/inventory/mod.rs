@@ -371,14 +371,16 @@ impl Inventory {
         self.put_sku_as(sku, config, true).await
     }
 
-    /// Ends the rebuild of generation `gen`: the SKU serves clients again. Fails when the
-    /// SKU was lost and recreated since (the rebuild of the new generation ends that one).
-    pub async fn mark_ready(&self, sku: &str, gen: &str) -> Result<(), Error> {
-        let reply = self
-            .run(&SCRIPTS.sku, sku, vec!["ready".into(), gen.into()])
-            .await?;
+    /// Ends the rebuild of generation `gen`, marking the engine with `epoch`: the SKU serves
+    /// clients again. Returns whether this call ended it (`false`: another rebuild of the
+    /// same generation did). Fails when the SKU was lost and recreated since (the rebuild of
+    /// the new generation ends that one).
+    pub async fn mark_ready(&self, sku: &str, gen: &str, epoch: &str) -> Result<bool, Error> {
+        let args = vec!["ready".into(), gen.into(), epoch.into()];
+        let reply = self.run(&SCRIPTS.sku, sku, args).await?;
         match tag(&reply) {
-            "ready" => Ok(()),
+            "ready" => Ok(true),
+            "done" => Ok(false),
             _ => Err(lost_again(sku)),
         }
     }

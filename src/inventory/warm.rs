@@ -161,11 +161,13 @@ pub async fn finish_restore(
 ) -> Result<WarmReport, Error> {
     let report = warm_generation(ledger, inventory, sku, 0, gen, |_| {}).await?;
     let orders = restore_orders(ledger, inventory, sku, gen).await?;
-    // The rebuilt engine now agrees with the ledger: mark both alike.
+    // The rebuilt engine now agrees with the ledger: mark both alike. The engine first, in
+    // the same step that ends the rebuild, so of two gateways finishing one rebuild only
+    // one marks (the other's marker would not match).
     let epoch = hex::encode(rand::random::<[u8; 8]>());
-    ledger.set_epoch(sku, &epoch).await?;
-    inventory.mark_epoch(sku, &epoch).await?;
-    inventory.mark_ready(sku, gen).await?;
+    if inventory.mark_ready(sku, gen, &epoch).await? {
+        ledger.set_epoch(sku, &epoch).await?;
+    }
     tracing::info!(
         sku,
         loaded = report.loaded,
