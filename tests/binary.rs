@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-use support::gateway::free_port;
+use support::gateway::{free_port, wait_ready};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kamigate");
 
@@ -67,19 +67,12 @@ async fn serve_generates_tokens_serves_and_exits_cleanly_on_sigterm() {
         rest
     });
 
+    wait_ready(
+        &format!("http://127.0.0.1:{admin}"),
+        Duration::from_secs(10),
+    )
+    .await;
     let client = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let ready = client
-            .get(format!("http://127.0.0.1:{admin}/readyz"))
-            .send()
-            .await;
-        if ready.map(|r| r.status()).ok() == Some(StatusCode::OK) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let put = client
         .put(format!("http://127.0.0.1:{admin}/v1/skus/bin"))
         .bearer_auth(&admin_token)
@@ -314,27 +307,15 @@ fn serve_on(data: &std::path::Path) -> (tokio::process::Child, u16) {
     (child, admin)
 }
 
-async fn wait_ready(admin: u16) {
-    let client = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let ready = client
-            .get(format!("http://127.0.0.1:{admin}/readyz"))
-            .send()
-            .await;
-        if ready.map(|r| r.status()).ok() == Some(StatusCode::OK) {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_gateway_on_a_data_dir_in_use_refuses_to_start_until_the_first_is_gone() {
     let data = tempfile::tempdir().expect("temp dir");
     let (mut first, admin) = serve_on(data.path());
-    wait_ready(admin).await;
+    wait_ready(
+        &format!("http://127.0.0.1:{admin}"),
+        Duration::from_secs(20),
+    )
+    .await;
 
     let (second, _) = serve_on(data.path());
     let out = tokio::time::timeout(Duration::from_secs(20), second.wait_with_output())
@@ -354,7 +335,11 @@ async fn a_second_gateway_on_a_data_dir_in_use_refuses_to_start_until_the_first_
     first.start_kill().expect("SIGKILL sent");
     first.wait().await.expect("reaped");
     let (mut third, admin) = serve_on(data.path());
-    wait_ready(admin).await;
+    wait_ready(
+        &format!("http://127.0.0.1:{admin}"),
+        Duration::from_secs(20),
+    )
+    .await;
     third.start_kill().expect("SIGKILL sent");
     third.wait().await.expect("reaped");
 }

@@ -6,17 +6,17 @@
 mod support;
 
 use std::collections::HashSet;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use support::gateway::{audit_trail, config, free_port, TestGateway, ADMIN_TOKEN, MERCHANT_TOKEN};
+use support::gateway::{
+    audit_trail, config, free_port, spawn_serve, wait_ready, TestGateway, ADMIN_TOKEN,
+    MERCHANT_TOKEN,
+};
 use support::redis_server::RedisServer;
-use tokio::process::{Child, Command};
-
-const BIN: &str = env!("CARGO_BIN_EXE_kamigate");
+use tokio::process::Child;
 
 struct Binary {
     child: Child,
@@ -25,33 +25,14 @@ struct Binary {
 }
 
 async fn spawn_gateway(config: &std::path::Path, public: u16, admin: u16) -> Binary {
-    let child = Command::new(BIN)
-        .args(["serve", "--config", config.to_str().expect("utf-8 path")])
-        .env_clear()
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("gateway starts");
+    let child = spawn_serve(config);
     let gw = Binary {
         child,
         public: format!("http://127.0.0.1:{public}"),
         admin: format!("http://127.0.0.1:{admin}"),
     };
-    let client = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let ready = client.get(format!("{}/readyz", gw.admin)).send().await;
-        if ready.map(|r| r.status()).ok() == Some(StatusCode::OK) {
-            return gw;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "gateway never ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&gw.admin, Duration::from_secs(15)).await;
+    gw
 }
 
 /// Claims one code per order, from `workers` concurrent clients, until stopped; records

@@ -75,18 +75,8 @@ impl Env {
         content_type: &str,
         body: impl Into<reqwest::Body>,
     ) -> (StatusCode, Value) {
-        let res = self
-            .gw
-            .client
-            .post(self.batches_url(sku, batch_id))
-            .bearer_auth(ADMIN_TOKEN)
-            .header("content-type", content_type)
-            .body(body)
-            .send()
-            .await
-            .expect("answered");
-        let status = res.status();
-        (status, res.json().await.unwrap_or(Value::Null))
+        let query = format!("batch_id={batch_id}");
+        self.gw.upload(sku, &query, content_type, body).await
     }
 
     fn batches_url(&self, sku: &str, batch_id: &str) -> String {

@@ -9,29 +9,9 @@ use std::time::Duration;
 use kamigate::engine::embedded::EmbeddedEngine;
 use kamigate::inventory::Inventory;
 use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::json;
 use support::clock::ManualClock;
 use support::gateway::{config, TestGateway, ADMIN_TOKEN};
-
-async fn upload(
-    gw: &TestGateway,
-    sku: &str,
-    query: &str,
-    content_type: &str,
-    body: impl Into<reqwest::Body>,
-) -> (StatusCode, Value) {
-    let res = gw
-        .client
-        .post(format!("{}/v1/skus/{sku}/batches?{query}", gw.admin))
-        .bearer_auth(ADMIN_TOKEN)
-        .header("content-type", content_type)
-        .body(body)
-        .send()
-        .await
-        .expect("answered");
-    let status = res.status();
-    (status, res.json().await.unwrap_or(Value::Null))
-}
 
 #[tokio::test]
 async fn csv_and_ndjson_uploads_carry_expiry_and_uses() {
@@ -47,14 +27,15 @@ async fn csv_and_ndjson_uploads_carry_expiry_and_uses() {
                3,CSV-0003,,3\r\n\
                4,\"bad,code\",,\r\n\
                5,CSV-0005,not-a-date,\r\n";
-    let (status, report) = upload(&gw, "multi", "batch_id=c1", "text/csv", csv).await;
+    let (status, report) = gw.upload("multi", "batch_id=c1", "text/csv", csv).await;
     assert_eq!(status, StatusCode::OK, "{report}");
     assert_eq!(report["accepted"], 3, "{report}");
     assert_eq!(report["rejected"], 2, "{report}");
     let ndjson =
         "{\"code\":\"ND-0001\"}\n{\"code\":5}\n{\"code\":\"ND-0002\",\"max_uses\":2}\nnot json\n";
-    let (status, report) =
-        upload(&gw, "multi", "batch_id=n1", "application/x-ndjson", ndjson).await;
+    let (status, report) = gw
+        .upload("multi", "batch_id=n1", "application/x-ndjson", ndjson)
+        .await;
     assert_eq!(status, StatusCode::OK, "{report}");
     assert_eq!(
         (report["accepted"].as_u64(), report["rejected"].as_u64()),
@@ -82,14 +63,14 @@ async fn csv_and_ndjson_uploads_carry_expiry_and_uses() {
     assert_eq!(expired, 1);
 
     // Unsold, a code past its time is never sold: the claim that comes upon it retires it.
-    let (status, report) = upload(
-        &gw,
-        "multi",
-        "batch_id=c2",
-        "text/csv",
-        "code,expires_at\nLATE-0001,2026-01-01T04:00:00Z\nLATE-0002,\n",
-    )
-    .await;
+    let (status, report) = gw
+        .upload(
+            "multi",
+            "batch_id=c2",
+            "text/csv",
+            "code,expires_at\nLATE-0001,2026-01-01T04:00:00Z\nLATE-0002,\n",
+        )
+        .await;
     assert_eq!(
         (status, report["accepted"].as_u64()),
         (StatusCode::OK, Some(2))
@@ -108,17 +89,23 @@ async fn csv_and_ndjson_uploads_carry_expiry_and_uses() {
 async fn a_resent_batch_adds_nothing_and_answers_the_first_counts() {
     let gw = TestGateway::embedded().await;
     gw.put_sku("again", json!({})).await;
-    let (_, first) = upload(&gw, "again", "batch_id=b1", "text/plain", "A1\nA2\nA2\n").await;
+    let (_, first) = gw
+        .upload("again", "batch_id=b1", "text/plain", "A1\nA2\nA2\n")
+        .await;
     assert_eq!(
         (first["accepted"].as_u64(), first["duplicate"].as_u64()),
         (Some(2), Some(1))
     );
-    let (status, second) = upload(&gw, "again", "batch_id=b1", "text/plain", "A1\nA2\nA3\n").await;
+    let (status, second) = gw
+        .upload("again", "batch_id=b1", "text/plain", "A1\nA2\nA3\n")
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(second["replayed"], true);
     assert_eq!(second["accepted"], 2);
     assert_eq!(gw.counts("again").await["available"], 2, "A3 was not added");
-    let (_, other) = upload(&gw, "again", "batch_id=b2", "text/plain", "A1\nA3\n").await;
+    let (_, other) = gw
+        .upload("again", "batch_id=b2", "text/plain", "A1\nA3\n")
+        .await;
     assert_eq!(
         (other["accepted"].as_u64(), other["duplicate"].as_u64()),
         (Some(1), Some(1))
@@ -134,14 +121,14 @@ async fn a_resent_batch_adds_nothing_and_answers_the_first_counts() {
 async fn pending_batches_are_not_for_sale_until_activated() {
     let gw = TestGateway::embedded().await;
     gw.put_sku("later", json!({})).await;
-    let (_, report) = upload(
-        &gw,
-        "later",
-        "batch_id=p1&activate=false",
-        "text/plain",
-        "P1\nP2\n",
-    )
-    .await;
+    let (_, report) = gw
+        .upload(
+            "later",
+            "batch_id=p1&activate=false",
+            "text/plain",
+            "P1\nP2\n",
+        )
+        .await;
     assert_eq!(report["state"], "pending");
     let (status, body) = gw.claim("later", json!({"order_id": "o-1"})).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
@@ -186,8 +173,9 @@ async fn an_interrupted_upload_leaves_nothing_behind() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         // The aborted batch id can be used again, and the SKU has none of its codes.
-        let (status, report) =
-            upload(&gw, "cut", "batch_id=x1", "text/plain", "CUT-000001\n").await;
+        let (status, report) = gw
+            .upload("cut", "batch_id=x1", "text/plain", "CUT-000001\n")
+            .await;
         if status == StatusCode::OK && report["replayed"] == false {
             assert_eq!(report["accepted"], 1, "{report}");
             break;
@@ -206,9 +194,9 @@ async fn an_interrupted_upload_leaves_nothing_behind() {
 async fn unsupported_upload_types_are_refused() {
     let gw = TestGateway::embedded().await;
     gw.put_sku("t", json!({})).await;
-    let (status, body) = upload(&gw, "t", "batch_id=z", "image/png", "\u{89}PNG").await;
+    let (status, body) = gw.upload("t", "batch_id=z", "image/png", "\u{89}PNG").await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    let (status, _) = upload(&gw, "t", "activate=maybe", "text/plain", "A").await;
+    let (status, _) = gw.upload("t", "activate=maybe", "text/plain", "A").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(gw.counts("t").await["available"], 0);
     gw.stop().await;
@@ -245,14 +233,14 @@ async fn blacklisted_codes_are_rejected_in_any_spelling() {
         .put_sku("bl", json!({"blacklist": ["TEST-0000", "1234-5678"]}))
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    let (_, report) = upload(
-        &gw,
-        "bl",
-        "batch_id=b1",
-        "text/plain",
-        "GOOD-0001\ntest 0000\n12345678\nGOOD-0002\n",
-    )
-    .await;
+    let (_, report) = gw
+        .upload(
+            "bl",
+            "batch_id=b1",
+            "text/plain",
+            "GOOD-0001\ntest 0000\n12345678\nGOOD-0002\n",
+        )
+        .await;
     assert_eq!(
         (report["accepted"].as_u64(), report["rejected"].as_u64()),
         (Some(2), Some(2))

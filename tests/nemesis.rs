@@ -24,7 +24,6 @@ mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,13 +32,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use support::gateway::{free_port, ADMIN_TOKEN, MERCHANT_TOKEN};
+use support::gateway::{free_port, spawn_serve, ADMIN_TOKEN, MERCHANT_TOKEN};
 use support::postgres_server::Postgres;
 use support::redis_server::RedisServer;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kamigate");
 /// Two SKUs: one grace period covers both when Redis loses them together.
 const SKUS: [&str; 2] = ["nemesis-a", "nemesis-b"];
 const WORKERS: usize = 8;
@@ -90,16 +88,7 @@ impl Gateway {
     }
 
     async fn start(&mut self) {
-        let child = Command::new(BIN)
-            .args(["serve", "--config", self.config.to_str().expect("utf-8")])
-            .env_clear()
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("gateway starts");
-        self.child = Some(child);
+        self.child = Some(spawn_serve(&self.config));
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

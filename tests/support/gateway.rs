@@ -1,6 +1,7 @@
 //! A gateway on port 0 driven by a real HTTP client.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use kamigate::config::Config;
 use kamigate::gateway::Gateway;
@@ -116,11 +117,22 @@ impl TestGateway {
 
     /// Imports `body` (a code per line) into `sku`.
     pub async fn import(&self, sku: &str, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
+        self.upload(sku, "", "text/plain", body).await
+    }
+
+    /// An upload to `POST /v1/skus/{sku}/batches?{query}` with `content_type`.
+    pub async fn upload(
+        &self,
+        sku: &str,
+        query: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, Value) {
         Self::send(
             self.client
-                .post(format!("{}/v1/skus/{sku}/batches", self.admin))
+                .post(format!("{}/v1/skus/{sku}/batches?{query}", self.admin))
                 .bearer_auth(ADMIN_TOKEN)
-                .header("content-type", "text/plain")
+                .header("content-type", content_type)
                 .body(body),
         )
         .await
@@ -238,4 +250,35 @@ pub async fn audit_trail(
         .filter_map(|e| e["kind"].as_str().map(str::to_owned))
         .collect();
     (trail, kinds)
+}
+
+/// Waits until the gateway whose admin listener is `admin` (`http://host:port`) is ready.
+pub async fn wait_ready(admin: &str, within: Duration) {
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let ready = client.get(format!("{admin}/readyz")).send().await;
+        if ready.map(|r| r.status()).ok() == Some(StatusCode::OK) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gateway never ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts the `kamigate serve` binary on a TOML `config`, with a clean environment and its
+/// output discarded; killed when dropped.
+pub fn spawn_serve(config: &std::path::Path) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_kamigate"))
+        .args(["serve", "--config", config.to_str().expect("utf-8 path")])
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("gateway starts")
 }
