@@ -57,6 +57,9 @@ pub enum Error {
     /// Another upload is filling the same import batch.
     #[error("{0}")]
     BatchInProgress(String),
+    /// A format version still has sold keys nobody redeemed.
+    #[error("format version {version} has {unredeemed} sold keys not redeemed yet")]
+    FormatInUse { version: u32, unredeemed: u64 },
     #[error("too many requests")]
     RateLimited { retry_after_ms: u64 },
     #[error("too many failed redemptions")]
@@ -87,6 +90,7 @@ impl Error {
             Error::OrderConflict(_) => "ERR_ORDER_CONFLICT",
             Error::HoldExpired => "ERR_HOLD_EXPIRED",
             Error::BatchInProgress(_) => "ERR_BATCH_IN_PROGRESS",
+            Error::FormatInUse { .. } => "ERR_FORMAT_IN_USE",
             Error::RateLimited { .. } => "ERR_RATE_LIMITED",
             Error::LockedOut { .. } => "ERR_LOCKED_OUT",
             Error::Unavailable(_) => "ERR_UNAVAILABLE",
@@ -111,7 +115,8 @@ impl Error {
             | Error::UserLimit { .. }
             | Error::OrderConflict(_)
             | Error::HoldExpired
-            | Error::BatchInProgress(_) => StatusCode::CONFLICT,
+            | Error::BatchInProgress(_)
+            | Error::FormatInUse { .. } => StatusCode::CONFLICT,
             Error::RateLimited { .. } | Error::LockedOut { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -192,6 +197,9 @@ impl Error {
                     .into()
             }
             Error::Unavailable(_) => "retry after the Retry-After interval".into(),
+            Error::FormatInUse { .. } => {
+                "wait until they are redeemed, or send `\"force\": true` to void them too".into()
+            }
             _ => return None,
         })
     }

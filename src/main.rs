@@ -87,11 +87,15 @@ fn main() -> ExitCode {
         } => operate(config, |config| async move {
             let report = kamigate::commands::import(&config, &file, &sku, &batch, !pending).await?;
             println!(
-                "batch {batch}: {} accepted, {} rejected, {} duplicate ({}{})",
+                "batch {batch}: {} accepted, {} rejected, {} duplicate ({}{}{})",
                 report.accepted,
                 report.rejected,
                 report.duplicate,
                 if pending { "pending" } else { "active" },
+                report
+                    .format_version
+                    .map(|v| format!(", format version {v}"))
+                    .unwrap_or_default(),
                 if report.replayed {
                     ", imported before: nothing added"
                 } else {

@@ -16,8 +16,33 @@ pub const HTTP_REQUESTS: &str = "kamigate_http_requests_total";
 pub const HTTP_DURATION: &str = "kamigate_http_request_duration_seconds";
 /// Claims by `outcome`: `new`, `replay`, `held`, or the error code.
 pub const CLAIMS: &str = "kamigate_claims_total";
-/// Redemptions by `outcome`: `new`, `replay`, or the error code.
+/// Redemptions by `outcome` (`new`, `replay`, or the error code) and by the SKU
+/// `format_version` the code matched under ([`VersionLabel`]).
 pub const REDEMPTIONS: &str = "kamigate_redemptions_total";
+
+/// The `format_version` label of [`REDEMPTIONS`]: `1` … `16`, `17+` beyond (a bounded label
+/// set however many versions a SKU goes through), `none` when no code matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionLabel {
+    None,
+    Of(u32),
+}
+
+impl VersionLabel {
+    pub fn as_str(self) -> &'static str {
+        const LABELS: [&str; 16] = [
+            "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+        ];
+        match self {
+            VersionLabel::None => "none",
+            VersionLabel::Of(v) => v
+                .checked_sub(1)
+                .and_then(|i| LABELS.get(i as usize))
+                .copied()
+                .unwrap_or("17+"),
+        }
+    }
+}
 /// Engine script latency by `script` and `engine`.
 pub const SCRIPT_DURATION: &str = "kamigate_engine_script_duration_seconds";
 /// Engine script failures by `script` and `kind` (`unavailable`, `script`).
@@ -77,7 +102,10 @@ fn describe() {
         "HTTP request latency by matched route and outcome."
     );
     describe_counter!(CLAIMS, "Claims by outcome.");
-    describe_counter!(REDEMPTIONS, "Redemptions by outcome.");
+    describe_counter!(
+        REDEMPTIONS,
+        "Redemptions by outcome and by the SKU format version the code matched."
+    );
     describe_histogram!(
         SCRIPT_DURATION,
         Unit::Seconds,

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::code::Format;
+use crate::code::{Format, Malformed};
 use crate::error::Error;
 
 /// Settings of one SKU, as sent to `PUT /v1/skus/{sku}`. Every field is optional.
@@ -31,6 +31,47 @@ pub struct SkuConfig {
     /// Codes never to import (leaked, test or placeholder codes); rows holding one are
     /// rejected. Compared after normalisation, so any spelling of an entry matches.
     pub blacklist: Vec<String>,
+    /// The version number of `format`, counted per SKU from 1: each change of the format
+    /// makes a new one, and every key records the version it was imported under. Kept by
+    /// the gateway ([`SkuConfig::succeed`]), never sent by clients.
+    pub format_version: u32,
+    /// When `format` became the SKU's format (ms since the epoch; kept by the gateway).
+    pub format_since_ms: u64,
+    /// The SKU's earlier formats, oldest first (kept by the gateway): codes sold under them
+    /// stay redeemable under the rules they were sold with.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub earlier_formats: Vec<FormatVersion>,
+}
+
+/// One of a SKU's earlier formats.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FormatVersion {
+    pub version: u32,
+    pub format: Format,
+    /// When it became the SKU's format (ms since the epoch).
+    pub since_ms: u64,
+    /// Set once an admin retired it: its keys were voided, its codes answer like unknown
+    /// ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired: Option<Retirement>,
+}
+
+/// Why and when a format version was retired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retirement {
+    pub at_ms: u64,
+    pub reason: String,
+    /// Retired although sold keys of it were not redeemed yet (they were voided).
+    pub forced: bool,
+}
+
+/// A code in canonical form under one of a SKU's format versions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub version: u32,
+    pub canonical: String,
 }
 
 impl Default for SkuConfig {
@@ -44,11 +85,83 @@ impl Default for SkuConfig {
             max_issues: 1,
             max_uses: 1,
             blacklist: Vec::new(),
+            format_version: 1,
+            format_since_ms: 0,
+            earlier_formats: Vec::new(),
         }
     }
 }
 
 impl SkuConfig {
+    /// Carries the format history over from `before`, the SKU's stored settings, into these
+    /// new settings (as a client sent them): a changed format becomes a new version and the
+    /// old one is kept; any other change keeps the version. `now_ms` dates a new version.
+    pub fn succeed(&mut self, before: Option<&SkuConfig>, now_ms: u64) {
+        let Some(before) = before else {
+            self.format_version = 1;
+            self.format_since_ms = now_ms;
+            self.earlier_formats = Vec::new();
+            return;
+        };
+        self.earlier_formats = before.earlier_formats.clone();
+        if self.format == before.format {
+            self.format_version = before.format_version;
+            self.format_since_ms = before.format_since_ms;
+            return;
+        }
+        self.earlier_formats.push(FormatVersion {
+            version: before.format_version,
+            format: before.format.clone(),
+            since_ms: before.format_since_ms,
+            retired: None,
+        });
+        self.format_version = before.format_version + 1;
+        self.format_since_ms = now_ms;
+    }
+
+    /// Every format version, the current one first, then the earlier ones newest first,
+    /// retired ones included (their keys are void, so their codes answer like unknown ones,
+    /// never as malformed).
+    pub fn versions(&self) -> impl Iterator<Item = (u32, &Format)> {
+        std::iter::once((self.format_version, &self.format)).chain(
+            self.earlier_formats
+                .iter()
+                .rev()
+                .map(|v| (v.version, &v.format)),
+        )
+    }
+
+    /// The canonical forms of a code a client sent, one per format version it passes
+    /// (distinct forms only, the newest version first), or why it is malformed under the
+    /// current format when it passes none.
+    pub fn candidates(&self, raw: &str) -> Result<Vec<Candidate>, Malformed> {
+        let mut out: Vec<Candidate> = Vec::new();
+        let mut newest = None;
+        for (version, format) in self.versions() {
+            match format.validate(raw) {
+                Ok(canonical) => {
+                    if !out.iter().any(|c| c.canonical == canonical) {
+                        out.push(Candidate { version, canonical });
+                    }
+                }
+                Err(e) => {
+                    newest.get_or_insert(e);
+                }
+            }
+        }
+        match (out.is_empty(), newest) {
+            (true, Some(e)) => Err(e),
+            _ => Ok(out),
+        }
+    }
+
+    /// The earlier format `version`, if the SKU had one.
+    pub fn earlier_format_mut(&mut self, version: u32) -> Option<&mut FormatVersion> {
+        self.earlier_formats
+            .iter_mut()
+            .find(|v| v.version == version)
+    }
+
     /// The blacklist in canonical form, for lookups during an import.
     pub fn blacklisted(&self) -> std::collections::HashSet<String> {
         self.blacklist
@@ -60,6 +173,9 @@ impl SkuConfig {
     /// Checks the settings make sense together; the message suits a 400 answer.
     pub fn validate(&self) -> Result<(), Error> {
         self.format.validate_spec().map_err(Error::BadRequest)?;
+        if self.format_version == 0 {
+            return Err(Error::BadRequest("format_version starts at 1".into()));
+        }
         if self.max_issues == 0 || self.max_uses == 0 {
             return Err(Error::BadRequest(
                 "max_issues and max_uses must be at least 1".into(),
@@ -167,5 +283,65 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         SkuConfig::default().validate().expect("defaults validate");
+    }
+
+    #[test]
+    fn only_a_changed_format_makes_a_new_version() {
+        let first = {
+            let mut c = SkuConfig::default();
+            c.succeed(None, 10);
+            c
+        };
+        assert_eq!((first.format_version, first.format_since_ms), (1, 10));
+        let mut limits = first.clone();
+        limits.per_user_limit = 3;
+        limits.succeed(Some(&first), 20);
+        assert_eq!(limits.format_version, 1, "other settings keep the version");
+        assert!(limits.earlier_formats.is_empty());
+        let mut stricter = limits.clone();
+        stricter.format = Format::crockford32(16, 4, true);
+        stricter.succeed(Some(&limits), 30);
+        assert_eq!((stricter.format_version, stricter.format_since_ms), (2, 30));
+        assert_eq!(stricter.earlier_formats.len(), 1);
+        assert_eq!(stricter.earlier_formats[0].version, 1);
+        assert_eq!(stricter.earlier_formats[0].format, Format::default());
+        assert_eq!(stricter.earlier_formats[0].since_ms, 10);
+        let versions: Vec<u32> = stricter.versions().map(|(v, _)| v).collect();
+        assert_eq!(versions, [2, 1]);
+    }
+
+    #[test]
+    fn a_code_is_malformed_only_when_it_fails_every_version_and_the_newest_gives_the_hint() {
+        let mut old = SkuConfig::default();
+        old.succeed(None, 1);
+        let mut new = old.clone();
+        new.format = Format::crockford32(16, 4, true);
+        new.succeed(Some(&old), 2);
+        let c = new
+            .candidates("OLD-CODE-0001")
+            .expect("valid under version 1");
+        assert_eq!(c.len(), 1);
+        assert_eq!((c[0].version, c[0].canonical.as_str()), (1, "OLDCODE0001"));
+        let generated = new.format.generate(&mut rand::rng());
+        let c = new.candidates(&generated).expect("valid under version 2");
+        assert_eq!(c[0].version, 2, "the newest version first");
+        assert_eq!(
+            c.len(),
+            1,
+            "the same canonical form under version 1 is looked up once"
+        );
+        let err = new.candidates("BAD CODE !").expect_err("fails both");
+        assert!(matches!(
+            err,
+            Malformed::TooShort { .. } | Malformed::BadCharacter { .. }
+        ));
+        let strict = SkuConfig {
+            format: Format {
+                check: crate::code::Check::None,
+                ..Format::crockford32(8, 0, false)
+            },
+            ..SkuConfig::default()
+        };
+        assert!(strict.candidates("!!").is_err());
     }
 }

@@ -1110,6 +1110,12 @@ impl Ledger for Flaky {
     async fn counts(&self, sku: &str) -> Result<StateCounts, LedgerError> {
         self.inner.counts(sku).await
     }
+    async fn counts_by_version(
+        &self,
+        sku: &str,
+    ) -> Result<std::collections::BTreeMap<i64, StateCounts>, LedgerError> {
+        self.inner.counts_by_version(sku).await
+    }
     async fn ping(&self) -> Result<(), LedgerError> {
         self.inner.ping().await
     }

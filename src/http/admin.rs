@@ -18,7 +18,7 @@ use crate::inventory::import::{self, Begun, Importer};
 use crate::inventory::reconcile;
 use crate::inventory::warm::{ledger_error, restore_sku, warm_sku};
 use crate::metrics as m;
-use crate::sku::{check_id, check_sku, parse_key_id, SkuConfig, MAX_ID_LEN};
+use crate::sku::{check_id, check_sku, parse_key_id, Retirement, SkuConfig, MAX_ID_LEN};
 
 /// How long `/readyz` waits for the engine.
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
@@ -78,19 +78,17 @@ pub async fn put_sku(app: &App, params: Params, req: Request<Incoming>) -> Resul
     ];
     let value = JsonBody::parse(&bytes, &fields)?.into_value();
     // Settings hold no secrets, so serde's own messages are safe to return.
-    let config: SkuConfig = serde_json::from_value(value)
+    let mut config: SkuConfig = serde_json::from_value(value)
         .map_err(|e| Error::BadRequest(format!("invalid SKU settings: {e}")))?;
     config.validate()?;
+    // A changed format is a new version; the SKU keeps the earlier ones, so codes sold
+    // under them stay redeemable by their own rules.
+    let now = app.inventory.now_ms();
+    let stored = stored_settings(app, sku).await?;
+    config.succeed(stored.as_ref(), now);
     // The ledger first: it is the record the engine can always be rebuilt from.
-    let json = serde_json::to_string(&config)
-        .map_err(|e| Error::Internal(format!("encoding SKU settings: {e}")))?;
-    let now = app.inventory.now_ms() as i64;
-    app.ledger
-        .put_sku(sku, &json, config.format.version, now)
-        .await
-        .map_err(ledger_error)?;
+    save_settings(app, sku, &config).await?;
     let created = app.inventory.put_sku(sku, &config).await?;
-    app.skus.put(sku, config.clone());
     if created {
         app.writer.sku_added();
     }
@@ -356,4 +354,126 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (k == name).then(|| v.to_owned())
     })
+}
+
+/// A SKU's settings as the ledger records them, or `None` for a new SKU.
+async fn stored_settings(app: &App, sku: &str) -> Result<Option<SkuConfig>, Error> {
+    let Some(record) = app.ledger.get_sku(sku).await? else {
+        return Ok(None);
+    };
+    serde_json::from_str(&record.config_json)
+        .map(Some)
+        .map_err(|e| Error::Internal(format!("ledger settings of SKU {sku}: {e}")))
+}
+
+/// Writes a SKU's settings to the ledger (first: the engine is rebuilt from it) and this
+/// gateway's cache; the caller writes the engine.
+async fn save_settings(app: &App, sku: &str, config: &SkuConfig) -> Result<(), Error> {
+    let json = serde_json::to_string(config)
+        .map_err(|e| Error::Internal(format!("encoding SKU settings: {e}")))?;
+    app.ledger
+        .put_sku(
+            sku,
+            &json,
+            config.format_version,
+            app.inventory.now_ms() as i64,
+        )
+        .await?;
+    app.skus.put(sku, config.clone());
+    Ok(())
+}
+
+/// `POST /v1/skus/{sku}/formats/{version}/retire` `{"reason", "force"?}`: an earlier format
+/// version goes out of use. Its keys are voided (each void is in the key's audit trail with
+/// the reason), so its codes answer like unknown ones, never as malformed. Refused while
+/// sold keys of it are not redeemed yet, unless forced.
+pub async fn retire_format(
+    app: &App,
+    params: Params,
+    req: Request<Incoming>,
+) -> Result<Reply, Error> {
+    app.admin(&req)?;
+    let sku = params.get("sku");
+    check_sku(sku)?;
+    let not_found = || Error::NotFound(format!("format version of SKU {sku}"));
+    let version: u32 = params.get("version").parse().map_err(|_| not_found())?;
+    let limit = app.limits.max_body_bytes;
+    body::check_declared_length(req.headers(), limit)?;
+    let bytes = body::read_limited(req.into_body(), limit).await?;
+    let body = JsonBody::parse(&bytes, &["reason", "force"])?;
+    let reason = body.str("reason", 500)?;
+    if reason.trim().is_empty() || reason.contains(['|', '\n', '\r', '\0']) {
+        return Err(Error::BadRequest(
+            "field `reason` must be one line of text".into(),
+        ));
+    }
+    let force = body.opt_bool("force")?.unwrap_or(false);
+    let mut config = stored_settings(app, sku)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("SKU {sku}")))?;
+    if version == config.format_version {
+        return Err(Error::BadRequest(format!(
+            "format version {version} is the current one: change the format first"
+        )));
+    }
+    let entry = config.earlier_format_mut(version).ok_or_else(not_found)?;
+    if entry.retired.is_some() {
+        return Ok(body::json(
+            StatusCode::OK,
+            &json!({ "sku": sku, "version": version, "retired": true, "voided": 0, "replayed": true }),
+        ));
+    }
+    let counts = app
+        .ledger
+        .counts_by_version(sku)
+        .await?
+        .remove(&i64::from(version))
+        .unwrap_or_default();
+    let unredeemed = counts.claimed + counts.held;
+    if unredeemed > 0 && !force {
+        return Err(Error::FormatInUse {
+            version,
+            unredeemed,
+        });
+    }
+    let void_reason = format!("format version {version} retired: {reason}");
+    let mut voided = 0;
+    let mut cursor = 0;
+    loop {
+        let keys = app.ledger.keys_after(sku, cursor, 500).await?;
+        let Some(last) = keys.last() else { break };
+        cursor = last.local_id;
+        for key in keys
+            .iter()
+            .filter(|k| k.format_version == i64::from(version) && !k.void)
+        {
+            if app
+                .inventory
+                .void(&key.key_id, &void_reason)
+                .await?
+                .is_some()
+            {
+                voided += 1;
+            }
+        }
+    }
+    let entry = config.earlier_format_mut(version).ok_or_else(not_found)?;
+    entry.retired = Some(Retirement {
+        at_ms: app.inventory.now_ms(),
+        reason: reason.to_owned(),
+        forced: unredeemed > 0,
+    });
+    save_settings(app, sku, &config).await?;
+    app.inventory.put_sku(sku, &config).await?;
+    Ok(body::json(
+        StatusCode::OK,
+        &json!({
+            "sku": sku,
+            "version": version,
+            "retired": true,
+            "voided": voided,
+            "stranded": unredeemed,
+            "replayed": false,
+        }),
+    ))
 }

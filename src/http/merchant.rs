@@ -6,11 +6,12 @@ use serde_json::json;
 
 use super::body::{self, JsonBody, Reply};
 use super::{App, Params};
+use crate::error::timestamp;
 use crate::error::Error;
 use crate::inventory::warm::ledger_error;
 use crate::inventory::{drift, ClaimRequest, Order};
 use crate::metrics as m;
-use crate::sku::{check_id, check_sku, MAX_ID_LEN};
+use crate::sku::{check_id, check_sku, FormatVersion, MAX_ID_LEN};
 
 /// Most codes one claim may take.
 pub const MAX_QUANTITY: u64 = 100;
@@ -133,13 +134,40 @@ pub async fn release(app: &App, params: Params) -> Result<Reply, Error> {
 pub async fn sku_view(app: &App, sku: &str) -> Result<Reply, Error> {
     check_sku(sku)?;
     let settings = app.skus.require(&app.inventory, sku).await?;
-    let (engine, ledger, backlog) = tokio::join!(
+    let (engine, ledger, backlog, by_version) = tokio::join!(
         app.inventory.counts(sku),
         app.ledger.counts(sku),
-        app.writer.backlog(sku)
+        app.writer.backlog(sku),
+        app.ledger.counts_by_version(sku)
     );
     let engine = engine?;
     let ledger = ledger.map_err(ledger_error)?;
+    let mut by_version = by_version?;
+    // Every format the SKU had, the current one first, with its keys (in the ledger) by
+    // state.
+    let current = FormatVersion {
+        version: settings.format_version,
+        format: settings.format.clone(),
+        since_ms: settings.format_since_ms,
+        retired: None,
+    };
+    let formats: Vec<_> = std::iter::once(&current)
+        .chain(settings.earlier_formats.iter().rev())
+        .map(|v| {
+            let keys = by_version.remove(&i64::from(v.version)).unwrap_or_default();
+            json!({
+                "version": v.version,
+                "format": v.format,
+                "since": timestamp(v.since_ms),
+                "retired": v.retired.as_ref().map(|r| json!({
+                    "at": timestamp(r.at_ms),
+                    "reason": r.reason,
+                    "forced": r.forced,
+                })),
+                "keys": keys,
+            })
+        })
+        .collect();
     let backlog = backlog.map_err(|e| Error::Unavailable(format!("event stream: {e}")))?;
     let drift = drift::Drift::between(&engine, &ledger, backlog.in_flight(), backlog.keys);
     Ok(body::json(
@@ -151,6 +179,7 @@ pub async fn sku_view(app: &App, sku: &str) -> Result<Reply, Error> {
             "ledger": ledger,
             "in_flight": drift.in_flight,
             "drift": drift.keys,
+            "formats": formats,
         }),
     ))
 }

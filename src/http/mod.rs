@@ -351,6 +351,7 @@ pub enum RouteId {
     KeyEvents,
     Reconcile,
     KeyRestore,
+    FormatRetire,
     Healthz,
     Readyz,
     Metrics,
@@ -428,6 +429,11 @@ fn admin_routes() -> Routes {
             POST,
         ),
         ("/v1/skus/{sku}/warm", RouteId::Warm, POST),
+        (
+            "/v1/skus/{sku}/formats/{version}/retire",
+            RouteId::FormatRetire,
+            POST,
+        ),
         ("/v1/keys/{key_id}/void", RouteId::KeyVoid, POST),
         ("/v1/keys/{key_id}/events", RouteId::KeyEvents, GET),
         ("/v1/reconcile", RouteId::Reconcile, POST),
@@ -484,6 +490,9 @@ async fn dispatch(
         (Listener::Admin, Batches, Method::POST) => admin::import(app, params, req).await,
         (Listener::Admin, BatchActivate, Method::POST) => admin::activate(app, params, req).await,
         (Listener::Admin, Warm, Method::POST) => admin::warm(app, params, req).await,
+        (Listener::Admin, FormatRetire, Method::POST) => {
+            admin::retire_format(app, params, req).await
+        }
         (Listener::Admin, KeyEvents, Method::GET) => admin::key_events(app, params, req).await,
         (Listener::Admin, Reconcile, Method::POST) => admin::reconcile(app, req).await,
         (Listener::Admin, KeyVoid, Method::POST) => admin::void(app, params, req, true).await,

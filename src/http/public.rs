@@ -29,7 +29,17 @@ pub async fn redeem(app: &App, req: Request<Incoming>, ip: IpAddr) -> Result<Rep
         Ok(_) => "new",
         Err(e) => e.code(),
     };
-    metrics::counter!(m::REDEMPTIONS, "outcome" => outcome).increment(1);
+    let version = result
+        .as_ref()
+        .ok()
+        .and_then(|r| r.format_version)
+        .map_or(m::VersionLabel::None, m::VersionLabel::Of);
+    metrics::counter!(
+        m::REDEMPTIONS,
+        "outcome" => outcome,
+        "format_version" => version.as_str()
+    )
+    .increment(1);
     Ok(body::json(StatusCode::OK, &result?.to_json()))
 }
 
@@ -63,12 +73,14 @@ async fn attempt(
             check_sku(sku)?;
             let settings = app.skus.get(inventory, sku).await?;
             // An unknown SKU answers like an unknown code once the code is well-formed.
-            let format = settings.as_ref().map(|s| &s.format);
-            let code = canonical(format.unwrap_or(&Format::default()), raw)?;
-            if settings.is_none() {
+            let Some(settings) = settings else {
+                canonical(&Format::default(), raw)?;
                 return Err(Error::CardInvalid);
-            }
-            let redemption = inventory.redeem(sku, &code, redeemer).await?;
+            };
+            // Malformed only under every format version the SKU ever had; the hint is the
+            // current format's.
+            let candidates = settings.candidates(raw).map_err(Error::CardMalformed)?;
+            let redemption = inventory.redeem_any(sku, &candidates, redeemer).await?;
             app.durable(
                 sku,
                 redemption.event_id.as_deref(),
@@ -83,8 +95,8 @@ async fn attempt(
                 // The SKU's own format judges the code; failing it here would reveal that
                 // the index knew the code, so it gets the uniform answer instead.
                 let settings = app.skus.get(inventory, &sku).await?;
-                if let Some(Ok(code)) = settings.map(|s| canonical(&s.format, raw)) {
-                    let redemption = inventory.redeem(&sku, &code, redeemer).await?;
+                if let Some(Ok(candidates)) = settings.map(|s| s.candidates(raw)) {
+                    let redemption = inventory.redeem_any(&sku, &candidates, redeemer).await?;
                     app.durable(
                         &sku,
                         redemption.event_id.as_deref(),

@@ -49,6 +49,9 @@ pub struct ImportReport {
     pub state: String,
     /// True when the batch id had been imported before and nothing was added now.
     pub replayed: bool,
+    /// The SKU format version the rows were validated under (the current one); `None` for
+    /// a replayed batch.
+    pub format_version: Option<u32>,
 }
 
 impl ImportReport {
@@ -67,6 +70,7 @@ impl ImportReport {
             "duplicate": self.duplicate,
             "rejected_lines": lines,
             "replayed": self.replayed,
+            "format_version": self.format_version,
         })
     }
 
@@ -132,6 +136,7 @@ impl<'a> Importer<'a> {
                     lines: Vec::new(),
                     state: batch.state,
                     replayed: true,
+                    format_version: None,
                 }))
             }
             BatchStart::InProgress(batch) => {
@@ -156,7 +161,10 @@ impl<'a> Importer<'a> {
             parsed: Vec::new(),
             pending: Vec::with_capacity(CHUNK_ROWS),
             first_local: None,
-            report: ImportReport::default(),
+            report: ImportReport {
+                format_version: Some(settings.format_version),
+                ..ImportReport::default()
+            },
         })))
     }
 
@@ -228,7 +236,9 @@ impl<'a> Importer<'a> {
                             expires_at_ms: row.expires_at_ms.map(|ms| ms as i64),
                             max_issues: self.settings.max_issues as i64,
                             max_uses: row.max_uses.unwrap_or(self.settings.max_uses) as i64,
-                            format_version: i64::from(format.version),
+                            // The SKU's version, so redemption knows the rules it was
+                            // sold under.
+                            format_version: i64::from(self.settings.format_version),
                         });
                         if self.pending.len() >= CHUNK_ROWS {
                             self.flush().await?;

@@ -21,7 +21,7 @@ use crate::code::{digest, Format};
 use crate::engine::{EngineError, Reply, Script, ScriptEngine, SCRIPTS};
 use crate::error::{mask, timestamp, Error};
 use crate::metrics as m;
-use crate::sku::{key_id, parse_key_id, SkuConfig};
+use crate::sku::{key_id, parse_key_id, Candidate, SkuConfig};
 
 /// Milliseconds since the epoch; injected so tests control time.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -194,6 +194,8 @@ pub struct Redemption {
     pub event_id: Option<String>,
     /// The change this call made (`None` for a replay).
     pub emitted: Option<Emitted>,
+    /// The SKU format version the code matched under, when known.
+    pub format_version: Option<u32>,
 }
 
 impl Redemption {
@@ -632,11 +634,27 @@ impl Inventory {
         canonical: &str,
         redeemer: &str,
     ) -> Result<Redemption, Error> {
-        let args = vec![
-            digest(canonical),
-            redeemer.to_owned(),
-            self.now_ms().to_string(),
-        ];
+        let only = Candidate {
+            version: 0,
+            canonical: canonical.to_owned(),
+        };
+        self.redeem_any(sku, std::slice::from_ref(&only), redeemer)
+            .await
+    }
+
+    /// Redeems, for `redeemer`, the code whose canonical form under one of the SKU's format
+    /// versions is among `candidates` (see [`SkuConfig::candidates`]): one script call,
+    /// whichever version the code belongs to.
+    pub async fn redeem_any(
+        &self,
+        sku: &str,
+        candidates: &[Candidate],
+        redeemer: &str,
+    ) -> Result<Redemption, Error> {
+        let mut args = Vec::with_capacity(2 + candidates.len());
+        args.push(redeemer.to_owned());
+        args.push(self.now_ms().to_string());
+        args.extend(candidates.iter().map(|c| digest(&c.canonical)));
         let reply = self.run(&SCRIPTS.redeem, sku, args).await?;
         let field = |i: usize| reply.get(i).and_then(Reply::as_i64).unwrap_or(0) as u64;
         match tag(&reply) {
@@ -646,6 +664,7 @@ impl Inventory {
                     .and_then(Reply::as_str)
                     .filter(|s| !s.is_empty())
                     .map(str::to_owned);
+                let matched = field(5) as usize;
                 Ok(Redemption {
                     sku: sku.to_owned(),
                     key_id: key_id(sku, reply.get(1).and_then(Reply::as_str).unwrap_or("")),
@@ -653,6 +672,10 @@ impl Inventory {
                     replayed: t == "replay",
                     emitted: Emitted::from_reply(reply.get(4), event_id.as_deref()),
                     event_id,
+                    format_version: matched
+                        .checked_sub(1)
+                        .and_then(|i| candidates.get(i))
+                        .map(|c| c.version),
                 })
             }
             "no_sku" | "loading" => Err(rebuilding(sku)),
@@ -677,7 +700,7 @@ impl Inventory {
     pub async fn redeem_unknown(&self, raw: &str, redeemer: &str) -> Result<(), Error> {
         let digest = index_digest(raw);
         let decoy = format!(":unknown{}", digest.get(..1).unwrap_or("0"));
-        let args = vec![digest, redeemer.to_owned(), self.now_ms().to_string()];
+        let args = vec![redeemer.to_owned(), self.now_ms().to_string(), digest];
         // Not `run`: the decoy is missing on purpose, which is no sign of a lost SKU.
         let reply = self.eval(&SCRIPTS.redeem, sku_keys(&decoy), args).await?;
         let items = reply.as_array().unwrap_or_default();

@@ -201,6 +201,13 @@ pub trait Ledger: Send + Sync + 'static {
     /// Keys of the SKU's active batches by state (all zero for an unknown SKU).
     async fn counts(&self, sku: &str) -> Result<StateCounts, LedgerError>;
 
+    /// Keys of the SKU's active batches by the format version they were imported under,
+    /// then by state.
+    async fn counts_by_version(
+        &self,
+        sku: &str,
+    ) -> Result<std::collections::BTreeMap<i64, StateCounts>, LedgerError>;
+
     /// Checks the database answers (for `/readyz`).
     async fn ping(&self) -> Result<(), LedgerError>;
 }

@@ -896,6 +896,27 @@ where
         Ok(counts)
     }
 
+    async fn counts_by_version(
+        &self,
+        sku: &str,
+    ) -> Result<std::collections::BTreeMap<i64, StateCounts>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT format_version, state, COUNT(*) FROM keys WHERE sku = $1 AND active = TRUE \
+             GROUP BY format_version, state",
+        )
+        .bind(sku)
+        .fetch_all(&self.read)
+        .await?;
+        let mut out = std::collections::BTreeMap::<i64, StateCounts>::new();
+        for row in rows {
+            let name: String = row.try_get(1)?;
+            let state = KeyState::parse(&name)
+                .ok_or_else(|| LedgerError::Corrupt(format!("unknown key state {name:?}")))?;
+            *out.entry(row.try_get(0)?).or_default().slot(state) = count(row.try_get(2)?)?;
+        }
+        Ok(out)
+    }
+
     async fn ping(&self) -> Result<(), LedgerError> {
         sqlx::query("SELECT 1").execute(&self.read).await?;
         Ok(())
