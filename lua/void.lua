@@ -1,7 +1,7 @@
 -- void.lua — take key ARGV[1] out of circulation: it can be neither issued nor redeemed.
 -- KEYS: the SKU key set (prelude.lua)
 -- ARGV: 1 key id, 2 reason, 3 now (ms)
--- Reply: {'new', state before} | {'replay'} (already void) | {'not_found'} | {'no_sku'} | {'loading'}
+-- Reply: {'new', state before, event (see EMITTED), answer id} | {'replay'} (already void) | {'not_found'} | {'no_sku'} | {'loading'}
 -- Orders keep their record of the key; the key just stops counting as sold.
 
 local id, reason, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -13,5 +13,5 @@ if k.void then return { 'replay' } end
 local before = snapshot(k)
 k.void = true
 save_key(id, before, k)
-emit('void', now, { 'ids', id, 'reason', reason, 'before', before.state })
-return { 'new', before.state, EMITTED }
+local eid = emit('void', now, { 'ids', id, 'reason', reason, 'before', before.state })
+return { 'new', before.state, EMITTED, eid }

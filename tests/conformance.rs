@@ -569,7 +569,15 @@ async fn every_state_change_is_an_event(h: Harness) {
     h.clock.advance(1_000);
     h.inv.expire_due("events", 10).await.expect("sweep");
     h.inv.redeem("events", &code, "u-1").await.expect("redeem");
-    h.inv.void("events.4", "test").await.expect("void");
+    let void = h
+        .inv
+        .void_change("events.4", "test")
+        .await
+        .expect("void")
+        .expect("changed");
+    let emitted = void.emitted.expect("a void names its event");
+    assert_eq!(Some(emitted.answer_id), void.event_id);
+    assert!(emitted.fields.contains(&("t".into(), "void".into())));
     h.inv.restore("events.4", "test").await.expect("restore");
     // Replays and refusals change nothing, so they add no events.
     h.claim("events", "o-1", 1).await.expect("replay");

@@ -56,6 +56,22 @@ async fn sell(gw: &TestGateway, sku: &str, batch: &str, codes: &[&str]) -> Vec<S
     sold
 }
 
+/// The SKU view once the ledger has every change the engine made.
+async fn settled_view(gw: &TestGateway, sku: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, view) = gw.merchant_get(&format!("/v1/skus/{sku}")).await;
+        if view["in_flight"] == 0 && view["engine"] == view["ledger"] {
+            return view;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never settled: {view}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 async fn put_format(gw: &TestGateway, sku: &str, format: Value) -> Value {
     let (status, body) = gw.put_sku(sku, json!({ "format": format })).await;
     assert!(status.is_success(), "{body}");
@@ -92,7 +108,8 @@ async fn old_codes_stay_redeemable_after_the_format_changes(gw: TestGateway) {
     let new_format = json!({"preset":"crockford32","min_length":16,"max_length":16,"group_size":4,"check":"luhn"});
     let put = put_format(&gw, "walk", new_format.clone()).await;
     assert_eq!(put["config"]["format_version"], 2, "{put}");
-    let view = gw.merchant_get("/v1/skus/walk").await.1;
+    // Keys by state per version come from the ledger: wait until it has every change.
+    let view = settled_view(&gw, "walk").await;
     let formats = view["formats"].as_array().expect("formats listed");
     assert_eq!(formats.len(), 2, "{view}");
     assert_eq!(formats[0]["version"], 2);
@@ -279,7 +296,7 @@ async fn each_of_several_versions_redeems_and_a_retired_one_answers_like_unknown
     );
     assert_eq!((s1, &retired), (s2, &unknown), "byte for byte");
     // Its audit trail says why.
-    let view = gw.merchant_get("/v1/skus/multi").await.1;
+    let view = settled_view(&gw, "multi").await;
     let formats = view["formats"].as_array().expect("formats");
     let v2_view = formats
         .iter()

@@ -295,3 +295,24 @@ async fn buyers_see_only_retry_while_a_lost_sku_is_rebuilt() {
     );
     gw.stop().await;
 }
+
+/// With `durability = "ledger"` (the embedded default) an answered void or restore is in the
+/// ledger when it is answered, like a claim: no waiting for the writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_void_is_in_the_ledger_at_once() {
+    let gw = TestGateway::embedded().await;
+    gw.stock("admin", &["ADM-1", "ADM-2"]).await;
+    for (action, kind) in [("void", "void"), ("restore", "restore")] {
+        let (status, body) = gw
+            .admin_post(
+                &format!("/v1/keys/admin.1/{action}"),
+                json!({"reason": "checked"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["changed"], true);
+        let (trail, kinds) = audit_trail(&gw.client, &gw.admin, "admin.1").await;
+        assert_eq!(kinds.last().map(String::as_str), Some(kind), "{trail}");
+    }
+    gw.stop().await;
+}

@@ -326,19 +326,23 @@ pub async fn void(
             "field `reason` must be one line of text".into(),
         ));
     }
-    let (changed, state) = if void {
-        let before = app.inventory.void(&key_id, reason).await?;
-        (before.is_some(), "void".to_owned())
+    let change = if void {
+        app.inventory.void_change(&key_id, reason).await?
     } else {
-        match app.inventory.restore(&key_id, reason).await? {
-            Some(after) => {
-                if let Some((sku, _)) = crate::sku::parse_key_id(&key_id) {
-                    app.edge.sold_out.invalidate(sku);
-                }
-                (true, after)
-            }
-            None => (false, String::new()),
+        app.inventory.restore_change(&key_id, reason).await?
+    };
+    // Answered changes are as durable as claims and redemptions.
+    if let (Some(change), Some((sku, _))) = (&change, parse_key_id(&key_id)) {
+        app.durable(sku, change.event_id.as_deref(), change.emitted.as_ref())
+            .await?;
+        if !void {
+            app.edge.sold_out.invalidate(sku);
         }
+    }
+    let (changed, state) = match (void, change) {
+        (true, change) => (change.is_some(), "void".to_owned()),
+        (false, Some(change)) => (true, change.state),
+        (false, None) => (false, String::new()),
     };
     let mut answer = json!({ "key_id": key_id, "changed": changed });
     if !state.is_empty() {
@@ -423,13 +427,45 @@ pub async fn retire_format(
             &json!({ "sku": sku, "version": version, "retired": true, "voided": 0, "replayed": true }),
         ));
     }
-    let counts = app
-        .ledger
-        .counts_by_version(sku)
-        .await?
-        .remove(&i64::from(version))
-        .unwrap_or_default();
-    let unredeemed = counts.claimed + counts.held;
+    // The version's keys as the engine has them: the ledger may not have heard of the
+    // latest sales yet.
+    let mut keys = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let page = app.ledger.keys_after(sku, cursor, 500).await?;
+        let Some(last) = page.last() else { break };
+        cursor = last.local_id;
+        keys.extend(
+            page.into_iter()
+                .filter(|k| k.format_version == i64::from(version)),
+        );
+    }
+    let mut unredeemed = 0;
+    for chunk in keys.chunks(500) {
+        let ids = chunk.iter().map(|k| k.local_id.to_string()).collect();
+        let engine = app
+            .inventory
+            .run_sku(&crate::engine::SCRIPTS.inspect, sku, ids)
+            .await?;
+        for (key, reply) in chunk.iter().zip(&engine) {
+            let n = |i: usize| {
+                reply
+                    .as_array()
+                    .and_then(|f| f.get(i))
+                    .and_then(crate::engine::Reply::as_i64)
+                    .unwrap_or(0)
+            };
+            let void = reply
+                .as_array()
+                .and_then(|f| f.first())
+                .and_then(|v| v.as_str())
+                == Some("1");
+            let (held, sold, uses) = (n(1), n(2), n(3));
+            if !void && (held > 0 || (sold > 0 && uses < key.max_uses)) {
+                unredeemed += 1;
+            }
+        }
+    }
     if unredeemed > 0 && !force {
         return Err(Error::FormatInUse {
             version,
@@ -438,23 +474,12 @@ pub async fn retire_format(
     }
     let void_reason = format!("format version {version} retired: {reason}");
     let mut voided = 0;
-    let mut cursor = 0;
-    loop {
-        let keys = app.ledger.keys_after(sku, cursor, 500).await?;
-        let Some(last) = keys.last() else { break };
-        cursor = last.local_id;
-        for key in keys
-            .iter()
-            .filter(|k| k.format_version == i64::from(version) && !k.void)
-        {
-            if app
-                .inventory
-                .void(&key.key_id, &void_reason)
-                .await?
-                .is_some()
-            {
-                voided += 1;
-            }
+    for key in &keys {
+        let change = app.inventory.void_change(&key.key_id, &void_reason).await?;
+        if let Some(change) = change {
+            app.durable(sku, change.event_id.as_deref(), change.emitted.as_ref())
+                .await?;
+            voided += 1;
         }
     }
     let entry = config.earlier_format_mut(version).ok_or_else(not_found)?;

@@ -82,6 +82,17 @@ fn index_shards() -> impl Iterator<Item = String> {
 
 const REGISTRY: &str = "kg:skus";
 
+/// A void or restore that changed a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyChange {
+    /// The key's state before a void, after a restore.
+    pub state: String,
+    /// Answer id of the change's event (see [`Order::event_id`]).
+    pub event_id: Option<String>,
+    /// The change's event (see [`Order::emitted`]).
+    pub emitted: Option<Emitted>,
+}
+
 /// A SKU as the engine holds it.
 #[derive(Debug, Clone)]
 pub struct EngineSku {
@@ -736,11 +747,29 @@ impl Inventory {
 
     /// Voids a key. Returns its state before, or `None` if it was already void.
     pub async fn void(&self, key_id: &str, reason: &str) -> Result<Option<String>, Error> {
-        self.key_change(&SCRIPTS.void, key_id, reason).await
+        Ok(self.void_change(key_id, reason).await?.map(|c| c.state))
     }
 
     /// Undoes a void. Returns its state after, or `None` if it was not void.
     pub async fn restore(&self, key_id: &str, reason: &str) -> Result<Option<String>, Error> {
+        Ok(self.restore_change(key_id, reason).await?.map(|c| c.state))
+    }
+
+    /// Voids a key: the change (with the key's state before), or `None` if it was void.
+    pub async fn void_change(
+        &self,
+        key_id: &str,
+        reason: &str,
+    ) -> Result<Option<KeyChange>, Error> {
+        self.key_change(&SCRIPTS.void, key_id, reason).await
+    }
+
+    /// Undoes a void: the change (with the key's state after), or `None` if it was not void.
+    pub async fn restore_change(
+        &self,
+        key_id: &str,
+        reason: &str,
+    ) -> Result<Option<KeyChange>, Error> {
         self.key_change(&SCRIPTS.restore, key_id, reason).await
     }
 
@@ -749,7 +778,7 @@ impl Inventory {
         script: &'static Script,
         key: &str,
         reason: &str,
-    ) -> Result<Option<String>, Error> {
+    ) -> Result<Option<KeyChange>, Error> {
         let not_found = || Error::NotFound(format!("key {key}"));
         let (sku, local) = parse_key_id(key).ok_or_else(not_found)?;
         let args = vec![
@@ -758,9 +787,16 @@ impl Inventory {
             self.now_ms().to_string(),
         ];
         let reply = self.run(script, sku, args).await?;
-        let state = || reply.get(1).and_then(Reply::as_str).map(str::to_owned);
         match tag(&reply) {
-            "new" => Ok(state()),
+            "new" => {
+                let text = |i: usize| reply.get(i).and_then(Reply::as_str).unwrap_or("");
+                let event_id = Some(text(3)).filter(|s| !s.is_empty()).map(str::to_owned);
+                Ok(Some(KeyChange {
+                    state: text(1).to_owned(),
+                    emitted: Emitted::from_reply(reply.get(2), event_id.as_deref()),
+                    event_id,
+                }))
+            }
             "replay" => Ok(None),
             "not_found" => Err(not_found()),
             "no_sku" | "loading" => Err(rebuilding(sku)),
