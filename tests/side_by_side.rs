@@ -1,0 +1,66 @@
+//! The side-by-side harness (`benches/side_by_side.sh`) in its short mode: every system runs
+//! and produces figures. No timing is asserted: the machine is shared, and figures belong in
+//! BENCHMARKS.md, measured with the full run.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+#[test]
+fn the_harness_runs_every_system_and_reports_figures() {
+    // The debug binaries `cargo test --all-targets` built: the test binary sits in
+    // target/debug/deps, the example in target/debug/examples.
+    let deps = std::env::current_exe()
+        .expect("test binary path")
+        .parent()
+        .expect("deps dir")
+        .to_owned();
+    let baseline: PathBuf = deps
+        .parent()
+        .expect("profile dir")
+        .join("examples")
+        .join("baseline_edge");
+    assert!(
+        baseline.exists(),
+        "build the example first: {}",
+        baseline.display()
+    );
+    let out = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/benches/side_by_side.sh"
+        ))
+        .arg("--short")
+        .env("KAMIGATE_BIN", env!("CARGO_BIN_EXE_kamigate"))
+        .env("BASELINE_BIN", &baseline)
+        .output()
+        .expect("the harness runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for system in [
+        "baseline",
+        "redis-engine",
+        "redis-ledger",
+        "embedded-ledger",
+        "embedded-engine",
+    ] {
+        for kind in ["claim", "redeem"] {
+            let row = stdout
+                .lines()
+                .find(|l| {
+                    let mut f = l.split_whitespace();
+                    f.next() == Some(system) && f.next() == Some(kind)
+                })
+                .unwrap_or_else(|| panic!("no {system} {kind} row: {stdout}"));
+            let rps: f64 = row
+                .split_whitespace()
+                .nth(2)
+                .and_then(|v| v.parse().ok())
+                .expect("a request rate");
+            assert!(rps > 0.0, "{system} {kind} answered nothing: {row}");
+        }
+    }
+}
