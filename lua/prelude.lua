@@ -276,3 +276,38 @@ local function order_reply(tag, o)
   end
   return reply
 end
+
+-- Claims `qty` codes for order `order_id` (claim.lua, claims_batch.lua): the reply of
+-- claim.lua for this one order. The caller checked the SKU serves and lapsed due holds.
+local function claim_order(order_id, qty, user, hold_ms, now)
+  EMITTED = {} -- this order's change only (a batch claims several)
+  local existing = decode_order(redis.call('HGET', K.orders, order_id))
+  if existing then
+    if existing.qty ~= qty or existing.user ~= user or existing.hold_ms ~= hold_ms then
+      return { 'conflict' }
+    end
+    return order_reply('replay', existing)
+  end
+
+  local limited = check_user_limit(user, qty)
+  if limited then return limited end
+
+  local ids, issuable_left = take(qty, now)
+  if not ids then return { 'sold_out', issuable_left } end
+  local held = hold_ms > 0
+  issue(ids, held)
+  add_user_codes(user, qty)
+
+  local o = {
+    state = held and 'held' or 'claimed', qty = qty, user = user, hold_ms = hold_ms,
+    expires_at = held and (now + hold_ms) or 0, late = false, created_at = now,
+    updated_at = now, ids = ids,
+  }
+  o.eid = emit(held and 'hold' or 'claim', now, {
+    'order', order_id, 'user', user, 'ids', table.concat(ids, ','), 'expires_at', o.expires_at,
+    'hold_ms', hold_ms, 'qty', qty,
+  })
+  save_order(order_id, o)
+  if held then redis.call('ZADD', K.holds, o.expires_at, order_id) end
+  return order_reply('new', o)
+end

@@ -649,7 +649,59 @@ conformance!(
     answers_name_the_generation_of_the_sku,
     a_rebuild_overtaken_by_a_newer_loss_never_declares_the_sku_ready,
     a_late_order_rebuild_never_overwrites_a_live_order,
+    a_batch_claims_each_order_as_if_it_came_alone,
 );
+
+/// One script call for several orders: each gets the answer it would have got alone, in
+/// order — new, replayed, conflicting, held, sold out — and no code goes to two orders.
+async fn a_batch_claims_each_order_as_if_it_came_alone(h: Harness) {
+    h.stock("batch", SkuConfig::default(), 5).await;
+    let first = h.claim("batch", "o-1", 1).await.expect("claimed alone");
+    let req = |order: &str, quantity: u64, hold_ms: Option<u64>| ClaimRequest {
+        order_id: order.into(),
+        quantity,
+        user_id: None,
+        hold_ms,
+    };
+    let batch = [
+        req("o-1", 1, None),       // a retry: the same codes
+        req("o-1", 2, None),       // other parameters: a conflict
+        req("o-2", 2, None),       // new
+        req("o-2", 2, None),       // the same order twice in one batch: a replay
+        req("o-3", 1, Some(1000)), // a hold
+        req("o-4", 5, None),       // more than remains: sold out, codes left
+        req("o-5", 1, None),       // the last code
+        req("o-6", 1, None),       // nothing left at all
+    ];
+    let answers = h.inv.claim_batch("batch", &batch).await.expect("one call");
+    assert_eq!(answers.len(), batch.len());
+    let ok = |i: usize| answers[i].0.as_ref().expect("answered").clone();
+    assert_eq!(ok(0).keys, first.keys);
+    assert!(ok(0).replayed);
+    assert!(matches!(answers[1].0, Err(Error::OrderConflict(_))));
+    assert_eq!(ok(2).keys.len(), 2);
+    assert!(!ok(2).replayed);
+    assert_eq!(ok(3).keys, ok(2).keys);
+    assert!(ok(3).replayed);
+    assert_eq!(ok(4).state, "held");
+    assert!(matches!(answers[5], (Err(Error::SoldOut), false)));
+    assert_eq!(ok(6).keys.len(), 1);
+    assert!(matches!(answers[7], (Err(Error::SoldOut), true)));
+    let mut ids: Vec<String> = [0, 2, 4, 6]
+        .iter()
+        .flat_map(|&i| ok(i).keys.into_iter().map(|k| k.key_id))
+        .collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "no code to two orders");
+    assert_eq!(n, 5, "the whole stock, once");
+    // Each new change names its own event.
+    let events: Vec<_> = [2, 4, 6].iter().map(|&i| ok(i).event_id).collect();
+    assert!(events.iter().all(Option::is_some));
+    assert_ne!(events[0], events[1]);
+    assert!(ok(0).emitted.is_none(), "a replay made no change");
+}
 
 /// A second gateway finishing a rebuild after the first one already let the SKU serve
 /// replays ledger events on a live engine: orders changed live since stay as they are.

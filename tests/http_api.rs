@@ -619,3 +619,47 @@ async fn engine_outage_answers_unavailable_then_recovers() {
     }
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_batch_claim_answers_each_order_as_if_it_came_alone() {
+    let gw = TestGateway::embedded().await;
+    gw.stock("bulk", &["BULK-1", "BULK-2", "BULK-3"]).await;
+    let (_, alone) = gw.claim("bulk", json!({"order_id": "o-1"})).await;
+    let (status, body) = gw
+        .merchant_post(
+            "/v1/skus/bulk/claims/batch",
+            json!({"claims": [
+                {"order_id": "o-1"},
+                {"order_id": "o-2", "quantity": 2},
+                {"order_id": "bad|id"},
+                {"order_id": "o-3", "colour": "red"},
+                {"order_id": "o-4"},
+            ]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let claims = body["claims"].as_array().expect("one answer per claim");
+    assert_eq!(claims.len(), 5);
+    assert_eq!(claims[0]["keys"], alone["keys"], "a retry replays");
+    assert_eq!(claims[0]["replayed"], true);
+    assert_eq!(claims[1]["keys"].as_array().map(Vec::len), Some(2));
+    assert_eq!(claims[2]["error"]["code"], "ERR_BAD_REQUEST");
+    assert_eq!(claims[3]["error"]["code"], "ERR_BAD_REQUEST");
+    assert_eq!(claims[4]["error"]["code"], "ERR_SOLD_OUT");
+    // Bad claims changed nothing: the orders do not exist.
+    let (status, _) = gw.merchant_get("/v1/skus/bulk/claims/o-3").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    for bad in [json!({"claims": []}), json!({"claims": {}}), json!({})] {
+        let (status, body) = gw.merchant_post("/v1/skus/bulk/claims/batch", bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    }
+    let too_many: Vec<Value> = (0..501)
+        .map(|i| json!({"order_id": format!("m-{i}")}))
+        .collect();
+    let (status, _) = gw
+        .merchant_post("/v1/skus/bulk/claims/batch", json!({"claims": too_many}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    gw.stop().await;
+}

@@ -68,8 +68,26 @@ macro_rules! scripts {
 }
 
 scripts!(
-    sku, add, claim, confirm, release, expire, redeem, order, counts, void, restore, index, window,
-    exists, stream, warm, inspect, repair, orders
+    sku,
+    add,
+    claim,
+    claims_batch,
+    confirm,
+    release,
+    expire,
+    redeem,
+    order,
+    counts,
+    void,
+    restore,
+    index,
+    window,
+    exists,
+    stream,
+    warm,
+    inspect,
+    repair,
+    orders
 );
 
 /// The scripts, loaded once.

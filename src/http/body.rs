@@ -102,6 +102,12 @@ impl JsonBody {
             };
             Error::BadRequest(format!("{what} at line {} column {}", e.line(), e.column()))
         })?;
+        JsonBody::from_value(value, allowed)
+    }
+
+    /// A JSON value already parsed (an element of a body's array) as an object whose keys
+    /// are all in `allowed`.
+    pub fn from_value(value: Value, allowed: &[&str]) -> Result<JsonBody, Error> {
         let Value::Object(fields) = value else {
             return Err(Error::BadRequest("the body must be a JSON object".into()));
         };
@@ -118,6 +124,17 @@ impl JsonBody {
             }));
         }
         Ok(JsonBody { fields })
+    }
+
+    /// A required array field: its elements.
+    pub fn take_array(&mut self, name: &str) -> Result<Vec<Value>, Error> {
+        match self.fields.remove(name) {
+            Some(Value::Array(items)) => Ok(items),
+            Some(_) => Err(Error::BadRequest(format!(
+                "field `{name}` must be an array"
+            ))),
+            None => Err(Error::BadRequest(format!("field `{name}` is required"))),
+        }
     }
 
     /// The raw object (for bodies handed to serde whole, such as SKU settings).

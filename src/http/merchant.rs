@@ -2,7 +2,7 @@
 
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::body::{self, JsonBody, Reply};
 use super::{App, Params};
@@ -11,7 +11,7 @@ use crate::error::Error;
 use crate::inventory::warm::ledger_error;
 use crate::inventory::{drift, ClaimRequest, Order};
 use crate::metrics as m;
-use crate::sku::{check_id, check_sku, FormatVersion, MAX_ID_LEN};
+use crate::sku::{check_id, check_sku, FormatVersion, SkuConfig, MAX_ID_LEN};
 
 /// Most codes one claim may take.
 pub const MAX_QUANTITY: u64 = 100;
@@ -34,11 +34,25 @@ pub async fn claim(app: &App, params: Params, req: Request<Incoming>) -> Result<
     Ok(body::json(StatusCode::OK, &result?.to_json()))
 }
 
+/// The fields of one claim.
+const CLAIM_FIELDS: &[&str] = &["order_id", "quantity", "user_id", "hold_ms", "hold"];
+
 async fn claim_body(app: &App, sku: &str, bytes: &[u8]) -> Result<Order, Error> {
-    let body = JsonBody::parse(
-        bytes,
-        &["order_id", "quantity", "user_id", "hold_ms", "hold"],
-    )?;
+    let body = JsonBody::parse(bytes, CLAIM_FIELDS)?;
+    let settings = app.skus.require(&app.inventory, sku).await?;
+    let request = claim_request(app, sku, &settings, &body).await?;
+    let (result, exhausted) = app.inventory.claim_checked(sku, &request).await;
+    claimed(app, sku, result, exhausted).await
+}
+
+/// Checks one claim's fields against the SKU's settings and the edge's limits: the request
+/// to send, or why it is refused without reaching the engine.
+async fn claim_request(
+    app: &App,
+    sku: &str,
+    settings: &SkuConfig,
+    body: &JsonBody,
+) -> Result<ClaimRequest, Error> {
     let order_id = body.str("order_id", MAX_ID_LEN)?;
     check_id("order_id", order_id, MAX_ID_LEN)?;
     let quantity = body.opt_u64("quantity", 1..=MAX_QUANTITY)?.unwrap_or(1);
@@ -46,7 +60,6 @@ async fn claim_body(app: &App, sku: &str, bytes: &[u8]) -> Result<Order, Error> 
     if let Some(user) = user_id {
         check_id("user_id", user, MAX_ID_LEN)?;
     }
-    let settings = app.skus.require(&app.inventory, sku).await?;
     if settings.per_user_limit > 0 && user_id.is_none() {
         return Err(Error::BadRequest(
             "field `user_id` is required: this SKU has a per-user limit".into(),
@@ -74,13 +87,22 @@ async fn claim_body(app: &App, sku: &str, bytes: &[u8]) -> Result<Order, Error> 
     if let Some(user) = user_id {
         app.edge.claim_allowed(user).await?;
     }
-    let request = ClaimRequest {
+    Ok(ClaimRequest {
         order_id: order_id.to_owned(),
         quantity,
         user_id: user_id.map(str::to_owned),
         hold_ms,
-    };
-    let (result, exhausted) = app.inventory.claim_checked(sku, &request).await;
+    })
+}
+
+/// Finishes one claim the engine answered: remembers a SKU with nothing left, and makes the
+/// change as durable as configured before it is answered.
+async fn claimed(
+    app: &App,
+    sku: &str,
+    result: Result<Order, Error>,
+    exhausted: bool,
+) -> Result<Order, Error> {
     // Only when nothing at all was left: a claim asking for more than remains must not
     // turn every other order away.
     if exhausted {
@@ -90,6 +112,74 @@ async fn claim_body(app: &App, sku: &str, bytes: &[u8]) -> Result<Order, Error> 
     app.durable(sku, order.event_id.as_deref(), order.emitted.as_ref())
         .await?;
     Ok(order)
+}
+
+/// Most orders in one batch claim.
+pub const MAX_BATCH_CLAIMS: usize = 500;
+
+/// `POST /v1/skus/{sku}/claims/batch` `{"claims": [claim, …]}`: several orders of one SKU
+/// in one engine call. Each claim is checked, claimed and answered on its own, exactly as if
+/// sent alone (its own idempotency, conflict and error); the answer lists them in order,
+/// each an order or an error envelope.
+pub async fn claim_batch(
+    app: &App,
+    params: Params,
+    req: Request<Incoming>,
+) -> Result<Reply, Error> {
+    let sku = params.get("sku");
+    check_sku(sku)?;
+    let limit = app.limits.max_body_bytes;
+    body::check_declared_length(req.headers(), limit)?;
+    let bytes = body::read_limited(req.into_body(), limit).await?;
+    let claims = JsonBody::parse(&bytes, &["claims"])?.take_array("claims")?;
+    if claims.is_empty() || claims.len() > MAX_BATCH_CLAIMS {
+        return Err(Error::BadRequest(format!(
+            "field `claims` must hold 1 to {MAX_BATCH_CLAIMS} claims"
+        )));
+    }
+    let settings = app.skus.require(&app.inventory, sku).await?;
+    let mut answers: Vec<Option<Result<Order, Error>>> = Vec::with_capacity(claims.len());
+    let mut requests = Vec::new();
+    let mut slots = Vec::new();
+    for claim in claims {
+        let checked = match JsonBody::from_value(claim, CLAIM_FIELDS) {
+            Ok(body) => claim_request(app, sku, &settings, &body).await,
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok(request) => {
+                slots.push(answers.len());
+                requests.push(request);
+                answers.push(None);
+            }
+            Err(e) => answers.push(Some(Err(e))),
+        }
+    }
+    if !requests.is_empty() {
+        let results = app.inventory.claim_batch(sku, &requests).await?;
+        for (slot, (result, exhausted)) in slots.into_iter().zip(results) {
+            answers[slot] = Some(claimed(app, sku, result, exhausted).await);
+        }
+    }
+    let answers: Vec<Value> = answers
+        .into_iter()
+        .map(|answer| {
+            let answer =
+                answer.unwrap_or_else(|| Err(Error::Internal("claim not answered".into())));
+            let outcome = match &answer {
+                Ok(o) if o.replayed => "replay",
+                Ok(o) if o.state == "held" => "held",
+                Ok(_) => "new",
+                Err(e) => e.code(),
+            };
+            metrics::counter!(m::CLAIMS, "outcome" => outcome).increment(1);
+            match answer {
+                Ok(order) => order.to_json(),
+                Err(e) => e.envelope(),
+            }
+        })
+        .collect();
+    Ok(body::json(StatusCode::OK, &json!({ "claims": answers })))
 }
 
 /// Checks the path of an order route; returns (sku, order id).

@@ -340,6 +340,7 @@ pub async fn serve(
 pub enum RouteId {
     Redeem,
     Claims,
+    ClaimsBatch,
     Claim,
     ClaimConfirm,
     ClaimRelease,
@@ -402,6 +403,7 @@ fn public_routes() -> Routes {
         ("/v1/redeem", RouteId::Redeem, POST),
         ("/v1/skus/{sku}", RouteId::Sku, GET),
         ("/v1/skus/{sku}/claims", RouteId::Claims, POST),
+        ("/v1/skus/{sku}/claims/batch", RouteId::ClaimsBatch, POST),
         ("/v1/skus/{sku}/claims/{order_id}", RouteId::Claim, GET),
         (
             "/v1/skus/{sku}/claims/{order_id}/confirm",
@@ -466,6 +468,10 @@ async fn dispatch(
         (Listener::Public, Claims, Method::POST) => {
             merchant(&req)?;
             merchant::claim(app, params, req).await
+        }
+        (Listener::Public, ClaimsBatch, Method::POST) => {
+            merchant(&req)?;
+            merchant::claim_batch(app, params, req).await
         }
         (Listener::Public, Claim, Method::GET) => {
             merchant(&req)?;
@@ -624,5 +630,18 @@ mod tests {
         let public = public_routes();
         let redeem = public.at("/v1/redeem").expect("matched");
         assert_eq!(redeem.value.allow(), "POST");
+    }
+
+    #[test]
+    fn batch_claims_have_their_own_route_beside_orders() {
+        let public = public_routes();
+        let at = |path: &str| public.at(path).map(|m| m.value.id).ok();
+        assert_eq!(at("/v1/skus/s/claims/batch"), Some(RouteId::ClaimsBatch));
+        assert_eq!(at("/v1/skus/s/claims/o-1"), Some(RouteId::Claim));
+        assert_eq!(
+            at("/v1/skus/s/claims/batch/confirm"),
+            Some(RouteId::ClaimConfirm),
+            "an order named batch can still be confirmed"
+        );
     }
 }

@@ -615,6 +615,43 @@ impl Inventory {
         (order_result(sku, &req.order_id, &reply), exhausted)
     }
 
+    /// Claims for several orders of one SKU in one script call: each answer (and whether its
+    /// `ERR_SOLD_OUT` meant nothing at all was left) in the order of `requests`, exactly as
+    /// [`Inventory::claim_checked`] would give it for that order alone.
+    pub async fn claim_batch(
+        &self,
+        sku: &str,
+        requests: &[ClaimRequest],
+    ) -> Result<Vec<(Result<Order, Error>, bool)>, Error> {
+        let mut args = Vec::with_capacity(1 + requests.len() * 4);
+        args.push(self.now_ms().to_string());
+        for req in requests {
+            args.extend([
+                req.order_id.clone(),
+                req.quantity.to_string(),
+                req.user_id.clone().unwrap_or_default(),
+                req.hold_ms.unwrap_or(0).to_string(),
+            ]);
+        }
+        let reply = self.run(&SCRIPTS.claims_batch, sku, args).await?;
+        if matches!(tag(&reply), "no_sku" | "loading") {
+            return Err(rebuilding(sku));
+        }
+        if reply.len() != requests.len() {
+            return Err(unexpected("claims_batch", &Reply::Array(reply)));
+        }
+        Ok(requests
+            .iter()
+            .zip(&reply)
+            .map(|(req, one)| {
+                let one = one.as_array().unwrap_or_default();
+                let exhausted =
+                    tag(one) == "sold_out" && one.get(1).and_then(Reply::as_i64) == Some(0);
+                (order_result(sku, &req.order_id, one), exhausted)
+            })
+            .collect())
+    }
+
     /// Turns a hold into a final claim (payment arrived).
     pub async fn confirm(&self, sku: &str, order_id: &str) -> Result<Order, Error> {
         let args = vec![order_id.to_owned(), self.now_ms().to_string()];
