@@ -7,7 +7,8 @@
 #
 # For each system it prints claims/s and redemptions/s, p50 and p99 latency, and server and
 # Redis CPU per request (utime + stime from /proc, ledger writer included), each also as a
-# ratio to the baseline. --short runs a few seconds per system (what CI runs: it checks that
+# ratio to the baseline; `batch` rows are claims sent 100 to a request
+# (POST /v1/skus/{sku}/claims/batch), counted per claim and compared with single claims. --short runs a few seconds per system (what CI runs: it checks that
 # every system ran and produced figures, never a timing). Release binaries are built unless
 # KAMIGATE_BIN and BASELINE_BIN name binaries to use.
 #
@@ -61,17 +62,18 @@ ADMIN=admin-token-side-by-side-01
 MERCHANT=merchant-token-side-by-side
 results="$work/results"
 
-# run <system> <kind> <url> <script> <server pid> <uses redis: 1|0>
+# run <system> <kind> <url> <script> <server pid> <uses redis: 1|0> [claims per request]
+# Figures are per claim (or redemption): a batch request counts as its claims.
 run() {
-  local system=$1 kind=$2 url=$3 script=$4 pid=$5 with_redis=$6
+  local system=$1 kind=$2 url=$3 script=$4 pid=$5 with_redis=$6 per=${7:-1}
   local s0 r0 s1 r1 out
   s0=$(cpu "$pid"); r0=$(cpu "$redis_pid")
-  out=$(TOKEN="$MERCHANT" ORDER_PREFIX="$system-$RANDOM" SKU=sbs CODES=$CODES \
+  out=$(TOKEN="$MERCHANT" ORDER_PREFIX="$system-$RANDOM" SKU=sbs CODES=$CODES BATCH=$per \
     wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -s "benches/wrk/$script" "$url")
   s1=$(cpu "$pid"); r1=$(cpu "$redis_pid")
   local rps p50 p99 requests non2xx
-  rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
-  requests=$(awk '/requests in/ {print $1}' <<<"$out")
+  rps=$(awk -v per="$per" '/^Requests\/sec/ {print $2 * per}' <<<"$out")
+  requests=$(awk -v per="$per" '/requests in/ {print $1 * per}' <<<"$out")
   non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out"); non2xx=${non2xx:-0}
   p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
   p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
@@ -123,6 +125,8 @@ kamigate() {
     -H 'content-type: text/plain' --data-binary @- >/dev/null
   run "$system" claim "http://127.0.0.1:$public/v1/skus/sbs/claims" claim.lua "$pid" "$with_redis"
   run "$system" redeem "http://127.0.0.1:$public/v1/redeem" redeem.lua "$pid" "$with_redis"
+  run "$system" batch "http://127.0.0.1:$public/v1/skus/sbs/claims/batch" claim_batch.lua \
+    "$pid" "$with_redis" 100
   kill "$pid"; wait "$pid" 2>/dev/null || true
 }
 kamigate redis-engine 1 engine
@@ -133,6 +137,7 @@ kamigate embedded-engine 0 engine
 echo "side by side: ${SECS}s per system and kind, ${CONNS} connections, wrk -t1 ($(date -u +%F))"
 awk '
   $1 == "baseline" { rps[$2] = $3; p99[$2] = $6; srv[$2] = $7; red[$2] = $8 }
+  $1 == "baseline" && $2 == "claim" { rps["batch"] = $3; srv["batch"] = $7; red["batch"] = $8 }
   { row[NR] = $0 }
   function ratio(a, b) { if (b > 0) return a / b; return 0 }
   function ms(t) {  # wrk latency (e.g. 1.23ms, 850.00us, 1.10s) in ms

@@ -47,7 +47,12 @@ fn the_harness_runs_every_system_and_reports_figures() {
         "embedded-ledger",
         "embedded-engine",
     ] {
-        for kind in ["claim", "redeem"] {
+        let kinds: &[&str] = if system == "baseline" {
+            &["claim", "redeem"]
+        } else {
+            &["claim", "redeem", "batch"]
+        };
+        for &kind in kinds {
             let row = stdout
                 .lines()
                 .find(|l| {
