@@ -30,8 +30,8 @@ while [ $# -gt 0 ]; do
 done
 
 if [ -z "${KAMIGATE_BIN:-}" ] || [ -z "${BASELINE_BIN:-}" ]; then
-  cargo build --release --quiet --bin kamigate --example baseline_edge
-  KAMIGATE_BIN=target/release/kamigate BASELINE_BIN=target/release/examples/baseline_edge
+  cargo build --release --quiet --bin kamigate --bin baseline-edge
+  KAMIGATE_BIN=target/release/kamigate BASELINE_BIN=target/release/baseline-edge
 fi
 command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; exit 1; }
 

@@ -2,28 +2,10 @@
 //! and produces figures. No timing is asserted: the machine is shared, and figures belong in
 //! BENCHMARKS.md, measured with the full run.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 #[test]
 fn the_harness_runs_every_system_and_reports_figures() {
-    // The debug binaries `cargo test --all-targets` built: the test binary sits in
-    // target/debug/deps, the example in target/debug/examples.
-    let deps = std::env::current_exe()
-        .expect("test binary path")
-        .parent()
-        .expect("deps dir")
-        .to_owned();
-    let baseline: PathBuf = deps
-        .parent()
-        .expect("profile dir")
-        .join("examples")
-        .join("baseline_edge");
-    assert!(
-        baseline.exists(),
-        "build the example first: {}",
-        baseline.display()
-    );
     let out = Command::new("bash")
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -31,7 +13,7 @@ fn the_harness_runs_every_system_and_reports_figures() {
         ))
         .arg("--short")
         .env("KAMIGATE_BIN", env!("CARGO_BIN_EXE_kamigate"))
-        .env("BASELINE_BIN", &baseline)
+        .env("BASELINE_BIN", env!("CARGO_BIN_EXE_baseline-edge"))
         .output()
         .expect("the harness runs");
     let stdout = String::from_utf8_lossy(&out.stdout);

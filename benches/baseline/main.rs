@@ -8,7 +8,7 @@
 //!   HSETNX the redemption by this redeemer → XADD an event).
 //!
 //! No auth, limits, holds, ledger or metrics: that is the point. Usage:
-//! `baseline_edge <listen addr> <redis url> [--load <sku> <n>]` (`--load` fills the SKU's set
+//! `baseline-edge <listen addr> <redis url> [--load <sku> <n>]` (`--load` fills the SKU's set
 //! with `n` codes `<sku>-<i>` first, then serves).
 
 use std::convert::Infallible;
@@ -116,7 +116,7 @@ async fn route(
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(listen), Some(url)) = (args.first(), args.get(1)) else {
-        eprintln!("usage: baseline_edge <listen addr> <redis url> [--load <sku> <n>]");
+        eprintln!("usage: baseline-edge <listen addr> <redis url> [--load <sku> <n>]");
         std::process::exit(2);
     };
     let listen: SocketAddr = listen.parse()?;
