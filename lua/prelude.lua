@@ -139,19 +139,26 @@ local EMITTED = {}
 -- `fields` alternate names and values. The SKU's generation (meta `gen`, new each time the
 -- SKU is created in an engine) tells an entry of a stream that was lost and recreated from
 -- a later one with a larger id, so nobody takes one for the other.
+-- The SKU's generation, read once per script call (by unservable, or by the first emit).
+local GEN = nil
+
 local function emit(kind, now, fields)
   local id = redis.call('XADD', K.events, '*', 't', kind, 'at', now, unpack(fields))
   EMITTED = { id, 't', kind, 'at', tostring(now) }
   for i = 1, #fields do EMITTED[#EMITTED + 1] = tostring(fields[i]) end
-  return (redis.call('HGET', K.meta, 'gen') or '') .. ':' .. id
+  if not GEN then GEN = redis.call('HGET', K.meta, 'gen') or '' end
+  return GEN .. ':' .. id
 end
 
 -- Nil when the SKU can serve clients, else the reply to give: {'no_sku'} when the engine
 -- lacks it, {'loading'} while it is being rebuilt from the ledger.
+-- One command on the hot path: every SKU has `created_at` (sku.lua), and the generation
+-- comes along for emit.
 local function unservable()
-  local loading = redis.call('HGET', K.meta, 'loading')
-  if loading == '1' then return { 'loading' } end
-  if not loading and redis.call('EXISTS', K.meta) == 0 then return { 'no_sku' } end
+  local m = redis.call('HMGET', K.meta, 'created_at', 'loading', 'gen')
+  if not m[1] then return { 'no_sku' } end
+  if m[2] == '1' then return { 'loading' } end
+  GEN = m[3] or ''
   return nil
 end
 

@@ -48,9 +48,17 @@ pub struct Journal {
 
 #[derive(Debug, Default)]
 struct SkuJournal {
-    /// Events by generation, then by stream id.
-    by_gen: HashMap<String, BTreeMap<(u64, u64), LedgerEvent>>,
+    /// Entries by generation, then by stream id: the stream id and fields as the script
+    /// reported them. Turned into ledger events only when lost ([`Journal::take_lost`]):
+    /// keeping one is on every answer's path, writing one almost never is.
+    by_gen: HashMap<String, BTreeMap<(u64, u64), Entry>>,
     lost: VecDeque<String>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    stream_id: String,
+    fields: Vec<(String, String)>,
 }
 
 impl Journal {
@@ -93,13 +101,10 @@ impl Journal {
         if self.len() >= self.max_events {
             return Kept::Full;
         }
-        let Some(stream_id) = answer_id.rsplit_once(':').map(|(_, s)| s) else {
-            return Kept::Kept;
-        };
-        // A script's own entry always parses; one that did not could not reach the ledger
-        // through the stream either.
-        let Ok(event) = event_from_entry(sku, stream_id, fields) else {
-            return Kept::Kept;
+        let stream_id = answer_id.rsplit_once(':').map_or(answer_id, |(_, s)| s);
+        let event = Entry {
+            stream_id: stream_id.to_owned(),
+            fields: fields.to_vec(),
         };
         if journal
             .by_gen
@@ -155,7 +160,13 @@ impl Journal {
         for gen in lost {
             if let Some(entries) = journal.by_gen.remove(&gen) {
                 self.len.fetch_sub(entries.len(), Ordering::Relaxed);
-                events.extend(entries.into_values());
+                // A script's own entry always parses; one that did not could not reach the
+                // ledger through the stream either.
+                events.extend(
+                    entries
+                        .into_values()
+                        .filter_map(|e| event_from_entry(sku, &e.stream_id, &e.fields).ok()),
+                );
             }
             journal.mark_lost(gen);
         }
@@ -187,12 +198,22 @@ impl Journal {
         // Their generation is lost: keep them under a name no live generation has.
         let entries = journal.by_gen.entry("\u{0}lost".to_owned()).or_default();
         for event in events {
-            let id = event
+            let stream_id = event
                 .event_id
                 .rsplit_once('/')
-                .and_then(|(_, s)| parse_stream_id(s))
-                .unwrap_or((0, 0));
-            if entries.insert(id, event).is_none() {
+                .map_or("", |(_, s)| s)
+                .to_owned();
+            let id = parse_stream_id(&stream_id).unwrap_or((0, 0));
+            let fields = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(
+                &event.fields_json,
+            )
+            .map(|m| {
+                m.into_iter()
+                    .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+            if entries.insert(id, Entry { stream_id, fields }).is_none() {
                 self.len.fetch_add(1, Ordering::Relaxed);
             }
         }
