@@ -206,7 +206,20 @@ async fn a_lost_engine_hidden_by_a_recreated_sku_is_caught_by_the_epoch_marker()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (status, _) = gw.redeem(json!({"code": sold, "redeemer": "u-1"})).await;
+    // Found through the global index, which answers "retry" until the gateway has indexed
+    // every SKU again: a client retries, as it would any 503.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        let (status, body) = gw.redeem(json!({"code": sold, "redeemer": "u-1"})).await;
+        if status != StatusCode::SERVICE_UNAVAILABLE {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the index never came back: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(
         status,
         StatusCode::OK,
