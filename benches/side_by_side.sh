@@ -8,8 +8,10 @@
 # For each system it prints claims/s and redemptions/s, p50 and p99 latency, and server and
 # Redis CPU per request (utime + stime from /proc, ledger writer included), each also as a
 # ratio to the baseline; `batch` rows are claims sent 100 to a request
-# (POST /v1/skus/{sku}/claims/batch), counted per claim and compared with single claims. --short runs a few seconds per system (what CI runs: it checks that
-# every system ran and produced figures, never a timing). Release binaries are built unless
+# (POST /v1/skus/{sku}/claims/batch), counted per claim and compared with single claims;
+# `soldout` rows are claims of a SKU with nothing left (every answer a 409), compared with the
+# baseline's claims. --short runs a few seconds per system (what CI runs: it checks that every
+# system ran and produced figures, never a timing). Release binaries are built unless
 # KAMIGATE_BIN and BASELINE_BIN name binaries to use.
 #
 # kamigate runs with its defaults, limits raised so they never trigger. Each kamigate SKU holds
@@ -127,6 +129,15 @@ kamigate() {
   run "$system" redeem "http://127.0.0.1:$public/v1/redeem" redeem.lua "$pid" "$with_redis"
   run "$system" batch "http://127.0.0.1:$public/v1/skus/sbs/claims/batch" claim_batch.lua \
     "$pid" "$with_redis" 100
+  # Sold out: a SKU whose one code is gone; every claim is a new order answered 409.
+  curl -fs -X PUT "http://127.0.0.1:$admin/v1/skus/gone" -H "Authorization: Bearer $ADMIN" \
+    -d '{}' >/dev/null
+  echo gone-0 | curl -fs -X POST "http://127.0.0.1:$admin/v1/skus/gone/batches?batch_id=b1" \
+    -H "Authorization: Bearer $ADMIN" -H 'content-type: text/plain' --data-binary @- >/dev/null
+  curl -fs -X POST "http://127.0.0.1:$public/v1/skus/gone/claims" \
+    -H "Authorization: Bearer $MERCHANT" -d '{"order_id":"first"}' >/dev/null
+  run "$system" soldout "http://127.0.0.1:$public/v1/skus/gone/claims" claim.lua "$pid" \
+    "$with_redis"
   kill "$pid"; wait "$pid" 2>/dev/null || true
 }
 kamigate redis-engine 1 engine
@@ -137,7 +148,10 @@ kamigate embedded-engine 0 engine
 echo "side by side: ${SECS}s per system and kind, ${CONNS} connections, wrk -t1 ($(date -u +%F))"
 awk '
   $1 == "baseline" { rps[$2] = $3; p99[$2] = $6; srv[$2] = $7; red[$2] = $8 }
-  $1 == "baseline" && $2 == "claim" { rps["batch"] = $3; srv["batch"] = $7; red["batch"] = $8 }
+  $1 == "baseline" && $2 == "claim" {
+    rps["batch"] = $3; srv["batch"] = $7; red["batch"] = $8
+    rps["soldout"] = $3; p99["soldout"] = $6; srv["soldout"] = $7; red["soldout"] = $8
+  }
   { row[NR] = $0 }
   function ratio(a, b) { if (b > 0) return a / b; return 0 }
   function ms(t) {  # wrk latency (e.g. 1.23ms, 850.00us, 1.10s) in ms

@@ -13,7 +13,7 @@ use crate::engine::EngineError;
 use crate::ledger::LedgerError;
 
 /// Everything a request can fail with. Each variant is one documented `ERR_…` code.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
     BadRequest(String),

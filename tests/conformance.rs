@@ -70,6 +70,20 @@ impl Harness {
         added
     }
 
+    /// Script calls the Redis server has run so far (`None` on the embedded engine).
+    async fn script_calls(&self) -> Option<u64> {
+        let redis = self._redis.as_ref()?;
+        let info = redis.redis_cli(&["INFO", "commandstats"]).await;
+        let text = info.as_str().expect("INFO answers text").to_owned();
+        let calls = |cmd: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+                .and_then(|rest| rest.split(',').next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        Some(calls("evalsha") + calls("eval"))
+    }
+
     async fn claim(&self, sku: &str, order: &str, quantity: u64) -> Result<Order, Error> {
         let req = ClaimRequest {
             order_id: order.into(),
@@ -650,7 +664,137 @@ conformance!(
     a_rebuild_overtaken_by_a_newer_loss_never_declares_the_sku_ready,
     a_late_order_rebuild_never_overwrites_a_live_order,
     a_batch_claims_each_order_as_if_it_came_alone,
+    coalesced_claims_each_get_the_answer_they_would_get_alone,
 );
+
+/// Hundreds of claims of one SKU at once, which the inventory gathers into few script
+/// calls: new orders, the same order sent twice at once, an order reused with other
+/// parameters, holds and per-user limits. Each answer is what the order would have got alone:
+/// the order as the engine then knows it, no code twice, exactly the stock issued.
+async fn coalesced_claims_each_get_the_answer_they_would_get_alone(h: Harness) {
+    let config = SkuConfig {
+        per_user_limit: 3,
+        ..SkuConfig::default()
+    };
+    h.stock("rush", config, 150).await;
+    let requests: Vec<ClaimRequest> = (0..400u64)
+        .map(|i| {
+            // Orders 0..50 are each sent twice; order 7 is also sent with another quantity.
+            let order = if i < 100 { i % 50 } else { i };
+            ClaimRequest {
+                order_id: format!("o-{order}"),
+                quantity: if i == 399 { 2 } else { 1 },
+                user_id: Some(format!("u-{}", order % 90)),
+                hold_ms: (order % 5 == 0).then_some(60_000),
+            }
+        })
+        .chain(std::iter::once(ClaimRequest {
+            order_id: "o-7".into(),
+            quantity: 3,
+            user_id: Some("u-7".into()),
+            hold_ms: None,
+        }))
+        .collect();
+    let calls_before = h.script_calls().await;
+    let tasks: Vec<_> = requests
+        .iter()
+        .cloned()
+        .map(|req| {
+            let inv = h.inv.clone();
+            tokio::spawn(async move { (inv.claim("rush", &req).await, req) })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("claim task ran"));
+    }
+    if let (Some(before), Some(after)) = (calls_before, h.script_calls().await) {
+        assert!(
+            after - before < requests.len() as u64 / 2,
+            "{} claims took {} script calls: they were not gathered",
+            requests.len(),
+            after - before
+        );
+    }
+
+    // Per order: every successful answer carries the same codes, exactly one did the work,
+    // and a refusal is a conflict with those parameters, or the order was never made.
+    type Sent = (Result<Order, Error>, ClaimRequest);
+    let mut by_order: std::collections::BTreeMap<&str, Vec<&Sent>> = Default::default();
+    for answer in &answers {
+        by_order
+            .entry(answer.1.order_id.as_str())
+            .or_default()
+            .push(answer);
+    }
+    let mut issued = HashSet::new();
+    let mut per_user: std::collections::HashMap<String, u64> = Default::default();
+    for (order_id, sent) in &by_order {
+        let made: Vec<(&Order, &ClaimRequest)> = sent
+            .iter()
+            .filter_map(|(answer, req)| Some((answer.as_ref().ok()?, req)))
+            .collect();
+        let Some(&(first, first_req)) = made.first() else {
+            for (answer, req) in sent {
+                match answer {
+                    Err(Error::SoldOut | Error::UserLimit { .. }) => {}
+                    other => panic!("unexpected answer to {req:?}: {other:?}"),
+                }
+            }
+            assert!(
+                h.inv.order("rush", order_id).await.is_err(),
+                "a refused order was never made"
+            );
+            continue;
+        };
+        assert_eq!(
+            made.iter().filter(|(o, _)| !o.replayed).count(),
+            1,
+            "exactly one claim of {order_id} did the work"
+        );
+        for (order, req) in &made {
+            assert_eq!(order.keys, first.keys, "the same order, the same codes");
+            assert_eq!(req.quantity, first_req.quantity);
+            let state = if req.hold_ms.is_some() {
+                "held"
+            } else {
+                "claimed"
+            };
+            assert_eq!(order.state, state, "{req:?}");
+            assert_eq!(order.keys.len() as u64, req.quantity, "{req:?}");
+        }
+        for (answer, req) in sent {
+            if let Err(e) = answer {
+                assert!(
+                    matches!(e, Error::OrderConflict(_)) && req.quantity != first_req.quantity,
+                    "{req:?} refused with {e} although {order_id} was made with its parameters"
+                );
+            }
+        }
+        let now = h.inv.order("rush", order_id).await.expect("order known");
+        assert_eq!(
+            now.keys, first.keys,
+            "the answer is the order the engine has"
+        );
+        for key in &first.keys {
+            assert!(
+                issued.insert(key.key_id.clone()),
+                "{} issued twice",
+                key.key_id
+            );
+        }
+        *per_user
+            .entry(first_req.user_id.clone().unwrap_or_default())
+            .or_default() += first_req.quantity;
+    }
+    assert!(
+        per_user.values().all(|&n| n <= 3),
+        "per-user limit held: {per_user:?}"
+    );
+    let c = h.counts("rush").await;
+    assert_eq!(c.held + c.claimed, issued.len() as u64);
+    assert_eq!(c.available + c.held + c.claimed, 150);
+}
 
 /// One script call for several orders: each gets the answer it would have got alone, in
 /// order — new, replayed, conflicting, held, sold out — and no code goes to two orders.

@@ -32,7 +32,7 @@ fn the_harness_runs_every_system_and_reports_figures() {
         let kinds: &[&str] = if system == "baseline" {
             &["claim", "redeem"]
         } else {
-            &["claim", "redeem", "batch"]
+            &["claim", "redeem", "batch", "soldout"]
         };
         for &kind in kinds {
             let row = stdout
@@ -48,6 +48,15 @@ fn the_harness_runs_every_system_and_reports_figures() {
                 .and_then(|v| v.parse().ok())
                 .expect("a request rate");
             assert!(rps > 0.0, "{system} {kind} answered nothing: {row}");
+            if kind == "soldout" {
+                // Every claim of the emptied SKU is refused: the row measured sold-out answers.
+                let refused: f64 = row
+                    .split_whitespace()
+                    .nth(3)
+                    .and_then(|v| v.parse().ok())
+                    .expect("a non-2xx count");
+                assert!(refused > 0.0, "{system} sold nothing out: {row}");
+            }
         }
     }
 }

@@ -5,6 +5,7 @@
 //! This is the only place that knows the scripts' reply shapes, so both engines share it.
 //! Knows nothing of HTTP.
 
+mod coalesce;
 pub mod drift;
 pub mod formats;
 pub mod import;
@@ -256,6 +257,8 @@ pub struct Inventory {
     /// Told whenever a script finds a SKU missing or still loading, so the gateway checks
     /// the engine against the ledger at once instead of at its next periodic pass.
     lost: Arc<tokio::sync::Notify>,
+    /// Concurrent claims of one SKU, gathered into one script call.
+    coalescer: Arc<coalesce::Coalescer>,
 }
 
 impl Inventory {
@@ -270,6 +273,7 @@ impl Inventory {
             engine,
             clock,
             lost: Arc::new(tokio::sync::Notify::new()),
+            coalescer: Arc::default(),
         }
     }
 
@@ -594,11 +598,18 @@ impl Inventory {
     /// Like [`Inventory::claim`], and tells whether an `ERR_SOLD_OUT` meant that nothing at
     /// all was left (`true`), as opposed to fewer codes than the claim asked for: only the
     /// former may be remembered as "sold out" for every order.
+    ///
+    /// Concurrent claims of one SKU go to the engine together (see [`coalesce`]).
     pub async fn claim_checked(
         &self,
         sku: &str,
         req: &ClaimRequest,
     ) -> (Result<Order, Error>, bool) {
+        self.claim_coalesced(sku, req).await
+    }
+
+    /// One claim in one `claim.lua` call.
+    async fn claim_alone(&self, sku: &str, req: &ClaimRequest) -> (Result<Order, Error>, bool) {
         let args = vec![
             req.order_id.clone(),
             req.quantity.to_string(),
