@@ -52,9 +52,11 @@ pub(crate) struct Dialect {
     pub share_rows: &'static str,
     /// Most bind parameters one statement may carry.
     pub max_binds: usize,
-    /// Prefix of numbered parameters in generated multi-row statements: `$` for PostgreSQL,
-    /// `?` for SQLite, whose parser looks `$n` names up linearly (quadratic in a statement
-    /// of ten thousand parameters) but appends ascending `?n` directly.
+    /// Parameters of generated multi-row statements: `$` for PostgreSQL's numbered `$n`;
+    /// `?` for SQLite's anonymous `?`, bound in order of appearance. SQLite keeps named and
+    /// numbered parameters (`$n`, `?n`) in a list it searches linearly, and the driver asks
+    /// it for every parameter's name while binding: quadratic in a statement of ten
+    /// thousand parameters, where anonymous ones cost nothing.
     pub placeholder: char,
 }
 
@@ -183,7 +185,8 @@ where
         let p = self.dialect.placeholder;
         for chunk in digests.chunks(self.rows_per_statement(1, 1)) {
             let sql = format!(
-                "SELECT digest, local_id, batch_id FROM keys WHERE sku = {p}1 AND digest IN {}",
+                "SELECT digest, local_id, batch_id FROM keys WHERE sku = {} AND digest IN {}",
+                param(p, 1),
                 tuples(p, 1, chunk.len(), 2)
             );
             let mut query = sqlx::query(&sql).persistent(false).bind(sku);
@@ -212,8 +215,9 @@ where
         let p = self.dialect.placeholder;
         for chunk in ids.chunks(self.rows_per_statement(1, 1)) {
             let sql = format!(
-                "SELECT {STATUS_COLUMNS} FROM keys WHERE sku = {p}1 AND local_id IN {} \
+                "SELECT {STATUS_COLUMNS} FROM keys WHERE sku = {} AND local_id IN {} \
                  ORDER BY local_id{}",
+                param(p, 1),
                 tuples(p, 1, chunk.len(), 2),
                 self.dialect.lock_rows
             );
@@ -257,10 +261,12 @@ where
                  state = v.state, order_id = v.order_id, user_id = v.user_id, \
                  redeemer = v.redeemer, redeemed_at_ms = v.redeemed_at_ms, \
                  updated_at_ms = v.updated_at_ms \
-                 FROM v WHERE keys.sku = {p}1 AND keys.local_id = v.local_id",
-                tuples(p, chunk.len(), 11, 2)
+                 FROM v WHERE keys.sku = {} AND keys.local_id = v.local_id",
+                tuples(p, chunk.len(), 11, 1),
+                // Last, in order of appearance (see `Dialect::placeholder`).
+                param(p, chunk.len() * 11 + 1)
             );
-            let mut query = sqlx::query(&sql).persistent(false).bind(sku);
+            let mut query = sqlx::query(&sql).persistent(false);
             for (local_id, k) in chunk {
                 query = query
                     .bind(*local_id)
@@ -275,7 +281,7 @@ where
                     .bind(k.redeemed_at_ms)
                     .bind(k.updated_at_ms);
             }
-            query.execute(&mut *conn).await?;
+            query.bind(sku).execute(&mut *conn).await?;
         }
         Ok(())
     }
@@ -943,8 +949,17 @@ fn check_owner(batch: &BatchRecord, upload_id: &str) -> Result<(), LedgerError> 
     Ok(())
 }
 
-/// `rows` parenthesised tuples of `width` numbered placeholders, numbering from `first`:
-/// `tuples('$', 2, 2, 3)` is `($3, $4), ($5, $6)`.
+/// Parameter number `n` of a generated statement: `$n`, or an anonymous `?` (see
+/// [`Dialect::placeholder`]), which the caller binds in order of appearance.
+fn param(placeholder: char, n: usize) -> String {
+    match placeholder {
+        '?' => "?".to_owned(),
+        p => format!("{p}{n}"),
+    }
+}
+
+/// `rows` parenthesised tuples of `width` parameters, numbering from `first`:
+/// `tuples('$', 2, 2, 3)` is `($3, $4), ($5, $6)`; `tuples('?', 2, 2, 3)` is `(?, ?), (?, ?)`.
 fn tuples(placeholder: char, rows: usize, width: usize, first: usize) -> String {
     let mut sql = String::with_capacity(rows * width * 7);
     for r in 0..rows {
@@ -956,8 +971,7 @@ fn tuples(placeholder: char, rows: usize, width: usize, first: usize) -> String 
             if c > 0 {
                 sql.push_str(", ");
             }
-            sql.push(placeholder);
-            sql.push_str(&(first + r * width + c).to_string());
+            sql.push_str(&param(placeholder, first + r * width + c));
         }
         sql.push(')');
     }
