@@ -9,6 +9,12 @@ use kamigate::code::Format;
 use kamigate::config::Config;
 use kamigate::gateway::Gateway;
 
+/// A claim allocates and frees many small buffers (HTTP, JSON, engine replies) across the
+/// runtime's threads; mimalloc's per-thread free lists serve them with far less contention
+/// than the system allocator's arenas, which took a fifth of the gateway's CPU in profiles.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "kamigate", version, about = "Redemption gateway for card keys")]
 struct Cli {
