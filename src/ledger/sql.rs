@@ -19,8 +19,12 @@
 //! - **Placeholders** of generated multi-row statements: `?n` for SQLite, `$n` for
 //!   PostgreSQL (fixed statements use `$n`, which both accept).
 //!
-//! Statements built with a variable number of rows are not kept in the prepared-statement
-//! cache (`persistent(false)`): each chunk size would be a new entry evicting useful ones.
+//! Statements built with a variable number of rows would each be a new entry in the
+//! prepared-statement cache, evicting useful ones. The event writer's statements, which run
+//! for every group commit, are therefore cut into power-of-two chunks ([`pow2_chunks`]): a
+//! handful of shapes per statement, parsed once per connection and then reused (parsing a
+//! statement of thousands of parameters cost more than running it). Import statements run
+//! once per chunk of a file and stay out of the cache (`persistent(false)`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -213,7 +217,7 @@ where
         let ids: Vec<i64> = ids.iter().copied().collect();
         let mut out = Vec::with_capacity(ids.len());
         let p = self.dialect.placeholder;
-        for chunk in ids.chunks(self.rows_per_statement(1, 1)) {
+        for chunk in pow2_chunks(&ids, self.rows_per_statement(1, 1)) {
             let sql = format!(
                 "SELECT {STATUS_COLUMNS} FROM keys WHERE sku = {} AND local_id IN {} \
                  ORDER BY local_id{}",
@@ -221,7 +225,7 @@ where
                 tuples(p, 1, chunk.len(), 2),
                 self.dialect.lock_rows
             );
-            let mut query = sqlx::query(&sql).persistent(false).bind(sku);
+            let mut query = sqlx::query(&sql).bind(sku);
             for id in chunk {
                 query = query.bind(*id);
             }
@@ -253,7 +257,7 @@ where
         rows: &[(i64, KeyStatus)],
     ) -> Result<(), LedgerError> {
         let p = self.dialect.placeholder;
-        for chunk in rows.chunks(self.rows_per_statement(11, 1)) {
+        for chunk in pow2_chunks(rows, self.rows_per_statement(11, 1)) {
             let sql = format!(
                 "WITH v (local_id, void, held, sold, uses, state, order_id, user_id, redeemer, \
                  redeemed_at_ms, updated_at_ms) AS (VALUES {}) \
@@ -266,7 +270,7 @@ where
                 // Last, in order of appearance (see `Dialect::placeholder`).
                 param(p, chunk.len() * 11 + 1)
             );
-            let mut query = sqlx::query(&sql).persistent(false);
+            let mut query = sqlx::query(&sql);
             for (local_id, k) in chunk {
                 query = query
                     .bind(*local_id)
@@ -768,14 +772,14 @@ where
         // Record the events; those already recorded are not returned and change nothing.
         let mut recorded: HashMap<String, i64> = HashMap::new();
         let p = self.dialect.placeholder;
-        for chunk in events.chunks(self.rows_per_statement(11, 0)) {
+        for chunk in pow2_chunks(&events, self.rows_per_statement(11, 0)) {
             let sql = format!(
                 "INSERT INTO events (event_id, sku, kind, at_ms, key_local_ids, order_id, \
                  user_id, redeemer, reason, late, fields_json) VALUES {} \
                  ON CONFLICT (event_id) DO NOTHING RETURNING seq, event_id",
                 tuples(p, chunk.len(), 11, 1)
             );
-            let mut query = sqlx::query(&sql).persistent(false);
+            let mut query = sqlx::query(&sql);
             for e in chunk {
                 let ids: Vec<String> = e.key_local_ids.iter().map(i64::to_string).collect();
                 query = query
@@ -819,12 +823,12 @@ where
 
         let links = replay::audit_links(&applied);
         let p = self.dialect.placeholder;
-        for chunk in links.chunks(self.rows_per_statement(3, 0)) {
+        for chunk in pow2_chunks(&links, self.rows_per_statement(3, 0)) {
             let sql = format!(
                 "INSERT INTO event_keys (sku, local_id, event_seq) VALUES {}",
                 tuples(p, chunk.len(), 3, 1)
             );
-            let mut query = sqlx::query(&sql).persistent(false);
+            let mut query = sqlx::query(&sql);
             for (sku, id, seq) in chunk {
                 query = query.bind(*sku).bind(*id).bind(*seq);
             }
@@ -949,12 +953,36 @@ fn check_owner(batch: &BatchRecord, upload_id: &str) -> Result<(), LedgerError> 
     Ok(())
 }
 
+/// `items` cut into chunks of at most `max` items whose sizes are powers of two, largest
+/// first: 300 items with `max` 1000 are 256 + 32 + 8 + 4. A statement per chunk size then
+/// has at most a dozen shapes, which the prepared-statement cache keeps.
+fn pow2_chunks<T>(items: &[T], max: usize) -> Vec<&[T]> {
+    let max = if max == 0 { 1 } else { 1 << max.ilog2() };
+    let mut chunks = Vec::new();
+    let mut rest = items;
+    while !rest.is_empty() {
+        let size = (1 << rest.len().ilog2()).min(max);
+        let (chunk, tail) = rest.split_at(size);
+        chunks.push(chunk);
+        rest = tail;
+    }
+    chunks
+}
+
 /// Parameter number `n` of a generated statement: `$n`, or an anonymous `?` (see
 /// [`Dialect::placeholder`]), which the caller binds in order of appearance.
 fn param(placeholder: char, n: usize) -> String {
-    match placeholder {
-        '?' => "?".to_owned(),
-        p => format!("{p}{n}"),
+    let mut sql = String::new();
+    push_param(&mut sql, placeholder, n);
+    sql
+}
+
+/// Appends [`param`] to `sql` (a statement carries thousands: no allocation per parameter).
+fn push_param(sql: &mut String, placeholder: char, n: usize) {
+    use std::fmt::Write;
+    sql.push(placeholder);
+    if placeholder != '?' {
+        let _ = write!(sql, "{n}");
     }
 }
 
@@ -971,7 +999,7 @@ fn tuples(placeholder: char, rows: usize, width: usize, first: usize) -> String 
             if c > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&param(placeholder, first + r * width + c));
+            push_param(&mut sql, placeholder, first + r * width + c);
         }
         sql.push(')');
     }
@@ -992,4 +1020,42 @@ fn count(value: i64) -> Result<u64, LedgerError> {
 /// A count to store.
 fn signed(value: u64) -> Result<i64, LedgerError> {
     i64::try_from(value).map_err(|_| LedgerError::Corrupt(format!("count {value} too large")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_powers_of_two_within_the_limit_and_cover_every_item_once() {
+        let items: Vec<usize> = (0..1300).collect();
+        for (n, max) in [(0, 8), (1, 8), (300, 1000), (1300, 1000), (1300, 3), (7, 0)] {
+            let chunks = pow2_chunks(&items[..n], max);
+            let sizes: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+            assert!(
+                sizes
+                    .iter()
+                    .all(|s| s.is_power_of_two() && *s <= max.max(1)),
+                "{sizes:?}"
+            );
+            let joined: Vec<usize> = chunks.concat();
+            assert_eq!(joined, items[..n], "{n} items, max {max}");
+        }
+        let sizes = |n, max| -> Vec<usize> {
+            pow2_chunks(&items[..n], max)
+                .iter()
+                .map(|c| c.len())
+                .collect()
+        };
+        assert_eq!(sizes(300, 1000), [256, 32, 8, 4]);
+        assert_eq!(sizes(1300, 1000), [512, 512, 256, 16, 4]);
+    }
+
+    #[test]
+    fn sqlite_parameters_are_anonymous_and_postgres_ones_numbered() {
+        assert_eq!(tuples('$', 2, 2, 3), "($3, $4), ($5, $6)");
+        assert_eq!(tuples('?', 2, 2, 3), "(?, ?), (?, ?)");
+        assert_eq!(param('$', 7), "$7");
+        assert_eq!(param('?', 7), "?");
+    }
 }
