@@ -44,9 +44,9 @@ end
 if redis.call('HGET', K.meta, 'allow_late') == '0' then return { 'hold_expired' } end
 local limited = check_user_limit(o.user, o.qty)
 if limited then return limited end
-local ids, issuable_left = take(o.qty, now)
+local ids, issuable_left, recs = take(o.qty, now)
 if not ids then return { 'sold_out', issuable_left } end
-issue(ids, false)
+issue(ids, false, recs)
 add_user_codes(o.user, o.qty)
 o.state, o.late, o.ids, o.updated_at = 'claimed', true, ids, now
 o.eid = emit('confirm', now, {

@@ -180,17 +180,19 @@ local function check_user_limit(user, qty)
   return nil
 end
 
--- Pops `qty` issuable keys, all or none. Returns their ids, or nil and how many issuable
--- keys there were when stock is short (0: none at all, the SKU is sold out for everyone).
+-- Pops `qty` issuable keys, all or none. Returns their ids and their records (id → decoded
+-- record, for `issue`, so it need not read them again), or nil and how many issuable keys
+-- there were when stock is short (0: none at all, the SKU is sold out for everyone). A key
+-- listed twice is taken once.
 -- Keys past their `expires_at` are never issued: they are retired (voided with reason
 -- `expired`, one event for all of them) as they come up.
 local function take(qty, now)
-  local got, expired = {}, {}
+  local got, expired, recs = {}, {}, {}
   while #got < qty do
     local batch = redis.call('LPOP', K.avail, qty - #got)
     if not batch then break end
     for _, id in ipairs(batch) do
-      local k = load_key(id)
+      local k = not recs[id] and load_key(id)
       -- `avail` only ever holds issuable keys; a stale entry is dropped, not issued.
       if k and issuable(k) then
         if k.expires_at > 0 and now >= k.expires_at then
@@ -201,6 +203,7 @@ local function take(qty, now)
           expired[#expired + 1] = id
         else
           got[#got + 1] = id
+          recs[id] = k
         end
       end
     end
@@ -215,13 +218,14 @@ local function take(qty, now)
     for i = #got, 1, -1 do redis.call('LPUSH', K.avail, got[i]) end
     return nil, #got
   end
-  return got
+  return got, nil, recs
 end
 
--- Marks freshly taken keys as held or sold by one more order.
-local function issue(ids, held)
+-- Marks freshly taken keys (`recs`: their records as `take` read them) as held or sold by
+-- one more order.
+local function issue(ids, held, recs)
   for _, id in ipairs(ids) do
-    local k = load_key(id)
+    local k = recs[id]
     local before = snapshot(k)
     before.in_list = false -- `take` popped it
     if held then k.held = k.held + 1 else k.sold = k.sold + 1 end
@@ -299,10 +303,10 @@ local function claim_order(order_id, qty, user, hold_ms, now)
   local limited = check_user_limit(user, qty)
   if limited then return limited end
 
-  local ids, issuable_left = take(qty, now)
+  local ids, issuable_left, recs = take(qty, now)
   if not ids then return { 'sold_out', issuable_left } end
   local held = hold_ms > 0
-  issue(ids, held)
+  issue(ids, held, recs)
   add_user_codes(user, qty)
 
   local o = {
