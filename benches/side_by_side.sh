@@ -64,14 +64,29 @@ ADMIN=admin-token-side-by-side-01
 MERCHANT=merchant-token-side-by-side
 results="$work/results"
 
+# Waits until the ledger has every event kamigate's engine wrote (the SKU view's `in_flight`
+# is 0), so the writer's work is counted in the phase that caused it; with durability =
+# "engine" answers do not wait for it, and it would otherwise land in the next phase.
+drained() { # <SKU view url>
+  local body
+  for _ in $(seq 600); do
+    body=$(curl -fs "$1" -H "Authorization: Bearer $MERCHANT") || true
+    grep -q '"in_flight":0[,}]' <<<"$body" && return 0
+    sleep 0.1
+  done
+  echo "the ledger never caught up: $body" >&2; return 1
+}
+
 # run <system> <kind> <url> <script> <server pid> <uses redis: 1|0> [claims per request]
-# Figures are per claim (or redemption): a batch request counts as its claims.
+# Figures are per claim (or redemption): a batch request counts as its claims. CPU is
+# counted until the ledger has caught up (SKU_VIEW set: kamigate).
 run() {
   local system=$1 kind=$2 url=$3 script=$4 pid=$5 with_redis=$6 per=${7:-1}
   local s0 r0 s1 r1 out
   s0=$(cpu "$pid"); r0=$(cpu "$redis_pid")
   out=$(TOKEN="$MERCHANT" ORDER_PREFIX="$system-$RANDOM" SKU=sbs CODES=$CODES BATCH=$per \
     wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -s "benches/wrk/$script" "$url")
+  [ -z "${SKU_VIEW:-}" ] || drained "$SKU_VIEW"
   s1=$(cpu "$pid"); r1=$(cpu "$redis_pid")
   local rps p50 p99 requests non2xx
   rps=$(awk -v per="$per" '/^Requests\/sec/ {print $2 * per}' <<<"$out")
@@ -120,6 +135,7 @@ kamigate() {
   RUST_LOG=warn "$KAMIGATE_BIN" serve --config "$dir/kamigate.toml" >"$dir/log" 2>&1 &
   local pid=$!; pids+=("$pid")
   wait_http "http://127.0.0.1:$admin/readyz"
+  SKU_VIEW="http://127.0.0.1:$public/v1/skus/sbs"
   curl -fs -X PUT "http://127.0.0.1:$admin/v1/skus/sbs" -H "Authorization: Bearer $ADMIN" \
     -d '{"max_issues":1000000,"max_uses":1000000}' >/dev/null
   seq 0 $((CODES - 1)) | sed 's/^/sbs-/' | curl -fs -X POST \
@@ -139,6 +155,7 @@ kamigate() {
   run "$system" soldout "http://127.0.0.1:$public/v1/skus/gone/claims" claim.lua "$pid" \
     "$with_redis"
   kill "$pid"; wait "$pid" 2>/dev/null || true
+  SKU_VIEW=
 }
 kamigate redis-engine 1 engine
 kamigate redis-ledger 2 ledger
