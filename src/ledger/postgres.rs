@@ -12,7 +12,7 @@ use std::time::Duration;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::Postgres;
 
-use super::sql::{Dialect, SqlLedger};
+use super::sql::{Dialect, Placeholders, SqlLedger};
 use super::LedgerError;
 
 /// The protocol's limit on bind parameters per statement.
@@ -29,7 +29,7 @@ const DIALECT: Dialect = Dialect {
     lock_rows: " FOR UPDATE",
     share_rows: " FOR SHARE",
     max_binds: MAX_BINDS,
-    placeholder: '$',
+    placeholders: Placeholders::Numbered,
 };
 
 /// Connects to `url` and migrates the database.

@@ -16,8 +16,8 @@
 //!   updates. SQLite has one writer at a time and needs none.
 //! - **Bind-parameter limits** (32766 for SQLite, 65535 for PostgreSQL): multi-row statements
 //!   are cut to fit, and to at most [`MAX_ROWS_PER_STATEMENT`] rows.
-//! - **Placeholders** of generated multi-row statements: `?n` for SQLite, `$n` for
-//!   PostgreSQL (fixed statements use `$n`, which both accept).
+//! - **Placeholders** of generated multi-row statements: `$n` for PostgreSQL, anonymous `?`
+//!   for SQLite (fixed statements use `$n`, which both accept); see [`Placeholders`].
 //!
 //! Statements built with a variable number of rows are not kept in the prepared-statement
 //! cache (`persistent(false)`): each chunk size would be a new entry evicting useful ones.
@@ -52,10 +52,32 @@ pub(crate) struct Dialect {
     pub share_rows: &'static str,
     /// Most bind parameters one statement may carry.
     pub max_binds: usize,
-    /// Prefix of numbered parameters in generated multi-row statements: `$` for PostgreSQL,
-    /// `?` for SQLite, whose parser looks `$n` names up linearly (quadratic in a statement
-    /// of ten thousand parameters) but appends ascending `?n` directly.
-    pub placeholder: char,
+    /// How generated multi-row statements write their parameters.
+    pub placeholders: Placeholders,
+}
+
+/// How generated multi-row statements write their parameters. Either way a generated
+/// statement names its parameters in the order they are bound, numbered from 1, so one
+/// statement text serves both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placeholders {
+    /// `$1, $2, …` (PostgreSQL).
+    Numbered,
+    /// `?, ?, …`, bound in order of appearance (SQLite). Binding a named or numbered
+    /// parameter (`?n`, `$n`) makes sqlx ask SQLite for its name, which SQLite finds by a
+    /// linear scan: binding a statement of ten thousand such parameters is quadratic and
+    /// took most of an import's time. Anonymous ones have no name to look up.
+    InOrder,
+}
+
+impl Placeholders {
+    /// Parameter `n` (from 1), which must be the `n`-th to appear in the statement.
+    fn param(self, n: usize) -> String {
+        match self {
+            Placeholders::Numbered => format!("${n}"),
+            Placeholders::InOrder => "?".to_owned(),
+        }
+    }
 }
 
 /// The ledger over one sqlx database. Reads and writes may use different pools: SQLite
@@ -180,10 +202,11 @@ where
         digests: &[&str],
     ) -> Result<HashMap<String, (i64, bool)>, LedgerError> {
         let mut found = HashMap::new();
-        let p = self.dialect.placeholder;
+        let p = self.dialect.placeholders;
         for chunk in digests.chunks(self.rows_per_statement(1, 1)) {
             let sql = format!(
-                "SELECT digest, local_id, batch_id FROM keys WHERE sku = {p}1 AND digest IN {}",
+                "SELECT digest, local_id, batch_id FROM keys WHERE sku = {} AND digest IN {}",
+                p.param(1),
                 tuples(p, 1, chunk.len(), 2)
             );
             let mut query = sqlx::query(&sql).persistent(false).bind(sku);
@@ -209,11 +232,12 @@ where
     ) -> Result<Vec<(i64, KeyStatus)>, LedgerError> {
         let ids: Vec<i64> = ids.iter().copied().collect();
         let mut out = Vec::with_capacity(ids.len());
-        let p = self.dialect.placeholder;
+        let p = self.dialect.placeholders;
         for chunk in ids.chunks(self.rows_per_statement(1, 1)) {
             let sql = format!(
-                "SELECT {STATUS_COLUMNS} FROM keys WHERE sku = {p}1 AND local_id IN {} \
+                "SELECT {STATUS_COLUMNS} FROM keys WHERE sku = {} AND local_id IN {} \
                  ORDER BY local_id{}",
+                p.param(1),
                 tuples(p, 1, chunk.len(), 2),
                 self.dialect.lock_rows
             );
@@ -248,8 +272,9 @@ where
         sku: &str,
         rows: &[(i64, KeyStatus)],
     ) -> Result<(), LedgerError> {
-        let p = self.dialect.placeholder;
+        let p = self.dialect.placeholders;
         for chunk in rows.chunks(self.rows_per_statement(11, 1)) {
+            // The SKU comes last in the text, so it is bound last.
             let sql = format!(
                 "WITH v (local_id, void, held, sold, uses, state, order_id, user_id, redeemer, \
                  redeemed_at_ms, updated_at_ms) AS (VALUES {}) \
@@ -257,10 +282,11 @@ where
                  state = v.state, order_id = v.order_id, user_id = v.user_id, \
                  redeemer = v.redeemer, redeemed_at_ms = v.redeemed_at_ms, \
                  updated_at_ms = v.updated_at_ms \
-                 FROM v WHERE keys.sku = {p}1 AND keys.local_id = v.local_id",
-                tuples(p, chunk.len(), 11, 2)
+                 FROM v WHERE keys.sku = {} AND keys.local_id = v.local_id",
+                tuples(p, chunk.len(), 11, 1),
+                p.param(chunk.len() * 11 + 1)
             );
-            let mut query = sqlx::query(&sql).persistent(false).bind(sku);
+            let mut query = sqlx::query(&sql).persistent(false);
             for (local_id, k) in chunk {
                 query = query
                     .bind(*local_id)
@@ -275,7 +301,7 @@ where
                     .bind(k.redeemed_at_ms)
                     .bind(k.updated_at_ms);
             }
-            query.execute(&mut *conn).await?;
+            query.bind(sku).execute(&mut *conn).await?;
         }
         Ok(())
     }
@@ -576,7 +602,7 @@ where
             next_id += 1;
         }
 
-        let p = self.dialect.placeholder;
+        let p = self.dialect.placeholders;
 
         for chunk in fresh.chunks(self.rows_per_statement(11, 0)) {
             let sql = format!(
@@ -761,7 +787,7 @@ where
 
         // Record the events; those already recorded are not returned and change nothing.
         let mut recorded: HashMap<String, i64> = HashMap::new();
-        let p = self.dialect.placeholder;
+        let p = self.dialect.placeholders;
         for chunk in events.chunks(self.rows_per_statement(11, 0)) {
             let sql = format!(
                 "INSERT INTO events (event_id, sku, kind, at_ms, key_local_ids, order_id, \
@@ -812,7 +838,7 @@ where
         }
 
         let links = replay::audit_links(&applied);
-        let p = self.dialect.placeholder;
+        let p = self.dialect.placeholders;
         for chunk in links.chunks(self.rows_per_statement(3, 0)) {
             let sql = format!(
                 "INSERT INTO event_keys (sku, local_id, event_seq) VALUES {}",
@@ -943,9 +969,9 @@ fn check_owner(batch: &BatchRecord, upload_id: &str) -> Result<(), LedgerError> 
     Ok(())
 }
 
-/// `rows` parenthesised tuples of `width` numbered placeholders, numbering from `first`:
-/// `tuples('$', 2, 2, 3)` is `($3, $4), ($5, $6)`.
-fn tuples(placeholder: char, rows: usize, width: usize, first: usize) -> String {
+/// `rows` parenthesised tuples of `width` placeholders, numbering from `first`:
+/// `tuples(Placeholders::Numbered, 2, 2, 3)` is `($3, $4), ($5, $6)`.
+fn tuples(placeholders: Placeholders, rows: usize, width: usize, first: usize) -> String {
     let mut sql = String::with_capacity(rows * width * 7);
     for r in 0..rows {
         if r > 0 {
@@ -956,8 +982,13 @@ fn tuples(placeholder: char, rows: usize, width: usize, first: usize) -> String 
             if c > 0 {
                 sql.push_str(", ");
             }
-            sql.push(placeholder);
-            sql.push_str(&(first + r * width + c).to_string());
+            match placeholders {
+                Placeholders::Numbered => {
+                    sql.push('$');
+                    sql.push_str(&(first + r * width + c).to_string());
+                }
+                Placeholders::InOrder => sql.push('?'),
+            }
         }
         sql.push(')');
     }

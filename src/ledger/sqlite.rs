@@ -22,7 +22,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::Sqlite;
 
-use super::sql::{Dialect, SqlLedger};
+use super::sql::{Dialect, Placeholders, SqlLedger};
 use super::LedgerError;
 
 /// SQLite's default `SQLITE_MAX_VARIABLE_NUMBER` since 3.32.
@@ -43,7 +43,7 @@ const DIALECT: Dialect = Dialect {
     lock_rows: "",
     share_rows: "",
     max_binds: MAX_BINDS,
-    placeholder: '?',
+    placeholders: Placeholders::InOrder,
 };
 
 /// Opens (creating it and its directory if needed) the ledger file at `path`.
