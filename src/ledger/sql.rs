@@ -19,6 +19,10 @@
 //! - **Placeholders** of generated multi-row statements: `$n` for PostgreSQL, anonymous `?`
 //!   for SQLite (fixed statements use `$n`, which both accept); see [`Placeholders`].
 //!
+//! - **An import's two bulk statements** ([`Bulk`]): finding which codes a SKU already has,
+//!   and inserting the fresh ones, are where an import spends its time, and each backend has
+//!   its own fastest way to do them (see `sqlite` and `postgres`).
+//!
 //! Statements built with a variable number of rows are not kept in the prepared-statement
 //! cache (`persistent(false)`): each chunk size would be a new entry evicting useful ones.
 
@@ -30,7 +34,7 @@ use sqlx::{
 };
 
 use super::replay::{self, NewEvent};
-use super::rules::{key_state, KeyState, KeyStatus};
+use super::rules::{KeyState, KeyStatus};
 use super::{
     BatchCounts, BatchRecord, BatchStart, EventRecord, InsertOutcome, KeyRecord, Ledger,
     LedgerError, LedgerEvent, NewKey, SkuRecord, StateCounts, UPLOAD_LEASE_MS,
@@ -70,9 +74,17 @@ pub(crate) enum Placeholders {
     InOrder,
 }
 
+impl Dialect {
+    /// Rows per multi-row statement when each row binds `per_row` parameters and the
+    /// statement `fixed` more.
+    pub(crate) fn rows_per_statement(&self, per_row: usize, fixed: usize) -> usize {
+        (self.max_binds.saturating_sub(fixed) / per_row).clamp(1, MAX_ROWS_PER_STATEMENT)
+    }
+}
+
 impl Placeholders {
     /// Parameter `n` (from 1), which must be the `n`-th to appear in the statement.
-    fn param(self, n: usize) -> String {
+    pub(crate) fn param(self, n: usize) -> String {
         match self {
             Placeholders::Numbered => format!("${n}"),
             Placeholders::InOrder => "?".to_owned(),
@@ -89,6 +101,33 @@ pub(crate) struct SqlLedger<DB: Database> {
     dialect: Dialect,
 }
 
+/// What each backend does its own way in an import: per chunk, one query finds which codes
+/// the SKU already has and one statement inserts the fresh ones. Both run inside the chunk's
+/// write transaction, after the SKU's id counter was locked.
+#[async_trait::async_trait]
+pub(crate) trait Bulk: Database {
+    /// Which of `digests` (sorted, distinct) the SKU already has, as
+    /// `(digest, local id, batch id)`. Must look each digest up through the `(sku, digest)`
+    /// index: a plan that scans the SKU's keys instead makes an import quadratic in its size.
+    async fn existing_digests(
+        conn: &mut Self::Connection,
+        dialect: &Dialect,
+        sku: &str,
+        digests: &[&str],
+    ) -> Result<Vec<(String, i64, String)>, LedgerError>;
+
+    /// Inserts `rows` (each with its allocated local id) as keys of pending batch `batch_id`,
+    /// in the state a fresh key has, stamped `updated_at_ms`.
+    async fn insert_fresh(
+        conn: &mut Self::Connection,
+        dialect: &Dialect,
+        sku: &str,
+        batch_id: &str,
+        updated_at_ms: i64,
+        rows: &[(i64, &NewKey)],
+    ) -> Result<(), LedgerError>;
+}
+
 const SKU_COLUMNS: &str = "sku, config_json, format_version, epoch, created_at_ms, updated_at_ms";
 const BATCH_COLUMNS: &str = "sku, batch_id, state, accepted, rejected, duplicate, \
      created_at_ms, activated_at_ms, upload_id, touched_at_ms";
@@ -103,7 +142,7 @@ const EVENT_COLUMNS: &str =
 
 impl<DB> SqlLedger<DB>
 where
-    DB: Database + HasStatementCache,
+    DB: Database + HasStatementCache + Bulk,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
     for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
@@ -128,12 +167,6 @@ where
             Some(statement) => self.write.begin_with(statement).await?,
             None => self.write.begin().await?,
         })
-    }
-
-    /// Rows per multi-row statement when each row binds `per_row` parameters and the
-    /// statement `fixed` more.
-    fn rows_per_statement(&self, per_row: usize, fixed: usize) -> usize {
-        (self.dialect.max_binds.saturating_sub(fixed) / per_row).clamp(1, MAX_ROWS_PER_STATEMENT)
     }
 
     /// A batch, read inside `conn`'s transaction with the lock clause `lock`.
@@ -193,36 +226,6 @@ where
         Ok(())
     }
 
-    /// Finds which of `digests` the SKU already has: digest → (local id, in `batch_id`).
-    async fn existing_digests(
-        &self,
-        conn: &mut DB::Connection,
-        sku: &str,
-        batch_id: &str,
-        digests: &[&str],
-    ) -> Result<HashMap<String, (i64, bool)>, LedgerError> {
-        let mut found = HashMap::new();
-        let p = self.dialect.placeholders;
-        for chunk in digests.chunks(self.rows_per_statement(1, 1)) {
-            let sql = format!(
-                "SELECT digest, local_id, batch_id FROM keys WHERE sku = {} AND digest IN {}",
-                p.param(1),
-                tuples(p, 1, chunk.len(), 2)
-            );
-            let mut query = sqlx::query(&sql).persistent(false).bind(sku);
-            for digest in chunk {
-                query = query.bind(*digest);
-            }
-            for row in query.fetch_all(&mut *conn).await? {
-                let digest: String = row.try_get(0)?;
-                let local_id: i64 = row.try_get(1)?;
-                let batch: String = row.try_get(2)?;
-                found.insert(digest, (local_id, batch == batch_id));
-            }
-        }
-        Ok(found)
-    }
-
     /// Loads the status of `ids` of `sku` (those that exist), locking them for the update.
     async fn load_statuses(
         &self,
@@ -233,7 +236,7 @@ where
         let ids: Vec<i64> = ids.iter().copied().collect();
         let mut out = Vec::with_capacity(ids.len());
         let p = self.dialect.placeholders;
-        for chunk in ids.chunks(self.rows_per_statement(1, 1)) {
+        for chunk in ids.chunks(self.dialect.rows_per_statement(1, 1)) {
             let sql = format!(
                 "SELECT {STATUS_COLUMNS} FROM keys WHERE sku = {} AND local_id IN {} \
                  ORDER BY local_id{}",
@@ -273,7 +276,7 @@ where
         rows: &[(i64, KeyStatus)],
     ) -> Result<(), LedgerError> {
         let p = self.dialect.placeholders;
-        for chunk in rows.chunks(self.rows_per_statement(11, 1)) {
+        for chunk in rows.chunks(self.dialect.rows_per_statement(11, 1)) {
             // The SKU comes last in the text, so it is bound last.
             let sql = format!(
                 "WITH v (local_id, void, held, sold, uses, state, order_id, user_id, redeemer, \
@@ -379,7 +382,7 @@ where
 #[async_trait::async_trait]
 impl<DB> Ledger for SqlLedger<DB>
 where
-    DB: Database + HasStatementCache,
+    DB: Database + HasStatementCache + Bulk,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
     for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
@@ -578,22 +581,31 @@ where
         let mut digests: Vec<&str> = rows.iter().map(|r| r.digest.as_str()).collect();
         digests.sort_unstable();
         digests.dedup();
-        let mut known = self
-            .existing_digests(&mut tx, sku, batch_id, &digests)
-            .await?;
+        let existing: HashMap<String, (i64, bool)> =
+            DB::existing_digests(&mut tx, &self.dialect, sku, &digests)
+                .await?
+                .into_iter()
+                .map(|(digest, local_id, batch)| (digest, (local_id, batch == batch_id)))
+                .collect();
 
         let mut outcomes = Vec::with_capacity(rows.len());
-        let mut fresh: Vec<(i64, &NewKey)> = Vec::new();
+        let mut fresh: Vec<(i64, &NewKey)> = Vec::with_capacity(rows.len());
+        // Earlier rows of this chunk, which the ledger does not have yet.
+        let mut earlier: HashMap<&str, i64> = HashMap::with_capacity(rows.len());
         let mut next_id = first_id;
         for row in rows {
-            if let Some(&(local_id, same_batch)) = known.get(&row.digest) {
+            let known = existing
+                .get(&row.digest)
+                .copied()
+                .or_else(|| Some((*earlier.get(row.digest.as_str())?, true)));
+            if let Some((local_id, same_batch)) = known {
                 outcomes.push(InsertOutcome::Duplicate {
                     key_id: key_id(sku, &local_id.to_string()),
                     same_batch,
                 });
                 continue;
             }
-            known.insert(row.digest.clone(), (next_id, true));
+            earlier.insert(&row.digest, next_id);
             fresh.push((next_id, row));
             outcomes.push(InsertOutcome::Inserted {
                 key_id: key_id(sku, &next_id.to_string()),
@@ -601,33 +613,15 @@ where
             });
             next_id += 1;
         }
-
-        let p = self.dialect.placeholders;
-
-        for chunk in fresh.chunks(self.rows_per_statement(11, 0)) {
-            let sql = format!(
-                "INSERT INTO keys (sku, local_id, digest, code, batch_id, format_version, \
-                 expires_at_ms, max_issues, max_uses, state, updated_at_ms) VALUES {}",
-                tuples(p, chunk.len(), 11, 1)
-            );
-            let mut query = sqlx::query(&sql).persistent(false);
-            for (local_id, row) in chunk {
-                let state = key_state(false, 0, 0, 0, row.max_issues, row.max_uses);
-                query = query
-                    .bind(sku)
-                    .bind(*local_id)
-                    .bind(row.digest.as_str())
-                    .bind(row.code.as_str())
-                    .bind(batch_id)
-                    .bind(row.format_version)
-                    .bind(row.expires_at_ms)
-                    .bind(row.max_issues)
-                    .bind(row.max_uses)
-                    .bind(state.as_str())
-                    .bind(batch.created_at_ms);
-            }
-            query.execute(&mut *tx).await?;
-        }
+        DB::insert_fresh(
+            &mut tx,
+            &self.dialect,
+            sku,
+            batch_id,
+            batch.created_at_ms,
+            &fresh,
+        )
+        .await?;
         if next_id != first_id {
             sqlx::query("UPDATE skus SET next_local_id = $2 WHERE sku = $1")
                 .bind(sku)
@@ -788,7 +782,7 @@ where
         // Record the events; those already recorded are not returned and change nothing.
         let mut recorded: HashMap<String, i64> = HashMap::new();
         let p = self.dialect.placeholders;
-        for chunk in events.chunks(self.rows_per_statement(11, 0)) {
+        for chunk in events.chunks(self.dialect.rows_per_statement(11, 0)) {
             let sql = format!(
                 "INSERT INTO events (event_id, sku, kind, at_ms, key_local_ids, order_id, \
                  user_id, redeemer, reason, late, fields_json) VALUES {} \
@@ -839,7 +833,7 @@ where
 
         let links = replay::audit_links(&applied);
         let p = self.dialect.placeholders;
-        for chunk in links.chunks(self.rows_per_statement(3, 0)) {
+        for chunk in links.chunks(self.dialect.rows_per_statement(3, 0)) {
             let sql = format!(
                 "INSERT INTO event_keys (sku, local_id, event_seq) VALUES {}",
                 tuples(p, chunk.len(), 3, 1)
@@ -971,7 +965,12 @@ fn check_owner(batch: &BatchRecord, upload_id: &str) -> Result<(), LedgerError> 
 
 /// `rows` parenthesised tuples of `width` placeholders, numbering from `first`:
 /// `tuples(Placeholders::Numbered, 2, 2, 3)` is `($3, $4), ($5, $6)`.
-fn tuples(placeholders: Placeholders, rows: usize, width: usize, first: usize) -> String {
+pub(crate) fn tuples(
+    placeholders: Placeholders,
+    rows: usize,
+    width: usize,
+    first: usize,
+) -> String {
     let mut sql = String::with_capacity(rows * width * 7);
     for r in 0..rows {
         if r > 0 {
