@@ -18,9 +18,10 @@ if op == 'get' then
   local r = redis.call('HMGET', KEYS[1], ARGV[2], READY)
   return { r[1] or '', r[2] or '0' }
 elseif op == 'set' then
+  -- One multi-value HSET per slice of pairs (Lua's `unpack` cannot spread many more).
   local added = 0
-  for i = 2, #ARGV, 2 do
-    added = added + redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  for i = 2, #ARGV, 4000 do
+    added = added + redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
   end
   return added
 elseif op == 'ready' then

@@ -11,6 +11,7 @@ use kamigate::engine::redis::{RedisEngine, RedisOptions};
 use kamigate::engine::{Script, ScriptEngine};
 use kamigate::error::Error;
 use kamigate::inventory::{sku_keys, Added, ClaimRequest, Counts, Inventory, NewCode, Order};
+use kamigate::ledger::KeyRecord;
 use kamigate::sku::SkuConfig;
 use support::clock::ManualClock;
 use support::redis_server::RedisServer;
@@ -665,6 +666,7 @@ conformance!(
     a_late_order_rebuild_never_overwrites_a_live_order,
     a_batch_claims_each_order_as_if_it_came_alone,
     coalesced_claims_each_get_the_answer_they_would_get_alone,
+    warming_loads_each_key_once_in_the_state_the_ledger_records,
 );
 
 /// Hundreds of claims of one SKU at once, which the inventory gathers into few script
@@ -1071,4 +1073,105 @@ async fn answers_name_the_generation_of_the_sku(h: Harness) {
     let replay = h.claim("gen", "o-1", 1).await.expect("replayed");
     assert!(replay.emitted.is_none(), "a replay made no change");
     assert_eq!(replay.event_id.as_deref(), Some(answer.as_str()));
+}
+
+/// A key as the ledger hands it to warm-up: fresh unless the caller changes it.
+fn ledger_key(sku: &str, local_id: i64, code: &str) -> KeyRecord {
+    KeyRecord {
+        key_id: format!("{sku}.{local_id}"),
+        sku: sku.into(),
+        local_id,
+        digest: kamigate::code::digest(code),
+        code: code.into(),
+        batch_id: "b1".into(),
+        format_version: 1,
+        expires_at_ms: None,
+        max_issues: 1,
+        max_uses: 1,
+        held: 0,
+        sold: 0,
+        uses: 0,
+        void: false,
+        state: "available".into(),
+        order_id: None,
+        user_id: None,
+        redeemer: None,
+        redeemed_at_ms: None,
+        updated_at_ms: 0,
+    }
+}
+
+/// Warm-up (a new batch, or a rebuild) loads many keys per script call, in several
+/// multi-value commands: every key lands once, in its ledger state, counted and on sale
+/// exactly when it may be sold, in id order; keys the engine has are left alone.
+async fn warming_loads_each_key_once_in_the_state_the_ledger_records(h: Harness) {
+    h.inv.mark_index_ready().await.expect("index marked");
+    h.inv
+        .put_sku("warm", &SkuConfig::default())
+        .await
+        .expect("SKU created");
+    // More keys than one multi-value command takes, so each write is split.
+    const TOTAL: i64 = 4500;
+    let mut keys: Vec<KeyRecord> = (1..=TOTAL)
+        .map(|id| ledger_key("warm", id, &format!("WARM{id:06}")))
+        .collect();
+    keys[1].sold = 1; // claimed
+    keys[2].sold = 1; // redeemed
+    keys[2].uses = 1;
+    keys[2].redeemer = Some("user-1".into());
+    keys[2].redeemed_at_ms = Some(1_700_000_000_000);
+    keys[3].void = true;
+    keys[4].held = 1;
+    keys[5].max_issues = 2; // reusable, issued once: still for sale
+    keys[5].sold = 1;
+    assert_eq!(
+        h.inv.warm_keys("warm", &keys, "").await.expect("warmed"),
+        TOTAL as u64
+    );
+    let counts = h.counts("warm").await;
+    assert_eq!(
+        (
+            counts.available,
+            counts.held,
+            counts.claimed,
+            counts.redeemed,
+            counts.void
+        ),
+        (TOTAL as u64 - 4, 1, 1, 1, 1)
+    );
+
+    // Again, and with a digest repeated within one call: nothing more is loaded.
+    assert_eq!(
+        h.inv
+            .warm_keys("warm", &keys[..100], "")
+            .await
+            .expect("again"),
+        0
+    );
+    let twins = [
+        ledger_key("warm", TOTAL + 1, "TWIN"),
+        ledger_key("warm", TOTAL + 2, "TWIN"),
+    ];
+    assert_eq!(h.inv.warm_keys("warm", &twins, "").await.expect("twins"), 1);
+    assert_eq!(total(&h.counts("warm").await), TOTAL as u64 + 1);
+
+    // On sale in id order, skipping what may not be sold.
+    let mut sold = Vec::new();
+    for n in 0..4 {
+        let order = h.claim("warm", &format!("o-{n}"), 1).await.expect("claim");
+        sold.push(order.keys[0].key_id.clone());
+    }
+    assert_eq!(sold, ["warm.1", "warm.6", "warm.7", "warm.8"]);
+    // The sequence continues after the highest key loaded.
+    let added = h.add("warm", &["NEWCODE".to_owned()], None).await;
+    assert!(
+        matches!(&added[..], [Added::New(id)] if id == &format!("warm.{}", TOTAL + 2)),
+        "{added:?}"
+    );
+    // A code the engine holds redeems once sold; its twin was never loaded on its own.
+    let code = keys[2].code.clone();
+    assert!(matches!(
+        h.inv.redeem("warm", &code, "user-2").await,
+        Err(Error::CardUsed { .. })
+    ));
 }

@@ -6,7 +6,9 @@
 //! - a file that fails before any row is read is `ERR_BAD_REQUEST` and leaves its batch id
 //!   free;
 //! - a CSV sent as `text/plain` imports its rows, not its header;
-//! - codes already expired are rejected with the reason.
+//! - codes already expired are rejected with the reason;
+//! - an upload larger than a ledger transaction reports each repeated code on its own line,
+//!   whichever transaction holds the first one, and numbers its keys in file order.
 
 mod support;
 
@@ -19,6 +21,7 @@ use std::time::Duration;
 use kamigate::commands::{self, CommandError};
 use kamigate::config::Config;
 use kamigate::engine::embedded::EmbeddedEngine;
+use kamigate::inventory::import::CHUNK_ROWS;
 use kamigate::inventory::Inventory;
 use kamigate::sku::SkuConfig;
 use pg_support::TestDatabase;
@@ -118,6 +121,7 @@ on_both_ledgers!(
     a_file_refused_before_any_row_leaves_its_batch_id_free,
     a_csv_sent_as_text_plain_imports_its_rows_not_its_header,
     codes_already_expired_are_rejected_with_the_reason,
+    a_large_upload_reports_every_repeat_and_numbers_keys_in_file_order,
 );
 
 async fn a_second_upload_of_a_running_batch_is_refused_not_replayed(backend: Backend) {
@@ -362,6 +366,77 @@ async fn codes_already_expired_are_rejected_with_the_reason(backend: Backend) {
         "expired at 2025-12-31T23:59:59.000Z"
     );
     assert_eq!(env.gw.counts("exp").await["available"], 3);
+    env.stop().await;
+}
+
+async fn a_large_upload_reports_every_repeat_and_numbers_keys_in_file_order(backend: Backend) {
+    let Some(env) = Env::start(backend, None).await else {
+        return;
+    };
+    env.gw.put_sku("big", json!({})).await;
+    let (status, report) = env.upload("big", "b0", "text/plain", "OLD-000001\n").await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    // Two ledger transactions' worth of rows.
+    let lines = CHUNK_ROWS + 2000;
+    let in_second_chunk = CHUNK_ROWS + 500;
+    let body: String = (1..=lines)
+        .map(|line| match line {
+            5 => "OLD-000001\n".to_owned(),
+            7 => "BIG-000006\n".to_owned(),
+            l if l == in_second_chunk => "big-000003\n".to_owned(),
+            l => format!("BIG-{l:06}\n"),
+        })
+        .collect();
+    let (status, report) = env.upload("big", "b1", "text/plain", body).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    let accepted = lines as u64 - 3;
+    assert_eq!(
+        (report["accepted"].as_u64(), report["duplicate"].as_u64()),
+        (Some(accepted), Some(3)),
+        "{report}"
+    );
+    assert_eq!(
+        report["rejected_lines"],
+        json!([
+            {"line": 5, "reason": "duplicate: the SKU already has this code"},
+            {"line": 7, "reason": "duplicate: repeats an earlier line of this upload"},
+            {"line": in_second_chunk, "reason": "duplicate: repeats an earlier line of this upload"},
+        ])
+    );
+    // Key ids follow the file, with no gap: b0 holds big.1, b1 the next `accepted` ids.
+    let key_status = |id: u64| {
+        let url = format!("{}/v1/keys/big.{id}/events", env.gw.admin);
+        let client = env.gw.client.clone();
+        async move {
+            let response = client
+                .get(url)
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .expect("answered");
+            let status = response.status();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            (status, body)
+        }
+    };
+    let (status, last) = key_status(1 + accepted).await;
+    assert_eq!(status, StatusCode::OK, "{last}");
+    assert_eq!(last["batch_id"], "b1");
+    assert_eq!(key_status(2 + accepted).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(env.gw.counts("big").await["available"], accepted + 1);
+    // Sold in id order: b0's code, then the file's first line.
+    let mut codes = Vec::new();
+    for order in ["o-1", "o-2"] {
+        let (status, body) = env.gw.claim("big", json!({"order_id": order})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        codes.push(
+            body["keys"][0]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+    }
+    assert_eq!(codes, ["OLD000001", "BIG000001"]);
     env.stop().await;
 }
 

@@ -245,7 +245,7 @@ async fn buyers_see_only_retry_while_a_lost_sku_is_rebuilt() {
     cfg.limits.public = kamigate::limit::BucketRule::enforced(100_000, 100_000);
     let gw = TestGateway::start(cfg).await;
     // Several warm-up chunks: a partial load is observable if it is ever served.
-    const STOCK: usize = 3000;
+    const STOCK: usize = 3 * kamigate::inventory::warm::WARM_CHUNK as usize;
     let codes: Vec<String> = (0..STOCK).map(|i| format!("RB-{i:06}")).collect();
     let body: String = codes.iter().map(|c| format!("{c}\n")).collect();
     gw.put_sku("rebuild", json!({})).await;

@@ -534,9 +534,14 @@ impl Inventory {
             args.push(d.clone());
             args.push(sku.to_owned());
         }
-        for (shard, args) in shards {
-            self.eval(&SCRIPTS.index, vec![shard], args).await?;
-        }
+        // The shards are independent keys (on a cluster, other nodes): one round trip for
+        // all of them instead of one after the other.
+        futures_util::future::try_join_all(
+            shards
+                .into_iter()
+                .map(|(shard, args)| self.eval(&SCRIPTS.index, vec![shard], args)),
+        )
+        .await?;
         Ok(())
     }
 

@@ -12,8 +12,9 @@ use crate::sku::SkuConfig;
 
 use super::Inventory;
 
-/// Keys per engine call while warming.
-pub const WARM_CHUNK: u32 = 500;
+/// Keys per engine call while warming. `lua/warm.lua` gathers its writes into a few
+/// multi-value commands, so a call of this many keys holds the engine for a few milliseconds.
+pub const WARM_CHUNK: u32 = 2000;
 
 /// What a warm-up did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -57,22 +58,25 @@ async fn warm_generation(
         last_local_id: after_local_id,
         ..WarmReport::default()
     };
-    let mut cursor = after_local_id;
-    loop {
-        let keys = ledger
-            .keys_after(sku, cursor, WARM_CHUNK)
-            .await
-            .map_err(ledger_error)?;
-        let Some(last) = keys.last() else {
-            return Ok(report);
-        };
-        cursor = last.local_id;
-        report.last_local_id = cursor;
-        let loaded = inventory.warm_keys(sku, &keys, gen).await?;
+    let mut page = ledger
+        .keys_after(sku, after_local_id, WARM_CHUNK)
+        .await
+        .map_err(ledger_error)?;
+    while let Some(last) = page.last() {
+        report.last_local_id = last.local_id;
+        // The next page is read from the ledger while this one loads into the engine: two
+        // pages in memory at most, and neither side waits for the other.
+        let (next, loaded) = tokio::join!(
+            ledger.keys_after(sku, last.local_id, WARM_CHUNK),
+            inventory.warm_keys(sku, &page, gen)
+        );
+        let loaded = loaded?;
         report.loaded += loaded;
-        report.present += keys.len() as u64 - loaded;
+        report.present += page.len() as u64 - loaded;
         progress(report);
+        page = next.map_err(ledger_error)?;
     }
+    Ok(report)
 }
 
 /// Makes sure the engine has `sku`: when it does not (a fresh embedded engine, or Redis that

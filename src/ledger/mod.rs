@@ -116,8 +116,9 @@ pub trait Ledger: Send + Sync + 'static {
     /// chunk) is reported as [`InsertOutcome::Duplicate`] and not inserted. Returns one outcome
     /// per row, in order.
     ///
-    /// Keep chunks to about a thousand rows: larger ones are split into several statements
-    /// but still one transaction, which holds the SKU's counter lock longer.
+    /// Keep chunks to about ten thousand rows: larger ones are split into several statements
+    /// but still one transaction, which holds the SKU's counter lock (and on SQLite the
+    /// database's write lock) longer.
     async fn insert_keys(
         &self,
         sku: &str,

@@ -16,8 +16,12 @@
 //!   updates. SQLite has one writer at a time and needs none.
 //! - **Bind-parameter limits** (32766 for SQLite, 65535 for PostgreSQL): multi-row statements
 //!   are cut to fit, and to at most [`MAX_ROWS_PER_STATEMENT`] rows.
-//! - **Placeholders** of generated multi-row statements: `?n` for SQLite, `$n` for
-//!   PostgreSQL (fixed statements use `$n`, which both accept).
+//! - **Placeholders** of generated multi-row statements: `$n` for PostgreSQL, anonymous `?`
+//!   for SQLite (fixed statements use `$n`, which both accept); see [`Placeholders`].
+//!
+//! - **An import's two bulk statements** ([`Bulk`]): finding which codes a SKU already has,
+//!   and inserting the fresh ones, are where an import spends its time, and each backend has
+//!   its own fastest way to do them (see `sqlite` and `postgres`).
 //!
 //! Statements built with a variable number of rows would each be a new entry in the
 //! prepared-statement cache, evicting useful ones. The event writer's statements, which run
@@ -34,7 +38,7 @@ use sqlx::{
 };
 
 use super::replay::{self, NewEvent};
-use super::rules::{key_state, KeyState, KeyStatus};
+use super::rules::{KeyState, KeyStatus};
 use super::{
     BatchCounts, BatchRecord, BatchStart, EventRecord, InsertOutcome, KeyRecord, Ledger,
     LedgerError, LedgerEvent, NewKey, SkuRecord, StateCounts, UPLOAD_LEASE_MS,
@@ -56,12 +60,40 @@ pub(crate) struct Dialect {
     pub share_rows: &'static str,
     /// Most bind parameters one statement may carry.
     pub max_binds: usize,
-    /// Parameters of generated multi-row statements: `$` for PostgreSQL's numbered `$n`;
-    /// `?` for SQLite's anonymous `?`, bound in order of appearance. SQLite keeps named and
-    /// numbered parameters (`$n`, `?n`) in a list it searches linearly, and the driver asks
-    /// it for every parameter's name while binding: quadratic in a statement of ten
-    /// thousand parameters, where anonymous ones cost nothing.
-    pub placeholder: char,
+    /// How generated multi-row statements write their parameters.
+    pub placeholders: Placeholders,
+}
+
+/// How generated multi-row statements write their parameters. Either way a generated
+/// statement names its parameters in the order they are bound, numbered from 1, so one
+/// statement text serves both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placeholders {
+    /// `$1, $2, …` (PostgreSQL).
+    Numbered,
+    /// `?, ?, …`, bound in order of appearance (SQLite). Binding a named or numbered
+    /// parameter (`?n`, `$n`) makes sqlx ask SQLite for its name, which SQLite finds by a
+    /// linear scan: binding a statement of ten thousand such parameters is quadratic and
+    /// took most of an import's time. Anonymous ones have no name to look up.
+    InOrder,
+}
+
+impl Dialect {
+    /// Rows per multi-row statement when each row binds `per_row` parameters and the
+    /// statement `fixed` more.
+    pub(crate) fn rows_per_statement(&self, per_row: usize, fixed: usize) -> usize {
+        (self.max_binds.saturating_sub(fixed) / per_row).clamp(1, MAX_ROWS_PER_STATEMENT)
+    }
+}
+
+impl Placeholders {
+    /// Parameter `n` (from 1), which must be the `n`-th to appear in the statement.
+    pub(crate) fn param(self, n: usize) -> String {
+        match self {
+            Placeholders::Numbered => format!("${n}"),
+            Placeholders::InOrder => "?".to_owned(),
+        }
+    }
 }
 
 /// The ledger over one sqlx database. Reads and writes may use different pools: SQLite
@@ -71,6 +103,33 @@ pub(crate) struct SqlLedger<DB: Database> {
     read: Pool<DB>,
     write: Pool<DB>,
     dialect: Dialect,
+}
+
+/// What each backend does its own way in an import: per chunk, one query finds which codes
+/// the SKU already has and one statement inserts the fresh ones. Both run inside the chunk's
+/// write transaction, after the SKU's id counter was locked.
+#[async_trait::async_trait]
+pub(crate) trait Bulk: Database {
+    /// Which of `digests` (sorted, distinct) the SKU already has, as
+    /// `(digest, local id, batch id)`. Must look each digest up through the `(sku, digest)`
+    /// index: a plan that scans the SKU's keys instead makes an import quadratic in its size.
+    async fn existing_digests(
+        conn: &mut Self::Connection,
+        dialect: &Dialect,
+        sku: &str,
+        digests: &[&str],
+    ) -> Result<Vec<(String, i64, String)>, LedgerError>;
+
+    /// Inserts `rows` (each with its allocated local id) as keys of pending batch `batch_id`,
+    /// in the state a fresh key has, stamped `updated_at_ms`.
+    async fn insert_fresh(
+        conn: &mut Self::Connection,
+        dialect: &Dialect,
+        sku: &str,
+        batch_id: &str,
+        updated_at_ms: i64,
+        rows: &[(i64, &NewKey)],
+    ) -> Result<(), LedgerError>;
 }
 
 const SKU_COLUMNS: &str = "sku, config_json, format_version, epoch, created_at_ms, updated_at_ms";
@@ -87,7 +146,7 @@ const EVENT_COLUMNS: &str =
 
 impl<DB> SqlLedger<DB>
 where
-    DB: Database + HasStatementCache,
+    DB: Database + HasStatementCache + Bulk,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
     for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
@@ -112,12 +171,6 @@ where
             Some(statement) => self.write.begin_with(statement).await?,
             None => self.write.begin().await?,
         })
-    }
-
-    /// Rows per multi-row statement when each row binds `per_row` parameters and the
-    /// statement `fixed` more.
-    fn rows_per_statement(&self, per_row: usize, fixed: usize) -> usize {
-        (self.dialect.max_binds.saturating_sub(fixed) / per_row).clamp(1, MAX_ROWS_PER_STATEMENT)
     }
 
     /// A batch, read inside `conn`'s transaction with the lock clause `lock`.
@@ -177,36 +230,6 @@ where
         Ok(())
     }
 
-    /// Finds which of `digests` the SKU already has: digest → (local id, in `batch_id`).
-    async fn existing_digests(
-        &self,
-        conn: &mut DB::Connection,
-        sku: &str,
-        batch_id: &str,
-        digests: &[&str],
-    ) -> Result<HashMap<String, (i64, bool)>, LedgerError> {
-        let mut found = HashMap::new();
-        let p = self.dialect.placeholder;
-        for chunk in digests.chunks(self.rows_per_statement(1, 1)) {
-            let sql = format!(
-                "SELECT digest, local_id, batch_id FROM keys WHERE sku = {} AND digest IN {}",
-                param(p, 1),
-                tuples(p, 1, chunk.len(), 2)
-            );
-            let mut query = sqlx::query(&sql).persistent(false).bind(sku);
-            for digest in chunk {
-                query = query.bind(*digest);
-            }
-            for row in query.fetch_all(&mut *conn).await? {
-                let digest: String = row.try_get(0)?;
-                let local_id: i64 = row.try_get(1)?;
-                let batch: String = row.try_get(2)?;
-                found.insert(digest, (local_id, batch == batch_id));
-            }
-        }
-        Ok(found)
-    }
-
     /// Loads the status of `ids` of `sku` (those that exist), locking them for the update.
     async fn load_statuses(
         &self,
@@ -216,12 +239,12 @@ where
     ) -> Result<Vec<(i64, KeyStatus)>, LedgerError> {
         let ids: Vec<i64> = ids.iter().copied().collect();
         let mut out = Vec::with_capacity(ids.len());
-        let p = self.dialect.placeholder;
-        for chunk in pow2_chunks(&ids, self.rows_per_statement(1, 1)) {
+        let p = self.dialect.placeholders;
+        for chunk in pow2_chunks(&ids, self.dialect.rows_per_statement(1, 1)) {
             let sql = format!(
                 "SELECT {STATUS_COLUMNS} FROM keys WHERE sku = {} AND local_id IN {} \
                  ORDER BY local_id{}",
-                param(p, 1),
+                p.param(1),
                 tuples(p, 1, chunk.len(), 2),
                 self.dialect.lock_rows
             );
@@ -256,8 +279,9 @@ where
         sku: &str,
         rows: &[(i64, KeyStatus)],
     ) -> Result<(), LedgerError> {
-        let p = self.dialect.placeholder;
-        for chunk in pow2_chunks(rows, self.rows_per_statement(11, 1)) {
+        let p = self.dialect.placeholders;
+        for chunk in pow2_chunks(rows, self.dialect.rows_per_statement(11, 1)) {
+            // The SKU comes last in the text, so it is bound last.
             let sql = format!(
                 "WITH v (local_id, void, held, sold, uses, state, order_id, user_id, redeemer, \
                  redeemed_at_ms, updated_at_ms) AS (VALUES {}) \
@@ -267,8 +291,7 @@ where
                  updated_at_ms = v.updated_at_ms \
                  FROM v WHERE keys.sku = {} AND keys.local_id = v.local_id",
                 tuples(p, chunk.len(), 11, 1),
-                // Last, in order of appearance (see `Dialect::placeholder`).
-                param(p, chunk.len() * 11 + 1)
+                p.param(chunk.len() * 11 + 1)
             );
             let mut query = sqlx::query(&sql);
             for (local_id, k) in chunk {
@@ -363,7 +386,7 @@ where
 #[async_trait::async_trait]
 impl<DB> Ledger for SqlLedger<DB>
 where
-    DB: Database + HasStatementCache,
+    DB: Database + HasStatementCache + Bulk,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
     for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
@@ -562,22 +585,31 @@ where
         let mut digests: Vec<&str> = rows.iter().map(|r| r.digest.as_str()).collect();
         digests.sort_unstable();
         digests.dedup();
-        let mut known = self
-            .existing_digests(&mut tx, sku, batch_id, &digests)
-            .await?;
+        let existing: HashMap<String, (i64, bool)> =
+            DB::existing_digests(&mut tx, &self.dialect, sku, &digests)
+                .await?
+                .into_iter()
+                .map(|(digest, local_id, batch)| (digest, (local_id, batch == batch_id)))
+                .collect();
 
         let mut outcomes = Vec::with_capacity(rows.len());
-        let mut fresh: Vec<(i64, &NewKey)> = Vec::new();
+        let mut fresh: Vec<(i64, &NewKey)> = Vec::with_capacity(rows.len());
+        // Earlier rows of this chunk, which the ledger does not have yet.
+        let mut earlier: HashMap<&str, i64> = HashMap::with_capacity(rows.len());
         let mut next_id = first_id;
         for row in rows {
-            if let Some(&(local_id, same_batch)) = known.get(&row.digest) {
+            let known = existing
+                .get(&row.digest)
+                .copied()
+                .or_else(|| Some((*earlier.get(row.digest.as_str())?, true)));
+            if let Some((local_id, same_batch)) = known {
                 outcomes.push(InsertOutcome::Duplicate {
                     key_id: key_id(sku, &local_id.to_string()),
                     same_batch,
                 });
                 continue;
             }
-            known.insert(row.digest.clone(), (next_id, true));
+            earlier.insert(&row.digest, next_id);
             fresh.push((next_id, row));
             outcomes.push(InsertOutcome::Inserted {
                 key_id: key_id(sku, &next_id.to_string()),
@@ -585,33 +617,15 @@ where
             });
             next_id += 1;
         }
-
-        let p = self.dialect.placeholder;
-
-        for chunk in fresh.chunks(self.rows_per_statement(11, 0)) {
-            let sql = format!(
-                "INSERT INTO keys (sku, local_id, digest, code, batch_id, format_version, \
-                 expires_at_ms, max_issues, max_uses, state, updated_at_ms) VALUES {}",
-                tuples(p, chunk.len(), 11, 1)
-            );
-            let mut query = sqlx::query(&sql).persistent(false);
-            for (local_id, row) in chunk {
-                let state = key_state(false, 0, 0, 0, row.max_issues, row.max_uses);
-                query = query
-                    .bind(sku)
-                    .bind(*local_id)
-                    .bind(row.digest.as_str())
-                    .bind(row.code.as_str())
-                    .bind(batch_id)
-                    .bind(row.format_version)
-                    .bind(row.expires_at_ms)
-                    .bind(row.max_issues)
-                    .bind(row.max_uses)
-                    .bind(state.as_str())
-                    .bind(batch.created_at_ms);
-            }
-            query.execute(&mut *tx).await?;
-        }
+        DB::insert_fresh(
+            &mut tx,
+            &self.dialect,
+            sku,
+            batch_id,
+            batch.created_at_ms,
+            &fresh,
+        )
+        .await?;
         if next_id != first_id {
             sqlx::query("UPDATE skus SET next_local_id = $2 WHERE sku = $1")
                 .bind(sku)
@@ -771,8 +785,8 @@ where
 
         // Record the events; those already recorded are not returned and change nothing.
         let mut recorded: HashMap<String, i64> = HashMap::new();
-        let p = self.dialect.placeholder;
-        for chunk in pow2_chunks(&events, self.rows_per_statement(11, 0)) {
+        let p = self.dialect.placeholders;
+        for chunk in pow2_chunks(&events, self.dialect.rows_per_statement(11, 0)) {
             let sql = format!(
                 "INSERT INTO events (event_id, sku, kind, at_ms, key_local_ids, order_id, \
                  user_id, redeemer, reason, late, fields_json) VALUES {} \
@@ -822,8 +836,8 @@ where
         }
 
         let links = replay::audit_links(&applied);
-        let p = self.dialect.placeholder;
-        for chunk in pow2_chunks(&links, self.rows_per_statement(3, 0)) {
+        let p = self.dialect.placeholders;
+        for chunk in pow2_chunks(&links, self.dialect.rows_per_statement(3, 0)) {
             let sql = format!(
                 "INSERT INTO event_keys (sku, local_id, event_seq) VALUES {}",
                 tuples(p, chunk.len(), 3, 1)
@@ -969,26 +983,14 @@ fn pow2_chunks<T>(items: &[T], max: usize) -> Vec<&[T]> {
     chunks
 }
 
-/// Parameter number `n` of a generated statement: `$n`, or an anonymous `?` (see
-/// [`Dialect::placeholder`]), which the caller binds in order of appearance.
-fn param(placeholder: char, n: usize) -> String {
-    let mut sql = String::new();
-    push_param(&mut sql, placeholder, n);
-    sql
-}
-
-/// Appends [`param`] to `sql` (a statement carries thousands: no allocation per parameter).
-fn push_param(sql: &mut String, placeholder: char, n: usize) {
-    use std::fmt::Write;
-    sql.push(placeholder);
-    if placeholder != '?' {
-        let _ = write!(sql, "{n}");
-    }
-}
-
-/// `rows` parenthesised tuples of `width` parameters, numbering from `first`:
-/// `tuples('$', 2, 2, 3)` is `($3, $4), ($5, $6)`; `tuples('?', 2, 2, 3)` is `(?, ?), (?, ?)`.
-fn tuples(placeholder: char, rows: usize, width: usize, first: usize) -> String {
+/// `rows` parenthesised tuples of `width` placeholders, numbering from `first`:
+/// `tuples(Placeholders::Numbered, 2, 2, 3)` is `($3, $4), ($5, $6)`.
+pub(crate) fn tuples(
+    placeholders: Placeholders,
+    rows: usize,
+    width: usize,
+    first: usize,
+) -> String {
     let mut sql = String::with_capacity(rows * width * 7);
     for r in 0..rows {
         if r > 0 {
@@ -999,7 +1001,13 @@ fn tuples(placeholder: char, rows: usize, width: usize, first: usize) -> String 
             if c > 0 {
                 sql.push_str(", ");
             }
-            push_param(&mut sql, placeholder, first + r * width + c);
+            match placeholders {
+                Placeholders::Numbered => {
+                    sql.push('$');
+                    sql.push_str(&(first + r * width + c).to_string());
+                }
+                Placeholders::InOrder => sql.push('?'),
+            }
         }
         sql.push(')');
     }
@@ -1049,13 +1057,5 @@ mod tests {
         };
         assert_eq!(sizes(300, 1000), [256, 32, 8, 4]);
         assert_eq!(sizes(1300, 1000), [512, 512, 256, 16, 4]);
-    }
-
-    #[test]
-    fn sqlite_parameters_are_anonymous_and_postgres_ones_numbered() {
-        assert_eq!(tuples('$', 2, 2, 3), "($3, $4), ($5, $6)");
-        assert_eq!(tuples('?', 2, 2, 3), "(?, ?), (?, ?)");
-        assert_eq!(param('$', 7), "$7");
-        assert_eq!(param('?', 7), "?");
     }
 }

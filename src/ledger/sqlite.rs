@@ -14,16 +14,28 @@
 //! - **`busy_timeout`** still covers other processes on the same file (a `kamigate import`
 //!   next to a running gateway), together with `BEGIN IMMEDIATE` write transactions.
 //! - **Foreign keys on**: keys must belong to a batch, batches to a SKU.
+//!
+//! # Imports
+//!
+//! Without statistics (nobody runs `ANALYZE`) SQLite's planner guesses that `sku = ?` narrows
+//! the keys to a handful, and answered `sku = ? AND digest IN (…)` by scanning every key of
+//! the SKU through the primary key: each chunk of an import read the whole SKU, and an import
+//! was quadratic in its size. The duplicate check therefore joins the digests as the outer
+//! loop (`CROSS JOIN` fixes the join order in SQLite), so each one is a lookup in the
+//! `(sku, digest)` index.
 
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::Sqlite;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite};
 
-use super::sql::{Dialect, SqlLedger};
-use super::LedgerError;
+use super::rules::key_state;
+use super::sql::{tuples, Bulk, Dialect, Placeholders, SqlLedger};
+use super::{LedgerError, NewKey};
 
 /// SQLite's default `SQLITE_MAX_VARIABLE_NUMBER` since 3.32.
 const MAX_BINDS: usize = 32_766;
@@ -43,7 +55,7 @@ const DIALECT: Dialect = Dialect {
     lock_rows: "",
     share_rows: "",
     max_binds: MAX_BINDS,
-    placeholder: '?',
+    placeholders: Placeholders::InOrder,
 };
 
 /// Opens (creating it and its directory if needed) the ledger file at `path`.
@@ -89,4 +101,69 @@ async fn open_with(options: SqliteConnectOptions) -> Result<SqlLedger<Sqlite>, L
         .connect_with(options)
         .await?;
     Ok(SqlLedger::new(read, write, DIALECT))
+}
+
+#[async_trait::async_trait]
+impl Bulk for Sqlite {
+    async fn existing_digests(
+        conn: &mut SqliteConnection,
+        dialect: &Dialect,
+        sku: &str,
+        digests: &[&str],
+    ) -> Result<Vec<(String, i64, String)>, LedgerError> {
+        let p = dialect.placeholders;
+        let mut found = Vec::new();
+        for chunk in digests.chunks(dialect.rows_per_statement(1, 1)) {
+            let sql = format!(
+                "WITH v (digest) AS (VALUES {}) SELECT v.digest, k.local_id, k.batch_id \
+                 FROM v CROSS JOIN keys k WHERE k.sku = {} AND k.digest = v.digest",
+                tuples(p, chunk.len(), 1, 1),
+                p.param(chunk.len() + 1)
+            );
+            let mut query = sqlx::query(&sql).persistent(false);
+            for digest in chunk {
+                query = query.bind(*digest);
+            }
+            for row in query.bind(sku).fetch_all(&mut *conn).await? {
+                found.push((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?));
+            }
+        }
+        Ok(found)
+    }
+
+    async fn insert_fresh(
+        conn: &mut SqliteConnection,
+        dialect: &Dialect,
+        sku: &str,
+        batch_id: &str,
+        updated_at_ms: i64,
+        rows: &[(i64, &NewKey)],
+    ) -> Result<(), LedgerError> {
+        let p = dialect.placeholders;
+        for chunk in rows.chunks(dialect.rows_per_statement(11, 0)) {
+            let sql = format!(
+                "INSERT INTO keys (sku, local_id, digest, code, batch_id, format_version, \
+                 expires_at_ms, max_issues, max_uses, state, updated_at_ms) VALUES {}",
+                tuples(p, chunk.len(), 11, 1)
+            );
+            let mut query = sqlx::query(&sql).persistent(false);
+            for (local_id, row) in chunk {
+                let state = key_state(false, 0, 0, 0, row.max_issues, row.max_uses);
+                query = query
+                    .bind(sku)
+                    .bind(*local_id)
+                    .bind(row.digest.as_str())
+                    .bind(row.code.as_str())
+                    .bind(batch_id)
+                    .bind(row.format_version)
+                    .bind(row.expires_at_ms)
+                    .bind(row.max_issues)
+                    .bind(row.max_uses)
+                    .bind(state.as_str())
+                    .bind(updated_at_ms);
+            }
+            query.execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
 }
