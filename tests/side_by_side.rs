@@ -42,19 +42,18 @@ fn the_harness_runs_every_system_and_reports_figures() {
                     f.next() == Some(system) && f.next() == Some(kind)
                 })
                 .unwrap_or_else(|| panic!("no {system} {kind} row: {stdout}"));
-            let rps: f64 = row
-                .split_whitespace()
-                .nth(2)
-                .and_then(|v| v.parse().ok())
-                .expect("a request rate");
+            // Columns: system, kind, req/s, non-2xx, …
+            let column = |n: usize| -> f64 {
+                row.split_whitespace()
+                    .nth(n)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("no figure in column {n}: {row}"))
+            };
+            let rps = column(2);
             assert!(rps > 0.0, "{system} {kind} answered nothing: {row}");
             if kind == "soldout" {
                 // Every claim of the emptied SKU is refused: the row measured sold-out answers.
-                let refused: f64 = row
-                    .split_whitespace()
-                    .nth(3)
-                    .and_then(|v| v.parse().ok())
-                    .expect("a non-2xx count");
+                let refused = column(3);
                 assert!(refused > 0.0, "{system} sold nothing out: {row}");
             }
         }
