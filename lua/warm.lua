@@ -7,7 +7,7 @@
 --        (nothing changes for it) | {'no_sku'} | {'stale'} (the SKU is another generation:
 --        it was lost and recreated since this rebuild began, and that rebuild loads it)
 -- Used for new batches and to rebuild an engine that lost its data. Each call loads a chunk
--- (a couple of thousand keys at most) so no call blocks the engine for long.
+-- (a thousand keys) so no call blocks the engine for long.
 --
 -- The outcome is that of loading the keys one after the other (as `save_key` would), but
 -- the writes are gathered: one HMGET finds the digests already indexed, and each hash, the
