@@ -16,11 +16,12 @@
 //! in with one `COPY`, which PostgreSQL parses far cheaper than a statement of thousands of
 //! bind parameters.
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use std::io::Write;
 
-use sqlx::postgres::{PgConnection, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{Postgres, Row};
 
 use super::rules::key_state;
@@ -46,10 +47,12 @@ const DIALECT: Dialect = Dialect {
 
 /// Connects to `url` and migrates the database.
 pub(crate) async fn open(url: &str) -> Result<SqlLedger<Postgres>, LedgerError> {
+    let options =
+        PgConnectOptions::from_str(url)?.statement_cache_capacity(super::sql::STATEMENT_CACHE);
     let pool = PgPoolOptions::new()
         .max_connections(MAX_CONNECTIONS)
         .acquire_timeout(ACQUIRE_TIMEOUT)
-        .connect(url)
+        .connect_with(options)
         .await?;
     sqlx::migrate!("./migrations/postgres").run(&pool).await?;
     Ok(SqlLedger::new(pool.clone(), pool, DIALECT))

@@ -25,9 +25,10 @@
 //!
 //! Statements built with a variable number of rows would each be a new entry in the
 //! prepared-statement cache, evicting useful ones. The event writer's statements, which run
-//! for every group commit, are therefore cut into power-of-two chunks ([`pow2_chunks`]): a
-//! handful of shapes per statement, parsed once per connection and then reused (parsing a
-//! statement of thousands of parameters cost more than running it). Import statements run
+//! for every group commit, are therefore cut into power-of-two chunks and one small rest
+//! ([`pow2_chunks`]): a bounded set of shapes per statement, parsed once per connection and
+//! then reused (parsing a statement of thousands of parameters cost more than running it),
+//! while a commit of a few dozen events takes one statement per table. Import statements run
 //! once per chunk of a file and stay out of the cache (`persistent(false)`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -967,15 +968,32 @@ fn check_owner(batch: &BatchRecord, upload_id: &str) -> Result<(), LedgerError> 
     Ok(())
 }
 
-/// `items` cut into chunks of at most `max` items whose sizes are powers of two, largest
-/// first: 300 items with `max` 1000 are 256 + 32 + 8 + 4. A statement per chunk size then
-/// has at most a dozen shapes, which the prepared-statement cache keeps.
+/// Up to this many items go in one statement of exactly their number: the group commits
+/// of `durability = "ledger"` are about as large as the number of clients waiting, and each
+/// statement is a round trip (to SQLite's worker thread, or to PostgreSQL) within the
+/// commit every one of them waits for.
+const EXACT_ROWS_MAX: usize = 64;
+
+/// Prepared statements kept per connection: the writer's four statements in every shape
+/// [`pow2_chunks`] makes (up to [`EXACT_ROWS_MAX`] exact ones and a dozen powers of two
+/// each), with room for the rest.
+pub(crate) const STATEMENT_CACHE: usize = 512;
+
+/// `items` cut into chunks of at most `max` items: powers of two, largest first, then the
+/// last [`EXACT_ROWS_MAX`] or fewer in one chunk: 300 items with `max` 1000 are 256 + 44,
+/// and 40 items are one chunk. A statement per chunk size then has fewer than a hundred
+/// shapes, which the prepared-statement cache keeps ([`STATEMENT_CACHE`]).
 fn pow2_chunks<T>(items: &[T], max: usize) -> Vec<&[T]> {
     let max = if max == 0 { 1 } else { 1 << max.ilog2() };
+    let exact = EXACT_ROWS_MAX.min(max);
     let mut chunks = Vec::new();
     let mut rest = items;
     while !rest.is_empty() {
-        let size = (1 << rest.len().ilog2()).min(max);
+        let size = if rest.len() <= exact {
+            rest.len()
+        } else {
+            (1 << rest.len().ilog2()).min(max)
+        };
         let (chunk, tail) = rest.split_at(size);
         chunks.push(chunk);
         rest = tail;
@@ -1035,15 +1053,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chunks_are_powers_of_two_within_the_limit_and_cover_every_item_once() {
+    fn chunks_are_powers_of_two_then_one_small_rest_within_the_limit_covering_every_item_once() {
         let items: Vec<usize> = (0..1300).collect();
         for (n, max) in [(0, 8), (1, 8), (300, 1000), (1300, 1000), (1300, 3), (7, 0)] {
             let chunks = pow2_chunks(&items[..n], max);
             let sizes: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+            let (last, head) = sizes.split_last().unwrap_or((&0, &[]));
             assert!(
-                sizes
-                    .iter()
-                    .all(|s| s.is_power_of_two() && *s <= max.max(1)),
+                head.iter().all(|s| s.is_power_of_two() && *s <= max.max(1))
+                    && *last <= max.max(1)
+                    && (last.is_power_of_two() || *last <= EXACT_ROWS_MAX),
                 "{sizes:?}"
             );
             let joined: Vec<usize> = chunks.concat();
@@ -1055,7 +1074,11 @@ mod tests {
                 .map(|c| c.len())
                 .collect()
         };
-        assert_eq!(sizes(300, 1000), [256, 32, 8, 4]);
-        assert_eq!(sizes(1300, 1000), [512, 512, 256, 16, 4]);
+        assert_eq!(sizes(300, 1000), [256, 44]);
+        assert_eq!(sizes(1300, 1000), [512, 512, 256, 20]);
+        assert_eq!(sizes(40, 1000), [40]);
+        assert_eq!(sizes(64, 1000), [64]);
+        assert_eq!(sizes(65, 1000), [64, 1]);
+        assert_eq!(sizes(7, 4), [4, 3]);
     }
 }

@@ -83,7 +83,8 @@ async fn open_with(options: SqliteConnectOptions) -> Result<SqlLedger<Sqlite>, L
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(BUSY_TIMEOUT)
-        .foreign_keys(true);
+        .foreign_keys(true)
+        .statement_cache_capacity(super::sql::STATEMENT_CACHE);
     // The writer stays open for good: no reconnect on the write path, and an in-memory
     // database (`sqlite::memory:`) lives as long as the ledger.
     let write = SqlitePoolOptions::new()
