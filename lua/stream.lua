@@ -2,11 +2,15 @@
 -- KEYS: 1 the SKU's events (STREAM kg:{sku}:events), 2 its dead letters (STREAM kg:{sku}:dead),
 --       3 its settings (HASH kg:{sku}:meta, read only: its `gen`); all carry the SKU's hash
 --       tag. The prelude's K names do not apply here.
--- ARGV: 'read', group, consumer, count, min idle ms
---         Creates the group (from the first entry) if missing, then gives `consumer` up to
---         `count` entries: first its own unacknowledged ones (a batch whose commit failed),
---         then entries other consumers have left unacknowledged for min idle ms (they died),
---         then entries never delivered.
+-- ARGV: 'read', group, consumer, count, min idle ms[, sources[, gen, id…]]
+--         Creates the group (from the first entry) if missing, acknowledges the ids given
+--         as 'ack' does (entries committed since the last read, so a busy writer needs no
+--         call of its own for them), then gives `consumer` up to `count` entries from the sources
+--         named (default 'ocn'), in this order: o, its own unacknowledged ones (a batch whose
+--         commit failed; a writer reading ahead while it commits them leaves them out); c,
+--         entries other consumers have left unacknowledged for min idle ms (they died; the
+--         scan walks the pending list, so a busy writer asks only now and then); n, entries
+--         never delivered.
 --         Reply: {pending, lag, floor, last_delivered, own, claimed, new, gen, entry, …}
 --           pending, lag     the group's backlog before this read: delivered and not yet
 --                            acknowledged, and not yet delivered (lag)
@@ -18,8 +22,10 @@
 --           gen              the SKU's generation in the engine ('' without one): answers
 --                            name it with their entry id, and ids compare only within one
 --           entry            {id, {field, value, …}}, as XREADGROUP gives them
---     | 'ack', group, id…          Reply: how many were pending
---         Acknowledges committed entries, then trims what every group has settled.
+--     | 'ack', group, gen, id…     Reply: how many were pending
+--         Acknowledges committed entries, then trims what every group has settled. Only if
+--         the SKU's generation is still gen: the ids name entries of that generation's
+--         stream, and an entry of a later stream with the same id was never committed.
 --     | 'dead', group, id, reason  Reply: 1 | 0 (the entry was no longer pending or gone)
 --         Copies a pending entry to the dead-letter stream (with `source_id` and `reason`
 --         fields before its own) and acknowledges it, in one step.
@@ -128,12 +134,28 @@ local function trim_settled()
   return redis.call('XTRIM', events, 'MINID', floor)
 end
 
+-- Acknowledges ARGV[first…] if the SKU's generation is `gen`, and trims; returns how many
+-- were pending.
+local function ack(gen, first)
+  if #ARGV < first or (redis.call('HGET', meta, 'gen') or '') ~= gen then return 0 end
+  local acked = redis.call('XACK', events, group, unpack(ARGV, first))
+  trim_settled()
+  return acked
+end
+
 if op == 'read' then
   local consumer, count, min_idle = ARGV[3], tonumber(ARGV[4]), ARGV[5]
+  local sources = ARGV[6] or 'ocn'
+  local with_own = string.find(sources, 'o', 1, true) ~= nil
+  local with_claimed = string.find(sources, 'c', 1, true) ~= nil
+  local with_new = string.find(sources, 'n', 1, true) ~= nil
   local g = group_info(group)
   if not g then
     -- From the first entry: events written before any writer ran are owed too.
     redis.call('XGROUP', 'CREATE', events, group, '0', 'MKSTREAM')
+    g = group_info(group)
+  elseif #ARGV > 7 and ack(ARGV[7], 8) > 0 then
+    -- Before the report below, so it counts them as settled.
     g = group_info(group)
   end
   local pending, lag, floor, last = owed(g)
@@ -150,7 +172,7 @@ if op == 'read' then
 
   -- 1. This consumer's own unacknowledged entries: a batch whose commit failed.
   local own = 0
-  local mine = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count,
+  local mine = with_own and redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count,
     'STREAMS', events, '0')
   if mine and mine[1] then
     local gone = {}
@@ -163,7 +185,7 @@ if op == 'read' then
   -- 2. Entries another consumer has left unacknowledged for min idle ms.
   local claimed, cursor = 0, '0-0'
   for _ = 1, AUTOCLAIM_ROUNDS do
-    if #entries >= count then break end
+    if #entries >= count or not with_claimed then break end
     local r = redis.call('XAUTOCLAIM', events, group, consumer, min_idle, cursor,
       'COUNT', count - #entries)
     for _, e in ipairs(r[2]) do claimed = claimed + take(e) end
@@ -173,7 +195,7 @@ if op == 'read' then
 
   -- 3. Entries never delivered.
   local new = 0
-  if #entries < count then
+  if #entries < count and with_new then
     local fresh = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count - #entries,
       'STREAMS', events, '>')
     if fresh and fresh[1] then
@@ -188,10 +210,7 @@ if op == 'read' then
 end
 
 if op == 'ack' then
-  local acked = 0
-  if #ARGV > 2 then acked = redis.call('XACK', events, group, unpack(ARGV, 3)) end
-  trim_settled()
-  return acked
+  return ack(ARGV[3], 4)
 end
 
 if op == 'dead' then

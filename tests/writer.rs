@@ -860,6 +860,63 @@ async fn backlogs_commit_in_batches_failed_ones_first(env: Env) {
     assert_eq!(env.assert_audit_once(sku, 2).await, 7 + 5);
 }
 
+/// With passes pipelined (the next batch read while one commits, carrying the previous
+/// batch's acknowledgement), commits that fail behind a read ahead lose nothing, double
+/// nothing and reorder nothing: the failed batch and the batch read ahead are committed
+/// again, oldest first. Every key's trail in the ledger is in stream order.
+async fn failed_commits_behind_reads_ahead_are_retried_oldest_first(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 2).await;
+    for _ in 0..12 {
+        env.void_and_restore("gift.1").await;
+    }
+    let flaky = Flaky::new(env.ledger.clone());
+    flaky.fail_every(3);
+    let writer = env.writer_with(flaky.clone(), "w1", 60_000, 3);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(writer.clone().run(stopped));
+    // More arrive while it runs.
+    for _ in 0..6 {
+        env.void_and_restore("gift.2").await;
+    }
+    env.inv.void("gift.1", "check").await.expect("void");
+    let w = &writer;
+    eventually(
+        Duration::from_secs(30),
+        "the ledger catches up",
+        || async move { w.backlog(sku).await.expect("backlog").in_flight() == 0 },
+    )
+    .await;
+    assert!(
+        flaky.calls() >= 9,
+        "commits failed: {} calls",
+        flaky.calls()
+    );
+    env.assert_in_step(sku).await;
+    // gift.1: add, 12 × (void, restore), void; gift.2: add, 6 × (void, restore).
+    assert_eq!(env.assert_audit_once(sku, 2).await, 26 + 13);
+    for key in ["gift.1", "gift.2"] {
+        let trail = env.ledger.key_events(key).await.expect("audit trail");
+        let ids: Vec<(u64, u64)> = trail
+            .iter()
+            .map(|e| {
+                let id = e.event_id.rsplit('/').next().expect("an entry id");
+                let (ms, seq) = id.split_once('-').expect("ms-seq");
+                (ms.parse().expect("ms"), seq.parse().expect("seq"))
+            })
+            .collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "{key}: committed out of stream order: {ids:?}"
+        );
+    }
+    stop.send(true).expect("the writer listens");
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("run stops when told")
+        .expect("run does not panic");
+}
+
 /// Consumers of stopped gateways, owning nothing, are deleted from the group once silent for
 /// long; a consumer that still owns entries is kept whatever its silence.
 async fn consumers_of_stopped_gateways_are_reaped(env: Env) {
@@ -975,6 +1032,9 @@ struct Flaky {
     fail: AtomicU32,
     /// Calls that commit and then fail, as when the connection drops before the answer.
     lose: AtomicU32,
+    /// When above 0, every so many calls fail, alternately before and after committing.
+    every: AtomicU32,
+    calls: AtomicU32,
 }
 
 impl Flaky {
@@ -983,7 +1043,17 @@ impl Flaky {
             inner,
             fail: AtomicU32::new(0),
             lose: AtomicU32::new(0),
+            every: AtomicU32::new(0),
+            calls: AtomicU32::new(0),
         })
+    }
+
+    fn fail_every(&self, n: u32) {
+        self.every.store(n, Ordering::SeqCst);
+    }
+
+    fn calls(&self) -> u32 {
+        self.calls.load(Ordering::SeqCst)
     }
 
     fn fail_next(&self, n: u32) {
@@ -1082,6 +1152,17 @@ impl Ledger for Flaky {
         self.inner.keys_after(sku, after, limit).await
     }
     async fn apply_events(&self, events: &[LedgerEvent]) -> Result<u64, LedgerError> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let every = self.every.load(Ordering::SeqCst);
+        if every > 0 && call.is_multiple_of(every) {
+            if (call / every).is_multiple_of(2) {
+                self.inner.apply_events(events).await?;
+                return Err(LedgerError::Unavailable(
+                    "connection lost after commit".into(),
+                ));
+            }
+            return Err(LedgerError::Unavailable("injected outage".into()));
+        }
         if take(&self.fail) {
             return Err(LedgerError::Unavailable("injected outage".into()));
         }
@@ -1160,6 +1241,7 @@ on_both_engines!(
     consumers_of_stopped_gateways_are_reaped,
     ledger_outage_loses_nothing_and_doubles_nothing,
     run_drains_every_sku_through_an_outage,
+    failed_commits_behind_reads_ahead_are_retried_oldest_first,
 );
 
 mod postgres {

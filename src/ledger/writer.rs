@@ -24,6 +24,16 @@
 //!
 //! At-least-once delivery plus idempotent apply is an exactly-once effect on the ledger.
 //!
+//! # Pipelined passes
+//!
+//! While a batch commits, the writer already reads the next one, and that read carries the
+//! acknowledgement of the batch committed before: a busy SKU costs one script call per
+//! commit, and a commit starts as soon as the previous one ends. The read ahead leaves out
+//! this writer's own pending entries (the batch being committed is among them, and would
+//! otherwise be read again); if the commit fails, the read ahead is dropped and the next read
+//! takes every pending entry of this writer again, in order. Acknowledgements carried to the
+//! next read wait at most until the writer goes idle, when they are sent on their own.
+//!
 //! # Group commit
 //!
 //! A batch is up to [`WriterOptions::batch`] entries in one transaction: at flash-sale rates
@@ -124,6 +134,9 @@ pub const MAX_BATCH: u32 = 5_000;
 const SKU_REFRESH: Duration = Duration::from_secs(5);
 /// How long a stopping writer keeps committing what the streams still hold.
 const DRAIN_ON_STOP: Duration = Duration::from_secs(10);
+/// How often a writer reading ahead looks for entries of dead consumers: that scan walks
+/// the pending list, which holds the batch being committed.
+const RECLAIM_EVERY: Duration = Duration::from_secs(1);
 /// Batches drained from one SKU before the others get their turn.
 const BATCHES_PER_VISIT: usize = 8;
 /// How often consumers of stopped gateways are deleted from the group.
@@ -271,6 +284,29 @@ impl fmt::Debug for EventWriter {
     }
 }
 
+/// A SKU's pipeline between passes (see the module docs).
+#[derive(Debug, Default)]
+struct Cursor {
+    /// Ids of committed entries not yet acknowledged: the next read acknowledges them.
+    unacked: Vec<String>,
+    /// The SKU's generation those ids belong to (acknowledged only while it lasts).
+    unacked_gen: String,
+    /// A read taken while the last batch committed, to be committed next.
+    ahead: Option<Reply>,
+    /// When a read last looked for entries dead consumers left.
+    reclaimed_at: Option<Instant>,
+}
+
+impl Cursor {
+    /// Whether the read ahead holds entries (a read reply is its 8-value head, then entries).
+    fn has_ahead(&self) -> bool {
+        self.ahead
+            .as_ref()
+            .and_then(Reply::as_array)
+            .is_some_and(|items| items.len() > 8)
+    }
+}
+
 /// What one pass over a SKU did.
 #[derive(Debug, Clone, Copy, Default)]
 struct Pass {
@@ -355,7 +391,9 @@ impl EventWriter {
     /// so `while drain_once(sku).await? > 0 {}` drains a SKU. On error nothing that was not
     /// committed was acknowledged; the entries are read again next time.
     pub async fn drain_once(&self, sku: &str) -> Result<usize, WriterError> {
-        let pass = self.pass(sku).await?;
+        let mut cursor = Cursor::default();
+        let pass = self.pass(sku, &mut cursor, false).await?;
+        self.flush_acks(sku, &mut cursor).await?;
         Ok(pass.committed + pass.dead)
     }
 
@@ -382,6 +420,7 @@ impl EventWriter {
         let idle = Duration::from_millis(opts.idle_poll_ms);
         let mut outage = Trouble::default();
         let mut troubled: HashMap<String, Trouble> = HashMap::new();
+        let mut cursors: HashMap<String, Cursor> = HashMap::new();
         let mut skus: Vec<String> = Vec::new();
         let mut listed_at: Option<Instant> = None;
         let mut reaped_at = Instant::now();
@@ -402,6 +441,9 @@ impl EventWriter {
                         skus = list;
                         listed_at = Some(Instant::now());
                         troubled.retain(|sku, _| skus.contains(sku));
+                        // A SKU gone from the ledger: what this writer holds of it stays
+                        // pending in the group, and is read again if the SKU comes back.
+                        cursors.retain(|sku, _| skus.contains(sku));
                     }
                     Err(e) => {
                         let delay = outage.fail(ALL_SKUS, &e, max_backoff);
@@ -422,13 +464,16 @@ impl EventWriter {
                 if troubled.get(sku).is_some_and(|t| !t.due()) {
                     continue;
                 }
+                let cursor = cursors.entry(sku.clone()).or_default();
                 for _ in 0..BATCHES_PER_VISIT {
-                    match self.pass(sku).await {
-                        Ok(pass) => {
+                    match self.pass(sku, cursor, true).await {
+                        Ok(_) => {
                             if let Some(mut t) = troubled.remove(sku) {
                                 t.recover(sku);
                             }
-                            if pass.read < opts.batch as usize {
+                            // The read ahead is the next batch; without one, the SKU had
+                            // nothing more when the commit ended.
+                            if !cursor.has_ahead() {
                                 break;
                             }
                             busy = true;
@@ -465,12 +510,20 @@ impl EventWriter {
                 // commit, not for the idle poll.
                 let woken = self.inner.wake.notified();
                 tokio::pin!(woken);
+                if woken.as_mut().enable() {
+                    // A waiter came during the round: its read carries the acknowledgements.
+                    continue;
+                }
+                // Idle: acknowledge now what the next read would have, so other gateways
+                // (and the backlog) see it settled without waiting for more events.
+                self.flush_all_acks(&mut cursors).await;
                 tokio::select! {
                     _ = &mut woken => {}
                     stopped = pause(&mut stop, idle) => if stopped { break },
                 }
             }
         }
+        self.flush_all_acks(&mut cursors).await;
         // SKUs created since the last listing have events too.
         if let Ok(list) = self.inner.ledger.list_skus().await {
             skus = list;
@@ -485,12 +538,13 @@ impl EventWriter {
     async fn drain_before_exit(&self, skus: &[String]) {
         let deadline = Instant::now() + DRAIN_ON_STOP;
         for sku in skus {
+            let mut cursor = Cursor::default();
             loop {
                 if Instant::now() >= deadline {
                     tracing::warn!("stopping with events not yet committed to the ledger");
-                    return;
+                    break;
                 }
-                match self.pass(sku).await {
+                match self.pass(sku, &mut cursor, false).await {
                     Ok(pass) if pass.read > 0 => continue,
                     Ok(_) => break,
                     Err(e) => {
@@ -498,6 +552,37 @@ impl EventWriter {
                         break;
                     }
                 }
+            }
+            if let Err(e) = self.flush_acks(sku, &mut cursor).await {
+                tracing::warn!(sku, error = %e, "final acknowledgement failed");
+            }
+            if Instant::now() >= deadline {
+                return;
+            }
+        }
+    }
+
+    /// Sends the acknowledgements `cursor` carries (see [`Cursor::unacked`]). They are kept
+    /// for the next read if the engine does not answer; acknowledging twice is harmless.
+    async fn flush_acks(&self, sku: &str, cursor: &mut Cursor) -> Result<(), WriterError> {
+        while !cursor.unacked.is_empty() {
+            let n = cursor.unacked.len().min(MAX_BATCH as usize);
+            let mut args = Vec::with_capacity(2 + n);
+            args.push("ack".to_owned());
+            args.push(self.inner.opts.group.clone());
+            args.push(cursor.unacked_gen.clone());
+            args.extend(cursor.unacked[..n].iter().cloned());
+            self.eval(sku, args).await?;
+            cursor.unacked.drain(..n);
+        }
+        Ok(())
+    }
+
+    /// [`EventWriter::flush_acks`] for every SKU; failures leave them for the next read.
+    async fn flush_all_acks(&self, cursors: &mut HashMap<String, Cursor>) {
+        for (sku, cursor) in cursors.iter_mut() {
+            if let Err(e) = self.flush_acks(sku, cursor).await {
+                tracing::debug!(sku, error = %e, "acknowledgement deferred to the next read");
             }
         }
     }
@@ -585,17 +670,65 @@ impl EventWriter {
         result
     }
 
-    async fn pass(&self, sku: &str) -> Result<Pass, WriterError> {
+    /// Reads a batch for this writer, acknowledging what `cursor` carries on the way. `own`
+    /// includes this writer's own pending entries (first); entries of dead consumers are
+    /// looked for with them, or every [`RECLAIM_EVERY`] while the writer reads ahead.
+    async fn read(&self, sku: &str, cursor: &mut Cursor, own: bool) -> Result<Reply, WriterError> {
+        if cursor.unacked.len() > MAX_BATCH as usize {
+            // Only after failed reads: keep one call's arguments bounded.
+            self.flush_acks(sku, cursor).await?;
+        }
         let opts = &self.inner.opts;
-        let args = vec![
-            "read".into(),
+        let mut args = Vec::with_capacity(7 + cursor.unacked.len());
+        args.extend([
+            "read".to_owned(),
             opts.group.clone(),
             opts.consumer.clone(),
             opts.batch.to_string(),
             opts.reclaim_idle_ms.to_string(),
-        ];
+        ]);
+        let reclaim = own
+            || cursor
+                .reclaimed_at
+                .is_none_or(|t| t.elapsed() >= RECLAIM_EVERY);
+        args.push(
+            match (own, reclaim) {
+                (true, _) => "ocn",
+                (false, true) => "cn",
+                (false, false) => "n",
+            }
+            .to_owned(),
+        );
+        if !cursor.unacked.is_empty() {
+            args.push(cursor.unacked_gen.clone());
+            args.extend(cursor.unacked.iter().cloned());
+        }
         let reply = self.eval(sku, args).await?;
+        cursor.unacked.clear();
+        if reclaim {
+            cursor.reclaimed_at = Some(Instant::now());
+        }
+        Ok(reply)
+    }
+
+    /// One pass: commits the batch read ahead, or a batch read now. With `read_ahead`, the
+    /// next batch is read while this one commits (see the module docs) and left in `cursor`;
+    /// the acknowledgement of this batch is left in `cursor` for the next read either way.
+    async fn pass(
+        &self,
+        sku: &str,
+        cursor: &mut Cursor,
+        read_ahead: bool,
+    ) -> Result<Pass, WriterError> {
+        let (reply, from_ahead) = match cursor.ahead.take() {
+            Some(reply) => (reply, true),
+            None => (self.read(sku, cursor, true).await?, false),
+        };
         let read = ReadReply::parse(&reply)?;
+        // A read ahead leaves this writer's own pending entries out, so it must not run while
+        // more of them wait than this batch holds (after a failed commit, or a read whose
+        // answer was lost): they are older, and are committed first.
+        let read_ahead = read_ahead && (from_ahead || read.own < self.inner.opts.batch as usize);
         self.observe(sku, &read);
         if read.entries.is_empty() {
             return Ok(Pass::default());
@@ -626,10 +759,20 @@ impl EventWriter {
             });
         }
 
-        let started = Instant::now();
-        let result = self.inner.ledger.apply_events(&events).await;
-        metrics::histogram!(LEDGER_WRITE_DURATION).record(started.elapsed().as_secs_f64());
+        let commit = async {
+            let started = Instant::now();
+            let result = self.inner.ledger.apply_events(&events).await;
+            metrics::histogram!(LEDGER_WRITE_DURATION).record(started.elapsed().as_secs_f64());
+            result
+        };
+        let (result, ahead) = if read_ahead {
+            let (result, ahead) = tokio::join!(commit, self.read(sku, cursor, false));
+            (result, Some(ahead))
+        } else {
+            (commit.await, None)
+        };
         if let Err(e) = result {
+            // The read ahead is dropped: the next read takes this batch again, then it.
             let kind = if e.is_retryable() {
                 "unavailable"
             } else {
@@ -646,17 +789,22 @@ impl EventWriter {
                 metrics::counter!(EVENTS_COMMITTED, "source" => source).increment(n);
             }
         }
-
-        let mut args = Vec::with_capacity(2 + committed.len());
-        args.push("ack".to_owned());
-        args.push(self.inner.opts.group.clone());
-        args.extend(committed.iter().map(|(_, _, text)| text.clone()));
-        self.eval(sku, args).await?;
-        Ok(Pass {
+        let pass = Pass {
             read: read.entries.len(),
             committed: committed.len(),
             dead,
-        })
+        };
+        if cursor.unacked_gen != read.gen {
+            // Ids of a lost generation's stream: nothing to acknowledge there any more.
+            cursor.unacked.clear();
+            cursor.unacked_gen = read.gen.to_owned();
+        }
+        cursor
+            .unacked
+            .extend(committed.into_iter().map(|(_, _, text)| text));
+        // A failed read ahead is no failure of this pass: the next pass reads again.
+        cursor.ahead = ahead.and_then(Result::ok);
+        Ok(pass)
     }
 
     /// Moves a poison entry to the dead-letter stream and acknowledges it, in one step.
