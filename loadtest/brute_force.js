@@ -102,7 +102,9 @@ function localAddresses() {
   if (!raw) return [];
   const out = [];
   String(raw).split(',').forEach((entry) => {
-    if (entry.includes('/')) throw new Error('--local-ips: give addresses or ranges (a-b), not CIDR blocks');
+    if (entry.includes('/')) {
+      throw new Error('--local-ips: give addresses or ranges (a-b), not CIDR blocks');
+    }
     const [from, to] = entry.split('-');
     const first = ipv4(from);
     const last = to === undefined ? first : ipv4(to);
@@ -115,14 +117,16 @@ export function setup() {
   const pool = localAddresses();
   if (pool.length !== ADDRESSES) {
     throw new Error(`brute_force needs --local-ips with ADDRESSES=${ADDRESSES} addresses ` +
-      `(the last one legitimate, the others attacking), got ${pool.length}: ${exec.test.options.localIPs}`);
+      `(the last one legitimate, the others attacking), got ${pool.length}: ` +
+      `${exec.test.options.localIPs}`);
   }
   startInvariants();
   [attackerRedeemed, guessesAnswered, lockedOut, rateLimited, neverLocked, legitRedeemed,
     legitRefused, unexpected].forEach((c) => c.add(0));
   const run = runId();
   const sku = `brute-${run}`;
-  createSku(sku, { format: { preset: 'crockford32', min_length: CODE_LENGTH, max_length: CODE_LENGTH } });
+  const format = { preset: 'crockford32', min_length: CODE_LENGTH, max_length: CODE_LENGTH };
+  createSku(sku, { format });
   const fresh = new Set();
   while (fresh.size < LEGIT_CODES) fresh.add(randomCrockford(CODE_LENGTH));
   importCodes(sku, [...fresh], `${run}-stock`);

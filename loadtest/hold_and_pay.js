@@ -100,6 +100,11 @@ function awaitExpiry(sku, orderId, deadlineMs) {
   }
 }
 
+/** An order claimed with one code revealed, `late` as given. */
+function isClaimed(o, late) {
+  return o && o.state === 'claimed' && o.late === late && o.keys.length === 1 && Boolean(o.keys[0].code);
+}
+
 export default function (data) {
   const { sku, run } = data;
   const i = exec.scenario.iterationInTest;
@@ -107,9 +112,11 @@ export default function (data) {
   const fate = fateOf(i);
   const holdMs = fate === 'expire' || fate === 'late' ? SHORT_HOLD_MS : LONG_HOLD_MS;
 
-  const hold = api.withRetry(() => api.claim(sku, { order_id: orderId, hold_ms: holdMs, user_id: `payer-${i}` }));
+  const request = { order_id: orderId, hold_ms: holdMs, user_id: `payer-${i}` };
+  const hold = api.withRetry(() => api.claim(sku, request));
   const held = api.body(hold);
-  if (hold.status !== 200 || !held || held.state !== 'held' || held.keys.length !== 1 || held.keys[0].code) {
+  if (hold.status !== 200 || !held || held.state !== 'held' || held.keys.length !== 1 ||
+      held.keys[0].code) {
     wrong(orderId, 'hold', hold);
     return;
   }
@@ -119,7 +126,7 @@ export default function (data) {
   if (fate === 'confirm') {
     const res = api.withRetry(() => api.confirm(sku, orderId));
     const o = api.body(res);
-    if (res.status === 200 && o.state === 'claimed' && o.late === false && o.keys.length === 1 && o.keys[0].code) {
+    if (res.status === 200 && isClaimed(o, false)) {
       confirmed.add(1);
       payDuration.add(res.timings.duration);
     } else {
@@ -138,12 +145,13 @@ export default function (data) {
   } else {
     if (!awaitExpiry(sku, orderId, SHORT_HOLD_MS + 60000)) {
       unexpected.add(1);
-      console.warn(`order ${orderId}: hold of ${SHORT_HOLD_MS} ms not reported expired within 60 s of lapsing`);
+      console.warn(`order ${orderId}: hold of ${SHORT_HOLD_MS} ms not reported expired ` +
+        'within 60 s of lapsing');
       return;
     }
     const res = api.withRetry(() => api.confirm(sku, orderId));
     const o = api.body(res);
-    if (!(res.status === 200 && o.state === 'claimed' && o.late === true && o.keys.length === 1 && o.keys[0].code)) {
+    if (!(res.status === 200 && isClaimed(o, true))) {
       wrong(orderId, 'late confirm', res);
       return;
     }

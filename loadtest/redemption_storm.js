@@ -95,7 +95,10 @@ export default function (data) {
   const other = `other-${data.run}-${i}`;
 
   if (isRace(i)) {
-    const raced = http.batch([api.redeemRequest(code, holder, sku), api.redeemRequest(code, other, sku)]);
+    const raced = http.batch([
+      api.redeemRequest(code, holder, sku),
+      api.redeemRequest(code, other, sku),
+    ]);
     // A shed or unanswered attempt is retried by the same redeemer: it replays its answer.
     const answers = raced.map((res, k) => (res.status === 503 || res.status === 0
       ? api.withRetry(() => api.redeem(code, k === 0 ? holder : other, sku)) : res));

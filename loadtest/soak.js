@@ -31,7 +31,9 @@ const P99_MS = intEnv('P99_MS', 1000);
 
 function seconds(duration) {
   const parts = String(duration).match(/^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$/);
-  if (!parts || duration === '') throw new Error(`SOAK_DURATION=${duration}: expected e.g. 30s, 10m, 1h, 1h30m`);
+  if (!parts || duration === '') {
+    throw new Error(`SOAK_DURATION=${duration}: expected e.g. 30s, 10m, 1h, 1h30m`);
+  }
   return (Number(parts[1] || 0) * 60 + Number(parts[2] || 0)) * 60 + Number(parts[3] || 0);
 }
 
@@ -89,7 +91,9 @@ function claimOne(sku, orderId, holdMs) {
   const res = api.withRetry(() => api.claim(sku, body));
   const o = api.body(res);
   const want = holdMs ? 'held' : 'claimed';
-  if (res.status !== 200 || !o || o.state !== want || o.keys.length !== 1) return wrong(`claim ${orderId}`, res);
+  if (res.status !== 200 || !o || o.state !== want || o.keys.length !== 1) {
+    return wrong(`claim ${orderId}`, res);
+  }
   if (!holdMs) claimed.add(1);
   return o;
 }
@@ -167,7 +171,8 @@ export function teardown(data) {
     'every hold to be confirmed, released or lapsed');
   if (!view) return;
   // Every claimed code was redeemed by its iteration: what is not available is redeemed.
-  expectCounts(data.sku, view, { available: view.engine.available, redeemed: STOCK - view.engine.available }, STOCK);
+  const available = view.engine.available;
+  expectCounts(data.sku, view, { available, redeemed: STOCK - available }, STOCK);
 }
 
 export const handleSummary = summaryHandler('soak');

@@ -6,7 +6,8 @@ import { randomBytes } from 'k6/crypto';
 function required(name) {
   const value = __ENV[name];
   if (!value) {
-    throw new Error(`${name} is not set (BASE_URL, ADMIN_URL, MERCHANT_TOKEN and ADMIN_TOKEN are required)`);
+    throw new Error(`${name} is not set ` +
+      '(BASE_URL, ADMIN_URL, MERCHANT_TOKEN and ADMIN_TOKEN are required)');
   }
   return value.replace(/\/+$/, '');
 }

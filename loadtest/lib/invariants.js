@@ -40,7 +40,9 @@ function differences(view) {
   if (view.in_flight !== 0) out.push(`in_flight ${view.in_flight}`);
   if (view.drift !== 0) out.push(`drift ${view.drift}`);
   STATES.forEach((s) => {
-    if (view.engine[s] !== view.ledger[s]) out.push(`${s}: engine ${view.engine[s]}, ledger ${view.ledger[s]}`);
+    if (view.engine[s] !== view.ledger[s]) {
+      out.push(`${s}: engine ${view.engine[s]}, ledger ${view.ledger[s]}`);
+    }
   });
   return out;
 }

@@ -2,7 +2,9 @@
 // codes, and, where a scenario starts from sold codes, claims of all of them.
 
 import http from 'k6/http';
-import { body, claimBatch, describe, errorCode, importBatch, orderRequests, putSku, withRetry, order } from './api.js';
+import {
+  body, claimBatch, describe, errorCode, importBatch, order, orderRequests, putSku, withRetry,
+} from './api.js';
 
 /** Most codes sent in one import upload. */
 const IMPORT_CHUNK = 50000;
@@ -88,7 +90,9 @@ export function readOrders(sku, orderIds) {
     answers.forEach((res, i) => {
       const id = ids[i];
       let r = res;
-      if (r.status === 503 || r.status === 0 || r.status === 429) r = withRetry(() => order(sku, id), 60000);
+      if (r.status === 503 || r.status === 0 || r.status === 429) {
+        r = withRetry(() => order(sku, id), 60000);
+      }
       if (r.status === 200) found[id] = body(r);
       else if (r.status === 404 && errorCode(r) === 'ERR_NOT_FOUND') found[id] = null;
       else found[id] = { error: describe(r) };

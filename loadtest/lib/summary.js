@@ -50,14 +50,17 @@ export function textSummary(scenario, data) {
   });
   const failed = thresholds.filter((t) => !t.ok);
   const seconds = (data.state.testRunDurationMs / 1000).toFixed(1);
-  lines.push(`== kamigate load test: ${scenario} — ${failed.length === 0 ? 'PASS' : 'FAIL'} (${seconds} s)`);
+  const verdict = failed.length === 0 ? 'PASS' : 'FAIL';
+  lines.push(`== kamigate load test: ${scenario} — ${verdict} (${seconds} s)`);
   ['iterations', 'dropped_iterations', 'http_reqs'].forEach((name) => {
     if (metrics[name]) {
       const v = metrics[name].values;
       lines.push(`  ${name}: ${v.count} (${v.rate.toFixed(1)}/s)`);
     }
   });
-  if (metrics.http_req_duration) lines.push(`  ${metricLine('http_req_duration', metrics.http_req_duration)}`);
+  if (metrics.http_req_duration) {
+    lines.push(`  ${metricLine('http_req_duration', metrics.http_req_duration)}`);
+  }
   if (metrics.checks) lines.push(`  ${metricLine('checks', metrics.checks)}`);
   Object.keys(metrics).filter((n) => !BUILTIN.has(n) && !n.includes('{')).sort().forEach((name) => {
     lines.push(`  ${metricLine(name, metrics[name])}`);
