@@ -137,7 +137,12 @@ function claims(sku, prefix) {
 function redemptions(sku, prefix, sold) {
   const code = sold.a.keys[0].code;
   const redeemA = () => api.redeem(code, `${prefix}-redeemer`);
-  ok(api.withRetry(redeemA), 'redeem through the global index: redeemed', (r) =>
+  const first = api.withRetry(redeemA);
+  if (api.errorCode(first) === 'ERR_LOCKED_OUT') {
+    console.error('this client address is locked out after failed redemptions of earlier runs: ' +
+      'wait for the lockout to end, or run from another address (--local-ips)');
+  }
+  ok(first, 'redeem through the global index: redeemed', (r) =>
     r.state === 'redeemed' && r.key_id === sold.a.keys[0].key_id && r.replayed === false);
   ok(api.withRetry(redeemA), 'redeem retried by the same redeemer: replayed',
     (r) => r.replayed === true);
