@@ -65,15 +65,23 @@ export function setup() {
   return { run, skus };
 }
 
+/** Logs the answer behind a failed check, so the summary's failure can be read. */
+function explain(passed, name, res) {
+  if (!passed) {
+    console.warn(`check failed: ${name}: ${api.describe(res)} ${String(res.body).slice(0, 300)}`);
+  }
+  return passed;
+}
+
 /** Checks a 200 answer whose body satisfies `predicate(body)`. */
 function ok(res, name, predicate = () => true) {
-  return verify(res, name, (r) => r.status === 200 && predicate(api.body(r)));
+  return explain(verify(res, name, (r) => r.status === 200 && predicate(api.body(r))), name, res);
 }
 
 /** Checks an error answer: `status` and the envelope's `code`. */
 function refused(res, status, code, label) {
-  return verify(res, `${label}: ${status} ${code}`,
-    (r) => r.status === status && api.errorCode(r) === code);
+  const name = `${label}: ${status} ${code}`;
+  return explain(verify(res, name, (r) => r.status === status && api.errorCode(r) === code), name, res);
 }
 
 function probes() {
@@ -182,6 +190,23 @@ function adminRoutes(sku, prefix, sold) {
   ok(api.reconcile(sku), 'reconcile: reports the SKU', (b) => b.skus[0].sku === sku);
 }
 
+/**
+ * Sends a body over the limit. The gateway answers 413 as soon as it reads the declared
+ * length and closes the connection without reading the body, so the answer can be lost
+ * to the reset while k6 is still writing (`write: broken pipe`, status 0): the request is
+ * sent again, on a connection of its own, until an answer arrives.
+ */
+function oversized(path, route) {
+  const big = JSON.stringify({ order_id: 'big', user_id: 'x'.repeat(OVERSIZED_BYTES) });
+  const headers = Object.assign({ Connection: 'close' }, api.merchantHeaders);
+  let res = api.rawPublic('POST', path, big, headers, route);
+  for (let attempt = 1; res.status === 0 && attempt < 10; attempt++) {
+    api.retries.add(1);
+    res = api.rawPublic('POST', path, big, headers, route);
+  }
+  return res;
+}
+
 function errors(data, prefix, sold) {
   const sku = data.skus.main;
   const claimsPath = `/v1/skus/${sku}/claims`;
@@ -198,9 +223,7 @@ function errors(data, prefix, sold) {
   verify(wrongMethod, 'DELETE /v1/redeem: Allow lists POST', (r) => r.headers.Allow.includes('POST'));
   refused(api.rawPublic('POST', claimsPath, '{"order_id":', api.merchantHeaders, claimsRoute),
     400, 'ERR_BAD_REQUEST', 'malformed JSON');
-  const big = JSON.stringify({ order_id: 'big', user_id: 'x'.repeat(OVERSIZED_BYTES) });
-  refused(api.rawPublic('POST', claimsPath, big, api.merchantHeaders, claimsRoute),
-    413, 'ERR_PAYLOAD_TOO_LARGE', 'oversized body');
+  refused(oversized(claimsPath, claimsRoute), 413, 'ERR_PAYLOAD_TOO_LARGE', 'oversized body');
   refused(api.claim(sku, { order_id: `${prefix}-a`, quantity: 2, user_id: 'smoke-user' }),
     409, 'ERR_ORDER_CONFLICT', 'order id reused with other parameters');
   refused(api.release(sku, `${prefix}-a`), 409, 'ERR_ORDER_CONFLICT', 'release of a final claim');
