@@ -84,6 +84,10 @@ pub struct Config {
     /// the ledger has them; beyond, changes are answered `ERR_UNAVAILABLE` (the ledger is
     /// far behind).
     pub journal_max_events: usize,
+    /// SKUs that get an `sku` label of their own on the metrics
+    /// (`KAMIGATE_METRICS_MAX_SKUS`); past it SKUs are summed under `sku="(other)"`, so the
+    /// number of series stays bounded however many SKUs merchants create.
+    pub metrics_max_skus: usize,
 }
 
 /// Smallest `max_uri_bytes` and `max_header_bytes`: room for every route and ordinary headers.
@@ -138,6 +142,7 @@ impl Default for Config {
             event_reclaim_idle_ms: 30_000,
             rebuild_grace_ms: 2000,
             journal_max_events: 1_000_000,
+            metrics_max_skus: crate::metrics::DEFAULT_MAX_SKU_LABELS,
         }
     }
 }
@@ -225,6 +230,12 @@ impl Config {
                     })
                 }
             };
+        }
+        if let Some(v) = set(get("KAMIGATE_METRICS_MAX_SKUS")) {
+            self.metrics_max_skus = v.parse().map_err(|e| ConfigError::Env {
+                name: "KAMIGATE_METRICS_MAX_SKUS",
+                why: format!("not a count: {e}"),
+            })?;
         }
         if let Some(v) = set(get("KAMIGATE_LOG_JSON")) {
             self.log_json = matches!(v.as_str(), "1" | "true" | "yes");

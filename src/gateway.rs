@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::datadir::{self, DataDirLock, LockError};
 use crate::engine::embedded::EmbeddedEngine;
 use crate::engine::redis::{RedisEngine, RedisOptions};
-use crate::engine::{EngineError, EngineKind, ScriptEngine};
+use crate::engine::{EngineError, EngineKind, ScriptEngine, SCRIPTS};
 use crate::http::{self, App, Limits};
 use crate::inventory::drift::Drift;
 use crate::inventory::warm::{begin_restore, check_epoch, finish_restore, warm_sku, Rebuild};
@@ -81,6 +81,15 @@ impl Gateway {
     /// Starts serving over an already opened inventory (tests inject clocks this way); the
     /// ledger is opened from `config`, and the engine is given every SKU it lacks.
     pub async fn start_with(config: Config, inventory: Inventory) -> Result<Gateway, StartError> {
+        // The recorder first: the start itself (the rebuild below, the limiters' handles)
+        // records metrics, and label sets registered now read 0 from the first scrape.
+        m::handle();
+        m::sku_labels().set_max(config.metrics_max_skus);
+        m::initialise(
+            inventory.engine().kind().as_str(),
+            SCRIPTS.all().into_iter().map(|s| s.name()),
+        );
+        http::register_metrics();
         // The embedded engine is this process: a second one on the same data dir would be a
         // second inventory of the same codes.
         let lock = match inventory.engine().kind() {
@@ -135,7 +144,6 @@ impl Gateway {
             &config,
         ));
         app.skus.know(&known);
-        m::handle();
 
         let (stop, stopped) = watch::channel(false);
         let sweep = tokio::spawn(sweep_holds(
@@ -373,7 +381,10 @@ async fn sweep_holds(app: Arc<App>, every: Duration, mut stopped: watch::Receive
         }
         if listed_at.is_none_or(|t| t.elapsed() >= GAUGES_EVERY) {
             match inventory.list_skus().await {
-                Ok(list) => {
+                Ok(mut list) => {
+                    // Name order: which SKUs get a metric label of their own is then the
+                    // same at every start (see `metrics::SkuLabels`).
+                    list.sort_unstable();
                     skus = list;
                     listed_at = Some(Instant::now());
                     metrics::gauge!(m::ENGINE_UP).set(1.0);
@@ -407,8 +418,20 @@ async fn sweep_holds(app: Arc<App>, every: Duration, mut stopped: watch::Receive
         }
         if gauges_at.is_none_or(|t| t.elapsed() >= GAUGES_EVERY) {
             gauges_at = Some(Instant::now());
+            let mut other = SkuGauges::default();
+            let mut others = 0;
             for sku in &skus {
-                refresh_gauges(&app, sku).await;
+                let gauges = SkuGauges::read(&app, sku).await;
+                let label = m::sku_labels().label(sku);
+                if label == m::OTHER_SKU {
+                    other.add(&gauges);
+                    others += 1;
+                } else {
+                    gauges.publish(label);
+                }
+            }
+            if others > 0 {
+                other.publish(m::OTHER_SKU.to_owned());
             }
         }
     }
@@ -427,48 +450,94 @@ async fn sweep_limiters(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
     }
 }
 
-/// Engine and ledger counts, events in flight and drift of one SKU, as gauges. What can be
-/// known is published even while the other store is down: during a ledger outage the
-/// growing number of events in flight is exactly what on-call needs to see.
-async fn refresh_gauges(app: &App, sku: &str) {
-    let (engine, ledger, backlog) = tokio::join!(
-        app.inventory.counts(sku),
-        app.ledger.counts(sku),
-        app.writer.backlog(sku)
-    );
-    let states = ["available", "held", "claimed", "redeemed", "void"];
-    if let Ok(engine) = &engine {
-        let values = [
-            engine.available,
-            engine.held,
-            engine.claimed,
-            engine.redeemed,
-            engine.void,
-        ];
-        for (state, n) in states.iter().zip(values) {
-            metrics::gauge!(m::INVENTORY_KEYS, "sku" => sku.to_owned(), "state" => *state)
-                .set(n as f64);
+/// One SKU's gauges: engine and ledger counts, what its stream still owes the ledger, and
+/// drift. What can be known is published even while the other store is down: during a
+/// ledger outage the growing number of events in flight is exactly what on-call needs to
+/// see. Past the SKU label cap, SKUs are added up into one `(other)` set (the oldest
+/// pending age: the oldest of them).
+#[derive(Debug, Default)]
+struct SkuGauges {
+    engine: Option<[u64; 5]>,
+    ledger: Option<[u64; 5]>,
+    /// Events in flight, and the age of the oldest, in milliseconds.
+    backlog: Option<(u64, u64)>,
+    drift: Option<u64>,
+}
+
+impl SkuGauges {
+    async fn read(app: &App, sku: &str) -> SkuGauges {
+        let (engine, ledger, backlog) = tokio::join!(
+            app.inventory.counts(sku),
+            app.ledger.counts(sku),
+            app.writer.backlog(sku)
+        );
+        let drift = match (&engine, &ledger, &backlog) {
+            (Ok(engine), Ok(ledger), Ok(backlog)) => {
+                Some(Drift::between(engine, ledger, backlog.in_flight(), backlog.keys).keys)
+            }
+            _ => None,
+        };
+        SkuGauges {
+            engine: engine
+                .as_ref()
+                .ok()
+                .map(|c| [c.available, c.held, c.claimed, c.redeemed, c.void]),
+            ledger: ledger
+                .as_ref()
+                .ok()
+                .map(|c| [c.available, c.held, c.claimed, c.redeemed, c.void]),
+            backlog: backlog
+                .ok()
+                .map(|b| (b.in_flight(), b.oldest_pending_age_ms)),
+            drift,
         }
     }
-    if let Ok(ledger) = &ledger {
-        let values = [
-            ledger.available,
-            ledger.held,
-            ledger.claimed,
-            ledger.redeemed,
-            ledger.void,
-        ];
-        for (state, n) in states.iter().zip(values) {
-            metrics::gauge!(m::LEDGER_KEYS, "sku" => sku.to_owned(), "state" => *state)
-                .set(n as f64);
+
+    /// Adds another SKU's gauges into these (an unknown value of either stays unknown
+    /// only if neither knows it).
+    fn add(&mut self, other: &SkuGauges) {
+        fn sum(a: &mut Option<[u64; 5]>, b: Option<[u64; 5]>) {
+            if let Some(b) = b {
+                let a = a.get_or_insert([0; 5]);
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x += y;
+                }
+            }
+        }
+        sum(&mut self.engine, other.engine);
+        sum(&mut self.ledger, other.ledger);
+        if let Some((n, age)) = other.backlog {
+            let b = self.backlog.get_or_insert((0, 0));
+            b.0 += n;
+            b.1 = b.1.max(age);
+        }
+        if let Some(d) = other.drift {
+            *self.drift.get_or_insert(0) += d;
         }
     }
-    if let Ok(backlog) = &backlog {
-        metrics::gauge!(m::IN_FLIGHT_EVENTS, "sku" => sku.to_owned())
-            .set(backlog.in_flight() as f64);
-    }
-    if let (Ok(engine), Ok(ledger), Ok(backlog)) = (engine, ledger, backlog) {
-        let drift = Drift::between(&engine, &ledger, backlog.in_flight(), backlog.keys);
-        metrics::gauge!(m::DRIFT, "sku" => sku.to_owned()).set(drift.keys as f64);
+
+    fn publish(&self, sku: String) {
+        if let Some(engine) = self.engine {
+            for (state, n) in m::KEY_STATES.iter().zip(engine) {
+                metrics::gauge!(m::INVENTORY_KEYS, "sku" => sku.clone(), "state" => *state)
+                    .set(n as f64);
+            }
+        }
+        if let Some(ledger) = self.ledger {
+            for (state, n) in m::KEY_STATES.iter().zip(ledger) {
+                metrics::gauge!(m::LEDGER_KEYS, "sku" => sku.clone(), "state" => *state)
+                    .set(n as f64);
+            }
+        }
+        if let Some((in_flight, age_ms)) = self.backlog {
+            metrics::gauge!(m::IN_FLIGHT_EVENTS, "sku" => sku.clone()).set(in_flight as f64);
+            metrics::gauge!(m::STREAM_BACKLOG, "sku" => sku.clone()).set(in_flight as f64);
+            metrics::gauge!(m::STREAM_OLDEST_AGE, "sku" => sku.clone()).set(age_ms as f64 / 1000.0);
+        }
+        if let Some(drift) = self.drift {
+            metrics::gauge!(m::DRIFT, "sku" => sku.clone()).set(drift as f64);
+        }
+        // Registered at 0 so the dead-letter alert's `increase()` sees the first one.
+        metrics::counter!(m::EVENTS_DEAD_LETTERED, "sku" => sku).increment(0);
     }
 }

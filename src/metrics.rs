@@ -1,14 +1,24 @@
-//! Every metric kamigate exports, with its description, in one place.
+//! Every metric kamigate exports, with its description, in one place: the [`CATALOGUE`].
+//!
+//! The dashboards (`grafana/`) and alert rules (`prometheus/`) are checked against the
+//! catalogue (`tests/observability.rs`): every metric they query is here, and every metric
+//! here is on a dashboard or in an alert.
 //!
 //! Labels are bounded: routes are matched patterns (never raw paths), outcomes and error
-//! codes are fixed sets, SKUs are names merchants created. No label ever holds a code.
+//! codes are fixed sets, SKUs are names merchants created, capped at `metrics_max_skus`
+//! label values ([`SkuLabels`]). No label ever holds a code, an order, a redeemer or a client
+//! address.
+//!
+//! Label sets the dashboards and alerts query are registered at 0 when the gateway starts
+//! ([`initialise`]), so `rate()` has a first sample to start from and `absent()` means the
+//! gateway is gone, not that nothing happened yet.
 
-use std::sync::OnceLock;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{OnceLock, RwLock};
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-
-use crate::limit;
 
 /// HTTP requests by `route`, `method`, `status` and `code` (`OK` or the `ERR_…` code).
 pub const HTTP_REQUESTS: &str = "kamigate_http_requests_total";
@@ -69,12 +79,318 @@ pub const CONNECTIONS_REFUSED: &str = "kamigate_connections_refused_total";
 /// Connections closed per `listener` because a request's head did not arrive within the
 /// header read timeout (slowloris, or an idle keep-alive connection).
 pub const HEADER_TIMEOUTS: &str = "kamigate_header_read_timeouts_total";
-// Limiter metrics are named next to the limiters: [`limit::DECISIONS`],
-// [`limit::IN_FLIGHT`], [`limit::SHED`].
+/// Counter: limiter decisions by `rule` (`public`, `merchant`, `global`,
+/// `failed_redemptions`, `user_claims`, `sold_out_cache`) and `decision` (`allow`, `deny`,
+/// `shadow_deny`, and for the windows `fail_open`, `fail_closed`).
+pub const LIMITER_DECISIONS: &str = "kamigate_limiter_decisions_total";
+/// Gauge: requests currently admitted by the in-flight cap and not yet answered.
+pub const IN_FLIGHT_REQUESTS: &str = "kamigate_in_flight_requests";
+/// Counter: requests turned away with 503 because the in-flight cap was reached.
+pub const SHED: &str = "kamigate_shed_total";
+/// Stream entries committed to the ledger, by `source`: `new` (first delivery), `own` (this
+/// writer's earlier batch whose commit failed), `claimed` (taken over from a dead consumer).
+pub const EVENTS_COMMITTED: &str = "kamigate_ledger_events_committed_total";
+/// Poison entries moved to a dead-letter stream, by `sku`.
+pub const EVENTS_DEAD_LETTERED: &str = "kamigate_ledger_events_dead_lettered_total";
+/// Latency of one group commit (`apply_events`), successful or not.
+pub const LEDGER_WRITE_DURATION: &str = "kamigate_ledger_write_duration_seconds";
+/// Failed group commits, by `kind`: `unavailable` (retried) or `rejected` (the ledger refused
+/// the batch: retried too, but needs an operator).
+pub const LEDGER_WRITE_FAILURES: &str = "kamigate_ledger_write_failures_total";
+/// Events of a `sku` not yet committed: delivered and unacknowledged, plus never delivered.
+pub const STREAM_BACKLOG: &str = "kamigate_stream_backlog_events";
+/// Age of the oldest event of a `sku` not yet committed, 0 when there is none.
+pub const STREAM_OLDEST_AGE: &str = "kamigate_stream_oldest_pending_age_seconds";
 
-const LATENCY_BUCKETS: &[f64] = &[
+/// What kind of series a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    /// Exported as `<name>_bucket`, `<name>_sum` and `<name>_count`.
+    Histogram,
+}
+
+/// One exported metric: its name, kind, labels and description.
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+const fn metric(
+    name: &'static str,
+    kind: Kind,
+    labels: &'static [&'static str],
+    help: &'static str,
+) -> Metric {
+    Metric {
+        name,
+        kind,
+        labels,
+        help,
+    }
+}
+
+/// Every metric kamigate exports.
+pub const CATALOGUE: &[Metric] = &[
+    metric(
+        HTTP_REQUESTS,
+        Kind::Counter,
+        &["route", "method", "status", "code"],
+        "HTTP requests by matched route, method, status and error code.",
+    ),
+    metric(
+        HTTP_DURATION,
+        Kind::Histogram,
+        &["route", "outcome"],
+        "HTTP request latency by matched route and outcome.",
+    ),
+    metric(CLAIMS, Kind::Counter, &["outcome"], "Claims by outcome."),
+    metric(
+        REDEMPTIONS,
+        Kind::Counter,
+        &["outcome", "format_version"],
+        "Redemptions by outcome and by the SKU format version the code matched.",
+    ),
+    metric(
+        SCRIPT_DURATION,
+        Kind::Histogram,
+        &["script", "engine"],
+        "Latency of engine script calls by script and engine.",
+    ),
+    metric(
+        SCRIPT_ERRORS,
+        Kind::Counter,
+        &["script", "kind"],
+        "Engine script failures by script and kind.",
+    ),
+    metric(
+        IMPORT_ROWS,
+        Kind::Counter,
+        &["result"],
+        "Imported rows by result.",
+    ),
+    metric(
+        HOLDS_EXPIRED,
+        Kind::Counter,
+        &[],
+        "Holds lapsed by the background sweep.",
+    ),
+    metric(
+        INVENTORY_KEYS,
+        Kind::Gauge,
+        &["sku", "state"],
+        "Keys per SKU and state in the engine.",
+    ),
+    metric(
+        ENGINE_UP,
+        Kind::Gauge,
+        &[],
+        "1 while the engine answers, else 0.",
+    ),
+    metric(
+        LEDGER_KEYS,
+        Kind::Gauge,
+        &["sku", "state"],
+        "Keys per SKU and state in the ledger.",
+    ),
+    metric(
+        DRIFT,
+        Kind::Gauge,
+        &["sku"],
+        "Keys per SKU whose state differs between engine and ledger beyond the events in flight.",
+    ),
+    metric(
+        IN_FLIGHT_EVENTS,
+        Kind::Gauge,
+        &["sku"],
+        "Events per SKU written by the engine and not yet committed to the ledger.",
+    ),
+    metric(
+        CONNECTIONS_OPEN,
+        Kind::Gauge,
+        &["listener"],
+        "Connections open per listener.",
+    ),
+    metric(
+        CONNECTIONS_REFUSED,
+        Kind::Counter,
+        &["listener"],
+        "Connections closed on accept per listener because its connection cap was reached.",
+    ),
+    metric(
+        HEADER_TIMEOUTS,
+        Kind::Counter,
+        &["listener"],
+        "Connections closed per listener because a request head did not arrive within the header read timeout.",
+    ),
+    metric(
+        LIMITER_DECISIONS,
+        Kind::Counter,
+        &["rule", "decision"],
+        "Edge limiter decisions by rule and decision (allow, deny, shadow_deny, fail_open, fail_closed).",
+    ),
+    metric(
+        IN_FLIGHT_REQUESTS,
+        Kind::Gauge,
+        &[],
+        "Requests admitted by the in-flight cap and not yet finished.",
+    ),
+    metric(
+        SHED,
+        Kind::Counter,
+        &[],
+        "Requests answered 503 at once because the in-flight cap was reached (load shed).",
+    ),
+    metric(
+        EVENTS_COMMITTED,
+        Kind::Counter,
+        &["source"],
+        "Stream events committed to the ledger, by source (new, own retry, claimed from a dead consumer).",
+    ),
+    metric(
+        EVENTS_DEAD_LETTERED,
+        Kind::Counter,
+        &["sku"],
+        "Poison stream entries moved to the SKU's dead-letter stream.",
+    ),
+    metric(
+        LEDGER_WRITE_DURATION,
+        Kind::Histogram,
+        &[],
+        "Latency of one group commit of stream events to the ledger.",
+    ),
+    metric(
+        LEDGER_WRITE_FAILURES,
+        Kind::Counter,
+        &["kind"],
+        "Failed group commits to the ledger, by kind (unavailable, rejected).",
+    ),
+    metric(
+        STREAM_BACKLOG,
+        Kind::Gauge,
+        &["sku"],
+        "Events per SKU not yet committed to the ledger (pending plus undelivered).",
+    ),
+    metric(
+        STREAM_OLDEST_AGE,
+        Kind::Gauge,
+        &["sku"],
+        "Age of the oldest event per SKU not yet committed to the ledger.",
+    ),
+];
+
+/// Buckets of every `_seconds` histogram.
+pub const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
+
+/// The latency objective of claims and redemptions (`prometheus/rules/slo.yml`): answered
+/// within this many seconds. [`LATENCY_BUCKETS`] has a bucket exactly here, so the SLI is
+/// a count of requests, not an interpolation.
+pub const LATENCY_SLO_SECONDS: f64 = 0.25;
+
+/// Outcomes of [`CLAIMS`] registered at start: the successes and every error a claim
+/// (single or in a batch) can be answered with.
+pub const CLAIM_OUTCOMES: &[&str] = &[
+    "new",
+    "replay",
+    "held",
+    "ERR_SOLD_OUT",
+    "ERR_USER_LIMIT",
+    "ERR_ORDER_CONFLICT",
+    "ERR_HOLD_EXPIRED",
+    "ERR_NOT_FOUND",
+    "ERR_BAD_REQUEST",
+    "ERR_RATE_LIMITED",
+    "ERR_UNAVAILABLE",
+    "ERR_INTERNAL",
+];
+
+/// Outcomes of [`REDEMPTIONS`] registered at start (errors carry `format_version="none"`,
+/// successes the version they matched, `1` for a SKU that never changed its format).
+pub const REDEMPTION_OUTCOMES: &[&str] = &[
+    "new",
+    "replay",
+    "ERR_CARD_INVALID",
+    "ERR_CARD_MALFORMED",
+    "ERR_CARD_USED",
+    "ERR_CARD_EXPIRED",
+    "ERR_LOCKED_OUT",
+    "ERR_NOT_FOUND",
+    "ERR_BAD_REQUEST",
+    "ERR_UNAVAILABLE",
+    "ERR_INTERNAL",
+];
+
+/// The `state` label of [`INVENTORY_KEYS`] and [`LEDGER_KEYS`].
+pub const KEY_STATES: [&str; 5] = ["available", "held", "claimed", "redeemed", "void"];
+
+/// The `sku` label value that stands for every SKU past the cap ([`SkuLabels`]). Not a valid
+/// SKU name (parentheses are not allowed in one), so it never merges with a real SKU.
+pub const OTHER_SKU: &str = "(other)";
+
+/// Default of `metrics_max_skus`: SKUs with a label value of their own.
+pub const DEFAULT_MAX_SKU_LABELS: usize = 500;
+
+/// Which SKUs get an `sku` label value of their own.
+///
+/// A SKU is labelled by name when it is first seen while fewer than the cap are; every
+/// later SKU is counted under [`OTHER_SKU`]: its gauges summed there (its oldest pending
+/// event's age: the oldest of them), its dead letters counted there. Summing keeps every
+/// alert whole (drift or dead letters in a SKU past the cap still fire, under `(other)`)
+/// where dropping the SKUs would hide exactly the ones nobody expected. A SKU keeps its own
+/// label for the life of the process, so series do not flip between names; which SKUs get
+/// one is decided anew at each start, in name order of the SKUs the engine lists first.
+#[derive(Debug)]
+pub struct SkuLabels {
+    max: AtomicUsize,
+    named: RwLock<HashSet<String>>,
+}
+
+impl SkuLabels {
+    fn new(max: usize) -> SkuLabels {
+        SkuLabels {
+            max: AtomicUsize::new(max),
+            named: RwLock::new(HashSet::new()),
+        }
+    }
+
+    /// Sets the cap; SKUs already labelled keep their label.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    /// The SKU's label value: its name, or [`OTHER_SKU`] past the cap.
+    pub fn label(&self, sku: &str) -> String {
+        if self.is_named(sku) {
+            return sku.to_owned();
+        }
+        let mut named = self.named.write().unwrap_or_else(|e| e.into_inner());
+        if named.contains(sku) || named.len() < self.max.load(Ordering::Relaxed) {
+            named.insert(sku.to_owned());
+            return sku.to_owned();
+        }
+        OTHER_SKU.to_owned()
+    }
+
+    /// Whether the SKU has a label value of its own (without giving it one).
+    pub fn is_named(&self, sku: &str) -> bool {
+        self.named
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(sku)
+    }
+}
+
+/// The process's SKU labels: one per process, like the recorder whose series it bounds.
+pub fn sku_labels() -> &'static SkuLabels {
+    static LABELS: OnceLock<SkuLabels> = OnceLock::new();
+    LABELS.get_or_init(|| SkuLabels::new(DEFAULT_MAX_SKU_LABELS))
+}
 
 /// The process-wide Prometheus recorder, installed on first use. One per process because
 /// the `metrics` facade has one global recorder; gateways in the same process share it.
@@ -92,50 +408,96 @@ pub fn handle() -> &'static PrometheusHandle {
 }
 
 fn describe() {
-    describe_counter!(
-        HTTP_REQUESTS,
-        "HTTP requests by matched route, method, status and error code."
-    );
-    describe_histogram!(
-        HTTP_DURATION,
-        Unit::Seconds,
-        "HTTP request latency by matched route and outcome."
-    );
-    describe_counter!(CLAIMS, "Claims by outcome.");
-    describe_counter!(
-        REDEMPTIONS,
-        "Redemptions by outcome and by the SKU format version the code matched."
-    );
-    describe_histogram!(
-        SCRIPT_DURATION,
-        Unit::Seconds,
-        "Latency of engine script calls by script and engine."
-    );
-    describe_counter!(SCRIPT_ERRORS, "Engine script failures by script and kind.");
-    describe_counter!(IMPORT_ROWS, "Imported rows by result.");
-    describe_counter!(HOLDS_EXPIRED, "Holds lapsed by the background sweep.");
-    describe_gauge!(INVENTORY_KEYS, "Keys per SKU and state in the engine.");
-    describe_gauge!(ENGINE_UP, "1 while the engine answers, else 0.");
-    describe_gauge!(LEDGER_KEYS, "Keys per SKU and state in the ledger.");
-    describe_gauge!(
-        DRIFT,
-        "Keys per SKU whose state differs between engine and ledger beyond the events in flight."
-    );
-    describe_gauge!(
-        IN_FLIGHT_EVENTS,
-        "Events per SKU written by the engine and not yet committed to the ledger."
-    );
-    describe_gauge!(CONNECTIONS_OPEN, "Connections open per listener.");
-    describe_counter!(
-        CONNECTIONS_REFUSED,
-        "Connections closed on accept per listener because its connection cap was reached."
-    );
-    describe_counter!(
-        HEADER_TIMEOUTS,
-        "Connections closed per listener because a request head did not arrive within the header read timeout."
-    );
-    crate::ledger::writer::describe();
-    describe_counter!(limit::DECISIONS, limit::DECISIONS_HELP);
-    describe_gauge!(limit::IN_FLIGHT, limit::IN_FLIGHT_HELP);
-    describe_counter!(limit::SHED, limit::SHED_HELP);
+    for m in CATALOGUE {
+        match m.kind {
+            Kind::Counter => describe_counter!(m.name, m.help),
+            Kind::Gauge if m.name.ends_with("_seconds") => {
+                describe_gauge!(m.name, Unit::Seconds, m.help)
+            }
+            Kind::Gauge => describe_gauge!(m.name, m.help),
+            Kind::Histogram => describe_histogram!(m.name, Unit::Seconds, m.help),
+        }
+    }
+}
+
+/// Registers at 0 the label sets that do not depend on routes, rules or SKUs (those are
+/// registered where they are known: the route tables, the edge, the gauge sweep).
+/// `engine` is the engine's label (`redis` or `embedded`); `scripts` the script names.
+pub fn initialise<'a>(engine: &'static str, scripts: impl IntoIterator<Item = &'a str>) {
+    for outcome in CLAIM_OUTCOMES {
+        metrics::counter!(CLAIMS, "outcome" => *outcome).increment(0);
+    }
+    for outcome in REDEMPTION_OUTCOMES {
+        let version = match *outcome {
+            "new" | "replay" => VersionLabel::Of(1),
+            _ => VersionLabel::None,
+        };
+        metrics::counter!(REDEMPTIONS, "outcome" => *outcome, "format_version" => version.as_str())
+            .increment(0);
+    }
+    for script in scripts {
+        let script = script.to_owned();
+        let _ =
+            metrics::histogram!(SCRIPT_DURATION, "script" => script.clone(), "engine" => engine);
+        for kind in ["unavailable", "script"] {
+            metrics::counter!(SCRIPT_ERRORS, "script" => script.clone(), "kind" => kind)
+                .increment(0);
+        }
+    }
+    for result in ["accepted", "rejected", "duplicate"] {
+        metrics::counter!(IMPORT_ROWS, "result" => result).increment(0);
+    }
+    metrics::counter!(HOLDS_EXPIRED).increment(0);
+    for listener in ["public", "admin"] {
+        metrics::gauge!(CONNECTIONS_OPEN, "listener" => listener).increment(0.0);
+        metrics::counter!(CONNECTIONS_REFUSED, "listener" => listener).increment(0);
+        metrics::counter!(HEADER_TIMEOUTS, "listener" => listener).increment(0);
+    }
+    metrics::gauge!(IN_FLIGHT_REQUESTS).increment(0.0);
+    metrics::counter!(SHED).increment(0);
+    for source in ["new", "own", "claimed"] {
+        metrics::counter!(EVENTS_COMMITTED, "source" => source).increment(0);
+    }
+    let _ = metrics::histogram!(LEDGER_WRITE_DURATION);
+    for kind in ["unavailable", "rejected"] {
+        metrics::counter!(LEDGER_WRITE_FAILURES, "kind" => kind).increment(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_latency_objective_is_a_bucket_boundary() {
+        assert!(LATENCY_BUCKETS.contains(&LATENCY_SLO_SECONDS));
+    }
+
+    #[test]
+    fn the_catalogue_names_each_metric_once() {
+        let mut names = HashSet::new();
+        for m in CATALOGUE {
+            assert!(names.insert(m.name), "{} twice", m.name);
+            assert!(m.name.starts_with("kamigate_"), "{}", m.name);
+            assert_eq!(
+                m.kind == Kind::Counter,
+                m.name.ends_with("_total"),
+                "{}: counters, and only counters, end in _total",
+                m.name
+            );
+        }
+    }
+
+    #[test]
+    fn skus_past_the_cap_share_one_label() {
+        let labels = SkuLabels::new(2);
+        assert_eq!(labels.label("a"), "a");
+        assert_eq!(labels.label("b"), "b");
+        assert_eq!(labels.label("c"), OTHER_SKU);
+        assert_eq!(labels.label("a"), "a", "a labelled SKU keeps its label");
+        assert!(!labels.is_named("c"));
+        labels.set_max(3);
+        assert_eq!(labels.label("c"), "c");
+        assert!(crate::sku::check_sku(OTHER_SKU).is_err());
+    }
 }

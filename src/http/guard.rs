@@ -43,6 +43,7 @@ const USER_CLAIMS: &str = "user_claims";
 impl Edge {
     /// Limiters configured by `config`; the windows live in `engine`.
     pub fn new(config: LimitsConfig, engine: Arc<dyn ScriptEngine>, clock: Clock) -> Edge {
+        register_decisions(&config);
         Edge {
             public: KeyedBuckets::new("public", config.public, Default::default()),
             merchant: KeyedBuckets::new("merchant", config.merchant, Default::default()),
@@ -218,6 +219,32 @@ impl Edge {
             Ok(())
         } else {
             Err(Error::from(e))
+        }
+    }
+}
+
+/// Registers at 0 every decision each enabled rule can take, so the dashboards and alerts
+/// see each rule from the start (a rate of 0, not no data). Disabled rules stay absent.
+fn register_decisions(config: &LimitsConfig) {
+    const BUCKET: &[&str] = &["allow", "deny", "shadow_deny"];
+    const WINDOW: &[&str] = &["allow", "deny", "shadow_deny", "fail_open", "fail_closed"];
+    let rules: [(&str, bool, &[&str]); 6] = [
+        ("public", config.public.is_enabled(), BUCKET),
+        ("merchant", config.merchant.is_enabled(), BUCKET),
+        ("global", config.global.is_enabled(), BUCKET),
+        (
+            FAILED_REDEMPTIONS,
+            config.failed_redemptions.max_failures > 0,
+            WINDOW,
+        ),
+        (USER_CLAIMS, config.user_claims.max > 0, WINDOW),
+        ("sold_out_cache", true, &["deny"]),
+    ];
+    for (rule, enabled, decisions) in rules {
+        if enabled {
+            for decision in decisions {
+                metrics::counter!(DECISIONS, "rule" => rule, "decision" => *decision).increment(0);
+            }
         }
     }
 }

@@ -398,49 +398,75 @@ fn table(entries: &[(&'static str, RouteId, &'static [Method])]) -> Routes {
     router
 }
 
+/// The public listener's routes.
+const PUBLIC_ROUTES: &[(&str, RouteId, &[Method])] = &[
+    ("/v1/redeem", RouteId::Redeem, POST),
+    ("/v1/skus/{sku}", RouteId::Sku, GET),
+    ("/v1/skus/{sku}/claims", RouteId::Claims, POST),
+    ("/v1/skus/{sku}/claims/batch", RouteId::ClaimsBatch, POST),
+    ("/v1/skus/{sku}/claims/{order_id}", RouteId::Claim, GET),
+    (
+        "/v1/skus/{sku}/claims/{order_id}/confirm",
+        RouteId::ClaimConfirm,
+        POST,
+    ),
+    (
+        "/v1/skus/{sku}/claims/{order_id}/release",
+        RouteId::ClaimRelease,
+        POST,
+    ),
+];
+
+/// The admin listener's routes.
+const ADMIN_ROUTES: &[(&str, RouteId, &[Method])] = &[
+    ("/healthz", RouteId::Healthz, GET),
+    ("/readyz", RouteId::Readyz, GET),
+    ("/metrics", RouteId::Metrics, GET),
+    ("/v1/skus/{sku}", RouteId::Sku, GET_PUT),
+    ("/v1/skus/{sku}/batches", RouteId::Batches, POST),
+    (
+        "/v1/skus/{sku}/batches/{batch_id}/activate",
+        RouteId::BatchActivate,
+        POST,
+    ),
+    ("/v1/skus/{sku}/warm", RouteId::Warm, POST),
+    (
+        "/v1/skus/{sku}/formats/{version}/retire",
+        RouteId::FormatRetire,
+        POST,
+    ),
+    ("/v1/keys/{key_id}/void", RouteId::KeyVoid, POST),
+    ("/v1/keys/{key_id}/events", RouteId::KeyEvents, GET),
+    ("/v1/reconcile", RouteId::Reconcile, POST),
+    ("/v1/keys/{key_id}/restore", RouteId::KeyRestore, POST),
+];
+
 fn public_routes() -> Routes {
-    table(&[
-        ("/v1/redeem", RouteId::Redeem, POST),
-        ("/v1/skus/{sku}", RouteId::Sku, GET),
-        ("/v1/skus/{sku}/claims", RouteId::Claims, POST),
-        ("/v1/skus/{sku}/claims/batch", RouteId::ClaimsBatch, POST),
-        ("/v1/skus/{sku}/claims/{order_id}", RouteId::Claim, GET),
-        (
-            "/v1/skus/{sku}/claims/{order_id}/confirm",
-            RouteId::ClaimConfirm,
-            POST,
-        ),
-        (
-            "/v1/skus/{sku}/claims/{order_id}/release",
-            RouteId::ClaimRelease,
-            POST,
-        ),
-    ])
+    table(PUBLIC_ROUTES)
 }
 
 fn admin_routes() -> Routes {
-    table(&[
-        ("/healthz", RouteId::Healthz, GET),
-        ("/readyz", RouteId::Readyz, GET),
-        ("/metrics", RouteId::Metrics, GET),
-        ("/v1/skus/{sku}", RouteId::Sku, GET_PUT),
-        ("/v1/skus/{sku}/batches", RouteId::Batches, POST),
-        (
-            "/v1/skus/{sku}/batches/{batch_id}/activate",
-            RouteId::BatchActivate,
-            POST,
-        ),
-        ("/v1/skus/{sku}/warm", RouteId::Warm, POST),
-        (
-            "/v1/skus/{sku}/formats/{version}/retire",
-            RouteId::FormatRetire,
-            POST,
-        ),
-        ("/v1/keys/{key_id}/void", RouteId::KeyVoid, POST),
-        ("/v1/keys/{key_id}/events", RouteId::KeyEvents, GET),
-        ("/v1/reconcile", RouteId::Reconcile, POST),
-        ("/v1/keys/{key_id}/restore", RouteId::KeyRestore, POST),
-    ])
+    table(ADMIN_ROUTES)
+}
+
+/// Registers at 0, for every route, the answers the availability SLIs count as bad (`500`,
+/// `503`), and for the public routes (the SLIs' own) the latency histograms of each
+/// outcome: the SLIs and dashboards then read 0, not nothing, before the first failure.
+pub fn register_metrics() {
+    for &(pattern, _, methods) in PUBLIC_ROUTES.iter().chain(ADMIN_ROUTES) {
+        for method in methods {
+            for (status, code) in [("500", "ERR_INTERNAL"), ("503", "ERR_UNAVAILABLE")] {
+                metrics::counter!(m::HTTP_REQUESTS, "route" => pattern,
+                    "method" => method_label(method), "status" => status, "code" => code)
+                .increment(0);
+            }
+        }
+    }
+    for &(pattern, _, _) in PUBLIC_ROUTES {
+        for outcome in ["ok", "client_error", "server_error"] {
+            let _ = metrics::histogram!(m::HTTP_DURATION, "route" => pattern, "outcome" => outcome);
+        }
+    }
 }
 
 async fn dispatch(

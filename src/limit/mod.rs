@@ -58,21 +58,8 @@ pub use client::{client_ip, ClientKey, ForwardedHeader};
 pub use shed::{InFlight, InFlightGuard};
 pub use window::{FailureRule, RateRule};
 
-/// Counter: limiter decisions by `rule` (`public`, `merchant`, `global`, …) and `decision`
-/// (`allow`, `deny`, `shadow_deny`).
-pub const DECISIONS: &str = "kamigate_limiter_decisions_total";
-/// Help text for [`DECISIONS`].
-pub const DECISIONS_HELP: &str =
-    "Edge limiter decisions by rule and decision (allow, deny, shadow_deny).";
-/// Gauge: requests currently admitted by the in-flight cap and not yet answered.
-pub const IN_FLIGHT: &str = "kamigate_in_flight_requests";
-/// Help text for [`IN_FLIGHT`].
-pub const IN_FLIGHT_HELP: &str = "Requests admitted by the in-flight cap and not yet finished.";
-/// Counter: requests turned away with 503 because the in-flight cap was reached.
-pub const SHED: &str = "kamigate_shed_total";
-/// Help text for [`SHED`].
-pub const SHED_HELP: &str =
-    "Requests answered 503 at once because the in-flight cap was reached (load shed).";
+// The limiters' metrics are named in the catalogue with the rest ([`crate::metrics`]).
+pub use crate::metrics::{IN_FLIGHT_REQUESTS as IN_FLIGHT, LIMITER_DECISIONS as DECISIONS, SHED};
 
 /// Largest accepted `per_second`: beyond it governor's one-token interval rounds to 0 ns.
 const MAX_PER_SECOND: u32 = 1_000_000_000;
