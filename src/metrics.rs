@@ -489,6 +489,20 @@ mod tests {
     }
 
     #[test]
+    fn no_label_names_a_client_a_card_an_order_or_a_person() {
+        // `code` on the HTTP counter is the answer's error code (`ERR_…`), never a card's.
+        let unbounded = [
+            "ip", "client", "address", "card", "key_id", "order", "order_id", "redeemer", "user",
+            "user_id", "batch_id", "token",
+        ];
+        for m in CATALOGUE {
+            for label in m.labels {
+                assert!(!unbounded.contains(label), "{}: label {label}", m.name);
+            }
+        }
+    }
+
+    #[test]
     fn skus_past_the_cap_share_one_label() {
         let labels = SkuLabels::new(2);
         assert_eq!(labels.label("a"), "a");

@@ -58,7 +58,11 @@ struct Rule {
 fn rules() -> Vec<Rule> {
     let mut rules = Vec::new();
     for path in files("prometheus/rules", "yml") {
-        let file = path.file_name().expect("file").to_string_lossy().into_owned();
+        let file = path
+            .file_name()
+            .expect("file")
+            .to_string_lossy()
+            .into_owned();
         let doc = yaml(&path);
         let groups = doc["groups"].as_sequence().expect("groups");
         for group in groups {
@@ -271,7 +275,11 @@ fn every_expression_parses_and_uses_catalogued_metrics_and_every_metric_is_used(
         count += 1;
     }
     for (path, dashboard) in dashboards() {
-        let name = path.file_name().expect("file").to_string_lossy().into_owned();
+        let name = path
+            .file_name()
+            .expect("file")
+            .to_string_lossy()
+            .into_owned();
         for q in dashboard_queries(&name, &dashboard) {
             for metric in check_expr(&q.place, &q.expr, &recorded) {
                 used.entry(metric).or_default().push(q.place.clone());
@@ -297,11 +305,20 @@ fn the_latency_sli_counts_the_bucket_at_the_objective() {
     assert!(LATENCY_BUCKETS.contains(&LATENCY_SLO_SECONDS));
     let latency: Vec<Rule> = rules()
         .into_iter()
-        .filter(|r| r.rule["labels"]["slo"].as_str().is_some_and(|s| s.ends_with("_latency")))
+        .filter(|r| {
+            r.rule["labels"]["slo"]
+                .as_str()
+                .is_some_and(|s| s.ends_with("_latency"))
+        })
         .collect();
     assert!(!latency.is_empty());
     for rule in latency {
-        assert!(rule.expr.contains(&le), "{}: {} lacks {le}", rule.file, rule.name);
+        assert!(
+            rule.expr.contains(&le),
+            "{}: {} lacks {le}",
+            rule.file,
+            rule.name
+        );
     }
 }
 
@@ -353,7 +370,9 @@ fn every_alert_has_a_severity_a_summary_a_description_and_a_runbook_section() {
                 "{at}: no {field}"
             );
         }
-        let url = alert.rule["annotations"]["runbook_url"].as_str().expect("url");
+        let url = alert.rule["annotations"]["runbook_url"]
+            .as_str()
+            .expect("url");
         let section = url
             .strip_prefix("prometheus/RUNBOOK.md#")
             .unwrap_or_else(|| panic!("{at}: runbook_url {url} is not a RUNBOOK.md section"));
@@ -361,7 +380,10 @@ fn every_alert_has_a_severity_a_summary_a_description_and_a_runbook_section() {
             .get(section)
             .unwrap_or_else(|| panic!("{at}: RUNBOOK.md has no section #{section}"));
         for part in ["What it means", "Look first", "What to do"] {
-            assert!(body.contains(part), "{at}: RUNBOOK.md#{section} lacks {part:?}");
+            assert!(
+                body.contains(part),
+                "{at}: RUNBOOK.md#{section} lacks {part:?}"
+            );
         }
     }
 }
@@ -385,8 +407,16 @@ fn every_alert_has_a_promtool_case_where_it_fires_and_one_where_it_does_not() {
         }
     }
     for alert in rules().into_iter().filter(|r| r.alert) {
-        assert!(fires.contains(&alert.name), "{}: no case where it fires", alert.name);
-        assert!(quiet.contains(&alert.name), "{}: no case where it stays quiet", alert.name);
+        assert!(
+            fires.contains(&alert.name),
+            "{}: no case where it fires",
+            alert.name
+        );
+        assert!(
+            quiet.contains(&alert.name),
+            "{}: no case where it stays quiet",
+            alert.name
+        );
     }
 }
 
@@ -396,11 +426,17 @@ fn every_panel_has_a_unit_a_description_and_the_dashboard_a_stable_uid() {
     for (path, dashboard) in dashboards() {
         let name = path.display().to_string();
         let uid = dashboard["uid"].as_str().expect("uid");
-        assert!(!uid.is_empty() && uids.insert(uid.to_owned()), "{name}: uid {uid}");
+        assert!(
+            !uid.is_empty() && uids.insert(uid.to_owned()),
+            "{name}: uid {uid}"
+        );
         let mut ids = BTreeSet::new();
         for panel in panels(&dashboard) {
             let title = panel["title"].as_str().expect("title");
-            assert!(ids.insert(panel["id"].as_i64().expect("id")), "{name}: {title}: id");
+            assert!(
+                ids.insert(panel["id"].as_i64().expect("id")),
+                "{name}: {title}: id"
+            );
             assert!(
                 panel["description"].as_str().is_some_and(|d| !d.is_empty()),
                 "{name}: {title}: no description"
