@@ -51,5 +51,5 @@ k.redeemer = redeemer
 k.redeemed_at = now
 save_key(id, before, k)
 local eid = emit('redeem', now, { 'ids', id, 'redeemer', redeemer, 'uses', k.uses })
-redis.call('HSET', K.redemptions, mark, now .. '|' .. eid)
+redis.call('HSET', K.redemptions, mark, int(now) .. '|' .. eid)
 return { 'new', id, now, eid, EMITTED, matched }
