@@ -119,6 +119,13 @@ def main():
         claim("gift-50", f"o-hold-{i}", hold_ms=3_600_000)
     claim("gift-50", "o-hold-default", hold=True)
     claim("gift-50", "o-lapsed", hold_ms=1)
+    # An upload refused before any row (a CSV header without `code`): its batch id is
+    # left unused, and the batch routes are asked about it.
+    gw.admin_call(
+        "POST", "/v1/skus/gift-50/batches?batch_id=b-refused", b"expires_at\nX\n",
+        expect=(400,), content_type="text/csv",
+    )
+    batches.append("b-refused")
     confirmed = gw.merchant("POST", "/v1/skus/gift-50/claims/o-hold-0/confirm")
     sold.extend(k["code"] for k in confirmed["keys"])
     gw.merchant("POST", "/v1/skus/gift-50/claims/o-hold-1/release")
