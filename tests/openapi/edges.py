@@ -14,6 +14,8 @@ Usage:
   edges.py limits PUBLIC_VIEW SPEC PUBLIC_URL
       against a gateway with `limits.max_in_flight = 1` and the default public limits:
       503 when load is shed, 429 `ERR_LOCKED_OUT` and 429 `ERR_RATE_LIMITED`.
+  edges.py draining ADMIN_VIEW SPEC ADMIN_URL
+      after the gateway got SIGTERM: `/readyz` 503 (draining), `/healthz` still 200.
 Tokens come from KAMIGATE_MERCHANT_TOKEN and KAMIGATE_ADMIN_TOKEN.
 """
 
@@ -57,7 +59,8 @@ class Spec:
                 check(f"{what}: body matches the schema", True)
             except Exception as e:  # schemathesis raises a group of failures
                 check(f"{what}: body matches the schema", False, str(e)[:400])
-        self.error_code(what, response, code)
+        if code is not None:
+            self.error_code(what, response, code)
         if definition is not None:
             for name, header in (definition.definition.get("headers") or {}).items():
                 header = self.resolve(header)
@@ -268,12 +271,32 @@ def limits(public_view, spec_path, public):
     pub.conforms("public bucket empty", "/v1/redeem", "POST", response, 429, "ERR_RATE_LIMITED")
 
 
+def draining(admin_view, spec_path, admin):
+    """After SIGTERM, for `shutdown_delay_ms`, readiness is 503 while serving goes on."""
+    # Asked first, the spec loaded after: the window is `shutdown_delay_ms` long.
+    deadline = time.monotonic() + 10
+    while True:
+        response = requests.get(f"{admin}/readyz", timeout=30)
+        if response.status_code != 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    alive = requests.get(f"{admin}/healthz", timeout=30)
+    adm = Spec(admin_view, spec_path)
+    print("admin listener, after SIGTERM")
+    adm.conforms("readiness while draining", "/readyz", "GET", response, 503, None)
+    check("readiness while draining: status draining", response.json().get("status") == "draining",
+          response.text[:200])
+    adm.conforms("liveness while draining", "/healthz", "GET", alive, 200, None)
+
+
 def main():
     mode = sys.argv[1]
     if mode == "heads":
         heads(*sys.argv[2:7])
     elif mode == "limits":
         limits(*sys.argv[2:5])
+    elif mode == "draining":
+        draining(*sys.argv[2:5])
     else:
         raise SystemExit(f"edges: unknown mode {mode}")
     if FAILURES:
