@@ -54,7 +54,8 @@ pub enum Error {
     OrderConflict(String),
     #[error("the hold lapsed or was released")]
     HoldExpired,
-    /// Another upload is filling the same import batch.
+    /// An upload is still filling the import batch: another upload of it, or its activation,
+    /// has to wait until it finished.
     #[error("{0}")]
     BatchInProgress(String),
     /// A format version still has sold keys nobody redeemed.
@@ -192,8 +193,8 @@ impl Error {
             Error::HoldExpired => "claim again with a new order_id".into(),
             Error::OrderConflict(_) => "retries must repeat the original request exactly".into(),
             Error::BatchInProgress(_) => {
-                "retry once the other upload has finished: the retry answers its counts, or \
-                 imports afresh if it failed"
+                "retry once the running upload has finished: an upload retried then answers \
+                 its counts (or imports afresh if it failed), an activation goes through"
                     .into()
             }
             Error::Unavailable(_) => "retry after the Retry-After interval".into(),

@@ -4,7 +4,9 @@
 //! - a second upload of a batch id while the first is still running is refused with `409
 //!   ERR_BATCH_IN_PROGRESS`, never answered with counts that dropped its content;
 //! - a file that fails before any row is read is `ERR_BAD_REQUEST` and leaves its batch id
-//!   free;
+//!   free: activating it finds no batch, as for a batch id never used;
+//! - activating a batch while its upload is still running is refused with `409
+//!   ERR_BATCH_IN_PROGRESS`, and the upload goes on and finishes as if it had not been asked;
 //! - a CSV sent as `text/plain` imports its rows, not its header;
 //! - codes already expired are rejected with the reason;
 //! - an upload larger than a ledger transaction reports each repeated code on its own line,
@@ -119,6 +121,8 @@ macro_rules! on_both_ledgers {
 on_both_ledgers!(
     a_second_upload_of_a_running_batch_is_refused_not_replayed,
     a_file_refused_before_any_row_leaves_its_batch_id_free,
+    activating_a_refused_or_interrupted_upload_finds_no_batch,
+    activating_a_batch_while_its_upload_runs_is_refused_and_the_upload_finishes,
     a_csv_sent_as_text_plain_imports_its_rows_not_its_header,
     codes_already_expired_are_rejected_with_the_reason,
     a_large_upload_reports_every_repeat_and_numbers_keys_in_file_order,
@@ -253,6 +257,181 @@ async fn a_file_refused_before_any_row_leaves_its_batch_id_free(backend: Backend
     );
     assert_eq!(env.gw.counts("hdr").await["available"], 4);
     env.stop().await;
+}
+
+async fn activating_a_refused_or_interrupted_upload_finds_no_batch(backend: Backend) {
+    let Some(env) = Env::start(backend, None).await else {
+        return;
+    };
+    env.gw.put_sku("gone", json!({})).await;
+    let activate = |batch_id: &str| {
+        let path = format!("/v1/skus/gone/batches/{batch_id}/activate");
+        let gw = &env.gw;
+        async move { gw.admin_post(&path, json!({})).await }
+    };
+
+    // A batch id never used: the answer every unused batch id gets.
+    let (status, never) = activate("never-used").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{never}");
+    assert_eq!(never["error"]["code"], "ERR_NOT_FOUND", "{never}");
+
+    // A CSV without a `code` column is refused before any row: its batch id stays unused.
+    let (status, body) = env
+        .upload("gone", "b-refused", "text/csv", "expires_at\nX\n")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = activate("b-refused").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["code"], "ERR_NOT_FOUND", "{body}");
+    assert_eq!(
+        body["error"]["message"], "batch b-refused of SKU gone not found",
+        "as for a batch id never used: {body}"
+    );
+
+    // An upload cut off mid-body leaves nothing behind either.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(4);
+    let body = reqwest::Body::wrap_stream(futures_util::stream::poll_fn({
+        let mut rx = rx;
+        move |cx| rx.poll_recv(cx)
+    }));
+    let cut = tokio::spawn(
+        env.gw
+            .client
+            .post(env.batches_url("gone", "b-cut"))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "text/plain")
+            .body(body)
+            .send(),
+    );
+    tx.send(Ok("CUT-0001\nCUT-0002\n".into()))
+        .await
+        .expect("sent");
+    wait_for_batch(&env, "gone", "b-cut").await;
+    tx.send(Err(std::io::Error::other("the client gave up")))
+        .await
+        .expect("sent");
+    drop(tx);
+    // The client sees its own upload fail; the gateway aborts the batch.
+    let _ = cut.await.expect("joined");
+    let ledger = env.gw.gateway.app.ledger.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let batch = ledger
+            .get_batch("gone", "b-cut")
+            .await
+            .expect("ledger answers");
+        if batch.as_ref().map(|b| b.state.as_str()) == Some("aborted") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the interrupted upload was never aborted: {batch:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, body) = activate("b-cut").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["code"], "ERR_NOT_FOUND", "{body}");
+
+    // Both batch ids import afresh, and only what was imported is for sale.
+    for batch_id in ["b-refused", "b-cut"] {
+        let (status, report) = env
+            .upload("gone", batch_id, "text/plain", format!("{batch_id}-1\n"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{report}");
+        assert_eq!(report["replayed"], false, "{report}");
+    }
+    assert_eq!(env.gw.counts("gone").await["available"], 2);
+    env.stop().await;
+}
+
+async fn activating_a_batch_while_its_upload_runs_is_refused_and_the_upload_finishes(
+    backend: Backend,
+) {
+    let Some(env) = Env::start(backend, None).await else {
+        return;
+    };
+    env.gw.put_sku("race", json!({})).await;
+
+    // The upload starts and keeps its body open.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(4);
+    let body = reqwest::Body::wrap_stream(futures_util::stream::poll_fn({
+        let mut rx = rx;
+        move |cx| rx.poll_recv(cx)
+    }));
+    let upload = tokio::spawn(
+        env.gw
+            .client
+            .post(env.batches_url("race", "b-running"))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "text/plain")
+            .body(body)
+            .send(),
+    );
+    tx.send(Ok("RUN-0001\nRUN-0002\n".into()))
+        .await
+        .expect("sent");
+    wait_for_batch(&env, "race", "b-running").await;
+
+    // Activation meanwhile: refused, and it says why; nothing goes on sale.
+    let path = "/v1/skus/race/batches/b-running/activate";
+    let (status, body) = env.gw.admin_post(path, json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "ERR_BATCH_IN_PROGRESS", "{body}");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("b-running"), "{message}");
+    assert!(body["error"]["hint"].is_string(), "{body}");
+    assert_eq!(env.gw.counts("race").await["available"], 0);
+
+    // The upload is untouched by it: more rows, then its end, and its own report.
+    tx.send(Ok("RUN-0003\n".into())).await.expect("sent");
+    drop(tx);
+    let res = upload.await.expect("joined").expect("answered");
+    assert_eq!(res.status(), StatusCode::OK);
+    let report: Value = res.json().await.expect("json");
+    assert_eq!(
+        (
+            report["accepted"].as_u64(),
+            report["state"].as_str(),
+            report["replayed"].as_bool()
+        ),
+        (Some(3), Some("active"), Some(false)),
+        "{report}"
+    );
+    assert_eq!(env.gw.counts("race").await["available"], 3);
+
+    // Once it finished, activation is the no-op it is for any active batch, and the batch
+    // id replays the upload's counts.
+    let (status, body) = env.gw.admin_post(path, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "active", "{body}");
+    let (status, again) = env.upload("race", "b-running", "text/plain", "X-1\n").await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(
+        (again["replayed"].as_bool(), again["accepted"].as_u64()),
+        (Some(true), Some(3)),
+        "{again}"
+    );
+    assert_eq!(env.gw.counts("race").await["available"], 3);
+    env.stop().await;
+}
+
+/// Waits until the ledger has batch `batch_id` of `sku`: its upload has begun.
+async fn wait_for_batch(env: &Env, sku: &str, batch_id: &str) {
+    let ledger = env.gw.gateway.app.ledger.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ledger
+        .get_batch(sku, batch_id)
+        .await
+        .expect("ledger answers")
+        .is_none()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the upload of {batch_id} never began"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 async fn a_csv_sent_as_text_plain_imports_its_rows_not_its_header(backend: Backend) {

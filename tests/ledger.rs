@@ -457,27 +457,33 @@ async fn a_batch_being_uploaded_is_in_progress_for_other_uploads(env: &Env) {
         }
         other => panic!("expected Existing, got {other:?}"),
     }
-    // Activated by someone else while its upload ran: finishing records the counts.
+    // Activation while its upload runs is refused: the batch is not complete yet. The upload
+    // goes on writing and finishes as if it had not been asked.
     l.begin_batch("gift", "b3", "first", NOW)
         .await
         .expect("begin");
     l.insert_keys("gift", "b3", "first", &keys(&["C1"]))
         .await
         .expect("insert");
-    l.activate_batch("gift", "b3", NOW + 1)
+    assert!(matches!(
+        l.activate_batch("gift", "b3", NOW + 1).await,
+        Err(LedgerError::BatchBusy(_))
+    ));
+    assert!(l.keys_after("gift", 2, 100).await.expect("keys").is_empty());
+    l.insert_keys("gift", "b3", "first", &keys(&["C2"]))
         .await
-        .expect("activate");
-    let one = BatchCounts {
-        accepted: 1,
+        .expect("insert after the refused activation");
+    let two = BatchCounts {
+        accepted: 2,
         ..BatchCounts::default()
     };
-    l.finish_batch("gift", "b3", "first", &one, true, NOW + 2)
+    l.finish_batch("gift", "b3", "first", &two, true, NOW + 2)
         .await
         .expect("finish");
     let b = l.get_batch("gift", "b3").await.expect("get").expect("kept");
     assert_eq!(
         (b.state.as_str(), b.accepted, b.activated_at_ms, b.upload_id),
-        ("active", 1, Some(NOW + 1), None)
+        ("active", 2, Some(NOW + 2), None)
     );
     // A batch finished pending is finished too.
     l.begin_batch("gift", "b2", "first", NOW)
@@ -661,9 +667,10 @@ async fn abort_removes_the_batch_keys(env: &Env) {
     assert_eq!(l.get_key("gift.1").await.expect("get"), None);
     let b = l.get_batch("gift", "b1").await.expect("get").expect("kept");
     assert_eq!(b.state, "aborted");
+    // Its batch id is unused again: activating it finds no batch.
     assert!(matches!(
         l.activate_batch("gift", "b1", NOW).await,
-        Err(LedgerError::Conflict(_))
+        Err(LedgerError::NotFound(_))
     ));
 
     // Its codes are not duplicates any more; ids are never reused.
@@ -675,7 +682,13 @@ async fn abort_removes_the_batch_keys(env: &Env) {
         .await
         .expect("insert");
     assert_eq!(out, vec![inserted(3, "gift")]);
-    l.activate_batch("gift", "b2", NOW).await.expect("activate");
+    let one = BatchCounts {
+        accepted: 1,
+        ..BatchCounts::default()
+    };
+    l.finish_batch("gift", "b2", UPLOAD, &one, true, NOW)
+        .await
+        .expect("finish active");
     assert!(matches!(
         l.abort_batch("gift", "b2", UPLOAD).await,
         Err(LedgerError::Conflict(_))

@@ -194,7 +194,8 @@ pub async fn import(app: &App, params: Params, req: Request<Incoming>) -> Result
     Ok(body::json(StatusCode::OK, &report.to_json(&batch_id)))
 }
 
-/// `POST /v1/skus/{sku}/batches/{batch_id}/activate`: a pending batch goes on sale.
+/// `POST /v1/skus/{sku}/batches/{batch_id}/activate`: a pending batch goes on sale; `409`
+/// while its upload still runs, `404` for a batch id no upload filled.
 pub async fn activate(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
     app.admin(&req)?;
     let (sku, batch_id) = (params.get("sku"), params.get("batch_id"));

@@ -11,7 +11,8 @@
 //! when the batch is activated, and a failed upload is aborted (its keys deleted), which
 //! frees its `batch_id`. The same `batch_id` again after an import finished adds nothing and
 //! answers that import's counts; while another upload of it is still running it is refused
-//! with [`Error::BatchInProgress`], never answered with counts that are not its own.
+//! with [`Error::BatchInProgress`], never answered with counts that are not its own, and so
+//! is activating it: a batch goes on sale whole or not at all.
 //!
 //! Rows are refused for the SKU's format and blacklist, and codes whose `expires_at` has
 //! already passed are refused too: they could be sold but never redeemed. A CSV upload whose
@@ -354,7 +355,9 @@ impl<'a> Importer<'a> {
     }
 }
 
-/// Activates a pending batch and loads it into the engine.
+/// Activates a pending batch and loads it into the engine. [`Error::BatchInProgress`] while
+/// its upload runs; [`Error::NotFound`] for a batch id no upload filled (never used, or
+/// refused or interrupted, which leaves it unused).
 pub async fn activate(
     ledger: &dyn Ledger,
     inventory: &Inventory,

@@ -128,8 +128,7 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> Result<Vec<InsertOutcome>, LedgerError>;
 
     /// Ends upload `upload_id`: records its counts and leaves the batch pending, or activates
-    /// it (a batch activated meanwhile only gets its counts). From then on the batch id
-    /// answers [`BatchStart::Existing`].
+    /// it. From then on the batch id answers [`BatchStart::Existing`].
     async fn finish_batch(
         &self,
         sku: &str,
@@ -141,7 +140,9 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> Result<(), LedgerError>;
 
     /// Makes a pending batch's keys visible to warm-up and counts (one `UPDATE`, whatever the
-    /// batch size). Activating an active batch changes nothing.
+    /// batch size). Activating an active batch changes nothing. A batch whose upload has not
+    /// finished is [`LedgerError::BatchBusy`] (part of its file may be still to come); an
+    /// aborted one is [`LedgerError::NotFound`], as a batch id never used.
     async fn activate_batch(
         &self,
         sku: &str,
@@ -249,7 +250,8 @@ pub enum LedgerError {
     /// The request contradicts the ledger's state (e.g. inserting into an active batch).
     #[error("ledger conflict: {0}")]
     Conflict(String),
-    /// Another upload fills the batch: this one was presumed dead and taken over.
+    /// An upload is still filling the batch: this call came from another upload (this one
+    /// was presumed dead and taken over) or asked to activate the batch before it was whole.
     #[error("{0}")]
     BatchBusy(String),
     /// A SKU, batch or key the request names does not exist.

@@ -651,12 +651,9 @@ where
         let batch = Self::batch_in(&mut tx, sku, batch_id, self.dialect.lock_rows)
             .await?
             .ok_or_else(|| LedgerError::NotFound(format!("batch {batch_id} of SKU {sku}")))?;
-        // Activated by someone else while this upload ran: only its counts are left to record.
-        let activated_meanwhile =
-            activate && batch.state == "active" && batch.upload_id.as_deref() == Some(upload_id);
-        if !activated_meanwhile {
-            check_owner(&batch, upload_id)?;
-        }
+        // Activation waits for the upload to finish ([`Ledger::activate_batch`]), so the
+        // batch is still pending and this upload's.
+        check_owner(&batch, upload_id)?;
         sqlx::query(
             "UPDATE batches SET accepted = $3, rejected = $4, duplicate = $5, upload_id = NULL, \
              touched_at_ms = $6 WHERE sku = $1 AND batch_id = $2",
@@ -669,7 +666,7 @@ where
         .bind(now_ms)
         .execute(&mut *tx)
         .await?;
-        if activate && !activated_meanwhile {
+        if activate {
             Self::activate_in(&mut tx, sku, batch_id, now_ms).await?;
         }
         tx.commit().await?;
@@ -686,9 +683,25 @@ where
         let batch = Self::batch_in(&mut tx, sku, batch_id, self.dialect.lock_rows)
             .await?
             .ok_or_else(|| LedgerError::NotFound(format!("batch {batch_id} of SKU {sku}")))?;
-        let batch = match batch.state.as_str() {
-            "active" => batch,
-            "pending" => {
+        let batch = match (batch.state.as_str(), &batch.upload_id) {
+            ("active", _) => batch,
+            // Its upload has not finished: part of the file may not be here yet, and the
+            // upload would find its batch gone from under it.
+            ("pending", Some(_)) => {
+                let silent_ms = now_ms.saturating_sub(batch.touched_at_ms.unwrap_or(i64::MIN));
+                let why = if silent_ms < UPLOAD_LEASE_MS {
+                    "its upload has not finished".to_owned()
+                } else {
+                    format!(
+                        "its upload gave no sign of life for {} s: upload the file again",
+                        silent_ms / 1000
+                    )
+                };
+                return Err(LedgerError::BatchBusy(format!(
+                    "batch {batch_id} of SKU {sku} cannot be activated yet: {why}"
+                )));
+            }
+            ("pending", None) => {
                 Self::activate_in(&mut tx, sku, batch_id, now_ms).await?;
                 BatchRecord {
                     state: "active".into(),
@@ -696,9 +709,15 @@ where
                     ..batch
                 }
             }
-            state => {
-                return Err(LedgerError::Conflict(format!(
-                    "batch {batch_id} of SKU {sku} is {state}"
+            // A refused or interrupted upload left nothing behind: its batch id is unused.
+            ("aborted", _) => {
+                return Err(LedgerError::NotFound(format!(
+                    "batch {batch_id} of SKU {sku}"
+                )))
+            }
+            (state, _) => {
+                return Err(LedgerError::Corrupt(format!(
+                    "batch {batch_id} of SKU {sku} is in state {state}"
                 )))
             }
         };
