@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::body::{self, JsonBody, Reply};
+use super::target::query_param;
 use super::{App, Params};
 use crate::error::timestamp;
 use crate::error::Error;
@@ -113,14 +114,14 @@ pub async fn import(app: &App, params: Params, req: Request<Incoming>) -> Result
     let sku = params.get("sku");
     check_sku(sku)?;
     let query = req.uri().query();
-    let batch_id = match query_param(query, "batch_id") {
+    let batch_id = match query_param(query, "batch_id")? {
         Some(id) => {
             check_id("batch_id", &id, MAX_ID_LEN)?;
             id
         }
         None => format!("b{}", app.inventory.now_ms()),
     };
-    let activate = match query_param(query, "activate").as_deref() {
+    let activate = match query_param(query, "activate")?.as_deref() {
         None | Some("true") | Some("1") => true,
         Some("false") | Some("0") => false,
         Some(_) => return Err(Error::BadRequest("activate must be true or false".into())),
@@ -350,15 +351,6 @@ pub async fn void(
         answer["state"] = state.into();
     }
     Ok(body::json(StatusCode::OK, &answer))
-}
-
-/// The first value of `name` in a query string, percent-decoding only `%XX` sequences of
-/// the identifier charset (anything else fails identifier checks anyway).
-fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| v.to_owned())
-    })
 }
 
 /// A SKU's settings as the ledger records them, or `None` for a new SKU.

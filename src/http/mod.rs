@@ -6,8 +6,9 @@
 //!   `/healthz`, `/readyz` and `/metrics`; it is meant to stay off the public network.
 //!
 //! Routes are matched with `matchit`; the matched pattern, never the raw path, labels the
-//! metrics. Each route declares its methods: another method is `ERR_METHOD_NOT_ALLOWED` with
-//! an `Allow` header. Handlers live one file per group: [`public`], [`merchant`], [`admin`].
+//! metrics; path parameters and query values reach handlers percent-decoded ([`target`]).
+//! Each route declares its methods: another method is `ERR_METHOD_NOT_ALLOWED` with an
+//! `Allow` header. Handlers live one file per group: [`public`], [`merchant`], [`admin`].
 //! Connection caps, the header read timeout and head limits are in [`conn`].
 
 pub mod admin;
@@ -16,6 +17,7 @@ pub mod conn;
 pub mod guard;
 pub mod merchant;
 pub mod public;
+pub mod target;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -45,6 +47,7 @@ use crate::metrics as m;
 use body::Reply;
 use conn::{ConnectionCap, HeadLimits};
 use guard::Edge;
+pub use target::Params;
 
 /// Everything handlers share.
 pub struct App {
@@ -558,9 +561,13 @@ async fn handle(
             ),
             Ok(found) => {
                 let route = *found.value;
-                let params = Params::from(&found.params);
-                let ip = app.edge.client_ip(peer, req.headers());
-                let result = dispatch(app, which, route.id, params, req, ip).await;
+                let result = match Params::decode(&found.params) {
+                    Ok(params) => {
+                        let ip = app.edge.client_ip(peer, req.headers());
+                        dispatch(app, which, route.id, params, req, ip).await
+                    }
+                    Err(e) => Err(e),
+                };
                 (route.pattern, result)
             }
             Err(_) => ("unmatched", Err(Error::NotFound("route".into()))),
@@ -600,30 +607,6 @@ fn method_label(method: &Method) -> &'static str {
         Method::DELETE => "DELETE",
         Method::HEAD => "HEAD",
         _ => "OTHER",
-    }
-}
-
-/// Path parameters of a matched route, owned so handlers can hold them across awaits.
-#[derive(Debug, Default)]
-pub struct Params(Vec<(String, String)>);
-
-impl Params {
-    fn from(params: &matchit::Params<'_, '_>) -> Params {
-        Params(
-            params
-                .iter()
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
-        )
-    }
-
-    /// A parameter the route pattern guarantees.
-    pub fn get(&self, name: &str) -> &str {
-        self.0
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-            .unwrap_or_default()
     }
 }
 
