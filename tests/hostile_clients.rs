@@ -1,6 +1,7 @@
 //! Hostile clients: slowloris connections, connection floods, protocol-level errors,
-//! duplicate JSON keys and odd spellings of the bearer scheme. Each test owns a gateway on
-//! port 0; connection-level behaviour is driven with raw TCP sockets.
+//! oversized bodies still being sent, duplicate JSON keys and odd spellings of the bearer
+//! scheme. Each test owns a gateway on port 0; connection-level behaviour is driven with raw
+//! TCP sockets.
 
 mod support;
 
@@ -248,6 +249,108 @@ async fn a_connection_flood_is_capped_and_readiness_and_other_clients_are_served
 }
 
 /// Checks an error answer: status, JSON content type, code and a message; returns the body.
+/// Sends a request whose body is over the limit, all of it, as a client does that reads no
+/// answer before it has sent its request; then reads the answer until the gateway closes.
+/// An error if sending failed (the gateway reset the connection).
+/// `chunked`: no declared length, the body in 16 KiB chunks (the limit is found while
+/// reading); otherwise a `Content-Length` over the limit (refused before reading) and the
+/// body in one write.
+async fn send_oversized(
+    addr: SocketAddr,
+    body: &[u8],
+    chunked: bool,
+    deadline: Instant,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut stream = TcpStream::connect(addr).await.expect("connects");
+    let framing = if chunked {
+        "Transfer-Encoding: chunked".to_owned()
+    } else {
+        format!("Content-Length: {}", body.len())
+    };
+    let head = format!(
+        "POST /v1/redeem HTTP/1.1\r\nHost: kamigate\r\nContent-Type: application/json\r\n\
+         {framing}\r\n\r\n"
+    );
+    let sent = tokio::time::timeout_at(deadline, async {
+        stream.write_all(head.as_bytes()).await?;
+        if chunked {
+            for chunk in body.chunks(16 * 1024) {
+                stream
+                    .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                    .await?;
+                stream.write_all(chunk).await?;
+                stream.write_all(b"\r\n").await?;
+            }
+            stream.write_all(b"0\r\n\r\n").await?;
+        } else {
+            stream.write_all(body).await?;
+        }
+        stream.flush().await
+    })
+    .await;
+    // Most clients give up on a request whose sending failed and never read its answer
+    // (they report a reset, not the 413): the gateway must take the whole body in, not
+    // close on it.
+    match sent {
+        Err(_) => panic!("the gateway neither read the body nor closed the connection"),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(())) => {}
+    }
+    Ok(until_closed(stream, deadline)
+        .await
+        .map(|(answer, _)| answer))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_gets_its_413_even_while_the_client_is_still_sending() {
+    let mut cfg = config();
+    // Every request here is answered 413; none may be answered 429 instead.
+    cfg.limits.public.per_second = 1_000_000;
+    cfg.limits.public.burst = 1_000_000;
+    let gw = TestGateway::start(cfg).await;
+    let public = gw.gateway.public_addr;
+    let limit = gw.gateway.app.limits.max_body_bytes;
+    // 1 MiB against a 64 KiB limit: far more than the socket buffers hold in flight.
+    let body = vec![b'x'; 1 << 20];
+    assert!(body.len() as u64 > 4 * limit);
+
+    for attempt in 0..50 {
+        let chunked = attempt % 2 == 1;
+        // Generous: a stuck connection fails the test, a busy machine does not.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let answer = send_oversized(public, &body, chunked, deadline)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("attempt {attempt} (chunked: {chunked}): sending the body failed: {e}")
+            })
+            .unwrap_or_else(|| panic!("attempt {attempt}: the connection was never closed"));
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with("HTTP/1.1 413 "),
+            "attempt {attempt} (chunked: {chunked}): no 413 read, got {} bytes: {text:?}",
+            answer.len()
+        );
+        let (head, json) = text.split_once("\r\n\r\n").expect("a head and a body");
+        assert!(
+            head.to_ascii_lowercase().contains("\r\nconnection: close"),
+            "attempt {attempt}: the answer says the connection closes: {head}"
+        );
+        let json: Value = serde_json::from_str(json).expect("a JSON envelope");
+        assert_eq!(error_code(&json), "ERR_PAYLOAD_TOO_LARGE", "{json}");
+        assert_eq!(json["error"]["limit_bytes"], limit, "{json}");
+    }
+
+    // Other clients were served all along.
+    let res = fresh_client()
+        .post(format!("{}/v1/redeem", gw.public))
+        .json(&json!({"code": "NEVER-SEEN-3", "redeemer": "u-3"}))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    gw.stop().await;
+}
+
 async fn envelope(res: reqwest::Response, status: StatusCode, code: &str) -> Value {
     assert_eq!(res.status(), status, "{code}");
     let content_type = res.headers().get("content-type").cloned();

@@ -7,7 +7,7 @@
 //! a proxy or firewall in front may have judged the first.
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -39,9 +39,17 @@ pub fn text(body: String, content_type: &'static str) -> Reply {
     response
 }
 
-/// The error envelope, with `Retry-After` where the error has one.
+/// The error envelope, with `Retry-After` where the error has one. A body over the limit
+/// is left unread, so its connection cannot serve another request: `Connection: close` says
+/// so, and the connection ends with a lingering close ([`super::conn::LingeringStream`]) so
+/// that a client still sending reads this answer instead of a reset.
 pub fn error(e: &Error) -> Reply {
     let mut response = json(e.status(), &e.envelope());
+    if let Error::PayloadTooLarge { .. } = e {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     if let Some(secs) = e.retry_after_secs() {
         response
             .headers_mut()

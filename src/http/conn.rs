@@ -13,14 +13,29 @@
 //!   `ERR_URI_TOO_LONG` (414) or `ERR_HEADERS_TOO_LARGE` (431) in the envelope; only one past
 //!   those (or a request that is not HTTP at all) gets hyper's bare answer before the
 //!   connection closes.
+//! - **A lingering close** ([`LingeringStream`]): a request refused before its body was read
+//!   (`413` on a declared length, or any answer a handler gives without reading the body)
+//!   ends its connection. Hyper then closes the socket with the rest of the body unread,
+//!   and the kernel answers data still arriving with a reset: the client, still sending,
+//!   sees its send fail and never reads the answer waiting for it. So the gateway first
+//!   half-closes (the client reads the answer, then the end of the stream) and reads and
+//!   discards what still comes, until the client closes too or [`LINGER_MAX`] or
+//!   [`LINGER_MAX_BYTES`] is reached — the lingering close of Apache and nginx.
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use http::Request;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioTimer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
 
 use crate::error::Error;
 use crate::metrics as m;
@@ -130,6 +145,107 @@ pub struct ConnectionSlot {
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         metrics::gauge!(m::CONNECTIONS_OPEN, "listener" => self.listener).decrement(1.0);
+    }
+}
+
+/// Longest a closing connection lingers, reading and discarding what its client still sends.
+/// A client sending a refused body at any reasonable rate has sent it (and read its answer)
+/// well within this; one that keeps the connection open longer is cut off.
+pub const LINGER_MAX: Duration = Duration::from_secs(5);
+/// Most bytes a closing connection discards: enough for any body a client sends before it
+/// reads its answer, far less than the `max_import_bytes` an upload may have sent already.
+pub const LINGER_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// Read size while lingering.
+const LINGER_READ_BYTES: usize = 16 * 1024;
+
+/// A connection's socket whose shutdown is a lingering close (see the module docs): hyper
+/// shuts the connection down through [`AsyncWrite::poll_shutdown`] once it is done with it.
+pub struct LingeringStream {
+    stream: TcpStream,
+    linger: Option<Linger>,
+}
+
+/// The state of a lingering close under way.
+struct Linger {
+    deadline: Pin<Box<Sleep>>,
+    discarded: u64,
+}
+
+impl LingeringStream {
+    pub fn new(stream: TcpStream) -> LingeringStream {
+        LingeringStream {
+            stream,
+            linger: None,
+        }
+    }
+}
+
+impl AsyncRead for LingeringStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LingeringStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let linger = match &mut this.linger {
+            Some(linger) => linger,
+            None => {
+                // Everything answered is sent before the end of the stream.
+                ready!(Pin::new(&mut this.stream).poll_shutdown(cx))?;
+                this.linger.insert(Linger {
+                    deadline: Box::pin(tokio::time::sleep(LINGER_MAX)),
+                    discarded: 0,
+                })
+            }
+        };
+        let mut buf = [0u8; LINGER_READ_BYTES];
+        loop {
+            if linger.deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut read = ReadBuf::new(&mut buf);
+            match ready!(Pin::new(&mut this.stream).poll_read(cx, &mut read)) {
+                // The client closed (it has read the answer) or reset: nothing left to protect.
+                Err(_) => return Poll::Ready(Ok(())),
+                Ok(()) if read.filled().is_empty() => return Poll::Ready(Ok(())),
+                Ok(()) => {
+                    linger.discarded += read.filled().len() as u64;
+                    if linger.discarded > LINGER_MAX_BYTES {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+            }
+        }
     }
 }
 

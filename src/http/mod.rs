@@ -45,7 +45,7 @@ use crate::ledger::writer::EventWriter;
 use crate::ledger::Ledger;
 use crate::metrics as m;
 use body::Reply;
-use conn::{ConnectionCap, HeadLimits};
+use conn::{ConnectionCap, HeadLimits, LingeringStream};
 use guard::Edge;
 pub use target::Params;
 
@@ -298,7 +298,8 @@ pub async fn serve(
                     let routes = routes.clone();
                     async move { Ok::<_, Infallible>(handle(&app, &routes, which, req, peer).await) }
                 });
-                let conn = http1.serve_connection(TokioIo::new(stream), service);
+                let stream = TokioIo::new(LingeringStream::new(stream));
+                let conn = http1.serve_connection(stream, service);
                 let conn = graceful.watcher().watch(conn);
                 let cap = cap.clone();
                 tokio::spawn(async move {
