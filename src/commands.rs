@@ -1,5 +1,7 @@
-//! The operator commands besides `serve`: `import`, `warm` and `reconcile`. They open the
-//! same ledger and engine a gateway with the same configuration would.
+//! The operator commands besides `serve`: `import`, `warm`, `reconcile`, and the incident
+//! controls `pause`, `resume` and `pauses`. They open the same ledger and engine a gateway
+//! with the same configuration would; the incident controls open only the ledger, so they
+//! work while the engine is down.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,7 +19,8 @@ use crate::inventory::reconcile::{self, SkuReconcile};
 use crate::inventory::warm::{ledger_error, restore_sku, warm_sku, WarmReport};
 use crate::inventory::Inventory;
 use crate::ledger::writer::{EventWriter, WriterOptions};
-use crate::ledger::{self, Ledger};
+use crate::ledger::{self, Ledger, PauseEventRecord};
+use crate::pause::{self, Action, Pause, PauseOrder, ResumeOrder};
 use crate::sku::{check_id, check_sku, SkuConfig, MAX_ID_LEN};
 
 /// Bytes read from the file per step.
@@ -200,4 +203,53 @@ pub async fn reconcile(
 /// answered into the ledger (see [`crate::ledger::journal`]).
 fn grace(config: &Config) -> std::time::Duration {
     std::time::Duration::from_millis(config.rebuild_grace_ms)
+}
+
+/// `kamigate pause ACTION (--sku S | --gateway) --reason R`: records the pause in the ledger,
+/// where every running gateway reads it within its `pause_refresh_ms`. Returns each pause
+/// as now in force, and whether it was in force already.
+pub async fn pause(
+    config: &Config,
+    order: &PauseOrder,
+) -> Result<Vec<(Pause, bool)>, CommandError> {
+    let ledger = ledger::open(config.database_url.as_deref(), &config.data_dir).await?;
+    Ok(pause::pause(ledger.as_ref(), order, now_ms()).await?)
+}
+
+/// `kamigate resume ACTION (--sku S | --gateway)`: lifts the pause in the ledger. Returns,
+/// per action, the pause lifted, or `None` when it was not paused.
+pub async fn resume(
+    config: &Config,
+    order: &ResumeOrder,
+) -> Result<Vec<(Action, Option<Pause>)>, CommandError> {
+    let ledger = ledger::open(config.database_url.as_deref(), &config.data_dir).await?;
+    Ok(pause::resume(ledger.as_ref(), order, now_ms()).await?)
+}
+
+/// `kamigate pauses [--sku S] [--limit N]`: the pauses in force and the latest pauses and
+/// resumes (of one SKU with `sku`), newest first.
+pub async fn pauses(
+    config: &Config,
+    sku: Option<&str>,
+    limit: u32,
+) -> Result<(Vec<Pause>, Vec<PauseEventRecord>), CommandError> {
+    if let Some(sku) = sku {
+        check_sku(sku)?;
+    }
+    if !(1..=pause::MAX_HISTORY).contains(&limit) {
+        return Err(
+            Error::BadRequest(format!("--limit must be from 1 to {}", pause::MAX_HISTORY)).into(),
+        );
+    }
+    let ledger = ledger::open(config.database_url.as_deref(), &config.data_dir).await?;
+    let in_force = ledger.pauses().await?;
+    let history = ledger.pause_history(sku, limit).await?;
+    Ok((
+        in_force.iter().filter_map(Pause::from_record).collect(),
+        history,
+    ))
+}
+
+fn now_ms() -> u64 {
+    (crate::inventory::system_clock())()
 }

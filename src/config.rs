@@ -88,7 +88,17 @@ pub struct Config {
     /// (`KAMIGATE_METRICS_MAX_SKUS`); past it SKUs are summed under `sku="(other)"`, so the
     /// number of series stays bounded however many SKUs merchants create.
     pub metrics_max_skus: usize,
+    /// How often the pauses in force are read from the ledger, in milliseconds: a pause made
+    /// through another gateway (or `kamigate pause`) is enforced here within this interval.
+    /// A pause made through this gateway is enforced here at once.
+    pub pause_refresh_ms: u64,
+    /// The longest `Retry-After` a paused request is told, in seconds; sooner when the pause
+    /// is expected to end sooner.
+    pub pause_retry_after_secs: u64,
 }
+
+/// Longest `pause_refresh_ms`: pauses must reach every gateway within a second.
+const MAX_PAUSE_REFRESH_MS: u64 = 500;
 
 /// Smallest `max_uri_bytes` and `max_header_bytes`: room for every route and ordinary headers.
 const MIN_HEAD_LIMIT: usize = 1024;
@@ -143,6 +153,8 @@ impl Default for Config {
             rebuild_grace_ms: 2000,
             journal_max_events: 1_000_000,
             metrics_max_skus: crate::metrics::DEFAULT_MAX_SKU_LABELS,
+            pause_refresh_ms: 500,
+            pause_retry_after_secs: 30,
         }
     }
 }
@@ -303,6 +315,14 @@ impl Config {
         if self.journal_max_events == 0 {
             return invalid("journal_max_events must be positive");
         }
+        if !(10..=MAX_PAUSE_REFRESH_MS).contains(&self.pause_refresh_ms) {
+            return Err(ConfigError::Invalid(format!(
+                "pause_refresh_ms must be from 10 to {MAX_PAUSE_REFRESH_MS}"
+            )));
+        }
+        if !(1..=3600).contains(&self.pause_retry_after_secs) {
+            return invalid("pause_retry_after_secs must be from 1 to 3600");
+        }
         self.limits.validate().map_err(ConfigError::Invalid)?;
         if let Some(url) = &self.redis_url {
             let known = ["redis://", "redis-cluster://", "redis-sentinel://"];
@@ -391,6 +411,18 @@ mod tests {
             },
             Config {
                 max_headers: 5000,
+                ..Config::default()
+            },
+            Config {
+                pause_refresh_ms: 0,
+                ..Config::default()
+            },
+            Config {
+                pause_refresh_ms: 5000,
+                ..Config::default()
+            },
+            Config {
+                pause_retry_after_secs: 0,
                 ..Config::default()
             },
         ];

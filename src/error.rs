@@ -67,6 +67,16 @@ pub enum Error {
     LockedOut { retry_after_ms: u64 },
     #[error("service unavailable: {0}")]
     Unavailable(String),
+    /// An operator paused this action for the SKU or the whole gateway ([`crate::pause`]).
+    /// The operator's reason stays on the admin side: it is not the client's business.
+    #[error("{action} are paused {}", if *gateway_wide { "on this gateway" } else { "for this SKU" })]
+    Paused {
+        /// `claims` or `redemptions`.
+        action: &'static str,
+        /// Whether the pause covers every SKU.
+        gateway_wide: bool,
+        retry_after_ms: u64,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -95,6 +105,7 @@ impl Error {
             Error::RateLimited { .. } => "ERR_RATE_LIMITED",
             Error::LockedOut { .. } => "ERR_LOCKED_OUT",
             Error::Unavailable(_) => "ERR_UNAVAILABLE",
+            Error::Paused { .. } => "ERR_PAUSED",
             Error::Internal(_) => "ERR_INTERNAL",
         }
     }
@@ -119,7 +130,7 @@ impl Error {
             | Error::BatchInProgress(_)
             | Error::FormatInUse { .. } => StatusCode::CONFLICT,
             Error::RateLimited { .. } | Error::LockedOut { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable(_) | Error::Paused { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -127,9 +138,9 @@ impl Error {
     /// Seconds for a `Retry-After` header, for the errors that have one.
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
-            Error::RateLimited { retry_after_ms } | Error::LockedOut { retry_after_ms } => {
-                Some(retry_after_ms.div_ceil(1000).max(1))
-            }
+            Error::RateLimited { retry_after_ms }
+            | Error::LockedOut { retry_after_ms }
+            | Error::Paused { retry_after_ms, .. } => Some(retry_after_ms.div_ceil(1000).max(1)),
             Error::Unavailable(_) => Some(1),
             _ => None,
         }
@@ -166,6 +177,16 @@ impl Error {
             Error::RateLimited { retry_after_ms } | Error::LockedOut { retry_after_ms } => {
                 body.insert("retry_after_ms".into(), (*retry_after_ms).into());
             }
+            Error::Paused {
+                action,
+                gateway_wide,
+                retry_after_ms,
+            } => {
+                body.insert("paused".into(), (*action).into());
+                let scope = if *gateway_wide { "gateway" } else { "sku" };
+                body.insert("scope".into(), scope.into());
+                body.insert("retry_after_ms".into(), (*retry_after_ms).into());
+            }
             Error::PayloadTooLarge { limit_bytes } => {
                 body.insert("limit_bytes".into(), (*limit_bytes).into());
             }
@@ -198,6 +219,17 @@ impl Error {
                     .into()
             }
             Error::Unavailable(_) => "retry after the Retry-After interval".into(),
+            Error::Paused { action, .. } => {
+                if *action == "claims" {
+                    "retry after the Retry-After interval; orders claimed before the pause are \
+                     answered as before"
+                        .into()
+                } else {
+                    "retry after the Retry-After interval; redemptions made before the pause are \
+                     answered as before"
+                        .into()
+                }
+            }
             Error::FormatInUse { .. } => {
                 "wait until they are redeemed, or send `\"force\": true` to void them too".into()
             }
@@ -260,6 +292,22 @@ mod tests {
         let body = e.envelope().to_string();
         assert!(!body.contains("10.0.0.3"));
         assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn a_pause_is_a_503_with_its_own_code_and_retry_after() {
+        let e = Error::Paused {
+            action: "claims",
+            gateway_wide: false,
+            retry_after_ms: 30_000,
+        };
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.code(), "ERR_PAUSED");
+        assert_eq!(e.retry_after_secs(), Some(30));
+        let body = e.envelope();
+        assert_eq!(body["error"]["paused"], "claims");
+        assert_eq!(body["error"]["scope"], "sku");
+        assert_eq!(body["error"]["message"], "claims are paused for this SKU");
     }
 
     #[test]

@@ -144,6 +144,8 @@ impl Gateway {
             &config,
         ));
         app.skus.know(&known);
+        // Pauses in force are enforced from the first request on, also after a restart.
+        app.pauses.refresh(app.ledger.as_ref()).await;
 
         let (stop, stopped) = watch::channel(false);
         let sweep = tokio::spawn(sweep_holds(
@@ -153,6 +155,11 @@ impl Gateway {
         ));
         let syncing = tokio::spawn(keep_in_sync(app.clone(), sync, stopped.clone()));
         let limiter_sweep = tokio::spawn(sweep_limiters(app.clone(), stopped.clone()));
+        let pauses = tokio::spawn(keep_pauses(
+            app.clone(),
+            Duration::from_millis(config.pause_refresh_ms),
+            stopped.clone(),
+        ));
         // The writer stops last, after in-flight requests finished, so their events reach
         // the ledger before the process exits.
         let (stop_writer, writer_stopped) = watch::channel(false);
@@ -168,7 +175,7 @@ impl Gateway {
                 let _ = stopped.wait_for(|s| *s).await;
             };
             http::serve(serve_app, public, admin, signal, shutdown).await;
-            let _ = tokio::join!(sweep, limiter_sweep, syncing);
+            let _ = tokio::join!(sweep, limiter_sweep, syncing, pauses);
             let _ = stop_writer.send(true);
             let _ = writing.await;
         });
@@ -447,6 +454,20 @@ async fn sweep_limiters(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
             _ = stopped.wait_for(|s| *s) => return,
             _ = ticker.tick() => app.edge.sweep(),
         }
+    }
+}
+
+/// Reads the pauses in force from the ledger every `every`, so a pause made through another
+/// gateway or `kamigate pause` is enforced here within that interval.
+async fn keep_pauses(app: Arc<App>, every: Duration, mut stopped: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => return,
+            _ = ticker.tick() => {}
+        }
+        app.pauses.refresh(app.ledger.as_ref()).await;
     }
 }
 

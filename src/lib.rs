@@ -13,8 +13,10 @@
 //! - [`inventory`]: claims, holds, redemptions and imports in domain terms over an engine.
 //! - [`ledger`]: the durable record (SQLite or PostgreSQL) of imports and every change.
 //! - [`limit`]: token buckets, load shedding, sliding windows and local reject caches.
+//! - [`pause`]: incident controls: claims or redemptions paused per SKU or gateway-wide,
+//!   recorded in the ledger, enforced from each gateway's view of it.
 //! - [`http`]: the hyper edge: routing, auth, handlers, graceful shutdown.
-//! - [`commands`]: the `import` and `warm` commands.
+//! - [`commands`]: the operator commands: `import`, `warm`, `reconcile`, `pause`, `resume`.
 //! - [`gateway`]: wiring a [`config::Config`] into a running gateway with background work.
 //! - [`metrics`]: every exported metric and its description.
 
@@ -30,4 +32,5 @@ pub mod inventory;
 pub mod ledger;
 pub mod limit;
 pub mod metrics;
+pub mod pause;
 pub mod sku;

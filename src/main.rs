@@ -7,7 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kamigate::code::Format;
 use kamigate::config::Config;
+use kamigate::error::timestamp;
 use kamigate::gateway::Gateway;
+use kamigate::pause::{Action, PauseOrder, ResumeOrder, Target};
+use kamigate::sku::{check_id, MAX_ID_LEN};
 
 /// A claim allocates and frees many small buffers (HTTP, JSON, engine replies) across the
 /// runtime's threads; mimalloc's per-thread free lists serve them with far less contention
@@ -60,6 +63,84 @@ enum Command {
         sku: Option<String>,
         #[arg(long)]
         repair: bool,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Pause claims or redemptions of one SKU (--sku) or of every SKU (--gateway).
+    ///
+    /// Recorded in the ledger, so every gateway sharing it refuses new claims or redemptions
+    /// with 503 ERR_PAUSED within its pause_refresh_ms (500 ms by default), also after a
+    /// restart; requests retried after an answer from before the pause still get that
+    /// answer. Only the ledger is needed: this works while Redis is down. Pausing what is
+    /// paused already keeps its start and takes the new reason and expected duration.
+    #[command(after_help = "Examples:\n  \
+        kamigate pause claims --sku gift-50 --reason 'supplier reports batch b-7 leaked' --expected 30m\n  \
+        kamigate pause redemptions --gateway --reason 'brute force from many networks' --by alice\n  \
+        kamigate pause all --sku gift-50 --reason 'codes rejected by the issuer'")]
+    Pause {
+        /// What to pause.
+        #[arg(value_parser = ["claims", "redemptions", "all"])]
+        action: String,
+        /// The SKU to pause.
+        #[arg(long, required_unless_present = "gateway", conflicts_with = "gateway")]
+        sku: Option<String>,
+        /// Pause it for every SKU.
+        #[arg(long)]
+        gateway: bool,
+        /// Why: one line, recorded in the pause history.
+        #[arg(long)]
+        reason: String,
+        /// How long you expect the pause to last (30s, 15m, 2h): past it the pause shows as
+        /// overdue (GET /v1/pauses, kamigate_pause_expected_end_timestamp_seconds).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expected: Option<std::time::Duration>,
+        /// Who pauses, as recorded [default: cli:$USER].
+        #[arg(long)]
+        by: Option<String>,
+        /// TOML configuration file (as for serve): it names the ledger.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Resume claims or redemptions of one SKU (--sku) or of every SKU (--gateway).
+    ///
+    /// Lifts the pause in the ledger; every gateway serves again within its
+    /// pause_refresh_ms. A SKU paused on its own stays paused when a gateway-wide pause is
+    /// lifted, and the other way round.
+    #[command(after_help = "Examples:\n  \
+        kamigate resume claims --sku gift-50 --reason 'leaked codes voided'\n  \
+        kamigate resume all --gateway")]
+    Resume {
+        /// What to resume.
+        #[arg(value_parser = ["claims", "redemptions", "all"])]
+        action: String,
+        /// The SKU to resume.
+        #[arg(long, required_unless_present = "gateway", conflicts_with = "gateway")]
+        sku: Option<String>,
+        /// Resume the gateway-wide pause.
+        #[arg(long)]
+        gateway: bool,
+        /// Why: one line, recorded in the pause history.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Who resumes, as recorded [default: cli:$USER].
+        #[arg(long)]
+        by: Option<String>,
+        /// TOML configuration file (as for serve): it names the ledger.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// List the pauses in force and the latest pauses and resumes, newest first.
+    #[command(
+        after_help = "Examples:\n  kamigate pauses\n  kamigate pauses --sku gift-50 --limit 20"
+    )]
+    Pauses {
+        /// Only the history of this SKU.
+        #[arg(long)]
+        sku: Option<String>,
+        /// Most history entries to show (1 to 1000).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// TOML configuration file (as for serve): it names the ledger.
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -145,6 +226,114 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
+        Command::Pause {
+            action,
+            sku,
+            gateway: _,
+            reason,
+            expected,
+            by,
+            config,
+        } => operate(config, |config| async move {
+            let order = PauseOrder {
+                target: target(sku),
+                actions: Action::parse_many(&action)?,
+                reason,
+                by: actor(by),
+                expected_duration_ms: expected.map(|d| d.as_millis() as u64),
+            };
+            for (pause, already) in kamigate::commands::pause(&config, &order).await? {
+                println!(
+                    "paused {} {}{}{}",
+                    pause.action.as_str(),
+                    describe(&pause.target),
+                    pause
+                        .expected_end_ms
+                        .map(|t| format!(", expected to end at {}", timestamp(t)))
+                        .unwrap_or_default(),
+                    if already {
+                        format!(
+                            " (paused already since {}: reason and expected end updated)",
+                            timestamp(pause.since_ms)
+                        )
+                    } else {
+                        String::new()
+                    },
+                );
+            }
+            println!(
+                "running gateways enforce it within their pause_refresh_ms (500 ms by default)"
+            );
+            Ok(())
+        }),
+        Command::Resume {
+            action,
+            sku,
+            gateway: _,
+            reason,
+            by,
+            config,
+        } => operate(config, |config| async move {
+            let target = target(sku);
+            let order = ResumeOrder {
+                target: target.clone(),
+                actions: Action::parse_many(&action)?,
+                reason,
+                by: actor(by),
+            };
+            for (action, lifted) in kamigate::commands::resume(&config, &order).await? {
+                match lifted {
+                    Some(p) => println!(
+                        "resumed {} {} (paused since {})",
+                        action.as_str(),
+                        describe(&target),
+                        timestamp(p.since_ms)
+                    ),
+                    None => println!("{} {} was not paused", action.as_str(), describe(&target)),
+                }
+            }
+            Ok(())
+        }),
+        Command::Pauses { sku, limit, config } => operate(config, |config| async move {
+            let (in_force, history) =
+                kamigate::commands::pauses(&config, sku.as_deref(), limit).await?;
+            if in_force.is_empty() {
+                println!("nothing is paused");
+            }
+            for p in &in_force {
+                println!(
+                    "PAUSED {} {} since {} by {}{}: {}",
+                    p.action.as_str(),
+                    describe(&p.target),
+                    timestamp(p.since_ms),
+                    p.by,
+                    p.expected_end_ms
+                        .map(|t| format!(", expected end {}", timestamp(t)))
+                        .unwrap_or_default(),
+                    p.reason
+                );
+            }
+            for e in &history {
+                let target = if e.sku.is_empty() {
+                    "of every SKU".to_owned()
+                } else {
+                    format!("of SKU {}", e.sku)
+                };
+                println!(
+                    "{} {} {} {} by {}{}",
+                    timestamp(e.at_ms.max(0) as u64),
+                    e.kind,
+                    e.action,
+                    target,
+                    e.actor,
+                    e.reason
+                        .as_deref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                );
+            }
+            Ok(())
+        }),
         Command::Gen {
             count,
             length,
@@ -152,6 +341,31 @@ fn main() -> ExitCode {
             check,
         } => gen(count, length, group, check),
     }
+}
+
+/// The target of `pause` and `resume`: clap requires exactly one of `--sku` and `--gateway`.
+fn target(sku: Option<String>) -> Target {
+    sku.map_or(Target::Gateway, Target::Sku)
+}
+
+/// "of SKU gift-50" or "of every SKU".
+fn describe(target: &Target) -> String {
+    match target {
+        Target::Gateway => "of every SKU".to_owned(),
+        Target::Sku(sku) => format!("of SKU {sku}"),
+    }
+}
+
+/// Who a change from the command line is recorded as made by: `--by`, else `cli:$USER`
+/// (when that is a valid identifier), else `cli`.
+fn actor(by: Option<String>) -> String {
+    by.unwrap_or_else(|| {
+        std::env::var("USER")
+            .ok()
+            .map(|user| format!("cli:{user}"))
+            .filter(|by| check_id("by", by, MAX_ID_LEN).is_ok())
+            .unwrap_or_else(|| "cli".to_owned())
+    })
 }
 
 /// Loads the configuration, sets up logs and a runtime, and runs `body` on it.

@@ -101,6 +101,19 @@ pub const LEDGER_WRITE_FAILURES: &str = "kamigate_ledger_write_failures_total";
 pub const STREAM_BACKLOG: &str = "kamigate_stream_backlog_events";
 /// Age of the oldest event of a `sku` not yet committed, 0 when there is none.
 pub const STREAM_OLDEST_AGE: &str = "kamigate_stream_oldest_pending_age_seconds";
+/// Gauge: pauses in force per `scope` (`gateway`, `sku`) and `action` (`claims`,
+/// `redemptions`) ([`crate::pause`]).
+pub const PAUSES: &str = "kamigate_pauses";
+/// Gauge: per `scope` and `action`, the earliest end an operator expected of the pauses in
+/// force, as a Unix timestamp in seconds; 0 when none has one. A pause that outlives it is
+/// overdue.
+pub const PAUSE_EXPECTED_END: &str = "kamigate_pause_expected_end_timestamp_seconds";
+/// Gauge: per `scope` and `action`, when the oldest pause in force began, as a Unix
+/// timestamp in seconds; 0 when none is.
+pub const PAUSE_STARTED: &str = "kamigate_pause_started_timestamp_seconds";
+/// Gauge: 1 while this gateway cannot read the pauses from the ledger (it enforces the ones
+/// it read last), else 0.
+pub const PAUSES_STALE: &str = "kamigate_pauses_stale";
 
 /// What kind of series a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,6 +294,30 @@ pub const CATALOGUE: &[Metric] = &[
         &["sku"],
         "Age of the oldest event per SKU not yet committed to the ledger.",
     ),
+    metric(
+        PAUSES,
+        Kind::Gauge,
+        &["scope", "action"],
+        "Pauses in force per scope (gateway, sku) and action (claims, redemptions).",
+    ),
+    metric(
+        PAUSE_EXPECTED_END,
+        Kind::Gauge,
+        &["scope", "action"],
+        "Earliest expected end of the pauses in force per scope and action, as a Unix timestamp in seconds; 0 when none has one.",
+    ),
+    metric(
+        PAUSE_STARTED,
+        Kind::Gauge,
+        &["scope", "action"],
+        "Start of the oldest pause in force per scope and action, as a Unix timestamp in seconds; 0 when none is.",
+    ),
+    metric(
+        PAUSES_STALE,
+        Kind::Gauge,
+        &[],
+        "1 while this gateway cannot read the pauses from the ledger and enforces the ones it read last.",
+    ),
 ];
 
 /// Buckets of every `_seconds` histogram.
@@ -306,6 +343,7 @@ pub const CLAIM_OUTCOMES: &[&str] = &[
     "ERR_NOT_FOUND",
     "ERR_BAD_REQUEST",
     "ERR_RATE_LIMITED",
+    "ERR_PAUSED",
     "ERR_UNAVAILABLE",
     "ERR_INTERNAL",
 ];
@@ -322,9 +360,15 @@ pub const REDEMPTION_OUTCOMES: &[&str] = &[
     "ERR_LOCKED_OUT",
     "ERR_NOT_FOUND",
     "ERR_BAD_REQUEST",
+    "ERR_PAUSED",
     "ERR_UNAVAILABLE",
     "ERR_INTERNAL",
 ];
+
+/// The `scope` label of the pause gauges ([`PAUSES`] and the timestamps).
+pub const PAUSE_SCOPES: [&str; 2] = ["gateway", "sku"];
+/// The `action` label of the pause gauges.
+pub const PAUSE_ACTIONS: [&str; 2] = ["claims", "redemptions"];
 
 /// The `state` label of [`INVENTORY_KEYS`] and [`LEDGER_KEYS`].
 pub const KEY_STATES: [&str; 5] = ["available", "held", "claimed", "redeemed", "void"];
@@ -462,6 +506,14 @@ pub fn initialise<'a>(engine: &'static str, scripts: impl IntoIterator<Item = &'
     for kind in ["unavailable", "rejected"] {
         metrics::counter!(LEDGER_WRITE_FAILURES, "kind" => kind).increment(0);
     }
+    for scope in PAUSE_SCOPES {
+        for action in PAUSE_ACTIONS {
+            for name in [PAUSES, PAUSE_EXPECTED_END, PAUSE_STARTED] {
+                metrics::gauge!(name, "scope" => scope, "action" => action).increment(0.0);
+            }
+        }
+    }
+    metrics::gauge!(PAUSES_STALE).increment(0.0);
 }
 
 #[cfg(test)]

@@ -226,6 +226,21 @@ pub fn check_id(what: &str, value: &str, max: usize) -> Result<(), Error> {
     Ok(())
 }
 
+/// Longest free-text reason (a void, a restore, a retired format, a pause), in bytes.
+pub const MAX_REASON_LEN: usize = 500;
+
+/// Checks a free-text reason an operator gives: one line of text, not blank, no control
+/// characters, and no `|` (the engine's field separator). Its length is checked where it is
+/// read ([`MAX_REASON_LEN`]).
+pub fn check_reason(reason: &str) -> Result<(), Error> {
+    if reason.trim().is_empty() || reason.contains(|c: char| c == '|' || c.is_control()) {
+        return Err(Error::BadRequest(
+            "field `reason` must be one line of text".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a SKU name (as [`check_id`], at most [`MAX_SKU_LEN`], no `:`).
 pub fn check_sku(sku: &str) -> Result<(), Error> {
     check_id("sku", sku, MAX_SKU_LEN)?;

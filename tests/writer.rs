@@ -30,7 +30,8 @@ use kamigate::ledger::writer::{
 };
 use kamigate::ledger::{
     BatchCounts, BatchRecord, BatchStart, EventRecord, InsertOutcome, KeyRecord, Ledger,
-    LedgerError, LedgerEvent, NewKey, SkuRecord, StateCounts,
+    LedgerError, LedgerEvent, NewKey, NewPause, PauseEventRecord, PauseRecord, SkuRecord,
+    StateCounts,
 };
 use kamigate::sku::SkuConfig;
 use pg_support::TestDatabase;
@@ -1196,6 +1197,29 @@ impl Ledger for Flaky {
         sku: &str,
     ) -> Result<std::collections::BTreeMap<i64, StateCounts>, LedgerError> {
         self.inner.counts_by_version(sku).await
+    }
+    async fn pauses(&self) -> Result<Vec<PauseRecord>, LedgerError> {
+        self.inner.pauses().await
+    }
+    async fn pause(&self, pause: &NewPause) -> Result<Option<PauseRecord>, LedgerError> {
+        self.inner.pause(pause).await
+    }
+    async fn resume(
+        &self,
+        sku: &str,
+        action: &str,
+        reason: Option<&str>,
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<Option<PauseRecord>, LedgerError> {
+        self.inner.resume(sku, action, reason, actor, at_ms).await
+    }
+    async fn pause_history(
+        &self,
+        sku: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<PauseEventRecord>, LedgerError> {
+        self.inner.pause_history(sku, limit).await
     }
     async fn ping(&self) -> Result<(), LedgerError> {
         self.inner.ping().await

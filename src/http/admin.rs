@@ -19,7 +19,10 @@ use crate::inventory::import::{self, Begun, Importer};
 use crate::inventory::reconcile;
 use crate::inventory::warm::{ledger_error, restore_sku, warm_sku};
 use crate::metrics as m;
-use crate::sku::{check_id, check_sku, parse_key_id, Retirement, SkuConfig, MAX_ID_LEN};
+use crate::sku::{
+    check_id, check_reason, check_sku, parse_key_id, Retirement, SkuConfig, MAX_ID_LEN,
+    MAX_REASON_LEN,
+};
 
 /// How long `/readyz` waits for the engine.
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
@@ -322,12 +325,8 @@ pub async fn void(
     body::check_declared_length(req.headers(), limit)?;
     let bytes = body::read_limited(req.into_body(), limit).await?;
     let body = JsonBody::parse(&bytes, &["reason"])?;
-    let reason = body.str("reason", 500)?;
-    if reason.trim().is_empty() || reason.contains(['|', '\n', '\r', '\0']) {
-        return Err(Error::BadRequest(
-            "field `reason` must be one line of text".into(),
-        ));
-    }
+    let reason = body.str("reason", MAX_REASON_LEN)?;
+    check_reason(reason)?;
     let change = if void {
         app.inventory.void_change(&key_id, reason).await?
     } else {
@@ -398,12 +397,8 @@ pub async fn retire_format(
     body::check_declared_length(req.headers(), limit)?;
     let bytes = body::read_limited(req.into_body(), limit).await?;
     let body = JsonBody::parse(&bytes, &["reason", "force"])?;
-    let reason = body.str("reason", 500)?;
-    if reason.trim().is_empty() || reason.contains(['|', '\n', '\r', '\0']) {
-        return Err(Error::BadRequest(
-            "field `reason` must be one line of text".into(),
-        ));
-    }
+    let reason = body.str("reason", MAX_REASON_LEN)?;
+    check_reason(reason)?;
     let force = body.opt_bool("force")?.unwrap_or(false);
     let mut config = stored_settings(app, sku)
         .await?

@@ -11,6 +11,7 @@ use crate::error::Error;
 use crate::inventory::warm::ledger_error;
 use crate::inventory::{drift, ClaimRequest, Order};
 use crate::metrics as m;
+use crate::pause::Action;
 use crate::sku::{check_id, check_sku, FormatVersion, SkuConfig, MAX_ID_LEN};
 
 /// Most codes one claim may take.
@@ -78,6 +79,22 @@ async fn claim_request(
         (None, Some(true)) => Some(settings.default_hold_ms),
         (None, _) => None,
     };
+    if let Err(paused) = app
+        .pauses
+        .check(sku, Action::Claims, app.inventory.now_ms())
+    {
+        // Paused, and not a retry: refused at the edge. A retried order goes to the engine,
+        // which can only replay it. With the engine unreachable the pause answers: nothing
+        // could be claimed either way.
+        if !app
+            .inventory
+            .order_exists(sku, order_id)
+            .await
+            .unwrap_or(false)
+        {
+            return Err(paused);
+        }
+    }
     if app.edge.sold_out.is_sold_out(sku) && !app.inventory.order_exists(sku, order_id).await? {
         // Known sold out, and not a retry: answered without a script. A retried order
         // still goes to the engine, which answers it as it did the first time.
@@ -201,6 +218,19 @@ pub async fn order(app: &App, params: Params) -> Result<Reply, Error> {
 /// `POST /v1/skus/{sku}/claims/{order_id}/confirm`: payment arrived.
 pub async fn confirm(app: &App, params: Params) -> Result<Reply, Error> {
     let (sku, order_id) = order_route(app, &params).await?;
+    if let Err(paused) = app
+        .pauses
+        .check(sku, Action::Claims, app.inventory.now_ms())
+    {
+        // A hold still running takes the codes set aside before the pause, and a confirmed
+        // order replays; a late confirm would claim fresh codes, which the pause forbids.
+        match app.inventory.order(sku, order_id).await {
+            Ok(order) if order.state == "expired" => return Err(paused),
+            Ok(_) => {}
+            Err(Error::Unavailable(_)) => return Err(paused),
+            Err(e) => return Err(e),
+        }
+    }
     let order = app.inventory.confirm(sku, order_id).await?;
     app.durable(sku, order.event_id.as_deref(), order.emitted.as_ref())
         .await?;

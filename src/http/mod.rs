@@ -16,6 +16,7 @@ pub mod body;
 pub mod conn;
 pub mod guard;
 pub mod merchant;
+pub mod pauses;
 pub mod public;
 pub mod target;
 
@@ -44,6 +45,7 @@ use crate::ledger::journal::Kept;
 use crate::ledger::writer::EventWriter;
 use crate::ledger::Ledger;
 use crate::metrics as m;
+use crate::pause::Pauses;
 use body::Reply;
 use conn::{ConnectionCap, HeadLimits, LingeringStream};
 use guard::Edge;
@@ -64,6 +66,8 @@ pub struct App {
     pub skus: SkuSettings,
     pub limits: Limits,
     pub edge: Edge,
+    /// Claims and redemptions paused by an operator, as this gateway last read them.
+    pub pauses: Pauses,
     merchant_token: String,
     admin_token: String,
     draining: AtomicBool,
@@ -118,6 +122,7 @@ impl App {
                 inventory.clock(),
             ),
             skus: SkuSettings::with_ledger(ledger.clone()),
+            pauses: Pauses::new(config.pause_retry_after_secs),
             inventory,
             ledger,
             writer,
@@ -357,6 +362,11 @@ pub enum RouteId {
     Reconcile,
     KeyRestore,
     FormatRetire,
+    Pauses,
+    Pause,
+    Resume,
+    SkuPause,
+    SkuResume,
     Healthz,
     Readyz,
     Metrics,
@@ -443,6 +453,11 @@ const ADMIN_ROUTES: &[(&str, RouteId, &[Method])] = &[
     ("/v1/keys/{key_id}/events", RouteId::KeyEvents, GET),
     ("/v1/reconcile", RouteId::Reconcile, POST),
     ("/v1/keys/{key_id}/restore", RouteId::KeyRestore, POST),
+    ("/v1/pauses", RouteId::Pauses, GET),
+    ("/v1/pause", RouteId::Pause, POST),
+    ("/v1/resume", RouteId::Resume, POST),
+    ("/v1/skus/{sku}/pause", RouteId::SkuPause, POST),
+    ("/v1/skus/{sku}/resume", RouteId::SkuResume, POST),
 ];
 
 fn public_routes() -> Routes {
@@ -533,6 +548,15 @@ async fn dispatch(
         (Listener::Admin, Reconcile, Method::POST) => admin::reconcile(app, req).await,
         (Listener::Admin, KeyVoid, Method::POST) => admin::void(app, params, req, true).await,
         (Listener::Admin, KeyRestore, Method::POST) => admin::void(app, params, req, false).await,
+        (Listener::Admin, Pauses, Method::GET) => pauses::list(app, req).await,
+        (Listener::Admin, Pause, Method::POST) => pauses::pause(app, None, req).await,
+        (Listener::Admin, Resume, Method::POST) => pauses::resume(app, None, req).await,
+        (Listener::Admin, SkuPause, Method::POST) => {
+            pauses::pause(app, Some(params.get("sku")), req).await
+        }
+        (Listener::Admin, SkuResume, Method::POST) => {
+            pauses::resume(app, Some(params.get("sku")), req).await
+        }
         // `handle` answers methods the route table does not declare; reaching this means the
         // table declares a method no arm serves.
         (_, route, method) => Err(Error::Internal(format!(

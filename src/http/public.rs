@@ -11,6 +11,7 @@ use crate::code::Format;
 use crate::error::Error;
 use crate::inventory::{canonical, Redemption};
 use crate::metrics as m;
+use crate::pause::Action;
 use crate::sku::{check_id, check_sku, MAX_ID_LEN, MAX_SKU_LEN};
 
 /// Longest `code` field accepted before any parsing; a canonical code has at most 256
@@ -60,7 +61,8 @@ async fn redeem_body(app: &App, bytes: &[u8], ip: IpAddr) -> Result<Redemption, 
     result
 }
 
-/// One redemption attempt, after the limits let it through.
+/// One redemption attempt, after the limits let it through. While redemptions of the SKU
+/// (or of every SKU) are paused, the script makes no new redemption (see [`crate::pause`]).
 async fn attempt(
     app: &App,
     raw: &str,
@@ -68,41 +70,64 @@ async fn attempt(
     sku: Option<&str>,
 ) -> Result<Redemption, Error> {
     let inventory = &app.inventory;
+    let now = inventory.now_ms();
     match sku {
         Some(sku) => {
             check_sku(sku)?;
-            let settings = app.skus.get(inventory, sku).await?;
-            // An unknown SKU answers like an unknown code once the code is well-formed.
-            let Some(settings) = settings else {
-                canonical(&Format::default(), raw)?;
-                return Err(Error::CardInvalid);
-            };
-            // Malformed only under every format version the SKU ever had; the hint is the
-            // current format's.
-            let candidates = settings.candidates(raw).map_err(Error::CardMalformed)?;
-            let redemption = inventory.redeem_any(sku, &candidates, redeemer).await?;
-            app.durable(
-                sku,
-                redemption.event_id.as_deref(),
-                redemption.emitted.as_ref(),
-            )
-            .await?;
-            Ok(redemption)
+            let paused = app.pauses.check(sku, Action::Redemptions, now).err();
+            let redeemed = async {
+                let settings = app.skus.get(inventory, sku).await?;
+                // An unknown SKU answers like an unknown code once the code is well-formed.
+                let Some(settings) = settings else {
+                    canonical(&Format::default(), raw)?;
+                    return Err(Error::CardInvalid);
+                };
+                // Malformed only under every format version the SKU ever had; the hint is the
+                // current format's.
+                let candidates = settings.candidates(raw).map_err(Error::CardMalformed)?;
+                let redemption = inventory
+                    .redeem_any(sku, &candidates, redeemer, paused.as_ref())
+                    .await?;
+                app.durable(
+                    sku,
+                    redemption.event_id.as_deref(),
+                    redemption.emitted.as_ref(),
+                )
+                .await?;
+                Ok(redemption)
+            }
+            .await;
+            or_paused(redeemed, paused)
         }
         None => {
             canonical(&Format::default(), raw)?;
-            if let Some(sku) = inventory.locate(raw).await? {
+            let located = inventory.locate(raw).await;
+            let located = or_paused(
+                located,
+                app.pauses.check_gateway(Action::Redemptions, now).err(),
+            )?;
+            if let Some(sku) = located {
                 // The SKU's own format judges the code; failing it here would reveal that
                 // the index knew the code, so it gets the uniform answer instead.
-                let settings = app.skus.get(inventory, &sku).await?;
-                if let Some(Ok(candidates)) = settings.map(|s| s.candidates(raw)) {
-                    let redemption = inventory.redeem_any(&sku, &candidates, redeemer).await?;
-                    app.durable(
-                        &sku,
-                        redemption.event_id.as_deref(),
-                        redemption.emitted.as_ref(),
-                    )
-                    .await?;
+                let paused = app.pauses.check(&sku, Action::Redemptions, now).err();
+                let redeemed = async {
+                    let settings = app.skus.get(inventory, &sku).await?;
+                    if let Some(Ok(candidates)) = settings.map(|s| s.candidates(raw)) {
+                        let redemption = inventory
+                            .redeem_any(&sku, &candidates, redeemer, paused.as_ref())
+                            .await?;
+                        app.durable(
+                            &sku,
+                            redemption.event_id.as_deref(),
+                            redemption.emitted.as_ref(),
+                        )
+                        .await?;
+                        return Ok(Some(redemption));
+                    }
+                    Ok(None)
+                }
+                .await;
+                if let Some(redemption) = or_paused(redeemed, paused)? {
                     return Ok(redemption);
                 }
             }
@@ -111,5 +136,15 @@ async fn attempt(
             inventory.redeem_unknown(raw, redeemer).await?;
             Err(Error::CardInvalid)
         }
+    }
+}
+
+/// While redemptions are paused, an engine that cannot be reached is answered with the pause:
+/// nothing could be redeemed either way, and the pause is what the operator wants clients to
+/// see.
+fn or_paused<T>(result: Result<T, Error>, paused: Option<Error>) -> Result<T, Error> {
+    match (result, paused) {
+        (Err(Error::Unavailable(_)), Some(paused)) => Err(paused),
+        (result, _) => result,
     }
 }

@@ -702,22 +702,27 @@ impl Inventory {
             version: 0,
             canonical: canonical.to_owned(),
         };
-        self.redeem_any(sku, std::slice::from_ref(&only), redeemer)
+        self.redeem_any(sku, std::slice::from_ref(&only), redeemer, None)
             .await
     }
 
     /// Redeems, for `redeemer`, the code whose canonical form under one of the SKU's format
     /// versions is among `candidates` (see [`SkuConfig::candidates`]): one script call,
     /// whichever version the code belongs to.
+    ///
+    /// With `paused`, redemptions are paused: every answer is as usual except that a
+    /// redemption that would be new is not made and answered with `paused` instead.
     pub async fn redeem_any(
         &self,
         sku: &str,
         candidates: &[Candidate],
         redeemer: &str,
+        paused: Option<&Error>,
     ) -> Result<Redemption, Error> {
-        let mut args = Vec::with_capacity(2 + candidates.len());
+        let mut args = Vec::with_capacity(3 + candidates.len());
         args.push(redeemer.to_owned());
         args.push(self.now_ms().to_string());
+        args.push(if paused.is_some() { "1" } else { "0" }.to_owned());
         args.extend(candidates.iter().map(|c| digest(&c.canonical)));
         let reply = self.run(&SCRIPTS.redeem, sku, args).await?;
         let field = |i: usize| reply.get(i).and_then(Reply::as_i64).unwrap_or(0) as u64;
@@ -743,6 +748,9 @@ impl Inventory {
                 })
             }
             "no_sku" | "loading" => Err(rebuilding(sku)),
+            "paused" => Err(paused
+                .cloned()
+                .ok_or_else(|| unexpected("redeem", &Reply::Array(reply.clone())))?),
             "invalid" => Err(Error::CardInvalid),
             "used" => Err(Error::CardUsed {
                 redeemed_at_ms: field(1),
@@ -764,7 +772,12 @@ impl Inventory {
     pub async fn redeem_unknown(&self, raw: &str, redeemer: &str) -> Result<(), Error> {
         let digest = index_digest(raw);
         let decoy = format!(":unknown{}", digest.get(..1).unwrap_or("0"));
-        let args = vec![redeemer.to_owned(), self.now_ms().to_string(), digest];
+        let args = vec![
+            redeemer.to_owned(),
+            self.now_ms().to_string(),
+            "0".to_owned(),
+            digest,
+        ];
         // Not `run`: the decoy is missing on purpose, which is no sign of a lost SKU.
         let reply = self.eval(&SCRIPTS.redeem, sku_keys(&decoy), args).await?;
         let items = reply.as_array().unwrap_or_default();

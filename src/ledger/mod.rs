@@ -212,6 +212,34 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// Checks the database answers (for `/readyz`).
     async fn ping(&self) -> Result<(), LedgerError>;
+
+    /// Every pause in force (see [`crate::pause`]), gateway-wide ones first.
+    async fn pauses(&self) -> Result<Vec<PauseRecord>, LedgerError>;
+
+    /// Puts a pause in force and records it in the pause history, in one transaction. A pause
+    /// already in force for the same target and action keeps its start and takes the new
+    /// reason, actor and expected end. Returns the pause that was in force before, if any.
+    async fn pause(&self, pause: &NewPause) -> Result<Option<PauseRecord>, LedgerError>;
+
+    /// Lifts the pause of `action` on `sku` (`""`: the whole gateway) and records the resume
+    /// in the history, in one transaction. Returns the pause lifted; `None` (and nothing
+    /// recorded) when none was in force.
+    async fn resume(
+        &self,
+        sku: &str,
+        action: &str,
+        reason: Option<&str>,
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<Option<PauseRecord>, LedgerError>;
+
+    /// Pauses and resumes, newest first, at most `limit`: of one target (`Some("")`: the
+    /// gateway-wide ones) or of all.
+    async fn pause_history(
+        &self,
+        sku: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<PauseEventRecord>, LedgerError>;
 }
 
 /// Opens the ledger, creating and migrating its database as needed.
@@ -420,6 +448,47 @@ pub struct EventRecord {
     pub redeemer: Option<String>,
     pub reason: Option<String>,
     pub fields_json: String,
+}
+
+/// A pause in force: `action` (`claims` or `redemptions`) of `sku` (`""`: every SKU).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PauseRecord {
+    pub sku: String,
+    pub action: String,
+    pub reason: String,
+    pub paused_by: String,
+    /// When the pause began; a later pause of the same target and action keeps it.
+    pub paused_at_ms: i64,
+    /// When the operator expected to resume, if they said.
+    pub expected_end_ms: Option<i64>,
+}
+
+/// A pause to put in force ([`Ledger::pause`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewPause {
+    /// The SKU, or `""` for the whole gateway.
+    pub sku: String,
+    /// `claims` or `redemptions`.
+    pub action: String,
+    pub reason: String,
+    pub actor: String,
+    pub at_ms: i64,
+    pub expected_end_ms: Option<i64>,
+}
+
+/// One pause or resume in the history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PauseEventRecord {
+    /// The order the ledger recorded it in.
+    pub seq: i64,
+    pub sku: String,
+    pub action: String,
+    /// `pause` or `resume`.
+    pub kind: String,
+    pub reason: Option<String>,
+    pub actor: String,
+    pub at_ms: i64,
+    pub expected_end_ms: Option<i64>,
 }
 
 /// Keys of a SKU's active batches by state; the same shape as the engine's counts.

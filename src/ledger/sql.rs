@@ -38,11 +38,14 @@ use sqlx::{
     ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Transaction, Type,
 };
 
+mod pauses;
+
 use super::replay::{self, NewEvent};
 use super::rules::{KeyState, KeyStatus};
 use super::{
     BatchCounts, BatchRecord, BatchStart, EventRecord, InsertOutcome, KeyRecord, Ledger,
-    LedgerError, LedgerEvent, NewKey, SkuRecord, StateCounts, UPLOAD_LEASE_MS,
+    LedgerError, LedgerEvent, NewKey, NewPause, PauseEventRecord, PauseRecord, SkuRecord,
+    StateCounts, UPLOAD_LEASE_MS,
 };
 use crate::sku::{key_id, parse_key_id};
 
@@ -964,6 +967,33 @@ where
     async fn ping(&self) -> Result<(), LedgerError> {
         sqlx::query("SELECT 1").execute(&self.read).await?;
         Ok(())
+    }
+
+    async fn pauses(&self) -> Result<Vec<PauseRecord>, LedgerError> {
+        self.pauses_in_force().await
+    }
+
+    async fn pause(&self, pause: &NewPause) -> Result<Option<PauseRecord>, LedgerError> {
+        self.put_pause(pause).await
+    }
+
+    async fn resume(
+        &self,
+        sku: &str,
+        action: &str,
+        reason: Option<&str>,
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<Option<PauseRecord>, LedgerError> {
+        self.lift_pause(sku, action, reason, actor, at_ms).await
+    }
+
+    async fn pause_history(
+        &self,
+        sku: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<PauseEventRecord>, LedgerError> {
+        self.pause_events(sku, limit).await
     }
 }
 
