@@ -325,6 +325,16 @@ pub async fn resume(
     Ok(done)
 }
 
+/// While an action is paused (`paused` is its refusal), an engine or ledger that cannot be
+/// reached is answered with the pause: nothing new could be made either way, and the pause
+/// is what the operator wants clients to see.
+pub fn or_paused<T>(result: Result<T, Error>, paused: Option<Error>) -> Result<T, Error> {
+    match (result, paused) {
+        (Err(Error::Unavailable(_)), Some(paused)) => Err(paused),
+        (result, _) => result,
+    }
+}
+
 /// The pauses in force, by target.
 #[derive(Debug, Clone, Default)]
 struct View {

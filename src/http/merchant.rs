@@ -11,7 +11,7 @@ use crate::error::Error;
 use crate::inventory::warm::ledger_error;
 use crate::inventory::{drift, ClaimRequest, Order};
 use crate::metrics as m;
-use crate::pause::Action;
+use crate::pause::{or_paused, Action};
 use crate::sku::{check_id, check_sku, FormatVersion, SkuConfig, MAX_ID_LEN};
 
 /// Most codes one claim may take.
@@ -24,7 +24,12 @@ pub async fn claim(app: &App, params: Params, req: Request<Incoming>) -> Result<
     let limit = app.limits.max_body_bytes;
     body::check_declared_length(req.headers(), limit)?;
     let bytes = body::read_limited(req.into_body(), limit).await?;
-    let result = claim_body(app, sku, &bytes).await;
+    let result = or_paused(
+        claim_body(app, sku, &bytes).await,
+        app.pauses
+            .check(sku, Action::Claims, app.inventory.now_ms())
+            .err(),
+    );
     let outcome = match &result {
         Ok(o) if o.replayed => "replay",
         Ok(o) if o.state == "held" => "held",
@@ -154,7 +159,11 @@ pub async fn claim_batch(
             "field `claims` must hold 1 to {MAX_BATCH_CLAIMS} claims"
         )));
     }
-    let settings = app.skus.require(&app.inventory, sku).await?;
+    let paused = app
+        .pauses
+        .check(sku, Action::Claims, app.inventory.now_ms())
+        .err();
+    let settings = or_paused(app.skus.require(&app.inventory, sku).await, paused.clone())?;
     let mut answers: Vec<Option<Result<Order, Error>>> = Vec::with_capacity(claims.len());
     let mut requests = Vec::new();
     let mut slots = Vec::new();
@@ -173,7 +182,7 @@ pub async fn claim_batch(
         }
     }
     if !requests.is_empty() {
-        let results = app.inventory.claim_batch(sku, &requests).await?;
+        let results = or_paused(app.inventory.claim_batch(sku, &requests).await, paused)?;
         for (slot, (result, exhausted)) in slots.into_iter().zip(results) {
             answers[slot] = Some(claimed(app, sku, result, exhausted).await);
         }
@@ -217,24 +226,31 @@ pub async fn order(app: &App, params: Params) -> Result<Reply, Error> {
 
 /// `POST /v1/skus/{sku}/claims/{order_id}/confirm`: payment arrived.
 pub async fn confirm(app: &App, params: Params) -> Result<Reply, Error> {
-    let (sku, order_id) = order_route(app, &params).await?;
-    if let Err(paused) = app
+    let paused = app
         .pauses
-        .check(sku, Action::Claims, app.inventory.now_ms())
-    {
-        // A hold still running takes the codes set aside before the pause, and a confirmed
-        // order replays; a late confirm would claim fresh codes, which the pause forbids.
-        match app.inventory.order(sku, order_id).await {
-            Ok(order) if order.state == "expired" => return Err(paused),
-            Ok(_) => {}
-            Err(Error::Unavailable(_)) => return Err(paused),
-            Err(e) => return Err(e),
+        .check(params.get("sku"), Action::Claims, app.inventory.now_ms())
+        .err();
+    let confirmed = async {
+        let (sku, order_id) = order_route(app, &params).await?;
+        if let Some(paused) = &paused {
+            // A hold still running takes the codes set aside before the pause, and a
+            // confirmed order replays; a late confirm would claim fresh codes, which the
+            // pause forbids.
+            let order = app.inventory.order(sku, order_id).await?;
+            if order.state == "expired" {
+                return Err(paused.clone());
+            }
         }
+        let order = app.inventory.confirm(sku, order_id).await?;
+        app.durable(sku, order.event_id.as_deref(), order.emitted.as_ref())
+            .await?;
+        Ok(order)
     }
-    let order = app.inventory.confirm(sku, order_id).await?;
-    app.durable(sku, order.event_id.as_deref(), order.emitted.as_ref())
-        .await?;
-    Ok(body::json(StatusCode::OK, &order.to_json()))
+    .await;
+    Ok(body::json(
+        StatusCode::OK,
+        &or_paused(confirmed, paused)?.to_json(),
+    ))
 }
 
 /// `POST /v1/skus/{sku}/claims/{order_id}/release`: cancel a hold.

@@ -11,7 +11,7 @@ use crate::code::Format;
 use crate::error::Error;
 use crate::inventory::{canonical, Redemption};
 use crate::metrics as m;
-use crate::pause::Action;
+use crate::pause::{or_paused, Action};
 use crate::sku::{check_id, check_sku, MAX_ID_LEN, MAX_SKU_LEN};
 
 /// Longest `code` field accepted before any parsing; a canonical code has at most 256
@@ -136,15 +136,5 @@ async fn attempt(
             inventory.redeem_unknown(raw, redeemer).await?;
             Err(Error::CardInvalid)
         }
-    }
-}
-
-/// While redemptions are paused, an engine that cannot be reached is answered with the pause:
-/// nothing could be redeemed either way, and the pause is what the operator wants clients to
-/// see.
-fn or_paused<T>(result: Result<T, Error>, paused: Option<Error>) -> Result<T, Error> {
-    match (result, paused) {
-        (Err(Error::Unavailable(_)), Some(paused)) => Err(paused),
-        (result, _) => result,
     }
 }
