@@ -514,6 +514,7 @@ impl Pauses {
                     );
                 }
                 metrics::gauge!(m::PAUSES_STALE).set(1.0);
+                self.publish(&self.view.read().unwrap_or_else(PoisonError::into_inner));
                 return false;
             }
         };

@@ -569,6 +569,25 @@ async fn a_gateway_wide_pause_covers_every_sku_and_each_action_resumes_on_its_ow
         .await
         .assert_paused("redemptions", "gateway");
 
+    // Pausing again keeps the start and takes the new reason and expected end.
+    let again = gate
+        .pause(
+            None,
+            json!({"action": "claims", "reason": "failover slower than planned",
+                   "expected_duration_ms": 20_000}),
+        )
+        .await;
+    assert_eq!(again.body["pauses"][0]["already_paused"], true, "{again:?}");
+    assert_eq!(
+        again.body["pauses"][0]["since"], paused.body["pauses"][0]["since"],
+        "{again:?}"
+    );
+    let listed = gate.admin_get("/v1/pauses").await;
+    let claims = &listed.body["pauses"][0];
+    assert_eq!(claims["action"], "claims", "{listed:?}");
+    assert_eq!(claims["reason"], "failover slower than planned");
+    assert_eq!(claims["since"], paused.body["pauses"][0]["since"]);
+
     // A SKU's own resume does not lift the gateway-wide pause.
     let own = gate.resume(Some("a"), json!({"action": "claims"})).await;
     assert_eq!(own.body["resumed"][0]["was_paused"], false, "{own:?}");
@@ -611,6 +630,7 @@ async fn a_gateway_wide_pause_covers_every_sku_and_each_action_resumes_on_its_ow
         [
             r#""resume" "gateway" "redemptions""#,
             r#""resume" "gateway" "claims""#,
+            r#""pause" "gateway" "claims""#,
             r#""pause" "gateway" "redemptions""#,
             r#""pause" "gateway" "claims""#,
         ]
