@@ -767,8 +767,14 @@ async fn coalesced_claims_each_get_the_answer_they_would_get_alone(h: Harness) {
         }
         for (answer, req) in sent {
             if let Err(e) = answer {
+                // Other parameters: a conflict once the order exists; judged as a new order
+                // (sold out, or over the user's limit) if it came first.
                 assert!(
-                    matches!(e, Error::OrderConflict(_)) && req.quantity != first_req.quantity,
+                    req.quantity != first_req.quantity
+                        && matches!(
+                            e,
+                            Error::OrderConflict(_) | Error::SoldOut | Error::UserLimit { .. }
+                        ),
                     "{req:?} refused with {e} although {order_id} was made with its parameters"
                 );
             }
