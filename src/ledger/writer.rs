@@ -258,12 +258,12 @@ struct Cursor {
 }
 
 impl Cursor {
-    /// Whether the read ahead holds entries (a read reply is its 8-value head, then entries).
+    /// Whether the read ahead holds entries.
     fn has_ahead(&self) -> bool {
         self.ahead
             .as_ref()
             .and_then(Reply::as_array)
-            .is_some_and(|items| items.len() > 8)
+            .is_some_and(|items| items.len() > READ_HEAD)
     }
 }
 
@@ -912,6 +912,9 @@ impl EventWriter {
     }
 }
 
+/// Values before the entries in a `read` reply of `lua/stream.lua` (pending … gen).
+const READ_HEAD: usize = 8;
+
 /// A parsed `read` reply of `lua/stream.lua`.
 struct ReadReply<'a> {
     pending: u64,
@@ -930,7 +933,7 @@ impl<'a> ReadReply<'a> {
     fn parse(reply: &'a Reply) -> Result<ReadReply<'a>, WriterError> {
         let bad = || WriterError::Reply(format!("read: {}", shape(reply)));
         let items = reply.as_array().ok_or_else(bad)?;
-        let (head, entries) = items.split_at_checked(8).ok_or_else(bad)?;
+        let (head, entries) = items.split_at_checked(READ_HEAD).ok_or_else(bad)?;
         let n = |i: usize| {
             head[i]
                 .as_i64()
