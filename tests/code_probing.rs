@@ -72,19 +72,37 @@ async fn unknown_and_unsold_codes_cost_the_same_engine_work() {
         ("unsold", unsold),
         ("voided", vec!["VOIDED-0001".to_owned(); N]),
     ];
+    // The gateway's own background checks (the engine-loss check reads the index every
+    // second) can land inside a measurement and only ever add calls: each case is measured
+    // up to a few times and its least count per script kept, which is what the requests cost.
+    let expected = vec![("index", N as f64), ("redeem", N as f64)];
     let mut work = Vec::new();
     let mut answers = Vec::new();
     for (case, codes) in &cases {
-        let before = gw.metrics().await;
-        for code in codes {
-            answers.push((*case, redeem(&gw, code).await));
+        let mut least: Option<Vec<(&str, f64)>> = None;
+        for _ in 0..5 {
+            let before = gw.metrics().await;
+            for code in codes {
+                answers.push((*case, redeem(&gw, code).await));
+            }
+            let after = gw.metrics().await;
+            let per_script: Vec<(&str, f64)> = ["index", "redeem"]
+                .into_iter()
+                .map(|script| (script, calls(&after, script) - calls(&before, script)))
+                .collect();
+            least = Some(match least {
+                None => per_script,
+                Some(l) => l
+                    .iter()
+                    .zip(&per_script)
+                    .map(|(a, b)| (a.0, a.1.min(b.1)))
+                    .collect(),
+            });
+            if least.as_ref() == Some(&expected) {
+                break;
+            }
         }
-        let after = gw.metrics().await;
-        let per_script: Vec<(&str, f64)> = ["index", "redeem"]
-            .into_iter()
-            .map(|script| (script, calls(&after, script) - calls(&before, script)))
-            .collect();
-        work.push((*case, per_script));
+        work.push((*case, least.expect("measured at least once")));
     }
 
     let (_, first) = &answers[0];
@@ -96,7 +114,6 @@ async fn unknown_and_unsold_codes_cost_the_same_engine_work() {
     for (case, answer) in &answers {
         assert_eq!(answer, first, "{case}: byte-identical answers");
     }
-    let expected = vec![("index", N as f64), ("redeem", N as f64)];
     for (case, per_script) in &work {
         assert_eq!(
             per_script, &expected,
