@@ -26,7 +26,7 @@ for i = 2, #ARGV, 4 do
     end
     local k = {
       void = false, held = 0, sold = 0, uses = 0, max_issues = max_issues, max_uses = max_uses,
-      expires_at = expires_at, redeemer = '', redeemed_at = 0,
+      expires_at = expires_at, redeemer = '', redeemed_at = 0, listed = false,
     }
     redis.call('HSET', K.idx, digest, id)
     redis.call('HSET', K.codes, id, code)

@@ -7,7 +7,8 @@
 --                        the SKU in the engine, see emit); loading ('1' while a rebuild from
 --                        the ledger is under way: scripts that serve clients answer
 --                        {'loading'} instead of judging stock from a partial load)
---   2 avail        LIST  key ids that can be issued now, oldest first
+--   2 avail        LIST  key ids that can be issued now, oldest first; may also hold stale
+--                        entries (keys no longer issuable, or gone), dropped when popped
 --   3 keys         HASH  key id -> key record (see decode_key)
 --   4 codes        HASH  key id -> canonical code (returned to the claimer)
 --   5 idx          HASH  code digest -> key id
@@ -51,23 +52,35 @@ local function split(s, sep)
   end
 end
 
+-- Whether the key may be handed to another order. Every such key is in `avail`.
+local function issuable(k)
+  return not k.void and k.uses < k.max_uses and k.sold + k.held < k.max_issues
+end
+
 -- A key (one card code) record:
---   void|held|sold|uses|max_issues|max_uses|expires_at|redeemer|redeemed_at
+--   void|held|sold|uses|max_issues|max_uses|expires_at|redeemer|redeemed_at|listed
 -- held/sold count the orders holding/owning the key (more than one only for reusable codes).
+-- listed is '1' while the key id has an entry in `avail`: a key that stops being issuable
+-- keeps its entry until `take` pops and drops it (removing it at once would scan the whole
+-- list, blocking every script of the SKU's shard), and the flag keeps a key that becomes
+-- issuable again meanwhile from being listed twice. Records written before the flag existed
+-- have nine fields; back then exactly the issuable keys were listed.
 local function decode_key(rec)
   if not rec then return nil end
   local f = split(rec, '|')
-  return {
+  local k = {
     void = f[1] == '1', held = tonumber(f[2]), sold = tonumber(f[3]), uses = tonumber(f[4]),
     max_issues = tonumber(f[5]), max_uses = tonumber(f[6]), expires_at = tonumber(f[7]),
     redeemer = f[8], redeemed_at = tonumber(f[9]),
   }
+  if f[10] then k.listed = f[10] == '1' else k.listed = issuable(k) end
+  return k
 end
 
 local function encode_key(k)
   return table.concat({
     k.void and '1' or '0', int(k.held), int(k.sold), int(k.uses), int(k.max_issues),
-    int(k.max_uses), int(k.expires_at), k.redeemer, int(k.redeemed_at),
+    int(k.max_uses), int(k.expires_at), k.redeemer, int(k.redeemed_at), k.listed and '1' or '0',
   }, '|')
 end
 
@@ -86,31 +99,24 @@ local function key_state(k)
   return 'available'
 end
 
--- Whether the key may be handed to another order; exactly these keys are in `avail`.
-local function issuable(k)
-  return not k.void and k.uses < k.max_uses and k.sold + k.held < k.max_issues
-end
-
--- What `save` needs to know about a key before it changed.
+-- The state a key was in before it changed, for `save_key` (nil: a new key).
 local function snapshot(k)
-  if not k then return { state = nil, in_list = false } end
-  return { state = key_state(k), in_list = issuable(k) }
+  return k and key_state(k)
 end
 
--- Stores a changed key and keeps `counts` and `avail` consistent with it.
+-- Stores a changed key and keeps `counts` consistent with it, and lists it in `avail` if it
+-- became issuable and has no entry there. O(1): an entry that went stale stays (see
+-- decode_key).
 local function save_key(id, before, k)
+  local list = issuable(k) and not k.listed
+  if list then k.listed = true end
   redis.call('HSET', K.keys, id, encode_key(k))
   local state = key_state(k)
-  if before.state ~= state then
-    if before.state then redis.call('HINCRBY', K.counts, before.state, -1) end
+  if before ~= state then
+    if before then redis.call('HINCRBY', K.counts, before, -1) end
     redis.call('HINCRBY', K.counts, state, 1)
   end
-  local want = issuable(k)
-  if want and not before.in_list then
-    redis.call('RPUSH', K.avail, id)
-  elseif before.in_list and not want then
-    redis.call('LREM', K.avail, 0, id)
-  end
+  if list then redis.call('RPUSH', K.avail, id) end
 end
 
 -- An order record:
@@ -204,11 +210,13 @@ local function take(qty, now)
     if not batch then break end
     for _, id in ipairs(batch) do
       local k = not recs[id] and load_key(id)
-      -- `avail` only ever holds issuable keys; a stale entry is dropped, not issued.
-      if k and issuable(k) then
-        if k.expires_at > 0 and now >= k.expires_at then
+      if k then
+        k.listed = false -- popped: its one entry is gone
+        if not issuable(k) then
+          -- A stale entry: dropped, never issued; the record learns it is unlisted.
+          redis.call('HSET', K.keys, id, encode_key(k))
+        elseif k.expires_at > 0 and now >= k.expires_at then
           local before = snapshot(k)
-          before.in_list = false -- popped
           k.void = true
           save_key(id, before, k)
           expired[#expired + 1] = id
@@ -226,6 +234,7 @@ local function take(qty, now)
     EMITTED = answer -- not the change a client is answered about
   end
   if #got < qty then
+    -- Back at the head, in order; their records still say listed (never saved here).
     for i = #got, 1, -1 do redis.call('LPUSH', K.avail, got[i]) end
     return nil, #got
   end
@@ -238,7 +247,6 @@ local function issue(ids, held, recs)
   for _, id in ipairs(ids) do
     local k = recs[id]
     local before = snapshot(k)
-    before.in_list = false -- `take` popped it
     if held then k.held = k.held + 1 else k.sold = k.sold + 1 end
     save_key(id, before, k)
   end

@@ -13,5 +13,5 @@ if k.void then return { 'replay' } end
 local before = snapshot(k)
 k.void = true
 save_key(id, before, k)
-local eid = emit('void', now, { 'ids', id, 'reason', reason, 'before', before.state })
-return { 'new', before.state, EMITTED, eid }
+local eid = emit('void', now, { 'ids', id, 'reason', reason, 'before', before })
+return { 'new', before, EMITTED, eid }

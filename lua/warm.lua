@@ -67,12 +67,13 @@ for n = 1, #digests do
     idx[#idx + 1] = id
     codes[#codes + 1] = id
     codes[#codes + 1] = code
+    -- A key new to the engine: what save_key(id, snapshot(nil), k) does, gathered.
+    k.listed = issuable(k)
+    if k.listed then avail[#avail + 1] = id end
     records[#records + 1] = id
     records[#records + 1] = encode_key(k)
-    -- A key new to the engine: what save_key(id, snapshot(nil), k) does, gathered.
     local state = key_state(k)
     counts[state] = (counts[state] or 0) + 1
-    if issuable(k) then avail[#avail + 1] = id end
     digest_ids[digest], loaded[id] = id, true
     reply[n] = id
   end

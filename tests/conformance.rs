@@ -573,6 +573,123 @@ async fn void_takes_codes_out_and_restore_puts_them_back(h: Harness) {
     ));
 }
 
+/// The key ids in the SKU's `avail` list, head first (put back as they were).
+async fn listed(h: &Harness, sku: &str) -> Vec<String> {
+    static PROBE: std::sync::OnceLock<&'static Script> = std::sync::OnceLock::new();
+    let probe = PROBE.get_or_init(|| {
+        Box::leak(Box::new(Script::new(
+            "probe_listed",
+            "local ids = redis.call('LPOP', K.avail, 100000) or {}\n\
+             if #ids > 0 then redis.call('RPUSH', K.avail, unpack(ids)) end\n\
+             return ids",
+        )))
+    });
+    let reply = h
+        .inv
+        .engine()
+        .eval(probe, sku_keys(sku), vec![])
+        .await
+        .expect("probe runs");
+    reply
+        .as_array()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| r.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// A key that stops being issuable keeps its place in line until a claim reaches it (taking
+/// it out at once would scan the whole line); it is then dropped, never issued. A key that
+/// becomes issuable again before that is not listed a second time.
+async fn keys_leave_and_rejoin_the_line_each_listed_once(h: Harness) {
+    let codes: Vec<String> = (h.stock("line", SkuConfig::default(), 6).await)
+        .iter()
+        .map(|c| c.to_uppercase())
+        .collect();
+    h.inv.void("line.2", "leaked").await.expect("void");
+    h.inv.void("line.4", "leaked").await.expect("void");
+    h.inv
+        .restore("line.4", "false alarm")
+        .await
+        .expect("restore");
+    for _ in 0..2 {
+        h.inv.void("line.6", "leaked").await.expect("void");
+        h.inv
+            .restore("line.6", "false alarm")
+            .await
+            .expect("restore");
+    }
+    h.inv.void("line.6", "leaked").await.expect("void");
+    h.hold("line", "h-1", 1, 1_000).await.expect("hold");
+    h.inv.release("line", "h-1").await.expect("release");
+
+    let line = listed(&h, "line").await;
+    let unique: HashSet<&String> = line.iter().collect();
+    assert_eq!(unique.len(), line.len(), "a key listed twice: {line:?}");
+    for id in ["line.1", "line.3", "line.4", "line.5"] {
+        assert!(
+            line.iter().any(|l| format!("line.{l}") == id),
+            "{id} not listed: {line:?}"
+        );
+    }
+
+    let mut sold = HashSet::new();
+    for i in 0..4 {
+        let order = h
+            .claim("line", &format!("o-{i}"), 1)
+            .await
+            .expect("in stock");
+        for code in codes_of(&order) {
+            assert!(sold.insert(code.clone()), "{code} sold twice");
+        }
+    }
+    let expected: HashSet<String> = [0, 2, 3, 4].iter().map(|&i| codes[i].clone()).collect();
+    assert_eq!(sold, expected, "the void keys 2 and 6 were never issued");
+    assert!(matches!(
+        h.claim("line", "o-4", 1).await,
+        Err(Error::SoldOut)
+    ));
+    assert_eq!(
+        listed(&h, "line").await,
+        Vec::<String>::new(),
+        "stale entries dropped"
+    );
+    let counts = h.counts("line").await;
+    assert_eq!((counts.available, counts.claimed, counts.void), (0, 4, 2));
+
+    // Back on sale exactly once.
+    h.inv.restore("line.2", "found").await.expect("restore");
+    let order = h.claim("line", "o-5", 1).await.expect("restored key");
+    assert_eq!(codes_of(&order), [codes[1].clone()]);
+    assert!(matches!(
+        h.claim("line", "o-6", 1).await,
+        Err(Error::SoldOut)
+    ));
+
+    // A reusable key goes back in line after each issue; a void and restore meanwhile
+    // leaves it listed once, so it is issued exactly up to max_issues.
+    let reusable = SkuConfig {
+        max_issues: 3,
+        ..SkuConfig::default()
+    };
+    let code = h.stock("again", reusable, 1).await.remove(0).to_uppercase();
+    h.claim("again", "o-1", 1).await.expect("first issue");
+    h.inv.void("again.1", "leaked").await.expect("void");
+    h.inv
+        .restore("again.1", "false alarm")
+        .await
+        .expect("restore");
+    assert_eq!(listed(&h, "again").await, ["1"]);
+    for order in ["o-2", "o-3"] {
+        let got = h.claim("again", order, 1).await.expect("issued again");
+        assert_eq!(codes_of(&got), std::slice::from_ref(&code));
+    }
+    assert!(matches!(
+        h.claim("again", "o-4", 1).await,
+        Err(Error::SoldOut)
+    ));
+}
+
 async fn every_state_change_is_an_event(h: Harness) {
     h.stock("events", SkuConfig::default(), 4).await;
     let code = codes_of(&h.claim("events", "o-1", 1).await.expect("claim")).remove(0);
@@ -655,6 +772,7 @@ conformance!(
     expired_cards_cannot_be_redeemed,
     adding_codes_again_changes_nothing,
     void_takes_codes_out_and_restore_puts_them_back,
+    keys_leave_and_rejoin_the_line_each_listed_once,
     every_state_change_is_an_event,
     redeem_without_sku_finds_the_code_through_the_index,
     expired_codes_are_never_issued_and_are_retired,

@@ -96,7 +96,7 @@ impl Env {
 async fn lose_key(inv: &Inventory, sku: &str, id: &str) {
     let probe: &'static Script = Box::leak(Box::new(Script::new(
         "probe_lose",
-        "redis.call('HDEL', K.keys, ARGV[1]) redis.call('LREM', K.avail, 0, ARGV[1]) \
+        "redis.call('HDEL', K.keys, ARGV[1]) \
          redis.call('HINCRBY', K.counts, 'available', -1) return 1",
     )));
     inv.engine()
