@@ -13,11 +13,8 @@ local order_id, now = ARGV[1], tonumber(ARGV[2])
 local refused = unservable()
 if refused then return refused end
 expire_due(now, 100)
-local o = decode_order(redis.call('HGET', K.orders, order_id))
+local o = current_order(order_id, now)
 if not o then return { 'not_found' } end
-if o.state == 'held' and now >= o.expires_at then
-  expire_order(order_id, o, now)
-end
 
 if o.state == 'claimed' then return order_reply('replay', o) end
 if o.state == 'released' then return { 'hold_expired' } end

@@ -7,9 +7,6 @@
 local order_id, now = ARGV[1], tonumber(ARGV[2])
 local refused = unservable()
 if refused then return refused end
-local o = decode_order(redis.call('HGET', K.orders, order_id))
+local o = current_order(order_id, now)
 if not o then return { 'not_found' } end
-if o.state == 'held' and now >= o.expires_at then
-  expire_order(order_id, o, now)
-end
 return order_reply('found', o)

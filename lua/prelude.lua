@@ -275,6 +275,16 @@ local function expire_order(order_id, o, now)
   redis.call('ZREM', K.holds, order_id)
 end
 
+-- Order `order_id` as of `now` (nil when unknown), its hold lapsed first if it is due: a
+-- lapsed hold is never observed or acted on as held.
+local function current_order(order_id, now)
+  local o = decode_order(redis.call('HGET', K.orders, order_id))
+  if o and o.state == 'held' and now >= o.expires_at then
+    expire_order(order_id, o, now)
+  end
+  return o
+end
+
 -- Lapses up to `limit` holds that are due. Scripts that issue or read orders call it first,
 -- so an expired hold is never observed as held and its stock is never missed.
 local function expire_due(now, limit)
