@@ -16,7 +16,7 @@ use crate::gateway::open_engine;
 use crate::inventory::formats::UploadFormat;
 use crate::inventory::import::{Begun, ImportReport, Importer};
 use crate::inventory::reconcile::{self, SkuReconcile};
-use crate::inventory::warm::{ledger_error, restore_sku, warm_sku, WarmReport};
+use crate::inventory::warm::{restore_sku, warm_sku, WarmReport};
 use crate::inventory::Inventory;
 use crate::ledger::writer::{EventWriter, WriterOptions};
 use crate::ledger::{self, Ledger, PauseEventRecord};
@@ -134,7 +134,7 @@ pub async fn warm(
             check_sku(sku)?;
             vec![sku.to_owned()]
         }
-        None => ledger.list_skus().await.map_err(ledger_error)?,
+        None => ledger.list_skus().await.map_err(Error::from)?,
     };
     let mut reports = Vec::new();
     for sku in skus {

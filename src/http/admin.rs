@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::inventory::formats::UploadFormat;
 use crate::inventory::import::{self, Begun, Importer};
 use crate::inventory::reconcile;
-use crate::inventory::warm::{ledger_error, restore_sku, warm_sku};
+use crate::inventory::warm::{restore_sku, warm_sku};
 use crate::metrics as m;
 use crate::sku::{
     check_id, check_reason, check_sku, parse_key_id, Retirement, SkuConfig, MAX_ID_LEN,
@@ -237,13 +237,8 @@ pub async fn key_events(app: &App, params: Params, req: Request<Incoming>) -> Re
     let key_id = params.get("key_id");
     let not_found = || Error::NotFound(format!("key {key_id}"));
     parse_key_id(key_id).ok_or_else(not_found)?;
-    let key = app
-        .ledger
-        .get_key(key_id)
-        .await
-        .map_err(ledger_error)?
-        .ok_or_else(not_found)?;
-    let events = app.ledger.key_events(key_id).await.map_err(ledger_error)?;
+    let key = app.ledger.get_key(key_id).await?.ok_or_else(not_found)?;
+    let events = app.ledger.key_events(key_id).await?;
     let events: Vec<_> = events
         .iter()
         .map(|e| {

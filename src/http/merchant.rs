@@ -8,7 +8,6 @@ use super::body::{self, JsonBody, Reply};
 use super::{App, Params};
 use crate::error::timestamp;
 use crate::error::Error;
-use crate::inventory::warm::ledger_error;
 use crate::inventory::{drift, ClaimRequest, Order};
 use crate::metrics as m;
 use crate::pause::{or_paused, Action};
@@ -277,7 +276,7 @@ pub async fn sku_view(app: &App, sku: &str) -> Result<Reply, Error> {
         app.ledger.counts_by_version(sku)
     );
     let engine = engine?;
-    let ledger = ledger.map_err(ledger_error)?;
+    let ledger = ledger?;
     let mut by_version = by_version?;
     // Every format the SKU had, the current one first, with its keys (in the ledger) by
     // state.

@@ -21,7 +21,7 @@
 use serde_json::{json, Value};
 
 use super::formats::{Parsed, RowParser, UploadFormat};
-use super::warm::{ledger_error, warm_sku, WarmReport};
+use super::warm::{warm_sku, WarmReport};
 use super::Inventory;
 use crate::code::digest;
 use crate::error::{timestamp, Error};
@@ -128,8 +128,7 @@ impl<'a> Importer<'a> {
         let now = inventory.now_ms();
         let started = ledger
             .begin_batch(sku, batch_id, &upload_id, now as i64)
-            .await
-            .map_err(ledger_error)?;
+            .await?;
         match started {
             BatchStart::New => {}
             BatchStart::Existing(batch) => {
@@ -200,8 +199,7 @@ impl<'a> Importer<'a> {
         }
         self.ledger
             .touch_batch(self.sku, self.batch_id, &self.upload_id, now as i64)
-            .await
-            .map_err(ledger_error)?;
+            .await?;
         self.renewed_at_ms = now;
         Ok(())
     }
@@ -261,8 +259,7 @@ impl<'a> Importer<'a> {
         let outcomes = self
             .ledger
             .insert_keys(self.sku, self.batch_id, &self.upload_id, &self.pending)
-            .await
-            .map_err(ledger_error)?;
+            .await?;
         for (key, outcome) in self.pending.iter().zip(outcomes) {
             match outcome {
                 InsertOutcome::Inserted { local_id, .. } => {
@@ -330,7 +327,7 @@ impl<'a> Importer<'a> {
                 now,
             )
             .await
-            .map_err(ledger_error)
+            .map_err(Error::from)
     }
 
     /// Gives up on the upload: the ledger forgets the batch and its keys, and the batch id
@@ -366,8 +363,7 @@ pub async fn activate(
 ) -> Result<WarmReport, Error> {
     ledger
         .activate_batch(sku, batch_id, inventory.now_ms() as i64)
-        .await
-        .map_err(ledger_error)?;
+        .await?;
     // Keys already in the engine are skipped, so warming the whole SKU is safe; it is
     // bounded by the SKU's size, which activation of a large batch is anyway.
     warm_sku(ledger, inventory, sku, 0, |_| {}).await

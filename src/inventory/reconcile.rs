@@ -17,7 +17,6 @@
 
 use serde::Serialize;
 
-use super::warm::ledger_error;
 use super::Inventory;
 use crate::engine::{Reply, SCRIPTS};
 use crate::error::Error;
@@ -108,10 +107,7 @@ pub async fn reconcile_sku(
     };
     let mut cursor = 0;
     loop {
-        let keys = ledger
-            .keys_after(sku, cursor, CHUNK)
-            .await
-            .map_err(ledger_error)?;
+        let keys = ledger.keys_after(sku, cursor, CHUNK).await?;
         let Some(last) = keys.last() else {
             return Ok(out);
         };
@@ -207,7 +203,7 @@ where
 {
     let skus = match sku {
         Some(sku) => vec![sku.to_owned()],
-        None => ledger.list_skus().await.map_err(ledger_error)?,
+        None => ledger.list_skus().await?,
     };
     let mut out = Vec::with_capacity(skus.len());
     for sku in skus {

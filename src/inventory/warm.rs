@@ -7,7 +7,7 @@
 //! interrupted warm-up simply runs again.
 
 use crate::error::Error;
-use crate::ledger::{KeyRecord, Ledger, LedgerError};
+use crate::ledger::{KeyRecord, Ledger};
 use crate::sku::SkuConfig;
 
 use super::Inventory;
@@ -27,11 +27,6 @@ pub struct WarmReport {
     pub present: u64,
     /// The highest local id seen: where the next warm-up of new keys starts.
     pub last_local_id: i64,
-}
-
-/// Maps a ledger failure to the API's error.
-pub fn ledger_error(e: LedgerError) -> Error {
-    Error::from(e)
 }
 
 /// Loads every key of `sku` with a local id above `after_local_id` from the ledger into the
@@ -60,10 +55,7 @@ async fn warm_generation(
         last_local_id: after_local_id,
         ..WarmReport::default()
     };
-    let mut page = ledger
-        .keys_after(sku, after_local_id, WARM_CHUNK)
-        .await
-        .map_err(ledger_error)?;
+    let mut page = ledger.keys_after(sku, after_local_id, WARM_CHUNK).await?;
     while let Some(last) = page.last() {
         report.last_local_id = last.local_id;
         // The next page is read from the ledger while this one loads into the engine: two
@@ -76,7 +68,7 @@ async fn warm_generation(
         report.loaded += loaded;
         report.present += page.len() as u64 - loaded;
         progress(report);
-        page = next.map_err(ledger_error)?;
+        page = next?;
     }
     Ok(report)
 }
@@ -198,10 +190,7 @@ pub async fn restore_orders(
     let mut cursor = 0;
     let mut applied = 0;
     loop {
-        let events = ledger
-            .order_events_after(sku, cursor, ORDER_CHUNK)
-            .await
-            .map_err(ledger_error)?;
+        let events = ledger.order_events_after(sku, cursor, ORDER_CHUNK).await?;
         let Some((last, _)) = events.last() else {
             return Ok(applied);
         };
@@ -325,8 +314,7 @@ pub async fn check_epoch(
     };
     let ledger_epoch = ledger
         .get_sku(sku)
-        .await
-        .map_err(ledger_error)?
+        .await?
         .and_then(|r| r.epoch)
         .unwrap_or_default();
     if !engine_epoch.is_empty() && engine_epoch == ledger_epoch {
@@ -339,10 +327,7 @@ pub async fn check_epoch(
             super::reconcile::reconcile_sku(ledger, inventory, sku, true, in_flight).await?;
         // If the engine lost its orders too (its oldest order is gone), rebuild them. One
         // probe decides: rebuilding on top of surviving orders would count users twice.
-        let oldest = ledger
-            .order_events_after(sku, 0, 1)
-            .await
-            .map_err(ledger_error)?;
+        let oldest = ledger.order_events_after(sku, 0, 1).await?;
         if let Some((_, first)) = oldest.first() {
             let order_id = first.order_id.as_deref().unwrap_or_default();
             if !inventory.order_exists(sku, order_id).await? {
@@ -363,7 +348,7 @@ pub async fn check_epoch(
         EpochCheck::Diverged(report)
     };
     let epoch = hex::encode(rand::random::<[u8; 8]>());
-    ledger.set_epoch(sku, &epoch).await.map_err(ledger_error)?;
+    ledger.set_epoch(sku, &epoch).await?;
     inventory.mark_epoch(sku, &epoch).await?;
     Ok(outcome)
 }
