@@ -7,10 +7,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use kamigate::engine::embedded::EmbeddedEngine;
+use kamigate::engine::keys::sku_keys;
 use kamigate::engine::redis::{RedisEngine, RedisOptions};
 use kamigate::engine::{Script, ScriptEngine};
 use kamigate::error::Error;
-use kamigate::inventory::{sku_keys, Added, ClaimRequest, Counts, Inventory, NewCode, Order};
+use kamigate::inventory::{Added, ClaimRequest, Counts, Inventory, NewCode, Order};
 use kamigate::ledger::KeyRecord;
 use kamigate::sku::SkuConfig;
 use support::clock::ManualClock;

@@ -11,12 +11,13 @@ mod support;
 use std::sync::Arc;
 
 use kamigate::engine::embedded::EmbeddedEngine;
+use kamigate::engine::keys::sku_keys;
 use kamigate::engine::redis::{RedisEngine, RedisOptions};
 use kamigate::engine::{Script, ScriptEngine};
 use kamigate::inventory::formats::UploadFormat;
 use kamigate::inventory::import::{Begun, Importer};
 use kamigate::inventory::reconcile::reconcile_sku;
-use kamigate::inventory::{sku_keys, ClaimRequest, Inventory};
+use kamigate::inventory::{ClaimRequest, Inventory};
 use kamigate::ledger::writer::{EventWriter, WriterOptions};
 use kamigate::ledger::{Ledger, LedgerEvent};
 use kamigate::sku::SkuConfig;

@@ -18,16 +18,13 @@ use std::time::{Duration, Instant};
 
 use kamigate::code::digest;
 use kamigate::engine::embedded::EmbeddedEngine;
+use kamigate::engine::keys::{dead_letters_key, events_key, meta_key, sku_keys};
 use kamigate::engine::redis::{RedisEngine, RedisOptions};
 use kamigate::engine::{Reply, Script, ScriptEngine, SCRIPTS};
 use kamigate::inventory::drift::Drift;
 use kamigate::inventory::reconcile::reconcile_sku;
-use kamigate::inventory::{
-    events_key, meta_key, sku_keys, Added, ClaimRequest, Inventory, NewCode, Order,
-};
-use kamigate::ledger::writer::{
-    dead_letters_key, Backlog, EventWriter, WriterError, WriterOptions,
-};
+use kamigate::inventory::{Added, ClaimRequest, Inventory, NewCode, Order};
+use kamigate::ledger::writer::{Backlog, EventWriter, WriterError, WriterOptions};
 use kamigate::ledger::{
     BatchCounts, BatchRecord, BatchStart, EventRecord, InsertOutcome, KeyRecord, Ledger,
     LedgerError, LedgerEvent, NewKey, NewPause, PauseEventRecord, PauseRecord, SkuRecord,

@@ -9,10 +9,13 @@
 //!   against [`keyspace::Keyspace`], an in-memory keyspace implementing exactly the
 //!   `redis.call` commands the scripts use, one script at a time like Redis. Zero setup.
 //!
+//! Every key a script is given is named in [`keys`], in the order `lua/prelude.lua` lists.
+//!
 //! The engines only move [`Reply`] values; [`crate::inventory`] gives them domain meaning, so
 //! the reply parsing is shared and one conformance suite covers both.
 
 pub mod embedded;
+pub mod keys;
 pub mod keyspace;
 pub mod redis;
 pub mod script;

@@ -19,6 +19,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::code::{digest, Format};
+use crate::engine::keys::{index_shard, index_shards, orders_key, sku_keys, REGISTRY};
 use crate::engine::{EngineError, Reply, Script, ScriptEngine, SCRIPTS};
 use crate::error::{mask, timestamp, Error};
 use crate::metrics as m;
@@ -36,52 +37,6 @@ pub fn system_clock() -> Clock {
             .unwrap_or(0)
     })
 }
-
-/// The keys of one SKU, in the order `lua/prelude.lua` expects; all share the hash tag.
-pub fn sku_keys(sku: &str) -> Vec<String> {
-    [
-        "meta",
-        "avail",
-        "keys",
-        "codes",
-        "idx",
-        "orders",
-        "holds",
-        "users",
-        "redemptions",
-        "counts",
-        "events",
-    ]
-    .iter()
-    .map(|part| format!("kg:{{{sku}}}:{part}"))
-    .collect()
-}
-
-/// The SKU's settings hash key.
-pub fn meta_key(sku: &str) -> String {
-    format!("kg:{{{sku}}}:meta")
-}
-
-/// The SKU's event stream key.
-pub fn events_key(sku: &str) -> String {
-    format!("kg:{{{sku}}}:events")
-}
-
-/// The global code index is sharded by the digest's first hex digit, so on Redis Cluster it
-/// spreads over 16 slots instead of one hot key.
-fn index_shard(digest: &str) -> String {
-    let shard = digest.get(..1).unwrap_or("0");
-    format!("kg:{{ix{shard}}}:codes")
-}
-
-/// Every shard of the global index.
-fn index_shards() -> impl Iterator<Item = String> {
-    "0123456789abcdef"
-        .chars()
-        .map(|c| format!("kg:{{ix{c}}}:codes"))
-}
-
-const REGISTRY: &str = "kg:skus";
 
 /// A void or restore that changed a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -294,8 +249,10 @@ impl Inventory {
 
     /// Whether `sku` has an order `order_id`, by a plain read rather than a script.
     pub async fn order_exists(&self, sku: &str, order_id: &str) -> Result<bool, Error> {
-        let key = format!("kg:{{{sku}}}:orders");
-        Ok(self.engine.hexists(key, order_id.to_owned()).await?)
+        Ok(self
+            .engine
+            .hexists(orders_key(sku), order_id.to_owned())
+            .await?)
     }
 
     /// Now, in milliseconds since the epoch.

@@ -71,8 +71,8 @@ use tokio::sync::{watch, Notify};
 use super::journal::{split_answer_id, Journal};
 use super::stream::event_from_entry;
 use super::{Ledger, LedgerError, LedgerEvent};
+use crate::engine::keys::{dead_letters_key, events_key, meta_key};
 use crate::engine::{EngineError, Reply, ScriptEngine, SCRIPTS};
-use crate::inventory::{events_key, meta_key};
 use crate::metrics as m;
 
 // The writer's metrics are named in the catalogue with the rest ([`crate::metrics`]).
@@ -80,11 +80,6 @@ pub use crate::metrics::{
     EVENTS_COMMITTED, EVENTS_DEAD_LETTERED, LEDGER_WRITE_DURATION, LEDGER_WRITE_FAILURES,
     STREAM_BACKLOG, STREAM_OLDEST_AGE,
 };
-
-/// The SKU's dead-letter stream: poison entries of its event stream, moved aside.
-pub fn dead_letters_key(sku: &str) -> String {
-    format!("kg:{{{sku}}}:dead")
-}
 
 /// Most entries per batch: the acknowledgement passes them as script arguments, and Lua 5.1
 /// unpacks at most about 8,000 values at once.

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::keys::window_keys;
 use crate::engine::{EngineError, Reply, ScriptEngine, SCRIPTS};
 use crate::inventory::Clock;
 
@@ -103,13 +104,6 @@ impl Windows {
         }
     }
 
-    fn keys(kind: &str, subject: &str) -> Vec<String> {
-        vec![
-            format!("kg:lim:{{{kind}:{subject}}}:events"),
-            format!("kg:lim:{{{kind}:{subject}}}:lock"),
-        ]
-    }
-
     /// A member unique across instances, so two events in the same millisecond both count.
     fn member(&self, now: u64) -> String {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
@@ -124,7 +118,7 @@ impl Windows {
     ) -> Result<Verdict, EngineError> {
         let reply = self
             .engine
-            .eval(&SCRIPTS.window, Windows::keys(kind, subject), args)
+            .eval(&SCRIPTS.window, window_keys(kind, subject), args)
             .await?;
         let items = reply.as_array().unwrap_or_default();
         let ms = items.get(1).and_then(Reply::as_i64).unwrap_or(0).max(1) as u64;

@@ -1,0 +1,126 @@
+//! The names of every engine key, in one place.
+//!
+//! A SKU's keys are handed to its scripts in the order `lua/prelude.lua` lists them (its
+//! `KEYS` list, read into the table `K`); [`sku_keys`] builds exactly that list, and a test
+//! below reads the prelude to keep the two in step. Every key of one SKU carries the SKU's
+//! hash tag (`kg:{<sku>}:…`), so a script touches one Redis Cluster slot. Keys outside a
+//! SKU (the global code index, the SKU registry, the limiters' windows) have hash tags of
+//! their own, so they spread over the cluster instead of making one slot hot.
+//!
+//! Both the inventory and the event writer name keys through here, so neither imports the
+//! other for a name.
+
+/// The parts of a SKU's keys, in `lua/prelude.lua`'s order.
+const SKU_PARTS: [&str; 11] = [
+    "meta",
+    "avail",
+    "keys",
+    "codes",
+    "idx",
+    "orders",
+    "holds",
+    "users",
+    "redemptions",
+    "counts",
+    "events",
+];
+
+fn sku_key(sku: &str, part: &str) -> String {
+    format!("kg:{{{sku}}}:{part}")
+}
+
+/// The keys of one SKU, in the order `lua/prelude.lua` expects; all share the hash tag.
+pub fn sku_keys(sku: &str) -> Vec<String> {
+    SKU_PARTS.iter().map(|part| sku_key(sku, part)).collect()
+}
+
+/// The SKU's settings hash key.
+pub fn meta_key(sku: &str) -> String {
+    sku_key(sku, "meta")
+}
+
+/// The SKU's orders hash key.
+pub fn orders_key(sku: &str) -> String {
+    sku_key(sku, "orders")
+}
+
+/// The SKU's event stream key.
+pub fn events_key(sku: &str) -> String {
+    sku_key(sku, "events")
+}
+
+/// The SKU's dead-letter stream: poison entries of its event stream, moved aside.
+pub fn dead_letters_key(sku: &str) -> String {
+    sku_key(sku, "dead")
+}
+
+/// The set of every SKU the engine has, for listing them.
+pub const REGISTRY: &str = "kg:skus";
+
+/// The shard of the global code index that holds `digest`. The index is sharded by the
+/// digest's first hex digit, so on Redis Cluster it spreads over 16 slots instead of one
+/// hot key.
+pub fn index_shard(digest: &str) -> String {
+    let shard = digest.get(..1).unwrap_or("0");
+    format!("kg:{{ix{shard}}}:codes")
+}
+
+/// Every shard of the global index.
+pub fn index_shards() -> impl Iterator<Item = String> {
+    "0123456789abcdef"
+        .chars()
+        .map(|c| format!("kg:{{ix{c}}}:codes"))
+}
+
+/// The keys of a sliding window (`lua/window.lua`): its events and its lockout, sharing the
+/// hash tag of the limited `subject` under rule `kind`.
+pub fn window_keys(kind: &str, subject: &str) -> Vec<String> {
+    vec![
+        format!("kg:lim:{{{kind}:{subject}}}:events"),
+        format!("kg:lim:{{{kind}:{subject}}}:lock"),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sku_keys_follow_the_order_of_the_prelude() {
+        let prelude = include_str!("../../lua/prelude.lua");
+        // `local K = { meta = KEYS[1], avail = KEYS[2], … }`
+        let table = prelude
+            .split_once("local K = {")
+            .and_then(|(_, rest)| rest.split_once('}'))
+            .map(|(table, _)| table)
+            .expect("the prelude names its KEYS in a table K");
+        let mut named: Vec<(usize, &str)> = table
+            .split(',')
+            .filter_map(|entry| {
+                let (name, index) = entry.split_once("= KEYS[")?;
+                let index = index.trim().trim_end_matches(']').parse().ok()?;
+                Some((index, name.trim()))
+            })
+            .collect();
+        named.sort();
+        let in_order: Vec<&str> = named.iter().map(|(_, name)| *name).collect();
+        assert_eq!(in_order, SKU_PARTS);
+        assert_eq!(
+            named.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            (1..=SKU_PARTS.len()).collect::<Vec<_>>()
+        );
+        let keys = sku_keys("s");
+        assert_eq!(keys.len(), SKU_PARTS.len());
+        assert!(keys.iter().all(|k| k.starts_with("kg:{s}:")), "{keys:?}");
+    }
+
+    #[test]
+    fn every_index_shard_is_one_of_sixteen() {
+        let shards: Vec<String> = index_shards().collect();
+        assert_eq!(shards.len(), 16);
+        for digit in "0123456789abcdef".chars() {
+            assert!(shards.contains(&index_shard(&format!("{digit}ff"))));
+        }
+        assert_eq!(index_shard(""), "kg:{ix0}:codes");
+    }
+}
