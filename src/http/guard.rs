@@ -19,8 +19,9 @@ use crate::inventory::Clock;
 use crate::limit::window::{Verdict, Windows};
 use crate::limit::{
     client_ip, record, ClientKey, Decision, Fingerprinter, GlobalBucket, InFlight, InFlightGuard,
-    KeyedBuckets, LimitsConfig, LockoutCache, SoldOutCache, TokenId, DECISIONS,
+    KeyedBuckets, LimitsConfig, LockoutCache, SoldOutCache, TokenId,
 };
+use crate::metrics::LIMITER_DECISIONS;
 
 /// All per-instance limiter state, plus the handle to the cluster-wide windows.
 pub struct Edge {
@@ -174,7 +175,8 @@ impl Edge {
 
     /// Counts a sold-out answer given at the edge.
     pub fn sold_out_at_edge(&self) {
-        metrics::counter!(DECISIONS, "rule" => "sold_out_cache", "decision" => "deny").increment(1);
+        metrics::counter!(LIMITER_DECISIONS, "rule" => "sold_out_cache", "decision" => "deny")
+            .increment(1);
     }
 
     /// Drops idle buckets and expired cache entries.
@@ -213,7 +215,7 @@ impl Edge {
         } else {
             "fail_closed"
         };
-        metrics::counter!(DECISIONS, "rule" => rule, "decision" => decision).increment(1);
+        metrics::counter!(LIMITER_DECISIONS, "rule" => rule, "decision" => decision).increment(1);
         tracing::warn!(rule, decision, error = %e, "limiter window unreachable");
         if fail_open {
             Ok(())
@@ -243,7 +245,8 @@ fn register_decisions(config: &LimitsConfig) {
     for (rule, enabled, decisions) in rules {
         if enabled {
             for decision in decisions {
-                metrics::counter!(DECISIONS, "rule" => rule, "decision" => *decision).increment(0);
+                metrics::counter!(LIMITER_DECISIONS, "rule" => rule, "decision" => *decision)
+                    .increment(0);
             }
         }
     }

@@ -74,9 +74,7 @@ use super::{Ledger, LedgerError, LedgerEvent};
 use crate::engine::keys::{dead_letters_key, events_key, meta_key};
 use crate::engine::{EngineError, Reply, ScriptEngine, SCRIPTS};
 use crate::metrics as m;
-
-// The writer's metrics are named in the catalogue with the rest ([`crate::metrics`]).
-pub use crate::metrics::{
+use crate::metrics::{
     EVENTS_COMMITTED, EVENTS_DEAD_LETTERED, LEDGER_WRITE_DURATION, LEDGER_WRITE_FAILURES,
     STREAM_BACKLOG, STREAM_OLDEST_AGE,
 };

@@ -27,11 +27,11 @@
 //!
 //! # Decisions and metrics
 //!
-//! Every check of an enabled rule records one [`DECISIONS`] sample labelled with the rule's
-//! name and [`Decision::label`]. Disabled rules record nothing. The limiters register their
-//! metric handles on their first decision and keep them, which saves a registry lookup (and
-//! a label allocation) per request; the recorder must therefore be installed before the first
-//! request, as the gateway does before it starts serving.
+//! Every check of an enabled rule records one [`LIMITER_DECISIONS`] sample labelled with the
+//! rule's name and [`Decision::label`]. Disabled rules record nothing. The limiters register
+//! their metric handles on their first decision and keep them, which saves a registry lookup
+//! (and a label allocation) per request; the recorder must therefore be installed before the
+//! first request, as the gateway does before it starts serving.
 
 pub mod bucket;
 pub mod cache;
@@ -51,15 +51,13 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
 use crate::error::Error;
+use crate::metrics::LIMITER_DECISIONS;
 
 pub use bucket::{GlobalBucket, KeyedBuckets, TokenId};
 pub use cache::{LockoutCache, SoldOutCache};
 pub use client::{client_ip, ClientKey, ForwardedHeader};
 pub use shed::{InFlight, InFlightGuard};
 pub use window::{FailureRule, RateRule};
-
-// The limiters' metrics are named in the catalogue with the rest ([`crate::metrics`]).
-pub use crate::metrics::{IN_FLIGHT_REQUESTS as IN_FLIGHT, LIMITER_DECISIONS as DECISIONS, SHED};
 
 /// Largest accepted `per_second`: beyond it governor's one-token interval rounds to 0 ns.
 const MAX_PER_SECOND: u32 = 1_000_000_000;
@@ -279,7 +277,7 @@ impl Decision {
         !matches!(self, Decision::Deny { .. })
     }
 
-    /// The `decision` label of [`DECISIONS`].
+    /// The `decision` label of [`LIMITER_DECISIONS`].
     pub fn label(&self) -> &'static str {
         DECISION_LABELS[self.index()]
     }
@@ -306,14 +304,15 @@ impl Decision {
 
 const DECISION_LABELS: [&str; 3] = ["allow", "deny", "shadow_deny"];
 
-/// Counts one decision of `rule` in [`DECISIONS`]. The in-process limiters count their own
-/// (through cached handles); this is for rules decided elsewhere, such as the Redis windows,
-/// so every rule shares one metric.
+/// Counts one decision of `rule` in [`LIMITER_DECISIONS`]. The in-process limiters count their
+/// own (through cached handles); this is for rules decided elsewhere, such as the Redis
+/// windows, so every rule shares one metric.
 pub fn record(rule: &'static str, decision: Decision) {
-    metrics::counter!(DECISIONS, "rule" => rule, "decision" => decision.label()).increment(1);
+    metrics::counter!(LIMITER_DECISIONS, "rule" => rule, "decision" => decision.label())
+        .increment(1);
 }
 
-/// One rule's [`DECISIONS`] counters, registered on the first decision.
+/// One rule's [`LIMITER_DECISIONS`] counters, registered on the first decision.
 struct DecisionCounters {
     rule: &'static str,
     counters: OnceLock<[metrics::Counter; 3]>,
@@ -330,7 +329,7 @@ impl DecisionCounters {
     fn record(&self, decision: Decision) {
         let counters = self.counters.get_or_init(|| {
             DECISION_LABELS
-                .map(|label| metrics::counter!(DECISIONS, "rule" => self.rule, "decision" => label))
+                .map(|label| metrics::counter!(LIMITER_DECISIONS, "rule" => self.rule, "decision" => label))
         });
         counters[decision.index()].increment(1);
     }

@@ -14,8 +14,8 @@ use std::sync::OnceLock;
 
 use metrics::{Counter, Gauge};
 
-use super::{IN_FLIGHT, SHED};
 use crate::error::Error;
+use crate::metrics::{IN_FLIGHT_REQUESTS, SHED};
 
 /// The in-flight cap shared by every request of a listener.
 #[derive(Debug)]
@@ -73,7 +73,7 @@ impl InFlight {
 
     fn metrics(&self) -> &ShedMetrics {
         self.metrics.get_or_init(|| ShedMetrics {
-            in_flight: metrics::gauge!(IN_FLIGHT),
+            in_flight: metrics::gauge!(IN_FLIGHT_REQUESTS),
             shed: metrics::counter!(SHED),
         })
     }
