@@ -9,6 +9,7 @@ use std::sync::Arc;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::io::AsyncReadExt;
 
+use crate::clock;
 use crate::config::Config;
 use crate::engine::EngineKind;
 use crate::error::Error;
@@ -213,7 +214,7 @@ pub async fn pause(
     order: &PauseOrder,
 ) -> Result<Vec<(Pause, bool)>, CommandError> {
     let ledger = ledger::open(config.database_url.as_deref(), &config.data_dir).await?;
-    Ok(pause::pause(ledger.as_ref(), order, now_ms()).await?)
+    Ok(pause::pause(ledger.as_ref(), order, clock::now_ms()).await?)
 }
 
 /// `kamigate resume ACTION (--sku S | --gateway)`: lifts the pause in the ledger. Returns,
@@ -223,7 +224,7 @@ pub async fn resume(
     order: &ResumeOrder,
 ) -> Result<Vec<(Action, Option<Pause>)>, CommandError> {
     let ledger = ledger::open(config.database_url.as_deref(), &config.data_dir).await?;
-    Ok(pause::resume(ledger.as_ref(), order, now_ms()).await?)
+    Ok(pause::resume(ledger.as_ref(), order, clock::now_ms()).await?)
 }
 
 /// `kamigate pauses [--sku S] [--limit N]`: the pauses in force and the latest pauses and
@@ -248,8 +249,4 @@ pub async fn pauses(
         in_force.iter().filter_map(Pause::from_record).collect(),
         history,
     ))
-}
-
-fn now_ms() -> u64 {
-    (crate::inventory::system_clock())()
 }

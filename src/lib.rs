@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //!
+//! - [`clock`]: the one notion of "now", injected so tests move time by hand.
 //! - [`config`]: configuration from defaults, a TOML file and `KAMIGATE_*` variables.
 //! - [`error`]: the API's error type, its HTTP status and JSON envelope.
 //! - [`code`]: code formats: normalise, validate, check character, generate (pure).
@@ -20,6 +21,7 @@
 //! - [`gateway`]: wiring a [`config::Config`] into a running gateway with background work.
 //! - [`metrics`]: every exported metric and its description.
 
+pub mod clock;
 pub mod code;
 pub mod commands;
 pub mod config;

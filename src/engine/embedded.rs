@@ -51,8 +51,9 @@ use mlua::chunk::ChunkMode;
 use mlua::{Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::keyspace::{format_g17, Clock, Keyspace, Resp, SystemClock};
+use super::keyspace::{format_g17, Keyspace, Resp};
 use super::{EngineError, EngineKind, Reply, Script, ScriptEngine};
+use crate::clock::{Clock, SystemClock};
 
 /// Jobs waiting for the engine thread. Bounded so that a burst beyond what the engine can
 /// absorb waits in the callers (where the edge's in-flight cap sheds it) rather than growing

@@ -25,40 +25,15 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+
+use crate::clock::{Clock, SystemClock};
 
 #[path = "keyspace_streams.rs"]
 mod streams;
 
 use streams::Stream;
-
-/// Milliseconds since the Unix epoch, as the keyspace sees them: key expiry and stream ids.
-///
-/// Any `Fn() -> u64 + Send` closure is a clock, so tests can share an `AtomicU64` and move time.
-pub trait Clock: Send + 'static {
-    /// The current time in milliseconds since the Unix epoch.
-    fn now_ms(&self) -> u64;
-}
-
-/// The wall clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-}
-
-impl<F: Fn() -> u64 + Send + 'static> Clock for F {
-    fn now_ms(&self) -> u64 {
-        self()
-    }
-}
 
 /// A command's reply, shaped like RESP2 so the Lua glue converts it the way Redis does.
 /// Error replies are the `Err` side of [`Keyspace::call`].

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use http::HeaderMap;
 
+use crate::clock::SharedClock;
 use crate::engine::ScriptEngine;
 use crate::error::Error;
-use crate::inventory::Clock;
 use crate::limit::window::{Verdict, Windows};
 use crate::limit::{
     client_ip, record, ClientKey, Decision, Fingerprinter, GlobalBucket, InFlight, InFlightGuard,
@@ -35,7 +35,7 @@ pub struct Edge {
     lockouts: LockoutCache,
     windows: Windows,
     fingerprints: Fingerprinter,
-    clock: Clock,
+    clock: SharedClock,
 }
 
 const FAILED_REDEMPTIONS: &str = "failed_redemptions";
@@ -43,7 +43,7 @@ const USER_CLAIMS: &str = "user_claims";
 
 impl Edge {
     /// Limiters configured by `config`; the windows live in `engine`.
-    pub fn new(config: LimitsConfig, engine: Arc<dyn ScriptEngine>, clock: Clock) -> Edge {
+    pub fn new(config: LimitsConfig, engine: Arc<dyn ScriptEngine>, clock: SharedClock) -> Edge {
         register_decisions(&config);
         Edge {
             public: KeyedBuckets::new("public", config.public, Default::default()),
@@ -95,7 +95,7 @@ impl Edge {
         if rule.max_failures == 0 {
             return Ok(());
         }
-        let now = (self.clock)();
+        let now = self.clock.now_ms();
         let ip_text = client_subject(ip);
         let subjects = [subject("ip", &ip_text), subject("redeemer", redeemer)];
         for s in &subjects {
@@ -135,7 +135,7 @@ impl Edge {
             self.windows.fail("ip", &ip_text, rule),
             self.windows.fail("redeemer", redeemer, rule)
         );
-        let now = (self.clock)();
+        let now = self.clock.now_ms();
         let subjects = [subject("ip", &ip_text), subject("redeemer", redeemer)];
         for (s, verdict) in subjects.iter().zip([by_ip, by_redeemer]) {
             match verdict {
@@ -184,7 +184,7 @@ impl Edge {
         self.public.sweep();
         self.merchant.sweep();
         self.sold_out.sweep();
-        self.lockouts.sweep((self.clock)());
+        self.lockouts.sweep(self.clock.now_ms());
     }
 
     /// How often [`Edge::sweep`] should run.

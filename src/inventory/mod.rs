@@ -18,25 +18,13 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use crate::clock::{self, SharedClock};
 use crate::code::{digest, Format};
 use crate::engine::keys::{index_shard, index_shards, orders_key, sku_keys, REGISTRY};
 use crate::engine::{EngineError, Reply, Script, ScriptEngine, SCRIPTS};
 use crate::error::{mask, timestamp, Error};
 use crate::metrics as m;
 use crate::sku::{key_id, parse_key_id, Candidate, SkuConfig};
-
-/// Milliseconds since the epoch; injected so tests control time.
-pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-/// The wall clock.
-pub fn system_clock() -> Clock {
-    Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    })
-}
 
 /// A void or restore that changed a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,7 +196,7 @@ pub enum Added {
 #[derive(Clone)]
 pub struct Inventory {
     engine: Arc<dyn ScriptEngine>,
-    clock: Clock,
+    clock: SharedClock,
     /// Told whenever a script finds a SKU missing or still loading, so the gateway checks
     /// the engine against the ledger at once instead of at its next periodic pass.
     lost: Arc<tokio::sync::Notify>,
@@ -219,11 +207,11 @@ pub struct Inventory {
 impl Inventory {
     /// An inventory over `engine`, on the wall clock.
     pub fn new(engine: Arc<dyn ScriptEngine>) -> Inventory {
-        Inventory::with_clock(engine, system_clock())
+        Inventory::with_clock(engine, clock::system())
     }
 
     /// An inventory whose notion of "now" is `clock`.
-    pub fn with_clock(engine: Arc<dyn ScriptEngine>, clock: Clock) -> Inventory {
+    pub fn with_clock(engine: Arc<dyn ScriptEngine>, clock: SharedClock) -> Inventory {
         Inventory {
             engine,
             clock,
@@ -243,7 +231,7 @@ impl Inventory {
     }
 
     /// The clock this inventory runs on.
-    pub fn clock(&self) -> Clock {
+    pub fn clock(&self) -> SharedClock {
         self.clock.clone()
     }
 
@@ -257,7 +245,7 @@ impl Inventory {
 
     /// Now, in milliseconds since the epoch.
     pub fn now_ms(&self) -> u64 {
-        (self.clock)()
+        self.clock.now_ms()
     }
 
     /// Runs a script, recording its latency and failures.

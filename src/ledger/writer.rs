@@ -71,6 +71,7 @@ use tokio::sync::{watch, Notify};
 use super::journal::{split_answer_id, Journal};
 use super::stream::event_from_entry;
 use super::{Ledger, LedgerError, LedgerEvent};
+use crate::clock::now_ms;
 use crate::engine::keys::{dead_letters_key, events_key, meta_key};
 use crate::engine::{EngineError, Reply, ScriptEngine, SCRIPTS};
 use crate::metrics as m;
@@ -1178,13 +1179,6 @@ async fn pause(stop: &mut watch::Receiver<bool>, delay: Duration) -> bool {
         _ = stop.wait_for(|s| *s) => true,
         _ = tokio::time::sleep(delay) => false,
     }
-}
-
-/// Milliseconds since the epoch, the unit of stream ids.
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

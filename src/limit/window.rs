@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::SharedClock;
 use crate::engine::keys::window_keys;
 use crate::engine::{EngineError, Reply, ScriptEngine, SCRIPTS};
-use crate::inventory::Clock;
 
 /// Failed attempts allowed per window before a lockout, and how the lockout escalates.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,14 +88,14 @@ pub enum Verdict {
 #[derive(Clone)]
 pub struct Windows {
     engine: Arc<dyn ScriptEngine>,
-    clock: Clock,
+    clock: SharedClock,
     seq: Arc<AtomicU64>,
     instance: u64,
 }
 
 impl Windows {
     /// Windows kept in `engine`, timed by `clock`.
-    pub fn new(engine: Arc<dyn ScriptEngine>, clock: Clock) -> Windows {
+    pub fn new(engine: Arc<dyn ScriptEngine>, clock: SharedClock) -> Windows {
         Windows {
             engine,
             clock,
@@ -130,7 +130,7 @@ impl Windows {
 
     /// Whether `subject` is locked out now.
     pub async fn check(&self, kind: &str, subject: &str) -> Result<Verdict, EngineError> {
-        let now = (self.clock)();
+        let now = self.clock.now_ms();
         self.run(kind, subject, vec!["check".into(), now.to_string()])
             .await
     }
@@ -142,7 +142,7 @@ impl Windows {
         subject: &str,
         rule: &FailureRule,
     ) -> Result<Verdict, EngineError> {
-        let now = (self.clock)();
+        let now = self.clock.now_ms();
         let args = vec![
             "fail".into(),
             now.to_string(),
@@ -163,7 +163,7 @@ impl Windows {
         subject: &str,
         rule: &RateRule,
     ) -> Result<Verdict, EngineError> {
-        let now = (self.clock)();
+        let now = self.clock.now_ms();
         let args = vec![
             "take".into(),
             now.to_string(),

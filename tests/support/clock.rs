@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use kamigate::inventory::Clock;
+use kamigate::clock::SharedClock;
 
 /// Milliseconds since the epoch, advanced only by [`ManualClock::advance`].
 #[derive(Clone)]
@@ -16,7 +16,7 @@ impl ManualClock {
     }
 
     /// The clock to hand to an inventory.
-    pub fn clock(&self) -> Clock {
+    pub fn clock(&self) -> SharedClock {
         let now = self.0.clone();
         Arc::new(move || now.load(Ordering::SeqCst))
     }
