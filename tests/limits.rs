@@ -414,6 +414,58 @@ async fn windows_fail_closed_or_open_when_redis_is_down() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn window_script_calls_are_measured_like_every_script() {
+    let mut redis = RedisServer::start().await;
+    let mut cfg = redis_config(&redis);
+    cfg.limits.failed_redemptions.max_failures = 10;
+    let gw = TestGateway::start(cfg).await;
+    let window = ["script=\"window\"", "engine=\"redis\""];
+    let calls = |text: &str| {
+        metric(
+            text,
+            "kamigate_engine_script_duration_seconds_count",
+            &window,
+        )
+        .unwrap_or(0.0)
+    };
+    let failures = |text: &str| {
+        metric(
+            text,
+            "kamigate_engine_script_errors_total",
+            &["script=\"window\"", "kind=\"unavailable\""],
+        )
+        .unwrap_or(0.0)
+    };
+    let client = client_from(13);
+    let before = gw.metrics().await;
+    for i in 0..3 {
+        let (status, body, _) = redeem_as(&client, &gw, &format!("MISS{i:06}"), "u-13").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    }
+    let after = gw.metrics().await;
+    // Each failed redemption checks the client's and the redeemer's windows, then counts
+    // the failure in both: four calls. Other tests of this binary may add their own.
+    assert!(
+        calls(&after) - calls(&before) >= 12.0,
+        "window.lua calls are timed: {} before, {} after",
+        calls(&before),
+        calls(&after)
+    );
+
+    redis.kill9();
+    let (status, body, _) = redeem_as(&client, &gw, "MISS999999", "u-13").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let down = gw.metrics().await;
+    assert!(
+        failures(&down) - failures(&after) >= 2.0,
+        "both window checks failed and were counted: {} before, {} after",
+        failures(&after),
+        failures(&down)
+    );
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
     let mut cfg = config();

@@ -10,6 +10,7 @@
 //!   `redis.call` commands the scripts use, one script at a time like Redis. Zero setup.
 //!
 //! Every key a script is given is named in [`keys`], in the order `lua/prelude.lua` lists.
+//! Every script call is measured by [`measured::Measured`], wrapped around either engine.
 //!
 //! The engines only move [`Reply`] values; [`crate::inventory`] gives them domain meaning, so
 //! the reply parsing is shared and one conformance suite covers both.
@@ -17,9 +18,11 @@
 pub mod embedded;
 pub mod keys;
 pub mod keyspace;
+pub mod measured;
 pub mod redis;
 pub mod script;
 
+use std::any::Any;
 use std::fmt;
 
 use bytes::Bytes;
@@ -90,7 +93,9 @@ pub enum EngineError {
 }
 
 /// Runs the scripts of `lua/` atomically. The only seam between the domain and a store.
-pub trait ScriptEngine: Send + Sync + 'static {
+///
+/// `Any`, so [`measured::measured`] can tell an engine it already wrapped.
+pub trait ScriptEngine: Any + Send + Sync + 'static {
     /// Runs `script` with `KEYS` = `keys` and `ARGV` = `args`, atomically with respect to every
     /// other script on the same keys.
     fn eval(

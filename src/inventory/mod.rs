@@ -14,16 +14,15 @@ pub mod settings;
 pub mod warm;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use serde_json::{json, Value};
 
 use crate::clock::{self, SharedClock};
 use crate::code::{digest, Format};
 use crate::engine::keys::{index_shard, index_shards, orders_key, sku_keys, REGISTRY};
-use crate::engine::{EngineError, Reply, Script, ScriptEngine, SCRIPTS};
+use crate::engine::measured::measured;
+use crate::engine::{Reply, Script, ScriptEngine, SCRIPTS};
 use crate::error::{mask, timestamp, Error};
-use crate::metrics as m;
 use crate::sku::{key_id, parse_key_id, Candidate, SkuConfig};
 
 /// A void or restore that changed a key.
@@ -210,10 +209,11 @@ impl Inventory {
         Inventory::with_clock(engine, clock::system())
     }
 
-    /// An inventory whose notion of "now" is `clock`.
+    /// An inventory whose notion of "now" is `clock`. Its script calls are measured, and so
+    /// are those of whoever shares its [`Inventory::engine`].
     pub fn with_clock(engine: Arc<dyn ScriptEngine>, clock: SharedClock) -> Inventory {
         Inventory {
-            engine,
+            engine: measured(engine),
             clock,
             lost: Arc::new(tokio::sync::Notify::new()),
             coalescer: Arc::default(),
@@ -248,27 +248,14 @@ impl Inventory {
         self.clock.now_ms()
     }
 
-    /// Runs a script, recording its latency and failures.
+    /// Runs a script (measured by the engine, see [`measured`]).
     async fn eval(
         &self,
         script: &'static Script,
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<Reply, Error> {
-        let started = Instant::now();
-        let result = self.engine.eval(script, keys, args).await;
-        let engine = self.engine.kind().as_str();
-        metrics::histogram!(m::SCRIPT_DURATION, "script" => script.name(), "engine" => engine)
-            .record(started.elapsed().as_secs_f64());
-        if let Err(e) = &result {
-            let kind = match e {
-                EngineError::Unavailable(_) => "unavailable",
-                EngineError::Script { .. } => "script",
-            };
-            metrics::counter!(m::SCRIPT_ERRORS, "script" => script.name(), "kind" => kind)
-                .increment(1);
-        }
-        Ok(result?)
+        Ok(self.engine.eval(script, keys, args).await?)
     }
 
     /// Runs a per-SKU script, for the other modules of the inventory.

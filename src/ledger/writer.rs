@@ -73,6 +73,7 @@ use super::stream::event_from_entry;
 use super::{Ledger, LedgerError, LedgerEvent};
 use crate::clock::now_ms;
 use crate::engine::keys::{dead_letters_key, events_key, meta_key};
+use crate::engine::measured::measured;
 use crate::engine::{EngineError, Reply, ScriptEngine, SCRIPTS};
 use crate::metrics as m;
 use crate::metrics::{
@@ -271,8 +272,8 @@ struct Pass {
 }
 
 impl EventWriter {
-    /// A writer of `engine`'s streams into `ledger`. Starts nothing: call
-    /// [`EventWriter::run`] (or [`EventWriter::drain_once`]).
+    /// A writer of `engine`'s streams into `ledger`, its script calls measured. Starts
+    /// nothing: call [`EventWriter::run`] (or [`EventWriter::drain_once`]).
     pub fn new(
         engine: Arc<dyn ScriptEngine>,
         ledger: Arc<dyn Ledger>,
@@ -281,7 +282,7 @@ impl EventWriter {
         opts.batch = opts.batch.clamp(1, MAX_BATCH);
         EventWriter {
             inner: Arc::new(Inner {
-                engine,
+                engine: measured(engine),
                 ledger,
                 journal: Journal::new(opts.journal_max_events),
                 opts,
@@ -598,30 +599,14 @@ impl EventWriter {
 
     /// Runs `lua/stream.lua` on `sku`'s streams.
     async fn eval(&self, sku: &str, args: Vec<String>) -> Result<Reply, EngineError> {
-        let engine = &self.inner.engine;
-        let started = Instant::now();
-        let result = engine
+        self.inner
+            .engine
             .eval(
                 &SCRIPTS.stream,
                 vec![events_key(sku), dead_letters_key(sku), meta_key(sku)],
                 args,
             )
-            .await;
-        metrics::histogram!(
-            m::SCRIPT_DURATION,
-            "script" => SCRIPTS.stream.name(),
-            "engine" => engine.kind().as_str()
-        )
-        .record(started.elapsed().as_secs_f64());
-        if let Err(e) = &result {
-            let kind = match e {
-                EngineError::Unavailable(_) => "unavailable",
-                EngineError::Script { .. } => "script",
-            };
-            metrics::counter!(m::SCRIPT_ERRORS, "script" => SCRIPTS.stream.name(), "kind" => kind)
-                .increment(1);
-        }
-        result
+            .await
     }
 
     /// Reads a batch for this writer, acknowledging what `cursor` carries on the way. `own`

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::SharedClock;
 use crate::engine::keys::window_keys;
+use crate::engine::measured::measured;
 use crate::engine::{EngineError, Reply, ScriptEngine, SCRIPTS};
 
 /// Failed attempts allowed per window before a lockout, and how the lockout escalates.
@@ -94,10 +95,10 @@ pub struct Windows {
 }
 
 impl Windows {
-    /// Windows kept in `engine`, timed by `clock`.
+    /// Windows kept in `engine`, timed by `clock`; their script calls are measured like any.
     pub fn new(engine: Arc<dyn ScriptEngine>, clock: SharedClock) -> Windows {
         Windows {
-            engine,
+            engine: measured(engine),
             clock,
             seq: Arc::new(AtomicU64::new(0)),
             instance: rand::random(),
