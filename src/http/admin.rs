@@ -64,7 +64,6 @@ pub fn metrics() -> Reply {
 
 /// `PUT /v1/skus/{sku}`: create or update a SKU's settings.
 pub async fn put_sku(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
-    app.admin(&req)?;
     let sku = params.get("sku");
     check_sku(sku)?;
     let limit = app.limits.max_body_bytes;
@@ -113,7 +112,6 @@ pub async fn put_sku(app: &App, params: Params, req: Request<Incoming>) -> Resul
 /// refused before any row is imported (an unsupported type, an unusable CSV header) leaves
 /// its batch id unused; another upload still filling the batch id is `409`.
 pub async fn import(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
-    app.admin(&req)?;
     let sku = params.get("sku");
     check_sku(sku)?;
     let query = req.uri().query();
@@ -200,8 +198,7 @@ pub async fn import(app: &App, params: Params, req: Request<Incoming>) -> Result
 
 /// `POST /v1/skus/{sku}/batches/{batch_id}/activate`: a pending batch goes on sale; `409`
 /// while its upload still runs, `404` for a batch id no upload filled.
-pub async fn activate(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
-    app.admin(&req)?;
+pub async fn activate(app: &App, params: Params) -> Result<Reply, Error> {
     let (sku, batch_id) = (params.get("sku"), params.get("batch_id"));
     check_sku(sku)?;
     check_id("batch_id", batch_id, MAX_ID_LEN)?;
@@ -215,8 +212,7 @@ pub async fn activate(app: &App, params: Params, req: Request<Incoming>) -> Resu
 }
 
 /// `POST /v1/skus/{sku}/warm`: load every ledger key the engine lacks.
-pub async fn warm(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
-    app.admin(&req)?;
+pub async fn warm(app: &App, params: Params) -> Result<Reply, Error> {
     let sku = params.get("sku");
     check_sku(sku)?;
     let restored = restore_sku(app.ledger.as_ref(), &app.inventory, sku, app.rebuild_grace).await?;
@@ -232,8 +228,7 @@ pub async fn warm(app: &App, params: Params, req: Request<Incoming>) -> Result<R
 }
 
 /// `GET /v1/keys/{key_id}/events`: a key's audit trail, oldest first.
-pub async fn key_events(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
-    app.admin(&req)?;
+pub async fn key_events(app: &App, params: Params) -> Result<Reply, Error> {
     let key_id = params.get("key_id");
     let not_found = || Error::NotFound(format!("key {key_id}"));
     parse_key_id(key_id).ok_or_else(not_found)?;
@@ -271,7 +266,6 @@ pub async fn key_events(app: &App, params: Params, req: Request<Incoming>) -> Re
 
 /// `POST /v1/reconcile` with `{"sku"?, "repair"?}`: compare engine and ledger key by key.
 pub async fn reconcile(app: &App, req: Request<Incoming>) -> Result<Reply, Error> {
-    app.admin(&req)?;
     let limit = app.limits.max_body_bytes;
     body::check_declared_length(req.headers(), limit)?;
     let bytes = body::read_limited(req.into_body(), limit).await?;
@@ -314,7 +308,6 @@ pub async fn void(
     req: Request<Incoming>,
     void: bool,
 ) -> Result<Reply, Error> {
-    app.admin(&req)?;
     let key_id = params.get("key_id").to_owned();
     let limit = app.limits.max_body_bytes;
     body::check_declared_length(req.headers(), limit)?;
@@ -383,7 +376,6 @@ pub async fn retire_format(
     params: Params,
     req: Request<Incoming>,
 ) -> Result<Reply, Error> {
-    app.admin(&req)?;
     let sku = params.get("sku");
     check_sku(sku)?;
     let not_found = || Error::NotFound(format!("format version of SKU {sku}"));

@@ -8,7 +8,9 @@
 //! Routes are matched with `matchit`; the matched pattern, never the raw path, labels the
 //! metrics; path parameters and query values reach handlers percent-decoded ([`target`]).
 //! Each route declares its methods: another method is `ERR_METHOD_NOT_ALLOWED` with an
-//! `Allow` header. Handlers live one file per group: [`public`], [`merchant`], [`admin`].
+//! `Allow` header. Each route also declares who may call it ([`Auth`]), and the router
+//! checks that once, before the handler runs, so no handler checks a token itself.
+//! Handlers live one file per group: [`public`], [`merchant`], [`admin`], [`pauses`].
 //! Connection caps, the header read timeout and head limits are in [`conn`].
 
 pub mod admin;
@@ -201,20 +203,22 @@ impl App {
         }
     }
 
-    /// Requires the merchant token, then takes from that token's bucket. Requests with a
-    /// wrong token are limited by the client's public bucket instead, so guessing tokens
-    /// costs as much as any other public request.
-    pub fn merchant(&self, req: &Request<Incoming>, ip: IpAddr) -> Result<(), Error> {
-        if let Err(e) = self.authorize(req, &self.merchant_token) {
-            self.edge.public(ip)?;
-            return Err(e);
+    /// Requires what a route's [`Auth`] declares. Only the router calls this, once per
+    /// request, before the handler runs. The merchant token also takes from that token's
+    /// bucket; requests with a wrong token are limited by the client's public bucket instead,
+    /// so guessing tokens costs as much as any other public request.
+    fn check_auth(&self, auth: Auth, req: &Request<Incoming>, ip: IpAddr) -> Result<(), Error> {
+        match auth {
+            Auth::None => Ok(()),
+            Auth::Merchant => {
+                if let Err(e) = self.authorize(req, &self.merchant_token) {
+                    self.edge.public(ip)?;
+                    return Err(e);
+                }
+                self.edge.merchant(self.merchant_token.as_bytes())
+            }
+            Auth::Admin => self.authorize(req, &self.admin_token),
         }
-        self.edge.merchant(self.merchant_token.as_bytes())
-    }
-
-    /// Requires the admin token.
-    pub fn admin(&self, req: &Request<Incoming>) -> Result<(), Error> {
-        self.authorize(req, &self.admin_token)
     }
 }
 
@@ -229,9 +233,9 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     Some(&rest[start..])
 }
 
-/// Which listener a connection came in on.
-#[derive(Debug, Clone, Copy)]
-enum Listener {
+/// Which listener a connection came in on, or a route is served on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
     Public,
     Admin,
 }
@@ -372,12 +376,27 @@ pub enum RouteId {
     Metrics,
 }
 
-/// A route table entry: the pattern (the metrics label), what it is, and its methods.
+/// Who may call a route. The router checks it once, after the path and method matched a
+/// route (and, on the public listener, after the in-flight cap) and before the handler runs:
+/// a handler cannot forget it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auth {
+    /// No token: the probes, and `POST /v1/redeem` (limited per client instead).
+    None,
+    /// The merchant bearer token, which also takes from that token's bucket.
+    Merchant,
+    /// The admin bearer token.
+    Admin,
+}
+
+/// A route table entry: the pattern (the metrics label), what it is, its methods, and who
+/// may call it.
 #[derive(Debug, Clone, Copy)]
 pub struct Route {
     pub pattern: &'static str,
     pub id: RouteId,
     pub methods: &'static [Method],
+    pub auth: Auth,
 }
 
 impl Route {
@@ -395,69 +414,120 @@ const GET_PUT: &[Method] = &[Method::GET, Method::PUT];
 /// A listener's route table.
 pub type Routes = matchit::Router<Route>;
 
-fn table(entries: &[(&'static str, RouteId, &'static [Method])]) -> Routes {
+fn table(entries: &[Route]) -> Routes {
     let mut router = matchit::Router::new();
-    for &(pattern, id, methods) in entries {
+    for &route in entries {
         router
-            .insert(
-                pattern,
-                Route {
-                    pattern,
-                    id,
-                    methods,
-                },
-            )
+            .insert(route.pattern, route)
             .expect("route patterns are fixed and do not conflict");
     }
     router
 }
 
+const fn route(
+    pattern: &'static str,
+    id: RouteId,
+    methods: &'static [Method],
+    auth: Auth,
+) -> Route {
+    Route {
+        pattern,
+        id,
+        methods,
+        auth,
+    }
+}
+
 /// The public listener's routes.
-const PUBLIC_ROUTES: &[(&str, RouteId, &[Method])] = &[
-    ("/v1/redeem", RouteId::Redeem, POST),
-    ("/v1/skus/{sku}", RouteId::Sku, GET),
-    ("/v1/skus/{sku}/claims", RouteId::Claims, POST),
-    ("/v1/skus/{sku}/claims/batch", RouteId::ClaimsBatch, POST),
-    ("/v1/skus/{sku}/claims/{order_id}", RouteId::Claim, GET),
-    (
+const PUBLIC_ROUTES: &[Route] = &[
+    route("/v1/redeem", RouteId::Redeem, POST, Auth::None),
+    route("/v1/skus/{sku}", RouteId::Sku, GET, Auth::Merchant),
+    route(
+        "/v1/skus/{sku}/claims",
+        RouteId::Claims,
+        POST,
+        Auth::Merchant,
+    ),
+    route(
+        "/v1/skus/{sku}/claims/batch",
+        RouteId::ClaimsBatch,
+        POST,
+        Auth::Merchant,
+    ),
+    route(
+        "/v1/skus/{sku}/claims/{order_id}",
+        RouteId::Claim,
+        GET,
+        Auth::Merchant,
+    ),
+    route(
         "/v1/skus/{sku}/claims/{order_id}/confirm",
         RouteId::ClaimConfirm,
         POST,
+        Auth::Merchant,
     ),
-    (
+    route(
         "/v1/skus/{sku}/claims/{order_id}/release",
         RouteId::ClaimRelease,
         POST,
+        Auth::Merchant,
     ),
 ];
 
 /// The admin listener's routes.
-const ADMIN_ROUTES: &[(&str, RouteId, &[Method])] = &[
-    ("/healthz", RouteId::Healthz, GET),
-    ("/readyz", RouteId::Readyz, GET),
-    ("/metrics", RouteId::Metrics, GET),
-    ("/v1/skus/{sku}", RouteId::Sku, GET_PUT),
-    ("/v1/skus/{sku}/batches", RouteId::Batches, POST),
-    (
+const ADMIN_ROUTES: &[Route] = &[
+    route("/healthz", RouteId::Healthz, GET, Auth::None),
+    route("/readyz", RouteId::Readyz, GET, Auth::None),
+    route("/metrics", RouteId::Metrics, GET, Auth::None),
+    route("/v1/skus/{sku}", RouteId::Sku, GET_PUT, Auth::Admin),
+    route(
+        "/v1/skus/{sku}/batches",
+        RouteId::Batches,
+        POST,
+        Auth::Admin,
+    ),
+    route(
         "/v1/skus/{sku}/batches/{batch_id}/activate",
         RouteId::BatchActivate,
         POST,
+        Auth::Admin,
     ),
-    ("/v1/skus/{sku}/warm", RouteId::Warm, POST),
-    (
+    route("/v1/skus/{sku}/warm", RouteId::Warm, POST, Auth::Admin),
+    route(
         "/v1/skus/{sku}/formats/{version}/retire",
         RouteId::FormatRetire,
         POST,
+        Auth::Admin,
     ),
-    ("/v1/keys/{key_id}/void", RouteId::KeyVoid, POST),
-    ("/v1/keys/{key_id}/events", RouteId::KeyEvents, GET),
-    ("/v1/reconcile", RouteId::Reconcile, POST),
-    ("/v1/keys/{key_id}/restore", RouteId::KeyRestore, POST),
-    ("/v1/pauses", RouteId::Pauses, GET),
-    ("/v1/pause", RouteId::Pause, POST),
-    ("/v1/resume", RouteId::Resume, POST),
-    ("/v1/skus/{sku}/pause", RouteId::SkuPause, POST),
-    ("/v1/skus/{sku}/resume", RouteId::SkuResume, POST),
+    route(
+        "/v1/keys/{key_id}/void",
+        RouteId::KeyVoid,
+        POST,
+        Auth::Admin,
+    ),
+    route(
+        "/v1/keys/{key_id}/events",
+        RouteId::KeyEvents,
+        GET,
+        Auth::Admin,
+    ),
+    route("/v1/reconcile", RouteId::Reconcile, POST, Auth::Admin),
+    route(
+        "/v1/keys/{key_id}/restore",
+        RouteId::KeyRestore,
+        POST,
+        Auth::Admin,
+    ),
+    route("/v1/pauses", RouteId::Pauses, GET, Auth::Admin),
+    route("/v1/pause", RouteId::Pause, POST, Auth::Admin),
+    route("/v1/resume", RouteId::Resume, POST, Auth::Admin),
+    route("/v1/skus/{sku}/pause", RouteId::SkuPause, POST, Auth::Admin),
+    route(
+        "/v1/skus/{sku}/resume",
+        RouteId::SkuResume,
+        POST,
+        Auth::Admin,
+    ),
 ];
 
 fn public_routes() -> Routes {
@@ -468,11 +538,22 @@ fn admin_routes() -> Routes {
     table(ADMIN_ROUTES)
 }
 
+/// Every route of both listeners, with the listener that serves it: what the router
+/// matches, so tests can walk it (every admin route refuses a merchant token, and so on).
+pub fn route_table() -> impl Iterator<Item = (Listener, &'static Route)> {
+    let public = PUBLIC_ROUTES.iter().map(|r| (Listener::Public, r));
+    let admin = ADMIN_ROUTES.iter().map(|r| (Listener::Admin, r));
+    public.chain(admin)
+}
+
 /// Registers at 0, for every route, the answers the availability SLIs count as bad (`500`,
 /// `503`), and for the public routes (the SLIs' own) the latency histograms of each
 /// outcome: the SLIs and dashboards then read 0, not nothing, before the first failure.
 pub fn register_metrics() {
-    for &(pattern, _, methods) in PUBLIC_ROUTES.iter().chain(ADMIN_ROUTES) {
+    for &Route {
+        pattern, methods, ..
+    } in PUBLIC_ROUTES.iter().chain(ADMIN_ROUTES)
+    {
         for method in methods {
             for (status, code) in [("500", "ERR_INTERNAL"), ("503", "ERR_UNAVAILABLE")] {
                 metrics::counter!(m::HTTP_REQUESTS, "route" => pattern,
@@ -481,7 +562,7 @@ pub fn register_metrics() {
             }
         }
     }
-    for &(pattern, _, _) in PUBLIC_ROUTES {
+    for &Route { pattern, .. } in PUBLIC_ROUTES {
         for outcome in ["ok", "client_error", "server_error"] {
             let _ = metrics::histogram!(m::HTTP_DURATION, "route" => pattern, "outcome" => outcome);
         }
@@ -491,7 +572,7 @@ pub fn register_metrics() {
 async fn dispatch(
     app: &App,
     which: Listener,
-    route: RouteId,
+    route: Route,
     params: Params,
     req: Request<Incoming>,
     ip: IpAddr,
@@ -503,48 +584,29 @@ async fn dispatch(
         Listener::Public => Some(app.edge.admit()?),
         Listener::Admin => None,
     };
-    let merchant = |req: &Request<Incoming>| app.merchant(req, ip);
-    match (which, route, method) {
+    app.check_auth(route.auth, &req, ip)?;
+    match (which, route.id, method) {
         (Listener::Public, Redeem, Method::POST) => public::redeem(app, req, ip).await,
-        (Listener::Public, Sku, Method::GET) => {
-            merchant(&req)?;
-            merchant::sku_view(app, params.get("sku")).await
-        }
-        (Listener::Public, Claims, Method::POST) => {
-            merchant(&req)?;
-            merchant::claim(app, params, req).await
-        }
+        (Listener::Public, Sku, Method::GET) => merchant::sku_view(app, params.get("sku")).await,
+        (Listener::Public, Claims, Method::POST) => merchant::claim(app, params, req).await,
         (Listener::Public, ClaimsBatch, Method::POST) => {
-            merchant(&req)?;
             merchant::claim_batch(app, params, req).await
         }
-        (Listener::Public, Claim, Method::GET) => {
-            merchant(&req)?;
-            merchant::order(app, params).await
-        }
-        (Listener::Public, ClaimConfirm, Method::POST) => {
-            merchant(&req)?;
-            merchant::confirm(app, params).await
-        }
-        (Listener::Public, ClaimRelease, Method::POST) => {
-            merchant(&req)?;
-            merchant::release(app, params).await
-        }
+        (Listener::Public, Claim, Method::GET) => merchant::order(app, params).await,
+        (Listener::Public, ClaimConfirm, Method::POST) => merchant::confirm(app, params).await,
+        (Listener::Public, ClaimRelease, Method::POST) => merchant::release(app, params).await,
         (Listener::Admin, Healthz, Method::GET) => Ok(admin::healthz()),
         (Listener::Admin, Readyz, Method::GET) => Ok(admin::readyz(app).await),
         (Listener::Admin, Metrics, Method::GET) => Ok(admin::metrics()),
         (Listener::Admin, Sku, Method::PUT) => admin::put_sku(app, params, req).await,
-        (Listener::Admin, Sku, Method::GET) => {
-            app.admin(&req)?;
-            merchant::sku_view(app, params.get("sku")).await
-        }
+        (Listener::Admin, Sku, Method::GET) => merchant::sku_view(app, params.get("sku")).await,
         (Listener::Admin, Batches, Method::POST) => admin::import(app, params, req).await,
-        (Listener::Admin, BatchActivate, Method::POST) => admin::activate(app, params, req).await,
-        (Listener::Admin, Warm, Method::POST) => admin::warm(app, params, req).await,
+        (Listener::Admin, BatchActivate, Method::POST) => admin::activate(app, params).await,
+        (Listener::Admin, Warm, Method::POST) => admin::warm(app, params).await,
         (Listener::Admin, FormatRetire, Method::POST) => {
             admin::retire_format(app, params, req).await
         }
-        (Listener::Admin, KeyEvents, Method::GET) => admin::key_events(app, params, req).await,
+        (Listener::Admin, KeyEvents, Method::GET) => admin::key_events(app, params).await,
         (Listener::Admin, Reconcile, Method::POST) => admin::reconcile(app, req).await,
         (Listener::Admin, KeyVoid, Method::POST) => admin::void(app, params, req, true).await,
         (Listener::Admin, KeyRestore, Method::POST) => admin::void(app, params, req, false).await,
@@ -589,7 +651,7 @@ async fn handle(
                 let result = match Params::decode(&found.params) {
                     Ok(params) => {
                         let ip = app.edge.client_ip(peer, req.headers());
-                        dispatch(app, which, route.id, params, req, ip).await
+                        dispatch(app, which, route, params, req, ip).await
                     }
                     Err(e) => Err(e),
                 };
@@ -653,6 +715,30 @@ mod tests {
             b"Bear abc",
         ] {
             assert_eq!(bearer_token(refused), None, "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn only_the_probes_and_redeem_are_open() {
+        let open: Vec<_> = route_table()
+            .filter(|(_, r)| r.auth == Auth::None)
+            .map(|(listener, r)| (listener, r.pattern))
+            .collect();
+        assert_eq!(
+            open,
+            [
+                (Listener::Public, "/v1/redeem"),
+                (Listener::Admin, "/healthz"),
+                (Listener::Admin, "/readyz"),
+                (Listener::Admin, "/metrics"),
+            ]
+        );
+        for (listener, route) in route_table().filter(|(_, r)| r.auth != Auth::None) {
+            let expected = match listener {
+                Listener::Public => Auth::Merchant,
+                Listener::Admin => Auth::Admin,
+            };
+            assert_eq!(route.auth, expected, "{listener:?} {}", route.pattern);
         }
     }
 
