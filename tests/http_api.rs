@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kamigate::engine::embedded::EmbeddedEngine;
+use kamigate::http::{route_table, Auth, Listener};
 use kamigate::inventory::{Inventory, NewCode};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -99,6 +100,141 @@ async fn tokens_guard_merchant_and_admin_routes() {
     assert_eq!(status, StatusCode::NOT_FOUND, "nothing was created");
     assert_eq!(gw.counts("s").await["available"], 1, "nothing was claimed");
     gw.stop().await;
+}
+
+/// A path that `pattern` matches, naming SKU `s`, its first key and an order of it.
+fn path_of(pattern: &str) -> String {
+    let path = pattern
+        .replace("{sku}", "s")
+        .replace("{order_id}", "o-1")
+        .replace("{batch_id}", "b1")
+        .replace("{version}", "1")
+        .replace("{key_id}", "s.1");
+    assert!(
+        !path.contains('{'),
+        "a parameter this test cannot fill: {pattern}"
+    );
+    path
+}
+
+/// Walks the route table the router serves: every admin route refuses no token, a wrong
+/// one and the merchant token; every merchant route refuses no token, a wrong one and the
+/// admin token; each with `401 ERR_UNAUTHORIZED`, before its handler could change anything.
+#[tokio::test]
+async fn every_route_refuses_callers_without_the_token_its_table_entry_declares() {
+    let gw = TestGateway::embedded().await;
+    gw.stock("s", &["CODE1"]).await;
+    let (status, order) = gw
+        .claim("s", json!({"order_id": "o-1", "hold_ms": 600_000}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    let mut refused = 0;
+    for (listener, route) in route_table() {
+        let base = match listener {
+            Listener::Public => &gw.public,
+            Listener::Admin => &gw.admin,
+        };
+        let url = format!("{base}{}", path_of(route.pattern));
+        let wrong: &[Option<&str>] = match route.auth {
+            Auth::None => &[None],
+            Auth::Merchant => &[None, Some("wrong-token-0000000001"), Some(ADMIN_TOKEN)],
+            Auth::Admin => &[None, Some("wrong-token-0000000001"), Some(MERCHANT_TOKEN)],
+        };
+        for method in route.methods {
+            for token in wrong {
+                let mut req = gw
+                    .client
+                    .request(method.clone(), &url)
+                    .json(&json!({"order_id": "o-2", "reason": "r", "action": "claims"}));
+                if let Some(token) = token {
+                    req = req.bearer_auth(token);
+                }
+                let res = req.send().await.expect("answered");
+                let status = res.status();
+                let what = format!("{listener:?} {method} {url} with token {token:?}");
+                if route.auth == Auth::None {
+                    assert_ne!(status, StatusCode::UNAUTHORIZED, "{what} needs no token");
+                    continue;
+                }
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}");
+                assert_eq!(
+                    res.headers()
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok()),
+                    Some("application/json"),
+                    "{what}"
+                );
+                let body: Value = res.json().await.expect("json");
+                assert_eq!(error_code(&body), "ERR_UNAUTHORIZED", "{what}: {body}");
+                assert!(body["error"]["message"].is_string(), "{what}: {body}");
+                refused += 1;
+            }
+        }
+    }
+    // 6 merchant routes; 14 admin routes, a SKU's with both GET and PUT.
+    assert_eq!(refused, 3 * (6 + 15), "every guarded route was tried");
+    let (status, view) = gw.merchant_get("/v1/skus/s").await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(
+        view["engine"],
+        json!({"available": 0, "held": 1, "claimed": 0, "redeemed": 0, "void": 0}),
+        "nothing changed: {view}"
+    );
+    let (status, held) = gw.merchant_get("/v1/skus/s/claims/o-1").await;
+    assert_eq!(status, StatusCode::OK, "{held}");
+    assert_eq!(held["state"], "held", "{held}");
+    gw.stop().await;
+}
+
+/// `openapi.yaml` declares for every route the token the route table requires (`security`
+/// and a `401` answer), and documents no route the table lacks.
+#[test]
+fn the_openapi_spec_declares_the_token_each_route_requires() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml");
+    let text = std::fs::read_to_string(path).expect("openapi.yaml");
+    let spec: serde_yaml::Value = serde_yaml::from_str(&text).expect("openapi.yaml parses");
+    let mut served = std::collections::HashSet::new();
+    for (listener, route) in route_table() {
+        for method in route.methods {
+            let what = format!("{listener:?} {method} {}", route.pattern);
+            let operation = &spec["paths"][route.pattern][method.as_str().to_lowercase()];
+            assert!(operation.is_mapping(), "{what} is not in openapi.yaml");
+            let schemes: Vec<&str> = operation["security"]
+                .as_sequence()
+                .unwrap_or_else(|| panic!("{what}: no `security` in openapi.yaml"))
+                .iter()
+                .filter_map(serde_yaml::Value::as_mapping)
+                .flat_map(|requirement| requirement.keys().filter_map(|k| k.as_str()))
+                .collect();
+            let scheme = match route.auth {
+                Auth::None => None,
+                Auth::Merchant => Some("merchantToken"),
+                Auth::Admin => Some("adminToken"),
+            };
+            match scheme {
+                None => assert!(schemes.is_empty(), "{what} needs no token: {schemes:?}"),
+                Some(scheme) => assert!(schemes.contains(&scheme), "{what}: {schemes:?}"),
+            }
+            assert_eq!(
+                operation["responses"]["401"].is_mapping(),
+                scheme.is_some(),
+                "{what}: a 401 answer is documented exactly where a token is required"
+            );
+            served.insert((route.pattern.to_owned(), method.as_str().to_lowercase()));
+        }
+    }
+    let paths = spec["paths"].as_mapping().expect("paths");
+    for (pattern, item) in paths {
+        let pattern = pattern.as_str().expect("a path");
+        for method in ["get", "put", "post", "delete", "patch", "head", "options"] {
+            if item.get(method).is_some() {
+                assert!(
+                    served.contains(&(pattern.to_owned(), method.to_owned())),
+                    "openapi.yaml documents {method} {pattern}, which no listener serves"
+                );
+            }
+        }
+    }
 }
 
 #[tokio::test]
