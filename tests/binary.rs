@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
+use support::eventually::eventually;
 use support::gateway::{free_port, wait_ready};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kamigate");
@@ -207,17 +208,13 @@ async fn import_command_feeds_the_ledger_and_a_running_gateway_picks_it_up() {
     );
     assert!(!summary.contains("bad code"), "codes are never echoed");
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if gw.counts("cli").await["available"] == 2500 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the gateway never loaded the batch"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(20),
+        "the gateway to load the batch",
+        || gw.counts("cli"),
+        |counts| counts["available"] == 2500,
+    )
+    .await;
     let again = run();
     let summary = String::from_utf8_lossy(&again.stdout).into_owned();
     assert!(

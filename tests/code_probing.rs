@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::json;
+use support::eventually::eventually;
 use support::gateway::{config, metric, TestGateway};
 
 const SCRIPT_CALLS: &str = "kamigate_engine_script_duration_seconds_count";
@@ -44,14 +45,13 @@ async fn unknown_and_unsold_codes_cost_the_same_engine_work() {
     let mut cfg = config();
     cfg.hold_sweep_interval_ms = 3_600_000;
     let gw = TestGateway::start(cfg).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while metric(&gw.metrics().await, "kamigate_engine_up", &[]) != Some(1.0) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the first sweep never ran"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "the first sweep to run",
+        || async { metric(&gw.metrics().await, "kamigate_engine_up", &[]) },
+        |up| *up == Some(1.0),
+    )
+    .await;
 
     const N: usize = 12;
     let unsold: Vec<String> = (0..N).map(|i| format!("UNSOLD-{i:04}")).collect();

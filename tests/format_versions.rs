@@ -9,6 +9,7 @@ mod support;
 use proptest::prelude::*;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::eventually::eventually;
 use support::gateway::{audit_trail, config, metric, TestGateway, ADMIN_TOKEN};
 use support::redis_server::RedisServer;
 
@@ -58,18 +59,15 @@ async fn sell(gw: &TestGateway, sku: &str, batch: &str, codes: &[&str]) -> Vec<S
 
 /// The SKU view once the ledger has every change the engine made.
 async fn settled_view(gw: &TestGateway, sku: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let (_, view) = gw.merchant_get(&format!("/v1/skus/{sku}")).await;
-        if view["in_flight"] == 0 && view["engine"] == view["ledger"] {
-            return view;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never settled: {view}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let path = format!("/v1/skus/{sku}");
+    let (_, view) = eventually(
+        std::time::Duration::from_secs(20),
+        "the ledger to have every change the engine made",
+        || gw.merchant_get(&path),
+        |(_, view)| view["in_flight"] == 0 && view["engine"] == view["ledger"],
+    )
+    .await;
+    view
 }
 
 async fn put_format(gw: &TestGateway, sku: &str, format: Value) -> Value {
@@ -305,22 +303,17 @@ async fn each_of_several_versions_redeems_and_a_retired_one_answers_like_unknown
     assert_eq!(v2_view["retired"]["forced"], true, "{view}");
     // Version 2's second key; the void reaches the ledger through the event stream.
     let key = format!("multi.{}", 3 + 2);
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let (trail, kinds) = audit_trail(&gw.client, &gw.admin, &key).await;
-        if kinds.iter().any(|k| k == "void") {
-            assert!(
-                trail.to_string().contains("format version 2 retired"),
-                "{trail}"
-            );
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never audited: {trail}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let (trail, _) = eventually(
+        std::time::Duration::from_secs(20),
+        "the void to reach the audit trail",
+        || audit_trail(&gw.client, &gw.admin, &key),
+        |(_, kinds)| kinds.iter().any(|k| k == "void"),
+    )
+    .await;
+    assert!(
+        trail.to_string().contains("format version 2 retired"),
+        "{trail}"
+    );
 
     // Versions 1, 3 and 4 still redeem.
     for n in [0, 2, 3] {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::eventually::eventually;
 use support::gateway::{audit_trail, config, metric, TestGateway, ADMIN_TOKEN, MERCHANT_TOKEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -219,21 +220,19 @@ async fn a_connection_flood_is_capped_and_readiness_and_other_clients_are_served
     // The flood is gone: a legitimate client gets its answer (it may race the last slots
     // being released, so it retries like any client would).
     let client = fresh_client();
-    let served = loop {
-        let res = client
-            .post(format!("{}/v1/redeem", gw.public))
-            .json(&json!({"code": "NEVER-SEEN-2", "redeemer": "u-2"}))
-            .send()
-            .await;
-        if let Ok(res) = res {
-            break res;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the public listener never recovered"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let served = eventually(
+        deadline.saturating_duration_since(Instant::now()),
+        "the public listener to serve again",
+        || {
+            client
+                .post(format!("{}/v1/redeem", gw.public))
+                .json(&json!({"code": "NEVER-SEEN-2", "redeemer": "u-2"}))
+                .send()
+        },
+        Result::is_ok,
+    )
+    .await
+    .expect("answered");
     assert_eq!(served.status(), StatusCode::NOT_FOUND);
     let text = gw.metrics().await;
     let refusals = metric(

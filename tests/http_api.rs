@@ -11,6 +11,7 @@ use kamigate::inventory::{Inventory, NewCode};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use support::clock::ManualClock;
+use support::eventually::eventually;
 use support::gateway::{config, TestGateway, ADMIN_TOKEN, MERCHANT_TOKEN};
 use support::redis_server::RedisServer;
 
@@ -678,18 +679,13 @@ async fn shutdown_turns_readiness_off_and_finishes_in_flight_requests() {
     let ready = format!("{}/readyz", gw.admin);
     let client = gw.client.clone();
     let stopping = tokio::spawn(gw.gateway.stop());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let status = client.get(&ready).send().await.map(|r| r.status());
-        if status.ok() == Some(StatusCode::SERVICE_UNAVAILABLE) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "readiness never turned 503"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        Duration::from_secs(5),
+        "readiness to turn 503",
+        || async { client.get(&ready).send().await.map(|r| r.status()).ok() },
+        |status| *status == Some(StatusCode::SERVICE_UNAVAILABLE),
+    )
+    .await;
     tx.send(Ok("S4\n".into()))
         .await
         .expect("the upload is still being read");
@@ -739,20 +735,15 @@ async fn engine_outage_answers_unavailable_then_recovers() {
         .expect("answered");
     assert!(res.headers().contains_key("retry-after"));
     redis.restart().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, _) = gw.merchant_get("/v1/skus/r").await;
-        // Redis ran without persistence: the SKU is gone with its data, which the ledger
-        // (re-warm) takes care of; here only the engine's return matters.
-        if status != StatusCode::SERVICE_UNAVAILABLE {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the engine never came back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Redis ran without persistence: the SKU is gone with its data, which the ledger
+    // (re-warm) takes care of; here only the engine's return matters.
+    eventually(
+        Duration::from_secs(10),
+        "the engine to come back",
+        || gw.merchant_get("/v1/skus/r"),
+        |(status, _)| *status != StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
     gw.stop().await;
 }
 

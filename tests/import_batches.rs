@@ -30,6 +30,7 @@ use pg_support::TestDatabase;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use support::clock::ManualClock;
+use support::eventually::eventually;
 use support::gateway::{config, TestGateway, ADMIN_TOKEN};
 use tempfile::TempDir;
 
@@ -152,20 +153,7 @@ async fn a_second_upload_of_a_running_batch_is_refused_not_replayed(backend: Bac
     tx.send(Ok("A-0001\nA-0002\nA-0003\n".into()))
         .await
         .expect("sent");
-    let ledger = env.gw.gateway.app.ledger.clone();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while ledger
-        .get_batch("conc", "b1")
-        .await
-        .expect("ledger answers")
-        .is_none()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the first upload never began"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_batch(&env, "conc", "b1").await;
 
     // A second upload of the same batch id meanwhile: refused, and it says why.
     let (status, body) = env
@@ -314,21 +302,18 @@ async fn activating_a_refused_or_interrupted_upload_finds_no_batch(backend: Back
     // The client sees its own upload fail; the gateway aborts the batch.
     let _ = cut.await.expect("joined");
     let ledger = env.gw.gateway.app.ledger.clone();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let batch = ledger
-            .get_batch("gone", "b-cut")
-            .await
-            .expect("ledger answers");
-        if batch.as_ref().map(|b| b.state.as_str()) == Some("aborted") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the interrupted upload was never aborted: {batch:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "the interrupted upload to be aborted",
+        || async {
+            ledger
+                .get_batch("gone", "b-cut")
+                .await
+                .expect("ledger answers")
+        },
+        |batch| batch.as_ref().map(|b| b.state.as_str()) == Some("aborted"),
+    )
+    .await;
     let (status, body) = activate("b-cut").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     assert_eq!(body["error"]["code"], "ERR_NOT_FOUND", "{body}");
@@ -419,19 +404,18 @@ async fn activating_a_batch_while_its_upload_runs_is_refused_and_the_upload_fini
 /// Waits until the ledger has batch `batch_id` of `sku`: its upload has begun.
 async fn wait_for_batch(env: &Env, sku: &str, batch_id: &str) {
     let ledger = env.gw.gateway.app.ledger.clone();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while ledger
-        .get_batch(sku, batch_id)
-        .await
-        .expect("ledger answers")
-        .is_none()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the upload of {batch_id} never began"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        &format!("the upload of {batch_id} to begin"),
+        || async {
+            ledger
+                .get_batch(sku, batch_id)
+                .await
+                .expect("ledger answers")
+        },
+        Option::is_some,
+    )
+    .await;
 }
 
 async fn a_csv_sent_as_text_plain_imports_its_rows_not_its_header(backend: Backend) {

@@ -10,25 +10,26 @@ use std::time::Duration;
 use kamigate::config::{Config, Durability};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::eventually::eventually;
 use support::gateway::{audit_trail, config, TestGateway};
 use support::redis_server::RedisServer;
 
 /// Polls the SKU view until the ledger caught up with the engine.
 async fn settled(gw: &TestGateway, sku: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, view) = gw.merchant_get(&format!("/v1/skus/{sku}")).await;
-        assert_eq!(status, StatusCode::OK, "{view}");
-        if view["in_flight"] == 0 && view["engine"] == view["ledger"] {
-            assert_eq!(view["drift"], 0, "{view}");
-            return view;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never settled: {view}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let path = format!("/v1/skus/{sku}");
+    let view = eventually(
+        Duration::from_secs(10),
+        "the ledger to catch up with the engine",
+        || async {
+            let (status, view) = gw.merchant_get(&path).await;
+            assert_eq!(status, StatusCode::OK, "{view}");
+            view
+        },
+        |view| view["in_flight"] == 0 && view["engine"] == view["ledger"],
+    )
+    .await;
+    assert_eq!(view["drift"], 0, "{view}");
+    view
 }
 
 fn code_of(order: &Value) -> String {
@@ -141,18 +142,13 @@ async fn flushall_is_rebuilt_from_the_ledger_without_selling_twice() {
     settled(&gw, "flush").await;
 
     redis.cmd(&["FLUSHALL"]).await.expect("flushed");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let (status, view) = gw.merchant_get("/v1/skus/flush").await;
-        if status == StatusCode::OK && view["engine"]["available"] == 2 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never rebuilt: {view}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(15),
+        "the SKU to be rebuilt",
+        || gw.merchant_get("/v1/skus/flush"),
+        |(status, view)| *status == StatusCode::OK && view["engine"]["available"] == 2,
+    )
+    .await;
     let mut issued: HashSet<String> = sold.into_iter().collect();
     for i in 0..2 {
         let (status, order) = gw
@@ -177,49 +173,41 @@ async fn a_lost_engine_hidden_by_a_recreated_sku_is_caught_by_the_epoch_marker()
     let sold = code_of(&order);
     settled(&gw, "epoch").await;
     let ledger = gw.gateway.app.ledger.clone();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while ledger
-        .get_sku("epoch")
-        .await
-        .expect("ledger")
-        .and_then(|r| r.epoch)
-        .is_none()
-    {
-        assert!(tokio::time::Instant::now() < deadline, "never marked");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(15),
+        "the SKU's epoch to be marked",
+        || async {
+            ledger
+                .get_sku("epoch")
+                .await
+                .expect("ledger")
+                .and_then(|r| r.epoch)
+        },
+        Option::is_some,
+    )
+    .await;
 
     // Redis loses everything, and an update of the SKU recreates its settings at once: the
     // engine has the SKU again, but none of its keys.
     redis.cmd(&["FLUSHALL"]).await.expect("flushed");
     let (status, _) = gw.put_sku("epoch", json!({})).await;
     assert!(status.is_success());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let (_, view) = gw.merchant_get("/v1/skus/epoch").await;
-        if view["engine"]["available"] == 2 && view["engine"]["claimed"] == 1 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never reconciled: {view}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(15),
+        "the SKU to be reconciled",
+        || gw.merchant_get("/v1/skus/epoch"),
+        |(_, view)| view["engine"]["available"] == 2 && view["engine"]["claimed"] == 1,
+    )
+    .await;
     // Found through the global index, which answers "retry" until the gateway has indexed
     // every SKU again: a client retries, as it would any 503.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        let (status, body) = gw.redeem(json!({"code": sold, "redeemer": "u-1"})).await;
-        if status != StatusCode::SERVICE_UNAVAILABLE {
-            break status;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the index never came back: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (status, _) = eventually(
+        Duration::from_secs(15),
+        "the index to come back",
+        || gw.redeem(json!({"code": sold, "redeemer": "u-1"})),
+        |(status, _)| *status != StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
     assert_eq!(
         status,
         StatusCode::OK,

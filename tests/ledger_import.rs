@@ -11,6 +11,7 @@ use kamigate::inventory::Inventory;
 use reqwest::StatusCode;
 use serde_json::json;
 use support::clock::ManualClock;
+use support::eventually::eventually;
 use support::gateway::{config, TestGateway, ADMIN_TOKEN};
 
 #[tokio::test]
@@ -170,22 +171,15 @@ async fn an_interrupted_upload_leaves_nothing_behind() {
         .expect("sent");
     drop(tx);
     let _ = send.await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        // The aborted batch id can be used again, and the SKU has none of its codes.
-        let (status, report) = gw
-            .upload("cut", "batch_id=x1", "text/plain", "CUT-000001\n")
-            .await;
-        if status == StatusCode::OK && report["replayed"] == false {
-            assert_eq!(report["accepted"], 1, "{report}");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "batch never aborted: {report}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The aborted batch id can be used again, and the SKU has none of its codes.
+    let (_, report) = eventually(
+        Duration::from_secs(5),
+        "the batch to be aborted, its id free again",
+        || gw.upload("cut", "batch_id=x1", "text/plain", "CUT-000001\n"),
+        |(status, report)| *status == StatusCode::OK && report["replayed"] == false,
+    )
+    .await;
+    assert_eq!(report["accepted"], 1, "{report}");
     assert_eq!(gw.counts("cut").await["available"], 1);
     gw.stop().await;
 }

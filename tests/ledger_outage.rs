@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::eventually::eventually;
 use support::gateway::{config, metric, TestGateway};
 use support::postgres_server::Postgres;
 
@@ -53,34 +54,28 @@ async fn claims_go_on_while_the_database_is_down_and_the_ledger_catches_up() {
         StatusCode::SERVICE_UNAVAILABLE,
         "the ledger's view is unavailable: {body}"
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let text = gw.metrics().await;
-        let in_flight = metric(&text, "kamigate_events_in_flight", &["sku=\"outage\""]);
-        if in_flight.unwrap_or(0.0) >= 20.0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the backlog never showed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(15),
+        "the backlog to show in kamigate_events_in_flight",
+        || async {
+            let text = gw.metrics().await;
+            metric(&text, "kamigate_events_in_flight", &["sku=\"outage\""])
+        },
+        |in_flight| in_flight.unwrap_or(0.0) >= 20.0,
+    )
+    .await;
 
     pg.up();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, v) = view(&gw, "outage").await;
-        if status == StatusCode::OK && v["in_flight"] == 0 && v["engine"] == v["ledger"] {
-            assert_eq!(v["drift"], 0);
-            assert_eq!(v["ledger"]["claimed"], 30, "nothing lost: {v}");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never caught up: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (_, v) = eventually(
+        Duration::from_secs(30),
+        "the ledger to catch up",
+        || view(&gw, "outage"),
+        |(status, v)| {
+            *status == StatusCode::OK && v["in_flight"] == 0 && v["engine"] == v["ledger"]
+        },
+    )
+    .await;
+    assert_eq!(v["drift"], 0);
+    assert_eq!(v["ledger"]["claimed"], 30, "nothing lost: {v}");
     gw.stop().await;
 }

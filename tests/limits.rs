@@ -10,6 +10,7 @@ use kamigate::config::Config;
 use kamigate::limit::BucketRule;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::eventually::eventually;
 use support::gateway::{config, metric, TestGateway};
 use support::redis_server::{RedisServer, Resp};
 
@@ -141,18 +142,13 @@ async fn lockouts_escalate_on_repeat() {
             .expect("retry_after_ms");
         lockouts.push(ms);
         // Wait the lockout out (bounded by the assertion above: at most a few seconds).
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(ms + 3000);
-        loop {
-            let (status, _, _) = redeem_as(&attacker, &gw, "PROBE", "trudy-probe").await;
-            if status != StatusCode::TOO_MANY_REQUESTS {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "lockout never ended"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually(
+            Duration::from_millis(ms + 3000),
+            "the lockout to end",
+            || redeem_as(&attacker, &gw, "PROBE", "trudy-probe"),
+            |(status, _, _)| *status != StatusCode::TOO_MANY_REQUESTS,
+        )
+        .await;
     }
     assert!(
         lockouts[0] <= 1000,
@@ -249,19 +245,19 @@ async fn sold_out_claims_are_answered_at_the_edge_and_new_stock_sells_within_the
     assert_eq!(status, StatusCode::OK);
     let (status, body) = a.claim("hot", json!({"order_id": "o-new-a"})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let restocked = tokio::time::Instant::now();
-    loop {
-        let (status, body) = b.claim("hot", json!({"order_id": "o-new-b"})).await;
-        if status == StatusCode::OK {
-            break;
-        }
-        assert_eq!(error_code(&body), "ERR_SOLD_OUT");
-        assert!(
-            restocked.elapsed() < Duration::from_millis(500 + 400),
-            "instance B hid returned stock longer than the documented bound"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_millis(500 + 400),
+        "instance B to sell the returned stock within the documented bound",
+        || async {
+            let (status, body) = b.claim("hot", json!({"order_id": "o-new-b"})).await;
+            if status != StatusCode::OK {
+                assert_eq!(error_code(&body), "ERR_SOLD_OUT");
+            }
+            (status, body)
+        },
+        |(status, _)| *status == StatusCode::OK,
+    )
+    .await;
     a.stop().await;
     b.stop().await;
 }
@@ -353,15 +349,13 @@ async fn overload_is_shed_with_503_and_retry_after() {
             .send(),
     );
     tx.send(Ok("{\"code\":".into())).await.expect("sent");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let (status, body, retry) = loop {
-        let answer = redeem_as(&client_from(9), &gw, "X", "u").await;
-        if answer.0 == StatusCode::SERVICE_UNAVAILABLE {
-            break answer;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never shed");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let (status, body, retry) = eventually(
+        Duration::from_secs(5),
+        "a request to be shed",
+        || async { redeem_as(&client_from(9), &gw, "X", "u").await },
+        |(status, _, _)| *status == StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(error_code(&body), "ERR_UNAVAILABLE");
     assert!(retry.is_some());

@@ -32,6 +32,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::eventually::eventually;
 use support::gateway::{free_port, spawn_serve, ADMIN_TOKEN, MERCHANT_TOKEN};
 use support::postgres_server::Postgres;
 use support::redis_server::RedisServer;
@@ -90,24 +91,23 @@ impl Gateway {
     }
 
     async fn start(&mut self) {
-        self.child = Some(spawn_serve(&self.config));
+        let mut child = spawn_serve(&self.config);
         let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let ready = client.get(format!("{}/readyz", self.admin)).send().await;
-            if ready.map(|r| r.status()).ok() == Some(StatusCode::OK) {
-                return;
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("gateway exited at start: {status}");
-            }
-            assert!(Instant::now() < deadline, "gateway never ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let ready = format!("{}/readyz", self.admin);
+        eventually(
+            Duration::from_secs(60),
+            "the gateway to be ready",
+            || {
+                if let Some(status) = child.try_wait().ok().flatten() {
+                    panic!("gateway exited at start: {status}");
+                }
+                let asked = client.get(&ready).send();
+                async move { asked.await.map(|r| r.status()).ok() }
+            },
+            |status| *status == Some(StatusCode::OK),
+        )
+        .await;
+        self.child = Some(child);
     }
 
     fn pid(&self) -> String {
@@ -448,31 +448,26 @@ async fn client_loop(
 
 /// Waits until the ledger has every change and engine and ledger agree.
 async fn settle(client: &reqwest::Client, gw: &Gateway, sku: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut last = Value::Null;
-    loop {
-        if let Ok(res) = client
-            .get(format!("{}/v1/skus/{sku}", gw.public))
-            .bearer_auth(MERCHANT_TOKEN)
-            .send()
-            .await
-        {
-            if let Ok(view) = res.json::<Value>().await {
-                let engine = &view["engine"];
-                if view["in_flight"] == 0
-                    && view["drift"] == 0
-                    && engine.is_object()
-                    && *engine == view["ledger"]
-                    && engine["held"] == 0
-                {
-                    return view;
-                }
-                last = view;
+    let view = format!("{}/v1/skus/{sku}", gw.public);
+    eventually(
+        Duration::from_secs(90),
+        "the ledger to have every change, engine and ledger agreeing",
+        || async {
+            match client.get(&view).bearer_auth(MERCHANT_TOKEN).send().await {
+                Ok(res) => res.json::<Value>().await.unwrap_or(Value::Null),
+                Err(_) => Value::Null,
             }
-        }
-        assert!(Instant::now() < deadline, "never settled: {last}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        },
+        |view| {
+            let engine = &view["engine"];
+            view["in_flight"] == 0
+                && view["drift"] == 0
+                && engine.is_object()
+                && *engine == view["ledger"]
+                && engine["held"] == 0
+        },
+    )
+    .await
 }
 
 async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {

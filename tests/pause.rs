@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
 use pg_support::TestDatabase;
+use support::eventually::eventually;
 use support::gateway::{free_port, metric, wait_ready, ADMIN_TOKEN, MERCHANT_TOKEN};
 use support::postgres_server::Postgres;
 use support::redis_server::RedisServer;
@@ -216,23 +217,6 @@ impl Served {
     }
 }
 
-/// Polls `probe` until it returns `true`; returns how long that took, or fails the test
-/// after `within`.
-async fn until<F, Fut>(within: Duration, what: &str, mut probe: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    loop {
-        if probe().await {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < within, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The code a claim answer issued.
 fn code_of(answer: &Answer) -> String {
     answer.body["keys"][0]["code"]
@@ -284,9 +268,12 @@ async fn paused_claims_refuse_new_orders_while_retried_orders_get_their_codes() 
         .claim("gift", json!({"order_id": "o-late", "hold_ms": 1}))
         .await;
     assert_eq!(lapsing.body["state"], "held", "{lapsing:?}");
-    until(Duration::from_secs(10), "the 1 ms hold lapsed", || async {
-        gate.merchant_get("/v1/skus/gift/claims/o-late").await.body["state"] == "expired"
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the 1 ms hold to lapse",
+        || async { gate.merchant_get("/v1/skus/gift/claims/o-late").await.body["state"].clone() },
+        |state| *state == "expired",
+    )
     .await;
 
     let paused = gate
@@ -808,10 +795,15 @@ async fn the_cli_pauses_and_resumes_a_running_gateway_through_the_ledger() {
     assert!(ok, "{out}{err}");
     assert!(out.contains("paused claims of SKU gift"), "{out}");
     let n = AtomicU32::new(0);
-    let took = until(ENFORCED_WITHIN, "the CLI's pause is enforced", || async {
-        probe(&gate, "gift", &n).await == "ERR_PAUSED"
-    })
+    let started = Instant::now();
+    eventually(
+        ENFORCED_WITHIN,
+        "the CLI's pause to be enforced",
+        || probe(&gate, "gift", &n),
+        |code| code == "ERR_PAUSED",
+    )
     .await;
+    let took = started.elapsed();
     eprintln!("a pause made with the CLI was enforced after {took:?}");
 
     let (ok, out, _) = cli(data.path(), &["pauses"]).await;
@@ -858,10 +850,15 @@ async fn the_cli_pauses_and_resumes_a_running_gateway_through_the_ledger() {
     .await;
     assert!(ok, "{out}{err}");
     assert!(out.contains("resumed claims of SKU gift"), "{out}");
-    let took = until(ENFORCED_WITHIN, "the CLI's resume is enforced", || async {
-        probe(&gate, "gift", &n).await == "ERR_SOLD_OUT"
-    })
+    let started = Instant::now();
+    eventually(
+        ENFORCED_WITHIN,
+        "the CLI's resume to be enforced",
+        || probe(&gate, "gift", &n),
+        |code| code == "ERR_SOLD_OUT",
+    )
     .await;
+    let took = started.elapsed();
     eprintln!("a resume made with the CLI was enforced after {took:?}");
     let claimed = gate.claim("gift", json!({"order_id": "after"})).await;
     assert_eq!(claimed.status, StatusCode::OK, "{claimed:?}");
@@ -917,10 +914,15 @@ async fn two_gateways_sharing_a_ledger_enforce_each_others_pauses_within_a_secon
         .await;
     assert_eq!(paused.status, StatusCode::OK, "{paused:?}");
     let n = AtomicU32::new(0);
-    let took = until(ENFORCED_WITHIN, "B enforces A's pause", || async {
-        probe(&b, "gift", &n).await == "ERR_PAUSED"
-    })
+    let started = Instant::now();
+    eventually(
+        ENFORCED_WITHIN,
+        "B to enforce A's pause",
+        || probe(&b, "gift", &n),
+        |code| code == "ERR_PAUSED",
+    )
     .await;
+    let took = started.elapsed();
     eprintln!("a pause made through gateway A was enforced by B after {took:?}");
     b.claim("gift", json!({"order_id": "o-2"}))
         .await
@@ -939,10 +941,15 @@ async fn two_gateways_sharing_a_ledger_enforce_each_others_pauses_within_a_secon
 
     // Resumed through B, A serves again within a second.
     b.resume(Some("gift"), json!({"action": "claims"})).await;
-    let took = until(ENFORCED_WITHIN, "A lifts B's resume", || async {
-        probe(&a, "gift", &n).await == "ERR_SOLD_OUT"
-    })
+    let started = Instant::now();
+    eventually(
+        ENFORCED_WITHIN,
+        "A to lift B's resume",
+        || probe(&a, "gift", &n),
+        |code| code == "ERR_SOLD_OUT",
+    )
     .await;
+    let took = started.elapsed();
     eprintln!("a resume made through gateway B was enforced by A after {took:?}");
     let claimed = a.claim("gift", json!({"order_id": "o-2"})).await;
     assert_eq!(claimed.status, StatusCode::OK, "{claimed:?}");
@@ -954,13 +961,18 @@ async fn two_gateways_sharing_a_ledger_enforce_each_others_pauses_within_a_secon
         json!({"action": "redemptions", "reason": "fraud wave"}),
     )
     .await;
-    until(
+    eventually(
         ENFORCED_WITHIN,
-        "A enforces B's gateway-wide pause",
+        "A to enforce B's gateway-wide pause",
         || async {
-            a.metrics()
-                .await
-                .contains("kamigate_pauses{scope=\"gateway\",action=\"redemptions\"} 1")
+            let text = a.metrics().await;
+            let lines = text.lines().filter(|l| l.starts_with("kamigate_pauses{"));
+            lines.map(str::to_owned).collect::<Vec<_>>()
+        },
+        |lines| {
+            lines
+                .iter()
+                .any(|l| l.contains("kamigate_pauses{scope=\"gateway\",action=\"redemptions\"} 1"))
         },
     )
     .await;
@@ -978,10 +990,11 @@ async fn two_gateways_sharing_a_ledger_enforce_each_others_pauses_within_a_secon
         )
         .await;
     assert_eq!(paused.status, StatusCode::OK, "{paused:?}");
-    until(
+    eventually(
         ENFORCED_WITHIN,
-        "B refuses with the pause while Redis is down",
-        || async { b.claim("gift", json!({"order_id": "o-3"})).await.code() == "ERR_PAUSED" },
+        "B to refuse with the pause while Redis is down",
+        || b.claim("gift", json!({"order_id": "o-3"})),
+        |answer| answer.code() == "ERR_PAUSED",
     )
     .await;
     redis.restart().await;
@@ -991,10 +1004,11 @@ async fn two_gateways_sharing_a_ledger_enforce_each_others_pauses_within_a_secon
         "{resumed:?}"
     );
     // Redis came back empty: the SKU is rebuilt from the ledger first, then serves again.
-    until(
+    eventually(
         Duration::from_secs(60),
-        "A claims again after the rebuild",
-        || async { a.claim("gift", json!({"order_id": "o-3"})).await.status == StatusCode::OK },
+        "A to claim again after the rebuild",
+        || a.claim("gift", json!({"order_id": "o-3"})),
+        |answer| answer.status == StatusCode::OK,
     )
     .await;
     let retried = a.claim("gift", json!({"order_id": "o-1"})).await;
@@ -1031,10 +1045,11 @@ async fn a_gateway_keeps_its_last_view_of_pauses_while_the_ledger_is_down() {
     assert_eq!(paused.status, StatusCode::OK, "{paused:?}");
 
     pg.down();
-    until(
+    eventually(
         Duration::from_secs(30),
-        "the view is marked stale",
-        || async { metric(&gate.metrics().await, "kamigate_pauses_stale", &[]) == Some(1.0) },
+        "the view to be marked stale",
+        || async { metric(&gate.metrics().await, "kamigate_pauses_stale", &[]) },
+        |stale| *stale == Some(1.0),
     )
     .await;
     // Still enforced, and still told apart from retries (Redis is up).
@@ -1051,10 +1066,11 @@ async fn a_gateway_keeps_its_last_view_of_pauses_while_the_ledger_is_down() {
         .assert_paused("claims", "sku");
 
     pg.up();
-    until(
+    eventually(
         Duration::from_secs(30),
-        "the view is read again",
-        || async { metric(&gate.metrics().await, "kamigate_pauses_stale", &[]) == Some(0.0) },
+        "the view to be read again",
+        || async { metric(&gate.metrics().await, "kamigate_pauses_stale", &[]) },
+        |stale| *stale == Some(0.0),
     )
     .await;
     let log = gate.log();

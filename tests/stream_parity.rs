@@ -18,15 +18,14 @@
 //! like the rest of it, gives the command-line texts (`wrong number of arguments for
 //! 'xgroup|create' command`, `unknown subcommand 'NOPE'. Try XINFO HELP.`).
 
-#[path = "support/redis_server.rs"]
-mod redis_server;
+mod support;
 
 use std::sync::LazyLock;
 
 use kamigate::engine::embedded::EmbeddedEngine;
 use kamigate::engine::redis::{RedisEngine, RedisOptions};
 use kamigate::engine::{Reply, Script, ScriptEngine};
-use redis_server::RedisServer;
+use support::redis_server::RedisServer;
 
 /// Runs `ARGV` as one command; an error reply comes back as `['(error)', message]` so that
 /// errors are compared like any other reply instead of failing the script.

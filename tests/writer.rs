@@ -33,6 +33,7 @@ use kamigate::ledger::{
 use kamigate::sku::SkuConfig;
 use pg_support::TestDatabase;
 use support::clock::ManualClock;
+use support::eventually::eventually;
 use support::redis_server::RedisServer;
 use tempfile::TempDir;
 
@@ -409,19 +410,6 @@ async fn drain(writer: &EventWriter, sku: &str) -> usize {
         }
     }
     panic!("{sku}: the stream never ran dry");
-}
-
-/// Polls `check` until it holds or `within` passes.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 // ---- scenarios ------------------------------------------------------------------------
@@ -881,8 +869,9 @@ async fn failed_commits_behind_reads_ahead_are_retried_oldest_first(env: Env) {
     let w = &writer;
     eventually(
         Duration::from_secs(30),
-        "the ledger catches up",
-        || async move { w.backlog(sku).await.expect("backlog").in_flight() == 0 },
+        "the ledger to catch up",
+        || async move { w.backlog(sku).await.expect("backlog").in_flight() },
+        |in_flight| *in_flight == 0,
     )
     .await;
     assert!(
@@ -1006,8 +995,9 @@ async fn run_drains_every_sku_through_an_outage(env: Env) {
         let w = &writer;
         eventually(
             Duration::from_secs(20),
-            "the ledger catches up",
-            || async move { w.backlog(sku).await.expect("backlog").in_flight() == 0 },
+            "the ledger to catch up",
+            || async move { w.backlog(sku).await.expect("backlog").in_flight() },
+            |in_flight| *in_flight == 0,
         )
         .await;
         env.assert_in_step(sku).await;

@@ -9,6 +9,8 @@ use kamigate::inventory::Inventory;
 use reqwest::StatusCode;
 use serde_json::Value;
 
+use super::eventually::eventually;
+
 pub const MERCHANT_TOKEN: &str = "merchant-token-for-tests-0001";
 pub const ADMIN_TOKEN: &str = "admin-token-for-tests-00000001";
 
@@ -255,18 +257,14 @@ pub async fn audit_trail(
 /// Waits until the gateway whose admin listener is `admin` (`http://host:port`) is ready.
 pub async fn wait_ready(admin: &str, within: Duration) {
     let client = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let ready = client.get(format!("{admin}/readyz")).send().await;
-        if ready.map(|r| r.status()).ok() == Some(StatusCode::OK) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "gateway never ready"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let ready = format!("{admin}/readyz");
+    eventually(
+        within,
+        "the gateway to be ready",
+        || async { client.get(&ready).send().await.map(|r| r.status()).ok() },
+        |status| *status == Some(StatusCode::OK),
+    )
+    .await;
 }
 
 /// Starts the `kamigate serve` binary on a TOML `config`, with a clean environment and its

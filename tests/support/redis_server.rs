@@ -6,6 +6,9 @@
 //!
 //! Commands are sent with a tiny RESP client over a plain TCP connection ([`RedisServer::cmd`]):
 //! no dependency on `redis-cli`, and independent of the engine under test.
+//!
+//! Benchmarks include this file on its own (`#[path]`, `benches/void.rs`), so it depends on
+//! nothing else in `tests/support` and waits with loops of its own.
 #![allow(dead_code)]
 
 use std::fs;

@@ -1,0 +1,54 @@
+//! Waiting in tests: look again and again until a condition holds, within a deadline; never
+//! a fixed sleep that is too short on a busy machine and too long everywhere else.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// The first pause between two looks; each pause doubles, up to [`MAX_INTERVAL`].
+const FIRST_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The longest pause between two looks: a test that bounds how long something may take
+/// sees it at most this late, and a slow condition is not polled in a tight loop.
+const MAX_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Looks with `observe` until `done` accepts what it saw, and returns that. After `within`
+/// the test fails, saying `what` it waited for and the last value it saw.
+///
+/// ```ignore
+/// let view = eventually(
+///     Duration::from_secs(10),
+///     "the ledger caught up with the engine",
+///     || gw.merchant_get("/v1/skus/s"),
+///     |(_, view)| view["in_flight"] == 0,
+/// )
+/// .await;
+/// ```
+pub async fn eventually<T, F, Fut>(
+    within: Duration,
+    what: &str,
+    mut observe: F,
+    done: impl Fn(&T) -> bool,
+) -> T
+where
+    T: Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = T>,
+{
+    let deadline = Instant::now() + within;
+    let mut interval = FIRST_INTERVAL;
+    loop {
+        let seen = observe().await;
+        if done(&seen) {
+            return seen;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            panic!("waited {within:?} for {what}; last seen: {seen:?}");
+        }
+        tokio::time::sleep(interval.min(deadline - now)).await;
+        interval = (interval * 2).min(MAX_INTERVAL);
+    }
+}
