@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use kamigate::engine::redis::{RedisEngine, RedisOptions};
 use kamigate::engine::{EngineError, EngineKind, Reply, Script, ScriptEngine, SCRIPTS};
+use support::eventually::eventually;
 use support::redis_server::{RedisCluster, RedisServer, Resp};
 
 /// A probe script with the prelude prepended, like the shipped ones.
@@ -247,20 +248,16 @@ async fn engine_survives_redis_kill_and_restart() {
             took < Duration::from_millis(1_500),
             "calls while down took {took:?}"
         );
+        // Time passing is the point: a call fails as promptly after a while without Redis
+        // as at once.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // Same port, empty data set and empty script cache: the same engine recovers by itself.
     server.restart().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let reply = loop {
-        match engine.eval(counter, keys(), vec![]).await {
-            Ok(reply) => break reply,
-            Err(EngineError::Unavailable(_)) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("engine did not recover after the restart: {e}"),
-        }
+    let reply = match recovered(&engine, counter, keys).await {
+        Ok(reply) => reply,
+        Err(e) => panic!("engine did not recover after the restart: {e}"),
     };
     assert_eq!(
         reply,
@@ -289,19 +286,25 @@ async fn persisted_data_survives_a_restart_with_aof() {
     }
     server.kill9();
     server.restart().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match engine.eval(counter, keys(), vec![]).await {
-            Ok(reply) => {
-                assert_eq!(reply, Reply::Int(4), "every acknowledged write survived");
-                break;
-            }
-            Err(EngineError::Unavailable(_)) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("engine did not recover after the restart: {e}"),
-        }
+    match recovered(&engine, counter, keys).await {
+        Ok(reply) => assert_eq!(reply, Reply::Int(4), "every acknowledged write survived"),
+        Err(e) => panic!("engine did not recover after the restart: {e}"),
     }
+}
+
+/// The first answer to `script` that is not `Unavailable`, once Redis is back.
+async fn recovered(
+    engine: &RedisEngine,
+    script: &'static Script,
+    keys: impl Fn() -> Vec<String>,
+) -> Result<Reply, EngineError> {
+    eventually(
+        Duration::from_secs(10),
+        "the engine to reach the restarted Redis",
+        || engine.eval(script, keys(), vec![]),
+        |answer| !matches!(answer, Err(EngineError::Unavailable(_))),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -316,7 +319,19 @@ async fn calls_time_out_while_redis_is_busy() {
     let sleeper = tokio::spawn(async move {
         let _ = RedisServer::cmd_on_port(port, &["DEBUG", "SLEEP", "2"]).await;
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Asleep once a PING goes unanswered for a while (it is answered when the server wakes).
+    eventually(
+        Duration::from_secs(10),
+        "DEBUG SLEEP to block the server",
+        || async {
+            let ping = RedisServer::cmd_on_port(port, &["PING"]);
+            tokio::time::timeout(Duration::from_millis(250), ping)
+                .await
+                .is_err()
+        },
+        |blocked| *blocked,
+    )
+    .await;
     let started = Instant::now();
     assert_unavailable(eval(&engine, one).await);
     let took = started.elapsed();
@@ -341,7 +356,13 @@ async fn redis_busy_with_a_long_script_is_unavailable_not_a_script_error() {
     let port = server.port();
     let spinner =
         tokio::spawn(async move { RedisServer::cmd_on_port(port, &["EVAL", spin, "0"]).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _busy = eventually(
+        Duration::from_secs(10),
+        "the script to run past the busy threshold",
+        || RedisServer::cmd_on_port(port, &["PING"]),
+        |reply| matches!(reply, Ok(Resp::Error(e)) if e.starts_with("BUSY")),
+    )
+    .await;
     match eval(&engine, one).await {
         Err(EngineError::Unavailable(message)) => assert!(message.contains("BUSY"), "{message}"),
         other => panic!("expected Unavailable(BUSY), got {other:?}"),

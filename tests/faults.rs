@@ -6,11 +6,13 @@
 mod support;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::eventually::eventually;
 use support::gateway::{
     audit_trail, config, free_port, spawn_serve, wait_ready, TestGateway, ADMIN_TOKEN,
     MERCHANT_TOKEN,
@@ -35,19 +37,60 @@ async fn spawn_gateway(config: &std::path::Path, public: u16, admin: u16) -> Bin
     gw
 }
 
+/// What the clients of a claim storm were told.
+#[derive(Default)]
+struct Told {
+    /// Every code a client was told it got.
+    codes: Mutex<Vec<String>>,
+    /// Requests that got no answer, or another answer than `200`.
+    failed: AtomicUsize,
+}
+
+impl Told {
+    fn codes(&self) -> usize {
+        self.codes.lock().expect("lock").len()
+    }
+
+    fn failed(&self) -> usize {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more codes than `before` were answered.
+    async fn codes_beyond(&self, before: usize, n: usize, what: &str) {
+        eventually(
+            Duration::from_secs(10),
+            what,
+            || async { self.codes() },
+            |codes| *codes >= before + n,
+        )
+        .await;
+    }
+
+    /// Waits until more requests than `before` failed.
+    async fn failures_beyond(&self, before: usize, what: &str) {
+        eventually(
+            Duration::from_secs(10),
+            what,
+            || async { self.failed() },
+            |failed| *failed > before,
+        )
+        .await;
+    }
+}
+
 /// Claims one code per order, from `workers` concurrent clients, until stopped; records
-/// every code a client was told it got.
+/// what each client was told.
 fn claim_storm(
     public: String,
     sku: &'static str,
     prefix: &'static str,
     workers: usize,
-    answered: Arc<Mutex<Vec<String>>>,
+    told: Arc<Told>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..workers)
         .map(|w| {
             let public = public.clone();
-            let answered = answered.clone();
+            let told = told.clone();
             tokio::spawn(async move {
                 let client = reqwest::Client::builder()
                     .timeout(Duration::from_secs(2))
@@ -61,14 +104,19 @@ fn claim_storm(
                         .send()
                         .await;
                     let Ok(res) = res else {
+                        told.failed.fetch_add(1, Ordering::Relaxed);
+                        // A client's pause before it retries a refused connection, as an
+                        // order system's would be; without it the storm spins.
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         continue;
                     };
-                    if res.status() == StatusCode::OK {
-                        if let Ok(order) = res.json::<Value>().await {
-                            if let Some(code) = order["keys"][0]["code"].as_str() {
-                                answered.lock().expect("lock").push(code.to_owned());
-                            }
+                    if res.status() != StatusCode::OK {
+                        told.failed.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    if let Ok(order) = res.json::<Value>().await {
+                        if let Some(code) = order["keys"][0]["code"].as_str() {
+                            told.codes.lock().expect("lock").push(code.to_owned());
                         }
                     }
                 }
@@ -79,28 +127,27 @@ fn claim_storm(
 
 /// Waits until the ledger holds every change of the engine, then returns the SKU view.
 async fn settled(client: &reqwest::Client, public: &str, sku: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let view: Value = match client
-            .get(format!("{public}/v1/skus/{sku}"))
-            .bearer_auth(MERCHANT_TOKEN)
-            .send()
-            .await
-        {
-            Ok(res) => res.json().await.unwrap_or(Value::Null),
-            Err(_) => Value::Null,
-        };
-        if view["in_flight"] == 0 && view["engine"].is_object() && view["engine"] == view["ledger"]
-        {
-            assert_eq!(view["drift"], 0, "{view}");
-            return view;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never settled: {view}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let view = eventually(
+        Duration::from_secs(30),
+        "the ledger to hold every change of the engine",
+        || async {
+            match client
+                .get(format!("{public}/v1/skus/{sku}"))
+                .bearer_auth(MERCHANT_TOKEN)
+                .send()
+                .await
+            {
+                Ok(res) => res.json().await.unwrap_or(Value::Null),
+                Err(_) => Value::Null,
+            }
+        },
+        |view: &Value| {
+            view["in_flight"] == 0 && view["engine"].is_object() && view["engine"] == view["ledger"]
+        },
+    )
+    .await;
+    assert_eq!(view["drift"], 0, "{view}");
+    view
 }
 
 /// Every answered code is claimed in the ledger (looked up through its audit trail), and
@@ -173,24 +220,28 @@ async fn a_killed_gateway_loses_no_answered_claim() {
         .expect("answered");
     assert_eq!(import.status(), StatusCode::OK);
 
-    let answered = Arc::new(Mutex::new(Vec::new()));
-    let storm = claim_storm(gw.public.clone(), "storm", "a", 8, answered.clone());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while answered.lock().expect("lock").len() < 50 {
-        assert!(tokio::time::Instant::now() < deadline, "no claims answered");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let told = Arc::new(Told::default());
+    let storm = claim_storm(gw.public.clone(), "storm", "a", 8, told.clone());
+    told.codes_beyond(0, 50, "50 claims answered").await;
     gw.child.start_kill().expect("SIGKILL sent");
     gw.child.wait().await.expect("reaped");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The storm's clients meet the dead gateway before it comes back.
+    let failed = told.failed();
+    told.failures_beyond(failed, "a client refused by the dead gateway")
+        .await;
     let gw = spawn_gateway(&config, public, admin).await;
     // Claims go on against the restarted gateway for a moment.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    told.codes_beyond(
+        told.codes(),
+        30,
+        "30 claims answered by the restarted gateway",
+    )
+    .await;
     for task in &storm {
         task.abort();
     }
     let view = settled(&client, &gw.public, "storm").await;
-    let codes = answered.lock().expect("lock").clone();
+    let codes = told.codes.lock().expect("lock").clone();
     // Claims cut off before their answer (the kill, aborted clients) are claimed too: their
     // orders get the same codes on retry. Every answered one must be there.
     let claimed = view["ledger"]["claimed"].as_u64().unwrap_or(0);
@@ -217,30 +268,22 @@ async fn redis_killed_and_restarted_under_load_loses_no_answered_claim() {
             .collect::<Vec<_>>(),
     )
     .await;
-    let answered = Arc::new(Mutex::new(Vec::new()));
-    let storm = claim_storm(gw.public.clone(), "aof", "r", 6, answered.clone());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while answered.lock().expect("lock").len() < 30 {
-        assert!(tokio::time::Instant::now() < deadline, "no claims answered");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let told = Arc::new(Told::default());
+    let storm = claim_storm(gw.public.clone(), "aof", "r", 6, told.clone());
+    told.codes_beyond(0, 30, "30 claims answered").await;
+    let failed = told.failed();
     redis.kill9();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The storm's clients are refused while Redis is down before it comes back.
+    told.failures_beyond(failed, "a claim refused while Redis is down")
+        .await;
     redis.restart().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let before = answered.lock().expect("lock").len();
-    while answered.lock().expect("lock").len() < before + 30 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "claims never resumed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    told.codes_beyond(told.codes(), 30, "claims to resume after the restart")
+        .await;
     for task in &storm {
         task.abort();
     }
     let view = settled(&gw.client, &gw.public, "aof").await;
-    let codes = answered.lock().expect("lock").clone();
+    let codes = told.codes.lock().expect("lock").clone();
     // Claims cut off before their answer (the kill, aborted clients) are claimed too: their
     // orders get the same codes on retry. Every answered one must be there.
     let claimed = view["ledger"]["claimed"].as_u64().unwrap_or(0);
