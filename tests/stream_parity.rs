@@ -12,6 +12,11 @@
 //! minimum idle time of 0 (everything qualifies) or one hour (nothing does), and the
 //! thresholds themselves are tested with a fake clock by the keyspace's unit tests.
 //!
+//! The Redis side is pinned to the 7.0 series ([`PINNED_REDIS`]): Debian 12's
+//! `redis-server`, which `scripts/test` installs (7.0.15). Replies and error texts change
+//! between Redis releases, so on another series every test here fails at once saying so,
+//! rather than on the first reply that differs.
+//!
 //! Command lookup errors are left out on purpose: inside scripts Redis 7.0 reports a wrong
 //! number of arguments as `Wrong number of args calling Redis command from script` and an
 //! unknown (sub)command as `Unknown Redis command called from script`, whereas the keyspace,
@@ -39,6 +44,31 @@ return reply
 
 static PROBE: LazyLock<Script> = LazyLock::new(|| Script::new("stream_probe", PROBE_BODY));
 
+/// The Redis release series whose replies the embedded keyspace is compared with.
+const PINNED_REDIS: &str = "7.0";
+
+/// The `redis_version` a running server reports in `INFO server`.
+async fn redis_version(server: &RedisServer) -> String {
+    let info = server.redis_cli(&["INFO", "server"]).await;
+    let info = info.as_str().expect("INFO answers text");
+    info.lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .expect("INFO server names redis_version")
+        .trim()
+        .to_owned()
+}
+
+/// Fails unless `server` runs the pinned Redis series.
+async fn require_pinned_version(server: &RedisServer) {
+    let version = redis_version(server).await;
+    assert!(
+        version.starts_with(&format!("{PINNED_REDIS}.")),
+        "tests/stream_parity.rs compares the embedded engine with Redis {PINNED_REDIS}.x, \
+         whose replies and error texts it pins; this redis-server is {version} \
+         (install Redis {PINNED_REDIS}, e.g. Debian 12's redis-server)"
+    );
+}
+
 /// The two engines under comparison; the Redis one on its own throwaway server.
 struct Engines {
     redis: RedisEngine,
@@ -49,6 +79,7 @@ struct Engines {
 impl Engines {
     async fn start() -> Engines {
         let server = RedisServer::start().await;
+        require_pinned_version(&server).await;
         let redis = RedisEngine::connect(&server.url(), RedisOptions::default())
             .await
             .expect("connect to the test redis-server");
@@ -137,6 +168,12 @@ fn mask_idle(reply: Reply) -> Reply {
 
 fn bulk(s: &str) -> Reply {
     Reply::from(s)
+}
+
+#[tokio::test]
+async fn redis_runs_the_release_series_these_replies_pin() {
+    let server = RedisServer::start().await;
+    require_pinned_version(&server).await;
 }
 
 fn array(items: Vec<Reply>) -> Reply {
