@@ -536,7 +536,7 @@ impl Inventory {
     /// all was left (`true`), as opposed to fewer codes than the claim asked for: only the
     /// former may be remembered as "sold out" for every order.
     ///
-    /// Concurrent claims of one SKU go to the engine together (see [`coalesce`]).
+    /// Concurrent claims of one SKU go to the engine together (see the `coalesce` module).
     pub async fn claim_checked(
         &self,
         sku: &str,
