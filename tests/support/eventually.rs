@@ -3,6 +3,7 @@
 
 use std::fmt::Debug;
 use std::future::Future;
+use std::panic::Location;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -15,7 +16,8 @@ const FIRST_INTERVAL: Duration = Duration::from_millis(10);
 const MAX_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Looks with `observe` until `done` accepts what it saw, and returns that. After `within`
-/// the test fails, saying `what` it waited for and the last value it saw.
+/// the test fails, saying `what` it waited for, the last value it saw and where the test
+/// waited.
 ///
 /// ```ignore
 /// let view = eventually(
@@ -26,29 +28,34 @@ const MAX_INTERVAL: Duration = Duration::from_millis(100);
 /// )
 /// .await;
 /// ```
-pub async fn eventually<T, F, Fut>(
+#[track_caller]
+pub fn eventually<'a, T, F, Fut>(
     within: Duration,
-    what: &str,
+    what: &'a str,
     mut observe: F,
-    done: impl Fn(&T) -> bool,
-) -> T
+    done: impl Fn(&T) -> bool + 'a,
+) -> impl Future<Output = T> + 'a
 where
-    T: Debug,
-    F: FnMut() -> Fut,
-    Fut: Future<Output = T>,
+    T: Debug + 'a,
+    F: FnMut() -> Fut + 'a,
+    Fut: Future<Output = T> + 'a,
 {
-    let deadline = Instant::now() + within;
-    let mut interval = FIRST_INTERVAL;
-    loop {
-        let seen = observe().await;
-        if done(&seen) {
-            return seen;
+    // Not an `async fn`: the caller's location is taken here, where `#[track_caller]` works.
+    let caller = Location::caller();
+    async move {
+        let deadline = Instant::now() + within;
+        let mut interval = FIRST_INTERVAL;
+        loop {
+            let seen = observe().await;
+            if done(&seen) {
+                return seen;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                panic!("waited {within:?} for {what}; last seen: {seen:?} (at {caller})");
+            }
+            tokio::time::sleep(interval.min(deadline - now)).await;
+            interval = (interval * 2).min(MAX_INTERVAL);
         }
-        let now = Instant::now();
-        if now >= deadline {
-            panic!("waited {within:?} for {what}; last seen: {seen:?}");
-        }
-        tokio::time::sleep(interval.min(deadline - now)).await;
-        interval = (interval * 2).min(MAX_INTERVAL);
     }
 }
