@@ -1,6 +1,16 @@
 //! kamigate: a high-throughput redemption gateway for card keys (gift cards, top-up codes,
 //! license keys).
 //!
+//! # Two paths
+//!
+//! - **Requests**: [`http`] (the edge: routing, auth) → [`limit`] (buckets, shedding,
+//!   windows) → [`inventory`] (domain terms, claim coalescing) → [`engine`] (a script call)
+//!   → `lua/*.lua` (the only code that changes inventory state, one atomic step per call).
+//! - **Events**: each script appends its change to the SKU's stream → the event writer
+//!   ([`ledger::writer`]) reads it through a consumer group → the [`ledger`] commits it →
+//!   [`inventory::drift`] (ledger against engine counts) and [`inventory::warm`] (the engine
+//!   rebuilt from the ledger) close the loop.
+//!
 //! # Layout
 //!
 //! - [`clock`]: the one notion of "now", injected so tests move time by hand.
