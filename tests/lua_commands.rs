@@ -1,12 +1,16 @@
 //! The scripts and the embedded engine agree.
 //!
-//! The embedded keyspace implements only the commands the scripts use, so a script that starts
-//! calling another command would work on Redis and fail on the embedded engine. The first test
-//! catches that at build time: it reads every `lua/*.lua`, finds each `redis.call` and
-//! `redis.pcall`, and requires the command name to be a string literal (a computed name would
-//! escape this check) that `Keyspace::supports`. The remaining tests run probe scripts through
-//! the embedded engine and check that values cross the Lua boundary the way Redis converts them.
+//! The embedded keyspace implements exactly the commands the scripts use, so a script that
+//! starts calling another command would work on Redis and fail on the embedded engine, and a
+//! command no script calls is emulation nobody needs. The first two tests catch both: they read
+//! every `lua/*.lua`, find each `redis.call` and `redis.pcall`, and require the command name
+//! (and a container command's subcommand, as in `XGROUP CREATE`) to be a string literal (a
+//! computed name would escape this check) that `Keyspace::supports`; then every command and
+//! subcommand the keyspace supports must be called somewhere. The remaining tests run probe
+//! scripts through the embedded engine and check that values cross the Lua boundary the way
+//! Redis converts them.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -129,9 +133,16 @@ fn long_string(chars: &[char], at: usize, level: usize) -> Option<(String, usize
     Some((text, end + close.len(), lines))
 }
 
-/// One `redis.call`/`redis.pcall` site: its line and the literal command name, or why there
-/// is none.
-type CallSite = (usize, Result<String, String>);
+/// One `redis.call`/`redis.pcall` site.
+#[derive(Debug)]
+struct CallSite {
+    line: usize,
+    /// The literal command name, or why there is none.
+    command: Result<String, String>,
+    /// The argument after the command name when it is a string literal: a container
+    /// command's subcommand.
+    first_arg: Option<String>,
+}
 
 /// Every call site of `source`.
 fn call_sites(source: &str) -> Result<Vec<CallSite>, String> {
@@ -146,6 +157,15 @@ fn call_sites(source: &str) -> Result<Vec<CallSite>, String> {
             continue;
         }
         let after = |k: usize| tokens.get(i + 3 + k).map(|(_, t)| t);
+        let first_arg = match (after(0), after(2), after(3), after(4)) {
+            (
+                Some(Token::Punct('(')),
+                Some(Token::Punct(',')),
+                Some(Token::Str(arg)),
+                Some(Token::Punct(',' | ')')),
+            ) => Some(arg.clone()),
+            _ => None,
+        };
         let command = match (after(0), after(1), after(2)) {
             (Some(Token::Punct('(')), Some(Token::Str(name)), Some(Token::Punct(',' | ')'))) => {
                 Ok(name.clone())
@@ -161,7 +181,11 @@ fn call_sites(source: &str) -> Result<Vec<CallSite>, String> {
                 "redis.{method} is used as a value, so its command name cannot be checked"
             )),
         };
-        sites.push((*line, command));
+        sites.push(CallSite {
+            line: *line,
+            command,
+            first_arg,
+        });
     }
     Ok(sites)
 }
@@ -177,10 +201,11 @@ fn lua_files() -> Vec<PathBuf> {
     files
 }
 
-#[test]
-fn every_redis_call_names_a_supported_command_literally() {
+/// What the scripts of `lua/` call: commands, and container commands with their subcommand
+/// (`XGROUP CREATE`), upper case; and what in them the embedded keyspace does not support.
+fn scan_scripts() -> (BTreeSet<String>, Vec<String>) {
+    let mut used = BTreeSet::new();
     let mut problems = Vec::new();
-    let mut used = std::collections::BTreeSet::new();
     for path in lua_files() {
         let name = path
             .file_name()
@@ -195,25 +220,73 @@ fn every_redis_call_names_a_supported_command_literally() {
                 continue;
             }
         };
-        for (line, command) in sites {
-            match command {
-                Ok(command) if Keyspace::supports(&command) => {
-                    used.insert(command.to_ascii_uppercase());
+        for site in sites {
+            let line = site.line;
+            let command = match site.command {
+                Ok(command) if Keyspace::supports(&command) => command.to_ascii_uppercase(),
+                Ok(command) => {
+                    problems.push(format!(
+                        "lua/{name}:{line}: {command} is not implemented by the embedded \
+                         keyspace (src/engine/keyspace)"
+                    ));
+                    continue;
                 }
-                Ok(command) => problems.push(format!(
-                    "lua/{name}:{line}: {command} is not implemented by the embedded keyspace \
-                     (src/engine/keyspace.rs)"
+                Err(why) => {
+                    problems.push(format!("lua/{name}:{line}: {why}"));
+                    continue;
+                }
+            };
+            let subcommands: Vec<&str> = Keyspace::subcommands(&command).collect();
+            if subcommands.is_empty() {
+                used.insert(command);
+                continue;
+            }
+            match site.first_arg {
+                Some(sub) if subcommands.iter().any(|s| s.eq_ignore_ascii_case(&sub)) => {
+                    used.insert(format!("{command} {}", sub.to_ascii_uppercase()));
+                }
+                Some(sub) => problems.push(format!(
+                    "lua/{name}:{line}: {command} {sub} is not implemented by the embedded \
+                     keyspace (src/engine/keyspace)"
                 )),
-                Err(why) => problems.push(format!("lua/{name}:{line}: {why}")),
+                None => problems.push(format!(
+                    "lua/{name}:{line}: {command}'s subcommand is not a plain string literal"
+                )),
             }
         }
     }
+    (used, problems)
+}
+
+#[test]
+fn every_redis_call_names_a_supported_command_literally() {
+    let (used, problems) = scan_scripts();
     assert!(
         problems.is_empty(),
-        "every redis.call/redis.pcall must name a supported command as a string literal:\n  {}",
+        "every redis.call/redis.pcall must name a supported command (and subcommand) as a \
+         string literal:\n  {}",
         problems.join("\n  ")
     );
     println!("commands used by lua/: {used:?}");
+}
+
+#[test]
+fn every_supported_command_is_called_by_a_script() {
+    let (used, _) = scan_scripts();
+    let mut supported = Vec::new();
+    for command in Keyspace::commands() {
+        let subcommands: Vec<&str> = Keyspace::subcommands(command).collect();
+        if subcommands.is_empty() {
+            supported.push(command.to_owned());
+        }
+        supported.extend(subcommands.iter().map(|sub| format!("{command} {sub}")));
+    }
+    let unused: Vec<&String> = supported.iter().filter(|c| !used.contains(*c)).collect();
+    assert!(
+        unused.is_empty(),
+        "the embedded keyspace (src/engine/keyspace) implements what no script in lua/ calls; \
+         delete it: {unused:?}"
+    );
 }
 
 #[test]
@@ -235,7 +308,11 @@ redis.call(unpack(args))
 local not_redis = myredis.call
 "#;
     let sites = call_sites(source).expect("scans");
-    let expected: Vec<CallSite> = vec![
+    let commands: Vec<(usize, Result<String, String>)> = sites
+        .iter()
+        .map(|site| (site.line, site.command.clone()))
+        .collect();
+    let expected: Vec<(usize, Result<String, String>)> = vec![
         (6, Ok("HGET".into())),
         (7, Ok("ZADD".into())),
         (8, Ok("LPOP".into())),
@@ -257,9 +334,18 @@ local not_redis = myredis.call
             Err("redis.call's first argument is not a string literal".into()),
         ),
     ];
-    assert_eq!(sites, expected);
+    assert_eq!(commands, expected);
+    let first_args: Vec<Option<&str>> = sites.iter().map(|s| s.first_arg.as_deref()).collect();
+    assert_eq!(first_args, [None, None, None, None, None, None, None, None]);
+    let sites = call_sites(
+        "redis.call('XGROUP', 'CREATE', k, 'g')\nredis.call('XINFO', sub, k)\n\
+         redis.call('XINFO', 'GROUPS')\nredis.call('XGROUP', 'CRE' .. 'ATE', k)",
+    )
+    .expect("scans");
+    let first_args: Vec<Option<&str>> = sites.iter().map(|s| s.first_arg.as_deref()).collect();
+    assert_eq!(first_args, [Some("CREATE"), None, Some("GROUPS"), None]);
     assert!(call_sites("local s = 'open").is_err());
-    assert_eq!(call_sites("").expect("empty file scans"), vec![]);
+    assert!(call_sites("").expect("empty file scans").is_empty());
 }
 
 #[test]
@@ -372,23 +458,29 @@ async fn command_replies_and_arguments_convert_like_redis() {
     let engine = EmbeddedEngine::start().expect("engine starts");
     let cases = [
         // nil bulk → false, which the script returns as nil
-        ("return redis.call('GET', 'missing')", Reply::Nil),
+        ("return redis.call('HGET', 'missing', 'f')", Reply::Nil),
         (
-            "return redis.call('GET', 'missing') == false",
+            "return redis.call('HGET', 'missing', 'f') == false",
             Reply::Int(1),
         ),
         (
-            "return {redis.call('GET', 'missing')}",
+            "return {redis.call('HGET', 'missing', 'f')}",
             Reply::Array(vec![Reply::Nil]),
         ),
         // status → {ok = …}
-        ("return redis.call('SET', KEYS[1], 'v').ok", bulk("OK")),
         (
-            "return redis.call('SET', KEYS[1], 'v')",
+            "return redis.call('XGROUP', 'CREATE', KEYS[1], 'g', '$', 'MKSTREAM').ok",
+            bulk("OK"),
+        ),
+        (
+            "return redis.call('XGROUP', 'CREATE', KEYS[1], 'g2', '$')",
             Reply::Status("OK".into()),
         ),
         // integer → number
-        ("return type(redis.call('INCR', 'counter'))", bulk("number")),
+        (
+            "return type(redis.call('HINCRBY', 'counter', 'n', 1))",
+            bulk("number"),
+        ),
         // numbers as arguments: %.17g like Redis, integers exact
         (
             "return redis.call('HSET', 'h', 'i', 42, 'f', 2.5, 't', 0.1)",
@@ -404,12 +496,12 @@ async fn command_replies_and_arguments_convert_like_redis() {
             ]),
         ),
         (
-            "redis.call('SET', 'ms', 1700000000123) return redis.call('GET', 'ms')",
+            "redis.call('HSET', 'ms', 'f', 1700000000123) return redis.call('HGET', 'ms', 'f')",
             bulk("1700000000123"),
         ),
         // arrays → tables; nested arrays too
         (
-            "redis.call('RPUSH', 'l', 'a', 'b') return redis.call('LRANGE', 'l', 0, -1)",
+            "redis.call('RPUSH', 'l', 'a', 'b') return redis.call('LPOP', 'l', 2)",
             Reply::Array(vec![bulk("a"), bulk("b")]),
         ),
         (
@@ -437,7 +529,7 @@ async fn command_replies_and_arguments_convert_like_redis() {
             ]),
         ),
         (
-            "return redis.pcall('SET', 'k', true).err",
+            "return redis.pcall('HSET', 'k', 'f', true).err",
             bulk("ERR Lua redis lib command arguments must be strings or integers"),
         ),
     ];
@@ -495,9 +587,9 @@ async fn errors_fail_the_script_like_redis() {
     }
 
     for body in [
-        "return redis.call('SET', 'k', true)",
-        "return redis.call('SET', 'k', {})",
-        "return redis.call('SET', 'k', nil)",
+        "return redis.call('HSET', 'k', 'f', true)",
+        "return redis.call('HSET', 'k', 'f', {})",
+        "return redis.call('HSET', 'k', 'f', nil)",
     ] {
         let message = script_error(&engine, body).await;
         assert!(
@@ -512,7 +604,7 @@ async fn errors_fail_the_script_like_redis() {
     );
     let message = script_error(
         &engine,
-        "redis.call('SET', 'str', 'v') return redis.call('HGET', 'str', 'f')",
+        "redis.call('RPUSH', 'str', 'v') return redis.call('HGET', 'str', 'f')",
     )
     .await;
     assert!(message.contains("WRONGTYPE"), "{message}");

@@ -570,7 +570,7 @@ mod tests {
         let engine = EmbeddedEngine::start().expect("engine starts");
         engine.ping().await.expect("ping");
         assert_eq!(engine.kind(), EngineKind::Embedded);
-        let incr = probe("return redis.call('INCRBY', KEYS[1], ARGV[1])");
+        let incr = probe("return redis.call('HINCRBY', KEYS[1], 'n', ARGV[1])");
         let futures: Vec<_> = (0..50)
             .map(|_| engine.eval(incr, strings(&["n"]), strings(&["2"])))
             .collect();
@@ -579,7 +579,7 @@ mod tests {
             replies.push(f.await.expect("incr"));
         }
         assert_eq!(replies.last(), Some(&Reply::Int(100)));
-        let get = probe("return redis.call('GET', KEYS[1])");
+        let get = probe("return redis.call('HGET', KEYS[1], 'n')");
         assert_eq!(
             engine
                 .eval(get, strings(&["n"]), vec![])
@@ -596,10 +596,10 @@ mod tests {
         let engine = EmbeddedEngine::with_clock(move || clock.load(Ordering::SeqCst))
             .expect("engine starts");
         let set = probe(
-            "redis.call('SET', KEYS[1], 'v', 'PX', 100) \
+            "redis.call('HSET', KEYS[1], 'f', 'v') redis.call('PEXPIRE', KEYS[1], 100) \
              return redis.call('XADD', KEYS[2], '*', 'f', 'v')",
         );
-        let get = probe("return redis.call('GET', KEYS[1])");
+        let get = probe("return redis.call('HGET', KEYS[1], 'f')");
         let keys = strings(&["k", "s"]);
         assert_eq!(
             engine.eval(set, keys.clone(), vec![]).await.expect("set"),
