@@ -14,6 +14,9 @@
 //!
 //! The engines only move [`Reply`] values; [`crate::inventory`] gives them domain meaning, so
 //! the reply parsing is shared and one conformance suite covers both.
+//!
+//! [`stream_id::StreamId`] is the id of an event stream's entries, as the keyspace issues them
+//! and the ledger writer compares them.
 
 pub mod embedded;
 pub mod keys;
@@ -21,6 +24,7 @@ pub mod keyspace;
 pub mod measured;
 pub mod redis;
 pub mod script;
+pub mod stream_id;
 
 use std::any::Any;
 use std::fmt;

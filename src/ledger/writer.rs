@@ -74,6 +74,7 @@ use super::{Ledger, LedgerError, LedgerEvent};
 use crate::clock::now_ms;
 use crate::engine::keys::{dead_letters_key, events_key, meta_key};
 use crate::engine::measured::measured;
+use crate::engine::stream_id::StreamId;
 use crate::engine::{EngineError, Reply, ScriptEngine, SCRIPTS};
 use crate::metrics as m;
 use crate::metrics::{
@@ -560,7 +561,7 @@ impl EventWriter {
         let Some((gen, (ms, seq))) = split_answer_id(answer_id) else {
             return false;
         };
-        let id = EntryId { ms, seq };
+        let id = StreamId { ms, seq };
         // The map guard is dropped before awaiting: a DashMap shard lock must not be held
         // across a suspension point.
         let mut rx = self.settled_of(sku).subscribe();
@@ -675,7 +676,7 @@ impl EventWriter {
 
         // Decode; poison goes aside now, so it cannot hold up the entries behind it.
         let mut events = Vec::with_capacity(read.entries.len());
-        let mut committed: Vec<(usize, EntryId, String)> = Vec::with_capacity(read.entries.len());
+        let mut committed: Vec<(usize, StreamId, String)> = Vec::with_capacity(read.entries.len());
         let mut dead = 0;
         for (at, entry) in read.entries.iter().enumerate() {
             let (id_text, id, decoded) = decode(sku, entry)?;
@@ -819,10 +820,10 @@ impl EventWriter {
         &self,
         sku: &str,
         read: &ReadReply<'_>,
-        committed: &[(usize, EntryId, String)],
+        committed: &[(usize, StreamId, String)],
     ) {
         let first_new = read.own + read.claimed;
-        let mut runs: Vec<(EntryId, EntryId)> = Vec::new();
+        let mut runs: Vec<(StreamId, StreamId)> = Vec::new();
         let mut previous: Option<usize> = None;
         for (at, id, _) in committed {
             let extends =
@@ -899,8 +900,8 @@ struct ReadReply<'a> {
     pending: u64,
     lag: u64,
     /// The oldest unsettled entry before the read, if any.
-    floor: Option<EntryId>,
-    last_delivered: EntryId,
+    floor: Option<StreamId>,
+    last_delivered: StreamId,
     own: usize,
     claimed: usize,
     /// The SKU's generation in the engine (`""` without one).
@@ -921,9 +922,9 @@ impl<'a> ReadReply<'a> {
         };
         let floor = match head[2].as_str().ok_or_else(bad)? {
             "" => None,
-            id => Some(EntryId::parse(id).ok_or_else(bad)?),
+            id => Some(StreamId::parse(id).ok_or_else(bad)?),
         };
-        let last_delivered = head[3].as_str().and_then(EntryId::parse).ok_or_else(bad)?;
+        let last_delivered = head[3].as_str().and_then(StreamId::parse).ok_or_else(bad)?;
         let (own, claimed, new) = (n(4)? as usize, n(5)? as usize, n(6)? as usize);
         if own + claimed + new != entries.len() {
             return Err(bad());
@@ -963,11 +964,11 @@ impl<'a> ReadReply<'a> {
 fn decode(
     sku: &str,
     entry: &Reply,
-) -> Result<(String, EntryId, Result<LedgerEvent, String>), WriterError> {
+) -> Result<(String, StreamId, Result<LedgerEvent, String>), WriterError> {
     let bad = || WriterError::Reply(format!("entry: {}", shape(entry)));
     let parts = entry.as_array().ok_or_else(bad)?;
     let id_text = parts.first().and_then(Reply::as_str).ok_or_else(bad)?;
-    let id = EntryId::parse(id_text).ok_or_else(bad)?;
+    let id = StreamId::parse(id_text).ok_or_else(bad)?;
     let event = fields(parts.get(1)).and_then(|fields| {
         event_from_entry(sku, id_text, &fields).map_err(|e| match e {
             LedgerError::Corrupt(reason) => reason,
@@ -1011,36 +1012,6 @@ fn shape(reply: &Reply) -> String {
     }
 }
 
-/// A stream entry id, ordered as Redis orders them: by milliseconds, then sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct EntryId {
-    ms: u64,
-    seq: u64,
-}
-
-impl EntryId {
-    /// `ms-seq`, or `ms` (sequence 0).
-    fn parse(text: &str) -> Option<EntryId> {
-        let (ms, seq) = text.split_once('-').unwrap_or((text, "0"));
-        Some(EntryId {
-            ms: ms.parse().ok()?,
-            seq: seq.parse().ok()?,
-        })
-    }
-
-    /// The largest id below this one.
-    fn prev(self) -> Option<EntryId> {
-        match (self.ms, self.seq) {
-            (0, 0) => None,
-            (ms, 0) => Some(EntryId {
-                ms: ms - 1,
-                seq: u64::MAX,
-            }),
-            (ms, seq) => Some(EntryId { ms, seq: seq - 1 }),
-        }
-    }
-}
-
 /// What is known to be committed for one SKU, in its current generation.
 #[derive(Debug, Default)]
 struct Settled {
@@ -1050,14 +1021,14 @@ struct Settled {
     lost: std::collections::VecDeque<String>,
     /// Every entry at or below this id was acknowledged by the group (committed by some
     /// writer, or dead-lettered).
-    through: Option<EntryId>,
+    through: Option<StreamId>,
     /// Runs of entries this writer committed above `through`, first → last. A run holds only
     /// committed entries (see [`EventWriter::note_committed`]).
-    runs: BTreeMap<EntryId, EntryId>,
+    runs: BTreeMap<StreamId, StreamId>,
 }
 
 impl Settled {
-    fn covers(&self, gen: &str, id: EntryId) -> bool {
+    fn covers(&self, gen: &str, id: StreamId) -> bool {
         if self.gen.as_deref() != Some(gen) {
             return false;
         }
@@ -1088,7 +1059,7 @@ impl Settled {
     }
 
     /// Raises `through`; returns whether it moved (waiters are woken only then).
-    fn advance(&mut self, through: EntryId) -> bool {
+    fn advance(&mut self, through: StreamId) -> bool {
         if self.through.is_some_and(|t| t >= through) {
             return false;
         }
@@ -1097,7 +1068,7 @@ impl Settled {
         true
     }
 
-    fn add(&mut self, first: EntryId, last: EntryId) {
+    fn add(&mut self, first: StreamId, last: StreamId) {
         if self.through.is_some_and(|t| last <= t) {
             return;
         }
@@ -1170,21 +1141,8 @@ async fn pause(stop: &mut watch::Receiver<bool>, delay: Duration) -> bool {
 mod tests {
     use super::*;
 
-    fn id(text: &str) -> EntryId {
-        EntryId::parse(text).expect("an id")
-    }
-
-    #[test]
-    fn entry_ids_compare_numerically() {
-        assert!(id("9-5") < id("10-0"));
-        assert!(id("10-2") < id("10-10"));
-        assert_eq!(id("7"), id("7-0"));
-        assert_eq!(id("10-0").prev(), Some(id("9-18446744073709551615")));
-        assert_eq!(id("10-3").prev(), Some(id("10-2")));
-        assert_eq!(id("0-0").prev(), None);
-        for bad in ["", "x-1", "1-", "-1", "1-2-3"] {
-            assert!(EntryId::parse(bad).is_none(), "{bad}");
-        }
+    fn id(text: &str) -> StreamId {
+        StreamId::parse(text).expect("an id")
     }
 
     #[test]

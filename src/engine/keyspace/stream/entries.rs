@@ -3,9 +3,10 @@
 use bytes::Bytes;
 
 use super::{
-    entry_reply, interval_end, interval_start, parse_u64, Log, Stream, StreamId, INVALID_STREAM_ID,
+    entry_reply, interval_end, interval_start, parse_id, Log, Stream, StreamId, INVALID_STREAM_ID,
 };
 use crate::engine::keyspace::{arity_error, count, int_arg, is, Keyspace, Resp, Result, SYNTAX};
+use crate::engine::stream_id::parse_decimal;
 
 #[derive(Clone, Copy)]
 enum Trim {
@@ -66,7 +67,7 @@ fn parse_trim_args(a: &[Bytes], xadd: bool) -> Result<TrimArgs> {
                 let n = int_arg(threshold)?;
                 Trim::MaxLen(u64::try_from(n).map_err(|_| "ERR The MAXLEN argument must be >= 0.")?)
             } else {
-                Trim::MinId(StreamId::parse_strict(threshold)?)
+                Trim::MinId(parse_id(threshold)?)
             });
             i += 1;
         } else if is(opt, "LIMIT") && more > 0 {
@@ -169,7 +170,7 @@ impl Keyspace {
         if let Some(trim) = args.trim {
             log.trim(trim, args.limit);
         }
-        Ok(id.reply())
+        Ok(Resp::from(id))
     }
 
     pub(in crate::engine::keyspace) fn xlen(&mut self, a: &[Bytes]) -> Result<Resp> {
@@ -232,11 +233,11 @@ impl Keyspace {
 /// `*`, `ms-*`, `ms-seq` or `ms` (seq 0), Redis's strict id parsing for `XADD`.
 fn parse_new_id(arg: &[u8]) -> Result<NewId> {
     if let Some(ms) = arg.strip_suffix(b"-*") {
-        return parse_u64(ms)
+        return parse_decimal(ms)
             .map(NewId::AutoSeq)
             .ok_or_else(|| INVALID_STREAM_ID.into());
     }
-    StreamId::parse_strict(arg).map(NewId::Explicit)
+    parse_id(arg).map(NewId::Explicit)
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 
-use super::{no_such_group_for_key, subcommand_syntax_error, Log, Stream, StreamId};
+use super::{no_such_group_for_key, parse_id, subcommand_syntax_error, Log, Stream, StreamId};
 use crate::engine::keyspace::{count, int_arg, is, Keyspace, Resp, Result};
 
 const XGROUP_NEEDS_KEY: &str = "ERR The XGROUP subcommand requires the key to exist. Note that \
@@ -163,7 +163,7 @@ impl Keyspace {
             self.value::<Stream>(key)?
                 .map_or(StreamId::MIN, |s| s.log.last_id)
         } else {
-            StreamId::parse_strict(&a[4])?
+            parse_id(&a[4])?
         };
         // Only now, when nothing can fail any more, may MKSTREAM create the key.
         let stream = self.value_or_create::<Stream>(key)?;

@@ -25,7 +25,7 @@ impl Keyspace {
                     field("pending"),
                     Resp::Int(count(group.pel.len())),
                     field("last-delivered-id"),
-                    group.last_id.reply(),
+                    Resp::from(group.last_id),
                     field("entries-read"),
                     optional(group.entries_read),
                     field("lag"),

@@ -49,87 +49,23 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use super::{count, text, text_128, Keyspace, Resp, Result};
+use crate::engine::stream_id::StreamId;
 use group::Group;
 
 const INVALID_STREAM_ID: &str = "ERR Invalid stream ID specified as stream command argument";
 const INVALID_START: &str = "ERR invalid start ID for the interval";
 const INVALID_END: &str = "ERR invalid end ID for the interval";
 
-/// A stream entry id, `ms-seq`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-struct StreamId {
-    ms: u64,
-    seq: u64,
+impl From<StreamId> for Resp {
+    /// An id in a reply: a bulk string, `ms-seq`.
+    fn from(id: StreamId) -> Resp {
+        Resp::Bulk(Bytes::from(id.to_string()))
+    }
 }
 
-impl StreamId {
-    const MIN: StreamId = StreamId { ms: 0, seq: 0 };
-    const MAX: StreamId = StreamId {
-        ms: u64::MAX,
-        seq: u64::MAX,
-    };
-
-    fn next(self) -> Option<StreamId> {
-        if self.seq < u64::MAX {
-            Some(StreamId {
-                ms: self.ms,
-                seq: self.seq + 1,
-            })
-        } else if self.ms < u64::MAX {
-            Some(StreamId {
-                ms: self.ms + 1,
-                seq: 0,
-            })
-        } else {
-            None
-        }
-    }
-
-    fn prev(self) -> Option<StreamId> {
-        if self.seq > 0 {
-            Some(StreamId {
-                ms: self.ms,
-                seq: self.seq - 1,
-            })
-        } else if self.ms > 0 {
-            Some(StreamId {
-                ms: self.ms - 1,
-                seq: u64::MAX,
-            })
-        } else {
-            None
-        }
-    }
-
-    fn to_bytes(self) -> Bytes {
-        Bytes::from(format!("{}-{}", self.ms, self.seq))
-    }
-
-    fn reply(self) -> Resp {
-        Resp::Bulk(self.to_bytes())
-    }
-
-    /// Parses `ms-seq`, `ms` (seq = `missing_seq`) and, unless `strict`, `-` and `+`.
-    fn parse(arg: &[u8], missing_seq: u64, strict: bool) -> Option<StreamId> {
-        match arg {
-            b"-" if !strict => return Some(StreamId::MIN),
-            b"+" if !strict => return Some(StreamId::MAX),
-            _ => {}
-        }
-        if arg.len() > 127 {
-            return None;
-        }
-        let (ms, seq) = match arg.iter().position(|&b| b == b'-') {
-            Some(dash) => (parse_u64(&arg[..dash])?, parse_u64(&arg[dash + 1..])?),
-            None => (parse_u64(arg)?, missing_seq),
-        };
-        Some(StreamId { ms, seq })
-    }
-
-    /// [`StreamId::parse`], strict, with Redis's error.
-    fn parse_strict(arg: &[u8]) -> Result<StreamId> {
-        StreamId::parse(arg, 0, true).ok_or_else(|| INVALID_STREAM_ID.into())
-    }
+/// An id argument, `ms-seq` or `ms`; Redis's error for anything else.
+fn parse_id(arg: &[u8]) -> Result<StreamId> {
+    StreamId::parse_bytes(arg, 0).ok_or_else(|| INVALID_STREAM_ID.into())
 }
 
 /// A stream: its entries, and its consumer groups.
@@ -211,21 +147,21 @@ impl Keyspace {
 /// `[id, [field, value, …]]`.
 fn entry_reply(id: StreamId, fields: &[Bytes]) -> Resp {
     Resp::Array(vec![
-        id.reply(),
+        Resp::from(id),
         Resp::Array(fields.iter().cloned().map(Resp::Bulk).collect()),
     ])
 }
 
 /// A range bound: the id and whether it is exclusive (`(` prefix); `-`/`+` unless exclusive.
 fn parse_interval_id(arg: &[u8], missing_seq: u64) -> Result<(StreamId, bool)> {
-    match arg.split_first() {
-        Some((b'(', rest)) if !rest.is_empty() => StreamId::parse(rest, missing_seq, true)
-            .map(|id| (id, true))
-            .ok_or_else(|| INVALID_STREAM_ID.into()),
-        _ => StreamId::parse(arg, missing_seq, false)
-            .map(|id| (id, false))
-            .ok_or_else(|| INVALID_STREAM_ID.into()),
-    }
+    let (id, exclusive) = match arg {
+        b"-" => (Some(StreamId::MIN), false),
+        b"+" => (Some(StreamId::MAX), false),
+        [b'(', rest @ ..] if !rest.is_empty() => (StreamId::parse_bytes(rest, missing_seq), true),
+        _ => (StreamId::parse_bytes(arg, missing_seq), false),
+    };
+    id.map(|id| (id, exclusive))
+        .ok_or_else(|| INVALID_STREAM_ID.into())
 }
 
 /// The first id of a range starting at `arg` (`ms` means `ms-0`).
@@ -242,20 +178,6 @@ fn interval_end(arg: &[u8]) -> Result<StreamId> {
         (id, true) => id.prev().ok_or_else(|| INVALID_END.into()),
         (id, false) => Ok(id),
     }
-}
-
-/// Unsigned decimal for stream ids (leading zeros allowed, as `strtoull` does).
-fn parse_u64(s: &[u8]) -> Option<u64> {
-    if s.is_empty() || s.len() > 20 {
-        return None;
-    }
-    s.iter().try_fold(0u64, |acc, &c| {
-        if c.is_ascii_digit() {
-            acc.checked_mul(10)?.checked_add(u64::from(c - b'0'))
-        } else {
-            None
-        }
-    })
 }
 
 /// `NOGROUP` of `XPENDING` and `XAUTOCLAIM`.

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 
 use super::group::Group;
-use super::{entry_reply, interval_end, interval_start, no_group, Stream, StreamId};
+use super::{entry_reply, interval_end, interval_start, no_group, parse_id, Stream, StreamId};
 use crate::engine::keyspace::number::parse_i64;
 use crate::engine::keyspace::{count, int_arg, is, Keyspace, Resp, Result, SYNTAX};
 
@@ -35,7 +35,7 @@ impl Keyspace {
         }
         let ids = a[3..]
             .iter()
-            .map(|arg| StreamId::parse_strict(arg))
+            .map(|arg| parse_id(arg))
             .collect::<Result<Vec<_>>>()?;
         let group = self.existing_group(key, group_name)?;
         let acked = ids.into_iter().filter(|id| group.ack(*id)).count();
@@ -145,7 +145,7 @@ impl Keyspace {
             cursor = id.next();
             let Some(fields) = log.entries.get(&id) else {
                 group.ack(id);
-                deleted.push(id.reply());
+                deleted.push(Resp::from(id));
                 left -= 1;
                 continue;
             };
@@ -168,7 +168,7 @@ impl Keyspace {
                 }
             }
             claimed.push(if justid {
-                id.reply()
+                Resp::from(id)
             } else {
                 entry_reply(id, fields)
             });
@@ -180,7 +180,7 @@ impl Keyspace {
             cursor.and_then(|from| group.pel.range(from..).next().map(|(id, _)| *id))
         };
         Ok(Resp::Array(vec![
-            next_start.unwrap_or(StreamId::MIN).reply(),
+            Resp::from(next_start.unwrap_or(StreamId::MIN)),
             Resp::Array(claimed),
             Resp::Array(deleted),
         ]))
@@ -207,8 +207,8 @@ fn pending_summary(group: &Group) -> Resp {
         .collect();
     Resp::Array(vec![
         Resp::Int(count(group.pel.len())),
-        first.reply(),
-        last.reply(),
+        Resp::from(*first),
+        Resp::from(*last),
         Resp::Array(consumers),
     ])
 }
@@ -242,7 +242,7 @@ fn pending_range(group: &Group, query: &PendingQuery<'_>, now: i64) -> Resp {
         }
         left -= 1;
         out.push(Resp::Array(vec![
-            id.reply(),
+            Resp::from(id),
             Resp::Bulk(pending.consumer.clone()),
             Resp::Int(idle.max(0)),
             Resp::Int(i64::try_from(pending.deliveries).unwrap_or(i64::MAX)),

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 
 use super::group::Group;
-use super::{entry_reply, text, Log, Stream, StreamId};
+use super::{entry_reply, parse_id, text, Log, Stream, StreamId};
 use crate::engine::keyspace::{int_arg, is, Keyspace, Resp, Result, SYNTAX};
 
 /// Redis 7.0 prints this text for `XREADGROUP` too.
@@ -83,7 +83,7 @@ impl Keyspace {
                 b"$" => return Err(DOLLAR_IN_XREADGROUP.into()),
                 b">" => None,
                 // Redis marks `>` with the largest id, so that id means `>` too.
-                _ => Some(StreamId::parse_strict(id)?).filter(|id| *id != StreamId::MAX),
+                _ => Some(parse_id(id)?).filter(|id| *id != StreamId::MAX),
             });
         }
 
@@ -177,7 +177,7 @@ fn read_history(
                 }
                 out.push(entry_reply(id, fields));
             }
-            None => out.push(Resp::Array(vec![id.reply(), Resp::Nil])),
+            None => out.push(Resp::Array(vec![Resp::from(id), Resp::Nil])),
         }
     }
     out
