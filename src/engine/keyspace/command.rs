@@ -67,7 +67,6 @@ const COMMANDS: &[Command] = &[
     command("HSETNX", 4, Keyspace::hsetnx),
     command("LPOP", -2, Keyspace::lpop),
     command("LPUSH", -3, Keyspace::lpush),
-    command("LREM", 4, Keyspace::lrem),
     command("PEXPIRE", -3, Keyspace::pexpire),
     command("RPUSH", -3, Keyspace::rpush),
     command("SADD", -3, Keyspace::sadd),
@@ -212,7 +211,7 @@ mod tests {
     #[test]
     fn command_table_is_sorted_and_complete() {
         assert!(COMMANDS.windows(2).all(|w| w[0].name < w[1].name));
-        assert_eq!(COMMANDS.len(), 32);
+        assert_eq!(COMMANDS.len(), 31);
         for command in COMMANDS {
             if let Run::Container(subcommands) = command.run {
                 assert!(subcommands.windows(2).all(|w| w[0].name < w[1].name));

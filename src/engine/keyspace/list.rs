@@ -1,9 +1,9 @@
-//! Lists: `LPUSH`, `RPUSH`, `LPOP`, `LREM`.
+//! Lists: `LPUSH`, `RPUSH`, `LPOP`.
 
 use bytes::Bytes;
 
 use super::number::parse_i64;
-use super::{arity_error, bulk_or_nil, count, int_arg, Keyspace, List, Resp, Result, NOT_POSITIVE};
+use super::{arity_error, bulk_or_nil, count, Keyspace, List, Resp, Result, NOT_POSITIVE};
 
 impl Keyspace {
     pub(super) fn lpush(&mut self, a: &[Bytes]) -> Result<Resp> {
@@ -47,43 +47,11 @@ impl Keyspace {
         self.drop_if_empty(&a[1]);
         Ok(reply)
     }
-
-    /// `LREM key count element`: count > 0 from the head, < 0 from the tail, 0 all.
-    pub(super) fn lrem(&mut self, a: &[Bytes]) -> Result<Resp> {
-        let limit = int_arg(&a[2])?;
-        let Some(list) = self.value_mut::<List>(&a[1])? else {
-            return Ok(Resp::Int(0));
-        };
-        let element = &a[3];
-        let matches = list.iter().filter(|v| *v == element).count();
-        let remove = match usize::try_from(limit.unsigned_abs()) {
-            Ok(0) => matches,
-            Ok(n) => n.min(matches),
-            Err(_) => matches,
-        };
-        // From the tail: keep the first `matches - remove` matches, drop the rest.
-        let mut keep = if limit < 0 { matches - remove } else { 0 };
-        let mut left = remove;
-        list.retain(|v| {
-            if v != element || left == 0 {
-                return true;
-            }
-            if keep > 0 {
-                keep -= 1;
-                return true;
-            }
-            left -= 1;
-            false
-        });
-        self.drop_if_empty(&a[1]);
-        Ok(Resp::Int(count(remove)))
-    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{bulk, bulks, err, keyspace, ok, type_of};
-    use super::super::NOT_INTEGER;
+    use super::super::tests::{bulk, bulks, err, keyspace, ok};
     use super::*;
 
     /// The list at `key`, head first, like `LRANGE key 0 -1`.
@@ -120,20 +88,5 @@ mod tests {
         assert_eq!(ok(&mut ks, "LPOP l"), Resp::Nil);
         assert_eq!(err(&mut ks, "LPOP l -1"), NOT_POSITIVE);
         assert_eq!(err(&mut ks, "LPOP l x"), NOT_POSITIVE);
-
-        ok(&mut ks, "RPUSH r x a x b x c x");
-        assert_eq!(ok(&mut ks, "LREM r 2 x"), Resp::Int(2));
-        assert_eq!(list_items(&mut ks, "r"), bulks(&["a", "b", "x", "c", "x"]));
-        ok(&mut ks, "RPUSH r x");
-        assert_eq!(ok(&mut ks, "LREM r -2 x"), Resp::Int(2));
-        assert_eq!(list_items(&mut ks, "r"), bulks(&["a", "b", "x", "c"]));
-        assert_eq!(ok(&mut ks, "LREM r 0 nope"), Resp::Int(0));
-        assert_eq!(ok(&mut ks, "LREM r -10 x"), Resp::Int(1));
-        assert_eq!(ok(&mut ks, "LREM missing 0 x"), Resp::Int(0));
-        ok(&mut ks, "DEL r");
-        ok(&mut ks, "RPUSH r x x");
-        assert_eq!(ok(&mut ks, "LREM r 0 x"), Resp::Int(2));
-        assert_eq!(type_of(&mut ks, "r"), "none");
-        assert_eq!(err(&mut ks, "LREM r one x"), NOT_INTEGER);
     }
 }

@@ -378,7 +378,6 @@ mod tests {
             "RPUSH h x",
             "LPOP h",
             "LPOP h 2",
-            "LREM h 0 x",
             "SADD h x",
             "SMEMBERS h",
             "ZADD h 1 m",
