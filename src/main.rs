@@ -471,12 +471,20 @@ fn init_logs(json: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_logs())
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
         builder.init();
     }
+}
+
+/// Colours only for a person at a terminal: escape codes in a file or a log shipper are
+/// noise, and `NO_COLOR` (set and not empty, per no-color.org) turns them off anyway.
+fn colour_logs() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 fn gen(count: u64, length: usize, group: usize, check: bool) -> ExitCode {

@@ -340,3 +340,67 @@ async fn a_second_gateway_on_a_data_dir_in_use_refuses_to_start_until_the_first_
     third.start_kill().expect("SIGKILL sent");
     third.wait().await.expect("reaped");
 }
+
+/// Starts `serve` on the embedded engine with data dir `data` on fresh ports, its stderr
+/// written to the file `log` (not a terminal), with `env` added. Returns the child and the
+/// public and admin ports.
+fn serve_logging_to(
+    data: &std::path::Path,
+    log: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, u16, u16) {
+    let (public, admin) = (free_port(), free_port());
+    let log = std::fs::File::create(log).expect("log file");
+    let mut command = Command::new(BIN);
+    command
+        .arg("serve")
+        .env("KAMIGATE_LISTEN", format!("127.0.0.1:{public}"))
+        .env("KAMIGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("KAMIGATE_DATA_DIR", data)
+        .env_remove("KAMIGATE_REDIS_URL")
+        .env_remove("KAMIGATE_DATABASE_URL")
+        .env_remove("KAMIGATE_ADMIN_TOKEN")
+        .env_remove("KAMIGATE_MERCHANT_TOKEN")
+        .env_remove("KAMIGATE_LOG_JSON")
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    (command.spawn().expect("kamigate starts"), public, admin)
+}
+
+/// Sends SIGTERM to `child` and waits for its clean exit.
+async fn terminate(mut child: tokio::process::Child) {
+    let pid = child.id().expect("running") as i32;
+    // SAFETY: signalling our own child process by its pid.
+    assert_eq!(unsafe { libc_kill(pid, 15) }, 0);
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "clean exit: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_written_to_a_file_carry_no_colour_codes() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let log = data.path().join("serve.log");
+    let (child, _, admin) = serve_logging_to(&data.path().join("data"), &log, &[]);
+    wait_ready(
+        &format!("http://127.0.0.1:{admin}"),
+        Duration::from_secs(20),
+    )
+    .await;
+    terminate(child).await;
+    let bytes = std::fs::read(&log).expect("log read");
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.contains("kamigate is serving"), "{text}");
+    assert!(
+        !bytes.contains(&0x1b),
+        "an escape code reached the log: {text}"
+    );
+}
