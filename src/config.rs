@@ -12,9 +12,12 @@ use crate::limit::LimitsConfig;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Public and merchant API (`KAMIGATE_LISTEN`).
+    /// Public and merchant API (`KAMIGATE_LISTEN`): `ip:port` or `host:port`, a host name
+    /// resolved once at start ([`resolve_listen`]).
+    #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
-    /// Admin API, `/metrics`, `/healthz`, `/readyz` (`KAMIGATE_ADMIN_LISTEN`).
+    /// Admin API, `/metrics`, `/healthz`, `/readyz` (`KAMIGATE_ADMIN_LISTEN`), as `listen`.
+    #[serde(deserialize_with = "listen_address")]
     pub admin_listen: SocketAddr,
     /// `redis://…`, `redis-cluster://…` or `redis-sentinel://…`; unset runs the embedded
     /// engine (`KAMIGATE_REDIS_URL`).
@@ -204,10 +207,7 @@ impl Config {
     /// Overlays `KAMIGATE_*` variables read through `get`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         fn addr(name: &'static str, v: String) -> Result<SocketAddr, ConfigError> {
-            v.parse().map_err(|e| ConfigError::Env {
-                name,
-                why: format!("not a socket address: {e}"),
-            })
+            resolve_listen(&v).map_err(|why| ConfigError::Env { name, why })
         }
         let set = |v: Option<String>| v.filter(|v| !v.is_empty());
         if let Some(v) = set(get("KAMIGATE_LISTEN")) {
@@ -336,6 +336,42 @@ impl Config {
     }
 }
 
+/// The address to bind for `value`: `ip:port` as it is, or `host:port` with the host name
+/// looked up now (`localhost:8080`). Of a name's addresses an IPv4 one is taken when there
+/// is one: `localhost` often lists `::1` first, and IPv6 is off in many containers.
+pub fn resolve_listen(value: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = value.parse() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = value.rsplit_once(':') else {
+        return Err(format!(
+            "{value:?} is not host:port (127.0.0.1:8080, localhost:8080)"
+        ));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!(
+            "{value:?} is not host:port (127.0.0.1:8080, localhost:8080)"
+        ));
+    }
+    let addrs: Vec<SocketAddr> = value
+        .to_socket_addrs()
+        .map_err(|e| format!("host name {host:?} does not resolve: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("host name {host:?} resolves to no address"))
+}
+
+/// Deserializes a listen address through [`resolve_listen`].
+fn listen_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let value = String::deserialize(d)?;
+    resolve_listen(&value).map_err(serde::de::Error::custom)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,6 +403,37 @@ mod tests {
             blocks += 1;
         }
         assert!(blocks > 0, "the README shows a configuration example");
+    }
+
+    #[test]
+    fn listen_addresses_may_name_a_host() {
+        let config: Config =
+            toml::from_str("listen = \"localhost:9000\"\nadmin_listen = \"127.0.0.1:9001\"\n")
+                .expect("a host name is accepted");
+        assert!(config.listen.ip().is_loopback(), "{:?}", config.listen);
+        assert_eq!(config.listen.port(), 9000);
+        let mut config = Config::default();
+        config
+            .apply_env(|name| (name == "KAMIGATE_ADMIN_LISTEN").then(|| "localhost:0".into()))
+            .expect("env applies");
+        assert!(config.admin_listen.ip().is_loopback());
+        assert_eq!(
+            resolve_listen("[::1]:80"),
+            Ok("[::1]:80".parse().expect("v6"))
+        );
+
+        let err = config
+            .apply_env(|name| (name == "KAMIGATE_LISTEN").then(|| "no-such-host.invalid:80".into()))
+            .expect_err("does not resolve");
+        let message = err.to_string();
+        assert!(message.contains("KAMIGATE_LISTEN"), "{message}");
+        assert!(message.contains("does not resolve"), "{message}");
+        let err = toml::from_str::<Config>("listen = \"no-such-host.invalid:80\"\n")
+            .expect_err("does not resolve");
+        assert!(err.to_string().contains("does not resolve"), "{err}");
+        for bad in ["localhost", "localhost:http", ":80", "localhost:70000"] {
+            assert!(resolve_listen(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -404,3 +404,42 @@ async fn logs_written_to_a_file_carry_no_colour_codes() {
         "an escape code reached the log: {text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_addresses_may_name_a_host() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let log = data.path().join("serve.log");
+    let (public, admin) = (free_port(), free_port());
+    let (public_at, admin_at) = (format!("localhost:{public}"), format!("localhost:{admin}"));
+    let (child, _, _) = serve_logging_to(
+        &data.path().join("data"),
+        &log,
+        &[
+            ("KAMIGATE_LISTEN", &public_at),
+            ("KAMIGATE_ADMIN_LISTEN", &admin_at),
+        ],
+    );
+    wait_ready(
+        &format!("http://127.0.0.1:{admin}"),
+        Duration::from_secs(20),
+    )
+    .await;
+    let answer = reqwest::get(format!("http://{public_at}/v1/no-such-route"))
+        .await
+        .expect("the public listener answers on localhost");
+    assert_eq!(answer.status(), StatusCode::NOT_FOUND);
+    terminate(child).await;
+
+    let out = std::process::Command::new(BIN)
+        .arg("serve")
+        .env("KAMIGATE_LISTEN", "no-such-host.invalid:8080")
+        .env("KAMIGATE_DATA_DIR", data.path().join("data"))
+        .output()
+        .expect("command runs");
+    assert_eq!(out.status.code(), Some(2), "a configuration error");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("KAMIGATE_LISTEN") && stderr.contains("does not resolve"),
+        "{stderr}"
+    );
+}
