@@ -36,6 +36,10 @@ pub enum CommandError {
     Ledger(#[from] crate::ledger::LedgerError),
     #[error("engine: {0}")]
     Engine(#[from] crate::engine::EngineError),
+    /// The API's `ERR_NOT_FOUND` says only what is missing; an operator also learns what to
+    /// do about it.
+    #[error("SKU {0} not found: create it first with PUT /v1/skus/{0} on the admin listener")]
+    NoSku(String),
     #[error("reading {path}: {source}")]
     Read {
         path: String,
@@ -51,11 +55,10 @@ async fn open(config: &Config) -> Result<(Arc<dyn Ledger>, Inventory), CommandEr
 }
 
 async fn settings(ledger: &dyn Ledger, sku: &str) -> Result<SkuConfig, CommandError> {
-    let record = ledger.get_sku(sku).await?.ok_or_else(|| {
-        Error::NotFound(format!(
-            "SKU {sku}: create it first with PUT /v1/skus/{sku} on the admin listener"
-        ))
-    })?;
+    let record = ledger
+        .get_sku(sku)
+        .await?
+        .ok_or_else(|| CommandError::NoSku(sku.to_owned()))?;
     serde_json::from_str(&record.config_json)
         .map_err(|e| Error::Internal(format!("ledger settings of SKU {sku}: {e}")).into())
 }

@@ -206,6 +206,18 @@ pub const MAX_ID_LEN: usize = 128;
 /// Checks an identifier: 1..=`max` characters from `A-Z a-z 0-9 . _ : @ -`.
 /// `what` names the field in the error message.
 pub fn check_id(what: &str, value: &str, max: usize) -> Result<(), Error> {
+    check_chars(what, value, max, b"._:@-", "A-Z a-z 0-9 . _ : @ -")
+}
+
+/// Checks that `value` has 1..=`max` characters, each an ASCII letter or digit or one of
+/// `extra`; the message lists the allowed characters as `listed`.
+fn check_chars(
+    what: &str,
+    value: &str,
+    max: usize,
+    extra: &[u8],
+    listed: &str,
+) -> Result<(), Error> {
     if value.is_empty() {
         return Err(Error::BadRequest(format!("{what} must not be empty")));
     }
@@ -216,10 +228,10 @@ pub fn check_id(what: &str, value: &str, max: usize) -> Result<(), Error> {
     }
     if let Some(pos) = value
         .bytes()
-        .position(|b| !(b.is_ascii_alphanumeric() || b"._:@-".contains(&b)))
+        .position(|b| !(b.is_ascii_alphanumeric() || extra.contains(&b)))
     {
         return Err(Error::BadRequest(format!(
-            "{what} has a character at position {} outside A-Z a-z 0-9 . _ : @ -",
+            "{what} has a character at position {} outside {listed}",
             pos + 1
         )));
     }
@@ -241,13 +253,11 @@ pub fn check_reason(reason: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Checks a SKU name (as [`check_id`], at most [`MAX_SKU_LEN`], no `:`).
+/// Checks a SKU name: 1..=[`MAX_SKU_LEN`] characters from `A-Z a-z 0-9 . _ @ -`. Unlike
+/// other identifiers no `:`: a SKU names its Redis keys (`kg:{<sku>}:avail`), whose parts
+/// `:` separates.
 pub fn check_sku(sku: &str) -> Result<(), Error> {
-    check_id("sku", sku, MAX_SKU_LEN)?;
-    if sku.contains(':') {
-        return Err(Error::BadRequest("sku must not contain ':'".into()));
-    }
-    Ok(())
+    check_chars("sku", sku, MAX_SKU_LEN, b"._@-", "A-Z a-z 0-9 . _ @ -")
 }
 
 /// A key's public id, `<sku>.<n>`: it names the SKU so admin routes need nothing else.
@@ -282,6 +292,21 @@ mod tests {
         }
         assert!(check_id("order_id", "o-1:retry@shop.example", MAX_ID_LEN).is_ok());
         assert!(check_id("order_id", &"a".repeat(129), MAX_ID_LEN).is_err());
+    }
+
+    #[test]
+    fn the_sku_rule_lists_what_it_allows() {
+        for bad in ["a:b", "a b", "", "{tag}"] {
+            let message = check_sku(bad).expect_err(bad).to_string();
+            assert!(!message.contains(':'), "{bad:?}: {message}");
+        }
+        let message = check_sku("a:b").expect_err("colon").to_string();
+        assert_eq!(
+            message,
+            "sku has a character at position 2 outside A-Z a-z 0-9 . _ @ -"
+        );
+        check_sku("gift-50.v2_eu@shop").expect("every listed character is allowed");
+        assert!(check_sku(&"a".repeat(65)).is_err());
     }
 
     #[test]

@@ -443,3 +443,28 @@ async fn listen_addresses_may_name_a_host() {
         "{stderr}"
     );
 }
+
+#[test]
+fn import_into_an_unknown_sku_says_how_to_create_it() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let file = data.path().join("codes.txt");
+    std::fs::write(&file, "CODE-1\n").expect("file written");
+    let out = std::process::Command::new(BIN)
+        .args(["import", file.to_str().expect("utf-8 path")])
+        .args(["--sku", "nosuch", "--batch", "b1"])
+        .env("KAMIGATE_DATA_DIR", data.path().join("data"))
+        .env_remove("KAMIGATE_REDIS_URL")
+        .env_remove("KAMIGATE_DATABASE_URL")
+        .output()
+        .expect("command runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "kamigate: SKU nosuch not found: create it first with PUT /v1/skus/nosuch on the \
+             admin listener\n"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("not found").count(), 1, "{stderr}");
+}

@@ -984,3 +984,23 @@ async fn percent_escapes_in_paths_and_queries_are_decoded_then_validated() {
     assert_eq!(gw.counts("s1").await["available"], 1);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_unknown_sku_and_a_colon_in_a_sku_are_told_in_one_clean_sentence() {
+    let gw = TestGateway::embedded().await;
+    let (status, body) = gw.import("nosuch", "CODE-1\n").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["message"], "SKU nosuch not found", "{body}");
+    let (status, body) = gw.claim("nosuch", json!({"order_id": "o-1"})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["message"], "SKU nosuch not found", "{body}");
+
+    // `:` is allowed in other identifiers but not in a SKU, and the message says so.
+    let (status, body) = gw.put_sku("a:b", json!({})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(
+        body["error"]["message"], "sku has a character at position 2 outside A-Z a-z 0-9 . _ @ -",
+        "{body}"
+    );
+    gw.stop().await;
+}
