@@ -126,12 +126,22 @@ pub async fn import(
     Ok(importer.finish(activate, shared_engine).await?)
 }
 
-/// `kamigate warm [--sku S]`: loads ledger keys the engine lacks. Only meaningful for Redis:
-/// the embedded engine lives inside the gateway process, which warms itself on start.
+/// `kamigate warm [--sku S]`: loads ledger keys Redis lacks. The embedded engine lives
+/// inside the gateway process, which warms itself on start: warming one here would fill an
+/// engine thrown away when the command exits, so it is refused with a pointer.
 pub async fn warm(
     config: &Config,
     sku: Option<&str>,
 ) -> Result<Vec<(String, WarmReport)>, CommandError> {
+    if config.redis_url.is_none() {
+        return Err(Error::BadRequest(
+            "warm loads the ledger into Redis; the embedded engine lives inside kamigate \
+             serve, which loads the ledger on start: use POST /v1/skus/{sku}/warm on the \
+             running gateway"
+                .into(),
+        )
+        .into());
+    }
     let (ledger, inventory) = open(config).await?;
     let skus = match sku {
         Some(sku) => {

@@ -49,7 +49,7 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Load ledger keys the engine lacks (Redis; the embedded engine warms itself).
+    /// Load ledger keys Redis lacks (Redis only: the embedded engine warms itself on start).
     Warm {
         #[arg(long)]
         sku: Option<String>,

@@ -283,6 +283,19 @@ fn reconcile_refuses_the_embedded_engine_with_a_pointer() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("POST /v1/reconcile"));
 }
 
+#[test]
+fn warm_refuses_the_embedded_engine_with_a_pointer() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let out = std::process::Command::new(BIN)
+        .args(["warm"])
+        .env("KAMIGATE_DATA_DIR", data.path())
+        .env_remove("KAMIGATE_REDIS_URL")
+        .output()
+        .expect("command runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("POST /v1/skus/{sku}/warm"));
+}
+
 /// Starts `serve` on the embedded engine with data dir `data` on fresh ports.
 fn serve_on(data: &std::path::Path) -> (tokio::process::Child, u16) {
     let (public, admin) = (free_port(), free_port());
