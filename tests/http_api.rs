@@ -1004,3 +1004,51 @@ async fn an_unknown_sku_and_a_colon_in_a_sku_are_told_in_one_clean_sentence() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_upload_without_batch_id_gets_an_id_of_its_own_and_a_retry_with_it_replays() {
+    // A stopped clock: two uploads in the same millisecond must still be two batches.
+    let clock = ManualClock::new();
+    let engine = Arc::new(EmbeddedEngine::start().expect("engine"));
+    let gw =
+        TestGateway::with_inventory(config(), Inventory::with_clock(engine, clock.clock())).await;
+    gw.put_sku("gen", json!({})).await;
+    let (status, first) = gw.import("gen", "GEN-1\nGEN-2\n").await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let (status, second) = gw.import("gen", "GEN-3\n").await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    assert_eq!(
+        (first["accepted"].as_u64(), second["accepted"].as_u64()),
+        (Some(2), Some(1)),
+        "{first} {second}"
+    );
+    let (id, other) = (
+        first["batch_id"]
+            .as_str()
+            .expect("the generated id is returned"),
+        second["batch_id"]
+            .as_str()
+            .expect("the generated id is returned"),
+    );
+    assert!(id.starts_with('b'), "{id}");
+    assert_ne!(
+        id, other,
+        "each upload without batch_id is a batch of its own"
+    );
+    assert_eq!(gw.counts("gen").await["available"], 3);
+
+    // The returned id makes a retry idempotent.
+    let (status, retried) = gw
+        .upload(
+            "gen",
+            &format!("batch_id={id}"),
+            "text/plain",
+            "GEN-1\nGEN-2\n",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{retried}");
+    assert_eq!(retried["replayed"], true, "{retried}");
+    assert_eq!(retried["accepted"], 2, "{retried}");
+    assert_eq!(gw.counts("gen").await["available"], 3);
+    gw.stop().await;
+}

@@ -110,7 +110,8 @@ pub async fn put_sku(app: &App, params: Params, req: Request<Incoming>) -> Resul
 /// the ledger. `text/plain` (a code per line, or CSV under a `code` header), `text/csv` (a
 /// `code` column, optional `expires_at`, `max_uses`) or `application/x-ndjson`. A file
 /// refused before any row is imported (an unsupported type, an unusable CSV header) leaves
-/// its batch id unused; another upload still filling the batch id is `409`.
+/// its batch id unused; another upload still filling the batch id is `409`. Without
+/// `batch_id` the upload gets a fresh id, returned in the answer.
 pub async fn import(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
     let sku = params.get("sku");
     check_sku(sku)?;
@@ -120,7 +121,10 @@ pub async fn import(app: &App, params: Params, req: Request<Incoming>) -> Result
             check_id("batch_id", &id, MAX_ID_LEN)?;
             id
         }
-        None => format!("b{}", app.inventory.now_ms()),
+        // Unique per upload, not per millisecond: two uploads at once must not share an id,
+        // or the second would be answered as a replay of the first and import nothing. The
+        // answer carries the id, so a client retries with it.
+        None => format!("b{}-{:08x}", app.inventory.now_ms(), rand::random::<u32>()),
     };
     let activate = match query_param(query, "activate")?.as_deref() {
         None | Some("true") | Some("1") => true,
