@@ -26,11 +26,10 @@ pub struct Config {
     pub database_url: Option<String>,
     /// Embedded state and the SQLite ledger (`KAMIGATE_DATA_DIR`).
     pub data_dir: PathBuf,
-    /// Admin bearer token; generated and printed once at start when unset
-    /// (`KAMIGATE_ADMIN_TOKEN`).
+    /// Admin bearer token (`KAMIGATE_ADMIN_TOKEN`); when unset, one generated on the first
+    /// start and kept in the data dir ([`crate::tokens`]).
     pub admin_token: Option<String>,
-    /// Merchant bearer token; generated and printed once at start when unset
-    /// (`KAMIGATE_MERCHANT_TOKEN`).
+    /// Merchant bearer token (`KAMIGATE_MERCHANT_TOKEN`); when unset, as `admin_token`.
     pub merchant_token: Option<String>,
     /// Largest JSON request body.
     pub max_body_bytes: u64,

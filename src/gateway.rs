@@ -23,6 +23,7 @@ use crate::inventory::Inventory;
 use crate::ledger::writer::{EventWriter, WriterOptions};
 use crate::ledger::{self, Ledger, LedgerError};
 use crate::metrics as m;
+use crate::tokens::{self, KeptTokens, TokenError};
 use dashmap::DashMap;
 
 /// Why the gateway could not start.
@@ -34,6 +35,8 @@ pub enum StartError {
     Ledger(#[from] LedgerError),
     #[error("{0}")]
     DataDir(#[from] LockError),
+    #[error("{0}")]
+    Tokens(#[from] TokenError),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -50,12 +53,6 @@ pub async fn open_engine(config: &Config) -> Result<Arc<dyn ScriptEngine>, Engin
     })
 }
 
-/// A random bearer token: 32 bytes of OS randomness, hex.
-pub fn generate_token() -> String {
-    let bytes: [u8; 32] = rand::random();
-    hex::encode(bytes)
-}
-
 /// A running gateway.
 pub struct Gateway {
     pub app: Arc<App>,
@@ -63,8 +60,9 @@ pub struct Gateway {
     pub admin_addr: SocketAddr,
     pub merchant_token: String,
     pub admin_token: String,
-    /// Whether the tokens were generated (and so must be shown to the operator once).
-    pub generated_tokens: bool,
+    /// Where generated tokens are kept, when a token was not configured (see
+    /// [`crate::tokens`]).
+    pub tokens_file: Option<KeptTokens>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     /// Held until the gateway stopped.
@@ -113,9 +111,12 @@ impl Gateway {
             addr: config.admin_listen,
             source,
         })?;
-        let generated_tokens = config.merchant_token.is_none() || config.admin_token.is_none();
-        let merchant_token = config.merchant_token.clone().unwrap_or_else(generate_token);
-        let admin_token = config.admin_token.clone().unwrap_or_else(generate_token);
+        let tokens = tokens::resolve(
+            config.merchant_token.as_deref(),
+            config.admin_token.as_deref(),
+            &config.data_dir,
+        )?;
+        let (merchant_token, admin_token) = (tokens.merchant, tokens.admin);
         let limits = Limits::from_config(&config);
         let writer = EventWriter::new(
             inventory.engine().clone(),
@@ -185,7 +186,7 @@ impl Gateway {
             admin_addr,
             merchant_token,
             admin_token,
-            generated_tokens,
+            tokens_file: tokens.kept,
             stop,
             task,
             _lock: lock,

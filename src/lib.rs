@@ -19,6 +19,7 @@
 //! - [`code`]: code formats: normalise, validate, check character, generate (pure).
 //! - [`sku`]: SKU settings and identifier rules.
 //! - [`datadir`]: one gateway per data dir (an OS lock).
+//! - [`tokens`]: bearer tokens generated when none are configured, kept in the data dir.
 //! - [`engine`]: the [`engine::ScriptEngine`] seam; Redis (fred) and embedded (mlua)
 //!   engines run the same `lua/` scripts, the only code that changes inventory state.
 //! - [`inventory`]: claims, holds, redemptions and imports in domain terms over an engine.
@@ -46,3 +47,4 @@ pub mod limit;
 pub mod metrics;
 pub mod pause;
 pub mod sku;
+pub mod tokens;

@@ -401,6 +401,7 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
         } else {
             "embedded"
         };
+        let log_json = config.log_json;
         let gateway = match Gateway::start(config).await {
             Ok(gateway) => gateway,
             Err(e) => {
@@ -408,10 +409,21 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        if gateway.generated_tokens {
-            // Printed, not logged: logs are shipped elsewhere, tokens must not be.
-            eprintln!("merchant token: {}", gateway.merchant_token);
-            eprintln!("admin token:    {}", gateway.admin_token);
+        if let Some(kept) = &gateway.tokens_file {
+            use std::io::IsTerminal;
+            // Shown once, to a person at a terminal; stderr that is not one, or JSON logs,
+            // is a log stream shipped elsewhere, which tokens must never reach: the log
+            // names the file instead.
+            if kept.fresh && !log_json && std::io::stderr().is_terminal() {
+                eprintln!("merchant token: {}", gateway.merchant_token);
+                eprintln!("admin token:    {}", gateway.admin_token);
+                eprintln!("(shown once; kept in {})", kept.path.display());
+            } else {
+                tracing::info!(
+                    file = %kept.path.display(),
+                    "bearer tokens not configured: using the generated ones kept in the file"
+                );
+            }
         }
         tracing::info!(
             public = %gateway.public_addr,

@@ -35,28 +35,23 @@ async fn serve_generates_tokens_serves_and_exits_cleanly_on_sigterm() {
         .spawn()
         .expect("kamigate starts");
 
-    // The generated tokens are printed once on stderr.
+    // stderr is a pipe, not a terminal: the generated tokens stay out of it, and the log
+    // names the file in the data dir that keeps them.
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let (mut merchant, mut admin_token) = (None, None);
     let mut log = Vec::new();
     let read = async {
         while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(t) = line.strip_prefix("merchant token: ") {
-                merchant = Some(t.trim().to_owned());
-            } else if let Some(t) = line.strip_prefix("admin token:") {
-                admin_token = Some(t.trim().to_owned());
-            }
+            let named = line.contains("tokens.toml");
             log.push(line);
-            if merchant.is_some() && admin_token.is_some() {
+            if named {
                 break;
             }
         }
     };
     tokio::time::timeout(Duration::from_secs(10), read)
         .await
-        .expect("tokens printed in time");
-    let merchant = merchant.expect("merchant token printed");
-    let admin_token = admin_token.expect("admin token printed");
+        .expect("the token file named in time");
+    let (merchant, admin_token) = kept_tokens(data.path());
     assert_eq!(merchant.len(), 64);
     assert_ne!(merchant, admin_token);
     // Keep draining stderr so the child never blocks on a full pipe.
@@ -129,6 +124,21 @@ async fn serve_generates_tokens_serves_and_exits_cleanly_on_sigterm() {
     for secret in ["SECRETONE", "SECRETTWO", "SECRET-ONE", code.as_str()] {
         assert!(!all.contains(secret), "a code reached the logs");
     }
+    for token in [&merchant, &admin_token] {
+        assert!(!all.contains(token.as_str()), "a token reached the logs");
+    }
+}
+
+/// The merchant and admin tokens kept in `data`'s token file.
+fn kept_tokens(data: &std::path::Path) -> (String, String) {
+    let text = std::fs::read_to_string(data.join("tokens.toml")).expect("token file read");
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(" = "))
+            .map(|v| v.trim_matches('"').to_owned())
+            .unwrap_or_else(|| panic!("{name} in the token file: {text}"))
+    };
+    (value("merchant_token"), value("admin_token"))
 }
 
 extern "C" {
@@ -480,4 +490,59 @@ fn import_into_an_unknown_sku_says_how_to_create_it() {
         "{stderr}"
     );
     assert_eq!(stderr.matches("not found").count(), 1, "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_tokens_survive_a_restart_and_stay_out_of_the_log() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let mut seen = Vec::new();
+    for (start, json) in [("first", "0"), ("second", "1")] {
+        let log = dir.path().join(format!("{start}.log"));
+        let (child, public, admin) = serve_logging_to(&data, &log, &[("KAMIGATE_LOG_JSON", json)]);
+        wait_ready(
+            &format!("http://127.0.0.1:{admin}"),
+            Duration::from_secs(20),
+        )
+        .await;
+        let file = data.join("tokens.toml");
+        let mode = std::fs::metadata(&file)
+            .expect("token file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "only its owner reads the token file");
+        let (merchant, admin_token) = kept_tokens(&data);
+        let client = reqwest::Client::new();
+        let created = client
+            .put(format!("http://127.0.0.1:{admin}/v1/skus/{start}"))
+            .bearer_auth(&admin_token)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(created.status(), StatusCode::CREATED, "{start} start");
+        let counts = client
+            .get(format!("http://127.0.0.1:{public}/v1/skus/{start}"))
+            .bearer_auth(&merchant)
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(counts.status(), StatusCode::OK, "{start} start");
+        terminate(child).await;
+
+        let text = std::fs::read_to_string(&log).expect("log read");
+        assert!(
+            text.contains(&file.display().to_string()),
+            "the log names the token file: {text}"
+        );
+        for token in [&merchant, &admin_token] {
+            assert!(
+                !text.contains(token.as_str()),
+                "a token reached the log: {text}"
+            );
+        }
+        seen.push((merchant, admin_token));
+    }
+    assert_eq!(seen[0], seen[1], "the same tokens after a restart");
 }
