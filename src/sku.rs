@@ -257,7 +257,13 @@ pub fn check_reason(reason: &str) -> Result<(), Error> {
 /// other identifiers no `:`: a SKU names its Redis keys (`kg:{<sku>}:avail`), whose parts
 /// `:` separates.
 pub fn check_sku(sku: &str) -> Result<(), Error> {
-    check_chars("sku", sku, MAX_SKU_LEN, b"._@-", "A-Z a-z 0-9 . _ @ -")
+    check_chars("sku", sku, MAX_SKU_LEN, b"._@-", "A-Z a-z 0-9 . _ @ -")?;
+    if crate::engine::keys::is_reserved_sku(sku) {
+        return Err(Error::BadRequest(format!(
+            "sku {sku} is reserved (ix0 to ixf name kamigate's code index)"
+        )));
+    }
+    Ok(())
 }
 
 /// A key's public id, `<sku>.<n>`: it names the SKU so admin routes need nothing else.
@@ -292,6 +298,17 @@ mod tests {
         }
         assert!(check_id("order_id", "o-1:retry@shop.example", MAX_ID_LEN).is_ok());
         assert!(check_id("order_id", &"a".repeat(129), MAX_ID_LEN).is_err());
+    }
+
+    #[test]
+    fn the_index_shards_names_are_not_skus() {
+        for reserved in ["ix0", "ix9", "ixa", "ixf"] {
+            let message = check_sku(reserved).expect_err(reserved).to_string();
+            assert!(message.contains("reserved"), "{message}");
+        }
+        for fine in ["ix", "ix10", "IX0", "ixg", "six0"] {
+            assert!(check_sku(fine).is_ok(), "{fine}");
+        }
     }
 
     #[test]

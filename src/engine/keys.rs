@@ -72,6 +72,13 @@ pub fn index_shards() -> impl Iterator<Item = String> {
         .map(|c| format!("kg:{{ix{c}}}:codes"))
 }
 
+/// Whether a SKU of this name would share keys with the global index: the shards' hash tags
+/// (`ix0` … `ixf`) are in the SKUs' key space, so a SKU `ix0` would have the shard
+/// `kg:{ix0}:codes` as its own `codes` key. Such names are refused (`sku::check_sku`).
+pub fn is_reserved_sku(sku: &str) -> bool {
+    matches!(sku.as_bytes(), [b'i', b'x', d] if d.is_ascii_digit() || (b'a'..=b'f').contains(d))
+}
+
 /// The keys of a sliding window (`lua/window.lua`): its events and its lockout, sharing the
 /// hash tag of the limited `subject` under rule `kind`.
 pub fn window_keys(kind: &str, subject: &str) -> Vec<String> {
@@ -112,6 +119,21 @@ mod tests {
         let keys = sku_keys("s");
         assert_eq!(keys.len(), SKU_PARTS.len());
         assert!(keys.iter().all(|k| k.starts_with("kg:{s}:")), "{keys:?}");
+    }
+
+    #[test]
+    fn no_sku_shares_a_key_with_the_index() {
+        for shard in index_shards() {
+            let tag = &shard["kg:{".len()..shard.find('}').expect("a hash tag")];
+            assert!(is_reserved_sku(tag), "{tag}");
+            assert!(
+                sku_keys(tag).contains(&shard),
+                "the clash this guards against"
+            );
+        }
+        for name in ["ix", "ix10", "IX0", "ixg", "x0", "aix0"] {
+            assert!(!is_reserved_sku(name), "{name}");
+        }
     }
 
     #[test]
