@@ -601,6 +601,49 @@ async fn imports_report_rejected_and_duplicate_lines() {
     gw.stop().await;
 }
 
+/// Load balancers probe the port they route to: the public listener answers `/healthz` and
+/// `/readyz` without a token, even while its in-flight cap sheds everything else, and keeps
+/// `/metrics` to the admin listener.
+#[tokio::test]
+async fn probes_on_the_public_listener_too() {
+    use tokio::io::AsyncWriteExt;
+
+    let mut cfg = config();
+    cfg.limits.max_in_flight = 1;
+    let gw = TestGateway::start(cfg).await;
+    // One redemption whose body never finishes holds the only in-flight slot.
+    let address = gw.public.trim_start_matches("http://").to_owned();
+    let mut stalled = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connects");
+    stalled
+        .write_all(
+            b"POST /v1/redeem HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"code\":",
+        )
+        .await
+        .expect("sent");
+    eventually(
+        Duration::from_secs(10),
+        "the stalled redemption to take the in-flight slot",
+        || async { gw.redeem(json!({"code": "X", "redeemer": "r"})).await.0 },
+        |status| *status == StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
+
+    let get = |path: &str| gw.client.get(format!("{}{path}", gw.public)).send();
+    let health = get("/healthz").await.expect("answered");
+    assert_eq!(health.status(), StatusCode::OK);
+    let ready = get("/readyz").await.expect("answered");
+    assert_eq!(ready.status(), StatusCode::OK);
+    let ready: Value = ready.json().await.expect("json");
+    assert_eq!(ready["status"], "ready");
+    let metrics = get("/metrics").await.expect("answered");
+    assert_eq!(metrics.status(), StatusCode::NOT_FOUND);
+    drop(stalled);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn probes_and_metrics_on_the_admin_listener() {
     let gw = TestGateway::embedded().await;

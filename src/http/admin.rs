@@ -1,5 +1,6 @@
-//! Admin routes (admin bearer token) and the unauthenticated probes: `/healthz`, `/readyz`,
-//! `/metrics`. The admin listener is meant to stay off the public network.
+//! Admin routes (admin bearer token) and the unauthenticated probes: `/healthz`, `/readyz`
+//! (on both listeners), `/metrics` (admin only). The admin listener is meant to stay off the
+//! public network.
 
 use std::time::Duration;
 

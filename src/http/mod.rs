@@ -1,6 +1,7 @@
 //! The HTTP edge: two hyper 1.x listeners, routing, auth, metrics and graceful shutdown.
 //!
-//! - The public listener serves `POST /v1/redeem` (no token) and the merchant routes
+//! - The public listener serves `POST /v1/redeem` and the probes `/healthz` and `/readyz`
+//!   (no token; load balancers probe the port they route to) and the merchant routes
 //!   (merchant bearer token).
 //! - The admin listener serves the admin routes (admin bearer token) and, without a token,
 //!   `/healthz`, `/readyz` and `/metrics`; it is meant to stay off the public network.
@@ -440,6 +441,9 @@ const fn route(
 
 /// The public listener's routes.
 const PUBLIC_ROUTES: &[Route] = &[
+    // A load balancer probes the port it routes to.
+    route("/healthz", RouteId::Healthz, GET, Auth::None),
+    route("/readyz", RouteId::Readyz, GET, Auth::None),
     route("/v1/redeem", RouteId::Redeem, POST, Auth::None),
     route("/v1/skus/{sku}", RouteId::Sku, GET, Auth::Merchant),
     route(
@@ -579,10 +583,11 @@ async fn dispatch(
 ) -> Result<Reply, Error> {
     use RouteId::*;
     let method = req.method().clone();
-    // Everything on the public listener reaches the engine: cap it before any work.
-    let _slot = match which {
-        Listener::Public => Some(app.edge.admit()?),
-        Listener::Admin => None,
+    // Everything else on the public listener reaches the engine: cap it before any work.
+    // Probes are never shed: a load balancer would take an overloaded gateway for a dead one.
+    let _slot = match (which, route.id) {
+        (Listener::Public, Healthz | Readyz) | (Listener::Admin, _) => None,
+        (Listener::Public, _) => Some(app.edge.admit()?),
     };
     app.check_auth(route.auth, &req, ip)?;
     match (which, route.id, method) {
@@ -595,8 +600,8 @@ async fn dispatch(
         (Listener::Public, Claim, Method::GET) => merchant::order(app, params).await,
         (Listener::Public, ClaimConfirm, Method::POST) => merchant::confirm(app, params).await,
         (Listener::Public, ClaimRelease, Method::POST) => merchant::release(app, params).await,
-        (Listener::Admin, Healthz, Method::GET) => Ok(admin::healthz()),
-        (Listener::Admin, Readyz, Method::GET) => Ok(admin::readyz(app).await),
+        (_, Healthz, Method::GET) => Ok(admin::healthz()),
+        (_, Readyz, Method::GET) => Ok(admin::readyz(app).await),
         (Listener::Admin, Metrics, Method::GET) => Ok(admin::metrics()),
         (Listener::Admin, Sku, Method::PUT) => admin::put_sku(app, params, req).await,
         (Listener::Admin, Sku, Method::GET) => merchant::sku_view(app, params.get("sku")).await,
@@ -727,6 +732,8 @@ mod tests {
         assert_eq!(
             open,
             [
+                (Listener::Public, "/healthz"),
+                (Listener::Public, "/readyz"),
                 (Listener::Public, "/v1/redeem"),
                 (Listener::Admin, "/healthz"),
                 (Listener::Admin, "/readyz"),
