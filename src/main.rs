@@ -1,6 +1,7 @@
 //! The `kamigate` binary: parses the command line, loads configuration, and hands over to
 //! the library.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -410,7 +411,6 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
             }
         };
         if let Some(kept) = &gateway.tokens_file {
-            use std::io::IsTerminal;
             // Shown once, to a person at a terminal; stderr that is not one, or JSON logs,
             // is a log stream shipped elsewhere, which tokens must never reach: the log
             // names the file instead.
@@ -431,7 +431,15 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
             engine,
             "kamigate is serving"
         );
-        gateway.run_until(shutdown_signal()).await;
+        let app = gateway.app.clone();
+        gateway
+            .run_until(async move {
+                // Ctrl-C at a terminal: the operator wants it stopped, not drained.
+                if shutdown_signal().await == Signal::Interrupt && std::io::stdin().is_terminal() {
+                    app.hurry();
+                }
+            })
+            .await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
@@ -454,8 +462,17 @@ where
     })
 }
 
+/// Which signal asked the gateway to stop.
+#[derive(Debug, PartialEq, Eq)]
+enum Signal {
+    /// SIGINT: Ctrl-C.
+    Interrupt,
+    /// SIGTERM: a service manager or orchestrator.
+    Terminate,
+}
+
 /// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+async fn shutdown_signal() -> Signal {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
@@ -473,8 +490,8 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        _ = ctrl_c => Signal::Interrupt,
+        _ = term => Signal::Terminate,
     }
 }
 
@@ -495,7 +512,6 @@ fn init_logs(json: bool) {
 /// Colours only for a person at a terminal: escape codes in a file or a log shipper are
 /// noise, and `NO_COLOR` (set and not empty, per no-color.org) turns them off anyway.
 fn colour_logs() -> bool {
-    use std::io::IsTerminal;
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 

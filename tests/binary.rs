@@ -546,3 +546,60 @@ async fn generated_tokens_survive_a_restart_and_stay_out_of_the_log() {
     }
     assert_eq!(seen[0], seen[1], "the same tokens after a restart");
 }
+
+/// The line `serve` logs when shutdown begins, once it is in `log`.
+async fn shutdown_line(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .find(|l| l.contains("shutting down: readiness is now 503"))
+        .unwrap_or_else(|| panic!("no shutdown line in: {text}"))
+        .to_owned()
+}
+
+/// The shutdown delay is for load balancers to notice readiness turn 503: a gateway nobody
+/// probes and nobody is connected to stops without it; one whose readiness was probed keeps
+/// the configured delay (2 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shutdown_delay_is_taken_only_when_something_may_route_here() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("unwatched.log");
+    let (child, _, _) = serve_logging_to(&dir.path().join("a"), &log, &[]);
+    eventually(
+        Duration::from_secs(20),
+        "the gateway to say it serves",
+        || async { std::fs::read_to_string(&log).unwrap_or_default() },
+        |text| text.contains("kamigate is serving"),
+    )
+    .await;
+    terminate(child).await;
+    let line = shutdown_line(&log).await;
+    assert!(line.contains("delay_ms=0"), "{line}");
+
+    let log = dir.path().join("watched.log");
+    let (child, _, admin) = serve_logging_to(&dir.path().join("b"), &log, &[]);
+    wait_ready(
+        &format!("http://127.0.0.1:{admin}"),
+        Duration::from_secs(20),
+    )
+    .await;
+    terminate(child).await;
+    let line = shutdown_line(&log).await;
+    assert!(line.contains("delay_ms=2000"), "{line}");
+
+    // Never probed, but a client holds a connection to the public listener.
+    let log = dir.path().join("connected.log");
+    let (child, public, _) = serve_logging_to(&dir.path().join("c"), &log, &[]);
+    let client = reqwest::Client::new();
+    let health = format!("http://127.0.0.1:{public}/healthz");
+    eventually(
+        Duration::from_secs(20),
+        "the public listener to answer",
+        || async { client.get(&health).send().await.map(|r| r.status()).ok() },
+        |status| *status == Some(StatusCode::OK),
+    )
+    .await;
+    terminate(child).await;
+    let line = shutdown_line(&log).await;
+    assert!(line.contains("delay_ms=2000"), "{line}");
+    drop(client);
+}

@@ -721,6 +721,9 @@ async fn shutdown_turns_readiness_off_and_finishes_in_flight_requests() {
     tx.send(Ok("S3\n".into())).await.expect("sent");
     let ready = format!("{}/readyz", gw.admin);
     let client = gw.client.clone();
+    // A load balancer watches readiness, so the shutdown delay applies.
+    let watched = client.get(&ready).send().await.expect("answered");
+    assert_eq!(watched.status(), StatusCode::OK);
     let stopping = tokio::spawn(gw.gateway.stop());
     eventually(
         Duration::from_secs(5),

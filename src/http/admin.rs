@@ -35,6 +35,7 @@ pub fn healthz() -> Reply {
 
 /// Readiness: not draining, and the engine answers.
 pub async fn readyz(app: &App) -> Reply {
+    app.readiness_probed();
     let engine = app.inventory.engine();
     let kind = engine.kind().to_string();
     if app.draining() {

@@ -99,6 +99,7 @@ const MIN_PARSE_BUFFER_BYTES: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct ConnectionCap {
     listener: &'static str,
+    max: usize,
     slots: Arc<Semaphore>,
 }
 
@@ -107,8 +108,14 @@ impl ConnectionCap {
     pub fn new(listener: &'static str, max: usize) -> ConnectionCap {
         ConnectionCap {
             listener,
+            max,
             slots: Arc::new(Semaphore::new(max)),
         }
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.max.saturating_sub(self.slots.available_permits())
     }
 
     /// A slot for a just-accepted connection, held until the connection ends; `None` when

@@ -26,7 +26,7 @@ pub mod target;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,6 +74,11 @@ pub struct App {
     merchant_token: String,
     admin_token: String,
     draining: AtomicBool,
+    /// When `/readyz` last answered (ms since the epoch; 0: never): whether something
+    /// watches readiness, and so needs the shutdown delay to notice the gateway leaving.
+    readiness_probed_ms: AtomicU64,
+    /// Set when the operator at a terminal interrupted the gateway: stop without the delay.
+    hurry: AtomicBool,
 }
 
 /// Request and connection limits.
@@ -136,6 +141,8 @@ impl App {
             merchant_token,
             admin_token,
             draining: AtomicBool::new(false),
+            readiness_probed_ms: AtomicU64::new(0),
+            hurry: AtomicBool::new(false),
         }
     }
 
@@ -190,6 +197,33 @@ impl App {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// Notes that `/readyz` answered: something watches readiness.
+    pub(crate) fn readiness_probed(&self) {
+        self.readiness_probed_ms
+            .store(crate::clock::now_ms(), Ordering::Relaxed);
+    }
+
+    /// Asks the coming shutdown to skip its delay (an operator stopped the gateway by hand).
+    pub fn hurry(&self) {
+        self.hurry.store(true, Ordering::Relaxed);
+    }
+
+    /// How long to keep serving with readiness at 503 once shutdown begins: the configured
+    /// delay while load balancers may still route here (a readiness probe answered within
+    /// [`PROBES_REMEMBERED`], or clients connected to the public listener), none when nothing
+    /// would notice or the operator hurried.
+    fn shutdown_delay(&self, configured: Duration, public_open: usize) -> Duration {
+        let probed = self.readiness_probed_ms.load(Ordering::Relaxed);
+        let watched = probed > 0
+            && crate::clock::now_ms().saturating_sub(probed)
+                < u64::try_from(PROBES_REMEMBERED.as_millis()).unwrap_or(u64::MAX);
+        if self.hurry.load(Ordering::Relaxed) || !(watched || public_open > 0) {
+            Duration::ZERO
+        } else {
+            configured
+        }
+    }
+
     fn authorize(&self, req: &Request<Incoming>, token: &str) -> Result<(), Error> {
         let sent = req
             .headers()
@@ -240,6 +274,9 @@ pub enum Listener {
     Public,
     Admin,
 }
+
+/// A readiness probe this recent means a load balancer may still route to the gateway.
+pub const PROBES_REMEMBERED: Duration = Duration::from_secs(60);
 
 /// How the edge winds down after the shutdown signal.
 #[derive(Debug, Clone, Copy)]
@@ -329,6 +366,7 @@ pub async fn serve(
     let admin_task = tokio::spawn(accept(admin, Listener::Admin));
     signal.await;
     app.draining.store(true, Ordering::Relaxed);
+    let delay = app.shutdown_delay(delay, public_cap.open());
     tracing::info!(
         delay_ms = delay.as_millis() as u64,
         "shutting down: readiness is now 503"
