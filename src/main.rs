@@ -29,6 +29,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the public, merchant and admin APIs until SIGTERM or Ctrl-C.
+    #[command(after_help = "Examples:\n  \
+        kamigate serve\n  \
+        KAMIGATE_REDIS_URL=redis://127.0.0.1:6379 KAMIGATE_DATABASE_URL=postgres://kamigate@127.0.0.1/kamigate kamigate serve\n  \
+        kamigate serve --config /etc/kamigate/kamigate.toml")]
     Serve {
         /// TOML configuration file; KAMIGATE_* environment variables override it.
         #[arg(long)]
@@ -36,9 +40,13 @@ enum Command {
     },
     /// Stream a file of codes (a code per line, .csv or .ndjson) into a SKU, through the
     /// ledger.
+    #[command(after_help = "Examples:\n  \
+        kamigate import codes.txt --sku gift-50 --batch 2026-12-supplier-a\n  \
+        kamigate import codes.csv --sku gift-50 --batch b-7 --pending --config kamigate.toml")]
     Import {
         /// The file; its extension picks the format (.csv, .ndjson/.jsonl, else a code per line).
         file: PathBuf,
+        /// The SKU to import into; create it first (PUT /v1/skus/{sku} on the admin listener).
         #[arg(long)]
         sku: String,
         /// Batch id: the same id again adds nothing.
@@ -47,23 +55,35 @@ enum Command {
         /// Leave the batch pending (not for sale) until activated.
         #[arg(long)]
         pending: bool,
+        /// TOML configuration file (as for serve): it names the ledger and the engine.
         #[arg(long)]
         config: Option<PathBuf>,
     },
     /// Load ledger keys Redis lacks (Redis only: the embedded engine warms itself on start).
+    #[command(after_help = "Examples:\n  \
+        KAMIGATE_REDIS_URL=redis://127.0.0.1:6379 kamigate warm\n  \
+        kamigate warm --sku gift-50 --config kamigate.toml")]
     Warm {
+        /// Only this SKU (default: every SKU the ledger has).
         #[arg(long)]
         sku: Option<String>,
+        /// TOML configuration file (as for serve): it names the ledger and Redis.
         #[arg(long)]
         config: Option<PathBuf>,
     },
     /// Compare Redis with the ledger key by key; with --repair, fix what the ledger is ahead
     /// on (never rolling back a change only the engine has).
+    #[command(after_help = "Examples:\n  \
+        kamigate reconcile --config kamigate.toml\n  \
+        kamigate reconcile --sku gift-50 --repair --config kamigate.toml")]
     Reconcile {
+        /// Only this SKU (default: every SKU the ledger has).
         #[arg(long)]
         sku: Option<String>,
+        /// Set keys to the ledger's state where the ledger is ahead (otherwise only report).
         #[arg(long)]
         repair: bool,
+        /// TOML configuration file (as for serve): it names the ledger and Redis.
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -146,6 +166,9 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Print random codes for a format, one per line.
+    #[command(after_help = "Examples:\n  \
+        kamigate gen --count 1000 > codes.txt\n  \
+        kamigate gen --length 12 --group 0 --check")]
     Gen {
         /// How many codes.
         #[arg(long, default_value_t = 10)]
@@ -530,4 +553,39 @@ fn gen(count: u64, length: usize, group: usize, check: bool) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// `--help` of every subcommand explains each of its flags and shows examples.
+    #[test]
+    fn every_flag_is_described_and_every_subcommand_has_examples() {
+        let cli = Cli::command();
+        for sub in cli.get_subcommands() {
+            let name = sub.get_name();
+            let examples = sub
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            assert!(examples.starts_with("Examples:"), "{name}: no examples");
+            assert!(
+                examples.contains(&format!("kamigate {name}")),
+                "{name}: {examples}"
+            );
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" {
+                    continue;
+                }
+                let described = arg
+                    .get_help()
+                    .is_some_and(|h| !h.to_string().trim().is_empty());
+                assert!(described, "{name} --{id} has no description");
+            }
+        }
+    }
 }
