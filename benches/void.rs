@@ -27,7 +27,15 @@ use kamigate::inventory::{Inventory, NewCode};
 use kamigate::sku::SkuConfig;
 use redis_server::RedisServer;
 
-const SIZES: [usize; 2] = [10, 1_000_000];
+/// The line lengths measured. `cargo test` runs each benchmark once, unoptimised, as a
+/// smoke test: a thousand codes show the same path there without minutes of set-up.
+fn sizes() -> [usize; 2] {
+    if std::env::args().any(|a| a == "--bench") {
+        [10, 1_000_000]
+    } else {
+        [10, 1_000]
+    }
+}
 
 /// An inventory over a SKU `big` with `n` available codes; returns the last key's id.
 async fn stocked(engine: Arc<dyn ScriptEngine>, n: usize) -> (Inventory, String) {
@@ -59,7 +67,7 @@ fn void_and_restore(c: &mut Criterion) {
         .sample_size(20)
         .measurement_time(Duration::from_secs(3));
 
-    for n in SIZES {
+    for n in sizes() {
         let engine: Arc<dyn ScriptEngine> =
             Arc::new(EmbeddedEngine::start().expect("embedded engine starts"));
         let (inv, key) = rt.block_on(stocked(engine, n));
@@ -71,7 +79,7 @@ fn void_and_restore(c: &mut Criterion) {
         });
     }
 
-    for n in SIZES {
+    for n in sizes() {
         let redis = rt.block_on(RedisServer::start());
         let engine = rt
             .block_on(RedisEngine::connect(&redis.url(), RedisOptions::default()))
