@@ -280,30 +280,29 @@ async fn warm_and_reconcile_commands_work_against_redis() {
     );
 }
 
-#[test]
-fn reconcile_refuses_the_embedded_engine_with_a_pointer() {
+/// Runs operator command `command` against the embedded engine: it must refuse (the
+/// engine would be thrown away with the process) and point to `pointer` instead.
+fn refuses_the_embedded_engine(command: &str, pointer: &str) {
     let data = tempfile::tempdir().expect("temp dir");
     let out = std::process::Command::new(BIN)
-        .args(["reconcile"])
+        .args([command])
         .env("KAMIGATE_DATA_DIR", data.path())
         .env_remove("KAMIGATE_REDIS_URL")
         .output()
         .expect("command runs");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("POST /v1/reconcile"));
+    assert!(!out.status.success(), "{command} succeeded");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains(pointer), "{command}: {said}");
+}
+
+#[test]
+fn reconcile_refuses_the_embedded_engine_with_a_pointer() {
+    refuses_the_embedded_engine("reconcile", "POST /v1/reconcile");
 }
 
 #[test]
 fn warm_refuses_the_embedded_engine_with_a_pointer() {
-    let data = tempfile::tempdir().expect("temp dir");
-    let out = std::process::Command::new(BIN)
-        .args(["warm"])
-        .env("KAMIGATE_DATA_DIR", data.path())
-        .env_remove("KAMIGATE_REDIS_URL")
-        .output()
-        .expect("command runs");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("POST /v1/skus/{sku}/warm"));
+    refuses_the_embedded_engine("warm", "POST /v1/skus/{sku}/warm");
 }
 
 /// Starts `serve` on the embedded engine with data dir `data` on fresh ports.

@@ -4,7 +4,7 @@
 mod support;
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use kamigate::engine::embedded::EmbeddedEngine;
 use kamigate::engine::keys::sku_keys;
@@ -112,17 +112,44 @@ impl Harness {
 
     /// The event types in the SKU's stream, oldest first.
     async fn events(&self, sku: &str) -> Vec<String> {
-        static PROBE: std::sync::OnceLock<&'static Script> = std::sync::OnceLock::new();
-        let probe = PROBE.get_or_init(|| {
-            Box::leak(Box::new(Script::new(
-                "probe_events",
-                "local out = {}\n\
-                 for _, e in ipairs(redis.call('XRANGE', K.events, '-', '+')) do\n\
-                   out[#out + 1] = e[2][2]\n\
-                 end\n\
-                 return out",
-            )))
-        });
+        static PROBE: OnceLock<&'static Script> = OnceLock::new();
+        self.probe(
+            &PROBE,
+            "probe_events",
+            "local out = {}\n\
+             for _, e in ipairs(redis.call('XRANGE', K.events, '-', '+')) do\n\
+               out[#out + 1] = e[2][2]\n\
+             end\n\
+             return out",
+            sku,
+        )
+        .await
+    }
+
+    /// The key ids in the SKU's `avail` list, head first (put back as they were).
+    async fn listed(&self, sku: &str) -> Vec<String> {
+        static PROBE: OnceLock<&'static Script> = OnceLock::new();
+        self.probe(
+            &PROBE,
+            "probe_listed",
+            "local ids = redis.call('LPOP', K.avail, 100000) or {}\n\
+             if #ids > 0 then redis.call('RPUSH', K.avail, unpack(ids)) end\n\
+             return ids",
+            sku,
+        )
+        .await
+    }
+
+    /// Runs test script `source` (named `name`, made once into `cell`) over `sku`'s keys;
+    /// its reply, a list of strings.
+    async fn probe(
+        &self,
+        cell: &'static OnceLock<&'static Script>,
+        name: &'static str,
+        source: &'static str,
+        sku: &str,
+    ) -> Vec<String> {
+        let probe = cell.get_or_init(|| Box::leak(Box::new(Script::new(name, source))));
         let reply = self
             .inv
             .engine()
@@ -574,31 +601,6 @@ async fn void_takes_codes_out_and_restore_puts_them_back(h: Harness) {
     ));
 }
 
-/// The key ids in the SKU's `avail` list, head first (put back as they were).
-async fn listed(h: &Harness, sku: &str) -> Vec<String> {
-    static PROBE: std::sync::OnceLock<&'static Script> = std::sync::OnceLock::new();
-    let probe = PROBE.get_or_init(|| {
-        Box::leak(Box::new(Script::new(
-            "probe_listed",
-            "local ids = redis.call('LPOP', K.avail, 100000) or {}\n\
-             if #ids > 0 then redis.call('RPUSH', K.avail, unpack(ids)) end\n\
-             return ids",
-        )))
-    });
-    let reply = h
-        .inv
-        .engine()
-        .eval(probe, sku_keys(sku), vec![])
-        .await
-        .expect("probe runs");
-    reply
-        .as_array()
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|r| r.as_str().map(str::to_owned))
-        .collect()
-}
-
 /// A key that stops being issuable keeps its place in line until a claim reaches it (taking
 /// it out at once would scan the whole line); it is then dropped, never issued. A key that
 /// becomes issuable again before that is not listed a second time.
@@ -624,7 +626,7 @@ async fn keys_leave_and_rejoin_the_line_each_listed_once(h: Harness) {
     h.hold("line", "h-1", 1, 1_000).await.expect("hold");
     h.inv.release("line", "h-1").await.expect("release");
 
-    let line = listed(&h, "line").await;
+    let line = h.listed("line").await;
     let unique: HashSet<&String> = line.iter().collect();
     assert_eq!(unique.len(), line.len(), "a key listed twice: {line:?}");
     for id in ["line.1", "line.3", "line.4", "line.5"] {
@@ -651,7 +653,7 @@ async fn keys_leave_and_rejoin_the_line_each_listed_once(h: Harness) {
         Err(Error::SoldOut)
     ));
     assert_eq!(
-        listed(&h, "line").await,
+        h.listed("line").await,
         Vec::<String>::new(),
         "stale entries dropped"
     );
@@ -680,7 +682,7 @@ async fn keys_leave_and_rejoin_the_line_each_listed_once(h: Harness) {
         .restore("again.1", "false alarm")
         .await
         .expect("restore");
-    assert_eq!(listed(&h, "again").await, ["1"]);
+    assert_eq!(h.listed("again").await, ["1"]);
     for order in ["o-2", "o-3"] {
         let got = h.claim("again", order, 1).await.expect("issued again");
         assert_eq!(codes_of(&got), std::slice::from_ref(&code));
