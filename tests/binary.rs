@@ -106,14 +106,7 @@ async fn serve_generates_tokens_serves_and_exits_cleanly_on_sigterm() {
         .expect("answered");
     assert_eq!(redeemed.status(), StatusCode::OK);
 
-    let pid = child.id().expect("running") as i32;
-    // SAFETY: signalling our own child process by its pid.
-    assert_eq!(unsafe { libc_kill(pid, 15) }, 0);
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .expect("wait");
-    assert!(status.success(), "clean exit: {status}");
+    terminate(child).await;
     let rest = log_task.await.expect("log");
     let all = log
         .iter()
