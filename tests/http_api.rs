@@ -8,6 +8,7 @@ use std::time::Duration;
 use kamigate::engine::embedded::EmbeddedEngine;
 use kamigate::http::{route_table, Auth, Listener};
 use kamigate::inventory::{Inventory, NewCode};
+use kamigate::limit::BucketRule;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use support::clock::ManualClock;
@@ -641,6 +642,42 @@ async fn probes_on_the_public_listener_too() {
     let metrics = get("/metrics").await.expect("answered");
     assert_eq!(metrics.status(), StatusCode::NOT_FOUND);
     drop(stalled);
+    gw.stop().await;
+}
+
+/// Readiness pings the engine, so on the public listener it spends the client's bucket.
+#[tokio::test]
+async fn public_readiness_probes_spend_the_clients_bucket() {
+    let mut cfg = config();
+    cfg.limits.public = BucketRule::enforced(1, 5);
+    let gw = TestGateway::start(cfg).await;
+    let ready = format!("{}/readyz", gw.public);
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        let res = gw.client.get(&ready).send().await.expect("answered");
+        statuses.push(res.status());
+        if res.status() == StatusCode::TOO_MANY_REQUESTS {
+            let body: Value = res.json().await.expect("json");
+            assert_eq!(error_code(&body), "ERR_RATE_LIMITED");
+            break;
+        }
+    }
+    assert_eq!(statuses.first(), Some(&StatusCode::OK), "{statuses:?}");
+    assert_eq!(
+        statuses.last(),
+        Some(&StatusCode::TOO_MANY_REQUESTS),
+        "{statuses:?}"
+    );
+    // The admin listener's probes are not limited.
+    for _ in 0..10 {
+        let res = gw
+            .client
+            .get(format!("{}/readyz", gw.admin))
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(res.status(), StatusCode::OK);
+    }
     gw.stop().await;
 }
 

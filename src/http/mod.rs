@@ -639,7 +639,13 @@ async fn dispatch(
         (Listener::Public, ClaimConfirm, Method::POST) => merchant::confirm(app, params).await,
         (Listener::Public, ClaimRelease, Method::POST) => merchant::release(app, params).await,
         (_, Healthz, Method::GET) => Ok(admin::healthz()),
-        (_, Readyz, Method::GET) => Ok(admin::readyz(app).await),
+        // Readiness pings the engine: on the public listener it spends the client's bucket,
+        // so nobody turns probes into engine load (a load balancer probes far below it).
+        (Listener::Public, Readyz, Method::GET) => {
+            app.edge.public(ip)?;
+            Ok(admin::readyz(app).await)
+        }
+        (Listener::Admin, Readyz, Method::GET) => Ok(admin::readyz(app).await),
         (Listener::Admin, Metrics, Method::GET) => Ok(admin::metrics()),
         (Listener::Admin, Sku, Method::PUT) => admin::put_sku(app, params, req).await,
         (Listener::Admin, Sku, Method::GET) => merchant::sku_view(app, params.get("sku")).await,
