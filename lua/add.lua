@@ -1,7 +1,7 @@
 -- add.lua — add a chunk of codes to a SKU's inventory (import and warm-up).
 -- KEYS: the SKU key set (prelude.lua)
 -- ARGV: 1 now (ms), then per code 4 values: key id (decimal; '' = next from the SKU's sequence),
---       digest, canonical code, expires_at (ms, '0' = never)
+--       digest (keyed), code (sealed for its key id), expires_at (ms, '0' = never)
 -- Reply: one entry per code: its key id if added, or '=' .. the existing key id if a code
 --        with that digest is already there (nothing changes for it) | {'no_sku'}
 -- Callers keep chunks to a few hundred codes so no single call blocks the engine.

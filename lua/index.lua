@@ -3,6 +3,8 @@
 -- KEYS: 1 an index shard (HASH, chosen by the digest's first hex digit) or the registry (SET)
 -- ARGV: 'get', digest                      Reply: {sku or '', ready ('1'|'0')}
 --     | 'set', digest, sku, digest, sku …  Reply: number of new entries
+--     | 'del', digest, sku, digest, sku …  Reply: number of entries removed (each only while
+--                                          it still names that SKU; for a re-keyed index)
 --     | 'ready'                            Reply: 1 (marks the shard complete)
 --     | 'ready?'                           Reply: 1 if the shard is marked complete, else 0
 --     | 'register', sku                    Reply: 1 if new, else 0
@@ -24,6 +26,14 @@ elseif op == 'set' then
     added = added + redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
   end
   return added
+elseif op == 'del' then
+  local removed = 0
+  for i = 2, #ARGV, 2 do
+    if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+      removed = removed + redis.call('HDEL', KEYS[1], ARGV[i])
+    end
+  end
+  return removed
 elseif op == 'ready' then
   redis.call('HSET', KEYS[1], READY, '1')
   return 1

@@ -10,8 +10,9 @@
 --   2 avail        LIST  key ids that can be issued now, oldest first; may also hold stale
 --                        entries (keys no longer issuable, or gone), dropped when popped
 --   3 keys         HASH  key id -> key record (see decode_key)
---   4 codes        HASH  key id -> canonical code (returned to the claimer)
---   5 idx          HASH  code digest -> key id
+--   4 codes        HASH  key id -> sealed code (opened by the gateway for the claimer; the
+--                        scripts never see a code in clear, see src/secrets)
+--   5 idx          HASH  keyed code digest -> key id
 --   6 orders       HASH  order id -> order record (see decode_order)
 --   7 holds        ZSET  order id scored by its hold's expiry (ms)
 --   8 users        HASH  user id -> codes currently issued to that user (held or claimed)

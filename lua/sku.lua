@@ -15,6 +15,9 @@
 --         'stale' when the SKU was lost and recreated since (that rebuild ends it).
 --     | 'epoch'                                  Reply: {epoch or ''} | {'no_sku'}
 --     | 'mark', epoch                            Reply: {'marked'} | {'no_sku'}
+--     | 'reserve', n                             Reply: {'reserved', last id} | {'no_sku'}
+--         Takes the next n key ids from the SKU's sequence (ids last - n + 1 .. last), for
+--         codes sealed with their key id before add.lua stores them.
 -- The epoch is a marker the gateway writes into both the engine and the ledger when they
 -- agree; an engine whose marker differs from the ledger's was replaced behind the gateway's
 -- back (e.g. Redis restarted from an older snapshot) and is reconciled.
@@ -29,6 +32,10 @@ if op == 'epoch' or op == 'mark' then
     return { 'marked' }
   end
   return { redis.call('HGET', K.meta, 'epoch') or '' }
+end
+if op == 'reserve' then
+  if redis.call('EXISTS', K.meta) == 0 then return { 'no_sku' } end
+  return { 'reserved', redis.call('HINCRBY', K.meta, 'seq', tonumber(ARGV[2])) }
 end
 if op == 'get' then
   local m = redis.call('HMGET', K.meta, 'config', 'gen', 'loading', 'created_at')

@@ -13,7 +13,7 @@ use crate::clock;
 use crate::config::Config;
 use crate::engine::EngineKind;
 use crate::error::Error;
-use crate::gateway::open_engine;
+use crate::gateway::{open_engine, open_keys, KeysError};
 use crate::inventory::formats::UploadFormat;
 use crate::inventory::import::{Begun, ImportReport, Importer};
 use crate::inventory::reconcile::{self, SkuReconcile};
@@ -36,6 +36,8 @@ pub enum CommandError {
     Ledger(#[from] crate::ledger::LedgerError),
     #[error("engine: {0}")]
     Engine(#[from] crate::engine::EngineError),
+    #[error("{0}")]
+    Keys(#[from] KeysError),
     /// The API's `ERR_NOT_FOUND` says only what is missing; an operator also learns what to
     /// do about it.
     #[error("SKU {0} not found: create it first with PUT /v1/skus/{0} on the admin listener")]
@@ -51,6 +53,7 @@ pub enum CommandError {
 async fn open(config: &Config) -> Result<(Arc<dyn Ledger>, Inventory), CommandError> {
     let ledger = ledger::open(config.database_url.as_deref(), &config.data_dir).await?;
     let inventory = Inventory::new(open_engine(config).await?);
+    open_keys(config, ledger.as_ref(), &inventory).await?;
     Ok((ledger, inventory))
 }
 

@@ -31,6 +31,11 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Merchant bearer token (`KAMIGATE_MERCHANT_TOKEN`); when unset, as `admin_token`.
     pub merchant_token: Option<String>,
+    /// The data and index keys (`KAMIGATE_DATA_KEY` only, never the TOML file, which is
+    /// easily shared); when unset, `<data dir>/data.key`, generated on the first start
+    /// ([`crate::secrets::keyfile`]). Its `Debug` shows nothing of it.
+    #[serde(skip)]
+    pub data_key: Option<crate::secrets::keyfile::KeyText>,
     /// Largest JSON request body.
     pub max_body_bytes: u64,
     /// Largest import upload (streamed, never held in memory).
@@ -136,6 +141,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./kamigate-data"),
             admin_token: None,
             merchant_token: None,
+            data_key: None,
             max_body_bytes: 64 * 1024,
             max_import_bytes: 1024 * 1024 * 1024,
             header_read_timeout_ms: 10_000,
@@ -229,6 +235,9 @@ impl Config {
         }
         if let Some(v) = set(get("KAMIGATE_MERCHANT_TOKEN")) {
             self.merchant_token = Some(v);
+        }
+        if let Some(v) = set(get(crate::secrets::keyfile::KEY_VAR)) {
+            self.data_key = Some(crate::secrets::keyfile::KeyText(v));
         }
         if let Some(v) = set(get("KAMIGATE_DURABILITY")) {
             self.durability = match v.as_str() {

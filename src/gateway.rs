@@ -18,11 +18,14 @@ use crate::engine::redis::{RedisEngine, RedisOptions};
 use crate::engine::{EngineError, EngineKind, ScriptEngine, SCRIPTS};
 use crate::http::{self, App, Limits};
 use crate::inventory::drift::Drift;
+use crate::inventory::rekey;
 use crate::inventory::warm::{begin_restore, check_epoch, finish_restore, warm_sku, Rebuild};
 use crate::inventory::Inventory;
 use crate::ledger::writer::{EventWriter, WriterOptions};
 use crate::ledger::{self, Ledger, LedgerError};
 use crate::metrics as m;
+use crate::secrets::keyfile::{self, KeyError, KeySource, KEY_VAR};
+use crate::secrets::OpenError;
 use crate::tokens::{self, KeptTokens, TokenError};
 use dashmap::DashMap;
 
@@ -37,12 +40,88 @@ pub enum StartError {
     DataDir(#[from] LockError),
     #[error("{0}")]
     Tokens(#[from] TokenError),
+    #[error("{0}")]
+    Keys(#[from] KeysError),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Why the data keys could not be used. Names key ids and files, never a key or a code.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    #[error("{0}")]
+    Source(#[from] KeyError),
+    #[error(
+        "the ledger's codes cannot be read with these data keys: key {key_id}'s code {why}. \
+         {hint}"
+    )]
+    Mismatch {
+        key_id: String,
+        why: OpenError,
+        hint: String,
+    },
+    #[error("migrating the ledger's codes to sealed ones: {0}")]
+    Migration(#[source] crate::error::Error),
+    #[error("ledger: {0}")]
+    Ledger(#[from] LedgerError),
+}
+
+/// Reads the data keys (`KAMIGATE_DATA_KEY` or the data dir's key file, generated on the
+/// first start), checks that they open the ledger's codes, and installs them in
+/// `inventory`. A ledger from before codes were sealed is migrated first, in place
+/// ([`rekey`]): resumable, so an interrupted start finishes it on the next.
+pub async fn open_keys(
+    config: &Config,
+    ledger: &dyn Ledger,
+    inventory: &Inventory,
+) -> Result<KeySource, KeysError> {
+    let env = config.data_key.as_ref().map(|k| k.0.as_str());
+    let (keyring, source) = keyfile::resolve(env, &config.data_dir)?;
+    if let KeySource::File { path, fresh: true } = &source {
+        tracing::warn!(
+            file = %path.display(),
+            "generated the data keys that seal every code; keep a copy of the file apart \
+             from the ledger's backups: without it no stored code can be read"
+        );
+    }
+    if let Some((key_id, why)) = rekey::check_keys(ledger, &keyring).await? {
+        let hint = match &source {
+            KeySource::File { path, fresh: true } => format!(
+                "{} was generated just now: the keys that sealed this ledger are elsewhere \
+                 (set {KEY_VAR} or restore the file)",
+                path.display()
+            ),
+            KeySource::File { path, .. } => format!(
+                "{} holds data keys {:?}; restore the file that sealed the ledger",
+                path.display(),
+                keyring.data_ids()
+            ),
+            KeySource::Env => format!(
+                "{KEY_VAR} holds data keys {:?}; set it to the keys that sealed the ledger",
+                keyring.data_ids()
+            ),
+        };
+        return Err(KeysError::Mismatch { key_id, why, hint });
+    }
+    m::initialise_keys(keyring.data_ids());
+    inventory.use_keyring(Arc::new(keyring));
+    if ledger.has_unsealed_codes().await? {
+        tracing::warn!("the ledger stores codes in clear: sealing them now, in place");
+        let report = rekey::rekey(ledger, inventory, None, false)
+            .await
+            .map_err(KeysError::Migration)?;
+        tracing::info!(
+            skus = report.skus,
+            migrated = report.migrated,
+            failed = report.failed,
+            "the ledger's codes are sealed"
+        );
+    }
+    Ok(source)
 }
 
 /// Opens the configured engine: Redis when a URL is set, else the embedded one.
@@ -95,6 +174,7 @@ impl Gateway {
             EngineKind::Redis => None,
         };
         let ledger = ledger::open(config.database_url.as_deref(), &config.data_dir).await?;
+        open_keys(&config, ledger.as_ref(), &inventory).await?;
         let cursors = Arc::new(WarmCursors::new());
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)

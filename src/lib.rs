@@ -20,6 +20,7 @@
 //! - [`sku`]: SKU settings and identifier rules.
 //! - [`datadir`]: one gateway per data dir (an OS lock).
 //! - [`tokens`]: bearer tokens generated when none are configured, kept in the data dir.
+//! - [`secrets`]: codes at rest: the keyring that seals them and the keyed index digest.
 //! - [`engine`]: the [`engine::ScriptEngine`] seam; Redis (fred) and embedded (mlua)
 //!   engines run the same `lua/` scripts, the only code that changes inventory state.
 //! - [`inventory`]: claims, holds, redemptions and imports in domain terms over an engine.
@@ -46,5 +47,6 @@ pub mod ledger;
 pub mod limit;
 pub mod metrics;
 pub mod pause;
+pub mod secrets;
 pub mod sku;
 pub mod tokens;

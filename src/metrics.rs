@@ -114,6 +114,10 @@ pub const PAUSE_STARTED: &str = "kamigate_pause_started_timestamp_seconds";
 /// Gauge: 1 while this gateway cannot read the pauses from the ledger (it enforces the ones
 /// it read last), else 0.
 pub const PAUSES_STALE: &str = "kamigate_pauses_stale";
+/// Counter: stored codes that did not open, by `data_key` (the key id the text named,
+/// `unknown` for one not in the keyring): tampered with, corrupted, moved from another key,
+/// or sealed under a key this gateway lacks. Such a code is never handed out.
+pub const DECRYPT_FAILURES: &str = "kamigate_decrypt_failures_total";
 
 /// What kind of series a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -318,6 +322,12 @@ pub const CATALOGUE: &[Metric] = &[
         &[],
         "1 while this gateway cannot read the pauses from the ledger and enforces the ones it read last.",
     ),
+    metric(
+        DECRYPT_FAILURES,
+        Kind::Counter,
+        &["data_key"],
+        "Stored codes that did not open (tampered with, moved from another key, or sealed under a missing key), by the data key named; none is handed out.",
+    ),
 ];
 
 /// Buckets of every `_seconds` histogram.
@@ -461,6 +471,18 @@ fn describe() {
             Kind::Gauge => describe_gauge!(m.name, m.help),
             Kind::Histogram => describe_histogram!(m.name, Unit::Seconds, m.help),
         }
+    }
+}
+
+/// Counts a stored code that did not open under `data_key` ([`DECRYPT_FAILURES`]).
+pub fn decrypt_failure(data_key: &str) {
+    metrics::counter!(DECRYPT_FAILURES, "data_key" => data_key.to_owned()).increment(1);
+}
+
+/// Registers [`DECRYPT_FAILURES`] at 0 for the keyring's data keys and `unknown`.
+pub fn initialise_keys<'a>(data_keys: impl IntoIterator<Item = &'a str>) {
+    for key in data_keys.into_iter().chain(["unknown"]) {
+        metrics::counter!(DECRYPT_FAILURES, "data_key" => key.to_owned()).increment(0);
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use kamigate::code::digest;
 use kamigate::ledger::{
     open, BatchCounts, BatchStart, InsertOutcome, KeyRecord, Ledger, LedgerError, LedgerEvent,
-    NewKey, StateCounts, UPLOAD_LEASE_MS,
+    NewKey, Seal, StateCounts, UPLOAD_LEASE_MS,
 };
 use tempfile::TempDir;
 
@@ -141,6 +141,16 @@ async fn database_urls_choose_the_backend() {
     }
 }
 
+/// Stores codes as given: the ledger keeps whatever text it is handed (sealing is the
+/// keyring's, tested in `secrets`), so these tests read back what they wrote.
+struct Clear;
+
+impl Seal for Clear {
+    fn seal(&self, _sku: &str, _local_id: i64, code: &str) -> String {
+        code.to_owned()
+    }
+}
+
 fn key(code: &str) -> NewKey {
     NewKey {
         line: 1,
@@ -199,7 +209,7 @@ async fn stocked(l: &dyn Ledger, sku: &str, rows: &[NewKey]) -> Vec<InsertOutcom
         BatchStart::New
     );
     let out = l
-        .insert_keys(sku, &batch, UPLOAD, rows)
+        .insert_keys(sku, &batch, UPLOAD, rows, &Clear)
         .await
         .expect("insert");
     let report = BatchCounts {
@@ -286,7 +296,13 @@ async fn import_allocates_monotonic_ids_and_reports_duplicates(env: &Env) {
         BatchStart::New
     );
     let out = l
-        .insert_keys("gift", "b1", UPLOAD, &keys(&["AAA", "BBB", "CCC", "AAA"]))
+        .insert_keys(
+            "gift",
+            "b1",
+            UPLOAD,
+            &keys(&["AAA", "BBB", "CCC", "AAA"]),
+            &Clear,
+        )
         .await
         .expect("insert");
     assert_eq!(
@@ -300,7 +316,7 @@ async fn import_allocates_monotonic_ids_and_reports_duplicates(env: &Env) {
     );
     // A re-sent chunk of the same batch.
     let out = l
-        .insert_keys("gift", "b1", UPLOAD, &keys(&["BBB", "DDD"]))
+        .insert_keys("gift", "b1", UPLOAD, &keys(&["BBB", "DDD"]), &Clear)
         .await
         .expect("insert");
     assert_eq!(out, vec![duplicate(2, "gift", true), inserted(4, "gift")]);
@@ -313,7 +329,7 @@ async fn import_allocates_monotonic_ids_and_reports_duplicates(env: &Env) {
         .await
         .expect("begin");
     let out = l
-        .insert_keys("gift", "b2", UPLOAD, &keys(&["CCC", "EEE"]))
+        .insert_keys("gift", "b2", UPLOAD, &keys(&["CCC", "EEE"]), &Clear)
         .await
         .expect("insert");
     assert_eq!(out, vec![duplicate(3, "gift", false), inserted(5, "gift")]);
@@ -324,7 +340,7 @@ async fn import_allocates_monotonic_ids_and_reports_duplicates(env: &Env) {
         .await
         .expect("begin");
     let out = l
-        .insert_keys("other", "b1", UPLOAD, &keys(&["AAA"]))
+        .insert_keys("other", "b1", UPLOAD, &keys(&["AAA"]), &Clear)
         .await
         .expect("insert");
     assert_eq!(out, vec![inserted(1, "other")]);
@@ -335,7 +351,7 @@ async fn import_allocates_monotonic_ids_and_reports_duplicates(env: &Env) {
     assert_eq!(k.batch_id, "b2");
     assert_eq!(k.state, "available");
     assert!(matches!(
-        l.insert_keys("gift", "missing", UPLOAD, &keys(&["X"]))
+        l.insert_keys("gift", "missing", UPLOAD, &keys(&["X"]), &Clear)
             .await,
         Err(LedgerError::NotFound(_))
     ));
@@ -354,7 +370,7 @@ async fn resent_batch_id_is_existing(env: &Env) {
             .expect("begin"),
         BatchStart::New
     );
-    l.insert_keys("gift", "b1", UPLOAD, &keys(&["A1", "A2"]))
+    l.insert_keys("gift", "b1", UPLOAD, &keys(&["A1", "A2"]), &Clear)
         .await
         .expect("insert");
     let report = BatchCounts {
@@ -405,7 +421,7 @@ async fn a_batch_being_uploaded_is_in_progress_for_other_uploads(env: &Env) {
             .expect("begin"),
         BatchStart::New
     );
-    l.insert_keys("gift", "b1", "first", &keys(&["A1", "A2"]))
+    l.insert_keys("gift", "b1", "first", &keys(&["A1", "A2"]), &Clear)
         .await
         .expect("insert");
 
@@ -419,7 +435,8 @@ async fn a_batch_being_uploaded_is_in_progress_for_other_uploads(env: &Env) {
         other => panic!("expected InProgress, got {other:?}"),
     }
     assert!(matches!(
-        l.insert_keys("gift", "b1", "second", &keys(&["B1"])).await,
+        l.insert_keys("gift", "b1", "second", &keys(&["B1"]), &Clear)
+            .await,
         Err(LedgerError::BatchBusy(_))
     ));
     assert!(matches!(
@@ -462,7 +479,7 @@ async fn a_batch_being_uploaded_is_in_progress_for_other_uploads(env: &Env) {
     l.begin_batch("gift", "b3", "first", NOW)
         .await
         .expect("begin");
-    l.insert_keys("gift", "b3", "first", &keys(&["C1"]))
+    l.insert_keys("gift", "b3", "first", &keys(&["C1"]), &Clear)
         .await
         .expect("insert");
     assert!(matches!(
@@ -470,7 +487,7 @@ async fn a_batch_being_uploaded_is_in_progress_for_other_uploads(env: &Env) {
         Err(LedgerError::BatchBusy(_))
     ));
     assert!(l.keys_after("gift", 2, 100).await.expect("keys").is_empty());
-    l.insert_keys("gift", "b3", "first", &keys(&["C2"]))
+    l.insert_keys("gift", "b3", "first", &keys(&["C2"]), &Clear)
         .await
         .expect("insert after the refused activation");
     let two = BatchCounts {
@@ -516,7 +533,7 @@ async fn a_silent_upload_is_taken_over_and_fenced_off(env: &Env) {
     l.begin_batch("gift", "b1", "dead", NOW)
         .await
         .expect("begin");
-    l.insert_keys("gift", "b1", "dead", &keys(&["X1", "X2"]))
+    l.insert_keys("gift", "b1", "dead", &keys(&["X1", "X2"]), &Clear)
         .await
         .expect("insert");
     let in_progress =
@@ -556,7 +573,8 @@ async fn a_silent_upload_is_taken_over_and_fenced_off(env: &Env) {
 
     // The presumed-dead upload, waking up, can change nothing.
     assert!(matches!(
-        l.insert_keys("gift", "b1", "dead", &keys(&["X3"])).await,
+        l.insert_keys("gift", "b1", "dead", &keys(&["X3"]), &Clear)
+            .await,
         Err(LedgerError::BatchBusy(_))
     ));
     assert!(matches!(
@@ -575,7 +593,7 @@ async fn a_silent_upload_is_taken_over_and_fenced_off(env: &Env) {
 
     // The successor imports normally; ids are never reused.
     let out = l
-        .insert_keys("gift", "b1", "next", &keys(&["X1"]))
+        .insert_keys("gift", "b1", "next", &keys(&["X1"]), &Clear)
         .await
         .expect("insert");
     assert_eq!(out, vec![inserted(3, "gift")]);
@@ -595,7 +613,7 @@ async fn pending_batch_is_invisible_until_activated(env: &Env) {
     l.begin_batch("gift", "b1", UPLOAD, NOW)
         .await
         .expect("begin");
-    l.insert_keys("gift", "b1", UPLOAD, &keys(&["P1", "P2", "P3"]))
+    l.insert_keys("gift", "b1", UPLOAD, &keys(&["P1", "P2", "P3"]), &Clear)
         .await
         .expect("insert");
     let report = BatchCounts {
@@ -641,7 +659,8 @@ async fn pending_batch_is_invisible_until_activated(env: &Env) {
         .expect("again");
     assert_eq!(again.activated_at_ms, Some(NOW + 9));
     assert!(matches!(
-        l.insert_keys("gift", "b1", UPLOAD, &keys(&["P4"])).await,
+        l.insert_keys("gift", "b1", UPLOAD, &keys(&["P4"]), &Clear)
+            .await,
         Err(LedgerError::Conflict(_))
     ));
     assert!(matches!(
@@ -657,7 +676,7 @@ async fn abort_removes_the_batch_keys(env: &Env) {
     l.begin_batch("gift", "b1", UPLOAD, NOW)
         .await
         .expect("begin");
-    l.insert_keys("gift", "b1", UPLOAD, &keys(&["X1", "X2"]))
+    l.insert_keys("gift", "b1", UPLOAD, &keys(&["X1", "X2"]), &Clear)
         .await
         .expect("insert");
     l.abort_batch("gift", "b1", UPLOAD).await.expect("abort");
@@ -678,7 +697,7 @@ async fn abort_removes_the_batch_keys(env: &Env) {
         .await
         .expect("begin");
     let out = l
-        .insert_keys("gift", "b2", UPLOAD, &keys(&["X1"]))
+        .insert_keys("gift", "b2", UPLOAD, &keys(&["X1"]), &Clear)
         .await
         .expect("insert");
     assert_eq!(out, vec![inserted(3, "gift")]);
@@ -879,7 +898,7 @@ async fn counts_group_active_keys_by_state(env: &Env) {
     l.begin_batch("gift", "side", UPLOAD, NOW)
         .await
         .expect("begin");
-    l.insert_keys("gift", "side", UPLOAD, &keys(&["SIDE1", "SIDE2"]))
+    l.insert_keys("gift", "side", UPLOAD, &keys(&["SIDE1", "SIDE2"]), &Clear)
         .await
         .expect("insert");
     l.apply_events(&[
@@ -1005,7 +1024,7 @@ async fn large_import_pages_through_keys_after(env: &Env) {
             })
             .collect();
         let out = l
-            .insert_keys("bulk", "big", UPLOAD, &rows)
+            .insert_keys("bulk", "big", UPLOAD, &rows, &Clear)
             .await
             .expect("insert");
         accepted += out

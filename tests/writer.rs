@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use kamigate::code::digest;
 use kamigate::engine::embedded::EmbeddedEngine;
 use kamigate::engine::keys::{dead_letters_key, events_key, meta_key, sku_keys};
 use kamigate::engine::redis::{RedisEngine, RedisOptions};
@@ -27,8 +26,8 @@ use kamigate::inventory::{Added, ClaimRequest, Inventory, NewCode, Order};
 use kamigate::ledger::writer::{Backlog, EventWriter, WriterError, WriterOptions};
 use kamigate::ledger::{
     BatchCounts, BatchRecord, BatchStart, EventRecord, InsertOutcome, KeyRecord, Ledger,
-    LedgerError, LedgerEvent, NewKey, NewPause, PauseEventRecord, PauseRecord, SkuRecord,
-    StateCounts,
+    LedgerError, LedgerEvent, NewKey, NewPause, PauseEventRecord, PauseRecord, Recode, Seal,
+    SkuRecord, StateCounts, StoredCode,
 };
 use kamigate::sku::SkuConfig;
 use pg_support::TestDatabase;
@@ -174,7 +173,7 @@ impl Env {
             .enumerate()
             .map(|(i, code)| NewKey {
                 line: i as u64 + 1,
-                digest: digest(code),
+                digest: self.inv.digest(code),
                 code: code.clone(),
                 expires_at_ms: None,
                 max_issues: 1,
@@ -184,7 +183,7 @@ impl Env {
             .collect();
         let outcomes = self
             .ledger
-            .insert_keys(sku, &batch, UPLOAD, &rows)
+            .insert_keys(sku, &batch, UPLOAD, &rows, self.inv.keyring().as_ref())
             .await
             .expect("insert");
         let report = BatchCounts {
@@ -1101,8 +1100,9 @@ impl Ledger for Flaky {
         b: &str,
         upload: &str,
         rows: &[NewKey],
+        seal: &dyn Seal,
     ) -> Result<Vec<InsertOutcome>, LedgerError> {
-        self.inner.insert_keys(sku, b, upload, rows).await
+        self.inner.insert_keys(sku, b, upload, rows, seal).await
     }
     async fn finish_batch(
         &self,
@@ -1138,6 +1138,20 @@ impl Ledger for Flaky {
         limit: u32,
     ) -> Result<Vec<KeyRecord>, LedgerError> {
         self.inner.keys_after(sku, after, limit).await
+    }
+    async fn stored_codes_after(
+        &self,
+        sku: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredCode>, LedgerError> {
+        self.inner.stored_codes_after(sku, after, limit).await
+    }
+    async fn recode_keys(&self, sku: &str, recodes: &[Recode]) -> Result<u64, LedgerError> {
+        self.inner.recode_keys(sku, recodes).await
+    }
+    async fn has_unsealed_codes(&self) -> Result<bool, LedgerError> {
+        self.inner.has_unsealed_codes().await
     }
     async fn apply_events(&self, events: &[LedgerEvent]) -> Result<u64, LedgerError> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;

@@ -61,8 +61,14 @@ pub const REGISTRY: &str = "kg:skus";
 /// digest's first hex digit, so on Redis Cluster it spreads over 16 slots instead of one
 /// hot key.
 pub fn index_shard(digest: &str) -> String {
-    let shard = digest.get(..1).unwrap_or("0");
-    format!("kg:{{ix{shard}}}:codes")
+    format!("kg:{{ix{}}}:codes", digest_shard(digest))
+}
+
+/// The hex digit a digest is sharded by: the first of its hex part, after the index key id
+/// that keyed digests begin with (`<id>.<hex>`, see [`crate::secrets`]).
+pub fn digest_shard(digest: &str) -> &str {
+    let hex = digest.rsplit_once('.').map_or(digest, |(_, hex)| hex);
+    hex.get(..1).unwrap_or("0")
 }
 
 /// Every shard of the global index.

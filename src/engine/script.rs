@@ -87,7 +87,8 @@ scripts!(
     warm,
     inspect,
     repair,
-    orders
+    orders,
+    recode
 );
 
 /// The scripts, loaded once.

@@ -23,7 +23,6 @@ use serde_json::{json, Value};
 use super::formats::{Parsed, RowParser, UploadFormat};
 use super::warm::{warm_sku, WarmReport};
 use super::Inventory;
-use crate::code::digest;
 use crate::error::{timestamp, Error};
 use crate::ledger::{
     BatchCounts, BatchStart, InsertOutcome, Ledger, LedgerError, NewKey, UPLOAD_LEASE_MS,
@@ -105,6 +104,9 @@ pub struct Importer<'a> {
     renewed_at_ms: u64,
     settings: &'a SkuConfig,
     parser: RowParser,
+    /// Seals the codes and keys their digests, the same one for the whole upload.
+    keyring: std::sync::Arc<crate::secrets::Keyring>,
+    /// Keyed digests of the SKU's blacklist: rows are compared by digest, as duplicates are.
     blacklist: std::collections::HashSet<String>,
     parsed: Vec<Parsed>,
     pending: Vec<NewKey>,
@@ -151,6 +153,12 @@ impl<'a> Importer<'a> {
                 )));
             }
         }
+        let keyring = inventory.keyring();
+        let blacklist = settings
+            .blacklisted()
+            .iter()
+            .map(|code| keyring.digest(code))
+            .collect();
         Ok(Begun::Fresh(Box::new(Importer {
             ledger,
             inventory,
@@ -160,7 +168,8 @@ impl<'a> Importer<'a> {
             renewed_at_ms: now,
             settings,
             parser: RowParser::new(format),
-            blacklist: settings.blacklisted(),
+            keyring,
+            blacklist,
             parsed: Vec::new(),
             pending: Vec::with_capacity(CHUNK_ROWS),
             first_local: None,
@@ -218,22 +227,24 @@ impl<'a> Importer<'a> {
                         self.report.rejected += 1;
                         self.report.note(row.line, why.to_string());
                     }
-                    Ok(canonical) if self.blacklist.contains(&canonical) => {
-                        self.report.rejected += 1;
-                        self.report
-                            .note(row.line, "the code is on the SKU's blacklist".into());
-                    }
-                    // The engine refuses to redeem a code from its `expires_at` on.
-                    Ok(_) if row.expires_at_ms.is_some_and(|at| at <= now) => {
-                        let at = row.expires_at_ms.unwrap_or_default();
-                        self.report.rejected += 1;
-                        self.report
-                            .note(row.line, format!("expired at {}", timestamp(at)));
-                    }
                     Ok(canonical) => {
+                        let digest = self.keyring.digest(&canonical);
+                        if self.blacklist.contains(&digest) {
+                            self.report.rejected += 1;
+                            self.report
+                                .note(row.line, "the code is on the SKU's blacklist".into());
+                            continue;
+                        }
+                        // The engine refuses to redeem a code from its `expires_at` on.
+                        if let Some(at) = row.expires_at_ms.filter(|at| *at <= now) {
+                            self.report.rejected += 1;
+                            self.report
+                                .note(row.line, format!("expired at {}", timestamp(at)));
+                            continue;
+                        }
                         self.pending.push(NewKey {
                             line: row.line,
-                            digest: digest(&canonical),
+                            digest,
                             code: canonical,
                             expires_at_ms: row.expires_at_ms.map(|ms| ms as i64),
                             max_issues: self.settings.max_issues as i64,
@@ -258,7 +269,13 @@ impl<'a> Importer<'a> {
         }
         let outcomes = self
             .ledger
-            .insert_keys(self.sku, self.batch_id, &self.upload_id, &self.pending)
+            .insert_keys(
+                self.sku,
+                self.batch_id,
+                &self.upload_id,
+                &self.pending,
+                self.keyring.as_ref(),
+            )
             .await?;
         for (key, outcome) in self.pending.iter().zip(outcomes) {
             match outcome {

@@ -10,19 +10,23 @@ pub mod drift;
 pub mod formats;
 pub mod import;
 pub mod reconcile;
+pub mod rekey;
 pub mod settings;
 pub mod warm;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use serde_json::{json, Value};
 
 use crate::clock::{self, SharedClock};
-use crate::code::{digest, Format};
-use crate::engine::keys::{index_shard, index_shards, orders_key, sku_keys, REGISTRY};
+use crate::code::Format;
+use crate::engine::keys::{
+    digest_shard, index_shard, index_shards, orders_key, sku_keys, REGISTRY,
+};
 use crate::engine::measured::measured;
 use crate::engine::{Reply, Script, ScriptEngine, SCRIPTS};
 use crate::error::{mask, timestamp, Error};
+use crate::secrets::Keyring;
 use crate::sku::{key_id, parse_key_id, Candidate, SkuConfig};
 
 /// A void or restore that changed a key.
@@ -201,6 +205,10 @@ pub struct Inventory {
     lost: Arc<tokio::sync::Notify>,
     /// Concurrent claims of one SKU, gathered into one script call.
     coalescer: Arc<coalesce::Coalescer>,
+    /// Seals codes before they reach the engine or the ledger, opens them to answer a
+    /// claim, keys the code digests. Shared by every clone, so a rotation
+    /// ([`Inventory::use_keyring`]) reaches them all.
+    keyring: Arc<RwLock<Arc<Keyring>>>,
 }
 
 impl Inventory {
@@ -217,7 +225,28 @@ impl Inventory {
             clock,
             lost: Arc::new(tokio::sync::Notify::new()),
             coalescer: Arc::default(),
+            // Fresh keys until the data dir's are installed: an inventory that outlives no
+            // process (tests) needs no more; the gateway and the commands install theirs.
+            keyring: Arc::new(RwLock::new(Arc::new(Keyring::generate()))),
         }
+    }
+
+    /// Seals and digests with `keyring` from now on, in every clone of this inventory.
+    pub fn use_keyring(&self, keyring: Arc<Keyring>) {
+        *self.keyring.write().unwrap_or_else(|e| e.into_inner()) = keyring;
+    }
+
+    /// The keyring in use.
+    pub fn keyring(&self) -> Arc<Keyring> {
+        self.keyring
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The keyed digest of a canonical code, as the SKU's index and the ledger hold it.
+    pub fn digest(&self, canonical: &str) -> String {
+        self.keyring().digest(canonical)
     }
 
     /// Resolves when a script found a SKU missing or loading since the last call.
@@ -280,7 +309,8 @@ impl Inventory {
 
     /// Points the global index at `sku` for these canonical codes.
     pub(crate) async fn index_codes(&self, sku: &str, codes: &[&str]) -> Result<(), Error> {
-        let digests: Vec<String> = codes.iter().map(|c| index_digest(c)).collect();
+        let keyring = self.keyring();
+        let digests: Vec<String> = codes.iter().map(|c| index_digest(&keyring, c)).collect();
         self.index(sku, &digests).await
     }
 
@@ -423,14 +453,38 @@ impl Inventory {
 
     /// Adds codes to a SKU's inventory (one script call: keep `codes` to a few hundred) and
     /// to the global index. Codes the SKU already has are reported, not added again.
+    ///
+    /// Ids are taken from the SKU's sequence first, since a sealed code is bound to its key
+    /// id: a code found to be a duplicate leaves its id unused.
     pub async fn add_codes(&self, sku: &str, codes: &[NewCode]) -> Result<Vec<Added>, Error> {
+        if codes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reply = self
+            .run(
+                &SCRIPTS.sku,
+                sku,
+                vec!["reserve".into(), codes.len().to_string()],
+            )
+            .await?;
+        let last = match (tag(&reply), reply.get(1).and_then(Reply::as_i64)) {
+            ("reserved", Some(last)) => last,
+            ("no_sku", _) => return Err(Error::NotFound(format!("SKU {sku}"))),
+            _ => return Err(unexpected("sku", &Reply::Array(reply))),
+        };
+        let first = last + 1 - codes.len() as i64;
+        let keyring = self.keyring();
         let mut args = Vec::with_capacity(1 + codes.len() * 4);
         args.push(self.now_ms().to_string());
-        for code in codes {
-            args.push(String::new());
-            args.push(digest(&code.canonical));
-            args.push(code.canonical.clone());
-            args.push(code.expires_at_ms.unwrap_or(0).to_string());
+        for (id, code) in (first..).zip(codes) {
+            let id = id.to_string();
+            let sealed = keyring.seal(sku, &id, &code.canonical);
+            args.extend([
+                id,
+                keyring.digest(&code.canonical),
+                sealed,
+                code.expires_at_ms.unwrap_or(0).to_string(),
+            ]);
         }
         let reply = self.run(&SCRIPTS.add, sku, args).await?;
         if tag(&reply) == "no_sku" {
@@ -450,7 +504,10 @@ impl Inventory {
                 new => Added::New(key_id(sku, new)),
             })
             .collect();
-        let folded: Vec<String> = codes.iter().map(|c| index_digest(&c.canonical)).collect();
+        let folded: Vec<String> = codes
+            .iter()
+            .map(|c| index_digest(&keyring, &c.canonical))
+            .collect();
         self.index(sku, &folded).await?;
         Ok(added)
     }
@@ -477,11 +534,31 @@ impl Inventory {
         Ok(())
     }
 
+    /// Removes global index entries `digests` while they still point at `sku` (a rekey
+    /// moving the index to keyed digests).
+    pub(crate) async fn unindex(&self, sku: &str, digests: &[String]) -> Result<(), Error> {
+        let mut shards: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for d in digests {
+            let args = shards
+                .entry(index_shard(d))
+                .or_insert_with(|| vec!["del".into()]);
+            args.push(d.clone());
+            args.push(sku.to_owned());
+        }
+        futures_util::future::try_join_all(
+            shards
+                .into_iter()
+                .map(|(shard, args)| self.eval(&SCRIPTS.index, vec![shard], args)),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Which SKU holds `raw` (as sent by a client), through the global index.
     /// `ERR_UNAVAILABLE` while the index shard is not known to be complete (the engine lost
     /// it and the gateway is rebuilding it): "no such code" would be a guess.
     pub async fn locate(&self, raw: &str) -> Result<Option<String>, Error> {
-        let digest = index_digest(raw);
+        let digest = index_digest(&self.keyring(), raw);
         let digest = digest.as_str();
         let reply = self
             .eval(
@@ -560,7 +637,7 @@ impl Inventory {
         };
         let exhausted =
             tag(&reply) == "sold_out" && reply.get(1).and_then(Reply::as_i64) == Some(0);
-        (order_result(sku, &req.order_id, &reply), exhausted)
+        (self.order_result(sku, &req.order_id, &reply), exhausted)
     }
 
     /// Claims for several orders of one SKU in one script call: each answer (and whether its
@@ -595,7 +672,7 @@ impl Inventory {
                 let one = one.as_array().unwrap_or_default();
                 let exhausted =
                     tag(one) == "sold_out" && one.get(1).and_then(Reply::as_i64) == Some(0);
-                (order_result(sku, &req.order_id, one), exhausted)
+                (self.order_result(sku, &req.order_id, one), exhausted)
             })
             .collect())
     }
@@ -604,21 +681,21 @@ impl Inventory {
     pub async fn confirm(&self, sku: &str, order_id: &str) -> Result<Order, Error> {
         let args = vec![order_id.to_owned(), self.now_ms().to_string()];
         let reply = self.run(&SCRIPTS.confirm, sku, args).await?;
-        order_result(sku, order_id, &reply)
+        self.order_result(sku, order_id, &reply)
     }
 
     /// Cancels a hold: its codes go back to inventory.
     pub async fn release(&self, sku: &str, order_id: &str) -> Result<Order, Error> {
         let args = vec![order_id.to_owned(), self.now_ms().to_string()];
         let reply = self.run(&SCRIPTS.release, sku, args).await?;
-        order_result(sku, order_id, &reply)
+        self.order_result(sku, order_id, &reply)
     }
 
     /// An order's current state.
     pub async fn order(&self, sku: &str, order_id: &str) -> Result<Order, Error> {
         let args = vec![order_id.to_owned(), self.now_ms().to_string()];
         let reply = self.run(&SCRIPTS.order, sku, args).await?;
-        let mut order = order_result(sku, order_id, &reply)?;
+        let mut order = self.order_result(sku, order_id, &reply)?;
         order.replayed = false;
         Ok(order)
     }
@@ -655,7 +732,8 @@ impl Inventory {
         args.push(redeemer.to_owned());
         args.push(self.now_ms().to_string());
         args.push(if paused.is_some() { "1" } else { "0" }.to_owned());
-        args.extend(candidates.iter().map(|c| digest(&c.canonical)));
+        let keyring = self.keyring();
+        args.extend(candidates.iter().map(|c| keyring.digest(&c.canonical)));
         let reply = self.run(&SCRIPTS.redeem, sku, args).await?;
         let field = |i: usize| reply.get(i).and_then(Reply::as_i64).unwrap_or(0) as u64;
         match tag(&reply) {
@@ -702,8 +780,8 @@ impl Inventory {
     /// which codes exist. The decoy SKU is chosen by the code's index shard, so on Redis
     /// Cluster these calls spread over slots like the index lookups do.
     pub async fn redeem_unknown(&self, raw: &str, redeemer: &str) -> Result<(), Error> {
-        let digest = index_digest(raw);
-        let decoy = format!(":unknown{}", digest.get(..1).unwrap_or("0"));
+        let digest = index_digest(&self.keyring(), raw);
+        let decoy = format!(":unknown{}", digest_shard(&digest));
         let args = vec![
             redeemer.to_owned(),
             self.now_ms().to_string(),
@@ -771,6 +849,28 @@ impl Inventory {
         self.key_change(&SCRIPTS.restore, key_id, reason).await
     }
 
+    /// Turns an order reply into an [`Order`] whose codes are opened, ready to answer: the
+    /// one place the engine's sealed codes are revealed. A code that does not open fails
+    /// the whole answer (nothing is handed out), counted and logged by its key id.
+    fn order_result(&self, sku: &str, order_id: &str, reply: &[Reply]) -> Result<Order, Error> {
+        let mut order = order_result(sku, order_id, reply)?;
+        if order.keys.iter().all(|k| k.code.is_none()) {
+            return Ok(order);
+        }
+        let keyring = self.keyring();
+        for key in &mut order.keys {
+            let Some(stored) = key.code.as_deref() else {
+                continue;
+            };
+            let local = parse_key_id(&key.key_id).map_or("", |(_, local)| local);
+            match keyring.open(sku, local, stored) {
+                Ok(code) => key.code = Some(code),
+                Err(e) => return Err(open_failed(&keyring, &key.key_id, &e)),
+            }
+        }
+        Ok(order)
+    }
+
     async fn key_change(
         &self,
         script: &'static Script,
@@ -806,17 +906,41 @@ impl Inventory {
 /// The global index's digest: of the code folded so that any SKU format's canonical form
 /// and any way a client may type it agree (upper case, no spaces or dashes, look-alikes
 /// O→0, I/L→1). Folding may merge distinct codes; the SKU's own index then decides.
-fn index_digest(code: &str) -> String {
-    let folded: String = code
-        .chars()
+fn index_digest(keyring: &Keyring, code: &str) -> String {
+    keyring.digest(&fold(code))
+}
+
+/// A code folded for the global index (see [`index_digest`]).
+fn fold(code: &str) -> String {
+    code.chars()
         .filter(|c| !c.is_whitespace() && *c != '-')
         .map(|c| match c.to_ascii_uppercase() {
             'O' => '0',
             'I' | 'L' => '1',
             other => other,
         })
-        .collect();
-    digest(&folded)
+        .collect()
+}
+
+/// Counts and logs a stored code that did not open, and gives the answer for it: an
+/// internal error, never the text that did not open. Names the key and the data key, never
+/// the code.
+pub fn open_failed(keyring: &Keyring, key_id: &str, e: &crate::secrets::OpenError) -> Error {
+    // A label only for the keyring's own ids: a tampered text could name any id at all.
+    let data_key = if keyring.data_ids().contains(&e.key_id()) {
+        e.key_id()
+    } else {
+        "unknown"
+    };
+    crate::metrics::decrypt_failure(data_key);
+    tracing::error!(
+        key_id,
+        data_key = e.key_id(),
+        "a stored code {e}; it is not handed out"
+    );
+    Error::Internal(format!(
+        "the stored code of key {key_id} {e}; it was not handed out"
+    ))
 }
 
 /// Validates and canonicalises a code under a SKU's format.

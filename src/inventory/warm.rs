@@ -249,14 +249,38 @@ impl Inventory {
     /// Loads ledger keys into the engine (one script call; keep to a few hundred keys) and
     /// the global index. Returns how many were new to the engine.
     /// `gen`: the SKU generation a rebuild loads (`""`: any).
+    ///
+    /// The engine gets every code sealed and every digest keyed, also from a ledger not yet
+    /// migrated ([`super::rekey`]). The global index needs each code's folded digest, so
+    /// codes are opened here; one that does not open is loaded as stored (a claim of it fails
+    /// and is reported, see [`super::open_failed`]) but not indexed.
     pub async fn warm_keys(&self, sku: &str, keys: &[KeyRecord], gen: &str) -> Result<u64, Error> {
+        let keyring = self.keyring();
         let mut args = Vec::with_capacity(1 + keys.len() * 12);
+        let mut plain = Vec::with_capacity(keys.len());
         args.push(gen.to_owned());
         for k in keys {
+            let local = k.local_id.to_string();
+            let (code, sealed) = if crate::secrets::is_sealed(&k.code) {
+                match keyring.open(sku, &local, &k.code) {
+                    Ok(code) => (Some(code), k.code.clone()),
+                    Err(e) => {
+                        super::open_failed(&keyring, &k.key_id, &e);
+                        (None, k.code.clone())
+                    }
+                }
+            } else {
+                (Some(k.code.clone()), keyring.seal(sku, &local, &k.code))
+            };
+            let digest = match &code {
+                Some(code) if !keyring.is_current_digest(&k.digest) => keyring.digest(code),
+                _ => k.digest.clone(),
+            };
+            plain.extend(code);
             args.extend([
-                k.local_id.to_string(),
-                k.digest.clone(),
-                k.code.clone(),
+                local,
+                digest,
+                sealed,
                 k.expires_at_ms.unwrap_or(0).to_string(),
                 k.max_issues.to_string(),
                 k.max_uses.to_string(),
@@ -281,7 +305,7 @@ impl Inventory {
             .iter()
             .filter(|r| r.as_str().is_some_and(|s| !s.starts_with('=')))
             .count() as u64;
-        let codes: Vec<&str> = keys.iter().map(|k| k.code.as_str()).collect();
+        let codes: Vec<&str> = plain.iter().map(String::as_str).collect();
         self.index_codes(sku, &codes).await?;
         Ok(loaded)
     }

@@ -119,12 +119,16 @@ pub trait Ledger: Send + Sync + 'static {
     /// Keep chunks to about ten thousand rows: larger ones are split into several statements
     /// but still one transaction, which holds the SKU's counter lock (and on SQLite the
     /// database's write lock) longer.
+    ///
+    /// Each row's code is stored as `seal` turns it, once its local id is known: the
+    /// keyring binds a sealed code to its key id ([`crate::secrets`]).
     async fn insert_keys(
         &self,
         sku: &str,
         batch_id: &str,
         upload_id: &str,
         rows: &[NewKey],
+        seal: &dyn Seal,
     ) -> Result<Vec<InsertOutcome>, LedgerError>;
 
     /// Ends upload `upload_id`: records its counts and leaves the batch pending, or activates
@@ -176,6 +180,24 @@ pub trait Ledger: Send + Sync + 'static {
         after_local_id: i64,
         limit: u32,
     ) -> Result<Vec<KeyRecord>, LedgerError>;
+
+    /// Up to `limit` keys of the SKU in any batch state with a local id above
+    /// `after_local_id`, by local id, as stored: what a rekey pass reads.
+    async fn stored_codes_after(
+        &self,
+        sku: &str,
+        after_local_id: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredCode>, LedgerError>;
+
+    /// Replaces the stored code and digest of keys of `sku`, in one transaction, each only
+    /// while the key still stores the code it was read with (else another pass recoded it
+    /// first). Returns how many changed.
+    async fn recode_keys(&self, sku: &str, recodes: &[Recode]) -> Result<u64, LedgerError>;
+
+    /// Whether some key, of any SKU, stores its code in clear (a ledger from before codes
+    /// were sealed, not yet migrated).
+    async fn has_unsealed_codes(&self) -> Result<bool, LedgerError>;
 
     /// Applies engine events idempotently, in one transaction and in the order given (pass
     /// them in stream order). An event whose `event_id` is already recorded changes nothing;
@@ -356,14 +378,26 @@ pub struct BatchCounts {
     pub duplicate: u64,
 }
 
+/// Turns a code into the text the ledger stores for key `local_id` of `sku`: the keyring
+/// seals it ([`crate::secrets::Keyring`]).
+pub trait Seal: Send + Sync {
+    fn seal(&self, sku: &str, local_id: i64, code: &str) -> String;
+}
+
+impl Seal for crate::secrets::Keyring {
+    fn seal(&self, sku: &str, local_id: i64, code: &str) -> String {
+        crate::secrets::Keyring::seal(self, sku, &local_id.to_string(), code)
+    }
+}
+
 /// A validated code to import.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewKey {
     /// Line of the import file it came from (for reports; not stored).
     pub line: u64,
-    /// Hex SHA-256 of the canonical code ([`crate::code::digest`]).
+    /// Keyed digest of the canonical code ([`crate::secrets::Keyring::digest`]).
     pub digest: String,
-    /// The canonical code.
+    /// The canonical code, sealed by [`Ledger::insert_keys`] before it is stored.
     pub code: String,
     /// After this instant (ms since the epoch) it can no longer be redeemed.
     pub expires_at_ms: Option<i64>,
@@ -371,6 +405,43 @@ pub struct NewKey {
     pub max_uses: i64,
     /// The SKU's format version it was validated under.
     pub format_version: i64,
+}
+
+/// A key's code and digest as stored ([`Ledger::stored_codes_after`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredCode {
+    pub local_id: i64,
+    pub digest: String,
+    /// Sealed, or in clear in a ledger not yet migrated: a secret either way.
+    pub code: String,
+}
+
+impl std::fmt::Debug for StoredCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredCode")
+            .field("local_id", &self.local_id)
+            .field("digest", &self.digest)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A key's code sealed anew and its digest keyed anew ([`Ledger::recode_keys`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Recode {
+    pub local_id: i64,
+    /// The stored code it was read with: the update applies only while it is still there.
+    pub old_code: String,
+    pub code: String,
+    pub digest: String,
+}
+
+impl std::fmt::Debug for Recode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recode")
+            .field("local_id", &self.local_id)
+            .field("digest", &self.digest)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What inserting one row did.
@@ -390,8 +461,11 @@ pub struct KeyRecord {
     pub key_id: String,
     pub sku: String,
     pub local_id: i64,
+    /// Keyed digest of the canonical code ([`crate::secrets::Keyring::digest`]); the
+    /// unkeyed hex SHA-256 of [`crate::code::digest`] in a ledger not yet migrated.
     pub digest: String,
-    /// The canonical code: a secret. Never log it.
+    /// The code as stored: sealed ([`crate::secrets`]), or the plain canonical code in a
+    /// ledger not yet migrated. A secret either way: never log it.
     pub code: String,
     pub batch_id: String,
     pub format_version: i64,

@@ -88,18 +88,18 @@ impl Bulk for Postgres {
         sku: &str,
         batch_id: &str,
         updated_at_ms: i64,
-        rows: &[(i64, &NewKey)],
+        rows: &[(i64, &NewKey, String)],
     ) -> Result<(), LedgerError> {
         if rows.is_empty() {
             return Ok(());
         }
         let mut data = Vec::with_capacity(rows.len() * 192);
-        for (local_id, row) in rows {
+        for (local_id, row, sealed) in rows {
             let state = key_state(false, 0, 0, 0, row.max_issues, row.max_uses);
             copy_text(&mut data, sku);
             copy_value(&mut data, local_id);
             copy_text(&mut data, &row.digest);
-            copy_text(&mut data, &row.code);
+            copy_text(&mut data, sealed);
             copy_text(&mut data, batch_id);
             copy_value(&mut data, row.format_version);
             match row.expires_at_ms {

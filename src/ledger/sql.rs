@@ -44,8 +44,8 @@ use super::replay::{self, NewEvent};
 use super::rules::{KeyState, KeyStatus};
 use super::{
     BatchCounts, BatchRecord, BatchStart, EventRecord, InsertOutcome, KeyRecord, Ledger,
-    LedgerError, LedgerEvent, NewKey, NewPause, PauseEventRecord, PauseRecord, SkuRecord,
-    StateCounts, UPLOAD_LEASE_MS,
+    LedgerError, LedgerEvent, NewKey, NewPause, PauseEventRecord, PauseRecord, Recode, Seal,
+    SkuRecord, StateCounts, StoredCode, UPLOAD_LEASE_MS,
 };
 use crate::sku::{key_id, parse_key_id};
 
@@ -132,7 +132,7 @@ pub(crate) trait Bulk: Database {
         sku: &str,
         batch_id: &str,
         updated_at_ms: i64,
-        rows: &[(i64, &NewKey)],
+        rows: &[(i64, &NewKey, String)],
     ) -> Result<(), LedgerError>;
 }
 
@@ -563,6 +563,7 @@ where
         batch_id: &str,
         upload_id: &str,
         rows: &[NewKey],
+        seal: &dyn Seal,
     ) -> Result<Vec<InsertOutcome>, LedgerError> {
         if let Some(bad) = rows.iter().find(|r| r.max_issues < 1 || r.max_uses < 1) {
             return Err(LedgerError::Corrupt(format!(
@@ -597,7 +598,7 @@ where
                 .collect();
 
         let mut outcomes = Vec::with_capacity(rows.len());
-        let mut fresh: Vec<(i64, &NewKey)> = Vec::with_capacity(rows.len());
+        let mut fresh: Vec<(i64, &NewKey, String)> = Vec::with_capacity(rows.len());
         // Earlier rows of this chunk, which the ledger does not have yet.
         let mut earlier: HashMap<&str, i64> = HashMap::with_capacity(rows.len());
         let mut next_id = first_id;
@@ -614,7 +615,7 @@ where
                 continue;
             }
             earlier.insert(&row.digest, next_id);
-            fresh.push((next_id, row));
+            fresh.push((next_id, row, seal.seal(sku, next_id, &row.code)));
             outcomes.push(InsertOutcome::Inserted {
                 key_id: key_id(sku, &next_id.to_string()),
                 local_id: next_id,
@@ -792,6 +793,63 @@ where
             .fetch_all(&self.read)
             .await?;
         rows.iter().map(Self::key_from_row).collect()
+    }
+
+    async fn stored_codes_after(
+        &self,
+        sku: &str,
+        after_local_id: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredCode>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT local_id, digest, code FROM keys WHERE sku = $1 AND local_id > $2 \
+             ORDER BY local_id LIMIT $3",
+        )
+        .bind(sku)
+        .bind(after_local_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(StoredCode {
+                    local_id: row.try_get(0)?,
+                    digest: row.try_get(1)?,
+                    code: row.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn recode_keys(&self, sku: &str, recodes: &[Recode]) -> Result<u64, LedgerError> {
+        if recodes.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.begin_write().await?;
+        let mut changed = 0;
+        for r in recodes {
+            let updated = sqlx::query(
+                "UPDATE keys SET code = $3, digest = $4 \
+                 WHERE sku = $1 AND local_id = $2 AND code = $5 RETURNING local_id",
+            )
+            .bind(sku)
+            .bind(r.local_id)
+            .bind(r.code.as_str())
+            .bind(r.digest.as_str())
+            .bind(r.old_code.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            changed += u64::from(updated.is_some());
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    async fn has_unsealed_codes(&self) -> Result<bool, LedgerError> {
+        let row = sqlx::query("SELECT local_id FROM keys WHERE code NOT LIKE 'e1.%' LIMIT 1")
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(row.is_some())
     }
 
     async fn apply_events(&self, events: &[LedgerEvent]) -> Result<u64, LedgerError> {

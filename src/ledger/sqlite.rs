@@ -138,7 +138,7 @@ impl Bulk for Sqlite {
         sku: &str,
         batch_id: &str,
         updated_at_ms: i64,
-        rows: &[(i64, &NewKey)],
+        rows: &[(i64, &NewKey, String)],
     ) -> Result<(), LedgerError> {
         let p = dialect.placeholders;
         for chunk in rows.chunks(dialect.rows_per_statement(11, 0)) {
@@ -148,13 +148,13 @@ impl Bulk for Sqlite {
                 tuples(p, chunk.len(), 11, 1)
             );
             let mut query = sqlx::query(&sql).persistent(false);
-            for (local_id, row) in chunk {
+            for (local_id, row, sealed) in chunk {
                 let state = key_state(false, 0, 0, 0, row.max_issues, row.max_uses);
                 query = query
                     .bind(sku)
                     .bind(*local_id)
                     .bind(row.digest.as_str())
-                    .bind(row.code.as_str())
+                    .bind(sealed.as_str())
                     .bind(batch_id)
                     .bind(row.format_version)
                     .bind(row.expires_at_ms)

@@ -1,0 +1,218 @@
+//! `kamigate rekey`: every stored code sealed under the current data key, and a ledger from
+//! before codes were sealed migrated, in place, while the gateway serves.
+//!
+//! A pass pages through each SKU's keys in the ledger (every batch state) and, for a chunk
+//! of keys stored under an older data key or in clear, writes the new form into the engine
+//! first (`lua/recode.lua`, keys the engine lacks are skipped), then into the ledger, each
+//! key only while it still stores what the pass read. Engine first: a pass cut short after
+//! the engine and before the ledger leaves the ledger's key to the next pass, which writes
+//! both again; the other way round, the engine would keep the old form for good. Every
+//! sealed form of a key opens to the same code, so claims go on throughout, and a pass can
+//! be interrupted and run again at any point.
+//!
+//! Digests: a plaintext ledger's unkeyed digests are keyed by the same pass (and the global
+//! index moved over, its unkeyed entries removed). Digests under another index key are
+//! redone only with `index` (`rekey --index`): until then, codes whose digests are under the
+//! old index key are not found by redemptions, so the index key is not rotated lightly.
+
+use crate::error::Error;
+use crate::ledger::{Ledger, Recode};
+use crate::secrets::{self, Keyring};
+use crate::sku::key_id;
+
+use super::{fold, open_failed, Inventory};
+
+/// Keys read from the ledger per step; the engine and ledger writes of a step cover those of
+/// them that need work.
+const PAGE: u32 = 500;
+
+/// What a pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RekeyReport {
+    pub skus: u64,
+    /// Keys examined.
+    pub keys: u64,
+    /// Keys sealed anew under the current data key (from an older key or from clear).
+    pub resealed: u64,
+    /// Of those, keys that were stored in clear (a ledger from before sealing).
+    pub migrated: u64,
+    /// Keys whose digest was keyed anew.
+    pub reindexed: u64,
+    /// Keys whose digest is under another index key and were left so (no `index`).
+    pub stale_digests: u64,
+    /// Keys whose stored code did not open (counted, logged by key id, left as they are).
+    pub failed: u64,
+}
+
+/// Rekeys `sku`, or every SKU of the ledger. With `index`, digests under another index key
+/// are keyed anew too (a re-index).
+pub async fn rekey(
+    ledger: &dyn Ledger,
+    inventory: &Inventory,
+    sku: Option<&str>,
+    index: bool,
+) -> Result<RekeyReport, Error> {
+    let skus = match sku {
+        Some(sku) => vec![sku.to_owned()],
+        None => ledger.list_skus().await?,
+    };
+    let mut report = RekeyReport::default();
+    for sku in &skus {
+        rekey_sku(ledger, inventory, sku, index, &mut report).await?;
+        report.skus += 1;
+    }
+    Ok(report)
+}
+
+/// Whether `keyring` opens the ledger's codes: the first sealed key of each SKU is opened.
+/// `Some((key id, why))` for the first that does not (a wrong or missing key file, say), so
+/// a gateway refuses to start instead of answering claims it cannot open.
+pub async fn check_keys(
+    ledger: &dyn Ledger,
+    keyring: &Keyring,
+) -> Result<Option<(String, secrets::OpenError)>, crate::ledger::LedgerError> {
+    for sku in ledger.list_skus().await? {
+        let first = ledger.stored_codes_after(&sku, 0, 1).await?;
+        let Some(row) = first.first() else { continue };
+        if !secrets::is_sealed(&row.code) {
+            continue;
+        }
+        let local = row.local_id.to_string();
+        if let Err(e) = keyring.open(&sku, &local, &row.code) {
+            return Ok(Some((key_id(&sku, &local), e)));
+        }
+    }
+    Ok(None)
+}
+
+/// One key's new form, with what the global index needs.
+struct Change {
+    recode: Recode,
+    old_digest: String,
+    /// The code in clear, for the global index's folded digest (only when the digest moves).
+    plain: Option<String>,
+    /// The unkeyed folded digest the global index has for a key stored in clear.
+    old_folded: Option<String>,
+}
+
+async fn rekey_sku(
+    ledger: &dyn Ledger,
+    inventory: &Inventory,
+    sku: &str,
+    index: bool,
+    report: &mut RekeyReport,
+) -> Result<(), Error> {
+    // The keyring of the whole pass: a rotation meanwhile is picked up by the next pass.
+    let keyring = inventory.keyring();
+    let mut after = 0;
+    loop {
+        let page = ledger.stored_codes_after(sku, after, PAGE).await?;
+        let Some(last) = page.last() else {
+            return Ok(());
+        };
+        after = last.local_id;
+        report.keys += page.len() as u64;
+        let mut changes = Vec::new();
+        for row in page {
+            if let Some(change) = plan(&keyring, sku, row, index, report) {
+                changes.push(change);
+            }
+        }
+        apply(ledger, inventory, sku, &changes).await?;
+    }
+}
+
+/// What to write for one key, or `None` when it is current (or cannot be opened).
+fn plan(
+    keyring: &Keyring,
+    sku: &str,
+    row: crate::ledger::StoredCode,
+    index: bool,
+    report: &mut RekeyReport,
+) -> Option<Change> {
+    let sealed = secrets::is_sealed(&row.code);
+    let reseal = !keyring.is_current(&row.code);
+    let legacy_digest = !row.digest.contains('.');
+    let redigest = legacy_digest || (index && !keyring.is_current_digest(&row.digest));
+    if !legacy_digest && !keyring.is_current_digest(&row.digest) && !index {
+        report.stale_digests += 1;
+    }
+    if !reseal && !redigest {
+        return None;
+    }
+    let local = row.local_id.to_string();
+    let plain = if sealed {
+        match keyring.open(sku, &local, &row.code) {
+            Ok(plain) => plain,
+            Err(e) => {
+                open_failed(keyring, &key_id(sku, &local), &e);
+                report.failed += 1;
+                return None;
+            }
+        }
+    } else {
+        row.code.clone()
+    };
+    let code = if reseal {
+        report.resealed += 1;
+        if !sealed {
+            report.migrated += 1;
+        }
+        keyring.seal(sku, &local, &plain)
+    } else {
+        row.code.clone()
+    };
+    let digest = if redigest {
+        report.reindexed += 1;
+        keyring.digest(&plain)
+    } else {
+        row.digest.clone()
+    };
+    Some(Change {
+        old_folded: legacy_digest.then(|| crate::code::digest(&fold(&plain))),
+        plain: redigest.then_some(plain),
+        old_digest: row.digest,
+        recode: Recode {
+            local_id: row.local_id,
+            old_code: row.code,
+            code,
+            digest,
+        },
+    })
+}
+
+/// Writes a chunk of changes: engine, global index, ledger, then the global index's old
+/// entries.
+async fn apply(
+    ledger: &dyn Ledger,
+    inventory: &Inventory,
+    sku: &str,
+    changes: &[Change],
+) -> Result<(), Error> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let mut args = Vec::with_capacity(changes.len() * 4);
+    for c in changes {
+        args.extend([
+            c.recode.local_id.to_string(),
+            c.old_digest.clone(),
+            c.recode.digest.clone(),
+            c.recode.code.clone(),
+        ]);
+    }
+    // A SKU the engine lacks ({'no_sku'}) is warmed from the ledger later, recoded by then.
+    inventory
+        .run_sku(&crate::engine::SCRIPTS.recode, sku, args)
+        .await?;
+    let moved: Vec<&str> = changes.iter().filter_map(|c| c.plain.as_deref()).collect();
+    inventory.index_codes(sku, &moved).await?;
+    let recodes: Vec<Recode> = changes.iter().map(|c| c.recode.clone()).collect();
+    ledger.recode_keys(sku, &recodes).await?;
+    let old: Vec<String> = changes
+        .iter()
+        .filter_map(|c| c.old_folded.clone())
+        .collect();
+    inventory.unindex(sku, &old).await?;
+    Ok(())
+}

@@ -1,0 +1,344 @@
+//! Codes at rest: after codes are imported, claimed and redeemed, not one of them appears in
+//! the raw bytes of the SQLite ledger, a `pg_dump` of the PostgreSQL ledger, or Redis's RDB
+//! and AOF files, in any case or grouping; and a stored code tampered with or moved onto
+//! another key is refused, counted and logged by key id, and never handed out.
+
+#[path = "support/postgres.rs"]
+mod pg_support;
+mod support;
+
+use std::path::Path;
+use std::sync::LazyLock;
+
+use kamigate::engine::keys::sku_keys;
+use kamigate::engine::Script;
+use kamigate::secrets::keyfile::KEY_FILE;
+use pg_support::TestDatabase;
+use reqwest::StatusCode;
+use serde_json::json;
+use support::gateway::{config, metric, TestGateway};
+use support::redis_server::RedisServer;
+
+/// Codes as a supplier would send them: digits only (the easiest to guess), grouped, mixed
+/// case.
+fn supplier_codes() -> Vec<String> {
+    let mut codes = Vec::new();
+    for i in 0..12u64 {
+        codes.push(format!("{:012}", 480_193_275_001 + i * 7_919));
+    }
+    for i in 0..12u64 {
+        let n = 0x5a3c_91e7_b2d4_u64.wrapping_mul(i + 3);
+        codes.push(format!("QZ{:014X}", n & 0x00ff_ffff_ffff_ffff));
+    }
+    codes
+}
+
+/// Every spelling of `code` a dump could give it away in: as is, lower case, grouped by four
+/// with dashes or spaces, and ungrouped.
+fn spellings(code: &str) -> Vec<String> {
+    let plain: String = code.chars().filter(|c| *c != '-' && *c != ' ').collect();
+    let grouped = |sep: &str| {
+        plain
+            .as_bytes()
+            .chunks(4)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect::<Vec<_>>()
+            .join(sep)
+    };
+    let mut out = vec![code.to_owned(), plain.clone(), grouped("-"), grouped(" ")];
+    let lower: Vec<String> = out.iter().map(|s| s.to_lowercase()).collect();
+    out.extend(lower);
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Fails naming the spelling and where it was found (the codes are test data).
+fn assert_absent(what: &str, bytes: &[u8], codes: &[String]) {
+    assert!(!bytes.is_empty(), "{what} is empty: nothing was checked");
+    for code in codes {
+        for s in spellings(code) {
+            let found = bytes.windows(s.len()).any(|w| w == s.as_bytes());
+            assert!(!found, "{what} holds code {s:?} in clear");
+        }
+    }
+}
+
+/// Every file under `dir`, read whole.
+fn files_under(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("readable dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                out.push((path.display().to_string(), bytes));
+            }
+        }
+    }
+    out
+}
+
+/// Imports the codes, claims twelve (one held), redeems six: every kind of row a ledger and
+/// an engine hold. Checks each answer reveals the imported code.
+async fn sell(gate: &TestGateway, sku: &str, codes: &[String]) {
+    let (status, body) = gate.put_sku(sku, json!({})).await;
+    assert!(status.is_success(), "{body}");
+    // Imported in the grouped, lower-case spelling a supplier file may have.
+    let file: Vec<String> = codes.iter().map(|c| spellings(c)[0].clone()).collect();
+    let (status, report) = gate.import(sku, file.join("\n")).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["accepted"], codes.len(), "{report}");
+    let mut sold = Vec::new();
+    for i in 0..12 {
+        let (status, body) = gate
+            .claim(sku, json!({"order_id": format!("o-{i}"), "quantity": 1}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let code = body["keys"][0]["code"]
+            .as_str()
+            .expect("revealed")
+            .to_owned();
+        assert!(codes.contains(&code), "a claim revealed an imported code");
+        sold.push(code);
+    }
+    let (status, body) = gate
+        .claim(
+            sku,
+            json!({"order_id": "held", "quantity": 1, "hold_ms": 600_000}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for code in sold.iter().take(6) {
+        // No SKU: found through the global index, by its keyed digest.
+        let (status, body) = gate.redeem(json!({"code": code, "redeemer": "u-1"})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    // The ledger has every change once the writer caught up.
+    let path = format!("/v1/skus/{sku}");
+    support::eventually::eventually(
+        std::time::Duration::from_secs(10),
+        "the ledger to have the redemptions",
+        || gate.merchant_get(&path),
+        |(_, body)| body["ledger"]["redeemed"] == 6 && body["in_flight"] == 0,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_code_is_in_the_sqlite_ledger_in_clear() {
+    let codes = supplier_codes();
+    let gate = TestGateway::embedded().await;
+    sell(&gate, "gift", &codes).await;
+    let dir = gate.data.as_ref().expect("own data dir").path().to_owned();
+    let data = gate.data;
+    gate.gateway.stop().await;
+    let files = files_under(&dir);
+    assert!(
+        files.iter().any(|(p, _)| p.ends_with(KEY_FILE)),
+        "a key file was generated"
+    );
+    let ledger: Vec<u8> = files
+        .iter()
+        .filter(|(p, _)| p.contains("sqlite"))
+        .flat_map(|(_, b)| b.clone())
+        .collect();
+    assert_absent("the SQLite ledger files", &ledger, &codes);
+    for (path, bytes) in &files {
+        assert_absent(path, bytes, &codes);
+    }
+    drop(data);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_code_is_in_redis_files_or_a_postgres_dump_in_clear() {
+    let codes = supplier_codes();
+    let redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await;
+    let db = TestDatabase::create().await;
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    cfg.database_url = db.as_ref().map(|d| d.url().to_owned());
+    let gate = TestGateway::start(cfg).await;
+    sell(&gate, "gift", &codes).await;
+    gate.stop().await;
+
+    // An RDB snapshot next to the AOF, then every file of the server's directory.
+    redis.cmd(&["SAVE"]).await.expect("SAVE answered");
+    let files = files_under(redis.dir());
+    assert!(
+        files.iter().any(|(p, _)| p.ends_with(".rdb")),
+        "an RDB file was written"
+    );
+    assert!(
+        files.iter().any(|(p, _)| p.contains(".aof")),
+        "an AOF was written"
+    );
+    for (path, bytes) in &files {
+        if !path.ends_with(".log") {
+            assert_absent(path, bytes, &codes);
+        }
+    }
+
+    if let Some(db) = &db {
+        let dump = std::process::Command::new("pg_dump")
+            .arg("--data-only")
+            .arg(db.url())
+            .output()
+            .expect("pg_dump runs");
+        assert!(
+            dump.status.success(),
+            "pg_dump: {}",
+            String::from_utf8_lossy(&dump.stderr)
+        );
+        let text = String::from_utf8_lossy(&dump.stdout);
+        assert!(
+            text.contains("COPY public.keys"),
+            "the dump has the keys table"
+        );
+        assert_absent("pg_dump of the ledger", &dump.stdout, &codes);
+    }
+}
+
+/// Tampering: `edit` changes the engine's stored codes of SKU `gift`; the claim that would
+/// hand one of them out is refused, counted and logged, and reveals nothing.
+async fn tampered_claim_is_refused(gate: &TestGateway, edit: impl AsyncFnOnce(&TestGateway)) {
+    let (status, body) = gate.put_sku("gift", json!({})).await;
+    assert!(status.is_success(), "{body}");
+    let (status, report) = gate.import("gift", "AAAA11112222\nBBBB33334444\n").await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    edit(gate).await;
+    let (status, body) = gate
+        .claim("gift", json!({"order_id": "o-1", "quantity": 1}))
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(body["error"]["code"], "ERR_INTERNAL", "{body}");
+    let text = body.to_string();
+    assert!(!text.contains("AAAA") && !text.contains("BBBB"), "{text}");
+    let metrics = gate.metrics().await;
+    let failures = metric(
+        &metrics,
+        "kamigate_decrypt_failures_total",
+        &["data_key=\"d1\""],
+    );
+    assert!(failures.unwrap_or(0.0) >= 1.0, "counted: {failures:?}");
+}
+
+/// Probes run on the gateway's own engine (either kind), with the prelude's `K` names.
+static READ: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "probe_read_codes",
+        "return redis.call('HMGET', K.codes, '1', '2')",
+    )
+});
+static WRITE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "probe_write_codes",
+        "return redis.call('HSET', K.codes, '1', ARGV[1], '2', ARGV[2])",
+    )
+});
+
+/// The engine's sealed codes of keys 1 and 2 of `gift`.
+async fn codes_of(gate: &TestGateway) -> (String, String) {
+    let reply = gate
+        .inventory()
+        .engine()
+        .eval(&READ, sku_keys("gift"), vec![])
+        .await
+        .expect("engine answers");
+    let items = reply.as_array().expect("an array");
+    let text = |i: usize| items[i].as_str().expect("stored").to_owned();
+    (text(0), text(1))
+}
+
+async fn write_codes(gate: &TestGateway, one: &str, two: &str) {
+    gate.inventory()
+        .engine()
+        .eval(&WRITE, sku_keys("gift"), vec![one.into(), two.into()])
+        .await
+        .expect("engine answers");
+}
+
+/// Swaps the two keys' sealed codes: each is a valid ciphertext, for the other key.
+async fn swap(gate: &TestGateway) {
+    let (one, two) = codes_of(gate).await;
+    assert!(one.starts_with("e1.d1.") && two.starts_with("e1.d1."));
+    write_codes(gate, &two, &one).await;
+}
+
+/// Flips one bit in each key's sealed code.
+async fn flip(gate: &TestGateway) {
+    let (one, two) = codes_of(gate).await;
+    let flipped = |s: &str| {
+        let mut b = s.as_bytes().to_vec();
+        let i = b.len() - 5;
+        b[i] = if b[i] == b'A' { b'B' } else { b'A' };
+        String::from_utf8(b).expect("ascii")
+    };
+    write_codes(gate, &flipped(&one), &flipped(&two)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_code_moved_to_another_key_is_never_handed_out() {
+    let gate = TestGateway::embedded().await;
+    tampered_claim_is_refused(&gate, async |g: &TestGateway| swap(g).await).await;
+    gate.stop().await;
+    let redis = RedisServer::start().await;
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    let gate = TestGateway::start(cfg).await;
+    tampered_claim_is_refused(&gate, async |g: &TestGateway| swap(g).await).await;
+    gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flipped_bit_is_detected_and_never_handed_out() {
+    let gate = TestGateway::embedded().await;
+    tampered_claim_is_refused(&gate, async |g: &TestGateway| flip(g).await).await;
+    gate.stop().await;
+    let redis = RedisServer::start().await;
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    let gate = TestGateway::start(cfg).await;
+    tampered_claim_is_refused(&gate, async |g: &TestGateway| flip(g).await).await;
+    gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_key_at_start_is_an_error_naming_the_key() {
+    let codes = supplier_codes();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cfg = config();
+    cfg.data_dir = dir.path().to_owned();
+    let gate = TestGateway::start(cfg.clone()).await;
+    sell(&gate, "gift", &codes[..14]).await;
+    gate.stop().await;
+
+    // Another key file: the ledger's codes do not open under its d1.
+    let path = dir.path().join(KEY_FILE);
+    std::fs::write(&path, kamigate::secrets::keyfile::generate_text()).expect("written");
+    let err = kamigate::gateway::Gateway::start(cfg.clone())
+        .await
+        .err()
+        .expect("refused");
+    let message = err.to_string();
+    assert!(message.contains("d1"), "{message}");
+    assert!(message.contains("gift.1"), "{message}");
+
+    // A keyring without the ledger's key id at all.
+    let hex = "ab".repeat(32);
+    cfg.data_key = Some(kamigate::secrets::keyfile::KeyText(format!(
+        "index i1 {hex}; data d9 {hex}"
+    )));
+    let err = kamigate::gateway::Gateway::start(cfg)
+        .await
+        .err()
+        .expect("refused");
+    let message = err.to_string();
+    assert!(
+        message.contains("d1") && message.contains("d9"),
+        "{message}"
+    );
+    assert!(!message.contains(&hex), "{message}");
+}
