@@ -11,17 +11,20 @@ use tokio::io::AsyncReadExt;
 
 use crate::clock;
 use crate::config::Config;
+use crate::datadir;
 use crate::engine::EngineKind;
 use crate::error::Error;
 use crate::gateway::{open_engine, open_keys, KeysError};
 use crate::inventory::formats::UploadFormat;
 use crate::inventory::import::{Begun, ImportReport, Importer};
 use crate::inventory::reconcile::{self, SkuReconcile};
+use crate::inventory::rekey::{self, RekeyReport};
 use crate::inventory::warm::{restore_sku, warm_sku, WarmReport};
 use crate::inventory::Inventory;
 use crate::ledger::writer::{EventWriter, WriterOptions};
 use crate::ledger::{self, Ledger, PauseEventRecord};
 use crate::pause::{self, Action, Pause, PauseOrder, ResumeOrder};
+use crate::secrets::keyfile::{self, KEY_FILE, KEY_VAR};
 use crate::sku::{check_id, check_sku, SkuConfig, MAX_ID_LEN};
 
 /// Bytes read from the file per step.
@@ -53,7 +56,7 @@ pub enum CommandError {
 async fn open(config: &Config) -> Result<(Arc<dyn Ledger>, Inventory), CommandError> {
     let ledger = ledger::open(config.database_url.as_deref(), &config.data_dir).await?;
     let inventory = Inventory::new(open_engine(config).await?);
-    open_keys(config, ledger.as_ref(), &inventory).await?;
+    open_keys(config, ledger.as_ref(), &inventory, true).await?;
     Ok((ledger, inventory))
 }
 
@@ -214,6 +217,68 @@ pub async fn reconcile(
         })
         .await?,
     )
+}
+
+/// What `kamigate rekey` did, and under which keys.
+#[derive(Debug, Clone)]
+pub struct Rekeyed {
+    pub data_key: String,
+    pub index_key: String,
+    pub report: RekeyReport,
+}
+
+/// `kamigate rekey [--sku S] [--index] [--new-key ID]`: seals every stored code still under
+/// an older data key (or in clear, from before codes were sealed) under the current one; with
+/// `--index`, keys digests anew under the current index key. `--new-key` first adds a fresh
+/// data key to the data dir's key file as the sealing one.
+///
+/// With the embedded engine a running gateway owns the engine: the command refuses while one
+/// holds the data dir (`POST /v1/rekey` rekeys there) and otherwise rekeys the ledger, which
+/// the next start loads.
+pub async fn rekey(
+    config: &Config,
+    sku: Option<&str>,
+    index: bool,
+    new_key: Option<&str>,
+) -> Result<Rekeyed, CommandError> {
+    if let Some(sku) = sku {
+        check_sku(sku)?;
+    }
+    if let Some(id) = new_key {
+        if config.data_key.is_some() {
+            return Err(Error::BadRequest(format!(
+                "--new-key adds a key to {}, but {KEY_VAR} is set: put a new `data <id> <64 hex \
+                 digits>` entry first in {KEY_VAR} instead",
+                config.data_dir.join(KEY_FILE).display()
+            ))
+            .into());
+        }
+        keyfile::add_data_key(&config.data_dir.join(KEY_FILE), id)
+            .map_err(KeysError::Source)?;
+    }
+    let _lock = match config.redis_url {
+        Some(_) => None,
+        None => Some(datadir::lock(&config.data_dir).map_err(|_| {
+            Error::BadRequest(
+                "a gateway runs on this data dir and owns its embedded engine: POST /v1/rekey \
+                 on its admin listener rekeys there (it reads the key file again first)"
+                    .into(),
+            )
+        })?),
+    };
+    let ledger = ledger::open(config.database_url.as_deref(), &config.data_dir).await?;
+    let inventory = Inventory::new(open_engine(config).await?);
+    open_keys(config, ledger.as_ref(), &inventory, false).await?;
+    let report = rekey::rekey(ledger.as_ref(), &inventory, sku, index).await?;
+    if report.migrated > 0 {
+        ledger.purge_freed().await?;
+    }
+    let keyring = inventory.keyring();
+    Ok(Rekeyed {
+        data_key: keyring.current_id().to_owned(),
+        index_key: keyring.index_id().to_owned(),
+        report,
+    })
 }
 
 /// How long a rebuild from the command line waits for running gateways to write what they

@@ -24,8 +24,7 @@ use crate::inventory::Inventory;
 use crate::ledger::writer::{EventWriter, WriterOptions};
 use crate::ledger::{self, Ledger, LedgerError};
 use crate::metrics as m;
-use crate::secrets::keyfile::{self, KeyError, KeySource, KEY_VAR};
-use crate::secrets::OpenError;
+use crate::secrets::keyfile::{self, KeyError, KeyOrigin, KeySource, KEY_VAR};
 use crate::tokens::{self, KeptTokens, TokenError};
 use dashmap::DashMap;
 
@@ -55,13 +54,10 @@ pub enum StartError {
 pub enum KeysError {
     #[error("{0}")]
     Source(#[from] KeyError),
-    #[error(
-        "the ledger's codes cannot be read with these data keys: key {key_id}'s code {why}. \
-         {hint}"
-    )]
+    #[error("these data keys do not fit the ledger: {subject} {why}. {hint}")]
     Mismatch {
-        key_id: String,
-        why: OpenError,
+        subject: String,
+        why: String,
         hint: String,
     },
     #[error("migrating the ledger's codes to sealed ones: {0}")]
@@ -72,12 +68,13 @@ pub enum KeysError {
 
 /// Reads the data keys (`KAMIGATE_DATA_KEY` or the data dir's key file, generated on the
 /// first start), checks that they open the ledger's codes, and installs them in
-/// `inventory`. A ledger from before codes were sealed is migrated first, in place
-/// ([`rekey`]): resumable, so an interrupted start finishes it on the next.
+/// `inventory`. With `migrate`, a ledger from before codes were sealed is migrated, in
+/// place ([`rekey`]): resumable, so an interrupted start finishes it on the next.
 pub async fn open_keys(
     config: &Config,
     ledger: &dyn Ledger,
     inventory: &Inventory,
+    migrate: bool,
 ) -> Result<KeySource, KeysError> {
     let env = config.data_key.as_ref().map(|k| k.0.as_str());
     let (keyring, source) = keyfile::resolve(env, &config.data_dir)?;
@@ -88,7 +85,7 @@ pub async fn open_keys(
              from the ledger's backups: without it no stored code can be read"
         );
     }
-    if let Some((key_id, why)) = rekey::check_keys(ledger, &keyring).await? {
+    if let Some(rekey::Misfit { subject, why }) = rekey::check_keys(ledger, &keyring).await? {
         let hint = match &source {
             KeySource::File { path, fresh: true } => format!(
                 "{} was generated just now: the keys that sealed this ledger are elsewhere \
@@ -105,15 +102,20 @@ pub async fn open_keys(
                 keyring.data_ids()
             ),
         };
-        return Err(KeysError::Mismatch { key_id, why, hint });
+        return Err(KeysError::Mismatch { subject, why, hint });
     }
     m::initialise_keys(keyring.data_ids());
     inventory.use_keyring(Arc::new(keyring));
-    if ledger.has_unsealed_codes().await? {
+    inventory.set_key_origin(KeyOrigin {
+        source: source.clone(),
+        env: config.data_key.clone(),
+    });
+    if migrate && ledger.has_unsealed_codes().await? {
         tracing::warn!("the ledger stores codes in clear: sealing them now, in place");
         let report = rekey::rekey(ledger, inventory, None, false)
             .await
             .map_err(KeysError::Migration)?;
+        ledger.purge_freed().await?;
         tracing::info!(
             skus = report.skus,
             migrated = report.migrated,
@@ -174,7 +176,7 @@ impl Gateway {
             EngineKind::Redis => None,
         };
         let ledger = ledger::open(config.database_url.as_deref(), &config.data_dir).await?;
-        open_keys(&config, ledger.as_ref(), &inventory).await?;
+        open_keys(&config, ledger.as_ref(), &inventory, true).await?;
         let cursors = Arc::new(WarmCursors::new());
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)

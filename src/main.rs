@@ -87,6 +87,33 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Seal every stored code under the current data key, and migrate a ledger that still
+    /// stores codes in clear; resumable, safe to interrupt, claims go on meanwhile.
+    ///
+    /// With --new-key, a fresh data key is first added to <data dir>/data.key as the one
+    /// that seals; older keys stay to open what they sealed. With the embedded engine and a
+    /// gateway running on the data dir, use POST /v1/rekey on its admin listener instead.
+    #[command(after_help = "Examples:\n  \
+        kamigate rekey --config kamigate.toml\n  \
+        kamigate rekey --new-key d2 --config kamigate.toml\n  \
+        kamigate rekey --index --sku gift-50")]
+    Rekey {
+        /// Only this SKU (default: every SKU the ledger has).
+        #[arg(long)]
+        sku: Option<String>,
+        /// Also key the code digests anew under the current index key: a full re-index,
+        /// needed after the index key changed (codes under the old one are not found until
+        /// then).
+        #[arg(long)]
+        index: bool,
+        /// Add a fresh data key with this id (lower-case letters and digits) to the key file
+        /// first, as the sealing key.
+        #[arg(long)]
+        new_key: Option<String>,
+        /// TOML configuration file (as for serve): it names the ledger, Redis and data dir.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Pause claims or redemptions of one SKU (--sku) or of every SKU (--gateway).
     ///
     /// Recorded in the ledger, so every gateway sharing it refuses new claims or redemptions
@@ -238,6 +265,36 @@ fn main() -> ExitCode {
                 for d in r.differences.iter().take(50) {
                     println!("  {} {} ({})", d.key_id, d.kind, d.action);
                 }
+            }
+            Ok(())
+        }),
+        Command::Rekey {
+            sku,
+            index,
+            new_key,
+            config,
+        } => operate(config, |config| async move {
+            let done =
+                kamigate::commands::rekey(&config, sku.as_deref(), index, new_key.as_deref())
+                    .await?;
+            let r = done.report;
+            println!(
+                "{} SKUs, {} keys: {} sealed anew under data key {} ({} of them stored in \
+                 clear before), {} digests keyed anew under index key {}, {} did not open",
+                r.skus,
+                r.keys,
+                r.resealed,
+                done.data_key,
+                r.migrated,
+                r.reindexed,
+                done.index_key,
+                r.failed
+            );
+            if r.stale_digests > 0 {
+                println!(
+                    "{} digests are under another index key: run kamigate rekey --index",
+                    r.stale_digests
+                );
             }
             Ok(())
         }),

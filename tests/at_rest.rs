@@ -130,7 +130,10 @@ async fn sell(gate: &TestGateway, sku: &str, codes: &[String]) {
 #[tokio::test(flavor = "multi_thread")]
 async fn no_code_is_in_the_sqlite_ledger_in_clear() {
     let codes = supplier_codes();
-    let gate = TestGateway::embedded().await;
+    // Keys generated into the data dir, which the scan below covers too.
+    let mut cfg = config();
+    cfg.data_key = None;
+    let gate = TestGateway::start(cfg).await;
     sell(&gate, "gift", &codes).await;
     let dir = gate.data.as_ref().expect("own data dir").path().to_owned();
     let data = gate.data;
@@ -146,7 +149,7 @@ async fn no_code_is_in_the_sqlite_ledger_in_clear() {
         .flat_map(|(_, b)| b.clone())
         .collect();
     assert_absent("the SQLite ledger files", &ledger, &codes);
-    for (path, bytes) in &files {
+    for (path, bytes) in files.iter().filter(|(_, b)| !b.is_empty()) {
         assert_absent(path, bytes, &codes);
     }
     drop(data);
@@ -176,7 +179,7 @@ async fn no_code_is_in_redis_files_or_a_postgres_dump_in_clear() {
         "an AOF was written"
     );
     for (path, bytes) in &files {
-        if !path.ends_with(".log") {
+        if !path.ends_with(".log") && !bytes.is_empty() {
             assert_absent(path, bytes, &codes);
         }
     }
@@ -311,6 +314,7 @@ async fn a_wrong_key_at_start_is_an_error_naming_the_key() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut cfg = config();
     cfg.data_dir = dir.path().to_owned();
+    cfg.data_key = None;
     let gate = TestGateway::start(cfg.clone()).await;
     sell(&gate, "gift", &codes[..14]).await;
     gate.stop().await;
@@ -323,13 +327,13 @@ async fn a_wrong_key_at_start_is_an_error_naming_the_key() {
         .err()
         .expect("refused");
     let message = err.to_string();
-    assert!(message.contains("d1"), "{message}");
-    assert!(message.contains("gift.1"), "{message}");
+    assert!(message.contains("data key d1"), "{message}");
+    assert!(message.contains(KEY_FILE), "{message}");
 
     // A keyring without the ledger's key id at all.
     let hex = "ab".repeat(32);
     cfg.data_key = Some(kamigate::secrets::keyfile::KeyText(format!(
-        "index i1 {hex}; data d9 {hex}"
+        "index i9 {hex}; data d9 {hex}"
     )));
     let err = kamigate::gateway::Gateway::start(cfg)
         .await

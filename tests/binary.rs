@@ -190,6 +190,8 @@ async fn import_command_feeds_the_ledger_and_a_running_gateway_picks_it_up() {
             .env("KAMIGATE_DATA_DIR", data.path())
             .env_remove("KAMIGATE_REDIS_URL")
             .env_remove("KAMIGATE_DATABASE_URL")
+            // The running gateway's keys: it must open what the import seals.
+            .env("KAMIGATE_DATA_KEY", support::gateway::DATA_KEY)
             .env("RUST_LOG", "warn")
             .output()
             .expect("import runs")
@@ -244,6 +246,8 @@ async fn warm_and_reconcile_commands_work_against_redis() {
             .env("KAMIGATE_DATA_DIR", data.path())
             .env("KAMIGATE_REDIS_URL", redis.url())
             .env_remove("KAMIGATE_DATABASE_URL")
+            // The keys the test gateway sealed the ledger's codes with.
+            .env("KAMIGATE_DATA_KEY", support::gateway::DATA_KEY)
             .env("RUST_LOG", "error")
             .output()
             .expect("command runs");

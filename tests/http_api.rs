@@ -173,8 +173,8 @@ async fn every_route_refuses_callers_without_the_token_its_table_entry_declares(
             }
         }
     }
-    // 6 merchant routes; 14 admin routes, a SKU's with both GET and PUT.
-    assert_eq!(refused, 3 * (6 + 15), "every guarded route was tried");
+    // 6 merchant routes; 15 admin routes, a SKU's with both GET and PUT.
+    assert_eq!(refused, 3 * (6 + 16), "every guarded route was tried");
     let (status, view) = gw.merchant_get("/v1/skus/s").await;
     assert_eq!(status, StatusCode::OK, "{view}");
     assert_eq!(

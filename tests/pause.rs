@@ -82,6 +82,8 @@ impl Served {
             .env("KAMIGATE_DATA_DIR", data)
             .env("KAMIGATE_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("KAMIGATE_MERCHANT_TOKEN", MERCHANT_TOKEN)
+            // Gateways sharing a ledger and Redis share their data keys.
+            .env("KAMIGATE_DATA_KEY", support::gateway::DATA_KEY)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::from(stderr))

@@ -1153,6 +1153,23 @@ impl Ledger for Flaky {
     async fn has_unsealed_codes(&self) -> Result<bool, LedgerError> {
         self.inner.has_unsealed_codes().await
     }
+    async fn purge_freed(&self) -> Result<(), LedgerError> {
+        self.inner.purge_freed().await
+    }
+    async fn key_checks(&self) -> Result<Vec<(String, String, String)>, LedgerError> {
+        self.inner.key_checks().await
+    }
+    async fn add_key_check(
+        &self,
+        key_id: &str,
+        kind: &str,
+        check_value: &str,
+        now_ms: i64,
+    ) -> Result<bool, LedgerError> {
+        self.inner
+            .add_key_check(key_id, kind, check_value, now_ms)
+            .await
+    }
     async fn apply_events(&self, events: &[LedgerEvent]) -> Result<u64, LedgerError> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         let every = self.every.load(Ordering::SeqCst);

@@ -307,6 +307,39 @@ pub async fn reconcile(app: &App, req: Request<Incoming>) -> Result<Reply, Error
     ))
 }
 
+/// `POST /v1/rekey` with `{"sku"?, "index"?}`: reads the data keys again (a key file may
+/// have gained a sealing key), then seals every stored code still under an older data key
+/// (or in clear) under the current one; with `index`, digests are keyed anew too.
+pub async fn rekey(app: &App, req: Request<Incoming>) -> Result<Reply, Error> {
+    let limit = app.limits.max_body_bytes;
+    body::check_declared_length(req.headers(), limit)?;
+    let bytes = body::read_limited(req.into_body(), limit).await?;
+    let body = JsonBody::parse(&bytes, &["sku", "index"])?;
+    let sku = body.opt_str("sku", crate::sku::MAX_SKU_LEN)?;
+    if let Some(sku) = sku {
+        check_sku(sku)?;
+    }
+    let index = body.opt_bool("index")?.unwrap_or(false);
+    app.inventory
+        .reload_keys()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let report =
+        crate::inventory::rekey::rekey(app.ledger.as_ref(), &app.inventory, sku, index).await?;
+    if report.migrated > 0 {
+        app.ledger.purge_freed().await?;
+    }
+    let keyring = app.inventory.keyring();
+    Ok(body::json(
+        StatusCode::OK,
+        &json!({
+            "data_key": keyring.current_id(),
+            "index_key": keyring.index_id(),
+            "index": index,
+            "report": report,
+        }),
+    ))
+}
+
 /// `POST /v1/keys/{key_id}/void` and `/restore`, with `{"reason": "…"}`.
 pub async fn void(
     app: &App,

@@ -403,6 +403,7 @@ pub enum RouteId {
     KeyVoid,
     KeyEvents,
     Reconcile,
+    Rekey,
     KeyRestore,
     FormatRetire,
     Pauses,
@@ -554,6 +555,7 @@ const ADMIN_ROUTES: &[Route] = &[
         Auth::Admin,
     ),
     route("/v1/reconcile", RouteId::Reconcile, POST, Auth::Admin),
+    route("/v1/rekey", RouteId::Rekey, POST, Auth::Admin),
     route(
         "/v1/keys/{key_id}/restore",
         RouteId::KeyRestore,
@@ -657,6 +659,7 @@ async fn dispatch(
         }
         (Listener::Admin, KeyEvents, Method::GET) => admin::key_events(app, params).await,
         (Listener::Admin, Reconcile, Method::POST) => admin::reconcile(app, req).await,
+        (Listener::Admin, Rekey, Method::POST) => admin::rekey(app, req).await,
         (Listener::Admin, KeyVoid, Method::POST) => admin::void(app, params, req, true).await,
         (Listener::Admin, KeyRestore, Method::POST) => admin::void(app, params, req, false).await,
         (Listener::Admin, Pauses, Method::GET) => pauses::list(app, req).await,

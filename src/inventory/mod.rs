@@ -209,6 +209,9 @@ pub struct Inventory {
     /// claim, keys the code digests. Shared by every clone, so a rotation
     /// ([`Inventory::use_keyring`]) reaches them all.
     keyring: Arc<RwLock<Arc<Keyring>>>,
+    /// Where the keyring came from: read again when a stored code names a data key the
+    /// keyring lacks (another gateway or `kamigate rekey` sealed under a newer key).
+    key_origin: Arc<std::sync::OnceLock<crate::secrets::keyfile::KeyOrigin>>,
 }
 
 impl Inventory {
@@ -228,7 +231,37 @@ impl Inventory {
             // Fresh keys until the data dir's are installed: an inventory that outlives no
             // process (tests) needs no more; the gateway and the commands install theirs.
             keyring: Arc::new(RwLock::new(Arc::new(Keyring::generate()))),
+            key_origin: Arc::default(),
         }
+    }
+
+    /// Remembers where the keyring came from, so a newer data key is picked up by itself.
+    pub fn set_key_origin(&self, origin: crate::secrets::keyfile::KeyOrigin) {
+        let _ = self.key_origin.set(origin);
+    }
+
+    /// Reads the keyring again from its origin and uses it when it still opens what the
+    /// current one seals (it holds the current data key) and keys digests alike (same index
+    /// key). Returns whether a new keyring is in use.
+    pub fn reload_keys(&self) -> Result<bool, crate::secrets::keyfile::KeyError> {
+        let Some(origin) = self.key_origin.get() else {
+            return Ok(false);
+        };
+        let fresh = origin.reload()?;
+        let current = self.keyring();
+        let compatible = fresh.index_id() == current.index_id()
+            && fresh.data_ids().contains(&current.current_id());
+        if !compatible || fresh.data_ids() == current.data_ids() {
+            return Ok(false);
+        }
+        tracing::info!(
+            data_keys = ?fresh.data_ids(),
+            sealing = fresh.current_id(),
+            "data keys read again"
+        );
+        crate::metrics::initialise_keys(fresh.data_ids());
+        self.use_keyring(Arc::new(fresh));
+        Ok(true)
     }
 
     /// Seals and digests with `keyring` from now on, in every clone of this inventory.
@@ -857,13 +890,21 @@ impl Inventory {
         if order.keys.iter().all(|k| k.code.is_none()) {
             return Ok(order);
         }
-        let keyring = self.keyring();
+        let mut keyring = self.keyring();
         for key in &mut order.keys {
             let Some(stored) = key.code.as_deref() else {
                 continue;
             };
             let local = parse_key_id(&key.key_id).map_or("", |(_, local)| local);
-            match keyring.open(sku, local, stored) {
+            let mut opened = keyring.open(sku, local, stored);
+            if let Err(crate::secrets::OpenError::UnknownKey(_)) = opened {
+                // Sealed under a key added since this keyring was read: read it again once.
+                if matches!(self.reload_keys(), Ok(true)) {
+                    keyring = self.keyring();
+                    opened = keyring.open(sku, local, stored);
+                }
+            }
+            match opened {
                 Ok(code) => key.code = Some(code),
                 Err(e) => return Err(open_failed(&keyring, &key.key_id, &e)),
             }

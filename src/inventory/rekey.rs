@@ -64,13 +64,29 @@ pub async fn rekey(
     Ok(report)
 }
 
-/// Whether `keyring` opens the ledger's codes: the first sealed key of each SKU is opened.
-/// `Some((key id, why))` for the first that does not (a wrong or missing key file, say), so
-/// a gateway refuses to start instead of answering claims it cannot open.
+/// Why a keyring does not fit a ledger ([`check_keys`]). Names keys by id only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Misfit {
+    /// The key (`<sku>.<local id>`) or key id it showed on.
+    pub subject: String,
+    pub why: String,
+}
+
+/// Whether `keyring` fits the ledger, so a gateway or command refuses to start instead of
+/// sealing codes nobody else can open or answering claims it cannot open:
+///
+/// - each of its keys the ledger recorded a check value for ([`Ledger::key_checks`]) must be
+///   the same key material (a key file regenerated in a new data dir has the same ids and
+///   other keys); its keys the ledger has no check value for are recorded;
+/// - the first sealed code of each SKU must open (a data key missing from the keyring).
 pub async fn check_keys(
     ledger: &dyn Ledger,
     keyring: &Keyring,
-) -> Result<Option<(String, secrets::OpenError)>, crate::ledger::LedgerError> {
+) -> Result<Option<Misfit>, crate::ledger::LedgerError> {
+    let recorded = ledger.key_checks().await?;
+    if let Some(misfit) = misfit(keyring, &recorded) {
+        return Ok(Some(misfit));
+    }
     for sku in ledger.list_skus().await? {
         let first = ledger.stored_codes_after(&sku, 0, 1).await?;
         let Some(row) = first.first() else { continue };
@@ -79,10 +95,52 @@ pub async fn check_keys(
         }
         let local = row.local_id.to_string();
         if let Err(e) = keyring.open(&sku, &local, &row.code) {
-            return Ok(Some((key_id(&sku, &local), e)));
+            return Ok(Some(Misfit {
+                subject: format!("key {}'s code", key_id(&sku, &local)),
+                why: e.to_string(),
+            }));
         }
     }
-    Ok(None)
+    // Only a keyring that fits records its new keys.
+    let known = |id: &str| recorded.iter().any(|(k, _, _)| k == id);
+    let mut missing: Vec<(String, &str, String)> = keyring
+        .data_ids()
+        .into_iter()
+        .filter(|id| !known(id))
+        .filter_map(|id| Some((id.to_owned(), "data", keyring.data_check(id)?)))
+        .collect();
+    if !known(keyring.index_id()) {
+        missing.push((
+            keyring.index_id().to_owned(),
+            "index",
+            keyring.index_check(),
+        ));
+    }
+    if missing.is_empty() {
+        return Ok(None);
+    }
+    let now = crate::clock::now_ms() as i64;
+    for (id, kind, check) in &missing {
+        ledger.add_key_check(id, kind, check, now).await?;
+    }
+    // Read back: another process may have recorded other material under the same id.
+    Ok(misfit(keyring, &ledger.key_checks().await?))
+}
+
+/// The first recorded check value `keyring` has a key of the same id for and does not
+/// match.
+fn misfit(keyring: &Keyring, recorded: &[(String, String, String)]) -> Option<Misfit> {
+    recorded.iter().find_map(|(id, kind, check)| {
+        let fits = match kind.as_str() {
+            "index" if id == keyring.index_id() => keyring.index_check() == *check,
+            "data" if keyring.data_ids().contains(&id.as_str()) => keyring.opens_check(check),
+            _ => true,
+        };
+        (!fits).then(|| Misfit {
+            subject: format!("{kind} key {id}"),
+            why: "is other key material than the one this ledger recorded under that id".into(),
+        })
+    })
 }
 
 /// One key's new form, with what the global index needs.

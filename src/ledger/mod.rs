@@ -195,6 +195,25 @@ pub trait Ledger: Send + Sync + 'static {
     /// first). Returns how many changed.
     async fn recode_keys(&self, sku: &str, recodes: &[Recode]) -> Result<u64, LedgerError>;
 
+    /// The check values of every key that sealed or keyed anything in this ledger:
+    /// `(key id, kind, check value)`, kind `data` or `index` ([`crate::secrets`]).
+    async fn key_checks(&self) -> Result<Vec<(String, String, String)>, LedgerError>;
+
+    /// Records the check value of a key not recorded yet; one recorded first (by another
+    /// gateway) stays. Returns whether this call recorded it.
+    async fn add_key_check(
+        &self,
+        key_id: &str,
+        kind: &str,
+        check_value: &str,
+        now_ms: i64,
+    ) -> Result<bool, LedgerError>;
+
+    /// Clears old versions of changed rows from the database's own files where the database
+    /// can (after a migration sealed codes stored in clear): SQLite is rebuilt (`VACUUM`) and
+    /// its WAL truncated; PostgreSQL's dead rows are left to `VACUUM FULL`, see the README.
+    async fn purge_freed(&self) -> Result<(), LedgerError>;
+
     /// Whether some key, of any SKU, stores its code in clear (a ledger from before codes
     /// were sealed, not yet migrated).
     async fn has_unsealed_codes(&self) -> Result<bool, LedgerError>;

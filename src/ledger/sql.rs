@@ -134,6 +134,10 @@ pub(crate) trait Bulk: Database {
         updated_at_ms: i64,
         rows: &[(i64, &NewKey, String)],
     ) -> Result<(), LedgerError>;
+
+    /// Clears what rows changed or deleted left behind in the database's files (see
+    /// [`Ledger::purge_freed`]).
+    async fn purge_freed(write: &Pool<Self>) -> Result<(), LedgerError>;
 }
 
 const SKU_COLUMNS: &str = "sku, config_json, format_version, epoch, created_at_ms, updated_at_ms";
@@ -843,6 +847,41 @@ where
         }
         tx.commit().await?;
         Ok(changed)
+    }
+
+    async fn key_checks(&self) -> Result<Vec<(String, String, String)>, LedgerError> {
+        let rows = sqlx::query("SELECT key_id, kind, check_value FROM key_checks ORDER BY key_id")
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+            .collect()
+    }
+
+    async fn add_key_check(
+        &self,
+        key_id: &str,
+        kind: &str,
+        check_value: &str,
+        now_ms: i64,
+    ) -> Result<bool, LedgerError> {
+        let mut tx = self.begin_write().await?;
+        let added = sqlx::query(
+            "INSERT INTO key_checks (key_id, kind, check_value, created_at_ms) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (key_id) DO NOTHING RETURNING key_id",
+        )
+        .bind(key_id)
+        .bind(kind)
+        .bind(check_value)
+        .bind(now_ms)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(added.is_some())
+    }
+
+    async fn purge_freed(&self) -> Result<(), LedgerError> {
+        DB::purge_freed(&self.write).await
     }
 
     async fn has_unsealed_codes(&self) -> Result<bool, LedgerError> {

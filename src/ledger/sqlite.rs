@@ -84,6 +84,9 @@ async fn open_with(options: SqliteConnectOptions) -> Result<SqlLedger<Sqlite>, L
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(BUSY_TIMEOUT)
         .foreign_keys(true)
+        // Deleted and overwritten content is zeroed, not left in free pages: a code sealed
+        // by `kamigate rekey` must not survive in clear in the file.
+        .pragma("secure_delete", "ON")
         .statement_cache_capacity(super::sql::STATEMENT_CACHE);
     // The writer stays open for good: no reconnect on the write path, and an in-memory
     // database (`sqlite::memory:`) lives as long as the ledger.
@@ -130,6 +133,14 @@ impl Bulk for Sqlite {
             }
         }
         Ok(found)
+    }
+
+    async fn purge_freed(write: &sqlx::Pool<Sqlite>) -> Result<(), LedgerError> {
+        sqlx::query("VACUUM").execute(write).await?;
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(write)
+            .await?;
+        Ok(())
     }
 
     async fn insert_fresh(

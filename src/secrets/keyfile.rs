@@ -76,6 +76,21 @@ pub fn resolve(env: Option<&str>, data_dir: &Path) -> Result<(Keyring, KeySource
     }
 }
 
+/// Where a running gateway's keyring came from, to read it again: a key file may gain a
+/// key while the gateway runs (a rotation).
+#[derive(Debug, Clone)]
+pub struct KeyOrigin {
+    pub source: KeySource,
+    pub env: Option<KeyText>,
+}
+
+impl KeyOrigin {
+    /// The keyring as its origin holds it now.
+    pub fn reload(&self) -> Result<Keyring, KeyError> {
+        reload(&self.source, self.env.as_ref().map(|k| k.0.as_str()))
+    }
+}
+
 /// Reads the keyring again from where `source` says it came from (for a rotation while
 /// running: the file may have gained a key since the start).
 pub fn reload(source: &KeySource, env: Option<&str>) -> Result<Keyring, KeyError> {

@@ -43,6 +43,11 @@ const MAX_KEY_ID_LEN: usize = 16;
 /// [`crate::code::digest`]).
 const DIGEST_PREFIX: &[u8] = b"kamigate/code/v1\0";
 
+/// What check values seal or digest ([`Keyring::data_check`], [`Keyring::index_check`]),
+/// under a key id no key of a SKU has (SKU names are never empty).
+const CHECK_TEXT: &str = "kamigate key check";
+const CHECK_ID: &str = "check";
+
 /// Domain separation of the associated data.
 const AAD_PREFIX: &[u8] = b"kamigate/seal/v1\0";
 
@@ -175,28 +180,14 @@ impl Keyring {
 
     /// Seals `code` for key `local_id` of `sku` under the current data key.
     pub fn seal(&self, sku: &str, local_id: &str, code: &str) -> String {
-        let key = &self.data[0];
-        let nonce: [u8; NONCE_LEN] = rand::random();
-        let aad = aad(sku, local_id);
-        let sealed = key
-            .cipher
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: code.as_bytes(),
-                    aad: &aad,
-                },
-            )
-            .expect("XChaCha20-Poly1305 seals any message shorter than 256 GiB");
-        let mut raw = Vec::with_capacity(NONCE_LEN + sealed.len());
-        raw.extend_from_slice(&nonce);
-        raw.extend_from_slice(&sealed);
-        let mut out = String::with_capacity(SEALED_PREFIX.len() + key.id.len() + 1 + raw.len() * 2);
-        out.push_str(SEALED_PREFIX);
-        out.push_str(&key.id);
-        out.push('.');
-        URL_SAFE_NO_PAD.encode_string(&raw, &mut out);
-        out
+        seal_with(&self.data[0], sku, local_id, code)
+    }
+
+    /// A check value for data key `id` ([`Keyring::opens_check`]), `None` if the keyring
+    /// lacks it: a constant sealed under that key.
+    pub fn data_check(&self, id: &str) -> Option<String> {
+        let key = self.data.iter().find(|k| k.id == id)?;
+        Some(seal_with(key, "", CHECK_ID, CHECK_TEXT))
     }
 
     /// Opens what [`Keyring::seal`] made for key `local_id` of `sku`.
@@ -225,6 +216,17 @@ impl Keyring {
             )
             .map_err(|_| tampered())?;
         String::from_utf8(plain).map_err(|_| tampered())
+    }
+
+    /// Whether `check` (made by [`Keyring::data_check`]) opens under this keyring: the data
+    /// key of its id is the same key material.
+    pub fn opens_check(&self, check: &str) -> bool {
+        self.open("", CHECK_ID, check).as_deref() == Ok(CHECK_TEXT)
+    }
+
+    /// The index key's check value: the digest of a constant.
+    pub fn index_check(&self) -> String {
+        self.digest(CHECK_TEXT)
     }
 
     /// Whether `stored` is sealed under the current data key (nothing for a rekey to do).
@@ -261,6 +263,31 @@ pub fn sealed_parts(stored: &str) -> Option<(&str, &str)> {
 /// Whether `stored` is in the sealed form (under any key).
 pub fn is_sealed(stored: &str) -> bool {
     sealed_parts(stored).is_some()
+}
+
+/// Seals `code` for key `local_id` of `sku` under `key`.
+fn seal_with(key: &DataKey, sku: &str, local_id: &str, code: &str) -> String {
+    let nonce: [u8; NONCE_LEN] = rand::random();
+    let aad = aad(sku, local_id);
+    let sealed = key
+        .cipher
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: code.as_bytes(),
+                aad: &aad,
+            },
+        )
+        .expect("XChaCha20-Poly1305 seals any message shorter than 256 GiB");
+    let mut raw = Vec::with_capacity(NONCE_LEN + sealed.len());
+    raw.extend_from_slice(&nonce);
+    raw.extend_from_slice(&sealed);
+    let mut out = String::with_capacity(SEALED_PREFIX.len() + key.id.len() + 1 + raw.len() * 2);
+    out.push_str(SEALED_PREFIX);
+    out.push_str(&key.id);
+    out.push('.');
+    URL_SAFE_NO_PAD.encode_string(&raw, &mut out);
+    out
 }
 
 /// The associated data binding a ciphertext to its SKU and key: SKU names hold no NUL.

@@ -14,6 +14,13 @@ use super::eventually::eventually;
 pub const MERCHANT_TOKEN: &str = "merchant-token-for-tests-0001";
 pub const ADMIN_TOKEN: &str = "admin-token-for-tests-00000001";
 
+/// The data keys of test gateways (`KAMIGATE_DATA_KEY`): fixed, as the tokens are, so
+/// gateways of one test that share Redis or a ledger read each other's sealed codes, as
+/// gateways of one deployment must.
+pub const DATA_KEY: &str =
+    "index i1 0101010101010101010101010101010101010101010101010101010101010101; \
+     data d1 0202020202020202020202020202020202020202020202020202020202020202";
+
 /// A configuration for tests: ephemeral ports, fixed tokens, short shutdown delay, and no
 /// lockouts of failed redemptions (tests of error answers fail on purpose; `tests/limits.rs`
 /// turns lockouts on where it tests them).
@@ -26,6 +33,7 @@ pub fn config() -> Config {
         admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         merchant_token: Some(MERCHANT_TOKEN.into()),
         admin_token: Some(ADMIN_TOKEN.into()),
+        data_key: Some(kamigate::secrets::keyfile::KeyText(DATA_KEY.into())),
         shutdown_delay_ms: 0,
         drain_timeout_secs: 5,
         hold_sweep_interval_ms: 50,
