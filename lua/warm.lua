@@ -3,8 +3,9 @@
 -- ARGV: 1 the SKU generation this load is for ('' = any), then per key 12 values: key id,
 --       digest, canonical code, expires_at ('0' = never), max_issues, max_uses, held, sold,
 --       uses, void ('1'|'0'), redeemer, redeemed_at
--- Reply: one entry per key: its id if loaded, or '=' .. the id already holding that digest
---        (nothing changes for it) | {'no_sku'} | {'stale'} (the SKU is another generation:
+-- Reply: one entry per key: its id if loaded, or '=' .. the id already holding that digest,
+--        or the key's own id when the engine has that key under another digest (nothing
+--        changes for it) | {'no_sku'} | {'stale'} (the SKU is another generation:
 --        it was lost and recreated since this rebuild began, and that rebuild loads it)
 -- Used for new batches and to rebuild an engine that lost its data. Each call loads a chunk
 -- (a thousand keys) so no call blocks the engine for long.
@@ -55,6 +56,11 @@ for n = 1, #digests do
   -- An index entry whose record is gone (partial loss) does not count: load the key again.
   if existing and (loaded[existing] or redis.call('HEXISTS', K.keys, existing) == 1) then
     reply[n] = '=' .. existing
+  elseif loaded[id] or redis.call('HEXISTS', K.keys, id) == 1 then
+    -- The key is here under another digest (its index key was replaced and the re-index,
+    -- `kamigate rekey --index`, has not reached it): loading it again would roll its engine
+    -- state back to the ledger's.
+    reply[n] = '=' .. id
   else
     local k = {
       expires_at = tonumber(ARGV[i + 3]), max_issues = tonumber(ARGV[i + 4]),

@@ -253,8 +253,7 @@ pub async fn rekey(
             ))
             .into());
         }
-        keyfile::add_data_key(&config.data_dir.join(KEY_FILE), id)
-            .map_err(KeysError::Source)?;
+        keyfile::add_data_key(&config.data_dir.join(KEY_FILE), id).map_err(KeysError::Source)?;
     }
     let _lock = match config.redis_url {
         Some(_) => None,
