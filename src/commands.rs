@@ -1,5 +1,5 @@
-//! The operator commands besides `serve`: `import`, `warm`, `reconcile`, and the incident
-//! controls `pause`, `resume` and `pauses`. They open the same ledger and engine a gateway
+//! The operator commands besides `serve`: `import`, `warm`, `reconcile`, `rekey`, and the
+//! incident controls `pause`, `resume` and `pauses`. They open the same ledger and engine a gateway
 //! with the same configuration would; the incident controls open only the ledger, so they
 //! work while the engine is down.
 

@@ -29,7 +29,8 @@
 //! - [`pause`]: incident controls: claims or redemptions paused per SKU or gateway-wide,
 //!   recorded in the ledger, enforced from each gateway's view of it.
 //! - [`http`]: the hyper edge: routing, auth, handlers, graceful shutdown.
-//! - [`commands`]: the operator commands: `import`, `warm`, `reconcile`, `pause`, `resume`.
+//! - [`commands`]: the operator commands: `import`, `warm`, `reconcile`, `rekey`, `pause`,
+//!   `resume`.
 //! - [`gateway`]: wiring a [`config::Config`] into a running gateway with background work.
 //! - [`metrics`]: every exported metric and its description.
 
