@@ -197,6 +197,18 @@ impl Config {
                     path: path.into(),
                     source,
                 })?;
+                // Refused before parsing: a parse error would quote the line, key and all.
+                if text
+                    .parse::<toml::Table>()
+                    .is_ok_and(|t| t.contains_key("data_key"))
+                {
+                    return Err(ConfigError::Invalid(format!(
+                        "{}: data_key is never read from a file (files are shared and \
+                         committed); set KAMIGATE_DATA_KEY, or leave it unset to use \
+                         <data dir>/data.key",
+                        path.display()
+                    )));
+                }
                 toml::from_str(&text).map_err(|source| ConfigError::Parse {
                     path: path.into(),
                     source,
@@ -383,6 +395,28 @@ fn listen_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_data_key_is_read_from_the_environment_only_and_never_shown() {
+        let hex = "c0ffee".repeat(10);
+        let mut config = Config::default();
+        config
+            .apply_env(|name| (name == "KAMIGATE_DATA_KEY").then(|| format!("data d1 {hex}")))
+            .expect("applied");
+        let shown = config
+            .data_key
+            .as_ref()
+            .map(|k| k.0.clone())
+            .unwrap_or_default();
+        assert!(shown.contains(&hex));
+        assert!(!format!("{config:?}").contains(&hex[..12]));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("kamigate.toml");
+        std::fs::write(&file, format!("data_key = \"data d1 {hex}\"\n")).expect("written");
+        let err = Config::load(Some(&file)).expect_err("not a file setting");
+        assert!(err.to_string().contains("KAMIGATE_DATA_KEY"), "{err}");
+        assert!(!err.to_string().contains(&hex[..12]), "{err}");
+    }
 
     #[test]
     fn environment_overrides_file_and_defaults() {

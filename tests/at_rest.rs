@@ -346,3 +346,140 @@ async fn a_wrong_key_at_start_is_an_error_naming_the_key() {
     );
     assert!(!message.contains(&hex), "{message}");
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_kamigate");
+
+/// Key material of its own, so the test can look for it in what the gateway writes.
+const LOG_TEST_DATA_KEY: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
+const LOG_TEST_INDEX_KEY: &str = "1de71de71de71de71de71de71de71de71de71de71de71de71de71de71de71de7";
+const WRONG_DATA_KEY: &str = "bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0";
+
+/// Starts `kamigate serve` on `data` with `key_text`, logging at `debug` into `log`.
+fn serve(data: &Path, key_text: &str, log: &Path, public: u16, admin: u16) -> std::process::Child {
+    std::process::Command::new(BIN)
+        .arg("serve")
+        .env_clear()
+        .env("KAMIGATE_LISTEN", format!("127.0.0.1:{public}"))
+        .env("KAMIGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("KAMIGATE_DATA_DIR", data)
+        .env("KAMIGATE_ADMIN_TOKEN", support::gateway::ADMIN_TOKEN)
+        .env("KAMIGATE_MERCHANT_TOKEN", support::gateway::MERCHANT_TOKEN)
+        .env("KAMIGATE_DATA_KEY", key_text)
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("kamigate starts")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn neither_codes_nor_keys_reach_the_logs_or_the_metrics() {
+    use support::gateway::{free_port, wait_ready, ADMIN_TOKEN, MERCHANT_TOKEN};
+    let codes = supplier_codes();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let key_text = format!("index i1 {LOG_TEST_INDEX_KEY}\ndata d1 {LOG_TEST_DATA_KEY}");
+    let (public, admin) = (free_port(), free_port());
+    let log = dir.path().join("serve.log");
+    let mut child = serve(&data, &key_text, &log, public, admin);
+    let (public, admin) = (
+        format!("http://127.0.0.1:{public}"),
+        format!("http://127.0.0.1:{admin}"),
+    );
+    wait_ready(&admin, std::time::Duration::from_secs(15)).await;
+    let client = reqwest::Client::new();
+    let ok = |r: reqwest::Response| {
+        assert!(r.status().is_success(), "{}", r.status());
+        r
+    };
+    ok(client
+        .put(format!("{admin}/v1/skus/gift"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("answered"));
+    let mut file = codes.join("\n");
+    file.push_str("\nnot a code!\n");
+    file.push_str(&codes[0]);
+    ok(client
+        .post(format!("{admin}/v1/skus/gift/batches?batch_id=b1"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "text/plain")
+        .body(file)
+        .send()
+        .await
+        .expect("answered"));
+    let mut sold = Vec::new();
+    for i in 0..5 {
+        let body: serde_json::Value = ok(client
+            .post(format!("{public}/v1/skus/gift/claims"))
+            .bearer_auth(MERCHANT_TOKEN)
+            .json(&json!({"order_id": format!("o-{i}"), "quantity": 1}))
+            .send()
+            .await
+            .expect("answered"))
+        .json()
+        .await
+        .expect("json");
+        sold.push(body["keys"][0]["code"].as_str().expect("code").to_owned());
+    }
+    for code in sold.iter().take(3) {
+        ok(client
+            .post(format!("{public}/v1/redeem"))
+            .json(&json!({"code": code, "redeemer": "u-1"}))
+            .send()
+            .await
+            .expect("answered"));
+    }
+    // A redemption of an unsold code, a replayed one, a used one: the error paths.
+    for code in [&codes[20], &sold[0], &sold[0]] {
+        let _ = client
+            .post(format!("{public}/v1/redeem"))
+            .json(&json!({"code": code, "redeemer": "u-2"}))
+            .send()
+            .await
+            .expect("answered");
+    }
+    let metrics = client
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .expect("answered")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("kamigate_decrypt_failures_total"),
+        "registered"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // A start with the wrong data key under the same id: refused, saying which key.
+    let wrong = format!("index i1 {LOG_TEST_INDEX_KEY}\ndata d1 {WRONG_DATA_KEY}");
+    let refused_log = dir.path().join("refused.log");
+    let mut refused = serve(&data, &wrong, &refused_log, free_port(), free_port());
+    let status = refused.wait().expect("exits");
+    assert!(!status.success(), "a wrong key stops the start");
+    let refusal = std::fs::read_to_string(&refused_log).expect("log");
+    assert!(refusal.contains("data key d1"), "{refusal}");
+
+    let served_log = std::fs::read(&log).expect("log");
+    assert!(
+        served_log.windows(5).any(|w| w == b"DEBUG"),
+        "the gateway logged at debug"
+    );
+    let logs = [served_log, refusal.into_bytes(), metrics.into_bytes()].concat();
+    assert_absent("the logs and /metrics", &logs, &codes);
+    for key in [LOG_TEST_DATA_KEY, LOG_TEST_INDEX_KEY, WRONG_DATA_KEY] {
+        for spelling in [key.to_owned(), key.to_uppercase(), key[..16].to_owned()] {
+            assert!(
+                !logs
+                    .windows(spelling.len())
+                    .any(|w| w == spelling.as_bytes()),
+                "a key's bytes reached the logs or /metrics"
+            );
+        }
+    }
+}
