@@ -426,7 +426,15 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
             "embedded"
         };
         let log_json = config.log_json;
-        let gateway = match Gateway::start(config).await {
+        // A gateway waiting for Redis or PostgreSQL at start can be stopped like a running one.
+        let started = tokio::select! {
+            started = Gateway::start(config) => started,
+            _ = shutdown_signal() => {
+                tracing::info!("stopped before serving");
+                return ExitCode::SUCCESS;
+            }
+        };
+        let gateway = match started {
             Ok(gateway) => gateway,
             Err(e) => {
                 eprintln!("kamigate: {e}");
