@@ -1,11 +1,27 @@
 //! The typed columns of a row: `expires_at` (an RFC 3339 time or unix seconds) and
 //! `max_uses` (a positive integer), each empty for none.
 
-use std::time::UNIX_EPOCH;
+use std::borrow::Cow;
+
+use jiff::civil::{self, DateTime};
+use jiff::fmt::temporal::Pieces;
+use jiff::tz::Offset;
 
 /// 9999-12-31T23:59:59Z: the last second RFC 3339 can write. Larger unix times are almost
 /// always milliseconds sent as seconds, so they are refused rather than read as year 50000.
 const MAX_UNIX_SECONDS: u64 = 253_402_300_799;
+
+/// Where unix time starts, as a civil time.
+const EPOCH: DateTime = civil::datetime(1970, 1, 1, 0, 0, 0, 0);
+
+/// Longest time read, in bytes: far more than any supplier writes.
+const MAX_TIME_BYTES: usize = 64;
+
+/// Digits of a fraction of a second jiff reads (nanoseconds); only milliseconds are kept.
+const MAX_FRACTION_DIGITS: usize = 9;
+
+/// `YYYY-MM-DDThh:mm:ss`: `d` stands for any digit, `T` for the separator.
+const DATE_TIME_SHAPE: &[u8; 19] = b"dddd-dd-ddTdd:dd:dd";
 
 /// A field value that is neither empty nor valid.
 pub(super) struct Invalid;
@@ -46,52 +62,71 @@ pub(super) fn parse_max_uses(text: &str) -> Result<Option<u64>, Invalid> {
 }
 
 /// An RFC 3339 time in milliseconds since the epoch, read leniently the way suppliers write
-/// it: `T`, `t` or a space between date and time, any fraction of a second, and `Z`, `z`,
-/// a `±hh:mm` offset or nothing (UTC). humantime reads everything but offsets other than
-/// `+00:00` and lower-case letters, which are handled here.
+/// it: `T`, `t` or a space between date and time, any fraction of a second (digits past the
+/// ninth are ignored), a leap second `:60` read as `:59`, and `Z`, `z`, a `±hh:mm` offset or
+/// nothing (UTC). The date as written must be in 1970 or later.
+///
+/// jiff parses it; [`rfc3339_profile`] first holds the text to that profile, because jiff
+/// reads a wider grammar (`2030-01-31T23:59Z`, `+08`, `20300131T235959Z`, annotations, …)
+/// that the importer never took.
 fn parse_rfc3339(text: &str) -> Option<u64> {
-    let mut buf = [0u8; 64];
-    let upper = buf.get_mut(..text.len())?;
-    upper.copy_from_slice(text.as_bytes());
-    upper.make_ascii_uppercase();
-    let (local, offset_seconds) = split_offset(upper);
-    // humantime checks the date and time but lets anything short follow a `Z`.
-    let tail = local.get(19..).unwrap_or_default();
-    let tail = tail.strip_suffix(b"Z").unwrap_or(tail);
-    let tail_ok = match tail {
-        [] => true,
-        [b'.', digits @ ..] => !digits.is_empty() && digits.iter().all(u8::is_ascii_digit),
-        _ => false,
-    };
-    if !tail_ok {
+    let text = rfc3339_profile(text)?;
+    let pieces = Pieces::parse(text.as_ref()).ok()?;
+    let date = pieces.date();
+    if date.year() < 1970 {
         return None;
     }
-    let at = humantime::parse_rfc3339_weak(std::str::from_utf8(local).ok()?).ok()?;
-    let ms = at.duration_since(UNIX_EPOCH).ok()?.as_millis();
-    let ms = i128::try_from(ms).ok()? - i128::from(offset_seconds) * 1000;
+    let offset = pieces.to_numeric_offset().unwrap_or(Offset::UTC);
+    // RFC 3339 offsets stop at ±23:59; jiff reads up to ±25:59.
+    if offset.seconds().unsigned_abs() >= 24 * 3600 {
+        return None;
+    }
+    // Civil arithmetic, not jiff's Timestamp: that range ends a day before year 10000 (so
+    // every timestamp has a date at every offset), and RFC 3339 reaches 9999-12-31.
+    let written = date.to_datetime(pieces.time()?);
+    let ms = written.duration_since(EPOCH).as_millis() - i128::from(offset.seconds()) * 1000;
     let ms = u64::try_from(ms).ok()?;
     (ms / 1000 <= MAX_UNIX_SECONDS).then_some(ms)
 }
 
-/// Splits a trailing `±hh:mm` offset (in seconds east of UTC) from a time written without
-/// `Z`. Anything else is left for humantime to judge.
-fn split_offset(text: &[u8]) -> (&[u8], i64) {
-    // The shortest time with an offset: 2030-01-31T23:59:59+08:00.
-    if text.len() >= 25 {
-        let (local, offset) = text.split_at(text.len() - 6);
-        if let [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] = *offset {
-            let digits = [h1, h2, m1, m2];
-            if digits.iter().all(u8::is_ascii_digit) && local.last() != Some(&b'Z') {
-                let [h1, h2, m1, m2] = digits.map(|d| i64::from(d - b'0'));
-                let (hours, minutes) = (h1 * 10 + h2, m1 * 10 + m2);
-                if hours <= 23 && minutes <= 59 {
-                    let seconds = hours * 3600 + minutes * 60;
-                    return (local, if sign == b'-' { -seconds } else { seconds });
-                }
-            }
-        }
+/// `text` if it has the shape [`parse_rfc3339`] reads (`YYYY-MM-DD`, `T`, `t` or a space,
+/// `hh:mm:ss`, an optional `.` and digits, an optional `Z`, `z` or `±hh:mm`), its fraction
+/// cut to the nine digits jiff reads. Ranges (month 13, hour 24, …) are jiff's to check.
+fn rfc3339_profile(text: &str) -> Option<Cow<'_, str>> {
+    let bytes = text.as_bytes();
+    if bytes.len() > MAX_TIME_BYTES {
+        return None;
     }
-    (text, 0)
+    let (head, rest) = bytes.split_at_checked(DATE_TIME_SHAPE.len())?;
+    let head_ok = head.iter().zip(DATE_TIME_SHAPE).all(|(&b, &s)| match s {
+        b'd' => b.is_ascii_digit(),
+        b'T' => matches!(b, b'T' | b't' | b' '),
+        _ => b == s,
+    });
+    let (fraction, offset) = match rest {
+        [b'.', tail @ ..] => {
+            let digits = tail.iter().take_while(|b| b.is_ascii_digit()).count();
+            (Some(digits), tail.get(digits..)?)
+        }
+        _ => (None, rest),
+    };
+    let offset_ok = match offset {
+        [] | [b'Z' | b'z'] => true,
+        [b'+' | b'-', h1, h2, b':', m1, m2] => [h1, h2, m1, m2].iter().all(|b| b.is_ascii_digit()),
+        _ => false,
+    };
+    if !head_ok || !offset_ok || fraction == Some(0) {
+        return None;
+    }
+    match fraction {
+        Some(digits) if digits > MAX_FRACTION_DIGITS => {
+            // Only ASCII digits are dropped, so both ends are char boundaries.
+            let cut = DATE_TIME_SHAPE.len() + 1 + MAX_FRACTION_DIGITS;
+            let resume = DATE_TIME_SHAPE.len() + 1 + digits;
+            Some(Cow::Owned([text.get(..cut)?, text.get(resume..)?].concat()))
+        }
+        _ => Some(Cow::Borrowed(text)),
+    }
 }
 
 #[cfg(test)]
@@ -132,6 +167,56 @@ mod tests {
         ] {
             assert_eq!(parse_rfc3339(text), None, "{text}");
         }
+    }
+
+    #[test]
+    fn rfc3339_offsets_fractions_and_edges() {
+        let base = 1_896_134_399_000; // 2030-01-31T23:59:59Z
+        for (text, ms) in [
+            ("2030-02-01 07:59:59+08:00", base),
+            ("2030-02-01T07:59:59.125+08:00", base + 125),
+            ("2030-01-31T23:59:59-00:00", base),
+            ("2030-02-01T23:58:59+23:59", base),
+            ("2030-01-31T00:00:00-23:59", base - 59_000),
+            ("2030-01-31T23:59:59.9Z", base + 900),
+            // Milliseconds are kept, later digits ignored, however many.
+            ("2030-01-31T23:59:59.123999999Z", base + 123),
+            ("2030-01-31T23:59:59.1239999999999Z", base + 123),
+            ("2030-01-31T23:59:60Z", base),
+            ("2030-01-31T23:59:60.5+00:00", base + 500),
+            ("1970-01-01T00:00:00Z", 0),
+            ("1970-01-01T08:00:00+08:00", 0),
+            ("9999-12-31T23:59:59.999Z", 253_402_300_799_999),
+            ("9999-12-31T23:59:59+23:59", 253_402_214_459_000),
+        ] {
+            assert_eq!(parse_rfc3339(text), Some(ms), "{text}");
+        }
+        for text in [
+            "2030-01-31T23:59Z",
+            "2030-01-31T23Z",
+            "20300131T235959Z",
+            "2030-01-31T23:59:59+08",
+            "2030-01-31T23:59:59+0800",
+            "2030-01-31T23:59:59+08:00:00",
+            "2030-01-31T23:59:59+08:60",
+            "2030-01-31T23:59:59+25:00",
+            "2030-01-31T23:59:59,5Z",
+            "2030-01-31T23:59:59Z[UTC]",
+            "2030-01-31T23:59:59.5.Z",
+            "+002030-01-31T23:59:59Z",
+            "2030-1-31T23:59:59Z",
+            "2030-01-31T23:59:59 Z",
+            "2030-01-31T23:59:59+08:00 ",
+            "2030-01-31\t23:59:59Z",
+            // The written date counts, not the instant: 1970-01-01T00:30:00Z written west.
+            "1969-12-31T23:30:00-01:00",
+            "0000-01-01T00:00:00Z",
+            "9999-12-31T23:59:59-00:01",
+        ] {
+            assert_eq!(parse_rfc3339(text), None, "{text}");
+        }
+        let long = format!("2030-01-31T23:59:59.{}Z", "1".repeat(64));
+        assert_eq!(parse_rfc3339(&long), None, "longer than any time written");
     }
 
     #[test]
