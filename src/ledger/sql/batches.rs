@@ -64,7 +64,7 @@ where
             // An aborted import left nothing behind: the merchant's retry starts afresh.
             ("aborted", _) => BatchStart::New,
             ("pending", Some(_)) => {
-                let silent_ms = now_ms.saturating_sub(batch.touched_at_ms.unwrap_or(i64::MIN));
+                let silent_ms = silent_ms(&batch, now_ms);
                 if silent_ms < UPLOAD_LEASE_MS {
                     return Ok(BatchStart::InProgress(batch));
                 }
@@ -76,11 +76,7 @@ where
                     silent_ms,
                     "taking over a batch whose upload gave no sign of life"
                 );
-                sqlx::query("DELETE FROM keys WHERE sku = $1 AND batch_id = $2")
-                    .bind(sku)
-                    .bind(batch_id)
-                    .execute(&mut *tx)
-                    .await?;
+                Self::delete_keys(&mut tx, sku, batch_id).await?;
                 BatchStart::New
             }
             _ => BatchStart::Existing(batch),
@@ -218,12 +214,9 @@ where
         now_ms: i64,
     ) -> Result<(), LedgerError> {
         let mut tx = self.begin_write().await?;
-        let batch = Self::batch_in(&mut tx, sku, batch_id, self.dialect.lock_rows)
-            .await?
-            .ok_or_else(|| LedgerError::NotFound(format!("batch {batch_id} of SKU {sku}")))?;
         // Activation waits for the upload to finish ([`Ledger::activate_batch`]), so the
         // batch is still pending and this upload's.
-        check_owner(&batch, upload_id)?;
+        Self::owned_batch(&mut tx, sku, batch_id, upload_id, self.dialect.lock_rows).await?;
         sqlx::query(
             "UPDATE batches SET accepted = $3, rejected = $4, duplicate = $5, upload_id = NULL, \
              touched_at_ms = $6 WHERE sku = $1 AND batch_id = $2",
@@ -251,15 +244,13 @@ where
         now_ms: i64,
     ) -> Result<BatchRecord, LedgerError> {
         let mut tx = self.begin_write().await?;
-        let batch = Self::batch_in(&mut tx, sku, batch_id, self.dialect.lock_rows)
-            .await?
-            .ok_or_else(|| LedgerError::NotFound(format!("batch {batch_id} of SKU {sku}")))?;
+        let batch = Self::known_batch(&mut tx, sku, batch_id, self.dialect.lock_rows).await?;
         let batch = match (batch.state.as_str(), &batch.upload_id) {
             ("active", _) => batch,
             // Its upload has not finished: part of the file may not be here yet, and the
             // upload would find its batch gone from under it.
             ("pending", Some(_)) => {
-                let silent_ms = now_ms.saturating_sub(batch.touched_at_ms.unwrap_or(i64::MIN));
+                let silent_ms = silent_ms(&batch, now_ms);
                 let why = if silent_ms < UPLOAD_LEASE_MS {
                     "its upload has not finished".to_owned()
                 } else {
@@ -281,11 +272,7 @@ where
                 }
             }
             // A refused or interrupted upload left nothing behind: its batch id is unused.
-            ("aborted", _) => {
-                return Err(LedgerError::NotFound(format!(
-                    "batch {batch_id} of SKU {sku}"
-                )))
-            }
+            ("aborted", _) => return Err(no_such_batch(sku, batch_id)),
             (state, _) => {
                 return Err(LedgerError::Corrupt(format!(
                     "batch {batch_id} of SKU {sku} is in state {state}"
@@ -304,9 +291,7 @@ where
         upload_id: &str,
     ) -> Result<(), LedgerError> {
         let mut tx = self.begin_write().await?;
-        let batch = Self::batch_in(&mut tx, sku, batch_id, self.dialect.lock_rows)
-            .await?
-            .ok_or_else(|| LedgerError::NotFound(format!("batch {batch_id} of SKU {sku}")))?;
+        let batch = Self::known_batch(&mut tx, sku, batch_id, self.dialect.lock_rows).await?;
         match batch.state.as_str() {
             "aborted" => return Ok(()),
             "active" => {
@@ -318,11 +303,7 @@ where
         }
         // A successor's keys are not this upload's to delete.
         check_owner(&batch, upload_id)?;
-        sqlx::query("DELETE FROM keys WHERE sku = $1 AND batch_id = $2")
-            .bind(sku)
-            .bind(batch_id)
-            .execute(&mut *tx)
-            .await?;
+        Self::delete_keys(&mut tx, sku, batch_id).await?;
         sqlx::query(
             "UPDATE batches SET state = 'aborted', upload_id = NULL \
              WHERE sku = $1 AND batch_id = $2",
@@ -352,6 +333,18 @@ where
         row.map(|r| Self::batch_from_row(&r)).transpose()
     }
 
+    /// A batch that must exist, read inside `conn`'s transaction with the lock clause `lock`.
+    async fn known_batch(
+        conn: &mut DB::Connection,
+        sku: &str,
+        batch_id: &str,
+        lock: &str,
+    ) -> Result<BatchRecord, LedgerError> {
+        Self::batch_in(conn, sku, batch_id, lock)
+            .await?
+            .ok_or_else(|| no_such_batch(sku, batch_id))
+    }
+
     /// The pending batch upload `upload_id` is filling, read inside `conn`'s transaction with
     /// the lock clause `lock` (see [`check_owner`]).
     async fn owned_batch(
@@ -361,9 +354,7 @@ where
         upload_id: &str,
         lock: &str,
     ) -> Result<BatchRecord, LedgerError> {
-        let batch = Self::batch_in(conn, sku, batch_id, lock)
-            .await?
-            .ok_or_else(|| LedgerError::NotFound(format!("batch {batch_id} of SKU {sku}")))?;
+        let batch = Self::known_batch(conn, sku, batch_id, lock).await?;
         check_owner(&batch, upload_id)?;
         Ok(batch)
     }
@@ -389,6 +380,20 @@ where
         .bind(now_ms)
         .execute(&mut *conn)
         .await?;
+        Ok(())
+    }
+
+    /// Deletes a pending batch's keys, none of which was ever visible.
+    async fn delete_keys(
+        conn: &mut DB::Connection,
+        sku: &str,
+        batch_id: &str,
+    ) -> Result<(), LedgerError> {
+        sqlx::query("DELETE FROM keys WHERE sku = $1 AND batch_id = $2")
+            .bind(sku)
+            .bind(batch_id)
+            .execute(&mut *conn)
+            .await?;
         Ok(())
     }
 
@@ -426,6 +431,16 @@ fn check_owner(batch: &BatchRecord, upload_id: &str) -> Result<(), LedgerError> 
         )));
     }
     Ok(())
+}
+
+/// The answer for a batch id the SKU does not have.
+fn no_such_batch(sku: &str, batch_id: &str) -> LedgerError {
+    LedgerError::NotFound(format!("batch {batch_id} of SKU {sku}"))
+}
+
+/// How long a batch's upload has given no sign of life, at `now_ms`.
+fn silent_ms(batch: &BatchRecord, now_ms: i64) -> i64 {
+    now_ms.saturating_sub(batch.touched_at_ms.unwrap_or(i64::MIN))
 }
 
 /// A count to store.
