@@ -26,6 +26,10 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+mod spec;
+
+pub use spec::SpecError;
+
 /// The longest code any format accepts, in characters (after normalisation).
 pub const MAX_CODE_LENGTH: usize = 256;
 
@@ -399,104 +403,6 @@ impl Format {
         }
     }
 
-    /// Checks that a format spec is usable; `Err(message)` is suitable for a 400 response.
-    ///
-    /// Rules: version is [`FORMAT_VERSION`]; the charset has at least two symbols, all
-    /// printable ASCII other than space and `-`, without duplicates, and no lower-case
-    /// letters unless `case_sensitive`; `1 <= min_length <= max_length <= 256`; `group_size`
-    /// is 0 or at most `max_length`; a check character needs `max_length >= 2`; the
-    /// `crockford32` preset allows no other charset and no case sensitivity.
-    pub fn validate_spec(&self) -> Result<(), String> {
-        if self.version != FORMAT_VERSION {
-            return Err(format!(
-                "unsupported format version {}: only version {FORMAT_VERSION} is supported",
-                self.version
-            ));
-        }
-        if self.preset == Preset::Crockford32 {
-            if self
-                .charset
-                .as_deref()
-                .is_some_and(|c| c != CROCKFORD32_CHARSET)
-            {
-                return Err(
-                    "preset \"crockford32\" fixes the charset: omit \"charset\" or use \
-                            preset \"default\" with a custom charset"
-                        .to_owned(),
-                );
-            }
-            if self.case_sensitive {
-                return Err(
-                    "preset \"crockford32\" is case-insensitive: \"case_sensitive\" \
-                            must be false"
-                        .to_owned(),
-                );
-            }
-        }
-
-        let charset = self.effective_charset();
-        if charset.is_empty() {
-            return Err("charset must not be empty".to_owned());
-        }
-        let mut seen = [false; 128];
-        for (i, c) in charset.chars().enumerate() {
-            let position = i + 1;
-            if !c.is_ascii_graphic() || c == '-' {
-                return Err(format!(
-                    "charset character {position} is not allowed: only printable ASCII other \
-                     than space and '-' may be used"
-                ));
-            }
-            if c.is_ascii_lowercase() && !self.case_sensitive {
-                return Err(format!(
-                    "charset character {position} ({c:?}) is lower-case but the format is \
-                     case-insensitive (codes are upper-cased before checking): use upper-case \
-                     letters or set \"case_sensitive\": true"
-                ));
-            }
-            // `c` is ASCII here, so the index is in bounds.
-            if let Some(slot) = seen.get_mut(c as usize) {
-                if *slot {
-                    return Err(format!(
-                        "charset character {position} ({c:?}) is a duplicate: each symbol may \
-                         appear once"
-                    ));
-                }
-                *slot = true;
-            }
-        }
-        if charset.len() < 2 {
-            return Err("charset needs at least 2 symbols".to_owned());
-        }
-
-        if self.min_length < 1 {
-            return Err("min_length must be at least 1".to_owned());
-        }
-        if self.max_length > MAX_CODE_LENGTH {
-            return Err(format!("max_length must be at most {MAX_CODE_LENGTH}"));
-        }
-        if self.min_length > self.max_length {
-            return Err(format!(
-                "min_length ({}) must not exceed max_length ({})",
-                self.min_length, self.max_length
-            ));
-        }
-        if self.group_size > self.max_length {
-            return Err(format!(
-                "group_size must be 0 (no grouping) or at most max_length ({})",
-                self.max_length
-            ));
-        }
-        if self.check == Check::Luhn && self.max_length < 2 {
-            return Err(
-                "check \"luhn\" needs max_length of at least 2 (the check character \
-                        is part of the code)"
-                    .to_owned(),
-            );
-        }
-        Ok(())
-    }
-
     /// Normalisation only: trim (Unicode whitespace), drop every space and `-`, upper-case
     /// ASCII letters unless `case_sensitive`, then map look-alikes (`O`→`0`, `I`→`1`,
     /// `L`→`1`) where the target is in the charset and the source is not.
@@ -623,25 +529,31 @@ impl Format {
             indices.push(luhn_check_index(&indices, alphabet.len()));
         }
 
-        // `chunks` needs a non-zero size; no grouping is one group of everything.
-        let group_size = match self.group_size {
-            0 => indices.len().max(1),
-            size => size,
-        };
-        let mut code = String::with_capacity(length + length / group_size);
-        for (g, group) in indices.chunks(group_size).enumerate() {
-            if g > 0 {
-                code.push('-');
-            }
-            // Indices come from `0..alphabet.len()` or `luhn_check_index` (always below it).
-            code.extend(
-                group
-                    .iter()
-                    .filter_map(|&i| alphabet.get(i))
-                    .map(|&b| char::from(b)),
-            );
+        // Indices come from `0..alphabet.len()` or `luhn_check_index` (always below it).
+        let canonical: String = indices
+            .iter()
+            .filter_map(|&i| alphabet.get(i))
+            .map(|&b| char::from(b))
+            .collect();
+        self.display(&canonical)
+    }
+
+    /// A canonical code in display form: a `-` between groups of `group_size` characters,
+    /// unchanged without grouping. Input is accepted grouped or not, so this is only how a
+    /// code is shown — by `kamigate gen` and in every answer that returns codes — one form
+    /// per SKU, whatever form the code was imported in.
+    pub fn display(&self, canonical: &str) -> String {
+        if self.group_size == 0 {
+            return canonical.to_owned();
         }
-        code
+        let mut shown = String::with_capacity(canonical.len() + canonical.len() / self.group_size);
+        for (i, c) in canonical.chars().enumerate() {
+            if i > 0 && i % self.group_size == 0 {
+                shown.push('-');
+            }
+            shown.push(c);
+        }
+        shown
     }
 }
 

@@ -152,7 +152,7 @@ fn null_charset_means_preset_charset() {
 
 fn spec_error(format: Format) -> String {
     match format.validate_spec() {
-        Err(message) => message,
+        Err(e) => e.to_string(),
         Ok(()) => panic!("spec unexpectedly valid: {format:?}"),
     }
 }
@@ -553,6 +553,32 @@ fn generate_lengths_and_grouping() {
 }
 
 #[test]
+fn display_groups_a_canonical_code() {
+    assert_eq!(
+        Format::crockford32(10, 4, false).display("ABCDEFGHJK"),
+        "ABCD-EFGH-JK"
+    );
+    assert_eq!(
+        Format::crockford32(8, 4, false).display("ABCDEFGH"),
+        "ABCD-EFGH"
+    );
+    assert_eq!(
+        Format::crockford32(8, 8, false).display("ABCDEFGH"),
+        "ABCDEFGH"
+    );
+    assert_eq!(Format::default().display("ABCDEFGH"), "ABCDEFGH");
+    assert_eq!(Format::crockford32(8, 4, false).display(""), "");
+    // Any canonical code, whichever format version it came under: only dashes are added,
+    // and every format drops them on input.
+    let grouped = Format::crockford32(16, 4, true);
+    assert_eq!(grouped.display("OLDCODE0002XYZ"), "OLDC-ODE0-002X-YZ");
+    assert_eq!(
+        Format::default().validate(&grouped.display("OLDCODE0002XYZ")),
+        Ok("OLDCODE0002XYZ".to_owned())
+    );
+}
+
+#[test]
 fn generate_on_an_unusable_format_does_not_panic() {
     let mut rng = StdRng::seed_from_u64(0);
     assert_eq!(with_charset("").generate(&mut rng), "");
@@ -782,6 +808,8 @@ proptest! {
         prop_assert!(canonical.is_ok(), "{:?}: {:?}", format, canonical);
         let canonical = canonical.unwrap_or_default();
         prop_assert_eq!(canonical.replace('-', ""), code.replace('-', ""));
+        // What gen prints is the display form every answer shows the code in.
+        prop_assert_eq!(format.display(&canonical), code.clone());
         // The canonical form is a fixed point of validation.
         prop_assert_eq!(format.validate(&canonical), Ok(canonical.clone()));
         // Lower-cased and re-spaced input is the same code for case-insensitive formats.
