@@ -176,13 +176,21 @@ enum Command {
         kamigate gen --count 1000 > codes.txt\n  \
         kamigate gen --preset crockford32 --length 16 --group 4 --check --count 5\n  \
         kamigate gen --charset 0123456789 --length 12 --group 0 --check\n  \
-        kamigate gen --format '{\"preset\":\"crockford32\",\"min_length\":10,\"max_length\":10}'")]
+        kamigate gen --format '{\"preset\":\"crockford32\",\"min_length\":10,\"max_length\":10}'\n  \
+        kamigate gen --sku gift-50 --count 1000 --config kamigate.toml")]
     Gen {
         /// How many codes.
         #[arg(long, default_value_t = 10)]
         count: u64,
         #[command(flatten)]
         format: GenFormat,
+        /// Use this SKU's current format, as its ledger records it, instead of the options
+        /// above.
+        #[arg(long, conflicts_with_all = ["preset", "charset", "length", "group", "check", "case_sensitive", "format"])]
+        sku: Option<String>,
+        /// TOML configuration file (as for serve): it names the ledger (with --sku).
+        #[arg(long, requires = "sku")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -386,7 +394,30 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
-        Command::Gen { count, format } => gen(count, &format),
+        Command::Gen {
+            count,
+            format,
+            sku: None,
+            config: _,
+        } => match format.build() {
+            Ok(format) => match gen(count, &format) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            },
+            Err(message) => {
+                eprintln!("kamigate gen: {message}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Gen {
+            count,
+            sku: Some(sku),
+            config,
+            ..
+        } => operate(config, |config| async move {
+            let format = kamigate::commands::sku_format(&config, &sku).await?;
+            gen(count, &format).map_err(kamigate::commands::CommandError::Output)
+        }),
     }
 }
 
@@ -569,23 +600,15 @@ fn colour_logs() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
-fn gen(count: u64, options: &GenFormat) -> ExitCode {
-    let format = match options.build() {
-        Ok(format) => format,
-        Err(message) => {
-            eprintln!("kamigate gen: {message}");
-            return ExitCode::from(2);
-        }
-    };
+/// Prints `count` fresh codes of `format`, one per line, in its display form.
+fn gen(count: u64, format: &Format) -> std::io::Result<()> {
+    use std::io::Write;
     let mut rng = rand::rng();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for _ in 0..count {
-        use std::io::Write;
-        if writeln!(out, "{}", format.generate(&mut rng)).is_err() {
-            return ExitCode::FAILURE;
-        }
+        writeln!(out, "{}", format.generate(&mut rng))?;
     }
-    ExitCode::SUCCESS
+    out.flush()
 }
 
 impl GenFormat {
@@ -840,8 +863,12 @@ mod tests {
             message.contains("--format") && message.contains("groups"),
             "{message}"
         );
-        // --format stands alone.
+        // --format and --sku stand alone; --config is the ledger's, for --sku.
         let refused = gen_format(&["--format", "{}", "--length", "8"]).unwrap_err();
         assert!(refused.contains("--length"), "{refused}");
+        let refused = gen_format(&["--sku", "gift-50", "--group", "0"]).unwrap_err();
+        assert!(refused.contains("--group"), "{refused}");
+        let refused = gen_format(&["--config", "kamigate.toml"]).unwrap_err();
+        assert!(refused.contains("--sku"), "{refused}");
     }
 }
