@@ -171,7 +171,8 @@ enum Command {
     /// The options are those of a SKU's "format" (PUT /v1/skus/{sku}), so every code printed
     /// validates under a SKU created with the same options: --preset, --charset, --length
     /// (both min_length and max_length), --group (group_size), --check ("check":"luhn") and
-    /// --case-sensitive; or the whole "format" object with --format.
+    /// --case-sensitive; or the whole "format" object with --format; or the current format
+    /// of an existing SKU with --sku.
     #[command(after_help = "Examples:\n  \
         kamigate gen --count 1000 > codes.txt\n  \
         kamigate gen --preset crockford32 --length 16 --group 4 --check --count 5\n  \
