@@ -631,6 +631,14 @@ async fn the_shutdown_delay_is_taken_only_when_something_may_route_here() {
     // Never probed, but a client holds a connection to the public listener.
     let log = dir.path().join("connected.log");
     let (child, public, _) = serve_logging_to(&dir.path().join("c"), &log, &[]);
+    // Serving first: while starting, the listeners answer one request per connection.
+    eventually(
+        Duration::from_secs(20),
+        "the gateway to say it serves",
+        || async { std::fs::read_to_string(&log).unwrap_or_default() },
+        |text| text.contains("kamigate is serving"),
+    )
+    .await;
     let client = reqwest::Client::new();
     let health = format!("http://127.0.0.1:{public}/healthz");
     eventually(

@@ -38,7 +38,8 @@ pub struct Waiting {
 
 /// Serves `public` and `admin` as described above until `work` finishes, and returns its
 /// output. `waiting` is read at each request. Connections still open when `work` finishes
-/// are closed.
+/// are left to end by themselves: each serves one request, and a client slow to send it
+/// meets the header read timeout.
 pub async fn serve_while<F: Future>(
     public: &TcpListener,
     admin: &TcpListener,
@@ -52,7 +53,10 @@ pub async fn serve_while<F: Future>(
     tokio::pin!(work);
     loop {
         let (accepted, which) = tokio::select! {
-            output = &mut work => return output,
+            output = &mut work => {
+                connections.detach_all();
+                return output;
+            }
             accepted = public.accept() => (accepted, Listener::Public),
             accepted = admin.accept() => (accepted, Listener::Admin),
             // Reap finished connections, so the set stays as large as what is open.
