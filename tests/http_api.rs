@@ -161,6 +161,13 @@ async fn every_route_refuses_callers_without_the_token_its_table_entry_declares(
                 assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}");
                 assert_eq!(
                     res.headers()
+                        .get("www-authenticate")
+                        .and_then(|v| v.to_str().ok()),
+                    Some("Bearer realm=\"kamigate\""),
+                    "{what} names the scheme it wants"
+                );
+                assert_eq!(
+                    res.headers()
                         .get("content-type")
                         .and_then(|v| v.to_str().ok()),
                     Some("application/json"),
