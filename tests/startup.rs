@@ -122,6 +122,18 @@ async fn reason_naming(admin: &str, what: &str) -> String {
     body["reason"].as_str().expect("a reason").to_owned()
 }
 
+/// Creates `sku` with default settings through the admin listener at `admin`.
+async fn create_sku(client: &reqwest::Client, admin: &str, sku: &str) -> StatusCode {
+    client
+        .put(format!("{admin}/v1/skus/{sku}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("PUT answers")
+        .status()
+}
+
 fn log_of(path: &Path) -> String {
     String::from_utf8_lossy(&std::fs::read(path).expect("log read")).into_owned()
 }
@@ -176,14 +188,8 @@ async fn a_gateway_started_before_redis_waits_for_it_then_serves() {
 
     redis.restart().await;
     wait_ready(&gateway.admin, WITHIN).await;
-    let created = client
-        .put(format!("{}/v1/skus/early", gateway.admin))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("PUT answers");
-    assert_eq!(created.status(), StatusCode::CREATED);
+    let created = create_sku(&client, &gateway.admin, "early").await;
+    assert_eq!(created, StatusCode::CREATED);
     let imported = client
         .post(format!(
             "{}/v1/skus/early/batches?batch_id=b1",
@@ -239,14 +245,8 @@ async fn a_gateway_started_before_postgresql_waits_for_it_then_serves() {
     postgres.up();
     wait_ready(&gateway.admin, WITHIN).await;
     let client = reqwest::Client::new();
-    let created = client
-        .put(format!("{}/v1/skus/late-db", gateway.admin))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("PUT answers");
-    assert_eq!(created.status(), StatusCode::CREATED, "the ledger took it");
+    let created = create_sku(&client, &gateway.admin, "late-db").await;
+    assert_eq!(created, StatusCode::CREATED, "the ledger took it");
 
     terminate(gateway.child).await;
     assert_human(&log_of(&log));
