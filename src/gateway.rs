@@ -129,8 +129,8 @@ pub struct Gateway {
 
 impl Gateway {
     /// Binds both listeners, opens the engine and the ledger (waiting for them while they
-    /// cannot be reached, see [`open_dependencies`]) and starts serving. Returns once the
-    /// gateway serves.
+    /// cannot be reached: see the README, "Starting before Redis or PostgreSQL") and starts
+    /// serving. Returns once the gateway serves.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
         Gateway::launch(config, None).await
     }
