@@ -1,7 +1,8 @@
-//! The operator commands besides `serve`: `import`, `warm`, `reconcile`, `rekey`, and the
-//! incident controls `pause`, `resume` and `pauses`. They open the same ledger and engine a gateway
-//! with the same configuration would; the incident controls open only the ledger, so they
-//! work while the engine is down.
+//! The operator commands besides `serve`: `import`, `warm`, `reconcile`, `rekey`, the
+//! incident controls `pause`, `resume` and `pauses`, and `gen --sku`'s look-up of a SKU's
+//! format. They open the same ledger and engine a gateway with the same configuration would;
+//! the incident controls and `gen --sku` open only the ledger, so they work while the engine
+//! is down.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::io::AsyncReadExt;
 
 use crate::clock;
+use crate::code::Format;
 use crate::config::Config;
 use crate::datadir;
 use crate::engine::EngineKind;
@@ -45,6 +47,9 @@ pub enum CommandError {
     /// do about it.
     #[error("SKU {0} not found: create it first with PUT /v1/skus/{0} on the admin listener")]
     NoSku(String),
+    /// Standard output could not take what the command printed (a closed pipe, a full disk).
+    #[error("writing to standard output: {0}")]
+    Output(#[source] std::io::Error),
     #[error("reading {path}: {source}")]
     Read {
         path: String,
@@ -67,6 +72,14 @@ async fn settings(ledger: &dyn Ledger, sku: &str) -> Result<SkuConfig, CommandEr
         .ok_or_else(|| CommandError::NoSku(sku.to_owned()))?;
     serde_json::from_str(&record.config_json)
         .map_err(|e| Error::Internal(format!("ledger settings of SKU {sku}: {e}")).into())
+}
+
+/// The format of a SKU as its ledger records it, for `kamigate gen --sku S`: only the
+/// ledger is opened, so this works with or without a gateway running.
+pub async fn sku_format(config: &Config, sku: &str) -> Result<Format, CommandError> {
+    check_sku(sku)?;
+    let ledger = ledger::open(config.database_url.as_deref(), &config.data_dir).await?;
+    Ok(settings(ledger.as_ref(), sku).await?.format)
 }
 
 /// `kamigate import FILE --sku S --batch B`: streams a file into the ledger, with a progress

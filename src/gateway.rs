@@ -16,6 +16,7 @@ use crate::datadir::{self, DataDirLock, LockError};
 use crate::engine::embedded::EmbeddedEngine;
 use crate::engine::redis::{RedisEngine, RedisOptions};
 use crate::engine::{EngineError, EngineKind, ScriptEngine, SCRIPTS};
+use crate::http::starting::Waiting;
 use crate::http::{self, App, Limits};
 use crate::inventory::drift::Drift;
 use crate::inventory::rekey;
@@ -31,9 +32,9 @@ use dashmap::DashMap;
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("engine: {0}")]
+    #[error("{0}")]
     Engine(#[from] EngineError),
-    #[error("ledger: {0}")]
+    #[error("{0}")]
     Ledger(#[from] LedgerError),
     #[error("{0}")]
     DataDir(#[from] LockError),
@@ -134,6 +135,63 @@ pub async fn open_engine(config: &Config) -> Result<Arc<dyn ScriptEngine>, Engin
     })
 }
 
+/// The first wait between attempts to reach a dependency at start; it doubles up to
+/// [`START_RETRY_MAX`].
+const START_RETRY_MIN: Duration = Duration::from_millis(250);
+const START_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Opens the engine (unless given) and the ledger. While Redis or PostgreSQL cannot be
+/// reached it says so in `waiting` (what `/readyz` answers meanwhile) and in the log, and
+/// tries again with backoff, for as long as it takes: dependencies often start after the
+/// gateway. A mistake (a malformed URL, a refused password, an unusable data dir) ends the
+/// start instead.
+async fn open_dependencies(
+    config: &Config,
+    inventory: Option<Inventory>,
+    waiting: &watch::Sender<Waiting>,
+) -> Result<(Inventory, Arc<dyn Ledger>), StartError> {
+    let wait = |summary: &str, why: String, delay: &mut Duration| {
+        let detail = format!("{why}; next attempt in {} ms", delay.as_millis());
+        tracing::warn!("{detail}");
+        waiting.send_replace(Waiting {
+            summary: summary.to_owned(),
+            detail,
+        });
+        let now = *delay;
+        *delay = (*delay * 2).min(START_RETRY_MAX);
+        tokio::time::sleep(now)
+    };
+    let inventory = match inventory {
+        Some(inventory) => inventory,
+        None => {
+            if let Some(url) = &config.redis_url {
+                RedisEngine::check_url(url)?;
+            }
+            let mut delay = START_RETRY_MIN;
+            loop {
+                match open_engine(config).await {
+                    Ok(engine) => break Inventory::new(engine),
+                    Err(EngineError::Unavailable(why)) => {
+                        wait("waiting for Redis", why, &mut delay).await
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    };
+    let mut delay = START_RETRY_MIN;
+    let ledger = loop {
+        match ledger::open(config.database_url.as_deref(), &config.data_dir).await {
+            Ok(ledger) => break ledger,
+            Err(LedgerError::Unavailable(why)) => {
+                wait("waiting for the ledger database", why, &mut delay).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    Ok((inventory, ledger))
+}
+
 /// A running gateway.
 pub struct Gateway {
     pub app: Arc<App>,
@@ -151,33 +209,37 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Opens the engine, binds both listeners and starts serving.
+    /// Binds both listeners, opens the engine and the ledger (waiting for them while they
+    /// cannot be reached: see the README, "Starting before Redis or PostgreSQL") and starts
+    /// serving. Returns once the gateway serves.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
-        let engine = open_engine(&config).await?;
-        Gateway::start_with(config, Inventory::new(engine)).await
+        Gateway::launch(config, None).await
     }
 
     /// Starts serving over an already opened inventory (tests inject clocks this way); the
     /// ledger is opened from `config`, and the engine is given every SKU it lacks.
     pub async fn start_with(config: Config, inventory: Inventory) -> Result<Gateway, StartError> {
+        Gateway::launch(config, Some(inventory)).await
+    }
+
+    async fn launch(config: Config, inventory: Option<Inventory>) -> Result<Gateway, StartError> {
+        let kind = match (&inventory, &config.redis_url) {
+            (Some(inventory), _) => inventory.engine().kind(),
+            (None, Some(_)) => EngineKind::Redis,
+            (None, None) => EngineKind::Embedded,
+        };
         // The recorder first: the start itself (the rebuild below, the limiters' handles)
         // records metrics, and label sets registered now read 0 from the first scrape.
         m::handle();
         m::sku_labels().set_max(config.metrics_max_skus);
-        m::initialise(
-            inventory.engine().kind().as_str(),
-            SCRIPTS.all().into_iter().map(|s| s.name()),
-        );
+        m::initialise(kind.as_str(), SCRIPTS.all().into_iter().map(|s| s.name()));
         http::register_metrics();
         // The embedded engine is this process: a second one on the same data dir would be a
         // second inventory of the same codes.
-        let lock = match inventory.engine().kind() {
+        let lock = match kind {
             EngineKind::Embedded => Some(datadir::lock(&config.data_dir)?),
             EngineKind::Redis => None,
         };
-        let ledger = ledger::open(config.database_url.as_deref(), &config.data_dir).await?;
-        open_keys(&config, ledger.as_ref(), &inventory, true).await?;
-        let cursors = Arc::new(WarmCursors::new());
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -200,6 +262,20 @@ impl Gateway {
         )?;
         let (merchant_token, admin_token) = (tokens.merchant, tokens.admin);
         let limits = Limits::from_config(&config);
+        let (waiting, waited) = watch::channel(Waiting {
+            summary: "starting".into(),
+            detail: "opening the engine and the ledger".into(),
+        });
+        let (inventory, ledger) = http::starting::serve_while(
+            &public,
+            &admin,
+            limits.head,
+            waited,
+            open_dependencies(&config, inventory, &waiting),
+        )
+        .await?;
+        open_keys(&config, ledger.as_ref(), &inventory, true).await?;
+        let cursors = Arc::new(WarmCursors::new());
         let writer = EventWriter::new(
             inventory.engine().clone(),
             ledger.clone(),

@@ -16,7 +16,8 @@
 //! - [`clock`]: the one notion of "now", injected so tests move time by hand.
 //! - [`config`]: configuration from defaults, a TOML file and `KAMIGATE_*` variables.
 //! - [`error`]: the API's error type, its HTTP status and JSON envelope.
-//! - [`code`]: code formats: normalise, validate, check character, generate (pure).
+//! - [`code`]: code formats: normalise, validate, check character, generate, display form
+//!   (pure); `code/spec.rs` says which format specs are usable.
 //! - [`sku`]: SKU settings and identifier rules.
 //! - [`datadir`]: one gateway per data dir (an OS lock).
 //! - [`tokens`]: bearer tokens generated when none are configured, kept in the data dir.

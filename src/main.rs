@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kamigate::code::Format;
+use kamigate::code::{Check, Format, Preset, SpecError, MAX_CODE_LENGTH};
 use kamigate::config::Config;
 use kamigate::error::timestamp;
 use kamigate::gateway::Gateway;
@@ -192,24 +192,61 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Print random codes for a format, one per line.
+    /// Print random codes, one per line, in the format's display form (grouped as the SKU
+    /// shows its codes).
+    ///
+    /// The options are those of a SKU's "format" (PUT /v1/skus/{sku}), so every code printed
+    /// validates under a SKU created with the same options: --preset, --charset, --length
+    /// (both min_length and max_length), --group (group_size), --check ("check":"luhn") and
+    /// --case-sensitive; or the whole "format" object with --format; or the current format
+    /// of an existing SKU with --sku.
     #[command(after_help = "Examples:\n  \
         kamigate gen --count 1000 > codes.txt\n  \
-        kamigate gen --length 12 --group 0 --check")]
+        kamigate gen --preset crockford32 --length 16 --group 4 --check --count 5\n  \
+        kamigate gen --charset 0123456789 --length 12 --group 0 --check\n  \
+        kamigate gen --format '{\"preset\":\"crockford32\",\"min_length\":10,\"max_length\":10}'\n  \
+        kamigate gen --sku gift-50 --count 1000 --config kamigate.toml")]
     Gen {
         /// How many codes.
         #[arg(long, default_value_t = 10)]
         count: u64,
-        /// Code length, including the check character.
-        #[arg(long, default_value_t = 16)]
-        length: usize,
-        /// Insert '-' every N characters for display (0: none).
-        #[arg(long, default_value_t = 4)]
-        group: usize,
-        /// Append a Luhn mod 32 check character.
-        #[arg(long)]
-        check: bool,
+        #[command(flatten)]
+        format: GenFormat,
+        /// Use this SKU's current format, as its ledger records it, instead of the options
+        /// above.
+        #[arg(long, conflicts_with_all = ["preset", "charset", "length", "group", "check", "case_sensitive", "format"])]
+        sku: Option<String>,
+        /// TOML configuration file (as for serve): it names the ledger (with --sku).
+        #[arg(long, requires = "sku")]
+        config: Option<PathBuf>,
     },
+}
+
+/// The format options of `kamigate gen`: a SKU's format, spelled as flags.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+struct GenFormat {
+    /// The preset the format starts from [default: crockford32, or default with --charset].
+    #[arg(long, value_parser = ["default", "crockford32"])]
+    preset: Option<String>,
+    /// The symbols codes are made of, in check-character order (with --preset default).
+    #[arg(long)]
+    charset: Option<String>,
+    /// Code length, including the check character.
+    #[arg(long, default_value_t = 16)]
+    length: usize,
+    /// Insert '-' every N characters for display (0: none).
+    #[arg(long, default_value_t = 4)]
+    group: usize,
+    /// Append a Luhn mod N check character (N: the charset's size), which catches every
+    /// single-character typo.
+    #[arg(long)]
+    check: bool,
+    /// Keep letters' case (a --charset may then hold lower-case letters).
+    #[arg(long)]
+    case_sensitive: bool,
+    /// A SKU's whole "format" object, as JSON, instead of the options above.
+    #[arg(long, value_name = "JSON", conflicts_with_all = ["preset", "charset", "length", "group", "check", "case_sensitive"])]
+    format: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -417,10 +454,28 @@ fn main() -> ExitCode {
         }),
         Command::Gen {
             count,
-            length,
-            group,
-            check,
-        } => gen(count, length, group, check),
+            format,
+            sku: None,
+            config: _,
+        } => match format.build() {
+            Ok(format) => match gen(count, &format) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            },
+            Err(message) => {
+                eprintln!("kamigate gen: {message}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Gen {
+            count,
+            sku: Some(sku),
+            config,
+            ..
+        } => operate(config, |config| async move {
+            let format = kamigate::commands::sku_format(&config, &sku).await?;
+            gen(count, &format).map_err(kamigate::commands::CommandError::Output)
+        }),
     }
 }
 
@@ -483,7 +538,15 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
             "embedded"
         };
         let log_json = config.log_json;
-        let gateway = match Gateway::start(config).await {
+        // A gateway waiting for Redis or PostgreSQL at start can be stopped like a running one.
+        let started = tokio::select! {
+            started = Gateway::start(config) => started,
+            _ = shutdown_signal() => {
+                tracing::info!("stopped before serving");
+                return ExitCode::SUCCESS;
+            }
+        };
+        let gateway = match started {
             Ok(gateway) => gateway,
             Err(e) => {
                 eprintln!("kamigate: {e}");
@@ -595,28 +658,96 @@ fn colour_logs() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
-fn gen(count: u64, length: usize, group: usize, check: bool) -> ExitCode {
-    let format = Format::crockford32(length, group, check);
-    if let Err(e) = format.validate_spec() {
-        eprintln!("kamigate gen: {e}");
-        return ExitCode::from(2);
-    }
+/// Prints `count` fresh codes of `format`, one per line, in its display form.
+fn gen(count: u64, format: &Format) -> std::io::Result<()> {
+    use std::io::Write;
     let mut rng = rand::rng();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for _ in 0..count {
-        use std::io::Write;
-        if writeln!(out, "{}", format.generate(&mut rng)).is_err() {
-            return ExitCode::FAILURE;
-        }
+        writeln!(out, "{}", format.generate(&mut rng))?;
     }
-    ExitCode::SUCCESS
+    out.flush()
+}
+
+impl GenFormat {
+    /// The format these options describe, the very one a SKU created with the same options
+    /// has; or why there is none, in terms of the flags given.
+    fn build(&self) -> Result<Format, String> {
+        if let Some(json) = &self.format {
+            // The user wrote the JSON: its own field names are the right words.
+            let format: Format =
+                serde_json::from_str(json).map_err(|e| format!("--format: {e}"))?;
+            format
+                .validate_spec()
+                .map_err(|e| format!("--format: {e}"))?;
+            return Ok(format);
+        }
+        let preset = match (self.preset.as_deref(), &self.charset) {
+            (Some("crockford32"), _) | (None, None) => Preset::Crockford32,
+            _ => Preset::Default,
+        };
+        let format = Format {
+            preset,
+            charset: self.charset.clone(),
+            min_length: self.length,
+            max_length: self.length,
+            group_size: self.group,
+            case_sensitive: self.case_sensitive,
+            check: if self.check { Check::Luhn } else { Check::None },
+            ..Format::default()
+        };
+        format.validate_spec().map_err(|e| flag_message(&e))?;
+        Ok(format)
+    }
+}
+
+/// A format spec error in terms of `kamigate gen`'s flags rather than the JSON fields that
+/// `SpecError`'s `Display` names: a person who typed `--group 20` must not be told about
+/// `group_size`.
+fn flag_message(e: &SpecError) -> String {
+    match e {
+        SpecError::PresetCharset => "--charset cannot be used with --preset crockford32, which \
+            fixes its charset: use --preset default with --charset"
+            .to_owned(),
+        SpecError::PresetCaseSensitive => "--case-sensitive cannot be used with --preset \
+            crockford32, which is case-insensitive: give a --charset instead"
+            .to_owned(),
+        SpecError::EmptyCharset => "--charset must not be empty".to_owned(),
+        SpecError::CharsetSymbol { position } => format!(
+            "--charset: character {position} is not allowed: only printable ASCII other than \
+             space and '-' may be used"
+        ),
+        SpecError::CharsetLowerCase { position, symbol } => format!(
+            "--charset: character {position} ({symbol:?}) is lower-case, but codes are \
+             upper-cased before checking: use upper-case letters or add --case-sensitive"
+        ),
+        SpecError::CharsetDuplicate { position, symbol } => format!(
+            "--charset: character {position} ({symbol:?}) is a duplicate: each symbol may \
+             appear once"
+        ),
+        SpecError::CharsetTooSmall => "--charset needs at least 2 symbols".to_owned(),
+        SpecError::MinLengthZero => "--length must be at least 1".to_owned(),
+        SpecError::MaxLengthTooLong => format!("--length must be at most {MAX_CODE_LENGTH}"),
+        // --length sets both ends, so they cannot cross; said in its terms all the same.
+        SpecError::LengthsCrossed { .. } => "--length is not a usable length".to_owned(),
+        SpecError::GroupTooLarge { max } => {
+            format!("--group must be 0 (no grouping) or at most --length ({max})")
+        }
+        SpecError::CheckTooShort => "--check needs --length of at least 2 (the check \
+            character is part of the code)"
+            .to_owned(),
+        // Flags always make a format of this build's version.
+        SpecError::Version(_) => e.to_string(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
+    use clap::{CommandFactory, Parser};
+    use kamigate::code::Format;
+    use serde_json::json;
 
-    use super::Cli;
+    use super::{Cli, Command};
 
     /// `--help` of every subcommand explains each of its flags and shows examples.
     #[test]
@@ -644,5 +775,158 @@ mod tests {
                 assert!(described, "{name} --{id} has no description");
             }
         }
+    }
+
+    /// The format `kamigate gen ARGS` would print codes of, or its error message.
+    fn gen_format(args: &[&str]) -> Result<Format, String> {
+        let cli = Cli::try_parse_from(["kamigate", "gen"].iter().chain(args))
+            .map_err(|e| format!("clap refused {args:?}: {e}"))?;
+        match cli.command {
+            Command::Gen { format, .. } => format.build(),
+            _ => unreachable!("parsed as gen"),
+        }
+    }
+
+    fn sku_format(format: serde_json::Value) -> Format {
+        serde_json::from_value(format).expect("a SKU's format")
+    }
+
+    /// Codes from `gen` validate under a SKU created with the same options, because the
+    /// options make the very same format.
+    #[test]
+    fn gen_options_make_the_format_a_sku_with_the_same_options_has() {
+        let cases = [
+            (
+                vec![
+                    "--preset",
+                    "crockford32",
+                    "--length",
+                    "16",
+                    "--group",
+                    "4",
+                    "--check",
+                ],
+                json!({"preset":"crockford32","min_length":16,"max_length":16,"group_size":4,"check":"luhn"}),
+            ),
+            (
+                vec![],
+                json!({"preset":"crockford32","min_length":16,"max_length":16,"group_size":4}),
+            ),
+            (
+                vec![
+                    "--charset",
+                    "0123456789",
+                    "--length",
+                    "12",
+                    "--group",
+                    "0",
+                    "--check",
+                ],
+                json!({"charset":"0123456789","min_length":12,"max_length":12,"check":"luhn"}),
+            ),
+            (
+                vec!["--preset", "default", "--length", "8", "--group", "2"],
+                json!({"preset":"default","min_length":8,"max_length":8,"group_size":2}),
+            ),
+            (
+                vec!["--charset", "abcXYZ", "--case-sensitive", "--length", "6"],
+                json!({"charset":"abcXYZ","case_sensitive":true,"min_length":6,"max_length":6,"group_size":4}),
+            ),
+            (
+                vec![
+                    "--format",
+                    r#"{"preset":"crockford32","min_length":10,"max_length":10}"#,
+                ],
+                json!({"preset":"crockford32","min_length":10,"max_length":10}),
+            ),
+        ];
+        for (args, sku) in cases {
+            let format = gen_format(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            let sku = sku_format(sku);
+            assert_eq!(format, sku, "{args:?}");
+            let code = format.generate(&mut rand::rng());
+            let canonical = sku
+                .validate(&code)
+                .expect("a gen code validates under the SKU");
+            assert_eq!(
+                sku.display(&canonical),
+                code,
+                "gen prints the SKU's display form"
+            );
+        }
+    }
+
+    /// A mistake in gen's flags is told in terms of those flags, never of the JSON fields
+    /// (`group_size`, `min_length`, …) the user did not write.
+    #[test]
+    fn gen_errors_name_the_flags_given() {
+        let cases: &[(&[&str], &[&str])] = &[
+            (&["--length", "0"], &["--length", "at least 1"]),
+            (&["--length", "300"], &["--length", "at most 256"]),
+            (
+                &["--length", "16", "--group", "20"],
+                &["--group", "--length (16)"],
+            ),
+            (
+                &["--length", "1", "--group", "0", "--check"],
+                &["--check", "--length"],
+            ),
+            (
+                &["--preset", "crockford32", "--charset", "ABC"],
+                &["--charset", "--preset"],
+            ),
+            (&["--case-sensitive"], &["--case-sensitive", "--charset"]),
+            (&["--charset", ""], &["--charset", "empty"]),
+            (&["--charset", "A"], &["--charset", "2 symbols"]),
+            (
+                &["--charset", "ABA"],
+                &["--charset", "character 3", "duplicate"],
+            ),
+            (&["--charset", "AB C"], &["--charset", "character 3"]),
+            (&["--charset", "abc"], &["--charset", "--case-sensitive"]),
+        ];
+        let internal = [
+            "group_size",
+            "min_length",
+            "max_length",
+            "case_sensitive",
+            "\"charset\"",
+            "\"check\"",
+            "luhn",
+        ];
+        for (args, expected) in cases {
+            let message = match gen_format(args) {
+                Err(message) => message,
+                Ok(format) => panic!("{args:?} accepted: {format:?}"),
+            };
+            for word in *expected {
+                assert!(
+                    message.contains(word),
+                    "{args:?}: {message:?} lacks {word:?}"
+                );
+            }
+            for word in internal {
+                assert!(
+                    !message.contains(word),
+                    "{args:?}: {message:?} names {word}"
+                );
+            }
+        }
+        // The JSON's own words are the right ones for --format.
+        let message = gen_format(&["--format", r#"{"group_size":300}"#]).unwrap_err();
+        assert!(message.starts_with("--format: "), "{message}");
+        assert!(message.contains("group_size"), "{message}");
+        let message = gen_format(&["--format", r#"{"groups":4}"#]).unwrap_err();
+        assert!(
+            message.contains("--format") && message.contains("groups"),
+            "{message}"
+        );
+        // --format and --sku stand alone; --config is the ledger's, for --sku.
+        let refused = gen_format(&["--format", "{}", "--length", "8"]).unwrap_err();
+        assert!(refused.contains("--length"), "{refused}");
+        let refused = gen_format(&["--sku", "gift-50", "--group", "0"]).unwrap_err();
+        assert!(refused.contains("--group"), "{refused}");
+        let refused = gen_format(&["--config", "kamigate.toml"]).unwrap_err();
+        assert!(refused.contains("--sku"), "{refused}");
     }
 }

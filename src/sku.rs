@@ -172,7 +172,9 @@ impl SkuConfig {
 
     /// Checks the settings make sense together; the message suits a 400 answer.
     pub fn validate(&self) -> Result<(), Error> {
-        self.format.validate_spec().map_err(Error::BadRequest)?;
+        self.format
+            .validate_spec()
+            .map_err(|e| Error::BadRequest(e.to_string()))?;
         if self.format_version == 0 {
             return Err(Error::BadRequest("format_version starts at 1".into()));
         }

@@ -162,6 +162,56 @@ fn gen_prints_valid_codes() {
     assert_eq!(distinct.len(), 50);
 }
 
+/// `gen --sku` prints codes of the SKU's format as its ledger records it, in its display
+/// form, and they import into it without a reject; an unknown SKU is told with its remedy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gen_for_a_sku_prints_codes_of_its_format() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut cfg = support::gateway::config();
+    cfg.data_dir = data.path().to_owned();
+    let gw = support::gateway::TestGateway::start(cfg).await;
+    let format = json!({"charset":"0123456789","min_length":10,"max_length":10,"group_size":5,"check":"luhn"});
+    let (status, body) = gw.put_sku("digits", json!({ "format": format })).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let gen = |sku: &str| {
+        std::process::Command::new(BIN)
+            .args(["gen", "--sku", sku, "--count", "20"])
+            .env("KAMIGATE_DATA_DIR", data.path())
+            .env_remove("KAMIGATE_DATABASE_URL")
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("gen runs")
+    };
+    let out = gen("digits");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let format: kamigate::code::Format = serde_json::from_value(format).expect("format");
+    for code in text.lines() {
+        let canonical = format.validate(code).expect("a code of the SKU's format");
+        assert_eq!(
+            format.display(&canonical),
+            code,
+            "shown as the SKU shows it"
+        );
+    }
+    let (status, report) = gw.import("digits", text.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["accepted"], 20, "{report}");
+
+    let out = gen("nope");
+    assert!(!out.status.success());
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        error.contains("SKU nope not found: create it first"),
+        "{error}"
+    );
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_command_feeds_the_ledger_and_a_running_gateway_picks_it_up() {
     let data = tempfile::tempdir().expect("temp dir");
@@ -585,6 +635,14 @@ async fn the_shutdown_delay_is_taken_only_when_something_may_route_here() {
     // Never probed, but a client holds a connection to the public listener.
     let log = dir.path().join("connected.log");
     let (child, public, _) = serve_logging_to(&dir.path().join("c"), &log, &[]);
+    // Serving first: while starting, the listeners answer one request per connection.
+    eventually(
+        Duration::from_secs(20),
+        "the gateway to say it serves",
+        || async { std::fs::read_to_string(&log).unwrap_or_default() },
+        |text| text.contains("kamigate is serving"),
+    )
+    .await;
     let client = reqwest::Client::new();
     let health = format!("http://127.0.0.1:{public}/healthz");
     eventually(

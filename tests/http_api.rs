@@ -161,6 +161,13 @@ async fn every_route_refuses_callers_without_the_token_its_table_entry_declares(
                 assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}");
                 assert_eq!(
                     res.headers()
+                        .get("www-authenticate")
+                        .and_then(|v| v.to_str().ok()),
+                    Some("Bearer realm=\"kamigate\""),
+                    "{what} names the scheme it wants"
+                );
+                assert_eq!(
+                    res.headers()
                         .get("content-type")
                         .and_then(|v| v.to_str().ok()),
                     Some("application/json"),
@@ -871,6 +878,100 @@ async fn a_batch_claim_answers_each_order_as_if_it_came_alone() {
         .merchant_post("/v1/skus/bulk/claims/batch", json!({"claims": too_many}))
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    gw.stop().await;
+}
+
+/// Every route that returns codes shows them in the SKU's display form — grouped as
+/// `kamigate gen` prints them for that format — whatever form they were imported in, and
+/// redemption still takes any spelling.
+#[tokio::test]
+async fn codes_are_shown_in_the_skus_display_form_on_every_route() {
+    let gw = TestGateway::embedded().await;
+    let format = json!({"preset":"crockford32","min_length":12,"max_length":12,"group_size":4,"check":"luhn"});
+    let (status, body) = gw.put_sku("shown", json!({ "format": format })).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let format: kamigate::code::Format = serde_json::from_value(format).expect("format");
+    let printed: Vec<String> = (0..6).map(|_| format.generate(&mut rand::rng())).collect();
+    // Imported ungrouped and in lower case, as a supplier's file might have them.
+    let file: Vec<String> = printed
+        .iter()
+        .map(|c| c.replace('-', "").to_ascii_lowercase())
+        .collect();
+    let (status, report) = gw.import("shown", file.join("\n")).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["accepted"], 6, "{report}");
+    let shown = |order: &Value| -> Vec<String> {
+        let codes: Vec<String> = order["keys"]
+            .as_array()
+            .map(|keys| {
+                keys.iter()
+                    .filter_map(|k| k["code"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for code in &codes {
+            assert!(
+                printed.contains(code),
+                "{code} is shown as gen printed it: {order}"
+            );
+        }
+        codes
+    };
+
+    let (status, claimed) = gw.claim("shown", json!({"order_id": "o-1"})).await;
+    assert_eq!(status, StatusCode::OK, "{claimed}");
+    let code = shown(&claimed).pop().expect("a final claim shows its code");
+    let (_, replayed) = gw.claim("shown", json!({"order_id": "o-1"})).await;
+    assert_eq!(replayed["replayed"], true, "{replayed}");
+    assert_eq!(shown(&replayed), vec![code.clone()]);
+    let (status, read) = gw.merchant_get("/v1/skus/shown/claims/o-1").await;
+    assert_eq!(status, StatusCode::OK, "{read}");
+    assert_eq!(shown(&read), vec![code.clone()]);
+
+    let (status, batch) = gw
+        .merchant_post(
+            "/v1/skus/shown/claims/batch",
+            json!({"claims": [{"order_id": "b-1", "quantity": 2}, {"order_id": "o-1"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{batch}");
+    assert_eq!(shown(&batch["claims"][0]).len(), 2, "{batch}");
+    assert_eq!(shown(&batch["claims"][1]), vec![code.clone()]);
+
+    let (_, held) = gw
+        .claim("shown", json!({"order_id": "h-1", "hold": true}))
+        .await;
+    assert!(shown(&held).is_empty(), "a hold reveals no code: {held}");
+    let (status, confirmed) = gw
+        .merchant_post("/v1/skus/shown/claims/h-1/confirm", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{confirmed}");
+    let confirmed_code = shown(&confirmed).pop().expect("a confirm reveals the code");
+    let (_, read) = gw.merchant_get("/v1/skus/shown/claims/h-1").await;
+    assert_eq!(shown(&read), vec![confirmed_code.clone()]);
+
+    // Any spelling redeems: the display form, and the form it was imported in.
+    let (status, body) = gw
+        .redeem(json!({"code": code, "redeemer": "user-1", "sku": "shown"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let imported = confirmed_code.replace('-', "").to_ascii_lowercase();
+    let (status, body) = gw
+        .redeem(json!({"code": imported, "redeemer": "user-2"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // One display form per SKU: its current format's grouping, for codes of every version.
+    let regrouped = json!({"preset":"crockford32","min_length":12,"max_length":12,"group_size":6,"check":"luhn"});
+    let (status, body) = gw.put_sku("shown", json!({ "format": regrouped })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, read) = gw.merchant_get("/v1/skus/shown/claims/o-1").await;
+    let canonical = code.replace('-', "");
+    assert_eq!(
+        read["keys"][0]["code"],
+        format!("{}-{}", &canonical[..6], &canonical[6..]),
+        "{read}"
+    );
     gw.stop().await;
 }
 

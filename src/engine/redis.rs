@@ -120,6 +120,14 @@ const UNAVAILABLE_PREFIXES: &[&str] = &[
 const FORCED_RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
 
 impl RedisEngine {
+    /// Checks that `url` is one [`RedisEngine::connect`] accepts, without connecting: a
+    /// malformed URL is a mistake to report, not an outage to wait out.
+    pub fn check_url(url: &str) -> Result<(), EngineError> {
+        let fred_url = to_fred_url(url).map_err(invalid_url)?;
+        Config::from_url(&fred_url).map_err(|e| invalid_url(e.details()))?;
+        Ok(())
+    }
+
     /// Connects to Redis and waits for the first connection, failing with
     /// [`EngineError::Unavailable`] if it cannot be made within
     /// [`RedisOptions::connect_timeout_ms`] (per seed node). Once connected, lost connections
@@ -181,17 +189,30 @@ impl RedisEngine {
         // fred bounds each seed node's attempt by connection_timeout; bound the whole start
         // as well (one more slot for the handshake after the TCP connect).
         let bound = connect_timeout.saturating_mul(seeds.saturating_add(1));
+        let at = || {
+            let hosts: Vec<String> = client
+                .client_config()
+                .server
+                .hosts()
+                .iter()
+                .map(|s| format!("{}:{}", s.host, s.port))
+                .collect();
+            hosts.join(", ")
+        };
         match tokio::time::timeout(bound, client.init()).await {
             Ok(Ok(_connection_task)) => {}
             Ok(Err(e)) => {
                 return Err(EngineError::Unavailable(format!(
-                    "cannot connect to Redis: {e}"
+                    "Redis at {} is unreachable: {}",
+                    at(),
+                    describe(&e)
                 )))
             }
             Err(_) => {
                 // With fail_fast the connection task gives up on its own after its timeout.
                 return Err(EngineError::Unavailable(format!(
-                    "cannot connect to Redis: no connection within {} ms",
+                    "Redis at {} is unreachable: no connection within {} ms",
+                    at(),
                     bound.as_millis()
                 )));
             }
@@ -394,7 +415,57 @@ impl ScriptEngine for RedisEngine {
 
 /// A transport-level failure (connection down, timeout, I/O): the call may or may not have run.
 fn unavailable(e: &fred::error::Error) -> EngineError {
-    EngineError::Unavailable(format!("Redis: {e}"))
+    EngineError::Unavailable(format!("Redis: {}", describe(e)))
+}
+
+/// A fred error as a sentence. fred keeps an I/O error only as its Debug form
+/// (`Os { code: 111, kind: ConnectionRefused, message: "Connection refused" }`), which
+/// reads as a dump, not a reason: that becomes "connection refused".
+fn describe(e: &fred::error::Error) -> String {
+    if *e.kind() == fred::error::ErrorKind::IO {
+        io_debug_in_words(e.details())
+    } else {
+        e.to_string()
+    }
+}
+
+/// The words of an `std::io::Error`'s Debug form: its OS message, else its custom error,
+/// else its kind spelled out ("TimedOut" → "timed out"); anything else as it is.
+fn io_debug_in_words(debug: &str) -> String {
+    let quoted = |field: &str| {
+        let start = debug.find(field)? + field.len();
+        let end = debug[start..].find('"')?;
+        Some(debug[start..start + end].to_owned())
+    };
+    let kind = || {
+        let start = match debug.find("kind: ") {
+            Some(at) => at + "kind: ".len(),
+            None => debug.starts_with("Kind(").then_some("Kind(".len())?,
+        };
+        let name: String = debug[start..]
+            .chars()
+            .take_while(char::is_ascii_alphabetic)
+            .collect();
+        (!name.is_empty()).then_some(name)
+    };
+    if let Some(message) = quoted("message: \"").or_else(|| quoted("error: \"")) {
+        let mut chars = message.chars();
+        return match chars.next() {
+            Some(first) => first.to_lowercase().chain(chars).collect(),
+            None => message,
+        };
+    }
+    if let Some(name) = kind() {
+        let mut words = String::new();
+        for c in name.chars() {
+            if c.is_ascii_uppercase() && !words.is_empty() {
+                words.push(' ');
+            }
+            words.push(c.to_ascii_lowercase());
+        }
+        return words;
+    }
+    debug.to_owned()
 }
 
 fn invalid_url(reason: impl fmt::Display) -> EngineError {
@@ -409,6 +480,7 @@ fn log_connection_changes(client: &Client) {
     client.on_error(move |(error, server)| {
         let server = server.map_or_else(|| "-".to_owned(), |s| s.to_string());
         if down.swap(false, Ordering::AcqRel) {
+            let error = describe(&error);
             tracing::warn!(%server, %error, "lost the Redis connection, reconnecting");
         } else {
             tracing::debug!(%server, %error, "Redis reconnection attempt failed");
@@ -612,6 +684,25 @@ fn to_fred_url(url: &str) -> Result<String, String> {
 mod tests {
     use super::*;
     use fred::prelude::ServerConfig;
+
+    #[test]
+    fn io_errors_read_as_words_not_debug_dumps() {
+        let refused = std::io::Error::from_raw_os_error(111);
+        assert_eq!(
+            io_debug_in_words(&format!("{refused:?}")),
+            "connection refused"
+        );
+        let custom = std::io::Error::other("failed to lookup address information");
+        assert_eq!(
+            io_debug_in_words(&format!("{custom:?}")),
+            "failed to lookup address information"
+        );
+        let simple = std::io::Error::from(std::io::ErrorKind::TimedOut);
+        assert_eq!(io_debug_in_words(&format!("{simple:?}")), "timed out");
+        assert_eq!(io_debug_in_words("something else"), "something else");
+        let fred = fred::error::Error::from(std::io::Error::from_raw_os_error(111));
+        assert_eq!(describe(&fred), "connection refused");
+    }
 
     fn config(url: &str) -> Config {
         let fred_url = to_fred_url(url).expect("accepted URL");

@@ -44,16 +44,23 @@ pub async fn readyz(app: &App) -> Reply {
             &json!({ "status": "draining", "engine": kind }),
         );
     }
-    match tokio::time::timeout(READY_TIMEOUT, engine.ping()).await {
-        Ok(Ok(())) => body::json(
-            StatusCode::OK,
-            &json!({ "status": "ready", "engine": kind }),
+    let reason = match tokio::time::timeout(READY_TIMEOUT, engine.ping()).await {
+        Ok(Ok(())) => {
+            return body::json(
+                StatusCode::OK,
+                &json!({ "status": "ready", "engine": kind }),
+            )
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!(
+            "the engine did not answer within {} ms",
+            READY_TIMEOUT.as_millis()
         ),
-        _ => body::json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &json!({ "status": "engine unavailable", "engine": kind }),
-        ),
-    }
+    };
+    body::json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &json!({ "status": "engine unavailable", "engine": kind, "reason": reason }),
+    )
 }
 
 /// Prometheus text exposition.

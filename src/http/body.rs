@@ -7,7 +7,9 @@
 //! a proxy or firewall in front may have judged the first.
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{
+    ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -54,6 +56,13 @@ pub fn error(e: &Error) -> Reply {
         response
             .headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if let Error::Unauthorized = e {
+        // RFC 9110 asks a 401 to name the scheme it wants.
+        response.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"kamigate\""),
+        );
     }
     if let Error::MethodNotAllowed { allow } = e {
         if let Ok(allow) = HeaderValue::from_str(allow) {

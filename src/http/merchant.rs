@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 
 use super::body::{self, JsonBody, Reply};
 use super::{App, Params};
+use crate::code::Format;
 use crate::error::timestamp;
 use crate::error::Error;
 use crate::inventory::{drift, ClaimRequest, Order};
@@ -47,7 +48,8 @@ async fn claim_body(app: &App, sku: &str, bytes: &[u8]) -> Result<Order, Error> 
     let settings = app.skus.require(&app.inventory, sku).await?;
     let request = claim_request(app, sku, &settings, &body).await?;
     let (result, exhausted) = app.inventory.claim_checked(sku, &request).await;
-    claimed(app, sku, result, exhausted).await
+    let order = claimed(app, sku, result, exhausted).await?;
+    Ok(order.displayed(&settings.format))
 }
 
 /// Checks one claim's fields against the SKU's settings and the edge's limits: the request
@@ -183,7 +185,8 @@ pub async fn claim_batch(
     if !requests.is_empty() {
         let results = or_paused(app.inventory.claim_batch(sku, &requests).await, paused)?;
         for (slot, (result, exhausted)) in slots.into_iter().zip(results) {
-            answers[slot] = Some(claimed(app, sku, result, exhausted).await);
+            let answer = claimed(app, sku, result, exhausted).await;
+            answers[slot] = Some(answer.map(|order| order.displayed(&settings.format)));
         }
     }
     let answers: Vec<Value> = answers
@@ -207,20 +210,27 @@ pub async fn claim_batch(
     Ok(body::json(StatusCode::OK, &json!({ "claims": answers })))
 }
 
-/// Checks the path of an order route; returns (sku, order id).
-async fn order_route<'p>(app: &App, params: &'p Params) -> Result<(&'p str, &'p str), Error> {
+/// Checks the path of an order route; returns the SKU, the order id and the SKU's format
+/// (its codes' display form).
+async fn order_route<'p>(
+    app: &App,
+    params: &'p Params,
+) -> Result<(&'p str, &'p str, Format), Error> {
     let (sku, order_id) = (params.get("sku"), params.get("order_id"));
     check_sku(sku)?;
     check_id("order_id", order_id, MAX_ID_LEN)?;
-    app.skus.require(&app.inventory, sku).await?;
-    Ok((sku, order_id))
+    let settings = app.skus.require(&app.inventory, sku).await?;
+    Ok((sku, order_id, settings.format.clone()))
 }
 
 /// `GET /v1/skus/{sku}/claims/{order_id}`.
 pub async fn order(app: &App, params: Params) -> Result<Reply, Error> {
-    let (sku, order_id) = order_route(app, &params).await?;
+    let (sku, order_id, format) = order_route(app, &params).await?;
     let order = app.inventory.order(sku, order_id).await?;
-    Ok(body::json(StatusCode::OK, &order.to_json()))
+    Ok(body::json(
+        StatusCode::OK,
+        &order.displayed(&format).to_json(),
+    ))
 }
 
 /// `POST /v1/skus/{sku}/claims/{order_id}/confirm`: payment arrived.
@@ -230,7 +240,7 @@ pub async fn confirm(app: &App, params: Params) -> Result<Reply, Error> {
         .check(params.get("sku"), Action::Claims, app.inventory.now_ms())
         .err();
     let confirmed = async {
-        let (sku, order_id) = order_route(app, &params).await?;
+        let (sku, order_id, format) = order_route(app, &params).await?;
         if let Some(paused) = &paused {
             // A hold still running takes the codes set aside before the pause, and a
             // confirmed order replays; a late confirm would claim fresh codes, which the
@@ -243,7 +253,7 @@ pub async fn confirm(app: &App, params: Params) -> Result<Reply, Error> {
         let order = app.inventory.confirm(sku, order_id).await?;
         app.durable(sku, order.event_id.as_deref(), order.emitted.as_ref())
             .await?;
-        Ok(order)
+        Ok(order.displayed(&format))
     }
     .await;
     Ok(body::json(
@@ -254,14 +264,17 @@ pub async fn confirm(app: &App, params: Params) -> Result<Reply, Error> {
 
 /// `POST /v1/skus/{sku}/claims/{order_id}/release`: cancel a hold.
 pub async fn release(app: &App, params: Params) -> Result<Reply, Error> {
-    let (sku, order_id) = order_route(app, &params).await?;
+    let (sku, order_id, format) = order_route(app, &params).await?;
     let order = app.inventory.release(sku, order_id).await?;
     if !order.replayed {
         app.edge.sold_out.invalidate(sku);
     }
     app.durable(sku, order.event_id.as_deref(), order.emitted.as_ref())
         .await?;
-    Ok(body::json(StatusCode::OK, &order.to_json()))
+    Ok(body::json(
+        StatusCode::OK,
+        &order.displayed(&format).to_json(),
+    ))
 }
 
 /// A SKU's settings, its counts by state in the engine and in the ledger, and the drift

@@ -21,6 +21,7 @@ pub mod guard;
 pub mod merchant;
 pub mod pauses;
 pub mod public;
+pub mod starting;
 pub mod target;
 
 use std::convert::Infallible;

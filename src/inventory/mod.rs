@@ -119,6 +119,18 @@ impl Emitted {
 }
 
 impl Order {
+    /// The order with its codes in the SKU's display form ([`Format::display`]): the engine
+    /// keeps canonical codes, clients see each code as `kamigate gen` printed it, the same
+    /// on every route that returns codes.
+    pub fn displayed(mut self, format: &Format) -> Order {
+        for key in &mut self.keys {
+            if let Some(code) = &mut key.code {
+                *code = format.display(code);
+            }
+        }
+        self
+    }
+
     /// The API representation.
     pub fn to_json(&self) -> Value {
         let keys: Vec<Value> = self

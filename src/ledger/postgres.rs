@@ -49,6 +49,22 @@ const DIALECT: Dialect = Dialect {
 pub(crate) async fn open(url: &str) -> Result<SqlLedger<Postgres>, LedgerError> {
     let options =
         PgConnectOptions::from_str(url)?.statement_cache_capacity(super::sql::STATEMENT_CACHE);
+    // One connection first: the pool retries a refused connection until its acquire timeout
+    // and then reports only that it timed out, while this says why.
+    match <PgConnection as sqlx::Connection>::connect_with(&options).await {
+        Ok(probe) => {
+            let _ = sqlx::Connection::close(probe).await;
+        }
+        Err(sqlx::Error::Io(e)) => {
+            return Err(LedgerError::Unavailable(format!(
+                "PostgreSQL at {}:{} is unreachable: {}",
+                options.get_host(),
+                options.get_port(),
+                e.kind()
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    }
     let pool = PgPoolOptions::new()
         .max_connections(MAX_CONNECTIONS)
         .acquire_timeout(ACQUIRE_TIMEOUT)

@@ -1,0 +1,199 @@
+//! Applying engine events to the ledger: each event recorded once (its `event_id` is
+//! unique), the keys it names loaded and locked, replayed in memory with the same rules as
+//! the engine, written back, and linked to the event for the audit trail, all in one
+//! transaction.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use sqlx::database::HasStatementCache;
+use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Row, Type};
+
+use super::statements::{pow2_chunks, tuples};
+use super::{Bulk, SqlLedger};
+use crate::ledger::replay::{self, NewEvent};
+use crate::ledger::rules::KeyStatus;
+use crate::ledger::{LedgerError, LedgerEvent};
+
+/// What applying events reads and writes of a key ([`KeyStatus`] plus its id).
+const STATUS_COLUMNS: &str = "local_id, void, held, sold, uses, max_issues, max_uses, \
+     order_id, user_id, redeemer, redeemed_at_ms, updated_at_ms";
+
+impl<DB> SqlLedger<DB>
+where
+    DB: Database + HasStatementCache + Bulk,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> bool: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> String: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<i64>: Encode<'q, DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB>,
+    usize: ColumnIndex<DB::Row>,
+{
+    /// [`Ledger::apply_events`](crate::ledger::Ledger::apply_events).
+    pub(super) async fn record_events(&self, events: &[LedgerEvent]) -> Result<u64, LedgerError> {
+        // A writer's batch may carry an entry twice (a reclaim racing a read): once is enough.
+        let mut seen = HashSet::new();
+        let events: Vec<&LedgerEvent> = events
+            .iter()
+            .filter(|e| seen.insert(e.event_id.as_str()))
+            .collect();
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.begin_write().await?;
+
+        // Record the events; those already recorded are not returned and change nothing.
+        let mut recorded: HashMap<String, i64> = HashMap::new();
+        let p = self.dialect.placeholders;
+        for chunk in pow2_chunks(&events, self.dialect.rows_per_statement(11, 0)) {
+            let sql = format!(
+                "INSERT INTO events (event_id, sku, kind, at_ms, key_local_ids, order_id, \
+                 user_id, redeemer, reason, late, fields_json) VALUES {} \
+                 ON CONFLICT (event_id) DO NOTHING RETURNING seq, event_id",
+                tuples(p, chunk.len(), 11, 1)
+            );
+            let mut query = sqlx::query(&sql);
+            for e in chunk {
+                let ids: Vec<String> = e.key_local_ids.iter().map(i64::to_string).collect();
+                query = query
+                    .bind(e.event_id.as_str())
+                    .bind(e.sku.as_str())
+                    .bind(e.kind.as_str())
+                    .bind(e.at_ms)
+                    .bind(ids.join(","))
+                    .bind(e.order_id.as_deref())
+                    .bind(e.user_id.as_deref())
+                    .bind(e.redeemer.as_deref())
+                    .bind(e.reason.as_deref())
+                    .bind(e.late)
+                    .bind(e.fields_json.as_str());
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                recorded.insert(row.try_get(1)?, row.try_get(0)?);
+            }
+        }
+        let applied: Vec<NewEvent> = events
+            .iter()
+            .filter_map(|e| Some(NewEvent::new(e, *recorded.get(&e.event_id)?)))
+            .collect();
+
+        let mut keys = BTreeMap::new();
+        for (sku, ids) in replay::keys_to_load(&applied) {
+            for (id, status) in self.load_statuses(&mut tx, sku, &ids).await? {
+                keys.insert((sku, id), status);
+            }
+        }
+        let replayed = replay::replay(&applied, keys);
+        if replayed.skipped > 0 {
+            tracing::info!(
+                skipped = replayed.skipped,
+                "events named keys the ledger does not have (aborted batches); skipped them"
+            );
+        }
+        for (sku, rows) in &replayed.changed {
+            self.store_statuses(&mut tx, sku, rows).await?;
+        }
+
+        let links = replay::audit_links(&applied);
+        let p = self.dialect.placeholders;
+        for chunk in pow2_chunks(&links, self.dialect.rows_per_statement(3, 0)) {
+            let sql = format!(
+                "INSERT INTO event_keys (sku, local_id, event_seq) VALUES {}",
+                tuples(p, chunk.len(), 3, 1)
+            );
+            let mut query = sqlx::query(&sql);
+            for (sku, id, seq) in chunk {
+                query = query.bind(*sku).bind(*id).bind(*seq);
+            }
+            query.execute(&mut *tx).await?;
+        }
+
+        tx.commit().await?;
+        Ok(applied.len() as u64)
+    }
+
+    /// Loads the status of `ids` of `sku` (those that exist), locking them for the update.
+    async fn load_statuses(
+        &self,
+        conn: &mut DB::Connection,
+        sku: &str,
+        ids: &BTreeSet<i64>,
+    ) -> Result<Vec<(i64, KeyStatus)>, LedgerError> {
+        let ids: Vec<i64> = ids.iter().copied().collect();
+        let mut out = Vec::with_capacity(ids.len());
+        let p = self.dialect.placeholders;
+        for chunk in pow2_chunks(&ids, self.dialect.rows_per_statement(1, 1)) {
+            let sql = format!(
+                "SELECT {STATUS_COLUMNS} FROM keys WHERE sku = {} AND local_id IN {} \
+                 ORDER BY local_id{}",
+                p.param(1),
+                tuples(p, 1, chunk.len(), 2),
+                self.dialect.lock_rows
+            );
+            let mut query = sqlx::query(&sql).bind(sku);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&mut *conn).await? {
+                let status = KeyStatus {
+                    void: row.try_get(1)?,
+                    held: row.try_get(2)?,
+                    sold: row.try_get(3)?,
+                    uses: row.try_get(4)?,
+                    max_issues: row.try_get(5)?,
+                    max_uses: row.try_get(6)?,
+                    order_id: row.try_get(7)?,
+                    user_id: row.try_get(8)?,
+                    redeemer: row.try_get(9)?,
+                    redeemed_at_ms: row.try_get(10)?,
+                    updated_at_ms: row.try_get(11)?,
+                };
+                out.push((row.try_get(0)?, status));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes changed key statuses back, many rows per `UPDATE … FROM (VALUES …)`.
+    async fn store_statuses(
+        &self,
+        conn: &mut DB::Connection,
+        sku: &str,
+        rows: &[(i64, KeyStatus)],
+    ) -> Result<(), LedgerError> {
+        let p = self.dialect.placeholders;
+        for chunk in pow2_chunks(rows, self.dialect.rows_per_statement(11, 1)) {
+            // The SKU comes last in the text, so it is bound last.
+            let sql = format!(
+                "WITH v (local_id, void, held, sold, uses, state, order_id, user_id, redeemer, \
+                 redeemed_at_ms, updated_at_ms) AS (VALUES {}) \
+                 UPDATE keys SET void = v.void, held = v.held, sold = v.sold, uses = v.uses, \
+                 state = v.state, order_id = v.order_id, user_id = v.user_id, \
+                 redeemer = v.redeemer, redeemed_at_ms = v.redeemed_at_ms, \
+                 updated_at_ms = v.updated_at_ms \
+                 FROM v WHERE keys.sku = {} AND keys.local_id = v.local_id",
+                tuples(p, chunk.len(), 11, 1),
+                p.param(chunk.len() * 11 + 1)
+            );
+            let mut query = sqlx::query(&sql);
+            for (local_id, k) in chunk {
+                query = query
+                    .bind(*local_id)
+                    .bind(k.void)
+                    .bind(k.held)
+                    .bind(k.sold)
+                    .bind(k.uses)
+                    .bind(k.state().as_str())
+                    .bind(k.order_id.as_deref())
+                    .bind(k.user_id.as_deref())
+                    .bind(k.redeemer.as_deref())
+                    .bind(k.redeemed_at_ms)
+                    .bind(k.updated_at_ms);
+            }
+            query.bind(sku).execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
+}

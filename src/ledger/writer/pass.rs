@@ -1,0 +1,233 @@
+//! One pass over one SKU: read a batch (or take the one read ahead), dead-letter poison,
+//! commit the rest in one transaction, and leave the acknowledgement for the next read.
+
+use std::time::{Duration, Instant};
+
+use super::reply::{decode, ReadReply, READ_HEAD};
+use super::{EventWriter, WriterError, MAX_BATCH};
+use crate::engine::keys::dead_letters_key;
+use crate::engine::stream_id::StreamId;
+use crate::engine::Reply;
+use crate::metrics as m;
+use crate::metrics::{
+    EVENTS_COMMITTED, EVENTS_DEAD_LETTERED, LEDGER_WRITE_DURATION, LEDGER_WRITE_FAILURES,
+};
+
+/// How often a writer reading ahead looks for entries of dead consumers: that scan walks
+/// the pending list, which holds the batch being committed.
+const RECLAIM_EVERY: Duration = Duration::from_secs(1);
+
+/// A SKU's pipeline between passes (see "Pipelined passes" in the writer's docs).
+#[derive(Debug, Default)]
+pub(super) struct Cursor {
+    /// Ids of committed entries not yet acknowledged: the next read acknowledges them.
+    unacked: Vec<String>,
+    /// The SKU's generation those ids belong to (acknowledged only while it lasts).
+    unacked_gen: String,
+    /// A read taken while the last batch committed, to be committed next.
+    ahead: Option<Reply>,
+    /// When a read last looked for entries dead consumers left.
+    reclaimed_at: Option<Instant>,
+}
+
+impl Cursor {
+    /// Whether the read ahead holds entries.
+    pub(super) fn has_ahead(&self) -> bool {
+        self.ahead
+            .as_ref()
+            .and_then(Reply::as_array)
+            .is_some_and(|items| items.len() > READ_HEAD)
+    }
+}
+
+/// What one pass over a SKU did.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Pass {
+    /// Entries read (committed + dead-lettered, once the pass succeeded).
+    pub(super) read: usize,
+    pub(super) committed: usize,
+    pub(super) dead: usize,
+}
+
+impl EventWriter {
+    /// Sends the acknowledgements `cursor` carries (see [`Cursor::unacked`]). They are kept
+    /// for the next read if the engine does not answer; acknowledging twice is harmless.
+    pub(super) async fn flush_acks(
+        &self,
+        sku: &str,
+        cursor: &mut Cursor,
+    ) -> Result<(), WriterError> {
+        while !cursor.unacked.is_empty() {
+            let n = cursor.unacked.len().min(MAX_BATCH as usize);
+            let mut args = Vec::with_capacity(2 + n);
+            args.push("ack".to_owned());
+            args.push(self.inner.opts.group.clone());
+            args.push(cursor.unacked_gen.clone());
+            args.extend(cursor.unacked[..n].iter().cloned());
+            self.eval(sku, args).await?;
+            cursor.unacked.drain(..n);
+        }
+        Ok(())
+    }
+
+    /// Reads a batch for this writer, acknowledging what `cursor` carries on the way. `own`
+    /// includes this writer's own pending entries (first); entries of dead consumers are
+    /// looked for with them, or every [`RECLAIM_EVERY`] while the writer reads ahead.
+    async fn read(&self, sku: &str, cursor: &mut Cursor, own: bool) -> Result<Reply, WriterError> {
+        if cursor.unacked.len() > MAX_BATCH as usize {
+            // Only after failed reads: keep one call's arguments bounded.
+            self.flush_acks(sku, cursor).await?;
+        }
+        let opts = &self.inner.opts;
+        let mut args = Vec::with_capacity(7 + cursor.unacked.len());
+        args.extend([
+            "read".to_owned(),
+            opts.group.clone(),
+            opts.consumer.clone(),
+            opts.batch.to_string(),
+            opts.reclaim_idle_ms.to_string(),
+        ]);
+        let reclaim = own
+            || cursor
+                .reclaimed_at
+                .is_none_or(|t| t.elapsed() >= RECLAIM_EVERY);
+        args.push(
+            match (own, reclaim) {
+                (true, _) => "ocn",
+                (false, true) => "cn",
+                (false, false) => "n",
+            }
+            .to_owned(),
+        );
+        if !cursor.unacked.is_empty() {
+            args.push(cursor.unacked_gen.clone());
+            args.extend(cursor.unacked.iter().cloned());
+        }
+        let reply = self.eval(sku, args).await?;
+        cursor.unacked.clear();
+        if reclaim {
+            cursor.reclaimed_at = Some(Instant::now());
+        }
+        Ok(reply)
+    }
+
+    /// One pass: commits the batch read ahead, or a batch read now. With `read_ahead`, the
+    /// next batch is read while this one commits (see "Pipelined passes" in the writer's
+    /// docs) and left in `cursor`; the acknowledgement of this batch is left in `cursor` for
+    /// the next read either way.
+    pub(super) async fn pass(
+        &self,
+        sku: &str,
+        cursor: &mut Cursor,
+        read_ahead: bool,
+    ) -> Result<Pass, WriterError> {
+        let (reply, from_ahead) = match cursor.ahead.take() {
+            Some(reply) => (reply, true),
+            None => (self.read(sku, cursor, true).await?, false),
+        };
+        let read = ReadReply::parse(&reply)?;
+        // A read ahead leaves this writer's own pending entries out, so it must not run while
+        // more of them wait than this batch holds (after a failed commit, or a read whose
+        // answer was lost): they are older, and are committed first.
+        let read_ahead = read_ahead && (from_ahead || read.own < self.inner.opts.batch as usize);
+        self.observe(sku, &read);
+        if read.entries.is_empty() {
+            return Ok(Pass::default());
+        }
+
+        // Decode; poison goes aside now, so it cannot hold up the entries behind it.
+        let mut events = Vec::with_capacity(read.entries.len());
+        let mut committed: Vec<(usize, StreamId, String)> = Vec::with_capacity(read.entries.len());
+        let mut dead = 0;
+        for (at, entry) in read.entries.iter().enumerate() {
+            let (id_text, id, decoded) = decode(sku, entry)?;
+            match decoded {
+                Ok(event) => {
+                    events.push(event);
+                    committed.push((at, id, id_text));
+                }
+                Err(reason) => {
+                    self.dead_letter(sku, &id_text, &reason).await?;
+                    dead += 1;
+                }
+            }
+        }
+        if events.is_empty() {
+            return Ok(Pass {
+                read: read.entries.len(),
+                committed: 0,
+                dead,
+            });
+        }
+
+        let commit = async {
+            let started = Instant::now();
+            let result = self.inner.ledger.apply_events(&events).await;
+            metrics::histogram!(LEDGER_WRITE_DURATION).record(started.elapsed().as_secs_f64());
+            result
+        };
+        let (result, ahead) = if read_ahead {
+            let (result, ahead) = tokio::join!(commit, self.read(sku, cursor, false));
+            (result, Some(ahead))
+        } else {
+            (commit.await, None)
+        };
+        if let Err(e) = result {
+            // The read ahead is dropped: the next read takes this batch again, then it.
+            let kind = if e.is_retryable() {
+                "unavailable"
+            } else {
+                "rejected"
+            };
+            metrics::counter!(LEDGER_WRITE_FAILURES, "kind" => kind).increment(1);
+            return Err(e.into());
+        }
+
+        // Committed: waiters may go, whatever happens to the acknowledgement.
+        self.note_committed(sku, &read, &committed);
+        for (source, n) in read.sources(committed.iter().map(|(at, _, _)| *at)) {
+            if n > 0 {
+                metrics::counter!(EVENTS_COMMITTED, "source" => source).increment(n);
+            }
+        }
+        let pass = Pass {
+            read: read.entries.len(),
+            committed: committed.len(),
+            dead,
+        };
+        if cursor.unacked_gen != read.gen {
+            // Ids of a lost generation's stream: nothing to acknowledge there any more.
+            cursor.unacked.clear();
+            cursor.unacked_gen = read.gen.to_owned();
+        }
+        cursor
+            .unacked
+            .extend(committed.into_iter().map(|(_, _, text)| text));
+        // A failed read ahead is no failure of this pass: the next pass reads again.
+        cursor.ahead = ahead.and_then(Result::ok);
+        Ok(pass)
+    }
+
+    /// Moves a poison entry to the dead-letter stream and acknowledges it, in one step.
+    async fn dead_letter(&self, sku: &str, id: &str, reason: &str) -> Result<(), WriterError> {
+        let args = vec![
+            "dead".into(),
+            self.inner.opts.group.clone(),
+            id.to_owned(),
+            reason.to_owned(),
+        ];
+        let moved = self.eval(sku, args).await?.as_i64() == Some(1);
+        if moved {
+            metrics::counter!(EVENTS_DEAD_LETTERED, "sku" => m::sku_labels().label(sku))
+                .increment(1);
+            tracing::warn!(
+                sku,
+                entry = id,
+                reason,
+                dead_letters = %dead_letters_key(sku),
+                "poison stream entry moved to the dead-letter stream"
+            );
+        }
+        Ok(())
+    }
+}

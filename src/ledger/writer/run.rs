@@ -1,0 +1,239 @@
+//! The writer's loop: every SKU in turn, backoff while a store is down, the final drain on
+//! stop, and reaping consumers of stopped gateways.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::backoff::{Trouble, FIRST_BACKOFF};
+use super::pass::Cursor;
+use super::{EventWriter, WriterError};
+
+/// How often the SKU list is read again from the ledger.
+const SKU_REFRESH: Duration = Duration::from_secs(5);
+/// How long a stopping writer keeps committing what the streams still hold.
+const DRAIN_ON_STOP: Duration = Duration::from_secs(10);
+/// Batches drained from one SKU before the others get their turn.
+const BATCHES_PER_VISIT: usize = 8;
+/// How often consumers of stopped gateways are deleted from the group.
+const REAP_EVERY: Duration = Duration::from_secs(300);
+/// How long a consumer owning nothing must have been silent to be deleted (at least).
+const REAP_IDLE: Duration = Duration::from_secs(3600);
+
+/// The scope logged for outages of the ledger or the engine, which hold up every SKU.
+const ALL_SKUS: &str = "all SKUs";
+
+impl EventWriter {
+    /// Drains every SKU of the ledger until `stop` turns true (or its sender is dropped).
+    ///
+    /// Each round visits the SKUs in turn (the list is read again every few seconds) and
+    /// drains each while it yields full batches, a bounded number of them so one busy SKU
+    /// cannot starve the others; when no SKU had a full batch it sleeps
+    /// [`WriterOptions::idle_poll_ms`](super::WriterOptions::idle_poll_ms). While the ledger
+    /// or the engine is unavailable it retries with exponential backoff up to
+    /// [`WriterOptions::max_backoff_ms`](super::WriterOptions::max_backoff_ms), logging the
+    /// outage once when it starts and once when it ends. A SKU whose batch the ledger rejects
+    /// is retried with backoff on its own, without holding up the others.
+    ///
+    /// SKUs are drained one after the other: a ledger takes one write transaction at a time
+    /// per SKU anyway (and SQLite one in all), so parallel passes would only queue. An idle
+    /// round costs one script call per SKU.
+    ///
+    /// Stopping waits for the pass in progress (a commit is never cut in half, though that
+    /// would be harmless); entries still pending are committed after a restart, by this or
+    /// another gateway.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let opts = &self.inner.opts;
+        let max_backoff = Duration::from_millis(opts.max_backoff_ms).max(FIRST_BACKOFF);
+        let idle = Duration::from_millis(opts.idle_poll_ms);
+        let mut outage = Trouble::default();
+        let mut troubled: HashMap<String, Trouble> = HashMap::new();
+        let mut cursors: HashMap<String, Cursor> = HashMap::new();
+        let mut skus: Vec<String> = Vec::new();
+        let mut listed_at: Option<Instant> = None;
+        let mut reaped_at = Instant::now();
+        tracing::info!(
+            group = %opts.group,
+            consumer = %opts.consumer,
+            batch = opts.batch,
+            "event writer started"
+        );
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let relist = self.inner.relist.swap(false, Ordering::Relaxed);
+            if relist || listed_at.is_none_or(|t| t.elapsed() >= SKU_REFRESH) {
+                match self.inner.ledger.list_skus().await {
+                    Ok(list) => {
+                        skus = list;
+                        listed_at = Some(Instant::now());
+                        troubled.retain(|sku, _| skus.contains(sku));
+                        // A SKU gone from the ledger: what this writer holds of it stays
+                        // pending in the group, and is read again if the SKU comes back.
+                        cursors.retain(|sku, _| skus.contains(sku));
+                    }
+                    Err(e) => {
+                        let delay = outage.fail(ALL_SKUS, &e, max_backoff);
+                        if pause(&mut stop, delay).await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
+
+            let mut busy = false;
+            let mut failure: Option<WriterError> = None;
+            'skus: for sku in &skus {
+                if *stop.borrow() {
+                    break;
+                }
+                if troubled.get(sku).is_some_and(|t| !t.due()) {
+                    continue;
+                }
+                let cursor = cursors.entry(sku.clone()).or_default();
+                for _ in 0..BATCHES_PER_VISIT {
+                    match self.pass(sku, cursor, true).await {
+                        Ok(_) => {
+                            if let Some(mut t) = troubled.remove(sku) {
+                                t.recover(sku);
+                            }
+                            // The read ahead is the next batch; without one, the SKU had
+                            // nothing more when the commit ended.
+                            if !cursor.has_ahead() {
+                                break;
+                            }
+                            busy = true;
+                        }
+                        Err(e) if e.is_outage() => {
+                            failure = Some(e);
+                            break 'skus;
+                        }
+                        Err(e) => {
+                            troubled
+                                .entry(sku.clone())
+                                .or_default()
+                                .fail(sku, &e, max_backoff);
+                            break;
+                        }
+                    }
+                }
+            }
+            if let Some(e) = failure {
+                let delay = outage.fail(ALL_SKUS, &e, max_backoff);
+                if pause(&mut stop, delay).await {
+                    break;
+                }
+                continue;
+            }
+            outage.recover(ALL_SKUS);
+
+            if reaped_at.elapsed() >= REAP_EVERY {
+                reaped_at = Instant::now();
+                self.reap(&skus).await;
+            }
+            if !busy {
+                // A waiter wakes the writer at once: its answer waits for the next group
+                // commit, not for the idle poll.
+                let woken = self.inner.wake.notified();
+                tokio::pin!(woken);
+                if woken.as_mut().enable() {
+                    // A waiter came during the round: its read carries the acknowledgements.
+                    continue;
+                }
+                // Idle: acknowledge now what the next read would have, so other gateways
+                // (and the backlog) see it settled without waiting for more events.
+                self.flush_all_acks(&mut cursors).await;
+                tokio::select! {
+                    _ = &mut woken => {}
+                    stopped = pause(&mut stop, idle) => if stopped { break },
+                }
+            }
+        }
+        self.flush_all_acks(&mut cursors).await;
+        // SKUs created since the last listing have events too.
+        if let Ok(list) = self.inner.ledger.list_skus().await {
+            skus = list;
+        }
+        self.drain_before_exit(&skus).await;
+        tracing::info!(consumer = %opts.consumer, "event writer stopped");
+    }
+
+    /// On stop, commits what the streams still hold, for a bounded time: the gateway stops
+    /// the writer after its last request, and an embedded engine's streams end with the
+    /// process, so what is not committed now would be lost.
+    async fn drain_before_exit(&self, skus: &[String]) {
+        let deadline = Instant::now() + DRAIN_ON_STOP;
+        for sku in skus {
+            let mut cursor = Cursor::default();
+            loop {
+                if Instant::now() >= deadline {
+                    tracing::warn!("stopping with events not yet committed to the ledger");
+                    break;
+                }
+                match self.pass(sku, &mut cursor, false).await {
+                    Ok(pass) if pass.read > 0 => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(sku, error = %e, "final drain failed");
+                        break;
+                    }
+                }
+            }
+            if let Err(e) = self.flush_acks(sku, &mut cursor).await {
+                tracing::warn!(sku, error = %e, "final acknowledgement failed");
+            }
+            if Instant::now() >= deadline {
+                return;
+            }
+        }
+    }
+
+    /// [`EventWriter::flush_acks`] for every SKU; failures leave them for the next read.
+    async fn flush_all_acks(&self, cursors: &mut HashMap<String, Cursor>) {
+        for (sku, cursor) in cursors.iter_mut() {
+            if let Err(e) = self.flush_acks(sku, cursor).await {
+                tracing::debug!(sku, error = %e, "acknowledgement deferred to the next read");
+            }
+        }
+    }
+
+    /// Deletes consumers of stopped gateways (owning nothing, silent for long) from the group.
+    async fn reap(&self, skus: &[String]) {
+        let opts = &self.inner.opts;
+        let idle = REAP_IDLE
+            .max(Duration::from_millis(opts.reclaim_idle_ms))
+            .as_millis();
+        for sku in skus {
+            let args = vec!["reap".into(), opts.group.clone(), idle.to_string()];
+            match self.eval(sku, args).await {
+                Ok(reply) => {
+                    if let Some(n) = reply.as_i64().filter(|n| *n > 0) {
+                        tracing::debug!(
+                            sku,
+                            consumers = n,
+                            "deleted consumers of stopped gateways"
+                        );
+                    }
+                }
+                Err(e) => {
+                    // Housekeeping only: the next round tries again.
+                    tracing::debug!(sku, error = %e, "could not delete stale consumers");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps `delay` unless `stop` fires first; returns whether it did (a dropped sender counts:
+/// nobody can stop the writer any more, so it stops now).
+async fn pause(stop: &mut watch::Receiver<bool>, delay: Duration) -> bool {
+    tokio::select! {
+        _ = stop.wait_for(|s| *s) => true,
+        _ = tokio::time::sleep(delay) => false,
+    }
+}
