@@ -1,4 +1,8 @@
--- prelude.lua — prepended to every script of this directory (Redis scripts cannot import).
+-- prelude.lua — the helpers every script of this directory shares. Two forms run it
+-- (src/engine/script.rs): prepended to each script for EVAL (the embedded engine), where it
+-- runs on every call; and once per Redis Functions library load, each script a function of
+-- that library. Either way `begin` below starts each call; nothing here may touch KEYS,
+-- ARGV or redis.call outside a function, since a library load has no call to read.
 --
 -- KEYS of every per-SKU script, in this order; all share the SKU's hash tag `{sku}` so a
 -- script touches one Redis Cluster slot:
@@ -24,11 +28,8 @@
 -- never contain '|' or ','. Times are integer milliseconds passed in ARGV, so every engine and
 -- every test agrees on "now".
 
-local K = {
-  meta = KEYS[1], avail = KEYS[2], keys = KEYS[3], codes = KEYS[4], idx = KEYS[5],
-  orders = KEYS[6], holds = KEYS[7], users = KEYS[8], redemptions = KEYS[9],
-  counts = KEYS[10], events = KEYS[11],
-}
+-- The call's keys by name (see begin).
+local K = {}
 
 -- An integer as text. Lua turns numbers into text with '%.14g', an exact decimal conversion
 -- that costs millisecond timestamps thousands of instructions each (a claim wrote six of
@@ -351,4 +352,16 @@ local function claim_order(order_id, qty, user, hold_ms, now)
   save_order(order_id, o)
   if held then redis.call('ZADD', K.holds, o.expires_at, order_id) end
   return order_reply('new', o)
+end
+
+-- Starts a script call: names its keys (in the order listed at the top) and clears what an
+-- earlier call left in the per-call state, which a library keeps between calls.
+local function begin(keys)
+  K = {
+    meta = keys[1], avail = keys[2], keys = keys[3], codes = keys[4], idx = keys[5],
+    orders = keys[6], holds = keys[7], users = keys[8], redemptions = keys[9],
+    counts = keys[10], events = keys[11],
+  }
+  EMITTED = {}
+  GEN = nil
 end

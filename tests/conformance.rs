@@ -83,7 +83,7 @@ impl Harness {
                 .and_then(|rest| rest.split(',').next()?.parse().ok())
                 .unwrap_or(0)
         };
-        Some(calls("evalsha") + calls("eval"))
+        Some(calls("fcall") + calls("evalsha") + calls("eval"))
     }
 
     async fn claim(&self, sku: &str, order: &str, quantity: u64) -> Result<Order, Error> {

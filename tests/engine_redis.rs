@@ -1,13 +1,14 @@
 //! The Redis engine against real `redis-server` processes owned by each test: reply
-//! conversion, script errors, script cache recovery, surviving Redis restarts, bounded
-//! failures while Redis is down or busy, and the shipped scripts compiling in Redis.
+//! conversion, script errors, script cache and function library recovery, surviving Redis
+//! restarts, bounded failures while Redis is down or busy, and the shipped scripts compiling
+//! in Redis.
 
 mod support;
 
 use std::time::{Duration, Instant};
 
 use kamigate::engine::redis::{RedisEngine, RedisOptions};
-use kamigate::engine::{EngineError, EngineKind, Reply, Script, ScriptEngine, SCRIPTS};
+use kamigate::engine::{EngineError, EngineKind, Reply, Script, ScriptEngine, LIBRARY, SCRIPTS};
 use support::eventually::eventually;
 use support::redis_server::{RedisCluster, RedisServer, Resp};
 
@@ -483,15 +484,109 @@ async fn shipped_scripts_compile_in_redis() {
         .preload(SCRIPTS.all())
         .await
         .expect("preload the shipped scripts");
-    for script in SCRIPTS.all() {
-        let exists = server.redis_cli(&["SCRIPT", "EXISTS", script.sha1()]).await;
-        assert_eq!(
-            exists,
-            Resp::Array(Some(vec![Resp::Int(1)])),
-            "{}",
-            script.name()
-        );
+    // The shipped scripts are preloaded as the library's functions.
+    assert_eq!(functions_listed(server.port()).await, shipped_functions());
+    // Loading again (a second gateway, a restart) keeps the one library.
+    engine.preload(SCRIPTS.all()).await.expect("preload again");
+    let libraries = server.redis_cli(&["FUNCTION", "LIST"]).await;
+    assert!(
+        matches!(&libraries, Resp::Array(Some(l)) if l.len() == 1),
+        "{libraries:?}"
+    );
+}
+
+/// The function names `FUNCTION LIST` reports for the engine's library on one server.
+async fn functions_listed(port: u16) -> Vec<String> {
+    fn texts(reply: &Resp, out: &mut Vec<String>) {
+        match reply {
+            Resp::Array(Some(items)) => items.iter().for_each(|item| texts(item, out)),
+            other => out.extend(other.as_str().map(str::to_owned)),
+        }
     }
+    let listed =
+        RedisServer::cmd_on_port(port, &["FUNCTION", "LIST", "LIBRARYNAME", LIBRARY.name()])
+            .await
+            .expect("FUNCTION LIST");
+    let mut out = Vec::new();
+    texts(&listed, &mut out);
+    let prefix = format!("{}_", LIBRARY.name());
+    out.retain(|name| name.starts_with(&prefix));
+    out.sort();
+    out
+}
+
+/// Every shipped script's function name, sorted.
+fn shipped_functions() -> Vec<String> {
+    let mut names: Vec<String> = SCRIPTS
+        .all()
+        .iter()
+        .map(|s| {
+            s.function()
+                .expect("a shipped script is a function")
+                .to_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// The `calls` count of `command` in `INFO commandstats` (0 when never called).
+async fn calls_of(server: &RedisServer, command: &str) -> u64 {
+    let info = server.redis_cli(&["INFO", "commandstats"]).await;
+    let info = info.as_str().expect("INFO text").to_owned();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn shipped_scripts_run_as_functions_and_reload_after_function_flush() {
+    let server = RedisServer::start().await;
+    let engine = engine_for(&server).await;
+    let key = || strings(&["kg:{fn}:h"]);
+    server.redis_cli(&["HSET", "kg:{fn}:h", "f", "v"]).await;
+    let exists = |field: &str| engine.eval(&SCRIPTS.exists, key(), strings(&[field]));
+
+    // A fresh Redis has no library: the first call loads it and runs once.
+    assert_eq!(exists("f").await.ok(), Some(Reply::Int(1)));
+    assert_eq!(exists("g").await.ok(), Some(Reply::Int(0)));
+    assert_eq!(calls_of(&server, "function|load").await, 1);
+    assert_eq!(
+        calls_of(&server, "fcall").await,
+        3,
+        "one miss, then two runs"
+    );
+    assert_eq!(calls_of(&server, "evalsha").await, 0);
+    assert_eq!(calls_of(&server, "eval").await, 0);
+
+    // FUNCTION FLUSH drops the library (FLUSHALL does not): the next call reloads it.
+    server.redis_cli(&["FUNCTION", "FLUSH"]).await;
+    let listed = server.redis_cli(&["FUNCTION", "LIST"]).await;
+    assert_eq!(listed, Resp::Array(Some(vec![])));
+    assert_eq!(exists("f").await.ok(), Some(Reply::Int(1)));
+    assert_eq!(calls_of(&server, "function|load").await, 2);
+    assert_eq!(functions_listed(server.port()).await, shipped_functions());
+
+    // A write across a reload runs exactly once: one event in the window, not two.
+    server.redis_cli(&["FUNCTION", "FLUSH"]).await;
+    let take = engine
+        .eval(
+            &SCRIPTS.window,
+            strings(&["kg:lim:{fn}:events", "kg:lim:{fn}:lock"]),
+            strings(&["take", "1000", "m1", "60000", "10"]),
+        )
+        .await;
+    assert_eq!(
+        take.ok(),
+        Some(Reply::Array(vec![bulk("ok"), Reply::Int(9)]))
+    );
+    let events = server.redis_cli(&["ZCARD", "kg:lim:{fn}:events"]).await;
+    assert_eq!(events.as_int(), Some(1));
+    assert_eq!(calls_of(&server, "evalsha").await, 0);
+    assert_eq!(calls_of(&server, "eval").await, 0);
 }
 
 #[tokio::test]
@@ -531,6 +626,39 @@ async fn scripts_run_on_every_redis_cluster_node() {
             exists,
             Resp::Array(Some(vec![Resp::Int(1)])),
             "node {} learned the script",
+            node.port()
+        );
+    }
+
+    // The shipped scripts' library reaches each node on its first "Function not found".
+    for i in 0..30 {
+        let key = format!("kg:{{sku-{i}}}:h");
+        let reply = engine
+            .eval(&SCRIPTS.exists, vec![key.clone()], strings(&["f"]))
+            .await;
+        assert_eq!(reply.ok(), Some(Reply::Int(0)), "{key}");
+    }
+    for node in cluster.nodes() {
+        assert_eq!(
+            functions_listed(node.port()).await,
+            shipped_functions(),
+            "node {} learned the library",
+            node.port()
+        );
+    }
+    // Preloading reaches every primary, not only the one a call would be routed to.
+    for node in cluster.nodes() {
+        node.redis_cli(&["FUNCTION", "FLUSH"]).await;
+    }
+    engine
+        .preload(SCRIPTS.all())
+        .await
+        .expect("preload on every node");
+    for node in cluster.nodes() {
+        assert_eq!(
+            functions_listed(node.port()).await,
+            shipped_functions(),
+            "node {} has the library after preload",
             node.port()
         );
     }

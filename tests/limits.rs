@@ -178,7 +178,8 @@ async fn record_commands(redis: &RedisServer) {
 
 /// How many times the recorded commands ran the claim script.
 async fn claim_script_calls(redis: &RedisServer) -> usize {
-    let sha = kamigate::engine::SCRIPTS.claim.sha1();
+    let claim = &kamigate::engine::SCRIPTS.claim;
+    let (sha, function) = (claim.sha1(), claim.function().unwrap_or(""));
     let log = redis
         .cmd(&["SLOWLOG", "GET", "100000"])
         .await
@@ -196,7 +197,8 @@ async fn claim_script_calls(redis: &RedisServer) -> usize {
                 return false;
             };
             let word = |i: usize| args.get(i).and_then(Resp::as_str).unwrap_or("");
-            (word(0).eq_ignore_ascii_case("evalsha") && word(1) == sha)
+            (word(0).eq_ignore_ascii_case("fcall") && word(1) == function)
+                || (word(0).eq_ignore_ascii_case("evalsha") && word(1) == sha)
                 || (word(0).eq_ignore_ascii_case("eval") && word(1).contains("claim.lua"))
         })
         .count()

@@ -1,7 +1,7 @@
 //! The names of every engine key, in one place.
 //!
 //! A SKU's keys are handed to its scripts in the order `lua/prelude.lua` lists them (its
-//! `KEYS` list, read into the table `K`); [`sku_keys`] builds exactly that list, and a test
+//! `KEYS` list, named in the table `K` by its `begin`); [`sku_keys`] builds exactly that list, and a test
 //! below reads the prelude to keep the two in step. Every key of one SKU carries the SKU's
 //! hash tag (`kg:{<sku>}:…`), so a script touches one Redis Cluster slot. Keys outside a
 //! SKU (the global code index, the SKU registry, the limiters' windows) have hash tags of
@@ -101,16 +101,17 @@ mod tests {
     #[test]
     fn sku_keys_follow_the_order_of_the_prelude() {
         let prelude = include_str!("../../lua/prelude.lua");
-        // `local K = { meta = KEYS[1], avail = KEYS[2], … }`
+        // `local function begin(keys) K = { meta = keys[1], avail = keys[2], … }`
         let table = prelude
-            .split_once("local K = {")
+            .split_once("local function begin(keys)")
+            .and_then(|(_, rest)| rest.split_once("K = {"))
             .and_then(|(_, rest)| rest.split_once('}'))
             .map(|(table, _)| table)
-            .expect("the prelude names its KEYS in a table K");
+            .expect("the prelude's begin names the call's keys in a table K");
         let mut named: Vec<(usize, &str)> = table
             .split(',')
             .filter_map(|entry| {
-                let (name, index) = entry.split_once("= KEYS[")?;
+                let (name, index) = entry.split_once("= keys[")?;
                 let index = index.trim().trim_end_matches(']').parse().ok()?;
                 Some((index, name.trim()))
             })

@@ -1,10 +1,11 @@
 //! The engine: where inventory state lives and changes.
 //!
 //! Every state change is one Lua script from `lua/` run atomically. Two engines run the very
-//! same script text behind [`ScriptEngine`]:
+//! same files behind [`ScriptEngine`] ([`script`] assembles them with the prelude):
 //!
-//! - [`redis::RedisEngine`] runs them in Redis (EVALSHA, reloading on NOSCRIPT), standalone,
-//!   Sentinel or Cluster. Production and scale.
+//! - [`redis::RedisEngine`] runs them in Redis as the functions of one library ([`LIBRARY`],
+//!   `FCALL`, reloading when Redis lost it), standalone, Sentinel or Cluster. Production and
+//!   scale.
 //! - [`embedded::EmbeddedEngine`] runs them in-process with mlua (Lua 5.1, Redis's dialect)
 //!   against [`keyspace::Keyspace`], an in-memory keyspace implementing exactly the
 //!   `redis.call` commands the scripts use, one script at a time like Redis. Zero setup.
@@ -32,7 +33,7 @@ use std::fmt;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
-pub use script::{Script, Scripts, SCRIPTS};
+pub use script::{Library, Script, Scripts, LIBRARY, SCRIPTS};
 
 /// A script's reply, converted the way Redis converts Lua values (`false`/`nil` → [`Reply::Nil`],
 /// numbers truncated to integers, `{ok=…}` → [`Reply::Status`], tables → arrays up to the
