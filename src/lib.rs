@@ -21,6 +21,7 @@
 //! - [`sku`]: SKU settings and identifier rules.
 //! - [`datadir`]: one gateway per data dir (an OS lock).
 //! - [`tokens`]: bearer tokens generated when none are configured, kept in the data dir.
+//! - [`private_file`]: files only their owner reads (tokens, data keys), created once.
 //! - [`secrets`]: codes at rest: the keyring that seals them and the keyed index digest.
 //! - [`engine`]: the [`engine::ScriptEngine`] seam; Redis (fred) and embedded (mlua)
 //!   engines run the same `lua/` scripts, the only code that changes inventory state.
@@ -49,6 +50,7 @@ pub mod ledger;
 pub mod limit;
 pub mod metrics;
 pub mod pause;
+pub mod private_file;
 pub mod secrets;
 pub mod sku;
 pub mod tokens;

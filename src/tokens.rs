@@ -6,7 +6,6 @@
 //! are shown on the terminal once, when generated, and never written into the logs, which
 //! are shipped elsewhere.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -97,7 +96,7 @@ fn read(path: &Path) -> Result<Option<TokenFile>, String> {
     if file.merchant_token.len() < 16 || file.admin_token.len() < 16 {
         return Err("a token is shorter than 16 characters".into());
     }
-    private(path).map_err(|e| e.to_string())?;
+    crate::private_file::make_private(path).map_err(|e| e.to_string())?;
     Ok(Some(file))
 }
 
@@ -117,53 +116,11 @@ fn keep_new(data_dir: &Path, path: &Path) -> Result<(TokenFile, bool), String> {
         file.merchant_token,
         file.admin_token
     );
-    // Written whole under a name of its own, then linked into place: the link fails when
-    // the file exists, so a reader never sees half a file and no process overwrites
-    // tokens another one already handed out.
-    let temp = data_dir.join(format!("{TOKENS_FILE}.{}.tmp", std::process::id()));
-    let written = write_private(&temp, text.as_bytes()).and_then(|()| {
-        let linked = std::fs::hard_link(&temp, path);
-        let _ = std::fs::remove_file(&temp);
-        linked
-    });
-    match written {
-        Ok(()) => Ok((file, true)),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            Ok((read(path)?.ok_or("vanished while being read")?, false))
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&temp);
-            Err(e.to_string())
-        }
+    match crate::private_file::create_once(path, text.as_bytes()) {
+        Ok(true) => Ok((file, true)),
+        Ok(false) => Ok((read(path)?.ok_or("vanished while being read")?, false)),
+        Err(e) => Err(e.to_string()),
     }
-}
-
-/// Writes `bytes` to a new file at `path` that only its owner can read, synced to disk.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
-    // The mode above applies only to a file the open created.
-    private(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
-}
-
-/// Makes `path` readable and writable by its owner only.
-fn private(path: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
-        if mode != 0o600 {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = path;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@
 //! The first `data` key seals new codes; the others only open what they sealed before, until
 //! `kamigate rekey` moved it over. Exactly one `index` key keys the code digests.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::{Keyring, KeyringError, KEY_LEN};
@@ -196,7 +195,7 @@ pub fn add_data_key(path: &Path, id: &str) -> Result<(), KeyError> {
         out.push('\n');
     }
     let temp = path.with_extension(format!("{}.tmp", std::process::id()));
-    write_private(&temp, out.as_bytes())
+    crate::private_file::write(&temp, out.as_bytes())
         .and_then(|()| std::fs::rename(&temp, path))
         .map_err(|e| {
             let _ = std::fs::remove_file(&temp);
@@ -213,7 +212,7 @@ fn read(path: &Path) -> Result<Option<Keyring>, String> {
         Err(e) => return Err(e.to_string()),
     };
     let ring = parse(&text).map_err(|e| e.0)?;
-    private(path).map_err(|e| e.to_string())?;
+    crate::private_file::make_private(path).map_err(|e| e.to_string())?;
     Ok(Some(ring))
 }
 
@@ -223,51 +222,11 @@ fn keep_new(data_dir: &Path, path: &Path) -> Result<(Keyring, bool), String> {
     std::fs::create_dir_all(data_dir).map_err(|e| e.to_string())?;
     let text = generate_text();
     let ring = parse(&text).map_err(|e| e.0)?;
-    // Written whole under a name of its own, then linked into place: the link fails when
-    // the file exists, so no process overwrites keys another one already sealed with.
-    let temp = data_dir.join(format!("{KEY_FILE}.{}.tmp", std::process::id()));
-    let written = write_private(&temp, text.as_bytes()).and_then(|()| {
-        let linked = std::fs::hard_link(&temp, path);
-        let _ = std::fs::remove_file(&temp);
-        linked
-    });
-    match written {
-        Ok(()) => Ok((ring, true)),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            Ok((read(path)?.ok_or("vanished while being read")?, false))
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&temp);
-            Err(e.to_string())
-        }
+    match crate::private_file::create_once(path, text.as_bytes()) {
+        Ok(true) => Ok((ring, true)),
+        Ok(false) => Ok((read(path)?.ok_or("vanished while being read")?, false)),
+        Err(e) => Err(e.to_string()),
     }
-}
-
-/// Writes `bytes` to a new file at `path` that only its owner can read, synced to disk.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
-    private(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
-}
-
-/// Makes `path` readable and writable by its owner only.
-fn private(path: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
-        if mode != 0o600 {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = path;
-    Ok(())
 }
 
 #[cfg(test)]
