@@ -560,36 +560,27 @@ impl Inventory {
     /// Points the global index at `sku` for these digests. Idempotent; run again for
     /// duplicates too, so a retried import repairs an index write that failed before.
     async fn index(&self, sku: &str, digests: &[String]) -> Result<(), Error> {
-        let mut shards: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-        for d in digests {
-            let args = shards
-                .entry(index_shard(d))
-                .or_insert_with(|| vec!["set".into()]);
-            args.push(d.clone());
-            args.push(sku.to_owned());
-        }
-        // The shards are independent keys (on a cluster, other nodes): one round trip for
-        // all of them instead of one after the other.
-        futures_util::future::try_join_all(
-            shards
-                .into_iter()
-                .map(|(shard, args)| self.eval(&SCRIPTS.index, vec![shard], args)),
-        )
-        .await?;
-        Ok(())
+        self.index_op("set", sku, digests).await
     }
 
     /// Removes global index entries `digests` while they still point at `sku` (a rekey
     /// moving the index to keyed digests).
     pub(crate) async fn unindex(&self, sku: &str, digests: &[String]) -> Result<(), Error> {
+        self.index_op("del", sku, digests).await
+    }
+
+    /// Runs `index.lua`'s `op` for `digests` of `sku`, one call per index shard.
+    async fn index_op(&self, op: &str, sku: &str, digests: &[String]) -> Result<(), Error> {
         let mut shards: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for d in digests {
             let args = shards
                 .entry(index_shard(d))
-                .or_insert_with(|| vec!["del".into()]);
+                .or_insert_with(|| vec![op.to_owned()]);
             args.push(d.clone());
             args.push(sku.to_owned());
         }
+        // The shards are independent keys (on a cluster, other nodes): one round trip for
+        // all of them instead of one after the other.
         futures_util::future::try_join_all(
             shards
                 .into_iter()
