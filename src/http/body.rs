@@ -105,9 +105,9 @@ pub struct JsonBody {
 
 impl JsonBody {
     /// Parses `bytes` as a JSON object whose keys are all in `allowed`. An empty body is an
-    /// empty object.
+    /// empty object; a body of only whitespace is not JSON, and refused like any other.
     pub fn parse(bytes: &[u8], allowed: &[&str]) -> Result<JsonBody, Error> {
-        if bytes.iter().all(u8::is_ascii_whitespace) {
+        if bytes.is_empty() {
             return Ok(JsonBody { fields: Map::new() });
         }
         let StrictValue(value) = serde_json::from_slice(bytes).map_err(|e| {
@@ -281,6 +281,16 @@ impl<'de> Visitor<'de> for StrictVisitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_body_is_an_empty_object_but_whitespace_is_not_json() {
+        let empty = JsonBody::parse(b"", &["reason"]).expect("empty is {}");
+        assert!(empty.into_value().as_object().is_some_and(|o| o.is_empty()));
+        for body in [&b"\t"[..], b" ", b"\r\n"] {
+            let err = JsonBody::parse(body, &["reason"]).err().expect("refused");
+            assert!(matches!(err, Error::BadRequest(_)), "{err}");
+        }
+    }
 
     #[test]
     fn json_errors_never_quote_values() {
