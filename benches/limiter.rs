@@ -17,9 +17,10 @@ use governor::clock::DefaultClock;
 use http::{HeaderMap, HeaderValue};
 use ipnet::IpNet;
 
+use kamigate::channel::{BreakerRule, Channels, Defaults};
 use kamigate::limit::{
-    client_ip, BucketRule, ClientKey, Fingerprinter, ForwardedHeader, GlobalBucket, InFlight,
-    KeyedBuckets, LimitsConfig, SoldOutCache, TokenId,
+    client_ip, BucketRule, ClientKey, ForwardedHeader, GlobalBucket, InFlight, KeyedBuckets,
+    LimitsConfig, SoldOutCache,
 };
 
 const ROTATING_KEYS: u32 = 100_000;
@@ -63,11 +64,23 @@ fn buckets(c: &mut Criterion) {
         })
     });
 
-    let merchant = KeyedBuckets::new("merchant", UNLIMITED, DefaultClock::default());
-    let fingerprinter = Fingerprinter::new();
-    let token = b"3f1c0b7a9e5d4c2b1a0f9e8d7c6b5a493f1c0b7a9e5d4c2b1a0f9e8d7c6b5a49";
-    group.bench_function("check_merchant_token_with_fingerprint", |b| {
-        b.iter(|| merchant.check(&TokenId::of(&fingerprinter, black_box(token))))
+    // A merchant request: its token is authenticated to a channel (a SHA-256 digest and a
+    // map lookup), which admits it through its breaker and takes from its bucket.
+    let token = "3f1c0b7a9e5d4c2b1a0f9e8d7c6b5a493f1c0b7a9e5d4c2b1a0f9e8d7c6b5a49";
+    let channels = Channels::new(
+        token,
+        Defaults {
+            bucket: UNLIMITED,
+            breaker: BreakerRule::default(),
+        },
+    );
+    group.bench_function("authenticate_and_admit_channel", |b| {
+        b.iter(|| {
+            let channel = channels
+                .authenticate(black_box(token.as_bytes()))
+                .expect("the merchant token is the default channel's");
+            channel.admit(black_box(1_000))
+        })
     });
 
     let global = GlobalBucket::new("global", UNLIMITED, DefaultClock::default());

@@ -102,6 +102,12 @@ pub struct Config {
     /// The longest `Retry-After` a paused request is told, in seconds; sooner when the pause
     /// is expected to end sooner.
     pub pause_retry_after_secs: u64,
+    /// How often the channels and their tokens are read from the ledger, in milliseconds: a
+    /// channel or token made or revoked through another gateway takes effect here within
+    /// this interval; one changed through this gateway, at once.
+    pub channel_refresh_ms: u64,
+    /// The circuit breaker of a channel whose settings name none ([`crate::channel`]).
+    pub channel_breaker: crate::channel::BreakerRule,
 }
 
 /// Longest `pause_refresh_ms`: pauses must reach every gateway within a second.
@@ -163,6 +169,8 @@ impl Default for Config {
             metrics_max_skus: crate::metrics::DEFAULT_MAX_SKU_LABELS,
             pause_refresh_ms: 500,
             pause_retry_after_secs: 30,
+            channel_refresh_ms: 1000,
+            channel_breaker: crate::channel::BreakerRule::default(),
         }
     }
 }
@@ -343,6 +351,12 @@ impl Config {
         if !(1..=3600).contains(&self.pause_retry_after_secs) {
             return invalid("pause_retry_after_secs must be from 1 to 3600");
         }
+        if !(10..=60_000).contains(&self.channel_refresh_ms) {
+            return invalid("channel_refresh_ms must be from 10 to 60000");
+        }
+        self.channel_breaker
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("channel_{e}")))?;
         self.limits.validate().map_err(ConfigError::Invalid)?;
         if let Some(url) = &self.redis_url {
             let known = ["redis://", "redis-cluster://", "redis-sentinel://"];
@@ -445,6 +459,27 @@ mod tests {
             blocks += 1;
         }
         assert!(blocks > 0, "the README shows a configuration example");
+    }
+
+    #[test]
+    fn channel_settings_are_checked_at_start() {
+        for bad in [
+            "channel_refresh_ms = 0\n",
+            "[channel_breaker]\nerror_ratio = 1.5\n",
+            "[channel_breaker]\nprobes = 0\n",
+        ] {
+            let config: Config = toml::from_str(bad).expect("parses");
+            let err = config.validate().expect_err(bad);
+            assert!(err.to_string().contains("channel_"), "{bad}: {err}");
+        }
+        let config: Config =
+            toml::from_str("[channel_breaker]\nmin_requests = 5\n").expect("parses");
+        assert_eq!(config.channel_breaker.min_requests, 5);
+        assert_eq!(
+            config.channel_breaker.open_ms, 5000,
+            "the rest keeps its defaults"
+        );
+        config.validate().expect("valid");
     }
 
     #[test]

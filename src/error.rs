@@ -21,6 +21,9 @@ pub enum Error {
     Unauthorized,
     #[error("{0} not found")]
     NotFound(String),
+    /// The caller is known but may not do this (a channel selling a SKU not on its list).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("method not allowed")]
     MethodNotAllowed {
         /// The route's methods, as the `Allow` header lists them (`"GET, PUT"`).
@@ -77,6 +80,13 @@ pub enum Error {
         gateway_wide: bool,
         retry_after_ms: u64,
     },
+    /// The channel's circuit breaker is open ([`crate::channel::Breaker`]): too many of its
+    /// recent requests failed the way a broken integration fails.
+    #[error("channel {channel} is shed: too many of its recent requests failed")]
+    ChannelShed {
+        channel: String,
+        retry_after_ms: u64,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -88,6 +98,7 @@ impl Error {
             Error::BadRequest(_) => "ERR_BAD_REQUEST",
             Error::Unauthorized => "ERR_UNAUTHORIZED",
             Error::NotFound(_) => "ERR_NOT_FOUND",
+            Error::Forbidden(_) => "ERR_FORBIDDEN",
             Error::MethodNotAllowed { .. } => "ERR_METHOD_NOT_ALLOWED",
             Error::PayloadTooLarge { .. } => "ERR_PAYLOAD_TOO_LARGE",
             Error::UriTooLong { .. } => "ERR_URI_TOO_LONG",
@@ -106,6 +117,7 @@ impl Error {
             Error::LockedOut { .. } => "ERR_LOCKED_OUT",
             Error::Unavailable(_) => "ERR_UNAVAILABLE",
             Error::Paused { .. } => "ERR_PAUSED",
+            Error::ChannelShed { .. } => "ERR_UNAVAILABLE",
             Error::Internal(_) => "ERR_INTERNAL",
         }
     }
@@ -116,6 +128,7 @@ impl Error {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::NotFound(_) | Error::CardInvalid => StatusCode::NOT_FOUND,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
@@ -130,7 +143,9 @@ impl Error {
             | Error::BatchInProgress(_)
             | Error::FormatInUse { .. } => StatusCode::CONFLICT,
             Error::RateLimited { .. } | Error::LockedOut { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Error::Unavailable(_) | Error::Paused { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable(_) | Error::Paused { .. } | Error::ChannelShed { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -140,7 +155,10 @@ impl Error {
         match self {
             Error::RateLimited { retry_after_ms }
             | Error::LockedOut { retry_after_ms }
-            | Error::Paused { retry_after_ms, .. } => Some(retry_after_ms.div_ceil(1000).max(1)),
+            | Error::Paused { retry_after_ms, .. }
+            | Error::ChannelShed { retry_after_ms, .. } => {
+                Some(retry_after_ms.div_ceil(1000).max(1))
+            }
             Error::Unavailable(_) => Some(1),
             _ => None,
         }
@@ -187,6 +205,14 @@ impl Error {
                 body.insert("scope".into(), scope.into());
                 body.insert("retry_after_ms".into(), (*retry_after_ms).into());
             }
+            Error::ChannelShed {
+                channel,
+                retry_after_ms,
+            } => {
+                body.insert("channel".into(), channel.clone().into());
+                body.insert("breaker".into(), "open".into());
+                body.insert("retry_after_ms".into(), (*retry_after_ms).into());
+            }
             Error::PayloadTooLarge { limit_bytes } => {
                 body.insert("limit_bytes".into(), (*limit_bytes).into());
             }
@@ -219,6 +245,14 @@ impl Error {
                     .into()
             }
             Error::Unavailable(_) => "retry after the Retry-After interval".into(),
+            Error::ChannelShed { .. } => {
+                "the channel's bad requests, conflicts and unknown orders tripped its breaker; \
+                 fix them, then a few requests pass as probes after the Retry-After interval"
+                    .into()
+            }
+            Error::Forbidden(_) => {
+                "an admin lists the SKUs a channel may sell with PUT /v1/channels/{channel}".into()
+            }
             Error::Paused { action, .. } => {
                 if *action == "claims" {
                     "retry after the Retry-After interval; orders claimed before the pause are \

@@ -305,6 +305,9 @@ impl Gateway {
         app.skus.know(&known);
         // Pauses in force are enforced from the first request on, also after a restart.
         app.pauses.refresh(app.ledger.as_ref()).await;
+        // Channel tokens authenticate from the first request on (until the ledger is read,
+        // a token the gateway does not know is told to retry, not that it is wrong).
+        app.channels.refresh(app.ledger.as_ref()).await;
 
         let (stop, stopped) = watch::channel(false);
         let sweep = tokio::spawn(sweep_holds(
@@ -317,6 +320,11 @@ impl Gateway {
         let pauses = tokio::spawn(keep_pauses(
             app.clone(),
             Duration::from_millis(config.pause_refresh_ms),
+            stopped.clone(),
+        ));
+        let channels = tokio::spawn(keep_channels(
+            app.clone(),
+            Duration::from_millis(config.channel_refresh_ms),
             stopped.clone(),
         ));
         // The writer stops last, after in-flight requests finished, so their events reach
@@ -334,7 +342,7 @@ impl Gateway {
                 let _ = stopped.wait_for(|s| *s).await;
             };
             http::serve(serve_app, public, admin, signal, shutdown).await;
-            let _ = tokio::join!(sweep, limiter_sweep, syncing, pauses);
+            let _ = tokio::join!(sweep, limiter_sweep, syncing, pauses, channels);
             let _ = stop_writer.send(true);
             let _ = writing.await;
         });
@@ -627,6 +635,20 @@ async fn keep_pauses(app: Arc<App>, every: Duration, mut stopped: watch::Receive
             _ = ticker.tick() => {}
         }
         app.pauses.refresh(app.ledger.as_ref()).await;
+    }
+}
+
+/// Reads the channels and their tokens from the ledger every `every`, so a channel or token
+/// made or revoked through another gateway is served here within that interval.
+async fn keep_channels(app: Arc<App>, every: Duration, mut stopped: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => return,
+            _ = ticker.tick() => {}
+        }
+        app.channels.refresh(app.ledger.as_ref()).await;
     }
 }
 

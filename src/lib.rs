@@ -28,6 +28,8 @@
 //! - [`inventory`]: claims, holds, redemptions and imports in domain terms over an engine.
 //! - [`ledger`]: the durable record (SQLite or PostgreSQL) of imports and every change.
 //! - [`limit`]: token buckets, load shedding, sliding windows and local reject caches.
+//! - [`channel`]: selling channels: each its own tokens, bucket, SKU list and circuit
+//!   breaker; orders namespaced per channel.
 //! - [`pause`]: incident controls: claims or redemptions paused per SKU or gateway-wide,
 //!   recorded in the ledger, enforced from each gateway's view of it.
 //! - [`http`]: the hyper edge: routing, auth, handlers, graceful shutdown.
@@ -36,6 +38,7 @@
 //! - [`gateway`]: wiring a [`config::Config`] into a running gateway with background work.
 //! - [`metrics`]: every exported metric and its description.
 
+pub mod channel;
 pub mod clock;
 pub mod code;
 pub mod commands;

@@ -118,6 +118,15 @@ pub const PAUSES_STALE: &str = "kamigate_pauses_stale";
 /// `unknown` for one not in the keyring): tampered with, corrupted, moved from another key,
 /// or sealed under a key this gateway lacks. Such a code is never handed out.
 pub const DECRYPT_FAILURES: &str = "kamigate_decrypt_failures_total";
+/// Claims by `channel` ([`crate::channel`], at most `MAX_CHANNELS` + 1 names) and
+/// `outcome`, as [`CLAIMS`] counts them.
+pub const CHANNEL_CLAIMS: &str = "kamigate_channel_claims_total";
+/// Gauge: each channel's breaker by `channel`: 0 closed, 1 half-open, 2 open.
+pub const CHANNEL_BREAKER_STATE: &str = "kamigate_channel_breaker_state";
+/// Counter: breaker state changes by `channel` and `to` (`open`, `half_open`, `closed`).
+pub const CHANNEL_BREAKER_CHANGES: &str = "kamigate_channel_breaker_changes_total";
+/// Counter: requests shed by an open breaker, by `channel`.
+pub const CHANNEL_SHED: &str = "kamigate_channel_shed_total";
 
 /// What kind of series a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,6 +337,30 @@ pub const CATALOGUE: &[Metric] = &[
         &["data_key"],
         "Stored codes that did not open (tampered with, moved from another key, or sealed under a missing key), by the data key named; none is handed out.",
     ),
+    metric(
+        CHANNEL_CLAIMS,
+        Kind::Counter,
+        &["channel", "outcome"],
+        "Claims by selling channel and outcome (new, replay, held, or the error code).",
+    ),
+    metric(
+        CHANNEL_BREAKER_STATE,
+        Kind::Gauge,
+        &["channel"],
+        "Each channel's circuit breaker: 0 closed, 1 half-open (probing), 2 open (shedding).",
+    ),
+    metric(
+        CHANNEL_BREAKER_CHANGES,
+        Kind::Counter,
+        &["channel", "to"],
+        "Circuit breaker state changes by channel and the state entered.",
+    ),
+    metric(
+        CHANNEL_SHED,
+        Kind::Counter,
+        &["channel"],
+        "Requests answered 503 because their channel's breaker was open.",
+    ),
 ];
 
 /// Buckets of every `_seconds` histogram.
@@ -536,6 +569,20 @@ pub fn initialise<'a>(engine: &'static str, scripts: impl IntoIterator<Item = &'
         }
     }
     metrics::gauge!(PAUSES_STALE).increment(0.0);
+}
+
+/// Registers at 0 the series of a channel the dashboards and alerts query.
+pub fn initialise_channel(channel: &str) {
+    for outcome in CLAIM_OUTCOMES {
+        metrics::counter!(CHANNEL_CLAIMS, "channel" => channel.to_owned(), "outcome" => *outcome)
+            .increment(0);
+    }
+    metrics::gauge!(CHANNEL_BREAKER_STATE, "channel" => channel.to_owned()).increment(0.0);
+    for to in ["open", "half_open", "closed"] {
+        metrics::counter!(CHANNEL_BREAKER_CHANGES, "channel" => channel.to_owned(), "to" => to)
+            .increment(0);
+    }
+    metrics::counter!(CHANNEL_SHED, "channel" => channel.to_owned()).increment(0);
 }
 
 #[cfg(test)]

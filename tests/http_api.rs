@@ -111,7 +111,9 @@ fn path_of(pattern: &str) -> String {
         .replace("{order_id}", "o-1")
         .replace("{batch_id}", "b1")
         .replace("{version}", "1")
-        .replace("{key_id}", "s.1");
+        .replace("{key_id}", "s.1")
+        .replace("{channel}", "c")
+        .replace("{token_id}", "tok-1");
     assert!(
         !path.contains('{'),
         "a parameter this test cannot fill: {pattern}"
@@ -180,8 +182,8 @@ async fn every_route_refuses_callers_without_the_token_its_table_entry_declares(
             }
         }
     }
-    // 6 merchant routes; 15 admin routes, a SKU's with both GET and PUT.
-    assert_eq!(refused, 3 * (6 + 16), "every guarded route was tried");
+    // 6 merchant routes; 20 admin routes, a SKU's and a channel's with both GET and PUT.
+    assert_eq!(refused, 3 * (6 + 22), "every guarded route was tried");
     let (status, view) = gw.merchant_get("/v1/skus/s").await;
     assert_eq!(status, StatusCode::OK, "{view}");
     assert_eq!(

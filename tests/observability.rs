@@ -176,7 +176,7 @@ fn substitute(expr: &str) -> String {
         out.push_str(match name {
             "__rate_interval" | "__interval" => "1m",
             "__range" => "1h",
-            "instance" | "sku" => ".*",
+            "instance" | "sku" | "channel" => ".*",
             other => panic!("unknown template variable ${other} in {expr}"),
         });
         rest = &after[len..];

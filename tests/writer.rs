@@ -25,9 +25,9 @@ use kamigate::inventory::reconcile::reconcile_sku;
 use kamigate::inventory::{Added, ClaimRequest, Inventory, NewCode, Order};
 use kamigate::ledger::writer::{Backlog, EventWriter, WriterError, WriterOptions};
 use kamigate::ledger::{
-    BatchCounts, BatchRecord, BatchStart, EventRecord, InsertOutcome, KeyRecord, Ledger,
-    LedgerError, LedgerEvent, NewKey, NewPause, PauseEventRecord, PauseRecord, Recode, Seal,
-    SkuRecord, StateCounts, StoredCode,
+    BatchCounts, BatchRecord, BatchStart, ChannelEventRecord, ChannelRecord, ChannelTokenRecord,
+    EventRecord, InsertOutcome, KeyRecord, Ledger, LedgerError, LedgerEvent, NewKey, NewPause,
+    PauseEventRecord, PauseRecord, Recode, Seal, SkuRecord, StateCounts, StoredCode,
 };
 use kamigate::sku::SkuConfig;
 use pg_support::TestDatabase;
@@ -1238,6 +1238,45 @@ impl Ledger for Flaky {
         limit: u32,
     ) -> Result<Vec<PauseEventRecord>, LedgerError> {
         self.inner.pause_history(sku, limit).await
+    }
+    async fn channels(&self) -> Result<Vec<ChannelRecord>, LedgerError> {
+        self.inner.channels().await
+    }
+    async fn put_channel(
+        &self,
+        channel: &str,
+        config_json: &str,
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<bool, LedgerError> {
+        self.inner
+            .put_channel(channel, config_json, actor, at_ms)
+            .await
+    }
+    async fn add_channel_token(
+        &self,
+        token: &ChannelTokenRecord,
+        actor: &str,
+    ) -> Result<bool, LedgerError> {
+        self.inner.add_channel_token(token, actor).await
+    }
+    async fn revoke_channel_token(
+        &self,
+        channel: &str,
+        token_id: &str,
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<Option<ChannelTokenRecord>, LedgerError> {
+        self.inner
+            .revoke_channel_token(channel, token_id, actor, at_ms)
+            .await
+    }
+    async fn channel_history(
+        &self,
+        channel: &str,
+        limit: u32,
+    ) -> Result<Vec<ChannelEventRecord>, LedgerError> {
+        self.inner.channel_history(channel, limit).await
     }
     async fn ping(&self) -> Result<(), LedgerError> {
         self.inner.ping().await

@@ -18,8 +18,8 @@ use crate::engine::ScriptEngine;
 use crate::error::Error;
 use crate::limit::window::{Verdict, Windows};
 use crate::limit::{
-    client_ip, record, ClientKey, Decision, Fingerprinter, GlobalBucket, InFlight, InFlightGuard,
-    KeyedBuckets, LimitsConfig, LockoutCache, SoldOutCache, TokenId,
+    client_ip, record, ClientKey, Decision, GlobalBucket, InFlight, InFlightGuard, KeyedBuckets,
+    LimitsConfig, LockoutCache, SoldOutCache,
 };
 use crate::metrics::LIMITER_DECISIONS;
 
@@ -27,14 +27,12 @@ use crate::metrics::LIMITER_DECISIONS;
 pub struct Edge {
     config: LimitsConfig,
     public: KeyedBuckets<ClientKey>,
-    merchant: KeyedBuckets<TokenId>,
     global: GlobalBucket,
     in_flight: InFlight,
     /// SKUs an engine claim recently found sold out.
     pub sold_out: SoldOutCache,
     lockouts: LockoutCache,
     windows: Windows,
-    fingerprints: Fingerprinter,
     clock: SharedClock,
 }
 
@@ -47,13 +45,11 @@ impl Edge {
         register_decisions(&config);
         Edge {
             public: KeyedBuckets::new("public", config.public, Default::default()),
-            merchant: KeyedBuckets::new("merchant", config.merchant, Default::default()),
             global: GlobalBucket::new("global", config.global, Default::default()),
             in_flight: InFlight::new(config.max_in_flight),
             sold_out: SoldOutCache::new(config.sold_out_cache_ms),
             lockouts: LockoutCache::new(config.lockout_cache_max_entries),
             windows: Windows::new(engine, clock.clone()),
-            fingerprints: Fingerprinter::new(),
             clock,
             config,
         }
@@ -80,13 +76,6 @@ impl Edge {
     /// The public bucket of a client.
     pub fn public(&self, ip: IpAddr) -> Result<(), Error> {
         self.public.check(&ClientKey::from(ip)).enforce()
-    }
-
-    /// The bucket of a merchant token (already authenticated).
-    pub fn merchant(&self, token: &[u8]) -> Result<(), Error> {
-        self.merchant
-            .check(&TokenId::of(&self.fingerprints, token))
-            .enforce()
     }
 
     /// Refuses a redemption from a locked-out client or for a locked-out redeemer.
@@ -182,7 +171,6 @@ impl Edge {
     /// Drops idle buckets and expired cache entries.
     pub fn sweep(&self) {
         self.public.sweep();
-        self.merchant.sweep();
         self.sold_out.sweep();
         self.lockouts.sweep(self.clock.now_ms());
     }
@@ -232,6 +220,7 @@ fn register_decisions(config: &LimitsConfig) {
     const WINDOW: &[&str] = &["allow", "deny", "shadow_deny", "fail_open", "fail_closed"];
     let rules: [(&str, bool, &[&str]); 6] = [
         ("public", config.public.is_enabled(), BUCKET),
+        // Each channel's bucket (crate::channel), under the rule it had before channels.
         ("merchant", config.merchant.is_enabled(), BUCKET),
         ("global", config.global.is_enabled(), BUCKET),
         (

@@ -1,4 +1,8 @@
-//! Merchant routes (merchant bearer token): claims, holds and SKU status.
+//! Merchant routes (a channel's bearer token): claims, holds and SKU status.
+//!
+//! Each handler works in its caller's channel: order and user ids reach the engine scoped
+//! to it ([`Channel::scoped`]), so two channels' orders never meet, and answers show the ids
+//! the client sent.
 
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
@@ -6,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::body::{self, JsonBody, Reply};
 use super::{App, Params};
+use crate::channel::Channel;
 use crate::code::Format;
 use crate::error::timestamp;
 use crate::error::Error;
@@ -18,14 +23,19 @@ use crate::sku::{check_id, check_sku, FormatVersion, SkuConfig, MAX_ID_LEN};
 pub const MAX_QUANTITY: u64 = 100;
 
 /// `POST /v1/skus/{sku}/claims`: claim or hold codes for an order.
-pub async fn claim(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {
+pub async fn claim(
+    app: &App,
+    channel: &Channel,
+    params: Params,
+    req: Request<Incoming>,
+) -> Result<Reply, Error> {
     let sku = params.get("sku");
     check_sku(sku)?;
     let limit = app.limits.max_body_bytes;
     body::check_declared_length(req.headers(), limit)?;
     let bytes = body::read_limited(req.into_body(), limit).await?;
     let result = or_paused(
-        claim_body(app, sku, &bytes).await,
+        claim_body(app, channel, sku, &bytes).await,
         app.pauses
             .check(sku, Action::Claims, app.inventory.now_ms())
             .err(),
@@ -36,17 +46,24 @@ pub async fn claim(app: &App, params: Params, req: Request<Incoming>) -> Result<
         Ok(_) => "new",
         Err(e) => e.code(),
     };
-    metrics::counter!(m::CLAIMS, "outcome" => outcome).increment(1);
+    count_claim(channel, outcome);
     Ok(body::json(StatusCode::OK, &result?.to_json()))
 }
 
 /// The fields of one claim.
 const CLAIM_FIELDS: &[&str] = &["order_id", "quantity", "user_id", "hold_ms", "hold"];
 
-async fn claim_body(app: &App, sku: &str, bytes: &[u8]) -> Result<Order, Error> {
+/// Counts a claim's outcome, in total and for its channel.
+fn count_claim(channel: &Channel, outcome: &'static str) {
+    metrics::counter!(m::CLAIMS, "outcome" => outcome).increment(1);
+    metrics::counter!(m::CHANNEL_CLAIMS, "channel" => channel.name.clone(), "outcome" => outcome)
+        .increment(1);
+}
+
+async fn claim_body(app: &App, channel: &Channel, sku: &str, bytes: &[u8]) -> Result<Order, Error> {
     let body = JsonBody::parse(bytes, CLAIM_FIELDS)?;
     let settings = app.skus.require(&app.inventory, sku).await?;
-    let request = claim_request(app, sku, &settings, &body).await?;
+    let request = claim_request(app, channel, sku, &settings, &body).await?;
     let (result, exhausted) = app.inventory.claim_checked(sku, &request).await;
     let order = claimed(app, sku, result, exhausted).await?;
     Ok(order.displayed(&settings.format))
@@ -56,6 +73,7 @@ async fn claim_body(app: &App, sku: &str, bytes: &[u8]) -> Result<Order, Error> 
 /// to send, or why it is refused without reaching the engine.
 async fn claim_request(
     app: &App,
+    channel: &Channel,
     sku: &str,
     settings: &SkuConfig,
     body: &JsonBody,
@@ -67,6 +85,9 @@ async fn claim_request(
     if let Some(user) = user_id {
         check_id("user_id", user, MAX_ID_LEN)?;
     }
+    let order_id = &*channel.scoped(order_id);
+    let user_id = user_id.map(|user| channel.scoped(user));
+    let user_id = user_id.as_deref();
     if settings.per_user_limit > 0 && user_id.is_none() {
         return Err(Error::BadRequest(
             "field `user_id` is required: this SKU has a per-user limit".into(),
@@ -146,6 +167,7 @@ pub const MAX_BATCH_CLAIMS: usize = 500;
 /// each an order or an error envelope.
 pub async fn claim_batch(
     app: &App,
+    channel: &Channel,
     params: Params,
     req: Request<Incoming>,
 ) -> Result<Reply, Error> {
@@ -170,7 +192,7 @@ pub async fn claim_batch(
     let mut slots = Vec::new();
     for claim in claims {
         let checked = match JsonBody::from_value(claim, CLAIM_FIELDS) {
-            Ok(body) => claim_request(app, sku, &settings, &body).await,
+            Ok(body) => claim_request(app, channel, sku, &settings, &body).await,
             Err(e) => Err(e),
         };
         match checked {
@@ -200,7 +222,7 @@ pub async fn claim_batch(
                 Ok(_) => "new",
                 Err(e) => e.code(),
             };
-            metrics::counter!(m::CLAIMS, "outcome" => outcome).increment(1);
+            count_claim(channel, outcome);
             match answer {
                 Ok(order) => order.to_json(),
                 Err(e) => e.envelope(),
@@ -210,23 +232,28 @@ pub async fn claim_batch(
     Ok(body::json(StatusCode::OK, &json!({ "claims": answers })))
 }
 
-/// Checks the path of an order route; returns the SKU, the order id and the SKU's format
-/// (its codes' display form).
+/// Checks the path of an order route; returns the SKU, the order's engine id (scoped to the
+/// caller's channel) and the SKU's format (its codes' display form).
 async fn order_route<'p>(
     app: &App,
+    channel: &Channel,
     params: &'p Params,
-) -> Result<(&'p str, &'p str, Format), Error> {
+) -> Result<(&'p str, String, Format), Error> {
     let (sku, order_id) = (params.get("sku"), params.get("order_id"));
     check_sku(sku)?;
     check_id("order_id", order_id, MAX_ID_LEN)?;
     let settings = app.skus.require(&app.inventory, sku).await?;
-    Ok((sku, order_id, settings.format.clone()))
+    Ok((
+        sku,
+        channel.scoped(order_id).into_owned(),
+        settings.format.clone(),
+    ))
 }
 
 /// `GET /v1/skus/{sku}/claims/{order_id}`.
-pub async fn order(app: &App, params: Params) -> Result<Reply, Error> {
-    let (sku, order_id, format) = order_route(app, &params).await?;
-    let order = app.inventory.order(sku, order_id).await?;
+pub async fn order(app: &App, channel: &Channel, params: Params) -> Result<Reply, Error> {
+    let (sku, order_id, format) = order_route(app, channel, &params).await?;
+    let order = app.inventory.order(sku, &order_id).await?;
     Ok(body::json(
         StatusCode::OK,
         &order.displayed(&format).to_json(),
@@ -234,13 +261,14 @@ pub async fn order(app: &App, params: Params) -> Result<Reply, Error> {
 }
 
 /// `POST /v1/skus/{sku}/claims/{order_id}/confirm`: payment arrived.
-pub async fn confirm(app: &App, params: Params) -> Result<Reply, Error> {
+pub async fn confirm(app: &App, channel: &Channel, params: Params) -> Result<Reply, Error> {
     let paused = app
         .pauses
         .check(params.get("sku"), Action::Claims, app.inventory.now_ms())
         .err();
     let confirmed = async {
-        let (sku, order_id, format) = order_route(app, &params).await?;
+        let (sku, order_id, format) = order_route(app, channel, &params).await?;
+        let order_id = order_id.as_str();
         if let Some(paused) = &paused {
             // A hold still running takes the codes set aside before the pause, and a
             // confirmed order replays; a late confirm would claim fresh codes, which the
@@ -263,9 +291,9 @@ pub async fn confirm(app: &App, params: Params) -> Result<Reply, Error> {
 }
 
 /// `POST /v1/skus/{sku}/claims/{order_id}/release`: cancel a hold.
-pub async fn release(app: &App, params: Params) -> Result<Reply, Error> {
-    let (sku, order_id, format) = order_route(app, &params).await?;
-    let order = app.inventory.release(sku, order_id).await?;
+pub async fn release(app: &App, channel: &Channel, params: Params) -> Result<Reply, Error> {
+    let (sku, order_id, format) = order_route(app, channel, &params).await?;
+    let order = app.inventory.release(sku, &order_id).await?;
     if !order.replayed {
         app.edge.sold_out.invalidate(sku);
     }

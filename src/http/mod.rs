@@ -2,7 +2,7 @@
 //!
 //! - The public listener serves `POST /v1/redeem` and the probes `/healthz` and `/readyz`
 //!   (no token; load balancers probe the port they route to) and the merchant routes
-//!   (merchant bearer token).
+//!   (a channel's bearer token; the merchant token is the default channel's).
 //! - The admin listener serves the admin routes (admin bearer token) and, without a token,
 //!   `/healthz`, `/readyz` and `/metrics`; it is meant to stay off the public network.
 //!
@@ -11,11 +11,13 @@
 //! Each route declares its methods: another method is `ERR_METHOD_NOT_ALLOWED` with an
 //! `Allow` header. Each route also declares who may call it ([`Auth`]), and the router
 //! checks that once, before the handler runs, so no handler checks a token itself.
-//! Handlers live one file per group: [`public`], [`merchant`], [`admin`], [`pauses`].
+//! Handlers live one file per group: [`public`], [`merchant`], [`admin`], [`pauses`],
+//! [`channels`].
 //! Connection caps, the header read timeout and head limits are in [`conn`].
 
 pub mod admin;
 pub mod body;
+pub mod channels;
 pub mod conn;
 pub mod guard;
 pub mod merchant;
@@ -41,6 +43,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::channel::{self, Channel, Channels};
 use crate::config::{Config, Durability};
 use crate::error::Error;
 use crate::inventory::settings::SkuSettings;
@@ -72,7 +75,9 @@ pub struct App {
     pub edge: Edge,
     /// Claims and redemptions paused by an operator, as this gateway last read them.
     pub pauses: Pauses,
-    merchant_token: String,
+    /// The selling channels, as this gateway last read them; the merchant token is the
+    /// default one.
+    pub channels: Channels,
     admin_token: String,
     draining: AtomicBool,
     /// When `/readyz` last answered (ms since the epoch; 0: never): whether something
@@ -132,6 +137,13 @@ impl App {
             ),
             skus: SkuSettings::with_ledger(ledger.clone()),
             pauses: Pauses::new(config.pause_retry_after_secs),
+            channels: Channels::new(
+                &merchant_token,
+                channel::Defaults {
+                    bucket: config.limits.merchant,
+                    breaker: config.channel_breaker,
+                },
+            ),
             inventory,
             ledger,
             writer,
@@ -139,7 +151,6 @@ impl App {
             ledger_wait: std::time::Duration::from_millis(config.ledger_wait_ms),
             rebuild_grace: std::time::Duration::from_millis(config.rebuild_grace_ms),
             limits,
-            merchant_token,
             admin_token,
             draining: AtomicBool::new(false),
             readiness_probed_ms: AtomicU64::new(0),
@@ -226,11 +237,7 @@ impl App {
     }
 
     fn authorize(&self, req: &Request<Incoming>, token: &str) -> Result<(), Error> {
-        let sent = req
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| bearer_token(v.as_bytes()))
-            .ok_or(Error::Unauthorized)?;
+        let sent = sent_token(req).ok_or(Error::Unauthorized)?;
         // Constant time, so response timing does not reveal how much of a guess was right.
         if bool::from(sent.ct_eq(token.as_bytes())) {
             Ok(())
@@ -239,23 +246,53 @@ impl App {
         }
     }
 
-    /// Requires what a route's [`Auth`] declares. Only the router calls this, once per
-    /// request, before the handler runs. The merchant token also takes from that token's
-    /// bucket; requests with a wrong token are limited by the client's public bucket instead,
-    /// so guessing tokens costs as much as any other public request.
-    fn check_auth(&self, auth: Auth, req: &Request<Incoming>, ip: IpAddr) -> Result<(), Error> {
+    /// Requires what a route's [`Auth`] declares, and says who called. Only the router
+    /// calls this, once per request, before the handler runs. A merchant route's caller is
+    /// the channel its token belongs to; the request then passes that channel's breaker and
+    /// takes from its bucket. Requests with a wrong token are limited by the client's public
+    /// bucket instead, so guessing tokens costs as much as any other public request.
+    fn check_auth(&self, auth: Auth, req: &Request<Incoming>, ip: IpAddr) -> Result<Caller, Error> {
         match auth {
-            Auth::None => Ok(()),
+            Auth::None => Ok(Caller::Anyone),
             Auth::Merchant => {
-                if let Err(e) = self.authorize(req, &self.merchant_token) {
-                    self.edge.public(ip)?;
-                    return Err(e);
-                }
-                self.edge.merchant(self.merchant_token.as_bytes())
+                let channel = sent_token(req)
+                    .ok_or(Error::Unauthorized)
+                    .and_then(|token| self.channels.authenticate(token));
+                let channel = match channel {
+                    Ok(channel) => channel,
+                    Err(e) => {
+                        self.edge.public(ip)?;
+                        return Err(e);
+                    }
+                };
+                let probe = channel.admit(self.inventory.now_ms())?;
+                Ok(Caller::Channel { channel, probe })
             }
-            Auth::Admin => self.authorize(req, &self.admin_token),
+            Auth::Admin => self
+                .authorize(req, &self.admin_token)
+                .map(|()| Caller::Admin),
         }
     }
+}
+
+/// Who made a request, as its route's [`Auth`] established.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    Anyone,
+    Admin,
+    /// A merchant route's caller; `probe` when the request is one of its half-open
+    /// breaker's probes.
+    Channel {
+        channel: Arc<Channel>,
+        probe: bool,
+    },
+}
+
+/// The bearer token a request carries.
+fn sent_token(req: &Request<Incoming>) -> Option<&[u8]> {
+    req.headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| bearer_token(v.as_bytes()))
 }
 
 /// The token of a `Bearer` authorization. The scheme is matched case-insensitively and may
@@ -412,6 +449,11 @@ pub enum RouteId {
     Resume,
     SkuPause,
     SkuResume,
+    Channels,
+    Channel,
+    ChannelTokens,
+    ChannelTokenRevoke,
+    ChannelEvents,
     Healthz,
     Readyz,
     Metrics,
@@ -573,6 +615,31 @@ const ADMIN_ROUTES: &[Route] = &[
         POST,
         Auth::Admin,
     ),
+    route("/v1/channels", RouteId::Channels, GET, Auth::Admin),
+    route(
+        "/v1/channels/{channel}",
+        RouteId::Channel,
+        GET_PUT,
+        Auth::Admin,
+    ),
+    route(
+        "/v1/channels/{channel}/tokens",
+        RouteId::ChannelTokens,
+        POST,
+        Auth::Admin,
+    ),
+    route(
+        "/v1/channels/{channel}/tokens/{token_id}/revoke",
+        RouteId::ChannelTokenRevoke,
+        POST,
+        Auth::Admin,
+    ),
+    route(
+        "/v1/channels/{channel}/events",
+        RouteId::ChannelEvents,
+        GET,
+        Auth::Admin,
+    ),
 ];
 
 fn public_routes() -> Routes {
@@ -630,17 +697,14 @@ async fn dispatch(
         (Listener::Public, Healthz | Readyz) | (Listener::Admin, _) => None,
         (Listener::Public, _) => Some(app.edge.admit()?),
     };
-    app.check_auth(route.auth, &req, ip)?;
+    let caller = app.check_auth(route.auth, &req, ip)?;
+    if let Caller::Channel { channel, probe } = &caller {
+        let result = merchant_route(app, channel, route.id, params, req).await;
+        channel.observe(app.inventory.now_ms(), *probe, result.as_ref().map(|_| ()));
+        return result;
+    }
     match (which, route.id, method) {
         (Listener::Public, Redeem, Method::POST) => public::redeem(app, req, ip).await,
-        (Listener::Public, Sku, Method::GET) => merchant::sku_view(app, params.get("sku")).await,
-        (Listener::Public, Claims, Method::POST) => merchant::claim(app, params, req).await,
-        (Listener::Public, ClaimsBatch, Method::POST) => {
-            merchant::claim_batch(app, params, req).await
-        }
-        (Listener::Public, Claim, Method::GET) => merchant::order(app, params).await,
-        (Listener::Public, ClaimConfirm, Method::POST) => merchant::confirm(app, params).await,
-        (Listener::Public, ClaimRelease, Method::POST) => merchant::release(app, params).await,
         (_, Healthz, Method::GET) => Ok(admin::healthz()),
         // Readiness pings the engine: on the public listener it spends the client's bucket,
         // so nobody turns probes into engine load (a load balancer probes far below it).
@@ -672,10 +736,45 @@ async fn dispatch(
         (Listener::Admin, SkuResume, Method::POST) => {
             pauses::resume(app, Some(params.get("sku")), req).await
         }
+        (Listener::Admin, Channels, Method::GET) => channels::list(app).await,
+        (Listener::Admin, Channel, Method::GET) => channels::get(app, params).await,
+        (Listener::Admin, Channel, Method::PUT) => channels::put(app, params, req).await,
+        (Listener::Admin, ChannelTokens, Method::POST) => {
+            channels::add_token(app, params, req).await
+        }
+        (Listener::Admin, ChannelTokenRevoke, Method::POST) => {
+            channels::revoke_token(app, params, req).await
+        }
+        (Listener::Admin, ChannelEvents, Method::GET) => channels::history(app, params, req).await,
         // `handle` answers methods the route table does not declare; reaching this means the
         // table declares a method no arm serves.
         (_, route, method) => Err(Error::Internal(format!(
             "the route table lets {method} through to {route:?}, which has no handler for it"
+        ))),
+    }
+}
+
+/// The routes a channel calls (every `Auth::Merchant` route of the public listener).
+async fn merchant_route(
+    app: &App,
+    channel: &Channel,
+    route: RouteId,
+    params: Params,
+    req: Request<Incoming>,
+) -> Result<Reply, Error> {
+    use RouteId::*;
+    if let Some(sku) = params.try_get("sku") {
+        channel.may_sell(sku)?;
+    }
+    match (route, req.method().clone()) {
+        (Sku, Method::GET) => merchant::sku_view(app, params.get("sku")).await,
+        (Claims, Method::POST) => merchant::claim(app, channel, params, req).await,
+        (ClaimsBatch, Method::POST) => merchant::claim_batch(app, channel, params, req).await,
+        (Claim, Method::GET) => merchant::order(app, channel, params).await,
+        (ClaimConfirm, Method::POST) => merchant::confirm(app, channel, params).await,
+        (ClaimRelease, Method::POST) => merchant::release(app, channel, params).await,
+        (route, method) => Err(Error::Internal(format!(
+            "the route table lets {method} through to {route:?}, which has no merchant handler"
         ))),
     }
 }

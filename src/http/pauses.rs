@@ -35,7 +35,11 @@ fn target(sku: Option<&str>) -> Result<Target, Error> {
 }
 
 /// Reads the JSON body of a pause or resume.
-async fn read_body(app: &App, req: Request<Incoming>, fields: &[&str]) -> Result<JsonBody, Error> {
+pub(super) async fn read_body(
+    app: &App,
+    req: Request<Incoming>,
+    fields: &[&str],
+) -> Result<JsonBody, Error> {
     let limit = app.limits.max_body_bytes;
     body::check_declared_length(req.headers(), limit)?;
     let bytes = body::read_limited(req.into_body(), limit).await?;

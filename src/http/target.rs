@@ -37,6 +37,14 @@ impl Params {
             .map(Params)
     }
 
+    /// A parameter, when the route pattern has it.
+    pub fn try_get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
     /// A parameter the route pattern guarantees.
     pub fn get(&self, name: &str) -> &str {
         self.0

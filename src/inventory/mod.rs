@@ -1010,6 +1010,8 @@ fn unexpected(script: &str, reply: &Reply) -> Error {
 
 /// Turns the order reply of claim/confirm/release/order into an [`Order`] or an error.
 fn order_result(sku: &str, order_id: &str, reply: &[Reply]) -> Result<Order, Error> {
+    // Clients know their orders by the id they sent, not by the channel-scoped one.
+    let order_id = crate::channel::order_name(order_id);
     let replayed = match tag(reply) {
         "new" => false,
         "replay" | "found" => true,

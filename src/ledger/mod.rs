@@ -281,6 +281,45 @@ pub trait Ledger: Send + Sync + 'static {
         sku: Option<&str>,
         limit: u32,
     ) -> Result<Vec<PauseEventRecord>, LedgerError>;
+
+    /// Every channel (see [`crate::channel`]) with all its tokens, revoked ones included.
+    async fn channels(&self) -> Result<Vec<ChannelRecord>, LedgerError>;
+
+    /// Creates a channel or replaces its settings, and records the change, in one
+    /// transaction. Returns `true` when it was created.
+    async fn put_channel(
+        &self,
+        channel: &str,
+        config_json: &str,
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<bool, LedgerError>;
+
+    /// Adds a token to its channel and records it. Returns `false` (and records nothing)
+    /// when the channel does not exist.
+    async fn add_channel_token(
+        &self,
+        token: &ChannelTokenRecord,
+        actor: &str,
+    ) -> Result<bool, LedgerError>;
+
+    /// Revokes a channel's token and records it. Returns the token as it stands afterwards
+    /// (revoked, at its first revocation's time when it was revoked already); `None` when the
+    /// channel has no such token.
+    async fn revoke_channel_token(
+        &self,
+        channel: &str,
+        token_id: &str,
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<Option<ChannelTokenRecord>, LedgerError>;
+
+    /// A channel's changes, newest first, at most `limit`.
+    async fn channel_history(
+        &self,
+        channel: &str,
+        limit: u32,
+    ) -> Result<Vec<ChannelEventRecord>, LedgerError>;
 }
 
 /// Opens the ledger, creating and migrating its database as needed.
@@ -582,6 +621,44 @@ pub struct PauseEventRecord {
     pub actor: String,
     pub at_ms: i64,
     pub expected_end_ms: Option<i64>,
+}
+
+/// A channel as the ledger keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelRecord {
+    pub channel: String,
+    /// Its settings, as `PUT /v1/channels/{channel}` accepted them.
+    pub config_json: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// Its tokens, oldest first, revoked ones included.
+    pub tokens: Vec<ChannelTokenRecord>,
+}
+
+/// A channel's bearer token, by digest (the token itself is never stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelTokenRecord {
+    /// Its public name, for listing and revoking.
+    pub token_id: String,
+    pub channel: String,
+    /// SHA-256 of the token, hex.
+    pub digest: String,
+    pub label: Option<String>,
+    pub created_at_ms: i64,
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// One change of a channel in its history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelEventRecord {
+    pub seq: i64,
+    pub channel: String,
+    /// `created`, `updated`, `token_added` or `token_revoked`.
+    pub kind: String,
+    /// What changed (settings, or the token's id and label), as JSON.
+    pub detail_json: String,
+    pub actor: String,
+    pub at_ms: i64,
 }
 
 /// Keys of a SKU's active batches by state; the same shape as the engine's counts.

@@ -35,7 +35,8 @@
 //! # Layout
 //!
 //! Here: the [`Ledger`] implementation's SKUs and reads; `batches`: imports; `events`:
-//! applying engine events; `pauses`: incident pauses; `statements`: multi-row statement
+//! applying engine events; `pauses`: incident pauses; `channels`: selling channels and their
+//! tokens; `statements`: multi-row statement
 //! shapes.
 
 use sqlx::database::HasStatementCache;
@@ -44,6 +45,7 @@ use sqlx::{
 };
 
 mod batches;
+mod channels;
 mod events;
 mod pauses;
 mod statements;
@@ -52,9 +54,9 @@ pub(crate) use statements::{tuples, STATEMENT_CACHE};
 
 use super::rules::KeyState;
 use super::{
-    BatchCounts, BatchRecord, BatchStart, EventRecord, InsertOutcome, KeyRecord, Ledger,
-    LedgerError, LedgerEvent, NewKey, NewPause, PauseEventRecord, PauseRecord, Recode, Seal,
-    SkuRecord, StateCounts, StoredCode,
+    BatchCounts, BatchRecord, BatchStart, ChannelEventRecord, ChannelRecord, ChannelTokenRecord,
+    EventRecord, InsertOutcome, KeyRecord, Ledger, LedgerError, LedgerEvent, NewKey, NewPause,
+    PauseEventRecord, PauseRecord, Recode, Seal, SkuRecord, StateCounts, StoredCode,
 };
 use crate::sku::{key_id, parse_key_id};
 
@@ -625,6 +627,47 @@ where
         limit: u32,
     ) -> Result<Vec<PauseEventRecord>, LedgerError> {
         self.pause_events(sku, limit).await
+    }
+
+    async fn channels(&self) -> Result<Vec<ChannelRecord>, LedgerError> {
+        self.all_channels().await
+    }
+
+    async fn put_channel(
+        &self,
+        channel: &str,
+        config_json: &str,
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<bool, LedgerError> {
+        self.upsert_channel(channel, config_json, actor, at_ms)
+            .await
+    }
+
+    async fn add_channel_token(
+        &self,
+        token: &ChannelTokenRecord,
+        actor: &str,
+    ) -> Result<bool, LedgerError> {
+        self.insert_channel_token(token, actor).await
+    }
+
+    async fn revoke_channel_token(
+        &self,
+        channel: &str,
+        token_id: &str,
+        actor: &str,
+        at_ms: i64,
+    ) -> Result<Option<ChannelTokenRecord>, LedgerError> {
+        self.revoke_token(channel, token_id, actor, at_ms).await
+    }
+
+    async fn channel_history(
+        &self,
+        channel: &str,
+        limit: u32,
+    ) -> Result<Vec<ChannelEventRecord>, LedgerError> {
+        self.channel_events(channel, limit).await
     }
 }
 

@@ -7,11 +7,9 @@
 //!
 //! # Keys and memory
 //!
-//! Public routes key by [`ClientKey`](super::ClientKey) (IPv4 address or IPv6 /64), merchant
-//! routes by [`TokenId`], a keyed 64-bit fingerprint of the bearer token: the map outlives
-//! requests, and a long-lived copy of every token is exactly what should not sit in memory.
-//! Key a merchant bucket only after the token was authenticated, so unauthenticated garbage
-//! tokens cannot fill the map.
+//! Public routes key by [`ClientKey`](super::ClientKey) (IPv4 address or IPv6 /64). Merchant
+//! routes take from their channel's own [`GlobalBucket`] ([`crate::channel`]), found only
+//! once the token was authenticated, so garbage tokens cannot fill any map.
 //!
 //! A bucket is a key plus one `u64` (its theoretical arrival time). With a `ClientKey`
 //! (16 bytes) an entry is 24 bytes in a hashbrown table kept between 7/16 and 7/8 full, so
@@ -32,20 +30,7 @@ use governor::state::keyed::DashMapStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{NotUntil, Quota, RateLimiter};
 
-use super::{BucketRule, Decision, DecisionCounters, Fingerprinter, MAX_PER_SECOND};
-
-/// A merchant token's identity for its bucket: a process-local keyed fingerprint, never the
-/// token itself. Made with [`Fingerprinter::fingerprint`] through [`TokenId::of`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct TokenId(u64);
-
-impl TokenId {
-    /// The identity of `token` under `fingerprinter` (share one per process, so the same
-    /// token always maps to the same bucket).
-    pub fn of(fingerprinter: &Fingerprinter, token: &[u8]) -> TokenId {
-        TokenId(fingerprinter.fingerprint(token))
-    }
-}
+use super::{BucketRule, Decision, DecisionCounters, MAX_PER_SECOND};
 
 type Keyed<K, C> = RateLimiter<K, DashMapStateStore<K>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
@@ -236,24 +221,6 @@ mod tests {
         assert!(!buckets.check(&client(1)).is_allowed());
         assert!(buckets.check(&client(2)).is_allowed());
         assert_eq!(buckets.len(), 2);
-    }
-
-    #[test]
-    fn merchant_buckets_key_on_token_fingerprints() {
-        let clock = FakeRelativeClock::default();
-        let buckets = KeyedBuckets::new("merchant", BucketRule::enforced(5000, 10_000), clock);
-        let fp = Fingerprinter::new();
-        let token = TokenId::of(&fp, b"secret-token-a");
-        assert_eq!(token, TokenId::of(&fp, b"secret-token-a"));
-        for _ in 0..10_000 {
-            assert_eq!(buckets.check(&token), Decision::Allow);
-        }
-        assert_eq!(
-            deny_after(buckets.check(&token)),
-            Duration::from_micros(200)
-        );
-        let other = TokenId::of(&fp, b"secret-token-b");
-        assert_eq!(buckets.check(&other), Decision::Allow);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! # Layout
 //!
 //! - [`bucket`]: token buckets (governor, GCRA) keyed per client ([`ClientKey`]) on public
-//!   routes and per merchant token ([`TokenId`]) on merchant routes, plus one un-keyed
-//!   [`GlobalBucket`]. State lives in a `DashMap`; idle keys are swept.
+//!   routes, and un-keyed ones ([`GlobalBucket`]): the global rule, and each selling
+//!   channel's own ([`crate::channel`]) on merchant routes. Keyed state lives in a
+//!   `DashMap`; idle keys are swept.
 //! - [`client`]: which address a request comes from ([`client_ip`]), trusting
 //!   `X-Forwarded-For` / `Forwarded` only when the socket peer is a configured proxy.
 //! - [`shed`]: the global in-flight cap ([`InFlight`]): past it the gateway answers 503 at
@@ -53,7 +54,7 @@ use serde::{Deserialize, Deserializer};
 use crate::error::Error;
 use crate::metrics::LIMITER_DECISIONS;
 
-pub use bucket::{GlobalBucket, KeyedBuckets, TokenId};
+pub use bucket::{GlobalBucket, KeyedBuckets};
 pub use cache::{LockoutCache, SoldOutCache};
 pub use client::{client_ip, ClientKey, ForwardedHeader};
 pub use shed::{InFlight, InFlightGuard};
@@ -72,7 +73,8 @@ pub struct LimitsConfig {
     /// Public routes (`POST /v1/redeem`), one bucket per client ([`ClientKey`]: an IPv4
     /// address or an IPv6 /64). Default 50 requests/s, burst 100.
     pub public: BucketRule,
-    /// Merchant routes, one bucket per merchant token. Default 5000 requests/s, burst 10000.
+    /// Merchant routes: the bucket of each channel whose settings name no `limits` (the
+    /// default channel's, unless set). Default 5000 requests/s, burst 10000.
     pub merchant: BucketRule,
     /// One bucket for all requests of this instance. Default off.
     pub global: BucketRule,
@@ -153,7 +155,7 @@ impl LimitsConfig {
 }
 
 /// One token-bucket rule: a sustained rate and a burst.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BucketRule {
     /// Sustained requests per second per key; 0 turns the rule off.
@@ -196,7 +198,7 @@ impl BucketRule {
         Duration::from_secs(u64::from(self.burst.max(1))) / self.per_second.min(MAX_PER_SECOND)
     }
 
-    fn validate(&self, field: &str) -> Result<(), String> {
+    pub fn validate(&self, field: &str) -> Result<(), String> {
         if !self.is_enabled() {
             if self.burst != 0 {
                 return Err(format!(
@@ -341,7 +343,7 @@ fn ceil_ms(d: Duration) -> u64 {
 
 /// A process-local keyed hash (std's randomly keyed `RandomState`, SipHash-1-3 today).
 ///
-/// Secrets (merchant tokens) and personal identifiers (redeemers) are reduced to 64-bit
+/// Personal identifiers (redeemers) are reduced to 64-bit
 /// fingerprints before they are kept in long-lived maps: the maps then hold fixed-size keys,
 /// a heap dump or core file holds no token, and since the key is random per process nobody
 /// can precompute fingerprints to aim collisions at someone else's entry.
