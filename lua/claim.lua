@@ -1,19 +1,22 @@
 -- claim.lua — issue ARGV[2] codes of a SKU to order ARGV[1], finally or as an expiring hold.
 -- KEYS: the SKU key set (prelude.lua)
 -- ARGV: 1 order id, 2 quantity (>= 1), 3 user id ('' = none), 4 hold ms ('0' = final claim),
---       5 now (ms)
+--       5 now (ms), 6 the claiming channel (its pool), 7 '1' if it may draw from the
+--       shared remainder once its pool is empty ('0': its pool only)
 -- Reply: {'new'|'replay', state, expires_at, late, event id, event, id, code, ...}
 --        (see order_reply)
---      | {'sold_out', issuable} (issuable: keys there were, fewer than asked; 0 = none)
+--      | {'sold_out', issuable} (issuable: keys there were, fewer than asked, or the codes
+--        available to anyone when the channel's pool and share cannot cover it; 0 = none)
 --      | {'conflict'} | {'user_limit', current, limit} | {'no_sku'} | {'loading'}
 -- A retried order gets its first answer again, also after the SKU sold out; the same order id
 -- with other parameters is a conflict, never a second claim.
 
 local order_id, qty, user = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local hold_ms, now = tonumber(ARGV[4]), tonumber(ARGV[5])
+local pool, share = ARGV[6], ARGV[7] == '1'
 
 local refused = unservable()
 if refused then return refused end
 expire_due(now, 100)
 
-return claim_order(order_id, qty, user, hold_ms, now)
+return claim_order(order_id, qty, user, hold_ms, now, pool, share)

@@ -1,6 +1,7 @@
 -- confirm.lua — payment arrived for held order ARGV[1]: its hold becomes a final claim.
 -- KEYS: the SKU key set (prelude.lua)
--- ARGV: 1 order id, 2 now (ms)
+-- ARGV: 1 order id, 2 now (ms), 3 '1' if a late confirm may draw from the shared remainder
+--       once the order's channel pool is empty
 -- Reply: {'new'|'replay', state, expires_at, late, event id, event, id, code, ...}
 --        (see order_reply)
 --      | {'not_found'} | {'hold_expired'} | {'sold_out', issuable}
@@ -8,7 +9,7 @@
 -- After the hold lapsed, fresh codes are claimed if any remain (late = 1), unless the SKU
 -- disallows late confirms (hold_expired). A released order cannot be confirmed.
 
-local order_id, now = ARGV[1], tonumber(ARGV[2])
+local order_id, now, share = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
 
 local refused = unservable()
 if refused then return refused end
@@ -41,13 +42,22 @@ end
 if redis.call('HGET', K.meta, 'allow_late') == '0' then return { 'hold_expired' } end
 local limited = check_user_limit(o.user, o.qty)
 if limited then return limited end
-local ids, issuable_left, recs = take(o.qty, now)
-if not ids then return { 'sold_out', issuable_left } end
+-- Fresh codes, drawn as a claim of the order's channel would draw them.
+local pooled, available = draw(o.pool, o.qty, share)
+if not pooled then return { 'sold_out', available } end
+local ids, issuable_left, recs, retired = take(o.qty, now)
+if not ids then
+  if retired > 0 then fit_pools(now, 'expired') end
+  return { 'sold_out', issuable_left }
+end
 issue(ids, false, recs)
 add_user_codes(o.user, o.qty)
-o.state, o.late, o.ids, o.updated_at = 'claimed', true, ids, now
+add_to_pool(o.pool, -pooled)
+if retired > 0 then fit_pools(now, 'expired') end
+o.state, o.late, o.ids, o.updated_at, o.pooled = 'claimed', true, ids, now, pooled
 o.eid = emit('confirm', now, {
   'order', order_id, 'user', o.user, 'ids', table.concat(ids, ','), 'late', 1,
+  'pool', o.pool, 'pooled', pooled,
 })
 save_order(order_id, o)
 return order_reply('new', o)

@@ -23,6 +23,8 @@
 --   9 redemptions  HASH  "<key id>|<redeemer>" -> "<redeemed_at ms>|<event id>"
 --  10 counts       HASH  state -> number of keys in it
 --  11 events       STREAM every state change, for the ledger
+--  12 pools        HASH  channel -> codes of `avail` reserved for that channel's claims,
+--                        '*' -> their sum (see "Stock pools" below)
 --
 -- Records are '|'-separated: identifiers (order, user, redeemer) are checked at the edge to
 -- never contain '|' or ','. Times are integer milliseconds passed in ARGV, so every engine and
@@ -128,6 +130,9 @@ end
 -- (replays too) wait until the ledger has committed it; '' when the ledger has it already.
 -- rank is set only on orders rebuilt from the ledger and not changed since (orders.lua): any
 -- live change saves the record without it, so a rebuild never overwrites a live order.
+-- pool is the channel whose pool the order drew from first and pooled how many of its codes
+-- came from that pool (the rest came from the shared remainder); records written before
+-- pools existed have neither: every code came from the shared remainder.
 local function decode_order(rec)
   if not rec then return nil end
   local f = split(rec, '|')
@@ -135,6 +140,7 @@ local function decode_order(rec)
     state = f[1], qty = tonumber(f[2]), user = f[3], hold_ms = tonumber(f[4]),
     expires_at = tonumber(f[5]), late = f[6] == '1', created_at = tonumber(f[7]),
     updated_at = tonumber(f[8]), ids = split(f[9], ','), eid = f[10] or '', rank = f[11] or '',
+    pool = f[12] or '', pooled = tonumber(f[13] or '0'),
   }
 end
 
@@ -142,6 +148,7 @@ local function save_order(order_id, o, rank)
   redis.call('HSET', K.orders, order_id, table.concat({
     o.state, int(o.qty), o.user, int(o.hold_ms), int(o.expires_at), o.late and '1' or '0',
     int(o.created_at), int(o.updated_at), table.concat(o.ids, ','), o.eid or '', rank or '',
+    o.pool or '', int(o.pooled or 0),
   }, '|'))
 end
 
@@ -199,10 +206,90 @@ local function check_user_limit(user, qty)
   return nil
 end
 
+-- Stock pools. A channel's pool reserves codes of `avail` for its claims: `pools[channel]`
+-- of the available codes may be taken by that channel only, and `pools['*']` is their sum.
+-- What no pool reserves, available minus that sum, is the shared remainder, which any
+-- channel whose settings allow it draws from once its own pool is empty. The codes are not
+-- moved into lists of their own: every code of `avail` is as good as any other, so a pool
+-- is a count, and moving codes between pools is one O(1) step however many move.
+-- Invariant: 0 <= pools[c] and pools['*'] = sum of pools[c] <= counts['available'].
+
+-- Codes available now, and the sum of the pools.
+local function pool_totals()
+  local available = tonumber(redis.call('HGET', K.counts, 'available') or '0')
+  local reserved = tonumber(redis.call('HGET', K.pools, '*') or '0')
+  return available, reserved
+end
+
+-- Adds `n` (negative: takes) to `pool`'s reservation and to the sum.
+local function add_to_pool(pool, n)
+  if n == 0 then return end
+  local left = redis.call('HINCRBY', K.pools, pool, n)
+  if left == 0 then redis.call('HDEL', K.pools, pool) end
+  local total = redis.call('HINCRBY', K.pools, '*', n)
+  if total == 0 then redis.call('HDEL', K.pools, '*') end
+end
+
+-- Restores the invariant after available codes left other than through a claim (a void, an
+-- expired code retired, a repair): when the pools reserve more than is available, the
+-- excess comes off the largest pools first (ties: the first name), each change an event.
+local function fit_pools(now, why)
+  local available, reserved = pool_totals()
+  local excess = reserved - available
+  if excess <= 0 then return end
+  local flat = redis.call('HGETALL', K.pools)
+  local pools = {}
+  for i = 1, #flat, 2 do
+    if flat[i] ~= '*' then pools[#pools + 1] = { flat[i], tonumber(flat[i + 1]) } end
+  end
+  table.sort(pools, function(a, b)
+    if a[2] ~= b[2] then return a[2] > b[2] end
+    return a[1] < b[1]
+  end)
+  local answer = EMITTED
+  for _, p in ipairs(pools) do
+    if excess <= 0 then break end
+    local cut = math.min(p[2], excess)
+    add_to_pool(p[1], -cut)
+    excess = excess - cut
+    emit('pool', now, { 'pool', p[1], 'delta', -cut, 'reason', why })
+  end
+  EMITTED = answer -- not the change a client is answered about
+end
+
+-- How many of `qty` codes an order of channel `pool` takes from its pool, or nil and the
+-- codes available to anyone (for the sold_out reply) when its pool and, if `share`, the
+-- shared remainder cannot cover it. With no pool anywhere, every code is shared and this
+-- costs one read.
+local function draw(pool, qty, share)
+  local p = redis.call('HMGET', K.pools, '*', pool)
+  local reserved = tonumber(p[1] or '0')
+  -- No pool anywhere: every code is shared (one read for a SKU without pools).
+  if reserved == 0 and share then return 0 end
+  local mine = math.min(tonumber(p[2] or '0'), qty)
+  local rest = qty - mine
+  if rest == 0 then return mine end
+  local available = tonumber(redis.call('HGET', K.counts, 'available') or '0')
+  if share and available - reserved >= rest then return mine end
+  return nil, available
+end
+
+-- Gives codes of an order back to the pool they were drawn from: of `returned` codes
+-- that went back on sale, up to the order's `pooled`. Returns how many went to the pool.
+local function give_back(o, returned)
+  local back = math.min(o.pooled or 0, returned)
+  if o.pool and o.pool ~= '' and back > 0 then
+    add_to_pool(o.pool, back)
+    return back
+  end
+  return 0
+end
+
 -- Pops `qty` issuable keys, all or none. Returns their ids and their records (id → decoded
 -- record, for `issue`, so it need not read them again), or nil and how many issuable keys
--- there were when stock is short (0: none at all, the SKU is sold out for everyone). A key
--- listed twice is taken once.
+-- there were when stock is short (0: none at all, the SKU is sold out for everyone); last,
+-- how many expired keys it retired (the caller then fits the pools, once its own draw is
+-- taken from them). A key listed twice is taken once.
 -- Keys past their `expires_at` are never issued: they are retired (voided with reason
 -- `expired`, one event for all of them) as they come up.
 local function take(qty, now)
@@ -238,9 +325,9 @@ local function take(qty, now)
   if #got < qty then
     -- Back at the head, in order; their records still say listed (never saved here).
     for i = #got, 1, -1 do redis.call('LPUSH', K.avail, got[i]) end
-    return nil, #got
+    return nil, #got, nil, #expired
   end
-  return got, nil, recs
+  return got, nil, recs, #expired
 end
 
 -- Marks freshly taken keys (`recs`: their records as `take` read them) as held or sold by
@@ -254,25 +341,31 @@ local function issue(ids, held, recs)
   end
 end
 
--- Returns a hold's keys: each key is held by one order fewer.
+-- Returns a hold's keys: each key is held by one order fewer. Returns how many of them
+-- became available again.
 local function unhold(ids)
+  local returned = 0
   for _, id in ipairs(ids) do
     local k = load_key(id)
     if k then
       local before = snapshot(k)
       k.held = math.max(k.held - 1, 0)
       save_key(id, before, k)
+      if before ~= 'available' and key_state(k) == 'available' then returned = returned + 1 end
     end
   end
+  return returned
 end
 
--- Lapses one held order whose time is up: its codes go back to inventory.
+-- Lapses one held order whose time is up: its codes go back to inventory, to the pool they
+-- were drawn from.
 local function expire_order(order_id, o, now)
-  unhold(o.ids)
+  local back = give_back(o, unhold(o.ids))
   add_user_codes(o.user, -o.qty)
   o.state = 'expired'
   o.updated_at = now
-  o.eid = emit('expire', now, { 'order', order_id, 'user', o.user, 'ids', table.concat(o.ids, ',') })
+  o.eid = emit('expire', now, { 'order', order_id, 'user', o.user, 'ids', table.concat(o.ids, ','),
+    'pool', o.pool or '', 'pooled', back })
   save_order(order_id, o)
   redis.call('ZREM', K.holds, order_id)
 end
@@ -319,9 +412,10 @@ local function order_reply(tag, o)
   return reply
 end
 
--- Claims `qty` codes for order `order_id` (claim.lua, claims_batch.lua): the reply of
+-- Claims `qty` codes for order `order_id` of channel `pool` (claim.lua, claims_batch.lua):
+-- from the channel's pool first, then, if `share`, from the shared remainder. The reply of
 -- claim.lua for this one order. The caller checked the SKU serves and lapsed due holds.
-local function claim_order(order_id, qty, user, hold_ms, now)
+local function claim_order(order_id, qty, user, hold_ms, now, pool, share)
   EMITTED = {} -- this order's change only (a batch claims several)
   local existing = decode_order(redis.call('HGET', K.orders, order_id))
   if existing then
@@ -334,20 +428,29 @@ local function claim_order(order_id, qty, user, hold_ms, now)
   local limited = check_user_limit(user, qty)
   if limited then return limited end
 
-  local ids, issuable_left, recs = take(qty, now)
-  if not ids then return { 'sold_out', issuable_left } end
+  local pooled, available = draw(pool, qty, share)
+  if not pooled then return { 'sold_out', available } end
+  local ids, issuable_left, recs, retired = take(qty, now)
+  if not ids then
+    if retired > 0 then fit_pools(now, 'expired') end
+    return { 'sold_out', issuable_left }
+  end
   local held = hold_ms > 0
   issue(ids, held, recs)
   add_user_codes(user, qty)
+  add_to_pool(pool, -pooled)
+  -- Codes found expired on the way left the available ones; if that leaves the pools more
+  -- than is available, the pools shrink, as for any void.
+  if retired > 0 then fit_pools(now, 'expired') end
 
   local o = {
     state = held and 'held' or 'claimed', qty = qty, user = user, hold_ms = hold_ms,
     expires_at = held and (now + hold_ms) or 0, late = false, created_at = now,
-    updated_at = now, ids = ids,
+    updated_at = now, ids = ids, pool = pool, pooled = pooled,
   }
   o.eid = emit(held and 'hold' or 'claim', now, {
     'order', order_id, 'user', user, 'ids', table.concat(ids, ','), 'expires_at', o.expires_at,
-    'hold_ms', hold_ms, 'qty', qty,
+    'hold_ms', hold_ms, 'qty', qty, 'pool', pool, 'pooled', pooled,
   })
   save_order(order_id, o)
   if held then redis.call('ZADD', K.holds, o.expires_at, order_id) end
@@ -360,7 +463,7 @@ local function begin(keys)
   K = {
     meta = keys[1], avail = keys[2], keys = keys[3], codes = keys[4], idx = keys[5],
     orders = keys[6], holds = keys[7], users = keys[8], redemptions = keys[9],
-    counts = keys[10], events = keys[11],
+    counts = keys[10], events = keys[11], pools = keys[12],
   }
   EMITTED = {}
   GEN = nil

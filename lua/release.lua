@@ -16,13 +16,14 @@ if not o then return { 'not_found' } end
 if o.state == 'claimed' then return { 'conflict' } end
 if o.state ~= 'held' then return order_reply('replay', o) end
 
-unhold(o.ids)
+local back = give_back(o, unhold(o.ids))
 add_user_codes(o.user, -o.qty)
 redis.call('ZREM', K.holds, order_id)
 o.state = 'released'
 o.updated_at = now
 o.eid = emit('release', now, {
-  'order', order_id, 'user', o.user, 'ids', table.concat(o.ids, ','),
+  'order', order_id, 'user', o.user, 'ids', table.concat(o.ids, ','), 'pool', o.pool,
+  'pooled', back,
 })
 save_order(order_id, o)
 return order_reply('new', o)

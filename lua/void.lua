@@ -14,4 +14,8 @@ local before = snapshot(k)
 k.void = true
 save_key(id, before, k)
 local eid = emit('void', now, { 'ids', id, 'reason', reason, 'before', before })
-return { 'new', before, EMITTED, eid }
+local answer = EMITTED
+-- An available code may have been reserved by a pool: the pools never promise more than
+-- is available.
+if before == 'available' then fit_pools(now, 'void') end
+return { 'new', before, answer, eid }

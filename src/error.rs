@@ -64,6 +64,9 @@ pub enum Error {
     /// A format version still has sold keys nobody redeemed.
     #[error("format version {version} has {unredeemed} sold keys not redeemed yet")]
     FormatInUse { version: u32, unredeemed: u64 },
+    /// A stock pool does not hold what a move asked of it ([`crate::inventory::PoolChange`]).
+    #[error("{message}")]
+    PoolConflict { message: String, level: u64 },
     #[error("too many requests")]
     RateLimited { retry_after_ms: u64 },
     #[error("too many failed redemptions")]
@@ -113,6 +116,7 @@ impl Error {
             Error::HoldExpired => "ERR_HOLD_EXPIRED",
             Error::BatchInProgress(_) => "ERR_BATCH_IN_PROGRESS",
             Error::FormatInUse { .. } => "ERR_FORMAT_IN_USE",
+            Error::PoolConflict { .. } => "ERR_POOL_CONFLICT",
             Error::RateLimited { .. } => "ERR_RATE_LIMITED",
             Error::LockedOut { .. } => "ERR_LOCKED_OUT",
             Error::Unavailable(_) => "ERR_UNAVAILABLE",
@@ -141,7 +145,8 @@ impl Error {
             | Error::OrderConflict(_)
             | Error::HoldExpired
             | Error::BatchInProgress(_)
-            | Error::FormatInUse { .. } => StatusCode::CONFLICT,
+            | Error::FormatInUse { .. }
+            | Error::PoolConflict { .. } => StatusCode::CONFLICT,
             Error::RateLimited { .. } | Error::LockedOut { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) | Error::Paused { .. } | Error::ChannelShed { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -215,6 +220,9 @@ impl Error {
             }
             Error::PayloadTooLarge { limit_bytes } => {
                 body.insert("limit_bytes".into(), (*limit_bytes).into());
+            }
+            Error::PoolConflict { level, .. } => {
+                body.insert("level".into(), (*level).into());
             }
             Error::UriTooLong { limit_bytes } => {
                 body.insert("limit_bytes".into(), (*limit_bytes).into());

@@ -11,7 +11,9 @@ use kamigate::engine::keys::sku_keys;
 use kamigate::engine::redis::{RedisEngine, RedisOptions};
 use kamigate::engine::{Script, ScriptEngine};
 use kamigate::error::Error;
-use kamigate::inventory::{Added, ClaimRequest, Counts, Inventory, NewCode, Order};
+use kamigate::inventory::{
+    Added, ClaimRequest, Counts, Inventory, NewCode, Order, PoolDraw, PoolLevels,
+};
 use kamigate::ledger::KeyRecord;
 use kamigate::sku::SkuConfig;
 use support::clock::ManualClock;
@@ -92,6 +94,7 @@ impl Harness {
             quantity,
             user_id: None,
             hold_ms: None,
+            pool: Default::default(),
         };
         self.inv.claim(sku, &req).await
     }
@@ -102,6 +105,7 @@ impl Harness {
             quantity,
             user_id: None,
             hold_ms: Some(ms),
+            pool: Default::default(),
         };
         self.inv.claim(sku, &req).await
     }
@@ -191,6 +195,7 @@ async fn concurrent_claims_issue_exactly_the_stock_and_no_code_twice(h: Harness)
                 quantity: 1 + (i % 2),
                 user_id: None,
                 hold_ms: None,
+                pool: Default::default(),
             };
             inv.claim("flash", &req).await
         }));
@@ -241,6 +246,7 @@ async fn doubly_sent_orders_get_identical_answers(h: Harness) {
             quantity: 3,
             user_id: Some("u-1".into()),
             hold_ms: None,
+            pool: Default::default(),
         };
         inv.claim("double", &req).await.expect("claimed")
     };
@@ -313,11 +319,19 @@ async fn sweep_returns_lapsed_holds_without_other_traffic(h: Harness) {
 async fn confirm_makes_a_hold_final_and_reveals_codes(h: Harness) {
     h.stock("confirm", SkuConfig::default(), 2).await;
     h.hold("confirm", "o-1", 2, 60_000).await.expect("held");
-    let confirmed = h.inv.confirm("confirm", "o-1").await.expect("confirmed");
+    let confirmed = h
+        .inv
+        .confirm("confirm", "o-1", true)
+        .await
+        .expect("confirmed");
     assert_eq!(confirmed.state, "claimed");
     assert!(!confirmed.late);
     assert_eq!(codes_of(&confirmed).len(), 2);
-    let again = h.inv.confirm("confirm", "o-1").await.expect("replayed");
+    let again = h
+        .inv
+        .confirm("confirm", "o-1", true)
+        .await
+        .expect("replayed");
     assert!(again.replayed);
     assert_eq!(codes_of(&again), codes_of(&confirmed));
     h.clock.advance(120_000);
@@ -329,7 +343,11 @@ async fn late_confirm_takes_fresh_codes_or_is_sold_out(h: Harness) {
     h.stock("late", SkuConfig::default(), 2).await;
     h.hold("late", "o-1", 1, 1_000).await.expect("held");
     h.clock.advance(1_000);
-    let late = h.inv.confirm("late", "o-1").await.expect("late confirm");
+    let late = h
+        .inv
+        .confirm("late", "o-1", true)
+        .await
+        .expect("late confirm");
     assert!(late.late);
     assert_eq!(late.state, "claimed");
     assert_eq!(late.keys.len(), 1);
@@ -340,7 +358,7 @@ async fn late_confirm_takes_fresh_codes_or_is_sold_out(h: Harness) {
     h.clock.advance(1_000);
     h.claim("late", "o-4", 1).await.expect("the lapsed code");
     assert!(matches!(
-        h.inv.confirm("late", "o-2").await,
+        h.inv.confirm("late", "o-2", true).await,
         Err(Error::SoldOut)
     ));
 }
@@ -354,7 +372,7 @@ async fn late_confirm_can_be_disallowed(h: Harness) {
     h.hold("strict", "o-1", 1, 1_000).await.expect("held");
     h.clock.advance(5_000);
     assert!(matches!(
-        h.inv.confirm("strict", "o-1").await,
+        h.inv.confirm("strict", "o-1", true).await,
         Err(Error::HoldExpired)
     ));
     assert_eq!(h.counts("strict").await.available, 2);
@@ -374,7 +392,7 @@ async fn release_returns_codes_and_final_claims_cannot_be_released(h: Harness) {
     );
     assert_eq!(h.counts("release").await.available, 2);
     assert!(matches!(
-        h.inv.confirm("release", "o-1").await,
+        h.inv.confirm("release", "o-1", true).await,
         Err(Error::HoldExpired)
     ));
     h.claim("release", "o-2", 1).await.expect("claimed");
@@ -399,6 +417,7 @@ async fn per_user_limit_counts_held_and_claimed_codes(h: Harness) {
         quantity: qty,
         user_id: Some("u-9".into()),
         hold_ms,
+        pool: Default::default(),
     };
     h.inv
         .claim("limited", &req("o-1", 1, None))
@@ -697,7 +716,7 @@ async fn every_state_change_is_an_event(h: Harness) {
     h.stock("events", SkuConfig::default(), 4).await;
     let code = codes_of(&h.claim("events", "o-1", 1).await.expect("claim")).remove(0);
     h.hold("events", "o-2", 1, 1_000).await.expect("hold");
-    h.inv.confirm("events", "o-2").await.expect("confirm");
+    h.inv.confirm("events", "o-2", true).await.expect("confirm");
     h.hold("events", "o-3", 1, 1_000).await.expect("hold");
     h.inv.release("events", "o-3").await.expect("release");
     h.hold("events", "o-4", 1, 1_000).await.expect("hold");
@@ -737,6 +756,306 @@ async fn redeem_without_sku_finds_the_code_through_the_index(h: Harness) {
     );
     assert_eq!(h.inv.locate("NOPE").await.expect("lookup"), None);
     assert_eq!(h.inv.list_skus().await.expect("list"), ["indexed"]);
+}
+
+// ---- stock pools ----------------------------------------------------------------------
+
+/// A claim of `quantity` codes for `order` by `channel`, drawing on the shared remainder
+/// when `share`.
+fn pool_claim(order: &str, channel: &str, share: bool, hold_ms: Option<u64>) -> ClaimRequest {
+    ClaimRequest {
+        order_id: format!("{channel}/{order}"),
+        quantity: 1,
+        user_id: None,
+        hold_ms,
+        pool: PoolDraw {
+            channel: channel.into(),
+            share,
+        },
+    }
+}
+
+fn level(levels: &PoolLevels, channel: &str) -> u64 {
+    levels.pools.get(channel).copied().unwrap_or(0)
+}
+
+/// The pools never promise more than is available, and their sum is the rest's complement.
+fn assert_pools_consistent(levels: &PoolLevels, what: &str) {
+    let reserved: u64 = levels.pools.values().sum();
+    assert!(reserved <= levels.available, "{what}: {levels:?}");
+    assert_eq!(
+        levels.shared,
+        levels.available - reserved,
+        "{what}: {levels:?}"
+    );
+}
+
+/// Two channels race for one SKU with pools of 300 and 200 and a shared remainder of 100:
+/// each sells exactly its pool plus what it took from the shared remainder, no code twice.
+async fn two_channels_race_for_their_pools_and_the_shared_remainder(h: Harness) {
+    h.stock("race", SkuConfig::default(), 600).await;
+    h.inv
+        .set_pool("race", "a", 300, "test", "launch")
+        .await
+        .expect("pool a");
+    h.inv
+        .set_pool("race", "b", 200, "test", "launch")
+        .await
+        .expect("pool b");
+    let levels = h.inv.pools("race").await.expect("levels");
+    assert_eq!(
+        (level(&levels, "a"), level(&levels, "b"), levels.shared),
+        (300, 200, 100)
+    );
+    let inv = Arc::new(h.inv.clone());
+    let mut tasks = Vec::new();
+    for i in 0..700 {
+        for channel in ["a", "b"] {
+            let inv = inv.clone();
+            tasks.push(tokio::spawn(async move {
+                let req = pool_claim(&format!("o-{i}"), channel, true, None);
+                (channel, inv.claim("race", &req).await)
+            }));
+        }
+    }
+    let (mut sold_a, mut sold_b, mut codes) = (0u64, 0u64, Vec::new());
+    for t in tasks {
+        match t.await.expect("task ran") {
+            (channel, Ok(order)) => {
+                codes.extend(codes_of(&order));
+                if channel == "a" {
+                    sold_a += 1
+                } else {
+                    sold_b += 1
+                }
+            }
+            (_, Err(Error::SoldOut)) => {}
+            (_, Err(e)) => panic!("unexpected error: {e}"),
+        }
+    }
+    let distinct: HashSet<_> = codes.iter().collect();
+    assert_eq!(
+        (codes.len(), distinct.len()),
+        (600, 600),
+        "the stock, no code twice"
+    );
+    assert!(
+        sold_a >= 300 && sold_b >= 200,
+        "each got its pool: {sold_a} {sold_b}"
+    );
+    assert_eq!(
+        (sold_a - 300) + (sold_b - 200),
+        100,
+        "and together the shared 100"
+    );
+    let levels = h.inv.pools("race").await.expect("levels");
+    assert_eq!((levels.available, levels.shared), (0, 0));
+    assert!(levels.pools.is_empty(), "{levels:?}");
+}
+
+/// A channel limited to its own pool sells out at its pool while the shared remainder and
+/// other pools stay for the others; its sold out does not make the SKU sold out for all.
+async fn a_channel_limited_to_its_pool_never_touches_what_is_not_its_own(h: Harness) {
+    h.stock("own", SkuConfig::default(), 20).await;
+    h.inv
+        .set_pool("own", "a", 5, "test", "t")
+        .await
+        .expect("pool a");
+    h.inv
+        .set_pool("own", "b", 5, "test", "t")
+        .await
+        .expect("pool b");
+    for i in 0..5 {
+        h.inv
+            .claim("own", &pool_claim(&format!("o-{i}"), "a", false, None))
+            .await
+            .expect("from a's pool");
+    }
+    let (refused, exhausted) = h
+        .inv
+        .claim_checked("own", &pool_claim("o-5", "a", false, None))
+        .await;
+    assert!(matches!(refused, Err(Error::SoldOut)), "{refused:?}");
+    assert!(
+        !exhausted,
+        "15 codes are left for others: not sold out for everyone"
+    );
+    let levels = h.inv.pools("own").await.expect("levels");
+    assert_eq!(
+        (level(&levels, "a"), level(&levels, "b"), levels.shared),
+        (0, 5, 10)
+    );
+    for i in 0..15 {
+        h.inv
+            .claim("own", &pool_claim(&format!("o-{i}"), "b", true, None))
+            .await
+            .expect("b's pool, then the shared remainder");
+    }
+    let (refused, exhausted) = h
+        .inv
+        .claim_checked("own", &pool_claim("o-99", "b", true, None))
+        .await;
+    assert!(matches!(refused, Err(Error::SoldOut)));
+    assert!(exhausted, "now nothing is left for anyone");
+}
+
+/// Codes of a hold go back to the pool they came from, whether it is released or lapses; a
+/// pool change asks for no more than its source holds.
+async fn holds_give_their_codes_back_to_their_pool(h: Harness) {
+    h.stock("back", SkuConfig::default(), 10).await;
+    h.inv
+        .set_pool("back", "a", 3, "test", "t")
+        .await
+        .expect("pool a");
+    let first = pool_claim("h-1", "a", true, Some(1_000));
+    let second = pool_claim("h-2", "a", true, Some(5_000));
+    h.inv.claim("back", &first).await.expect("held");
+    h.inv.claim("back", &second).await.expect("held");
+    assert_eq!(level(&h.inv.pools("back").await.expect("levels"), "a"), 1);
+    h.inv.release("back", "a/h-2").await.expect("released");
+    assert_eq!(level(&h.inv.pools("back").await.expect("levels"), "a"), 2);
+    h.clock.advance(1_000);
+    h.inv.expire_due("back", 100).await.expect("swept");
+    let levels = h.inv.pools("back").await.expect("levels");
+    assert_eq!((level(&levels, "a"), levels.shared), (3, 7), "{levels:?}");
+    let short = h.inv.set_pool("back", "b", 8, "test", "t").await;
+    assert!(
+        matches!(short, Err(Error::PoolConflict { level: 7, .. })),
+        "{short:?}"
+    );
+    let moved = h
+        .inv
+        .move_pool("back", Some("a"), Some("b"), 2, "test", "t", Some(3))
+        .await
+        .expect("moved");
+    assert_eq!((moved.from_level, moved.to_level, moved.moved), (1, 2, 2));
+    let again = h
+        .inv
+        .move_pool("back", Some("a"), Some("b"), 2, "test", "t", Some(3))
+        .await;
+    assert!(
+        matches!(again, Err(Error::PoolConflict { level: 1, .. })),
+        "a retry moves nothing twice"
+    );
+    assert_pools_consistent(&h.inv.pools("back").await.expect("levels"), "after moves");
+}
+
+/// Voiding codes the pools reserve shrinks the largest pool, so the pools never promise
+/// more than is available.
+async fn voids_of_reserved_codes_shrink_the_largest_pool(h: Harness) {
+    h.stock("shrink", SkuConfig::default(), 10).await;
+    h.inv
+        .set_pool("shrink", "a", 6, "test", "t")
+        .await
+        .expect("pool a");
+    h.inv
+        .set_pool("shrink", "b", 4, "test", "t")
+        .await
+        .expect("pool b");
+    h.inv.void("shrink.3", "leaked").await.expect("void");
+    let levels = h.inv.pools("shrink").await.expect("levels");
+    assert_eq!(
+        (level(&levels, "a"), level(&levels, "b"), levels.available),
+        (5, 4, 9)
+    );
+    assert_pools_consistent(&levels, "after a void");
+    h.inv
+        .restore("shrink.3", "false alarm")
+        .await
+        .expect("restore");
+    let levels = h.inv.pools("shrink").await.expect("levels");
+    assert_eq!(levels.shared, 1, "a restored code is shared: {levels:?}");
+}
+
+/// Codes move between pools while both channels claim: never oversold, never lost, and a
+/// channel limited to its pool sells no more than its pool ever received.
+async fn moving_codes_between_pools_during_claims_never_oversells(h: Harness) {
+    h.stock("moves", SkuConfig::default(), 400).await;
+    h.inv
+        .set_pool("moves", "a", 100, "test", "t")
+        .await
+        .expect("pool a");
+    h.inv
+        .set_pool("moves", "b", 100, "test", "t")
+        .await
+        .expect("pool b");
+    let inv = Arc::new(h.inv.clone());
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        for channel in ["a", "b"] {
+            let inv = inv.clone();
+            tasks.push(tokio::spawn(async move {
+                let req = pool_claim(&format!("o-{i}"), channel, false, None);
+                (channel, inv.claim("moves", &req).await)
+            }));
+        }
+    }
+    let mover = {
+        let inv = inv.clone();
+        tokio::spawn(async move {
+            // Net codes each pool received from moves.
+            let (mut into_a, mut into_b) = (0i64, 0i64);
+            for i in 0..60 {
+                let (from, to) = match i % 3 {
+                    0 => (Some("a"), Some("b")),
+                    1 => (Some("b"), Some("a")),
+                    _ => (None, Some(if i % 2 == 0 { "a" } else { "b" })),
+                };
+                match inv
+                    .move_pool("moves", from, to, 5, "test", "rebalance", None)
+                    .await
+                {
+                    Ok(change) => {
+                        assert_eq!(change.moved, 5);
+                        let delta = |pool: Option<&str>, name| match pool {
+                            Some(p) if p == name => 1,
+                            _ => 0,
+                        };
+                        into_a += 5 * (delta(to, "a") - delta(from, "a"));
+                        into_b += 5 * (delta(to, "b") - delta(from, "b"));
+                    }
+                    Err(Error::PoolConflict { .. }) => {}
+                    Err(e) => panic!("unexpected error: {e}"),
+                }
+                tokio::task::yield_now().await;
+            }
+            (into_a, into_b)
+        })
+    };
+    let (mut sold_a, mut sold_b, mut codes) = (0i64, 0i64, Vec::new());
+    for t in tasks {
+        match t.await.expect("task ran") {
+            (channel, Ok(order)) => {
+                codes.extend(codes_of(&order));
+                if channel == "a" {
+                    sold_a += 1
+                } else {
+                    sold_b += 1
+                }
+            }
+            (_, Err(Error::SoldOut)) => {}
+            (_, Err(e)) => panic!("unexpected error: {e}"),
+        }
+    }
+    let (into_a, into_b) = mover.await.expect("mover ran");
+    let distinct: HashSet<_> = codes.iter().collect();
+    assert_eq!(distinct.len(), codes.len(), "no code twice");
+    let levels = h.inv.pools("moves").await.expect("levels");
+    assert_pools_consistent(&levels, "after the race");
+    let c = h.counts("moves").await;
+    assert_eq!(c.claimed as usize, codes.len());
+    assert_eq!(c.available + c.claimed, 400, "no code lost");
+    // Each pool's count is exact: what it received, less what its channel sold.
+    assert_eq!(
+        level(&levels, "a") as i64,
+        100 + into_a - sold_a,
+        "{levels:?}"
+    );
+    assert_eq!(
+        level(&levels, "b") as i64,
+        100 + into_b - sold_b,
+        "{levels:?}"
+    );
 }
 
 macro_rules! conformance {
@@ -788,6 +1107,11 @@ conformance!(
     a_batch_claims_each_order_as_if_it_came_alone,
     coalesced_claims_each_get_the_answer_they_would_get_alone,
     warming_loads_each_key_once_in_the_state_the_ledger_records,
+    two_channels_race_for_their_pools_and_the_shared_remainder,
+    a_channel_limited_to_its_pool_never_touches_what_is_not_its_own,
+    holds_give_their_codes_back_to_their_pool,
+    voids_of_reserved_codes_shrink_the_largest_pool,
+    moving_codes_between_pools_during_claims_never_oversells,
 );
 
 /// Hundreds of claims of one SKU at once, which the inventory gathers into few script
@@ -809,6 +1133,7 @@ async fn coalesced_claims_each_get_the_answer_they_would_get_alone(h: Harness) {
                 quantity: if i == 399 { 2 } else { 1 },
                 user_id: Some(format!("u-{}", order % 90)),
                 hold_ms: (order % 5 == 0).then_some(60_000),
+                pool: Default::default(),
             }
         })
         .chain(std::iter::once(ClaimRequest {
@@ -816,6 +1141,7 @@ async fn coalesced_claims_each_get_the_answer_they_would_get_alone(h: Harness) {
             quantity: 3,
             user_id: Some("u-7".into()),
             hold_ms: None,
+            pool: Default::default(),
         }))
         .collect();
     let calls_before = h.script_calls().await;
@@ -935,6 +1261,7 @@ async fn a_batch_claims_each_order_as_if_it_came_alone(h: Harness) {
         quantity,
         user_id: None,
         hold_ms,
+        pool: Default::default(),
     };
     let batch = [
         req("o-1", 1, None),       // a retry: the same codes
@@ -1102,6 +1429,7 @@ async fn a_claim_for_more_than_remains_says_codes_are_left(h: Harness) {
         quantity: 10,
         user_id: None,
         hold_ms: None,
+        pool: Default::default(),
     };
     let (result, exhausted) = h.inv.claim_checked("partial", &big).await;
     assert!(matches!(result, Err(Error::SoldOut)));
@@ -1130,7 +1458,7 @@ async fn a_sku_being_rebuilt_answers_unavailable_never_sold_out_or_unknown(h: Ha
     h.add("rebuild", &["CODE-1".into()], None).await;
     let unavailable = |r: &Result<Order, Error>| matches!(r, Err(Error::Unavailable(_)));
     assert!(unavailable(&h.claim("rebuild", "o-1", 1).await));
-    assert!(unavailable(&inv.confirm("rebuild", "o-1").await));
+    assert!(unavailable(&inv.confirm("rebuild", "o-1", true).await));
     assert!(unavailable(&inv.release("rebuild", "o-1").await));
     assert!(unavailable(&inv.order("rebuild", "o-1").await));
     assert!(matches!(

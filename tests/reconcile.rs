@@ -141,6 +141,7 @@ async fn scenario(env: Env) {
         quantity: 1,
         user_id: None,
         hold_ms: None,
+        pool: Default::default(),
     };
     let claimed = inv.claim("rec", &claim).await.expect("claimed");
     let engine_only = claimed.keys[0].key_id.clone();

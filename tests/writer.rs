@@ -227,6 +227,7 @@ impl Env {
             quantity,
             user_id: Some("u-9".into()),
             hold_ms,
+            pool: Default::default(),
         };
         self.inv.claim(sku, &req).await.expect("claim succeeds")
     }
@@ -426,7 +427,7 @@ async fn ledger_follows_every_kind_of_change(env: Env) {
         .map(|k| k.code.expect("a final claim reveals its codes"))
         .collect();
     env.claim(sku, "o-2", 2, Some(60_000)).await;
-    env.inv.confirm(sku, "o-2").await.expect("confirm");
+    env.inv.confirm(sku, "o-2", true).await.expect("confirm");
     env.claim(sku, "o-3", 1, Some(60_000)).await;
     env.inv.release(sku, "o-3").await.expect("release");
     env.claim(sku, "o-4", 1, Some(60_000)).await;
@@ -961,7 +962,7 @@ async fn ledger_outage_loses_nothing_and_doubles_nothing(env: Env) {
         entries + 1
     );
 
-    env.inv.confirm(sku, "o-2").await.expect("confirm");
+    env.inv.confirm(sku, "o-2", true).await.expect("confirm");
     drain(&writer, sku).await;
     env.assert_in_step(sku).await;
     // Each key's trail: o-1's key: add, claim; o-2's keys: add, hold, confirm; others: add.

@@ -67,6 +67,9 @@ pub struct ChannelConfig {
     pub breaker: Option<BreakerRule>,
     /// Free text for operators.
     pub description: Option<String>,
+    /// Whether its claims take only from its own stock pool of each SKU, never from the
+    /// shared remainder (codes no pool reserves).
+    pub own_pool_only: bool,
 }
 
 impl ChannelConfig {

@@ -11,7 +11,7 @@
 //! other for a name.
 
 /// The parts of a SKU's keys, in `lua/prelude.lua`'s order.
-const SKU_PARTS: [&str; 11] = [
+const SKU_PARTS: [&str; 12] = [
     "meta",
     "avail",
     "keys",
@@ -23,6 +23,7 @@ const SKU_PARTS: [&str; 11] = [
     "redemptions",
     "counts",
     "events",
+    "pools",
 ];
 
 fn sku_key(sku: &str, part: &str) -> String {

@@ -173,7 +173,8 @@ scripts!(
     inspect,
     repair,
     orders,
-    recode
+    recode,
+    pool
 );
 
 /// The scripts, loaded once.

@@ -27,7 +27,14 @@ const DEFAULT_HISTORY: u32 = 100;
 const MAX_HISTORY: u32 = 1000;
 
 /// The fields of `PUT /v1/channels/{channel}`.
-const SETTINGS_FIELDS: &[&str] = &["skus", "limits", "breaker", "description", "by"];
+const SETTINGS_FIELDS: &[&str] = &[
+    "skus",
+    "limits",
+    "breaker",
+    "description",
+    "own_pool_only",
+    "by",
+];
 
 /// `PUT /v1/channels/{channel}`: create a channel or replace its settings.
 pub async fn put(app: &App, params: Params, req: Request<Incoming>) -> Result<Reply, Error> {

@@ -14,7 +14,7 @@ use crate::channel::Channel;
 use crate::code::Format;
 use crate::error::timestamp;
 use crate::error::Error;
-use crate::inventory::{drift, ClaimRequest, Order};
+use crate::inventory::{drift, ClaimRequest, Order, PoolDraw};
 use crate::metrics as m;
 use crate::pause::{or_paused, Action};
 use crate::sku::{check_id, check_sku, FormatVersion, SkuConfig, MAX_ID_LEN};
@@ -136,6 +136,10 @@ async fn claim_request(
         quantity,
         user_id: user_id.map(str::to_owned),
         hold_ms,
+        pool: PoolDraw {
+            channel: channel.name.clone(),
+            share: !channel.config.own_pool_only,
+        },
     })
 }
 
@@ -278,7 +282,8 @@ pub async fn confirm(app: &App, channel: &Channel, params: Params) -> Result<Rep
                 return Err(paused.clone());
             }
         }
-        let order = app.inventory.confirm(sku, order_id).await?;
+        let share = !channel.config.own_pool_only;
+        let order = app.inventory.confirm(sku, order_id, share).await?;
         app.durable(sku, order.event_id.as_deref(), order.emitted.as_ref())
             .await?;
         Ok(order.displayed(&format))

@@ -60,6 +60,34 @@ pub struct ClaimRequest {
     pub user_id: Option<String>,
     /// `None`: a final claim. `Some(ms)`: a hold that lapses by itself after `ms`.
     pub hold_ms: Option<u64>,
+    /// Which stock pool the claim draws from (see `lua/prelude.lua`, "Stock pools").
+    pub pool: PoolDraw,
+}
+
+/// Where a claim's codes come from: its channel's pool first, then, if `share`, the shared
+/// remainder (the codes no pool reserves).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolDraw {
+    /// The claiming channel, whose pool is drawn from first.
+    pub channel: String,
+    /// Whether the shared remainder may cover what the pool cannot.
+    pub share: bool,
+}
+
+impl Default for PoolDraw {
+    /// The default channel, which may draw on the shared remainder: a claim as before pools.
+    fn default() -> PoolDraw {
+        PoolDraw {
+            channel: crate::channel::DEFAULT.to_owned(),
+            share: true,
+        }
+    }
+}
+
+impl PoolDraw {
+    fn share_arg(&self) -> String {
+        if self.share { "1" } else { "0" }.to_owned()
+    }
 }
 
 /// A code issued to an order. The code itself is present only once the order is final.
@@ -666,6 +694,8 @@ impl Inventory {
             req.user_id.clone().unwrap_or_default(),
             req.hold_ms.unwrap_or(0).to_string(),
             self.now_ms().to_string(),
+            req.pool.channel.clone(),
+            req.pool.share_arg(),
         ];
         let reply = match self.run(&SCRIPTS.claim, sku, args).await {
             Ok(reply) => reply,
@@ -684,7 +714,7 @@ impl Inventory {
         sku: &str,
         requests: &[ClaimRequest],
     ) -> Result<Vec<(Result<Order, Error>, bool)>, Error> {
-        let mut args = Vec::with_capacity(1 + requests.len() * 4);
+        let mut args = Vec::with_capacity(1 + requests.len() * 6);
         args.push(self.now_ms().to_string());
         for req in requests {
             args.extend([
@@ -692,6 +722,8 @@ impl Inventory {
                 req.quantity.to_string(),
                 req.user_id.clone().unwrap_or_default(),
                 req.hold_ms.unwrap_or(0).to_string(),
+                req.pool.channel.clone(),
+                req.pool.share_arg(),
             ]);
         }
         let reply = self.run(&SCRIPTS.claims_batch, sku, args).await?;
@@ -713,9 +745,16 @@ impl Inventory {
             .collect())
     }
 
-    /// Turns a hold into a final claim (payment arrived).
-    pub async fn confirm(&self, sku: &str, order_id: &str) -> Result<Order, Error> {
-        let args = vec![order_id.to_owned(), self.now_ms().to_string()];
+    /// Turns a hold into a final claim (payment arrived). A late confirm draws fresh codes
+    /// as its channel's claims do: `share` says whether the shared remainder may cover what
+    /// the channel's pool cannot.
+    pub async fn confirm(&self, sku: &str, order_id: &str, share: bool) -> Result<Order, Error> {
+        let share = if share { "1" } else { "0" };
+        let args = vec![
+            order_id.to_owned(),
+            self.now_ms().to_string(),
+            share.to_owned(),
+        ];
         let reply = self.run(&SCRIPTS.confirm, sku, args).await?;
         self.order_result(sku, order_id, &reply)
     }
@@ -725,6 +764,79 @@ impl Inventory {
         let args = vec![order_id.to_owned(), self.now_ms().to_string()];
         let reply = self.run(&SCRIPTS.release, sku, args).await?;
         self.order_result(sku, order_id, &reply)
+    }
+
+    /// A SKU's stock pools: the codes available, the shared remainder, and each channel's
+    /// reservation.
+    pub async fn pools(&self, sku: &str) -> Result<PoolLevels, Error> {
+        let reply = self.run(&SCRIPTS.pool, sku, vec!["levels".into()]).await?;
+        match tag(&reply) {
+            "levels" => {}
+            "no_sku" | "loading" => return Err(rebuilding(sku)),
+            _ => return Err(unexpected("pool", &Reply::Array(reply))),
+        }
+        let n = |r: &Reply| r.as_i64().unwrap_or(0).max(0) as u64;
+        Ok(PoolLevels {
+            available: reply.get(1).map_or(0, n),
+            shared: reply.get(2).map_or(0, n),
+            pools: reply
+                .get(3..)
+                .unwrap_or_default()
+                .chunks_exact(2)
+                .map(|p| (p[0].as_str().unwrap_or("").to_owned(), n(&p[1])))
+                .filter(|(_, level)| *level > 0)
+                .collect(),
+        })
+    }
+
+    /// Sets `channel`'s pool of `sku` to `count` codes, taking the difference from the
+    /// shared remainder or giving it back; audited as `by` for `reason`.
+    pub async fn set_pool(
+        &self,
+        sku: &str,
+        channel: &str,
+        count: u64,
+        by: &str,
+        reason: &str,
+    ) -> Result<PoolChange, Error> {
+        let args = vec![
+            "set".into(),
+            channel.to_owned(),
+            count.to_string(),
+            self.now_ms().to_string(),
+            by.to_owned(),
+            reason.to_owned(),
+        ];
+        let reply = self.run(&SCRIPTS.pool, sku, args).await?;
+        pool_change(sku, "", &reply)
+    }
+
+    /// Moves `count` codes of `sku` from one pool to another (`None`: the shared
+    /// remainder), only if `from` holds `expected` codes when it says so.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn move_pool(
+        &self,
+        sku: &str,
+        from: Option<&str>,
+        to: Option<&str>,
+        count: u64,
+        by: &str,
+        reason: &str,
+        expected: Option<u64>,
+    ) -> Result<PoolChange, Error> {
+        let from = from.unwrap_or("");
+        let args = vec![
+            "move".into(),
+            from.to_owned(),
+            to.unwrap_or("").to_owned(),
+            count.to_string(),
+            self.now_ms().to_string(),
+            by.to_owned(),
+            reason.to_owned(),
+            expected.map(|n| n.to_string()).unwrap_or_default(),
+        ];
+        let reply = self.run(&SCRIPTS.pool, sku, args).await?;
+        pool_change(sku, from, &reply)
     }
 
     /// An order's current state.
@@ -1006,6 +1118,69 @@ fn unexpected(script: &str, reply: &Reply) -> Error {
         Reply::Status(_) => "status".into(),
     };
     Error::Internal(format!("{script}.lua gave an unexpected reply ({shape})"))
+}
+
+/// A SKU's stock pools ([`Inventory::pools`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolLevels {
+    /// Codes available to be issued.
+    pub available: u64,
+    /// Those no pool reserves.
+    pub shared: u64,
+    /// Each channel's reservation (only those above 0), by channel.
+    pub pools: std::collections::BTreeMap<String, u64>,
+}
+
+/// What a pool change did ([`Inventory::set_pool`], [`Inventory::move_pool`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolChange {
+    /// The level of the pool codes came from (for a set: the shared remainder), after.
+    pub from_level: u64,
+    /// The level of the pool codes went to (for a set: the channel's), after.
+    pub to_level: u64,
+    /// Codes moved (for a set: into the channel's pool; negative when it shrank).
+    pub moved: i64,
+    /// Answer id of its event, for `durability = "ledger"`; `None` when nothing changed.
+    pub event_id: Option<String>,
+    pub emitted: Option<Emitted>,
+}
+
+fn pool_change(sku: &str, from: &str, reply: &[Reply]) -> Result<PoolChange, Error> {
+    let n = |i: usize| reply.get(i).and_then(Reply::as_i64).unwrap_or(0);
+    let name = if from.is_empty() {
+        "the shared remainder".to_owned()
+    } else {
+        format!("the pool of {from}")
+    };
+    match tag(reply) {
+        "done" => {}
+        "short" => {
+            return Err(Error::PoolConflict {
+                message: format!("{name} holds {} codes, fewer than asked", n(1)),
+                level: n(1).max(0) as u64,
+            })
+        }
+        "changed" => {
+            return Err(Error::PoolConflict {
+                message: format!("{name} holds {} codes, not the count expected", n(1)),
+                level: n(1).max(0) as u64,
+            })
+        }
+        "no_sku" | "loading" => return Err(rebuilding(sku)),
+        _ => return Err(unexpected("pool", &Reply::Array(reply.to_vec()))),
+    }
+    let event_id = reply
+        .get(4)
+        .and_then(Reply::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned);
+    Ok(PoolChange {
+        from_level: n(1).max(0) as u64,
+        to_level: n(2).max(0) as u64,
+        moved: n(3),
+        emitted: Emitted::from_reply(reply.get(5), event_id.as_deref()),
+        event_id,
+    })
 }
 
 /// Turns the order reply of claim/confirm/release/order into an [`Order`] or an error.

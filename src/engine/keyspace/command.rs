@@ -61,6 +61,7 @@ const COMMANDS: &[Command] = &[
     command("HDEL", -3, Keyspace::hdel),
     command("HEXISTS", 3, Keyspace::hexists),
     command("HGET", 3, Keyspace::hget),
+    command("HGETALL", 2, Keyspace::hgetall),
     command("HINCRBY", 4, Keyspace::hincrby),
     command("HMGET", -3, Keyspace::hmget),
     command("HSET", -4, Keyspace::hset),
@@ -211,7 +212,7 @@ mod tests {
     #[test]
     fn command_table_is_sorted_and_complete() {
         assert!(COMMANDS.windows(2).all(|w| w[0].name < w[1].name));
-        assert_eq!(COMMANDS.len(), 31);
+        assert_eq!(COMMANDS.len(), 32);
         for command in COMMANDS {
             if let Run::Container(subcommands) = command.run {
                 assert!(subcommands.windows(2).all(|w| w[0].name < w[1].name));

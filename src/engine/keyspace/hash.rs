@@ -1,4 +1,4 @@
-//! Hashes: `HGET`, `HSET`, `HSETNX`, `HMGET`, `HINCRBY`, `HDEL`, `HEXISTS`.
+//! Hashes: `HGET`, `HGETALL`, `HSET`, `HSETNX`, `HMGET`, `HINCRBY`, `HDEL`, `HEXISTS`.
 
 use bytes::Bytes;
 
@@ -12,6 +12,17 @@ impl Keyspace {
     pub(super) fn hget(&mut self, a: &[Bytes]) -> Result<Resp> {
         Ok(bulk_or_nil(
             self.value::<Hash>(&a[1])?.and_then(|h| h.get(&a[2])),
+        ))
+    }
+
+    /// `HGETALL key`: field, value, field, value, … (in no particular order, as in Redis).
+    pub(super) fn hgetall(&mut self, a: &[Bytes]) -> Result<Resp> {
+        let hash = self.value::<Hash>(&a[1])?;
+        Ok(Resp::Array(
+            hash.into_iter()
+                .flat_map(|h| h.iter())
+                .flat_map(|(f, v)| [Resp::Bulk(f.clone()), Resp::Bulk(v.clone())])
+                .collect(),
         ))
     }
 
@@ -120,6 +131,20 @@ mod tests {
             ok(&mut ks, "HMGET missing a b"),
             Resp::Array(vec![Resp::Nil, Resp::Nil])
         );
+        assert_eq!(
+            sorted(ok(&mut ks, "HGETALL h")),
+            sorted(Resp::Array(vec![
+                bulk("a"),
+                bulk("4"),
+                bulk("b"),
+                bulk("2"),
+                bulk("c"),
+                bulk("5"),
+                bulk("d"),
+                bulk("9"),
+            ]))
+        );
+        assert_eq!(ok(&mut ks, "HGETALL missing"), Resp::Array(vec![]));
         assert_eq!(ok(&mut ks, "HINCRBY h n -3"), Resp::Int(-3));
         assert_eq!(ok(&mut ks, "HINCRBY h n 10"), Resp::Int(7));
         ok(&mut ks, "HSET h text x");
