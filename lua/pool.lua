@@ -7,12 +7,31 @@
 --         (>= 1), 5 now (ms), 6 by, 7 reason, 8 the count `from` must hold now ('' = any:
 --         a retried move with it cannot move twice)
 --       1 'levels': nothing else
+--       1 'load': 2 the SKU generation being rebuilt, then channel, count, … (the ledger's
+--         pools after the engine lost the SKU: set as they are, no event)
 -- Reply: {'levels', available, shared remainder, channel, count, channel, count, …} ('levels')
 --      | {'done', from level, to level, moved, event id, event} (for 'set', from is the
 --        shared remainder and to the channel; moved may be negative, 0 when nothing changed)
 --      | {'short', from level} (from holds fewer than asked)
 --      | {'changed', from level} (from does not hold the count the move expected)
+--      | {'loaded', total} | {'stale'} ('load': the SKU is another generation)
 --      | {'no_sku'} | {'loading'}
+
+-- While the SKU is rebuilt (loading), before it serves anyone.
+if ARGV[1] == 'load' then
+  if (redis.call('HGET', K.meta, 'gen') or '') ~= ARGV[2] then return { 'stale' } end
+  redis.call('DEL', K.pools)
+  local total = 0
+  for i = 3, #ARGV, 2 do
+    local n = tonumber(ARGV[i + 1])
+    if n > 0 then
+      redis.call('HSET', K.pools, ARGV[i], n)
+      total = total + n
+    end
+  end
+  if total > 0 then redis.call('HSET', K.pools, '*', total) end
+  return { 'loaded', total }
+end
 
 local refused = unservable()
 if refused then return refused end

@@ -524,3 +524,143 @@ async fn channels_reach_every_gateway_sharing_the_ledger() {
     one.stop().await;
     two.stop().await;
 }
+
+async fn put_pool(gw: &TestGateway, sku: &str, channel: &str, body: Value) -> (StatusCode, Value) {
+    let (status, body, _) = send(
+        gw.client
+            .put(format!("{}/v1/skus/{sku}/pools/{channel}", gw.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body),
+    )
+    .await;
+    (status, body)
+}
+
+async fn pools(gw: &TestGateway, sku: &str) -> Value {
+    let (status, body, _) = send(
+        gw.client
+            .get(format!("{}/v1/skus/{sku}/pools", gw.admin))
+            .bearer_auth(ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+/// Two channels, a pool each and a shared remainder, through the API; the pools survive
+/// Redis losing its data (rebuilt from the ledger), and the ledger agrees with the engine.
+#[tokio::test]
+async fn two_channels_a_pool_each_and_a_shared_remainder_survive_an_engine_loss() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let redis = RedisServer::start().await;
+    let mut config: Config = config();
+    config.redis_url = Some(redis.url());
+    config.database_url = Some(db.url().to_owned());
+    let gw = TestGateway::start(config).await;
+    let codes: Vec<String> = (0..10).map(|i| format!("CODE{i:03}")).collect();
+    let codes: Vec<&str> = codes.iter().map(String::as_str).collect();
+    gw.stock("s", &codes).await;
+    put_channel(&gw, "shop", json!({"own_pool_only": true})).await;
+    put_channel(&gw, "market", json!({})).await;
+    let (shop, _) = new_token(&gw, "shop").await;
+    let (market, _) = new_token(&gw, "market").await;
+
+    let (status, body) = put_pool(&gw, "s", "shop", json!({"count": 4, "reason": "launch"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = put_pool(&gw, "s", "market", json!({"share": 0.3})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["pools"], json!({"market": 3, "shop": 4}), "{body}");
+    assert_eq!(body["shared"], 3);
+    let (status, body) = put_pool(&gw, "s", "nobody", json!({"count": 1})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = put_pool(&gw, "s", "shop", json!({"count": 99})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "ERR_POOL_CONFLICT");
+
+    for i in 0..2 {
+        let (status, body) = post_as(
+            &gw,
+            &shop,
+            "/v1/skus/s/claims",
+            json!({"order_id": format!("s-{i}")}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (status, body) = post_as(
+        &gw,
+        &market,
+        "/v1/skus/s/claims",
+        json!({"order_id": "m-0", "quantity": 4}),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "its pool of 3, then one shared: {body}"
+    );
+    let expected = json!({"available": 4, "shared": 2, "pools": {"shop": 2}});
+    let ledger_caught_up = eventually(
+        Duration::from_secs(10),
+        "the ledger's pools agree with the engine's",
+        || pools(&gw, "s"),
+        |view| view["ledger"] == view["pools"],
+    )
+    .await;
+    for field in ["available", "shared", "pools"] {
+        assert_eq!(
+            ledger_caught_up[field], expected[field],
+            "{ledger_caught_up}"
+        );
+    }
+
+    // Redis loses everything; the SKU is rebuilt from the ledger, its pools too.
+    redis.cmd(&["FLUSHALL"]).await.expect("flushed");
+    let rebuilt = eventually(
+        Duration::from_secs(30),
+        "the SKU is rebuilt with its pools",
+        || async {
+            let (status, body, _) = send(
+                gw.client
+                    .get(format!("{}/v1/skus/s/pools", gw.admin))
+                    .bearer_auth(ADMIN_TOKEN),
+            )
+            .await;
+            (status, body)
+        },
+        |(status, body)| *status == StatusCode::OK && body["available"] == 4,
+    )
+    .await;
+    assert_eq!(rebuilt.1["pools"], json!({"shop": 2}), "{}", rebuilt.1);
+    // The shop sells its two, never the shared ones; the market takes the shared two.
+    for i in 2..4 {
+        let (status, body) = post_as(
+            &gw,
+            &shop,
+            "/v1/skus/s/claims",
+            json!({"order_id": format!("s-{i}")}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (status, _) = post_as(&gw, &shop, "/v1/skus/s/claims", json!({"order_id": "s-9"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "the shop's pool is empty");
+    let (status, body) = post_as(
+        &gw,
+        &market,
+        "/v1/skus/s/claims",
+        json!({"order_id": "m-1", "quantity": 2}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = gw
+        .admin_post(
+            "/v1/skus/s/pool-moves",
+            json!({"from": "shop", "to": "market", "count": 1}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "nothing left to move: {body}");
+    gw.stop().await;
+}

@@ -1240,6 +1240,9 @@ impl Ledger for Flaky {
     ) -> Result<Vec<PauseEventRecord>, LedgerError> {
         self.inner.pause_history(sku, limit).await
     }
+    async fn pools(&self, sku: &str) -> Result<Vec<(String, i64)>, LedgerError> {
+        self.inner.pools(sku).await
+    }
     async fn channels(&self) -> Result<Vec<ChannelRecord>, LedgerError> {
         self.inner.channels().await
     }

@@ -22,6 +22,7 @@ pub mod conn;
 pub mod guard;
 pub mod merchant;
 pub mod pauses;
+pub mod pools;
 pub mod public;
 pub mod starting;
 pub mod target;
@@ -454,6 +455,9 @@ pub enum RouteId {
     ChannelTokens,
     ChannelTokenRevoke,
     ChannelEvents,
+    Pools,
+    Pool,
+    PoolMove,
     Healthz,
     Readyz,
     Metrics,
@@ -493,6 +497,7 @@ impl Route {
 const GET: &[Method] = &[Method::GET];
 const POST: &[Method] = &[Method::POST];
 const GET_PUT: &[Method] = &[Method::GET, Method::PUT];
+const PUT: &[Method] = &[Method::PUT];
 
 /// A listener's route table.
 pub type Routes = matchit::Router<Route>;
@@ -640,6 +645,19 @@ const ADMIN_ROUTES: &[Route] = &[
         GET,
         Auth::Admin,
     ),
+    route("/v1/skus/{sku}/pools", RouteId::Pools, GET, Auth::Admin),
+    route(
+        "/v1/skus/{sku}/pool-moves",
+        RouteId::PoolMove,
+        POST,
+        Auth::Admin,
+    ),
+    route(
+        "/v1/skus/{sku}/pools/{channel}",
+        RouteId::Pool,
+        PUT,
+        Auth::Admin,
+    ),
 ];
 
 fn public_routes() -> Routes {
@@ -746,6 +764,9 @@ async fn dispatch(
             channels::revoke_token(app, params, req).await
         }
         (Listener::Admin, ChannelEvents, Method::GET) => channels::history(app, params, req).await,
+        (Listener::Admin, Pools, Method::GET) => pools::levels(app, params).await,
+        (Listener::Admin, Pool, Method::PUT) => pools::set(app, params, req).await,
+        (Listener::Admin, PoolMove, Method::POST) => pools::move_codes(app, params, req).await,
         // `handle` answers methods the route table does not declare; reaching this means the
         // table declares a method no arm serves.
         (_, route, method) => Err(Error::Internal(format!(

@@ -159,6 +159,7 @@ pub async fn finish_restore(
 ) -> Result<WarmReport, Error> {
     let report = warm_generation(ledger, inventory, sku, 0, gen, |_| {}).await?;
     let orders = restore_orders(ledger, inventory, sku, gen).await?;
+    restore_pools(ledger, inventory, sku, gen).await?;
     // The rebuilt engine now agrees with the ledger: mark both alike. The engine first, in
     // the same step that ends the rebuild, so of two gateways finishing one rebuild only
     // one marks (the other's marker would not match).
@@ -173,6 +174,33 @@ pub async fn finish_restore(
         "SKU restored from the ledger"
     );
     Ok(report)
+}
+
+/// Sets the stock pools of `sku` (generation `gen`, being rebuilt) to what the ledger's
+/// applied events leave them, so each channel keeps the codes reserved for it.
+pub async fn restore_pools(
+    ledger: &dyn Ledger,
+    inventory: &Inventory,
+    sku: &str,
+    gen: &str,
+) -> Result<(), Error> {
+    let pools = ledger.pools(sku).await?;
+    let mut args = vec!["load".to_owned(), gen.to_owned()];
+    for (pool, level) in pools {
+        args.push(pool);
+        args.push(level.to_string());
+    }
+    let reply = inventory
+        .eval_plain(&crate::engine::SCRIPTS.pool, sku, args)
+        .await?;
+    match reply
+        .as_array()
+        .and_then(|r| r.first())
+        .and_then(crate::engine::Reply::as_str)
+    {
+        Some("loaded") => Ok(()),
+        _ => Err(super::lost_again(sku)),
+    }
 }
 
 /// Order events per engine call while restoring orders.

@@ -282,6 +282,10 @@ pub trait Ledger: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<PauseEventRecord>, LedgerError>;
 
+    /// A SKU's stock pools as the applied events leave them: each channel's reservation
+    /// (see `lua/prelude.lua`, "Stock pools"), those above 0, by channel.
+    async fn pools(&self, sku: &str) -> Result<Vec<(String, i64)>, LedgerError>;
+
     /// Every channel (see [`crate::channel`]) with all its tokens, revoked ones included.
     async fn channels(&self) -> Result<Vec<ChannelRecord>, LedgerError>;
 

@@ -89,6 +89,44 @@ pub(crate) fn replay<'e>(
     Replayed { changed, skipped }
 }
 
+/// How newly recorded events change the stock pools (see `lua/prelude.lua`, "Stock pools"):
+/// the sum of their parts per (SKU, pool), with the latest event time. Claims, holds and
+/// late confirms take their `pooled` codes from their `pool`; releases and lapses give
+/// `pooled` back; `pool` events move `delta` codes `from` one pool `to` another ('' is the
+/// shared remainder, which is not stored), or cut a pool by `delta` (negative).
+pub(crate) fn pool_changes<'e>(events: &[NewEvent<'e>]) -> BTreeMap<(&'e str, String), (i64, i64)> {
+    let mut out: BTreeMap<(&str, String), (i64, i64)> = BTreeMap::new();
+    for e in events {
+        let Ok(serde_json::Value::Object(fields)) =
+            serde_json::from_str::<serde_json::Value>(&e.event.fields_json)
+        else {
+            continue;
+        };
+        let text = |name: &str| fields.get(name).and_then(|v| v.as_str()).unwrap_or("");
+        let number = |name: &str| text(name).parse::<i64>().unwrap_or(0);
+        let mut add = |pool: &str, delta: i64| {
+            if !pool.is_empty() && delta != 0 {
+                let entry = out
+                    .entry((e.event.sku.as_str(), pool.to_owned()))
+                    .or_default();
+                entry.0 += delta;
+                entry.1 = entry.1.max(e.event.at_ms);
+            }
+        };
+        match e.event.kind.as_str() {
+            "claim" | "hold" | "confirm" => add(text("pool"), -number("pooled")),
+            "release" | "expire" => add(text("pool"), number("pooled")),
+            "pool" if fields.contains_key("to") => {
+                add(text("from"), -number("delta"));
+                add(text("to"), number("delta"));
+            }
+            "pool" => add(text("pool"), number("delta")),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Rows of the audit index: (SKU, local id, event seq), once per key an event names.
 pub(crate) fn audit_links<'e>(events: &[NewEvent<'e>]) -> Vec<(&'e str, i64, i64)> {
     let mut links = Vec::new();

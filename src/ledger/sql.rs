@@ -629,6 +629,17 @@ where
         self.pause_events(sku, limit).await
     }
 
+    async fn pools(&self, sku: &str) -> Result<Vec<(String, i64)>, LedgerError> {
+        let rows =
+            sqlx::query("SELECT pool, level FROM pools WHERE sku = $1 AND level > 0 ORDER BY pool")
+                .bind(sku)
+                .fetch_all(&self.read)
+                .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect()
+    }
+
     async fn channels(&self) -> Result<Vec<ChannelRecord>, LedgerError> {
         self.all_channels().await
     }

@@ -96,6 +96,20 @@ where
             self.store_statuses(&mut tx, sku, rows).await?;
         }
 
+        for ((sku, pool), (delta, at_ms)) in replay::pool_changes(&applied) {
+            sqlx::query(
+                "INSERT INTO pools (sku, pool, level, updated_at_ms) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (sku, pool) DO UPDATE SET level = pools.level + excluded.level, \
+                 updated_at_ms = excluded.updated_at_ms",
+            )
+            .bind(sku)
+            .bind(pool.as_str())
+            .bind(delta)
+            .bind(at_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+
         let links = replay::audit_links(&applied);
         let p = self.dialect.placeholders;
         for chunk in pow2_chunks(&links, self.dialect.rows_per_statement(3, 0)) {
