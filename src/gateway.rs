@@ -124,6 +124,15 @@ pub async fn open_keys(
             "the ledger's codes are sealed"
         );
     }
+    if migrate {
+        let sealed = rekey::seal_blacklists(ledger, inventory)
+            .await
+            .map_err(KeysError::Migration)?;
+        if sealed > 0 {
+            ledger.purge_freed().await?;
+            tracing::warn!(skus = sealed, "sealed SKU blacklists stored in clear");
+        }
+    }
     Ok(source)
 }
 

@@ -4,10 +4,13 @@
 //! charset: they become parts of Redis keys and of `|`-separated records in the scripts, and
 //! appear in logs. Anything else is rejected at the edge with `ERR_BAD_REQUEST`.
 
+use std::collections::HashSet;
+
 use serde::{Deserialize, Serialize};
 
 use crate::code::{Format, Malformed};
 use crate::error::Error;
+use crate::secrets::{Keyring, OpenError};
 
 /// Settings of one SKU, as sent to `PUT /v1/skus/{sku}`. Every field is optional.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,8 +32,9 @@ pub struct SkuConfig {
     /// How many times one code may be redeemed.
     pub max_uses: u64,
     /// Codes never to import (leaked, test or placeholder codes); rows holding one are
-    /// rejected. Compared after normalisation, so any spelling of an entry matches.
-    pub blacklist: Vec<String>,
+    /// rejected. Compared after normalisation, so any spelling of an entry matches. Sent in
+    /// clear, stored sealed ([`Blacklist`]).
+    pub blacklist: Blacklist,
     /// The version number of `format`, counted per SKU from 1: each change of the format
     /// makes a new one, and every key records the version it was imported under. Kept by
     /// the gateway ([`SkuConfig::succeed`]), never sent by clients.
@@ -84,7 +88,7 @@ impl Default for SkuConfig {
             allow_late_confirm: true,
             max_issues: 1,
             max_uses: 1,
-            blacklist: Vec::new(),
+            blacklist: Blacklist::default(),
             format_version: 1,
             format_since_ms: 0,
             earlier_formats: Vec::new(),
@@ -162,12 +166,27 @@ impl SkuConfig {
             .find(|v| v.version == version)
     }
 
-    /// The blacklist in canonical form, for lookups during an import.
-    pub fn blacklisted(&self) -> std::collections::HashSet<String> {
-        self.blacklist
+    /// The keyed digests of the blacklist's codes in canonical form under the current
+    /// format, which import rows are compared with (as duplicates are, by digest).
+    pub fn blacklist_digests(
+        &self,
+        keyring: &Keyring,
+        sku: &str,
+    ) -> Result<HashSet<String>, OpenError> {
+        Ok(self
+            .blacklist
+            .codes(keyring, sku)?
             .iter()
-            .map(|code| self.format.normalise(code))
-            .collect()
+            .map(|code| keyring.digest(&self.format.normalise(code)))
+            .collect())
+    }
+
+    /// The settings as answers show them: the blacklist only as its number of entries, so
+    /// no answer gives a blacklisted code away.
+    pub fn shown(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).expect("settings are plain data");
+        value["blacklist"] = serde_json::json!({ "entries": self.blacklist.len() });
+        value
     }
 
     /// Checks the settings make sense together; the message suits a 400 answer.
@@ -183,7 +202,7 @@ impl SkuConfig {
                 "max_issues and max_uses must be at least 1".into(),
             ));
         }
-        if self.blacklist.len() > MAX_BLACKLIST {
+        if self.blacklist.len() as usize > MAX_BLACKLIST {
             return Err(Error::BadRequest(format!(
                 "blacklist has more than {MAX_BLACKLIST} entries"
             )));
@@ -199,6 +218,116 @@ impl SkuConfig {
 
 /// Most blacklist entries a SKU may carry.
 pub const MAX_BLACKLIST: usize = 10_000;
+
+/// What a blacklist is sealed for, in place of a key's local id in the associated data
+/// ([`Keyring::seal`]): not a number, so neither a key's sealed code nor a blacklist opens
+/// as the other, and the SKU in the associated data keeps one SKU's list off another's.
+const BLACKLIST_SEAL_ID: &str = "blacklist";
+
+/// A SKU's blacklist. A blacklisted code may be a leaked code of another SKU that still
+/// sells, or a real code held back, so the list is stored sealed like codes are: in the
+/// ledger's settings, the engine's copy of them and every dump of either.
+///
+/// Sealed as one text under the data key, not stored as keyed digests: a digest cannot be
+/// keyed anew, so `rekey --index` could not carry digests over to a new index key, and a
+/// blacklist kept only so would stop matching. Imports open the list and digest its codes
+/// under the current index key when they begin (10 000 entries take milliseconds); a data
+/// key rekey seals it anew ([`crate::inventory::rekey`]), and a re-index needs nothing.
+/// One text for the whole list keeps the settings the engine reads every few seconds small,
+/// and shows a dump no more than the number of entries.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Blacklist {
+    /// Codes in clear: as `PUT /v1/skus/{sku}` sends them, and as settings stored before
+    /// blacklists were sealed hold them (sealed on start, see
+    /// [`crate::inventory::rekey::seal_blacklists`]). Stored so only when empty.
+    Clear(Vec<String>),
+    /// The codes, sealed together.
+    Sealed(SealedBlacklist),
+}
+
+/// A blacklist as stored: `sealed` is the JSON list of its codes, sealed for the SKU.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealedBlacklist {
+    /// Number of codes, answered instead of them.
+    pub entries: u64,
+    /// `e1.<data key id>.…` ([`crate::secrets`]).
+    pub sealed: String,
+}
+
+impl Default for Blacklist {
+    fn default() -> Blacklist {
+        Blacklist::Clear(Vec::new())
+    }
+}
+
+/// Shows the number of entries only: settings may be logged, codes may not.
+impl std::fmt::Debug for Blacklist {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let form = match self {
+            Blacklist::Clear(_) => "clear",
+            Blacklist::Sealed(_) => "sealed",
+        };
+        write!(f, "Blacklist({} entries, {form})", self.len())
+    }
+}
+
+impl Blacklist {
+    /// Number of codes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Blacklist::Clear(codes) => codes.len() as u64,
+            Blacklist::Sealed(sealed) => sealed.entries,
+        }
+    }
+
+    /// Whether it holds no code.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether it holds codes in clear (what storing must never keep).
+    pub fn in_clear(&self) -> bool {
+        matches!(self, Blacklist::Clear(codes) if !codes.is_empty())
+    }
+
+    /// The sealed text, when it is sealed.
+    pub fn sealed_text(&self) -> Option<&str> {
+        match self {
+            Blacklist::Clear(_) => None,
+            Blacklist::Sealed(sealed) => Some(&sealed.sealed),
+        }
+    }
+
+    /// The codes, opened for `sku` when sealed.
+    pub fn codes(&self, keyring: &Keyring, sku: &str) -> Result<Vec<String>, OpenError> {
+        match self {
+            Blacklist::Clear(codes) => Ok(codes.clone()),
+            Blacklist::Sealed(sealed) => {
+                let text = keyring.open(sku, BLACKLIST_SEAL_ID, &sealed.sealed)?;
+                // Only this module seals it, from a list of strings.
+                serde_json::from_str(&text).map_err(|_| {
+                    let id = crate::secrets::sealed_parts(&sealed.sealed).map_or("", |(id, _)| id);
+                    OpenError::Tampered(id.to_owned())
+                })
+            }
+        }
+    }
+
+    /// The list sealed for `sku` under the current data key (an empty list stays as it is:
+    /// nothing to hide).
+    pub fn sealed(codes: &[String], keyring: &Keyring, sku: &str) -> Blacklist {
+        if codes.is_empty() {
+            return Blacklist::default();
+        }
+        let text = serde_json::to_string(codes).expect("a list of strings");
+        Blacklist::Sealed(SealedBlacklist {
+            entries: codes.len() as u64,
+            sealed: keyring.seal(sku, BLACKLIST_SEAL_ID, &text),
+        })
+    }
+}
 
 /// Longest SKU name.
 pub const MAX_SKU_LEN: usize = 64;
@@ -337,6 +466,49 @@ mod tests {
         assert_eq!(parse_key_id("gift.x"), None);
         assert_eq!(parse_key_id("17"), None);
         assert_eq!(parse_key_id("a:b.1"), None);
+    }
+
+    fn ring(data: u8) -> Keyring {
+        Keyring::new(&[("d1", [data; 32])], ("i1", [9; 32])).expect("valid")
+    }
+
+    #[test]
+    fn a_sealed_blacklist_opens_for_its_sku_only_and_shows_a_count() {
+        let codes = vec!["LEAK-0001".to_owned(), "leak-0002".to_owned()];
+        let keyring = ring(1);
+        let list = Blacklist::sealed(&codes, &keyring, "gift");
+        let text = list.sealed_text().expect("sealed").to_owned();
+        assert!(text.starts_with("e1.d1.") && !text.to_uppercase().contains("LEAK"));
+        assert_eq!(list.codes(&keyring, "gift").expect("opens"), codes);
+        assert!(list.codes(&keyring, "other").is_err(), "bound to its SKU");
+        assert!(list.codes(&ring(2), "gift").is_err(), "bound to its key");
+        // Not a key's code either: a key's local id is a number.
+        assert!(keyring.open("gift", "1", &text).is_err());
+        assert_eq!(format!("{list:?}"), "Blacklist(2 entries, sealed)");
+        let config = SkuConfig {
+            blacklist: list,
+            ..SkuConfig::default()
+        };
+        let stored = serde_json::to_string(&config).expect("json");
+        assert!(!stored.to_uppercase().contains("LEAK"), "{stored}");
+        let back: SkuConfig = serde_json::from_str(&stored).expect("reads back");
+        assert_eq!(back, config);
+        assert_eq!(
+            config.shown()["blacklist"],
+            serde_json::json!({"entries": 2})
+        );
+        let digests = config.blacklist_digests(&keyring, "gift").expect("opens");
+        assert!(digests.contains(&keyring.digest("LEAK0002")), "normalised");
+        assert!(!Blacklist::sealed(&[], &keyring, "gift").in_clear());
+    }
+
+    #[test]
+    fn settings_stored_before_sealing_read_as_a_clear_list() {
+        let old: SkuConfig =
+            serde_json::from_str(r#"{"blacklist":["TEST-0000"]}"#).expect("old settings");
+        assert!(old.blacklist.in_clear());
+        assert_eq!(old.blacklist.len(), 1);
+        assert!(!SkuConfig::default().blacklist.in_clear());
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! Codes at rest: after codes are imported, claimed and redeemed, not one of them appears in
-//! the raw bytes of the SQLite ledger, a `pg_dump` of the PostgreSQL ledger, or Redis's RDB
-//! and AOF files, in any case or grouping; and a stored code tampered with or moved onto
-//! another key is refused, counted and logged by key id, and never handed out.
+//! Codes at rest: after codes are imported, claimed and redeemed, not one of them (nor a
+//! code of a SKU's blacklist) appears in the raw bytes of the SQLite ledger, a `pg_dump` of
+//! the PostgreSQL ledger, or Redis's RDB and AOF files, in any case or grouping; a
+//! blacklist goes on refusing imports through both kinds of rekey; and a stored code
+//! tampered with or moved onto another key is refused, counted and logged by key id, and
+//! never handed out.
 
 #[path = "support/postgres.rs"]
 mod pg_support;
@@ -9,6 +11,7 @@ mod support;
 
 use std::path::Path;
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use kamigate::engine::keys::sku_keys;
 use kamigate::engine::Script;
@@ -16,6 +19,10 @@ use kamigate::secrets::keyfile::KEY_FILE;
 use pg_support::TestDatabase;
 use reqwest::StatusCode;
 use serde_json::json;
+use support::dump::{
+    assert_absent, assert_absent_from_redis_files, files_under, pg_dump, spellings,
+};
+use support::eventually::eventually;
 use support::gateway::{config, metric, TestGateway};
 use support::redis_server::RedisServer;
 
@@ -33,64 +40,33 @@ fn supplier_codes() -> Vec<String> {
     codes
 }
 
-/// Every spelling of `code` a dump could give it away in: as is, lower case, grouped by four
-/// with dashes or spaces, and ungrouped.
-fn spellings(code: &str) -> Vec<String> {
-    let plain: String = code.chars().filter(|c| *c != '-' && *c != ' ').collect();
-    let grouped = |sep: &str| {
-        plain
-            .as_bytes()
-            .chunks(4)
-            .map(|c| String::from_utf8_lossy(c).into_owned())
-            .collect::<Vec<_>>()
-            .join(sep)
-    };
-    let mut out = vec![code.to_owned(), plain.clone(), grouped("-"), grouped(" ")];
-    let lower: Vec<String> = out.iter().map(|s| s.to_lowercase()).collect();
-    out.extend(lower);
-    out.sort();
-    out.dedup();
-    out
+/// Codes a SKU's blacklist holds: held back, so never imported, and as secret as sold ones.
+fn blacklisted_codes() -> Vec<String> {
+    (0..3u64)
+        .map(|i| format!("{:012}", 770_412_991_003 + i * 6_151))
+        .collect()
 }
 
-/// Fails naming the spelling and where it was found (the codes are test data).
-fn assert_absent(what: &str, bytes: &[u8], codes: &[String]) {
-    assert!(!bytes.is_empty(), "{what} is empty: nothing was checked");
-    for code in codes {
-        for s in spellings(code) {
-            let found = bytes.windows(s.len()).any(|w| w == s.as_bytes());
-            assert!(!found, "{what} holds code {s:?} in clear");
-        }
-    }
-}
-
-/// Every file under `dir`, read whole.
-fn files_under(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).expect("readable dir").flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if let Ok(bytes) = std::fs::read(&path) {
-                out.push((path.display().to_string(), bytes));
-            }
-        }
-    }
-    out
-}
-
-/// Imports the codes, claims twelve (one held), redeems six: every kind of row a ledger and
-/// an engine hold. Checks each answer reveals the imported code.
+/// Sets the SKU's blacklist to [`blacklisted_codes`], imports the codes (and the blacklisted
+/// ones, refused), claims twelve (one held), redeems six: every kind of row a ledger and an
+/// engine hold. Checks each answer reveals the imported code and none a blacklisted one.
 async fn sell(gate: &TestGateway, sku: &str, codes: &[String]) {
-    let (status, body) = gate.put_sku(sku, json!({})).await;
+    let blacklisted = blacklisted_codes();
+    let (status, body) = gate.put_sku(sku, json!({ "blacklist": blacklisted })).await;
     assert!(status.is_success(), "{body}");
+    assert_eq!(body["config"]["blacklist"], json!({"entries": 3}), "{body}");
     // Imported in the grouped, lower-case spelling a supplier file may have.
-    let file: Vec<String> = codes.iter().map(|c| spellings(c)[0].clone()).collect();
+    let mut file: Vec<String> = codes.iter().map(|c| spellings(c)[0].clone()).collect();
+    file.extend(blacklisted.iter().map(|c| spellings(c)[1].clone()));
     let (status, report) = gate.import(sku, file.join("\n")).await;
     assert_eq!(status, StatusCode::OK, "{report}");
     assert_eq!(report["accepted"], codes.len(), "{report}");
+    assert_eq!(report["rejected"], blacklisted.len(), "{report}");
+    let (_, view) = gate.merchant_get(&format!("/v1/skus/{sku}")).await;
+    assert_eq!(view["config"]["blacklist"], json!({"entries": 3}), "{view}");
+    for answer in [body.to_string(), report.to_string(), view.to_string()] {
+        assert_absent("an answer", answer.as_bytes(), &blacklisted);
+    }
     let mut sold = Vec::new();
     for i in 0..12 {
         let (status, body) = gate
@@ -118,8 +94,8 @@ async fn sell(gate: &TestGateway, sku: &str, codes: &[String]) {
     }
     // The ledger has every change once the writer caught up.
     let path = format!("/v1/skus/{sku}");
-    support::eventually::eventually(
-        std::time::Duration::from_secs(10),
+    eventually(
+        Duration::from_secs(10),
         "the ledger to have the redemptions",
         || gate.merchant_get(&path),
         |(_, body)| body["ledger"]["redeemed"] == 6 && body["in_flight"] == 0,
@@ -129,12 +105,13 @@ async fn sell(gate: &TestGateway, sku: &str, codes: &[String]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn no_code_is_in_the_sqlite_ledger_in_clear() {
-    let codes = supplier_codes();
+    let sold = supplier_codes();
+    let codes: Vec<String> = sold.iter().cloned().chain(blacklisted_codes()).collect();
     // Keys generated into the data dir, which the scan below covers too.
     let mut cfg = config();
     cfg.data_key = None;
     let gate = TestGateway::start(cfg).await;
-    sell(&gate, "gift", &codes).await;
+    sell(&gate, "gift", &sold).await;
     let dir = gate.data.as_ref().expect("own data dir").path().to_owned();
     let data = gate.data;
     gate.gateway.stop().await;
@@ -157,14 +134,15 @@ async fn no_code_is_in_the_sqlite_ledger_in_clear() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn no_code_is_in_redis_files_or_a_postgres_dump_in_clear() {
-    let codes = supplier_codes();
+    let sold = supplier_codes();
+    let codes: Vec<String> = sold.iter().cloned().chain(blacklisted_codes()).collect();
     let redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await;
     let db = TestDatabase::create().await;
     let mut cfg = config();
     cfg.redis_url = Some(redis.url());
     cfg.database_url = db.as_ref().map(|d| d.url().to_owned());
     let gate = TestGateway::start(cfg).await;
-    sell(&gate, "gift", &codes).await;
+    sell(&gate, "gift", &sold).await;
     gate.stop().await;
 
     // An RDB snapshot next to the AOF, then every file of the server's directory.
@@ -178,30 +156,121 @@ async fn no_code_is_in_redis_files_or_a_postgres_dump_in_clear() {
         files.iter().any(|(p, _)| p.contains(".aof")),
         "an AOF was written"
     );
-    for (path, bytes) in &files {
-        if !path.ends_with(".log") && !bytes.is_empty() {
-            assert_absent(path, bytes, &codes);
-        }
-    }
+    assert_absent_from_redis_files(redis.dir(), &codes);
 
     if let Some(db) = &db {
-        let dump = std::process::Command::new("pg_dump")
-            .arg("--data-only")
-            .arg(db.url())
-            .output()
-            .expect("pg_dump runs");
+        let dump = pg_dump(db.url());
+        let text = String::from_utf8_lossy(&dump);
         assert!(
-            dump.status.success(),
-            "pg_dump: {}",
-            String::from_utf8_lossy(&dump.stderr)
+            text.contains("COPY public.keys") && text.contains("COPY public.skus"),
+            "the dump has the keys and the SKUs' settings"
         );
-        let text = String::from_utf8_lossy(&dump.stdout);
-        assert!(
-            text.contains("COPY public.keys"),
-            "the dump has the keys table"
-        );
-        assert_absent("pg_dump of the ledger", &dump.stdout, &codes);
+        assert_absent("pg_dump of the ledger", &dump, &codes);
     }
+}
+
+/// Imports into `bl` refuse its blacklisted codes, sent in another spelling than the list.
+async fn imports_refuse_the_blacklist(gate: &TestGateway, when: &str) {
+    let file: Vec<String> = blacklisted_codes()
+        .iter()
+        .map(|c| spellings(c)[2].clone())
+        .collect();
+    let (status, report) = gate.import("bl", file.join("\n")).await;
+    assert_eq!(status, StatusCode::OK, "{when}: {report}");
+    assert_eq!(report["accepted"], 0, "{when}: {report}");
+    assert_eq!(report["rejected"], file.len(), "{when}: {report}");
+    for line in report["rejected_lines"].as_array().expect("lines") {
+        assert_eq!(
+            line["reason"], "the code is on the SKU's blacklist",
+            "{when}"
+        );
+    }
+}
+
+/// The sealed text of SKU `bl`'s blacklist in the ledger's settings.
+async fn stored_blacklist(gate: &TestGateway) -> String {
+    let record = gate
+        .gateway
+        .app
+        .ledger
+        .get_sku("bl")
+        .await
+        .expect("ledger")
+        .expect("SKU");
+    let config: serde_json::Value = serde_json::from_str(&record.config_json).expect("json");
+    config["blacklist"]["sealed"]
+        .as_str()
+        .expect("stored sealed")
+        .to_owned()
+}
+
+/// Gives the key file under `dir` other index key material under id `id`.
+fn replace_index_key(dir: &Path, id: &str) {
+    let path = dir.join(KEY_FILE);
+    let text = std::fs::read_to_string(&path).expect("key file");
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| match l.starts_with("index ") {
+            true => format!("index {id} {}", "5c".repeat(32)),
+            false => l.to_owned(),
+        })
+        .collect();
+    std::fs::write(&path, lines.join("\n") + "\n").expect("written");
+}
+
+/// A blacklist set through the API goes on refusing imports after the data key is rotated
+/// (`POST /v1/rekey` seals the list anew) and after the index key is replaced and the
+/// ledger re-indexed (`"index": true`).
+async fn a_blacklist_outlives_both_rekeys(mut cfg: kamigate::config::Config) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    cfg.data_dir = dir.path().to_owned();
+    cfg.data_key = None;
+    let gate = TestGateway::start(cfg.clone()).await;
+    let (status, body) = gate
+        .put_sku("bl", json!({ "blacklist": blacklisted_codes() }))
+        .await;
+    assert!(status.is_success(), "{body}");
+    assert!(stored_blacklist(&gate).await.starts_with("e1.d1."));
+    imports_refuse_the_blacklist(&gate, "as set").await;
+
+    kamigate::secrets::keyfile::add_data_key(&dir.path().join(KEY_FILE), "d2").expect("added");
+    let (status, pass) = gate.admin_post("/v1/rekey", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{pass}");
+    assert_eq!(pass["data_key"], "d2", "{pass}");
+    assert_eq!(pass["report"]["blacklists"], 1, "{pass}");
+    assert_eq!(pass["report"]["failed"], 0, "{pass}");
+    assert!(stored_blacklist(&gate).await.starts_with("e1.d2."));
+    imports_refuse_the_blacklist(&gate, "after the data key rekey").await;
+    let (_, again) = gate.admin_post("/v1/rekey", json!({})).await;
+    assert_eq!(again["report"]["blacklists"], 0, "{again}");
+    gate.stop().await;
+
+    // A new index key is read on start only.
+    replace_index_key(dir.path(), "i2");
+    let gate = TestGateway::start(cfg).await;
+    let (status, pass) = gate.admin_post("/v1/rekey", json!({"index": true})).await;
+    assert_eq!(status, StatusCode::OK, "{pass}");
+    assert_eq!(pass["index_key"], "i2", "{pass}");
+    assert_eq!(pass["report"]["failed"], 0, "{pass}");
+    imports_refuse_the_blacklist(&gate, "after the re-index").await;
+    gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blacklist_outlives_both_rekeys_on_sqlite_and_the_embedded_engine() {
+    a_blacklist_outlives_both_rekeys(config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blacklist_outlives_both_rekeys_on_postgres_and_redis() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let redis = RedisServer::start().await;
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    cfg.database_url = Some(db.url().to_owned());
+    a_blacklist_outlives_both_rekeys(cfg).await;
 }
 
 /// Tampering: `edit` changes the engine's stored codes of SKU `gift`; the claim that would

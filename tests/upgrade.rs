@@ -1,14 +1,13 @@
 //! Upgrading a ledger (and Redis) that stores codes in clear, as every release before
 //! sealed codes did: the gateway migrates it in place on start (resumably: a pass cut short
-//! is finished by the next), and afterwards no code is in clear in any file while every
-//! code still claims and redeems.
+//! is finished by the next), and afterwards no code, nor a code of a SKU's blacklist, is in
+//! clear in any file while every code still claims and redeems and every blacklist refuses.
 
 #[path = "support/postgres.rs"]
 mod pg_support;
 mod support;
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,13 +15,16 @@ use kamigate::code::digest as unkeyed_digest;
 use kamigate::engine::keys::{index_shard, sku_keys};
 use kamigate::engine::redis::{RedisEngine, RedisOptions};
 use kamigate::engine::{ScriptEngine, SCRIPTS};
-use kamigate::inventory::rekey::rekey;
+use kamigate::inventory::rekey::{rekey, seal_blacklists};
 use kamigate::inventory::Inventory;
 use kamigate::ledger::{BatchCounts, BatchStart, Ledger, NewKey, Seal};
-use kamigate::sku::SkuConfig;
+use kamigate::sku::{Blacklist, SkuConfig};
 use pg_support::TestDatabase;
 use reqwest::StatusCode;
 use serde_json::json;
+use support::dump::{
+    assert_absent, assert_absent_from_redis_files, files_under, holds, pg_dump, spellings,
+};
 use support::eventually::eventually;
 use support::gateway::{config, TestGateway};
 use support::redis_server::RedisServer;
@@ -45,6 +47,21 @@ fn codes(sku: &str) -> Vec<String> {
         .collect()
 }
 
+/// The codes of `sku`'s blacklist.
+fn blacklisted(sku: &str) -> Vec<String> {
+    (0..3)
+        .map(|i| format!("BL{}{:08}", sku.to_uppercase(), 31_337_000 + i * 59))
+        .collect()
+}
+
+/// Settings as releases before sealing stored them: the blacklist in clear.
+fn settings_in_clear(sku: &str) -> SkuConfig {
+    SkuConfig {
+        blacklist: Blacklist::Clear(blacklisted(sku)),
+        ..SkuConfig::default()
+    }
+}
+
 /// The global index's folding, as releases before sealing digested it (unkeyed).
 fn folded(code: &str) -> String {
     code.chars()
@@ -59,7 +76,7 @@ fn folded(code: &str) -> String {
 /// A ledger as releases before sealing left it: SKU `sku` with `codes` in clear under
 /// unkeyed digests, in one active batch.
 async fn ledger_in_clear(ledger: &dyn Ledger, sku: &str, codes: &[String]) {
-    let settings = serde_json::to_string(&SkuConfig::default()).expect("json");
+    let settings = serde_json::to_string(&settings_in_clear(sku)).expect("json");
     ledger
         .put_sku(sku, &settings, 1, NOW)
         .await
@@ -105,7 +122,7 @@ async fn ledger_in_clear(ledger: &dyn Ledger, sku: &str, codes: &[String]) {
 async fn redis_in_clear(engine: Arc<dyn ScriptEngine>, sku: &str, codes: &[String]) {
     let inventory = Inventory::new(engine.clone());
     inventory
-        .put_sku(sku, &SkuConfig::default())
+        .put_sku(sku, &settings_in_clear(sku))
         .await
         .expect("SKU created");
     let mut args = vec![String::new()];
@@ -142,36 +159,6 @@ async fn redis_in_clear(engine: Arc<dyn ScriptEngine>, sku: &str, codes: &[Strin
     }
 }
 
-fn spellings(code: &str) -> [String; 2] {
-    [code.to_owned(), code.to_lowercase()]
-}
-
-fn assert_absent(what: &str, bytes: &[u8], codes: &[String]) {
-    assert!(!bytes.is_empty(), "{what} is empty: nothing was checked");
-    for code in codes {
-        for s in spellings(code) {
-            let found = bytes.windows(s.len()).any(|w| w == s.as_bytes());
-            assert!(!found, "{what} holds code {s:?} in clear");
-        }
-    }
-}
-
-fn files_under(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).expect("readable dir").flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if let Ok(bytes) = std::fs::read(&path) {
-                out.push((path.display().to_string(), bytes));
-            }
-        }
-    }
-    out
-}
-
 /// Claims every code of `sku` (each revealed as it was imported) and redeems each without
 /// naming the SKU (through the global index).
 async fn every_code_claims_and_redeems(gate: &TestGateway, sku: &str, codes: &[String]) {
@@ -201,6 +188,16 @@ async fn every_code_claims_and_redeems(gate: &TestGateway, sku: &str, codes: &[S
         |(_, body)| body["ledger"]["redeemed"] == codes.len() && body["in_flight"] == 0,
     )
     .await;
+    // The blacklist, sealed on start, still refuses its codes.
+    let file: Vec<String> = blacklisted(sku)
+        .iter()
+        .map(|c| spellings(c)[2].clone())
+        .collect();
+    let (status, report) = gate.import(sku, file.join("\n")).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["rejected"], file.len(), "{report}");
+    let (_, view) = gate.merchant_get(&path).await;
+    assert_eq!(view["config"]["blacklist"], json!({"entries": 3}), "{view}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -227,6 +224,7 @@ async fn a_sqlite_ledger_in_clear_is_sealed_on_start_and_every_code_still_sells(
             .await
             .expect("one SKU migrated");
         assert_eq!(report.migrated, 20);
+        assert_eq!(report.blacklists, 1);
         assert!(ledger.has_unsealed_codes().await.expect("read"));
     }
 
@@ -236,12 +234,14 @@ async fn a_sqlite_ledger_in_clear_is_sealed_on_start_and_every_code_still_sells(
     {
         let ledger = &gate.gateway.app.ledger;
         assert!(!ledger.has_unsealed_codes().await.expect("read"));
+        let again = seal_blacklists(ledger.as_ref(), gate.inventory()).await;
+        assert_eq!(again.expect("nothing left to seal"), 0);
     }
     every_code_claims_and_redeems(&gate, "ua", &a).await;
     every_code_claims_and_redeems(&gate, "ub", &b).await;
     gate.stop().await;
 
-    let all: Vec<String> = a.iter().chain(&b).cloned().collect();
+    let all: Vec<String> = [a, b, blacklisted("ua"), blacklisted("ub")].concat();
     for (path, bytes) in files_under(dir.path()) {
         if !bytes.is_empty() {
             assert_absent(&path, &bytes, &all);
@@ -255,24 +255,25 @@ async fn a_postgres_ledger_and_redis_in_clear_are_sealed_on_start() {
         return;
     };
     let redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await;
-    let codes = codes("up");
+    let sold = codes("up");
+    let codes: Vec<String> = [sold.clone(), blacklisted("up")].concat();
     {
         let dir = tempfile::tempdir().expect("temp dir");
         let ledger = kamigate::ledger::open(Some(db.url()), dir.path())
             .await
             .expect("ledger");
-        ledger_in_clear(ledger.as_ref(), "up", &codes).await;
+        ledger_in_clear(ledger.as_ref(), "up", &sold).await;
         let engine = RedisEngine::connect(&redis.url(), RedisOptions::default())
             .await
             .expect("redis");
-        redis_in_clear(Arc::new(engine), "up", &codes).await;
+        redis_in_clear(Arc::new(engine), "up", &sold).await;
     }
 
     let mut cfg = config();
     cfg.redis_url = Some(redis.url());
     cfg.database_url = Some(db.url().to_owned());
     let gate = TestGateway::start(cfg).await;
-    every_code_claims_and_redeems(&gate, "up", &codes).await;
+    every_code_claims_and_redeems(&gate, "up", &sold).await;
     gate.stop().await;
 
     // The old clear text is history in the AOF until it is rewritten (README: part of the
@@ -300,29 +301,13 @@ async fn a_postgres_ledger_and_redis_in_clear_are_sealed_on_start() {
         || async {
             files_under(redis.dir())
                 .into_iter()
-                .filter(|(p, bytes)| {
-                    !p.ends_with(".log")
-                        && codes
-                            .iter()
-                            .any(|c| bytes.windows(c.len()).any(|w| w == c.as_bytes()))
-                })
+                .filter(|(p, bytes)| !p.ends_with(".log") && codes.iter().any(|c| holds(bytes, c)))
                 .map(|(p, _)| p)
                 .collect::<Vec<_>>()
         },
         |holding| holding.is_empty(),
     )
     .await;
-    for (path, bytes) in files_under(redis.dir()) {
-        if !path.ends_with(".log") && !bytes.is_empty() {
-            assert_absent(&path, &bytes, &codes);
-        }
-    }
-
-    let dump = std::process::Command::new("pg_dump")
-        .arg("--data-only")
-        .arg(db.url())
-        .output()
-        .expect("pg_dump runs");
-    assert!(dump.status.success(), "pg_dump failed");
-    assert_absent("pg_dump of the ledger", &dump.stdout, &codes);
+    assert_absent_from_redis_files(redis.dir(), &codes);
+    assert_absent("pg_dump of the ledger", &pg_dump(db.url()), &codes);
 }

@@ -1068,6 +1068,15 @@ impl Ledger for Flaky {
     async fn put_sku(&self, sku: &str, c: &str, v: u32, now: i64) -> Result<bool, LedgerError> {
         self.inner.put_sku(sku, c, v, now).await
     }
+    async fn replace_sku_config(
+        &self,
+        sku: &str,
+        old: &str,
+        new: &str,
+        now: i64,
+    ) -> Result<bool, LedgerError> {
+        self.inner.replace_sku_config(sku, old, new, now).await
+    }
     async fn get_sku(&self, sku: &str) -> Result<Option<SkuRecord>, LedgerError> {
         self.inner.get_sku(sku).await
     }

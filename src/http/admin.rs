@@ -92,7 +92,14 @@ pub async fn put_sku(app: &App, params: Params, req: Request<Incoming>) -> Resul
     // Settings hold no secrets, so serde's own messages are safe to return.
     let mut config: SkuConfig = serde_json::from_value(value)
         .map_err(|e| Error::BadRequest(format!("invalid SKU settings: {e}")))?;
+    // Codes come in clear and are stored only sealed; the sealed form is the gateway's own.
+    let crate::sku::Blacklist::Clear(blacklist) = &config.blacklist else {
+        return Err(Error::BadRequest(
+            "field `blacklist` must be a list of codes".into(),
+        ));
+    };
     config.validate()?;
+    config.blacklist = crate::sku::Blacklist::sealed(blacklist, &app.inventory.keyring(), sku);
     // A changed format is a new version; the SKU keeps the earlier ones, so codes sold
     // under them stay redeemable by their own rules.
     let now = app.inventory.now_ms();
@@ -111,7 +118,7 @@ pub async fn put_sku(app: &App, params: Params, req: Request<Incoming>) -> Resul
     };
     Ok(body::json(
         status,
-        &json!({ "sku": sku, "created": created, "config": config }),
+        &json!({ "sku": sku, "created": created, "config": config.shown() }),
     ))
 }
 

@@ -355,7 +355,7 @@ pub async fn sku_view(app: &App, sku: &str) -> Result<Reply, Error> {
         StatusCode::OK,
         &json!({
             "sku": sku,
-            "config": *settings,
+            "config": settings.shown(),
             "engine": engine,
             "ledger": ledger,
             "in_flight": drift.in_flight,

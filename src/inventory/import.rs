@@ -126,6 +126,9 @@ impl<'a> Importer<'a> {
         settings: &'a SkuConfig,
         format: UploadFormat,
     ) -> Result<Begun<'a>, Error> {
+        // Before the batch is begun: never an import without its blacklist, and a blacklist
+        // that does not open leaves the batch id unused.
+        let blacklist = blacklist_digests(inventory, settings, sku)?;
         let upload_id = format!("{:032x}", rand::random::<u128>());
         let now = inventory.now_ms();
         let started = ledger
@@ -154,11 +157,6 @@ impl<'a> Importer<'a> {
             }
         }
         let keyring = inventory.keyring();
-        let blacklist = settings
-            .blacklisted()
-            .iter()
-            .map(|code| keyring.digest(code))
-            .collect();
         Ok(Begun::Fresh(Box::new(Importer {
             ledger,
             inventory,
@@ -367,6 +365,35 @@ impl<'a> Importer<'a> {
             Err(e) => tracing::error!(sku, batch_id, error = %e, "aborting a batch failed"),
         }
     }
+}
+
+/// The keyed digests of `sku`'s blacklist. A list sealed under a data key added since the
+/// keyring was read makes it read its keys again once, as claims do; one that still does
+/// not open fails the import, counted and logged by data key id.
+fn blacklist_digests(
+    inventory: &Inventory,
+    settings: &SkuConfig,
+    sku: &str,
+) -> Result<std::collections::HashSet<String>, Error> {
+    let mut keyring = inventory.keyring();
+    let mut digests = settings.blacklist_digests(&keyring, sku);
+    if let Err(crate::secrets::OpenError::UnknownKey(_)) = digests {
+        if matches!(inventory.reload_keys(), Ok(true)) {
+            keyring = inventory.keyring();
+            digests = settings.blacklist_digests(&keyring, sku);
+        }
+    }
+    digests.map_err(|e| {
+        super::count_open_failure(&keyring, &e);
+        tracing::error!(
+            sku,
+            data_key = e.key_id(),
+            "the SKU's stored blacklist {e}; the import is refused"
+        );
+        Error::Internal(format!(
+            "the blacklist of SKU {sku} {e}; nothing was imported"
+        ))
+    })
 }
 
 /// Activates a pending batch and loads it into the engine. [`Error::BatchInProgress`] while

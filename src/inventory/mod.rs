@@ -1082,13 +1082,7 @@ fn fold(code: &str) -> String {
 /// internal error, never the text that did not open. Names the key and the data key, never
 /// the code.
 pub fn open_failed(keyring: &Keyring, key_id: &str, e: &crate::secrets::OpenError) -> Error {
-    // A label only for the keyring's own ids: a tampered text could name any id at all.
-    let data_key = if keyring.data_ids().contains(&e.key_id()) {
-        e.key_id()
-    } else {
-        "unknown"
-    };
-    crate::metrics::decrypt_failure(data_key);
+    count_open_failure(keyring, e);
     tracing::error!(
         key_id,
         data_key = e.key_id(),
@@ -1097,6 +1091,17 @@ pub fn open_failed(keyring: &Keyring, key_id: &str, e: &crate::secrets::OpenErro
     Error::Internal(format!(
         "the stored code of key {key_id} {e}; it was not handed out"
     ))
+}
+
+/// Counts a sealed text that did not open, by the data key it names.
+pub(crate) fn count_open_failure(keyring: &Keyring, e: &crate::secrets::OpenError) {
+    // A label only for the keyring's own ids: a tampered text could name any id at all.
+    let data_key = if keyring.data_ids().contains(&e.key_id()) {
+        e.key_id()
+    } else {
+        "unknown"
+    };
+    crate::metrics::decrypt_failure(data_key);
 }
 
 /// Validates and canonicalises a code under a SKU's format.

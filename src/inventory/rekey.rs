@@ -10,6 +10,11 @@
 //! sealed form of a key opens to the same code, so claims go on throughout, and a pass can
 //! be interrupted and run again at any point.
 //!
+//! Blacklists: each SKU's stored blacklist ([`crate::sku::Blacklist`]) is sealed anew by
+//! the same pass, and one in clear (settings from before blacklists were sealed) is sealed
+//! on start ([`seal_blacklists`]); a re-index has nothing to do for them, imports digest
+//! the opened list under the current index key.
+//!
 //! Digests: a plaintext ledger's unkeyed digests are keyed by the same pass (and the global
 //! index moved over, its unkeyed entries removed). Digests under another index key are
 //! redone only with `index` (`rekey --index`): until then, codes whose digests are under the
@@ -18,7 +23,7 @@
 use crate::error::Error;
 use crate::ledger::{Ledger, Recode};
 use crate::secrets::{self, Keyring};
-use crate::sku::key_id;
+use crate::sku::{key_id, Blacklist, SkuConfig};
 
 use super::{fold, open_failed, Inventory};
 
@@ -40,8 +45,12 @@ pub struct RekeyReport {
     pub reindexed: u64,
     /// Keys whose digest is under another index key and were left so (no `index`).
     pub stale_digests: u64,
-    /// Keys whose stored code did not open (counted, logged by key id, left as they are).
+    /// Keys whose stored code did not open (counted, logged by key id, left as they are),
+    /// and blacklists that did not open.
     pub failed: u64,
+    /// SKU blacklists sealed anew under the current data key (from an older key or from
+    /// clear).
+    pub blacklists: u64,
 }
 
 /// Rekeys `sku`, or every SKU of the ledger. With `index`, digests under another index key
@@ -162,6 +171,7 @@ async fn rekey_sku(
 ) -> Result<(), Error> {
     // The keyring of the whole pass: a rotation meanwhile is picked up by the next pass.
     let keyring = inventory.keyring();
+    reseal_blacklist(ledger, inventory, &keyring, sku, report).await?;
     let mut after = 0;
     loop {
         let page = ledger.stored_codes_after(sku, after, PAGE).await?;
@@ -273,4 +283,98 @@ async fn apply(
         .collect();
     inventory.unindex(sku, &old).await?;
     Ok(())
+}
+
+/// Seals every SKU's blacklist still stored in clear (settings from before blacklists were
+/// sealed), as a start on such a ledger does; a SKU whose list is sealed costs one read.
+/// Resumable and idempotent like a rekey pass. Returns how many it sealed.
+pub async fn seal_blacklists(ledger: &dyn Ledger, inventory: &Inventory) -> Result<u64, Error> {
+    let keyring = inventory.keyring();
+    let mut report = RekeyReport::default();
+    for sku in ledger.list_skus().await? {
+        let clear = match ledger.get_sku(&sku).await? {
+            Some(record) => stored_settings(&sku, &record.config_json)?
+                .blacklist
+                .in_clear(),
+            None => false,
+        };
+        if clear {
+            reseal_blacklist(ledger, inventory, &keyring, &sku, &mut report).await?;
+        }
+    }
+    Ok(report.blacklists)
+}
+
+/// Rounds of [`reseal_blacklist`] against settings changed meanwhile before it leaves the
+/// SKU to the next pass.
+const BLACKLIST_ATTEMPTS: usize = 3;
+
+/// Seals `sku`'s blacklist under the current data key when it is stored in clear or under
+/// an older key. Like keys, the engine's copy of the settings first (when the engine has
+/// the SKU; one it lacks is warmed from the ledger), then the ledger's, only while it still
+/// holds what was read: settings a `PUT` changed meanwhile are not undone, the engine gets
+/// the ledger's back and the SKU is looked at again.
+async fn reseal_blacklist(
+    ledger: &dyn Ledger,
+    inventory: &Inventory,
+    keyring: &Keyring,
+    sku: &str,
+    report: &mut RekeyReport,
+) -> Result<(), Error> {
+    for _ in 0..BLACKLIST_ATTEMPTS {
+        let Some(record) = ledger.get_sku(sku).await? else {
+            return Ok(());
+        };
+        let mut config = stored_settings(sku, &record.config_json)?;
+        let stale = match config.blacklist.sealed_text() {
+            Some(text) => !keyring.is_current(text),
+            None => config.blacklist.in_clear(),
+        };
+        if !stale {
+            return Ok(());
+        }
+        let codes = match config.blacklist.codes(keyring, sku) {
+            Ok(codes) => codes,
+            Err(e) => {
+                super::count_open_failure(keyring, &e);
+                tracing::error!(
+                    sku,
+                    data_key = e.key_id(),
+                    "the SKU's stored blacklist {e}; it is left as it is"
+                );
+                report.failed += 1;
+                return Ok(());
+            }
+        };
+        config.blacklist = Blacklist::sealed(&codes, keyring, sku);
+        let json = serde_json::to_string(&config)
+            .map_err(|e| Error::Internal(format!("encoding SKU settings: {e}")))?;
+        if inventory.sku_state(sku).await?.is_some() {
+            inventory.put_sku(sku, &config).await?;
+        }
+        let now = inventory.now_ms() as i64;
+        if ledger
+            .replace_sku_config(sku, &record.config_json, &json, now)
+            .await?
+        {
+            report.blacklists += 1;
+            return Ok(());
+        }
+        if let Some(current) = ledger.get_sku(sku).await? {
+            if inventory.sku_state(sku).await?.is_some() {
+                let current = stored_settings(sku, &current.config_json)?;
+                inventory.put_sku(sku, &current).await?;
+            }
+        }
+    }
+    tracing::warn!(
+        sku,
+        "the SKU's settings kept changing: its blacklist is left to the next rekey pass"
+    );
+    Ok(())
+}
+
+fn stored_settings(sku: &str, json: &str) -> Result<SkuConfig, Error> {
+    serde_json::from_str(json)
+        .map_err(|e| Error::Internal(format!("ledger settings of SKU {sku}: {e}")))
 }

@@ -71,6 +71,17 @@ pub trait Ledger: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<bool, LedgerError>;
 
+    /// Replaces a SKU's settings only while they are still `old_json`, so a pass that
+    /// rewrites stored settings in place (sealing a blacklist) never undoes a change made
+    /// meanwhile. Returns whether it replaced them.
+    async fn replace_sku_config(
+        &self,
+        sku: &str,
+        old_json: &str,
+        new_json: &str,
+        now_ms: i64,
+    ) -> Result<bool, LedgerError>;
+
     /// A SKU's record, or `None` if it was never created.
     async fn get_sku(&self, sku: &str) -> Result<Option<SkuRecord>, LedgerError>;
 

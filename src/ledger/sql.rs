@@ -310,6 +310,26 @@ where
             .collect()
     }
 
+    async fn replace_sku_config(
+        &self,
+        sku: &str,
+        old_json: &str,
+        new_json: &str,
+        now_ms: i64,
+    ) -> Result<bool, LedgerError> {
+        let replaced = sqlx::query(
+            "UPDATE skus SET config_json = $3, updated_at_ms = $4 \
+             WHERE sku = $1 AND config_json = $2 RETURNING sku",
+        )
+        .bind(sku)
+        .bind(old_json)
+        .bind(new_json)
+        .bind(now_ms)
+        .fetch_optional(&self.write)
+        .await?;
+        Ok(replaced.is_some())
+    }
+
     async fn set_epoch(&self, sku: &str, epoch: &str) -> Result<(), LedgerError> {
         let updated = sqlx::query("UPDATE skus SET epoch = $2 WHERE sku = $1 RETURNING sku")
             .bind(sku)

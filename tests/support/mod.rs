@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod clock;
+pub mod dump;
 pub mod eventually;
 pub mod gateway;
 pub mod postgres_server;
