@@ -317,7 +317,8 @@ fn main() -> ExitCode {
             let r = done.report;
             println!(
                 "{} SKUs, {} keys: {} sealed anew under data key {} ({} of them stored in \
-                 clear before), {} digests keyed anew under index key {}, {} did not open",
+                 clear before), {} digests keyed anew under index key {}, {} blacklists \
+                 sealed anew, {} did not open",
                 r.skus,
                 r.keys,
                 r.resealed,
@@ -325,6 +326,7 @@ fn main() -> ExitCode {
                 r.migrated,
                 r.reindexed,
                 done.index_key,
+                r.blacklists,
                 r.failed
             );
             if r.stale_digests > 0 {
