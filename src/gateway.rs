@@ -673,15 +673,26 @@ struct SkuGauges {
     /// Events in flight, and the age of the oldest, in milliseconds.
     backlog: Option<(u64, u64)>,
     drift: Option<u64>,
+    /// Codes each stock pool holds, by channel, and the shared remainder under
+    /// [`m::SHARED_POOL`]; every channel this gateway serves is listed (0 when it has none).
+    pools: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 impl SkuGauges {
     async fn read(app: &App, sku: &str) -> SkuGauges {
-        let (engine, ledger, backlog) = tokio::join!(
+        let (engine, ledger, backlog, pools) = tokio::join!(
             app.inventory.counts(sku),
             app.ledger.counts(sku),
-            app.writer.backlog(sku)
+            app.writer.backlog(sku),
+            app.inventory.pools(sku)
         );
+        let pools = pools.ok().map(|levels| {
+            let mut all: std::collections::BTreeMap<String, u64> =
+                app.channels.names().into_iter().map(|c| (c, 0)).collect();
+            all.extend(levels.pools);
+            all.insert(m::SHARED_POOL.to_owned(), levels.shared);
+            all
+        });
         let drift = match (&engine, &ledger, &backlog) {
             (Ok(engine), Ok(ledger), Ok(backlog)) => {
                 Some(Drift::between(engine, ledger, backlog.in_flight(), backlog.keys).keys)
@@ -701,6 +712,7 @@ impl SkuGauges {
                 .ok()
                 .map(|b| (b.in_flight(), b.oldest_pending_age_ms)),
             drift,
+            pools,
         }
     }
 
@@ -725,6 +737,12 @@ impl SkuGauges {
         if let Some(d) = other.drift {
             *self.drift.get_or_insert(0) += d;
         }
+        if let Some(pools) = &other.pools {
+            let mine = self.pools.get_or_insert_with(Default::default);
+            for (pool, n) in pools {
+                *mine.entry(pool.clone()).or_default() += n;
+            }
+        }
     }
 
     fn publish(&self, sku: String) {
@@ -747,6 +765,10 @@ impl SkuGauges {
         }
         if let Some(drift) = self.drift {
             metrics::gauge!(m::DRIFT, "sku" => sku.clone()).set(drift as f64);
+        }
+        for (pool, n) in self.pools.iter().flatten() {
+            metrics::gauge!(m::POOL_CODES, "sku" => sku.clone(), "pool" => pool.clone())
+                .set(*n as f64);
         }
         // Registered at 0 so the dead-letter alert's `increase()` sees the first one.
         metrics::counter!(m::EVENTS_DEAD_LETTERED, "sku" => sku).increment(0);

@@ -127,6 +127,11 @@ pub const CHANNEL_BREAKER_STATE: &str = "kamigate_channel_breaker_state";
 pub const CHANNEL_BREAKER_CHANGES: &str = "kamigate_channel_breaker_changes_total";
 /// Counter: requests shed by an open breaker, by `channel`.
 pub const CHANNEL_SHED: &str = "kamigate_channel_shed_total";
+/// Gauge: codes each stock pool of a SKU holds, by `sku` and `pool` (a channel, or
+/// [`SHARED_POOL`] for the shared remainder).
+pub const POOL_CODES: &str = "kamigate_pool_codes";
+/// The `pool` label of a SKU's shared remainder (no channel name has parentheses).
+pub const SHARED_POOL: &str = "(shared)";
 
 /// What kind of series a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -360,6 +365,12 @@ pub const CATALOGUE: &[Metric] = &[
         Kind::Counter,
         &["channel"],
         "Requests answered 503 because their channel's breaker was open.",
+    ),
+    metric(
+        POOL_CODES,
+        Kind::Gauge,
+        &["sku", "pool"],
+        "Codes each stock pool of a SKU holds: a channel's reservation, or (shared) for the codes no pool reserves.",
     ),
 ];
 
