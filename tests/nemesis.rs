@@ -14,7 +14,12 @@
 //! - every answered claim, hold, confirm and redemption is in the ledger, and the engine
 //!   (rebuilt or not) still answers every answered order as it was answered;
 //! - no `ERR_SOLD_OUT` (the stock always exceeds the demand) and no `404` of any kind;
-//! - in-flight events and drift return to 0, and engine and ledger counts agree.
+//! - in-flight events and drift return to 0, and engine and ledger counts agree;
+//! - stock pools hold: the first SKU has a pool for the merchant's own (default) channel,
+//!   which the workload claims from first, and one for a rival channel that never claims.
+//!   Whatever the faults (Redis losing everything included), the rival's pool keeps exactly
+//!   its codes, in the engine and in the ledger, and the pools never promise more than is
+//!   available.
 //!
 //! Each run prints its seed; `NEMESIS_SEED=<seed>` replays its choices, and
 //! `NEMESIS_SECS=<n>` runs the workload longer than CI's default
@@ -509,6 +514,27 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
             .expect("answered");
         assert_eq!(import.status(), StatusCode::OK);
     }
+    // Stock pools on the first SKU: the default channel's, drawn from first, and a rival's
+    // that nobody claims from, which no fault may touch.
+    let (own_pool, rival_pool) = (stock as u64 / 3, stock as u64 / 10);
+    let put = client
+        .put(format!("{admin}/v1/channels/rival"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"own_pool_only": true}))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(put.status(), StatusCode::CREATED);
+    for (channel, count) in [("default", own_pool), ("rival", rival_pool)] {
+        let put = client
+            .put(format!("{admin}/v1/skus/{}/pools/{channel}", SKUS[0]))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({"count": count, "reason": "nemesis"}))
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(put.status(), StatusCode::OK, "{:?}", put.text().await);
+    }
     // Each order takes at most two codes of one of the SKUs.
     let orders = stock / WORKERS / 2;
 
@@ -619,6 +645,29 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
     assert!(
         claimed >= sold as u64,
         "the ledger sold fewer codes ({claimed}) than were answered ({sold})"
+    );
+    // The rival's pool kept exactly its codes; the merchant's own pool gave, never grew.
+    let pools: Value = client
+        .get(format!(
+            "{}/v1/skus/{}/pools",
+            world.gateways[0].admin, SKUS[0]
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("answered")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(pools["pools"]["rival"], rival_pool, "{pools}");
+    assert_eq!(pools["ledger"]["rival"], rival_pool, "{pools}");
+    let own = pools["pools"]["default"].as_u64().unwrap_or(0);
+    assert!(own <= own_pool, "{pools}");
+    let reserved = own + rival_pool;
+    let available = pools["available"].as_u64().unwrap_or(0);
+    assert!(
+        reserved <= available,
+        "pools promise more than is available: {pools}"
     );
 
     // 5. The engine still answers every answered order as it was answered.
