@@ -1,8 +1,9 @@
 -- orders.lua — rebuild order records from the ledger's order events (after engine data loss).
 -- KEYS: the SKU key set (prelude.lua)
--- ARGV: 1 the SKU generation this rebuild is for, then per event 11 values: kind (hold|claim|confirm|release|expire), order id, user id,
+-- ARGV: 1 the SKU generation this rebuild is for, then per event 13 values: kind (hold|claim|confirm|release|expire), order id, user id,
 --       ','-joined key ids, event id, at (ms), expires_at, hold ms, quantity, late ('1'|'0'),
---       the event's sequence number in the ledger
+--       the event's sequence number in the ledger, the pool it drew from, codes drawn from
+--       it (a lapse or release of a rebuilt hold gives them back to that pool)
 -- Reply: number of events applied | {'stale'} (the SKU is another generation: lost and
 --        recreated since this rebuild began; that rebuild restores its orders)
 -- Keys come back from the ledger in their own state (warm.lua); this restores what makes a
@@ -28,7 +29,8 @@ local function counted(state) return state == 'held' or state == 'claimed' end
 if (redis.call('HGET', K.meta, 'gen') or '') ~= ARGV[1] then return { 'stale' } end
 local loading = redis.call('HGET', K.meta, 'loading') == '1'
 -- Merges one ledger event into order `order_id`'s record.
-local function merge(order_id, o, kind, user, id_list, at, expires_at, hold_ms, qty, late)
+local function merge(order_id, o, kind, user, id_list, at, expires_at, hold_ms, qty, late,
+                     pool, pooled)
   local rank = RANK[kind]
   local was = o and o.state
   local was_rank = o and tonumber(o.rank) or 0
@@ -37,6 +39,10 @@ local function merge(order_id, o, kind, user, id_list, at, expires_at, hold_ms, 
       state = 'held', qty = qty > 0 and qty or #id_list, user = user, hold_ms = 0,
       expires_at = 0, late = false, created_at = at, updated_at = at, ids = id_list,
     }
+  end
+  -- Where its codes came from: the creation's draw, unless a late confirm drew afresh.
+  if (rank == 1 and (o.pool or '') == '') or (kind == 'confirm' and late) then
+    o.pool, o.pooled = pool, pooled
   end
   if rank == 1 then
     -- The creation: what only it knows.
@@ -71,7 +77,7 @@ end
 
 local applied = 0
 local done = tonumber(redis.call('HGET', K.meta, 'orders_seq') or '0')
-for i = 2, #ARGV, 11 do
+for i = 2, #ARGV, 13 do
   local seq, kind, order_id = tonumber(ARGV[i + 10]), ARGV[i], ARGV[i + 1]
   if seq > done and RANK[kind] then
     done = seq
@@ -79,7 +85,8 @@ for i = 2, #ARGV, 11 do
     -- An order changed live since (no rank) is newer than the ledger: keep it.
     if loading or not o or o.rank ~= '' then
       merge(order_id, o, kind, ARGV[i + 2], split(ARGV[i + 3], ','), tonumber(ARGV[i + 5]),
-        tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7]), tonumber(ARGV[i + 8]), ARGV[i + 9] == '1')
+        tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7]), tonumber(ARGV[i + 8]), ARGV[i + 9] == '1',
+        ARGV[i + 11], tonumber(ARGV[i + 12]))
       applied = applied + 1
     end
   end

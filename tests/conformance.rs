@@ -1315,9 +1315,13 @@ async fn a_late_order_rebuild_never_overwrites_a_live_order(h: Harness) {
         .expect("state")
         .expect("sku")
         .gen;
-    // kind, order, user, ids, event id, at, expires_at, hold ms, quantity, late, seq
+    // kind, order, user, ids, event id, at, expires_at, hold ms, quantity, late, seq, pool,
+    // pooled
     let event = |kind: &str, order: &str, ids: &str, seq: &str| {
-        [kind, order, "", ids, "", "1", "0", "0", "1", "0", seq].map(str::to_owned)
+        [
+            kind, order, "", ids, "", "1", "0", "0", "1", "0", seq, "", "0",
+        ]
+        .map(str::to_owned)
     };
     let mut args = vec![gen];
     args.extend(event("expire", "o-1", "1", "7"));

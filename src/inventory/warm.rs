@@ -223,7 +223,7 @@ pub async fn restore_orders(
             return Ok(applied);
         };
         cursor = *last;
-        let mut args = Vec::with_capacity(1 + events.len() * 11);
+        let mut args = Vec::with_capacity(1 + events.len() * 13);
         args.push(gen.to_owned());
         for (seq, e) in &events {
             let fields: serde_json::Map<String, serde_json::Value> =
@@ -261,6 +261,8 @@ pub async fn restore_orders(
                 number("qty"),
                 if field("late") == "1" { "1" } else { "0" }.to_owned(),
                 seq.to_string(),
+                field("pool"),
+                number("pooled"),
             ]);
         }
         let reply = inventory
