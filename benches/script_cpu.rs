@@ -157,7 +157,16 @@ async fn main() {
             } else {
                 &SCRIPTS.claim
             };
-            let args = vec![id, "1".into(), String::new(), "0".into(), now];
+            // The default channel, which may draw on the shared remainder (no pools here).
+            let args = vec![
+                id,
+                "1".into(),
+                String::new(),
+                "0".into(),
+                now,
+                "default".into(),
+                "1".into(),
+            ];
             let reply = engine
                 .eval(script, sku_keys(sku), args)
                 .await
@@ -200,7 +209,14 @@ async fn main() {
                 let mut args = vec![(1_800_000_000_000 + next_order.get()).to_string()];
                 for _ in 0..BATCH {
                     let order = next();
-                    args.extend([format!("o{order}"), "1".into(), String::new(), "0".into()]);
+                    args.extend([
+                        format!("o{order}"),
+                        "1".into(),
+                        String::new(),
+                        "0".into(),
+                        "default".into(),
+                        "1".into(),
+                    ]);
                 }
                 engine
                     .eval(script, sku_keys(sku), args)

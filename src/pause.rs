@@ -29,11 +29,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
-use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::error::{timestamp, Error};
+use crate::ledger::view::ViewReads;
 use crate::ledger::{Ledger, NewPause, PauseEventRecord, PauseRecord};
 use crate::metrics as m;
 use crate::sku::{check_id, check_reason, check_sku, MAX_ID_LEN, MAX_REASON_LEN};
@@ -42,8 +42,6 @@ use crate::sku::{check_id, check_reason, check_sku, MAX_ID_LEN, MAX_REASON_LEN};
 pub const MAX_EXPECTED_DURATION_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Most history entries one listing returns.
 pub const MAX_HISTORY: u32 = 1000;
-/// How long a refresh waits for the ledger before it counts as unreadable.
-const READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What can be paused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -403,8 +401,8 @@ pub struct Pauses {
     /// Bumped by every change made through this gateway, under the view's write lock: a
     /// refresh that read the ledger before the change must not put the old state back.
     generation: AtomicU64,
-    /// Whether the last refresh could not read the ledger.
-    stale: AtomicBool,
+    /// Reads of the ledger, and whether the last one failed.
+    reads: ViewReads,
     /// The longest `Retry-After` a paused request is told.
     retry_after_ms: u64,
 }
@@ -417,7 +415,7 @@ impl Pauses {
             view: RwLock::new(View::default()),
             any: AtomicBool::new(false),
             generation: AtomicU64::new(0),
-            stale: AtomicBool::new(false),
+            reads: ViewReads::new("pauses"),
             retry_after_ms: retry_after_secs.saturating_mul(1000).max(1000),
         };
         pauses.publish(&View::default());
@@ -473,7 +471,7 @@ impl Pauses {
 
     /// Whether the last refresh failed: the view may be behind the ledger.
     pub fn stale(&self) -> bool {
-        self.stale.load(Ordering::Relaxed)
+        self.reads.stale()
     }
 
     /// Puts a pause made through this gateway in force here at once.
@@ -499,28 +497,11 @@ impl Pauses {
     /// logged (and the next success). Returns whether the ledger was read.
     pub async fn refresh(&self, ledger: &dyn Ledger) -> bool {
         let generation = self.generation.load(Ordering::SeqCst);
-        let read = match tokio::time::timeout(READ_TIMEOUT, ledger.pauses()).await {
-            Ok(read) => read.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer within {} ms", READ_TIMEOUT.as_millis())),
+        let Some(records) = self.reads.read(ledger.pauses()).await else {
+            metrics::gauge!(m::PAUSES_STALE).set(1.0);
+            self.publish(&self.view.read().unwrap_or_else(PoisonError::into_inner));
+            return false;
         };
-        let records = match read {
-            Ok(records) => records,
-            Err(error) => {
-                if !self.stale.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        %error,
-                        "reading pauses from the ledger failed: the pauses last read stay in \
-                         force until it answers again"
-                    );
-                }
-                metrics::gauge!(m::PAUSES_STALE).set(1.0);
-                self.publish(&self.view.read().unwrap_or_else(PoisonError::into_inner));
-                return false;
-            }
-        };
-        if self.stale.swap(false, Ordering::Relaxed) {
-            tracing::info!("pauses read from the ledger again");
-        }
         metrics::gauge!(m::PAUSES_STALE).set(0.0);
         let fresh = View::of(records.iter().filter_map(Pause::from_record));
         let mut view = self.view.write().unwrap_or_else(PoisonError::into_inner);

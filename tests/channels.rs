@@ -34,6 +34,16 @@ async fn send(req: reqwest::RequestBuilder) -> (StatusCode, Value, Option<String
     )
 }
 
+/// An admin `GET`: status, body, and the `Retry-After` header.
+async fn admin_get(gw: &TestGateway, path: &str) -> (StatusCode, Value, Option<String>) {
+    send(
+        gw.client
+            .get(format!("{}{path}", gw.admin))
+            .bearer_auth(ADMIN_TOKEN),
+    )
+    .await
+}
+
 async fn put_channel(gw: &TestGateway, name: &str, settings: Value) -> (StatusCode, Value) {
     let (status, body, _) = send(
         gw.client
@@ -144,12 +154,7 @@ async fn the_same_order_id_from_two_channels_is_two_orders() {
         Duration::from_secs(10),
         "the ledger has the channel's claim",
         || async {
-            let (status, body, _) = send(
-                gw.client
-                    .get(format!("{}/v1/keys/{key_id}/events", gw.admin))
-                    .bearer_auth(ADMIN_TOKEN),
-            )
-            .await;
+            let (status, body, _) = admin_get(&gw, &format!("/v1/keys/{key_id}/events")).await;
             (status, body)
         },
         |(_, body)| body["events"].as_array().is_some_and(|e| !e.is_empty()),
@@ -209,12 +214,7 @@ async fn tokens_rotate_without_downtime_and_revoked_ones_stop_at_once() {
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // The listing shows ids and labels, never a token; the history names who did what.
-    let (_, listed, _) = send(
-        gw.client
-            .get(format!("{}/v1/channels/shop-b", gw.admin))
-            .bearer_auth(ADMIN_TOKEN),
-    )
-    .await;
+    let (_, listed, _) = admin_get(&gw, "/v1/channels/shop-b").await;
     assert_eq!(
         listed["tokens"].as_array().map(Vec::len),
         Some(2),
@@ -222,12 +222,7 @@ async fn tokens_rotate_without_downtime_and_revoked_ones_stop_at_once() {
     );
     let text = listed.to_string();
     assert!(!text.contains(&old) && !text.contains(&new), "{text}");
-    let (_, history, _) = send(
-        gw.client
-            .get(format!("{}/v1/channels/shop-b/events", gw.admin))
-            .bearer_auth(ADMIN_TOKEN),
-    )
-    .await;
+    let (_, history, _) = admin_get(&gw, "/v1/channels/shop-b/events").await;
     let kinds: Vec<&str> = history["events"]
         .as_array()
         .expect("events")
@@ -306,12 +301,7 @@ async fn channel_settings_and_names_are_checked() {
     }
     let (status, body) = gw.admin_post("/v1/channels/nobody/tokens", json!({})).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-    let (status, listed, _) = send(
-        gw.client
-            .get(format!("{}/v1/channels", gw.admin))
-            .bearer_auth(ADMIN_TOKEN),
-    )
-    .await;
+    let (status, listed, _) = admin_get(&gw, "/v1/channels").await;
     assert_eq!((status, listed), (StatusCode::OK, json!({"channels": []})));
     // A channel token is no admin token, and the merchant token makes no channel.
     put_channel(&gw, "shop", json!({})).await;
@@ -537,12 +527,7 @@ async fn put_pool(gw: &TestGateway, sku: &str, channel: &str, body: Value) -> (S
 }
 
 async fn pools(gw: &TestGateway, sku: &str) -> Value {
-    let (status, body, _) = send(
-        gw.client
-            .get(format!("{}/v1/skus/{sku}/pools", gw.admin))
-            .bearer_auth(ADMIN_TOKEN),
-    )
-    .await;
+    let (status, body, _) = admin_get(gw, &format!("/v1/skus/{sku}/pools")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     body
 }
@@ -631,12 +616,7 @@ async fn two_channels_a_pool_each_and_a_shared_remainder_survive_an_engine_loss(
         Duration::from_secs(30),
         "the SKU is rebuilt with its pools",
         || async {
-            let (status, body, _) = send(
-                gw.client
-                    .get(format!("{}/v1/skus/s/pools", gw.admin))
-                    .bearer_auth(ADMIN_TOKEN),
-            )
-            .await;
+            let (status, body, _) = admin_get(&gw, "/v1/skus/s/pools").await;
             (status, body)
         },
         |(status, body)| *status == StatusCode::OK && body["available"] == 3,

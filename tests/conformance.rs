@@ -775,6 +775,50 @@ fn pool_claim(order: &str, channel: &str, share: bool, hold_ms: Option<u64>) -> 
     }
 }
 
+/// `rounds` orders of one code for each of channels `a` and `b` of `sku`, all at once:
+/// spawned and handed back, each with its channel.
+fn race_a_and_b(
+    inv: &Arc<Inventory>,
+    sku: &'static str,
+    rounds: usize,
+    share: bool,
+) -> Vec<tokio::task::JoinHandle<(&'static str, Result<Order, Error>)>> {
+    let mut tasks = Vec::new();
+    for i in 0..rounds {
+        for channel in ["a", "b"] {
+            let inv = inv.clone();
+            tasks.push(tokio::spawn(async move {
+                let req = pool_claim(&format!("o-{i}"), channel, share, None);
+                (channel, inv.claim(sku, &req).await)
+            }));
+        }
+    }
+    tasks
+}
+
+/// The codes of a race's answers, and how many orders each channel sold; sold out is the
+/// only refusal allowed.
+async fn race_results(
+    tasks: Vec<tokio::task::JoinHandle<(&'static str, Result<Order, Error>)>>,
+) -> (Vec<String>, i64, i64) {
+    let (mut codes, mut sold_a, mut sold_b) = (Vec::new(), 0, 0);
+    for t in tasks {
+        match t.await.expect("task ran") {
+            (channel, Ok(order)) => {
+                codes.extend(codes_of(&order));
+                if channel == "a" {
+                    sold_a += 1
+                } else {
+                    sold_b += 1
+                }
+            }
+            (_, Err(Error::SoldOut)) => {}
+            (_, Err(e)) => panic!("unexpected error: {e}"),
+        }
+    }
+    (codes, sold_a, sold_b)
+}
+
 fn level(levels: &PoolLevels, channel: &str) -> u64 {
     levels.pools.get(channel).copied().unwrap_or(0)
 }
@@ -808,31 +852,7 @@ async fn two_channels_race_for_their_pools_and_the_shared_remainder(h: Harness) 
         (300, 200, 100)
     );
     let inv = Arc::new(h.inv.clone());
-    let mut tasks = Vec::new();
-    for i in 0..700 {
-        for channel in ["a", "b"] {
-            let inv = inv.clone();
-            tasks.push(tokio::spawn(async move {
-                let req = pool_claim(&format!("o-{i}"), channel, true, None);
-                (channel, inv.claim("race", &req).await)
-            }));
-        }
-    }
-    let (mut sold_a, mut sold_b, mut codes) = (0u64, 0u64, Vec::new());
-    for t in tasks {
-        match t.await.expect("task ran") {
-            (channel, Ok(order)) => {
-                codes.extend(codes_of(&order));
-                if channel == "a" {
-                    sold_a += 1
-                } else {
-                    sold_b += 1
-                }
-            }
-            (_, Err(Error::SoldOut)) => {}
-            (_, Err(e)) => panic!("unexpected error: {e}"),
-        }
-    }
+    let (codes, sold_a, sold_b) = race_results(race_a_and_b(&inv, "race", 700, true)).await;
     let distinct: HashSet<_> = codes.iter().collect();
     assert_eq!(
         (codes.len(), distinct.len()),
@@ -980,16 +1000,7 @@ async fn moving_codes_between_pools_during_claims_never_oversells(h: Harness) {
         .await
         .expect("pool b");
     let inv = Arc::new(h.inv.clone());
-    let mut tasks = Vec::new();
-    for i in 0..300 {
-        for channel in ["a", "b"] {
-            let inv = inv.clone();
-            tasks.push(tokio::spawn(async move {
-                let req = pool_claim(&format!("o-{i}"), channel, false, None);
-                (channel, inv.claim("moves", &req).await)
-            }));
-        }
-    }
+    let tasks = race_a_and_b(&inv, "moves", 300, false);
     let mover = {
         let inv = inv.clone();
         tokio::spawn(async move {
@@ -1022,21 +1033,7 @@ async fn moving_codes_between_pools_during_claims_never_oversells(h: Harness) {
             (into_a, into_b)
         })
     };
-    let (mut sold_a, mut sold_b, mut codes) = (0i64, 0i64, Vec::new());
-    for t in tasks {
-        match t.await.expect("task ran") {
-            (channel, Ok(order)) => {
-                codes.extend(codes_of(&order));
-                if channel == "a" {
-                    sold_a += 1
-                } else {
-                    sold_b += 1
-                }
-            }
-            (_, Err(Error::SoldOut)) => {}
-            (_, Err(e)) => panic!("unexpected error: {e}"),
-        }
-    }
+    let (codes, sold_a, sold_b) = race_results(tasks).await;
     let (into_a, into_b) = mover.await.expect("mover ran");
     let distinct: HashSet<_> = codes.iter().collect();
     assert_eq!(distinct.len(), codes.len(), "no code twice");

@@ -4,7 +4,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -14,12 +13,10 @@ use super::breaker::{
 };
 use super::{scoped, ChannelConfig, DEFAULT};
 use crate::error::Error;
+use crate::ledger::view::ViewReads;
 use crate::ledger::{ChannelRecord, Ledger};
 use crate::limit::{BucketRule, GlobalBucket};
 use crate::metrics as m;
-
-/// How long a refresh waits for the ledger before it counts as unreadable.
-const READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// SHA-256 of a bearer token: how the ledger and the view know it.
 pub fn token_digest(token: &[u8]) -> [u8; 32] {
@@ -185,7 +182,7 @@ pub struct Channels {
     /// Whether the ledger was read at least once: until then a token the view does not
     /// know may be a channel's, and is told to retry rather than that it is wrong.
     loaded: AtomicBool,
-    stale: AtomicBool,
+    reads: ViewReads,
 }
 
 impl Channels {
@@ -198,7 +195,7 @@ impl Channels {
             next_ticket: AtomicU64::new(1),
             stored_ticket: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
-            stale: AtomicBool::new(false),
+            reads: ViewReads::new("channels"),
         };
         let view = channels.build(&[], &View::default());
         *channels
@@ -254,7 +251,7 @@ impl Channels {
 
     /// Whether the last refresh could not read the ledger.
     pub fn stale(&self) -> bool {
-        self.stale.load(Ordering::Relaxed)
+        self.reads.stale()
     }
 
     /// Reads the channels from the ledger and serves them. When the ledger cannot be read
@@ -262,26 +259,9 @@ impl Channels {
     /// turn a hiccup into an outage), said once in the log. Returns whether it was read.
     pub async fn refresh(&self, ledger: &dyn Ledger) -> bool {
         let ticket = self.next_ticket.fetch_add(1, Ordering::SeqCst);
-        let read = match tokio::time::timeout(READ_TIMEOUT, ledger.channels()).await {
-            Ok(read) => read.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer within {} ms", READ_TIMEOUT.as_millis())),
+        let Some(records) = self.reads.read(ledger.channels()).await else {
+            return false;
         };
-        let records = match read {
-            Ok(records) => records,
-            Err(error) => {
-                if !self.stale.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        %error,
-                        "reading channels from the ledger failed: the channels last read stay \
-                         in force until it answers again"
-                    );
-                }
-                return false;
-            }
-        };
-        if self.stale.swap(false, Ordering::Relaxed) {
-            tracing::info!("channels read from the ledger again");
-        }
         let mut slot = self.view.write().unwrap_or_else(PoisonError::into_inner);
         if ticket > self.stored_ticket.load(Ordering::SeqCst) {
             let view = self.build(&records, &slot);

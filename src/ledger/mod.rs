@@ -44,6 +44,7 @@
 pub mod journal;
 pub mod rules;
 pub mod stream;
+pub mod view;
 pub mod writer;
 
 mod postgres;
