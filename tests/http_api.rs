@@ -182,8 +182,9 @@ async fn every_route_refuses_callers_without_the_token_its_table_entry_declares(
             }
         }
     }
-    // 6 merchant routes; 23 admin routes, a SKU's and a channel's with both GET and PUT.
-    assert_eq!(refused, 3 * (6 + 25), "every guarded route was tried");
+    // 8 merchant routes (a channel's statement and reconcile among them); 25 admin routes,
+    // a SKU's and a channel's with both GET and PUT.
+    assert_eq!(refused, 3 * (8 + 27), "every guarded route was tried");
     let (status, view) = gw.merchant_get("/v1/skus/s").await;
     assert_eq!(status, StatusCode::OK, "{view}");
     assert_eq!(

@@ -27,7 +27,8 @@ use kamigate::ledger::writer::{Backlog, EventWriter, WriterError, WriterOptions}
 use kamigate::ledger::{
     BatchCounts, BatchRecord, BatchStart, ChannelEventRecord, ChannelRecord, ChannelTokenRecord,
     EventRecord, InsertOutcome, KeyRecord, Ledger, LedgerError, LedgerEvent, NewKey, NewPause,
-    PauseEventRecord, PauseRecord, Recode, Seal, SkuRecord, StateCounts, StoredCode,
+    OrderCursor, OrderRecord, PauseEventRecord, PauseRecord, Recode, Seal, SkuRecord, StateCounts,
+    StoredCode,
 };
 use kamigate::sku::SkuConfig;
 use pg_support::TestDatabase;
@@ -1290,6 +1291,21 @@ impl Ledger for Flaky {
         limit: u32,
     ) -> Result<Vec<ChannelEventRecord>, LedgerError> {
         self.inner.channel_history(channel, limit).await
+    }
+    async fn channel_orders(
+        &self,
+        channel: &str,
+        from_ms: i64,
+        to_ms: i64,
+        after: Option<OrderCursor>,
+        limit: u32,
+    ) -> Result<Vec<OrderRecord>, LedgerError> {
+        self.inner
+            .channel_orders(channel, from_ms, to_ms, after, limit)
+            .await
+    }
+    async fn find_orders(&self, order_keys: &[String]) -> Result<Vec<OrderRecord>, LedgerError> {
+        self.inner.find_orders(order_keys).await
     }
     async fn ping(&self) -> Result<(), LedgerError> {
         self.inner.ping().await

@@ -7,11 +7,14 @@
 //! a proxy or firewall in front may have judged the first.
 
 use bytes::Bytes;
+use futures_util::{Stream, TryStreamExt};
 use http::header::{
     ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use http::{HeaderValue, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::error::Category;
@@ -20,11 +23,39 @@ use serde_json::{Map, Number, Value};
 use crate::error::Error;
 
 /// What handlers answer with.
-pub type Reply = Response<Full<Bytes>>;
+pub type Reply = Response<ReplyBody>;
+
+/// A response body: whole, or streamed ([`stream`]). A streamed body that fails part way
+/// ends the connection, so the client sees a cut answer rather than one that looks whole.
+pub type ReplyBody = UnsyncBoxBody<Bytes, BodyError>;
+
+/// Why a streamed body stopped part way.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+fn whole(bytes: Bytes) -> ReplyBody {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A response whose body is written as `chunks` come (chunked transfer encoding), for
+/// answers too large to build in memory.
+pub fn stream(
+    status: StatusCode,
+    content_type: &'static str,
+    chunks: impl Stream<Item = Result<Bytes, BodyError>> + Send + 'static,
+) -> Reply {
+    let mut response = Response::new(StreamBody::new(chunks.map_ok(Frame::data)).boxed_unsync());
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
 
 /// A JSON response.
 pub fn json(status: StatusCode, body: &Value) -> Reply {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    let mut response = Response::new(whole(Bytes::from(body.to_string())));
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -34,7 +65,7 @@ pub fn json(status: StatusCode, body: &Value) -> Reply {
 
 /// A plain-text response (for `/metrics`).
 pub fn text(body: String, content_type: &'static str) -> Reply {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(whole(Bytes::from(body)));
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));

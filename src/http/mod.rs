@@ -12,7 +12,7 @@
 //! `Allow` header. Each route also declares who may call it ([`Auth`]), and the router
 //! checks that once, before the handler runs, so no handler checks a token itself.
 //! Handlers live one file per group: [`public`], [`merchant`], [`admin`], [`pauses`],
-//! [`channels`].
+//! [`channels`], [`statements`].
 //! Connection caps, the header read timeout and head limits are in [`conn`].
 
 pub mod admin;
@@ -25,6 +25,7 @@ pub mod pauses;
 pub mod pools;
 pub mod public;
 pub mod starting;
+pub mod statements;
 pub mod target;
 
 use std::convert::Infallible;
@@ -458,6 +459,8 @@ pub enum RouteId {
     Pools,
     Pool,
     PoolMove,
+    ChannelStatement,
+    ChannelReconcile,
     Healthz,
     Readyz,
     Metrics,
@@ -563,6 +566,19 @@ const PUBLIC_ROUTES: &[Route] = &[
         POST,
         Auth::Merchant,
     ),
+    // A channel's own books: its token reads its own statement only.
+    route(
+        "/v1/channels/{channel}/statement",
+        RouteId::ChannelStatement,
+        GET,
+        Auth::Merchant,
+    ),
+    route(
+        "/v1/channels/{channel}/reconcile",
+        RouteId::ChannelReconcile,
+        POST,
+        Auth::Merchant,
+    ),
 ];
 
 /// The admin listener's routes.
@@ -656,6 +672,18 @@ const ADMIN_ROUTES: &[Route] = &[
         "/v1/skus/{sku}/pools/{channel}",
         RouteId::Pool,
         PUT,
+        Auth::Admin,
+    ),
+    route(
+        "/v1/channels/{channel}/statement",
+        RouteId::ChannelStatement,
+        GET,
+        Auth::Admin,
+    ),
+    route(
+        "/v1/channels/{channel}/reconcile",
+        RouteId::ChannelReconcile,
+        POST,
         Auth::Admin,
     ),
 ];
@@ -767,6 +795,12 @@ async fn dispatch(
         (Listener::Admin, Pools, Method::GET) => pools::levels(app, params).await,
         (Listener::Admin, Pool, Method::PUT) => pools::set(app, params, req).await,
         (Listener::Admin, PoolMove, Method::POST) => pools::move_codes(app, params, req).await,
+        (Listener::Admin, ChannelStatement, Method::GET) => {
+            statements::statement(app, params.get("channel"), req).await
+        }
+        (Listener::Admin, ChannelReconcile, Method::POST) => {
+            statements::reconcile(app, params.get("channel"), req).await
+        }
         // `handle` answers methods the route table does not declare; reaching this means the
         // table declares a method no arm serves.
         (_, route, method) => Err(Error::Internal(format!(
@@ -787,6 +821,13 @@ async fn merchant_route(
     if let Some(sku) = params.try_get("sku") {
         channel.may_sell(sku)?;
     }
+    // A channel reads its own books only; another channel's name is answered as unknown,
+    // so a token cannot even learn which other channels exist.
+    if let Some(name) = params.try_get("channel") {
+        if name != channel.name {
+            return Err(Error::NotFound(format!("channel {name}")));
+        }
+    }
     match (route, req.method().clone()) {
         (Sku, Method::GET) => merchant::sku_view(app, params.get("sku")).await,
         (Claims, Method::POST) => merchant::claim(app, channel, params, req).await,
@@ -794,6 +835,8 @@ async fn merchant_route(
         (Claim, Method::GET) => merchant::order(app, channel, params).await,
         (ClaimConfirm, Method::POST) => merchant::confirm(app, channel, params).await,
         (ClaimRelease, Method::POST) => merchant::release(app, channel, params).await,
+        (ChannelStatement, Method::GET) => statements::statement(app, &channel.name, req).await,
+        (ChannelReconcile, Method::POST) => statements::reconcile(app, &channel.name, req).await,
         (route, method) => Err(Error::Internal(format!(
             "the route table lets {method} through to {route:?}, which has no merchant handler"
         ))),

@@ -46,6 +46,7 @@ mod values;
 
 use decode::Decoder;
 use split::{Split, Splitter};
+pub use values::parse_rfc3339;
 
 /// Longest row accepted, in bytes, not counting its line ending. A code is at most 256
 /// characters; the rest leaves room for CSV and JSON columns and padding.

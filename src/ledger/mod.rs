@@ -336,6 +336,22 @@ pub trait Ledger: Send + Sync + 'static {
         channel: &str,
         limit: u32,
     ) -> Result<Vec<ChannelEventRecord>, LedgerError>;
+
+    /// Up to `limit` orders of `channel` created (held or claimed) at `from_ms` or later and
+    /// before `to_ms`, by creation time, after `after` (the [`OrderRecord::cursor`] of the
+    /// previous page's last order): a statement pages through a channel with it.
+    async fn channel_orders(
+        &self,
+        channel: &str,
+        from_ms: i64,
+        to_ms: i64,
+        after: Option<OrderCursor>,
+        limit: u32,
+    ) -> Result<Vec<OrderRecord>, LedgerError>;
+
+    /// The orders the ledger knows by these names (as [`crate::channel::scoped`] makes
+    /// them), of every SKU; names it does not know are left out.
+    async fn find_orders(&self, order_keys: &[String]) -> Result<Vec<OrderRecord>, LedgerError>;
 }
 
 /// Opens the ledger, creating and migrating its database as needed.
@@ -675,6 +691,35 @@ pub struct ChannelEventRecord {
     pub detail_json: String,
     pub actor: String,
     pub at_ms: i64,
+}
+
+/// An order as its events in the ledger tell it ([`Ledger::channel_orders`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderRecord {
+    pub sku: String,
+    /// The ledger's name of the order ([`crate::channel::scoped`]).
+    pub order_key: String,
+    /// The kind of its latest order event: `hold`, `claim`, `confirm`, `release` or
+    /// `expire`.
+    pub last_kind: String,
+    /// The keys that latest event names (a late confirm names fresh ones), by local id.
+    pub key_local_ids: Vec<i64>,
+    /// How many of those keys were redeemed at least once. A reusable code counts as soon
+    /// as anyone redeemed it: a redemption names the code, not the order.
+    pub redeemed_keys: u64,
+    /// When it was held or claimed (its first order event).
+    pub created_at_ms: i64,
+    /// When its latest order event happened.
+    pub updated_at_ms: i64,
+    /// Where a page ending with this order ends.
+    pub cursor: OrderCursor,
+}
+
+/// A position in a channel's orders by creation: the creation event's time and sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrderCursor {
+    pub at_ms: i64,
+    pub seq: i64,
 }
 
 /// Keys of a SKU's active batches by state; the same shape as the engine's counts.

@@ -36,8 +36,8 @@
 //!
 //! Here: the [`Ledger`] implementation's SKUs and reads; `batches`: imports; `events`:
 //! applying engine events; `pauses`: incident pauses; `channels`: selling channels and their
-//! tokens; `statements`: multi-row statement
-//! shapes.
+//! tokens; `orders`: a channel's orders read back from their events; `statements`:
+//! multi-row statement shapes.
 
 use sqlx::database::HasStatementCache;
 use sqlx::{
@@ -47,6 +47,7 @@ use sqlx::{
 mod batches;
 mod channels;
 mod events;
+mod orders;
 mod pauses;
 mod statements;
 
@@ -56,7 +57,8 @@ use super::rules::KeyState;
 use super::{
     BatchCounts, BatchRecord, BatchStart, ChannelEventRecord, ChannelRecord, ChannelTokenRecord,
     EventRecord, InsertOutcome, KeyRecord, Ledger, LedgerError, LedgerEvent, NewKey, NewPause,
-    PauseEventRecord, PauseRecord, Recode, Seal, SkuRecord, StateCounts, StoredCode,
+    OrderCursor, OrderRecord, PauseEventRecord, PauseRecord, Recode, Seal, SkuRecord, StateCounts,
+    StoredCode,
 };
 use crate::sku::{key_id, parse_key_id};
 
@@ -699,6 +701,22 @@ where
         limit: u32,
     ) -> Result<Vec<ChannelEventRecord>, LedgerError> {
         self.channel_events(channel, limit).await
+    }
+
+    async fn channel_orders(
+        &self,
+        channel: &str,
+        from_ms: i64,
+        to_ms: i64,
+        after: Option<OrderCursor>,
+        limit: u32,
+    ) -> Result<Vec<OrderRecord>, LedgerError> {
+        self.orders_of_channel(channel, from_ms, to_ms, after, limit)
+            .await
+    }
+
+    async fn find_orders(&self, order_keys: &[String]) -> Result<Vec<OrderRecord>, LedgerError> {
+        self.orders_by_name(order_keys).await
     }
 }
 

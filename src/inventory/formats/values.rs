@@ -69,7 +69,7 @@ pub(super) fn parse_max_uses(text: &str) -> Result<Option<u64>, Invalid> {
 /// jiff parses it; [`rfc3339_profile`] first holds the text to that profile, because jiff
 /// reads a wider grammar (`2030-01-31T23:59Z`, `+08`, `20300131T235959Z`, annotations, …)
 /// that the importer never took.
-fn parse_rfc3339(text: &str) -> Option<u64> {
+pub fn parse_rfc3339(text: &str) -> Option<u64> {
     let text = rfc3339_profile(text)?;
     let pieces = Pieces::parse(text.as_ref()).ok()?;
     let date = pieces.date();
