@@ -17,7 +17,7 @@
 //!
 //! The same `order_id` from two channels is two orders. Identifiers sent by clients never
 //! contain `/` ([`crate::sku::check_id`]), so the engine and the ledger know a channel's
-//! order as `<channel>/<order_id>` ([`Channel::order_key`]), and its users as
+//! order as `<channel>/<order_id>` ([`Channel::scoped`]), and its users as
 //! `<channel>/<user_id>` (per-user limits count per channel: two resellers' `u-1` are two
 //! people). The default channel's orders keep their bare ids, as before channels existed.
 //! Answers always show the id the client sent ([`order_name`]).
