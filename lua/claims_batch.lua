@@ -4,7 +4,8 @@
 --       hold ms ('0' = final claim), channel (its pool), '1' if it may draw from the shared
 --       remainder
 -- Reply: one claim.lua reply per order, in order (each order idempotent on its own, exactly
---        as if claimed alone) | {'no_sku'} | {'loading'}
+--        as if claimed alone; {'moved'} too, then the gateway claims that order alone)
+--      | {'no_sku'} | {'loading'}
 -- One call for many orders: the engine round trip, script start and hold sweep are paid
 -- once, not per order.
 

@@ -4,7 +4,7 @@
 --       once the order's channel pool is empty
 -- Reply: {'new'|'replay', state, expires_at, late, event id, event, id, code, ...}
 --        (see order_reply)
---      | {'not_found'} | {'hold_expired'} | {'sold_out', issuable}
+--      | {'not_found'} | {'moved'} (see claim.lua) | {'hold_expired'} | {'sold_out', issuable}
 --      | {'user_limit', current, limit} | {'no_sku'} | {'loading'}
 -- After the hold lapsed, fresh codes are claimed if any remain (late = 1), unless the SKU
 -- disallows late confirms (hold_expired). A released order cannot be confirmed.
@@ -15,7 +15,7 @@ local refused = unservable()
 if refused then return refused end
 expire_due(now, 100)
 local o = current_order(order_id, now)
-if not o then return { 'not_found' } end
+if not o then return unknown_order(order_id) end
 
 if o.state == 'claimed' then return order_reply('replay', o) end
 if o.state == 'released' then return { 'hold_expired' } end

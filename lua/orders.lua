@@ -1,11 +1,16 @@
--- orders.lua — rebuild order records from the ledger's order events (after engine data loss).
+-- orders.lua — rebuild order records from the ledger's order events (after engine data loss),
+-- or restore one retired order (retire.lua).
 -- KEYS: the SKU key set (prelude.lua)
--- ARGV: 1 the SKU generation this rebuild is for, then per event 13 values: kind (hold|claim|confirm|release|expire), order id, user id,
+-- ARGV: 1 the SKU generation this rebuild is for ('' with a restore: whichever serves),
+--       2 '' for a rebuild, or now (ms) to restore retired orders,
+--       then per event 13 values: kind (hold|claim|confirm|release|expire), order id, user id,
 --       ','-joined key ids, event id, at (ms), expires_at, hold ms, quantity, late ('1'|'0'),
 --       the event's sequence number in the ledger, the pool it drew from, codes drawn from
 --       it (a lapse or release of a rebuilt hold gives them back to that pool)
 -- Reply: number of events applied | {'stale'} (the SKU is another generation: lost and
 --        recreated since this rebuild began; that rebuild restores its orders)
+--      | {'loading'} (a restore while the SKU is rebuilt: the rebuild brings the order back)
+--      | {'no_sku'}
 -- Keys come back from the ledger in their own state (warm.lua); this restores what makes a
 -- retried order_id recognisable — its record, its hold in the expiry set, and per-user
 -- counts — so a retry after the loss replays instead of claiming again. No events: the
@@ -21,13 +26,27 @@
 -- serves clients, an order changed live (a record without a rank) is newer than anything the
 -- ledger can tell and is left alone; only orders the engine lacks, or still holds as rebuilt,
 -- are written.
+--
+-- A restore is given every event of the orders it restores (retired orders are final and
+-- the ledger had all their events when they retired), and takes them whatever `orders_seq`
+-- says. It leaves the users' counts alone: a retired order's codes never stopped counting
+-- toward its user. Each order restored is listed as settled as of now, so it stays for a
+-- retention period again before it retires once more.
 
 local RANK = { hold = 1, claim = 1, release = 2, expire = 2, confirm = 3 }
 -- Whether an order in this state holds or owns its codes (counts toward its user).
 local function counted(state) return state == 'held' or state == 'claimed' end
 
-if (redis.call('HGET', K.meta, 'gen') or '') ~= ARGV[1] then return { 'stale' } end
-local loading = redis.call('HGET', K.meta, 'loading') == '1'
+local restore_at = tonumber(ARGV[2])
+if restore_at then
+  local refused = unservable()
+  if refused then return refused end
+elseif (redis.call('HGET', K.meta, 'gen') or '') ~= ARGV[1] then
+  return { 'stale' }
+end
+local loading = not restore_at and redis.call('HGET', K.meta, 'loading') == '1'
+-- Orders a restore wrote, to list as settled once all their events are merged.
+local restored = {}
 -- Merges one ledger event into order `order_id`'s record.
 local function merge(order_id, o, kind, user, id_list, at, expires_at, hold_ms, qty, late,
                      pool, pooled)
@@ -69,18 +88,25 @@ local function merge(order_id, o, kind, user, id_list, at, expires_at, hold_ms, 
   else
     redis.call('ZREM', K.holds, order_id)
   end
-  local delta = (counted(o.state) and o.qty or 0) - ((was and counted(was)) and o.qty or 0)
-  if delta ~= 0 then add_user_codes(o.user, delta) end
+  if not restore_at then
+    local delta = (counted(o.state) and o.qty or 0) - ((was and counted(was)) and o.qty or 0)
+    if delta ~= 0 then add_user_codes(o.user, delta) end
+  end
   o.eid = ''
-  save_order(order_id, o, o.rank)
+  if restore_at then
+    save_order(order_id, o, o.rank, false)
+    restored[order_id] = o
+  else
+    save_order(order_id, o, o.rank)
+  end
 end
 
 local applied = 0
 local done = tonumber(redis.call('HGET', K.meta, 'orders_seq') or '0')
-for i = 2, #ARGV, 13 do
+for i = 3, #ARGV, 13 do
   local seq, kind, order_id = tonumber(ARGV[i + 10]), ARGV[i], ARGV[i + 1]
-  if seq > done and RANK[kind] then
-    done = seq
+  if (restore_at or seq > done) and RANK[kind] then
+    if not restore_at then done = seq end
     local o = decode_order(redis.call('HGET', K.orders, order_id))
     -- An order changed live since (no rank) is newer than the ledger: keep it.
     if loading or not o or o.rank ~= '' then
@@ -91,5 +117,13 @@ for i = 2, #ARGV, 13 do
     end
   end
 end
-redis.call('HSET', K.meta, 'orders_seq', done)
+if restore_at then
+  for order_id, o in pairs(restored) do
+    if o.state ~= 'held' then
+      redis.call('RPUSH', K.settled, int(restore_at) .. '|' .. order_id)
+    end
+  end
+else
+  redis.call('HSET', K.meta, 'orders_seq', done)
+end
 return applied

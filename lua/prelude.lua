@@ -25,6 +25,15 @@
 --  11 events       STREAM every state change, for the ledger
 --  12 pools        HASH  channel -> codes of `avail` reserved for that channel's claims,
 --                        '*' -> their sum (see "Stock pools" below)
+--  13 settled      LIST  what may retire once old enough (retire.lua), in the order it
+--                        settled: "<settled at ms>|<order id>" for an order that became final
+--                        (claimed, released or expired; see save_order) and
+--                        "<redeemed at ms>|<key id>|<redeemer>" for a redemption mark the key
+--                        record answers for as well (see redeem.lua). An order entry older
+--                        than its record's updated_at is stale (a later entry follows)
+--  14 retired      HASH  where retired orders leave a fingerprint (see fingerprint): bucket
+--                        (4 hex digits) -> ','-led 6-hex-digit fingerprints, so a retried
+--                        order id the engine no longer holds is told from a new one
 --
 -- Records are '|'-separated: identifiers (order, user, redeemer) are checked at the edge to
 -- never contain '|' or ','. Times are integer milliseconds passed in ARGV, so every engine and
@@ -144,12 +153,42 @@ local function decode_order(rec)
   }
 end
 
-local function save_order(order_id, o, rank)
+-- Stores an order. One that is final from now on (any state but held) is listed in
+-- `settled` as of `settled_at` (default: its updated_at), so it retires once old enough;
+-- `settled_at` false lists it not (the caller does).
+local function save_order(order_id, o, rank, settled_at)
   redis.call('HSET', K.orders, order_id, table.concat({
     o.state, int(o.qty), o.user, int(o.hold_ms), int(o.expires_at), o.late and '1' or '0',
     int(o.created_at), int(o.updated_at), table.concat(o.ids, ','), o.eid or '', rank or '',
     o.pool or '', int(o.pooled or 0),
   }, '|'))
+  if o.state ~= 'held' and settled_at ~= false then
+    redis.call('RPUSH', K.settled, int(settled_at or o.updated_at) .. '|' .. order_id)
+  end
+end
+
+-- Where order `order_id` leaves its mark when it retires: a bucket of `retired` and a
+-- fingerprint within it, both from the SHA-1 of the id (40 bits in all: with N orders
+-- retired, a new order id matches one with a chance of about N / 2^40). Every fingerprint
+-- starts with ',', which no hex digit is, so a match is always a whole fingerprint.
+local function fingerprint(order_id)
+  local h = redis.sha1hex(order_id)
+  return string.sub(h, 1, 4), ',' .. string.sub(h, 5, 10)
+end
+
+-- Whether order `order_id`, which `orders` lacks, may have been retired: its fingerprint
+-- is present. A fingerprint may belong to another order; the ledger tells.
+local function may_be_retired(order_id)
+  local bucket, mark = fingerprint(order_id)
+  local prints = redis.call('HGET', K.retired, bucket)
+  return prints and string.find(prints, mark, 1, true) ~= nil or false
+end
+
+-- The reply about an order `orders` lacks: {'moved'} when it may have been retired (the
+-- gateway restores it from the ledger, orders.lua, and asks again), else {'not_found'}.
+local function unknown_order(order_id)
+  if may_be_retired(order_id) then return { 'moved' } end
+  return { 'not_found' }
 end
 
 -- The last event this script call appended: {stream id, t, kind, at, now, field, value, …}.
@@ -415,7 +454,9 @@ end
 -- Claims `qty` codes for order `order_id` of channel `pool` (claim.lua, claims_batch.lua):
 -- from the channel's pool first, then, if `share`, from the shared remainder. The reply of
 -- claim.lua for this one order. The caller checked the SKU serves and lapsed due holds.
-local function claim_order(order_id, qty, user, hold_ms, now, pool, share)
+-- An order id that may have been retired answers {'moved'} unless `fresh` (the ledger has
+-- no such order: its fingerprint is another order's).
+local function claim_order(order_id, qty, user, hold_ms, now, pool, share, fresh)
   EMITTED = {} -- this order's change only (a batch claims several)
   local existing = decode_order(redis.call('HGET', K.orders, order_id))
   if existing then
@@ -424,6 +465,7 @@ local function claim_order(order_id, qty, user, hold_ms, now, pool, share)
     end
     return order_reply('replay', existing)
   end
+  if not fresh and may_be_retired(order_id) then return { 'moved' } end
 
   local limited = check_user_limit(user, qty)
   if limited then return limited end
@@ -463,7 +505,8 @@ local function begin(keys)
   K = {
     meta = keys[1], avail = keys[2], keys = keys[3], codes = keys[4], idx = keys[5],
     orders = keys[6], holds = keys[7], users = keys[8], redemptions = keys[9],
-    counts = keys[10], events = keys[11], pools = keys[12],
+    counts = keys[10], events = keys[11], pools = keys[12], settled = keys[13],
+    retired = keys[14],
   }
   EMITTED = {}
   GEN = nil

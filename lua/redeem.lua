@@ -56,4 +56,10 @@ k.redeemed_at = now
 save_key(id, before, k)
 local eid = emit('redeem', now, { 'ids', id, 'redeemer', redeemer, 'uses', k.uses })
 redis.call('HSET', K.redemptions, mark, int(now) .. '|' .. eid)
+-- The code's last use: its record now answers this redeemer's retry as the mark does (see
+-- the replay above), so the mark may retire (retire.lua). Marks of earlier uses of a
+-- reusable code stay: only they tell those redeemers' retries from new redemptions.
+if k.uses >= k.max_uses then
+  redis.call('RPUSH', K.settled, int(now) .. '|' .. mark)
+end
 return { 'new', id, now, eid, EMITTED, matched }

@@ -3,7 +3,8 @@
 -- ARGV: 1 order id, 2 now (ms)
 -- Reply: {'new'|'replay', state, expires_at, late, event id, event, id, '', ...}
 --        (see order_reply)
---      | {'not_found'} | {'conflict'} (a final claim: its codes were delivered)
+--      | {'not_found'} | {'moved'} (see claim.lua)
+--      | {'conflict'} (a final claim: its codes were delivered)
 --      | {'no_sku'} | {'loading'}
 -- Releasing an order that already lapsed or was released answers its state again.
 
@@ -12,7 +13,7 @@ local order_id, now = ARGV[1], tonumber(ARGV[2])
 local refused = unservable()
 if refused then return refused end
 local o = current_order(order_id, now)
-if not o then return { 'not_found' } end
+if not o then return unknown_order(order_id) end
 if o.state == 'claimed' then return { 'conflict' } end
 if o.state ~= 'held' then return order_reply('replay', o) end
 

@@ -68,6 +68,11 @@ pub struct Config {
     /// How often lapsed holds are swept back into inventory, in milliseconds. Claims and
     /// confirms also lapse due holds themselves, so stock is never missed between sweeps.
     pub hold_sweep_interval_ms: u64,
+    /// How long a settled order (claimed, released or expired) and a redemption's mark stay
+    /// in the engine once the ledger has their events, in seconds
+    /// (`KAMIGATE_ORDER_RETENTION_SECS`); then they retire, leaving a fingerprint, and a
+    /// retry is answered from the ledger ([`crate::inventory::retire`]). 0 keeps them for good.
+    pub order_retention_secs: u64,
     /// Logs as JSON lines instead of text (`KAMIGATE_LOG_JSON=1`).
     pub log_json: bool,
     /// Rate limits, load shedding and abuse protection (`[limits]`).
@@ -109,6 +114,13 @@ pub struct Config {
     /// The circuit breaker of a channel whose settings name none ([`crate::channel`]).
     pub channel_breaker: crate::channel::BreakerRule,
 }
+
+/// Default `order_retention_secs`: a week, far longer than clients retry an order.
+pub const DEFAULT_ORDER_RETENTION_SECS: u64 = 7 * 24 * 3600;
+/// Shortest `order_retention_secs` other than 0: a retry within it never costs a ledger read.
+const MIN_ORDER_RETENTION_SECS: u64 = 60;
+/// Longest `order_retention_secs`: ten years.
+const MAX_ORDER_RETENTION_SECS: u64 = 10 * 365 * 24 * 3600;
 
 /// Longest `pause_refresh_ms`: pauses must reach every gateway within a second.
 const MAX_PAUSE_REFRESH_MS: u64 = 500;
@@ -159,6 +171,7 @@ impl Default for Config {
             shutdown_delay_ms: 2000,
             drain_timeout_secs: 30,
             hold_sweep_interval_ms: 500,
+            order_retention_secs: DEFAULT_ORDER_RETENTION_SECS,
             log_json: false,
             limits: LimitsConfig::default(),
             durability: None,
@@ -277,6 +290,12 @@ impl Config {
                 why: format!("not a count: {e}"),
             })?;
         }
+        if let Some(v) = set(get("KAMIGATE_ORDER_RETENTION_SECS")) {
+            self.order_retention_secs = v.parse().map_err(|e| ConfigError::Env {
+                name: "KAMIGATE_ORDER_RETENTION_SECS",
+                why: format!("not a number of seconds: {e}"),
+            })?;
+        }
         if let Some(v) = set(get("KAMIGATE_LOG_JSON")) {
             self.log_json = matches!(v.as_str(), "1" | "true" | "yes");
         }
@@ -339,6 +358,15 @@ impl Config {
         }
         if self.hold_sweep_interval_ms == 0 {
             return invalid("hold_sweep_interval_ms must be positive");
+        }
+        if self.order_retention_secs != 0
+            && !(MIN_ORDER_RETENTION_SECS..=MAX_ORDER_RETENTION_SECS)
+                .contains(&self.order_retention_secs)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "order_retention_secs must be 0 (keep for good) or from \
+                 {MIN_ORDER_RETENTION_SECS} to {MAX_ORDER_RETENTION_SECS}"
+            )));
         }
         if self.journal_max_events == 0 {
             return invalid("journal_max_events must be positive");
@@ -573,5 +601,31 @@ mod tests {
         for config in broken {
             assert!(config.validate().is_err(), "{config:?}");
         }
+    }
+
+    #[test]
+    fn order_retention_is_off_or_at_least_a_minute() {
+        assert_eq!(Config::default().order_retention_secs, 7 * 24 * 3600);
+        let mut config = Config::default();
+        config
+            .apply_env(|name| (name == "KAMIGATE_ORDER_RETENTION_SECS").then(|| "0".into()))
+            .expect("env applies");
+        assert_eq!(config.order_retention_secs, 0);
+        config.validate().expect("0 keeps records for good");
+        for secs in [1, 59, 11 * 365 * 24 * 3600] {
+            let config = Config {
+                order_retention_secs: secs,
+                ..Config::default()
+            };
+            let err = config.validate().expect_err("out of range");
+            assert!(err.to_string().contains("order_retention_secs"), "{err}");
+        }
+        let err = Config::default()
+            .apply_env(|name| (name == "KAMIGATE_ORDER_RETENTION_SECS").then(|| "a week".into()))
+            .expect_err("not a number");
+        assert!(
+            err.to_string().contains("KAMIGATE_ORDER_RETENTION_SECS"),
+            "{err}"
+        );
     }
 }

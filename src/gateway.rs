@@ -284,6 +284,7 @@ impl Gateway {
         )
         .await?;
         open_keys(&config, ledger.as_ref(), &inventory, true).await?;
+        inventory.restore_retired_from(ledger.clone());
         let cursors = Arc::new(WarmCursors::new());
         let writer = EventWriter::new(
             inventory.engine().clone(),
@@ -326,6 +327,11 @@ impl Gateway {
         ));
         let syncing = tokio::spawn(keep_in_sync(app.clone(), sync, stopped.clone()));
         let limiter_sweep = tokio::spawn(sweep_limiters(app.clone(), stopped.clone()));
+        let retiring = tokio::spawn(retire_settled(
+            app.clone(),
+            Duration::from_secs(config.order_retention_secs),
+            stopped.clone(),
+        ));
         let pauses = tokio::spawn(keep_pauses(
             app.clone(),
             Duration::from_millis(config.pause_refresh_ms),
@@ -351,7 +357,7 @@ impl Gateway {
                 let _ = stopped.wait_for(|s| *s).await;
             };
             http::serve(serve_app, public, admin, signal, shutdown).await;
-            let _ = tokio::join!(sweep, limiter_sweep, syncing, pauses, channels);
+            let _ = tokio::join!(sweep, limiter_sweep, syncing, pauses, channels, retiring);
             let _ = stop_writer.send(true);
             let _ = writing.await;
         });
@@ -615,6 +621,76 @@ async fn sweep_holds(app: Arc<App>, every: Duration, mut stopped: watch::Receive
             }
             if others > 0 {
                 other.publish(m::OTHER_SKU.to_owned());
+            }
+        }
+    }
+}
+
+/// How often settled records are retired (see [`retire_settled`]).
+const RETIRE_EVERY: Duration = Duration::from_secs(1);
+
+/// Retires every SKU's settled orders and redemption marks older than `retention` (zero:
+/// none, the records are kept for good) whose events the ledger has, as far as this
+/// gateway's writer knows ([`crate::inventory::retire`]).
+async fn retire_settled(app: Arc<App>, retention: Duration, mut stopped: watch::Receiver<bool>) {
+    /// Entries per script call: a call stays short however much is due.
+    const BATCH: u64 = 500;
+    /// Calls per SKU per pass, so one SKU with a backlog cannot starve the others.
+    const CALLS: usize = 10;
+    const LIST_EVERY: Duration = Duration::from_secs(5);
+    let keep = retention.is_zero();
+    let mut ticker = tokio::time::interval(RETIRE_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut skus: Vec<String> = Vec::new();
+    let mut listed_at: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => return,
+            _ = ticker.tick() => {}
+        }
+        if listed_at.is_none_or(|t| t.elapsed() >= LIST_EVERY) {
+            match app.inventory.list_skus().await {
+                Ok(list) => {
+                    skus = list;
+                    listed_at = Some(Instant::now());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention: listing SKUs failed");
+                    continue;
+                }
+            }
+        }
+        let cutoff = app
+            .inventory
+            .now_ms()
+            .saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+        for sku in &skus {
+            // Nothing is known committed before the writer read the SKU: nothing retires.
+            let through = match app.writer.committed_through(sku) {
+                Some(through) => through,
+                None if keep => String::new(),
+                None => continue,
+            };
+            for _ in 0..CALLS {
+                match app
+                    .inventory
+                    .retire(sku, cutoff, &through, BATCH, keep)
+                    .await
+                {
+                    Ok(retired) => {
+                        metrics::counter!(m::RETIRED, "record" => "order")
+                            .increment(retired.orders);
+                        metrics::counter!(m::RETIRED, "record" => "redemption")
+                            .increment(retired.marks);
+                        if !retired.more {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(sku, error = %e, "retention pass failed");
+                        break;
+                    }
+                }
             }
         }
     }

@@ -25,7 +25,9 @@
 //! - [`secrets`]: codes at rest: the keyring that seals them and the keyed index digest.
 //! - [`engine`]: the [`engine::ScriptEngine`] seam; Redis (fred) and embedded (mlua)
 //!   engines run the same `lua/` scripts, the only code that changes inventory state.
-//! - [`inventory`]: claims, holds, redemptions and imports in domain terms over an engine.
+//! - [`inventory`]: claims, holds, redemptions and imports in domain terms over an engine;
+//!   `inventory::retire`: settled orders leave the engine, their retries restored from the
+//!   ledger.
 //! - [`ledger`]: the durable record (SQLite or PostgreSQL) of imports and every change.
 //! - [`limit`]: token buckets, load shedding, sliding windows and local reject caches.
 //! - [`channel`]: selling channels: each its own tokens, bucket, SKU list and circuit

@@ -61,6 +61,12 @@ pub const SCRIPT_ERRORS: &str = "kamigate_engine_script_errors_total";
 pub const IMPORT_ROWS: &str = "kamigate_import_rows_total";
 /// Holds lapsed by the sweep (holds lapsed inside claims are counted by the engine events).
 pub const HOLDS_EXPIRED: &str = "kamigate_holds_expired_total";
+/// Settled records taken out of the engine by the retention pass, by `record` (`order`,
+/// `redemption`) ([`crate::inventory::retire`]).
+pub const RETIRED: &str = "kamigate_retired_total";
+/// Retired orders looked up in the ledger because they were retried, by `result`:
+/// `restored`, or `unknown` (a fingerprint of another order: the call went on as new).
+pub const ORDERS_RESTORED: &str = "kamigate_orders_restored_total";
 /// Keys per `sku` and `state`, refreshed by the background sweep.
 pub const INVENTORY_KEYS: &str = "kamigate_inventory_keys";
 /// 1 while the engine answers, 0 while it does not.
@@ -209,6 +215,18 @@ pub const CATALOGUE: &[Metric] = &[
         Kind::Counter,
         &[],
         "Holds lapsed by the background sweep.",
+    ),
+    metric(
+        RETIRED,
+        Kind::Counter,
+        &["record"],
+        "Settled orders and redemption marks retired from the engine after the retention.",
+    ),
+    metric(
+        ORDERS_RESTORED,
+        Kind::Counter,
+        &["result"],
+        "Retired orders retried and looked up in the ledger, by result.",
     ),
     metric(
         INVENTORY_KEYS,
@@ -558,6 +576,12 @@ pub fn initialise<'a>(engine: &'static str, scripts: impl IntoIterator<Item = &'
         metrics::counter!(IMPORT_ROWS, "result" => result).increment(0);
     }
     metrics::counter!(HOLDS_EXPIRED).increment(0);
+    for record in ["order", "redemption"] {
+        metrics::counter!(RETIRED, "record" => record).increment(0);
+    }
+    for result in ["restored", "unknown"] {
+        metrics::counter!(ORDERS_RESTORED, "result" => result).increment(0);
+    }
     for listener in ["public", "admin"] {
         metrics::gauge!(CONNECTIONS_OPEN, "listener" => listener).increment(0.0);
         metrics::counter!(CONNECTIONS_REFUSED, "listener" => listener).increment(0);

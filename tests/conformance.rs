@@ -1320,7 +1320,8 @@ async fn a_late_order_rebuild_never_overwrites_a_live_order(h: Harness) {
         ]
         .map(str::to_owned)
     };
-    let mut args = vec![gen];
+    // The generation, and '' for a rebuild (not a restore of retired orders).
+    let mut args = vec![gen, String::new()];
     args.extend(event("expire", "o-1", "1", "7"));
     args.extend(event("claim", "o-9", "2", "8"));
     h.inv

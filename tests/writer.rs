@@ -1215,6 +1215,13 @@ impl Ledger for Flaky {
     ) -> Result<Vec<(i64, EventRecord)>, LedgerError> {
         self.inner.order_events_after(sku, after_seq, limit).await
     }
+    async fn order_events(
+        &self,
+        sku: &str,
+        order_id: &str,
+    ) -> Result<Vec<(i64, EventRecord)>, LedgerError> {
+        self.inner.order_events(sku, order_id).await
+    }
     async fn get_key(&self, key_id: &str) -> Result<Option<KeyRecord>, LedgerError> {
         self.inner.get_key(key_id).await
     }

@@ -11,7 +11,7 @@
 //! other for a name.
 
 /// The parts of a SKU's keys, in `lua/prelude.lua`'s order.
-const SKU_PARTS: [&str; 12] = [
+const SKU_PARTS: [&str; 14] = [
     "meta",
     "avail",
     "keys",
@@ -24,6 +24,8 @@ const SKU_PARTS: [&str; 12] = [
     "counts",
     "events",
     "pools",
+    "settled",
+    "retired",
 ];
 
 fn sku_key(sku: &str, part: &str) -> String {
@@ -43,6 +45,11 @@ pub fn meta_key(sku: &str) -> String {
 /// The SKU's orders hash key.
 pub fn orders_key(sku: &str) -> String {
     sku_key(sku, "orders")
+}
+
+/// The SKU's fingerprints of retired orders (see `lua/retire.lua`).
+pub fn retired_key(sku: &str) -> String {
+    sku_key(sku, "retired")
 }
 
 /// The SKU's event stream key.

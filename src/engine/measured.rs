@@ -7,7 +7,7 @@
 //! hands an engine that is already measured back as it is, so an engine shared among them
 //! counts each call once.
 //!
-//! Plain reads ([`ScriptEngine::hexists`]) and pings pass through unmeasured: they stand in
+//! Plain reads ([`ScriptEngine::hexists`], [`ScriptEngine::hget`]) and pings pass through unmeasured: they stand in
 //! for a script call where that would cost too much, and are not one.
 
 use std::any::Any;
@@ -61,6 +61,14 @@ impl ScriptEngine for Measured {
 
     fn hexists(&self, key: String, field: String) -> BoxFuture<'_, Result<bool, EngineError>> {
         self.inner.hexists(key, field)
+    }
+
+    fn hget(
+        &self,
+        key: String,
+        field: String,
+    ) -> BoxFuture<'_, Result<Option<String>, EngineError>> {
+        self.inner.hget(key, field)
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>> {

@@ -119,6 +119,20 @@ pub trait ScriptEngine: Any + Send + Sync + 'static {
         })
     }
 
+    /// The value of `field` in hash `key` (`None` when absent), as text: a plain read, for
+    /// edge checks like [`ScriptEngine::hexists`] (e.g. an order's retired fingerprint).
+    fn hget(
+        &self,
+        key: String,
+        field: String,
+    ) -> BoxFuture<'_, Result<Option<String>, EngineError>> {
+        Box::pin(async move {
+            let args = vec![field, "get".into()];
+            let reply = self.eval(&SCRIPTS.exists, vec![key], args).await?;
+            Ok(reply.as_str().map(str::to_owned))
+        })
+    }
+
     /// Answers when the engine can serve scripts (readiness).
     fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>>;
 

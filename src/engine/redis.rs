@@ -480,6 +480,20 @@ impl ScriptEngine for RedisEngine {
         .boxed()
     }
 
+    fn hget(
+        &self,
+        key: String,
+        field: String,
+    ) -> BoxFuture<'_, Result<Option<String>, EngineError>> {
+        async move {
+            self.calls
+                .hget::<Option<String>, _, _>(key, field)
+                .await
+                .map_err(|e| unavailable(&e))
+        }
+        .boxed()
+    }
+
     fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>> {
         async move {
             self.calls

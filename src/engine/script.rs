@@ -174,7 +174,8 @@ scripts!(
     repair,
     orders,
     recode,
-    pool
+    pool,
+    retire
 );
 
 /// The scripts, loaded once.

@@ -11,6 +11,7 @@ pub mod formats;
 pub mod import;
 pub mod reconcile;
 pub mod rekey;
+pub mod retire;
 pub mod settings;
 pub mod warm;
 
@@ -252,6 +253,9 @@ pub struct Inventory {
     /// Where the keyring came from: read again when a stored code names a data key the
     /// keyring lacks (another gateway or `kamigate rekey` sealed under a newer key).
     key_origin: Arc<std::sync::OnceLock<crate::secrets::keyfile::KeyOrigin>>,
+    /// Where orders the engine retired are restored from when they are retried (see the
+    /// `retire` module); without it such a retry is `ERR_UNAVAILABLE`.
+    ledger: Arc<std::sync::OnceLock<Arc<dyn crate::ledger::Ledger>>>,
 }
 
 impl Inventory {
@@ -272,6 +276,7 @@ impl Inventory {
             // process (tests) needs no more; the gateway and the commands install theirs.
             keyring: Arc::new(RwLock::new(Arc::new(Keyring::generate()))),
             key_origin: Arc::default(),
+            ledger: Arc::default(),
         }
     }
 
@@ -337,12 +342,19 @@ impl Inventory {
         self.clock.clone()
     }
 
-    /// Whether `sku` has an order `order_id`, by a plain read rather than a script.
+    /// Whether `sku` has an order `order_id`: by a plain read rather than a script, and when
+    /// the engine lacks the record, whether the order may have been retired (its fingerprint
+    /// is there; see the `retire` module). A retired order is an order all the same: its
+    /// retry must reach the engine, which answers it as the first time.
     pub async fn order_exists(&self, sku: &str, order_id: &str) -> Result<bool, Error> {
-        Ok(self
+        if self
             .engine
             .hexists(orders_key(sku), order_id.to_owned())
-            .await?)
+            .await?
+        {
+            return Ok(true);
+        }
+        self.may_be_retired(sku, order_id).await
     }
 
     /// Now, in milliseconds since the epoch.
@@ -697,7 +709,12 @@ impl Inventory {
             req.pool.channel.clone(),
             req.pool.share_arg(),
         ];
-        let reply = match self.run(&SCRIPTS.claim, sku, args).await {
+        let mut fresh = args.clone();
+        fresh.push("1".into());
+        let reply = match self
+            .run_order(&SCRIPTS.claim, sku, &req.order_id, args, Some(fresh))
+            .await
+        {
             Ok(reply) => reply,
             Err(e) => return (Err(e), false),
         };
@@ -733,16 +750,18 @@ impl Inventory {
         if reply.len() != requests.len() {
             return Err(unexpected("claims_batch", &Reply::Array(reply)));
         }
-        Ok(requests
-            .iter()
-            .zip(&reply)
-            .map(|(req, one)| {
-                let one = one.as_array().unwrap_or_default();
-                let exhausted =
-                    tag(one) == "sold_out" && one.get(1).and_then(Reply::as_i64) == Some(0);
-                (self.order_result(sku, &req.order_id, one), exhausted)
-            })
-            .collect())
+        let mut answers = Vec::with_capacity(requests.len());
+        for (req, one) in requests.iter().zip(&reply) {
+            let one = one.as_array().unwrap_or_default();
+            if tag(one) == "moved" {
+                // Retired: restored from the ledger and asked again on its own.
+                answers.push(self.claim_alone(sku, req).await);
+                continue;
+            }
+            let exhausted = tag(one) == "sold_out" && one.get(1).and_then(Reply::as_i64) == Some(0);
+            answers.push((self.order_result(sku, &req.order_id, one), exhausted));
+        }
+        Ok(answers)
     }
 
     /// Turns a hold into a final claim (payment arrived). A late confirm draws fresh codes
@@ -755,14 +774,18 @@ impl Inventory {
             self.now_ms().to_string(),
             share.to_owned(),
         ];
-        let reply = self.run(&SCRIPTS.confirm, sku, args).await?;
+        let reply = self
+            .run_order(&SCRIPTS.confirm, sku, order_id, args, None)
+            .await?;
         self.order_result(sku, order_id, &reply)
     }
 
     /// Cancels a hold: its codes go back to inventory.
     pub async fn release(&self, sku: &str, order_id: &str) -> Result<Order, Error> {
         let args = vec![order_id.to_owned(), self.now_ms().to_string()];
-        let reply = self.run(&SCRIPTS.release, sku, args).await?;
+        let reply = self
+            .run_order(&SCRIPTS.release, sku, order_id, args, None)
+            .await?;
         self.order_result(sku, order_id, &reply)
     }
 
@@ -842,7 +865,9 @@ impl Inventory {
     /// An order's current state.
     pub async fn order(&self, sku: &str, order_id: &str) -> Result<Order, Error> {
         let args = vec![order_id.to_owned(), self.now_ms().to_string()];
-        let reply = self.run(&SCRIPTS.order, sku, args).await?;
+        let reply = self
+            .run_order(&SCRIPTS.order, sku, order_id, args, None)
+            .await?;
         let mut order = self.order_result(sku, order_id, &reply)?;
         order.replayed = false;
         Ok(order)

@@ -7,7 +7,7 @@
 //! interrupted warm-up simply runs again.
 
 use crate::error::Error;
-use crate::ledger::{KeyRecord, Ledger};
+use crate::ledger::{EventRecord, KeyRecord, Ledger};
 use crate::sku::SkuConfig;
 
 use super::Inventory;
@@ -223,47 +223,11 @@ pub async fn restore_orders(
             return Ok(applied);
         };
         cursor = *last;
-        let mut args = Vec::with_capacity(1 + events.len() * 13);
-        args.push(gen.to_owned());
+        let mut args = Vec::with_capacity(2 + events.len() * 13);
+        // A rebuild, not a restore (see `lua/orders.lua`).
+        args.extend([gen.to_owned(), String::new()]);
         for (seq, e) in &events {
-            let fields: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_str(&e.fields_json).unwrap_or_default();
-            let field = |name: &str| {
-                fields
-                    .get(name)
-                    .and_then(|v| {
-                        v.as_str()
-                            .map(str::to_owned)
-                            .or_else(|| Some(v.to_string()))
-                    })
-                    .filter(|v| v != "null")
-                    .unwrap_or_default()
-            };
-            let number = |name: &str| {
-                let v = field(name);
-                if v.parse::<i64>().is_ok() {
-                    v
-                } else {
-                    "0".to_owned()
-                }
-            };
-            args.extend([
-                e.kind.clone(),
-                e.order_id.clone().unwrap_or_default(),
-                e.user_id.clone().unwrap_or_default(),
-                field("ids"),
-                // No answer id: the ledger has these events, so a replayed answer need not
-                // wait for them (and the stream they came from may be gone).
-                String::new(),
-                e.at_ms.to_string(),
-                number("expires_at"),
-                number("hold_ms"),
-                number("qty"),
-                if field("late") == "1" { "1" } else { "0" }.to_owned(),
-                seq.to_string(),
-                field("pool"),
-                number("pooled"),
-            ]);
+            args.extend(order_event_args(*seq, e));
         }
         let reply = inventory
             .eval_plain(&crate::engine::SCRIPTS.orders, sku, args)
@@ -273,6 +237,48 @@ pub async fn restore_orders(
         };
         applied += n.max(0) as u64;
     }
+}
+
+/// One ledger event as `lua/orders.lua` takes it.
+pub(crate) fn order_event_args(seq: i64, e: &EventRecord) -> [String; 13] {
+    let fields: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&e.fields_json).unwrap_or_default();
+    let field = |name: &str| {
+        fields
+            .get(name)
+            .and_then(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .or_else(|| Some(v.to_string()))
+            })
+            .filter(|v| v != "null")
+            .unwrap_or_default()
+    };
+    let number = |name: &str| {
+        let v = field(name);
+        if v.parse::<i64>().is_ok() {
+            v
+        } else {
+            "0".to_owned()
+        }
+    };
+    [
+        e.kind.clone(),
+        e.order_id.clone().unwrap_or_default(),
+        e.user_id.clone().unwrap_or_default(),
+        field("ids"),
+        // No answer id: the ledger has these events, so a replayed answer need not wait for
+        // them (and the stream they came from may be gone).
+        String::new(),
+        e.at_ms.to_string(),
+        number("expires_at"),
+        number("hold_ms"),
+        number("qty"),
+        if field("late") == "1" { "1" } else { "0" }.to_owned(),
+        seq.to_string(),
+        field("pool"),
+        number("pooled"),
+    ]
 }
 
 impl Inventory {

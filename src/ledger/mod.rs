@@ -250,6 +250,15 @@ pub trait Ledger: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<(i64, EventRecord)>, LedgerError>;
 
+    /// Every event of order `order_id` of `sku`, oldest first, with their sequence numbers:
+    /// what the engine needs to restore an order it retired (see `lua/retire.lua`). Empty
+    /// when the ledger has no such order.
+    async fn order_events(
+        &self,
+        sku: &str,
+        order_id: &str,
+    ) -> Result<Vec<(i64, EventRecord)>, LedgerError>;
+
     /// A key by its public id (`<sku>.<local id>`), in any batch state.
     async fn get_key(&self, key_id: &str) -> Result<Option<KeyRecord>, LedgerError>;
 

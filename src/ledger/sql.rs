@@ -568,6 +568,25 @@ where
             .collect()
     }
 
+    async fn order_events(
+        &self,
+        sku: &str,
+        order_id: &str,
+    ) -> Result<Vec<(i64, EventRecord)>, LedgerError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS}, e.seq FROM events e \
+             WHERE e.sku = $1 AND e.order_id = $2 ORDER BY e.seq"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(sku)
+            .bind(order_id)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(9)?, Self::event_from_row(row)?)))
+            .collect()
+    }
+
     async fn get_key(&self, key_id: &str) -> Result<Option<KeyRecord>, LedgerError> {
         let Some((sku, local_id)) = parse_local(key_id) else {
             return Ok(None);

@@ -339,6 +339,17 @@ impl EventWriter {
         .is_ok_and(|seen| seen.is_ok_and(|s| s.covers(gen, id)))
     }
 
+    /// The answer id (`<gen>:<ms>-<seq>`) through which every event of `sku`'s stream is
+    /// known committed to the ledger (by any writer: the group's acknowledgement floor as the
+    /// last read reported it), or `None` before this writer read the SKU. What retires from
+    /// the engine must be at or below it ([`crate::inventory::retire`]).
+    pub fn committed_through(&self, sku: &str) -> Option<String> {
+        self.inner
+            .settled
+            .get(sku)
+            .and_then(|s| s.borrow().through_answer())
+    }
+
     /// What `sku`'s stream still owes the ledger (the in-flight count of drift, and metrics).
     pub async fn backlog(&self, sku: &str) -> Result<Backlog, WriterError> {
         let args = vec![

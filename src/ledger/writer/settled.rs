@@ -143,6 +143,13 @@ impl Settled {
                 .is_some_and(|(_, last)| id <= *last)
     }
 
+    /// `<gen>:<ms>-<seq>` of the floor: everything at or below it is committed.
+    pub(super) fn through_answer(&self) -> Option<String> {
+        let gen = self.gen.as_deref()?;
+        let t = self.through?;
+        Some(format!("{gen}:{}-{}", t.ms, t.seq))
+    }
+
     pub(super) fn is_lost(&self, gen: &str) -> bool {
         self.lost.iter().any(|g| g == gen)
     }
