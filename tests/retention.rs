@@ -283,10 +283,6 @@ async fn retired_orders_and_redemptions_replay_their_first_answer(h: Harness) {
     );
     for order in ["o-claim", "o-conf", "o-rel", "o-exp"] {
         assert!(!h.has_record("ret", order).await, "{order} retired");
-        assert!(
-            h.inv.order_exists("ret", order).await.expect("read"),
-            "{order} is still known by its fingerprint"
-        );
     }
     assert!(
         h.has_record("ret", "o-live").await,
@@ -358,6 +354,18 @@ async fn retired_orders_and_redemptions_replay_their_first_answer(h: Harness) {
     h.clock.advance(EIGHT_DAYS_MS);
     let through = h.commit("ret").await;
     assert_eq!(h.retire("ret", &through).await.orders, 4);
+
+    // The edge's check (sold out, paused) knows a retired order by its fingerprint, and
+    // brings it back for the retry that follows.
+    for order in ["o-claim", "o-conf", "o-rel", "o-exp"] {
+        assert!(!h.has_record("ret", order).await, "{order} retired again");
+        assert!(
+            h.inv.order_exists("ret", order).await.expect("read"),
+            "{order} is known by its fingerprint"
+        );
+        assert!(h.has_record("ret", order).await, "{order} restored");
+    }
+    assert_eq!(h.events("ret").await, events, "no change was made");
 }
 
 /// An expired hold confirmed after it retired takes the late path, as it would have.
@@ -391,7 +399,10 @@ async fn an_order_id_matching_another_fingerprint_is_claimed_as_new(h: Harness) 
     h.stock("fp", SkuConfig::default(), 2).await;
     h.plant_fingerprint("fp", "o-new").await;
     h.plant_fingerprint("fp", "o-ghost").await;
-    assert!(h.inv.order_exists("fp", "o-new").await.expect("read"));
+    assert!(
+        !h.inv.order_exists("fp", "o-new").await.expect("read"),
+        "a fingerprint the ledger knows no order of is no order: the edge may refuse it as new"
+    );
     assert!(matches!(
         h.inv.order("fp", "o-ghost").await,
         Err(Error::NotFound(_))
@@ -702,6 +713,30 @@ async fn a_gateway_retires_settled_orders_and_answers_their_retries() {
     assert_eq!(status, StatusCode::OK, "{again}");
     assert_eq!(again["redeemed_at"], redeemed["redeemed_at"]);
     assert_eq!(again["replayed"], true);
+    // Claims paused: a retired order's retry is still answered, a new order refused.
+    let (status, body) = gw
+        .admin_post(
+            "/v1/skus/gw/pause",
+            json!({"action": "claims", "reason": "supplier leak"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    clock.advance(EIGHT_DAYS_MS);
+    eventually(
+        Duration::from_secs(20),
+        "the restored order to retire again",
+        || retired(&gw, "gw", &orders),
+        |gone| gone.len() == 2,
+    )
+    .await;
+    let (status, again) = gw.claim("gw", json!({"order_id": "o-1"})).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["keys"], first["keys"]);
+    let (status, body) = gw.claim("gw", json!({"order_id": "o-5"})).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("ERR_PAUSED"))
+    );
     let text = gw.metrics().await;
     assert!(
         metric(

@@ -342,10 +342,12 @@ impl Inventory {
         self.clock.clone()
     }
 
-    /// Whether `sku` has an order `order_id`: by a plain read rather than a script, and when
-    /// the engine lacks the record, whether the order may have been retired (its fingerprint
-    /// is there; see the `retire` module). A retired order is an order all the same: its
-    /// retry must reach the engine, which answers it as the first time.
+    /// Whether `sku` has an order `order_id`, by plain reads rather than a script: its
+    /// record, else the fingerprint a retired order left (see the `retire` module). A
+    /// retired order is an order all the same, and its retry must reach the engine, which
+    /// answers it as the first time: it is restored from the ledger here. A fingerprint of
+    /// another order (the ledger has no such order) is no order: the edge may refuse it as
+    /// new (sold out, paused).
     pub async fn order_exists(&self, sku: &str, order_id: &str) -> Result<bool, Error> {
         if self
             .engine
@@ -354,7 +356,10 @@ impl Inventory {
         {
             return Ok(true);
         }
-        self.may_be_retired(sku, order_id).await
+        if !self.may_be_retired(sku, order_id).await? {
+            return Ok(false);
+        }
+        self.restore_retired(sku, order_id).await
     }
 
     /// Now, in milliseconds since the epoch.

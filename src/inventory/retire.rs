@@ -123,7 +123,7 @@ impl Inventory {
 
     /// Restores retired order `order_id` of `sku` from the ledger's events of it. Returns
     /// whether the ledger has the order (`false`: its fingerprint is another order's).
-    async fn restore_retired(&self, sku: &str, order_id: &str) -> Result<bool, Error> {
+    pub(super) async fn restore_retired(&self, sku: &str, order_id: &str) -> Result<bool, Error> {
         let Some(ledger) = self.ledger.get() else {
             return Err(Error::Unavailable(format!(
                 "order {order_id} was retired from the engine and no ledger is open to \
