@@ -66,7 +66,7 @@ pub(super) fn parse_max_uses(text: &str) -> Result<Option<u64>, Invalid> {
 /// ninth are ignored), a leap second `:60` read as `:59`, and `Z`, `z`, a `±hh:mm` offset or
 /// nothing (UTC). The date as written must be in 1970 or later.
 ///
-/// jiff parses it; [`rfc3339_profile`] first holds the text to that profile, because jiff
+/// jiff parses it; `rfc3339_profile` first holds the text to that profile, because jiff
 /// reads a wider grammar (`2030-01-31T23:59Z`, `+08`, `20300131T235959Z`, annotations, …)
 /// that the importer never took.
 pub fn parse_rfc3339(text: &str) -> Option<u64> {
