@@ -248,6 +248,15 @@ impl Breaker {
         }
     }
 
+    /// Hands back a half-open breaker's probe slot that [`Breaker::admit`] gave to a request
+    /// refused before it did anything: it proves nothing either way.
+    pub fn unsend_probe(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if inner.state == BreakerState::HalfOpen {
+            inner.probes_sent = inner.probes_sent.saturating_sub(1);
+        }
+    }
+
     fn open(&self, inner: &mut Inner, now_ms: u64, from: BreakerState) -> Transition {
         inner.state = BreakerState::Open;
         inner.open_until_ms = now_ms + self.rule.open_ms;
@@ -320,6 +329,29 @@ mod tests {
         assert_eq!(b.state(t + 508), BreakerState::Closed);
         // The failures that opened it no longer count.
         assert_eq!(pass(&b, t + 509, true), None);
+    }
+
+    #[test]
+    fn a_probe_refused_before_it_ran_neither_closes_nor_uses_up_the_breaker() {
+        let b = Breaker::new(rule());
+        for i in 0..4 {
+            pass(&b, 1000 + i, true);
+        }
+        for _ in 0..5 {
+            assert_eq!(b.admit(1600).0, Admission::Pass { probe: true });
+            b.unsend_probe();
+        }
+        assert_eq!(
+            b.state(1601),
+            BreakerState::HalfOpen,
+            "nothing proved it healthy"
+        );
+        assert_eq!(b.admit(1602).0, Admission::Pass { probe: true });
+        assert_eq!(
+            b.admit(1603).0,
+            Admission::Pass { probe: true },
+            "slots came back"
+        );
     }
 
     #[test]

@@ -107,9 +107,10 @@ impl Channel {
             }
         };
         if let Err(e) = self.bucket.check().enforce() {
-            // Refused before it did anything: a probe not sent.
+            // Refused before it did anything: a probe not sent, so its slot goes back rather
+            // than counting as a success.
             if probe {
-                breaker.record(now_ms, true, false);
+                breaker.unsend_probe();
             }
             return Err(e);
         }
