@@ -10,7 +10,8 @@
 --                        max_uses, seq (last key id), created_at; gen (this incarnation of
 --                        the SKU in the engine, see emit); loading ('1' while a rebuild from
 --                        the ledger is under way: scripts that serve clients answer
---                        {'loading'} instead of judging stock from a partial load)
+--                        {'loading'} instead of judging stock from a partial load; '2' while
+--                        the SKU is drained for a rebuild, see sku.lua 'drain')
 --   2 avail        LIST  key ids that can be issued now, oldest first; may also hold stale
 --                        entries (keys no longer issuable, or gone), dropped when popped
 --   3 keys         HASH  key id -> key record (see decode_key)
@@ -216,13 +217,13 @@ local function emit(kind, now, fields)
 end
 
 -- Nil when the SKU can serve clients, else the reply to give: {'no_sku'} when the engine
--- lacks it, {'loading'} while it is being rebuilt from the ledger.
+-- lacks it, {'loading'} while it is being rebuilt from the ledger or drained for a rebuild.
 -- One command on the hot path: every SKU has `created_at` (sku.lua), and the generation
 -- comes along for emit.
 local function unservable()
   local m = redis.call('HMGET', K.meta, 'created_at', 'loading', 'gen')
   if not m[1] then return { 'no_sku' } end
-  if m[2] == '1' then return { 'loading' } end
+  if m[2] then return { 'loading' } end
   GEN = m[3] or ''
   return nil
 end

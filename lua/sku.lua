@@ -15,6 +15,15 @@
 --         'stale' when the SKU was lost and recreated since (that rebuild ends it).
 --     | 'epoch'                                  Reply: {epoch or ''} | {'no_sku'}
 --     | 'mark', epoch                            Reply: {'marked'} | {'no_sku'}
+--     | 'drain', gen                             Reply: {'draining'} | {'loading'} | {'stale'}
+--                                                     | {'no_sku'}
+--         Stops generation gen serving clients (they are told to retry) and changing, so its
+--         stream can be committed to the ledger before the SKU is rebuilt from it: for
+--         answers of a lost generation that reached the ledger only after the rebuild
+--         (src/gateway.rs). 'loading' when a rebuild is under way already.
+--     | 'drop', gen                              Reply: {'dropped'} | {'stale'} | {'no_sku'}
+--         Deletes the SKU's keys, as a loss of the engine's data would, if generation gen is
+--         draining: every gateway then rebuilds it from the ledger as after any loss.
 --     | 'reserve', n                             Reply: {'reserved', last id} | {'no_sku'}
 --         Takes the next n key ids from the SKU's sequence (ids last - n + 1 .. last), for
 --         codes sealed with their key id before add.lua stores them.
@@ -32,6 +41,19 @@ if op == 'epoch' or op == 'mark' then
     return { 'marked' }
   end
   return { redis.call('HGET', K.meta, 'epoch') or '' }
+end
+if op == 'drain' or op == 'drop' then
+  local m = redis.call('HMGET', K.meta, 'created_at', 'gen', 'loading')
+  if not m[1] then return { 'no_sku' } end
+  if (m[2] or '') ~= ARGV[2] then return { 'stale' } end
+  if op == 'drain' then
+    if m[3] == '1' then return { 'loading' } end
+    redis.call('HSET', K.meta, 'loading', '2')
+    return { 'draining' }
+  end
+  if m[3] ~= '2' then return { 'stale' } end
+  redis.call('DEL', unpack(KEYS))
+  return { 'dropped' }
 end
 if op == 'reserve' then
   if redis.call('EXISTS', K.meta) == 0 then return { 'no_sku' } end

@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 
 use crate::code::Malformed;
 use crate::engine::EngineError;
+use crate::ledger::writer::WriterError;
 use crate::ledger::LedgerError;
 
 /// Everything a request can fail with. Each variant is one documented `ERR_…` code.
@@ -313,6 +314,16 @@ impl From<LedgerError> for Error {
             LedgerError::NotFound(what) => Error::NotFound(what),
             LedgerError::BatchBusy(why) => Error::BatchInProgress(why),
             other => Error::Internal(format!("ledger: {other}")),
+        }
+    }
+}
+
+impl From<WriterError> for Error {
+    fn from(e: WriterError) -> Error {
+        match e {
+            WriterError::Engine(e) => e.into(),
+            WriterError::Ledger(e) => e.into(),
+            reply @ WriterError::Reply(_) => Error::Internal(reply.to_string()),
         }
     }
 }

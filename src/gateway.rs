@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -302,6 +303,7 @@ impl Gateway {
                 EngineKind::Redis => Duration::from_millis(config.rebuild_grace_ms),
             },
             cursors,
+            draining: AtomicBool::new(false),
         };
         let known = sync.run(ledger.as_ref(), &inventory, &writer).await;
         let app = Arc::new(App::new(
@@ -401,11 +403,18 @@ const LOSS_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// SKUs lost one by one).
 const SYNC_EVERY: Duration = Duration::from_secs(5);
 
+/// How long one pass waits for a drained SKU's events to be committed before it leaves the
+/// SKU to the next pass.
+const DRAIN_WAIT: Duration = Duration::from_secs(2);
+
 /// Keeping the engine up to the ledger.
 struct Sync {
     /// How long a rebuild waits for other gateways to write what they answered.
     grace: Duration,
     cursors: Arc<WarmCursors>,
+    /// The last pass left a SKU draining (see [`Sync::rebuild_again`]): the next one comes
+    /// soon, not after [`SYNC_EVERY`].
+    draining: AtomicBool,
 }
 
 impl Sync {
@@ -414,7 +423,9 @@ impl Sync {
     /// covers every SKU lost at once:
     ///
     /// 1. every answered change this gateway journaled for a generation the engine no
-    ///    longer has is written into the ledger (before anything is rebuilt from it);
+    ///    longer has is written into the ledger (before anything is rebuilt from it); if
+    ///    the SKU was rebuilt without them already, it is rebuilt again
+    ///    ([`Sync::rebuild_again`]);
     /// 2. every SKU the engine lacks is recreated *loading* (unservable);
     /// 3. once `grace` has passed since the earliest rebuild began (other gateways have
     ///    written theirs too), each loading SKU gets its keys and orders and serves again;
@@ -449,6 +460,7 @@ impl Sync {
         // 1 and 2.
         let mut loading: Vec<(&String, Rebuild)> = Vec::new();
         let mut serving: Vec<&String> = Vec::new();
+        let mut draining = false;
         for sku in &skus {
             let state = match inventory.sku_state(sku).await {
                 Ok(state) => state,
@@ -460,11 +472,33 @@ impl Sync {
             let current = state
                 .as_ref()
                 .filter(|s| !s.loading)
-                .map(|s| s.gen.as_str());
-            if let Err(e) = writer.flush_lost(sku, current).await {
-                // The rebuild waits: the ledger must have what was answered first.
-                failed(sku, "writing answered changes the engine lost failed", &e);
-                continue;
+                .map(|s| (s.gen.as_str(), s.draining));
+            let written = match writer.flush_lost(sku, current.map(|(gen, _)| gen)).await {
+                Ok(written) => written,
+                Err(e) => {
+                    // The rebuild waits: the ledger must have what was answered first.
+                    failed(sku, "writing answered changes the engine lost failed", &e);
+                    continue;
+                }
+            };
+            if let Some((gen, was_draining)) = current {
+                if written > 0 || was_draining {
+                    match self
+                        .rebuild_again(inventory, writer, sku, gen, written)
+                        .await
+                    {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            draining = true;
+                            continue;
+                        }
+                        Err(e) => {
+                            draining = true;
+                            failed(sku, "draining a SKU to rebuild it failed", &e);
+                            continue;
+                        }
+                    }
+                }
             }
             match begin_restore(ledger, inventory, sku).await {
                 Ok(Some(rebuild)) => loading.push((sku, rebuild)),
@@ -516,6 +550,8 @@ impl Sync {
             }
         }
 
+        self.draining.store(draining, Ordering::Relaxed);
+
         // 5.
         if !index_ready && complete {
             match inventory.mark_index_ready().await {
@@ -524,6 +560,54 @@ impl Sync {
             }
         }
         skus
+    }
+
+    /// Rebuilds `sku` again when answers of a generation the engine lost reached the ledger
+    /// only after the SKU was rebuilt without them (`written` of them, by this gateway): it
+    /// was paused, or could not reach the ledger, for longer than the rebuild's grace. The
+    /// engine now offers codes the ledger records as sold, and lacks orders that were
+    /// answered. So generation `gen` stops serving and changing (draining), every event it
+    /// made is committed by the gateways' writers, and then it is dropped, to be rebuilt
+    /// from the ledger (which has both) like any SKU the engine lost. Any gateway that finds
+    /// the SKU draining carries this on, so it ends even if this one dies.
+    ///
+    /// Returns `true` once the generation is gone (the caller rebuilds it), `false` while its
+    /// events are still being committed (the next pass tries again).
+    async fn rebuild_again(
+        &self,
+        inventory: &Inventory,
+        writer: &EventWriter,
+        sku: &str,
+        gen: &str,
+        written: u64,
+    ) -> Result<bool, crate::error::Error> {
+        if written > 0 {
+            tracing::warn!(
+                sku,
+                events = written,
+                "answers of a lost generation reached the ledger after the SKU was rebuilt \
+                 without them: rebuilding it again"
+            );
+            if !inventory.drain(sku, gen).await? {
+                // Gone or rebuilt meanwhile: that rebuild reads the ledger as it is now.
+                return Ok(true);
+            }
+        }
+        // No script changes a draining generation, so its backlog only shrinks.
+        let deadline = Instant::now() + DRAIN_WAIT;
+        while writer.backlog(sku).await?.in_flight() > 0 {
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if !inventory.drop_drained(sku, gen).await? {
+            return Ok(true);
+        }
+        // What this gateway still kept of the dropped generation is committed; writing it
+        // again changes nothing, but it must not be answered as made any more.
+        writer.flush_lost(sku, None).await?;
+        Ok(true)
     }
 }
 
@@ -539,7 +623,9 @@ async fn keep_in_sync(app: Arc<App>, sync: Sync, mut stopped: watch::Receiver<bo
             _ = app.inventory.lost_sku() => true,
         };
         // Not ready: the marks went with the engine's data (or are not set yet).
-        let lost = told || !app.inventory.index_ready().await.unwrap_or(true);
+        let lost = told
+            || sync.draining.load(Ordering::Relaxed)
+            || !app.inventory.index_ready().await.unwrap_or(true);
         if !lost && synced_at.elapsed() < SYNC_EVERY {
             continue;
         }

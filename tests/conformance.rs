@@ -1097,6 +1097,7 @@ conformance!(
     expired_codes_are_never_issued_and_are_retired,
     a_claim_for_more_than_remains_says_codes_are_left,
     a_sku_being_rebuilt_answers_unavailable_never_sold_out_or_unknown,
+    a_drained_sku_answers_unavailable_until_dropped,
     an_incomplete_index_answers_unavailable_never_unknown,
     answers_name_the_generation_of_the_sku,
     a_rebuild_overtaken_by_a_newer_loss_never_declares_the_sku_ready,
@@ -1498,6 +1499,56 @@ async fn a_sku_being_rebuilt_answers_unavailable_never_sold_out_or_unknown(h: Ha
         .expect("claimable once ready");
     // A SKU the engine lost while a request was on its way: unavailable, not unknown.
     assert!(unavailable(&h.claim("never-created", "o-1", 1).await));
+}
+
+/// A generation drained for a rebuild (its answers of a lost generation reached the ledger
+/// late) serves nobody and changes nothing until it is dropped; only that generation, and
+/// only while draining, can be dropped; a dropped SKU is gone as after a loss.
+async fn a_drained_sku_answers_unavailable_until_dropped(h: Harness) {
+    h.inv.mark_index_ready().await.expect("index marked");
+    let inv = &h.inv;
+    let codes = h.stock("drain", SkuConfig::default(), 3).await;
+    h.claim("drain", "o-1", 1).await.expect("claimed");
+    let gen = inv
+        .sku_state("drain")
+        .await
+        .expect("state")
+        .expect("exists")
+        .gen;
+    assert!(
+        !inv.drop_drained("drain", &gen).await.expect("answered"),
+        "a serving SKU is never dropped"
+    );
+    assert!(!inv.drain("drain", "another-gen").await.expect("answered"));
+    assert!(inv.drain("drain", &gen).await.expect("drained"));
+    assert!(inv.drain("drain", &gen).await.expect("again"), "idempotent");
+    let state = inv
+        .sku_state("drain")
+        .await
+        .expect("state")
+        .expect("exists");
+    assert!(state.draining && !state.loading, "{state:?}");
+    let unavailable = |r: &Result<Order, Error>| matches!(r, Err(Error::Unavailable(_)));
+    assert!(unavailable(&h.claim("drain", "o-2", 1).await));
+    assert!(unavailable(&h.claim("drain", "o-1", 1).await));
+    assert!(unavailable(&inv.order("drain", "o-1").await));
+    assert!(unavailable(&inv.release("drain", "o-1").await));
+    assert!(matches!(
+        inv.redeem("drain", &codes[0], "u-1").await,
+        Err(Error::Unavailable(_))
+    ));
+    assert!(matches!(
+        inv.counts("drain").await,
+        Err(Error::Unavailable(_))
+    ));
+    assert!(!inv
+        .drop_drained("drain", "another-gen")
+        .await
+        .expect("answered"));
+    assert!(inv.drop_drained("drain", &gen).await.expect("dropped"));
+    assert!(inv.sku_state("drain").await.expect("state").is_none());
+    assert!(inv.drop_drained("drain", &gen).await.expect("gone already"));
+    assert!(unavailable(&h.claim("drain", "o-1", 1).await));
 }
 
 async fn an_incomplete_index_answers_unavailable_never_unknown(h: Harness) {

@@ -49,6 +49,9 @@ pub struct EngineSku {
     pub gen: String,
     /// Being rebuilt from the ledger: not serving clients yet.
     pub loading: bool,
+    /// Drained for a rebuild ([`Inventory::drain`]): not serving clients until it is
+    /// dropped and rebuilt.
+    pub draining: bool,
     /// When the engine created it (ms): for a rebuild, when the rebuild began.
     pub created_at_ms: u64,
 }
@@ -454,6 +457,26 @@ impl Inventory {
         }
     }
 
+    /// Stops generation `gen` of `sku` serving clients and changing (its scripts answer
+    /// `ERR_UNAVAILABLE`), so that its stream can be committed before the SKU is dropped
+    /// ([`Inventory::drop_drained`]) and rebuilt from the ledger. Returns whether `gen` is
+    /// draining now; `false` when the SKU is gone, of another generation, or being rebuilt
+    /// already (that rebuild reads the ledger as it is now).
+    pub async fn drain(&self, sku: &str, gen: &str) -> Result<bool, Error> {
+        let args = vec!["drain".into(), gen.into()];
+        let reply = self.run(&SCRIPTS.sku, sku, args).await?;
+        Ok(tag(&reply) == "draining")
+    }
+
+    /// Deletes every key of `sku` if generation `gen` is draining, as a loss of the
+    /// engine's data would; the SKU is then rebuilt from the ledger like any lost one.
+    /// Returns whether the SKU is gone (also when it was gone already).
+    pub async fn drop_drained(&self, sku: &str, gen: &str) -> Result<bool, Error> {
+        let args = vec!["drop".into(), gen.into()];
+        let reply = self.run(&SCRIPTS.sku, sku, args).await?;
+        Ok(matches!(tag(&reply), "dropped" | "no_sku"))
+    }
+
     /// Creates or updates a SKU; returns the generation it was created with, or `None` when
     /// it existed.
     async fn put_sku_as(
@@ -504,6 +527,7 @@ impl Inventory {
                     .map_err(|e| Error::Internal(format!("stored settings of SKU {sku}: {e}")))?,
                 gen: text(1).to_owned(),
                 loading: text(2) == "1",
+                draining: text(2) == "2",
                 created_at_ms: text(3).parse().unwrap_or(0),
             })),
         }

@@ -257,8 +257,9 @@ impl EventWriter {
     /// Writes the journal's events of `sku`'s lost generations (every generation but
     /// `current`; all when the engine lacks the SKU) into the ledger. Call before
     /// rebuilding the SKU from the ledger; on failure the events stay for the next try and
-    /// the rebuild must wait. Returns how many events were written (new or not).
-    pub async fn flush_lost(&self, sku: &str, current: Option<&str>) -> Result<usize, LedgerError> {
+    /// the rebuild must wait. Returns how many of them were new to the ledger (the writer
+    /// may have committed some from the stream before it was lost).
+    pub async fn flush_lost(&self, sku: &str, current: Option<&str>) -> Result<u64, LedgerError> {
         let journal = &self.inner.journal;
         if !journal.has_lost(sku, current) {
             // Still mark them: a late reply of a generation the engine no longer has must
@@ -268,13 +269,14 @@ impl EventWriter {
         }
         let events = journal.take_lost(sku, current);
         match self.inner.ledger.apply_events(&events).await {
-            Ok(_) => {
+            Ok(new) => {
                 tracing::warn!(
                     sku,
                     events = events.len(),
-                    "the engine lost changes this gateway answered: written to the ledger before the rebuild"
+                    new,
+                    "the engine lost changes this gateway answered: written to the ledger"
                 );
-                Ok(events.len())
+                Ok(new)
             }
             Err(e) => {
                 journal.restore(sku, events);
