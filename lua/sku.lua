@@ -7,7 +7,12 @@
 --         incarnation (see emit in the prelude); loading = '1' creates it for a rebuild
 --         from the ledger, unservable until 'ready'.
 --     | 'get'                                    Reply: {config JSON, gen, loading,
---                                                      created_at} | {'no_sku'}
+--                                                      created_at, acks} | {'no_sku'}
+--         acks: ',<gateway>,<gateway>,' the gateways that wrote what they answered into
+--         the ledger since this rebuild began (see 'ack'), '' if none
+--     | 'ack', gen, gateway                      Reply: {'acked'} | {'stale'} | {'no_sku'}
+--         Records, while generation gen is loading, that `gateway` wrote into the ledger
+--         what it answered before the loss: the rebuild waits for every gateway alive.
 --     | 'ready', gen, epoch                      Reply: {'ready'} | {'done'} | {'stale'}
 --                                                     | {'no_sku'}
 --         Ends a rebuild of generation gen and marks the engine with epoch (see below): the
@@ -60,15 +65,25 @@ if op == 'reserve' then
   return { 'reserved', redis.call('HINCRBY', K.meta, 'seq', tonumber(ARGV[2])) }
 end
 if op == 'get' then
-  local m = redis.call('HMGET', K.meta, 'config', 'gen', 'loading', 'created_at')
+  local m = redis.call('HMGET', K.meta, 'config', 'gen', 'loading', 'created_at', 'acks')
   if not m[1] then return { 'no_sku' } end
-  return { m[1], m[2] or '', m[3] or '0', m[4] or '0' }
+  return { m[1], m[2] or '', m[3] or '0', m[4] or '0', m[5] or '' }
+end
+if op == 'ack' then
+  local m = redis.call('HMGET', K.meta, 'created_at', 'gen', 'loading', 'acks')
+  if not m[1] then return { 'no_sku' } end
+  if (m[2] or '') ~= ARGV[2] or m[3] ~= '1' then return { 'stale' } end
+  local acks, mark = m[4] or ',', ARGV[3] .. ','
+  if not string.find(acks, ',' .. mark, 1, true) then
+    redis.call('HSET', K.meta, 'acks', acks .. mark)
+  end
+  return { 'acked' }
 end
 if op == 'ready' then
   if redis.call('EXISTS', K.meta) == 0 then return { 'no_sku' } end
   if (redis.call('HGET', K.meta, 'gen') or '') ~= ARGV[2] then return { 'stale' } end
   if redis.call('HGET', K.meta, 'loading') ~= '1' then return { 'done' } end
-  redis.call('HDEL', K.meta, 'loading')
+  redis.call('HDEL', K.meta, 'loading', 'acks')
   redis.call('HSET', K.meta, 'epoch', ARGV[3])
   return { 'ready' }
 end

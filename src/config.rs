@@ -88,9 +88,10 @@ pub struct Config {
     /// Events another gateway left unacknowledged this long are taken over by this one's
     /// writer: that gateway is presumed dead.
     pub event_reclaim_idle_ms: u64,
-    /// When Redis lost a SKU's data, how long a rebuild waits after it began before loading
-    /// the ledger's keys, so every other gateway has noticed the loss and written the changes
-    /// it answered into the ledger first. Above the loss-detection interval (1 s).
+    /// When Redis lost a SKU's data, its rebuild waits until every gateway alive has written
+    /// the changes it answered into the ledger; a gateway that has not reported alive to the
+    /// ledger (every 500 ms) for this long is presumed gone and not waited for. Well above
+    /// the reporting interval and the ledger's worst write latency.
     pub rebuild_grace_ms: u64,
     /// With `durability = "engine"`, most answered changes a gateway keeps in memory until
     /// the ledger has them; beyond, changes are answered `ERR_UNAVAILABLE` (the ledger is
@@ -177,7 +178,7 @@ impl Default for Config {
             durability: None,
             ledger_wait_ms: 5000,
             event_reclaim_idle_ms: 30_000,
-            rebuild_grace_ms: 2000,
+            rebuild_grace_ms: 5000,
             journal_max_events: 1_000_000,
             metrics_max_skus: crate::metrics::DEFAULT_MAX_SKU_LABELS,
             pause_refresh_ms: 500,

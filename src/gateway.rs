@@ -21,7 +21,10 @@ use crate::http::starting::Waiting;
 use crate::http::{self, App, Limits};
 use crate::inventory::drift::Drift;
 use crate::inventory::rekey;
-use crate::inventory::warm::{begin_restore, check_epoch, finish_restore, warm_sku, Rebuild};
+use crate::inventory::warm::{
+    begin_restore, check_epoch, finish_restore, rebuild_acknowledged, warm_sku, Acknowledged,
+    Rebuild, ALIVE_EVERY,
+};
 use crate::inventory::Inventory;
 use crate::ledger::writer::{EventWriter, WriterOptions};
 use crate::ledger::{self, Ledger, LedgerError};
@@ -297,6 +300,7 @@ impl Gateway {
             },
         );
         let sync = Sync {
+            id: writer.options().consumer.clone(),
             grace: match inventory.engine().kind() {
                 // Nobody else shares an embedded engine: nobody else has answers to write.
                 EngineKind::Embedded => Duration::ZERO,
@@ -305,6 +309,14 @@ impl Gateway {
             cursors,
             draining: AtomicBool::new(false),
         };
+        // Known alive before it answers anything: from now on a rebuild waits for it.
+        if let Err(e) = ledger
+            .gateway_seen(&sync.id, inventory.now_ms() as i64)
+            .await
+        {
+            tracing::warn!(error = %e, "reporting this gateway alive to the ledger failed");
+        }
+        let alive_as = sync.id.clone();
         let known = sync.run(ledger.as_ref(), &inventory, &writer).await;
         let app = Arc::new(App::new(
             inventory,
@@ -347,12 +359,19 @@ impl Gateway {
         // The writer stops last, after in-flight requests finished, so their events reach
         // the ledger before the process exits.
         let (stop_writer, writer_stopped) = watch::channel(false);
+        // Reported alive for as long as it may have answers to write: until its writer stops.
+        let alive = tokio::spawn(report_alive(
+            app.clone(),
+            alive_as.clone(),
+            writer_stopped.clone(),
+        ));
         let writing = tokio::spawn(writer.run(writer_stopped));
         let shutdown = http::Shutdown {
             delay: Duration::from_millis(config.shutdown_delay_ms),
             drain: Duration::from_secs(config.drain_timeout_secs),
         };
         let serve_app = app.clone();
+        let gone_app = app.clone();
         let task = tokio::spawn(async move {
             let mut stopped = stopped;
             let signal = async move {
@@ -362,6 +381,12 @@ impl Gateway {
             let _ = tokio::join!(sweep, limiter_sweep, syncing, pauses, channels, retiring);
             let _ = stop_writer.send(true);
             let _ = writing.await;
+            let _ = alive.await;
+            // Its writer committed what it could: no rebuild needs to wait for it any more.
+            let now = gone_app.inventory.now_ms() as i64;
+            if let Err(e) = gone_app.ledger.gateway_gone(&alive_as, now).await {
+                tracing::warn!(error = %e, "removing this gateway from the ledger's list failed");
+            }
         });
         Ok(Gateway {
             app,
@@ -407,9 +432,16 @@ const SYNC_EVERY: Duration = Duration::from_secs(5);
 /// SKU to the next pass.
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
 
+/// How long one pass waits for other gateways to write what they answered into the ledger
+/// before it leaves a rebuild to the next pass (which waits again).
+const ACK_WAIT: Duration = Duration::from_secs(5);
+
 /// Keeping the engine up to the ledger.
 struct Sync {
-    /// How long a rebuild waits for other gateways to write what they answered.
+    /// This gateway, as it reports itself alive to the ledger (its writer's consumer name).
+    id: String,
+    /// A gateway that has not reported alive for this long is presumed gone: a rebuild no
+    /// longer waits for it (zero: nobody else shares the engine).
     grace: Duration,
     cursors: Arc<WarmCursors>,
     /// The last pass left a SKU draining (see [`Sync::rebuild_again`]): the next one comes
@@ -426,9 +458,10 @@ impl Sync {
     ///    longer has is written into the ledger (before anything is rebuilt from it); if
     ///    the SKU was rebuilt without them already, it is rebuilt again
     ///    ([`Sync::rebuild_again`]);
-    /// 2. every SKU the engine lacks is recreated *loading* (unservable);
-    /// 3. once `grace` has passed since the earliest rebuild began (other gateways have
-    ///    written theirs too), each loading SKU gets its keys and orders and serves again;
+    /// 2. every SKU the engine lacks is recreated *loading* (unservable), and this gateway
+    ///    records in it that the ledger has what it answered;
+    /// 3. once every gateway alive has recorded that too ([`Sync::acknowledged`]), each
+    ///    loading SKU gets its keys and orders and serves again;
     /// 4. the other SKUs get keys of batches activated elsewhere, and their epoch checked;
     /// 5. once every SKU's codes are indexed, the global index is marked complete.
     async fn run(
@@ -501,19 +534,22 @@ impl Sync {
                 }
             }
             match begin_restore(ledger, inventory, sku).await {
-                Ok(Some(rebuild)) => loading.push((sku, rebuild)),
+                Ok(Some(rebuild)) => {
+                    // Everything this gateway answered of the lost generation is in the
+                    // ledger now (written just above, or committed before the loss).
+                    if let Err(e) = inventory.ack_rebuild(sku, &rebuild.gen, &self.id).await {
+                        failed(sku, "recording this gateway's answers written failed", &e);
+                        continue;
+                    }
+                    loading.push((sku, rebuild));
+                }
                 Ok(None) => serving.push(sku),
                 Err(e) => failed(sku, "recreating a lost SKU failed", &e),
             }
         }
 
         // 3.
-        if let Some(earliest) = loading.iter().map(|(_, r)| r.began_ms).min() {
-            let waited = Duration::from_millis(inventory.now_ms().saturating_sub(earliest));
-            if let Some(rest) = self.grace.checked_sub(waited) {
-                tokio::time::sleep(rest).await;
-            }
-        }
+        let loading = self.acknowledged(ledger, inventory, loading).await;
         for (sku, rebuild) in loading {
             match finish_restore(ledger, inventory, sku, &rebuild.gen).await {
                 Ok(report) => {
@@ -562,6 +598,53 @@ impl Sync {
         skus
     }
 
+    /// Waits until every gateway alive (reported within `grace`) has recorded in each
+    /// rebuild that the ledger has what it answered ([`Inventory::ack_rebuild`]), for up to
+    /// [`ACK_WAIT`]; returns the rebuilds that may finish (the others wait in the next
+    /// pass). A gateway that is slow to notice the loss, or cannot reach the ledger, is
+    /// waited for as long as it reports alive; one that stops reporting (killed, paused,
+    /// cut off) for `grace` is presumed gone, and if it comes back with answers of the lost
+    /// generation, the SKU is rebuilt again ([`Sync::rebuild_again`]).
+    async fn acknowledged<'a>(
+        &self,
+        ledger: &dyn Ledger,
+        inventory: &Inventory,
+        mut waiting: Vec<(&'a String, Rebuild)>,
+    ) -> Vec<(&'a String, Rebuild)> {
+        if self.grace.is_zero() {
+            return waiting;
+        }
+        let deadline = Instant::now() + ACK_WAIT;
+        let mut ready = Vec::new();
+        loop {
+            let mut still = Vec::new();
+            for (sku, rebuild) in waiting {
+                match rebuild_acknowledged(ledger, inventory, sku, &rebuild, self.grace).await {
+                    Ok(Acknowledged::Yes | Acknowledged::Over) => ready.push((sku, rebuild)),
+                    Ok(Acknowledged::Waiting(missing)) => {
+                        if Instant::now() >= deadline {
+                            tracing::info!(
+                                sku = sku.as_str(),
+                                ?missing,
+                                "the rebuild waits for gateways to write what they answered"
+                            );
+                        }
+                        still.push((sku, rebuild));
+                    }
+                    Err(e) => {
+                        tracing::warn!(sku = sku.as_str(), error = %e, "checking a rebuild's gateways failed");
+                        still.push((sku, rebuild));
+                    }
+                }
+            }
+            waiting = still;
+            if waiting.is_empty() || Instant::now() >= deadline {
+                return ready;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Rebuilds `sku` again when answers of a generation the engine lost reached the ledger
     /// only after the SKU was rebuilt without them (`written` of them, by this gateway): it
     /// was paused, or could not reach the ledger, for longer than the rebuild's grace. The
@@ -608,6 +691,29 @@ impl Sync {
         // again changes nothing, but it must not be answered as made any more.
         writer.flush_lost(sku, None).await?;
         Ok(true)
+    }
+}
+
+/// Reports this gateway alive to the ledger every [`ALIVE_EVERY`] until `stopped`: a
+/// rebuild after Redis lost a SKU waits for every gateway alive to write what it answered
+/// (see [`Sync::acknowledged`]).
+async fn report_alive(app: Arc<App>, id: String, mut stopped: watch::Receiver<bool>) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => break,
+            _ = tokio::time::sleep(ALIVE_EVERY) => {}
+        }
+        let now = app.inventory.now_ms() as i64;
+        match app.ledger.gateway_seen(&id, now).await {
+            Ok(()) => failing = false,
+            // Said once per outage: the ledger's own trouble is reported elsewhere.
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "reporting this gateway alive to the ledger failed");
+            }
+            Err(_) => {}
+        }
     }
 }
 

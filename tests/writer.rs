@@ -22,6 +22,9 @@ use kamigate::engine::redis::{RedisEngine, RedisOptions};
 use kamigate::engine::{Reply, Script, ScriptEngine, SCRIPTS};
 use kamigate::inventory::drift::Drift;
 use kamigate::inventory::reconcile::reconcile_sku;
+use kamigate::inventory::warm::{
+    begin_restore, finish_restore, rebuild_acknowledged, Acknowledged,
+};
 use kamigate::inventory::{Added, ClaimRequest, Inventory, NewCode, Order};
 use kamigate::ledger::writer::{Backlog, EventWriter, WriterError, WriterOptions};
 use kamigate::ledger::{
@@ -784,6 +787,82 @@ async fn answers_the_engine_lost_reach_the_ledger_from_the_journal(env: Env) {
     assert!(writer.journal().is_empty(), "settled entries are forgotten");
 }
 
+/// A rebuild after the engine lost a SKU finishes only once every gateway alive (reported
+/// to the ledger within the grace) has recorded that the ledger has what it answered, and
+/// not before two reporting intervals: a gateway slow to notice the loss is waited for as
+/// long as it reports; one silent for the grace is not.
+async fn a_rebuild_waits_for_every_gateway_alive_to_write_its_answers(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 3).await;
+    let grace = Duration::from_secs(5);
+    let now = || env.now();
+    for gw in ["gw-a", "gw-b", "gw-dead"] {
+        env.ledger.gateway_seen(gw, now()).await.expect("seen");
+    }
+    env.clock.advance(6_000);
+    env.ledger.gateway_seen("gw-a", now()).await.expect("seen");
+    env.ledger.gateway_seen("gw-b", now()).await.expect("seen");
+    env.lose_sku(sku).await;
+    let rebuild = begin_restore(env.ledger.as_ref(), &env.inv, sku)
+        .await
+        .expect("begun")
+        .expect("the engine lacked the SKU");
+    let check = || rebuild_acknowledged(env.ledger.as_ref(), &env.inv, sku, &rebuild, grace);
+    let waiting =
+        |names: &[&str]| Acknowledged::Waiting(names.iter().map(|n| n.to_string()).collect());
+    assert_eq!(check().await.expect("read"), waiting(&["gw-a", "gw-b"]));
+    assert!(env
+        .inv
+        .ack_rebuild(sku, &rebuild.gen, "gw-a")
+        .await
+        .expect("acked"));
+    assert!(env
+        .inv
+        .ack_rebuild(sku, &rebuild.gen, "gw-a")
+        .await
+        .expect("again"));
+    assert_eq!(check().await.expect("read"), waiting(&["gw-b"]));
+    // Still reporting, however long it takes: still waited for.
+    env.clock.advance(4_000);
+    env.ledger.gateway_seen("gw-b", now()).await.expect("seen");
+    assert_eq!(check().await.expect("read"), waiting(&["gw-b"]));
+    assert!(!env
+        .inv
+        .ack_rebuild(sku, "another-gen", "gw-b")
+        .await
+        .expect("answered"));
+    assert!(env
+        .inv
+        .ack_rebuild(sku, &rebuild.gen, "gw-b")
+        .await
+        .expect("acked"));
+    assert_eq!(check().await.expect("read"), Acknowledged::Yes);
+    // A gateway that reports again is waited for again; one that stopped is not.
+    env.ledger.gateway_seen("gw-c", now()).await.expect("seen");
+    assert_eq!(check().await.expect("read"), waiting(&["gw-c"]));
+    env.ledger.gateway_gone("gw-c", now()).await.expect("gone");
+    assert_eq!(check().await.expect("read"), Acknowledged::Yes);
+    finish_restore(env.ledger.as_ref(), &env.inv, sku, &rebuild.gen)
+        .await
+        .expect("finished");
+    assert_eq!(check().await.expect("read"), Acknowledged::Over);
+    assert!(
+        !env.inv
+            .ack_rebuild(sku, &rebuild.gen, "gw-a")
+            .await
+            .expect("answered"),
+        "a finished rebuild takes no acknowledgement"
+    );
+    assert!(env
+        .inv
+        .sku_state(sku)
+        .await
+        .expect("state")
+        .expect("sku")
+        .acks
+        .is_empty());
+}
+
 /// Drift counts keys, not events: one claim of 20 codes in flight explains 20 differing
 /// keys, so the SKU shows no drift while it is on its way.
 async fn a_claim_of_many_codes_in_flight_is_no_drift(env: Env) {
@@ -1314,6 +1393,15 @@ impl Ledger for Flaky {
     async fn find_orders(&self, order_keys: &[String]) -> Result<Vec<OrderRecord>, LedgerError> {
         self.inner.find_orders(order_keys).await
     }
+    async fn gateway_seen(&self, id: &str, now_ms: i64) -> Result<(), LedgerError> {
+        self.inner.gateway_seen(id, now_ms).await
+    }
+    async fn gateways_seen_since(&self, since_ms: i64) -> Result<Vec<String>, LedgerError> {
+        self.inner.gateways_seen_since(since_ms).await
+    }
+    async fn gateway_gone(&self, id: &str, now_ms: i64) -> Result<(), LedgerError> {
+        self.inner.gateway_gone(id, now_ms).await
+    }
     async fn ping(&self) -> Result<(), LedgerError> {
         self.inner.ping().await
     }
@@ -1359,9 +1447,18 @@ on_both_engines!(
     ledger_outage_loses_nothing_and_doubles_nothing,
     run_drains_every_sku_through_an_outage,
     failed_commits_behind_reads_ahead_are_retried_oldest_first,
+    a_rebuild_waits_for_every_gateway_alive_to_write_its_answers,
 );
 
 mod postgres {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_rebuild_waits_for_every_gateway_alive_to_write_its_answers() {
+        if let Some(env) = super::Env::start(super::EngineKind::Redis, super::Store::Postgres).await
+        {
+            super::a_rebuild_waits_for_every_gateway_alive_to_write_its_answers(env).await
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn embedded_ledger_follows_every_kind_of_change() {
         if let Some(env) =

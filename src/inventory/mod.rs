@@ -54,6 +54,9 @@ pub struct EngineSku {
     pub draining: bool,
     /// When the engine created it (ms): for a rebuild, when the rebuild began.
     pub created_at_ms: u64,
+    /// While loading: the gateways that wrote what they answered into the ledger since the
+    /// rebuild began ([`Inventory::ack_rebuild`]).
+    pub acks: Vec<String>,
 }
 
 /// What a claim asks for.
@@ -457,6 +460,16 @@ impl Inventory {
         }
     }
 
+    /// Records that `gateway` wrote into the ledger everything it answered before the engine
+    /// lost `sku`, while generation `gen` is being rebuilt: the rebuild waits for every
+    /// gateway alive. Returns whether it was recorded (`false`: not loading, or another
+    /// generation).
+    pub async fn ack_rebuild(&self, sku: &str, gen: &str, gateway: &str) -> Result<bool, Error> {
+        let args = vec!["ack".into(), gen.into(), gateway.into()];
+        let reply = self.run(&SCRIPTS.sku, sku, args).await?;
+        Ok(tag(&reply) == "acked")
+    }
+
     /// Stops generation `gen` of `sku` serving clients and changing (its scripts answer
     /// `ERR_UNAVAILABLE`), so that its stream can be committed before the SKU is dropped
     /// ([`Inventory::drop_drained`]) and rebuilt from the ledger. Returns whether `gen` is
@@ -529,6 +542,11 @@ impl Inventory {
                 loading: text(2) == "1",
                 draining: text(2) == "2",
                 created_at_ms: text(3).parse().unwrap_or(0),
+                acks: text(4)
+                    .split(',')
+                    .filter(|a| !a.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
             })),
         }
     }

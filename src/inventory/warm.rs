@@ -79,9 +79,10 @@ async fn warm_generation(
 ///
 /// The SKU is created *loading* ([`begin_restore`]): until every key and order is in, its
 /// scripts answer `ERR_UNAVAILABLE`, never "sold out" or "unknown" from a partial load.
-/// Keys are loaded ([`finish_restore`]) only once `grace` has passed since the rebuild
-/// began, so other gateways have noticed the loss and written what they answered into the
-/// ledger ([`crate::ledger::journal`]).
+/// Keys are loaded ([`finish_restore`]) only once every gateway alive has written what it
+/// answered into the ledger ([`rebuild_acknowledged`], [`crate::ledger::journal`]); after
+/// 30 s (or `grace`, if longer) without that, the rebuild is left loading and this fails
+/// with [`Error::Unavailable`]. `grace` zero: nobody else shares the engine.
 pub async fn restore_sku(
     ledger: &dyn Ledger,
     inventory: &Inventory,
@@ -91,13 +92,81 @@ pub async fn restore_sku(
     let Some(rebuild) = begin_restore(ledger, inventory, sku).await? else {
         return Ok(None);
     };
-    let waited = inventory.now_ms().saturating_sub(rebuild.began_ms);
-    if let Some(rest) = grace.checked_sub(std::time::Duration::from_millis(waited)) {
-        tokio::time::sleep(rest).await;
+    if !grace.is_zero() {
+        let deadline = tokio::time::Instant::now() + grace.max(RESTORE_WAIT);
+        loop {
+            match rebuild_acknowledged(ledger, inventory, sku, &rebuild, grace).await? {
+                Acknowledged::Yes | Acknowledged::Over => break,
+                Acknowledged::Waiting(missing) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(Error::Unavailable(format!(
+                            "SKU {sku} is being rebuilt: gateways {} have not yet written \
+                             what they answered into the ledger",
+                            missing.join(", ")
+                        )));
+                    }
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
     finish_restore(ledger, inventory, sku, &rebuild.gen)
         .await
         .map(Some)
+}
+
+/// How long [`restore_sku`] waits for gateways before it gives up (unless `grace` is longer).
+const RESTORE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How often every gateway reports itself alive to the ledger
+/// ([`Ledger::gateway_seen`]).
+pub const ALIVE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Where a rebuild stands with the gateways that may hold answers it must not miss.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acknowledged {
+    /// Every gateway alive wrote what it answered into the ledger: the rebuild may finish.
+    Yes,
+    /// These gateways, alive, have not yet.
+    Waiting(Vec<String>),
+    /// The rebuild is over: ended by another gateway, or the SKU lost again (finishing it
+    /// tells which).
+    Over,
+}
+
+/// Whether every gateway alive (reported to the ledger within `grace`) has recorded in the
+/// rebuild of `sku` that the ledger has what it answered before the loss
+/// ([`Inventory::ack_rebuild`]). A gateway slow to notice the loss, or to reach the ledger,
+/// is waited for as long as it reports alive; one silent for `grace` (killed, paused, cut
+/// off) is presumed gone. Not before two reporting intervals since the rebuild began: a
+/// gateway that came back with the ledger, or started, moments ago may not have reported.
+pub async fn rebuild_acknowledged(
+    ledger: &dyn Ledger,
+    inventory: &Inventory,
+    sku: &str,
+    rebuild: &Rebuild,
+    grace: std::time::Duration,
+) -> Result<Acknowledged, Error> {
+    let now = inventory.now_ms();
+    let since = now.saturating_sub(grace.as_millis() as u64);
+    let alive = ledger.gateways_seen_since(since as i64).await?;
+    let Some(state) = inventory
+        .sku_state(sku)
+        .await?
+        .filter(|s| s.loading && s.gen == rebuild.gen)
+    else {
+        return Ok(Acknowledged::Over);
+    };
+    let missing: Vec<String> = alive
+        .into_iter()
+        .filter(|g| !state.acks.contains(g))
+        .collect();
+    let settled = now >= rebuild.began_ms + 2 * ALIVE_EVERY.as_millis() as u64;
+    Ok(if missing.is_empty() && settled {
+        Acknowledged::Yes
+    } else {
+        Acknowledged::Waiting(missing)
+    })
 }
 
 /// A rebuild under way: the generation it loads, and when it began.

@@ -275,6 +275,18 @@ pub trait Ledger: Send + Sync + 'static {
     /// Checks the database answers (for `/readyz`).
     async fn ping(&self) -> Result<(), LedgerError>;
 
+    /// Records that gateway `id` is alive at `now_ms`. A rebuild after Redis lost a SKU
+    /// waits for every gateway seen alive lately to write what it answered into the ledger
+    /// (src/gateway.rs).
+    async fn gateway_seen(&self, id: &str, now_ms: i64) -> Result<(), LedgerError>;
+
+    /// The gateways seen alive at or after `since_ms`.
+    async fn gateways_seen_since(&self, since_ms: i64) -> Result<Vec<String>, LedgerError>;
+
+    /// Forgets gateway `id` (it stopped, with nothing left to write) and every gateway not
+    /// seen for an hour before `now_ms` (they died).
+    async fn gateway_gone(&self, id: &str, now_ms: i64) -> Result<(), LedgerError>;
+
     /// Every pause in force (see [`crate::pause`]), gateway-wide ones first.
     async fn pauses(&self) -> Result<Vec<PauseRecord>, LedgerError>;
 

@@ -643,6 +643,39 @@ where
         Ok(())
     }
 
+    async fn gateway_seen(&self, id: &str, now_ms: i64) -> Result<(), LedgerError> {
+        sqlx::query(
+            "INSERT INTO gateways (id, seen_at_ms) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET seen_at_ms = excluded.seen_at_ms",
+        )
+        .bind(id)
+        .bind(now_ms)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn gateways_seen_since(&self, since_ms: i64) -> Result<Vec<String>, LedgerError> {
+        let rows = sqlx::query("SELECT id FROM gateways WHERE seen_at_ms >= $1 ORDER BY id")
+            .bind(since_ms)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get(0).map_err(LedgerError::from))
+            .collect()
+    }
+
+    async fn gateway_gone(&self, id: &str, now_ms: i64) -> Result<(), LedgerError> {
+        // Gateways that died leave their rows: one that stops cleanly removes them too.
+        const FORGET_AFTER_MS: i64 = 3_600_000;
+        sqlx::query("DELETE FROM gateways WHERE id = $1 OR seen_at_ms < $2")
+            .bind(id)
+            .bind(now_ms - FORGET_AFTER_MS)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
     async fn pauses(&self) -> Result<Vec<PauseRecord>, LedgerError> {
         self.pauses_in_force().await
     }

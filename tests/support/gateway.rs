@@ -276,14 +276,25 @@ pub async fn wait_ready(admin: &str, within: Duration) {
 }
 
 /// Starts the `kamigate serve` binary on a TOML `config`, with a clean environment and its
-/// output discarded; killed when dropped.
+/// output discarded (appended to `<dir>/<config name>.log` at level info when
+/// `KAMIGATE_TEST_LOGS=<dir>` is set, to see what a failing run's gateways did); killed when
+/// dropped.
 pub fn spawn_serve(config: &std::path::Path) -> tokio::process::Child {
+    let kept = std::env::var_os("KAMIGATE_TEST_LOGS").and_then(|dir| {
+        let name = config.file_stem()?.to_string_lossy().into_owned();
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(std::path::Path::new(&dir).join(format!("{name}.log")))
+            .ok()
+    });
+    let level = if kept.is_some() { "info" } else { "warn" };
     tokio::process::Command::new(env!("CARGO_BIN_EXE_kamigate"))
         .args(["serve", "--config", config.to_str().expect("utf-8 path")])
         .env_clear()
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", level)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(kept.map_or_else(std::process::Stdio::null, std::process::Stdio::from))
         .kill_on_drop(true)
         .spawn()
         .expect("gateway starts")
