@@ -7,6 +7,7 @@
 --        or the key's own id when the engine has that key under another digest (nothing
 --        changes for it) | {'no_sku'} | {'stale'} (the SKU is another generation:
 --        it was lost and recreated since this rebuild began, and that rebuild loads it)
+--      | {'loading'} (no generation was named and the SKU is being rebuilt or drained)
 -- Used for new batches and to rebuild an engine that lost its data. Each call loads a chunk
 -- (a thousand keys) so no call blocks the engine for long.
 --
@@ -16,8 +17,15 @@
 -- command per key, which made warming cost several times more engine time than needed.
 
 if redis.call('EXISTS', K.meta) == 0 then return { 'no_sku' } end
-if ARGV[1] ~= '' and (redis.call('HGET', K.meta, 'gen') or '') ~= ARGV[1] then
-  return { 'stale' }
+local m = redis.call('HMGET', K.meta, 'gen', 'loading')
+if ARGV[1] ~= '' then
+  if (m[1] or '') ~= ARGV[1] then return { 'stale' } end
+elseif m[2] then
+  -- A load for whatever generation serves (a new batch, a warm-up) never goes into one
+  -- being rebuilt or drained: keys are loaded once, so a key loaded now, in the state the
+  -- ledger has before every gateway wrote what it answered, would keep that older state
+  -- through the rebuild, and a sold code would be sold again.
+  return { 'loading' }
 end
 
 -- Values per multi-value command: Lua's `unpack` cannot spread many more at once.

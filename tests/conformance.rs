@@ -1098,6 +1098,7 @@ conformance!(
     a_claim_for_more_than_remains_says_codes_are_left,
     a_sku_being_rebuilt_answers_unavailable_never_sold_out_or_unknown,
     a_drained_sku_answers_unavailable_until_dropped,
+    a_load_for_a_serving_sku_never_goes_into_one_being_rebuilt,
     an_incomplete_index_answers_unavailable_never_unknown,
     answers_name_the_generation_of_the_sku,
     a_rebuild_overtaken_by_a_newer_loss_never_declares_the_sku_ready,
@@ -1549,6 +1550,37 @@ async fn a_drained_sku_answers_unavailable_until_dropped(h: Harness) {
     assert!(inv.sku_state("drain").await.expect("state").is_none());
     assert!(inv.drop_drained("drain", &gen).await.expect("gone already"));
     assert!(unavailable(&h.claim("drain", "o-1", 1).await));
+}
+
+/// Keys for whatever generation serves (a new batch, a warm-up) never go into a SKU being
+/// rebuilt: keys load once, so one loaded before every gateway wrote what it answered
+/// would keep that older state through the rebuild. The rebuild itself, naming its
+/// generation, loads them.
+async fn a_load_for_a_serving_sku_never_goes_into_one_being_rebuilt(h: Harness) {
+    h.inv.mark_index_ready().await.expect("index marked");
+    let gen = h
+        .inv
+        .create_loading("warm", &SkuConfig::default())
+        .await
+        .expect("created loading")
+        .expect("new");
+    let keys = vec![ledger_key("warm", 1, "WARM000001")];
+    assert!(matches!(
+        h.inv.warm_keys("warm", &keys, "").await,
+        Err(Error::Unavailable(_))
+    ));
+    let mut sold = keys.clone();
+    sold[0].sold = 1;
+    assert_eq!(
+        h.inv.warm_keys("warm", &sold, &gen).await.expect("loaded"),
+        1
+    );
+    assert!(h.inv.mark_ready("warm", &gen, "e1").await.expect("ready"));
+    let counts = h.counts("warm").await;
+    assert_eq!((counts.available, counts.claimed), (0, 1), "{counts:?}");
+    // Serving again: new keys load without naming the generation.
+    let more = vec![ledger_key("warm", 2, "WARM000002")];
+    assert_eq!(h.inv.warm_keys("warm", &more, "").await.expect("loaded"), 1);
 }
 
 async fn an_incomplete_index_answers_unavailable_never_unknown(h: Harness) {

@@ -258,7 +258,7 @@ impl World {
         match fault {
             Fault::KillGateway => {
                 let i = rng.random_range(0..self.gateways.len());
-                log.push(format!("kill -9 gateway {i}"));
+                note(log, format!("kill -9 gateway {i}"));
                 self.gateways[i].kill9().await;
                 if self.answers_in_gateways {
                     let redis = self.redis.as_ref().expect("redis");
@@ -273,20 +273,20 @@ impl World {
             }
             Fault::PauseGateway => {
                 let i = rng.random_range(0..self.gateways.len());
-                log.push(format!("SIGSTOP gateway {i}"));
+                note(log, format!("SIGSTOP gateway {i}"));
                 self.gateways[i].signal("-STOP").await;
                 tokio::time::sleep(pause(rng, RECLAIM_IDLE_MS + 200, RECLAIM_IDLE_MS + 1200)).await;
                 self.gateways[i].signal("-CONT").await;
             }
             Fault::KillRedis => {
-                log.push("kill -9 redis".into());
+                note(log, "kill -9 redis");
                 let redis = self.redis.as_mut().expect("redis");
                 redis.kill9();
                 tokio::time::sleep(pause(rng, 50, 500)).await;
                 redis.restart().await;
             }
             Fault::FlushRedis => {
-                log.push("redis FLUSHALL".into());
+                note(log, "redis FLUSHALL");
                 let redis = self.redis.as_ref().expect("redis");
                 redis.cmd(&["FLUSHALL"]).await.expect("FLUSHALL");
                 self.flushed = self.answers_in_gateways;
@@ -294,7 +294,7 @@ impl World {
                 self.orphaned.clear();
             }
             Fault::RestartLedger => {
-                log.push("stop PostgreSQL".into());
+                note(log, "stop PostgreSQL");
                 let pg = self.postgres.as_ref().expect("postgres");
                 pg.down();
                 tokio::time::sleep(pause(rng, 200, 1500)).await;
@@ -316,7 +316,7 @@ impl World {
         let redis = self.redis.as_ref().expect("redis");
         match fault {
             Fault::KillGateway if self.flushed => {
-                log.push("(waited for the rebuild)".into());
+                note(log, "(waited for the rebuild)");
                 for sku in SKUS {
                     eventually(
                         Duration::from_secs(120),
@@ -329,7 +329,7 @@ impl World {
                 self.flushed = false;
             }
             Fault::FlushRedis if !self.orphaned.is_empty() => {
-                log.push("(waited for a killed gateway's entries)".into());
+                note(log, "(waited for a killed gateway's entries)");
                 for (sku, through) in std::mem::take(&mut self.orphaned) {
                     eventually(
                         Duration::from_secs(120),
@@ -343,6 +343,27 @@ impl World {
             _ => {}
         }
     }
+}
+
+/// Creates `sku` and imports `codes` (one per line) as batch `b1`, through `admin`.
+async fn stock_sku(client: &reqwest::Client, admin: &str, sku: &str, codes: String) {
+    let put = client
+        .put(format!("{admin}/v1/skus/{sku}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(put.status(), StatusCode::CREATED);
+    let import = client
+        .post(format!("{admin}/v1/skus/{sku}/batches?batch_id=b1"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "text/plain")
+        .body(codes)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(import.status(), StatusCode::OK);
 }
 
 /// Whether Redis has `sku` and serves it (created, not being rebuilt).
@@ -407,6 +428,18 @@ fn stream_id(id: &str) -> Option<(u64, u64)> {
     Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
+/// Adds `what` to the fault log, with the wall-clock time, to match the gateways' logs
+/// (`KAMIGATE_TEST_LOGS`).
+fn note(log: &mut Vec<String>, what: impl std::fmt::Display) {
+    log.push(format!("{} {what}", now_stamp()));
+}
+
+/// The time of day, UTC, to the millisecond.
+fn now_stamp() -> String {
+    let t = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    t.get(11..23).unwrap_or(&t).to_owned()
+}
+
 /// One answer a client took as final.
 #[derive(Debug, Clone)]
 struct Answer {
@@ -415,6 +448,8 @@ struct Answer {
     order: String,
     status: StatusCode,
     body: Value,
+    /// When the client got it (see [`now_stamp`]).
+    at: String,
 }
 
 impl Answer {
@@ -511,6 +546,7 @@ async fn client_loop(
                 order: order.to_owned(),
                 status,
                 body,
+                at: now_stamp(),
             };
             answers.lock().expect("answers").push(a.clone());
             Some(a)
@@ -644,24 +680,8 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
     // More codes than the workload can take: any `ERR_SOLD_OUT` is a bug.
     let stock = 300 * secs.max(10) as usize;
     for sku in SKUS {
-        let put = client
-            .put(format!("{admin}/v1/skus/{sku}"))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&json!({}))
-            .send()
-            .await
-            .expect("answered");
-        assert_eq!(put.status(), StatusCode::CREATED);
-        let codes: String = (0..stock).map(|i| format!("{sku}-{i:06}\n")).collect();
-        let import = client
-            .post(format!("{admin}/v1/skus/{sku}/batches?batch_id=b1"))
-            .bearer_auth(ADMIN_TOKEN)
-            .header("content-type", "text/plain")
-            .body(codes)
-            .send()
-            .await
-            .expect("answered");
-        assert_eq!(import.status(), StatusCode::OK);
+        let codes = (0..stock).map(|i| format!("{sku}-{i:06}\n")).collect();
+        stock_sku(&client, &admin, sku, codes).await;
     }
     // Stock pools on the first SKU: the default channel's, drawn from first, and a rival's
     // that nobody claims from, which no fault may touch.
@@ -752,7 +772,7 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
     }
 
     // 2. No code to two orders; a retried order got the same codes every time.
-    let mut owner: HashMap<String, String> = HashMap::new();
+    let mut owner: HashMap<String, &Answer> = HashMap::new();
     let mut order_codes: HashMap<(&str, String), Vec<String>> = HashMap::new();
     for a in answers.iter().filter(|a| a.status == StatusCode::OK) {
         let codes = a.codes();
@@ -765,8 +785,12 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         }
         order_codes.insert(order, codes.clone());
         for code in codes {
-            if let Some(other) = owner.insert(code.clone(), a.order.clone()) {
-                assert_eq!(other, a.order, "a code was sold to two orders");
+            if let Some(other) = owner.insert(code.clone(), a) {
+                assert_eq!(
+                    other.order, a.order,
+                    "a code was sold to two orders: at {} {other:?}\nat {} {a:?}\nfaults: {log:?}",
+                    other.at, a.at
+                );
             }
         }
     }
@@ -834,6 +858,7 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
             order: order.clone(),
             status: StatusCode::OK,
             body,
+            at: now_stamp(),
         };
         assert_eq!(&now.codes(), codes, "order {order} changed: {:?}", now.body);
     }
@@ -926,25 +951,8 @@ async fn paused_across_a_redis_loss(grace_ms: u64) -> (World, String) {
     let mut world =
         World::start_with(Engine::Redis, LedgerDb::Postgres, Some("engine"), grace_ms).await;
     let client = reqwest::Client::new();
-    let admin = &world.gateways[0].admin;
-    let put = client
-        .put(format!("{admin}/v1/skus/late"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("answered");
-    assert_eq!(put.status(), StatusCode::CREATED);
-    let codes: String = (0..20).map(|i| format!("LATE-{i:04}\n")).collect();
-    let import = client
-        .post(format!("{admin}/v1/skus/late/batches?batch_id=b1"))
-        .bearer_auth(ADMIN_TOKEN)
-        .header("content-type", "text/plain")
-        .body(codes)
-        .send()
-        .await
-        .expect("answered");
-    assert_eq!(import.status(), StatusCode::OK);
+    let codes = (0..20).map(|i| format!("LATE-{i:04}\n")).collect();
+    stock_sku(&client, &world.gateways[0].admin, "late", codes).await;
     settle(&client, &world.gateways[0], "late").await;
 
     world.postgres.as_ref().expect("postgres").down();

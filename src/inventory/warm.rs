@@ -404,6 +404,7 @@ impl Inventory {
         match reply.first().and_then(|r| r.as_str()) {
             Some("no_sku") => return Err(Error::NotFound(format!("SKU {sku}"))),
             Some("stale") => return Err(super::lost_again(sku)),
+            Some("loading") => return Err(super::rebuilding(sku)),
             _ => {}
         }
         let loaded = reply
