@@ -14,6 +14,10 @@
 //! - **`busy_timeout`** still covers other processes on the same file (a `kamigate import`
 //!   next to a running gateway), together with `BEGIN IMMEDIATE` write transactions.
 //! - **Foreign keys on**: keys must belong to a batch, batches to a SKU.
+//! - **No ping before each use**: a pooled connection is a handle on a local file, not a
+//!   socket that may have gone stale; the pool's default test before handing it out is one
+//!   more round trip to the connection's thread on every statement and group commit, and the
+//!   first statement would report a broken file just as well.
 //!
 //! # Imports
 //!
@@ -96,12 +100,14 @@ async fn open_with(options: SqliteConnectOptions) -> Result<SqlLedger<Sqlite>, L
         .idle_timeout(None)
         .max_lifetime(None)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        .test_before_acquire(false)
         .connect_with(options.clone())
         .await?;
     sqlx::migrate!("./migrations/sqlite").run(&write).await?;
     let read = SqlitePoolOptions::new()
         .max_connections(READERS)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        .test_before_acquire(false)
         .connect_with(options)
         .await?;
     Ok(SqlLedger::new(read, write, DIALECT))
