@@ -26,13 +26,20 @@
 //!
 //! # Pipelined passes
 //!
-//! While a batch commits, the writer already reads the next one, and that read carries the
-//! acknowledgement of the batch committed before: a busy SKU costs one script call per
-//! commit, and a commit starts as soon as the previous one ends. The read ahead leaves out
-//! this writer's own pending entries (the batch being committed is among them, and would
-//! otherwise be read again); if the commit fails, the read ahead is dropped and the next read
-//! takes every pending entry of this writer again, in order. Acknowledgements carried to the
-//! next read wait at most until the writer goes idle, when they are sent on their own.
+//! While a full batch commits (a backlog is waiting), the writer already reads the next one,
+//! and that read carries the acknowledgement of the batch committed before: a SKU behind
+//! costs one script call per commit, and a commit starts as soon as the previous one ends.
+//! The read ahead leaves out this writer's own pending entries (the batch being committed is
+//! among them, and would otherwise be read again); if the commit fails, the read ahead is
+//! dropped and the next read takes every pending entry of this writer again, in order.
+//! Acknowledgements carried to the next read wait at most until the writer goes idle, when
+//! they are sent on their own.
+//!
+//! A writer that has caught up (its batch was not full) reads the next batch only once the
+//! commit ended, still carrying the acknowledgement. Read at the commit's start, that batch
+//! would hold only what came during the commit before; what comes during this one would wait
+//! for a further commit. An answer of `durability = "ledger"` then waits about one and a half
+//! commits and a read, instead of two and a half commits.
 //!
 //! # Group commit
 //!

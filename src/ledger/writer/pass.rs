@@ -126,10 +126,14 @@ impl EventWriter {
             None => (self.read(sku, cursor, true).await?, false),
         };
         let read = ReadReply::parse(&reply)?;
-        // A read ahead leaves this writer's own pending entries out, so it must not run while
-        // more of them wait than this batch holds (after a failed commit, or a read whose
-        // answer was lost): they are older, and are committed first.
-        let read_ahead = read_ahead && (from_ahead || read.own < self.inner.opts.batch as usize);
+        let batch = self.inner.opts.batch as usize;
+        // Only a full batch says more is waiting; after a partial one, what comes during the
+        // commit is read when it ends (see "Pipelined passes" in the writer's docs). A read
+        // ahead leaves this writer's own pending entries out, so it must not run while more
+        // of them wait than this batch holds (after a failed commit, or a read whose answer
+        // was lost): they are older, and are committed first.
+        let read_ahead =
+            read_ahead && read.entries.len() >= batch && (from_ahead || read.own < batch);
         self.observe(sku, &read);
         if read.entries.is_empty() {
             return Ok(Pass::default());

@@ -29,8 +29,8 @@ impl EventWriter {
     /// Drains every SKU of the ledger until `stop` turns true (or its sender is dropped).
     ///
     /// Each round visits the SKUs in turn (the list is read again every few seconds) and
-    /// drains each while it yields full batches, a bounded number of them so one busy SKU
-    /// cannot starve the others; when no SKU had a full batch it sleeps
+    /// drains each while its passes find entries, a bounded number of passes so one busy SKU
+    /// cannot starve the others; when a round found nothing it sleeps
     /// [`WriterOptions::idle_poll_ms`](super::WriterOptions::idle_poll_ms). While the ledger
     /// or the engine is unavailable it retries with exponential backoff up to
     /// [`WriterOptions::max_backoff_ms`](super::WriterOptions::max_backoff_ms), logging the
@@ -97,13 +97,14 @@ impl EventWriter {
                 let cursor = cursors.entry(sku.clone()).or_default();
                 for _ in 0..BATCHES_PER_VISIT {
                     match self.pass(sku, cursor, true).await {
-                        Ok(_) => {
+                        Ok(pass) => {
                             if let Some(mut t) = troubled.remove(sku) {
                                 t.recover(sku);
                             }
-                            // The read ahead is the next batch; without one, the SKU had
-                            // nothing more when the commit ended.
-                            if !cursor.has_ahead() {
+                            // The read ahead is the next batch. Without one, a pass that
+                            // committed something is followed by a read of what came
+                            // meanwhile; an empty pass means the SKU had nothing more.
+                            if !cursor.has_ahead() && pass.read == 0 {
                                 break;
                             }
                             busy = true;
