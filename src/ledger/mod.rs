@@ -52,7 +52,9 @@ mod replay;
 mod sql;
 mod sqlite;
 
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -236,6 +238,20 @@ pub trait Ledger: Send + Sync + 'static {
     /// the engine's rules ([`apply_to_key`]); ids of keys the ledger does not have (an aborted
     /// batch) are skipped, and unknown kinds are recorded without effect.
     async fn apply_events(&self, events: &[LedgerEvent]) -> Result<u64, LedgerError>;
+
+    /// [`Ledger::apply_events`], running `beside` while the transaction commits (an fsync,
+    /// or a round trip): the event writer reads its next batch there, so that batch holds
+    /// what came while the statements ran, and the read adds no time between commits.
+    /// `beside` is dropped unrun when a statement fails before the commit; it must not touch
+    /// the ledger. By default it runs alongside the whole call.
+    async fn apply_events_beside<'a>(
+        &'a self,
+        events: &'a [LedgerEvent],
+        beside: Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
+    ) -> Result<u64, LedgerError> {
+        let (applied, ()) = tokio::join!(self.apply_events(events), beside);
+        applied
+    }
 
     /// A key's audit trail, oldest first. Empty for an unknown or malformed key id.
     async fn key_events(&self, key_id: &str) -> Result<Vec<EventRecord>, LedgerError>;

@@ -39,6 +39,9 @@
 //! tokens; `orders`: a channel's orders read back from their events; `statements`:
 //! multi-row statement shapes.
 
+use std::future::Future;
+use std::pin::Pin;
+
 use sqlx::database::HasStatementCache;
 use sqlx::{
     ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Transaction, Type,
@@ -528,7 +531,15 @@ where
     }
 
     async fn apply_events(&self, events: &[LedgerEvent]) -> Result<u64, LedgerError> {
-        self.record_events(events).await
+        self.record_events(events, None).await
+    }
+
+    async fn apply_events_beside<'a>(
+        &'a self,
+        events: &'a [LedgerEvent],
+        beside: Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
+    ) -> Result<u64, LedgerError> {
+        self.record_events(events, Some(beside)).await
     }
 
     async fn key_events(&self, key_id: &str) -> Result<Vec<EventRecord>, LedgerError> {

@@ -35,11 +35,13 @@
 //! Acknowledgements carried to the next read wait at most until the writer goes idle, when
 //! they are sent on their own.
 //!
-//! A writer that has caught up (its batch was not full) reads the next batch only once the
-//! commit ended, still carrying the acknowledgement. Read at the commit's start, that batch
-//! would hold only what came during the commit before; what comes during this one would wait
-//! for a further commit. An answer of `durability = "ledger"` then waits about one and a half
-//! commits and a read, instead of two and a half commits.
+//! A writer that has caught up (its batch was not full) reads the next batch while the
+//! transaction commits, after its statements ran ([`Ledger::apply_events_beside`]), still
+//! carrying the acknowledgement and leaving out its own pending entries. Read at the start,
+//! that batch would hold only what came during the commit before, and what comes during this
+//! one would wait for a further commit: an answer of `durability = "ledger"` waited about two
+//! and a half commits, and now about one and a half. The read also hides behind the commit's
+//! fsync instead of coming between two commits.
 //!
 //! # Group commit
 //!

@@ -4,6 +4,8 @@
 //! transaction.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 
 use sqlx::database::HasStatementCache;
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Row, Type};
@@ -31,8 +33,13 @@ where
     for<'q> Option<&'q str>: Encode<'q, DB>,
     usize: ColumnIndex<DB::Row>,
 {
-    /// [`Ledger::apply_events`](crate::ledger::Ledger::apply_events).
-    pub(super) async fn record_events(&self, events: &[LedgerEvent]) -> Result<u64, LedgerError> {
+    /// [`Ledger::apply_events`](crate::ledger::Ledger::apply_events), with `beside` run
+    /// alongside the commit ([`Ledger::apply_events_beside`](crate::ledger::Ledger::apply_events_beside)).
+    pub(super) async fn record_events(
+        &self,
+        events: &[LedgerEvent],
+        beside: Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>>,
+    ) -> Result<u64, LedgerError> {
         // A writer's batch may carry an entry twice (a reclaim racing a read): once is enough.
         let mut seen = HashSet::new();
         let events: Vec<&LedgerEvent> = events
@@ -40,6 +47,9 @@ where
             .filter(|e| seen.insert(e.event_id.as_str()))
             .collect();
         if events.is_empty() {
+            if let Some(beside) = beside {
+                beside.await;
+            }
             return Ok(0);
         }
         let mut tx = self.begin_write().await?;
@@ -124,7 +134,13 @@ where
             query.execute(&mut *tx).await?;
         }
 
-        tx.commit().await?;
+        match beside {
+            Some(beside) => {
+                let (committed, ()) = tokio::join!(tx.commit(), beside);
+                committed?;
+            }
+            None => tx.commit().await?,
+        }
         Ok(applied.len() as u64)
     }
 

@@ -127,13 +127,14 @@ impl EventWriter {
         };
         let read = ReadReply::parse(&reply)?;
         let batch = self.inner.opts.batch as usize;
-        // Only a full batch says more is waiting; after a partial one, what comes during the
-        // commit is read when it ends (see "Pipelined passes" in the writer's docs). A read
-        // ahead leaves this writer's own pending entries out, so it must not run while more
-        // of them wait than this batch holds (after a failed commit, or a read whose answer
-        // was lost): they are older, and are committed first.
-        let read_ahead =
-            read_ahead && read.entries.len() >= batch && (from_ahead || read.own < batch);
+        // A read ahead leaves this writer's own pending entries out, so it must not run while
+        // more of them wait than this batch holds (after a failed commit, or a read whose
+        // answer was lost): they are older, and are committed first.
+        let read_ahead = read_ahead && (from_ahead || read.own < batch);
+        // Only a full batch says more is waiting now; after a partial one the next batch is
+        // read while the transaction commits, not before its statements (see "Pipelined
+        // passes" in the writer's docs).
+        let backlog = read.entries.len() >= batch;
         self.observe(sku, &read);
         if read.entries.is_empty() {
             return Ok(Pass::default());
@@ -164,18 +165,22 @@ impl EventWriter {
             });
         }
 
-        let commit = async {
-            let started = Instant::now();
-            let result = self.inner.ledger.apply_events(&events).await;
-            metrics::histogram!(LEDGER_WRITE_DURATION).record(started.elapsed().as_secs_f64());
-            result
-        };
-        let (result, ahead) = if read_ahead {
-            let (result, ahead) = tokio::join!(commit, self.read(sku, cursor, false));
-            (result, Some(ahead))
+        let started = Instant::now();
+        let (result, ahead) = if !read_ahead {
+            (self.inner.ledger.apply_events(&events).await, None)
+        } else if backlog {
+            tokio::join!(self.inner.ledger.apply_events(&events), async {
+                Some(self.read(sku, cursor, false).await)
+            })
         } else {
-            (commit.await, None)
+            let mut ahead = None;
+            let read = Box::pin(async {
+                ahead = Some(self.read(sku, cursor, false).await);
+            });
+            let result = self.inner.ledger.apply_events_beside(&events, read).await;
+            (result, ahead)
         };
+        metrics::histogram!(LEDGER_WRITE_DURATION).record(started.elapsed().as_secs_f64());
         if let Err(e) = result {
             // The read ahead is dropped: the next read takes this batch again, then it.
             let kind = if e.is_retryable() {
