@@ -97,6 +97,19 @@ pub(crate) fn replay<'e>(
 pub(crate) fn pool_changes<'e>(events: &[NewEvent<'e>]) -> BTreeMap<(&'e str, String), (i64, i64)> {
     let mut out: BTreeMap<(&str, String), (i64, i64)> = BTreeMap::new();
     for e in events {
+        // Most events move no pool: only these kinds can, and then only with a `pool` field
+        // (a key `"pool"` in the JSON; a value holding quotes is escaped, so it cannot look
+        // like one). Skipping the rest spares parsing every event's fields again.
+        let may_move = match e.event.kind.as_str() {
+            "claim" | "hold" | "confirm" | "release" | "expire" => {
+                e.event.fields_json.contains("\"pool\"")
+            }
+            "pool" => true,
+            _ => false,
+        };
+        if !may_move {
+            continue;
+        }
         let Ok(serde_json::Value::Object(fields)) =
             serde_json::from_str::<serde_json::Value>(&e.event.fields_json)
         else {

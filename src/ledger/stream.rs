@@ -6,7 +6,7 @@
 //! writer only moves entries. Entries carry key ids, never codes, so the raw fields are safe
 //! to keep for the audit.
 
-use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 
 use super::{LedgerError, LedgerEvent};
 
@@ -42,13 +42,15 @@ pub fn event_from_entry(
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| poison("a key id (ids) is not a number"))?,
     };
-    let fields_json = Value::Object(
-        fields
+    // The same object `serde_json::Value` would write (keys sorted, a repeated field's last
+    // value), without copying every field into one first: this runs for every event.
+    let fields_json = serde_json::to_string(
+        &fields
             .iter()
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-            .collect::<Map<_, _>>(),
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect::<BTreeMap<_, _>>(),
     )
-    .to_string();
+    .map_err(|e| poison(&format!("fields: {e}")))?;
 
     Ok(LedgerEvent {
         event_id: format!("{sku}/{entry_id}"),
@@ -67,6 +69,8 @@ pub fn event_from_entry(
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
 
     fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
