@@ -53,6 +53,42 @@ impl Env {
         })
     }
 
+    /// SQLite in memory: the one SQLite ledger whose group commits go through the pool's
+    /// connection rather than a thread of their own (a second connection would not see it),
+    /// so the events suites below run on both paths.
+    async fn sqlite_in_memory() -> Env {
+        let dir = TempDir::new().expect("temp dir");
+        let ledger = open(Some("sqlite::memory:"), dir.path())
+            .await
+            .expect("open an in-memory SQLite ledger");
+        Env {
+            ledger,
+            url: None,
+            dir,
+            _pg: None,
+        }
+    }
+
+    /// Runs `sql` on the database through a connection of its own, as another process
+    /// would (an operator's hand, a fault).
+    async fn exec_aside(&self, sql: &str) {
+        use sqlx::Connection;
+        match &self.url {
+            Some(url) => {
+                let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+                sqlx::raw_sql(sql).execute(&mut conn).await.expect("exec");
+            }
+            None => {
+                let path = self.dir.path().join("ledger.sqlite3");
+                let url = format!("sqlite://{}", path.display());
+                let mut conn = sqlx::SqliteConnection::connect(&url)
+                    .await
+                    .expect("connect");
+                sqlx::raw_sql(sql).execute(&mut conn).await.expect("exec");
+            }
+        }
+    }
+
     /// Opens the same database again (migrations run again).
     async fn reopen(&self) -> Arc<dyn Ledger> {
         open(self.url.as_deref(), self.dir.path())
@@ -96,6 +132,7 @@ both_ledgers!(
     pending_batch_is_invisible_until_activated,
     abort_removes_the_batch_keys,
     applying_the_same_events_twice_changes_nothing,
+    a_failed_group_commit_changes_nothing_and_runs_nothing_beside,
     hold_confirm_release_and_expire_follow_the_engine,
     claim_redeem_void_and_restore_follow_the_engine,
     late_confirm_sells_fresh_keys,
@@ -106,6 +143,34 @@ both_ledgers!(
     unknown_keys_and_kinds_are_recorded_and_skipped,
     concurrent_writers_apply_each_event_once,
     large_import_pages_through_keys_after,
+);
+
+/// The behaviours of applying events, once more on an in-memory SQLite ledger (see
+/// [`Env::sqlite_in_memory`]).
+macro_rules! sqlite_in_memory_too {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_in_memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let env = super::Env::sqlite_in_memory().await;
+                    super::$name(&env).await;
+                }
+            )*
+        }
+    };
+}
+
+sqlite_in_memory_too!(
+    applying_the_same_events_twice_changes_nothing,
+    hold_confirm_release_and_expire_follow_the_engine,
+    claim_redeem_void_and_restore_follow_the_engine,
+    late_confirm_sells_fresh_keys,
+    reusable_keys_count_issues,
+    multi_use_keys_count_uses,
+    key_events_are_an_audit_trail_oldest_first,
+    unknown_keys_and_kinds_are_recorded_and_skipped,
+    concurrent_writers_apply_each_event_once,
 );
 
 const NOW: i64 = 1_700_000_000_000;
@@ -745,6 +810,57 @@ async fn applying_the_same_events_twice_changes_nothing(env: &Env) {
     assert_eq!(before, after);
     assert_eq!(tally(l, "gift.1").await, tallied(0, 1, 0, false, "claimed"));
     assert_eq!(l.apply_events(&[]).await.expect("empty"), 0);
+}
+
+/// The event writer reads its next batch beside a commit
+/// ([`Ledger::apply_events_beside`]): that read runs once the statements succeeded, never
+/// for a commit that failed, which records nothing of its batch.
+async fn a_failed_group_commit_changes_nothing_and_runs_nothing_beside(env: &Env) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let l = env.ledger.as_ref();
+    stocked(l, "gift", &keys(&["K1", "K2"])).await;
+
+    let ran = AtomicBool::new(false);
+    let first = [event("gift", 1, "claim", &[1])];
+    let beside = Box::pin(async { ran.store(true, Ordering::SeqCst) });
+    assert_eq!(
+        l.apply_events_beside(&first, beside).await.expect("apply"),
+        1
+    );
+    assert!(
+        ran.load(Ordering::SeqCst),
+        "beside runs with a commit that succeeds"
+    );
+
+    // The audit rows' table gone: the last statement of the next commit fails.
+    env.exec_aside("DROP TABLE event_keys").await;
+    let before = (
+        get(l, "gift.2").await,
+        l.counts("gift").await.expect("counts"),
+    );
+    let ran = AtomicBool::new(false);
+    let second = [event("gift", 2, "claim", &[2])];
+    let beside = Box::pin(async { ran.store(true, Ordering::SeqCst) });
+    assert!(matches!(
+        l.apply_events_beside(&second, beside).await,
+        Err(LedgerError::Corrupt(_))
+    ));
+    assert!(
+        !ran.load(Ordering::SeqCst),
+        "nothing runs beside a failed commit"
+    );
+    let after = (
+        get(l, "gift.2").await,
+        l.counts("gift").await.expect("counts"),
+    );
+    assert_eq!(before, after, "the failed commit changed no key");
+    assert!(
+        l.order_events("gift", "o-2")
+            .await
+            .expect("events")
+            .is_empty(),
+        "the failed commit recorded no event"
+    );
 }
 
 async fn hold_confirm_release_and_expire_follow_the_engine(env: &Env) {

@@ -57,6 +57,7 @@ mod statements;
 pub(crate) use statements::{tuples, STATEMENT_CACHE};
 
 use super::rules::KeyState;
+use super::sqlite::GroupCommit;
 use super::{
     BatchCounts, BatchRecord, BatchStart, ChannelEventRecord, ChannelRecord, ChannelTokenRecord,
     EventRecord, InsertOutcome, KeyRecord, Ledger, LedgerError, LedgerEvent, NewKey, NewPause,
@@ -123,6 +124,9 @@ pub(crate) struct SqlLedger<DB: Database> {
     read: Pool<DB>,
     write: Pool<DB>,
     dialect: Dialect,
+    /// Where the event writer's group commits go instead of through `write` (SQLite files:
+    /// see [`GroupCommit`]).
+    group_commit: Option<GroupCommit>,
 }
 
 /// What each backend does its own way in an import: per chunk, one query finds which codes
@@ -182,7 +186,14 @@ where
             read,
             write,
             dialect,
+            group_commit: None,
         }
+    }
+
+    /// Sends the event writer's group commits to `group_commit`.
+    pub(crate) fn with_group_commit(mut self, group_commit: GroupCommit) -> SqlLedger<DB> {
+        self.group_commit = Some(group_commit);
+        self
     }
 
     async fn begin_write(&self) -> Result<Transaction<'static, DB>, LedgerError> {

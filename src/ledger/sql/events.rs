@@ -52,6 +52,13 @@ where
             }
             return Ok(0);
         }
+        if let Some(group_commit) = &self.group_commit {
+            // Held for the job: this process's writes take turns on one lock.
+            let _writer = self.write.acquire().await?;
+            return group_commit
+                .record(events.into_iter().cloned().collect(), beside)
+                .await;
+        }
         let mut tx = self.begin_write().await?;
 
         // Record the events; those already recorded are not returned and change nothing.

@@ -10,7 +10,9 @@
 //!   cost is one fsync per transaction, which the writer's group commits amortise.
 //! - **One writer connection**: SQLite allows one writer at a time anyway. Funnelling writes
 //!   through a single pooled connection makes in-process writers queue fairly on the pool
-//!   instead of sleeping in SQLite's busy handler; reads get their own small pool.
+//!   instead of sleeping in SQLite's busy handler; reads get their own small pool. The
+//!   event writer's group commits run on a connection of their own, on its own thread, one
+//!   hand-off per commit ([`group_commit`]), while holding the pool's write connection.
 //! - **`busy_timeout`** still covers other processes on the same file (a `kamigate import`
 //!   next to a running gateway), together with `BEGIN IMMEDIATE` write transactions.
 //! - **Foreign keys on**: keys must belong to a batch, batches to a SKU.
@@ -36,6 +38,10 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite};
+
+mod group_commit;
+
+pub(crate) use group_commit::GroupCommit;
 
 use super::rules::key_state;
 use super::sql::{tuples, Bulk, Dialect, Placeholders, SqlLedger};
@@ -110,7 +116,17 @@ async fn open_with(options: SqliteConnectOptions) -> Result<SqlLedger<Sqlite>, L
         .test_before_acquire(false)
         .connect_with(options)
         .await?;
-    Ok(SqlLedger::new(read, write, DIALECT))
+    let ledger = SqlLedger::new(read, write.clone(), DIALECT);
+    // The file the pool opened (empty for an in-memory database, which a second connection
+    // would not see: its commits stay on the pool).
+    let file: String =
+        sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+            .fetch_one(&write)
+            .await?;
+    if file.is_empty() {
+        return Ok(ledger);
+    }
+    Ok(ledger.with_group_commit(GroupCommit::start(Path::new(&file), BUSY_TIMEOUT)?))
 }
 
 #[async_trait::async_trait]

@@ -1,0 +1,302 @@
+//! The event writer's group commits on SQLite, each in one hand-off to a thread of their own.
+//!
+//! Through sqlx, every statement of a group commit is a round trip to the connection's
+//! worker thread: begin, record the events, load their keys, write the keys back, link the
+//! audit rows, commit. Each trip wakes that thread and then the task waiting for it, and on a
+//! busy machine each wake-up waits for a CPU: with `durability = "ledger"` a request waits
+//! for a commit, and those waits were most of a commit's time, more than the SQL or the
+//! fsync. Here the whole commit is one job for one thread that owns a connection of its own
+//! and runs the statements back to back, row by row through cached statements (no round
+//! trip makes a statement per row costly on SQLite): one wake-up there, one back.
+//!
+//! The rules are the same as the generic path's (`sql/events.rs`), the replay is the same
+//! code ([`replay`]); the ledger suites run every SQLite file ledger through this path.
+//!
+//! # One writer
+//!
+//! The connection is a second writer on the file. A job is sent while the caller holds the
+//! pool's one write connection, so the writes of this process still take turns on one lock
+//! and never meet SQLite's busy handler; other processes on the file (a `kamigate import`)
+//! are waited for by `busy_timeout`, as on the pool's connection. An in-memory database has
+//! no file a second connection could open: its group commits stay on the pool.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use tokio::sync::oneshot;
+
+use crate::ledger::replay::{self, NewEvent};
+use crate::ledger::rules::KeyStatus;
+use crate::ledger::{LedgerError, LedgerEvent};
+
+/// Statements kept prepared: the few this thread runs.
+const CACHED_STATEMENTS: usize = 16;
+
+/// One group commit for the thread.
+struct Job {
+    events: Vec<LedgerEvent>,
+    /// Told once the statements ran, before `COMMIT`: the caller starts its work beside the
+    /// commit then ([`crate::ledger::Ledger::apply_events_beside`]).
+    statements_done: oneshot::Sender<()>,
+    done: oneshot::Sender<Result<u64, LedgerError>>,
+}
+
+/// The thread's handle: jobs go in, answers come back on each job's channel. The thread
+/// ends when this is dropped.
+pub(crate) struct GroupCommit {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl GroupCommit {
+    /// Opens a connection to the ledger file at `path` (already created and migrated) with
+    /// the pool's settings, and starts the thread.
+    pub(crate) fn start(path: &Path, busy_timeout: Duration) -> Result<GroupCommit, LedgerError> {
+        let conn = Connection::open(path).map_err(error)?;
+        // As the pool's connections (see the module above): WAL, every commit on disk,
+        // foreign keys checked, deleted content zeroed.
+        conn.busy_timeout(busy_timeout).map_err(error)?;
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))
+            .map_err(error)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(error)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(error)?;
+        conn.pragma_update(None, "secure_delete", "ON")
+            .map_err(error)?;
+        conn.set_prepared_statement_cache_capacity(CACHED_STATEMENTS);
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("ledger-commit".into())
+            .spawn(move || {
+                let mut conn = conn;
+                for job in queue {
+                    let result = commit(&mut conn, &job.events, job.statements_done);
+                    let _ = job.done.send(result);
+                }
+            })
+            .map_err(|e| LedgerError::Unavailable(format!("starting the commit thread: {e}")))?;
+        Ok(GroupCommit { jobs })
+    }
+
+    /// Records `events` (each `event_id` once) as
+    /// [`crate::ledger::Ledger::apply_events_beside`] does: `beside` runs while the
+    /// transaction commits, and is dropped unrun if a statement fails.
+    pub(crate) async fn record(
+        &self,
+        events: Vec<LedgerEvent>,
+        beside: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>>,
+    ) -> Result<u64, LedgerError> {
+        let (statements_done, ran) = oneshot::channel();
+        let (done, answer) = oneshot::channel();
+        let job = Job {
+            events,
+            statements_done,
+            done,
+        };
+        self.jobs
+            .send(job)
+            .map_err(|_| LedgerError::Unavailable("the commit thread stopped".into()))?;
+        let answer = async {
+            answer
+                .await
+                .map_err(|_| LedgerError::Unavailable("the commit thread stopped".into()))?
+        };
+        let Some(beside) = beside else {
+            return answer.await;
+        };
+        // Sent before COMMIT; dropped unsent when a statement failed, and `beside` with it.
+        if ran.await.is_err() {
+            return answer.await;
+        }
+        tokio::join!(answer, beside).0
+    }
+}
+
+/// One group commit: the same steps as the generic path, in one transaction.
+fn commit(
+    conn: &mut Connection,
+    events: &[LedgerEvent],
+    statements_done: oneshot::Sender<()>,
+) -> Result<u64, LedgerError> {
+    if events.is_empty() {
+        let _ = statements_done.send(());
+        return Ok(0);
+    }
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(error)?;
+
+    // Record the events; those already recorded return no row and change nothing.
+    let mut applied = Vec::with_capacity(events.len());
+    {
+        let mut insert = tx
+            .prepare_cached(
+                "INSERT INTO events (event_id, sku, kind, at_ms, key_local_ids, order_id, \
+                 user_id, redeemer, reason, late, fields_json) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (event_id) DO NOTHING RETURNING seq",
+            )
+            .map_err(error)?;
+        let mut ids = String::new();
+        for e in events {
+            ids.clear();
+            for (i, id) in e.key_local_ids.iter().enumerate() {
+                if i > 0 {
+                    ids.push(',');
+                }
+                ids.push_str(&id.to_string());
+            }
+            let seq: Option<i64> = insert
+                .query_row(
+                    params![
+                        e.event_id,
+                        e.sku,
+                        e.kind,
+                        e.at_ms,
+                        ids,
+                        e.order_id,
+                        e.user_id,
+                        e.redeemer,
+                        e.reason,
+                        e.late,
+                        e.fields_json
+                    ],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(error)?;
+            if let Some(seq) = seq {
+                applied.push(NewEvent::new(e, seq));
+            }
+        }
+    }
+
+    let mut keys = std::collections::BTreeMap::new();
+    {
+        let mut load = tx
+            .prepare_cached(
+                "SELECT void, held, sold, uses, max_issues, max_uses, order_id, user_id, \
+                 redeemer, redeemed_at_ms, updated_at_ms FROM keys WHERE sku = ? AND local_id = ?",
+            )
+            .map_err(error)?;
+        for (sku, ids) in replay::keys_to_load(&applied) {
+            for id in ids {
+                let status = load
+                    .query_row(params![sku, id], |row| {
+                        Ok(KeyStatus {
+                            void: row.get(0)?,
+                            held: row.get(1)?,
+                            sold: row.get(2)?,
+                            uses: row.get(3)?,
+                            max_issues: row.get(4)?,
+                            max_uses: row.get(5)?,
+                            order_id: row.get(6)?,
+                            user_id: row.get(7)?,
+                            redeemer: row.get(8)?,
+                            redeemed_at_ms: row.get(9)?,
+                            updated_at_ms: row.get(10)?,
+                        })
+                    })
+                    .optional()
+                    .map_err(error)?;
+                if let Some(status) = status {
+                    keys.insert((sku, id), status);
+                }
+            }
+        }
+    }
+    let replayed = replay::replay(&applied, keys);
+    if replayed.skipped > 0 {
+        tracing::info!(
+            skipped = replayed.skipped,
+            "events named keys the ledger does not have (aborted batches); skipped them"
+        );
+    }
+    {
+        let mut store = tx
+            .prepare_cached(
+                "UPDATE keys SET void = ?, held = ?, sold = ?, uses = ?, state = ?, \
+                 order_id = ?, user_id = ?, redeemer = ?, redeemed_at_ms = ?, updated_at_ms = ? \
+                 WHERE sku = ? AND local_id = ?",
+            )
+            .map_err(error)?;
+        for (sku, rows) in &replayed.changed {
+            for (id, k) in rows {
+                store
+                    .execute(params![
+                        k.void,
+                        k.held,
+                        k.sold,
+                        k.uses,
+                        k.state().as_str(),
+                        k.order_id,
+                        k.user_id,
+                        k.redeemer,
+                        k.redeemed_at_ms,
+                        k.updated_at_ms,
+                        sku,
+                        id
+                    ])
+                    .map_err(error)?;
+            }
+        }
+    }
+
+    {
+        let mut pools = tx
+            .prepare_cached(
+                "INSERT INTO pools (sku, pool, level, updated_at_ms) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (sku, pool) DO UPDATE SET level = pools.level + excluded.level, \
+                 updated_at_ms = excluded.updated_at_ms",
+            )
+            .map_err(error)?;
+        for ((sku, pool), (delta, at_ms)) in replay::pool_changes(&applied) {
+            pools
+                .execute(params![sku, pool, delta, at_ms])
+                .map_err(error)?;
+        }
+    }
+
+    {
+        let mut link = tx
+            .prepare_cached("INSERT INTO event_keys (sku, local_id, event_seq) VALUES (?, ?, ?)")
+            .map_err(error)?;
+        for (sku, id, seq) in replay::audit_links(&applied) {
+            link.execute(params![sku, id, seq]).map_err(error)?;
+        }
+    }
+
+    let _ = statements_done.send(());
+    tx.commit().map_err(error)?;
+    Ok(applied.len() as u64)
+}
+
+/// As the pool's errors map ([`LedgerError`]'s `From<sqlx::Error>`): busy, locked, I/O, a
+/// full disk and an unopenable file are transient; a unique or foreign key violation a
+/// conflict; the rest a bug or a damaged file.
+fn error(e: rusqlite::Error) -> LedgerError {
+    use rusqlite::ffi;
+    use rusqlite::ErrorCode as C;
+    let extended = match &e {
+        rusqlite::Error::SqliteFailure(failure, _) => failure.extended_code,
+        _ => 0,
+    };
+    match e.sqlite_error_code() {
+        Some(
+            C::DatabaseBusy | C::DatabaseLocked | C::SystemIoFailure | C::DiskFull | C::CannotOpen,
+        ) => LedgerError::Unavailable(e.to_string()),
+        Some(C::ConstraintViolation)
+            if matches!(
+                extended,
+                ffi::SQLITE_CONSTRAINT_UNIQUE
+                    | ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                    | ffi::SQLITE_CONSTRAINT_FOREIGNKEY
+            ) =>
+        {
+            LedgerError::Conflict(e.to_string())
+        }
+        _ => LedgerError::Corrupt(e.to_string()),
+    }
+}
