@@ -59,3 +59,47 @@ fn the_harness_runs_every_system_and_reports_figures() {
         }
     }
 }
+
+/// `benches/durable_ab.sh`, one short round of one build against itself: all four runs
+/// answer claims and report the gateway's threads.
+#[test]
+fn the_durable_a_b_script_runs_both_modes_of_both_builds() {
+    let bin = env!("CARGO_BIN_EXE_kamigate");
+    let out = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/benches/durable_ab.sh"
+        ))
+        .args([bin, bin, "1", "redis"])
+        .env("SECS", "1")
+        .env("CONNS", "4")
+        .output()
+        .expect("the script runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for side in ["A", "B"] {
+        for mode in ["engine", "ledger"] {
+            let row = stdout
+                .lines()
+                .find(|l| {
+                    let mut f = l.split_whitespace();
+                    f.next() == Some(side) && f.next() == Some(mode)
+                })
+                .unwrap_or_else(|| panic!("no {side} {mode} row: {stdout}"));
+            let claims: f64 = row
+                .split_whitespace()
+                .nth(3)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no claims/s: {row}"));
+            assert!(claims > 0.0, "{side} {mode} answered nothing: {row}");
+        }
+    }
+    assert!(
+        stdout.contains("tokio-rt-worker"),
+        "per-thread figures: {stdout}"
+    );
+}

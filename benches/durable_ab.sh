@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Durable mode, two builds taking turns: for each round and each binary, claims of one SKU
+# (`wrk -t1 -c32`, SECS seconds) with `durability = "engine"` and then "ledger", each on a
+# gateway, data dir and redis-server of its own.
+#
+#   benches/durable_ab.sh <binary A> <binary B> [rounds] [redis|embedded]
+#
+# Prints per run: claims/s, p50, p99, the gateway's CPU per claim (utime + stime from /proc)
+# split by thread name (the runtime's workers, the ledger's threads), its context switches
+# per claim, and Redis's CPU per claim. Runs alternate A, B, A, B… so that a machine whose
+# load drifts treats both alike: compare the binaries within a round, and ledger mode with
+# engine mode of the same binary and round.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+A=${1:?binary A} B=${2:?binary B} ROUNDS=${3:-3} ENGINE=${4:-redis}
+SECS=${SECS:-6} CONNS=${CONNS:-32} CODES=1000
+command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; exit 1; }
+
+ADMIN=admin-token-durable-ab-0001
+MERCHANT=merchant-token-durable-ab
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# Per thread name: CPU ticks and context switches so far.
+threads() {
+  for t in /proc/"$1"/task/*; do
+    printf '%s %s %s\n' "$(tr ' ' _ <"$t/comm")" "$(awk '{ print $14 + $15 }' "$t/stat")" \
+      "$(awk '/ctxt_switches/ { s += $2 } END { print s }' "$t/status")"
+  done | awk '{ c[$1] += $2; x[$1] += $3 } END { for (k in c) print k, c[k], x[k] }' | sort
+}
+
+# one <label> <binary> <durability>
+one() {
+  local label=$1 bin=$2 durability=$3 dir redis_pid pid rp public admin
+  dir=$(mktemp -d "$work/run.XXXX")
+  rp=$(free_port); public=$(free_port); admin=$(free_port)
+  redis-server --port "$rp" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
+    --daemonize no >"$dir/redis.log" 2>&1 &
+  redis_pid=$!; pids+=("$redis_pid")
+  for _ in $(seq 100); do redis-cli -p "$rp" ping >/dev/null 2>&1 && break; sleep 0.05; done
+  {
+    echo "listen = \"127.0.0.1:$public\""
+    echo "admin_listen = \"127.0.0.1:$admin\""
+    echo "data_dir = \"$dir/data\""
+    echo "admin_token = \"$ADMIN\""
+    echo "merchant_token = \"$MERCHANT\""
+    echo "durability = \"$durability\""
+    echo "shutdown_delay_ms = 0"
+    [ "$ENGINE" = redis ] && echo "redis_url = \"redis://127.0.0.1:$rp/1\""
+    echo "[limits.public]"; echo "per_second = 10000000"; echo "burst = 10000000"
+    echo "[limits.merchant]"; echo "per_second = 10000000"; echo "burst = 10000000"
+  } >"$dir/kamigate.toml"
+  RUST_LOG=warn "$bin" serve --config "$dir/kamigate.toml" >"$dir/log" 2>&1 &
+  pid=$!; pids+=("$pid")
+  for _ in $(seq 200); do curl -fs -o /dev/null "http://127.0.0.1:$admin/readyz" && break; sleep 0.05; done
+  curl -fs -X PUT "http://127.0.0.1:$admin/v1/skus/sbs" -H "Authorization: Bearer $ADMIN" \
+    -d '{"max_issues":1000000,"max_uses":1000000}' >/dev/null
+  seq 0 $((CODES - 1)) | sed 's/^/sbs-/' | curl -fs -X POST \
+    "http://127.0.0.1:$admin/v1/skus/sbs/batches?batch_id=b1" -H "Authorization: Bearer $ADMIN" \
+    -H 'content-type: text/plain' --data-binary @- >/dev/null
+  local url="http://127.0.0.1:$public/v1/skus/sbs/claims"
+  # A second of warm-up: connections, caches, the writer's first passes.
+  TOKEN=$MERCHANT ORDER_PREFIX="warm-$RANDOM" wrk -t1 -c"$CONNS" -d1s -s benches/wrk/claim.lua \
+    "$url" >/dev/null
+  local r0 r1 out
+  threads "$pid" >"$dir/t0"; r0=$(ticks "$redis_pid")
+  out=$(TOKEN=$MERCHANT ORDER_PREFIX="run-$RANDOM" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency \
+    -s benches/wrk/claim.lua "$url")
+  threads "$pid" >"$dir/t1"; r1=$(ticks "$redis_pid")
+  local n hz
+  n=$(awk '/requests in/ { print $1 }' <<<"$out"); hz=$(getconf CLK_TCK)
+  printf '%-3s %-6s claims/s %7.0f  p50 %8s  p99 %8s  redis us %6.1f\n' "$label" "$durability" \
+    "$(awk '/^Requests\/sec/ { print $2 }' <<<"$out")" \
+    "$(awk '$1 == "50%" { print $2 }' <<<"$out")" "$(awk '$1 == "99%" { print $2 }' <<<"$out")" \
+    "$(awk -v a="$r0" -v b="$r1" -v n="$n" -v hz="$hz" 'BEGIN { print (b - a) * 1e6 / hz / n }')"
+  join "$dir/t0" "$dir/t1" | awk -v n="$n" -v hz="$hz" '
+    { printf "      %-16s cpu us/claim %6.1f  switches/claim %5.2f\n", $1, ($4 - $2) * 1e6 / hz / n, ($5 - $3) / n }'
+  kill "$pid" "$redis_pid"; wait "$pid" "$redis_pid" 2>/dev/null || true
+}
+
+echo "durable A/B: $ENGINE engine, ${SECS}s of wrk -t1 -c$CONNS claims per run ($(date -u '+%F %H:%M') UTC)"
+echo "A = $A"
+echo "B = $B"
+for round in $(seq "$ROUNDS"); do
+  echo "round $round"
+  for side in A B; do
+    bin=$A; [ "$side" = B ] && bin=$B
+    one "$side" "$bin" engine
+    one "$side" "$bin" ledger
+  done
+done
