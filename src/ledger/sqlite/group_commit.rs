@@ -72,7 +72,14 @@ impl GroupCommit {
             .spawn(move || {
                 let mut conn = conn;
                 for job in queue {
-                    let result = commit(&mut conn, &job.events, job.statements_done);
+                    // A panic fails its job, not every later one: the transaction rolls back
+                    // as it unwinds, and the connection serves the next job.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        commit(&mut conn, &job.events, job.statements_done)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(LedgerError::Corrupt("a group commit panicked".into()))
+                    });
                     let _ = job.done.send(result);
                 }
             })
