@@ -60,6 +60,18 @@ pub(crate) struct Replayed<'e> {
     pub skipped: u64,
 }
 
+impl Replayed<'_> {
+    /// Logs the keys events named that the ledger does not have, if any.
+    pub(crate) fn log_skipped(&self) {
+        if self.skipped > 0 {
+            tracing::info!(
+                skipped = self.skipped,
+                "events named keys the ledger does not have (aborted batches); skipped them"
+            );
+        }
+    }
+}
+
 /// Applies `events` in order to the loaded `keys` (by SKU and local id).
 pub(crate) fn replay<'e>(
     events: &[NewEvent<'e>],

@@ -103,12 +103,7 @@ where
             }
         }
         let replayed = replay::replay(&applied, keys);
-        if replayed.skipped > 0 {
-            tracing::info!(
-                skipped = replayed.skipped,
-                "events named keys the ledger does not have (aborted batches); skipped them"
-            );
-        }
+        replayed.log_skipped();
         for (sku, rows) in &replayed.changed {
             self.store_statuses(&mut tx, sku, rows).await?;
         }

@@ -215,12 +215,7 @@ fn commit(
         }
     }
     let replayed = replay::replay(&applied, keys);
-    if replayed.skipped > 0 {
-        tracing::info!(
-            skipped = replayed.skipped,
-            "events named keys the ledger does not have (aborted batches); skipped them"
-        );
-    }
+    replayed.log_skipped();
     {
         let mut store = tx
             .prepare_cached(
