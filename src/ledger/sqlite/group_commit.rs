@@ -6,8 +6,8 @@
 //! busy machine each wake-up waits for a CPU: with `durability = "ledger"` a request waits
 //! for a commit, and those waits were most of a commit's time, more than the SQL or the
 //! fsync. Here the whole commit is one job for one thread that owns a connection of its own
-//! and runs the statements back to back, row by row through cached statements (no round
-//! trip makes a statement per row costly on SQLite): one wake-up there, one back.
+//! and runs the statements back to back, row by row through cached statements (without a
+//! round trip each, a statement per row costs little on SQLite): one wake-up there, one back.
 //!
 //! The rules are the same as the generic path's (`sql/events.rs`), the replay is the same
 //! code ([`replay`]); the ledger suites run every SQLite file ledger through this path.
