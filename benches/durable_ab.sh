@@ -15,20 +15,10 @@ cd "$(dirname "$0")/.."
 
 A=${1:?binary A} B=${2:?binary B} ROUNDS=${3:-3} ENGINE=${4:-redis}
 SECS=${SECS:-6} CONNS=${CONNS:-32} CODES=1000
-command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; exit 1; }
+. benches/lib.sh
 
 ADMIN=admin-token-durable-ab-0001
 MERCHANT=merchant-token-durable-ab
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 # Per thread name: CPU ticks and context switches so far.
 threads() {

@@ -35,18 +35,8 @@ if [ -z "${KAMIGATE_BIN:-}" ] || [ -z "${BASELINE_BIN:-}" ]; then
   cargo build --release --quiet --bin kamigate --bin baseline-edge
   KAMIGATE_BIN=target/release/kamigate BASELINE_BIN=target/release/baseline-edge
 fi
-command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; exit 1; }
+. benches/lib.sh
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # CPU seconds (user + system) a process has used so far.
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / hz }' "/proc/$1/stat"; }
 wait_http() {
