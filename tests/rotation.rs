@@ -10,9 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
+use kamigate::engine::embedded::EmbeddedEngine;
 use kamigate::engine::keys::sku_keys;
 use kamigate::engine::Script;
-use kamigate::secrets::keyfile::{add_data_key, KEY_FILE};
+use kamigate::inventory::Inventory;
+use kamigate::secrets::keyfile::{add_data_key, resolve, KeyOrigin, KEY_FILE};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use support::eventually::eventually;
@@ -236,6 +238,36 @@ async fn redis_rotates_through_the_command_under_load() {
         })
     })
     .await;
+}
+
+/// Claims that meet a newer data key together must all open their codes: only the first
+/// to read the key file again finds something new in it, and the others, holding the
+/// keyring of before, must be handed the one it installed.
+#[tokio::test]
+async fn every_caller_that_met_a_new_data_key_gets_the_keyring_holding_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (ring, source) = resolve(None, dir.path()).expect("a key file");
+    let engine = EmbeddedEngine::start().expect("embedded engine starts");
+    let inventory = Inventory::new(Arc::new(engine));
+    inventory.use_keyring(Arc::new(ring));
+    inventory.set_key_origin(KeyOrigin { source, env: None });
+    let before = inventory.keyring();
+    assert!(
+        inventory.keyring_newer_than(&before).is_none(),
+        "nothing new yet"
+    );
+
+    add_data_key(&dir.path().join(KEY_FILE), "d2").expect("key added");
+    let first = inventory
+        .keyring_newer_than(&before)
+        .expect("the first reader");
+    let second = inventory
+        .keyring_newer_than(&before)
+        .expect("a reader close behind");
+    for ring in [&first, &second] {
+        assert_eq!(ring.data_ids(), ["d2", "d1"]);
+    }
+    assert!(inventory.keyring_newer_than(&first).is_none());
 }
 
 /// A key text with index key `index` and data key `d1`, fixed bytes per id.

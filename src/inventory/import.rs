@@ -378,8 +378,8 @@ fn blacklist_digests(
     let mut keyring = inventory.keyring();
     let mut digests = settings.blacklist_digests(&keyring, sku);
     if let Err(crate::secrets::OpenError::UnknownKey(_)) = digests {
-        if matches!(inventory.reload_keys(), Ok(true)) {
-            keyring = inventory.keyring();
+        if let Some(newer) = inventory.keyring_newer_than(&keyring) {
+            keyring = newer;
             digests = settings.blacklist_digests(&keyring, sku);
         }
     }

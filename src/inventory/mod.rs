@@ -315,6 +315,18 @@ impl Inventory {
         Ok(true)
     }
 
+    /// The keyring to try again with after `stale` met a data key it lacks: the keyring's
+    /// origin is read again, and the keyring in use after that is returned unless it is
+    /// `stale` itself. Concurrent callers that met the new key together all get it, though
+    /// only the first one's read finds anything new; `None` when nothing newer exists.
+    pub fn keyring_newer_than(&self, stale: &Arc<Keyring>) -> Option<Arc<Keyring>> {
+        if let Err(e) = self.reload_keys() {
+            tracing::warn!(error = %e, "reading the data keys again failed");
+        }
+        let now = self.keyring();
+        (!Arc::ptr_eq(&now, stale)).then_some(now)
+    }
+
     /// Seals and digests with `keyring` from now on, in every clone of this inventory.
     pub fn use_keyring(&self, keyring: Arc<Keyring>) {
         *self.keyring.write().unwrap_or_else(|e| e.into_inner()) = keyring;
@@ -1086,8 +1098,8 @@ impl Inventory {
             let mut opened = keyring.open(sku, local, stored);
             if let Err(crate::secrets::OpenError::UnknownKey(_)) = opened {
                 // Sealed under a key added since this keyring was read: read it again once.
-                if matches!(self.reload_keys(), Ok(true)) {
-                    keyring = self.keyring();
+                if let Some(newer) = self.keyring_newer_than(&keyring) {
+                    keyring = newer;
                     opened = keyring.open(sku, local, stored);
                 }
             }
