@@ -696,3 +696,183 @@ async fn sentinel_url_finds_the_master() {
     let stored = master.redis_cli(&["GET", "kg:{s}:k"]).await;
     assert_eq!(stored.as_str(), Some("v"), "the write reached the master");
 }
+
+/// `stream.lua`'s keys for SKU `sku`.
+fn stream_keys(sku: &str) -> Vec<String> {
+    ["events", "dead", "meta"]
+        .iter()
+        .map(|k| format!("kg:{{{sku}}}:{k}"))
+        .collect()
+}
+
+/// A `read` of new entries only, acknowledging `acks` of generation `gen` first.
+fn read_new(count: &str, gen: &str, acks: &[&str]) -> Vec<String> {
+    let mut args = strings(&["read", "ledger", "w1", count, "30000", "n"]);
+    if !acks.is_empty() {
+        args.push(gen.to_owned());
+        args.extend(strings(acks));
+    }
+    args
+}
+
+/// Appends the same entry, with the same id, to the streams of SKUs `a` and `b`.
+async fn add_to_both(cli: impl AsyncFn(&[&str]), id: &str, fields: &[&str]) {
+    for sku in ["a", "b"] {
+        let key = format!("kg:{{{sku}}}:events");
+        let mut args = vec!["XADD", key.as_str(), id];
+        args.extend_from_slice(fields);
+        cli(&args).await;
+    }
+}
+
+/// The writer's read of new entries through [`ScriptEngine::read_new_entries`] (SKU `b`)
+/// answers exactly what `stream.lua` answers reading them itself (SKU `a`, identical), step
+/// by step: the group created on the first read, partial and empty reads, acknowledgements
+/// of the SKU's generation and of another one, entries of many and of empty fields.
+async fn reads_of_new_entries_match_the_script(
+    engine: &RedisEngine,
+    cli: impl AsyncFn(&[&str]) + Copy,
+) {
+    let step = async |args: Vec<String>| {
+        let scripted = engine
+            .eval(&SCRIPTS.stream, stream_keys("a"), args.clone())
+            .await
+            .expect("the script's read");
+        let beside = engine
+            .read_new_entries(stream_keys("b"), args)
+            .await
+            .expect("the read beside the script");
+        assert_eq!(beside, scripted);
+        scripted
+    };
+    // A writer's first read of a SKU is a script call, which loads the library on the
+    // SKU's node if it lacks it (see the test below for a read without it).
+    for sku in ["a", "b"] {
+        let backlog = strings(&["backlog", "ledger", "0"]);
+        engine
+            .eval(&SCRIPTS.stream, stream_keys(sku), backlog)
+            .await
+            .expect("a backlog");
+    }
+    let wide: Vec<String> = (0..20)
+        .flat_map(|i| [format!("f{i}"), String::new()])
+        .collect();
+    let wide: Vec<&str> = wide.iter().map(String::as_str).collect();
+    add_to_both(cli, "5-1", &["t", "claim", "at", "5", "ids", "1"]).await;
+    add_to_both(cli, "5-2", &wide).await;
+    add_to_both(cli, "6-0", &["t", "redeem", "at", "6", "ids", "1"]).await;
+
+    let first = step(read_new("2", "", &[])).await;
+    let items = first.as_array().expect("array");
+    assert_eq!(items.len(), 10, "head and two entries: {first:?}");
+    assert_eq!(items[6], Reply::Int(2), "two new");
+    let second = step(read_new("10", "", &["5-1", "5-2"])).await;
+    assert_eq!(second.as_array().expect("array").len(), 9, "{second:?}");
+    assert_eq!(
+        step(read_new("10", "", &["6-0"]))
+            .await
+            .as_array()
+            .map(<[_]>::len),
+        Some(8)
+    );
+    for sku in ["a", "b"] {
+        cli(&["HSET", &format!("kg:{{{sku}}}:meta"), "gen", "7"]).await;
+    }
+    add_to_both(cli, "7-0", &["t", "void", "at", "7", "ids", "2"]).await;
+    // Acknowledgements of another generation are ignored; the entry is read all the same.
+    let other = step(read_new("10", "6", &["7-0"])).await;
+    assert_eq!(other.as_array().map(<[_]>::len), Some(9), "{other:?}");
+    assert_eq!(other.as_array().expect("array")[7], bulk("7"));
+    step(read_new("10", "7", &["7-0"])).await;
+}
+
+#[tokio::test]
+async fn the_writers_read_of_new_entries_answers_as_the_script_does() {
+    let server = RedisServer::start().await;
+    let engine = engine_for(&server).await;
+    let cli = async |args: &[&str]| {
+        server.redis_cli(args).await;
+    };
+    reads_of_new_entries_match_the_script(&engine, cli).await;
+    // One transaction per read beside the script, no other round trip.
+    assert_eq!(calls_of(&server, "exec").await, 5);
+    assert_eq!(calls_of(&server, "xreadgroup").await, 5 + 5);
+}
+
+#[tokio::test]
+async fn the_writers_read_of_new_entries_matches_the_script_on_a_cluster() {
+    let cluster = RedisCluster::start(3).await;
+    let engine = RedisEngine::connect(&cluster.url(), fast_options())
+        .await
+        .expect("connect to the cluster");
+    let client = engine.client().clone();
+    let cli = async |args: &[&str]| {
+        use fred::interfaces::ClientLike;
+        use fred::types::{ClusterHash, CustomCommand};
+        let (command, rest) = args.split_first().expect("a command");
+        let hash = ClusterHash::Custom(fred::util::redis_keyslot(rest[0].as_bytes()));
+        let argv: Vec<fred::types::Value> = rest.iter().map(|a| (*a).into()).collect();
+        client
+            .custom::<fred::types::Value, _>(CustomCommand::new(*command, hash, false), argv)
+            .await
+            .expect("the command");
+    };
+    reads_of_new_entries_match_the_script(&engine, cli).await;
+}
+
+/// A read of new entries that finds no function library loads it and fails; the entries
+/// its `XREADGROUP` delivered all the same are this consumer's own pending ones, which its
+/// next read of its own entries takes, and the read after that works again.
+#[tokio::test]
+async fn a_read_of_new_entries_without_the_library_leaves_its_entries_pending() {
+    let server = RedisServer::start().await;
+    let engine = engine_for(&server).await;
+    server
+        .redis_cli(&["XADD", "kg:{b}:events", "5-1", "t", "claim", "at", "5"])
+        .await;
+    engine
+        .eval(
+            &SCRIPTS.exists,
+            vec!["kg:{b}:meta".into()],
+            strings(&["gen"]),
+        )
+        .await
+        .expect("the library loaded");
+    engine
+        .read_new_entries(stream_keys("b"), read_new("10", "", &[]))
+        .await
+        .expect("a first read creates the group");
+    server
+        .redis_cli(&["XADD", "kg:{b}:events", "6-0", "t", "claim", "at", "6"])
+        .await;
+    server.redis_cli(&["FUNCTION", "FLUSH"]).await;
+    assert_unavailable(
+        engine
+            .read_new_entries(stream_keys("b"), read_new("10", "", &[]))
+            .await,
+    );
+    let mut own = read_new("10", "", &[]);
+    own[5] = "ocn".into();
+    let reply = engine
+        .eval(&SCRIPTS.stream, stream_keys("b"), own)
+        .await
+        .expect("a read of its own entries");
+    let items = reply.as_array().expect("array");
+    assert_eq!(
+        items[4],
+        Reply::Int(2),
+        "both delivered entries are its own: {reply:?}"
+    );
+    server
+        .redis_cli(&["XADD", "kg:{b}:events", "7-0", "t", "claim", "at", "7"])
+        .await;
+    let next = engine
+        .read_new_entries(stream_keys("b"), read_new("10", "", &["5-1", "6-0"]))
+        .await
+        .expect("the library is back");
+    assert_eq!(
+        next.as_array().expect("array")[6],
+        Reply::Int(1),
+        "{next:?}"
+    );
+}

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use futures_util::future::BoxFuture;
 
-use super::{EngineError, EngineKind, Reply, Script, ScriptEngine};
+use super::{EngineError, EngineKind, Reply, Script, ScriptEngine, SCRIPTS};
 use crate::metrics as m;
 
 /// An engine whose script calls are measured. See the module documentation.
@@ -41,22 +41,15 @@ impl ScriptEngine for Measured {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> BoxFuture<'_, Result<Reply, EngineError>> {
-        Box::pin(async move {
-            let started = Instant::now();
-            let result = self.inner.eval(script, keys, args).await;
-            let engine = self.inner.kind().as_str();
-            metrics::histogram!(m::SCRIPT_DURATION, "script" => script.name(), "engine" => engine)
-                .record(started.elapsed().as_secs_f64());
-            if let Err(e) = &result {
-                let kind = match e {
-                    EngineError::Unavailable(_) => "unavailable",
-                    EngineError::Script { .. } => "script",
-                };
-                metrics::counter!(m::SCRIPT_ERRORS, "script" => script.name(), "kind" => kind)
-                    .increment(1);
-            }
-            result
-        })
+        self.measure(script, self.inner.eval(script, keys, args))
+    }
+
+    fn read_new_entries(
+        &self,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> BoxFuture<'_, Result<Reply, EngineError>> {
+        self.measure(&SCRIPTS.stream, self.inner.read_new_entries(keys, args))
     }
 
     fn hexists(&self, key: String, field: String) -> BoxFuture<'_, Result<bool, EngineError>> {
@@ -77,6 +70,32 @@ impl ScriptEngine for Measured {
 
     fn kind(&self) -> EngineKind {
         self.inner.kind()
+    }
+}
+
+impl Measured {
+    /// Runs `call`, a call of `script`, recording its latency and any failure.
+    fn measure<'a>(
+        &'a self,
+        script: &'static Script,
+        call: BoxFuture<'a, Result<Reply, EngineError>>,
+    ) -> BoxFuture<'a, Result<Reply, EngineError>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let result = call.await;
+            let engine = self.inner.kind().as_str();
+            metrics::histogram!(m::SCRIPT_DURATION, "script" => script.name(), "engine" => engine)
+                .record(started.elapsed().as_secs_f64());
+            if let Err(e) = &result {
+                let kind = match e {
+                    EngineError::Unavailable(_) => "unavailable",
+                    EngineError::Script { .. } => "script",
+                };
+                metrics::counter!(m::SCRIPT_ERRORS, "script" => script.name(), "kind" => kind)
+                    .increment(1);
+            }
+            result
+        })
     }
 }
 

@@ -133,6 +133,19 @@ pub trait ScriptEngine: Any + Send + Sync + 'static {
         })
     }
 
+    /// The event writer's read of entries never delivered: `lua/stream.lua` `read` with
+    /// `KEYS` = `keys` and `ARGV` = `args`, whose sources (`ARGV[6]`) are `n` only, with its
+    /// reply. An engine may leave the entries to a plain `XREADGROUP … >` run in one
+    /// transaction right after the script (given no sources), which then only acknowledges
+    /// and reports: Lua need not copy every entry into a table and back into the reply.
+    fn read_new_entries(
+        &self,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> BoxFuture<'_, Result<Reply, EngineError>> {
+        self.eval(&SCRIPTS.stream, keys, args)
+    }
+
     /// Answers when the engine can serve scripts (readiness).
     fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>>;
 

@@ -19,6 +19,11 @@
 //!   burst of concurrent calls compiles it once, not once per call.
 //! - **EVALSHA, then EVAL on `NOSCRIPT`**, for scripts outside the library (tests' probes):
 //!   `NOSCRIPT` means nothing ran, and `EVAL` with the source runs it and caches it again.
+//! - **The event writer's reads of new entries beside the script.** A busy writer reads the
+//!   entries it has not seen after each commit; `XREADGROUP` answers them straight from the
+//!   stream, where `stream.lua` would copy each one into a Lua table and back. The read is one
+//!   `MULTI` of the script (acknowledging and reporting only) and `XREADGROUP`
+//!   ([`ScriptEngine::read_new_entries`]), so it stays one atomic step.
 //! - **Raw reply frames.** Replies are converted from the protocol frames rather than from
 //!   fred's `Value`, because `Value` cannot tell a status reply (`{ok=…}`) from a bulk string,
 //!   and error replies nested in arrays must not be lost. RESP2 is forced, so the conversion
@@ -40,13 +45,13 @@ use std::time::{Duration, Instant};
 
 use fred::prelude::{
     Client, ClientLike, ClusterInterface, Config, EventInterface, HashesInterface, Options,
-    ReconnectPolicy, TcpConfig, Value,
+    ReconnectPolicy, TcpConfig, TransactionInterface, Value,
 };
 use fred::types::{Builder, ClusterHash, CustomCommand, Resp3Frame, RespVersion};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 
-use super::{EngineError, EngineKind, Reply, Script, ScriptEngine, LIBRARY};
+use super::{EngineError, EngineKind, Reply, Script, ScriptEngine, LIBRARY, SCRIPTS};
 
 /// Connection settings of [`RedisEngine`]. Start from [`RedisOptions::default`] and override
 /// fields with struct update syntax.
@@ -417,6 +422,96 @@ impl RedisEngine {
         to_reply(frame).map_err(|message| self.reply_error(script, message))
     }
 
+    /// [`ScriptEngine::read_new_entries`] in one `MULTI`: `stream.lua` with no sources
+    /// acknowledges and reports, then `XREADGROUP … >` reads the entries, and they join the
+    /// script's reply as if it had read them (counted as `new`). Redis answers them
+    /// straight from the stream; through Lua, each entry's ~20 fields became a table and
+    /// then the reply again, about two thirds of a read's Redis time (BENCHMARKS.md).
+    ///
+    /// `EXEC` runs the `XREADGROUP` whatever the script answered, so a failed call may
+    /// have delivered entries its caller never sees. They stay pending for this consumer,
+    /// like those of a read whose answer was lost, and the writer's next read of its own
+    /// entries takes them.
+    async fn read_new_entries_beside(
+        &self,
+        keys: Vec<String>,
+        mut args: Vec<String>,
+    ) -> Result<Reply, EngineError> {
+        let script = &SCRIPTS.stream;
+        let (Some(function), Some(events)) = (script.function(), keys.first()) else {
+            return self.eval_script(script, keys, args).await;
+        };
+        let [op, group, consumer, count, _, sources, ..] = args.as_slice() else {
+            return self.eval_script(script, keys, args).await;
+        };
+        if op != "read" || sources != "n" {
+            return self.eval_script(script, keys, args).await;
+        }
+        let read: Vec<Value> = [
+            "GROUP", group, consumer, "COUNT", count, "STREAMS", events, ">",
+        ]
+        .into_iter()
+        .map(Value::from)
+        .collect();
+        let hash = ClusterHash::Custom(fred::util::redis_keyslot(events.as_bytes()));
+        args[5].clear();
+        let mut fcall = Vec::with_capacity(2 + keys.len() + args.len());
+        fcall.push(Value::from(function));
+        fcall.push(Value::Integer(
+            i64::try_from(keys.len()).unwrap_or(i64::MAX),
+        ));
+        fcall.extend(keys.into_iter().map(Value::from));
+        fcall.extend(args.into_iter().map(Value::from));
+
+        let transaction = self.client.multi();
+        let queue = transaction.with_options(self.calls.options());
+        for (command, argv) in [("FCALL", fcall), ("XREADGROUP", read)] {
+            queue
+                .custom_raw(
+                    CustomCommand::new_static(command, hash.clone(), false),
+                    argv,
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+        }
+        let replies = match transaction.exec::<Value>(false).await {
+            Ok(Value::Array(replies)) => replies,
+            Ok(_) => return Err(self.reply_error(script, "EXEC answered no array".into())),
+            Err(e) if is_reply(&e) => {
+                let message = e.details().to_owned();
+                if is_function_not_found(&message) {
+                    // Loaded for the next read; this one is lost (see above).
+                    self.load_library(hash, script).await?;
+                    return Err(EngineError::Unavailable(
+                        "Redis had no function library; loaded it".into(),
+                    ));
+                }
+                return Err(self.reply_error(script, message));
+            }
+            Err(e) => return Err(unavailable(&e)),
+        };
+        let [head, fresh] = <[Value; 2]>::try_from(replies)
+            .map_err(|_| self.reply_error(script, "EXEC answered other than two replies".into()))?;
+        let Reply::Array(mut reply) = value_to_reply(head) else {
+            return Err(self.reply_error(script, "read answered no array".into()));
+        };
+        let entries = stream_entries(value_to_reply(fresh))
+            .ok_or_else(|| self.reply_error(script, "XREADGROUP answered no stream".into()))?;
+        // An entry deleted by hand comes back without fields: never committable, as the
+        // script's own reads skip it.
+        let before = reply.len();
+        reply.extend(entries.into_iter().filter(|e| {
+            e.as_array()
+                .is_some_and(|e| matches!(e.get(1), Some(Reply::Array(_))))
+        }));
+        let new = i64::try_from(reply.len() - before).unwrap_or(i64::MAX);
+        match reply.get_mut(6) {
+            Some(slot @ Reply::Int(0)) => *slot = Reply::Int(new),
+            _ => return Err(self.reply_error(script, "read answered no head".into())),
+        }
+        Ok(Reply::Array(reply))
+    }
+
     /// Classifies an error reply: the server's availability problems are
     /// [`EngineError::Unavailable`], anything else is the script's fault.
     fn reply_error(&self, script: &Script, message: String) -> EngineError {
@@ -468,6 +563,14 @@ impl ScriptEngine for RedisEngine {
         args: Vec<String>,
     ) -> BoxFuture<'_, Result<Reply, EngineError>> {
         self.eval_script(script, keys, args).boxed()
+    }
+
+    fn read_new_entries(
+        &self,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> BoxFuture<'_, Result<Reply, EngineError>> {
+        self.read_new_entries_beside(keys, args).boxed()
     }
 
     fn hexists(&self, key: String, field: String) -> BoxFuture<'_, Result<bool, EngineError>> {
@@ -599,6 +702,55 @@ fn log_connection_changes(client: &Client) {
 /// Whether an error reply is `FCALL`'s for a function Redis does not have.
 fn is_function_not_found(message: &str) -> bool {
     message.starts_with("ERR Function not found")
+}
+
+/// Whether fred's error is an error reply of the server (fred names its kind from the
+/// reply's first word), not a failure to get one.
+fn is_reply(e: &fred::error::Error) -> bool {
+    use fred::error::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::Unknown | ErrorKind::InvalidArgument | ErrorKind::InvalidCommand
+    ) && !e.details().is_empty()
+}
+
+/// A value of a transaction's reply (fred gives no frames there) converted like
+/// [`to_reply`]; nested errors never reach here (they fail the whole `EXEC`).
+fn value_to_reply(value: Value) -> Reply {
+    match value {
+        Value::Null => Reply::Nil,
+        Value::Integer(i) => Reply::Int(i),
+        Value::Double(d) => Reply::Int(d as i64),
+        Value::Boolean(true) => Reply::Int(1),
+        Value::Boolean(false) => Reply::Nil,
+        Value::String(s) => Reply::Bulk(s.into_inner()),
+        Value::Bytes(b) => Reply::Bulk(b),
+        Value::Queued => Reply::Status("QUEUED".into()),
+        Value::Array(items) => Reply::Array(items.into_iter().map(value_to_reply).collect()),
+        Value::Map(map) => Reply::Array(
+            map.inner()
+                .into_iter()
+                .flat_map(|(k, v)| [Reply::Bulk(k.into_bytes()), value_to_reply(v)])
+                .collect(),
+        ),
+    }
+}
+
+/// The entries of an `XREADGROUP` reply naming one stream: `[[name, entries]]` in RESP2,
+/// `[name, entries]` once a RESP3 map is flattened; nil when nothing was new.
+fn stream_entries(reply: Reply) -> Option<Vec<Reply>> {
+    let Reply::Array(items) = reply else {
+        return matches!(reply, Reply::Nil).then(Vec::new);
+    };
+    let pair = match <[Reply; 1]>::try_from(items) {
+        Ok([Reply::Array(pair)]) => pair,
+        Ok(_) => return None,
+        Err(items) => items,
+    };
+    match <[Reply; 2]>::try_from(pair) {
+        Ok([_, Reply::Array(entries)]) => Some(entries),
+        _ => None,
+    }
 }
 
 /// Whether an error reply is `FUNCTION LOAD`'s for a library of that name already there.

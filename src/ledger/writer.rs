@@ -389,11 +389,12 @@ impl EventWriter {
     async fn eval(&self, sku: &str, args: Vec<String>) -> Result<Reply, EngineError> {
         self.inner
             .engine
-            .eval(
-                &SCRIPTS.stream,
-                vec![events_key(sku), dead_letters_key(sku), meta_key(sku)],
-                args,
-            )
+            .eval(&SCRIPTS.stream, self.stream_keys(sku), args)
             .await
+    }
+
+    /// `lua/stream.lua`'s keys for `sku`.
+    fn stream_keys(&self, sku: &str) -> Vec<String> {
+        vec![events_key(sku), dead_letters_key(sku), meta_key(sku)]
     }
 }
