@@ -1091,6 +1091,55 @@ async fn run_drains_every_sku_through_an_outage(env: Env) {
         .expect("run does not panic");
 }
 
+/// A writer that committed a partial batch nobody waited for lingers before reading again,
+/// but an answer that starts waiting wakes it at once: here the linger (and the idle poll)
+/// last a minute, and the waiter is answered within its 20 s.
+async fn a_lingering_writer_is_woken_by_a_waiter(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 4).await;
+    env.claim(sku, "o-1", 1, None).await;
+    let writer = EventWriter::new(
+        env.engine.clone(),
+        env.ledger.clone(),
+        WriterOptions {
+            group: GROUP.into(),
+            consumer: "w1".into(),
+            idle_poll_ms: 60_000,
+            linger_ms: 60_000,
+            ..WriterOptions::default()
+        },
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(writer.clone().run(stopped));
+    // The first round commits o-1's event, a partial batch nobody waits for: it lingers
+    // (with its acknowledgement, which the next read carries).
+    let ledger = &env.ledger;
+    eventually(
+        Duration::from_secs(20),
+        "the first event to be committed",
+        || async move { ledger.counts(sku).await.expect("counts").claimed },
+        |claimed| *claimed == 1,
+    )
+    .await;
+    let next = env
+        .claim(sku, "o-2", 1, None)
+        .await
+        .event_id
+        .expect("a claim names its event");
+    assert!(
+        writer
+            .wait_committed(sku, &next, Duration::from_secs(20))
+            .await,
+        "the waiter woke the lingering writer"
+    );
+    env.assert_in_step(sku).await;
+    stop.send(true).expect("the writer listens");
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("run stops when told")
+        .expect("run does not panic");
+}
+
 // ---- a ledger that fails on demand -----------------------------------------------------
 
 /// Wraps a ledger; `apply_events` fails as told, everything else passes through.
@@ -1446,6 +1495,7 @@ on_both_engines!(
     consumers_of_stopped_gateways_are_reaped,
     ledger_outage_loses_nothing_and_doubles_nothing,
     run_drains_every_sku_through_an_outage,
+    a_lingering_writer_is_woken_by_a_waiter,
     failed_commits_behind_reads_ahead_are_retried_oldest_first,
     a_rebuild_waits_for_every_gateway_alive_to_write_its_answers,
 );

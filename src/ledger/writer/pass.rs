@@ -17,6 +17,9 @@ use crate::metrics::{
 /// the pending list, which holds the batch being committed.
 const RECLAIM_EVERY: Duration = Duration::from_secs(1);
 
+/// Entries decoded between two yields to the runtime.
+const DECODED_PER_TURN: usize = 32;
+
 /// A SKU's pipeline between passes (see "Pipelined passes" in the writer's docs).
 #[derive(Debug, Default)]
 pub(super) struct Cursor {
@@ -140,8 +143,10 @@ impl EventWriter {
         let read_ahead = read_ahead && (from_ahead || read.own < batch);
         // Only a full batch says more is waiting now; after a partial one the next batch is
         // read while the transaction commits, not before its statements (see "Pipelined
-        // passes" in the writer's docs).
+        // passes" in the writer's docs), and only if an answer waits for it: otherwise
+        // what comes meanwhile waits for a larger commit ("Lingering" in the docs).
         let backlog = read.entries.len() >= batch;
+        let read_ahead = read_ahead && (backlog || self.awaited(sku));
         self.observe(sku, &read);
         if read.entries.is_empty() {
             return Ok(Pass::default());
@@ -152,6 +157,11 @@ impl EventWriter {
         let mut committed: Vec<(usize, StreamId, String)> = Vec::with_capacity(read.entries.len());
         let mut dead = 0;
         for (at, entry) in read.entries.iter().enumerate() {
+            if at % DECODED_PER_TURN == DECODED_PER_TURN - 1 {
+                // A large batch takes milliseconds to decode: the requests sharing this
+                // worker must not wait for all of it.
+                tokio::task::yield_now().await;
+            }
             let (id_text, id, decoded) = decode(sku, entry)?;
             match decoded {
                 Ok(event) => {

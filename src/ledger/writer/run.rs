@@ -31,7 +31,10 @@ impl EventWriter {
     /// Each round visits the SKUs in turn (the list is read again every few seconds) and
     /// drains each while its passes find entries, a bounded number of passes so one busy SKU
     /// cannot starve the others; when a round found nothing it sleeps
-    /// [`WriterOptions::idle_poll_ms`](super::WriterOptions::idle_poll_ms). While the ledger
+    /// [`WriterOptions::idle_poll_ms`](super::WriterOptions::idle_poll_ms), and when it found
+    /// only partial batches no answer waits for ("Lingering" in the module docs)
+    /// [`WriterOptions::linger_ms`](super::WriterOptions::linger_ms), or until an answer
+    /// waits. While the ledger
     /// or the engine is unavailable it retries with exponential backoff up to
     /// [`WriterOptions::max_backoff_ms`](super::WriterOptions::max_backoff_ms), logging the
     /// outage once when it starts and once when it ends. A SKU whose batch the ledger rejects
@@ -48,6 +51,7 @@ impl EventWriter {
         let opts = &self.inner.opts;
         let max_backoff = Duration::from_millis(opts.max_backoff_ms).max(FIRST_BACKOFF);
         let idle = Duration::from_millis(opts.idle_poll_ms);
+        let linger = Duration::from_millis(opts.linger_ms).min(idle);
         let mut outage = Trouble::default();
         let mut troubled: HashMap<String, Trouble> = HashMap::new();
         let mut cursors: HashMap<String, Cursor> = HashMap::new();
@@ -86,6 +90,7 @@ impl EventWriter {
             }
 
             let mut busy = false;
+            let mut lingering = false;
             let mut failure: Option<WriterError> = None;
             'skus: for sku in &skus {
                 if *stop.borrow() {
@@ -103,9 +108,16 @@ impl EventWriter {
                             }
                             // The read ahead is the next batch. Without one, a pass that
                             // committed something is followed by a read of what came
-                            // meanwhile; an empty pass means the SKU had nothing more.
-                            if !cursor.has_ahead() && pass.read == 0 {
-                                break;
+                            // meanwhile, if an answer waits for it or the batch was full;
+                            // an empty pass means the SKU had nothing more.
+                            if !cursor.has_ahead() {
+                                if pass.read == 0 {
+                                    break;
+                                }
+                                if pass.read < opts.batch as usize && !self.awaited(sku) {
+                                    lingering = true;
+                                    break;
+                                }
                             }
                             busy = true;
                         }
@@ -146,11 +158,15 @@ impl EventWriter {
                     continue;
                 }
                 // Idle: acknowledge now what the next read would have, so other gateways
-                // (and the backlog) see it settled without waiting for more events.
-                self.flush_all_acks(&mut cursors).await;
+                // (and the backlog) see it settled without waiting for more events. A
+                // lingering writer reads again in a moment, and that read carries them.
+                if !lingering {
+                    self.flush_all_acks(&mut cursors).await;
+                }
+                let sleep = if lingering { linger } else { idle };
                 tokio::select! {
                     _ = &mut woken => {}
-                    stopped = pause(&mut stop, idle) => if stopped { break },
+                    stopped = pause(&mut stop, sleep) => if stopped { break },
                 }
             }
         }

@@ -102,6 +102,14 @@ impl EventWriter {
         );
     }
 
+    /// Whether an answer waits for a commit of `sku` now ([`EventWriter::wait_committed`]).
+    pub(super) fn awaited(&self, sku: &str) -> bool {
+        self.inner
+            .settled
+            .get(sku)
+            .is_some_and(|tx| tx.receiver_count() > 0)
+    }
+
     /// The settled state of `sku`, created on first use (a waiter may come before a commit).
     pub(super) fn settled_of(&self, sku: &str) -> watch::Sender<Settled> {
         if let Some(tx) = self.inner.settled.get(sku) {
