@@ -132,7 +132,8 @@ pub struct WriterOptions {
     /// Sleep between rounds when no SKU had anything to write.
     pub idle_poll_ms: u64,
     /// Sleep between rounds whose batches were all partial with no answer waiting for them
-    /// (see "Lingering" in the module docs): at most this much longer in the engine only.
+    /// (see "Lingering" in the module docs): events nobody waits for reach the ledger up to
+    /// this much later, in fewer commits. At most [`WriterOptions::idle_poll_ms`].
     pub linger_ms: u64,
     /// Entries left unacknowledged this long by another consumer are taken over: that
     /// consumer is presumed dead. Keep it well above a commit's worst latency (a live
