@@ -12,14 +12,14 @@ mod support;
 mod pg_support;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use kamigate::engine::embedded::EmbeddedEngine;
 use kamigate::engine::keys::{dead_letters_key, events_key, meta_key, sku_keys};
 use kamigate::engine::redis::{RedisEngine, RedisOptions};
-use kamigate::engine::{Reply, Script, ScriptEngine, SCRIPTS};
+use kamigate::engine::{EngineError, Reply, Script, ScriptEngine, SCRIPTS};
 use kamigate::inventory::drift::Drift;
 use kamigate::inventory::reconcile::reconcile_sku;
 use kamigate::inventory::warm::{
@@ -1140,6 +1140,98 @@ async fn a_lingering_writer_is_woken_by_a_waiter(env: Env) {
         .expect("run does not panic");
 }
 
+/// A read of new entries whose answer is lost (the entries were delivered to the writer,
+/// the answer never came) is no loss: the writer reads its own pending entries again before
+/// it trusts reads of new entries only, and every event is committed once. The first such
+/// read is a read ahead (the first read of a SKU includes its own entries and goes through
+/// the script), whose failure fails no pass: nothing else sends the writer back to them.
+async fn read_ahead_answers_lost_are_read_again(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 2).await;
+    for _ in 0..12 {
+        env.void_and_restore("gift.1").await;
+    }
+    let lossy = Arc::new(LossyReads {
+        inner: env.engine.clone(),
+        lost: AtomicBool::new(false),
+    });
+    let writer = EventWriter::new(
+        lossy.clone(),
+        env.ledger.clone(),
+        WriterOptions {
+            group: GROUP.into(),
+            consumer: "w1".into(),
+            batch: 3,
+            idle_poll_ms: 10,
+            max_backoff_ms: 50,
+            ..WriterOptions::default()
+        },
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(writer.clone().run(stopped));
+    for _ in 0..6 {
+        env.void_and_restore("gift.2").await;
+    }
+    let w = &writer;
+    eventually(
+        Duration::from_secs(30),
+        "the ledger to catch up",
+        || async move { w.backlog(sku).await.expect("backlog").in_flight() },
+        |in_flight| *in_flight == 0,
+    )
+    .await;
+    assert!(lossy.lost.load(Ordering::SeqCst), "an answer was lost");
+    env.assert_in_step(sku).await;
+    // gift.1: add, 12 × (void, restore); gift.2: add, 6 × (void, restore).
+    assert_eq!(env.assert_audit_once(sku, 2).await, 25 + 13);
+    stop.send(true).expect("the writer listens");
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("run stops when told")
+        .expect("run does not panic");
+}
+
+/// An engine whose reads of new entries lose the first answer that carries entries.
+struct LossyReads {
+    inner: Arc<dyn ScriptEngine>,
+    lost: AtomicBool,
+}
+
+impl ScriptEngine for LossyReads {
+    fn eval(
+        &self,
+        script: &'static Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> futures_util::future::BoxFuture<'_, Result<Reply, EngineError>> {
+        self.inner.eval(script, keys, args)
+    }
+
+    fn read_new_entries(
+        &self,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> futures_util::future::BoxFuture<'_, Result<Reply, EngineError>> {
+        Box::pin(async move {
+            let reply = self.inner.read_new_entries(keys, args).await?;
+            // Past the head (pending … gen), entries.
+            let entries = reply.as_array().map_or(0, |r| r.len().saturating_sub(8));
+            if entries > 0 && !self.lost.swap(true, Ordering::SeqCst) {
+                return Err(EngineError::Unavailable("the answer was lost".into()));
+            }
+            Ok(reply)
+        })
+    }
+
+    fn ping(&self) -> futures_util::future::BoxFuture<'_, Result<(), EngineError>> {
+        self.inner.ping()
+    }
+
+    fn kind(&self) -> kamigate::engine::EngineKind {
+        self.inner.kind()
+    }
+}
+
 // ---- a ledger that fails on demand -----------------------------------------------------
 
 /// Wraps a ledger; `apply_events` fails as told, everything else passes through.
@@ -1496,6 +1588,7 @@ on_both_engines!(
     ledger_outage_loses_nothing_and_doubles_nothing,
     run_drains_every_sku_through_an_outage,
     a_lingering_writer_is_woken_by_a_waiter,
+    read_ahead_answers_lost_are_read_again,
     failed_commits_behind_reads_ahead_are_retried_oldest_first,
     a_rebuild_waits_for_every_gateway_alive_to_write_its_answers,
 );

@@ -31,6 +31,10 @@ pub(super) struct Cursor {
     ahead: Option<Reply>,
     /// When a read last looked for entries dead consumers left.
     reclaimed_at: Option<Instant>,
+    /// Whether every entry this writer read of the SKU is committed (its id in `unacked`)
+    /// or in `ahead`: then a read need not look for its own pending entries. False until a
+    /// pass succeeds, and after any pass that failed or lost a read ahead.
+    clean: bool,
 }
 
 impl Cursor {
@@ -75,7 +79,7 @@ impl EventWriter {
 
     /// Reads a batch for this writer, acknowledging what `cursor` carries on the way. `own`
     /// includes this writer's own pending entries (first); entries of dead consumers are
-    /// looked for with them, or every [`RECLAIM_EVERY`] while the writer reads ahead.
+    /// looked for with them, or else every [`RECLAIM_EVERY`].
     async fn read(&self, sku: &str, cursor: &mut Cursor, own: bool) -> Result<Reply, WriterError> {
         if cursor.unacked.len() > MAX_BATCH as usize {
             // Only after failed reads: keep one call's arguments bounded.
@@ -131,12 +135,17 @@ impl EventWriter {
         cursor: &mut Cursor,
         read_ahead: bool,
     ) -> Result<Pass, WriterError> {
+        // Known clean, this writer has no pending entries of its own to read first (a busy
+        // SKU's reads then stay reads of new entries only).
+        let own = !std::mem::take(&mut cursor.clean);
         let (reply, from_ahead) = match cursor.ahead.take() {
             Some(reply) => (reply, true),
-            None => (self.read(sku, cursor, true).await?, false),
+            None => (self.read(sku, cursor, own).await?, false),
         };
         let read = ReadReply::parse(&reply)?;
         let batch = self.inner.opts.batch as usize;
+        // A read of its own entries that filled the batch may have left more of them.
+        let own_left = own && !from_ahead && read.own >= batch;
         // A read ahead leaves this writer's own pending entries out, so it must not run while
         // more of them wait than this batch holds (after a failed commit, or a read whose
         // answer was lost): they are older, and are committed first.
@@ -149,6 +158,7 @@ impl EventWriter {
         let read_ahead = read_ahead && (backlog || self.awaited(sku));
         self.observe(sku, &read);
         if read.entries.is_empty() {
+            cursor.clean = true;
             return Ok(Pass::default());
         }
 
@@ -175,6 +185,7 @@ impl EventWriter {
             }
         }
         if events.is_empty() {
+            cursor.clean = !own_left;
             return Ok(Pass {
                 read: read.entries.len(),
                 committed: 0,
@@ -229,7 +240,9 @@ impl EventWriter {
         cursor
             .unacked
             .extend(committed.into_iter().map(|(_, _, text)| text));
-        // A failed read ahead is no failure of this pass: the next pass reads again.
+        // A failed read ahead is no failure of this pass: the next pass reads again, its
+        // own pending entries first (the failed read may have delivered some).
+        cursor.clean = !own_left && !matches!(ahead, Some(Err(_)));
         cursor.ahead = ahead.and_then(Result::ok);
         Ok(pass)
     }
