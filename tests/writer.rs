@@ -939,21 +939,13 @@ async fn failed_commits_behind_reads_ahead_are_retried_oldest_first(env: Env) {
     let flaky = Flaky::new(env.ledger.clone());
     flaky.fail_every(3);
     let writer = env.writer_with(flaky.clone(), "w1", 60_000, 3);
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let running = tokio::spawn(writer.clone().run(stopped));
+    let running = Running::start(&writer);
     // More arrive while it runs.
     for _ in 0..6 {
         env.void_and_restore("gift.2").await;
     }
     env.inv.void("gift.1", "check").await.expect("void");
-    let w = &writer;
-    eventually(
-        Duration::from_secs(30),
-        "the ledger to catch up",
-        || async move { w.backlog(sku).await.expect("backlog").in_flight() },
-        |in_flight| *in_flight == 0,
-    )
-    .await;
+    caught_up(&writer, sku).await;
     assert!(
         flaky.calls() >= 9,
         "commits failed: {} calls",
@@ -977,11 +969,7 @@ async fn failed_commits_behind_reads_ahead_are_retried_oldest_first(env: Env) {
             "{key}: committed out of stream order: {ids:?}"
         );
     }
-    stop.send(true).expect("the writer listens");
-    tokio::time::timeout(Duration::from_secs(10), running)
-        .await
-        .expect("run stops when told")
-        .expect("run does not panic");
+    running.stop().await;
 }
 
 /// Consumers of stopped gateways, owning nothing, are deleted from the group once silent for
@@ -1060,8 +1048,7 @@ async fn run_drains_every_sku_through_an_outage(env: Env) {
     let flaky = Flaky::new(env.ledger.clone());
     flaky.fail_next(3);
     let writer = env.writer_over(flaky.clone(), "w1", 60_000);
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let running = tokio::spawn(writer.clone().run(stopped));
+    let running = Running::start(&writer);
 
     env.claim("gift", "o-1", 2, None).await;
     let held = env.claim("game", "o-1", 1, Some(60_000)).await;
@@ -1084,11 +1071,7 @@ async fn run_drains_every_sku_through_an_outage(env: Env) {
     }
     assert_eq!(flaky.failures_left(), 0, "the outage happened");
 
-    stop.send(true).expect("the writer listens");
-    tokio::time::timeout(Duration::from_secs(10), running)
-        .await
-        .expect("run stops when told")
-        .expect("run does not panic");
+    running.stop().await;
 }
 
 /// A writer that committed a partial batch nobody waited for lingers before reading again,
@@ -1109,8 +1092,7 @@ async fn a_lingering_writer_is_woken_by_a_waiter(env: Env) {
             ..WriterOptions::default()
         },
     );
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let running = tokio::spawn(writer.clone().run(stopped));
+    let running = Running::start(&writer);
     // The first round commits o-1's event, a partial batch nobody waits for: it lingers
     // (with its acknowledgement, which the next read carries).
     let ledger = &env.ledger;
@@ -1133,11 +1115,7 @@ async fn a_lingering_writer_is_woken_by_a_waiter(env: Env) {
         "the waiter woke the lingering writer"
     );
     env.assert_in_step(sku).await;
-    stop.send(true).expect("the writer listens");
-    tokio::time::timeout(Duration::from_secs(10), running)
-        .await
-        .expect("run stops when told")
-        .expect("run does not panic");
+    running.stop().await;
 }
 
 /// A read of new entries whose answer is lost (the entries were delivered to the writer,
@@ -1167,28 +1145,16 @@ async fn read_ahead_answers_lost_are_read_again(env: Env) {
             ..WriterOptions::default()
         },
     );
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let running = tokio::spawn(writer.clone().run(stopped));
+    let running = Running::start(&writer);
     for _ in 0..6 {
         env.void_and_restore("gift.2").await;
     }
-    let w = &writer;
-    eventually(
-        Duration::from_secs(30),
-        "the ledger to catch up",
-        || async move { w.backlog(sku).await.expect("backlog").in_flight() },
-        |in_flight| *in_flight == 0,
-    )
-    .await;
+    caught_up(&writer, sku).await;
     assert!(lossy.lost.load(Ordering::SeqCst), "an answer was lost");
     env.assert_in_step(sku).await;
     // gift.1: add, 12 × (void, restore); gift.2: add, 6 × (void, restore).
     assert_eq!(env.assert_audit_once(sku, 2).await, 25 + 13);
-    stop.send(true).expect("the writer listens");
-    tokio::time::timeout(Duration::from_secs(10), running)
-        .await
-        .expect("run stops when told")
-        .expect("run does not panic");
+    running.stop().await;
 }
 
 /// An engine whose reads of new entries lose the first answer that carries entries.
@@ -1230,6 +1196,40 @@ impl ScriptEngine for LossyReads {
     fn kind(&self) -> kamigate::engine::EngineKind {
         self.inner.kind()
     }
+}
+
+/// A writer's `run`, spawned, to be stopped.
+struct Running {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    fn start(writer: &EventWriter) -> Running {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(writer.clone().run(stopped));
+        Running { stop, task }
+    }
+
+    /// Tells it to stop; it must within 10 s, without panicking.
+    async fn stop(self) {
+        self.stop.send(true).expect("the writer listens");
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("run stops when told")
+            .expect("run does not panic");
+    }
+}
+
+/// Waits (30 s at most) until nothing of `sku`'s stream is owed to the ledger.
+async fn caught_up(writer: &EventWriter, sku: &str) {
+    eventually(
+        Duration::from_secs(30),
+        "the ledger to catch up",
+        || async move { writer.backlog(sku).await.expect("backlog").in_flight() },
+        |in_flight| *in_flight == 0,
+    )
+    .await;
 }
 
 // ---- a ledger that fails on demand -----------------------------------------------------
