@@ -456,7 +456,7 @@ async fn neither_codes_nor_keys_reach_the_logs_or_the_metrics() {
         format!("http://127.0.0.1:{admin}"),
     );
     wait_ready(&admin, std::time::Duration::from_secs(15)).await;
-    let client = reqwest::Client::new();
+    let client = support::gateway::client();
     let ok = |r: reqwest::Response| {
         assert!(r.status().is_success(), "{}", r.status());
         r

@@ -68,7 +68,7 @@ async fn serve_generates_tokens_serves_and_exits_cleanly_on_sigterm() {
         Duration::from_secs(10),
     )
     .await;
-    let client = reqwest::Client::new();
+    let client = support::gateway::client();
     let put = client
         .put(format!("http://127.0.0.1:{admin}/v1/skus/bin"))
         .bearer_auth(&admin_token)
@@ -559,7 +559,7 @@ async fn generated_tokens_survive_a_restart_and_stay_out_of_the_log() {
             .mode();
         assert_eq!(mode & 0o777, 0o600, "only its owner reads the token file");
         let (merchant, admin_token) = kept_tokens(&data);
-        let client = reqwest::Client::new();
+        let client = support::gateway::client();
         let created = client
             .put(format!("http://127.0.0.1:{admin}/v1/skus/{start}"))
             .bearer_auth(&admin_token)
@@ -643,7 +643,7 @@ async fn the_shutdown_delay_is_taken_only_when_something_may_route_here() {
         |text| text.contains("kamigate is serving"),
     )
     .await;
-    let client = reqwest::Client::new();
+    let client = support::gateway::client();
     let health = format!("http://127.0.0.1:{public}/healthz");
     eventually(
         Duration::from_secs(20),

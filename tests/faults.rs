@@ -201,7 +201,7 @@ async fn a_killed_gateway_loses_no_answered_claim() {
     )
     .expect("config written");
     let mut gw = spawn_gateway(&config, public, admin).await;
-    let client = reqwest::Client::new();
+    let client = support::gateway::client();
     let put = client
         .put(format!("{}/v1/skus/storm", gw.admin))
         .bearer_auth(ADMIN_TOKEN)

@@ -105,7 +105,7 @@ impl Gateway {
 
     async fn start(&mut self) {
         let mut child = spawn_serve(&self.config);
-        let client = reqwest::Client::new();
+        let client = support::gateway::client();
         let ready = format!("{}/readyz", self.admin);
         eventually(
             Duration::from_secs(60),
@@ -675,7 +675,7 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         durability.unwrap_or("default")
     );
     let mut world = World::start(engine, ledger, durability).await;
-    let client = reqwest::Client::new();
+    let client = support::gateway::client();
     let admin = world.gateways[0].admin.clone();
     // More codes than the workload can take: any `ERR_SOLD_OUT` is a bug.
     let stock = 300 * secs.max(10) as usize;
@@ -950,7 +950,7 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
 async fn paused_across_a_redis_loss(grace_ms: u64) -> (World, String) {
     let mut world =
         World::start_with(Engine::Redis, LedgerDb::Postgres, Some("engine"), grace_ms).await;
-    let client = reqwest::Client::new();
+    let client = support::gateway::client();
     let codes = (0..20).map(|i| format!("LATE-{i:04}\n")).collect();
     stock_sku(&client, &world.gateways[0].admin, "late", codes).await;
     settle(&client, &world.gateways[0], "late").await;
@@ -973,7 +973,7 @@ async fn paused_across_a_redis_loss(grace_ms: u64) -> (World, String) {
 
 /// Claims one code of SKU `late` for `order` through `gw`.
 async fn claim_late(gw: &Gateway, order: &str) -> (StatusCode, Value) {
-    let res = reqwest::Client::new()
+    let res = support::gateway::client()
         .post(format!("{}/v1/skus/late/claims", gw.public))
         .bearer_auth(MERCHANT_TOKEN)
         .json(&json!({"order_id": order}))
@@ -985,7 +985,7 @@ async fn claim_late(gw: &Gateway, order: &str) -> (StatusCode, Value) {
 
 /// GET `path` on `gw`'s public listener: status and body (503 when unreachable).
 async fn read_late(gw: &Gateway, path: &str) -> (StatusCode, Value) {
-    let res = reqwest::Client::new()
+    let res = support::gateway::client()
         .get(format!("{}{path}", gw.public))
         .bearer_auth(MERCHANT_TOKEN)
         .send()
@@ -1008,7 +1008,7 @@ async fn the_late_claim_stands(world: &World, code: &str) {
     )
     .await;
     assert_eq!(found["keys"][0]["code"], code, "{found}");
-    let view = settle(&reqwest::Client::new(), gw, "late").await;
+    let view = settle(&support::gateway::client(), gw, "late").await;
     assert_eq!(view["engine"]["claimed"], 1, "{view}");
     for i in 0..19 {
         let (status, body) = claim_late(gw, &format!("o-{i}")).await;

@@ -96,7 +96,7 @@ impl Served {
             _child: child,
             public: format!("http://127.0.0.1:{public}"),
             admin: format!("http://127.0.0.1:{admin}"),
-            client: reqwest::Client::new(),
+            client: support::gateway::client(),
             log,
         };
         wait_ready(&served.admin, Duration::from_secs(30)).await;

@@ -74,7 +74,7 @@ async fn terminate(mut child: Child) {
 
 /// Waits until `url` answers 503 (while the gateway starts), and returns its body.
 async fn starting(url: &str) -> Value {
-    let client = reqwest::Client::new();
+    let client = support::gateway::client();
     let answer = eventually(
         WITHIN,
         "the starting gateway to answer its probe",
@@ -95,7 +95,7 @@ async fn starting(url: &str) -> Value {
 
 /// What the admin listener's `/readyz` gives as the reason, once it names `what`.
 async fn reason_naming(admin: &str, what: &str) -> String {
-    let client = reqwest::Client::new();
+    let client = support::gateway::client();
     let url = format!("{admin}/readyz");
     let body = eventually(
         WITHIN,
@@ -167,7 +167,7 @@ async fn a_gateway_started_before_redis_waits_for_it_then_serves() {
     assert_human(&reason);
     let public = starting(&format!("{}/readyz", gateway.public)).await;
     assert_eq!(public["reason"], "waiting for Redis", "{public}");
-    let client = reqwest::Client::new();
+    let client = support::gateway::client();
     let health = client
         .get(format!("{}/healthz", gateway.public))
         .send()
@@ -244,7 +244,7 @@ async fn a_gateway_started_before_postgresql_waits_for_it_then_serves() {
 
     postgres.up();
     wait_ready(&gateway.admin, WITHIN).await;
-    let client = reqwest::Client::new();
+    let client = support::gateway::client();
     let created = create_sku(&client, &gateway.admin, "late-db").await;
     assert_eq!(created, StatusCode::CREATED, "the ledger took it");
 
