@@ -9,12 +9,15 @@
 # split by thread name (the runtime's workers, the ledger's threads), its context switches
 # per claim, and Redis's CPU per claim. Runs alternate A, B, A, B… so that a machine whose
 # load drifts treats both alike: compare the binaries within a round, and ledger mode with
-# engine mode of the same binary and round.
+# engine mode of the same binary and round. PER=N (default 1) sends N orders a request
+# through the batch claim route instead, figures per claim; MODES (default "engine ledger")
+# picks the durability modes. CPU is counted until the ledger has every event of the run, so
+# an engine-mode writer's backlog is counted in its run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 A=${1:?binary A} B=${2:?binary B} ROUNDS=${3:-3} ENGINE=${4:-redis}
-SECS=${SECS:-6} CONNS=${CONNS:-32} CODES=1000
+SECS=${SECS:-6} CONNS=${CONNS:-32} CODES=1000 PER=${PER:-1} MODES=${MODES:-engine ledger}
 . benches/lib.sh
 
 ADMIN=admin-token-durable-ab-0001
@@ -22,10 +25,25 @@ MERCHANT=merchant-token-durable-ab
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 # Per thread name: CPU ticks and context switches so far.
 threads() {
+  local comm stat switches
   for t in /proc/"$1"/task/*; do
-    printf '%s %s %s\n' "$(tr ' ' _ <"$t/comm")" "$(awk '{ print $14 + $15 }' "$t/stat")" \
-      "$(awk '/ctxt_switches/ { s += $2 } END { print s }' "$t/status")"
+    # A thread may end between the listing and the reads (the runtime's blocking pool).
+    comm=$(tr ' ' _ <"$t/comm" 2>/dev/null) || continue
+    stat=$(awk '{ print $14 + $15 }' "$t/stat" 2>/dev/null) || continue
+    switches=$(awk '/ctxt_switches/ { s += $2 } END { print s }' "$t/status" 2>/dev/null) || continue
+    printf '%s %s %s\n' "$comm" "$stat" "$switches"
   done | awk '{ c[$1] += $2; x[$1] += $3 } END { for (k in c) print k, c[k], x[k] }' | sort
+}
+
+# Waits until the SKU view's `in_flight` is 0: the ledger has every event the engine wrote.
+caught_up() {
+  local body
+  for _ in $(seq 600); do
+    body=$(curl -fs "$1" -H "Authorization: Bearer $MERCHANT") || true
+    grep -q '"in_flight":0[,}]' <<<"$body" && return 0
+    sleep 0.1
+  done
+  echo "the ledger never caught up: $body" >&2; return 1
 }
 
 # one <label> <binary> <durability>
@@ -57,19 +75,22 @@ one() {
   seq 0 $((CODES - 1)) | sed 's/^/sbs-/' | curl -fs -X POST \
     "http://127.0.0.1:$admin/v1/skus/sbs/batches?batch_id=b1" -H "Authorization: Bearer $ADMIN" \
     -H 'content-type: text/plain' --data-binary @- >/dev/null
-  local url="http://127.0.0.1:$public/v1/skus/sbs/claims"
+  local url="http://127.0.0.1:$public/v1/skus/sbs/claims" script=claim.lua
+  if [ "$PER" -gt 1 ]; then url="$url/batch" script=claim_batch.lua; fi
   # A second of warm-up: connections, caches, the writer's first passes.
-  TOKEN=$MERCHANT ORDER_PREFIX="warm-$RANDOM" wrk -t1 -c"$CONNS" -d1s -s benches/wrk/claim.lua \
-    "$url" >/dev/null
+  TOKEN=$MERCHANT ORDER_PREFIX="warm-$RANDOM" BATCH=$PER wrk -t1 -c"$CONNS" -d1s \
+    -s "benches/wrk/$script" "$url" >/dev/null
+  caught_up "http://127.0.0.1:$public/v1/skus/sbs"
   local r0 r1 out
   threads "$pid" >"$dir/t0"; r0=$(ticks "$redis_pid")
-  out=$(TOKEN=$MERCHANT ORDER_PREFIX="run-$RANDOM" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency \
-    -s benches/wrk/claim.lua "$url")
+  out=$(TOKEN=$MERCHANT ORDER_PREFIX="run-$RANDOM" BATCH=$PER wrk -t1 -c"$CONNS" -d"${SECS}s" \
+    --latency -s "benches/wrk/$script" "$url")
+  caught_up "http://127.0.0.1:$public/v1/skus/sbs"
   threads "$pid" >"$dir/t1"; r1=$(ticks "$redis_pid")
   local n hz
-  n=$(awk '/requests in/ { print $1 }' <<<"$out"); hz=$(getconf CLK_TCK)
+  n=$(awk -v per="$PER" '/requests in/ { print $1 * per }' <<<"$out"); hz=$(getconf CLK_TCK)
   printf '%-3s %-6s claims/s %7.0f  p50 %8s  p99 %8s  redis us %6.1f\n' "$label" "$durability" \
-    "$(awk '/^Requests\/sec/ { print $2 }' <<<"$out")" \
+    "$(awk -v per="$PER" '/^Requests\/sec/ { print $2 * per }' <<<"$out")" \
     "$(awk '$1 == "50%" { print $2 }' <<<"$out")" "$(awk '$1 == "99%" { print $2 }' <<<"$out")" \
     "$(awk -v a="$r0" -v b="$r1" -v n="$n" -v hz="$hz" 'BEGIN { print (b - a) * 1e6 / hz / n }')"
   join "$dir/t0" "$dir/t1" | awk -v n="$n" -v hz="$hz" '
@@ -77,14 +98,13 @@ one() {
   kill "$pid" "$redis_pid"; wait "$pid" "$redis_pid" 2>/dev/null || true
 }
 
-echo "durable A/B: $ENGINE engine, ${SECS}s of wrk -t1 -c$CONNS claims per run ($(date -u '+%F %H:%M') UTC)"
+echo "durable A/B: $ENGINE engine, ${SECS}s of wrk -t1 -c$CONNS claims ($PER a request) per run ($(date -u '+%F %H:%M') UTC)"
 echo "A = $A"
 echo "B = $B"
 for round in $(seq "$ROUNDS"); do
   echo "round $round"
   for side in A B; do
     bin=$A; [ "$side" = B ] && bin=$B
-    one "$side" "$bin" engine
-    one "$side" "$bin" ledger
+    for mode in $MODES; do one "$side" "$bin" "$mode"; done
   done
 done
