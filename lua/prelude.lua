@@ -270,9 +270,14 @@ local function pool_totals()
   return available, reserved
 end
 
+-- Whether the SKU has no pool at all (`pools` is empty), asked at the first draw of a call
+-- that may share (nil: not yet asked) and forgotten at any change of a pool.
+local NO_POOLS = nil
+
 -- Adds `n` (negative: takes) to `pool`'s reservation and to the sum.
 local function add_to_pool(pool, n)
   if n == 0 then return end
+  NO_POOLS = nil
   local left = redis.call('HINCRBY', K.pools, pool, n)
   if left == 0 then redis.call('HDEL', K.pools, pool) end
   local total = redis.call('HINCRBY', K.pools, '*', n)
@@ -308,12 +313,15 @@ end
 
 -- How many of `qty` codes an order of channel `pool` takes from its pool, or nil and the
 -- codes available to anyone (for the sold_out reply) when its pool and, if `share`, the
--- shared remainder cannot cover it. With no pool anywhere, every code is shared and this
--- costs one read.
+-- shared remainder cannot cover it. With no pool anywhere, every code is shared: one read
+-- per call answers for every order of a batch (see NO_POOLS).
 local function draw(pool, qty, share)
+  if share then
+    if NO_POOLS == nil then NO_POOLS = redis.call('EXISTS', K.pools) == 0 end
+    if NO_POOLS then return 0 end
+  end
   local p = redis.call('HMGET', K.pools, '*', pool)
   local reserved = tonumber(p[1] or '0')
-  -- No pool anywhere: every code is shared (one read for a SKU without pools).
   if reserved == 0 and share then return 0 end
   local mine = math.min(tonumber(p[2] or '0'), qty)
   local rest = qty - mine
@@ -521,4 +529,5 @@ local function begin(keys)
   EMITTED = {}
   GEN = nil
   ANY_RETIRED = nil
+  NO_POOLS = nil
 end

@@ -919,6 +919,37 @@ async fn a_channel_limited_to_its_pool_never_touches_what_is_not_its_own(h: Harn
     assert!(exhausted, "now nothing is left for anyone");
 }
 
+/// Whether a SKU has pools is asked anew by every call: claims of a SKU without pools, or of
+/// this SKU before its pools were set, never make a later claim overlook them (in Redis the
+/// scripts are one library, whose state outlives a call).
+async fn claims_see_pools_set_after_claims_without_any(h: Harness) {
+    h.stock("plain", SkuConfig::default(), 5).await;
+    h.stock("later", SkuConfig::default(), 4).await;
+    for sku in ["plain", "later"] {
+        h.inv
+            .claim(sku, &pool_claim("o-1", "b", true, None))
+            .await
+            .expect("no pools: every code is shared");
+    }
+    h.inv
+        .set_pool("later", "a", 3, "test", "t")
+        .await
+        .expect("pool a");
+    h.inv
+        .claim("plain", &pool_claim("o-2", "b", true, None))
+        .await
+        .expect("still no pools here");
+    // The three codes `later` has left are all in a's pool.
+    let (refused, exhausted) = h
+        .inv
+        .claim_checked("later", &pool_claim("o-2", "b", true, None))
+        .await;
+    assert!(matches!(refused, Err(Error::SoldOut)), "{refused:?}");
+    assert!(!exhausted, "a's pool holds the rest");
+    let levels = h.inv.pools("later").await.expect("levels");
+    assert_eq!((level(&levels, "a"), levels.shared), (3, 0));
+}
+
 /// Codes of a hold go back to the pool they came from, whether it is released or lapses; a
 /// pool change asks for no more than its source holds.
 async fn holds_give_their_codes_back_to_their_pool(h: Harness) {
@@ -1108,6 +1139,7 @@ conformance!(
     warming_loads_each_key_once_in_the_state_the_ledger_records,
     two_channels_race_for_their_pools_and_the_shared_remainder,
     a_channel_limited_to_its_pool_never_touches_what_is_not_its_own,
+    claims_see_pools_set_after_claims_without_any,
     holds_give_their_codes_back_to_their_pool,
     voids_of_reserved_codes_shrink_the_largest_pool,
     moving_codes_between_pools_during_claims_never_oversells,
