@@ -35,17 +35,6 @@ threads() {
   done | awk '{ c[$1] += $2; x[$1] += $3 } END { for (k in c) print k, c[k], x[k] }' | sort
 }
 
-# Waits until the SKU view's `in_flight` is 0: the ledger has every event the engine wrote.
-caught_up() {
-  local body
-  for _ in $(seq 600); do
-    body=$(curl -fs "$1" -H "Authorization: Bearer $MERCHANT") || true
-    grep -q '"in_flight":0[,}]' <<<"$body" && return 0
-    sleep 0.1
-  done
-  echo "the ledger never caught up: $body" >&2; return 1
-}
-
 # one <label> <binary> <durability>
 one() {
   local label=$1 bin=$2 durability=$3 dir redis_pid pid rp public admin
@@ -80,12 +69,12 @@ one() {
   # A second of warm-up: connections, caches, the writer's first passes.
   TOKEN=$MERCHANT ORDER_PREFIX="warm-$RANDOM" BATCH=$PER wrk -t1 -c"$CONNS" -d1s \
     -s "benches/wrk/$script" "$url" >/dev/null
-  caught_up "http://127.0.0.1:$public/v1/skus/sbs"
+  caught_up "http://127.0.0.1:$public/v1/skus/sbs" "$MERCHANT"
   local r0 r1 out
   threads "$pid" >"$dir/t0"; r0=$(ticks "$redis_pid")
   out=$(TOKEN=$MERCHANT ORDER_PREFIX="run-$RANDOM" BATCH=$PER wrk -t1 -c"$CONNS" -d"${SECS}s" \
     --latency -s "benches/wrk/$script" "$url")
-  caught_up "http://127.0.0.1:$public/v1/skus/sbs"
+  caught_up "http://127.0.0.1:$public/v1/skus/sbs" "$MERCHANT"
   threads "$pid" >"$dir/t1"; r1=$(ticks "$redis_pid")
   local n hz
   n=$(awk -v per="$PER" '/requests in/ { print $1 * per }' <<<"$out"); hz=$(getconf CLK_TCK)

@@ -54,19 +54,6 @@ ADMIN=admin-token-side-by-side-01
 MERCHANT=merchant-token-side-by-side
 results="$work/results"
 
-# Waits until the ledger has every event kamigate's engine wrote (the SKU view's `in_flight`
-# is 0), so the writer's work is counted in the phase that caused it; with durability =
-# "engine" answers do not wait for it, and it would otherwise land in the next phase.
-drained() { # <SKU view url>
-  local body
-  for _ in $(seq 600); do
-    body=$(curl -fs "$1" -H "Authorization: Bearer $MERCHANT") || true
-    grep -q '"in_flight":0[,}]' <<<"$body" && return 0
-    sleep 0.1
-  done
-  echo "the ledger never caught up: $body" >&2; return 1
-}
-
 # run <system> <kind> <url> <script> <server pid> <uses redis: 1|0> [claims per request]
 # Figures are per claim (or redemption): a batch request counts as its claims. CPU is
 # counted until the ledger has caught up (SKU_VIEW set: kamigate).
@@ -76,7 +63,7 @@ run() {
   s0=$(cpu "$pid"); r0=$(cpu "$redis_pid")
   out=$(TOKEN="$MERCHANT" ORDER_PREFIX="$system-$RANDOM" SKU=sbs CODES=$CODES BATCH=$per \
     wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -s "benches/wrk/$script" "$url")
-  [ -z "${SKU_VIEW:-}" ] || drained "$SKU_VIEW"
+  [ -z "${SKU_VIEW:-}" ] || caught_up "$SKU_VIEW" "$MERCHANT"
   s1=$(cpu "$pid"); r1=$(cpu "$redis_pid")
   local rps p50 p99 requests non2xx
   rps=$(awk -v per="$per" '/^Requests\/sec/ {print $2 * per}' <<<"$out")
