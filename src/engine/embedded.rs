@@ -35,10 +35,14 @@
 //!   1, `false`/`nil` are nil, `{ok=…}` a status, `{err=…}` a failure, other tables arrays up
 //!   to their first `nil`).
 //!
-//! Each script is compiled once (by SHA-1) and then only called: a call builds two small
-//! argument tables and nothing else, so the flash-sale path pays for the script, not the
-//! machinery around it.
+//! The shipped scripts run in their library form ([`LIBRARY`]), as Redis runs them by `FCALL`:
+//! the library is loaded once, which runs the prelude once, and each call runs only the
+//! script's function, whose module-level state (`begin` resets it) lives across calls exactly
+//! as in Redis. Other scripts (tests' probes) run in the EVAL form, compiled once by SHA-1.
+//! Either way a call builds two small argument tables and nothing else, so the flash-sale
+//! path pays for the script, not the machinery around it.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::mpsc as std_mpsc;
@@ -52,6 +56,7 @@ use mlua::{Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::keyspace::{format_g17, Keyspace, Resp};
+use super::script::LIBRARY;
 use super::{EngineError, EngineKind, Reply, Script, ScriptEngine};
 use crate::clock::{Clock, SystemClock};
 
@@ -338,7 +343,9 @@ struct Vm {
     /// Lua's own `pcall`: calling scripts through it hands us the raw error value (a string,
     /// or the `{err = …}` table `redis.call` raised) instead of mlua's wrapped error.
     pcall: Function,
-    /// Compiled scripts by SHA-1.
+    /// The library's functions by name (what [`Script::function`] names).
+    functions: HashMap<String, Function>,
+    /// Scripts outside the library, compiled in their EVAL form, by SHA-1.
     compiled: HashMap<&'static str, Function>,
 }
 
@@ -376,10 +383,12 @@ impl Vm {
             .set_name("=redis")
             .set_mode(ChunkMode::Text)
             .call::<()>((raw, sha1hex))?;
+        let functions = load_library(&lua)?;
         let pcall = lua.globals().raw_get("pcall")?;
         Ok(Vm {
             lua,
             pcall,
+            functions,
             compiled: HashMap::new(),
         })
     }
@@ -396,21 +405,6 @@ impl Vm {
         };
         let lua_fail = |e: mlua::Error| fail(e.to_string());
 
-        if !self.compiled.contains_key(script.sha1()) {
-            let function = self
-                .lua
-                .load(script.source())
-                .set_name(format!("={}", script.name()))
-                .set_mode(ChunkMode::Text)
-                .into_function()
-                .map_err(lua_fail)?;
-            self.compiled.insert(script.sha1(), function);
-        }
-        let Some(function) = self.compiled.get(script.sha1()) else {
-            return Err(fail("compiled script went missing".into()));
-        };
-
-        let globals = self.lua.globals();
         let keys = self
             .lua
             .create_sequence_from(keys.iter().map(String::as_str))
@@ -419,14 +413,32 @@ impl Vm {
             .lua
             .create_sequence_from(args.iter().map(String::as_str))
             .map_err(lua_fail)?;
-        globals.raw_set("KEYS", keys).map_err(lua_fail)?;
-        globals.raw_set("ARGV", args).map_err(lua_fail)?;
-
-        let mut out = self
-            .pcall
-            .call::<MultiValue>(function)
-            .map_err(lua_fail)?
-            .into_iter();
+        let out = if let Some(name) = script.function() {
+            // A library function takes KEYS and ARGV as its parameters, as under FCALL.
+            let Some(function) = self.functions.get(name) else {
+                return Err(fail(format!("the library has no function {name}")));
+            };
+            self.pcall.call::<MultiValue>((function, keys, args))
+        } else {
+            if !self.compiled.contains_key(script.sha1()) {
+                let function = self
+                    .lua
+                    .load(script.source())
+                    .set_name(format!("={}", script.name()))
+                    .set_mode(ChunkMode::Text)
+                    .into_function()
+                    .map_err(lua_fail)?;
+                self.compiled.insert(script.sha1(), function);
+            }
+            let Some(function) = self.compiled.get(script.sha1()) else {
+                return Err(fail("compiled script went missing".into()));
+            };
+            let globals = self.lua.globals();
+            globals.raw_set("KEYS", keys).map_err(lua_fail)?;
+            globals.raw_set("ARGV", args).map_err(lua_fail)?;
+            self.pcall.call::<MultiValue>(function)
+        };
+        let mut out = out.map_err(lua_fail)?.into_iter();
         let succeeded = matches!(out.next(), Some(Value::Boolean(true)));
         // Like Redis, only the first value a script returns counts.
         let value = out.next().unwrap_or(Value::Nil);
@@ -436,6 +448,33 @@ impl Vm {
             Err(fail(error_message(&value)))
         }
     }
+}
+
+/// Loads [`LIBRARY`] as `FUNCTION LOAD` does: its text runs once, and each
+/// `redis.register_function(name, function)` it makes is collected. `register_function`
+/// exists only during the load, as in Redis.
+fn load_library(lua: &Lua) -> mlua::Result<HashMap<String, Function>> {
+    let registered = std::rc::Rc::new(RefCell::new(HashMap::new()));
+    let register = {
+        let registered = std::rc::Rc::clone(&registered);
+        lua.create_function(move |_, (name, function): (String, Function)| {
+            registered.borrow_mut().insert(name, function);
+            Ok(())
+        })?
+    };
+    let redis: Table = lua.globals().raw_get("redis")?;
+    redis.raw_set("register_function", register)?;
+    // The first line (`#!lua name=…`) is Redis's header, not Lua; blanking it keeps the line
+    // numbers of errors those of the library's text.
+    let source = LIBRARY.source();
+    let body = source.find('\n').map_or("", |at| &source[at..]);
+    lua.load(body)
+        .set_name(format!("={}", LIBRARY.name()))
+        .set_mode(ChunkMode::Text)
+        .exec()?;
+    redis.raw_set("register_function", Value::Nil)?;
+    let functions = registered.take();
+    Ok(functions)
 }
 
 /// A `redis.call` argument as Redis builds it: strings as they are, numbers with `%.17g`;
@@ -652,6 +691,39 @@ mod tests {
                 "probe:{}: ERR wrong number of arguments for 'hget' command",
                 lines - 1
             )
+        );
+    }
+
+    #[tokio::test]
+    async fn shipped_scripts_run_as_functions_of_the_library() {
+        let engine = EmbeddedEngine::start().expect("engine starts");
+        let exists = &crate::engine::SCRIPTS.exists;
+        assert_eq!(
+            engine
+                .eval(exists, strings(&["h"]), strings(&["f"]))
+                .await
+                .expect("exists"),
+            Reply::Int(0)
+        );
+        // An error names where it happened: the library's text, as under FCALL, not the
+        // script's EVAL form. (`index get` calls HMGET on KEYS[1], here missing.)
+        let index = &crate::engine::SCRIPTS.index;
+        let Err(EngineError::Script { script, message }) =
+            engine.eval(index, vec![], strings(&["get", "d"])).await
+        else {
+            panic!("a call without its key must fail");
+        };
+        assert_eq!(script, "index");
+        assert!(
+            message.starts_with(&format!("{}:", LIBRARY.name())),
+            "{message}"
+        );
+        assert!(message.ends_with(ARGUMENT_TYPE_ERROR), "{message}");
+        // `register_function` exists only while the library loads, as in Redis.
+        let probe = probe("return type(redis.register_function)");
+        assert_eq!(
+            engine.eval(probe, vec![], vec![]).await.expect("probe"),
+            Reply::from("nil")
         );
     }
 

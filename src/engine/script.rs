@@ -4,12 +4,13 @@
 //! needs, and each script is assembled from it in one of two forms:
 //!
 //! - **EVAL form** ([`Script::source`]): the prelude, then `begin(KEYS)`, then the script's
-//!   own file. The embedded engine runs it, and so does Redis for scripts outside the
-//!   shipped set (tests' probes), by `EVALSHA` of its SHA-1. The prelude runs on every call.
+//!   own file. Both engines run it for scripts outside the shipped set (tests' probes);
+//!   Redis by `EVALSHA` of its SHA-1. The prelude runs on every call.
 //! - **Library form** ([`LIBRARY`]): one Redis Functions library holding every shipped
 //!   script as a function, `function(KEYS, ARGV) begin(KEYS) <file> end`, after one copy of
-//!   the prelude. Loading it runs the prelude once; each `FCALL` runs only its function,
-//!   which saves Redis about 2 µs a call (BENCHMARKS.md).
+//!   the prelude. Loading it runs the prelude once; each call (`FCALL` in Redis, a function
+//!   call in the embedded engine) runs only its function, which saves Redis about 2 µs a
+//!   call and the embedded engine about 4 µs (BENCHMARKS.md).
 //!
 //! A file reads `KEYS` and `ARGV` as globals in the first form and as the function's
 //! parameters in the second, so the same text serves both.
