@@ -423,13 +423,14 @@ const LOG_TEST_DATA_KEY: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5ee
 const LOG_TEST_INDEX_KEY: &str = "1de71de71de71de71de71de71de71de71de71de71de71de71de71de71de71de7";
 const WRONG_DATA_KEY: &str = "bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0";
 
-/// Starts `kamigate serve` on `data` with `key_text`, logging at `debug` into `log`.
-fn serve(data: &Path, key_text: &str, log: &Path, public: u16, admin: u16) -> std::process::Child {
+/// Starts `kamigate serve` on `data` with `key_text` and ports of the system's choice,
+/// logging at `debug` into `log`.
+fn serve(data: &Path, key_text: &str, log: &Path) -> std::process::Child {
     std::process::Command::new(BIN)
         .arg("serve")
         .env_clear()
-        .env("KAMIGATE_LISTEN", format!("127.0.0.1:{public}"))
-        .env("KAMIGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("KAMIGATE_LISTEN", "127.0.0.1:0")
+        .env("KAMIGATE_ADMIN_LISTEN", "127.0.0.1:0")
         .env("KAMIGATE_DATA_DIR", data)
         .env("KAMIGATE_ADMIN_TOKEN", support::gateway::ADMIN_TOKEN)
         .env("KAMIGATE_MERCHANT_TOKEN", support::gateway::MERCHANT_TOKEN)
@@ -441,21 +442,45 @@ fn serve(data: &Path, key_text: &str, log: &Path, public: u16, admin: u16) -> st
         .expect("kamigate starts")
 }
 
+/// The public and admin addresses (`http://host:port`) the gateway `child` serves on, read
+/// from its `log` once it says it serves: it binds port 0, so no other process can take its
+/// ports between their choice and the bind. A failure shows how the gateway ended, if it
+/// did, and its log.
+async fn served_addresses(child: &mut std::process::Child, log: &Path) -> (String, String) {
+    let field = |line: &str, name: &str| {
+        let start = line.find(&format!(" {name}="))? + name.len() + 2;
+        let addr = line[start..].split_whitespace().next()?;
+        Some(format!("http://{addr}"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let serving = text.lines().find(|l| l.contains("kamigate is serving"));
+        if let Some(addrs) = serving.and_then(|l| Some((field(l, "public")?, field(l, "admin")?))) {
+            return addrs;
+        }
+        let exited = child.try_wait().expect("the gateway's status");
+        if exited.is_some() || std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!(
+                "the gateway is not serving (exited: {exited:?}, deadline 30 s); its log:\n{text}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn neither_codes_nor_keys_reach_the_logs_or_the_metrics() {
-    use support::gateway::{free_port, wait_ready, ADMIN_TOKEN, MERCHANT_TOKEN};
+    use support::gateway::{wait_ready, ADMIN_TOKEN, MERCHANT_TOKEN};
     let codes = supplier_codes();
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
     let key_text = format!("index i1 {LOG_TEST_INDEX_KEY}\ndata d1 {LOG_TEST_DATA_KEY}");
-    let (public, admin) = (free_port(), free_port());
     let log = dir.path().join("serve.log");
-    let mut child = serve(&data, &key_text, &log, public, admin);
-    let (public, admin) = (
-        format!("http://127.0.0.1:{public}"),
-        format!("http://127.0.0.1:{admin}"),
-    );
-    wait_ready(&admin, std::time::Duration::from_secs(15)).await;
+    let mut child = serve(&data, &key_text, &log);
+    let (public, admin) = served_addresses(&mut child, &log).await;
+    wait_ready(&admin, Duration::from_secs(30)).await;
     let client = support::gateway::client();
     let ok = |r: reqwest::Response| {
         assert!(r.status().is_success(), "{}", r.status());
@@ -528,7 +553,7 @@ async fn neither_codes_nor_keys_reach_the_logs_or_the_metrics() {
     // A start with the wrong data key under the same id: refused, saying which key.
     let wrong = format!("index i1 {LOG_TEST_INDEX_KEY}\ndata d1 {WRONG_DATA_KEY}");
     let refused_log = dir.path().join("refused.log");
-    let mut refused = serve(&data, &wrong, &refused_log, free_port(), free_port());
+    let mut refused = serve(&data, &wrong, &refused_log);
     let status = refused.wait().expect("exits");
     assert!(!status.success(), "a wrong key stops the start");
     let refusal = std::fs::read_to_string(&refused_log).expect("log");
