@@ -41,7 +41,8 @@
 //! that batch would hold only what came during the commit before, and what comes during this
 //! one would wait for a further commit: an answer of `durability = "ledger"` waited about two
 //! and a half commits, and now about one and a half. The read also hides behind the commit's
-//! fsync instead of coming between two commits.
+//! fsync instead of coming between two commits. The answers a commit settles go as soon as
+//! it commits, whether or not the read beside it has returned.
 //!
 //! # Group commit
 //!

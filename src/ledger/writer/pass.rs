@@ -8,6 +8,7 @@ use super::{EventWriter, WriterError, MAX_BATCH};
 use crate::engine::keys::dead_letters_key;
 use crate::engine::stream_id::StreamId;
 use crate::engine::Reply;
+use crate::ledger::LedgerError;
 use crate::metrics as m;
 use crate::metrics::{
     EVENTS_COMMITTED, EVENTS_DEAD_LETTERED, LEDGER_WRITE_DURATION, LEDGER_WRITE_FAILURES,
@@ -194,21 +195,38 @@ impl EventWriter {
         }
 
         let started = Instant::now();
-        let (result, ahead) = if !read_ahead {
-            (self.inner.ledger.apply_events(&events).await, None)
-        } else if backlog {
-            tokio::join!(self.inner.ledger.apply_events(&events), async {
-                Some(self.read(sku, cursor, false).await)
-            })
-        } else {
-            let mut ahead = None;
-            let read = Box::pin(async {
-                ahead = Some(self.read(sku, cursor, false).await);
-            });
-            let result = self.inner.ledger.apply_events_beside(&events, read).await;
-            (result, ahead)
+        // Committed: waiters may go at once, whatever happens to the read ahead beside the
+        // commit (a read of a busy engine can take longer than the commit) and to the
+        // acknowledgement.
+        let settle = |result: Result<u64, LedgerError>| {
+            metrics::histogram!(LEDGER_WRITE_DURATION).record(started.elapsed().as_secs_f64());
+            if result.is_ok() {
+                self.note_committed(sku, &read, &committed);
+            }
+            result
         };
-        metrics::histogram!(LEDGER_WRITE_DURATION).record(started.elapsed().as_secs_f64());
+        let (result, ahead) = if !read_ahead {
+            (settle(self.inner.ledger.apply_events(&events).await), None)
+        } else if backlog {
+            tokio::join!(
+                async { settle(self.inner.ledger.apply_events(&events).await) },
+                async { Some(self.read(sku, cursor, false).await) }
+            )
+        } else {
+            // The read starts once the statements ran, before `COMMIT`: `beside` only says
+            // when. It is dropped unrun if a statement fails, and then nothing is read.
+            let (go, statements_ran) = tokio::sync::oneshot::channel();
+            let beside = Box::pin(async move {
+                let _ = go.send(());
+            });
+            tokio::join!(
+                async { settle(self.inner.ledger.apply_events_beside(&events, beside).await) },
+                async {
+                    statements_ran.await.ok()?;
+                    Some(self.read(sku, cursor, false).await)
+                }
+            )
+        };
         if let Err(e) = result {
             // The read ahead is dropped: the next read takes this batch again, then it.
             let kind = if e.is_retryable() {
@@ -220,8 +238,6 @@ impl EventWriter {
             return Err(e.into());
         }
 
-        // Committed: waiters may go, whatever happens to the acknowledgement.
-        self.note_committed(sku, &read, &committed);
         for (source, n) in read.sources(committed.iter().map(|(at, _, _)| *at)) {
             if n > 0 {
                 metrics::counter!(EVENTS_COMMITTED, "source" => source).increment(n);
