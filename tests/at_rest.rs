@@ -442,44 +442,17 @@ fn serve(data: &Path, key_text: &str, log: &Path) -> std::process::Child {
         .expect("kamigate starts")
 }
 
-/// The public and admin addresses (`http://host:port`) the gateway `child` serves on, read
-/// from its `log` once it says it serves: it binds port 0, so no other process can take its
-/// ports between their choice and the bind. A failure shows how the gateway ended, if it
-/// did, and its log.
-async fn served_addresses(child: &mut std::process::Child, log: &Path) -> (String, String) {
-    let field = |line: &str, name: &str| {
-        let start = line.find(&format!(" {name}="))? + name.len() + 2;
-        let addr = line[start..].split_whitespace().next()?;
-        Some(format!("http://{addr}"))
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let serving = text.lines().find(|l| l.contains("kamigate is serving"));
-        if let Some(addrs) = serving.and_then(|l| Some((field(l, "public")?, field(l, "admin")?))) {
-            return addrs;
-        }
-        let exited = child.try_wait().expect("the gateway's status");
-        if exited.is_some() || std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!(
-                "the gateway is not serving (exited: {exited:?}, deadline 30 s); its log:\n{text}"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn neither_codes_nor_keys_reach_the_logs_or_the_metrics() {
-    use support::gateway::{wait_ready, ADMIN_TOKEN, MERCHANT_TOKEN};
+    use support::gateway::{serving_addresses, wait_ready, ADMIN_TOKEN, MERCHANT_TOKEN};
     let codes = supplier_codes();
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
     let key_text = format!("index i1 {LOG_TEST_INDEX_KEY}\ndata d1 {LOG_TEST_DATA_KEY}");
     let log = dir.path().join("serve.log");
     let mut child = serve(&data, &key_text, &log);
-    let (public, admin) = served_addresses(&mut child, &log).await;
+    let (public, admin) =
+        serving_addresses(&log, || child.try_wait(), Duration::from_secs(30)).await;
     wait_ready(&admin, Duration::from_secs(30)).await;
     let client = support::gateway::client();
     let ok = |r: reqwest::Response| {

@@ -18,7 +18,7 @@ use tokio::process::{Child, Command};
 
 use pg_support::TestDatabase;
 use support::eventually::eventually;
-use support::gateway::{free_port, metric, wait_ready, ADMIN_TOKEN, MERCHANT_TOKEN};
+use support::gateway::{metric, serving_addresses, wait_ready, ADMIN_TOKEN, MERCHANT_TOKEN};
 use support::postgres_server::Postgres;
 use support::redis_server::RedisServer;
 
@@ -70,15 +70,14 @@ struct Served {
 impl Served {
     /// Starts the binary on `data` with the fixed test tokens and `env` on top.
     async fn start(data: &Path, env: &[(&str, String)]) -> Served {
-        let (public, admin) = (free_port(), free_port());
         let log = data.join("stderr.log");
         let stderr = std::fs::File::create(&log).expect("log file");
         let mut command = Command::new(BIN);
         command
             .arg("serve")
             .env_clear()
-            .env("KAMIGATE_LISTEN", format!("127.0.0.1:{public}"))
-            .env("KAMIGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .env("KAMIGATE_LISTEN", "127.0.0.1:0")
+            .env("KAMIGATE_ADMIN_LISTEN", "127.0.0.1:0")
             .env("KAMIGATE_DATA_DIR", data)
             .env("KAMIGATE_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("KAMIGATE_MERCHANT_TOKEN", MERCHANT_TOKEN)
@@ -91,11 +90,13 @@ impl Served {
         for (name, value) in env {
             command.env(name, value);
         }
-        let child = command.spawn().expect("kamigate starts");
+        let mut child = command.spawn().expect("kamigate starts");
+        let (public, admin) =
+            serving_addresses(&log, || child.try_wait(), Duration::from_secs(30)).await;
         let served = Served {
             _child: child,
-            public: format!("http://127.0.0.1:{public}"),
-            admin: format!("http://127.0.0.1:{admin}"),
+            public,
+            admin,
             client: support::gateway::client(),
             log,
         };

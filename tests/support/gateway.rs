@@ -273,6 +273,38 @@ pub async fn audit_trail(
     (trail, kinds)
 }
 
+/// The public and admin addresses (`http://host:port`) of a `kamigate serve` started on
+/// port 0, read from its `log` (level info or finer) once it says it serves: the system
+/// picks the ports at the bind, so no other process can take them between their choice and
+/// the bind, as with [`free_port`]. `exited` is the child's `try_wait`. A failure shows how
+/// the gateway ended, if it did, and its log.
+pub async fn serving_addresses(
+    log: &std::path::Path,
+    mut exited: impl FnMut() -> std::io::Result<Option<std::process::ExitStatus>>,
+    within: Duration,
+) -> (String, String) {
+    let field = |line: &str, name: &str| {
+        let start = line.find(&format!(" {name}="))? + name.len() + 2;
+        let addr = line[start..].split_whitespace().next()?;
+        Some(format!("http://{addr}"))
+    };
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let serving = text.lines().find(|l| l.contains("kamigate is serving"));
+        if let Some(addrs) = serving.and_then(|l| Some((field(l, "public")?, field(l, "admin")?))) {
+            return addrs;
+        }
+        let exited = exited().expect("the gateway's status");
+        if exited.is_some() || std::time::Instant::now() >= deadline {
+            panic!(
+                "the gateway is not serving (exited: {exited:?}, deadline {within:?}); its log:\n{text}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until the gateway whose admin listener is `admin` (`http://host:port`) is ready.
 pub async fn wait_ready(admin: &str, within: Duration) {
     let client = client();
