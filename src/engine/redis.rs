@@ -2,8 +2,8 @@
 //!
 //! # Why it is built this way
 //!
-//! - **One multiplexed connection.** A single fred [`Client`] pipelines every concurrent call
-//!   over one connection per node. Measured on the target hardware it beats a pool: the scripts
+//! - **One multiplexed connection.** A single fred [`Client`] pipelines every concurrent
+//!   script call over one connection per node. Measured on the target hardware it beats a pool: the scripts
 //!   are tiny, so throughput is bound by syscalls and round trips, which pipelining amortises.
 //!   Do not put a pool behind this engine.
 //! - **Functions, `FCALL`.** The shipped scripts are the functions of one library
@@ -24,6 +24,10 @@
 //!   stream, where `stream.lua` would copy each one into a Lua table and back. The read is one
 //!   `MULTI` of the script (acknowledging and reporting only) and `XREADGROUP`
 //!   ([`ScriptEngine::read_new_entries`]), so it stays one atomic step.
+//! - **Those reads on a second connection.** On the scripts' connection a read queued behind
+//!   the claims pipelined there, and a durable answer waits for the read of its event: on its
+//!   own connection it waits at most for the script Redis is running (BENCHMARKS.md, "The
+//!   writer's reads on a connection of their own").
 //! - **Raw reply frames.** Replies are converted from the protocol frames rather than from
 //!   fred's `Value`, because `Value` cannot tell a status reply (`{ok=…}`) from a bulk string,
 //!   and error replies nested in arrays must not be lost. RESP2 is forced, so the conversion
@@ -100,6 +104,9 @@ pub struct RedisEngine {
     client: Client,
     /// The same client with the per-call options (timeout, fail fast) applied.
     calls: fred::clients::WithOptions<Client>,
+    /// A connection of the same configuration for the event writer's reads of new entries
+    /// ([`ScriptEngine::read_new_entries`]).
+    reads: Client,
     /// Throttles reconnections forced by `READONLY` replies after a Sentinel failover.
     last_forced_reconnect: std::sync::Mutex<Option<Instant>>,
 }
@@ -203,35 +210,14 @@ impl RedisEngine {
         // fred bounds each seed node's attempt by connection_timeout; bound the whole start
         // as well (one more slot for the handshake after the TCP connect).
         let bound = connect_timeout.saturating_mul(seeds.saturating_add(1));
-        let at = || {
-            let hosts: Vec<String> = client
-                .client_config()
-                .server
-                .hosts()
-                .iter()
-                .map(|s| format!("{}:{}", s.host, s.port))
-                .collect();
-            hosts.join(", ")
-        };
-        match tokio::time::timeout(bound, client.init()).await {
-            Ok(Ok(_connection_task)) => {}
-            Ok(Err(e)) => {
-                return Err(EngineError::Unavailable(format!(
-                    "Redis at {} is unreachable: {}",
-                    at(),
-                    describe(&e)
-                )))
-            }
-            Err(_) => {
-                // With fail_fast the connection task gives up on its own after its timeout.
-                return Err(EngineError::Unavailable(format!(
-                    "Redis at {} is unreachable: no connection within {} ms",
-                    at(),
-                    bound.as_millis()
-                )));
-            }
+        init(&client, bound).await?;
+        let reads = client.clone_new();
+        if let Err(e) = init(&reads, bound).await {
+            let _ = client.quit().await;
+            return Err(e);
         }
-        log_connection_changes(&client);
+        log_connection_changes(&client, "scripts");
+        log_connection_changes(&reads, "writer reads");
         tracing::info!(
             clustered = client.is_clustered(),
             sentinel = client.uses_sentinels(),
@@ -246,6 +232,7 @@ impl RedisEngine {
         Ok(RedisEngine {
             client,
             calls,
+            reads,
             last_forced_reconnect: std::sync::Mutex::new(None),
         })
     }
@@ -253,7 +240,7 @@ impl RedisEngine {
     /// The underlying fred client, for other Redis work of the gateway (streams read by the
     /// ledger writer, pub/sub, admin commands).
     ///
-    /// It is the engine's one multiplexed connection: commands inherit the
+    /// It is the connection of every script call: commands inherit the
     /// [`RedisOptions::command_timeout_ms`] default timeout and fred's default of retrying a
     /// command when its connection drops (use `with_options` to change either). Never send
     /// blocking commands (`XREADGROUP … BLOCK`, `SUBSCRIBE`) on it — they would stall every
@@ -266,8 +253,10 @@ impl RedisEngine {
     /// Closes the connection and stops reconnecting, for a graceful shutdown. Calls made
     /// afterwards fail with [`EngineError::Unavailable`].
     pub async fn quit(&self) {
-        if let Err(e) = self.client.quit().await {
-            tracing::debug!(error = %e, "error while closing the Redis connection");
+        for client in [&self.client, &self.reads] {
+            if let Err(e) = client.quit().await {
+                tracing::debug!(error = %e, "error while closing a Redis connection");
+            }
         }
     }
 
@@ -463,7 +452,7 @@ impl RedisEngine {
         fcall.extend(keys.into_iter().map(Value::from));
         fcall.extend(args.into_iter().map(Value::from));
 
-        let transaction = self.client.multi();
+        let transaction = self.reads.multi();
         let queue = transaction.with_options(self.calls.options());
         for (command, argv) in [("FCALL", fcall), ("XREADGROUP", read)] {
             queue
@@ -546,12 +535,13 @@ impl RedisEngine {
             *last = Some(now);
         }
         tracing::warn!("Redis master is read-only (failover?), reconnecting through Sentinel");
-        let client = self.client.clone();
-        tokio::spawn(async move {
-            if let Err(e) = client.force_reconnection().await {
-                tracing::warn!(error = %e, "forced Redis reconnection failed");
-            }
-        });
+        for client in [self.client.clone(), self.reads.clone()] {
+            tokio::spawn(async move {
+                if let Err(e) = client.force_reconnection().await {
+                    tracing::warn!(error = %e, "forced Redis reconnection failed");
+                }
+            });
+        }
     }
 }
 
@@ -672,31 +662,59 @@ fn invalid_url(reason: impl fmt::Display) -> EngineError {
     EngineError::Unavailable(format!("invalid Redis URL: {reason}"))
 }
 
-/// Logs each change of connection state once: lost (then reconnecting with backoff) and
+/// Logs each change of `connection`'s state once: lost (then reconnecting with backoff) and
 /// re-established. Failed reconnection attempts in between are logged at debug level.
-fn log_connection_changes(client: &Client) {
+fn log_connection_changes(client: &Client, connection: &'static str) {
     let up = Arc::new(AtomicBool::new(true));
     let down = Arc::clone(&up);
     client.on_error(move |(error, server)| {
         let server = server.map_or_else(|| "-".to_owned(), |s| s.to_string());
         if down.swap(false, Ordering::AcqRel) {
             let error = describe(&error);
-            tracing::warn!(%server, %error, "lost the Redis connection, reconnecting");
+            tracing::warn!(%server, %error, connection, "lost the Redis connection, reconnecting");
         } else {
-            tracing::debug!(%server, %error, "Redis reconnection attempt failed");
+            tracing::debug!(%server, %error, connection, "Redis reconnection attempt failed");
         }
         std::future::ready(Ok(()))
     });
     client.on_reconnect(move |server| {
         if !up.swap(true, Ordering::AcqRel) {
-            tracing::info!(%server, "Redis connection re-established");
+            tracing::info!(%server, connection, "Redis connection re-established");
         }
         std::future::ready(Ok(()))
     });
-    client.on_unresponsive(|server| {
-        tracing::warn!(%server, "Redis connection unresponsive, closing it");
+    client.on_unresponsive(move |server| {
+        tracing::warn!(%server, connection, "Redis connection unresponsive, closing it");
         std::future::ready(Ok(()))
     });
+}
+
+/// Makes `client`'s first connection within `bound`.
+async fn init(client: &Client, bound: Duration) -> Result<(), EngineError> {
+    let at = || {
+        let hosts: Vec<String> = client
+            .client_config()
+            .server
+            .hosts()
+            .iter()
+            .map(|s| format!("{}:{}", s.host, s.port))
+            .collect();
+        hosts.join(", ")
+    };
+    match tokio::time::timeout(bound, client.init()).await {
+        Ok(Ok(_connection_task)) => Ok(()),
+        Ok(Err(e)) => Err(EngineError::Unavailable(format!(
+            "Redis at {} is unreachable: {}",
+            at(),
+            describe(&e)
+        ))),
+        // With fail_fast the connection task gives up on its own after its timeout.
+        Err(_) => Err(EngineError::Unavailable(format!(
+            "Redis at {} is unreachable: no connection within {} ms",
+            at(),
+            bound.as_millis()
+        ))),
+    }
 }
 
 /// Whether an error reply is `FCALL`'s for a function Redis does not have.
