@@ -3,9 +3,9 @@
 //! # Why it is built this way
 //!
 //! - **One multiplexed connection.** A single fred [`Client`] pipelines every concurrent
-//!   script call over one connection per node. Measured on the target hardware it beats a pool: the scripts
-//!   are tiny, so throughput is bound by syscalls and round trips, which pipelining amortises.
-//!   Do not put a pool behind this engine.
+//!   script call over one connection per node. Measured on the target hardware it beats a
+//!   pool: the scripts are tiny, so throughput is bound by syscalls and round trips, which
+//!   pipelining amortises. Do not put a pool behind this engine.
 //! - **Functions, `FCALL`.** The shipped scripts are the functions of one library
 //!   ([`LIBRARY`]), so Redis runs the prelude once when it loads the library instead of on
 //!   every call (about 2 µs of Redis time a call, 8 % of a single claim; BENCHMARKS.md).
