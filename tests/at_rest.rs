@@ -424,9 +424,9 @@ const LOG_TEST_INDEX_KEY: &str = "1de71de71de71de71de71de71de71de71de71de71de71d
 const WRONG_DATA_KEY: &str = "bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad0";
 
 /// Starts `kamigate serve` on `data` with `key_text` and ports of the system's choice,
-/// logging at `debug` into `log`.
-fn serve(data: &Path, key_text: &str, log: &Path) -> std::process::Child {
-    std::process::Command::new(BIN)
+/// logging at `debug` into `log`; killed when dropped, so a failed test leaves none running.
+fn serve(data: &Path, key_text: &str, log: &Path) -> tokio::process::Child {
+    tokio::process::Command::new(BIN)
         .arg("serve")
         .env_clear()
         .env("KAMIGATE_LISTEN", "127.0.0.1:0")
@@ -438,6 +438,7 @@ fn serve(data: &Path, key_text: &str, log: &Path) -> std::process::Child {
         .env("RUST_LOG", "debug")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(log).expect("log file"))
+        .kill_on_drop(true)
         .spawn()
         .expect("kamigate starts")
 }
@@ -520,14 +521,13 @@ async fn neither_codes_nor_keys_reach_the_logs_or_the_metrics() {
         metrics.contains("kamigate_decrypt_failures_total"),
         "registered"
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    let _ = child.kill().await;
 
     // A start with the wrong data key under the same id: refused, saying which key.
     let wrong = format!("index i1 {LOG_TEST_INDEX_KEY}\ndata d1 {WRONG_DATA_KEY}");
     let refused_log = dir.path().join("refused.log");
     let mut refused = serve(&data, &wrong, &refused_log);
-    let status = refused.wait().expect("exits");
+    let status = refused.wait().await.expect("exits");
     assert!(!status.success(), "a wrong key stops the start");
     let refusal = std::fs::read_to_string(&refused_log).expect("log");
     assert!(refusal.contains("data key d1"), "{refusal}");
