@@ -636,28 +636,99 @@ async fn client_loop(
     }
 }
 
-/// Waits until the ledger has every change and engine and ledger agree.
-async fn settle(client: &reqwest::Client, gw: &Gateway, sku: &str) -> Value {
+/// Waits until the ledger has every change and engine and ledger agree. If they never do,
+/// the failure shows, for a Redis engine, every key still held: its engine record, the
+/// ledger's events for it and the engine's record of the orders those events name, which
+/// is what tells a hold nobody can end from one that is merely late.
+async fn settle(
+    client: &reqwest::Client,
+    gw: &Gateway,
+    redis: Option<&RedisServer>,
+    sku: &str,
+) -> Value {
+    const WITHIN: Duration = Duration::from_secs(90);
     let view = format!("{}/v1/skus/{sku}", gw.public);
-    eventually(
-        Duration::from_secs(90),
-        "the ledger to have every change, engine and ledger agreeing",
-        || async {
-            match client.get(&view).bearer_auth(MERCHANT_TOKEN).send().await {
-                Ok(res) => res.json::<Value>().await.unwrap_or(Value::Null),
-                Err(_) => Value::Null,
-            }
-        },
-        |view| {
-            let engine = &view["engine"];
-            view["in_flight"] == 0
-                && view["drift"] == 0
-                && engine.is_object()
-                && *engine == view["ledger"]
-                && engine["held"] == 0
-        },
-    )
-    .await
+    let settled = |view: &Value| {
+        let engine = &view["engine"];
+        view["in_flight"] == 0
+            && view["drift"] == 0
+            && engine.is_object()
+            && *engine == view["ledger"]
+            && engine["held"] == 0
+    };
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let seen = match client.get(&view).bearer_auth(MERCHANT_TOKEN).send().await {
+            Ok(res) => res.json::<Value>().await.unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        };
+        if settled(&seen) {
+            return seen;
+        }
+        if Instant::now() >= deadline {
+            let held = match redis {
+                Some(redis) => held_keys(client, gw, redis, sku).await,
+                None => String::new(),
+            };
+            panic!(
+                "waited {WITHIN:?} for the ledger to have every change, engine and ledger \
+                 agreeing; last seen: {seen}{held}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Describes every key of `sku` the Redis engine holds (see [`settle`]).
+async fn held_keys(
+    client: &reqwest::Client,
+    gw: &Gateway,
+    redis: &RedisServer,
+    sku: &str,
+) -> String {
+    let bulk = |r: &Resp| r.as_str().unwrap_or("?").to_owned();
+    let mut out = String::from("\nkeys held in the engine:");
+    let keys = redis.cmd(&["HGETALL", &format!("kg:{{{sku}}}:keys")]).await;
+    let Ok(Resp::Array(Some(keys))) = keys else {
+        return format!("{out} unreadable: {keys:?}");
+    };
+    for pair in keys.chunks(2) {
+        let (id, record) = (bulk(&pair[0]), bulk(&pair[1]));
+        if record.split('|').nth(1).is_none_or(|held| held == "0") {
+            continue;
+        }
+        out.push_str(&format!("\n- key {id}: {record}"));
+        let events: Value = match client
+            .get(format!("{}/v1/keys/{sku}.{id}/events", gw.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+        {
+            Ok(res) => res.json().await.unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        };
+        out.push_str(&format!("\n  ledger events: {events}"));
+        let orders: HashSet<&str> = events["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["order_id"].as_str())
+            .collect();
+        for order in orders {
+            let record = redis
+                .cmd(&["HGET", &format!("kg:{{{sku}}}:orders"), order])
+                .await;
+            let hold = redis
+                .cmd(&["ZSCORE", &format!("kg:{{{sku}}}:holds"), order])
+                .await;
+            out.push_str(&format!(
+                "\n  engine order {order}: {:?}, in holds: {:?}",
+                record.as_ref().ok().and_then(Resp::as_str),
+                hold.as_ref().ok().and_then(Resp::as_str)
+            ));
+        }
+    }
+    out
 }
 
 async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
@@ -810,7 +881,7 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
     // 4. Everything settles: nothing in flight, no drift, engine and ledger agree.
     let mut claimed = 0;
     for sku in SKUS {
-        let view = settle(&client, &world.gateways[0], sku).await;
+        let view = settle(&client, &world.gateways[0], world.redis.as_ref(), sku).await;
         claimed += view["ledger"]["claimed"].as_u64().unwrap_or(0)
             + view["ledger"]["redeemed"].as_u64().unwrap_or(0);
     }
@@ -953,7 +1024,7 @@ async fn paused_across_a_redis_loss(grace_ms: u64) -> (World, String) {
     let client = support::gateway::client();
     let codes = (0..20).map(|i| format!("LATE-{i:04}\n")).collect();
     stock_sku(&client, &world.gateways[0].admin, "late", codes).await;
-    settle(&client, &world.gateways[0], "late").await;
+    settle(&client, &world.gateways[0], world.redis.as_ref(), "late").await;
 
     world.postgres.as_ref().expect("postgres").down();
     let answered = claim_late(&world.gateways[1], "o-late").await;
@@ -1008,7 +1079,13 @@ async fn the_late_claim_stands(world: &World, code: &str) {
     )
     .await;
     assert_eq!(found["keys"][0]["code"], code, "{found}");
-    let view = settle(&support::gateway::client(), gw, "late").await;
+    let view = settle(
+        &support::gateway::client(),
+        gw,
+        world.redis.as_ref(),
+        "late",
+    )
+    .await;
     assert_eq!(view["engine"]["claimed"], 1, "{view}");
     for i in 0..19 {
         let (status, body) = claim_late(gw, &format!("o-{i}")).await;
