@@ -7,7 +7,7 @@
 --                                          it still names that SKU; for a re-keyed index)
 --     | 'ready'                            Reply: 1 (marks the shard complete)
 --     | 'ready?'                           Reply: 1 if the shard is marked complete, else 0
---     | 'register', sku                    Reply: 1 if new, else 0
+--     | 'register', sku, sku …             Reply: number of SKUs new to the registry
 --     | 'list'                             Reply: every registered SKU
 -- A shard is complete once the gateway indexed every SKU's codes into it; the mark (field
 -- READY, which no hex digest can equal) goes with the shard when the engine loses its data,
@@ -40,7 +40,11 @@ elseif op == 'ready' then
 elseif op == 'ready?' then
   return redis.call('HEXISTS', KEYS[1], READY)
 elseif op == 'register' then
-  return redis.call('SADD', KEYS[1], ARGV[2])
+  local added = 0
+  for i = 2, #ARGV, 4000 do
+    added = added + redis.call('SADD', KEYS[1], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
+  end
+  return added
 elseif op == 'list' then
   return redis.call('SMEMBERS', KEYS[1])
 end

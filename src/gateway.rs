@@ -462,7 +462,10 @@ impl Sync {
     ///    records in it that the ledger has what it answered;
     /// 3. once every gateway alive has recorded that too ([`Sync::acknowledged`]), each
     ///    loading SKU gets its keys and orders and serves again;
-    /// 4. the other SKUs get keys of batches activated elsewhere, and their epoch checked;
+    /// 4. the other SKUs get keys of batches activated elsewhere, and their epoch checked,
+    ///    and every SKU the engine serves is in its registry (which the hold sweep and
+    ///    retention go by: a registry that lost a SKU, e.g. a Redis Cluster shard failing
+    ///    over to a replica that missed the write, would leave its holds unlapsed);
     /// 5. once every SKU's codes are indexed, the global index is marked complete.
     async fn run(
         &self,
@@ -549,11 +552,13 @@ impl Sync {
         }
 
         // 3.
+        let mut served: Vec<String> = serving.iter().map(|sku| (*sku).clone()).collect();
         let loading = self.acknowledged(ledger, inventory, loading).await;
         for (sku, rebuild) in loading {
             match finish_restore(ledger, inventory, sku, &rebuild.gen).await {
                 Ok(report) => {
                     self.cursors.insert(sku.clone(), report.last_local_id);
+                    served.push(sku.clone());
                 }
                 Err(e) => failed(sku, "rebuilding a lost SKU failed", &e),
             }
@@ -584,6 +589,10 @@ impl Sync {
                     tracing::warn!(sku, error = %e, "checking the epoch marker failed");
                 }
             }
+        }
+
+        if let Err(e) = inventory.register_skus(&served).await {
+            tracing::warn!(error = %e, "registering the engine's SKUs failed");
         }
 
         self.draining.store(draining, Ordering::Relaxed);

@@ -162,6 +162,52 @@ async fn flushall_is_rebuilt_from_the_ledger_without_selling_twice() {
     gw.stop().await;
 }
 
+/// The hold sweep finds SKUs through the engine's registry of SKUs, which lives apart from
+/// the SKU's own keys (in Redis Cluster, on another shard). A SKU the registry lost (its
+/// shard failed over to a replica that missed the write, or the engine failed between
+/// creating a SKU and registering it) is registered again, and its holds lapse with nobody
+/// claiming or reading the order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_lapse_in_a_sku_the_registry_lost() {
+    let redis = RedisServer::start().await;
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    let gw = TestGateway::start(cfg).await;
+    gw.stock("unlisted", &["U-1", "U-2"]).await;
+    let (status, hold) = gw
+        .claim("unlisted", json!({"order_id": "h-1", "hold_ms": 300}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{hold}");
+    let removed = redis
+        .cmd(&["SREM", "kg:skus", "unlisted"])
+        .await
+        .expect("SREM");
+    assert_eq!(removed.as_int(), Some(1), "the SKU was registered");
+
+    // Only the sweep lapses it: the view counts keys without lapsing anything.
+    let view = eventually(
+        Duration::from_secs(30),
+        "the hold to lapse",
+        || gw.merchant_get("/v1/skus/unlisted"),
+        |(status, view)| *status == StatusCode::OK && view["engine"]["held"] == 0,
+    )
+    .await;
+    assert_eq!(view.1["engine"]["available"], 2, "{}", view.1);
+    let (status, order) = gw.merchant_get("/v1/skus/unlisted/claims/h-1").await;
+    assert_eq!(
+        (status, order["state"].as_str()),
+        (StatusCode::OK, Some("expired")),
+        "{order}"
+    );
+    let listed = redis
+        .cmd(&["SISMEMBER", "kg:skus", "unlisted"])
+        .await
+        .expect("SISMEMBER");
+    assert_eq!(listed.as_int(), Some(1), "registered again");
+    settled(&gw, "unlisted").await;
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_engine_hidden_by_a_recreated_sku_is_caught_by_the_epoch_marker() {
     let redis = RedisServer::start().await;

@@ -525,15 +525,27 @@ impl Inventory {
             gen.clone(),
             if loading { "1" } else { "0" }.into(),
         ];
+        // Registered first: the hold sweep and retention find SKUs through the registry,
+        // and a SKU created but left unregistered (the engine failing between the two
+        // calls) would keep its lapsed holds until the next full sync registered it. A
+        // name registered for a SKU that then failed to be created costs a sweep nothing.
+        self.register_skus(&[sku.to_owned()]).await?;
         let reply = self.run(&SCRIPTS.sku, sku, args).await?;
-        let created = (tag(&reply) == "created").then_some(gen);
-        self.eval(
-            &SCRIPTS.index,
-            vec![REGISTRY.into()],
-            vec!["register".into(), sku.into()],
-        )
-        .await?;
-        Ok(created)
+        Ok((tag(&reply) == "created").then_some(gen))
+    }
+
+    /// Adds SKUs to the engine's registry, which [`Inventory::list_skus`] reads; SKUs
+    /// registered already stay as they are.
+    pub async fn register_skus(&self, skus: &[String]) -> Result<(), Error> {
+        if skus.is_empty() {
+            return Ok(());
+        }
+        let mut args = Vec::with_capacity(1 + skus.len());
+        args.push("register".to_owned());
+        args.extend(skus.iter().cloned());
+        self.eval(&SCRIPTS.index, vec![REGISTRY.into()], args)
+            .await?;
+        Ok(())
     }
 
     /// A SKU's settings, or `None` if it does not exist.
