@@ -3,7 +3,7 @@
 -- ARGV: 1 order id, 2 now (ms), 3 '1' if a late confirm may draw from the shared remainder
 --       once the order's channel pool is empty
 -- Reply: {'new'|'replay', state, expires_at, late, event id, event, id, code, ...}
---        (see order_reply)
+--        (see order_reply; a late confirm's event is a list, see EMITTED)
 --      | {'not_found'} | {'moved'} (see claim.lua) | {'hold_expired'} | {'sold_out', issuable}
 --      | {'user_limit', current, limit} | {'no_sku'} | {'loading'}
 -- After the hold lapsed, fresh codes are claimed if any remain (late = 1), unless the SKU
@@ -40,6 +40,10 @@ end
 
 -- The hold lapsed: the late path.
 if redis.call('HGET', K.meta, 'allow_late') == '0' then return { 'hold_expired' } end
+-- Fresh codes presume the hold's went back. The lapse (this call's or the sweep's) may be
+-- only in the stream still: it goes with the answer, so an engine that loses both before
+-- the ledger has them is rebuilt with the hold's codes back, not held by a claimed order.
+local lapse = stream_entry(o.eid)
 local limited = check_user_limit(o.user, o.qty)
 if limited then return limited end
 -- Fresh codes, drawn as a claim of the order's channel would draw them.
@@ -59,5 +63,6 @@ o.eid = emit('confirm', now, {
   'order', order_id, 'user', o.user, 'ids', table.concat(ids, ','), 'late', 1,
   'pool', o.pool, 'pooled', pooled,
 })
+if lapse then EMITTED = { lapse, EMITTED } end
 save_order(order_id, o)
 return order_reply('new', o)

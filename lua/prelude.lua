@@ -209,6 +209,9 @@ end
 -- The last event this script call appended: {stream id, t, kind, at, now, field, value, …}.
 -- Replies that answer a change carry it, so the answering gateway can keep the change until
 -- the ledger has it, even if the engine loses its data first (see src/ledger/journal.rs).
+-- An answer that stands on an earlier event the ledger may not have yet (a late confirm on
+-- its hold's lapse, see confirm.lua) carries a list instead: those events, oldest first,
+-- then its own, each in the form above; the gateway keeps (or awaits) them all.
 local EMITTED = {}
 
 -- Appends an event to the SKU's stream and returns its answer id, `<gen>:<stream id>`.
@@ -228,6 +231,19 @@ local function emit(kind, now, fields)
   for i = 1, #fields do EMITTED[#EMITTED + 1] = fields[i] end
   if not GEN then GEN = redis.call('HGET', K.meta, 'gen') or '' end
   return GEN .. ':' .. id
+end
+
+-- The entry of this SKU's stream that answer id `answer_id` (see emit) names, in EMITTED's
+-- form; nil for an entry of another generation or one trimmed away, which the ledger has.
+-- Only after unservable or emit (GEN is known).
+local function stream_entry(answer_id)
+  local gen, id = string.match(answer_id or '', '^(.*):([^:]+)$')
+  if not id or gen ~= GEN then return nil end
+  local entry = redis.call('XRANGE', K.events, id, id)[1]
+  if not entry then return nil end
+  local out = { entry[1] }
+  for i, v in ipairs(entry[2]) do out[i + 1] = v end
+  return out
 end
 
 -- Nil when the SKU can serve clients, else the reply to give: {'no_sku'} when the engine

@@ -363,6 +363,65 @@ async fn late_confirm_takes_fresh_codes_or_is_sold_out(h: Harness) {
     ));
 }
 
+/// A late confirm's fresh codes presume the hold's went back: the reply carries the lapse
+/// along with the confirm, whether this call or an earlier sweep lapsed the hold, so the
+/// answering gateway keeps (or awaits) both. An in-time confirm stands on nothing earlier.
+async fn late_confirm_carries_the_lapse_it_stands_on(h: Harness) {
+    let field = |e: &kamigate::inventory::Emitted, name: &str| {
+        e.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    h.stock("lapse", SkuConfig::default(), 4).await;
+    h.hold("lapse", "in-time", 1, 60_000).await.expect("held");
+    let confirmed = h
+        .inv
+        .confirm("lapse", "in-time", true)
+        .await
+        .expect("confirmed");
+    let emitted = confirmed.emitted.expect("a change");
+    assert_eq!(field(&emitted, "t"), "confirm");
+    assert!(emitted.before.is_empty(), "{emitted:?}");
+
+    h.hold("lapse", "o-1", 1, 1_000).await.expect("held");
+    h.hold("lapse", "o-2", 1, 1_000).await.expect("held");
+    h.clock.advance(1_000);
+    // o-1 lapses in the confirm's own call; o-2 in a sweep before its confirm.
+    let late = h.inv.confirm("lapse", "o-1", true).await.expect("late");
+    assert!(late.late);
+    let emitted = late.emitted.expect("a change");
+    assert_eq!(field(&emitted, "t"), "confirm");
+    assert_eq!(emitted.before.len(), 1, "{emitted:?}");
+    let lapse = &emitted.before[0];
+    assert_eq!(
+        (field(lapse, "t"), field(lapse, "order")),
+        ("expire".into(), "o-1".into())
+    );
+    let id = |e: &kamigate::inventory::Emitted| {
+        kamigate::ledger::journal::split_answer_id(&e.answer_id)
+            .map(|(_, id)| id)
+            .expect("an answer id")
+    };
+    assert!(
+        id(lapse) < id(&emitted),
+        "the lapse came first: {emitted:?}"
+    );
+    h.inv.expire_due("lapse", 10).await.expect("sweep runs");
+    let late = h.inv.confirm("lapse", "o-2", true).await.expect("late");
+    let emitted = late.emitted.expect("a change");
+    assert_eq!(emitted.before.len(), 1, "{emitted:?}");
+    let lapse = &emitted.before[0];
+    assert_eq!(
+        (field(lapse, "t"), field(lapse, "order")),
+        ("expire".into(), "o-2".into())
+    );
+    // A replay made no change and carries nothing.
+    let again = h.inv.confirm("lapse", "o-2", true).await.expect("replayed");
+    assert!(again.replayed && again.emitted.is_none(), "{again:?}");
+}
+
 async fn late_confirm_can_be_disallowed(h: Harness) {
     let config = SkuConfig {
         allow_late_confirm: false,
@@ -1112,6 +1171,7 @@ conformance!(
     sweep_returns_lapsed_holds_without_other_traffic,
     confirm_makes_a_hold_final_and_reveals_codes,
     late_confirm_takes_fresh_codes_or_is_sold_out,
+    late_confirm_carries_the_lapse_it_stands_on,
     late_confirm_can_be_disallowed,
     release_returns_codes_and_final_claims_cannot_be_released,
     per_user_limit_counts_held_and_claimed_codes,

@@ -2,18 +2,23 @@
 //! events queue in the engine's streams (`kamigate_events_in_flight` shows them), and once the
 //! database is back the ledger catches up to zero drift with nothing lost.
 //!
-//! The test runs its own PostgreSQL server (initdb in a temp dir, as the `postgres` user) so
-//! it can stop and start it without touching the shared one.
+//! The tests run their own PostgreSQL server (initdb in a temp dir, as the `postgres` user)
+//! so they can stop and start it without touching the shared one.
 
 mod support;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use kamigate::engine::redis::{RedisEngine, RedisOptions};
+use kamigate::inventory::Inventory;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use support::eventually::eventually;
 use support::gateway::{config, metric, TestGateway};
 use support::postgres_server::Postgres;
+use support::redis_server::{RedisServer, Resp};
 
 async fn view(gw: &TestGateway, sku: &str) -> (StatusCode, Value) {
     gw.merchant_get(&format!("/v1/skus/{sku}")).await
@@ -77,5 +82,94 @@ async fn claims_go_on_while_the_database_is_down_and_the_ledger_catches_up() {
     .await;
     assert_eq!(v["drift"], 0);
     assert_eq!(v["ledger"]["claimed"], 30, "nothing lost: {v}");
+    gw.stop().await;
+}
+
+/// A late confirm takes fresh codes because the order's hold lapsed: its answer stands on
+/// that lapse. With the ledger down, both wait in Redis's stream; if Redis then loses its
+/// data, the answering gateway writes what it answered into the ledger before the SKU is
+/// rebuilt, and that must include the lapse. Without it the ledger would keep the hold's
+/// code held by an order it knows as claimed with other codes, and the rebuilt engine would
+/// never let that code go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_confirm_keeps_its_lapse_when_redis_loses_both() {
+    let pg = Postgres::start();
+    let redis = RedisServer::start().await;
+    // The wall clock, jumped ahead by hand: the hold lapses once the ledger is down.
+    let ahead = Arc::new(AtomicU64::new(0));
+    let clock = {
+        let ahead = ahead.clone();
+        Arc::new(move || kamigate::clock::now_ms() + ahead.load(Ordering::SeqCst))
+    };
+    let engine = RedisEngine::connect(&redis.url(), RedisOptions::default())
+        .await
+        .expect("Redis");
+    let mut cfg = config();
+    cfg.durability = Some(kamigate::config::Durability::Engine);
+    cfg.database_url = Some(pg.url());
+    cfg.redis_url = Some(redis.url());
+    let gw = TestGateway::with_inventory(cfg, Inventory::with_clock(Arc::new(engine), clock)).await;
+    gw.stock("late", &["LATE-1", "LATE-2", "LATE-3"]).await;
+    let (status, hold) = gw
+        .claim("late", json!({"order_id": "h-1", "hold_ms": 60_000}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{hold}");
+    let held_key = hold["keys"][0]["key_id"].clone();
+    eventually(
+        Duration::from_secs(15),
+        "the ledger to have the hold",
+        || view(&gw, "late"),
+        |(status, v)| *status == StatusCode::OK && v["in_flight"] == 0 && v["ledger"]["held"] == 1,
+    )
+    .await;
+
+    pg.down();
+    // The sweep lapses the hold; its event waits in the stream for the ledger.
+    ahead.store(120_000, Ordering::SeqCst);
+    let _ = eventually(
+        Duration::from_secs(15),
+        "the hold to lapse",
+        || redis.cmd(&["ZCARD", "kg:{late}:holds"]),
+        |n| matches!(n, Ok(Resp::Int(0))),
+    )
+    .await;
+    let (status, confirmed) = gw
+        .merchant_post("/v1/skus/late/claims/h-1/confirm", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{confirmed}");
+    assert_eq!(confirmed["late"], true, "{confirmed}");
+    assert_ne!(confirmed["keys"][0]["key_id"], held_key, "fresh codes");
+
+    redis.cmd(&["FLUSHALL"]).await.expect("FLUSHALL");
+    pg.up();
+    let (_, v) = eventually(
+        Duration::from_secs(60),
+        "the SKU rebuilt, engine and ledger agreeing",
+        || view(&gw, "late"),
+        |(status, v)| {
+            *status == StatusCode::OK
+                && v["in_flight"] == 0
+                && v["engine"] == v["ledger"]
+                && v["engine"]["claimed"] == 1
+        },
+    )
+    .await;
+    assert_eq!(v["drift"], 0, "{v}");
+    assert_eq!(
+        (&v["engine"]["held"], &v["engine"]["available"]),
+        (&json!(0), &json!(2)),
+        "the lapsed hold's code is for sale again: {v}"
+    );
+    let (status, order) = gw.merchant_get("/v1/skus/late/claims/h-1").await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["keys"], confirmed["keys"], "answered as it was");
+    for i in 0..2 {
+        let (status, body) = gw
+            .claim("late", json!({"order_id": format!("after-{i}")}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (status, body) = gw.claim("late", json!({"order_id": "after-2"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "sold out: {body}");
     gw.stop().await;
 }

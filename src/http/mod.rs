@@ -165,7 +165,8 @@ impl App {
     /// event; the change stands either way: on timeout the client is told to retry, and the
     /// retry replays it. With `durability = "engine"`, keeps the change in the journal
     /// until the ledger has it; a change of a generation the engine already lost is not
-    /// answered as made (the client retries against the rebuilt engine).
+    /// answered as made (the client retries against the rebuilt engine). Earlier events
+    /// the answer stands on ([`Emitted::before`]) are kept, or awaited, along with it.
     pub async fn durable(
         &self,
         sku: &str,
@@ -175,35 +176,43 @@ impl App {
         let Some(event_id) = event_id else {
             return Ok(());
         };
+        let before = emitted.map_or(&[][..], |e| e.before.as_slice());
         if self.durability == Durability::Engine {
             let Some(emitted) = emitted else {
                 return Ok(());
             };
-            return match self
-                .writer
-                .journal()
-                .keep(sku, &emitted.answer_id, &emitted.fields)
-            {
-                Kept::Kept => Ok(()),
-                Kept::Lost => Err(Error::Unavailable(
-                    "the engine lost this change before the ledger had it; retry".into(),
-                )),
-                Kept::Full => Err(Error::Unavailable(
-                    "the ledger is too far behind to keep more changes; retry".into(),
-                )),
-            };
+            let journal = self.writer.journal();
+            for event in before.iter().chain([emitted]) {
+                match journal.keep(sku, &event.answer_id, &event.fields) {
+                    Kept::Kept => {}
+                    Kept::Lost => {
+                        return Err(Error::Unavailable(
+                            "the engine lost this change before the ledger had it; retry".into(),
+                        ))
+                    }
+                    Kept::Full => {
+                        return Err(Error::Unavailable(
+                            "the ledger is too far behind to keep more changes; retry".into(),
+                        ))
+                    }
+                }
+            }
+            return Ok(());
         }
-        if self
-            .writer
-            .wait_committed(sku, event_id, self.ledger_wait)
-            .await
+        let deadline = tokio::time::Instant::now() + self.ledger_wait;
+        for id in before
+            .iter()
+            .map(|e| e.answer_id.as_str())
+            .chain([event_id])
         {
-            Ok(())
-        } else {
-            Err(Error::Unavailable(
-                "the ledger has not confirmed the change yet".into(),
-            ))
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !self.writer.wait_committed(sku, id, left).await {
+                return Err(Error::Unavailable(
+                    "the ledger has not confirmed the change yet".into(),
+                ));
+            }
         }
+        Ok(())
     }
 
     /// Whether shutdown has begun (readiness then answers 503).

@@ -130,18 +130,38 @@ pub struct Emitted {
     pub answer_id: String,
     /// The stream entry's field/value pairs (`t`, `at`, then the kind's own fields).
     pub fields: Vec<(String, String)>,
+    /// Earlier events of the same generation this answer stands on, oldest first, that the
+    /// ledger may not have yet: a late confirm's fresh codes presume its hold lapsed, and a
+    /// ledger given the confirm without the lapse would keep the hold's codes held. They
+    /// are kept and awaited with the answer's own event.
+    pub before: Vec<Emitted>,
 }
 
 impl Emitted {
-    /// Reads the `EMITTED` element of a reply (see `lua/prelude.lua`); `None` when empty.
-    /// `gen` is the SKU's generation, taken from the reply's answer id.
+    /// Reads the `EMITTED` element of a reply (see `lua/prelude.lua`): one event, or a list
+    /// of events ending with the answer's own; `None` when empty. The generation is taken
+    /// from the reply's answer id.
     fn from_reply(reply: Option<&Reply>, answer_id: Option<&str>) -> Option<Emitted> {
         let items = reply?.as_array()?;
-        let (id, pairs) = items.split_first()?;
-        let stream_id = id.as_str()?;
         let gen = answer_id
             .and_then(|a| a.rsplit_once(':'))
             .map_or("", |(g, _)| g);
+        if !matches!(items.first(), Some(Reply::Array(_))) {
+            return Emitted::entry(items, gen);
+        }
+        let mut events = items
+            .iter()
+            .map(|e| Emitted::entry(e.as_array()?, gen))
+            .collect::<Option<Vec<_>>>()?;
+        let mut last = events.pop()?;
+        last.before = events;
+        Some(last)
+    }
+
+    /// One event: `{stream id, field, value, …}`.
+    fn entry(items: &[Reply], gen: &str) -> Option<Emitted> {
+        let (id, pairs) = items.split_first()?;
+        let stream_id = id.as_str()?;
         let fields = pairs
             .chunks_exact(2)
             .map(|p| Some((p[0].as_str()?.to_owned(), p[1].as_str()?.to_owned())))
@@ -149,6 +169,7 @@ impl Emitted {
         Some(Emitted {
             answer_id: format!("{gen}:{stream_id}"),
             fields,
+            before: Vec::new(),
         })
     }
 }
