@@ -549,7 +549,8 @@ impl Inventory {
         // Registered first: the hold sweep and retention find SKUs through the registry,
         // and a SKU created but left unregistered (the engine failing between the two
         // calls) would keep its lapsed holds until the next full sync registered it. A
-        // name registered for a SKU that then failed to be created costs a sweep nothing.
+        // SKU registered but then not created is one the ledger has (settings go there
+        // first): the sweep finding it missing asks for the sync that creates it.
         self.register_skus(&[sku.to_owned()]).await?;
         let reply = self.run(&SCRIPTS.sku, sku, args).await?;
         Ok((tag(&reply) == "created").then_some(gen))
