@@ -11,7 +11,7 @@
 --         entries other consumers have left unacknowledged for min idle ms (they died; the
 --         scan walks the pending list, so a busy writer asks only now and then); n, entries
 --         never delivered.
---         Reply: {pending, lag, floor, last_delivered, own, claimed, new, gen, entry, …}
+--         Reply: {pending, lag, floor, last_delivered, own, claimed, new, gen, owned, entry, …}
 --           pending, lag     the group's backlog before this read: delivered and not yet
 --                            acknowledged, and not yet delivered (lag)
 --           floor            the oldest unsettled entry's id before this read (the smallest
@@ -21,6 +21,10 @@
 --           own, claimed, new  how many of the entries came from each source, in this order
 --           gen              the SKU's generation in the engine ('' without one): answers
 --                            name it with their entry id, and ids compare only within one
+--           owned            for a read without o: how many entries `consumer` had delivered
+--                            and not acknowledged before this read (after the acknowledgements
+--                            it carried); more than the writer holds means a read whose
+--                            reply it never got (0 for a read with o, which takes them)
 --           entry            {id, {field, value, …}}, as XREADGROUP gives them
 --     | 'ack', group, gen, id…     Reply: how many were pending
 --         Acknowledges committed entries, then trims what every group has settled. Only if
@@ -159,6 +163,16 @@ if op == 'read' then
     g = group_info(group)
   end
   local pending, lag, floor, last = owed(g)
+  local owned = 0
+  if not with_own and pending > 0 then
+    for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', events, group)) do
+      local m = as_map(c)
+      if m['name'] == consumer then
+        owned = tonumber(m['pending'])
+        break
+      end
+    end
+  end
   local entries, seen = {}, {}
   local function take(entry)
     -- A deleted entry comes back as {id, nil}: it can never be committed (trimmed by hand).
@@ -204,7 +218,7 @@ if op == 'read' then
   end
 
   local gen = redis.call('HGET', meta, 'gen') or ''
-  local reply = { pending, lag, floor or '', last, own, claimed, new, gen }
+  local reply = { pending, lag, floor or '', last, own, claimed, new, gen, owned }
   for _, e in ipairs(entries) do reply[#reply + 1] = e end
   return reply
 end

@@ -291,3 +291,70 @@ async fn redis_killed_and_restarted_under_load_loses_no_answered_claim() {
     check_answered(&gw.client, &gw.admin, &gw.public, "aof", &codes).await;
     gw.stop().await;
 }
+
+/// The id of the Redis client that last ran `command`, from `CLIENT LIST`.
+async fn client_running(redis: &RedisServer, command: &str) -> Option<String> {
+    let list = redis.cmd(&["CLIENT", "LIST"]).await.ok()?;
+    let list = list.as_str()?.to_owned();
+    list.lines()
+        .find(|line| line.split(' ').any(|f| f == format!("cmd={command}")))
+        .and_then(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_owned)
+}
+
+/// With `durability = "ledger"` every answer waits for its commit, and the event writer
+/// reads new entries over a Redis connection of its own. That connection killed again and
+/// again (`CLIENT KILL`) while claims wait on it: the writer reconnects and reads on, claims
+/// go on being answered, and every answered code is claimed in the ledger, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writers_read_connection_killed_under_durable_claims_loses_nothing() {
+    let redis = RedisServer::start().await;
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    cfg.durability = Some(kamigate::config::Durability::Ledger);
+    cfg.limits.public = kamigate::limit::BucketRule::enforced(100_000, 100_000);
+    let gw = TestGateway::start(cfg).await;
+    let codes: Vec<String> = (0..600).map(|i| format!("READS-{i:05}")).collect();
+    gw.stock(
+        "reads",
+        &codes.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    let told = Arc::new(Told::default());
+    let storm = claim_storm(gw.public.clone(), "reads", "k", 8, told.clone());
+    told.codes_beyond(0, 20, "20 durable claims answered").await;
+    let mut killed = HashSet::new();
+    for round in 0..5 {
+        let id = eventually(
+            Duration::from_secs(10),
+            "the writer's read connection to be found",
+            // Its reads are `MULTI`, `FCALL`, `XREADGROUP`, `EXEC`; the other connection
+            // runs the scripts alone.
+            || client_running(&redis, "exec"),
+            |id| id.as_ref().is_some_and(|id| !killed.contains(id)),
+        )
+        .await
+        .expect("found");
+        let reply = redis
+            .cmd(&["CLIENT", "KILL", "ID", &id])
+            .await
+            .expect("CLIENT KILL");
+        assert_eq!(reply.as_int(), Some(1), "killed client {id}");
+        killed.insert(id);
+        told.codes_beyond(
+            told.codes(),
+            20,
+            &format!("claims answered after kill {round}"),
+        )
+        .await;
+    }
+    for task in &storm {
+        task.abort();
+    }
+    let view = settled(&gw.client, &gw.public, "reads").await;
+    let codes = told.codes.lock().expect("lock").clone();
+    let claimed = view["ledger"]["claimed"].as_u64().unwrap_or(0);
+    assert!(claimed >= codes.len() as u64, "{view}");
+    check_answered(&gw.client, &gw.admin, &gw.public, "reads", &codes).await;
+    gw.stop().await;
+}

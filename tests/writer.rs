@@ -325,7 +325,8 @@ impl Env {
             )
             .await
             .expect("read");
-        reply.as_array().expect("an array").len() - 8
+        // The head: pending, lag, floor, last delivered, own, claimed, new, gen, owned.
+        reply.as_array().expect("an array").len() - 9
     }
 
     /// Engine and ledger agree on `sku`: counts by state, and every key's counters.
@@ -1180,10 +1181,96 @@ impl ScriptEngine for LossyReads {
     ) -> futures_util::future::BoxFuture<'_, Result<Reply, EngineError>> {
         Box::pin(async move {
             let reply = self.inner.read_new_entries(keys, args).await?;
-            // Past the head (pending … gen), entries.
-            let entries = reply.as_array().map_or(0, |r| r.len().saturating_sub(8));
+            // Past the head (pending … owned), entries.
+            let entries = reply.as_array().map_or(0, |r| r.len().saturating_sub(9));
             if entries > 0 && !self.lost.swap(true, Ordering::SeqCst) {
                 return Err(EngineError::Unavailable("the answer was lost".into()));
+            }
+            Ok(reply)
+        })
+    }
+
+    fn ping(&self) -> futures_util::future::BoxFuture<'_, Result<(), EngineError>> {
+        self.inner.ping()
+    }
+
+    fn kind(&self) -> kamigate::engine::EngineKind {
+        self.inner.kind()
+    }
+}
+
+/// A read of new entries whose reply never reached the writer, though Redis ran it, and
+/// that its client then sent again, as a client library does when a connection drops with
+/// the command in flight: the second read succeeds with the next entries (or none), and
+/// the first read's entries sit delivered to the writer. The writer notices that it holds
+/// more than it knows of and reads its own entries next, instead of leaving them (and the
+/// answers waiting for them) until they are reclaimed as a dead consumer's.
+async fn entries_of_a_read_sent_twice_are_read_again(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 2).await;
+    let replayed = Arc::new(ReplayedReads {
+        inner: env.engine.clone(),
+        replayed: AtomicBool::new(false),
+    });
+    let writer = EventWriter::new(
+        replayed.clone(),
+        env.ledger.clone(),
+        WriterOptions {
+            group: GROUP.into(),
+            consumer: "w1".into(),
+            idle_poll_ms: 10,
+            max_backoff_ms: 50,
+            // A reclaim would take the entries over only after an hour.
+            reclaim_idle_ms: 3_600_000,
+            ..WriterOptions::default()
+        },
+    );
+    let running = Running::start(&writer);
+    caught_up(&writer, sku).await;
+    for _ in 0..4 {
+        env.void_and_restore("gift.2").await;
+    }
+    caught_up(&writer, sku).await;
+    assert!(
+        replayed.replayed.load(Ordering::SeqCst),
+        "a read was sent twice"
+    );
+    env.assert_in_step(sku).await;
+    // gift.1: add; gift.2: add, 4 × (void, restore).
+    assert_eq!(env.assert_audit_once(sku, 2).await, 1 + 9);
+    running.stop().await;
+}
+
+/// An engine that sends the first read of new entries that delivers some a second time,
+/// answering only the second.
+struct ReplayedReads {
+    inner: Arc<dyn ScriptEngine>,
+    replayed: AtomicBool,
+}
+
+impl ScriptEngine for ReplayedReads {
+    fn eval(
+        &self,
+        script: &'static Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> futures_util::future::BoxFuture<'_, Result<Reply, EngineError>> {
+        self.inner.eval(script, keys, args)
+    }
+
+    fn read_new_entries(
+        &self,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> futures_util::future::BoxFuture<'_, Result<Reply, EngineError>> {
+        Box::pin(async move {
+            let reply = self
+                .inner
+                .read_new_entries(keys.clone(), args.clone())
+                .await?;
+            let entries = reply.as_array().map_or(0, |r| r.len().saturating_sub(9));
+            if entries > 0 && !self.replayed.swap(true, Ordering::SeqCst) {
+                return self.inner.read_new_entries(keys, args).await;
             }
             Ok(reply)
         })
@@ -1589,6 +1676,7 @@ on_both_engines!(
     run_drains_every_sku_through_an_outage,
     a_lingering_writer_is_woken_by_a_waiter,
     read_ahead_answers_lost_are_read_again,
+    entries_of_a_read_sent_twice_are_read_again,
     failed_commits_behind_reads_ahead_are_retried_oldest_first,
     a_rebuild_waits_for_every_gateway_alive_to_write_its_answers,
 );

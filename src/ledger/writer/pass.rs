@@ -30,6 +30,8 @@ pub(super) struct Cursor {
     unacked_gen: String,
     /// A read taken while the last batch committed, to be committed next.
     ahead: Option<Reply>,
+    /// How many entries that batch held delivered and unacknowledged when `ahead` was read.
+    ahead_beside: u64,
     /// When a read last looked for entries dead consumers left.
     reclaimed_at: Option<Instant>,
     /// Whether every entry this writer read of the SKU is committed (its id in `unacked`)
@@ -144,6 +146,13 @@ impl EventWriter {
             None => (self.read(sku, cursor, own).await?, false),
         };
         let read = ReadReply::parse(&reply)?;
+        // A read without this writer's own entries finds it holding as many delivered and
+        // unacknowledged as it knows of: none, or the batch committing beside a read ahead.
+        // More means a read whose reply never came back (a connection dropped after Redis
+        // ran it, or a client that sent it again and got the next entries): the next read
+        // takes them, instead of leaving them until they are reclaimed as a dead consumer's.
+        let known = if from_ahead { cursor.ahead_beside } else { 0 };
+        let stray = (from_ahead || !own) && read.owned > known;
         let batch = self.inner.opts.batch as usize;
         // A read of its own entries that filled the batch may have left more of them.
         let own_left = own && !from_ahead && read.own >= batch;
@@ -159,7 +168,7 @@ impl EventWriter {
         let read_ahead = read_ahead && (backlog || self.awaited(sku));
         self.observe(sku, &read);
         if read.entries.is_empty() {
-            cursor.clean = true;
+            cursor.clean = !stray;
             return Ok(Pass::default());
         }
 
@@ -186,7 +195,7 @@ impl EventWriter {
             }
         }
         if events.is_empty() {
-            cursor.clean = !own_left;
+            cursor.clean = !own_left && !stray;
             return Ok(Pass {
                 read: read.entries.len(),
                 committed: 0,
@@ -258,8 +267,9 @@ impl EventWriter {
             .extend(committed.into_iter().map(|(_, _, text)| text));
         // A failed read ahead is no failure of this pass: the next pass reads again, its
         // own pending entries first (the failed read may have delivered some).
-        cursor.clean = !own_left && !matches!(ahead, Some(Err(_)));
+        cursor.clean = !own_left && !stray && !matches!(ahead, Some(Err(_)));
         cursor.ahead = ahead.and_then(Result::ok);
+        cursor.ahead_beside = pass.committed as u64;
         Ok(pass)
     }
 

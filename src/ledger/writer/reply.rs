@@ -8,8 +8,8 @@ use crate::ledger::{LedgerError, LedgerEvent};
 
 use super::WriterError;
 
-/// Values before the entries in a `read` reply of `lua/stream.lua` (pending … gen).
-pub(super) const READ_HEAD: usize = 8;
+/// Values before the entries in a `read` reply of `lua/stream.lua` (pending … owned).
+pub(super) const READ_HEAD: usize = 9;
 
 /// A parsed `read` reply of `lua/stream.lua`.
 pub(super) struct ReadReply<'a> {
@@ -22,6 +22,9 @@ pub(super) struct ReadReply<'a> {
     pub(super) claimed: usize,
     /// The SKU's generation in the engine (`""` without one).
     pub(super) gen: &'a str,
+    /// For a read without this writer's own entries: how many it had delivered and not
+    /// acknowledged before the read.
+    pub(super) owned: u64,
     pub(super) entries: &'a [Reply],
 }
 
@@ -53,6 +56,7 @@ impl<'a> ReadReply<'a> {
             own,
             claimed,
             gen: head[7].as_str().ok_or_else(bad)?,
+            owned: n(8)?,
             entries,
         })
     }
