@@ -1130,9 +1130,10 @@ async fn read_ahead_answers_lost_are_read_again(env: Env) {
     for _ in 0..12 {
         env.void_and_restore("gift.1").await;
     }
-    let lossy = Arc::new(LossyReads {
+    let lossy = Arc::new(FaultyReads {
         inner: env.engine.clone(),
-        lost: AtomicBool::new(false),
+        fault: ReadFault::Lost,
+        struck: AtomicBool::new(false),
     });
     let writer = EventWriter::new(
         lossy.clone(),
@@ -1151,20 +1152,31 @@ async fn read_ahead_answers_lost_are_read_again(env: Env) {
         env.void_and_restore("gift.2").await;
     }
     caught_up(&writer, sku).await;
-    assert!(lossy.lost.load(Ordering::SeqCst), "an answer was lost");
+    assert!(lossy.struck.load(Ordering::SeqCst), "an answer was lost");
     env.assert_in_step(sku).await;
     // gift.1: add, 12 × (void, restore); gift.2: add, 6 × (void, restore).
     assert_eq!(env.assert_audit_once(sku, 2).await, 25 + 13);
     running.stop().await;
 }
 
-/// An engine whose reads of new entries lose the first answer that carries entries.
-struct LossyReads {
-    inner: Arc<dyn ScriptEngine>,
-    lost: AtomicBool,
+/// What [`FaultyReads`] does to the first read of new entries that delivers some.
+#[derive(Debug, Clone, Copy)]
+enum ReadFault {
+    /// Its answer is lost: the call fails, the entries stay delivered.
+    Lost,
+    /// It is sent a second time, as a client library does when the connection drops with
+    /// the command in flight, and only the second answer arrives.
+    SentTwice,
 }
 
-impl ScriptEngine for LossyReads {
+/// An engine whose first read of new entries that delivers some suffers `fault`.
+struct FaultyReads {
+    inner: Arc<dyn ScriptEngine>,
+    fault: ReadFault,
+    struck: AtomicBool,
+}
+
+impl ScriptEngine for FaultyReads {
     fn eval(
         &self,
         script: &'static Script,
@@ -1180,11 +1192,17 @@ impl ScriptEngine for LossyReads {
         args: Vec<String>,
     ) -> futures_util::future::BoxFuture<'_, Result<Reply, EngineError>> {
         Box::pin(async move {
-            let reply = self.inner.read_new_entries(keys, args).await?;
+            let reply = self
+                .inner
+                .read_new_entries(keys.clone(), args.clone())
+                .await?;
             // Past the head (pending … owned), entries.
             let entries = reply.as_array().map_or(0, |r| r.len().saturating_sub(9));
-            if entries > 0 && !self.lost.swap(true, Ordering::SeqCst) {
-                return Err(EngineError::Unavailable("the answer was lost".into()));
+            if entries > 0 && !self.struck.swap(true, Ordering::SeqCst) {
+                return match self.fault {
+                    ReadFault::Lost => Err(EngineError::Unavailable("the answer was lost".into())),
+                    ReadFault::SentTwice => self.inner.read_new_entries(keys, args).await,
+                };
             }
             Ok(reply)
         })
@@ -1208,9 +1226,10 @@ impl ScriptEngine for LossyReads {
 async fn entries_of_a_read_sent_twice_are_read_again(env: Env) {
     let sku = "gift";
     env.stock(sku, 2).await;
-    let replayed = Arc::new(ReplayedReads {
+    let replayed = Arc::new(FaultyReads {
         inner: env.engine.clone(),
-        replayed: AtomicBool::new(false),
+        fault: ReadFault::SentTwice,
+        struck: AtomicBool::new(false),
     });
     let writer = EventWriter::new(
         replayed.clone(),
@@ -1232,57 +1251,13 @@ async fn entries_of_a_read_sent_twice_are_read_again(env: Env) {
     }
     caught_up(&writer, sku).await;
     assert!(
-        replayed.replayed.load(Ordering::SeqCst),
+        replayed.struck.load(Ordering::SeqCst),
         "a read was sent twice"
     );
     env.assert_in_step(sku).await;
     // gift.1: add; gift.2: add, 4 × (void, restore).
     assert_eq!(env.assert_audit_once(sku, 2).await, 1 + 9);
     running.stop().await;
-}
-
-/// An engine that sends the first read of new entries that delivers some a second time,
-/// answering only the second.
-struct ReplayedReads {
-    inner: Arc<dyn ScriptEngine>,
-    replayed: AtomicBool,
-}
-
-impl ScriptEngine for ReplayedReads {
-    fn eval(
-        &self,
-        script: &'static Script,
-        keys: Vec<String>,
-        args: Vec<String>,
-    ) -> futures_util::future::BoxFuture<'_, Result<Reply, EngineError>> {
-        self.inner.eval(script, keys, args)
-    }
-
-    fn read_new_entries(
-        &self,
-        keys: Vec<String>,
-        args: Vec<String>,
-    ) -> futures_util::future::BoxFuture<'_, Result<Reply, EngineError>> {
-        Box::pin(async move {
-            let reply = self
-                .inner
-                .read_new_entries(keys.clone(), args.clone())
-                .await?;
-            let entries = reply.as_array().map_or(0, |r| r.len().saturating_sub(9));
-            if entries > 0 && !self.replayed.swap(true, Ordering::SeqCst) {
-                return self.inner.read_new_entries(keys, args).await;
-            }
-            Ok(reply)
-        })
-    }
-
-    fn ping(&self) -> futures_util::future::BoxFuture<'_, Result<(), EngineError>> {
-        self.inner.ping()
-    }
-
-    fn kind(&self) -> kamigate::engine::EngineKind {
-        self.inner.kind()
-    }
 }
 
 /// A writer's `run`, spawned, to be stopped.
