@@ -89,6 +89,20 @@ impl Env {
         }
     }
 
+    /// PostgreSQL's plan for `sql` (`EXPLAIN`, one line per node), on a connection of its
+    /// own; `None` on SQLite.
+    async fn postgres_plan(&self, sql: &str) -> Option<String> {
+        use sqlx::{Connection, Row};
+        let url = self.url.as_ref()?;
+        let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+        let rows = sqlx::query(&format!("EXPLAIN {sql}"))
+            .fetch_all(&mut conn)
+            .await
+            .expect("explain");
+        let lines: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        Some(lines.join("\n"))
+    }
+
     /// Opens the same database again (migrations run again).
     async fn reopen(&self) -> Arc<dyn Ledger> {
         open(self.url.as_deref(), self.dir.path())
@@ -1156,6 +1170,18 @@ async fn large_import_pages_through_keys_after(env: &Env) {
     l.finish_batch("bulk", "big", UPLOAD, &report, true, NOW)
         .await
         .expect("finish");
+    // Warm-up reads the keys back at once: a page must come through the primary key in
+    // order, not from all the SKU's later keys sorted (what PostgreSQL plans for a table
+    // it has no statistics of yet).
+    let page = "SELECT local_id FROM keys WHERE sku = 'bulk' AND local_id > 10 \
+                AND batch_id NOT IN (SELECT batch_id FROM batches \
+                WHERE sku = 'bulk' AND state <> 'active') ORDER BY local_id LIMIT 1000";
+    if let Some(plan) = env.postgres_plan(page).await {
+        assert!(
+            plan.contains("Index Scan using keys_pkey") && !plan.contains("Sort"),
+            "a warm-up page's plan:\n{plan}"
+        );
+    }
 
     let mut cursor = 0;
     let mut seen = 0;
@@ -1177,4 +1203,97 @@ async fn large_import_pages_through_keys_after(env: &Env) {
         l.counts("bulk").await.expect("counts").available,
         TOTAL as u64
     );
+}
+
+/// A ledger written before keys took their visibility from their batch (0011): each key
+/// carried an `active` copy. Rows as those versions left them: an active batch of two keys
+/// and a pending one of one.
+const BEFORE_BATCH_VISIBILITY: &str = "\
+    INSERT INTO skus (sku, config_json, format_version, next_local_id, created_at_ms, \
+        updated_at_ms) VALUES ('gift', '{}', 1, 4, 1, 1);
+    INSERT INTO batches (sku, batch_id, state, accepted, created_at_ms, activated_at_ms) \
+        VALUES ('gift', 'sold', 'active', 2, 1, 2), ('gift', 'later', 'pending', 1, 1, NULL);
+    INSERT INTO keys (sku, local_id, digest, code, batch_id, active, format_version, \
+        max_issues, max_uses, updated_at_ms) \
+        VALUES ('gift', 1, 'd1', 'C1', 'sold', TRUE, 1, 1, 1, 2), \
+               ('gift', 2, 'd2', 'C2', 'sold', TRUE, 1, 1, 1, 2), \
+               ('gift', 3, 'd3', 'C3', 'later', FALSE, 1, 1, 1, 1);";
+
+/// `migrator`'s migrations up to `version`: a ledger of those versions.
+fn up_to(mut migrator: sqlx::migrate::Migrator, version: i64) -> sqlx::migrate::Migrator {
+    migrator.migrations = migrator
+        .migrations
+        .iter()
+        .filter(|m| m.version <= version)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    migrator
+}
+
+/// After the upgrade the pending batch's key stays invisible until activated, and the active
+/// batch's keys count and warm as before.
+async fn upgraded_from_before_batch_visibility(l: &dyn Ledger) {
+    let ids = |page: Vec<KeyRecord>| page.iter().map(|k| k.local_id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(l.keys_after("gift", 0, 10).await.expect("keys")),
+        [1, 2]
+    );
+    assert_eq!(l.counts("gift").await.expect("counts").available, 2);
+    let by_version = l.counts_by_version("gift").await.expect("by version");
+    assert_eq!(by_version.get(&1).map(|c| c.available), Some(2));
+    l.activate_batch("gift", "later", NOW)
+        .await
+        .expect("activate");
+    assert_eq!(
+        ids(l.keys_after("gift", 0, 10).await.expect("keys")),
+        [1, 2, 3]
+    );
+    assert_eq!(l.counts("gift").await.expect("counts").available, 3);
+}
+
+#[tokio::test]
+async fn sqlite_ledger_from_before_batch_visibility_upgrades_in_place() {
+    use sqlx::{sqlite::SqliteConnectOptions, ConnectOptions, Connection};
+    let dir = TempDir::new().expect("temp dir");
+    let options = SqliteConnectOptions::new()
+        .filename(dir.path().join("ledger.sqlite3"))
+        .create_if_missing(true);
+    let mut conn = options.connect().await.expect("connect");
+    up_to(sqlx::migrate!("./migrations/sqlite"), 10)
+        .run(&mut conn)
+        .await
+        .expect("the older migrations");
+    sqlx::raw_sql(BEFORE_BATCH_VISIBILITY)
+        .execute(&mut conn)
+        .await
+        .expect("old rows");
+    conn.close().await.expect("close");
+    let ledger = open(None, dir.path()).await.expect("open and upgrade");
+    upgraded_from_before_batch_visibility(ledger.as_ref()).await;
+}
+
+#[tokio::test]
+async fn postgres_ledger_from_before_batch_visibility_upgrades_in_place() {
+    use sqlx::Connection;
+    let Some(pg) = TestDatabase::create().await else {
+        return;
+    };
+    let mut conn = sqlx::PgConnection::connect(pg.url())
+        .await
+        .expect("connect");
+    up_to(sqlx::migrate!("./migrations/postgres"), 10)
+        .run(&mut conn)
+        .await
+        .expect("the older migrations");
+    sqlx::raw_sql(BEFORE_BATCH_VISIBILITY)
+        .execute(&mut conn)
+        .await
+        .expect("old rows");
+    conn.close().await.expect("close");
+    let dir = TempDir::new().expect("temp dir");
+    let ledger = open(Some(pg.url()), dir.path())
+        .await
+        .expect("open and upgrade");
+    upgraded_from_before_batch_visibility(ledger.as_ref()).await;
 }

@@ -157,10 +157,10 @@ pub trait Ledger: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<(), LedgerError>;
 
-    /// Makes a pending batch's keys visible to warm-up and counts (one `UPDATE`, whatever the
-    /// batch size). Activating an active batch changes nothing. A batch whose upload has not
-    /// finished is [`LedgerError::BatchBusy`] (part of its file may be still to come); an
-    /// aborted one is [`LedgerError::NotFound`], as a batch id never used.
+    /// Makes a pending batch's keys visible to warm-up and counts (the batch's row alone
+    /// changes, whatever the batch size). Activating an active batch changes nothing. A batch
+    /// whose upload has not finished is [`LedgerError::BatchBusy`] (part of its file may be
+    /// still to come); an aborted one is [`LedgerError::NotFound`], as a batch id never used.
     async fn activate_batch(
         &self,
         sku: &str,

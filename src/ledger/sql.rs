@@ -158,12 +158,24 @@ pub(crate) trait Bulk: Database {
     /// Clears what rows changed or deleted left behind in the database's files (see
     /// [`Ledger::purge_freed`]).
     async fn purge_freed(write: &Pool<Self>) -> Result<(), LedgerError>;
+
+    /// Brings the planner's statistics of `keys` up to date after an upload added many rows,
+    /// before they are read back (warm-up pages through them at once).
+    async fn analyze_keys(write: &Pool<Self>) -> Result<(), LedgerError>;
 }
+
+/// Keys an upload must have added for its end to refresh the statistics ([`Bulk::analyze_keys`]).
+const ANALYZE_AFTER_KEYS: u64 = 10_000;
 
 const SKU_COLUMNS: &str = "sku, config_json, format_version, epoch, created_at_ms, updated_at_ms";
 const KEY_COLUMNS: &str = "sku, local_id, digest, code, batch_id, format_version, \
      expires_at_ms, max_issues, max_uses, held, sold, uses, void, state, order_id, user_id, \
      redeemer, redeemed_at_ms, updated_at_ms";
+/// The condition on `keys` (its SKU bound as `$1`) that leaves out the keys of batches not
+/// active: only those count and warm. A SKU's pending batches are few, usually none, so this
+/// is one small lookup per query (migrations/*/0011_batch_visibility.sql).
+const VISIBLE: &str =
+    "batch_id NOT IN (SELECT batch_id FROM batches WHERE sku = $1 AND state <> 'active')";
 const EVENT_COLUMNS: &str =
     "e.event_id, e.sku, e.kind, e.at_ms, e.order_id, e.user_id, e.redeemer, e.reason, e.fields_json";
 
@@ -437,8 +449,8 @@ where
         limit: u32,
     ) -> Result<Vec<KeyRecord>, LedgerError> {
         let sql = format!(
-            "SELECT {KEY_COLUMNS} FROM keys WHERE sku = $1 AND local_id > $2 AND active = TRUE \
-             ORDER BY local_id LIMIT $3"
+            "SELECT {KEY_COLUMNS} FROM keys WHERE sku = $1 AND local_id > $2 \
+             AND {VISIBLE} ORDER BY local_id LIMIT $3"
         );
         let rows = sqlx::query(&sql)
             .bind(sku)
@@ -623,12 +635,9 @@ where
     }
 
     async fn counts(&self, sku: &str) -> Result<StateCounts, LedgerError> {
-        let rows = sqlx::query(
-            "SELECT state, COUNT(*) FROM keys WHERE sku = $1 AND active = TRUE GROUP BY state",
-        )
-        .bind(sku)
-        .fetch_all(&self.read)
-        .await?;
+        let sql =
+            format!("SELECT state, COUNT(*) FROM keys WHERE sku = $1 AND {VISIBLE} GROUP BY state");
+        let rows = sqlx::query(&sql).bind(sku).fetch_all(&self.read).await?;
         let mut counts = StateCounts::default();
         for row in rows {
             let name: String = row.try_get(0)?;
@@ -643,13 +652,11 @@ where
         &self,
         sku: &str,
     ) -> Result<std::collections::BTreeMap<i64, StateCounts>, LedgerError> {
-        let rows = sqlx::query(
-            "SELECT format_version, state, COUNT(*) FROM keys WHERE sku = $1 AND active = TRUE \
-             GROUP BY format_version, state",
-        )
-        .bind(sku)
-        .fetch_all(&self.read)
-        .await?;
+        let sql = format!(
+            "SELECT format_version, state, COUNT(*) FROM keys WHERE sku = $1 AND {VISIBLE} \
+             GROUP BY format_version, state"
+        );
+        let rows = sqlx::query(&sql).bind(sku).fetch_all(&self.read).await?;
         let mut out = std::collections::BTreeMap::<i64, StateCounts>::new();
         for row in rows {
             let name: String = row.try_get(1)?;

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use sqlx::database::HasStatementCache;
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Row, Type};
 
-use super::{count, Bulk, SqlLedger};
+use super::{count, Bulk, SqlLedger, ANALYZE_AFTER_KEYS};
 use crate::ledger::{
     BatchCounts, BatchRecord, BatchStart, InsertOutcome, LedgerError, NewKey, Seal, UPLOAD_LEASE_MS,
 };
@@ -234,6 +234,13 @@ where
             Self::activate_in(&mut tx, sku, batch_id, now_ms).await?;
         }
         tx.commit().await?;
+        if report.accepted >= ANALYZE_AFTER_KEYS {
+            // The batch is recorded whatever this does: stale statistics slow reads, they
+            // change no answer.
+            if let Err(e) = DB::analyze_keys(&self.write).await {
+                tracing::warn!(sku, batch_id, error = %e, "could not refresh the keys' statistics");
+            }
+        }
         Ok(())
     }
 
@@ -360,18 +367,14 @@ where
         Ok(batch)
     }
 
-    /// Marks a pending batch and its keys active: one `UPDATE` of the keys, however many.
+    /// Marks a pending batch active, and with it its keys, which are visible while their
+    /// batch is: one row, however many keys.
     async fn activate_in(
         conn: &mut DB::Connection,
         sku: &str,
         batch_id: &str,
         now_ms: i64,
     ) -> Result<(), LedgerError> {
-        sqlx::query("UPDATE keys SET active = TRUE WHERE sku = $1 AND batch_id = $2")
-            .bind(sku)
-            .bind(batch_id)
-            .execute(&mut *conn)
-            .await?;
         sqlx::query(
             "UPDATE batches SET state = 'active', activated_at_ms = $3 \
              WHERE sku = $1 AND batch_id = $2",
