@@ -1,10 +1,13 @@
 //! Warm-up: loading the ledger's keys into the engine.
 //!
 //! The ledger is the source of truth; the engine is a working set that can be rebuilt from
-//! it. Keys are loaded in id order, in chunks (no call blocks the engine for long), each in
-//! the state the ledger records, so a rebuilt engine never puts a sold or redeemed code
-//! back on sale. Loading is idempotent: keys the engine already has are left alone, so an
+//! it. Keys are read in id order and loaded in chunks (no call blocks the engine for long),
+//! each in the state the ledger records, so a rebuilt engine never puts a sold or redeemed
+//! code back on sale. Loading is idempotent: keys the engine already has are left alone, so an
 //! interrupted warm-up simply runs again.
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesOrdered, StreamExt};
 
 use crate::error::Error;
 use crate::ledger::{EventRecord, KeyRecord, Ledger};
@@ -12,11 +15,16 @@ use crate::sku::SkuConfig;
 
 use super::Inventory;
 
-/// Keys per engine call while warming, and per page read from the ledger (two pages are in
-/// memory at once). `lua/warm.lua` gathers its writes into multi-value commands, so a call of
-/// a thousand keys holds Redis about as long (some 20 ms) as one of 500 did before; larger
-/// pages loaded no faster and held more memory.
+/// Keys per engine call while warming, and per page read from the ledger (at most
+/// [`WARM_IN_FLIGHT`] and one more are in memory at once). `lua/warm.lua` gathers its writes
+/// into multi-value commands, so a call of a thousand keys holds Redis about as long (some
+/// 20 ms) as one of 500 did before; larger pages loaded no faster and held more memory.
 pub const WARM_CHUNK: u32 = 1000;
+
+/// Pages loading into the engine at once while the next is read. Two keep Redis busy while
+/// the gateway prepares a page (opening and sealing its codes takes about half as long as
+/// Redis's call); a third also covers the ledger read.
+const WARM_IN_FLIGHT: usize = 3;
 
 /// What a warm-up did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -43,34 +51,86 @@ pub async fn warm_sku(
 
 /// Like [`warm_sku`], for a rebuild of generation `gen` (`""`: whatever generation the
 /// engine has): fails as soon as the SKU turns out lost and recreated since.
-async fn warm_generation(
-    ledger: &dyn Ledger,
-    inventory: &Inventory,
-    sku: &str,
+async fn warm_generation<'a>(
+    ledger: &'a dyn Ledger,
+    inventory: &'a Inventory,
+    sku: &'a str,
     after_local_id: i64,
-    gen: &str,
+    gen: &'a str,
     mut progress: impl FnMut(WarmReport),
 ) -> Result<WarmReport, Error> {
     let mut report = WarmReport {
         last_local_id: after_local_id,
         ..WarmReport::default()
     };
-    let mut page = ledger.keys_after(sku, after_local_id, WARM_CHUNK).await?;
-    while let Some(last) = page.last() {
-        report.last_local_id = last.local_id;
-        // The next page is read from the ledger while this one loads into the engine: two
-        // pages in memory at most, and neither side waits for the other.
-        let (next, loaded) = tokio::join!(
-            ledger.keys_after(sku, last.local_id, WARM_CHUNK),
-            inventory.warm_keys(sku, &page, gen)
-        );
-        let loaded = loaded?;
-        report.loaded += loaded;
-        report.present += page.len() as u64 - loaded;
-        progress(report);
-        page = next?;
+    // Pages are read from the ledger one after another (each starts after the last id of the
+    // one before) and loaded into the engine up to WARM_IN_FLIGHT at a time: while the engine
+    // runs one page's call, the next is read, opened and sealed here, so neither side waits
+    // for the other. Pages are independent (each key is loaded once, whichever call gets it
+    // there first, in the state the ledger records), so their calls may run in any order;
+    // loads are reported in page order, so the report's last id never passes a page that
+    // has not loaded.
+    let mut loading: FuturesOrdered<BoxFuture<'a, Result<PageLoad, Error>>> = FuturesOrdered::new();
+    let mut reading: Option<BoxFuture<'a, Result<Vec<KeyRecord>, Error>>> = None;
+    // Where the next page starts; `None` once a page came back empty.
+    let mut after = Some(after_local_id);
+    loop {
+        if reading.is_none() && loading.len() < WARM_IN_FLIGHT {
+            if let Some(after) = after {
+                reading = Some(Box::pin(async move {
+                    Ok(ledger.keys_after(sku, after, WARM_CHUNK).await?)
+                }));
+            }
+        }
+        if reading.is_none() && loading.is_empty() {
+            return Ok(report);
+        }
+        tokio::select! {
+            page = async {
+                match reading.as_mut() {
+                    Some(read) => read.await,
+                    None => std::future::pending().await,
+                }
+            }, if reading.is_some() => {
+                reading = None;
+                let page = page?;
+                after = page.last().map(|last| last.local_id);
+                if !page.is_empty() {
+                    loading.push_back(Box::pin(load_page(inventory, sku, gen, page)));
+                }
+            }
+            Some(loaded) = loading.next(), if !loading.is_empty() => {
+                let page = loaded?;
+                report.last_local_id = page.last_local_id;
+                report.loaded += page.loaded;
+                report.present += page.keys - page.loaded;
+                progress(report);
+            }
+        }
     }
-    Ok(report)
+}
+
+/// What loading one page did.
+struct PageLoad {
+    last_local_id: i64,
+    keys: u64,
+    /// Keys new to the engine.
+    loaded: u64,
+}
+
+/// Loads `page` (not empty) into the engine.
+async fn load_page(
+    inventory: &Inventory,
+    sku: &str,
+    gen: &str,
+    page: Vec<KeyRecord>,
+) -> Result<PageLoad, Error> {
+    let loaded = inventory.warm_keys(sku, &page, gen).await?;
+    Ok(PageLoad {
+        last_local_id: page.last().map_or(0, |last| last.local_id),
+        keys: page.len() as u64,
+        loaded,
+    })
 }
 
 /// Makes sure the engine has `sku`: when it does not (a fresh embedded engine, or Redis that
