@@ -1260,6 +1260,64 @@ async fn entries_of_a_read_sent_twice_are_read_again(env: Env) {
     running.stop().await;
 }
 
+/// The same fault between a void and the restore that undid it: the lost reply held the
+/// restore, the read sent again the void after it. A SKU's events are committed in stream
+/// order whatever a read's reply did, so the ledger's key ends as the engine's: void.
+async fn a_read_sent_twice_keeps_the_events_in_order(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 2).await;
+    let plain = EventWriter::new(
+        env.engine.clone(),
+        env.ledger.clone(),
+        WriterOptions {
+            group: GROUP.into(),
+            consumer: "w0".into(),
+            ..WriterOptions::default()
+        },
+    );
+    while plain.drain_once(sku).await.expect("drain the adds") > 0 {}
+    // Entries: void, restore, void. One entry a read: the first read (of its own and new
+    // entries) takes the first void, the next (of new entries only) is the one sent twice.
+    env.inv.void("gift.2", "check").await.expect("void");
+    env.inv.restore("gift.2", "check").await.expect("restore");
+    env.inv.void("gift.2", "again").await.expect("void again");
+    let replayed = Arc::new(FaultyReads {
+        inner: env.engine.clone(),
+        fault: ReadFault::SentTwice,
+        struck: AtomicBool::new(false),
+    });
+    let writer = EventWriter::new(
+        replayed.clone(),
+        env.ledger.clone(),
+        WriterOptions {
+            group: GROUP.into(),
+            consumer: "w1".into(),
+            batch: 1,
+            idle_poll_ms: 10,
+            max_backoff_ms: 50,
+            reclaim_idle_ms: 3_600_000,
+            ..WriterOptions::default()
+        },
+    );
+    let running = Running::start(&writer);
+    caught_up(&writer, sku).await;
+    assert!(
+        replayed.struck.load(Ordering::SeqCst),
+        "a read was sent twice"
+    );
+    assert!(
+        env.ledger
+            .get_key("gift.2")
+            .await
+            .expect("read the key")
+            .expect("the key")
+            .void,
+        "the ledger's key ends void, as the engine's"
+    );
+    env.assert_in_step(sku).await;
+    running.stop().await;
+}
+
 /// A writer's `run`, spawned, to be stopped.
 struct Running {
     stop: tokio::sync::watch::Sender<bool>,
@@ -1652,6 +1710,7 @@ on_both_engines!(
     a_lingering_writer_is_woken_by_a_waiter,
     read_ahead_answers_lost_are_read_again,
     entries_of_a_read_sent_twice_are_read_again,
+    a_read_sent_twice_keeps_the_events_in_order,
     failed_commits_behind_reads_ahead_are_retried_oldest_first,
     a_rebuild_waits_for_every_gateway_alive_to_write_its_answers,
 );

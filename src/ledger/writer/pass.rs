@@ -171,6 +171,18 @@ impl EventWriter {
             cursor.clean = !stray;
             return Ok(Pass::default());
         }
+        if stray {
+            // The entries that reply lost are older than these, and a SKU's events must be
+            // applied in stream order (a void committed after the restore that undid it
+            // leaves the ledger's key void). Nothing is committed: these stay pending with
+            // them, and the next read takes this writer's own entries, all of them, oldest
+            // first.
+            return Ok(Pass {
+                read: read.entries.len(),
+                committed: 0,
+                dead: 0,
+            });
+        }
 
         // Decode; poison goes aside now, so it cannot hold up the entries behind it.
         let mut events = Vec::with_capacity(read.entries.len());
@@ -195,7 +207,7 @@ impl EventWriter {
             }
         }
         if events.is_empty() {
-            cursor.clean = !own_left && !stray;
+            cursor.clean = !own_left;
             return Ok(Pass {
                 read: read.entries.len(),
                 committed: 0,
@@ -267,7 +279,7 @@ impl EventWriter {
             .extend(committed.into_iter().map(|(_, _, text)| text));
         // A failed read ahead is no failure of this pass: the next pass reads again, its
         // own pending entries first (the failed read may have delivered some).
-        cursor.clean = !own_left && !stray && !matches!(ahead, Some(Err(_)));
+        cursor.clean = !own_left && !matches!(ahead, Some(Err(_)));
         cursor.ahead = ahead.and_then(Result::ok);
         cursor.ahead_beside = pass.committed as u64;
         Ok(pass)
