@@ -24,7 +24,7 @@ pub const WARM_CHUNK: u32 = 1000;
 /// Pages loading into the engine at once while the next is read. Two keep Redis busy while
 /// the gateway prepares a page (opening and sealing its codes takes about half as long as
 /// Redis's call); a third also covers the ledger read.
-const WARM_IN_FLIGHT: usize = 3;
+pub const WARM_IN_FLIGHT: usize = 3;
 
 /// What a warm-up did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
