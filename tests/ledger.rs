@@ -943,6 +943,21 @@ async fn claim_redeem_void_and_restore_follow_the_engine(env: &Env) {
         .await
         .expect("restore");
     assert_eq!(tally(l, "gift.2").await, tallied(0, 1, 0, false, "claimed"));
+
+    // Committed by two writers in the other order, a void and the restore that undid it
+    // leave the key as the engine has it: restored; and the next void still voids it.
+    l.apply_events(&[event("gift", 6, "restore", &[2])])
+        .await
+        .expect("restore first");
+    assert_eq!(tally(l, "gift.2").await, tallied(0, 1, 0, false, "claimed"));
+    l.apply_events(&[event("gift", 5, "void", &[2])])
+        .await
+        .expect("then its void");
+    assert_eq!(tally(l, "gift.2").await, tallied(0, 1, 0, false, "claimed"));
+    l.apply_events(&[event("gift", 7, "void", &[2])])
+        .await
+        .expect("void again");
+    assert_eq!(tally(l, "gift.2").await, tallied(0, 1, 0, true, "void"));
 }
 
 async fn late_confirm_sells_fresh_keys(env: &Env) {
@@ -1252,48 +1267,113 @@ async fn upgraded_from_before_batch_visibility(l: &dyn Ledger) {
     assert_eq!(l.counts("gift").await.expect("counts").available, 3);
 }
 
-#[tokio::test]
-async fn sqlite_ledger_from_before_batch_visibility_upgrades_in_place() {
+/// A SQLite ledger migrated up to `version` and holding `rows`, in a new directory.
+async fn sqlite_ledger_at(version: i64, rows: &str) -> TempDir {
     use sqlx::{sqlite::SqliteConnectOptions, ConnectOptions, Connection};
     let dir = TempDir::new().expect("temp dir");
     let options = SqliteConnectOptions::new()
         .filename(dir.path().join("ledger.sqlite3"))
         .create_if_missing(true);
     let mut conn = options.connect().await.expect("connect");
-    up_to(sqlx::migrate!("./migrations/sqlite"), 10)
+    up_to(sqlx::migrate!("./migrations/sqlite"), version)
         .run(&mut conn)
         .await
         .expect("the older migrations");
-    sqlx::raw_sql(BEFORE_BATCH_VISIBILITY)
+    sqlx::raw_sql(rows)
         .execute(&mut conn)
         .await
         .expect("old rows");
     conn.close().await.expect("close");
+    dir
+}
+
+/// A PostgreSQL ledger migrated up to `version` and holding `rows`, in a new database;
+/// `None` if PostgreSQL is not there.
+async fn postgres_ledger_at(version: i64, rows: &str) -> Option<TestDatabase> {
+    use sqlx::Connection;
+    let pg = TestDatabase::create().await?;
+    let mut conn = sqlx::PgConnection::connect(pg.url())
+        .await
+        .expect("connect");
+    up_to(sqlx::migrate!("./migrations/postgres"), version)
+        .run(&mut conn)
+        .await
+        .expect("the older migrations");
+    sqlx::raw_sql(rows)
+        .execute(&mut conn)
+        .await
+        .expect("old rows");
+    conn.close().await.expect("close");
+    Some(pg)
+}
+
+#[tokio::test]
+async fn sqlite_ledger_from_before_batch_visibility_upgrades_in_place() {
+    let dir = sqlite_ledger_at(10, BEFORE_BATCH_VISIBILITY).await;
     let ledger = open(None, dir.path()).await.expect("open and upgrade");
     upgraded_from_before_batch_visibility(ledger.as_ref()).await;
 }
 
 #[tokio::test]
 async fn postgres_ledger_from_before_batch_visibility_upgrades_in_place() {
-    use sqlx::Connection;
-    let Some(pg) = TestDatabase::create().await else {
+    let Some(pg) = postgres_ledger_at(10, BEFORE_BATCH_VISIBILITY).await else {
         return;
     };
-    let mut conn = sqlx::PgConnection::connect(pg.url())
-        .await
-        .expect("connect");
-    up_to(sqlx::migrate!("./migrations/postgres"), 10)
-        .run(&mut conn)
-        .await
-        .expect("the older migrations");
-    sqlx::raw_sql(BEFORE_BATCH_VISIBILITY)
-        .execute(&mut conn)
-        .await
-        .expect("old rows");
-    conn.close().await.expect("close");
     let dir = TempDir::new().expect("temp dir");
     let ledger = open(Some(pg.url()), dir.path())
         .await
         .expect("open and upgrade");
     upgraded_from_before_batch_visibility(ledger.as_ref()).await;
+}
+
+/// A ledger written before voids were counted (0012): key 2 void, key 1 not.
+const BEFORE_VOID_COUNT: &str = "\
+    INSERT INTO skus (sku, config_json, format_version, next_local_id, created_at_ms, \
+        updated_at_ms) VALUES ('gift', '{}', 1, 3, 1, 1);
+    INSERT INTO batches (sku, batch_id, state, accepted, created_at_ms, activated_at_ms) \
+        VALUES ('gift', 'b', 'active', 2, 1, 2);
+    INSERT INTO keys (sku, local_id, digest, code, batch_id, format_version, max_issues, \
+        max_uses, void, state, updated_at_ms) \
+        VALUES ('gift', 1, 'd1', 'C1', 'b', 1, 1, 1, FALSE, 'available', 2), \
+               ('gift', 2, 'd2', 'C2', 'b', 1, 1, 1, TRUE, 'void', 2);";
+
+/// After the upgrade the void key is void and a restore makes it available, in either order
+/// with a later void; the other key voids and restores as any.
+async fn upgraded_from_before_void_count(l: &dyn Ledger) {
+    assert_eq!(get(l, "gift.2").await.state, "void");
+    l.apply_events(&[event("gift", 1, "restore", &[2])])
+        .await
+        .expect("restore");
+    assert_eq!(get(l, "gift.2").await.state, "available");
+    l.apply_events(&[event("gift", 3, "restore", &[2])])
+        .await
+        .expect("a restore before its void");
+    l.apply_events(&[event("gift", 2, "void", &[2])])
+        .await
+        .expect("then the void");
+    assert_eq!(get(l, "gift.2").await.state, "available");
+    l.apply_events(&[event("gift", 4, "void", &[1, 2])])
+        .await
+        .expect("void both");
+    let counts = l.counts("gift").await.expect("counts");
+    assert_eq!((counts.available, counts.void), (0, 2));
+}
+
+#[tokio::test]
+async fn sqlite_ledger_from_before_void_count_upgrades_in_place() {
+    let dir = sqlite_ledger_at(11, BEFORE_VOID_COUNT).await;
+    let ledger = open(None, dir.path()).await.expect("open and upgrade");
+    upgraded_from_before_void_count(ledger.as_ref()).await;
+}
+
+#[tokio::test]
+async fn postgres_ledger_from_before_void_count_upgrades_in_place() {
+    let Some(pg) = postgres_ledger_at(11, BEFORE_VOID_COUNT).await else {
+        return;
+    };
+    let dir = TempDir::new().expect("temp dir");
+    let ledger = open(Some(pg.url()), dir.path())
+        .await
+        .expect("open and upgrade");
+    upgraded_from_before_void_count(ledger.as_ref()).await;
 }

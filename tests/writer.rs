@@ -544,6 +544,47 @@ async fn entries_of_a_dead_consumer_are_taken_over(env: Env) {
     );
 }
 
+/// A gateway dies holding a void it read; the restore that undid the void is committed by a
+/// live writer first, and the void only when its entry is taken over. The ledger must still
+/// end where the engine is: the key restored.
+async fn a_void_taken_over_after_its_restore_leaves_the_key_restored(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 2).await;
+    let patient = env.writer("w1");
+    while patient.drain_once(sku).await.expect("drain the adds") > 0 {}
+
+    env.inv.void("gift.2", "check").await.expect("void");
+    assert_eq!(
+        env.read_and_die(sku, "ghost", 1).await,
+        1,
+        "the ghost reads the void"
+    );
+    env.inv.restore("gift.2", "checked").await.expect("restore");
+    assert_eq!(
+        drain(&patient, sku).await,
+        1,
+        "the live writer commits the restore"
+    );
+
+    let taker = env.writer_over(env.ledger.clone(), "w2", 0);
+    assert_eq!(drain(&taker, sku).await, 1, "the void is taken over");
+    let key = env
+        .ledger
+        .get_key("gift.2")
+        .await
+        .expect("read the key")
+        .expect("the key");
+    assert!(!key.void, "the ledger's key ends restored, as the engine's");
+    assert_eq!(key.state, "available");
+    env.assert_in_step(sku).await;
+
+    // And the pair can repeat: void again, and the ledger follows.
+    env.inv.void("gift.2", "again").await.expect("void again");
+    assert_eq!(drain(&taker, sku).await, 1);
+    env.assert_in_step(sku).await;
+    assert_eq!(env.ledger.counts(sku).await.expect("counts").void, 1);
+}
+
 /// Acknowledged entries are trimmed from the stream; entries still pending are not.
 async fn acked_entries_are_trimmed_and_pending_ones_kept(env: Env) {
     let sku = "gift";
@@ -1711,6 +1752,7 @@ on_both_engines!(
     read_ahead_answers_lost_are_read_again,
     entries_of_a_read_sent_twice_are_read_again,
     a_read_sent_twice_keeps_the_events_in_order,
+    a_void_taken_over_after_its_restore_leaves_the_key_restored,
     failed_commits_behind_reads_ahead_are_retried_oldest_first,
     a_rebuild_waits_for_every_gateway_alive_to_write_its_answers,
 );

@@ -184,7 +184,7 @@ mod tests {
 
     fn fresh() -> KeyStatus {
         KeyStatus {
-            void: false,
+            voids: 0,
             held: 0,
             sold: 0,
             uses: 0,

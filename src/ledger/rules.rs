@@ -125,10 +125,13 @@ pub fn key_state(
 /// hold it ends). The counters therefore only ever add and subtract, never clamp: the sums
 /// are the same in any order, and a counter below zero only means an earlier event is still
 /// on its way. The derived state and what is loaded into an engine read `held` as at least
-/// zero ([`KeyStatus::held_now`]).
+/// zero ([`KeyStatus::held_now`]). Voids are counted the same way ([`KeyStatus::voids`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyStatus {
-    pub void: bool,
+    /// Voids applied less restores applied. The engine voids a key only when it is not void
+    /// and restores it only when it is, so in the engine's order this is 1 while the key is
+    /// void and 0 otherwise; a sum, it ends there in any order ([`KeyStatus::void`]).
+    pub voids: i64,
     /// Orders holding the key (more than one only for reusable codes).
     pub held: i64,
     /// Orders owning the key.
@@ -154,10 +157,16 @@ impl KeyStatus {
         self.held.max(0)
     }
 
+    /// Whether the key is void, as far as the events applied so far tell (a restore applied
+    /// before its void reads as not void).
+    pub fn void(&self) -> bool {
+        self.voids > 0
+    }
+
     /// The key's derived state.
     pub fn state(&self) -> KeyState {
         key_state(
-            self.void,
+            self.void(),
             self.held_now(),
             self.sold,
             self.uses,
@@ -201,8 +210,8 @@ pub fn apply_to_key(key: &mut KeyStatus, kind: EventKind, event: &LedgerEvent) -
             key.redeemer = non_empty(&event.redeemer);
             key.redeemed_at_ms = Some(event.at_ms);
         }
-        EventKind::Void => key.void = true,
-        EventKind::Restore => key.void = false,
+        EventKind::Void => key.voids += 1,
+        EventKind::Restore => key.voids -= 1,
     }
     key.updated_at_ms = key.updated_at_ms.max(event.at_ms);
     *key != before
@@ -230,7 +239,7 @@ mod tests {
 
     fn fresh(max_issues: i64, max_uses: i64) -> KeyStatus {
         KeyStatus {
-            void: false,
+            voids: 0,
             held: 0,
             sold: 0,
             uses: 0,
@@ -375,7 +384,7 @@ mod tests {
     }
 
     #[test]
-    fn void_and_restore_toggle_only_the_flag() {
+    fn void_and_restore_change_only_whether_it_is_void() {
         let mut k = fresh(1, 1);
         apply(&mut k, &event("claim", 1));
         assert!(apply(&mut k, &event("void", 2)));
@@ -383,6 +392,22 @@ mod tests {
         assert!(apply(&mut k, &event("restore", 3)));
         assert_eq!(k.state(), KeyState::Claimed);
         assert_eq!(k.sold, 1);
+    }
+
+    #[test]
+    fn a_restore_applied_before_its_void_ends_restored() {
+        let mut k = fresh(1, 1);
+        apply(&mut k, &event("claim", 1));
+        apply(&mut k, &event("restore", 3));
+        assert_eq!(k.state(), KeyState::Claimed);
+        apply(&mut k, &event("void", 2));
+        assert_eq!(
+            k.state(),
+            KeyState::Claimed,
+            "as the engine: voided, then restored"
+        );
+        apply(&mut k, &event("void", 4));
+        assert_eq!(k.state(), KeyState::Void);
     }
 
     #[test]

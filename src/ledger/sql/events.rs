@@ -17,7 +17,7 @@ use crate::ledger::rules::KeyStatus;
 use crate::ledger::{LedgerError, LedgerEvent};
 
 /// What applying events reads and writes of a key ([`KeyStatus`] plus its id).
-const STATUS_COLUMNS: &str = "local_id, void, held, sold, uses, max_issues, max_uses, \
+const STATUS_COLUMNS: &str = "local_id, voids, held, sold, uses, max_issues, max_uses, \
      order_id, user_id, redeemer, redeemed_at_ms, updated_at_ms";
 
 impl<DB> SqlLedger<DB>
@@ -170,7 +170,7 @@ where
             }
             for row in query.fetch_all(&mut *conn).await? {
                 let status = KeyStatus {
-                    void: row.try_get(1)?,
+                    voids: row.try_get(1)?,
                     held: row.try_get(2)?,
                     sold: row.try_get(3)?,
                     uses: row.try_get(4)?,
@@ -196,24 +196,25 @@ where
         rows: &[(i64, KeyStatus)],
     ) -> Result<(), LedgerError> {
         let p = self.dialect.placeholders;
-        for chunk in pow2_chunks(rows, self.dialect.rows_per_statement(11, 1)) {
+        for chunk in pow2_chunks(rows, self.dialect.rows_per_statement(12, 1)) {
             // The SKU comes last in the text, so it is bound last.
             let sql = format!(
-                "WITH v (local_id, void, held, sold, uses, state, order_id, user_id, redeemer, \
-                 redeemed_at_ms, updated_at_ms) AS (VALUES {}) \
-                 UPDATE keys SET void = v.void, held = v.held, sold = v.sold, uses = v.uses, \
-                 state = v.state, order_id = v.order_id, user_id = v.user_id, \
+                "WITH v (local_id, voids, void, held, sold, uses, state, order_id, user_id, \
+                 redeemer, redeemed_at_ms, updated_at_ms) AS (VALUES {}) \
+                 UPDATE keys SET voids = v.voids, void = v.void, held = v.held, sold = v.sold, \
+                 uses = v.uses, state = v.state, order_id = v.order_id, user_id = v.user_id, \
                  redeemer = v.redeemer, redeemed_at_ms = v.redeemed_at_ms, \
                  updated_at_ms = v.updated_at_ms \
                  FROM v WHERE keys.sku = {} AND keys.local_id = v.local_id",
-                tuples(p, chunk.len(), 11, 1),
-                p.param(chunk.len() * 11 + 1)
+                tuples(p, chunk.len(), 12, 1),
+                p.param(chunk.len() * 12 + 1)
             );
             let mut query = sqlx::query(&sql);
             for (local_id, k) in chunk {
                 query = query
                     .bind(*local_id)
-                    .bind(k.void)
+                    .bind(k.voids)
+                    .bind(k.void())
                     .bind(k.held)
                     .bind(k.sold)
                     .bind(k.uses)

@@ -190,7 +190,7 @@ fn commit(
     {
         let mut load = tx
             .prepare_cached(
-                "SELECT void, held, sold, uses, max_issues, max_uses, order_id, user_id, \
+                "SELECT voids, held, sold, uses, max_issues, max_uses, order_id, user_id, \
                  redeemer, redeemed_at_ms, updated_at_ms FROM keys WHERE sku = ? AND local_id = ?",
             )
             .map_err(error)?;
@@ -199,7 +199,7 @@ fn commit(
                 let status = load
                     .query_row(params![sku, id], |row| {
                         Ok(KeyStatus {
-                            void: row.get(0)?,
+                            voids: row.get(0)?,
                             held: row.get(1)?,
                             sold: row.get(2)?,
                             uses: row.get(3)?,
@@ -225,7 +225,7 @@ fn commit(
     {
         let mut store = tx
             .prepare_cached(
-                "UPDATE keys SET void = ?, held = ?, sold = ?, uses = ?, state = ?, \
+                "UPDATE keys SET voids = ?, void = ?, held = ?, sold = ?, uses = ?, state = ?, \
                  order_id = ?, user_id = ?, redeemer = ?, redeemed_at_ms = ?, updated_at_ms = ? \
                  WHERE sku = ? AND local_id = ?",
             )
@@ -234,7 +234,8 @@ fn commit(
             for (id, k) in rows {
                 store
                     .execute(params![
-                        k.void,
+                        k.voids,
+                        k.void(),
                         k.held,
                         k.sold,
                         k.uses,
