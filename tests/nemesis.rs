@@ -54,6 +54,10 @@ use tokio::time::Instant;
 
 /// Two SKUs: one grace period covers both when Redis loses them together.
 const SKUS: [&str; 2] = ["nemesis-a", "nemesis-b"];
+/// A SKU nobody claims: its codes are voided and restored, in turn, while the faults strike.
+const VOIDED_SKU: &str = "nemesis-void";
+/// How many of its codes the voider takes in turn.
+const VOIDED_KEYS: usize = 6;
 const WORKERS: usize = 8;
 const RECLAIM_IDLE_MS: u64 = 800;
 /// Answers a run must have checked for its verdict to mean something.
@@ -487,7 +491,7 @@ async fn until_final(
     rng: &Mutex<StdRng>,
     path: &str,
     body: Value,
-    merchant: bool,
+    token: Option<&str>,
     deadline: Instant,
 ) -> Option<(StatusCode, Value)> {
     loop {
@@ -499,8 +503,8 @@ async fn until_final(
             bases[rng.random_range(0..bases.len())].clone()
         };
         let mut req = client.post(format!("{base}{path}")).json(&body);
-        if merchant {
-            req = req.bearer_auth(MERCHANT_TOKEN);
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
         }
         if let Ok(res) = req.send().await {
             let status = res.status();
@@ -573,7 +577,16 @@ async fn client_loop(
             body["hold_ms"] = json!(hold_ms);
         }
         let claims = format!("/v1/skus/{sku}/claims");
-        let got = until_final(&client, &bases, &rng, &claims, body, true, hard_deadline).await;
+        let got = until_final(
+            &client,
+            &bases,
+            &rng,
+            &claims,
+            body,
+            Some(MERCHANT_TOKEN),
+            hard_deadline,
+        )
+        .await;
         let Some(claim) = record(if hold { "hold" } else { "claim" }, sku, &order, got) else {
             continue;
         };
@@ -600,7 +613,7 @@ async fn client_loop(
                     &rng,
                     &path(what),
                     json!({}),
-                    true,
+                    Some(MERCHANT_TOKEN),
                     hard_deadline,
                 )
                 .await;
@@ -625,13 +638,66 @@ async fn client_loop(
                     &rng,
                     "/v1/redeem",
                     body,
-                    false,
+                    None,
                     hard_deadline,
                 )
                 .await;
                 let op = if r == 0 { "redeem" } else { "redeem-again" };
                 record(op, sku, &order, got);
             }
+        }
+    }
+}
+
+/// The voider: voids and restores codes of [`VOIDED_SKU`] in turn, through any gateway's
+/// admin listener, until told to stop; every code it voided it ends restored. Its answers
+/// go with the clients' (op `void` or `restore`, the key id as the order).
+async fn voider_loop(
+    seed: u64,
+    admins: Vec<String>,
+    stop: Arc<AtomicBool>,
+    hard_deadline: Instant,
+    answers: Arc<Mutex<Vec<Answer>>>,
+    unfinished: Arc<Mutex<Vec<String>>>,
+) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .expect("client");
+    let rng = Mutex::new(StdRng::seed_from_u64(seed ^ 0x766f_6964));
+    for round in 0.. {
+        let key_id = format!("{VOIDED_SKU}.{}", round % VOIDED_KEYS + 1);
+        for op in ["void", "restore"] {
+            let got = until_final(
+                &client,
+                &admins,
+                &rng,
+                &format!("/v1/keys/{key_id}/{op}"),
+                json!({"reason": format!("nemesis round {round}")}),
+                Some(ADMIN_TOKEN),
+                hard_deadline,
+            )
+            .await;
+            match got {
+                Some((status, body)) => answers.lock().expect("answers").push(Answer {
+                    op,
+                    sku: VOIDED_SKU,
+                    order: key_id.clone(),
+                    status,
+                    body,
+                    at: now_stamp(),
+                }),
+                None => {
+                    unfinished
+                        .lock()
+                        .expect("unfinished")
+                        .push(format!("{op} {key_id}"));
+                    return;
+                }
+            }
+        }
+        if stop.load(Ordering::Relaxed) {
+            return;
         }
     }
 }
@@ -754,6 +820,8 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         let codes = (0..stock).map(|i| format!("{sku}-{i:06}\n")).collect();
         stock_sku(&client, &admin, sku, codes).await;
     }
+    let codes = (0..VOIDED_KEYS).map(|i| format!("void-{i:06}\n")).collect();
+    stock_sku(&client, &admin, VOIDED_SKU, codes).await;
     // Stock pools on the first SKU: the default channel's, drawn from first, and a rival's
     // that nobody claims from, which no fault may touch.
     let (own_pool, rival_pool) = (stock as u64 / 3, stock as u64 / 10);
@@ -783,6 +851,14 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
     let answers = Arc::new(Mutex::new(Vec::new()));
     let unfinished = Arc::new(Mutex::new(Vec::new()));
     let hard_deadline = Instant::now() + Duration::from_secs(secs + 120);
+    let voider = tokio::spawn(voider_loop(
+        seed,
+        world.gateways.iter().map(|g| g.admin.clone()).collect(),
+        stop.clone(),
+        hard_deadline,
+        answers.clone(),
+        unfinished.clone(),
+    ));
     let clients: Vec<_> = (0..WORKERS)
         .map(|w| {
             tokio::spawn(client_loop(
@@ -819,6 +895,7 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
     for c in clients {
         c.await.expect("client finished");
     }
+    voider.await.expect("voider finished");
     eprintln!("nemesis: faults injected: {log:?}");
     let answers = answers.lock().expect("answers").clone();
     let unfinished = unfinished.lock().expect("unfinished").clone();
@@ -885,6 +962,19 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         claimed += view["ledger"]["claimed"].as_u64().unwrap_or(0)
             + view["ledger"]["redeemed"].as_u64().unwrap_or(0);
     }
+    // Every code voided was restored last: engine and ledger agree that none is void.
+    let view = settle(
+        &client,
+        &world.gateways[0],
+        world.redis.as_ref(),
+        VOIDED_SKU,
+    )
+    .await;
+    assert_eq!(
+        (&view["engine"]["void"], &view["ledger"]["available"]),
+        (&json!(0), &json!(VOIDED_KEYS)),
+        "{view}"
+    );
     let sold: usize = order_codes.values().map(Vec::len).sum();
     assert!(
         claimed >= sold as u64,
@@ -976,6 +1066,19 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
                 "answered release {} not in the ledger",
                 a.order
             ),
+            "void" | "restore" => {
+                let key = ledger
+                    .get_key(&a.order)
+                    .await
+                    .expect("readable")
+                    .expect("key");
+                assert!(
+                    !key.void && key.state == "available",
+                    "{} was restored last, the ledger says {}",
+                    a.order,
+                    key.state
+                );
+            }
             _ => {
                 let key_id = a.body["key_id"].as_str().expect("key id");
                 let key = ledger
@@ -1005,10 +1108,11 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         }
     }
     eprintln!(
-        "nemesis: {} answers checked ({} orders sold {} codes), {} faults",
+        "nemesis: {} answers checked ({} orders sold {} codes, {} voids and restores), {} faults",
         answers.len(),
         order_codes.len(),
         sold,
+        answers.iter().filter(|a| a.sku == VOIDED_SKU).count(),
         log.len()
     );
 }
