@@ -519,52 +519,81 @@ async fn until_final(
     }
 }
 
-/// One client: places orders, confirms, releases or abandons holds, redeems what it got.
-#[allow(clippy::too_many_arguments)]
-async fn client_loop(
-    w: usize,
-    orders: usize,
-    seed: u64,
-    bases: Vec<String>,
+/// What the clients share: when to stop, and where their answers go.
+#[derive(Clone)]
+struct Clients {
     stop: Arc<AtomicBool>,
+    /// No request is sent again after this.
     hard_deadline: Instant,
     answers: Arc<Mutex<Vec<Answer>>>,
+    /// Requests that never got a final answer.
     unfinished: Arc<Mutex<Vec<String>>>,
-) {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(3))
-        .build()
-        .expect("client");
+}
+
+impl Clients {
+    fn new(hard_deadline: Instant) -> Clients {
+        Clients {
+            stop: Arc::new(AtomicBool::new(false)),
+            hard_deadline,
+            answers: Arc::new(Mutex::new(Vec::new())),
+            unfinished: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn http() -> reqwest::Client {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .expect("client")
+    }
+
+    /// Keeps a final answer (`None`: there was none by the deadline).
+    fn record(
+        &self,
+        op: &'static str,
+        sku: &'static str,
+        order: &str,
+        answer: Option<(StatusCode, Value)>,
+    ) -> Option<Answer> {
+        match answer {
+            Some((status, body)) => {
+                let a = Answer {
+                    op,
+                    sku,
+                    order: order.to_owned(),
+                    status,
+                    body,
+                    at: now_stamp(),
+                };
+                self.answers.lock().expect("answers").push(a.clone());
+                Some(a)
+            }
+            None => {
+                self.unfinished
+                    .lock()
+                    .expect("unfinished")
+                    .push(format!("{op} {order}"));
+                None
+            }
+        }
+    }
+}
+
+/// One client: places orders, confirms, releases or abandons holds, redeems what it got.
+async fn client_loop(w: usize, orders: usize, seed: u64, bases: Vec<String>, shared: Clients) {
+    let client = Clients::http();
     let rng = Mutex::new(StdRng::seed_from_u64(
         seed ^ (w as u64).wrapping_mul(0x9e37_79b9),
     ));
     let pick = |lo: u32, hi: u32| rng.lock().expect("rng").random_range(lo..hi);
-    let record = |op: &'static str,
-                  sku: &'static str,
-                  order: &str,
-                  answer: Option<(StatusCode, Value)>| match answer {
-        Some((status, body)) => {
-            let a = Answer {
-                op,
-                sku,
-                order: order.to_owned(),
-                status,
-                body,
-                at: now_stamp(),
-            };
-            answers.lock().expect("answers").push(a.clone());
-            Some(a)
-        }
-        None => {
-            unfinished
-                .lock()
-                .expect("unfinished")
-                .push(format!("{op} {order}"));
-            None
-        }
-    };
+    let hard_deadline = shared.hard_deadline;
+    let record = |op, sku, order: &str, answer| shared.record(op, sku, order, answer);
     for n in 0..orders {
-        if stop.load(Ordering::Relaxed) {
+        if shared.stopped() {
             return;
         }
         let sku = SKUS[pick(0, 2) as usize];
@@ -652,18 +681,8 @@ async fn client_loop(
 /// The voider: voids and restores codes of [`VOIDED_SKU`] in turn, through any gateway's
 /// admin listener, until told to stop; every code it voided it ends restored. Its answers
 /// go with the clients' (op `void` or `restore`, the key id as the order).
-async fn voider_loop(
-    seed: u64,
-    admins: Vec<String>,
-    stop: Arc<AtomicBool>,
-    hard_deadline: Instant,
-    answers: Arc<Mutex<Vec<Answer>>>,
-    unfinished: Arc<Mutex<Vec<String>>>,
-) {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(3))
-        .build()
-        .expect("client");
+async fn voider_loop(seed: u64, admins: Vec<String>, shared: Clients) {
+    let client = Clients::http();
     let rng = Mutex::new(StdRng::seed_from_u64(seed ^ 0x766f_6964));
     for round in 0.. {
         let key_id = format!("{VOIDED_SKU}.{}", round % VOIDED_KEYS + 1);
@@ -675,28 +694,14 @@ async fn voider_loop(
                 &format!("/v1/keys/{key_id}/{op}"),
                 json!({"reason": format!("nemesis round {round}")}),
                 Some(ADMIN_TOKEN),
-                hard_deadline,
+                shared.hard_deadline,
             )
             .await;
-            match got {
-                Some((status, body)) => answers.lock().expect("answers").push(Answer {
-                    op,
-                    sku: VOIDED_SKU,
-                    order: key_id.clone(),
-                    status,
-                    body,
-                    at: now_stamp(),
-                }),
-                None => {
-                    unfinished
-                        .lock()
-                        .expect("unfinished")
-                        .push(format!("{op} {key_id}"));
-                    return;
-                }
+            if shared.record(op, VOIDED_SKU, &key_id, got).is_none() {
+                return;
             }
         }
-        if stop.load(Ordering::Relaxed) {
+        if shared.stopped() {
             return;
         }
     }
@@ -847,31 +852,14 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
     let orders = stock / WORKERS / 2;
 
     let bases: Vec<String> = world.gateways.iter().map(|g| g.public.clone()).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let answers = Arc::new(Mutex::new(Vec::new()));
-    let unfinished = Arc::new(Mutex::new(Vec::new()));
-    let hard_deadline = Instant::now() + Duration::from_secs(secs + 120);
+    let shared = Clients::new(Instant::now() + Duration::from_secs(secs + 120));
     let voider = tokio::spawn(voider_loop(
         seed,
         world.gateways.iter().map(|g| g.admin.clone()).collect(),
-        stop.clone(),
-        hard_deadline,
-        answers.clone(),
-        unfinished.clone(),
+        shared.clone(),
     ));
     let clients: Vec<_> = (0..WORKERS)
-        .map(|w| {
-            tokio::spawn(client_loop(
-                w,
-                orders,
-                seed,
-                bases.clone(),
-                stop.clone(),
-                hard_deadline,
-                answers.clone(),
-                unfinished.clone(),
-            ))
-        })
+        .map(|w| tokio::spawn(client_loop(w, orders, seed, bases.clone(), shared.clone())))
         .collect();
 
     // The nemesis: faults while the clients run.
@@ -888,17 +876,17 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
     // new fault, until there are enough answers to judge (the last faults' recovery is
     // exercised too), within a deadline.
     let enough = Instant::now() + Duration::from_secs(60);
-    while answers.lock().expect("answers").len() <= MIN_ANSWERS && Instant::now() < enough {
+    while shared.answers.lock().expect("answers").len() <= MIN_ANSWERS && Instant::now() < enough {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop.store(true, Ordering::Relaxed);
+    shared.stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await.expect("client finished");
     }
     voider.await.expect("voider finished");
     eprintln!("nemesis: faults injected: {log:?}");
-    let answers = answers.lock().expect("answers").clone();
-    let unfinished = unfinished.lock().expect("unfinished").clone();
+    let answers = shared.answers.lock().expect("answers").clone();
+    let unfinished = shared.unfinished.lock().expect("unfinished").clone();
     assert!(
         unfinished.is_empty(),
         "requests never got a final answer: {unfinished:?}"
