@@ -79,7 +79,8 @@ async fn main() {
     let claims = rounds * per_phase + 1;
     let engine = Arc::new(EmbeddedEngine::start().expect("engine starts"));
     let inv = Inventory::new(engine.clone());
-    inv.mark_index_ready().await.expect("index marked");
+    let index = inv.watch_index().await.expect("index read");
+    inv.mark_index_ready(&index).await.expect("index marked");
     for sku in ["function", "eval"] {
         stock(&inv, sku, claims).await;
     }

@@ -102,7 +102,8 @@ async fn main() {
             .expect("connect"),
     );
     let inv = Inventory::new(engine.clone());
-    inv.mark_index_ready().await.expect("index marked");
+    let index = inv.watch_index().await.expect("index read");
+    inv.mark_index_ready(&index).await.expect("index marked");
     for sku in ["fcall", "eval", "fcallbatch", "evalbatch"] {
         stock(&inv, sku, claims).await;
     }

@@ -40,7 +40,8 @@ fn sizes() -> [usize; 2] {
 /// An inventory over a SKU `big` with `n` available codes; returns the last key's id.
 async fn stocked(engine: Arc<dyn ScriptEngine>, n: usize) -> (Inventory, String) {
     let inv = Inventory::new(engine);
-    inv.mark_index_ready().await.expect("index marked");
+    let index = inv.watch_index().await.expect("index read");
+    inv.mark_index_ready(&index).await.expect("index marked");
     inv.put_sku("big", &SkuConfig::default())
         .await
         .expect("SKU created");

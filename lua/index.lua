@@ -5,16 +5,22 @@
 --     | 'set', digest, sku, digest, sku …  Reply: number of new entries
 --     | 'del', digest, sku, digest, sku …  Reply: number of entries removed (each only while
 --                                          it still names that SKU; for a re-keyed index)
---     | 'ready'                            Reply: 1 (marks the shard complete)
+--     | 'since', token                     Reply: {complete ('1'|'0'), token of the shard's
+--                                          rebuild (set to `token` unless one is set)}
+--     | 'ready', token                     Reply: 1 if the shard is marked complete, 0 if it
+--                                          lost its data since `token` was set
 --     | 'ready?'                           Reply: 1 if the shard is marked complete, else 0
 --     | 'register', sku, sku …             Reply: number of SKUs new to the registry
 --     | 'list'                             Reply: every registered SKU
 -- A shard is complete once the gateway indexed every SKU's codes into it; the mark (field
 -- READY, which no hex digest can equal) goes with the shard when the engine loses its data,
--- so "no such code" is never answered from an index still being rebuilt.
+-- so "no such code" is never answered from an index still being rebuilt. A rebuild names
+-- the shard's data it starts from (field SINCE) before it indexes anything, and marks the
+-- shard complete only while that name is still there: a loss in between took the name
+-- with the entries, and the next rebuild starts over.
 -- The prelude's K names do not apply here: this script is not per-SKU.
 
-local READY = '_ready'
+local READY, SINCE = '_ready', '_since'
 local op = ARGV[1]
 if op == 'get' then
   local r = redis.call('HMGET', KEYS[1], ARGV[2], READY)
@@ -34,7 +40,12 @@ elseif op == 'del' then
     end
   end
   return removed
+elseif op == 'since' then
+  if redis.call('HEXISTS', KEYS[1], READY) == 1 then return { '1', '' } end
+  redis.call('HSETNX', KEYS[1], SINCE, ARGV[2])
+  return { '0', redis.call('HGET', KEYS[1], SINCE) }
 elseif op == 'ready' then
+  if redis.call('HGET', KEYS[1], SINCE) ~= ARGV[2] then return 0 end
   redis.call('HSET', KEYS[1], READY, '1')
   return 1
 elseif op == 'ready?' then

@@ -466,7 +466,9 @@ impl Sync {
     ///    and every SKU the engine serves is in its registry (which the hold sweep and
     ///    retention go by: a registry that lost a SKU, e.g. a Redis Cluster shard failing
     ///    over to a replica that missed the write, would leave its holds unlapsed);
-    /// 5. once every SKU's codes are indexed, the global index is marked complete.
+    /// 5. once every SKU's codes are indexed, the global index is marked complete (unless
+    ///    the engine lost index entries since the pass began: then the next pass indexes
+    ///    again).
     async fn run(
         &self,
         ledger: &dyn Ledger,
@@ -480,8 +482,9 @@ impl Sync {
                 return Vec::new();
             }
         };
-        let index_ready = match inventory.index_ready().await {
-            Ok(ready) => ready,
+        // Before anything is indexed: a loss from here on is seen when marking (step 5).
+        let index = match inventory.watch_index().await {
+            Ok(index) => index,
             Err(e) => {
                 tracing::warn!(error = %e, "checking the code index failed");
                 return skus;
@@ -566,7 +569,7 @@ impl Sync {
 
         // 4.
         for sku in serving {
-            let after = if index_ready {
+            let after = if index.ready() {
                 self.cursors.get(sku).map(|c| *c).unwrap_or(0)
             } else {
                 // The index lost its data: every key is indexed again, not only new ones.
@@ -598,9 +601,12 @@ impl Sync {
         self.draining.store(draining, Ordering::Relaxed);
 
         // 5.
-        if !index_ready && complete {
-            match inventory.mark_index_ready().await {
-                Ok(()) => tracing::info!(skus = skus.len(), "code index complete"),
+        if !index.ready() && complete {
+            match inventory.mark_index_ready(&index).await {
+                Ok(true) => tracing::info!(skus = skus.len(), "code index complete"),
+                Ok(false) => tracing::warn!(
+                    "the engine lost index entries while they were rebuilt: indexing again"
+                ),
                 Err(e) => tracing::warn!(error = %e, "marking the code index complete failed"),
             }
         }

@@ -49,10 +49,21 @@ impl Harness {
         }
     }
 
+    /// Marks the global index complete, as a gateway does once every SKU is indexed.
+    async fn index_complete(&self) {
+        let watch = self.inv.watch_index().await.expect("index read");
+        assert!(
+            self.inv
+                .mark_index_ready(&watch)
+                .await
+                .expect("index marked"),
+            "nothing lost meanwhile"
+        );
+    }
+
     /// Creates `sku` with `config` and `n` codes; returns the codes.
     async fn stock(&self, sku: &str, config: SkuConfig, n: usize) -> Vec<String> {
-        // As a gateway does once every SKU is indexed.
-        self.inv.mark_index_ready().await.expect("index marked");
+        self.index_complete().await;
         self.inv.put_sku(sku, &config).await.expect("SKU created");
         let codes: Vec<String> = (0..n).map(|i| format!("{sku}-CODE-{i:05}")).collect();
         self.add(sku, &codes, None).await;
@@ -1489,7 +1500,7 @@ async fn a_rebuild_overtaken_by_a_newer_loss_never_declares_the_sku_ready(h: Har
 }
 
 async fn expired_codes_are_never_issued_and_are_retired(h: Harness) {
-    h.inv.mark_index_ready().await.expect("index marked");
+    h.index_complete().await;
     h.inv
         .put_sku("exp", &SkuConfig::default())
         .await
@@ -1544,7 +1555,7 @@ async fn a_claim_for_more_than_remains_says_codes_are_left(h: Harness) {
 }
 
 async fn a_sku_being_rebuilt_answers_unavailable_never_sold_out_or_unknown(h: Harness) {
-    h.inv.mark_index_ready().await.expect("index marked");
+    h.index_complete().await;
     let inv = &h.inv;
     let gen = inv
         .create_loading("rebuild", &SkuConfig::default())
@@ -1598,7 +1609,7 @@ async fn a_sku_being_rebuilt_answers_unavailable_never_sold_out_or_unknown(h: Ha
 /// late) serves nobody and changes nothing until it is dropped; only that generation, and
 /// only while draining, can be dropped; a dropped SKU is gone as after a loss.
 async fn a_drained_sku_answers_unavailable_until_dropped(h: Harness) {
-    h.inv.mark_index_ready().await.expect("index marked");
+    h.index_complete().await;
     let inv = &h.inv;
     let codes = h.stock("drain", SkuConfig::default(), 3).await;
     h.claim("drain", "o-1", 1).await.expect("claimed");
@@ -1649,7 +1660,7 @@ async fn a_drained_sku_answers_unavailable_until_dropped(h: Harness) {
 /// would keep that older state through the rebuild. The rebuild itself, naming its
 /// generation, loads them.
 async fn a_load_for_a_serving_sku_never_goes_into_one_being_rebuilt(h: Harness) {
-    h.inv.mark_index_ready().await.expect("index marked");
+    h.index_complete().await;
     let gen = h
         .inv
         .create_loading("warm", &SkuConfig::default())
@@ -1675,14 +1686,48 @@ async fn a_load_for_a_serving_sku_never_goes_into_one_being_rebuilt(h: Harness) 
     assert_eq!(h.inv.warm_keys("warm", &more, "").await.expect("loaded"), 1);
 }
 
+/// The global index answers "retry" until a rebuild of it is marked complete; a rebuild the
+/// engine's data loss overtook is not, since what it indexed before the loss went with it.
 async fn an_incomplete_index_answers_unavailable_never_unknown(h: Harness) {
     assert!(!h.inv.index_ready().await.expect("readable"));
     assert!(matches!(
         h.inv.locate("SOME-CODE").await,
         Err(Error::Unavailable(_))
     ));
-    h.inv.mark_index_ready().await.expect("marked");
+    let first = h.inv.watch_index().await.expect("index read");
+    assert!(!first.ready());
+    // The engine loses the index (FLUSHALL, a restart without persistence) while the rebuild
+    // that watched it is indexing.
+    static WIPE: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+        Script::new(
+            "probe_wipe_index",
+            "for _, k in ipairs(KEYS) do redis.call('DEL', k) end\nreturn 1",
+        )
+    });
+    let shards: Vec<String> = kamigate::engine::keys::index_shards().collect();
+    h.inv
+        .engine()
+        .eval(&WIPE, shards, vec![])
+        .await
+        .expect("wiped");
+    assert!(
+        !h.inv.mark_index_ready(&first).await.expect("answered"),
+        "a rebuild the loss overtook"
+    );
+    assert!(!h.inv.index_ready().await.expect("readable"));
+    assert!(matches!(
+        h.inv.locate("SOME-CODE").await,
+        Err(Error::Unavailable(_))
+    ));
+    // Two gateways rebuilding it at once: either may mark it, each mark holds.
+    let (second, third) = (
+        h.inv.watch_index().await.expect("index read"),
+        h.inv.watch_index().await.expect("index read"),
+    );
+    assert!(h.inv.mark_index_ready(&second).await.expect("marked"));
+    assert!(h.inv.mark_index_ready(&third).await.expect("marked"));
     assert!(h.inv.index_ready().await.expect("readable"));
+    assert!(h.inv.watch_index().await.expect("index read").ready());
     assert_eq!(h.inv.locate("SOME-CODE").await.expect("lookup"), None);
 }
 
@@ -1737,7 +1782,7 @@ fn ledger_key(sku: &str, local_id: i64, code: &str) -> KeyRecord {
 /// multi-value commands: every key lands once, in its ledger state, counted and on sale
 /// exactly when it may be sold, in id order; keys the engine has are left alone.
 async fn warming_loads_each_key_once_in_the_state_the_ledger_records(h: Harness) {
-    h.inv.mark_index_ready().await.expect("index marked");
+    h.index_complete().await;
     h.inv
         .put_sku("warm", &SkuConfig::default())
         .await

@@ -96,7 +96,11 @@ impl Harness {
 
     /// Creates `sku` with `n` codes; returns the codes.
     async fn stock(&self, sku: &str, config: SkuConfig, n: usize) -> Vec<String> {
-        self.inv.mark_index_ready().await.expect("index marked");
+        let index = self.inv.watch_index().await.expect("index read");
+        self.inv
+            .mark_index_ready(&index)
+            .await
+            .expect("index marked");
         self.inv.put_sku(sku, &config).await.expect("SKU created");
         let codes: Vec<String> = (0..n).map(|i| format!("{sku}CODE{i:05}")).collect();
         let new: Vec<NewCode> = codes

@@ -763,14 +763,53 @@ impl Inventory {
         Ok(true)
     }
 
-    /// Marks every shard of the global index complete: call only once every SKU's codes
-    /// are indexed.
-    pub async fn mark_index_ready(&self) -> Result<(), Error> {
+    /// Where every shard of the global index stands before a sync pass indexes anything:
+    /// complete, or in a rebuild named by a token the shard keeps until it loses its data.
+    /// A shard not complete gets `candidate` as its token unless a rebuild already named it.
+    pub async fn watch_index(&self) -> Result<IndexWatch, Error> {
+        let candidate = hex::encode(rand::random::<[u8; 8]>());
+        let mut rebuilding = Vec::new();
         for shard in index_shards() {
-            self.eval(&SCRIPTS.index, vec![shard], vec!["ready".into()])
+            let reply = self
+                .eval(
+                    &SCRIPTS.index,
+                    vec![shard.clone()],
+                    vec!["since".into(), candidate.clone()],
+                )
                 .await?;
+            let item = |i: usize| {
+                reply
+                    .as_array()
+                    .and_then(|a| a.get(i))
+                    .and_then(Reply::as_str)
+                    .map(str::to_owned)
+            };
+            if item(0).as_deref() != Some("1") {
+                let token = item(1).ok_or_else(|| {
+                    Error::Internal(format!("index.lua since: unexpected reply {reply:?}"))
+                })?;
+                rebuilding.push((shard, token));
+            }
         }
-        Ok(())
+        Ok(IndexWatch { rebuilding })
+    }
+
+    /// Marks complete the shards `watch` found in a rebuild: call only once every SKU's codes
+    /// are indexed (again) since. A shard that lost its data meanwhile is not marked (what
+    /// was indexed before the loss went with it). Returns whether every shard is complete.
+    pub async fn mark_index_ready(&self, watch: &IndexWatch) -> Result<bool, Error> {
+        let mut all = true;
+        for (shard, token) in &watch.rebuilding {
+            let reply = self
+                .eval(
+                    &SCRIPTS.index,
+                    vec![shard.clone()],
+                    vec!["ready".into(), token.clone()],
+                )
+                .await?;
+            all &= reply.as_i64() == Some(1);
+        }
+        Ok(all)
     }
 
     /// Claims codes for an order, or replays the answer to an earlier identical claim.
@@ -1174,6 +1213,20 @@ impl Inventory {
             "no_sku" | "loading" => Err(rebuilding(sku)),
             _ => Err(unexpected(script.name(), &Reply::Array(reply.clone()))),
         }
+    }
+}
+
+/// The global index's shards as a sync pass found them ([`Inventory::watch_index`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexWatch {
+    /// The shards not complete, each with the token of its rebuild.
+    rebuilding: Vec<(String, String)>,
+}
+
+impl IndexWatch {
+    /// Whether every shard was complete.
+    pub fn ready(&self) -> bool {
+        self.rebuilding.is_empty()
     }
 }
 
