@@ -363,3 +363,123 @@ async fn an_answered_void_is_in_the_ledger_at_once() {
     }
     gw.stop().await;
 }
+
+/// The global index alone loses its data (on Redis Cluster its shards live on nodes of their
+/// own; one failing over to a replica that missed writes loses its entries), and loses it
+/// again while the gateway is indexing every SKU's codes anew. Holders redeeming through the
+/// index, naming no SKU, must only ever be told to retry until every code is indexed again:
+/// a rebuild of the index that a loss overtook is not marked complete, since the codes it
+/// indexed before the loss went with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_lost_while_it_is_rebuilt_never_answers_unknown() {
+    const SKUS: usize = 24;
+    const CODES: usize = 20;
+    const ROUNDS: usize = 4;
+    let redis = RedisServer::start().await;
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    cfg.limits.public = kamigate::limit::BucketRule::enforced(100_000, 100_000);
+    let gw = std::sync::Arc::new(TestGateway::start(cfg).await);
+    let mut held = Vec::new();
+    for s in 0..SKUS {
+        let sku = format!("ix-loss-{s}");
+        let codes: Vec<String> = (0..CODES).map(|c| format!("IXL-{s}-{c}")).collect();
+        let codes: Vec<&str> = codes.iter().map(String::as_str).collect();
+        gw.stock(&sku, &codes).await;
+        let (status, order) = gw.claim(&sku, json!({"order_id": "o-1"})).await;
+        assert_eq!(status, StatusCode::OK, "{order}");
+        held.push(code_of(&order));
+    }
+    let redeem = |gw: std::sync::Arc<TestGateway>, i: usize, code: String| async move {
+        gw.redeem(json!({"code": code, "redeemer": format!("holder-{i}")}))
+            .await
+    };
+    for (i, code) in held.iter().enumerate() {
+        let (status, body) = redeem(gw.clone(), i, code.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holders: Vec<_> = (0..4)
+        .map(|h| {
+            let (gw, stop, held) = (gw.clone(), stop.clone(), held.clone());
+            tokio::spawn(async move {
+                let mut asked = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for (i, code) in held.iter().enumerate().skip(h).step_by(4) {
+                        let (status, body) = redeem(gw.clone(), i, code.clone()).await;
+                        assert!(
+                            status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE,
+                            "a redemption of a sold code was answered {status}: {body}"
+                        );
+                        asked += 1;
+                    }
+                }
+                asked
+            })
+        })
+        .collect();
+
+    let mut overtaken = 0;
+    for _ in 0..ROUNDS {
+        lose_index(&redis).await;
+        // The gateway notices within a second and indexes every SKU again, one after the
+        // other: lose the index again once it is partly back.
+        // Looked at closely (a pass takes a fraction of a second), within a deadline.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let partly = loop {
+            let n = index_entries(&redis).await;
+            if n >= CODES {
+                break n;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the gateway never indexed again"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        if partly < SKUS * CODES {
+            lose_index(&redis).await;
+            overtaken += 1;
+        }
+        for (i, code) in held.iter().enumerate() {
+            eventually(
+                Duration::from_secs(30),
+                "every code to be found again",
+                || redeem(gw.clone(), i, code.clone()),
+                |(status, _)| *status == StatusCode::OK,
+            )
+            .await;
+        }
+    }
+    assert!(overtaken > 0, "no loss came while the index was rebuilt");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for holder in holders {
+        assert!(holder.await.expect("holder finished") > 0);
+    }
+    std::sync::Arc::into_inner(gw)
+        .expect("holders done")
+        .stop()
+        .await;
+}
+
+/// Entries in the global index's shards, markers included.
+async fn index_entries(redis: &RedisServer) -> usize {
+    let shards: Vec<String> = kamigate::engine::keys::index_shards().collect();
+    let mut args = vec![
+        "EVAL",
+        "local n = 0 for _, k in ipairs(KEYS) do n = n + redis.call('HLEN', k) end return n",
+        "16",
+    ];
+    args.extend(shards.iter().map(String::as_str));
+    let n = redis.cmd(&args).await.expect("HLEN");
+    n.as_int().expect("a count") as usize
+}
+
+/// Deletes every shard of the global index, as a loss of the nodes holding them would.
+async fn lose_index(redis: &RedisServer) {
+    let shards: Vec<String> = kamigate::engine::keys::index_shards().collect();
+    let mut args = vec!["DEL"];
+    args.extend(shards.iter().map(String::as_str));
+    redis.cmd(&args).await.expect("index lost");
+}
