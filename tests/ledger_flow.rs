@@ -483,3 +483,166 @@ async fn lose_index(redis: &RedisServer) {
     args.extend(shards.iter().map(String::as_str));
     redis.cmd(&args).await.expect("index lost");
 }
+
+/// An engine whose writer reads (of new entries, and of entries to take over) wait while
+/// `held` says so: a test can leave a change in the stream for a consumer of its own first.
+struct HeldReads {
+    inner: std::sync::Arc<dyn kamigate::engine::ScriptEngine>,
+    held: tokio::sync::watch::Receiver<bool>,
+}
+
+impl HeldReads {
+    async fn released(&self) {
+        let mut held = self.held.clone();
+        let _ = held.wait_for(|held| !*held).await;
+    }
+}
+
+impl kamigate::engine::ScriptEngine for HeldReads {
+    fn eval(
+        &self,
+        script: &'static kamigate::engine::Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<kamigate::engine::Reply, kamigate::engine::EngineError>,
+    > {
+        Box::pin(async move {
+            if std::ptr::eq(script, &kamigate::engine::SCRIPTS.stream)
+                && args.first().map(String::as_str) == Some("read")
+            {
+                self.released().await;
+            }
+            self.inner.eval(script, keys, args).await
+        })
+    }
+
+    fn read_new_entries(
+        &self,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<kamigate::engine::Reply, kamigate::engine::EngineError>,
+    > {
+        Box::pin(async move {
+            self.released().await;
+            self.inner.read_new_entries(keys, args).await
+        })
+    }
+
+    fn ping(
+        &self,
+    ) -> futures_util::future::BoxFuture<'_, Result<(), kamigate::engine::EngineError>> {
+        self.inner.ping()
+    }
+
+    fn kind(&self) -> kamigate::engine::EngineKind {
+        self.inner.kind()
+    }
+}
+
+/// A gateway dies between making a claim and keeping it (its script ran; it never answered),
+/// and its writer had taken the claim's event. The client retries through another gateway,
+/// which answers with the claim made (a replay). Then Redis loses its data before the dead
+/// gateway's event is taken over: the answering gateway, alive, must have kept the change
+/// it answered, so the rebuilt engine still knows the order and its code stays sold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_answer_outlives_redis_losing_its_data() {
+    let redis = RedisServer::start().await;
+    let engine = kamigate::engine::redis::RedisEngine::connect(
+        &redis.url(),
+        kamigate::engine::redis::RedisOptions::default(),
+    )
+    .await
+    .expect("connects");
+    let (hold, held) = tokio::sync::watch::channel(false);
+    let engine = std::sync::Arc::new(HeldReads {
+        inner: std::sync::Arc::new(engine),
+        held,
+    });
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    // The dead gateway's events are not taken over within the test.
+    cfg.event_reclaim_idle_ms = 600_000;
+    let gw = TestGateway::with_inventory(cfg, kamigate::inventory::Inventory::new(engine)).await;
+    gw.stock("replayed", &["RP-1", "RP-2", "RP-3"]).await;
+    settled(&gw, "replayed").await;
+
+    // The dead gateway's claim: made in the engine, kept by nobody, its event delivered to
+    // the dead gateway's writer.
+    hold.send_replace(true);
+    let request = kamigate::inventory::ClaimRequest {
+        order_id: "o-1".into(),
+        quantity: 1,
+        user_id: None,
+        hold_ms: None,
+        pool: Default::default(),
+    };
+    let made = gw
+        .inventory()
+        .claim("replayed", &request)
+        .await
+        .expect("claimed");
+    let events = kamigate::engine::keys::events_key("replayed");
+    let taken = redis
+        .cmd(&[
+            "XREADGROUP",
+            "GROUP",
+            "ledger",
+            "dead-gateway",
+            "COUNT",
+            "10",
+            "STREAMS",
+            &events,
+            ">",
+        ])
+        .await
+        .expect("XREADGROUP");
+    assert!(
+        matches!(&taken, support::redis_server::Resp::Array(Some(streams)) if streams.len() == 1),
+        "the claim's event went to the dead gateway's writer: {taken:?}"
+    );
+    hold.send_replace(false);
+
+    // The client's retry, through the live gateway: the claim made, replayed.
+    let (status, first) = gw.claim("replayed", json!({"order_id": "o-1"})).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(first["replayed"], true, "{first}");
+    let code = code_of(&first);
+    assert_eq!(
+        Some(made.keys[0].key_id.as_str()),
+        first["keys"][0]["key_id"].as_str()
+    );
+
+    redis.cmd(&["FLUSHALL"]).await.expect("flushed");
+    let view = eventually(
+        Duration::from_secs(30),
+        "the SKU to be rebuilt",
+        || gw.merchant_get("/v1/skus/replayed"),
+        |(status, _)| *status == StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (&view.1["engine"]["claimed"], &view.1["engine"]["available"]),
+        (&json!(1), &json!(2)),
+        "the answered claim is in the rebuilt engine: {}",
+        view.1
+    );
+    let (status, again) = gw.claim("replayed", json!({"order_id": "o-1"})).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(
+        (again["replayed"].as_bool(), code_of(&again)),
+        (Some(true), code.clone()),
+        "{again}"
+    );
+    for n in 2..4 {
+        let (status, other) = gw
+            .claim("replayed", json!({"order_id": format!("o-{n}")}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{other}");
+        assert_ne!(code_of(&other), code, "a code sold twice");
+    }
+    gw.stop().await;
+}

@@ -49,7 +49,7 @@ use crate::channel::{self, Channel, Channels};
 use crate::config::{Config, Durability};
 use crate::error::Error;
 use crate::inventory::settings::SkuSettings;
-use crate::inventory::{Emitted, Inventory};
+use crate::inventory::{AnswerEntry, Emitted, Inventory};
 use crate::ledger::journal::Kept;
 use crate::ledger::writer::EventWriter;
 use crate::ledger::Ledger;
@@ -178,18 +178,27 @@ impl App {
         };
         let before = emitted.map_or(&[][..], |e| e.before.as_slice());
         if self.durability == Durability::Engine {
-            let Some(emitted) = emitted else {
-                return Ok(());
+            // A replay: an earlier call made the change, maybe through a gateway that died or
+            // stalled before it kept it. Kept here too while the ledger may not have it, so
+            // this answer outlives the engine losing its data as a first answer does.
+            let replayed;
+            let emitted = match emitted {
+                Some(emitted) => emitted,
+                None if event_id.is_empty() => return Ok(()),
+                None => match self.inventory.answer_entry(sku, event_id).await? {
+                    AnswerEntry::Settled => return Ok(()),
+                    AnswerEntry::Lost => return Err(lost()),
+                    AnswerEntry::Kept(entry) => {
+                        replayed = entry;
+                        &replayed
+                    }
+                },
             };
             let journal = self.writer.journal();
             for event in before.iter().chain([emitted]) {
                 match journal.keep(sku, &event.answer_id, &event.fields) {
                     Kept::Kept => {}
-                    Kept::Lost => {
-                        return Err(Error::Unavailable(
-                            "the engine lost this change before the ledger had it; retry".into(),
-                        ))
-                    }
+                    Kept::Lost => return Err(lost()),
                     Kept::Full => {
                         return Err(Error::Unavailable(
                             "the ledger is too far behind to keep more changes; retry".into(),
@@ -297,6 +306,12 @@ pub enum Caller {
         channel: Arc<Channel>,
         probe: bool,
     },
+}
+
+/// A change the engine lost before the ledger had it: not answered as made; the client's
+/// retry is answered by the rebuilt engine.
+fn lost() -> Error {
+    Error::Unavailable("the engine lost this change before the ledger had it; retry".into())
 }
 
 /// The bearer token a request carries.

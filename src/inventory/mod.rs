@@ -22,7 +22,8 @@ use serde_json::{json, Value};
 use crate::clock::{self, SharedClock};
 use crate::code::Format;
 use crate::engine::keys::{
-    digest_shard, index_shard, index_shards, orders_key, sku_keys, REGISTRY,
+    dead_letters_key, digest_shard, events_key, index_shard, index_shards, meta_key, orders_key,
+    sku_keys, REGISTRY,
 };
 use crate::engine::measured::measured;
 use crate::engine::{Reply, Script, ScriptEngine, SCRIPTS};
@@ -135,6 +136,17 @@ pub struct Emitted {
     /// ledger given the confirm without the lapse would keep the hold's codes held. They
     /// are kept and awaited with the answer's own event.
     pub before: Vec<Emitted>,
+}
+
+/// What [`Inventory::answer_entry`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnswerEntry {
+    /// The engine lost the generation the answer names, and the entry with it.
+    Lost,
+    /// The stream no longer has it: the ledger has it (or it was dead-lettered).
+    Settled,
+    /// Still in the stream: the ledger may not have it yet.
+    Kept(Emitted),
 }
 
 impl Emitted {
@@ -434,6 +446,45 @@ impl Inventory {
         args: Vec<String>,
     ) -> Result<Reply, Error> {
         self.eval(script, sku_keys(sku), args).await
+    }
+
+    /// Where the stream entry behind answer `answer_id` (`<gen>:<stream id>`) of `sku`
+    /// stands: a replayed answer stands on a change an earlier call made, which the ledger
+    /// may not have yet.
+    pub async fn answer_entry(&self, sku: &str, answer_id: &str) -> Result<AnswerEntry, Error> {
+        let (gen, stream_id) = answer_id.rsplit_once(':').unwrap_or(("", answer_id));
+        let keys = vec![events_key(sku), dead_letters_key(sku), meta_key(sku)];
+        let args = vec![
+            "entry".to_owned(),
+            String::new(),
+            gen.to_owned(),
+            stream_id.to_owned(),
+        ];
+        let reply = self.eval(&SCRIPTS.stream, keys, args).await?;
+        let items = reply.as_array().unwrap_or_default();
+        match items.first().and_then(Reply::as_str) {
+            Some("lost") => Ok(AnswerEntry::Lost),
+            Some("settled") => Ok(AnswerEntry::Settled),
+            Some("kept") => {
+                let mut entry = vec![Reply::Bulk(stream_id.to_owned().into())];
+                entry.extend(
+                    items
+                        .get(1)
+                        .and_then(Reply::as_array)
+                        .unwrap_or_default()
+                        .iter()
+                        .cloned(),
+                );
+                Emitted::entry(&entry, gen)
+                    .map(AnswerEntry::Kept)
+                    .ok_or_else(|| {
+                        Error::Internal(format!("stream entry {answer_id} of {sku}: unreadable"))
+                    })
+            }
+            _ => Err(Error::Internal(format!(
+                "stream.lua entry: unexpected reply {reply:?}"
+            ))),
+        }
     }
 
     /// Points the global index at `sku` for these canonical codes.

@@ -5,7 +5,8 @@
 //! in between (Redis restarted without persistence, FLUSHALL, a failover to a replica that
 //! missed writes), the stream entry is gone with it, and a rebuild from the ledger would put
 //! the answered codes back on sale. So every answered change is also kept here, in the
-//! memory of the gateway that answered it, until the writer sees it settled; when the SKU
+//! memory of the gateway that answered it (a replay of a change an earlier call made too,
+//! while the stream still holds it), until the writer sees it settled; when the SKU
 //! is found lost, whatever is still here is written into the ledger *before* the engine is
 //! rebuilt from it ([`Journal::take_lost`]). Only losing the engine's data and the
 //! answering gateway at the same time loses an answer.
