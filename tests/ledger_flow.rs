@@ -7,7 +7,9 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use kamigate::config::{Config, Durability};
+use kamigate::engine::{EngineError, EngineKind, Reply, Script, ScriptEngine, SCRIPTS};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use support::eventually::eventually;
@@ -487,7 +489,7 @@ async fn lose_index(redis: &RedisServer) {
 /// An engine whose writer reads (of new entries, and of entries to take over) wait while
 /// `held` says so: a test can leave a change in the stream for a consumer of its own first.
 struct HeldReads {
-    inner: std::sync::Arc<dyn kamigate::engine::ScriptEngine>,
+    inner: std::sync::Arc<dyn ScriptEngine>,
     held: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -498,18 +500,13 @@ impl HeldReads {
     }
 }
 
-impl kamigate::engine::ScriptEngine for HeldReads {
-    fn eval(
-        &self,
-        script: &'static kamigate::engine::Script,
-        keys: Vec<String>,
-        args: Vec<String>,
-    ) -> futures_util::future::BoxFuture<
-        '_,
-        Result<kamigate::engine::Reply, kamigate::engine::EngineError>,
-    > {
+/// What an engine call answers.
+type Answer<'a, T = Reply> = BoxFuture<'a, Result<T, EngineError>>;
+
+impl ScriptEngine for HeldReads {
+    fn eval(&self, script: &'static Script, keys: Vec<String>, args: Vec<String>) -> Answer<'_> {
         Box::pin(async move {
-            if std::ptr::eq(script, &kamigate::engine::SCRIPTS.stream)
+            if std::ptr::eq(script, &SCRIPTS.stream)
                 && args.first().map(String::as_str) == Some("read")
             {
                 self.released().await;
@@ -518,27 +515,18 @@ impl kamigate::engine::ScriptEngine for HeldReads {
         })
     }
 
-    fn read_new_entries(
-        &self,
-        keys: Vec<String>,
-        args: Vec<String>,
-    ) -> futures_util::future::BoxFuture<
-        '_,
-        Result<kamigate::engine::Reply, kamigate::engine::EngineError>,
-    > {
+    fn read_new_entries(&self, keys: Vec<String>, args: Vec<String>) -> Answer<'_> {
         Box::pin(async move {
             self.released().await;
             self.inner.read_new_entries(keys, args).await
         })
     }
 
-    fn ping(
-        &self,
-    ) -> futures_util::future::BoxFuture<'_, Result<(), kamigate::engine::EngineError>> {
+    fn ping(&self) -> Answer<'_, ()> {
         self.inner.ping()
     }
 
-    fn kind(&self) -> kamigate::engine::EngineKind {
+    fn kind(&self) -> EngineKind {
         self.inner.kind()
     }
 }

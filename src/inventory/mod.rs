@@ -816,7 +816,8 @@ impl Inventory {
 
     /// Where every shard of the global index stands before a sync pass indexes anything:
     /// complete, or in a rebuild named by a token the shard keeps until it loses its data.
-    /// A shard not complete gets `candidate` as its token unless a rebuild already named it.
+    /// A shard not complete gets a fresh token unless a rebuild already named it (two
+    /// gateways rebuilding the index at once share one).
     pub async fn watch_index(&self) -> Result<IndexWatch, Error> {
         let candidate = hex::encode(rand::random::<[u8; 8]>());
         let mut rebuilding = Vec::new();
