@@ -531,14 +531,14 @@ impl ScriptEngine for HeldReads {
     }
 }
 
-/// A gateway dies between making a claim and keeping it (its script ran; it never answered),
-/// and its writer had taken the claim's event. The client retries through another gateway,
-/// which answers with the claim made (a replay). Then Redis loses its data before the dead
-/// gateway's event is taken over: the answering gateway, alive, must have kept the change
-/// it answered, so the rebuilt engine still knows the order and its code stays sold.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replayed_answer_outlives_redis_losing_its_data() {
-    let redis = RedisServer::start().await;
+/// A gateway on `redis` whose writer's reads wait while the returned sender says so, with
+/// `sku` stocked with `codes` and settled. A dead gateway's events are not taken over within
+/// a test.
+async fn gateway_with_held_reads(
+    redis: &RedisServer,
+    sku: &str,
+    codes: &[&str],
+) -> (TestGateway, tokio::sync::watch::Sender<bool>) {
     let engine = kamigate::engine::redis::RedisEngine::connect(
         &redis.url(),
         kamigate::engine::redis::RedisOptions::default(),
@@ -552,28 +552,24 @@ async fn a_replayed_answer_outlives_redis_losing_its_data() {
     });
     let mut cfg = config();
     cfg.redis_url = Some(redis.url());
-    // The dead gateway's events are not taken over within the test.
     cfg.event_reclaim_idle_ms = 600_000;
     let gw = TestGateway::with_inventory(cfg, kamigate::inventory::Inventory::new(engine)).await;
-    gw.stock("replayed", &["RP-1", "RP-2", "RP-3"]).await;
-    settled(&gw, "replayed").await;
+    gw.stock(sku, codes).await;
+    settled(&gw, sku).await;
+    (gw, hold)
+}
 
-    // The dead gateway's claim: made in the engine, kept by nobody, its event delivered to
-    // the dead gateway's writer.
+/// Runs `change` (a script call no gateway keeps or answers) while the gateway's writer is
+/// held, and hands its event to the writer of a gateway that died: nobody commits it.
+async fn change_of_a_dead_gateway<T>(
+    redis: &RedisServer,
+    hold: &tokio::sync::watch::Sender<bool>,
+    sku: &str,
+    change: impl std::future::Future<Output = T>,
+) -> T {
     hold.send_replace(true);
-    let request = kamigate::inventory::ClaimRequest {
-        order_id: "o-1".into(),
-        quantity: 1,
-        user_id: None,
-        hold_ms: None,
-        pool: Default::default(),
-    };
-    let made = gw
-        .inventory()
-        .claim("replayed", &request)
-        .await
-        .expect("claimed");
-    let events = kamigate::engine::keys::events_key("replayed");
+    let made = change.await;
+    let events = kamigate::engine::keys::events_key(sku);
     let taken = redis
         .cmd(&[
             "XREADGROUP",
@@ -590,9 +586,49 @@ async fn a_replayed_answer_outlives_redis_losing_its_data() {
         .expect("XREADGROUP");
     assert!(
         matches!(&taken, support::redis_server::Resp::Array(Some(streams)) if streams.len() == 1),
-        "the claim's event went to the dead gateway's writer: {taken:?}"
+        "the change's event went to the dead gateway's writer: {taken:?}"
     );
     hold.send_replace(false);
+    made
+}
+
+/// Loses Redis's data and waits until the gateway serves `sku` again; returns its view.
+async fn lose_and_rebuild(redis: &RedisServer, gw: &TestGateway, sku: &str) -> Value {
+    redis.cmd(&["FLUSHALL"]).await.expect("flushed");
+    let path = format!("/v1/skus/{sku}");
+    let (_, view) = eventually(
+        Duration::from_secs(30),
+        "the SKU to be rebuilt",
+        || gw.merchant_get(&path),
+        |(status, _)| *status == StatusCode::OK,
+    )
+    .await;
+    view
+}
+
+/// A gateway dies between making a claim and keeping it (its script ran; it never answered),
+/// and its writer had taken the claim's event. The client retries through another gateway,
+/// which answers with the claim made (a replay). Then Redis loses its data before the dead
+/// gateway's event is taken over: the answering gateway, alive, must have kept the change
+/// it answered, so the rebuilt engine still knows the order and its code stays sold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_answer_outlives_redis_losing_its_data() {
+    let redis = RedisServer::start().await;
+    let (gw, hold) = gateway_with_held_reads(&redis, "replayed", &["RP-1", "RP-2", "RP-3"]).await;
+    let request = kamigate::inventory::ClaimRequest {
+        order_id: "o-1".into(),
+        quantity: 1,
+        user_id: None,
+        hold_ms: None,
+        pool: Default::default(),
+    };
+    let made = change_of_a_dead_gateway(&redis, &hold, "replayed", async {
+        gw.inventory()
+            .claim("replayed", &request)
+            .await
+            .expect("claimed")
+    })
+    .await;
 
     // The client's retry, through the live gateway: the claim made, replayed.
     let (status, first) = gw.claim("replayed", json!({"order_id": "o-1"})).await;
@@ -604,19 +640,11 @@ async fn a_replayed_answer_outlives_redis_losing_its_data() {
         first["keys"][0]["key_id"].as_str()
     );
 
-    redis.cmd(&["FLUSHALL"]).await.expect("flushed");
-    let view = eventually(
-        Duration::from_secs(30),
-        "the SKU to be rebuilt",
-        || gw.merchant_get("/v1/skus/replayed"),
-        |(status, _)| *status == StatusCode::OK,
-    )
-    .await;
+    let view = lose_and_rebuild(&redis, &gw, "replayed").await;
     assert_eq!(
-        (&view.1["engine"]["claimed"], &view.1["engine"]["available"]),
+        (&view["engine"]["claimed"], &view["engine"]["available"]),
         (&json!(1), &json!(2)),
-        "the answered claim is in the rebuilt engine: {}",
-        view.1
+        "the answered claim is in the rebuilt engine: {view}"
     );
     let (status, again) = gw.claim("replayed", json!({"order_id": "o-1"})).await;
     assert_eq!(status, StatusCode::OK, "{again}");
@@ -632,5 +660,42 @@ async fn a_replayed_answer_outlives_redis_losing_its_data() {
         assert_eq!(status, StatusCode::OK, "{other}");
         assert_ne!(code_of(&other), code, "a code sold twice");
     }
+    gw.stop().await;
+}
+
+/// As [`a_replayed_answer_outlives_redis_losing_its_data`], for a redemption: the holder's
+/// retry is answered with the redemption a dead gateway made, and after Redis lost its data
+/// the code is still his, never redeemed by another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_redemption_outlives_redis_losing_its_data() {
+    let redis = RedisServer::start().await;
+    let (gw, hold) = gateway_with_held_reads(&redis, "redeemed", &["RR0001", "RR0002"]).await;
+    let (status, order) = gw.claim("redeemed", json!({"order_id": "o-1"})).await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    let code = code_of(&order);
+    settled(&gw, "redeemed").await;
+    change_of_a_dead_gateway(&redis, &hold, "redeemed", async {
+        gw.inventory()
+            .redeem("redeemed", &code, "holder")
+            .await
+            .expect("redeemed")
+    })
+    .await;
+
+    // The holder's retry, through the live gateway: the redemption made, replayed.
+    let (status, first) = gw.redeem(json!({"code": code, "redeemer": "holder"})).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+
+    let view = lose_and_rebuild(&redis, &gw, "redeemed").await;
+    assert_eq!(
+        view["engine"]["redeemed"],
+        json!(1),
+        "the answered redemption is in the rebuilt engine: {view}"
+    );
+    let (status, other) = gw.redeem(json!({"code": code, "redeemer": "other"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{other}");
+    assert_eq!(other["error"]["code"], "ERR_CARD_USED", "{other}");
+    let (status, again) = gw.redeem(json!({"code": code, "redeemer": "holder"})).await;
+    assert_eq!(status, StatusCode::OK, "the holder's retry: {again}");
     gw.stop().await;
 }
