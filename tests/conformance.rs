@@ -12,7 +12,7 @@ use kamigate::engine::redis::{RedisEngine, RedisOptions};
 use kamigate::engine::{Script, ScriptEngine};
 use kamigate::error::Error;
 use kamigate::inventory::{
-    Added, ClaimRequest, Counts, Inventory, NewCode, Order, PoolDraw, PoolLevels,
+    Added, AnswerEntry, ClaimRequest, Counts, Inventory, NewCode, Order, PoolDraw, PoolLevels,
 };
 use kamigate::ledger::KeyRecord;
 use kamigate::sku::SkuConfig;
@@ -1750,6 +1750,49 @@ async fn answers_name_the_generation_of_the_sku(h: Harness) {
     let replay = h.claim("gen", "o-1", 1).await.expect("replayed");
     assert!(replay.emitted.is_none(), "a replay made no change");
     assert_eq!(replay.event_id.as_deref(), Some(answer.as_str()));
+
+    // A replay keeps the event it stands on while the stream has it (src/http, durable).
+    assert_eq!(
+        h.inv.answer_entry("gen", &answer).await.expect("read"),
+        AnswerEntry::Kept(kamigate::inventory::Emitted {
+            before: Vec::new(),
+            ..emitted
+        })
+    );
+    let (_, stream_id) = answer.rsplit_once(':').expect("generation named");
+    assert_eq!(
+        h.inv
+            .answer_entry("gen", &format!("another:{stream_id}"))
+            .await
+            .expect("read"),
+        AnswerEntry::Lost,
+        "an answer of a generation the engine lost"
+    );
+    assert_eq!(
+        h.inv.answer_entry("gen", stream_id).await.expect("read"),
+        AnswerEntry::Settled,
+        "an answer id from before generations: the ledger has its change"
+    );
+    // Trimmed once every group settled it: committed.
+    static TRIM: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+        Script::new(
+            "probe_trim",
+            "return redis.call('XTRIM', KEYS[1], 'MAXLEN', 0)",
+        )
+    });
+    h.inv
+        .engine()
+        .eval(
+            &TRIM,
+            vec![kamigate::engine::keys::events_key("gen")],
+            vec![],
+        )
+        .await
+        .expect("trimmed");
+    assert_eq!(
+        h.inv.answer_entry("gen", &answer).await.expect("read"),
+        AnswerEntry::Settled
+    );
 }
 
 /// A key as the ledger hands it to warm-up: fresh unless the caller changes it.

@@ -450,9 +450,12 @@ impl Inventory {
 
     /// Where the stream entry behind answer `answer_id` (`<gen>:<stream id>`) of `sku`
     /// stands: a replayed answer stands on a change an earlier call made, which the ledger
-    /// may not have yet.
+    /// may not have yet. An answer id naming no generation was written before generations
+    /// were: the ledger has its change (as `stream_entry` in `lua/prelude.lua` judges).
     pub async fn answer_entry(&self, sku: &str, answer_id: &str) -> Result<AnswerEntry, Error> {
-        let (gen, stream_id) = answer_id.rsplit_once(':').unwrap_or(("", answer_id));
+        let Some((gen, stream_id)) = answer_id.rsplit_once(':') else {
+            return Ok(AnswerEntry::Settled);
+        };
         let keys = vec![events_key(sku), dead_letters_key(sku), meta_key(sku)];
         let args = vec![
             "entry".to_owned(),
