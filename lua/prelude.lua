@@ -11,7 +11,9 @@
 --                        the SKU in the engine, see emit); loading ('1' while a rebuild from
 --                        the ledger is under way: scripts that serve clients answer
 --                        {'loading'} instead of judging stock from a partial load; '2' while
---                        the SKU is drained for a rebuild, see sku.lua 'drain')
+--                        the SKU is drained for a rebuild, see sku.lua 'drain'); acks and
+--                        reading (while loading: the gateways that wrote their answers,
+--                        and whether the rebuild reads the ledger, see sku.lua 'ack')
 --   2 avail        LIST  key ids that can be issued now, oldest first; may also hold stale
 --                        entries (keys no longer issuable, or gone), dropped when popped
 --   3 keys         HASH  key id -> key record (see decode_key)

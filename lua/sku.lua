@@ -10,9 +10,17 @@
 --                                                      created_at, acks} | {'no_sku'}
 --         acks: ',<gateway>,<gateway>,' the gateways that wrote what they answered into
 --         the ledger since this rebuild began (see 'ack'), '' if none
---     | 'ack', gen, gateway                      Reply: {'acked'} | {'stale'} | {'no_sku'}
+--     | 'ack', gen, gateway                      Reply: {'acked'} | {'late'} | {'stale'}
+--                                                     | {'no_sku'}
 --         Records, while generation gen is loading, that `gateway` wrote into the ledger
 --         what it answered before the loss: the rebuild waits for every gateway alive.
+--         'late' when the rebuild reads the ledger already (it stopped waiting for the
+--         gateway, presumed gone): recorded all the same (any gateway may finish that
+--         rebuild), but what the gateway wrote since may be missing from it.
+--     | 'read', gen                              Reply: {'reading'} | {'done'} | {'stale'}
+--                                                     | {'no_sku'}
+--         A rebuild of generation gen starts reading the ledger: acknowledgements are late
+--         from now on. 'done' when gen is no longer loading.
 --     | 'ready', gen, epoch                      Reply: {'ready'} | {'done'} | {'stale'}
 --                                                     | {'no_sku'}
 --         Ends a rebuild of generation gen and marks the engine with epoch (see below): the
@@ -20,12 +28,14 @@
 --         'stale' when the SKU was lost and recreated since (that rebuild ends it).
 --     | 'epoch'                                  Reply: {epoch or ''} | {'no_sku'}
 --     | 'mark', epoch                            Reply: {'marked'} | {'no_sku'}
---     | 'drain', gen                             Reply: {'draining'} | {'loading'} | {'stale'}
+--     | 'drain'                                  Reply: {'draining', gen} | {'unread', gen}
 --                                                     | {'no_sku'}
---         Stops generation gen serving clients (they are told to retry) and changing, so its
---         stream can be committed to the ledger before the SKU is rebuilt from it: for
---         answers of a lost generation that reached the ledger only after the rebuild
---         (src/gateway.rs). 'loading' when a rebuild is under way already.
+--         Answers of a lost generation just reached the ledger (src/gateway.rs): stops the
+--         generation the engine has now serving clients (they are told to retry) and
+--         changing, so its stream can be committed to the ledger before the SKU is rebuilt
+--         from it, unless it is a rebuild that has not read the ledger yet ('unread': that
+--         rebuild reads the answers). Also stops a rebuild reading already: what it read
+--         may lack them.
 --     | 'drop', gen                              Reply: {'dropped'} | {'stale'} | {'no_sku'}
 --         Deletes the SKU's keys, as a loss of the engine's data would, if generation gen is
 --         draining: every gateway then rebuilds it from the ledger as after any loss.
@@ -47,16 +57,19 @@ if op == 'epoch' or op == 'mark' then
   end
   return { redis.call('HGET', K.meta, 'epoch') or '' }
 end
-if op == 'drain' or op == 'drop' then
+if op == 'drain' then
+  local m = redis.call('HMGET', K.meta, 'created_at', 'gen', 'loading', 'reading')
+  if not m[1] then return { 'no_sku' } end
+  local gen = m[2] or ''
+  if m[3] == '1' and not m[4] then return { 'unread', gen } end
+  redis.call('HSET', K.meta, 'loading', '2')
+  redis.call('HDEL', K.meta, 'reading', 'acks')
+  return { 'draining', gen }
+end
+if op == 'drop' then
   local m = redis.call('HMGET', K.meta, 'created_at', 'gen', 'loading')
   if not m[1] then return { 'no_sku' } end
-  if (m[2] or '') ~= ARGV[2] then return { 'stale' } end
-  if op == 'drain' then
-    if m[3] == '1' then return { 'loading' } end
-    redis.call('HSET', K.meta, 'loading', '2')
-    return { 'draining' }
-  end
-  if m[3] ~= '2' then return { 'stale' } end
+  if (m[2] or '') ~= ARGV[2] or m[3] ~= '2' then return { 'stale' } end
   redis.call('DEL', unpack(KEYS))
   return { 'dropped' }
 end
@@ -70,20 +83,24 @@ if op == 'get' then
   return { m[1], m[2] or '', m[3] or '0', m[4] or '0', m[5] or '' }
 end
 if op == 'ack' then
-  local m = redis.call('HMGET', K.meta, 'created_at', 'gen', 'loading', 'acks')
+  local m = redis.call('HMGET', K.meta, 'created_at', 'gen', 'loading', 'acks', 'reading')
   if not m[1] then return { 'no_sku' } end
   if (m[2] or '') ~= ARGV[2] or m[3] ~= '1' then return { 'stale' } end
   local acks, mark = m[4] or ',', ARGV[3] .. ','
   if not string.find(acks, ',' .. mark, 1, true) then
     redis.call('HSET', K.meta, 'acks', acks .. mark)
   end
-  return { 'acked' }
+  return { m[5] and 'late' or 'acked' }
 end
-if op == 'ready' then
+if op == 'read' or op == 'ready' then
   if redis.call('EXISTS', K.meta) == 0 then return { 'no_sku' } end
   if (redis.call('HGET', K.meta, 'gen') or '') ~= ARGV[2] then return { 'stale' } end
   if redis.call('HGET', K.meta, 'loading') ~= '1' then return { 'done' } end
-  redis.call('HDEL', K.meta, 'loading', 'acks')
+  if op == 'read' then
+    redis.call('HSET', K.meta, 'reading', '1')
+    return { 'reading' }
+  end
+  redis.call('HDEL', K.meta, 'loading', 'acks', 'reading')
   redis.call('HSET', K.meta, 'epoch', ARGV[3])
   return { 'ready' }
 end

@@ -2,9 +2,9 @@
 //! and background work. `main` only parses the command line and waits for a signal; tests
 //! call [`Gateway::start`] with port 0 and drive the result.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use crate::inventory::warm::{
     begin_restore, check_epoch, finish_restore, rebuild_acknowledged, warm_sku, Acknowledged,
     Rebuild, ALIVE_EVERY,
 };
-use crate::inventory::Inventory;
+use crate::inventory::{Ack, Inventory};
 use crate::ledger::writer::{EventWriter, WriterOptions};
 use crate::ledger::{self, Ledger, LedgerError};
 use crate::metrics as m;
@@ -299,7 +299,7 @@ impl Gateway {
                 ..WriterOptions::default()
             },
         );
-        let sync = Sync {
+        let mut sync = Sync {
             id: writer.options().consumer.clone(),
             grace: match inventory.engine().kind() {
                 // Nobody else shares an embedded engine: nobody else has answers to write.
@@ -307,7 +307,8 @@ impl Gateway {
                 EngineKind::Redis => Duration::from_millis(config.rebuild_grace_ms),
             },
             cursors,
-            draining: AtomicBool::new(false),
+            draining: false,
+            unread: HashSet::new(),
         };
         // Known alive before it answers anything: from now on a rebuild waits for it.
         if let Err(e) = ledger
@@ -444,9 +445,13 @@ struct Sync {
     /// longer waits for it (zero: nobody else shares the engine).
     grace: Duration,
     cursors: Arc<WarmCursors>,
-    /// The last pass left a SKU draining (see [`Sync::rebuild_again`]): the next one comes
-    /// soon, not after [`SYNC_EVERY`].
-    draining: AtomicBool,
+    /// The last pass left a SKU draining, or to drain (see [`Sync::rebuild_again`]): the
+    /// next one comes soon, not after [`SYNC_EVERY`].
+    draining: bool,
+    /// SKUs for which this gateway wrote answers of a lost generation into the ledger that
+    /// the generation the engine has may lack: until a rebuild records, before it reads the
+    /// ledger, that this gateway wrote them ([`Ack::Acked`]), or the generation is drained.
+    unread: HashSet<String>,
 }
 
 impl Sync {
@@ -456,10 +461,12 @@ impl Sync {
     ///
     /// 1. every answered change this gateway journaled for a generation the engine no
     ///    longer has is written into the ledger (before anything is rebuilt from it); if
-    ///    the SKU was rebuilt without them already, it is rebuilt again
-    ///    ([`Sync::rebuild_again`]);
+    ///    the SKU was rebuilt without them already, or its rebuild reads the ledger already,
+    ///    it is rebuilt again ([`Sync::rebuild_again`]);
     /// 2. every SKU the engine lacks is recreated *loading* (unservable), and this gateway
-    ///    records in it that the ledger has what it answered;
+    ///    records in it that the ledger has what it answered (if the rebuild reads the
+    ///    ledger already, having presumed this gateway gone, and this gateway has just
+    ///    written answers, the next pass rebuilds it again);
     /// 3. once every gateway alive has recorded that too ([`Sync::acknowledged`]), each
     ///    loading SKU gets its keys and orders and serves again;
     /// 4. the other SKUs get keys of batches activated elsewhere, and their epoch checked,
@@ -470,7 +477,7 @@ impl Sync {
     ///    the engine lost index entries since the pass began: then the next pass indexes
     ///    again).
     async fn run(
-        &self,
+        &mut self,
         ledger: &dyn Ledger,
         inventory: &Inventory,
         writer: &EventWriter,
@@ -508,50 +515,88 @@ impl Sync {
                     continue;
                 }
             };
-            let current = state
-                .as_ref()
-                .filter(|s| !s.loading)
-                .map(|s| (s.gen.as_str(), s.draining));
-            let written = match writer.flush_lost(sku, current.map(|(gen, _)| gen)).await {
-                Ok(written) => written,
+            // Every generation's but the one the engine has now, loading or not: one that
+            // became ready since it was read may have answers of this gateway already.
+            let present = state.as_ref().map(|s| s.gen.as_str());
+            if let Err(e) = self.write_lost(writer, sku, present).await {
+                // The rebuild waits: the ledger must have what was answered first.
+                failed(sku, "writing answered changes the engine lost failed", &e);
+                continue;
+            }
+            let drained = if self.unread.contains(sku) {
+                // The generation the engine has now may have read the ledger before they
+                // were in it.
+                match inventory.drain(sku).await {
+                    Ok(drained) => {
+                        if drained.is_some() {
+                            tracing::warn!(
+                                sku,
+                                "answers of a lost generation reached the ledger after the \
+                                 SKU's rebuild read it: rebuilding it again"
+                            );
+                        }
+                        drained
+                    }
+                    Err(e) => {
+                        draining = true;
+                        failed(sku, "draining a SKU to rebuild it failed", &e);
+                        continue;
+                    }
+                }
+            } else {
+                state.filter(|s| s.draining).map(|s| s.gen)
+            };
+            if let Some(gen) = drained {
+                // Whatever rebuilds the SKU next reads the ledger as it is now.
+                self.unread.remove(sku);
+                match self.rebuild_again(inventory, writer, sku, &gen).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        draining = true;
+                        continue;
+                    }
+                    Err(e) => {
+                        draining = true;
+                        failed(sku, "draining a SKU to rebuild it failed", &e);
+                        continue;
+                    }
+                }
+            }
+            let rebuild = match begin_restore(ledger, inventory, sku).await {
+                Ok(Some(rebuild)) => rebuild,
+                Ok(None) => {
+                    serving.push(sku);
+                    continue;
+                }
                 Err(e) => {
-                    // The rebuild waits: the ledger must have what was answered first.
-                    failed(sku, "writing answered changes the engine lost failed", &e);
+                    failed(sku, "recreating a lost SKU failed", &e);
                     continue;
                 }
             };
-            if let Some((gen, was_draining)) = current {
-                if written > 0 || was_draining {
-                    match self
-                        .rebuild_again(inventory, writer, sku, gen, written)
-                        .await
-                    {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            draining = true;
-                            continue;
-                        }
-                        Err(e) => {
-                            draining = true;
-                            failed(sku, "draining a SKU to rebuild it failed", &e);
-                            continue;
-                        }
-                    }
+            // Answers of a generation lost since the state was read: in the ledger before
+            // this gateway tells the rebuild it has them.
+            if let Err(e) = self.write_lost(writer, sku, Some(&rebuild.gen)).await {
+                failed(sku, "writing answered changes the engine lost failed", &e);
+                continue;
+            }
+            match inventory.ack_rebuild(sku, &rebuild.gen, &self.id).await {
+                Ok(Ack::Acked) => {
+                    self.unread.remove(sku);
+                }
+                // The rebuild stopped waiting for this gateway (presumed gone), or even
+                // ended, and may lack what it wrote: the next pass, soon, drains it and
+                // rebuilds again.
+                Ok(Ack::Late | Ack::Stale) if self.unread.contains(sku) => {
+                    draining = true;
+                    continue;
+                }
+                Ok(Ack::Late | Ack::Stale) => {}
+                Err(e) => {
+                    failed(sku, "recording this gateway's answers written failed", &e);
+                    continue;
                 }
             }
-            match begin_restore(ledger, inventory, sku).await {
-                Ok(Some(rebuild)) => {
-                    // Everything this gateway answered of the lost generation is in the
-                    // ledger now (written just above, or committed before the loss).
-                    if let Err(e) = inventory.ack_rebuild(sku, &rebuild.gen, &self.id).await {
-                        failed(sku, "recording this gateway's answers written failed", &e);
-                        continue;
-                    }
-                    loading.push((sku, rebuild));
-                }
-                Ok(None) => serving.push(sku),
-                Err(e) => failed(sku, "recreating a lost SKU failed", &e),
-            }
+            loading.push((sku, rebuild));
         }
 
         // 3.
@@ -598,7 +643,7 @@ impl Sync {
             tracing::warn!(error = %e, "registering the engine's SKUs failed");
         }
 
-        self.draining.store(draining, Ordering::Relaxed);
+        self.draining = draining;
 
         // 5.
         if !index.ready() && complete {
@@ -660,14 +705,29 @@ impl Sync {
         }
     }
 
-    /// Rebuilds `sku` again when answers of a generation the engine lost reached the ledger
-    /// only after the SKU was rebuilt without them (`written` of them, by this gateway): it
-    /// was paused, or could not reach the ledger, for longer than the rebuild's grace. The
-    /// engine now offers codes the ledger records as sold, and lacks orders that were
-    /// answered. So generation `gen` stops serving and changing (draining), every event it
-    /// made is committed by the gateways' writers, and then it is dropped, to be rebuilt
-    /// from the ledger (which has both) like any SKU the engine lost. Any gateway that finds
-    /// the SKU draining carries this on, so it ends even if this one dies.
+    /// Writes into the ledger what this gateway answered of every generation of `sku` but
+    /// `present` and kept in its journal; if any of it is new to the ledger, `sku` is
+    /// [`Sync::unread`] until a rebuild that reads the ledger afterwards is sure.
+    async fn write_lost(
+        &mut self,
+        writer: &EventWriter,
+        sku: &str,
+        present: Option<&str>,
+    ) -> Result<(), crate::ledger::LedgerError> {
+        if writer.flush_lost(sku, present).await? > 0 {
+            self.unread.insert(sku.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Rebuilds `sku` again once its generation `gen` is draining ([`Inventory::drain`]):
+    /// answers of a generation the engine lost reached the ledger only after `gen` was
+    /// rebuilt from it (or began reading it), because this gateway was paused, or could not
+    /// reach the ledger, for longer than the rebuild's grace. The engine may then offer
+    /// codes the ledger records as sold, and lack orders that were answered. So every event
+    /// `gen` made is committed by the gateways' writers, and then it is dropped, to be
+    /// rebuilt from the ledger (which has both) like any SKU the engine lost. Any gateway
+    /// that finds the SKU draining carries this on, so it ends even if this one dies.
     ///
     /// Returns `true` once the generation is gone (the caller rebuilds it), `false` while its
     /// events are still being committed (the next pass tries again).
@@ -677,20 +737,7 @@ impl Sync {
         writer: &EventWriter,
         sku: &str,
         gen: &str,
-        written: u64,
     ) -> Result<bool, crate::error::Error> {
-        if written > 0 {
-            tracing::warn!(
-                sku,
-                events = written,
-                "answers of a lost generation reached the ledger after the SKU was rebuilt \
-                 without them: rebuilding it again"
-            );
-            if !inventory.drain(sku, gen).await? {
-                // Gone or rebuilt meanwhile: that rebuild reads the ledger as it is now.
-                return Ok(true);
-            }
-        }
         // No script changes a draining generation, so its backlog only shrinks.
         let deadline = Instant::now() + DRAIN_WAIT;
         while writer.backlog(sku).await?.in_flight() > 0 {
@@ -735,7 +782,7 @@ async fn report_alive(app: Arc<App>, id: String, mut stopped: watch::Receiver<bo
 /// Keeps the engine up to the ledger: in full every [`SYNC_EVERY`], and at once when the
 /// engine lost its data (checked every [`LOSS_CHECK_EVERY`]) or a request found a SKU
 /// missing or loading.
-async fn keep_in_sync(app: Arc<App>, sync: Sync, mut stopped: watch::Receiver<bool>) {
+async fn keep_in_sync(app: Arc<App>, mut sync: Sync, mut stopped: watch::Receiver<bool>) {
     let mut synced_at = Instant::now();
     loop {
         let told = tokio::select! {
@@ -744,9 +791,7 @@ async fn keep_in_sync(app: Arc<App>, sync: Sync, mut stopped: watch::Receiver<bo
             _ = app.inventory.lost_sku() => true,
         };
         // Not ready: the marks went with the engine's data (or are not set yet).
-        let lost = told
-            || sync.draining.load(Ordering::Relaxed)
-            || !app.inventory.index_ready().await.unwrap_or(true);
+        let lost = told || sync.draining || !app.inventory.index_ready().await.unwrap_or(true);
         if !lost && synced_at.elapsed() < SYNC_EVERY {
             continue;
         }

@@ -12,7 +12,7 @@ use kamigate::engine::redis::{RedisEngine, RedisOptions};
 use kamigate::engine::{Script, ScriptEngine};
 use kamigate::error::Error;
 use kamigate::inventory::{
-    Added, AnswerEntry, ClaimRequest, Counts, Inventory, NewCode, Order, PoolDraw, PoolLevels,
+    Ack, Added, AnswerEntry, ClaimRequest, Counts, Inventory, NewCode, Order, PoolDraw, PoolLevels,
 };
 use kamigate::ledger::KeyRecord;
 use kamigate::sku::SkuConfig;
@@ -1200,6 +1200,7 @@ conformance!(
     a_claim_for_more_than_remains_says_codes_are_left,
     a_sku_being_rebuilt_answers_unavailable_never_sold_out_or_unknown,
     a_drained_sku_answers_unavailable_until_dropped,
+    a_rebuild_that_reads_the_ledger_is_drained_by_answers_written_late,
     a_load_for_a_serving_sku_never_goes_into_one_being_rebuilt,
     an_incomplete_index_answers_unavailable_never_unknown,
     answers_name_the_generation_of_the_sku,
@@ -1623,9 +1624,15 @@ async fn a_drained_sku_answers_unavailable_until_dropped(h: Harness) {
         !inv.drop_drained("drain", &gen).await.expect("answered"),
         "a serving SKU is never dropped"
     );
-    assert!(!inv.drain("drain", "another-gen").await.expect("answered"));
-    assert!(inv.drain("drain", &gen).await.expect("drained"));
-    assert!(inv.drain("drain", &gen).await.expect("again"), "idempotent");
+    assert_eq!(
+        inv.drain("drain").await.expect("drained"),
+        Some(gen.clone())
+    );
+    assert_eq!(
+        inv.drain("drain").await.expect("again"),
+        Some(gen.clone()),
+        "idempotent"
+    );
     let state = inv
         .sku_state("drain")
         .await
@@ -1653,6 +1660,80 @@ async fn a_drained_sku_answers_unavailable_until_dropped(h: Harness) {
     assert!(inv.sku_state("drain").await.expect("state").is_none());
     assert!(inv.drop_drained("drain", &gen).await.expect("gone already"));
     assert!(unavailable(&h.claim("drain", "o-1", 1).await));
+    assert_eq!(inv.drain("drain").await.expect("answered"), None, "gone");
+}
+
+/// A rebuild waits for the acknowledgements of the gateways alive, then reads the ledger.
+/// Answers written into the ledger before it reads are in what it reads, so they do not
+/// drain it; from the moment it reads, a gateway that acknowledges is told it is late
+/// (recorded all the same), and answers written then drain it: it never serves, however
+/// far it got, and is dropped to be rebuilt once more.
+async fn a_rebuild_that_reads_the_ledger_is_drained_by_answers_written_late(h: Harness) {
+    h.index_complete().await;
+    let inv = &h.inv;
+    let gen = inv
+        .create_loading("late", &SkuConfig::default())
+        .await
+        .expect("created loading")
+        .expect("new");
+    assert_eq!(
+        inv.ack_rebuild("late", &gen, "gw-a").await.expect("ack"),
+        Ack::Acked
+    );
+    assert_eq!(inv.drain("late").await.expect("answered"), None, "unread");
+    assert!(
+        inv.sku_state("late")
+            .await
+            .expect("state")
+            .expect("exists")
+            .loading
+    );
+    assert!(matches!(
+        inv.start_reading("late", "another-gen").await,
+        Err(Error::Unavailable(_))
+    ));
+    inv.start_reading("late", &gen).await.expect("reading");
+    inv.start_reading("late", &gen).await.expect("idempotent");
+    assert_eq!(
+        inv.ack_rebuild("late", &gen, "gw-b").await.expect("ack"),
+        Ack::Late
+    );
+    let state = inv.sku_state("late").await.expect("state").expect("exists");
+    assert_eq!(state.acks, ["gw-a", "gw-b"], "{state:?}");
+    let keys = vec![ledger_key("late", 1, "LATE000001")];
+    assert_eq!(inv.warm_keys("late", &keys, &gen).await.expect("loaded"), 1);
+    assert_eq!(inv.drain("late").await.expect("drained"), Some(gen.clone()));
+    let state = inv.sku_state("late").await.expect("state").expect("exists");
+    assert!(state.draining && !state.loading, "{state:?}");
+    assert_eq!(
+        inv.ack_rebuild("late", &gen, "gw-c").await.expect("ack"),
+        Ack::Stale
+    );
+    assert!(
+        !inv.mark_ready("late", &gen, "e1").await.expect("answered"),
+        "a drained rebuild never ends"
+    );
+    assert!(matches!(
+        h.claim("late", "o-1", 1).await,
+        Err(Error::Unavailable(_))
+    ));
+    assert!(inv.drop_drained("late", &gen).await.expect("dropped"));
+    assert!(inv.sku_state("late").await.expect("state").is_none());
+
+    // A rebuild that ended is drained like any generation serving.
+    let gen = inv
+        .create_loading("late", &SkuConfig::default())
+        .await
+        .expect("created loading")
+        .expect("new");
+    inv.start_reading("late", &gen).await.expect("reading");
+    assert!(inv.mark_ready("late", &gen, "e2").await.expect("ready"));
+    inv.start_reading("late", &gen).await.expect("done already");
+    assert_eq!(
+        inv.ack_rebuild("late", &gen, "gw-a").await.expect("ack"),
+        Ack::Stale
+    );
+    assert_eq!(inv.drain("late").await.expect("drained"), Some(gen));
 }
 
 /// Keys for whatever generation serves (a new batch, a warm-up) never go into a SKU being

@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use kamigate::config::{Config, Durability};
 use kamigate::engine::{EngineError, EngineKind, Reply, Script, ScriptEngine, SCRIPTS};
+use kamigate::inventory::warm::{begin_restore, finish_restore};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use support::eventually::eventually;
@@ -486,16 +487,58 @@ async fn lose_index(redis: &RedisServer) {
     redis.cmd(&args).await.expect("index lost");
 }
 
-/// An engine whose writer reads (of new entries, and of entries to take over) wait while
-/// `held` says so: a test can leave a change in the stream for a consumer of its own first.
-struct HeldReads {
-    inner: std::sync::Arc<dyn ScriptEngine>,
-    held: tokio::sync::watch::Receiver<bool>,
+/// An engine call, as a [`Gated`] engine tells which to hold.
+enum Call<'a> {
+    Eval(&'static Script, &'a [String]),
+    ReadNewEntries,
 }
 
-impl HeldReads {
-    async fn released(&self) {
+/// A writer's read (of new entries, or of entries to take over).
+fn writer_read(call: &Call) -> bool {
+    match call {
+        Call::Eval(script, args) => {
+            std::ptr::eq(*script, &SCRIPTS.stream)
+                && args.first().map(String::as_str) == Some("read")
+        }
+        Call::ReadNewEntries => true,
+    }
+}
+
+/// An engine whose calls `holds` picks wait while `held` says so: a test can leave a change
+/// in the stream for a consumer of its own first, stop a rebuild halfway, or pause a
+/// gateway's every engine call as SIGSTOP would.
+struct Gated {
+    inner: std::sync::Arc<dyn ScriptEngine>,
+    holds: fn(&Call) -> bool,
+    held: tokio::sync::watch::Receiver<bool>,
+    /// How many calls it has held so far.
+    stopped: tokio::sync::watch::Sender<usize>,
+}
+
+impl Gated {
+    fn new(
+        inner: std::sync::Arc<dyn ScriptEngine>,
+        holds: fn(&Call) -> bool,
+    ) -> (Gated, tokio::sync::watch::Sender<bool>) {
+        let (hold, held) = tokio::sync::watch::channel(false);
+        let stopped = tokio::sync::watch::Sender::new(0);
+        let gated = Gated {
+            inner,
+            holds,
+            held,
+            stopped,
+        };
+        (gated, hold)
+    }
+
+    async fn pass(&self, call: Call<'_>) {
+        if !(self.holds)(&call) {
+            return;
+        }
         let mut held = self.held.clone();
+        if *held.borrow_and_update() {
+            self.stopped.send_modify(|n| *n += 1);
+        }
         let _ = held.wait_for(|held| !*held).await;
     }
 }
@@ -503,21 +546,17 @@ impl HeldReads {
 /// What an engine call answers.
 type Answer<'a, T = Reply> = BoxFuture<'a, Result<T, EngineError>>;
 
-impl ScriptEngine for HeldReads {
+impl ScriptEngine for Gated {
     fn eval(&self, script: &'static Script, keys: Vec<String>, args: Vec<String>) -> Answer<'_> {
         Box::pin(async move {
-            if std::ptr::eq(script, &SCRIPTS.stream)
-                && args.first().map(String::as_str) == Some("read")
-            {
-                self.released().await;
-            }
+            self.pass(Call::Eval(script, &args)).await;
             self.inner.eval(script, keys, args).await
         })
     }
 
     fn read_new_entries(&self, keys: Vec<String>, args: Vec<String>) -> Answer<'_> {
         Box::pin(async move {
-            self.released().await;
+            self.pass(Call::ReadNewEntries).await;
             self.inner.read_new_entries(keys, args).await
         })
     }
@@ -531,6 +570,17 @@ impl ScriptEngine for HeldReads {
     }
 }
 
+/// A new connection to `redis`.
+async fn redis_engine(redis: &RedisServer) -> std::sync::Arc<dyn ScriptEngine> {
+    let engine = kamigate::engine::redis::RedisEngine::connect(
+        &redis.url(),
+        kamigate::engine::redis::RedisOptions::default(),
+    )
+    .await
+    .expect("connects");
+    std::sync::Arc::new(engine)
+}
+
 /// A gateway on `redis` whose writer's reads wait while the returned sender says so, with
 /// `sku` stocked with `codes` and settled. A dead gateway's events are not taken over within
 /// a test.
@@ -539,17 +589,8 @@ async fn gateway_with_held_reads(
     sku: &str,
     codes: &[&str],
 ) -> (TestGateway, tokio::sync::watch::Sender<bool>) {
-    let engine = kamigate::engine::redis::RedisEngine::connect(
-        &redis.url(),
-        kamigate::engine::redis::RedisOptions::default(),
-    )
-    .await
-    .expect("connects");
-    let (hold, held) = tokio::sync::watch::channel(false);
-    let engine = std::sync::Arc::new(HeldReads {
-        inner: std::sync::Arc::new(engine),
-        held,
-    });
+    let (engine, hold) = Gated::new(redis_engine(redis).await, writer_read);
+    let engine = std::sync::Arc::new(engine);
     let mut cfg = config();
     cfg.redis_url = Some(redis.url());
     cfg.event_reclaim_idle_ms = 600_000;
@@ -697,5 +738,103 @@ async fn a_replayed_redemption_outlives_redis_losing_its_data() {
     assert_eq!(other["error"]["code"], "ERR_CARD_USED", "{other}");
     let (status, again) = gw.redeem(json!({"code": code, "redeemer": "holder"})).await;
     assert_eq!(status, StatusCode::OK, "the holder's retry: {again}");
+    gw.stop().await;
+}
+
+/// A gateway is paused (every engine call of it waits) with a claim it answered still in
+/// its journal, for longer than the rebuild's grace: Redis loses its data, and another
+/// gateway, presuming it gone, rebuilds the SKU without the claim. It resumes while that
+/// rebuild is halfway (every key loaded, the code it sold among them as available) and
+/// writes its claim into the ledger. The half-done rebuild must never serve: the SKU is
+/// rebuilt again, so the answered order keeps its code and nobody else gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_presumed_gone_that_resumes_mid_rebuild_has_it_done_again() {
+    let redis = RedisServer::start().await;
+    let sku = "resumed";
+    let (reads, reads_held) = Gated::new(redis_engine(&redis).await, writer_read);
+    let (paused, pause) = Gated::new(std::sync::Arc::new(reads), |_| true);
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    cfg.event_reclaim_idle_ms = 600_000;
+    let inventory = kamigate::inventory::Inventory::new(std::sync::Arc::new(paused));
+    let gw = TestGateway::with_inventory(cfg, inventory).await;
+    gw.stock(sku, &["RS-1", "RS-2", "RS-3"]).await;
+    settled(&gw, sku).await;
+
+    // Answered and journaled; the ledger never gets it from the stream.
+    reads_held.send_replace(true);
+    let (status, sold) = gw.claim(sku, json!({"order_id": "o-1"})).await;
+    assert_eq!(status, StatusCode::OK, "{sold}");
+    let code = code_of(&sold);
+    pause.send_replace(true);
+    redis.cmd(&["FLUSHALL"]).await.expect("flushed");
+
+    // Another gateway's rebuild, stopped before it loads the stock pools: every key is
+    // loaded by then, the sold code as the ledger has it (available).
+    let (halfway, stop) = Gated::new(
+        redis_engine(&redis).await,
+        |call| matches!(call, Call::Eval(script, _) if std::ptr::eq(*script, &SCRIPTS.pool)),
+    );
+    let mut stopped = halfway.stopped.subscribe();
+    stop.send_replace(true);
+    let rebuilder = kamigate::inventory::Inventory::new(std::sync::Arc::new(halfway));
+    rebuilder.use_keyring(gw.inventory().keyring());
+    let ledger = gw.gateway.app.ledger.clone();
+    let rebuild = begin_restore(ledger.as_ref(), &rebuilder, sku)
+        .await
+        .expect("begun")
+        .expect("the engine lost the SKU");
+    let finishing = tokio::spawn({
+        let (ledger, rebuilder, gen) = (ledger.clone(), rebuilder.clone(), rebuild.gen.clone());
+        async move { finish_restore(ledger.as_ref(), &rebuilder, sku, &gen).await }
+    });
+    stopped
+        .wait_for(|n| *n > 0)
+        .await
+        .expect("the rebuild reaches its pools");
+
+    // The paused gateway resumes.
+    reads_held.send_replace(false);
+    pause.send_replace(false);
+    eventually(
+        Duration::from_secs(30),
+        "the half-done rebuild to be drained",
+        || rebuilder.sku_state(sku),
+        |state| match state {
+            Ok(Some(state)) => state.gen != rebuild.gen || state.draining,
+            Ok(None) => true,
+            Err(_) => false,
+        },
+    )
+    .await
+    .expect("read");
+    stop.send_replace(false);
+    let _ = finishing.await.expect("the rebuild task ends");
+
+    let path = format!("/v1/skus/{sku}");
+    let (_, view) = eventually(
+        Duration::from_secs(30),
+        "the SKU to be rebuilt again",
+        || gw.merchant_get(&path),
+        |(status, _)| *status == StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (&view["engine"]["claimed"], &view["engine"]["available"]),
+        (&json!(1), &json!(2)),
+        "the resumed gateway's claim is in the engine: {view}"
+    );
+    let (status, again) = gw.claim(sku, json!({"order_id": "o-1"})).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(
+        (again["replayed"].as_bool(), code_of(&again)),
+        (Some(true), code.clone()),
+        "{again}"
+    );
+    for n in 2..4 {
+        let (status, other) = gw.claim(sku, json!({"order_id": format!("o-{n}")})).await;
+        assert_eq!(status, StatusCode::OK, "{other}");
+        assert_ne!(code_of(&other), code, "a code sold twice");
+    }
     gw.stop().await;
 }

@@ -25,7 +25,7 @@ use kamigate::inventory::reconcile::reconcile_sku;
 use kamigate::inventory::warm::{
     begin_restore, finish_restore, rebuild_acknowledged, Acknowledged,
 };
-use kamigate::inventory::{Added, ClaimRequest, Inventory, NewCode, Order};
+use kamigate::inventory::{Ack, Added, ClaimRequest, Inventory, NewCode, Order};
 use kamigate::ledger::writer::{Backlog, EventWriter, WriterError, WriterOptions};
 use kamigate::ledger::{
     BatchCounts, BatchRecord, BatchStart, ChannelEventRecord, ChannelRecord, ChannelTokenRecord,
@@ -853,31 +853,39 @@ async fn a_rebuild_waits_for_every_gateway_alive_to_write_its_answers(env: Env) 
     let waiting =
         |names: &[&str]| Acknowledged::Waiting(names.iter().map(|n| n.to_string()).collect());
     assert_eq!(check().await.expect("read"), waiting(&["gw-a", "gw-b"]));
-    assert!(env
-        .inv
-        .ack_rebuild(sku, &rebuild.gen, "gw-a")
-        .await
-        .expect("acked"));
-    assert!(env
-        .inv
-        .ack_rebuild(sku, &rebuild.gen, "gw-a")
-        .await
-        .expect("again"));
+    assert_eq!(
+        env.inv
+            .ack_rebuild(sku, &rebuild.gen, "gw-a")
+            .await
+            .expect("acked"),
+        Ack::Acked
+    );
+    assert_eq!(
+        env.inv
+            .ack_rebuild(sku, &rebuild.gen, "gw-a")
+            .await
+            .expect("again"),
+        Ack::Acked
+    );
     assert_eq!(check().await.expect("read"), waiting(&["gw-b"]));
     // Still reporting, however long it takes: still waited for.
     env.clock.advance(4_000);
     env.ledger.gateway_seen("gw-b", now()).await.expect("seen");
     assert_eq!(check().await.expect("read"), waiting(&["gw-b"]));
-    assert!(!env
-        .inv
-        .ack_rebuild(sku, "another-gen", "gw-b")
-        .await
-        .expect("answered"));
-    assert!(env
-        .inv
-        .ack_rebuild(sku, &rebuild.gen, "gw-b")
-        .await
-        .expect("acked"));
+    assert_eq!(
+        env.inv
+            .ack_rebuild(sku, "another-gen", "gw-b")
+            .await
+            .expect("answered"),
+        Ack::Stale
+    );
+    assert_eq!(
+        env.inv
+            .ack_rebuild(sku, &rebuild.gen, "gw-b")
+            .await
+            .expect("acked"),
+        Ack::Acked
+    );
     assert_eq!(check().await.expect("read"), Acknowledged::Yes);
     // A gateway that reports again is waited for again; one that stopped is not.
     env.ledger.gateway_seen("gw-c", now()).await.expect("seen");
@@ -888,11 +896,12 @@ async fn a_rebuild_waits_for_every_gateway_alive_to_write_its_answers(env: Env) 
         .await
         .expect("finished");
     assert_eq!(check().await.expect("read"), Acknowledged::Over);
-    assert!(
-        !env.inv
+    assert_eq!(
+        env.inv
             .ack_rebuild(sku, &rebuild.gen, "gw-a")
             .await
             .expect("answered"),
+        Ack::Stale,
         "a finished rebuild takes no acknowledgement"
     );
     assert!(env

@@ -74,6 +74,11 @@ impl Reply {
             _ => None,
         }
     }
+
+    /// Element `i` of an array reply.
+    pub fn item(&self, i: usize) -> Option<&Reply> {
+        self.as_array()?.get(i)
+    }
 }
 
 impl From<&str> for Reply {

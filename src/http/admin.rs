@@ -478,16 +478,11 @@ pub async fn retire_format(
         for (key, reply) in chunk.iter().zip(&engine) {
             let n = |i: usize| {
                 reply
-                    .as_array()
-                    .and_then(|f| f.get(i))
+                    .item(i)
                     .and_then(crate::engine::Reply::as_i64)
                     .unwrap_or(0)
             };
-            let void = reply
-                .as_array()
-                .and_then(|f| f.first())
-                .and_then(|v| v.as_str())
-                == Some("1");
+            let void = reply.item(0).and_then(|v| v.as_str()) == Some("1");
             let (held, sold, uses) = (n(1), n(2), n(3));
             if !void && (held > 0 || (sold > 0 && uses < key.max_uses)) {
                 unredeemed += 1;

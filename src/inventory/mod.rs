@@ -60,6 +60,20 @@ pub struct EngineSku {
     pub acks: Vec<String>,
 }
 
+/// What recording a gateway's acknowledgement of a rebuild found
+/// ([`Inventory::ack_rebuild`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// Recorded: the rebuild reads the ledger only after it, so it reads what the gateway
+    /// wrote before.
+    Acked,
+    /// The rebuild reads the ledger already: it stopped waiting for the gateway (presumed
+    /// gone), and may lack what the gateway wrote since.
+    Late,
+    /// Not that rebuild any more: the SKU is gone, ready, or of another generation.
+    Stale,
+}
+
 /// What a claim asks for.
 #[derive(Debug, Clone)]
 pub struct ClaimRequest {
@@ -549,23 +563,41 @@ impl Inventory {
 
     /// Records that `gateway` wrote into the ledger everything it answered before the engine
     /// lost `sku`, while generation `gen` is being rebuilt: the rebuild waits for every
-    /// gateway alive. Returns whether it was recorded (`false`: not loading, or another
-    /// generation).
-    pub async fn ack_rebuild(&self, sku: &str, gen: &str, gateway: &str) -> Result<bool, Error> {
+    /// gateway alive.
+    pub async fn ack_rebuild(&self, sku: &str, gen: &str, gateway: &str) -> Result<Ack, Error> {
         let args = vec!["ack".into(), gen.into(), gateway.into()];
         let reply = self.run(&SCRIPTS.sku, sku, args).await?;
-        Ok(tag(&reply) == "acked")
+        Ok(match tag(&reply) {
+            "acked" => Ack::Acked,
+            "late" => Ack::Late,
+            _ => Ack::Stale,
+        })
     }
 
-    /// Stops generation `gen` of `sku` serving clients and changing (its scripts answer
-    /// `ERR_UNAVAILABLE`), so that its stream can be committed before the SKU is dropped
-    /// ([`Inventory::drop_drained`]) and rebuilt from the ledger. Returns whether `gen` is
-    /// draining now; `false` when the SKU is gone, of another generation, or being rebuilt
-    /// already (that rebuild reads the ledger as it is now).
-    pub async fn drain(&self, sku: &str, gen: &str) -> Result<bool, Error> {
-        let args = vec!["drain".into(), gen.into()];
+    /// A rebuild of generation `gen` of `sku` starts reading the ledger: from now on an
+    /// acknowledgement is [`Ack::Late`]. Fails when the SKU was lost and recreated since.
+    pub async fn start_reading(&self, sku: &str, gen: &str) -> Result<(), Error> {
+        let args = vec!["read".into(), gen.into()];
         let reply = self.run(&SCRIPTS.sku, sku, args).await?;
-        Ok(tag(&reply) == "draining")
+        match tag(&reply) {
+            "reading" | "done" => Ok(()),
+            _ => Err(lost_again(sku)),
+        }
+    }
+
+    /// Answers of a lost generation of `sku` were just written into the ledger, and the
+    /// generation the engine has now may lack them: it stops serving clients and changing
+    /// (its scripts answer `ERR_UNAVAILABLE`), so that its stream can be committed before
+    /// the SKU is dropped ([`Inventory::drop_drained`]) and rebuilt from the ledger.
+    /// Returns the generation draining now (also when it was already); `None` when the SKU
+    /// is gone, or is being rebuilt and has not read the ledger yet (that rebuild reads
+    /// them). A rebuild that reads already is drained: what it read may lack them.
+    pub async fn drain(&self, sku: &str) -> Result<Option<String>, Error> {
+        let reply = self.run(&SCRIPTS.sku, sku, vec!["drain".into()]).await?;
+        Ok(match tag(&reply) {
+            "draining" => reply.get(1).and_then(Reply::as_str).map(str::to_owned),
+            _ => None,
+        })
     }
 
     /// Deletes every key of `sku` if generation `gen` is draining, as a loss of the
@@ -790,12 +822,7 @@ impl Inventory {
                 vec!["get".into(), digest.into()],
             )
             .await?;
-        let item = |i: usize| {
-            reply
-                .as_array()
-                .and_then(|a| a.get(i))
-                .and_then(Reply::as_str)
-        };
+        let item = |i: usize| reply.item(i).and_then(Reply::as_str);
         if item(1) != Some("1") {
             return Err(Error::Unavailable(
                 "the code index is being restored from the ledger; retry shortly".into(),
@@ -832,18 +859,12 @@ impl Inventory {
                     vec!["since".into(), candidate.clone()],
                 )
                 .await?;
-            let item = |i: usize| {
-                reply
-                    .as_array()
-                    .and_then(|a| a.get(i))
-                    .and_then(Reply::as_str)
-                    .map(str::to_owned)
-            };
-            if item(0).as_deref() != Some("1") {
+            let item = |i: usize| reply.item(i).and_then(Reply::as_str);
+            if item(0) != Some("1") {
                 let token = item(1).ok_or_else(|| {
                     Error::Internal(format!("index.lua since: unexpected reply {reply:?}"))
                 })?;
-                rebuilding.push((shard, token));
+                rebuilding.push((shard, token.to_owned()));
             }
         }
         Ok(IndexWatch { rebuilding })

@@ -286,6 +286,10 @@ pub async fn finish_restore(
     sku: &str,
     gen: &str,
 ) -> Result<WarmReport, Error> {
+    // Before the first read: a gateway that writes answers into the ledger from now on
+    // learns that this rebuild may lack them (its acknowledgement is late), and has it
+    // done again.
+    inventory.start_reading(sku, gen).await?;
     let report = warm_generation(ledger, inventory, sku, 0, gen, |_| {}).await?;
     let orders = restore_orders(ledger, inventory, sku, gen).await?;
     restore_pools(ledger, inventory, sku, gen).await?;
@@ -322,11 +326,7 @@ pub async fn restore_pools(
     let reply = inventory
         .eval_plain(&crate::engine::SCRIPTS.pool, sku, args)
         .await?;
-    match reply
-        .as_array()
-        .and_then(|r| r.first())
-        .and_then(crate::engine::Reply::as_str)
-    {
+    match reply.item(0).and_then(crate::engine::Reply::as_str) {
         Some("loaded") => Ok(()),
         _ => Err(super::lost_again(sku)),
     }

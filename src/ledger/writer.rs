@@ -388,8 +388,7 @@ impl EventWriter {
         let reply = self.eval(sku, args).await?;
         let n = |i: usize| {
             reply
-                .as_array()
-                .and_then(|a| a.get(i))
+                .item(i)
                 .and_then(Reply::as_i64)
                 .and_then(|v| u64::try_from(v).ok())
                 .ok_or_else(|| WriterError::Reply(format!("backlog: {}", shape(&reply))))
