@@ -59,10 +59,17 @@ add_user_codes(o.user, o.qty)
 add_to_pool(o.pool, -pooled)
 if retired > 0 then fit_pools(now, 'expired') end
 o.state, o.late, o.ids, o.updated_at, o.pooled = 'claimed', true, ids, now, pooled
-o.eid = emit('confirm', now, {
+local fields = {
   'order', order_id, 'user', o.user, 'ids', table.concat(ids, ','), 'late', 1,
   'pool', o.pool, 'pooled', pooled,
-})
+}
+-- Named so that a replay of this answer, which only has the confirm's entry, keeps the
+-- lapse too while the stream has it (stream.lua 'entry').
+if lapse then
+  fields[#fields + 1] = 'lapse'
+  fields[#fields + 1] = lapse[1]
+end
+o.eid = emit('confirm', now, fields)
 if lapse then EMITTED = { lapse, EMITTED } end
 save_order(order_id, o)
 return order_reply('new', o)

@@ -36,12 +36,14 @@
 --     | 'backlog', group, now ms   Reply: {pending, lag, oldest unsettled entry's age ms, keys}
 --         keys: how many keys the unsettled events change (an upper bound beyond the first
 --         KEYS_COUNTED_MAX events, counting MAX_KEYS_PER_EVENT for each of the rest)
---     | 'entry', '', gen, id      Reply: {'lost'} | {'settled'} | {'kept', {field, value, …}}
+--     | 'entry', '', gen, id      Reply: {'lost'} | {'settled'}
+--                                        | {'kept', {field, value, …}[, lapse id, {field, …}]}
 --         Whether entry `id` of generation `gen` may still have to reach the ledger: 'lost'
 --         when the SKU's generation is another (the entry went with the engine's data),
 --         'settled' when the stream no longer has it (trimmed, so committed or
 --         dead-lettered), else its fields (a replayed answer keeps them, see
---         src/http/mod.rs, durable).
+--         src/http/mod.rs, durable), and for a late confirm the lapse it stands on
+--         (confirm.lua), while the stream has it.
 --     | 'reap', group, idle ms     Reply: how many consumers were deleted
 --         Deletes consumers that own nothing and were not seen for idle ms: gateways that
 --         stopped (each run has a fresh consumer name, so they would pile up otherwise).
@@ -298,7 +300,14 @@ if op == 'entry' then
   if (redis.call('HGET', meta, 'gen') or '') ~= ARGV[3] then return { 'lost' } end
   local found = redis.call('XRANGE', events, ARGV[4], ARGV[4])
   if #found == 0 then return { 'settled' } end
-  return { 'kept', found[1][2] }
+  local fields = found[1][2]
+  for i = 1, #fields - 1, 2 do
+    if fields[i] == 'lapse' then
+      local lapse = redis.call('XRANGE', events, fields[i + 1], fields[i + 1])[1]
+      if lapse then return { 'kept', fields, lapse[1], lapse[2] } end
+    end
+  end
+  return { 'kept', fields }
 end
 
 if op == 'reap' then

@@ -428,9 +428,21 @@ async fn late_confirm_carries_the_lapse_it_stands_on(h: Harness) {
         (field(lapse, "t"), field(lapse, "order")),
         ("expire".into(), "o-2".into())
     );
-    // A replay made no change and carries nothing.
+    assert_eq!(
+        Some(field(&emitted, "lapse").as_str()),
+        lapse.answer_id.split_once(':').map(|(_, id)| id),
+        "the confirm names its lapse"
+    );
+    // A replay made no change and carries nothing; it finds both events in the stream.
     let again = h.inv.confirm("lapse", "o-2", true).await.expect("replayed");
     assert!(again.replayed && again.emitted.is_none(), "{again:?}");
+    let answer = again.event_id.expect("an answer id");
+    assert_eq!(answer, emitted.answer_id);
+    assert_eq!(
+        h.inv.answer_entry("lapse", &answer).await.expect("read"),
+        AnswerEntry::Kept(emitted),
+        "a replay keeps the lapse with the confirm"
+    );
 }
 
 async fn late_confirm_can_be_disallowed(h: Harness) {

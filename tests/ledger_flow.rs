@@ -838,3 +838,70 @@ async fn a_gateway_presumed_gone_that_resumes_mid_rebuild_has_it_done_again() {
     }
     gw.stop().await;
 }
+
+/// As [`a_replayed_answer_outlives_redis_losing_its_data`], for a late confirm: its fresh
+/// code presumes the hold's lapsed, and the lapse too is only in the stream, taken by the
+/// dead gateway. The retry through the live gateway keeps both, so after Redis lost its
+/// data the held code is back on sale (not held for good by an order that has another)
+/// and the order keeps its fresh code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_late_confirm_outlives_redis_losing_its_data_with_its_lapse() {
+    let redis = RedisServer::start().await;
+    let sku = "late";
+    let (gw, hold) = gateway_with_held_reads(&redis, sku, &["LC-1", "LC-2", "LC-3"]).await;
+    let request = kamigate::inventory::ClaimRequest {
+        order_id: "o-1".into(),
+        quantity: 1,
+        user_id: None,
+        hold_ms: Some(200),
+        pool: Default::default(),
+    };
+    let held = gw.inventory().claim(sku, &request).await.expect("held");
+    settled(&gw, sku).await;
+
+    // The hold lapses (the gateway's sweep) with the writer held: only the stream has it.
+    hold.send_replace(true);
+    eventually(
+        Duration::from_secs(30),
+        "the hold to lapse",
+        || gw.inventory().order(sku, "o-1"),
+        |order| order.as_ref().is_ok_and(|o| o.state == "expired"),
+    )
+    .await
+    .expect("read");
+    let late = change_of_a_dead_gateway(&redis, &hold, sku, async {
+        gw.inventory()
+            .confirm(sku, "o-1", true)
+            .await
+            .expect("confirmed late")
+    })
+    .await;
+    assert!(late.late, "{late:?}");
+    assert_ne!(late.keys[0].key_id, held.keys[0].key_id, "fresh codes");
+
+    let path = format!("/v1/skus/{sku}/claims/o-1/confirm");
+    let (status, first) = gw.merchant_post(&path, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(first["replayed"], true, "{first}");
+    let code = code_of(&first);
+
+    let view = lose_and_rebuild(&redis, &gw, sku).await;
+    assert_eq!(
+        (
+            &view["engine"]["claimed"],
+            &view["engine"]["held"],
+            &view["engine"]["available"]
+        ),
+        (&json!(1), &json!(0), &json!(2)),
+        "the lapse and the late confirm are in the rebuilt engine: {view}"
+    );
+    let (status, again) = gw.merchant_post(&path, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(code_of(&again), code, "{again}");
+    for n in 2..4 {
+        let (status, other) = gw.claim(sku, json!({"order_id": format!("o-{n}")})).await;
+        assert_eq!(status, StatusCode::OK, "{other}");
+        assert_ne!(code_of(&other), code, "a code sold twice");
+    }
+    gw.stop().await;
+}

@@ -176,7 +176,6 @@ impl App {
         let Some(event_id) = event_id else {
             return Ok(());
         };
-        let before = emitted.map_or(&[][..], |e| e.before.as_slice());
         if self.durability == Durability::Engine {
             // A replay: an earlier call made the change, maybe through a gateway that died or
             // stalled before it kept it. Kept here too while the ledger may not have it, so
@@ -195,7 +194,7 @@ impl App {
                 },
             };
             let journal = self.writer.journal();
-            for event in before.iter().chain([emitted]) {
+            for event in emitted.before.iter().chain([emitted]) {
                 match journal.keep(sku, &event.answer_id, &event.fields) {
                     Kept::Kept => {}
                     Kept::Lost => return Err(lost()),
@@ -208,6 +207,7 @@ impl App {
             }
             return Ok(());
         }
+        let before = emitted.map_or(&[][..], |e| e.before.as_slice());
         let deadline = tokio::time::Instant::now() + self.ledger_wait;
         for id in before
             .iter()

@@ -464,7 +464,8 @@ impl Inventory {
 
     /// Where the stream entry behind answer `answer_id` (`<gen>:<stream id>`) of `sku`
     /// stands: a replayed answer stands on a change an earlier call made, which the ledger
-    /// may not have yet. An answer id naming no generation was written before generations
+    /// may not have yet (a late confirm's with the lapse it stands on, in
+    /// [`Emitted::before`], while the stream has it). An answer id naming no generation was written before generations
     /// were: the ledger has its change (as `stream_entry` in `lua/prelude.lua` judges).
     pub async fn answer_entry(&self, sku: &str, answer_id: &str) -> Result<AnswerEntry, Error> {
         let Some((gen, stream_id)) = answer_id.rsplit_once(':') else {
@@ -483,20 +484,20 @@ impl Inventory {
             Some("lost") => Ok(AnswerEntry::Lost),
             Some("settled") => Ok(AnswerEntry::Settled),
             Some("kept") => {
-                let mut entry = vec![Reply::Bulk(stream_id.to_owned().into())];
-                entry.extend(
-                    items
-                        .get(1)
-                        .and_then(Reply::as_array)
-                        .unwrap_or_default()
-                        .iter()
-                        .cloned(),
-                );
-                Emitted::entry(&entry, gen)
-                    .map(AnswerEntry::Kept)
-                    .ok_or_else(|| {
+                // {id, field, value, …}, as a script reports an event.
+                let event = |id: &Reply, fields: Option<&Reply>| {
+                    let mut entry = vec![id.clone()];
+                    let fields = fields.and_then(Reply::as_array).unwrap_or_default();
+                    entry.extend(fields.iter().cloned());
+                    Emitted::entry(&entry, gen).ok_or_else(|| {
                         Error::Internal(format!("stream entry {answer_id} of {sku}: unreadable"))
                     })
+                };
+                let mut kept = event(&Reply::from(stream_id), items.get(1))?;
+                if let Some(lapse) = items.get(2) {
+                    kept.before.push(event(lapse, items.get(3))?);
+                }
+                Ok(AnswerEntry::Kept(kept))
             }
             _ => Err(Error::Internal(format!(
                 "stream.lua entry: unexpected reply {reply:?}"
