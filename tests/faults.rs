@@ -314,17 +314,26 @@ async fn the_writers_read_connection_killed_under_durable_claims_loses_nothing()
     cfg.durability = Some(kamigate::config::Durability::Ledger);
     cfg.limits.public = kamigate::limit::BucketRule::enforced(100_000, 100_000);
     let gw = TestGateway::start(cfg).await;
-    let codes: Vec<String> = (0..600).map(|i| format!("READS-{i:05}")).collect();
-    gw.stock(
-        "reads",
-        &codes.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await;
+    // Fresh stock for every round: how many claims a round sees depends on the machine, and
+    // a round that finds the stock sold out has nothing left to answer.
+    let restock = |round: usize| {
+        let codes: Vec<String> = (0..600).map(|i| format!("READS-{round}-{i:04}")).collect();
+        let gw = &gw;
+        async move {
+            gw.stock(
+                "reads",
+                &codes.iter().map(String::as_str).collect::<Vec<_>>(),
+            )
+            .await
+        }
+    };
+    restock(0).await;
     let told = Arc::new(Told::default());
     let storm = claim_storm(gw.public.clone(), "reads", "k", 8, told.clone());
     told.codes_beyond(0, 20, "20 durable claims answered").await;
     let mut killed = HashSet::new();
     for round in 0..5 {
+        restock(round + 1).await;
         let id = eventually(
             Duration::from_secs(10),
             "the writer's read connection to be found",
