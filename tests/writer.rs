@@ -850,42 +850,22 @@ async fn a_rebuild_waits_for_every_gateway_alive_to_write_its_answers(env: Env) 
         .expect("begun")
         .expect("the engine lacked the SKU");
     let check = || rebuild_acknowledged(env.ledger.as_ref(), &env.inv, sku, &rebuild, grace);
+    let ack = |gen: &str, gw: &str| {
+        let (inv, gen, gw) = (&env.inv, gen.to_owned(), gw.to_owned());
+        async move { inv.ack_rebuild(sku, &gen, &gw).await.expect("answered") }
+    };
     let waiting =
         |names: &[&str]| Acknowledged::Waiting(names.iter().map(|n| n.to_string()).collect());
     assert_eq!(check().await.expect("read"), waiting(&["gw-a", "gw-b"]));
-    assert_eq!(
-        env.inv
-            .ack_rebuild(sku, &rebuild.gen, "gw-a")
-            .await
-            .expect("acked"),
-        Ack::Acked
-    );
-    assert_eq!(
-        env.inv
-            .ack_rebuild(sku, &rebuild.gen, "gw-a")
-            .await
-            .expect("again"),
-        Ack::Acked
-    );
+    assert_eq!(ack(&rebuild.gen, "gw-a").await, Ack::Acked);
+    assert_eq!(ack(&rebuild.gen, "gw-a").await, Ack::Acked);
     assert_eq!(check().await.expect("read"), waiting(&["gw-b"]));
     // Still reporting, however long it takes: still waited for.
     env.clock.advance(4_000);
     env.ledger.gateway_seen("gw-b", now()).await.expect("seen");
     assert_eq!(check().await.expect("read"), waiting(&["gw-b"]));
-    assert_eq!(
-        env.inv
-            .ack_rebuild(sku, "another-gen", "gw-b")
-            .await
-            .expect("answered"),
-        Ack::Stale
-    );
-    assert_eq!(
-        env.inv
-            .ack_rebuild(sku, &rebuild.gen, "gw-b")
-            .await
-            .expect("acked"),
-        Ack::Acked
-    );
+    assert_eq!(ack("another-gen", "gw-b").await, Ack::Stale);
+    assert_eq!(ack(&rebuild.gen, "gw-b").await, Ack::Acked);
     assert_eq!(check().await.expect("read"), Acknowledged::Yes);
     // A gateway that reports again is waited for again; one that stopped is not.
     env.ledger.gateway_seen("gw-c", now()).await.expect("seen");
@@ -897,10 +877,7 @@ async fn a_rebuild_waits_for_every_gateway_alive_to_write_its_answers(env: Env) 
         .expect("finished");
     assert_eq!(check().await.expect("read"), Acknowledged::Over);
     assert_eq!(
-        env.inv
-            .ack_rebuild(sku, &rebuild.gen, "gw-a")
-            .await
-            .expect("answered"),
+        ack(&rebuild.gen, "gw-a").await,
         Ack::Stale,
         "a finished rebuild takes no acknowledgement"
     );
