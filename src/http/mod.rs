@@ -167,32 +167,33 @@ impl App {
     /// until the ledger has it; a change of a generation the engine already lost is not
     /// answered as made (the client retries against the rebuilt engine). Earlier events
     /// the answer stands on ([`Emitted::before`]) are kept, or awaited, along with it.
+    ///
+    /// A replay (`emitted` is `None`) stands on a change an earlier call made, maybe
+    /// through a gateway that died or stalled before it kept or awaited it: the stream
+    /// tells what that change still needs ([`crate::inventory::Inventory::answer_entry`]),
+    /// at the cost of one engine call. Nothing once the ledger has it.
     pub async fn durable(
         &self,
         sku: &str,
         event_id: Option<&str>,
         emitted: Option<&Emitted>,
     ) -> Result<(), Error> {
-        let Some(event_id) = event_id else {
+        let Some(event_id) = event_id.filter(|id| !id.is_empty()) else {
             return Ok(());
         };
+        let replayed;
+        let emitted = match emitted {
+            Some(emitted) => emitted,
+            None => match self.inventory.answer_entry(sku, event_id).await? {
+                AnswerEntry::Settled => return Ok(()),
+                AnswerEntry::Lost => return Err(lost()),
+                AnswerEntry::Kept(entry) => {
+                    replayed = entry;
+                    &replayed
+                }
+            },
+        };
         if self.durability == Durability::Engine {
-            // A replay: an earlier call made the change, maybe through a gateway that died or
-            // stalled before it kept it. Kept here too while the ledger may not have it, so
-            // this answer outlives the engine losing its data as a first answer does.
-            let replayed;
-            let emitted = match emitted {
-                Some(emitted) => emitted,
-                None if event_id.is_empty() => return Ok(()),
-                None => match self.inventory.answer_entry(sku, event_id).await? {
-                    AnswerEntry::Settled => return Ok(()),
-                    AnswerEntry::Lost => return Err(lost()),
-                    AnswerEntry::Kept(entry) => {
-                        replayed = entry;
-                        &replayed
-                    }
-                },
-            };
             let journal = self.writer.journal();
             for event in emitted.before.iter().chain([emitted]) {
                 match journal.keep(sku, &event.answer_id, &event.fields) {
@@ -207,13 +208,9 @@ impl App {
             }
             return Ok(());
         }
-        let before = emitted.map_or(&[][..], |e| e.before.as_slice());
         let deadline = tokio::time::Instant::now() + self.ledger_wait;
-        for id in before
-            .iter()
-            .map(|e| e.answer_id.as_str())
-            .chain([event_id])
-        {
+        let before = emitted.before.iter().map(|e| e.answer_id.as_str());
+        for id in before.chain([event_id]) {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if !self.writer.wait_committed(sku, id, left).await {
                 return Err(Error::Unavailable(
