@@ -449,8 +449,10 @@ struct Sync {
     /// next one comes soon, not after [`SYNC_EVERY`].
     draining: bool,
     /// SKUs for which this gateway wrote answers of a lost generation into the ledger that
-    /// the generation the engine has may lack: until a rebuild records, before it reads the
-    /// ledger, that this gateway wrote them ([`Ack::Acked`]), or the generation is drained.
+    /// the generation the engine has may lack, until it is known that whatever rebuilds the
+    /// SKU reads the ledger after them: the engine had no SKU, or a rebuild not reading yet
+    /// ([`Inventory::drain`]), or the rebuild recorded the acknowledgement that followed
+    /// them ([`Ack::Acked`]); or else that generation is drained.
     unread: HashSet<String>,
 }
 
@@ -525,9 +527,11 @@ impl Sync {
             }
             let drained = if self.unread.contains(sku) {
                 // The generation the engine has now may have read the ledger before they
-                // were in it.
+                // were in it: then it is drained. Otherwise (no SKU, or a rebuild that has
+                // not read yet) whatever rebuilds the SKU reads the ledger after them.
                 match inventory.drain(sku).await {
                     Ok(drained) => {
+                        self.unread.remove(sku);
                         if drained.is_some() {
                             tracing::warn!(
                                 sku,
@@ -547,8 +551,6 @@ impl Sync {
                 state.filter(|s| s.draining).map(|s| s.gen)
             };
             if let Some(gen) = drained {
-                // Whatever rebuilds the SKU next reads the ledger as it is now.
-                self.unread.remove(sku);
                 match self.rebuild_again(inventory, writer, sku, &gen).await {
                     Ok(true) => {}
                     Ok(false) => {

@@ -973,3 +973,173 @@ async fn a_replayed_late_confirm_waits_for_its_lapse_in_ledger_durability() {
     );
     gw.stop().await;
 }
+
+/// An engine that lets calls `holds` picks through one permit at a time while armed, and
+/// counts those that arrived: a test steps a gateway's sync pass call by call.
+struct Stepped {
+    inner: std::sync::Arc<dyn ScriptEngine>,
+    holds: fn(&Call) -> bool,
+    armed: std::sync::atomic::AtomicBool,
+    permits: tokio::sync::Semaphore,
+    arrived: tokio::sync::watch::Sender<usize>,
+}
+
+impl Stepped {
+    fn new(inner: std::sync::Arc<dyn ScriptEngine>, holds: fn(&Call) -> bool) -> Stepped {
+        Stepped {
+            inner,
+            holds,
+            armed: std::sync::atomic::AtomicBool::new(false),
+            permits: tokio::sync::Semaphore::new(0),
+            arrived: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// Lets calls through freely again, the ones waiting included.
+    fn disarm(&self) {
+        self.armed.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.permits
+            .add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
+    }
+
+    /// Waits until `n` calls arrived since it was armed.
+    async fn arrived(&self, n: usize) {
+        let mut arrived = self.arrived.subscribe();
+        let waited = tokio::time::timeout(Duration::from_secs(30), arrived.wait_for(|a| *a >= n));
+        assert!(matches!(waited.await, Ok(Ok(_))), "{n} held calls arrived");
+    }
+}
+
+impl ScriptEngine for Stepped {
+    fn eval(&self, script: &'static Script, keys: Vec<String>, args: Vec<String>) -> Answer<'_> {
+        Box::pin(async move {
+            if (self.holds)(&Call::Eval(script, &args))
+                && self.armed.load(std::sync::atomic::Ordering::SeqCst)
+            {
+                self.arrived.send_modify(|n| *n += 1);
+                self.permits.acquire().await.expect("open").forget();
+            }
+            self.inner.eval(script, keys, args).await
+        })
+    }
+
+    fn read_new_entries(&self, keys: Vec<String>, args: Vec<String>) -> Answer<'_> {
+        self.inner.read_new_entries(keys, args)
+    }
+
+    fn ping(&self) -> Answer<'_, ()> {
+        self.inner.ping()
+    }
+
+    fn kind(&self) -> EngineKind {
+        self.inner.kind()
+    }
+}
+
+/// A gateway reads a SKU as serving, and Redis loses its data right after (before the same
+/// pass looks at the SKU again); meanwhile the gateway was presumed gone, and another
+/// gateway's rebuild reads the ledger already. The gateway writes the claim it answered into
+/// the ledger only then, and its acknowledgement comes late: it must have the SKU rebuilt
+/// again, not finish the rebuild that lacks the claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_written_after_a_rebuild_began_reading_have_it_done_again() {
+    let redis = RedisServer::start().await;
+    let sku = "overtaken";
+    let (reads, reads_held) = Gated::new(redis_engine(&redis).await, writer_read);
+    let stepped = std::sync::Arc::new(Stepped::new(std::sync::Arc::new(reads), |call| {
+        matches!(call, Call::Eval(script, args)
+            if std::ptr::eq(*script, &SCRIPTS.sku) && args.first().map(String::as_str) == Some("get"))
+    }));
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    cfg.event_reclaim_idle_ms = 600_000;
+    let inventory = kamigate::inventory::Inventory::new(stepped.clone());
+    let gw = TestGateway::with_inventory(cfg, inventory).await;
+    gw.stock(sku, &["OV-1", "OV-2", "OV-3"]).await;
+    settled(&gw, sku).await;
+
+    reads_held.send_replace(true);
+    let (status, sold) = gw.claim(sku, json!({"order_id": "o-1"})).await;
+    assert_eq!(status, StatusCode::OK, "{sold}");
+    let code = code_of(&sold);
+
+    // A sync pass, stopped at its first look at the SKU, then let through that one look
+    // (the SKU serves: nothing to write) and stopped at the next, the rebuild's.
+    stepped
+        .armed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let request = kamigate::inventory::ClaimRequest {
+        order_id: "x".into(),
+        quantity: 1,
+        user_id: None,
+        hold_ms: None,
+        pool: Default::default(),
+    };
+    // A SKU the engine lacks: the gateway syncs at once.
+    let _ = gw.inventory().claim("no-such-sku", &request).await;
+    stepped.arrived(1).await;
+    stepped.permits.add_permits(1);
+    stepped.arrived(2).await;
+
+    redis.cmd(&["FLUSHALL"]).await.expect("flushed");
+    reads_held.send_replace(false);
+    let (halfway, stop) = Gated::new(
+        redis_engine(&redis).await,
+        |call| matches!(call, Call::Eval(script, _) if std::ptr::eq(*script, &SCRIPTS.pool)),
+    );
+    let mut stopped = halfway.stopped.subscribe();
+    stop.send_replace(true);
+    let rebuilder = kamigate::inventory::Inventory::new(std::sync::Arc::new(halfway));
+    rebuilder.use_keyring(gw.inventory().keyring());
+    let ledger = gw.gateway.app.ledger.clone();
+    let rebuild = begin_restore(ledger.as_ref(), &rebuilder, sku)
+        .await
+        .expect("begun")
+        .expect("the engine lost the SKU");
+    let finishing = tokio::spawn({
+        let (ledger, rebuilder, gen) = (ledger.clone(), rebuilder.clone(), rebuild.gen.clone());
+        async move { finish_restore(ledger.as_ref(), &rebuilder, sku, &gen).await }
+    });
+    stopped
+        .wait_for(|n| *n > 0)
+        .await
+        .expect("the rebuild reaches its pools");
+
+    // The pass goes on: it finds the rebuild, writes the claim, acknowledges late. The
+    // rebuild never serves (finished by the late gateway, it would until a later pass).
+    stepped.disarm();
+    eventually(
+        Duration::from_secs(30),
+        "the half-done rebuild to be drained",
+        || rebuilder.sku_state(sku),
+        |state| match state {
+            Ok(Some(state)) => {
+                let serves = state.gen == rebuild.gen && !state.loading && !state.draining;
+                assert!(!serves, "the rebuild without the claim serves: {state:?}");
+                state.gen != rebuild.gen || state.draining
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        },
+    )
+    .await
+    .expect("read");
+    stop.send_replace(false);
+    let _ = finishing.await.expect("the rebuild task ends");
+
+    let path = format!("/v1/skus/{sku}");
+    let (_, view) = eventually(
+        Duration::from_secs(30),
+        "the SKU to be rebuilt again",
+        || gw.merchant_get(&path),
+        |(status, _)| *status == StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (&view["engine"]["claimed"], &view["engine"]["available"]),
+        (&json!(1), &json!(2)),
+        "the claim is in the engine: {view}"
+    );
+    never_sold_again(&gw, sku, &code, 3).await;
+    gw.stop().await;
+}
