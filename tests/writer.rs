@@ -1146,6 +1146,42 @@ async fn a_lingering_writer_is_woken_by_a_waiter(env: Env) {
     running.stop().await;
 }
 
+/// Answers one after the other, each waiting for its commit: each wakes the writer, which
+/// reads at once. The commit of one answer reads ahead beside it and finds nothing; the
+/// next answer comes after that read, so it must not be taken for the next batch (which
+/// would find nothing and leave the answer for the idle poll, here a minute).
+async fn answers_in_turn_each_wake_the_writer_to_read(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 4).await;
+    let writer = EventWriter::new(
+        env.engine.clone(),
+        env.ledger.clone(),
+        WriterOptions {
+            group: GROUP.into(),
+            consumer: "w1".into(),
+            idle_poll_ms: 60_000,
+            linger_ms: 60_000,
+            ..WriterOptions::default()
+        },
+    );
+    let running = Running::start(&writer);
+    for n in 1..=4 {
+        let answer = env
+            .claim(sku, &format!("o-{n}"), 1, None)
+            .await
+            .event_id
+            .expect("a claim names its event");
+        assert!(
+            writer
+                .wait_committed(sku, &answer, Duration::from_secs(20))
+                .await,
+            "answer {n} was committed while it waited"
+        );
+    }
+    env.assert_in_step(sku).await;
+    running.stop().await;
+}
+
 /// A read of new entries whose answer is lost (the entries were delivered to the writer,
 /// the answer never came) is no loss: the writer reads its own pending entries again before
 /// it trusts reads of new entries only, and every event is committed once. The first such
@@ -1735,6 +1771,7 @@ on_both_engines!(
     ledger_outage_loses_nothing_and_doubles_nothing,
     run_drains_every_sku_through_an_outage,
     a_lingering_writer_is_woken_by_a_waiter,
+    answers_in_turn_each_wake_the_writer_to_read,
     read_ahead_answers_lost_are_read_again,
     entries_of_a_read_sent_twice_are_read_again,
     a_read_sent_twice_keeps_the_events_in_order,

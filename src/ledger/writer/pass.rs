@@ -43,11 +43,15 @@ pub(super) struct Cursor {
 impl Cursor {
     /// Whether the read ahead holds entries.
     pub(super) fn has_ahead(&self) -> bool {
-        self.ahead
-            .as_ref()
-            .and_then(Reply::as_array)
-            .is_some_and(|items| items.len() > READ_HEAD)
+        self.ahead.as_ref().is_some_and(holds_entries)
     }
+}
+
+/// Whether a read's reply holds entries (beyond its report).
+fn holds_entries(reply: &Reply) -> bool {
+    reply
+        .as_array()
+        .is_some_and(|items| items.len() > READ_HEAD)
 }
 
 /// What one pass over a SKU did.
@@ -141,7 +145,11 @@ impl EventWriter {
         // Known clean, this writer has no pending entries of its own to read first (a busy
         // SKU's reads then stay reads of new entries only).
         let own = !std::mem::take(&mut cursor.clean);
-        let (reply, from_ahead) = match cursor.ahead.take() {
+        // A read ahead that found nothing is stale: whatever this pass is for (an answer that
+        // woke the writer since) came after it, so it reads now. Taken as a batch, it made
+        // the woken pass find nothing and the answer wait for the idle poll.
+        let ahead = cursor.ahead.take().filter(holds_entries);
+        let (reply, from_ahead) = match ahead {
             Some(reply) => (reply, true),
             None => (self.read(sku, cursor, own).await?, false),
         };
