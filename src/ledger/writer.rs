@@ -94,7 +94,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 
 use super::journal::{split_answer_id, Journal};
 use super::{Ledger, LedgerError};
@@ -112,7 +112,7 @@ mod settled;
 
 use pass::Cursor;
 use reply::shape;
-use settled::Settled;
+use settled::Watched;
 
 /// Most entries per batch: the acknowledgement passes them as script arguments, and Lua 5.1
 /// unpacks at most about 8,000 values at once.
@@ -234,8 +234,8 @@ struct Inner {
     engine: Arc<dyn ScriptEngine>,
     ledger: Arc<dyn Ledger>,
     opts: WriterOptions,
-    /// Per SKU, what is known to be committed; waiters watch it.
-    settled: DashMap<String, watch::Sender<Settled>>,
+    /// Per SKU, what is known to be committed, and the answers waiting for it.
+    settled: DashMap<String, Arc<Watched>>,
     /// Set when a SKU was created here: the next pass lists SKUs again instead of waiting
     /// for the periodic refresh, so a new SKU's first events are not held up.
     relist: AtomicBool,
@@ -357,14 +357,12 @@ impl EventWriter {
         let id = StreamId { ms, seq };
         // The map guard is dropped before awaiting: a DashMap shard lock must not be held
         // across a suspension point.
-        let mut rx = self.settled_of(sku).subscribe();
+        let told = match self.settled_of(sku).wait(gen, id) {
+            Ok(settled) => return settled,
+            Err(told) => told,
+        };
         self.inner.wake.notify_one();
-        tokio::time::timeout(
-            timeout,
-            rx.wait_for(|s| s.covers(gen, id) || s.is_lost(gen)),
-        )
-        .await
-        .is_ok_and(|seen| seen.is_ok_and(|s| s.covers(gen, id)))
+        matches!(tokio::time::timeout(timeout, told).await, Ok(Ok(true)))
     }
 
     /// The answer id (`<gen>:<ms>-<seq>`) through which every event of `sku`'s stream is
@@ -372,10 +370,7 @@ impl EventWriter {
     /// last read reported it), or `None` before this writer read the SKU. What retires from
     /// the engine must be at or below it ([`crate::inventory::retire`]).
     pub fn committed_through(&self, sku: &str) -> Option<String> {
-        self.inner
-            .settled
-            .get(sku)
-            .and_then(|s| s.borrow().through_answer())
+        self.inner.settled.get(sku).and_then(|s| s.through_answer())
     }
 
     /// What `sku`'s stream still owes the ledger (the in-flight count of drift, and metrics).
