@@ -767,6 +767,100 @@ async fn a_replayed_redemption_outlives_redis_losing_its_data() {
     gw.stop().await;
 }
 
+/// Another gateway's rebuild of a SKU Redis lost, which presumed the gateways of a test
+/// gone: stopped before it loads the stock pools, so every key is loaded by then, each as
+/// the ledger had it when the rebuild read it.
+struct HalfwayRebuild {
+    rebuilder: kamigate::inventory::Inventory,
+    gen: String,
+    stop: tokio::sync::watch::Sender<bool>,
+    finishing: tokio::task::JoinHandle<
+        Result<kamigate::inventory::warm::WarmReport, kamigate::error::Error>,
+    >,
+}
+
+impl HalfwayRebuild {
+    async fn start(redis: &RedisServer, gw: &TestGateway, sku: &'static str) -> HalfwayRebuild {
+        let (halfway, stop) = Gated::new(
+            redis_engine(redis).await,
+            |call| matches!(call, Call::Eval(script, _) if std::ptr::eq(*script, &SCRIPTS.pool)),
+        );
+        let mut stopped = halfway.stopped.subscribe();
+        stop.send_replace(true);
+        let rebuilder = kamigate::inventory::Inventory::new(std::sync::Arc::new(halfway));
+        rebuilder.use_keyring(gw.inventory().keyring());
+        let ledger = gw.gateway.app.ledger.clone();
+        let gen = begin_restore(ledger.as_ref(), &rebuilder, sku)
+            .await
+            .expect("begun")
+            .expect("the engine lost the SKU")
+            .gen;
+        let finishing = tokio::spawn({
+            let (rebuilder, gen) = (rebuilder.clone(), gen.clone());
+            async move { finish_restore(ledger.as_ref(), &rebuilder, sku, &gen).await }
+        });
+        stopped
+            .wait_for(|n| *n > 0)
+            .await
+            .expect("the rebuild reaches its pools");
+        HalfwayRebuild {
+            rebuilder,
+            gen,
+            stop,
+            finishing,
+        }
+    }
+
+    /// Waits until a gateway drained the rebuild, which must never serve meanwhile (finished
+    /// by a gateway that came back, it would), then lets it go on to its end.
+    async fn drained(self, sku: &str) {
+        eventually(
+            Duration::from_secs(30),
+            "the half-done rebuild to be drained",
+            || self.rebuilder.sku_state(sku),
+            |state| match state {
+                Ok(Some(state)) => {
+                    let serves = state.gen == self.gen && !state.loading && !state.draining;
+                    assert!(!serves, "the rebuild without the claim serves: {state:?}");
+                    state.gen != self.gen || state.draining
+                }
+                Ok(None) => true,
+                Err(_) => false,
+            },
+        )
+        .await
+        .expect("read");
+        self.stop.send_replace(false);
+        let _ = self.finishing.await.expect("the rebuild task ends");
+    }
+}
+
+/// Waits until `gw` serves `sku` (three codes) again, rebuilt with order `o-1`'s claim of
+/// `code`: the order replays its code, and nobody else gets it.
+async fn rebuilt_with_the_claim(gw: &TestGateway, sku: &str, code: &str) {
+    let path = format!("/v1/skus/{sku}");
+    let (_, view) = eventually(
+        Duration::from_secs(30),
+        "the SKU to be rebuilt again",
+        || gw.merchant_get(&path),
+        |(status, _)| *status == StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (&view["engine"]["claimed"], &view["engine"]["available"]),
+        (&json!(1), &json!(2)),
+        "the claim is in the engine: {view}"
+    );
+    let (status, again) = gw.claim(sku, json!({"order_id": "o-1"})).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(
+        (again["replayed"].as_bool(), code_of(&again)),
+        (Some(true), code.to_owned()),
+        "{again}"
+    );
+    never_sold_again(gw, sku, code, 3).await;
+}
+
 /// A gateway is paused (every engine call of it waits) with a claim it answered still in
 /// its journal, for longer than the rebuild's grace: Redis loses its data, and another
 /// gateway, presuming it gone, rebuilds the SKU without the claim. It resumes while that
@@ -795,69 +889,13 @@ async fn a_gateway_presumed_gone_that_resumes_mid_rebuild_has_it_done_again() {
     pause.send_replace(true);
     redis.cmd(&["FLUSHALL"]).await.expect("flushed");
 
-    // Another gateway's rebuild, stopped before it loads the stock pools: every key is
-    // loaded by then, the sold code as the ledger has it (available).
-    let (halfway, stop) = Gated::new(
-        redis_engine(&redis).await,
-        |call| matches!(call, Call::Eval(script, _) if std::ptr::eq(*script, &SCRIPTS.pool)),
-    );
-    let mut stopped = halfway.stopped.subscribe();
-    stop.send_replace(true);
-    let rebuilder = kamigate::inventory::Inventory::new(std::sync::Arc::new(halfway));
-    rebuilder.use_keyring(gw.inventory().keyring());
-    let ledger = gw.gateway.app.ledger.clone();
-    let rebuild = begin_restore(ledger.as_ref(), &rebuilder, sku)
-        .await
-        .expect("begun")
-        .expect("the engine lost the SKU");
-    let finishing = tokio::spawn({
-        let (ledger, rebuilder, gen) = (ledger.clone(), rebuilder.clone(), rebuild.gen.clone());
-        async move { finish_restore(ledger.as_ref(), &rebuilder, sku, &gen).await }
-    });
-    stopped
-        .wait_for(|n| *n > 0)
-        .await
-        .expect("the rebuild reaches its pools");
+    let halfway = HalfwayRebuild::start(&redis, &gw, sku).await;
 
     // The paused gateway resumes.
     reads_held.send_replace(false);
     pause.send_replace(false);
-    eventually(
-        Duration::from_secs(30),
-        "the half-done rebuild to be drained",
-        || rebuilder.sku_state(sku),
-        |state| match state {
-            Ok(Some(state)) => state.gen != rebuild.gen || state.draining,
-            Ok(None) => true,
-            Err(_) => false,
-        },
-    )
-    .await
-    .expect("read");
-    stop.send_replace(false);
-    let _ = finishing.await.expect("the rebuild task ends");
-
-    let path = format!("/v1/skus/{sku}");
-    let (_, view) = eventually(
-        Duration::from_secs(30),
-        "the SKU to be rebuilt again",
-        || gw.merchant_get(&path),
-        |(status, _)| *status == StatusCode::OK,
-    )
-    .await;
-    assert_eq!(
-        (&view["engine"]["claimed"], &view["engine"]["available"]),
-        (&json!(1), &json!(2)),
-        "the resumed gateway's claim is in the engine: {view}"
-    );
-    let (status, again) = gw.claim(sku, json!({"order_id": "o-1"})).await;
-    assert_eq!(status, StatusCode::OK, "{again}");
-    assert_eq!(
-        (again["replayed"].as_bool(), code_of(&again)),
-        (Some(true), code.clone()),
-        "{again}"
-    );
-    never_sold_again(&gw, sku, &code, 3).await;
+    halfway.drained(sku).await;
+    rebuilt_with_the_claim(&gw, sku, &code).await;
     gw.stop().await;
 }
 
@@ -1083,63 +1121,11 @@ async fn answers_written_after_a_rebuild_began_reading_have_it_done_again() {
 
     redis.cmd(&["FLUSHALL"]).await.expect("flushed");
     reads_held.send_replace(false);
-    let (halfway, stop) = Gated::new(
-        redis_engine(&redis).await,
-        |call| matches!(call, Call::Eval(script, _) if std::ptr::eq(*script, &SCRIPTS.pool)),
-    );
-    let mut stopped = halfway.stopped.subscribe();
-    stop.send_replace(true);
-    let rebuilder = kamigate::inventory::Inventory::new(std::sync::Arc::new(halfway));
-    rebuilder.use_keyring(gw.inventory().keyring());
-    let ledger = gw.gateway.app.ledger.clone();
-    let rebuild = begin_restore(ledger.as_ref(), &rebuilder, sku)
-        .await
-        .expect("begun")
-        .expect("the engine lost the SKU");
-    let finishing = tokio::spawn({
-        let (ledger, rebuilder, gen) = (ledger.clone(), rebuilder.clone(), rebuild.gen.clone());
-        async move { finish_restore(ledger.as_ref(), &rebuilder, sku, &gen).await }
-    });
-    stopped
-        .wait_for(|n| *n > 0)
-        .await
-        .expect("the rebuild reaches its pools");
+    let halfway = HalfwayRebuild::start(&redis, &gw, sku).await;
 
-    // The pass goes on: it finds the rebuild, writes the claim, acknowledges late. The
-    // rebuild never serves (finished by the late gateway, it would until a later pass).
+    // The pass goes on: it finds the rebuild, writes the claim, acknowledges late.
     stepped.disarm();
-    eventually(
-        Duration::from_secs(30),
-        "the half-done rebuild to be drained",
-        || rebuilder.sku_state(sku),
-        |state| match state {
-            Ok(Some(state)) => {
-                let serves = state.gen == rebuild.gen && !state.loading && !state.draining;
-                assert!(!serves, "the rebuild without the claim serves: {state:?}");
-                state.gen != rebuild.gen || state.draining
-            }
-            Ok(None) => true,
-            Err(_) => false,
-        },
-    )
-    .await
-    .expect("read");
-    stop.send_replace(false);
-    let _ = finishing.await.expect("the rebuild task ends");
-
-    let path = format!("/v1/skus/{sku}");
-    let (_, view) = eventually(
-        Duration::from_secs(30),
-        "the SKU to be rebuilt again",
-        || gw.merchant_get(&path),
-        |(status, _)| *status == StatusCode::OK,
-    )
-    .await;
-    assert_eq!(
-        (&view["engine"]["claimed"], &view["engine"]["available"]),
-        (&json!(1), &json!(2)),
-        "the claim is in the engine: {view}"
-    );
-    never_sold_again(&gw, sku, &code, 3).await;
+    halfway.drained(sku).await;
+    rebuilt_with_the_claim(&gw, sku, &code).await;
     gw.stop().await;
 }

@@ -1102,14 +1102,10 @@ async fn run_drains_every_sku_through_an_outage(env: Env) {
     running.stop().await;
 }
 
-/// A writer that committed a partial batch nobody waited for lingers before reading again,
-/// but an answer that starts waiting wakes it at once: here the linger (and the idle poll)
-/// last a minute, and the waiter is answered within its 20 s.
-async fn a_lingering_writer_is_woken_by_a_waiter(env: Env) {
-    let sku = "gift";
-    env.stock(sku, 4).await;
-    env.claim(sku, "o-1", 1, None).await;
-    let writer = EventWriter::new(
+/// A writer that lingers, and polls when idle, only once a minute: within a test, only an
+/// answer that waits for it wakes it.
+fn writer_slow_to_poll(env: &Env) -> EventWriter {
+    EventWriter::new(
         env.engine.clone(),
         env.ledger.clone(),
         WriterOptions {
@@ -1119,7 +1115,17 @@ async fn a_lingering_writer_is_woken_by_a_waiter(env: Env) {
             linger_ms: 60_000,
             ..WriterOptions::default()
         },
-    );
+    )
+}
+
+/// A writer that committed a partial batch nobody waited for lingers before reading again,
+/// but an answer that starts waiting wakes it at once: here the linger (and the idle poll)
+/// last a minute, and the waiter is answered within its 20 s.
+async fn a_lingering_writer_is_woken_by_a_waiter(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 4).await;
+    env.claim(sku, "o-1", 1, None).await;
+    let writer = writer_slow_to_poll(&env);
     let running = Running::start(&writer);
     // The first round commits o-1's event, a partial batch nobody waits for: it lingers
     // (with its acknowledgement, which the next read carries).
@@ -1153,17 +1159,7 @@ async fn a_lingering_writer_is_woken_by_a_waiter(env: Env) {
 async fn answers_in_turn_each_wake_the_writer_to_read(env: Env) {
     let sku = "gift";
     env.stock(sku, 4).await;
-    let writer = EventWriter::new(
-        env.engine.clone(),
-        env.ledger.clone(),
-        WriterOptions {
-            group: GROUP.into(),
-            consumer: "w1".into(),
-            idle_poll_ms: 60_000,
-            linger_ms: 60_000,
-            ..WriterOptions::default()
-        },
-    );
+    let writer = writer_slow_to_poll(&env);
     let running = Running::start(&writer);
     for n in 1..=4 {
         let answer = env
