@@ -55,10 +55,13 @@ use mlua::chunk::ChunkMode;
 use mlua::{Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::keyspace::{format_g17, Keyspace, Resp};
+use self::stack::{CommandArgs, CommandReply, Outcome};
+use super::keyspace::{format_g17, Keyspace};
 use super::script::LIBRARY;
 use super::{EngineError, EngineKind, Reply, Script, ScriptEngine};
 use crate::clock::{Clock, SystemClock};
+
+mod stack;
 
 /// Jobs waiting for the engine thread. Bounded so that a burst beyond what the engine can
 /// absorb waits in the callers (where the edge's in-flight cap sheds it) rather than growing
@@ -357,21 +360,11 @@ impl Vm {
         )?;
 
         // The keyspace moves into the command function: it is only ever reached from scripts.
-        let mut argv: Vec<Bytes> = Vec::new();
-        let raw = lua.create_function_mut(move |lua, args: MultiValue| {
-            argv.clear();
-            for arg in args.iter() {
-                match command_arg(arg) {
-                    Some(bytes) => argv.push(bytes),
-                    None => return error_pair(lua, ARGUMENT_TYPE_ERROR),
-                }
-            }
-            let result = keyspace.call(&argv);
-            argv.clear();
-            match result {
-                Ok(resp) => Ok((resp_to_lua(lua, resp)?, Value::Nil)),
-                Err(message) => error_pair(lua, &message),
-            }
+        let raw = lua.create_function_mut(move |_, CommandArgs(args)| {
+            Ok(CommandReply(match args {
+                Some(args) => keyspace.call(&args),
+                None => Err(ARGUMENT_TYPE_ERROR.to_owned()),
+            }))
         })?;
         let sha1hex = lua.create_function(|_, args: MultiValue| {
             let (1, Some(Value::String(s))) = (args.len(), args.front()) else {
@@ -418,7 +411,7 @@ impl Vm {
             let Some(function) = self.functions.get(name) else {
                 return Err(fail(format!("the library has no function {name}")));
             };
-            self.pcall.call::<MultiValue>((function, keys, args))
+            self.pcall.call::<Outcome>((function, keys, args))
         } else {
             if !self.compiled.contains_key(script.sha1()) {
                 let function = self
@@ -436,16 +429,11 @@ impl Vm {
             let globals = self.lua.globals();
             globals.raw_set("KEYS", keys).map_err(lua_fail)?;
             globals.raw_set("ARGV", args).map_err(lua_fail)?;
-            self.pcall.call::<MultiValue>(function)
+            self.pcall.call::<Outcome>(function)
         };
-        let mut out = out.map_err(lua_fail)?.into_iter();
-        let succeeded = matches!(out.next(), Some(Value::Boolean(true)));
-        // Like Redis, only the first value a script returns counts.
-        let value = out.next().unwrap_or(Value::Nil);
-        if succeeded {
-            to_reply(&value, 0).map_err(fail)
-        } else {
-            Err(fail(error_message(&value)))
+        match out.map_err(lua_fail)?.0 {
+            Ok(reply) => reply.map_err(fail),
+            Err(raised) => Err(fail(error_message(&raised))),
         }
     }
 }
@@ -500,74 +488,6 @@ fn command_arg(value: &Value) -> Option<Bytes> {
 #[allow(clippy::useless_conversion)]
 fn lua_integer(i: mlua::Integer) -> i64 {
     i64::from(i)
-}
-
-/// `raw`'s failure result: `nil, {err = message}`.
-fn error_pair(lua: &Lua, message: &str) -> mlua::Result<(Value, Value)> {
-    let table = lua.create_table_with_capacity(0, 2)?;
-    table.raw_set("err", message)?;
-    Ok((Value::Nil, Value::Table(table)))
-}
-
-/// A command reply as Redis hands it to Lua.
-fn resp_to_lua(lua: &Lua, resp: Resp) -> mlua::Result<Value> {
-    Ok(match resp {
-        Resp::Nil => Value::Boolean(false),
-        // Lua 5.1 numbers are doubles; Redis pushes (lua_Number)value the same way.
-        Resp::Int(i) => Value::Number(i as f64),
-        Resp::Bulk(bytes) => Value::String(lua.create_string(&bytes)?),
-        Resp::Status(status) => {
-            let table = lua.create_table_with_capacity(0, 1)?;
-            table.raw_set("ok", status)?;
-            Value::Table(table)
-        }
-        Resp::Array(items) => {
-            let table = lua.create_table_with_capacity(items.len(), 0)?;
-            for (i, item) in items.into_iter().enumerate() {
-                table.raw_set(i + 1, resp_to_lua(lua, item)?)?;
-            }
-            Value::Table(table)
-        }
-    })
-}
-
-/// A script's return value as Redis converts it.
-fn to_reply(value: &Value, depth: usize) -> Result<Reply, String> {
-    Ok(match value {
-        Value::Nil | Value::Boolean(false) => Reply::Nil,
-        Value::Boolean(true) => Reply::Int(1),
-        Value::Integer(i) => Reply::Int(lua_integer(*i)),
-        // C's (long long) cast: truncation toward zero (saturating here, where C is undefined).
-        Value::Number(n) => Reply::Int(*n as i64),
-        Value::String(s) => Reply::Bulk(Bytes::copy_from_slice(&s.as_bytes())),
-        Value::Table(table) => table_reply(table, depth)?,
-        // Functions, userdata, threads: Redis replies nil.
-        _ => Reply::Nil,
-    })
-}
-
-/// `{err = …}` fails the script (also when nested in an array: a reply carries no errors),
-/// `{ok = …}` is a status, anything else an array of `t[1..]` up to the first nil.
-fn table_reply(table: &Table, depth: usize) -> Result<Reply, String> {
-    if depth >= MAX_REPLY_DEPTH {
-        return Err("reached lua stack limit".into());
-    }
-    let field = |name: &str| table.raw_get::<Value>(name).map_err(|e| e.to_string());
-    if let Value::String(err) = field("err")? {
-        return Err(err.to_string_lossy());
-    }
-    if let Value::String(ok) = field("ok")? {
-        return Ok(Reply::Status(ok.to_string_lossy()));
-    }
-    let mut items = Vec::new();
-    for i in 1.. {
-        let item: Value = table.raw_get(i).map_err(|e| e.to_string())?;
-        if item.is_nil() {
-            break;
-        }
-        items.push(to_reply(&item, depth + 1)?);
-    }
-    Ok(Reply::Array(items))
 }
 
 /// The message of whatever a script raised.
