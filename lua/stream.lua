@@ -120,8 +120,12 @@ end
 local function owed(g)
   local pending = tonumber(g['pending'])
   local last = g['last-delivered-id']
-  local floor = entry_after(last)
-  if pending > 0 then floor = min_id(redis.call('XPENDING', events, g['name'])[2], floor) end
+  local floor = nil
+  if pending > 0 then floor = redis.call('XPENDING', events, g['name'])[2] end
+  -- A pending entry was delivered, so it is no later than the last delivered one and older
+  -- than any entry after it: the first undelivered entry matters only without one (or past
+  -- one, which only a group moved back by hand could have).
+  if not floor or id_less(last, floor) then floor = min_id(floor, entry_after(last)) end
   local lag = g['lag']
   if not lag then
     -- Redis 7.0 cannot tell after an XDEL behind the group: count, up to a bound.
@@ -166,9 +170,12 @@ if op == 'read' then
     -- From the first entry: events written before any writer ran are owed too.
     redis.call('XGROUP', 'CREATE', events, group, '0', 'MKSTREAM')
     g = group_info(group)
-  elseif #ARGV > 7 and ack(ARGV[7], 8) > 0 then
-    -- Before the report below, so it counts them as settled.
-    g = group_info(group)
+  elseif #ARGV > 7 then
+    -- Before the report below, so it counts them as settled. They leave the group's pending
+    -- entries and nothing else of the group changes (trimming cuts only below what every
+    -- group has settled), so the record read above stays true with its count lowered.
+    local acked = ack(ARGV[7], 8)
+    if acked > 0 then g['pending'] = tonumber(g['pending']) - acked end
   end
   local pending, lag, floor, last = owed(g)
   local owned = 0
