@@ -28,6 +28,8 @@
 //!   (what Redis uses instead of Lua's lossy `%.14g`), anything else is an error. Replies
 //!   convert back like Redis: integer → number, bulk → string, nil → `false`, array → table,
 //!   status → `{ok = …}`, error → raised (`call`) or returned as `{err = …}` (`pcall`).
+//!   These conversions, and the script's value's below, read and write Lua's stack directly
+//!   (`embedded/stack.rs`): they carry every string a script passes or gets.
 //! - Globals are protected: creating one raises `Script attempted to create global variable`
 //!   and reading an undefined one `Script attempted to access nonexistent global variable`,
 //!   so the script bugs Redis catches are caught here too.
