@@ -7,6 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use kamigate::engine::embedded::EmbeddedEngine;
 use kamigate::engine::redis::{RedisEngine, RedisOptions};
 use kamigate::engine::{EngineError, EngineKind, Reply, Script, ScriptEngine, LIBRARY, SCRIPTS};
 use support::eventually::eventually;
@@ -128,6 +129,60 @@ async fn replies_convert_like_redis_converts_lua_values() {
             Reply::Int(2),
         ])
     );
+}
+
+/// Values the shipped scripts never pass or return, through both engines: the embedded
+/// engine's conversions (`src/engine/embedded/stack.rs`) must give what Redis gives.
+#[tokio::test]
+async fn odd_values_convert_alike_in_redis_and_the_embedded_engine() {
+    let server = RedisServer::start().await;
+    let redis = engine_for(&server).await;
+    let embedded = EmbeddedEngine::start().expect("engine starts");
+    let bodies = [
+        // Binary-safe both ways: NUL, CR LF and invalid UTF-8 stay bytes.
+        "redis.call('HSET', 'b', 'a\\0b', '\\0\\r\\n\\255') \
+         return {redis.call('HGET', 'b', 'a\\0b'), #redis.call('HGET', 'b', 'a\\0b')}",
+        "return {redis.call('HSET', 'e', '', ''), redis.call('HGET', 'e', '')}",
+        // Numbers as arguments: %.17g, exact integers, -0 and infinities.
+        "redis.call('HSET', 'n', 'z', -0.0, 'big', 2^63, 'exact', 2^53, 'neg', -2^53, \
+         'frac', 0.1, 'tiny', 1e-300, 'inf', 1/0, 'ninf', -1/0, 'ms', 1700000000123) \
+         return redis.call('HMGET', 'n', 'z', 'big', 'exact', 'neg', 'frac', 'tiny', 'inf', \
+         'ninf', 'ms')",
+        // Values without a reply of their own.
+        "return {1, true, function() end, 2, false, 3}",
+        "return {1.9, -1.9, 2^53}",
+        // Only a string makes `err` or `ok` special.
+        "return {err = 7, 'x'}",
+        "return {ok = true}",
+        "return {ok = 'FINE', 'x'}",
+        // Metamethods on what a script returns.
+        "return setmetatable({}, {__index = function() return 'meta' end})",
+        "return setmetatable({1}, {__len = function() return 5 end})",
+        // Command replies nested two deep, and many values at once.
+        "redis.call('XADD', 's', '1-1', 'f', 'v', 'g', '') return redis.call('XRANGE', 's', '-', '+')",
+        "local t = {} for i = 1, 5000 do t[i] = tostring(i) end \
+         redis.call('RPUSH', 'many', unpack(t, 1, 5000)) \
+         local r = redis.call('LPOP', 'many', 5000) return {#r, r[1], r[5000]}",
+        // Errors: a status-looking table inside an array, a command's error caught.
+        "return {1, {err = 'nested'}}",
+        "redis.call('RPUSH', 'l', 'v') return redis.pcall('HGET', 'l', 'f')",
+    ];
+    for body in bodies {
+        let script = probe("odd", body);
+        let from_redis = redis.eval(script, vec![], vec![]).await;
+        let from_embedded = embedded.eval(script, vec![], vec![]).await;
+        match (&from_redis, &from_embedded) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "{body}"),
+            (
+                Err(EngineError::Script { message: a, .. }),
+                Err(EngineError::Script { message: b, .. }),
+            ) => assert!(
+                a.contains(b.as_str()) || b.contains(a.as_str()),
+                "{body}: Redis {a:?}, embedded {b:?}"
+            ),
+            _ => panic!("{body}: Redis {from_redis:?}, embedded {from_embedded:?}"),
+        }
+    }
 }
 
 #[tokio::test]

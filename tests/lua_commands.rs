@@ -404,6 +404,9 @@ async fn script_values_convert_like_redis() {
         ("return 7", Reply::Int(7)),
         ("return 3.99", Reply::Int(3)),
         ("return -3.99", Reply::Int(-3)),
+        // C's cast is undefined out of range; here it saturates.
+        ("return 2^70", Reply::Int(i64::MAX)),
+        ("return -2^70", Reply::Int(i64::MIN)),
         ("return true", Reply::Int(1)),
         ("return false", Reply::Nil),
         ("return nil", Reply::Nil),
@@ -531,67 +534,6 @@ async fn command_replies_and_arguments_convert_like_redis() {
         (
             "return redis.pcall('HSET', 'k', 'f', true).err",
             bulk("ERR Lua redis lib command arguments must be strings or integers"),
-        ),
-    ];
-    for (body, expected) in cases {
-        assert_eq!(eval(&engine, body).await.expect(body), expected, "{body}");
-    }
-}
-
-/// Values the shipped scripts never pass, each taking its own turn through the conversions
-/// between Lua's stack and the engine.
-#[tokio::test]
-async fn odd_values_cross_between_lua_and_commands_intact() {
-    let engine = EmbeddedEngine::start().expect("engine starts");
-    let cases = [
-        // Binary-safe both ways: NUL, CR LF and invalid UTF-8 stay bytes.
-        (
-            "redis.call('HSET', 'b', 'a\\0b', '\\0\\r\\n\\255') \
-             return {redis.call('HGET', 'b', 'a\\0b'), #redis.call('HGET', 'b', 'a\\0b')}",
-            Reply::Array(vec![
-                Reply::Bulk(bytes::Bytes::from_static(b"\0\r\n\xff")),
-                Reply::Int(4),
-            ]),
-        ),
-        ("return redis.call('HSET', 'e', '', '')", Reply::Int(1)),
-        ("return redis.call('HGET', 'e', '')", bulk("")),
-        // Numbers as arguments: -0 and huge ones by %.17g, 2^53 exactly.
-        (
-            "redis.call('HSET', 'n', 'z', -0.0, 'big', 2^63, 'exact', 2^53, 'neg', -2^53) \
-             return redis.call('HMGET', 'n', 'z', 'big', 'exact', 'neg')",
-            Reply::Array(vec![
-                bulk("-0"),
-                bulk("9.2233720368547758e+18"),
-                bulk("9007199254740992"),
-                bulk("-9007199254740992"),
-            ]),
-        ),
-        // Return values without a reply of their own are nil; huge numbers saturate.
-        (
-            "return {1, true, function() end, 2}",
-            Reply::Array(vec![
-                Reply::Int(1),
-                Reply::Int(1),
-                Reply::Nil,
-                Reply::Int(2),
-            ]),
-        ),
-        ("return 2^70", Reply::Int(i64::MAX)),
-        ("return -2^70", Reply::Int(i64::MIN)),
-        // Only a string makes `err` or `ok` special.
-        ("return {err = 7, 'x'}", Reply::Array(vec![bulk("x")])),
-        ("return {ok = true}", Reply::Array(vec![])),
-        // Reading a reply never runs a metamethod.
-        (
-            "return setmetatable({}, {__index = function() return 'meta' end})",
-            Reply::Array(vec![]),
-        ),
-        // Many values: the stack holds one level at a time.
-        (
-            "local t = {} for i = 1, 5000 do t[i] = tostring(i) end \
-             redis.call('RPUSH', 'many', unpack(t, 1, 5000)) \
-             local r = redis.call('LPOP', 'many', 5000) return {#r, r[1], r[5000]}",
-            Reply::Array(vec![Reply::Int(5000), bulk("1"), bulk("5000")]),
         ),
     ];
     for (body, expected) in cases {

@@ -7,7 +7,8 @@
 //! event it appended), and those conversions were about two fifths of the engine thread's time
 //! (BENCHMARKS.md, "The embedded engine's strings off the Lua stack"). Here strings are read
 //! where they lie and pushed where they go, through Lua's C API; what each value becomes is
-//! unchanged (`tests/lua_commands.rs` checks it against Redis's rules).
+//! unchanged (`tests/lua_commands.rs` checks Redis's rules, `tests/engine_redis.rs` compares
+//! odd values with a real Redis).
 //!
 //! # Safety
 //!
