@@ -46,11 +46,28 @@
 local K = {}
 
 -- An integer as text. Lua turns numbers into text with '%.14g', an exact decimal conversion
--- that costs millisecond timestamps thousands of instructions each (a claim wrote six of
--- them); '%d' is an integer conversion. Numbers a script writes go through here, or through
--- a '%d' of a `string.format` that writes several (encode_key).
+-- that costs millisecond timestamps thousands of instructions each; '%d' is an integer
+-- conversion, but even one `string.format` costs a thousand instructions, and a claim writes
+-- a dozen numbers. Nearly all are small (counts, quantities, flags, 0 for an unset time) or
+-- the call's `now` again and again (created_at, updated_at, at, a settled entry): small ones
+-- are kept once converted, and the last two others are remembered (`now` and a hold's
+-- expiry, or a SKU's max_issues). Numbers a script writes go through here, numbers only.
+-- The memo is only ever what `string.format` gave for the same number, so it may outlive a
+-- call (a library keeps it between calls).
+local SMALL_INT = {}
+local BIG_X1, BIG_S1, BIG_X2, BIG_S2
 local function int(x)
-  return string.format('%d', x)
+  local s = SMALL_INT[x]
+  if s then return s end
+  if x == BIG_X1 then return BIG_S1 end
+  if x == BIG_X2 then return BIG_S2 end
+  s = string.format('%d', x)
+  if x >= 0 and x < 1024 then
+    SMALL_INT[x] = s
+  else
+    BIG_X2, BIG_S2, BIG_X1, BIG_S1 = BIG_X1, BIG_S1, x, s
+  end
+  return s
 end
 
 -- Splits on a single plain separator character, keeping empty fields.
@@ -94,13 +111,11 @@ local function decode_key(rec)
   return k
 end
 
--- Runs for every key a script writes (a thousand a call when warming): one `string.format`
--- for the six numbers in a row costs about half of one call each plus a table to join.
--- Strings go in by `..`, never `%s`, which would cut them at a zero byte.
+-- Runs for every key a script writes (a thousand a call when warming): one concatenation,
+-- whose numbers `int` mostly finds converted already.
 local function encode_key(k)
-  return (k.void and '1' or '0')
-    .. string.format('|%d|%d|%d|%d|%d|%d|', k.held, k.sold, k.uses, k.max_issues, k.max_uses,
-      k.expires_at)
+  return (k.void and '1|' or '0|') .. int(k.held) .. '|' .. int(k.sold) .. '|' .. int(k.uses)
+    .. '|' .. int(k.max_issues) .. '|' .. int(k.max_uses) .. '|' .. int(k.expires_at) .. '|'
     .. k.redeemer .. '|' .. int(k.redeemed_at) .. '|' .. (k.listed and '1' or '0')
 end
 
@@ -164,10 +179,9 @@ end
 -- `settled` as of `settled_at` (default: its updated_at), so it retires once old enough;
 -- `settled_at` false lists it not (the caller does).
 local function save_order(order_id, o, rank, settled_at)
-  -- Numbers side by side share a `string.format`, as in encode_key.
-  redis.call('HSET', K.orders, order_id, o.state .. string.format('|%d|', o.qty) .. o.user
-    .. string.format('|%d|%d|', o.hold_ms, o.expires_at) .. (o.late and '1' or '0')
-    .. string.format('|%d|%d|', o.created_at, o.updated_at) .. table.concat(o.ids, ',')
+  redis.call('HSET', K.orders, order_id, o.state .. '|' .. int(o.qty) .. '|' .. o.user
+    .. '|' .. int(o.hold_ms) .. '|' .. int(o.expires_at) .. (o.late and '|1|' or '|0|')
+    .. int(o.created_at) .. '|' .. int(o.updated_at) .. '|' .. table.concat(o.ids, ',')
     .. '|' .. (o.eid or '') .. '|' .. (rank or '') .. '|' .. (o.pool or '') .. '|'
     .. int(o.pooled or 0))
   if o.state ~= 'held' and settled_at ~= false then
