@@ -228,6 +228,11 @@ end
 -- An answer that stands on an earlier event the ledger may not have yet (a late confirm on
 -- its hold's lapse, see confirm.lua) carries a list instead: those events, oldest first,
 -- then its own, each in the form above; the gateway keeps (or awaits) them all.
+-- A new claim or hold (claim_order) carries only {stream id, pooled}: every other field of
+-- its event is the claim's own arguments or in the reply beside it (its codes' ids, its
+-- expiry), and the gateway rebuilds the entry from them (src/inventory/mod.rs,
+-- `ClaimEvent`). A claim is most of what a flash sale asks, and its event's twenty strings,
+-- copied into the reply and turned into RESP, were a tenth of the claim's cost in Redis.
 local EMITTED = {}
 
 -- Appends an event to the SKU's stream and returns its answer id, `<gen>:<stream id>`.
@@ -237,16 +242,22 @@ local EMITTED = {}
 -- The SKU's generation, read once per script call (by unservable, or by the first emit).
 local GEN = nil
 
-local function emit(kind, now, fields)
+-- Appends the event without reporting it (EMITTED unchanged): its answer id, then its
+-- stream id.
+local function append(kind, now, fields)
   for i = 2, #fields, 2 do
     if type(fields[i]) == 'number' then fields[i] = int(fields[i]) end
   end
-  local at = int(now)
-  local id = redis.call('XADD', K.events, '*', 't', kind, 'at', at, unpack(fields))
-  EMITTED = { id, 't', kind, 'at', at }
-  for i = 1, #fields do EMITTED[#EMITTED + 1] = fields[i] end
+  local id = redis.call('XADD', K.events, '*', 't', kind, 'at', int(now), unpack(fields))
   if not GEN then GEN = redis.call('HGET', K.meta, 'gen') or '' end
-  return GEN .. ':' .. id
+  return GEN .. ':' .. id, id
+end
+
+local function emit(kind, now, fields)
+  local eid, id = append(kind, now, fields)
+  EMITTED = { id, 't', kind, 'at', int(now) }
+  for i = 1, #fields do EMITTED[#EMITTED + 1] = fields[i] end
+  return eid
 end
 
 -- The entry of this SKU's stream that answer id `answer_id` (see emit) names, in EMITTED's
@@ -545,10 +556,12 @@ local function claim_order(order_id, qty, user, hold_ms, now, pool, share, fresh
     expires_at = held and (now + hold_ms) or 0, late = false, created_at = now,
     updated_at = now, ids = ids, pool = pool, pooled = pooled,
   }
-  o.eid = emit(held and 'hold' or 'claim', now, {
+  -- Reported in short (see EMITTED): the gateway rebuilds these very fields.
+  local eid, id = append(held and 'hold' or 'claim', now, {
     'order', order_id, 'user', user, 'ids', table.concat(ids, ','), 'expires_at', o.expires_at,
     'hold_ms', hold_ms, 'qty', qty, 'pool', pool, 'pooled', pooled,
   })
+  o.eid, EMITTED = eid, { id, int(pooled) }
   save_order(order_id, o)
   if held then redis.call('ZADD', K.holds, o.expires_at, order_id) end
   return order_reply('new', o)

@@ -445,6 +445,74 @@ async fn late_confirm_carries_the_lapse_it_stands_on(h: Harness) {
     );
 }
 
+/// A new claim's reply reports its event in short and the gateway rebuilds the entry (see
+/// `ClaimEvent`): what it keeps must be the stream's entry byte for byte, for a final claim
+/// and a hold, with and without a user, from a pool or the shared remainder, alone
+/// (`claim.lua`) and in a batch (`claims_batch.lua`).
+async fn claim_events_kept_are_the_streams_entries(h: Harness) {
+    h.stock("kept", SkuConfig::default(), 12).await;
+    h.inv
+        .set_pool("kept", "app", 3, "ops", "a pool to draw on")
+        .await
+        .expect("pool set");
+    let req = |order: &str, qty: u64, user: Option<&str>, hold_ms: Option<u64>, pool: PoolDraw| {
+        ClaimRequest {
+            order_id: order.into(),
+            quantity: qty,
+            user_id: user.map(Into::into),
+            hold_ms,
+            pool,
+        }
+    };
+    let app = |share| PoolDraw {
+        channel: "app".into(),
+        share,
+    };
+    let alone = [
+        req("o-1", 1, None, None, PoolDraw::default()),
+        req("o-2", 2, Some("u-1"), Some(60_000), PoolDraw::default()),
+        req("app/o-3", 1, Some("u-2"), None, app(false)),
+    ];
+    let mut orders = Vec::new();
+    for r in &alone {
+        orders.push(h.inv.claim("kept", r).await.expect("claimed"));
+    }
+    let batch = [
+        req("app/o-4", 3, None, Some(1_000), app(true)),
+        req("o-5", 1, Some("u-1"), None, PoolDraw::default()),
+        req("o-1", 1, None, None, PoolDraw::default()),
+    ];
+    for (answer, _) in h.inv.claim_batch("kept", &batch).await.expect("batch") {
+        orders.push(answer.expect("claimed"));
+    }
+    let replay = orders.pop().expect("o-1 again");
+    assert!(replay.replayed && replay.emitted.is_none(), "{replay:?}");
+    let mut kinds = Vec::new();
+    for order in orders {
+        let emitted = order.emitted.expect("a new claim's event");
+        assert_eq!(Some(&emitted.answer_id), order.event_id.as_ref());
+        kinds.push(emitted.fields[0].1.clone());
+        let pooled = emitted
+            .fields
+            .iter()
+            .find(|(n, _)| n == "pooled")
+            .expect("pooled");
+        if order.order_id == "app/o-4" {
+            assert_eq!(pooled.1, "2", "what the pool had left: {emitted:?}");
+        }
+        assert_eq!(
+            h.inv
+                .answer_entry("kept", &emitted.answer_id)
+                .await
+                .expect("read"),
+            AnswerEntry::Kept(emitted),
+            "{}",
+            order.order_id
+        );
+    }
+    assert_eq!(kinds, ["claim", "hold", "claim", "hold", "claim"]);
+}
+
 async fn late_confirm_can_be_disallowed(h: Harness) {
     let config = SkuConfig {
         allow_late_confirm: false,
@@ -1195,6 +1263,7 @@ conformance!(
     confirm_makes_a_hold_final_and_reveals_codes,
     late_confirm_takes_fresh_codes_or_is_sold_out,
     late_confirm_carries_the_lapse_it_stands_on,
+    claim_events_kept_are_the_streams_entries,
     late_confirm_can_be_disallowed,
     release_returns_codes_and_final_claims_cannot_be_released,
     per_user_limit_counts_held_and_claimed_codes,

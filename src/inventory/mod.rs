@@ -909,12 +909,13 @@ impl Inventory {
 
     /// One claim in one `claim.lua` call.
     async fn claim_alone(&self, sku: &str, req: &ClaimRequest) -> (Result<Order, Error>, bool) {
+        let now = self.now_ms().to_string();
         let args = vec![
             req.order_id.clone(),
             req.quantity.to_string(),
             req.user_id.clone().unwrap_or_default(),
             req.hold_ms.unwrap_or(0).to_string(),
-            self.now_ms().to_string(),
+            now.clone(),
             req.pool.channel.clone(),
             req.pool.share_arg(),
         ];
@@ -929,7 +930,11 @@ impl Inventory {
         };
         let exhausted =
             tag(&reply) == "sold_out" && reply.get(1).and_then(Reply::as_i64) == Some(0);
-        (self.order_result(sku, &req.order_id, &reply), exhausted)
+        let sent = ClaimEvent::of(req, &now);
+        (
+            self.order_result(sku, &req.order_id, &reply, Some(&sent)),
+            exhausted,
+        )
     }
 
     /// Claims for several orders of one SKU in one script call: each answer (and whether its
@@ -941,7 +946,8 @@ impl Inventory {
         requests: &[ClaimRequest],
     ) -> Result<Vec<(Result<Order, Error>, bool)>, Error> {
         let mut args = Vec::with_capacity(1 + requests.len() * 6);
-        args.push(self.now_ms().to_string());
+        let now = self.now_ms().to_string();
+        args.push(now.clone());
         for req in requests {
             args.extend([
                 req.order_id.clone(),
@@ -968,7 +974,11 @@ impl Inventory {
                 continue;
             }
             let exhausted = tag(one) == "sold_out" && one.get(1).and_then(Reply::as_i64) == Some(0);
-            answers.push((self.order_result(sku, &req.order_id, one), exhausted));
+            let sent = ClaimEvent::of(req, &now);
+            answers.push((
+                self.order_result(sku, &req.order_id, one, Some(&sent)),
+                exhausted,
+            ));
         }
         Ok(answers)
     }
@@ -986,7 +996,7 @@ impl Inventory {
         let reply = self
             .run_order(&SCRIPTS.confirm, sku, order_id, args, None)
             .await?;
-        self.order_result(sku, order_id, &reply)
+        self.order_result(sku, order_id, &reply, None)
     }
 
     /// Cancels a hold: its codes go back to inventory.
@@ -995,7 +1005,7 @@ impl Inventory {
         let reply = self
             .run_order(&SCRIPTS.release, sku, order_id, args, None)
             .await?;
-        self.order_result(sku, order_id, &reply)
+        self.order_result(sku, order_id, &reply, None)
     }
 
     /// A SKU's stock pools: the codes available, the shared remainder, and each channel's
@@ -1077,7 +1087,7 @@ impl Inventory {
         let reply = self
             .run_order(&SCRIPTS.order, sku, order_id, args, None)
             .await?;
-        let mut order = self.order_result(sku, order_id, &reply)?;
+        let mut order = self.order_result(sku, order_id, &reply, None)?;
         order.replayed = false;
         Ok(order)
     }
@@ -1234,8 +1244,14 @@ impl Inventory {
     /// Turns an order reply into an [`Order`] whose codes are opened, ready to answer: the
     /// one place the engine's sealed codes are revealed. A code that does not open fails
     /// the whole answer (nothing is handed out), counted and logged by its key id.
-    fn order_result(&self, sku: &str, order_id: &str, reply: &[Reply]) -> Result<Order, Error> {
-        let mut order = order_result(sku, order_id, reply)?;
+    fn order_result(
+        &self,
+        sku: &str,
+        order_id: &str,
+        reply: &[Reply],
+        claim: Option<&ClaimEvent>,
+    ) -> Result<Order, Error> {
+        let mut order = order_result(sku, order_id, reply, claim)?;
         if order.keys.iter().all(|k| k.code.is_none()) {
             return Ok(order);
         }
@@ -1436,8 +1452,79 @@ fn pool_change(sku: &str, from: &str, reply: &[Reply]) -> Result<PoolChange, Err
     })
 }
 
+/// What a claim sent `claim.lua` or `claims_batch.lua`: a new claim's reply reports its
+/// event in short, `{stream id, pooled}` (see `EMITTED` in `lua/prelude.lua`), and the entry
+/// is rebuilt from this, the reply's state, expiry and key ids. The script wrote the
+/// strings into the stream as received and the numbers as `%d` of the number, which is the
+/// decimal text the gateway sent, so the rebuilt entry is the stream's, byte for byte.
+struct ClaimEvent<'a> {
+    order: &'a str,
+    user: &'a str,
+    qty: u64,
+    hold_ms: u64,
+    now: &'a str,
+    pool: &'a str,
+}
+
+impl<'a> ClaimEvent<'a> {
+    /// `req` as `claim_alone` and `claim_batch` send it, at `now` (the text sent).
+    fn of(req: &'a ClaimRequest, now: &'a str) -> ClaimEvent<'a> {
+        ClaimEvent {
+            order: &req.order_id,
+            user: req.user_id.as_deref().unwrap_or(""),
+            qty: req.quantity,
+            hold_ms: req.hold_ms.unwrap_or(0),
+            now,
+            pool: &req.pool.channel,
+        }
+    }
+
+    /// The entry `append` wrote in `claim_order` (lua/prelude.lua), fields in its order.
+    fn entry(&self, answer_id: &str, stream_id: &str, pooled: &str, reply: &[Reply]) -> Emitted {
+        let state = reply.get(1).and_then(Reply::as_str);
+        let kind = if state == Some("held") {
+            "hold"
+        } else {
+            "claim"
+        };
+        let expires_at = reply.get(2).and_then(Reply::as_i64).unwrap_or(0);
+        let ids = reply
+            .get(6..)
+            .unwrap_or_default()
+            .iter()
+            .step_by(2)
+            .map(|id| id.as_str().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join(",");
+        let gen = answer_id.rsplit_once(':').map_or("", |(g, _)| g);
+        let field = |name: &str, value: &str| (name.to_owned(), value.to_owned());
+        Emitted {
+            answer_id: format!("{gen}:{stream_id}"),
+            fields: vec![
+                field("t", kind),
+                field("at", self.now),
+                field("order", self.order),
+                field("user", self.user),
+                ("ids".to_owned(), ids),
+                ("expires_at".to_owned(), expires_at.to_string()),
+                ("hold_ms".to_owned(), self.hold_ms.to_string()),
+                ("qty".to_owned(), self.qty.to_string()),
+                field("pool", self.pool),
+                field("pooled", pooled),
+            ],
+            before: Vec::new(),
+        }
+    }
+}
+
 /// Turns the order reply of claim/confirm/release/order into an [`Order`] or an error.
-fn order_result(sku: &str, order_id: &str, reply: &[Reply]) -> Result<Order, Error> {
+/// `claim`: what a claim sent, to rebuild a new claim's event from (see [`ClaimEvent`]).
+fn order_result(
+    sku: &str,
+    order_id: &str,
+    reply: &[Reply],
+    claim: Option<&ClaimEvent>,
+) -> Result<Order, Error> {
     // Clients know their orders by the id they sent, not by the channel-scoped one.
     let order_id = crate::channel::order_name(order_id);
     let replayed = match tag(reply) {
@@ -1471,7 +1558,21 @@ fn order_result(sku: &str, order_id: &str, reply: &[Reply]) -> Result<Order, Err
         .and_then(Reply::as_str)
         .filter(|s| !s.is_empty())
         .map(str::to_owned);
-    let emitted = Emitted::from_reply(reply.get(5), event_id.as_deref());
+    // A new claim's event in short, two strings (a late confirm's two events are lists):
+    // rebuilt from what the claim sent.
+    let short = match reply.get(5).and_then(Reply::as_array) {
+        Some([stream_id, pooled]) => stream_id.as_str().zip(pooled.as_str()),
+        _ => None,
+    };
+    let emitted = match short {
+        Some((stream_id, pooled)) => {
+            let (Some(claim), Some(answer_id)) = (claim, event_id.as_deref()) else {
+                return Err(unexpected("order", &Reply::Array(reply.to_vec())));
+            };
+            Some(claim.entry(answer_id, stream_id, pooled, reply))
+        }
+        None => Emitted::from_reply(reply.get(5), event_id.as_deref()),
+    };
     let keys = reply
         .get(6..)
         .unwrap_or_default()

@@ -50,7 +50,8 @@ pub struct Journal {
 #[derive(Debug, Default)]
 struct SkuJournal {
     /// Entries by generation, then by stream id: the stream id and fields as the script
-    /// reported them. Turned into ledger events only when lost ([`Journal::take_lost`]):
+    /// reported them (a new claim's as the gateway rebuilt them from its short report, the
+    /// same bytes: see `ClaimEvent` in `src/inventory/mod.rs`). Turned into ledger events only when lost ([`Journal::take_lost`]):
     /// keeping one is on every answer's path, writing one almost never is.
     by_gen: HashMap<String, BTreeMap<(u64, u64), Entry>>,
     lost: VecDeque<String>,
