@@ -17,7 +17,7 @@ expire_due(now, 100)
 
 local replies = {}
 for i = 2, #ARGV, 6 do
-  replies[#replies + 1] = claim_order(ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2],
-    tonumber(ARGV[i + 3]), now, ARGV[i + 4], ARGV[i + 5] == '1')
+  replies[#replies + 1] = claim_order(ARGV[i], num(ARGV[i + 1]), ARGV[i + 2],
+    num(ARGV[i + 3]), now, ARGV[i + 4], ARGV[i + 5] == '1')
 end
 return replies

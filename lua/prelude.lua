@@ -70,6 +70,21 @@ local function int(x)
   return s
 end
 
+-- Text as a number, exactly as `tonumber` reads it. Records are read field by field (a key's
+-- seven numbers on every claim), and `tonumber` of a decimal text costs hundreds of
+-- instructions; the same few short texts ('0', '1', a SKU's limits) come back all the time,
+-- so the first few thousand short ones read are kept.
+local NUM, NUMS = {}, 0
+local function num(s)
+  local n = NUM[s]
+  if n then return n end
+  n = tonumber(s)
+  if n and NUMS < 4096 and #s <= 7 then
+    NUM[s], NUMS = n, NUMS + 1
+  end
+  return n
+end
+
 -- Splits on a single plain separator character, keeping empty fields.
 local function split(s, sep)
   local out, n, start = {}, 0, 1
@@ -103,9 +118,9 @@ local function decode_key(rec)
   if not rec then return nil end
   local f = split(rec, '|')
   local k = {
-    void = f[1] == '1', held = tonumber(f[2]), sold = tonumber(f[3]), uses = tonumber(f[4]),
-    max_issues = tonumber(f[5]), max_uses = tonumber(f[6]), expires_at = tonumber(f[7]),
-    redeemer = f[8], redeemed_at = tonumber(f[9]),
+    void = f[1] == '1', held = num(f[2]), sold = num(f[3]), uses = num(f[4]),
+    max_issues = num(f[5]), max_uses = num(f[6]), expires_at = num(f[7]),
+    redeemer = f[8], redeemed_at = num(f[9]),
   }
   if f[10] then k.listed = f[10] == '1' else k.listed = issuable(k) end
   return k
@@ -168,10 +183,10 @@ local function decode_order(rec)
   if not rec then return nil end
   local f = split(rec, '|')
   return {
-    state = f[1], qty = tonumber(f[2]), user = f[3], hold_ms = tonumber(f[4]),
-    expires_at = tonumber(f[5]), late = f[6] == '1', created_at = tonumber(f[7]),
-    updated_at = tonumber(f[8]), ids = split(f[9], ','), eid = f[10] or '', rank = f[11] or '',
-    pool = f[12] or '', pooled = tonumber(f[13] or '0'),
+    state = f[1], qty = num(f[2]), user = f[3], hold_ms = num(f[4]),
+    expires_at = num(f[5]), late = f[6] == '1', created_at = num(f[7]),
+    updated_at = num(f[8]), ids = split(f[9], ','), eid = f[10] or '', rank = f[11] or '',
+    pool = f[12] or '', pooled = num(f[13] or '0'),
   }
 end
 
