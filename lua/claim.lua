@@ -20,6 +20,13 @@ local pool, share = ARGV[6], ARGV[7] == '1'
 
 local refused = unservable()
 if refused then return refused end
-expire_due(now, 100)
-
-return claim_order(order_id, qty, user, hold_ms, now, pool, share, ARGV[8] == '1')
+-- Counts and settled entries are written once at the end (see DEFERRED), also when a
+-- command fails on the way.
+defer()
+local ok, reply = pcall(function()
+  expire_due(now, 100)
+  return claim_order(order_id, qty, user, hold_ms, now, pool, share, ARGV[8] == '1')
+end)
+flush()
+if not ok then error(reply, 0) end
+return reply

@@ -13,11 +13,18 @@ local now = tonumber(ARGV[1])
 
 local refused = unservable()
 if refused then return refused end
-expire_due(now, 100)
-
-local replies = {}
-for i = 2, #ARGV, 6 do
-  replies[#replies + 1] = claim_order(ARGV[i], num(ARGV[i + 1]), ARGV[i + 2],
-    num(ARGV[i + 3]), now, ARGV[i + 4], ARGV[i + 5] == '1')
-end
+-- Counts and settled entries are written once for all orders (see DEFERRED), also when a
+-- command fails on the way.
+defer()
+local ok, replies = pcall(function()
+  expire_due(now, 100)
+  local replies = {}
+  for i = 2, #ARGV, 6 do
+    replies[#replies + 1] = claim_order(ARGV[i], num(ARGV[i + 1]), ARGV[i + 2],
+      num(ARGV[i + 3]), now, ARGV[i + 4], ARGV[i + 5] == '1')
+  end
+  return replies
+end)
+flush()
+if not ok then error(replies, 0) end
 return replies

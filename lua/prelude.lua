@@ -70,6 +70,15 @@ local function int(x)
   return s
 end
 
+-- Writes a claim call defers to its end (claim.lua, claims_batch.lua; nil in other calls):
+-- `counts` deltas by state and `settled` entries in order, one command each per call
+-- instead of two and one per order; a command from a script costs a few thousand
+-- instructions however little it does. Nothing the call reads misses a deferred write:
+-- `counts` is read through `available_codes`, `settled` only by retire.lua. (The codes a
+-- batch reveals, looked up in one HMGET at the end instead of one per order, cost as much:
+-- a long reply costs Lua more per element.)
+local DEFERRED = nil
+
 -- Text as a number, exactly as `tonumber` reads it. Records are read field by field (a key's
 -- seven numbers on every claim), and `tonumber` of a decimal text costs hundreds of
 -- instructions; the same few short texts ('0', '1', a SKU's limits) come back all the time,
@@ -163,8 +172,14 @@ local function save_key(id, before, k)
   redis.call('HSET', K.keys, id, encode_key(k))
   local state = key_state(k)
   if before ~= state then
-    if before then redis.call('HINCRBY', K.counts, before, -1) end
-    redis.call('HINCRBY', K.counts, state, 1)
+    local deferred = DEFERRED and DEFERRED.counts
+    if deferred then
+      if before then deferred[before] = (deferred[before] or 0) - 1 end
+      deferred[state] = (deferred[state] or 0) + 1
+    else
+      if before then redis.call('HINCRBY', K.counts, before, -1) end
+      redis.call('HINCRBY', K.counts, state, 1)
+    end
   end
   if list then redis.call('RPUSH', K.avail, id) end
 end
@@ -200,7 +215,12 @@ local function save_order(order_id, o, rank, settled_at)
     .. '|' .. (o.eid or '') .. '|' .. (rank or '') .. '|' .. (o.pool or '') .. '|'
     .. int(o.pooled or 0))
   if o.state ~= 'held' and settled_at ~= false then
-    redis.call('RPUSH', K.settled, int(settled_at or o.updated_at) .. '|' .. order_id)
+    local entry = int(settled_at or o.updated_at) .. '|' .. order_id
+    if DEFERRED then
+      DEFERRED.settled[#DEFERRED.settled + 1] = entry
+    else
+      redis.call('RPUSH', K.settled, entry)
+    end
   end
 end
 
@@ -326,9 +346,15 @@ end
 -- is a count, and moving codes between pools is one O(1) step however many move.
 -- Invariant: 0 <= pools[c] and pools['*'] = sum of pools[c] <= counts['available'].
 
+-- Codes available now, deferred changes included.
+local function available_codes()
+  local n = tonumber(redis.call('HGET', K.counts, 'available') or '0')
+  return DEFERRED and n + (DEFERRED.counts.available or 0) or n
+end
+
 -- Codes available now, and the sum of the pools.
 local function pool_totals()
-  local available = tonumber(redis.call('HGET', K.counts, 'available') or '0')
+  local available = available_codes()
   local reserved = tonumber(redis.call('HGET', K.pools, '*') or '0')
   return available, reserved
 end
@@ -389,7 +415,7 @@ local function draw(pool, qty, share)
   local mine = math.min(tonumber(p[2] or '0'), qty)
   local rest = qty - mine
   if rest == 0 then return mine end
-  local available = tonumber(redis.call('HGET', K.counts, 'available') or '0')
+  local available = available_codes()
   if share and available - reserved >= rest then return mine end
   return nil, available
 end
@@ -582,6 +608,30 @@ local function claim_order(order_id, qty, user, hold_ms, now, pool, share, fresh
   return order_reply('new', o)
 end
 
+-- Defers the writes listed at DEFERRED until `flush`, for the rest of this call.
+local function defer()
+  DEFERRED = { counts = {}, settled = {} }
+end
+
+-- Most entries one RPUSH of `flush` carries (`unpack` has a limit of its own, and a
+-- command of a few hundred arguments costs no more per argument than a longer one).
+local FLUSH_CHUNK = 512
+
+-- Makes the deferred writes. A deferring script calls it
+-- before it returns, also when a command failed on the way (claim.lua): what the call did
+-- before the failure stays, as it would without deferring.
+local function flush()
+  local d = DEFERRED
+  if not d then return end
+  DEFERRED = nil
+  for state, n in pairs(d.counts) do
+    if n ~= 0 then redis.call('HINCRBY', K.counts, state, n) end
+  end
+  for i = 1, #d.settled, FLUSH_CHUNK do
+    redis.call('RPUSH', K.settled, unpack(d.settled, i, math.min(i + FLUSH_CHUNK - 1, #d.settled)))
+  end
+end
+
 -- Starts a script call: names its keys (in the order listed at the top) and clears what an
 -- earlier call left in the per-call state, which a library keeps between calls.
 local function begin(keys)
@@ -595,4 +645,5 @@ local function begin(keys)
   GEN = nil
   ANY_RETIRED = nil
   NO_POOLS = nil
+  DEFERRED = nil
 end

@@ -513,6 +513,57 @@ async fn claim_events_kept_are_the_streams_entries(h: Harness) {
     assert_eq!(kinds, ["claim", "hold", "claim", "hold", "claim"]);
 }
 
+/// Claim calls write counts and settled entries once at their end (see `DEFERRED` in
+/// `lua/prelude.lua`). A call that fails on the way keeps what it did before the failure,
+/// as a script that wrote at once would: the counts agree with the keys it took, and an
+/// order it finished replays and retires as usual.
+async fn a_claim_call_failing_midway_keeps_what_it_did(h: Harness) {
+    static BREAK: OnceLock<&'static Script> = OnceLock::new();
+    static SETTLED: OnceLock<&'static Script> = OnceLock::new();
+    h.stock("midway", SkuConfig::default(), 6).await;
+    // Per-user counts that are not a hash: the second order's user count fails.
+    h.probe(
+        &BREAK,
+        "break_users",
+        "redis.call('RPUSH', K.users, 'not a hash') return {}",
+        "midway",
+    )
+    .await;
+    let req = |order: &str, qty: u64, user: Option<&str>| ClaimRequest {
+        order_id: order.into(),
+        quantity: qty,
+        user_id: user.map(Into::into),
+        hold_ms: None,
+        pool: PoolDraw::default(),
+    };
+    let failed = h
+        .inv
+        .claim_batch("midway", &[req("o-1", 2, None), req("o-2", 1, Some("u"))])
+        .await;
+    assert!(failed.is_err(), "{failed:?}");
+    let counts = h.counts("midway").await;
+    assert_eq!(
+        (counts.available, counts.claimed, total(&counts)),
+        (3, 3, 6),
+        "o-1's two keys and the one o-2 took before failing: {counts:?}"
+    );
+    let again = h.claim("midway", "o-1", 2).await.expect("o-1 was made");
+    assert!(again.replayed, "{again:?}");
+    assert_eq!(codes_of(&again).len(), 2);
+    let settled = h
+        .probe(
+            &SETTLED,
+            "settled",
+            "local s = redis.call('LPOP', K.settled, 1000) or {}\n\
+             if #s > 0 then redis.call('RPUSH', K.settled, unpack(s)) end\n\
+             return s",
+            "midway",
+        )
+        .await;
+    assert_eq!(settled.len(), 1, "{settled:?}");
+    assert!(settled[0].ends_with("|o-1"), "{settled:?}");
+}
+
 async fn late_confirm_can_be_disallowed(h: Harness) {
     let config = SkuConfig {
         allow_late_confirm: false,
@@ -1264,6 +1315,7 @@ conformance!(
     late_confirm_takes_fresh_codes_or_is_sold_out,
     late_confirm_carries_the_lapse_it_stands_on,
     claim_events_kept_are_the_streams_entries,
+    a_claim_call_failing_midway_keeps_what_it_did,
     late_confirm_can_be_disallowed,
     release_returns_codes_and_final_claims_cannot_be_released,
     per_user_limit_counts_held_and_claimed_codes,
@@ -1485,6 +1537,14 @@ async fn a_batch_claims_each_order_as_if_it_came_alone(h: Harness) {
     assert!(events.iter().all(Option::is_some));
     assert_ne!(events[0], events[1]);
     assert!(ok(0).emitted.is_none(), "a replay made no change");
+    // Each code revealed is its own key's.
+    for i in [2, 6] {
+        for key in ok(i).keys {
+            let code = key.code.expect("revealed");
+            let redeemed = h.inv.redeem("batch", &code, "checker").await;
+            assert_eq!(redeemed.expect("redeems").key_id, key.key_id);
+        }
+    }
 }
 
 /// A second gateway finishing a rebuild after the first one already let the SKU serve
