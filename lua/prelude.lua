@@ -263,11 +263,12 @@ end
 -- An answer that stands on an earlier event the ledger may not have yet (a late confirm on
 -- its hold's lapse, see confirm.lua) carries a list instead: those events, oldest first,
 -- then its own, each in the form above; the gateway keeps (or awaits) them all.
--- A new claim or hold (claim_order) carries only {stream id, pooled}: every other field of
--- its event is the claim's own arguments or in the reply beside it (its codes' ids, its
--- expiry), and the gateway rebuilds the entry from them (src/inventory/mod.rs,
--- `ClaimEvent`). A claim is most of what a flash sale asks, and its event's twenty strings,
--- copied into the reply and turned into RESP, were a tenth of the claim's cost in Redis.
+-- A new claim or hold (claim_order) carries only {stream id, pooled}, a new redemption
+-- (redeem.lua) {stream id, uses}: every other field of their events is the call's own
+-- arguments or in the reply beside it (the codes' ids, the expiry), and the gateway
+-- rebuilds the entry from them (src/inventory/mod.rs, `ClaimEvent`, `RedeemEvent`). Claims
+-- and redemptions are most of what a sale asks, and a claim's event's twenty strings,
+-- copied into the reply and turned into RESP, were a tenth of its cost in Redis.
 local EMITTED = {}
 
 -- Appends an event to the SKU's stream and returns its answer id, `<gen>:<stream id>`.

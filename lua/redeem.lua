@@ -3,8 +3,8 @@
 -- KEYS: the SKU key set (prelude.lua)
 -- ARGV: 1 redeemer, 2 now (ms), 3 '1' while redemptions are paused ('0' otherwise),
 --       4.. one digest per candidate form of the code, the newest format version first
--- Reply: {'new'|'replay', key id, redeemed_at, event id, event (see EMITTED; empty for a
---        replay), n (which candidate matched, from 1)}
+-- Reply: {'new'|'replay', key id, redeemed_at, event id, event ({stream id, uses}, see
+--        EMITTED; empty for a replay), n (which candidate matched, from 1)}
 --      | {'invalid'} | {'used', redeemed_at, redeemer} | {'expired', expires_at}
 --      | {'paused'} | {'no_sku'} | {'loading'}
 -- Only a sold code can be redeemed: unknown, unsold (available or held) and voided codes all
@@ -54,7 +54,9 @@ k.uses = k.uses + 1
 k.redeemer = redeemer
 k.redeemed_at = now
 save_key(id, before, k)
-local eid = emit('redeem', now, { 'ids', id, 'redeemer', redeemer, 'uses', k.uses })
+-- Reported in short, {stream id, uses}: the gateway rebuilds the other fields, which it sent
+-- or this reply carries (see EMITTED).
+local eid, sid = append('redeem', now, { 'ids', id, 'redeemer', redeemer, 'uses', k.uses })
 redis.call('HSET', K.redemptions, mark, int(now) .. '|' .. eid)
 -- The code's last use: its record now answers this redeemer's retry as the mark does (see
 -- the replay above), so the mark may retire (retire.lua). Marks of earlier uses of a
@@ -62,4 +64,4 @@ redis.call('HSET', K.redemptions, mark, int(now) .. '|' .. eid)
 if k.uses >= k.max_uses then
   redis.call('RPUSH', K.settled, int(now) .. '|' .. mark)
 end
-return { 'new', id, now, eid, EMITTED, matched }
+return { 'new', id, now, eid, { sid, int(k.uses) }, matched }

@@ -513,6 +513,37 @@ async fn claim_events_kept_are_the_streams_entries(h: Harness) {
     assert_eq!(kinds, ["claim", "hold", "claim", "hold", "claim"]);
 }
 
+/// A new redemption's reply reports its event in short as a claim's does (see
+/// `RedeemEvent`): what the gateway keeps is the stream's entry, for each use of a code.
+async fn redemption_events_kept_are_the_streams_entries(h: Harness) {
+    let config = SkuConfig {
+        max_uses: 2,
+        ..SkuConfig::default()
+    };
+    h.stock("kept-use", config, 1).await;
+    let code = codes_of(&h.claim("kept-use", "o-1", 1).await.expect("claimed")).remove(0);
+    for (redeemer, uses) in [("first-one", "1"), ("second", "2")] {
+        let used = h
+            .inv
+            .redeem("kept-use", &code, redeemer)
+            .await
+            .expect("redeemed");
+        let emitted = used.emitted.expect("a new redemption's event");
+        assert_eq!(Some(&emitted.answer_id), used.event_id.as_ref());
+        assert!(emitted.fields.contains(&("uses".into(), uses.into())));
+        assert_eq!(
+            h.inv
+                .answer_entry("kept-use", &emitted.answer_id)
+                .await
+                .expect("read"),
+            AnswerEntry::Kept(emitted),
+            "{redeemer}"
+        );
+    }
+    let again = h.inv.redeem("kept-use", &code, "second").await;
+    assert!(again.expect("replayed").emitted.is_none());
+}
+
 /// Claim calls write counts and settled entries once at their end (see `DEFERRED` in
 /// `lua/prelude.lua`). A call that fails on the way keeps what it did before the failure,
 /// as a script that wrote at once would: the counts agree with the keys it took, and an
@@ -1315,6 +1346,7 @@ conformance!(
     late_confirm_takes_fresh_codes_or_is_sold_out,
     late_confirm_carries_the_lapse_it_stands_on,
     claim_events_kept_are_the_streams_entries,
+    redemption_events_kept_are_the_streams_entries,
     a_claim_call_failing_midway_keeps_what_it_did,
     late_confirm_can_be_disallowed,
     release_returns_codes_and_final_claims_cannot_be_released,

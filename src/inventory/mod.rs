@@ -1120,9 +1120,10 @@ impl Inventory {
         redeemer: &str,
         paused: Option<&Error>,
     ) -> Result<Redemption, Error> {
+        let now = self.now_ms().to_string();
         let mut args = Vec::with_capacity(3 + candidates.len());
         args.push(redeemer.to_owned());
-        args.push(self.now_ms().to_string());
+        args.push(now.clone());
         args.push(if paused.is_some() { "1" } else { "0" }.to_owned());
         let keyring = self.keyring();
         args.extend(candidates.iter().map(|c| keyring.digest(&c.canonical)));
@@ -1136,12 +1137,28 @@ impl Inventory {
                     .filter(|s| !s.is_empty())
                     .map(str::to_owned);
                 let matched = field(5) as usize;
+                let local = reply.get(1).and_then(Reply::as_str).unwrap_or("");
+                let emitted = match short_event(reply.get(4)) {
+                    // The redemption's event in short: rebuilt from what was sent.
+                    Some((stream_id, uses)) => {
+                        let answer_id = event_id
+                            .as_deref()
+                            .ok_or_else(|| unexpected("redeem", &Reply::Array(reply.clone())))?;
+                        let sent = RedeemEvent {
+                            key: local,
+                            redeemer,
+                            now: &now,
+                        };
+                        Some(sent.entry(answer_id, stream_id, uses))
+                    }
+                    None => Emitted::from_reply(reply.get(4), event_id.as_deref()),
+                };
                 Ok(Redemption {
                     sku: sku.to_owned(),
-                    key_id: key_id(sku, reply.get(1).and_then(Reply::as_str).unwrap_or("")),
+                    key_id: key_id(sku, local),
                     redeemed_at_ms: field(2),
                     replayed: t == "replay",
-                    emitted: Emitted::from_reply(reply.get(4), event_id.as_deref()),
+                    emitted,
                     event_id,
                     format_version: matched
                         .checked_sub(1)
@@ -1517,6 +1534,44 @@ impl<'a> ClaimEvent<'a> {
     }
 }
 
+/// What a redemption sent `redeem.lua`: a new redemption's reply reports its event in
+/// short, `{stream id, uses}`, rebuilt from this and the reply's key id as [`ClaimEvent`]
+/// rebuilds a claim's.
+struct RedeemEvent<'a> {
+    /// The key's id within its SKU, as the reply names it.
+    key: &'a str,
+    redeemer: &'a str,
+    now: &'a str,
+}
+
+impl RedeemEvent<'_> {
+    /// The entry `redeem.lua` appended, fields in its order.
+    fn entry(&self, answer_id: &str, stream_id: &str, uses: &str) -> Emitted {
+        let gen = answer_id.rsplit_once(':').map_or("", |(g, _)| g);
+        let field = |name: &str, value: &str| (name.to_owned(), value.to_owned());
+        Emitted {
+            answer_id: format!("{gen}:{stream_id}"),
+            fields: vec![
+                field("t", "redeem"),
+                field("at", self.now),
+                field("ids", self.key),
+                field("redeemer", self.redeemer),
+                field("uses", uses),
+            ],
+            before: Vec::new(),
+        }
+    }
+}
+
+/// An event reported in short: `{stream id, one value}`, two strings (a full entry has at
+/// least five elements; a list of events holds lists).
+fn short_event(event: Option<&Reply>) -> Option<(&str, &str)> {
+    match event?.as_array()? {
+        [stream_id, value] => stream_id.as_str().zip(value.as_str()),
+        _ => None,
+    }
+}
+
 /// Turns the order reply of claim/confirm/release/order into an [`Order`] or an error.
 /// `claim`: what a claim sent, to rebuild a new claim's event from (see [`ClaimEvent`]).
 fn order_result(
@@ -1558,13 +1613,9 @@ fn order_result(
         .and_then(Reply::as_str)
         .filter(|s| !s.is_empty())
         .map(str::to_owned);
-    // A new claim's event in short, two strings (a late confirm's two events are lists):
-    // rebuilt from what the claim sent.
-    let short = match reply.get(5).and_then(Reply::as_array) {
-        Some([stream_id, pooled]) => stream_id.as_str().zip(pooled.as_str()),
-        _ => None,
-    };
-    let emitted = match short {
+    // A new claim's event in short (a late confirm's two events are lists): rebuilt from
+    // what the claim sent.
+    let emitted = match short_event(reply.get(5)) {
         Some((stream_id, pooled)) => {
             let (Some(claim), Some(answer_id)) = (claim, event_id.as_deref()) else {
                 return Err(unexpected("order", &Reply::Array(reply.to_vec())));
