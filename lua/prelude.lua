@@ -618,9 +618,9 @@ end
 -- command of a few hundred arguments costs no more per argument than a longer one).
 local FLUSH_CHUNK = 512
 
--- Makes the deferred writes. A deferring script calls it
--- before it returns, also when a command failed on the way (claim.lua): what the call did
--- before the failure stays, as it would without deferring.
+-- Makes the deferred writes. A deferring script calls it before it returns, also when a
+-- command failed on the way (claim.lua): what the call did before the failure stays, as it
+-- would without deferring.
 local function flush()
   local d = DEFERRED
   if not d then return end
