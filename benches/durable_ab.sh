@@ -11,13 +11,16 @@
 # load drifts treats both alike: compare the binaries within a round, and ledger mode with
 # engine mode of the same binary and round. PER=N (default 1) sends N orders a request
 # through the batch claim route instead, figures per claim; MODES (default "engine ledger")
-# picks the durability modes. CPU is counted until the ledger has every event of the run, so
-# an engine-mode writer's backlog is counted in its run.
+# picks the durability modes. KIND=redeem measures redemptions of the codes the warm-up
+# claimed instead (a new redeemer each, the lockout windows on), figures per redemption. CPU
+# is counted until the ledger has every event of the run, so an engine-mode writer's backlog
+# is counted in its run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 A=${1:?binary A} B=${2:?binary B} ROUNDS=${3:-3} ENGINE=${4:-redis}
 SECS=${SECS:-6} CONNS=${CONNS:-32} CODES=1000 PER=${PER:-1} MODES=${MODES:-engine ledger}
+KIND=${KIND:-claim}
 . benches/lib.sh
 
 ADMIN=admin-token-durable-ab-0001
@@ -55,6 +58,7 @@ one() {
     [ "$ENGINE" = redis ] && echo "redis_url = \"redis://127.0.0.1:$rp/1\""
     echo "[limits.public]"; echo "per_second = 10000000"; echo "burst = 10000000"
     echo "[limits.merchant]"; echo "per_second = 10000000"; echo "burst = 10000000"
+    echo "[limits.failed_redemptions]"; echo "max_failures = 10000000"
   } >"$dir/kamigate.toml"
   RUST_LOG=warn "$bin" serve --config "$dir/kamigate.toml" >"$dir/log" 2>&1 &
   pid=$!; pids+=("$pid")
@@ -70,24 +74,31 @@ one() {
   TOKEN=$MERCHANT ORDER_PREFIX="warm-$RANDOM" BATCH=$PER wrk -t1 -c"$CONNS" -d1s \
     -s "benches/wrk/$script" "$url" >/dev/null
   caught_up "http://127.0.0.1:$public/v1/skus/sbs" "$MERCHANT"
+  # The warm-up sold every code (each can be sold and redeemed a million times).
+  if [ "$KIND" = redeem ]; then url="http://127.0.0.1:$public/v1/redeem" script=redeem.lua; fi
   local r0 r1 out
   threads "$pid" >"$dir/t0"; r0=$(ticks "$redis_pid")
-  out=$(TOKEN=$MERCHANT ORDER_PREFIX="run-$RANDOM" BATCH=$PER wrk -t1 -c"$CONNS" -d"${SECS}s" \
-    --latency -s "benches/wrk/$script" "$url")
+  out=$(TOKEN=$MERCHANT ORDER_PREFIX="run-$RANDOM" BATCH=$PER SKU=sbs CODES=$CODES \
+    wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -s "benches/wrk/$script" "$url")
   caught_up "http://127.0.0.1:$public/v1/skus/sbs" "$MERCHANT"
   threads "$pid" >"$dir/t1"; r1=$(ticks "$redis_pid")
   local n hz
   n=$(awk -v per="$PER" '/requests in/ { print $1 * per }' <<<"$out"); hz=$(getconf CLK_TCK)
-  printf '%-3s %-6s claims/s %7.0f  p50 %8s  p99 %8s  redis us %6.1f\n' "$label" "$durability" \
+  # A run whose answers were not all 2xx measured something else: said on its line.
+  local bad
+  bad=$(awk '/Non-2xx/ { print "  non-2xx " $NF }' <<<"$out")
+  printf "%-3s %-6s %s/s %7.0f  p50 %8s  p99 %8s  redis us %6.1f%s\n" "$label" "$durability" \
+    "${KIND}s" \
     "$(awk -v per="$PER" '/^Requests\/sec/ { print $2 * per }' <<<"$out")" \
     "$(awk '$1 == "50%" { print $2 }' <<<"$out")" "$(awk '$1 == "99%" { print $2 }' <<<"$out")" \
-    "$(awk -v a="$r0" -v b="$r1" -v n="$n" -v hz="$hz" 'BEGIN { print (b - a) * 1e6 / hz / n }')"
-  join "$dir/t0" "$dir/t1" | awk -v n="$n" -v hz="$hz" '
-    { printf "      %-16s cpu us/claim %6.1f  switches/claim %5.2f\n", $1, ($4 - $2) * 1e6 / hz / n, ($5 - $3) / n }'
+    "$(awk -v a="$r0" -v b="$r1" -v n="$n" -v hz="$hz" 'BEGIN { print (b - a) * 1e6 / hz / n }')" \
+    "$bad"
+  join "$dir/t0" "$dir/t1" | awk -v n="$n" -v hz="$hz" -v k="$KIND" '
+    { printf "      %-16s cpu us/%s %6.1f  switches/%s %5.2f\n", $1, k, ($4 - $2) * 1e6 / hz / n, k, ($5 - $3) / n }'
   kill "$pid" "$redis_pid"; wait "$pid" "$redis_pid" 2>/dev/null || true
 }
 
-echo "durable A/B: $ENGINE engine, ${SECS}s of wrk -t1 -c$CONNS claims ($PER a request) per run ($(date -u '+%F %H:%M') UTC)"
+echo "durable A/B: $ENGINE engine, ${SECS}s of wrk -t1 -c$CONNS ${KIND}s ($PER a request) per run ($(date -u '+%F %H:%M') UTC)"
 echo "A = $A"
 echo "B = $B"
 for round in $(seq "$ROUNDS"); do
