@@ -1,14 +1,15 @@
 -- window.lua — sliding-window counters and escalating lockouts, shared by every gateway.
 -- KEYS: 1 the subject's events (ZSET of timestamps), 2 the subject's lockout (HASH: until,
 --       strikes); both carry the subject's hash tag, e.g. kg:lim:{ip:203.0.113.9}:fails
--- ARGV: 'check', now                     Reply: {'ok'} | {'locked', remaining ms}
---     | 'fail', now, member, window ms, max, lockout ms, max lockout ms, strike memory ms
+-- ARGV: 'fail', now, member, window ms, max, lockout ms, max lockout ms, strike memory ms
 --                                        Reply: {'ok', failures left} | {'locked', ms}
 --     | 'take', now, member, window ms, max
 --                                        Reply: {'ok', left} | {'limited', retry after ms}
 -- 'fail' records a failed attempt; the max-th failure within the window locks the subject
 -- out for lockout ms, doubling with every strike remembered (strike memory), capped.
 -- 'take' is a plain sliding-window rate limit: at most max events per window.
+-- Whether a subject is locked out now is read without a script: the gateway reads the
+-- lockout's 'until' with a plain HGET (src/limit/window.rs, `check`).
 -- The prelude's K names do not apply here: this script is not per-SKU.
 
 local op, now = ARGV[1], tonumber(ARGV[2])
@@ -18,12 +19,6 @@ local function locked_for()
   local until_ms = tonumber(redis.call('HGET', lock, 'until') or '0')
   if until_ms > now then return until_ms - now end
   return nil
-end
-
-if op == 'check' then
-  local left = locked_for()
-  if left then return { 'locked', left } end
-  return { 'ok' }
 end
 
 local member, window = ARGV[3], tonumber(ARGV[4])
