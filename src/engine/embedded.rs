@@ -43,10 +43,15 @@
 //! as in Redis. Other scripts (tests' probes) run in the EVAL form, compiled once by SHA-1.
 //! Either way a call builds two small argument tables and nothing else, so the flash-sale
 //! path pays for the script, not the machinery around it.
+//!
+//! The plain reads of the edge ([`ScriptEngine::hexists`], [`ScriptEngine::hget`]), which
+//! Redis answers without a script, are jobs of their own here too: the command runs against
+//! the keyspace with no Lua around it, in queue order with the scripts.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::panic::{self, AssertUnwindSafe};
+use std::rc::Rc;
 use std::sync::mpsc as std_mpsc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -58,9 +63,9 @@ use mlua::{Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use self::stack::{CommandArgs, CommandReply, Outcome};
-use super::keyspace::{format_g17, Keyspace};
+use super::keyspace::{format_g17, Keyspace, Resp};
 use super::script::LIBRARY;
-use super::{EngineError, EngineKind, Reply, Script, ScriptEngine};
+use super::{EngineError, EngineKind, Reply, Script, ScriptEngine, SCRIPTS};
 use crate::clock::{Clock, SystemClock};
 
 mod stack;
@@ -156,6 +161,11 @@ enum Job {
         args: Vec<String>,
         reply: oneshot::Sender<Result<Reply, EngineError>>,
     },
+    /// A plain read (`HEXISTS`, `HGET`), run without a script.
+    Read {
+        command: [Bytes; 3],
+        reply: oneshot::Sender<Result<Resp, String>>,
+    },
     Ping(oneshot::Sender<()>),
 }
 
@@ -209,10 +219,36 @@ impl EmbeddedEngine {
     fn sender(&self) -> Result<&mpsc::Sender<Job>, EngineError> {
         self.jobs.as_ref().ok_or_else(stopped)
     }
+
+    /// Runs `command` on the engine thread without a script. An error reply (a key of
+    /// another type) is the script error `exists.lua`, which the edge ran for these reads
+    /// before, would have raised.
+    async fn read(&self, command: [&str; 3]) -> Result<Resp, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        let command = command.map(|part| Bytes::copy_from_slice(part.as_bytes()));
+        self.sender()?
+            .send(Job::Read { command, reply })
+            .await
+            .map_err(|_| stopped())?;
+        answer
+            .await
+            .map_err(|_| stopped())?
+            .map_err(|message| EngineError::Script {
+                script: SCRIPTS.exists.name(),
+                message,
+            })
+    }
 }
 
 fn stopped() -> EngineError {
     EngineError::Unavailable("the embedded engine thread has stopped".into())
+}
+
+fn unexpected_read(reply: Resp) -> EngineError {
+    EngineError::Script {
+        script: SCRIPTS.exists.name(),
+        message: format!("unexpected reply to a plain read: {reply:?}"),
+    }
 }
 
 impl ScriptEngine for EmbeddedEngine {
@@ -236,6 +272,30 @@ impl ScriptEngine for EmbeddedEngine {
                 .await
                 .map_err(|_| stopped())?;
             answer.await.map_err(|_| stopped())?
+        })
+    }
+
+    fn hexists(&self, key: String, field: String) -> BoxFuture<'_, Result<bool, EngineError>> {
+        Box::pin(async move {
+            match self.read(["HEXISTS", &key, &field]).await? {
+                Resp::Int(n) => Ok(n == 1),
+                other => Err(unexpected_read(other)),
+            }
+        })
+    }
+
+    fn hget(
+        &self,
+        key: String,
+        field: String,
+    ) -> BoxFuture<'_, Result<Option<String>, EngineError>> {
+        Box::pin(async move {
+            match self.read(["HGET", &key, &field]).await? {
+                Resp::Nil => Ok(None),
+                // As a script's reply read as text: a value that is not UTF-8 is none.
+                Resp::Bulk(value) => Ok(std::str::from_utf8(&value).ok().map(str::to_owned)),
+                other => Err(unexpected_read(other)),
+            }
         })
     }
 
@@ -312,6 +372,11 @@ fn serve(
                     }
                     let _ = reply.send(result);
                 }
+                Job::Read { command, reply } => {
+                    if !reply.is_closed() {
+                        let _ = reply.send(vm.command(&command));
+                    }
+                }
                 Job::Ping(reply) => {
                     let _ = reply.send(());
                 }
@@ -352,19 +417,23 @@ struct Vm {
     functions: HashMap<String, Function>,
     /// Scripts outside the library, compiled in their EVAL form, by SHA-1.
     compiled: HashMap<&'static str, Function>,
+    /// The data, shared with `redis.call`'s native function: scripts reach it through Lua,
+    /// plain reads directly. Only ever borrowed for one command, on this thread.
+    keyspace: Rc<RefCell<Keyspace>>,
 }
 
 impl Vm {
-    fn new(mut keyspace: Keyspace) -> mlua::Result<Vm> {
+    fn new(keyspace: Keyspace) -> mlua::Result<Vm> {
         let lua = Lua::new_with(
             StdLib::TABLE | StdLib::STRING | StdLib::MATH,
             LuaOptions::default(),
         )?;
 
-        // The keyspace moves into the command function: it is only ever reached from scripts.
-        let raw = lua.create_function_mut(move |_, CommandArgs(args)| {
+        let keyspace = Rc::new(RefCell::new(keyspace));
+        let shared = keyspace.clone();
+        let raw = lua.create_function(move |_, CommandArgs(args)| {
             Ok(CommandReply(match args {
-                Some(args) => keyspace.call(&args),
+                Some(args) => shared.borrow_mut().call(&args),
                 None => Err(ARGUMENT_TYPE_ERROR.to_owned()),
             }))
         })?;
@@ -385,7 +454,13 @@ impl Vm {
             pcall,
             functions,
             compiled: HashMap::new(),
+            keyspace,
         })
+    }
+
+    /// Runs one command against the keyspace, outside any script.
+    fn command(&self, args: &[Bytes]) -> Result<Resp, String> {
+        self.keyspace.borrow_mut().call(args)
     }
 
     fn eval(
@@ -548,6 +623,68 @@ mod tests {
                 .expect("get"),
             Reply::from("100")
         );
+    }
+
+    /// The plain reads answer what `exists.lua`, which served them before, answers, and in
+    /// queue order with the scripts: a read queued after a write sees it.
+    #[tokio::test]
+    async fn plain_reads_answer_as_the_exists_script_and_in_turn() {
+        let engine = EmbeddedEngine::start().expect("engine starts");
+        let setup = probe(
+            "redis.call('HSET', 'h', 'f', 'v', 'bin', '\\255') \
+             redis.call('RPUSH', 'list', 'x') return 1",
+        );
+        let write = probe("return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])");
+        engine.eval(setup, vec![], vec![]).await.expect("setup");
+        for (key, field) in [("h", "f"), ("h", "none"), ("gone", "f"), ("h", "bin")] {
+            let by_script = engine
+                .eval(&SCRIPTS.exists, strings(&[key]), strings(&[field, "get"]))
+                .await
+                .expect("script get");
+            let read = engine
+                .hget(key.into(), field.into())
+                .await
+                .expect("plain get");
+            assert_eq!(read.as_deref(), by_script.as_str(), "HGET {key} {field}");
+            let by_script = engine
+                .eval(&SCRIPTS.exists, strings(&[key]), strings(&[field]))
+                .await
+                .expect("script exists");
+            let exists = engine
+                .hexists(key.into(), field.into())
+                .await
+                .expect("plain exists");
+            assert_eq!(
+                exists,
+                by_script.as_i64() == Some(1),
+                "HEXISTS {key} {field}"
+            );
+        }
+        assert_eq!(
+            engine.hget("h".into(), "f".into()).await.expect("get"),
+            Some("v".into())
+        );
+        assert!(!engine
+            .hexists("h".into(), "none".into())
+            .await
+            .expect("exists"));
+        for wrong in [
+            engine.hget("list".into(), "f".into()).await.err(),
+            engine.hexists("list".into(), "f".into()).await.err(),
+        ] {
+            assert!(
+                matches!(&wrong, Some(EngineError::Script { message, .. }) if message.starts_with("WRONGTYPE")),
+                "{wrong:?}"
+            );
+        }
+
+        // Queued together, the read runs after the write queued before it.
+        let (written, read) = tokio::join!(
+            engine.eval(write, strings(&["h"]), strings(&["late", "1"])),
+            engine.hget("h".into(), "late".into())
+        );
+        written.expect("write");
+        assert_eq!(read.expect("read"), Some("1".into()));
     }
 
     #[tokio::test]
