@@ -786,7 +786,7 @@ async fn add_to_both(cli: impl AsyncFn(&[&str]), id: &str, fields: &[&str]) {
 /// by step: the group created on the first read, partial and empty reads, acknowledgements
 /// of the SKU's generation and of another one, entries of many and of empty fields.
 async fn reads_of_new_entries_match_the_script(
-    engine: &RedisEngine,
+    engine: &dyn ScriptEngine,
     cli: impl AsyncFn(&[&str]) + Copy,
 ) {
     let step = async |args: Vec<String>| {
@@ -870,6 +870,25 @@ async fn the_writers_read_of_new_entries_matches_the_script_on_a_cluster() {
         let argv: Vec<fred::types::Value> = rest.iter().map(|a| (*a).into()).collect();
         client
             .custom::<fred::types::Value, _>(CustomCommand::new(*command, hash, false), argv)
+            .await
+            .expect("the command");
+    };
+    reads_of_new_entries_match_the_script(&engine, cli).await;
+}
+
+/// The embedded engine runs the read in two parts as well (`stream.lua`, then `XREADGROUP`
+/// on its keyspace) and answers as the script does.
+#[tokio::test]
+async fn the_embedded_writers_read_of_new_entries_answers_as_the_script_does() {
+    let engine = EmbeddedEngine::start().expect("engine starts");
+    let command: &'static Script = Box::leak(Box::new(Script::new(
+        "command",
+        "return redis.call(unpack(ARGV))",
+    )));
+    let cli = async |args: &[&str]| {
+        let args = args.iter().map(|a| (*a).to_owned()).collect();
+        engine
+            .eval(command, vec![], args)
             .await
             .expect("the command");
     };

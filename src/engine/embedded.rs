@@ -46,7 +46,11 @@
 //!
 //! The plain reads of the edge ([`ScriptEngine::hexists`], [`ScriptEngine::hget`]), which
 //! Redis answers without a script, are jobs of their own here too: the command runs against
-//! the keyspace with no Lua around it, in queue order with the scripts.
+//! the keyspace with no Lua around it, in queue order with the scripts. So does the event
+//! writer's read of new entries ([`ScriptEngine::read_new_entries`]): `stream.lua`
+//! acknowledges and reports, then `XREADGROUP` runs on the keyspace in the same job, as Redis
+//! runs the two in one transaction. Through Lua, each of a read's hundreds of entries became a
+//! table of twenty strings and then a reply again, on the thread every claim waits for.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -65,7 +69,7 @@ use tokio::sync::{mpsc, oneshot};
 use self::stack::{CommandArgs, CommandReply, Outcome};
 use super::keyspace::{format_g17, Keyspace, Resp};
 use super::script::LIBRARY;
-use super::{EngineError, EngineKind, Reply, Script, ScriptEngine, SCRIPTS};
+use super::{with_new_entries, EngineError, EngineKind, Reply, Script, ScriptEngine, SCRIPTS};
 use crate::clock::{Clock, SystemClock};
 
 mod stack;
@@ -161,6 +165,12 @@ enum Job {
         args: Vec<String>,
         reply: oneshot::Sender<Result<Reply, EngineError>>,
     },
+    /// The event writer's read of new entries (see the module documentation).
+    ReadNew {
+        keys: Vec<String>,
+        args: Vec<String>,
+        reply: oneshot::Sender<Result<Reply, EngineError>>,
+    },
     /// A plain read (`HEXISTS`, `HGET`), run without a script.
     Read {
         command: [Bytes; 3],
@@ -244,6 +254,17 @@ fn stopped() -> EngineError {
     EngineError::Unavailable("the embedded engine thread has stopped".into())
 }
 
+/// A command's reply as a script's would come back: the same shapes, status text owned.
+fn resp_to_reply(resp: Resp) -> Reply {
+    match resp {
+        Resp::Nil => Reply::Nil,
+        Resp::Int(n) => Reply::Int(n),
+        Resp::Bulk(bytes) => Reply::Bulk(bytes),
+        Resp::Status(status) => Reply::Status(status.to_owned()),
+        Resp::Array(items) => Reply::Array(items.into_iter().map(resp_to_reply).collect()),
+    }
+}
+
 fn unexpected_read(reply: Resp) -> EngineError {
     EngineError::Script {
         script: SCRIPTS.exists.name(),
@@ -296,6 +317,21 @@ impl ScriptEngine for EmbeddedEngine {
                 Resp::Bulk(value) => Ok(std::str::from_utf8(&value).ok().map(str::to_owned)),
                 other => Err(unexpected_read(other)),
             }
+        })
+    }
+
+    fn read_new_entries(
+        &self,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> BoxFuture<'_, Result<Reply, EngineError>> {
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            self.sender()?
+                .send(Job::ReadNew { keys, args, reply })
+                .await
+                .map_err(|_| stopped())?;
+            answer.await.map_err(|_| stopped())?
         })
     }
 
@@ -371,6 +407,11 @@ fn serve(
                         );
                     }
                     let _ = reply.send(result);
+                }
+                Job::ReadNew { keys, args, reply } => {
+                    if !reply.is_closed() {
+                        let _ = reply.send(vm.read_new_entries(&keys, args));
+                    }
                 }
                 Job::Read { command, reply } => {
                     if !reply.is_closed() {
@@ -461,6 +502,47 @@ impl Vm {
     /// Runs one command against the keyspace, outside any script.
     fn command(&self, args: &[Bytes]) -> Result<Resp, String> {
         self.keyspace.borrow_mut().call(args)
+    }
+
+    /// [`ScriptEngine::read_new_entries`]: `stream.lua` with no sources, then `XREADGROUP …
+    /// >` on the keyspace, nothing between them. Any other read goes to the script whole.
+    /// Unlike Redis's `EXEC`, a failed script reads nothing.
+    fn read_new_entries(
+        &mut self,
+        keys: &[String],
+        mut args: Vec<String>,
+    ) -> Result<Reply, EngineError> {
+        let script = &SCRIPTS.stream;
+        let (Some(events), [op, group, consumer, count, _, sources, ..]) =
+            (keys.first(), args.as_slice())
+        else {
+            return self.eval(script, keys, &args);
+        };
+        if op != "read" || sources != "n" {
+            return self.eval(script, keys, &args);
+        }
+        let read: Vec<Bytes> = [
+            "XREADGROUP",
+            "GROUP",
+            group,
+            consumer,
+            "COUNT",
+            count,
+            "STREAMS",
+            events,
+            ">",
+        ]
+        .into_iter()
+        .map(|part| Bytes::copy_from_slice(part.as_bytes()))
+        .collect();
+        args[5].clear();
+        let fail = |message: String| EngineError::Script {
+            script: script.name(),
+            message,
+        };
+        let head = self.eval(script, keys, &args)?;
+        let fresh = self.command(&read).map_err(fail)?;
+        with_new_entries(head, resp_to_reply(fresh)).map_err(fail)
     }
 
     fn eval(

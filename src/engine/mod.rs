@@ -158,6 +158,48 @@ pub trait ScriptEngine: Any + Send + Sync + 'static {
     fn kind(&self) -> EngineKind;
 }
 
+/// A read of new entries as [`ScriptEngine::read_new_entries`] answers it, from the two parts
+/// an engine may run it in: `head`, `stream.lua`'s reply to the read with no sources (the
+/// acknowledgements and the report, no entries), and `fresh`, the reply of the
+/// `XREADGROUP … >` run right after it. The entries join the head as if the script had read
+/// them, counted as `new`. Errs with what did not have the expected shape.
+pub(crate) fn with_new_entries(head: Reply, fresh: Reply) -> Result<Reply, String> {
+    let Reply::Array(mut reply) = head else {
+        return Err("read answered no array".into());
+    };
+    let entries = stream_entries(fresh).ok_or("XREADGROUP answered no stream")?;
+    // An entry deleted by hand comes back without fields: never committable, as the
+    // script's own reads skip it.
+    let before = reply.len();
+    reply.extend(entries.into_iter().filter(|e| {
+        e.as_array()
+            .is_some_and(|e| matches!(e.get(1), Some(Reply::Array(_))))
+    }));
+    let new = i64::try_from(reply.len() - before).unwrap_or(i64::MAX);
+    match reply.get_mut(6) {
+        Some(slot @ Reply::Int(0)) => *slot = Reply::Int(new),
+        _ => return Err("read answered no head".into()),
+    }
+    Ok(Reply::Array(reply))
+}
+
+/// The entries of an `XREADGROUP` reply naming one stream: `[[name, entries]]` in RESP2,
+/// `[name, entries]` once a RESP3 map is flattened; nil when nothing was new.
+fn stream_entries(reply: Reply) -> Option<Vec<Reply>> {
+    let Reply::Array(items) = reply else {
+        return matches!(reply, Reply::Nil).then(Vec::new);
+    };
+    let pair = match <[Reply; 1]>::try_from(items) {
+        Ok([Reply::Array(pair)]) => pair,
+        Ok(_) => return None,
+        Err(items) => items,
+    };
+    match <[Reply; 2]>::try_from(pair) {
+        Ok([_, Reply::Array(entries)]) => Some(entries),
+        _ => None,
+    }
+}
+
 /// Which engine is running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineKind {

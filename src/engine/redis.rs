@@ -55,7 +55,9 @@ use fred::types::{Builder, ClusterHash, CustomCommand, Resp3Frame, RespVersion};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 
-use super::{EngineError, EngineKind, Reply, Script, ScriptEngine, LIBRARY, SCRIPTS};
+use super::{
+    with_new_entries, EngineError, EngineKind, Reply, Script, ScriptEngine, LIBRARY, SCRIPTS,
+};
 
 /// Connection settings of [`RedisEngine`]. Start from [`RedisOptions::default`] and override
 /// fields with struct update syntax.
@@ -481,24 +483,8 @@ impl RedisEngine {
         };
         let [head, fresh] = <[Value; 2]>::try_from(replies)
             .map_err(|_| self.reply_error(script, "EXEC answered other than two replies".into()))?;
-        let Reply::Array(mut reply) = value_to_reply(head) else {
-            return Err(self.reply_error(script, "read answered no array".into()));
-        };
-        let entries = stream_entries(value_to_reply(fresh))
-            .ok_or_else(|| self.reply_error(script, "XREADGROUP answered no stream".into()))?;
-        // An entry deleted by hand comes back without fields: never committable, as the
-        // script's own reads skip it.
-        let before = reply.len();
-        reply.extend(entries.into_iter().filter(|e| {
-            e.as_array()
-                .is_some_and(|e| matches!(e.get(1), Some(Reply::Array(_))))
-        }));
-        let new = i64::try_from(reply.len() - before).unwrap_or(i64::MAX);
-        match reply.get_mut(6) {
-            Some(slot @ Reply::Int(0)) => *slot = Reply::Int(new),
-            _ => return Err(self.reply_error(script, "read answered no head".into())),
-        }
-        Ok(Reply::Array(reply))
+        with_new_entries(value_to_reply(head), value_to_reply(fresh))
+            .map_err(|message| self.reply_error(script, message))
     }
 
     /// Classifies an error reply: the server's availability problems are
@@ -753,24 +739,6 @@ fn value_to_reply(value: Value) -> Reply {
         ),
     }
 }
-
-/// The entries of an `XREADGROUP` reply naming one stream: `[[name, entries]]` in RESP2,
-/// `[name, entries]` once a RESP3 map is flattened; nil when nothing was new.
-fn stream_entries(reply: Reply) -> Option<Vec<Reply>> {
-    let Reply::Array(items) = reply else {
-        return matches!(reply, Reply::Nil).then(Vec::new);
-    };
-    let pair = match <[Reply; 1]>::try_from(items) {
-        Ok([Reply::Array(pair)]) => pair,
-        Ok(_) => return None,
-        Err(items) => items,
-    };
-    match <[Reply; 2]>::try_from(pair) {
-        Ok([_, Reply::Array(entries)]) => Some(entries),
-        _ => None,
-    }
-}
-
 /// Whether an error reply is `FUNCTION LOAD`'s for a library of that name already there.
 fn is_already_loaded(message: &str) -> bool {
     message.starts_with("ERR Library") && message.ends_with("already exists")
