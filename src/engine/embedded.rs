@@ -230,19 +230,23 @@ impl EmbeddedEngine {
         self.jobs.as_ref().ok_or_else(stopped)
     }
 
+    /// Queues the job `job` builds around its reply channel and waits for the answer.
+    async fn ask<T>(&self, job: impl FnOnce(oneshot::Sender<T>) -> Job) -> Result<T, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender()?
+            .send(job(reply))
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())
+    }
+
     /// Runs `command` on the engine thread without a script. An error reply (a key of
     /// another type) is the script error `exists.lua`, which the edge ran for these reads
     /// before, would have raised.
     async fn read(&self, command: [&str; 3]) -> Result<Resp, EngineError> {
-        let (reply, answer) = oneshot::channel();
         let command = command.map(|part| Bytes::copy_from_slice(part.as_bytes()));
-        self.sender()?
-            .send(Job::Read { command, reply })
-            .await
-            .map_err(|_| stopped())?;
-        answer
-            .await
-            .map_err(|_| stopped())?
+        self.ask(|reply| Job::Read { command, reply })
+            .await?
             .map_err(|message| EngineError::Script {
                 script: SCRIPTS.exists.name(),
                 message,
@@ -282,17 +286,13 @@ impl ScriptEngine for EmbeddedEngine {
         args: Vec<String>,
     ) -> BoxFuture<'_, Result<Reply, EngineError>> {
         Box::pin(async move {
-            let (reply, answer) = oneshot::channel();
-            self.sender()?
-                .send(Job::Eval {
-                    script,
-                    keys,
-                    args,
-                    reply,
-                })
-                .await
-                .map_err(|_| stopped())?;
-            answer.await.map_err(|_| stopped())?
+            self.ask(|reply| Job::Eval {
+                script,
+                keys,
+                args,
+                reply,
+            })
+            .await?
         })
     }
 
@@ -325,26 +325,12 @@ impl ScriptEngine for EmbeddedEngine {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> BoxFuture<'_, Result<Reply, EngineError>> {
-        Box::pin(async move {
-            let (reply, answer) = oneshot::channel();
-            self.sender()?
-                .send(Job::ReadNew { keys, args, reply })
-                .await
-                .map_err(|_| stopped())?;
-            answer.await.map_err(|_| stopped())?
-        })
+        Box::pin(async move { self.ask(|reply| Job::ReadNew { keys, args, reply }).await? })
     }
 
     /// Round-trips the engine thread, so it proves scripts can be served now.
     fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>> {
-        Box::pin(async move {
-            let (reply, answer) = oneshot::channel();
-            self.sender()?
-                .send(Job::Ping(reply))
-                .await
-                .map_err(|_| stopped())?;
-            answer.await.map_err(|_| stopped())
-        })
+        Box::pin(self.ask(Job::Ping))
     }
 
     fn kind(&self) -> EngineKind {
