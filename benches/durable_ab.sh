@@ -7,14 +7,15 @@
 #
 # Prints per run: claims/s, p50, p99, the gateway's CPU per claim (utime + stime from /proc)
 # split by thread name (the runtime's workers, the ledger's threads), its context switches
-# per claim, and Redis's CPU per claim. Runs alternate A, B, A, B… so that a machine whose
-# load drifts treats both alike: compare the binaries within a round, and ledger mode with
-# engine mode of the same binary and round. PER=N (default 1) sends N orders a request
-# through the batch claim route instead, figures per claim; MODES (default "engine ledger")
-# picks the durability modes. KIND=redeem measures redemptions of the codes the warm-up
-# claimed instead (a new redeemer each, the lockout windows on), figures per redemption. CPU
-# is counted until the ledger has every event of the run, so an engine-mode writer's backlog
-# is counted in its run.
+# per claim, Redis's CPU per claim, the claims a group commit carried and the bytes the
+# gateway wrote to disk per claim (the WAL and its checkpoints). Runs alternate A, B, A, B…
+# so that a machine whose load drifts treats both alike: compare the binaries within a
+# round, and ledger mode with engine mode of the same binary and round. PER=N (default 1)
+# sends N orders a request through the batch claim route instead, figures per claim; MODES
+# (default "engine ledger") picks the durability modes. KIND=redeem measures redemptions of
+# the codes the warm-up claimed instead (a new redeemer each, the lockout windows on),
+# figures per redemption. CPU is counted until the ledger has every event of the run, so an
+# engine-mode writer's backlog is counted in its run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +27,13 @@ KIND=${KIND:-claim}
 ADMIN=admin-token-durable-ab-0001
 MERCHANT=merchant-token-durable-ab
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# Bytes the process has caused to be written to storage so far (the WAL, checkpoints).
+disk() { awk '/^write_bytes/ { print $2 }' "/proc/$1/io"; }
+# Group commits so far: the count of the ledger's write-duration histogram.
+commits() {
+  curl -fs "$1/metrics" |
+    awk '/^kamigate_ledger_write_duration_seconds_count/ { n += $2 } END { print n + 0 }'
+}
 # Per thread name: CPU ticks and context switches so far.
 threads() {
   local comm stat switches
@@ -76,23 +84,26 @@ one() {
   caught_up "http://127.0.0.1:$public/v1/skus/sbs" "$MERCHANT"
   # The warm-up sold every code (each can be sold and redeemed a million times).
   if [ "$KIND" = redeem ]; then url="http://127.0.0.1:$public/v1/redeem" script=redeem.lua; fi
-  local r0 r1 out
-  threads "$pid" >"$dir/t0"; r0=$(ticks "$redis_pid")
+  local r0 r1 d0 d1 c0 c1 out
+  threads "$pid" >"$dir/t0"; r0=$(ticks "$redis_pid"); d0=$(disk "$pid")
+  c0=$(commits "http://127.0.0.1:$admin")
   out=$(TOKEN=$MERCHANT ORDER_PREFIX="run-$RANDOM" BATCH=$PER SKU=sbs CODES=$CODES \
     wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -s "benches/wrk/$script" "$url")
   caught_up "http://127.0.0.1:$public/v1/skus/sbs" "$MERCHANT"
-  threads "$pid" >"$dir/t1"; r1=$(ticks "$redis_pid")
+  threads "$pid" >"$dir/t1"; r1=$(ticks "$redis_pid"); d1=$(disk "$pid")
+  c1=$(commits "http://127.0.0.1:$admin")
   local n hz
   n=$(awk -v per="$PER" '/requests in/ { print $1 * per }' <<<"$out"); hz=$(getconf CLK_TCK)
   # A run whose answers were not all 2xx measured something else: said on its line.
   local bad
   bad=$(awk '/Non-2xx/ { print "  non-2xx " $NF }' <<<"$out")
-  printf "%-3s %-6s %s/s %7.0f  p50 %8s  p99 %8s  redis us %6.1f%s\n" "$label" "$durability" \
-    "${KIND}s" \
+  printf "%-3s %-6s %s/s %7.0f  p50 %8s  p99 %8s  redis us %6.1f  %s/commit %5.1f  disk KiB/%s %5.1f%s\n" \
+    "$label" "$durability" "${KIND}s" \
     "$(awk -v per="$PER" '/^Requests\/sec/ { print $2 * per }' <<<"$out")" \
     "$(awk '$1 == "50%" { print $2 }' <<<"$out")" "$(awk '$1 == "99%" { print $2 }' <<<"$out")" \
     "$(awk -v a="$r0" -v b="$r1" -v n="$n" -v hz="$hz" 'BEGIN { print (b - a) * 1e6 / hz / n }')" \
-    "$bad"
+    "$KIND" "$(awk -v a="$c0" -v b="$c1" -v n="$n" 'BEGIN { print (b > a ? n / (b - a) : 0) }')" \
+    "$KIND" "$(awk -v a="$d0" -v b="$d1" -v n="$n" 'BEGIN { print (b - a) / 1024 / n }')" "$bad"
   join "$dir/t0" "$dir/t1" | awk -v n="$n" -v hz="$hz" -v k="$KIND" '
     { printf "      %-16s cpu us/%s %6.1f  switches/%s %5.2f\n", $1, k, ($4 - $2) * 1e6 / hz / n, k, ($5 - $3) / n }'
   kill "$pid" "$redis_pid"; wait "$pid" "$redis_pid" 2>/dev/null || true
