@@ -98,8 +98,13 @@ pub fn is_reserved_sku(sku: &str) -> bool {
 pub fn window_keys(kind: &str, subject: &str) -> Vec<String> {
     vec![
         format!("kg:lim:{{{kind}:{subject}}}:events"),
-        format!("kg:lim:{{{kind}:{subject}}}:lock"),
+        window_lock_key(kind, subject),
     ]
+}
+
+/// The lockout of [`window_keys`] alone, for reading it outside the script.
+pub fn window_lock_key(kind: &str, subject: &str) -> String {
+    format!("kg:lim:{{{kind}:{subject}}}:lock")
 }
 
 #[cfg(test)]

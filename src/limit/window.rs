@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::SharedClock;
-use crate::engine::keys::window_keys;
+use crate::engine::keys::{window_keys, window_lock_key};
 use crate::engine::measured::measured;
 use crate::engine::{EngineError, Reply, ScriptEngine, SCRIPTS};
 
@@ -153,10 +153,10 @@ impl Windows {
     /// script call costs several times the one `HGET` it would make.
     pub async fn check(&self, kind: &str, subject: &str) -> Result<Verdict, EngineError> {
         let now = self.clock.now_ms();
-        let Some(lock) = window_keys(kind, subject).pop() else {
-            return Ok(Verdict::Allowed);
-        };
-        let until = self.engine.hget(lock, "until".into()).await?;
+        let until = self
+            .engine
+            .hget(window_lock_key(kind, subject), "until".into())
+            .await?;
         lockout_left(until.as_deref(), now)
     }
 
