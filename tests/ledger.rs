@@ -152,6 +152,7 @@ both_ledgers!(
     late_confirm_sells_fresh_keys,
     reusable_keys_count_issues,
     multi_use_keys_count_uses,
+    the_latest_order_and_redemption_follow_the_engine_whatever_commits_last,
     counts_group_active_keys_by_state,
     key_events_are_an_audit_trail_oldest_first,
     unknown_keys_and_kinds_are_recorded_and_skipped,
@@ -182,6 +183,7 @@ sqlite_in_memory_too!(
     late_confirm_sells_fresh_keys,
     reusable_keys_count_issues,
     multi_use_keys_count_uses,
+    the_latest_order_and_redemption_follow_the_engine_whatever_commits_last,
     key_events_are_an_audit_trail_oldest_first,
     unknown_keys_and_kinds_are_recorded_and_skipped,
     concurrent_writers_apply_each_event_once,
@@ -1032,6 +1034,47 @@ async fn multi_use_keys_count_uses(env: &Env) {
     assert_eq!((k.uses, k.state.as_str()), (2, "redeemed"));
     assert_eq!(k.redeemer.as_deref(), Some("bob"));
     assert_eq!(k.redeemed_at_ms, Some(NOW + 3));
+}
+
+/// Two writers commit a SKU's events each in its own batch: here the one holding the later
+/// take and redemption of a key commits first. The key still names the engine's latest order
+/// and redeemer, which a rebuilt engine is loaded with (the last redeemer's retry is answered
+/// from it).
+async fn the_latest_order_and_redemption_follow_the_engine_whatever_commits_last(env: &Env) {
+    let l = env.ledger.as_ref();
+    let mut shared = key("SHARED");
+    shared.max_issues = 2;
+    shared.max_uses = 2;
+    stocked(l, "gift", &[shared]).await;
+    let redeem = |n: i64, who: &str| {
+        let mut e = event("gift", n, "redeem", &[1]);
+        e.order_id = None;
+        e.redeemer = Some(who.into());
+        e
+    };
+    // In the engine: o-9 claims, o-10 claims, "first" redeems, "second" redeems.
+    l.apply_events(&[event("gift", 10, "claim", &[1]), redeem(12, "second")])
+        .await
+        .expect("the later batch");
+    l.apply_events(&[event("gift", 9, "claim", &[1]), redeem(11, "first")])
+        .await
+        .expect("the earlier batch");
+    let k = get(l, "gift.1").await;
+    assert_eq!((k.sold, k.uses, k.state.as_str()), (2, 2, "redeemed"));
+    assert_eq!(k.order_id.as_deref(), Some("o-10"));
+    assert_eq!(k.redeemer.as_deref(), Some("second"));
+    assert_eq!(k.redeemed_at_ms, Some(NOW + 12));
+    // One batch carrying both, the later first (a batch taken over from a dead writer).
+    let mut again = key("AGAIN");
+    again.max_issues = 2;
+    again.max_uses = 2;
+    stocked(l, "card", &[again]).await;
+    let mut late = event("card", 21, "claim", &[1]);
+    late.order_id = Some("late".into());
+    let mut early = event("card", 20, "claim", &[1]);
+    early.order_id = Some("early".into());
+    l.apply_events(&[late, early]).await.expect("one batch");
+    assert_eq!(get(l, "card.1").await.order_id.as_deref(), Some("late"));
 }
 
 async fn counts_group_active_keys_by_state(env: &Env) {

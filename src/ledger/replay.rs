@@ -192,8 +192,10 @@ mod tests {
             max_uses: 1,
             order_id: None,
             user_id: None,
+            order_entry: None,
             redeemer: None,
             redeemed_at_ms: None,
+            redeem_entry: None,
             updated_at_ms: 0,
         }
     }

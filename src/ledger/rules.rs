@@ -144,9 +144,14 @@ pub struct KeyStatus {
     pub order_id: Option<String>,
     /// The user of that order, if it named one.
     pub user_id: Option<String>,
+    /// The stream entry id of the event that set `order_id`: a take applied after a later
+    /// one (another writer's batch committed first) leaves them alone.
+    pub order_entry: Option<String>,
     /// Who redeemed the key last.
     pub redeemer: Option<String>,
     pub redeemed_at_ms: Option<i64>,
+    /// The stream entry id of the redemption that set `redeemer` and `redeemed_at_ms`.
+    pub redeem_entry: Option<String>,
     /// Engine time of the latest event applied to the key.
     pub updated_at_ms: i64,
 }
@@ -207,8 +212,11 @@ pub fn apply_to_key(key: &mut KeyStatus, kind: EventKind, event: &LedgerEvent) -
         }
         EventKind::Redeem => {
             key.uses += 1;
-            key.redeemer = non_empty(&event.redeemer);
-            key.redeemed_at_ms = Some(event.at_ms);
+            if let Some(entry) = later_entry(event, key.redeem_entry.as_deref()) {
+                key.redeemer = non_empty(&event.redeemer);
+                key.redeemed_at_ms = Some(event.at_ms);
+                key.redeem_entry = Some(entry.to_owned());
+            }
         }
         EventKind::Void => key.voids += 1,
         EventKind::Restore => key.voids -= 1,
@@ -217,12 +225,42 @@ pub fn apply_to_key(key: &mut KeyStatus, kind: EventKind, event: &LedgerEvent) -
     *key != before
 }
 
-/// Records the order (and its user) that took the key; the audit trail keeps earlier ones.
+/// Records the order (and its user) that took the key, unless a later take is already
+/// applied; the audit trail keeps earlier ones.
 fn take_for_order(key: &mut KeyStatus, event: &LedgerEvent) {
-    if let Some(order) = non_empty(&event.order_id) {
+    let Some(order) = non_empty(&event.order_id) else {
+        return;
+    };
+    if let Some(entry) = later_entry(event, key.order_entry.as_deref()) {
         key.order_id = Some(order);
         key.user_id = non_empty(&event.user_id);
+        key.order_entry = Some(entry.to_owned());
     }
+}
+
+/// `event`'s stream entry id when the event comes after the one whose entry id is
+/// `applied` (or there is none), i.e. when a "latest" field should follow it.
+///
+/// Writers commit a SKU's events in batches of their own, so the last event applied is not
+/// always the last the engine made (two gateways' writers, or a batch taken over from a dead
+/// one). The entry ids of a SKU's stream are the engine's order: `<ms>-<seq>`, increasing.
+/// An id that does not read as one (none of the engine's) compares as later, so the event
+/// applied last wins, as it did before entries were compared.
+fn later_entry<'e>(event: &'e LedgerEvent, applied: Option<&str>) -> Option<&'e str> {
+    let entry = event
+        .event_id
+        .rsplit_once('/')
+        .map_or(event.event_id.as_str(), |(_, id)| id);
+    match (stream_position(entry), applied.and_then(stream_position)) {
+        (Some(this), Some(that)) if this < that => None,
+        _ => Some(entry),
+    }
+}
+
+/// A stream entry id `<ms>-<seq>` as numbers, so that `10-0` comes after `9-5`.
+fn stream_position(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 /// The scripts write `''` for "none"; the ledger stores NULL.
@@ -247,8 +285,10 @@ mod tests {
             max_uses,
             order_id: None,
             user_id: None,
+            order_entry: None,
             redeemer: None,
             redeemed_at_ms: None,
+            redeem_entry: None,
             updated_at_ms: 0,
         }
     }
@@ -367,6 +407,85 @@ mod tests {
         let mut k = fresh(1, 1);
         apply(&mut k, &event("confirm", 1));
         assert_eq!((k.held_now(), k.sold, k.state()), (0, 1, KeyState::Claimed));
+    }
+
+    /// Every ordering of `items`.
+    fn permutations<T: Clone>(items: &[T]) -> Vec<Vec<T>> {
+        if items.len() <= 1 {
+            return vec![items.to_vec()];
+        }
+        let mut out = Vec::new();
+        for i in 0..items.len() {
+            let mut rest = items.to_vec();
+            let first = rest.remove(i);
+            for mut tail in permutations(&rest) {
+                tail.insert(0, first.clone());
+                out.push(tail);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_latest_order_and_redeemer_follow_the_engines_order_whatever_commits_last() {
+        // A key two orders take and two redeemers use. Entry ids 9-0 and 10-0 compare as
+        // numbers, not as text.
+        let take = |kind: &str, at: i64, order: &str| {
+            let mut e = event(kind, at);
+            e.order_id = Some(order.into());
+            e.user_id = Some(format!("user-{order}"));
+            e
+        };
+        let redeem = |at: i64, who: &str| {
+            let mut e = event("redeem", at);
+            e.order_id = None;
+            e.redeemer = Some(who.into());
+            e
+        };
+        let events = [
+            take("hold", 8, "a"),
+            take("claim", 9, "b"),
+            take("confirm", 10, "a"),
+            redeem(11, "first"),
+            redeem(12, "second"),
+        ];
+        let mut in_order = fresh(2, 2);
+        for e in &events {
+            apply(&mut in_order, e);
+        }
+        assert_eq!(in_order.order_id.as_deref(), Some("a"));
+        assert_eq!(in_order.user_id.as_deref(), Some("user-a"));
+        assert_eq!(in_order.redeemer.as_deref(), Some("second"));
+        assert_eq!(in_order.redeemed_at_ms, Some(12));
+        assert_eq!((in_order.sold, in_order.uses), (2, 2));
+        for order in permutations(&events) {
+            let mut k = fresh(2, 2);
+            for e in &order {
+                apply(&mut k, e);
+            }
+            let kinds: Vec<i64> = order.iter().map(|e| e.at_ms).collect();
+            assert_eq!(k, in_order, "applied in the order {kinds:?}");
+        }
+    }
+
+    #[test]
+    fn an_entry_id_that_is_not_the_engines_lets_the_last_event_applied_win() {
+        let mut k = fresh(1, 1);
+        let mut first = event("claim", 5);
+        first.order_id = Some("first".into());
+        apply(&mut k, &first);
+        let mut odd = event("claim", 4);
+        odd.event_id = "s/imported".into();
+        odd.order_id = Some("odd".into());
+        apply(&mut k, &odd);
+        assert_eq!(k.order_id.as_deref(), Some("odd"));
+        assert_eq!(k.order_entry.as_deref(), Some("imported"));
+        apply(&mut k, &first);
+        assert_eq!(
+            k.order_id.as_deref(),
+            Some("first"),
+            "a stored id not read as one"
+        );
     }
 
     #[test]

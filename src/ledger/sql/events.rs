@@ -18,7 +18,7 @@ use crate::ledger::{LedgerError, LedgerEvent};
 
 /// What applying events reads and writes of a key ([`KeyStatus`] plus its id).
 const STATUS_COLUMNS: &str = "local_id, voids, held, sold, uses, max_issues, max_uses, \
-     order_id, user_id, redeemer, redeemed_at_ms, updated_at_ms";
+     order_id, user_id, redeemer, redeemed_at_ms, updated_at_ms, order_entry, redeem_entry";
 
 impl<DB> SqlLedger<DB>
 where
@@ -181,6 +181,8 @@ where
                     redeemer: row.try_get(9)?,
                     redeemed_at_ms: row.try_get(10)?,
                     updated_at_ms: row.try_get(11)?,
+                    order_entry: row.try_get(12)?,
+                    redeem_entry: row.try_get(13)?,
                 };
                 out.push((row.try_get(0)?, status));
             }
@@ -196,18 +198,20 @@ where
         rows: &[(i64, KeyStatus)],
     ) -> Result<(), LedgerError> {
         let p = self.dialect.placeholders;
-        for chunk in pow2_chunks(rows, self.dialect.rows_per_statement(12, 1)) {
+        for chunk in pow2_chunks(rows, self.dialect.rows_per_statement(14, 1)) {
             // The SKU comes last in the text, so it is bound last.
             let sql = format!(
                 "WITH v (local_id, voids, void, held, sold, uses, state, order_id, user_id, \
-                 redeemer, redeemed_at_ms, updated_at_ms) AS (VALUES {}) \
+                 redeemer, redeemed_at_ms, updated_at_ms, order_entry, redeem_entry) \
+                 AS (VALUES {}) \
                  UPDATE keys SET voids = v.voids, void = v.void, held = v.held, sold = v.sold, \
                  uses = v.uses, state = v.state, order_id = v.order_id, user_id = v.user_id, \
                  redeemer = v.redeemer, redeemed_at_ms = v.redeemed_at_ms, \
-                 updated_at_ms = v.updated_at_ms \
+                 updated_at_ms = v.updated_at_ms, order_entry = v.order_entry, \
+                 redeem_entry = v.redeem_entry \
                  FROM v WHERE keys.sku = {} AND keys.local_id = v.local_id",
-                tuples(p, chunk.len(), 12, 1),
-                p.param(chunk.len() * 12 + 1)
+                tuples(p, chunk.len(), 14, 1),
+                p.param(chunk.len() * 14 + 1)
             );
             let mut query = sqlx::query(&sql);
             for (local_id, k) in chunk {
@@ -223,7 +227,9 @@ where
                     .bind(k.user_id.as_deref())
                     .bind(k.redeemer.as_deref())
                     .bind(k.redeemed_at_ms)
-                    .bind(k.updated_at_ms);
+                    .bind(k.updated_at_ms)
+                    .bind(k.order_entry.as_deref())
+                    .bind(k.redeem_entry.as_deref());
             }
             query.bind(sku).execute(&mut *conn).await?;
         }

@@ -191,7 +191,8 @@ fn commit(
         let mut load = tx
             .prepare_cached(
                 "SELECT voids, held, sold, uses, max_issues, max_uses, order_id, user_id, \
-                 redeemer, redeemed_at_ms, updated_at_ms FROM keys WHERE sku = ? AND local_id = ?",
+                 redeemer, redeemed_at_ms, updated_at_ms, order_entry, redeem_entry \
+                 FROM keys WHERE sku = ? AND local_id = ?",
             )
             .map_err(error)?;
         for (sku, ids) in replay::keys_to_load(&applied) {
@@ -210,6 +211,8 @@ fn commit(
                             redeemer: row.get(8)?,
                             redeemed_at_ms: row.get(9)?,
                             updated_at_ms: row.get(10)?,
+                            order_entry: row.get(11)?,
+                            redeem_entry: row.get(12)?,
                         })
                     })
                     .optional()
@@ -226,8 +229,8 @@ fn commit(
         let mut store = tx
             .prepare_cached(
                 "UPDATE keys SET voids = ?, void = ?, held = ?, sold = ?, uses = ?, state = ?, \
-                 order_id = ?, user_id = ?, redeemer = ?, redeemed_at_ms = ?, updated_at_ms = ? \
-                 WHERE sku = ? AND local_id = ?",
+                 order_id = ?, user_id = ?, redeemer = ?, redeemed_at_ms = ?, updated_at_ms = ?, \
+                 order_entry = ?, redeem_entry = ? WHERE sku = ? AND local_id = ?",
             )
             .map_err(error)?;
         for (sku, rows) in &replayed.changed {
@@ -245,6 +248,8 @@ fn commit(
                         k.redeemer,
                         k.redeemed_at_ms,
                         k.updated_at_ms,
+                        k.order_entry,
+                        k.redeem_entry,
                         sku,
                         id
                     ])
