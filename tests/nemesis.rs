@@ -1092,6 +1092,14 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
                     "{key_id} answered sold, ledger says {}",
                     key.state
                 );
+                // A sale is a key's last take (one issue each): whichever of its events two
+                // writers committed last, the ledger names the order that bought it.
+                assert_eq!(
+                    key.order_id.as_deref(),
+                    Some(a.order.as_str()),
+                    "{key_id} sold to {}",
+                    a.order
+                );
             }
         }
     }
