@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -106,7 +107,7 @@ async fn serve_generates_tokens_serves_and_exits_cleanly_on_sigterm() {
         .expect("answered");
     assert_eq!(redeemed.status(), StatusCode::OK);
 
-    terminate(child).await;
+    terminate(child, None).await;
     let rest = log_task.await.expect("log");
     let all = log
         .iter()
@@ -414,8 +415,8 @@ async fn a_second_gateway_on_a_data_dir_in_use_refuses_to_start_until_the_first_
 /// written to the file `log` (not a terminal), with `env` added. Returns the child and the
 /// public and admin ports.
 fn serve_logging_to(
-    data: &std::path::Path,
-    log: &std::path::Path,
+    data: &Path,
+    log: &Path,
     env: &[(&str, &str)],
 ) -> (tokio::process::Child, u16, u16) {
     let (public, admin) = (free_port(), free_port());
@@ -442,15 +443,20 @@ fn serve_logging_to(
     (command.spawn().expect("kamigate starts"), public, admin)
 }
 
-/// Sends SIGTERM to `child` and waits for its clean exit.
-async fn terminate(mut child: tokio::process::Child) {
+/// Sends SIGTERM to `child` and waits for its clean exit. If it does not exit, the failure
+/// shows `log` (the gateway's log file), which tells where its shutdown stopped.
+async fn terminate(mut child: tokio::process::Child, log: Option<&Path>) {
     let pid = child.id().expect("running") as i32;
     // SAFETY: signalling our own child process by its pid.
     assert_eq!(unsafe { libc_kill(pid, 15) }, 0);
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .expect("wait");
+    let Ok(exited) = tokio::time::timeout(Duration::from_secs(15), child.wait()).await else {
+        let text = log.map(|log| std::fs::read_to_string(log).unwrap_or_default());
+        panic!(
+            "no exit within 15 s of SIGTERM; its log:\n{}",
+            text.unwrap_or_default()
+        );
+    };
+    let status = exited.expect("wait");
     assert!(status.success(), "clean exit: {status}");
 }
 
@@ -464,7 +470,7 @@ async fn logs_written_to_a_file_carry_no_colour_codes() {
         Duration::from_secs(20),
     )
     .await;
-    terminate(child).await;
+    terminate(child, Some(&log)).await;
     let bytes = std::fs::read(&log).expect("log read");
     let text = String::from_utf8_lossy(&bytes);
     assert!(text.contains("kamigate is serving"), "{text}");
@@ -497,7 +503,7 @@ async fn listen_addresses_may_name_a_host() {
         .await
         .expect("the public listener answers on localhost");
     assert_eq!(answer.status(), StatusCode::NOT_FOUND);
-    terminate(child).await;
+    terminate(child, Some(&log)).await;
 
     let out = std::process::Command::new(BIN)
         .arg("serve")
@@ -575,7 +581,7 @@ async fn generated_tokens_survive_a_restart_and_stay_out_of_the_log() {
             .await
             .expect("answered");
         assert_eq!(counts.status(), StatusCode::OK, "{start} start");
-        terminate(child).await;
+        terminate(child, Some(&log)).await;
 
         let text = std::fs::read_to_string(&log).expect("log read");
         assert!(
@@ -617,7 +623,7 @@ async fn the_shutdown_delay_is_taken_only_when_something_may_route_here() {
         |text| text.contains("kamigate is serving"),
     )
     .await;
-    terminate(child).await;
+    terminate(child, Some(&log)).await;
     let line = shutdown_line(&log).await;
     assert!(line.contains("delay_ms=0"), "{line}");
 
@@ -628,7 +634,7 @@ async fn the_shutdown_delay_is_taken_only_when_something_may_route_here() {
         Duration::from_secs(20),
     )
     .await;
-    terminate(child).await;
+    terminate(child, Some(&log)).await;
     let line = shutdown_line(&log).await;
     assert!(line.contains("delay_ms=2000"), "{line}");
 
@@ -652,7 +658,7 @@ async fn the_shutdown_delay_is_taken_only_when_something_may_route_here() {
         |status| *status == Some(StatusCode::OK),
     )
     .await;
-    terminate(child).await;
+    terminate(child, Some(&log)).await;
     let line = shutdown_line(&log).await;
     assert!(line.contains("delay_ms=2000"), "{line}");
     drop(client);
