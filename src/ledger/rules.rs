@@ -7,6 +7,7 @@
 //! backends share them and unit tests pin them down without a database.
 
 use super::LedgerEvent;
+use crate::engine::stream_id::StreamId;
 
 /// What an event does to the keys it names. Parsed from the stream's `t` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,16 +252,10 @@ fn later_entry<'e>(event: &'e LedgerEvent, applied: Option<&str>) -> Option<&'e 
         .event_id
         .rsplit_once('/')
         .map_or(event.event_id.as_str(), |(_, id)| id);
-    match (stream_position(entry), applied.and_then(stream_position)) {
+    match (StreamId::parse(entry), applied.and_then(StreamId::parse)) {
         (Some(this), Some(that)) if this < that => None,
         _ => Some(entry),
     }
-}
-
-/// A stream entry id `<ms>-<seq>` as numbers, so that `10-0` comes after `9-5`.
-fn stream_position(id: &str) -> Option<(u64, u64)> {
-    let (ms, seq) = id.split_once('-')?;
-    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 /// The scripts write `''` for "none"; the ledger stores NULL.
@@ -463,8 +458,8 @@ mod tests {
             for e in &order {
                 apply(&mut k, e);
             }
-            let kinds: Vec<i64> = order.iter().map(|e| e.at_ms).collect();
-            assert_eq!(k, in_order, "applied in the order {kinds:?}");
+            let entries: Vec<i64> = order.iter().map(|e| e.at_ms).collect();
+            assert_eq!(k, in_order, "applied in the order {entries:?}");
         }
     }
 
