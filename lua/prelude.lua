@@ -42,6 +42,18 @@
 -- never contain '|' or ','. Times are integer milliseconds passed in ARGV, so every engine and
 -- every test agrees on "now".
 
+-- The standard libraries the helpers and scripts use, bound by `begin` at the start of each
+-- call. In a Redis function every global read first misses the library's own globals table
+-- and then goes through its metatable to the run-time globals, two table lookups; as
+-- upvalues they are one read each, and a claim reads them dozens of times. They cannot be
+-- bound as the library loads, which sees only a restricted `redis`. (`redis` stays global:
+-- the load registers the functions through it, and tests/lua_commands.rs checks every
+-- `redis.call` site.)
+local function run_time_globals()
+  return string, table, math, tonumber, type, ipairs, pairs, unpack
+end
+local string, table, math, tonumber, type, ipairs, pairs, unpack
+
 -- The call's keys by name (see begin).
 local K = {}
 
@@ -51,7 +63,8 @@ local K = {}
 -- a dozen numbers. Nearly all are small (counts, quantities, flags, 0 for an unset time) or
 -- the call's `now` again and again (created_at, updated_at, at, a settled entry): small ones
 -- are kept once converted, and the last two others are remembered (`now` and a hold's
--- expiry, or a SKU's max_issues). Numbers a script writes go through here, numbers only.
+-- expiry, or a SKU's max_issues). Numbers a script writes go through here, numbers only, and
+-- so do numbers it passes to `redis.call`, which turns them into text the '%.14g' way too.
 -- The memo is only ever what `string.format` gave for the same number, so it may outlive a
 -- call (a library keeps it between calls).
 local SMALL_INT = {}
@@ -123,15 +136,20 @@ end
 -- list, blocking every script of the SKU's shard), and the flag keeps a key that becomes
 -- issuable again meanwhile from being listed twice. Records written before the flag existed
 -- have nine fields; back then exactly the issuable keys were listed.
+-- Read with one pattern match: splitting the record field by field (twenty string calls) was
+-- a tenth of a claim's instructions in Redis.
+local KEY_FIELDS =
+  '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|?([^|]*)'
 local function decode_key(rec)
   if not rec then return nil end
-  local f = split(rec, '|')
+  local void, held, sold, uses, max_issues, max_uses, expires_at, redeemer, redeemed_at, listed =
+    string.match(rec, KEY_FIELDS)
   local k = {
-    void = f[1] == '1', held = num(f[2]), sold = num(f[3]), uses = num(f[4]),
-    max_issues = num(f[5]), max_uses = num(f[6]), expires_at = num(f[7]),
-    redeemer = f[8], redeemed_at = num(f[9]),
+    void = void == '1', held = num(held), sold = num(sold), uses = num(uses),
+    max_issues = num(max_issues), max_uses = num(max_uses), expires_at = num(expires_at),
+    redeemer = redeemer, redeemed_at = num(redeemed_at),
   }
-  if f[10] then k.listed = f[10] == '1' else k.listed = issuable(k) end
+  if listed ~= '' then k.listed = listed == '1' else k.listed = issuable(k) end
   return k
 end
 
@@ -177,8 +195,8 @@ local function save_key(id, before, k)
       if before then deferred[before] = (deferred[before] or 0) - 1 end
       deferred[state] = (deferred[state] or 0) + 1
     else
-      if before then redis.call('HINCRBY', K.counts, before, -1) end
-      redis.call('HINCRBY', K.counts, state, 1)
+      if before then redis.call('HINCRBY', K.counts, before, '-1') end
+      redis.call('HINCRBY', K.counts, state, '1')
     end
   end
   if list then redis.call('RPUSH', K.avail, id) end
@@ -280,9 +298,13 @@ local GEN = nil
 
 -- Appends the event without reporting it (EMITTED unchanged): its answer id, then its
 -- stream id.
-local function append(kind, now, fields)
-  for i = 2, #fields, 2 do
-    if type(fields[i]) == 'number' then fields[i] = int(fields[i]) end
+-- Numbers among `fields` are written as integers, unless `text` says every value is text
+-- already (a claim's own event: it converts its few numbers itself).
+local function append(kind, now, fields, text)
+  if not text then
+    for i = 2, #fields, 2 do
+      if type(fields[i]) == 'number' then fields[i] = int(fields[i]) end
+    end
   end
   local id = redis.call('XADD', K.events, '*', 't', kind, 'at', int(now), unpack(fields))
   if not GEN then GEN = redis.call('HGET', K.meta, 'gen') or '' end
@@ -324,7 +346,7 @@ end
 -- Adjusts how many codes a user currently has from this SKU.
 local function add_user_codes(user, delta)
   if user == '' then return end
-  local n = redis.call('HINCRBY', K.users, user, delta)
+  local n = redis.call('HINCRBY', K.users, user, int(delta))
   if n <= 0 then redis.call('HDEL', K.users, user) end
 end
 
@@ -368,9 +390,9 @@ local NO_POOLS = nil
 local function add_to_pool(pool, n)
   if n == 0 then return end
   NO_POOLS = nil
-  local left = redis.call('HINCRBY', K.pools, pool, n)
+  local left = redis.call('HINCRBY', K.pools, pool, int(n))
   if left == 0 then redis.call('HDEL', K.pools, pool) end
-  local total = redis.call('HINCRBY', K.pools, '*', n)
+  local total = redis.call('HINCRBY', K.pools, '*', int(n))
   if total == 0 then redis.call('HDEL', K.pools, '*') end
 end
 
@@ -442,7 +464,7 @@ end
 local function take(qty, now)
   local got, expired, recs = {}, {}, {}
   while #got < qty do
-    local batch = redis.call('LPOP', K.avail, qty - #got)
+    local batch = redis.call('LPOP', K.avail, int(qty - #got))
     if not batch then break end
     for _, id in ipairs(batch) do
       local k = not recs[id] and load_key(id)
@@ -530,7 +552,7 @@ end
 -- Lapses up to `limit` holds that are due. Scripts that issue or read orders call it first,
 -- so an expired hold is never observed as held and its stock is never missed.
 local function expire_due(now, limit)
-  local due = redis.call('ZRANGEBYSCORE', K.holds, '-inf', now, 'LIMIT', 0, limit)
+  local due = redis.call('ZRANGEBYSCORE', K.holds, '-inf', int(now), 'LIMIT', '0', int(limit))
   for _, order_id in ipairs(due) do
     local o = decode_order(redis.call('HGET', K.orders, order_id))
     if o and o.state == 'held' then
@@ -600,12 +622,13 @@ local function claim_order(order_id, qty, user, hold_ms, now, pool, share, fresh
   }
   -- Reported in short (see EMITTED): the gateway rebuilds these very fields.
   local eid, id = append(held and 'hold' or 'claim', now, {
-    'order', order_id, 'user', user, 'ids', table.concat(ids, ','), 'expires_at', o.expires_at,
-    'hold_ms', hold_ms, 'qty', qty, 'pool', pool, 'pooled', pooled,
-  })
+    'order', order_id, 'user', user, 'ids', table.concat(ids, ','),
+    'expires_at', int(o.expires_at), 'hold_ms', int(hold_ms), 'qty', int(qty), 'pool', pool,
+    'pooled', int(pooled),
+  }, true)
   o.eid, EMITTED = eid, { id, int(pooled) }
   save_order(order_id, o)
-  if held then redis.call('ZADD', K.holds, o.expires_at, order_id) end
+  if held then redis.call('ZADD', K.holds, int(o.expires_at), order_id) end
   return order_reply('new', o)
 end
 
@@ -626,7 +649,7 @@ local function flush()
   if not d then return end
   DEFERRED = nil
   for state, n in pairs(d.counts) do
-    if n ~= 0 then redis.call('HINCRBY', K.counts, state, n) end
+    if n ~= 0 then redis.call('HINCRBY', K.counts, state, int(n)) end
   end
   for i = 1, #d.settled, FLUSH_CHUNK do
     redis.call('RPUSH', K.settled, unpack(d.settled, i, math.min(i + FLUSH_CHUNK - 1, #d.settled)))
@@ -636,6 +659,7 @@ end
 -- Starts a script call: names its keys (in the order listed at the top) and clears what an
 -- earlier call left in the per-call state, which a library keeps between calls.
 local function begin(keys)
+  string, table, math, tonumber, type, ipairs, pairs, unpack = run_time_globals()
   K = {
     meta = keys[1], avail = keys[2], keys = keys[3], codes = keys[4], idx = keys[5],
     orders = keys[6], holds = keys[7], users = keys[8], redemptions = keys[9],

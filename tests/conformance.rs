@@ -944,6 +944,67 @@ async fn keys_leave_and_rejoin_the_line_each_listed_once(h: Harness) {
     ));
 }
 
+/// Key records written before the `listed` flag have nine fields, and back then exactly the
+/// issuable keys were in line: such a record reads as listed when the key is issuable, so a
+/// key in line stays in line once through a void and a restore, a void key is not issued,
+/// and restoring it lines it up once.
+async fn keys_recorded_before_the_listed_flag_are_in_line_when_issuable(h: Harness) {
+    let codes: Vec<String> = (h.stock("old", SkuConfig::default(), 3).await)
+        .iter()
+        .map(|c| c.to_uppercase())
+        .collect();
+    static PROBE: OnceLock<&'static Script> = OnceLock::new();
+    // Every record loses its flag; key 2 becomes void, out of line, as a void then was.
+    h.probe(
+        &PROBE,
+        "probe_nine_fields",
+        "local flat = redis.call('HGETALL', K.keys)\n\
+         for i = 1, #flat, 2 do\n\
+           local rec = string.match(flat[i + 1], '^(.*)|[01]$')\n\
+           if flat[i] == '2' then rec = '1' .. string.sub(rec, 2) end\n\
+           redis.call('HSET', K.keys, flat[i], rec)\n\
+         end\n\
+         local line = redis.call('LPOP', K.avail, 100) or {}\n\
+         for _, id in ipairs(line) do\n\
+           if id ~= '2' then redis.call('RPUSH', K.avail, id) end\n\
+         end\n\
+         redis.call('HINCRBY', K.counts, 'available', '-1')\n\
+         redis.call('HINCRBY', K.counts, 'void', '1')\n\
+         return {}",
+        "old",
+    )
+    .await;
+    assert_eq!(h.listed("old").await, ["1", "3"]);
+    // Key 3 is in line already: a void and a restore leave it there once.
+    h.inv.void("old.3", "leaked").await.expect("void");
+    h.inv
+        .restore("old.3", "false alarm")
+        .await
+        .expect("restore");
+    assert_eq!(h.listed("old").await, ["1", "3"], "each in line once");
+
+    let mut sold = Vec::new();
+    for order in ["o-1", "o-2"] {
+        sold.extend(codes_of(&h.claim("old", order, 1).await.expect("in line")));
+    }
+    assert_eq!(sold, [codes[0].clone(), codes[2].clone()]);
+    assert!(matches!(
+        h.claim("old", "o-3", 1).await,
+        Err(Error::SoldOut)
+    ));
+
+    h.inv.restore("old.2", "found").await.expect("restore");
+    assert_eq!(h.listed("old").await, ["2"], "in line once");
+    let order = h.claim("old", "o-4", 1).await.expect("restored key");
+    assert_eq!(codes_of(&order), [codes[1].clone()]);
+    assert!(matches!(
+        h.claim("old", "o-5", 1).await,
+        Err(Error::SoldOut)
+    ));
+    let counts = h.counts("old").await;
+    assert_eq!((counts.available, counts.claimed, counts.void), (0, 3, 0));
+}
+
 async fn every_state_change_is_an_event(h: Harness) {
     h.stock("events", SkuConfig::default(), 4).await;
     let code = codes_of(&h.claim("events", "o-1", 1).await.expect("claim")).remove(0);
@@ -1359,6 +1420,7 @@ conformance!(
     adding_codes_again_changes_nothing,
     void_takes_codes_out_and_restore_puts_them_back,
     keys_leave_and_rejoin_the_line_each_listed_once,
+    keys_recorded_before_the_listed_flag_are_in_line_when_issuable,
     every_state_change_is_an_event,
     redeem_without_sku_finds_the_code_through_the_index,
     expired_codes_are_never_issued_and_are_retired,
