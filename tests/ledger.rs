@@ -265,6 +265,14 @@ fn event(sku: &str, n: i64, kind: &str, ids: &[i64]) -> LedgerEvent {
     }
 }
 
+/// A redemption of key 1 of `sku` by `who` at `NOW + n`: a redeem event names no order.
+fn redemption(sku: &str, n: i64, who: &str) -> LedgerEvent {
+    let mut e = event(sku, n, "redeem", &[1]);
+    e.order_id = None;
+    e.redeemer = Some(who.into());
+    e
+}
+
 fn inserted(local_id: i64, sku: &str) -> InsertOutcome {
     InsertOutcome::Inserted {
         key_id: format!("{sku}.{local_id}"),
@@ -1020,16 +1028,16 @@ async fn multi_use_keys_count_uses(env: &Env) {
     let mut twice = key("TWICE");
     twice.max_uses = 2;
     stocked(l, "gift", &[twice]).await;
-    let redeem = |n: i64, who: &str| {
-        let mut e = event("gift", n, "redeem", &[1]);
-        e.redeemer = Some(who.into());
-        e
-    };
-    l.apply_events(&[event("gift", 1, "claim", &[1]), redeem(2, "alice")])
+    l.apply_events(&[
+        event("gift", 1, "claim", &[1]),
+        redemption("gift", 2, "alice"),
+    ])
+    .await
+    .expect("apply");
+    assert_eq!(tally(l, "gift.1").await, tallied(0, 1, 1, false, "claimed"));
+    l.apply_events(&[redemption("gift", 3, "bob")])
         .await
         .expect("apply");
-    assert_eq!(tally(l, "gift.1").await, tallied(0, 1, 1, false, "claimed"));
-    l.apply_events(&[redeem(3, "bob")]).await.expect("apply");
     let k = get(l, "gift.1").await;
     assert_eq!((k.uses, k.state.as_str()), (2, "redeemed"));
     assert_eq!(k.redeemer.as_deref(), Some("bob"));
@@ -1046,19 +1054,19 @@ async fn the_latest_order_and_redemption_follow_the_engine_whatever_commits_last
     shared.max_issues = 2;
     shared.max_uses = 2;
     stocked(l, "gift", &[shared]).await;
-    let redeem = |n: i64, who: &str| {
-        let mut e = event("gift", n, "redeem", &[1]);
-        e.order_id = None;
-        e.redeemer = Some(who.into());
-        e
-    };
     // In the engine: o-9 claims, o-10 claims, "first" redeems, "second" redeems.
-    l.apply_events(&[event("gift", 10, "claim", &[1]), redeem(12, "second")])
-        .await
-        .expect("the later batch");
-    l.apply_events(&[event("gift", 9, "claim", &[1]), redeem(11, "first")])
-        .await
-        .expect("the earlier batch");
+    l.apply_events(&[
+        event("gift", 10, "claim", &[1]),
+        redemption("gift", 12, "second"),
+    ])
+    .await
+    .expect("the later batch");
+    l.apply_events(&[
+        event("gift", 9, "claim", &[1]),
+        redemption("gift", 11, "first"),
+    ])
+    .await
+    .expect("the earlier batch");
     let k = get(l, "gift.1").await;
     assert_eq!((k.sold, k.uses, k.state.as_str()), (2, 2, "redeemed"));
     assert_eq!(k.order_id.as_deref(), Some("o-10"));
