@@ -632,6 +632,65 @@ local function claim_order(order_id, qty, user, hold_ms, now, pool, share, fresh
   return order_reply('new', o)
 end
 
+-- The sold code whose canonical form under one of the SKU's format versions has one of the
+-- digests argv[first..last] (the newest version first; the call's ARGV, which the prelude
+-- cannot name): its key id, record and which digest
+-- matched (from 1), or nil. Every digest is looked up, whichever matches: the work does not
+-- tell which version a code belongs to. Runs before unservable (see redeem.lua): a decoy
+-- call for an unknown code, against a SKU that does not exist, must cost what a lookup costs.
+local function find_sold(argv, first, last)
+  local id, k, matched = nil, nil, 0
+  for i = first, last do
+    local found = redis.call('HGET', K.idx, argv[i])
+    if found and not id then
+      local key = load_key(found)
+      if key and not key.void and key.sold > 0 then id, k, matched = found, key, i - first + 1 end
+    end
+  end
+  return id, k, matched
+end
+
+-- redeem.lua for the code find_sold found (`id`, its record `k`, `matched`) or did not
+-- (nil), once the SKU is known to serve. Its reply as redeem.lua's.
+local function redeem_found(id, k, matched, redeemer, now, paused)
+  if not id then return { 'invalid' } end
+  if k.expires_at > 0 and now >= k.expires_at then return { 'expired', k.expires_at } end
+
+  local mark = id .. '|' .. redeemer
+  local previous = redis.call('HGET', K.redemptions, mark)
+  if previous then
+    local at, eid = string.match(previous, '^(%d+)|?(.*)$')
+    return { 'replay', id, at, eid, {}, matched }
+  end
+  if k.uses >= k.max_uses then
+    -- The last redeemer asking again, after the redemption marks were lost with the engine's
+    -- data (the key itself comes back from the ledger): the same answer as the first time.
+    if k.redeemer == redeemer then
+      return { 'replay', id, tostring(k.redeemed_at), '', {}, matched }
+    end
+    return { 'used', k.redeemed_at, k.redeemer }
+  end
+
+  if paused then return { 'paused' } end
+
+  local before = snapshot(k)
+  k.uses = k.uses + 1
+  k.redeemer = redeemer
+  k.redeemed_at = now
+  save_key(id, before, k)
+  -- Reported in short, {stream id, uses}: the gateway rebuilds the other fields, which it
+  -- sent or this reply carries (see EMITTED).
+  local eid, sid = append('redeem', now, { 'ids', id, 'redeemer', redeemer, 'uses', k.uses })
+  redis.call('HSET', K.redemptions, mark, int(now) .. '|' .. eid)
+  -- The code's last use: its record now answers this redeemer's retry as the mark does (see
+  -- the replay above), so the mark may retire (retire.lua). Marks of earlier uses of a
+  -- reusable code stay: only they tell those redeemers' retries from new redemptions.
+  if k.uses >= k.max_uses then
+    redis.call('RPUSH', K.settled, int(now) .. '|' .. mark)
+  end
+  return { 'new', id, now, eid, { sid, int(k.uses) }, matched }
+end
+
 -- Defers the writes listed at DEFERRED until `flush`, for the rest of this call.
 local function defer()
   DEFERRED = { counts = {}, settled = {} }

@@ -15,7 +15,7 @@ use kamigate::inventory::{
     Ack, Added, AnswerEntry, ClaimRequest, Counts, Inventory, NewCode, Order, PoolDraw, PoolLevels,
 };
 use kamigate::ledger::KeyRecord;
-use kamigate::sku::SkuConfig;
+use kamigate::sku::{Candidate, SkuConfig};
 use support::clock::ManualClock;
 use support::redis_server::RedisServer;
 
@@ -1435,6 +1435,7 @@ conformance!(
     a_late_order_rebuild_never_overwrites_a_live_order,
     a_batch_claims_each_order_as_if_it_came_alone,
     coalesced_claims_each_get_the_answer_they_would_get_alone,
+    coalesced_redemptions_each_get_the_answer_they_would_get_alone,
     warming_loads_each_key_once_in_the_state_the_ledger_records,
     two_channels_race_for_their_pools_and_the_shared_remainder,
     a_channel_limited_to_its_pool_never_touches_what_is_not_its_own,
@@ -1639,6 +1640,174 @@ async fn a_batch_claims_each_order_as_if_it_came_alone(h: Harness) {
             assert_eq!(redeemed.expect("redeems").key_id, key.key_id);
         }
     }
+}
+
+/// Hundreds of redemptions of one SKU at once, which the inventory gathers into few script
+/// calls: each code of several uses asked by more redeemers than it has uses, one redeemer
+/// twice, one through an older format version, one while redemptions are paused; unsold and
+/// unknown codes; decoy calls for codes the index does not know. Each answer is one it could
+/// have got alone: a code's uses go to that many redeemers, once each, a retry gets its
+/// first answer, a paused redemption changes nothing, and each new redemption's event is
+/// the stream's entry.
+async fn coalesced_redemptions_each_get_the_answer_they_would_get_alone(h: Harness) {
+    const USES: usize = 3;
+    let config = SkuConfig {
+        max_uses: USES as u64,
+        ..SkuConfig::default()
+    };
+    let codes = h.stock("rush-r", config, 40).await;
+    let sold = codes_of(&h.claim("rush-r", "o-1", 30).await.expect("claimed"));
+    let unsold: Vec<String> = codes.into_iter().filter(|c| !sold.contains(c)).collect();
+    let paused = Error::Paused {
+        action: "redemptions",
+        gateway_wide: false,
+        retry_after_ms: 1_000,
+    };
+    // (code, redeemer, paused, candidates)
+    type Ask = (String, String, bool, Vec<Candidate>);
+    let version = |v: u32, canonical: &str| Candidate {
+        version: v,
+        canonical: canonical.to_owned(),
+    };
+    let mut asks: Vec<Ask> = Vec::new();
+    for (i, code) in sold.iter().enumerate() {
+        for j in 0..6 {
+            let redeemer = format!("r-{i}-{j}");
+            // Redeemer 0 asks while redemptions are paused, first, while the code has uses
+            // left; redeemer 1 asks twice; redeemer 2 sends the code as read under two
+            // format versions, the one sold (version 7) second.
+            let candidates = if j == 2 {
+                vec![version(8, &format!("{code}X")), version(7, code)]
+            } else {
+                vec![version(0, code)]
+            };
+            asks.push((code.clone(), redeemer.clone(), j == 0, candidates.clone()));
+            if j == 1 {
+                asks.push((code.clone(), redeemer, false, candidates));
+            }
+        }
+    }
+    for code in unsold
+        .iter()
+        .cloned()
+        .chain((0..20).map(|i| format!("NOSUCH{i:04}")))
+    {
+        asks.push((code.clone(), "r-x".into(), false, vec![version(0, &code)]));
+    }
+    let calls_before = h.script_calls().await;
+    let tasks: Vec<_> = asks
+        .iter()
+        .cloned()
+        .map(|(code, redeemer, pause, candidates)| {
+            let inv = h.inv.clone();
+            let paused = pause.then(|| paused.clone());
+            tokio::spawn(async move {
+                let answer = inv
+                    .redeem_any("rush-r", &candidates, &redeemer, paused.as_ref())
+                    .await;
+                ((code, redeemer, pause, candidates), answer)
+            })
+        })
+        .collect();
+    let decoys: Vec<_> = (0..40)
+        .map(|i| {
+            let inv = h.inv.clone();
+            tokio::spawn(async move { inv.redeem_unknown(&format!("UNKNOWN{i:04}"), "r-y").await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("redemption task ran"));
+    }
+    for decoy in decoys {
+        decoy
+            .await
+            .expect("decoy task ran")
+            .expect("a decoy call answers");
+    }
+    if let (Some(before), Some(after)) = (calls_before, h.script_calls().await) {
+        assert!(
+            after - before < asks.len() as u64 / 2,
+            "{} redemptions took {} script calls: they were not gathered",
+            asks.len(),
+            after - before
+        );
+    }
+
+    let mut events = HashSet::new();
+    for code in &sold {
+        let of_code: Vec<_> = answers.iter().filter(|(ask, _)| &ask.0 == code).collect();
+        let new: Vec<_> = of_code
+            .iter()
+            .filter_map(|(ask, answer)| Some((ask, answer.as_ref().ok().filter(|r| !r.replayed)?)))
+            .collect();
+        assert_eq!(new.len(), USES, "{code}: every use made once");
+        let winners: HashSet<&str> = new.iter().map(|(ask, _)| ask.1.as_str()).collect();
+        assert_eq!(winners.len(), USES, "{code}: each use for another redeemer");
+        for (ask, answer) in &of_code {
+            let (_, redeemer, pause, _) = ask;
+            match answer {
+                Ok(r) => {
+                    assert!(winners.contains(redeemer.as_str()), "{ask:?}: {r:?}");
+                    let first = new.iter().find(|(a, _)| &a.1 == redeemer).expect("won").1;
+                    assert_eq!(r.key_id, first.key_id);
+                    assert_eq!(
+                        r.redeemed_at_ms, first.redeemed_at_ms,
+                        "a retry, its first answer"
+                    );
+                    let expected = if redeemer.ends_with("-2") { 7 } else { 0 };
+                    assert_eq!(r.format_version, Some(expected), "{ask:?}");
+                }
+                Err(Error::CardUsed { .. }) => {
+                    assert!(
+                        !winners.contains(redeemer.as_str()),
+                        "{ask:?}: a winner told used"
+                    );
+                }
+                Err(Error::Paused { .. }) => assert!(*pause, "{ask:?}: paused though not asked so"),
+                Err(e) => panic!("{ask:?}: unexpected {e:?}"),
+            }
+            assert!(
+                !(*pause && answer.is_ok()),
+                "{ask:?}: redeemed while paused"
+            );
+        }
+        for (_, r) in &new {
+            let emitted = r.emitted.clone().expect("a new redemption's event");
+            assert!(
+                events.insert(emitted.answer_id.clone()),
+                "one event per use"
+            );
+            assert_eq!(
+                h.inv
+                    .answer_entry("rush-r", &emitted.answer_id)
+                    .await
+                    .expect("read"),
+                AnswerEntry::Kept(emitted),
+                "{code}"
+            );
+        }
+    }
+    // Asked first for its code, a paused redemption mostly finds uses left: the pause, not
+    // the code, is what refused it.
+    let paused_answers = answers
+        .iter()
+        .filter(|(_, a)| matches!(a, Err(Error::Paused { .. })))
+        .count();
+    assert!(
+        paused_answers > 0,
+        "no redemption was refused for the pause"
+    );
+    for (ask, answer) in &answers {
+        if !sold.contains(&ask.0) {
+            assert!(
+                matches!(answer, Err(Error::CardInvalid)),
+                "{ask:?}: {answer:?}"
+            );
+        }
+    }
+    let c = h.counts("rush-r").await;
+    assert_eq!((c.redeemed, c.claimed, c.available), (30, 0, 10));
 }
 
 /// A second gateway finishing a rebuild after the first one already let the SKU serve

@@ -162,6 +162,7 @@ scripts!(
     release,
     expire,
     redeem,
+    redeems_batch,
     order,
     counts,
     void,

@@ -1,70 +1,117 @@
-//! Natural batching of concurrent claims of one SKU into one script call.
+//! Natural batching of concurrent requests of one SKU into one script call.
 //!
-//! A flash sale sends many claims for the same SKU at once, and every script call costs an
-//! engine round trip, a script start and the hold sweep. So while a claim of a SKU is in the
-//! engine, the claims that arrive for that SKU queue up here; when the call returns, the
-//! queue goes as one `claims_batch.lua` call, and so on. At low load nothing waits: a claim
-//! that finds its SKU idle runs at once, alone. Under load the batch grows with the queue,
-//! so the engine sees fewer, larger calls instead of more, smaller ones.
+//! A flash sale sends many claims for the same SKU at once, and its buyers then redeem many
+//! of its codes at once; every script call costs an engine round trip and a script start
+//! (and a claim's, the hold sweep). So while a call of a SKU is in the engine, the requests
+//! of the same kind that arrive for that SKU queue up here; when the call returns, the queue
+//! goes as one batch call (`claims_batch.lua`, `redeems_batch.lua`), and so on. At low load
+//! nothing waits: a request that finds its SKU idle runs at once, alone. Under load the
+//! batch grows with the queue, so the engine sees fewer, larger calls instead of more,
+//! smaller ones.
 //!
-//! Each claim keeps its own answer, idempotency and errors: `claims_batch.lua` claims each
-//! order exactly as `claim.lua` would alone (the conformance suite runs both). Coalescing
-//! never decides anything: two calls of one SKU running at once (a lane dropped while idle,
-//! [`MAX_CALLS_PER_SKU`]) are as correct as one, because each script call is atomic.
+//! Each request keeps its own answer, idempotency and errors: a batch script treats each
+//! request exactly as the single script would alone, after the ones before it (the
+//! conformance suite runs both). Coalescing never decides anything: two calls of one SKU
+//! running at once (a lane dropped while idle, [`MAX_CALLS_PER_SKU`]) are as correct as
+//! one, because each script call is atomic.
 //!
-//! A queued claim is sent by a spawned task, not by its caller, so a client that hangs up
-//! does not stall the claims queued behind it; its claim may still be made, as it could be
-//! once its script was sent. Orders are idempotent, so its retry gets the answer.
+//! A queued request is sent by a spawned task, not by its caller, so a client that hangs up
+//! does not stall the requests queued behind it; its request may still be carried out, as
+//! it could be once its script was sent. Orders and redemptions are idempotent, so its retry
+//! gets the answer.
+
+use std::future::Future;
+use std::marker::PhantomData;
 
 use dashmap::DashMap;
 use tokio::sync::oneshot;
 
-use super::{ClaimRequest, Inventory, Order};
+use super::{ClaimRequest, Inventory, Order, Redemption};
 use crate::error::Error;
+use crate::sku::Candidate;
 
-/// Script calls of one SKU in the engine at once. Two keep the engine busy while the
-/// gateway reads one call's replies and gathers the next batch.
+/// Script calls of one SKU and kind in the engine at once. Two keep the engine busy while
+/// the gateway reads one call's replies and gathers the next batch.
 pub const MAX_CALLS_PER_SKU: usize = 2;
 
-/// Most orders in one coalesced call.
+/// Most requests in one coalesced call.
 pub const MAX_ORDERS_PER_CALL: usize = 256;
 
-/// Most codes one coalesced call asks for: bounds how long one script holds the engine.
+/// Most codes one coalesced call asks for (claims) or looks up (redemptions): bounds how long
+/// one script holds the engine.
 pub const MAX_CODES_PER_CALL: u64 = 1024;
 
 /// One claim's answer, and whether its `ERR_SOLD_OUT` meant that nothing was left.
 pub type Answer = (Result<Order, Error>, bool);
 
-struct Waiting {
-    request: ClaimRequest,
-    reply: oneshot::Sender<Answer>,
+/// A kind of request that concurrent requests of one SKU can share a script call for.
+pub(super) trait Coalesced: Clone + Send + Sync + Sized + 'static {
+    type Answer: Send + 'static;
+
+    /// What this request takes of a call's [`MAX_CODES_PER_CALL`].
+    fn codes(&self) -> u64;
+
+    /// The lanes of this kind in `inventory`.
+    fn lanes(inventory: &Inventory) -> &Coalescer<Self>;
+
+    /// The answer of a request whose call ended without answering it (the runtime is
+    /// shutting down): nothing is known of it.
+    fn unanswered() -> Self::Answer;
+
+    /// Runs `requests` of `sku` in one script call (a single one as the kind's own script):
+    /// an answer each, in order.
+    fn run<'a>(
+        inventory: &'a Inventory,
+        sku: &'a str,
+        requests: &'a [Self],
+    ) -> impl Future<Output = Vec<Self::Answer>> + Send + 'a;
 }
 
-#[derive(Default)]
-struct Lane {
+struct Waiting<Q: Coalesced> {
+    request: Q,
+    reply: oneshot::Sender<Q::Answer>,
+}
+
+struct Lane<Q: Coalesced> {
     /// Script calls of this SKU in flight.
     calls: usize,
-    queue: Vec<Waiting>,
+    queue: Vec<Waiting<Q>>,
 }
 
-/// The claims of each SKU waiting for the call in flight to return.
-#[derive(Default)]
-pub struct Coalescer {
+impl<Q: Coalesced> Default for Lane<Q> {
+    fn default() -> Self {
+        Lane {
+            calls: 0,
+            queue: Vec::new(),
+        }
+    }
+}
+
+/// The requests of one kind, per SKU, waiting for the call in flight to return.
+pub struct Coalescer<Q: Coalesced> {
     /// SKU → its lane; a lane exists only while a call of that SKU is in flight, so the map
-    /// is bounded by the SKUs being claimed, not by every SKU ever named.
-    lanes: DashMap<Box<str>, Lane>,
+    /// is bounded by the SKUs being asked for, not by every SKU ever named.
+    lanes: DashMap<Box<str>, Lane<Q>>,
 }
 
-enum Turn {
-    /// Run the claim now.
+impl<Q: Coalesced> Default for Coalescer<Q> {
+    fn default() -> Self {
+        Coalescer {
+            lanes: DashMap::new(),
+        }
+    }
+}
+
+enum Turn<A> {
+    /// Run the request now.
     Run,
     /// A call is in flight: the answer comes from the call that takes the queue.
-    Wait(oneshot::Receiver<Answer>),
+    Wait(oneshot::Receiver<A>),
 }
 
-impl Coalescer {
-    /// Enters a claim: run it now when the SKU has a free call slot, else queue it.
-    fn enter(&self, sku: &str, request: &ClaimRequest) -> Turn {
+impl<Q: Coalesced> Coalescer<Q> {
+    /// Enters a request: run it now when the SKU has a free call slot, else queue it.
+    fn enter(&self, sku: &str, request: &Q) -> Turn<Q::Answer> {
         let mut lane = self.lanes.entry(sku.into()).or_default();
         if lane.calls < MAX_CALLS_PER_SKU {
             lane.calls += 1;
@@ -80,7 +127,7 @@ impl Coalescer {
 
     /// A call of `sku` returned: the next batch its slot carries, or `None` when the queue
     /// is empty (the slot is freed, and the lane dropped with the last one).
-    fn next(&self, sku: &str) -> Option<Vec<Waiting>> {
+    fn next(&self, sku: &str) -> Option<Vec<Waiting<Q>>> {
         let mut lane = self.lanes.get_mut(sku)?;
         if lane.queue.is_empty() {
             lane.calls = lane.calls.saturating_sub(1);
@@ -98,7 +145,7 @@ impl Coalescer {
             .iter()
             .take(MAX_ORDERS_PER_CALL)
             .take_while(|w| {
-                codes += w.request.quantity;
+                codes += w.request.codes();
                 codes <= MAX_CODES_PER_CALL
             })
             .count()
@@ -107,16 +154,17 @@ impl Coalescer {
     }
 }
 
-/// Frees a claim's call slot when the claim is done or its caller gone, handing the queue
-/// that gathered meanwhile to a task of its own.
-struct Slot<'a> {
+/// Frees a request's call slot when the request is done or its caller gone, handing the
+/// queue that gathered meanwhile to a task of its own.
+struct Slot<'a, Q: Coalesced> {
     inventory: &'a Inventory,
     sku: &'a str,
+    kind: PhantomData<Q>,
 }
 
-impl Drop for Slot<'_> {
+impl<Q: Coalesced> Drop for Slot<'_, Q> {
     fn drop(&mut self) {
-        let Some(batch) = self.inventory.coalescer.next(self.sku) else {
+        let Some(batch) = Q::lanes(self.inventory).next(self.sku) else {
             return;
         };
         // Outside a runtime (it is being torn down) the batch is dropped: its callers are
@@ -130,50 +178,144 @@ impl Drop for Slot<'_> {
 }
 
 impl Inventory {
-    /// Claims through the SKU's lane: at once when the SKU has a free call slot, else with
-    /// the next batch.
-    pub(super) async fn claim_coalesced(&self, sku: &str, req: &ClaimRequest) -> Answer {
-        match self.coalescer.enter(sku, req) {
+    /// Runs `request` through the SKU's lane of its kind: at once when the SKU has a free
+    /// call slot, else with the next batch.
+    pub(super) async fn coalesced<Q: Coalesced>(&self, sku: &str, request: &Q) -> Q::Answer {
+        match Q::lanes(self).enter(sku, request) {
             Turn::Run => {
-                let _slot = Slot {
+                let _slot = Slot::<Q> {
                     inventory: self,
                     sku,
+                    kind: PhantomData,
                 };
-                self.claim_alone(sku, req).await
+                let mut answers = Q::run(self, sku, std::slice::from_ref(request)).await;
+                answers.pop().unwrap_or_else(Q::unanswered)
             }
-            Turn::Wait(answer) => answer.await.unwrap_or_else(|_| {
-                // The task carrying the batch ended without answering (the runtime is
-                // shutting down): nothing is known of this claim.
-                (
-                    Err(Error::Unavailable(
-                        "the claim was not answered; retry".into(),
-                    )),
-                    false,
-                )
-            }),
+            Turn::Wait(answer) => answer.await.unwrap_or_else(|_| Q::unanswered()),
         }
     }
 
     /// Carries a SKU's call slot through batch after batch until its queue is empty.
-    async fn drive(&self, sku: String, mut batch: Vec<Waiting>) {
+    async fn drive<Q: Coalesced>(&self, sku: String, mut batch: Vec<Waiting<Q>>) {
         loop {
-            let requests: Vec<ClaimRequest> = batch.iter().map(|w| w.request.clone()).collect();
-            let answers = if let [only] = requests.as_slice() {
-                vec![self.claim_alone(&sku, only).await]
-            } else {
-                match self.claim_batch(&sku, &requests).await {
-                    Ok(answers) => answers,
-                    Err(e) => requests.iter().map(|_| (Err(e.clone()), false)).collect(),
-                }
-            };
+            let requests: Vec<Q> = batch.iter().map(|w| w.request.clone()).collect();
+            let answers = Q::run(self, &sku, &requests).await;
             for (waiting, answer) in batch.into_iter().zip(answers) {
                 // A caller that hung up no longer wants its answer.
                 let _ = waiting.reply.send(answer);
             }
-            match self.coalescer.next(&sku) {
+            match Q::lanes(self).next(&sku) {
                 Some(next) => batch = next,
                 None => return,
             }
         }
     }
+}
+
+impl Coalesced for ClaimRequest {
+    type Answer = Answer;
+
+    fn codes(&self) -> u64 {
+        self.quantity
+    }
+
+    fn lanes(inventory: &Inventory) -> &Coalescer<Self> {
+        &inventory.lanes.claims
+    }
+
+    fn unanswered() -> Answer {
+        (
+            Err(Error::Unavailable(
+                "the claim was not answered; retry".into(),
+            )),
+            false,
+        )
+    }
+
+    async fn run(inventory: &Inventory, sku: &str, requests: &[Self]) -> Vec<Answer> {
+        if let [only] = requests {
+            return vec![inventory.claim_alone(sku, only).await];
+        }
+        match inventory.claim_batch(sku, requests).await {
+            Ok(answers) => answers,
+            Err(e) => requests.iter().map(|_| (Err(e.clone()), false)).collect(),
+        }
+    }
+}
+
+/// A redemption of a SKU's code, as [`Inventory::redeem_any`] asks for it.
+#[derive(Clone)]
+pub(super) struct RedeemRequest {
+    pub candidates: Vec<Candidate>,
+    pub redeemer: String,
+    /// Set while redemptions are paused: the answer to a redemption that would be new.
+    pub paused: Option<Error>,
+}
+
+impl Coalesced for RedeemRequest {
+    type Answer = Result<Redemption, Error>;
+
+    fn codes(&self) -> u64 {
+        self.candidates.len().max(1) as u64
+    }
+
+    fn lanes(inventory: &Inventory) -> &Coalescer<Self> {
+        &inventory.lanes.redemptions
+    }
+
+    fn unanswered() -> Self::Answer {
+        Err(Error::Unavailable(
+            "the redemption was not answered; retry".into(),
+        ))
+    }
+
+    async fn run(inventory: &Inventory, sku: &str, requests: &[Self]) -> Vec<Self::Answer> {
+        if let [only] = requests {
+            return vec![inventory.redeem_alone(sku, only).await];
+        }
+        match inventory.redeem_batch(sku, requests).await {
+            Ok(answers) => answers,
+            Err(e) => requests.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+}
+
+/// The decoy call of a code the global index does not know ([`Inventory::redeem_unknown`]),
+/// coalesced per decoy SKU as redemptions are per SKU, so it keeps costing what a
+/// redemption's call costs.
+#[derive(Clone)]
+pub(super) struct DecoyRequest {
+    pub redeemer: String,
+    pub digest: String,
+}
+
+impl Coalesced for DecoyRequest {
+    type Answer = Result<(), Error>;
+
+    fn codes(&self) -> u64 {
+        1
+    }
+
+    fn lanes(inventory: &Inventory) -> &Coalescer<Self> {
+        &inventory.lanes.decoys
+    }
+
+    fn unanswered() -> Self::Answer {
+        Err(Error::Unavailable(
+            "the redemption was not answered; retry".into(),
+        ))
+    }
+
+    async fn run(inventory: &Inventory, decoy: &str, requests: &[Self]) -> Vec<Self::Answer> {
+        let answer = inventory.decoys(decoy, requests).await;
+        requests.iter().map(|_| answer.clone()).collect()
+    }
+}
+
+/// The lanes of each kind of coalesced request.
+#[derive(Default)]
+pub(super) struct Lanes {
+    pub claims: Coalescer<ClaimRequest>,
+    pub redemptions: Coalescer<RedeemRequest>,
+    pub decoys: Coalescer<DecoyRequest>,
 }

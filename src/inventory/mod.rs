@@ -297,8 +297,9 @@ pub struct Inventory {
     /// Told whenever a script finds a SKU missing or still loading, so the gateway checks
     /// the engine against the ledger at once instead of at its next periodic pass.
     lost: Arc<tokio::sync::Notify>,
-    /// Concurrent claims of one SKU, gathered into one script call.
-    coalescer: Arc<coalesce::Coalescer>,
+    /// Concurrent claims, and concurrent redemptions, of one SKU, each kind gathered into
+    /// one script call.
+    lanes: Arc<coalesce::Lanes>,
     /// Seals codes before they reach the engine or the ledger, opens them to answer a
     /// claim, keys the code digests. Shared by every clone, so a rotation
     /// ([`Inventory::use_keyring`]) reaches them all.
@@ -324,7 +325,7 @@ impl Inventory {
             engine: measured(engine),
             clock,
             lost: Arc::new(tokio::sync::Notify::new()),
-            coalescer: Arc::default(),
+            lanes: Arc::default(),
             // Fresh keys until the data dir's are installed: an inventory that outlives no
             // process (tests) needs no more; the gateway and the commands install theirs.
             keyring: Arc::new(RwLock::new(Arc::new(Keyring::generate()))),
@@ -904,7 +905,7 @@ impl Inventory {
         sku: &str,
         req: &ClaimRequest,
     ) -> (Result<Order, Error>, bool) {
-        self.claim_coalesced(sku, req).await
+        self.coalesced(sku, req).await
     }
 
     /// One claim in one `claim.lua` call.
@@ -1120,89 +1121,106 @@ impl Inventory {
         redeemer: &str,
         paused: Option<&Error>,
     ) -> Result<Redemption, Error> {
+        let request = coalesce::RedeemRequest {
+            candidates: candidates.to_vec(),
+            redeemer: redeemer.to_owned(),
+            paused: paused.cloned(),
+        };
+        // Concurrent redemptions of one SKU go to the engine together (see `coalesce`).
+        self.coalesced(sku, &request).await
+    }
+
+    /// One redemption in one `redeem.lua` call.
+    async fn redeem_alone(
+        &self,
+        sku: &str,
+        req: &coalesce::RedeemRequest,
+    ) -> Result<Redemption, Error> {
         let now = self.now_ms().to_string();
-        let mut args = Vec::with_capacity(3 + candidates.len());
-        args.push(redeemer.to_owned());
+        let mut args = Vec::with_capacity(3 + req.candidates.len());
+        args.push(req.redeemer.clone());
         args.push(now.clone());
-        args.push(if paused.is_some() { "1" } else { "0" }.to_owned());
+        args.push(if req.paused.is_some() { "1" } else { "0" }.to_owned());
         let keyring = self.keyring();
-        args.extend(candidates.iter().map(|c| keyring.digest(&c.canonical)));
+        args.extend(req.candidates.iter().map(|c| keyring.digest(&c.canonical)));
         let reply = self.run(&SCRIPTS.redeem, sku, args).await?;
-        let field = |i: usize| reply.get(i).and_then(Reply::as_i64).unwrap_or(0) as u64;
-        match tag(&reply) {
-            t @ ("new" | "replay") => {
-                let event_id = reply
-                    .get(3)
-                    .and_then(Reply::as_str)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned);
-                let matched = field(5) as usize;
-                let local = reply.get(1).and_then(Reply::as_str).unwrap_or("");
-                let emitted = match short_event(reply.get(4)) {
-                    // The redemption's event in short: rebuilt from what was sent.
-                    Some((stream_id, uses)) => {
-                        let answer_id = event_id
-                            .as_deref()
-                            .ok_or_else(|| unexpected("redeem", &Reply::Array(reply.clone())))?;
-                        let sent = RedeemEvent {
-                            key: local,
-                            redeemer,
-                            now: &now,
-                        };
-                        Some(sent.entry(answer_id, stream_id, uses))
-                    }
-                    None => Emitted::from_reply(reply.get(4), event_id.as_deref()),
-                };
-                Ok(Redemption {
-                    sku: sku.to_owned(),
-                    key_id: key_id(sku, local),
-                    redeemed_at_ms: field(2),
-                    replayed: t == "replay",
-                    emitted,
-                    event_id,
-                    format_version: matched
-                        .checked_sub(1)
-                        .and_then(|i| candidates.get(i))
-                        .map(|c| c.version),
-                })
-            }
-            "no_sku" | "loading" => Err(rebuilding(sku)),
-            "paused" => Err(paused
-                .cloned()
-                .ok_or_else(|| unexpected("redeem", &Reply::Array(reply.clone())))?),
-            "invalid" => Err(Error::CardInvalid),
-            "used" => Err(Error::CardUsed {
-                redeemed_at_ms: field(1),
-                masked_redeemer: mask(reply.get(2).and_then(Reply::as_str).unwrap_or("")),
-            }),
-            "expired" => Err(Error::CardExpired {
-                expires_at_ms: field(1),
-            }),
-            _ => Err(unexpected("redeem", &Reply::Array(reply))),
+        redemption_result(sku, req, &now, &reply)
+    }
+
+    /// Several redemptions of one SKU in one `redeems_batch.lua` call: each answer in the
+    /// order of `requests`, exactly as [`Inventory::redeem_any`] would give it for that
+    /// redemption alone after the ones before it.
+    async fn redeem_batch(
+        &self,
+        sku: &str,
+        requests: &[coalesce::RedeemRequest],
+    ) -> Result<Vec<Result<Redemption, Error>>, Error> {
+        let now = self.now_ms().to_string();
+        let keyring = self.keyring();
+        let mut args = Vec::with_capacity(1 + requests.len() * 4);
+        args.push(now.clone());
+        for req in requests {
+            args.push(req.redeemer.clone());
+            args.push(if req.paused.is_some() { "1" } else { "0" }.to_owned());
+            args.push(req.candidates.len().to_string());
+            args.extend(req.candidates.iter().map(|c| keyring.digest(&c.canonical)));
         }
+        let reply = self.run(&SCRIPTS.redeems_batch, sku, args).await?;
+        if matches!(tag(&reply), "no_sku" | "loading") {
+            return Err(rebuilding(sku));
+        }
+        if reply.len() != requests.len() {
+            return Err(unexpected("redeems_batch", &Reply::Array(reply)));
+        }
+        Ok(requests
+            .iter()
+            .zip(&reply)
+            .map(|(req, one)| redemption_result(sku, req, &now, one.as_array().unwrap_or_default()))
+            .collect())
     }
 
     /// The engine work of redeeming a code the global index does not know: the redemption
     /// script, run against a SKU that cannot exist (its name holds `:`), where the digest
     /// finds nothing, as it finds no sold key for an unsold code. A code the index knows
     /// costs that same script call, so the time an answer takes does not tell a prober
-    /// which codes exist. The decoy SKU is chosen by the code's index shard, so on Redis
-    /// Cluster these calls spread over slots like the index lookups do.
+    /// which codes exist; concurrent ones are coalesced as redemptions are. The decoy SKU is
+    /// chosen by the code's index shard, so on Redis Cluster these calls spread over slots
+    /// like the index lookups do.
     pub async fn redeem_unknown(&self, raw: &str, redeemer: &str) -> Result<(), Error> {
         let digest = index_digest(&self.keyring(), raw);
         let decoy = format!(":unknown{}", digest_shard(&digest));
-        let args = vec![
-            redeemer.to_owned(),
-            self.now_ms().to_string(),
-            "0".to_owned(),
+        let request = coalesce::DecoyRequest {
+            redeemer: redeemer.to_owned(),
             digest,
-        ];
+        };
+        self.coalesced(&decoy, &request).await
+    }
+
+    /// The decoy calls of `requests` against `decoy`: `redeem.lua` for one, else
+    /// `redeems_batch.lua`, as a redemption of a real SKU would be.
+    async fn decoys(&self, decoy: &str, requests: &[coalesce::DecoyRequest]) -> Result<(), Error> {
+        let now = self.now_ms().to_string();
+        let (script, args) = match requests {
+            [only] => (
+                &SCRIPTS.redeem,
+                vec![only.redeemer.clone(), now, "0".into(), only.digest.clone()],
+            ),
+            _ => {
+                let mut args = Vec::with_capacity(1 + requests.len() * 4);
+                args.push(now);
+                for req in requests {
+                    args.extend([req.redeemer.clone(), "0".into(), "1".into()]);
+                    args.push(req.digest.clone());
+                }
+                (&SCRIPTS.redeems_batch, args)
+            }
+        };
         // Not `run`: the decoy is missing on purpose, which is no sign of a lost SKU.
-        let reply = self.eval(&SCRIPTS.redeem, sku_keys(&decoy), args).await?;
+        let reply = self.eval(script, sku_keys(decoy), args).await?;
         let items = reply.as_array().unwrap_or_default();
         match tag(items) {
             "no_sku" | "invalid" => Ok(()),
-            _ => Err(unexpected("redeem", &reply)),
+            _ => Err(unexpected(script.name(), &reply)),
         }
     }
 
@@ -1388,6 +1406,65 @@ pub(crate) fn count_open_failure(keyring: &Keyring, e: &crate::secrets::OpenErro
 /// Validates and canonicalises a code under a SKU's format.
 pub fn canonical(format: &Format, raw: &str) -> Result<String, Error> {
     format.validate(raw).map_err(Error::CardMalformed)
+}
+
+/// A redemption's answer from its `redeem.lua` reply (or its part of a `redeems_batch.lua`
+/// reply), for `req` sent at `now`.
+fn redemption_result(
+    sku: &str,
+    req: &coalesce::RedeemRequest,
+    now: &str,
+    reply: &[Reply],
+) -> Result<Redemption, Error> {
+    let field = |i: usize| reply.get(i).and_then(Reply::as_i64).unwrap_or(0) as u64;
+    let unknown = || unexpected("redeem", &Reply::Array(reply.to_vec()));
+    match tag(reply) {
+        t @ ("new" | "replay") => {
+            let event_id = reply
+                .get(3)
+                .and_then(Reply::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned);
+            let matched = field(5) as usize;
+            let local = reply.get(1).and_then(Reply::as_str).unwrap_or("");
+            let emitted = match short_event(reply.get(4)) {
+                // The redemption's event in short: rebuilt from what was sent.
+                Some((stream_id, uses)) => {
+                    let answer_id = event_id.as_deref().ok_or_else(unknown)?;
+                    let sent = RedeemEvent {
+                        key: local,
+                        redeemer: &req.redeemer,
+                        now,
+                    };
+                    Some(sent.entry(answer_id, stream_id, uses))
+                }
+                None => Emitted::from_reply(reply.get(4), event_id.as_deref()),
+            };
+            Ok(Redemption {
+                sku: sku.to_owned(),
+                key_id: key_id(sku, local),
+                redeemed_at_ms: field(2),
+                replayed: t == "replay",
+                emitted,
+                event_id,
+                format_version: matched
+                    .checked_sub(1)
+                    .and_then(|i| req.candidates.get(i))
+                    .map(|c| c.version),
+            })
+        }
+        "no_sku" | "loading" => Err(rebuilding(sku)),
+        "paused" => Err(req.paused.clone().ok_or_else(unknown)?),
+        "invalid" => Err(Error::CardInvalid),
+        "used" => Err(Error::CardUsed {
+            redeemed_at_ms: field(1),
+            masked_redeemer: mask(reply.get(2).and_then(Reply::as_str).unwrap_or("")),
+        }),
+        "expired" => Err(Error::CardExpired {
+            expires_at_ms: field(1),
+        }),
+        _ => Err(unknown()),
+    }
 }
 
 fn tag(reply: &[Reply]) -> &str {
