@@ -15,13 +15,15 @@
 # (default "engine ledger") picks the durability modes. KIND=redeem measures redemptions of
 # the codes the warm-up claimed instead (a new redeemer each, the lockout windows on),
 # figures per redemption. CPU is counted until the ledger has every event of the run, so an
-# engine-mode writer's backlog is counted in its run.
+# engine-mode writer's backlog is counted in its run. COMMANDS=1 (Redis engine) also prints
+# Redis's `INFO commandstats` of the run per claim or redemption: the calls of each command
+# (those inside scripts included) and their microseconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 A=${1:?binary A} B=${2:?binary B} ROUNDS=${3:-3} ENGINE=${4:-redis}
 SECS=${SECS:-6} CONNS=${CONNS:-32} CODES=1000 PER=${PER:-1} MODES=${MODES:-engine ledger}
-KIND=${KIND:-claim}
+KIND=${KIND:-claim} COMMANDS=${COMMANDS:-0}
 . benches/lib.sh
 
 ADMIN=admin-token-durable-ab-0001
@@ -85,6 +87,9 @@ one() {
   # The warm-up sold every code (each can be sold and redeemed a million times).
   if [ "$KIND" = redeem ]; then url="http://127.0.0.1:$public/v1/redeem" script=redeem.lua; fi
   local r0 r1 d0 d1 c0 c1 out
+  if [ "$COMMANDS" = 1 ] && [ "$ENGINE" = redis ]; then
+    redis-cli -p "$rp" CONFIG RESETSTAT >/dev/null
+  fi
   threads "$pid" >"$dir/t0"; r0=$(ticks "$redis_pid"); d0=$(disk "$pid")
   c0=$(commits "http://127.0.0.1:$admin")
   out=$(TOKEN=$MERCHANT ORDER_PREFIX="run-$RANDOM" BATCH=$PER SKU=sbs CODES=$CODES \
@@ -106,6 +111,12 @@ one() {
     "$KIND" "$(awk -v a="$d0" -v b="$d1" -v n="$n" 'BEGIN { print (b - a) / 1024 / n }')" "$bad"
   join "$dir/t0" "$dir/t1" | awk -v n="$n" -v hz="$hz" -v k="$KIND" '
     { printf "      %-16s cpu us/%s %6.1f  switches/%s %5.2f\n", $1, k, ($4 - $2) * 1e6 / hz / n, k, ($5 - $3) / n }'
+  if [ "$COMMANDS" = 1 ] && [ "$ENGINE" = redis ]; then
+    redis-cli -p "$rp" INFO commandstats | tr -d '\r' | awk -F'[_:=,]' -v n="$n" -v k="$KIND" '
+      /^cmdstat_/ && $4 / n >= 0.001 {
+        printf "      %-16s calls/%s %6.3f  us/%s %6.2f\n", $2, k, $4 / n, k, $6 / n }' |
+      sort -k5 -rn
+  fi
   kill "$pid" "$redis_pid"; wait "$pid" "$redis_pid" 2>/dev/null || true
 }
 

@@ -61,7 +61,7 @@ fn the_harness_runs_every_system_and_reports_figures() {
 }
 
 /// `benches/durable_ab.sh`, one short round of one build against itself: all four runs
-/// answer claims and report the gateway's threads.
+/// answer claims and report the gateway's threads and Redis's commands.
 #[test]
 fn the_durable_a_b_script_runs_both_modes_of_both_builds() {
     let bin = env!("CARGO_BIN_EXE_kamigate");
@@ -73,6 +73,7 @@ fn the_durable_a_b_script_runs_both_modes_of_both_builds() {
         .args([bin, bin, "1", "redis"])
         .env("SECS", "1")
         .env("CONNS", "4")
+        .env("COMMANDS", "1")
         .output()
         .expect("the script runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -101,5 +102,13 @@ fn the_durable_a_b_script_runs_both_modes_of_both_builds() {
     assert!(
         stdout.contains("tokio-rt-worker"),
         "per-thread figures: {stdout}"
+    );
+    let scripts = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("fcall ") && l.contains("calls/claim"))
+        .count();
+    assert_eq!(
+        scripts, 4,
+        "Redis's script calls per claim in each run: {stdout}"
     );
 }
