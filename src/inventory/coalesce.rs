@@ -212,6 +212,11 @@ impl Inventory {
     }
 }
 
+/// The answer to a `what` whose call ended without answering it: nothing is known of it.
+fn not_answered(what: &str) -> Error {
+    Error::Unavailable(format!("the {what} was not answered; retry"))
+}
+
 impl Coalesced for ClaimRequest {
     type Answer = Answer;
 
@@ -224,12 +229,7 @@ impl Coalesced for ClaimRequest {
     }
 
     fn unanswered() -> Answer {
-        (
-            Err(Error::Unavailable(
-                "the claim was not answered; retry".into(),
-            )),
-            false,
-        )
+        (Err(not_answered("claim")), false)
     }
 
     async fn run(inventory: &Inventory, sku: &str, requests: &[Self]) -> Vec<Answer> {
@@ -264,9 +264,7 @@ impl Coalesced for RedeemRequest {
     }
 
     fn unanswered() -> Self::Answer {
-        Err(Error::Unavailable(
-            "the redemption was not answered; retry".into(),
-        ))
+        Err(not_answered("redemption"))
     }
 
     async fn run(inventory: &Inventory, sku: &str, requests: &[Self]) -> Vec<Self::Answer> {
@@ -301,9 +299,7 @@ impl Coalesced for DecoyRequest {
     }
 
     fn unanswered() -> Self::Answer {
-        Err(Error::Unavailable(
-            "the redemption was not answered; retry".into(),
-        ))
+        Err(not_answered("redemption"))
     }
 
     async fn run(inventory: &Inventory, decoy: &str, requests: &[Self]) -> Vec<Self::Answer> {
