@@ -633,11 +633,11 @@ local function claim_order(order_id, qty, user, hold_ms, now, pool, share, fresh
 end
 
 -- The sold code whose canonical form under one of the SKU's format versions has one of the
--- digests argv[first..last] (the newest version first; the call's ARGV, which the prelude
--- cannot name): its key id, record and which digest
--- matched (from 1), or nil. Every digest is looked up, whichever matches: the work does not
--- tell which version a code belongs to. Runs before unservable (see redeem.lua): a decoy
--- call for an unknown code, against a SKU that does not exist, must cost what a lookup costs.
+-- digests argv[first..last] (the newest version first; `argv` is the call's ARGV, which the
+-- prelude cannot name): its key id, record and which digest matched (from 1), or nil. Every
+-- digest is looked up, whichever matches: the work does not tell which version a code
+-- belongs to. Runs before unservable (see redeem.lua): a decoy call for an unknown code,
+-- against a SKU that does not exist, must cost what a lookup costs.
 local function find_sold(argv, first, last)
   local id, k, matched = nil, nil, 0
   for i = first, last do
