@@ -198,11 +198,12 @@ impl Inventory {
     /// Carries a SKU's call slot through batch after batch until its queue is empty.
     async fn drive<Q: Coalesced>(&self, sku: String, mut batch: Vec<Waiting<Q>>) {
         loop {
-            let requests: Vec<Q> = batch.iter().map(|w| w.request.clone()).collect();
+            let (requests, replies): (Vec<Q>, Vec<_>) =
+                batch.into_iter().map(|w| (w.request, w.reply)).unzip();
             let answers = Q::run(self, &sku, &requests).await;
-            for (waiting, answer) in batch.into_iter().zip(answers) {
+            for (reply, answer) in replies.into_iter().zip(answers) {
                 // A caller that hung up no longer wants its answer.
-                let _ = waiting.reply.send(answer);
+                let _ = reply.send(answer);
             }
             match Q::lanes(self).next(&sku) {
                 Some(next) => batch = next,
