@@ -1203,6 +1203,55 @@ async fn concurrent_writers_apply_each_event_once(env: &Env) {
     assert_eq!(tally(l.as_ref(), "gift.20").await.1, 1);
 }
 
+/// A SQLite ledger's group commits reach the ledger file itself soon after they commit,
+/// long before the WAL fills: checkpoints run on a thread of their own, not inside a commit
+/// once the WAL passes 1,000 pages (src/ledger/sqlite/group_commit.rs). Read from a copy of
+/// the file alone, without its WAL.
+#[tokio::test]
+async fn sqlite_group_commits_are_checkpointed_without_waiting_for_a_full_wal() {
+    let env = Env::sqlite().await;
+    let l = env.ledger.as_ref();
+    let codes: Vec<String> = (0..300).map(|i| format!("K{i}")).collect();
+    let refs: Vec<&str> = codes.iter().map(String::as_str).collect();
+    stocked(l, "gift", &keys(&refs)).await;
+    let events: Vec<LedgerEvent> = (1..=300).map(|i| event("gift", i, "claim", &[i])).collect();
+    assert_eq!(l.apply_events(&events).await.expect("apply"), 300);
+
+    let wal = std::fs::metadata(env.dir.path().join("ledger.sqlite3-wal")).expect("the WAL");
+    assert!(
+        wal.len() < 1_000 * 4_096,
+        "a WAL of {} bytes: past SQLite's own checkpoint size, which this test is not about",
+        wal.len()
+    );
+    let copies = TempDir::new().expect("temp dir");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut attempt = 0;
+    let in_file = loop {
+        attempt += 1;
+        // A copy taken while a checkpoint writes may be torn: it then reads as an error, and
+        // the next copy is taken.
+        let copy = copies.path().join(format!("copy-{attempt}.sqlite3"));
+        std::fs::copy(env.dir.path().join("ledger.sqlite3"), &copy).expect("copy the file");
+        let claimed: Option<i64> = rusqlite::Connection::open(&copy).ok().and_then(|c| {
+            c.query_row(
+                "SELECT count(*) FROM events WHERE kind = 'claim'",
+                [],
+                |r| r.get(0),
+            )
+            .ok()
+        });
+        if claimed == Some(300) || std::time::Instant::now() > deadline {
+            break claimed;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        in_file,
+        Some(300),
+        "the ledger file alone holds every committed event"
+    );
+}
+
 async fn large_import_pages_through_keys_after(env: &Env) {
     let l = env.ledger.as_ref();
     l.put_sku("bulk", "{}", 1, NOW).await.expect("put_sku");

@@ -9,6 +9,18 @@
 //! and runs the statements back to back, row by row through cached statements (without a
 //! round trip each, a statement per row costs little on SQLite): one wake-up there, one back.
 //!
+//! # Checkpoints
+//!
+//! SQLite's automatic checkpoint (copying committed pages from the WAL into the ledger file,
+//! then fsyncing it) runs inside the commit that takes the WAL past 1,000 pages, on the
+//! committing thread, before the commit returns. A group commit of a few hundred events
+//! touches a few hundred pages, so nearly every large commit paid for one: about a fifth of
+//! this thread's time, and with `durability = "ledger"` the answers waited for it. Here a
+//! thread of its own checkpoints instead, `PASSIVE` (it never holds up a commit), after the
+//! commits of each [`CHECKPOINT_EVERY`]: a page rewritten by many commits in that time (a
+//! busy key, an index's last leaf) is copied once. The commit connection keeps an automatic
+//! checkpoint at [`BACKSTOP_PAGES`], should that thread ever fall so far behind.
+//!
 //! The rules are the same as the generic path's (`sql/events.rs`), the replay is the same
 //! code ([`replay`]); the ledger suites run every SQLite file ledger through this path.
 //!
@@ -33,6 +45,13 @@ use crate::ledger::{LedgerError, LedgerEvent};
 
 /// Statements kept prepared: the few this thread runs.
 const CACHED_STATEMENTS: usize = 16;
+
+/// The checkpoint thread's pace (see the module's "Checkpoints"): the ledger file trails the
+/// WAL by about this long's commits, plus one checkpoint's time.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// WAL pages (4 KiB each) at which a commit checkpoints on the commit thread after all.
+const BACKSTOP_PAGES: i64 = 10_000;
 
 /// One group commit for the thread.
 struct Job {
@@ -72,7 +91,10 @@ impl GroupCommit {
         // statements below, none with a large sort that would also stay in memory.
         conn.pragma_update(None, "temp_store", "MEMORY")
             .map_err(error)?;
+        conn.pragma_update(None, "wal_autocheckpoint", BACKSTOP_PAGES)
+            .map_err(error)?;
         conn.set_prepared_statement_cache_capacity(CACHED_STATEMENTS);
+        let committed = start_checkpoints(path)?;
         let (jobs, queue) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("ledger-commit".into())
@@ -87,6 +109,10 @@ impl GroupCommit {
                     .unwrap_or_else(|_| {
                         Err(LedgerError::Corrupt("a group commit panicked".into()))
                     });
+                    if result.is_ok() {
+                        // Full: a checkpoint is already due, and covers this commit too.
+                        let _ = committed.try_send(());
+                    }
                     let _ = job.done.send(result);
                 }
             })
@@ -126,6 +152,43 @@ impl GroupCommit {
         }
         tokio::join!(answer, beside).0
     }
+}
+
+/// Starts the checkpoint thread on a connection of its own to the ledger file at `path`
+/// (see the module's "Checkpoints"). Returns the sender the commit thread tells of each
+/// commit through; the thread ends when it is dropped.
+fn start_checkpoints(path: &Path) -> Result<mpsc::SyncSender<()>, LedgerError> {
+    let conn = Connection::open(path).map_err(error)?;
+    // As the commits: a checkpoint fsyncs the ledger file before the WAL is reused.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(error)?;
+    let (committed, commits) = mpsc::sync_channel::<()>(1);
+    std::thread::Builder::new()
+        .name("ledger-checkpt".into())
+        .spawn(move || {
+            let mut failing = false;
+            while commits.recv().is_ok() {
+                let started = std::time::Instant::now();
+                // (busy, WAL pages, pages copied): busy when a reader still needs older pages,
+                // which the next checkpoint copies.
+                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!("ledger checkpoints succeed again");
+                    }
+                    Ok(()) => {}
+                    // Said once a streak, not at every commit while it lasts.
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "ledger checkpoint failed; the WAL grows until one succeeds");
+                    }
+                    Err(_) => {}
+                }
+                std::thread::sleep(CHECKPOINT_EVERY.saturating_sub(started.elapsed()));
+            }
+        })
+        .map_err(|e| LedgerError::Unavailable(format!("starting the checkpoint thread: {e}")))?;
+    Ok(committed)
 }
 
 /// One group commit: the same steps as the generic path, in one transaction.
