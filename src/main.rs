@@ -540,10 +540,11 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
             "embedded"
         };
         let log_json = config.log_json;
+        let stop = stop_signals();
         // A gateway waiting for Redis or PostgreSQL at start can be stopped like a running one.
         let started = tokio::select! {
             started = Gateway::start(config) => started,
-            _ = shutdown_signal() => {
+            _ = stopped(stop.clone()) => {
                 tracing::info!("stopped before serving");
                 return ExitCode::SUCCESS;
             }
@@ -580,7 +581,7 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
         gateway
             .run_until(async move {
                 // Ctrl-C at a terminal: the operator wants it stopped, not drained.
-                if shutdown_signal().await == Signal::Interrupt && std::io::stdin().is_terminal() {
+                if stopped(stop).await == Signal::Interrupt && std::io::stdin().is_terminal() {
                     app.hurry();
                 }
             })
@@ -608,12 +609,33 @@ where
 }
 
 /// Which signal asked the gateway to stop.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Signal {
     /// SIGINT: Ctrl-C.
     Interrupt,
     /// SIGTERM: a service manager or orchestrator.
     Terminate,
+}
+
+/// Listens for SIGTERM and SIGINT from now until one comes, for [`stopped`]. One listener
+/// for the gateway's whole life: a listener made later does not see a signal that came
+/// before it, and one made per phase (starting, serving) lost a SIGTERM sent between them,
+/// once readiness already answered, and the gateway never stopped.
+fn stop_signals() -> tokio::sync::watch::Receiver<Option<Signal>> {
+    let (tell, stop) = tokio::sync::watch::channel(None);
+    tokio::spawn(async move {
+        let _ = tell.send(Some(shutdown_signal().await));
+    });
+    stop
+}
+
+/// Resolves once [`stop_signals`] heard a signal, at once if it already has.
+async fn stopped(mut stop: tokio::sync::watch::Receiver<Option<Signal>>) -> Signal {
+    match stop.wait_for(Option::is_some).await {
+        Ok(signal) => signal.unwrap_or(Signal::Terminate),
+        // The listener ended without a signal: only when the runtime itself is going.
+        Err(_) => std::future::pending().await,
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.
