@@ -623,8 +623,9 @@ enum Signal {
 /// once readiness already answered, and the gateway never stopped.
 fn stop_signals() -> tokio::sync::watch::Receiver<Option<Signal>> {
     let (tell, stop) = tokio::sync::watch::channel(None);
+    let first = first_signal();
     tokio::spawn(async move {
-        let _ = tell.send(Some(shutdown_signal().await));
+        let _ = tell.send(Some(first.await));
     });
     stop
 }
@@ -638,27 +639,38 @@ async fn stopped(mut stop: tokio::sync::watch::Receiver<Option<Signal>>) -> Sign
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() -> Signal {
-    let ctrl_c = async {
+/// Registers for SIGTERM and SIGINT before it returns (a signal sent after that is seen
+/// whenever the future is first polled), and resolves on the first to come. A listener
+/// that cannot be made waits for good, as if its signal never came.
+#[cfg(unix)]
+fn first_signal() -> impl std::future::Future<Output = Signal> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let interrupt = signal(SignalKind::interrupt()).ok();
+    let terminate = signal(SignalKind::terminate()).ok();
+    let next = |listener: Option<tokio::signal::unix::Signal>| async move {
+        match listener {
+            Some(mut listener) => {
+                listener.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    async move {
+        tokio::select! {
+            _ = next(interrupt) => Signal::Interrupt,
+            _ = next(terminate) => Signal::Terminate,
+        }
+    }
+}
+
+/// Resolves on Ctrl-C (no SIGTERM off Unix).
+#[cfg(not(unix))]
+fn first_signal() -> impl std::future::Future<Output = Signal> {
+    async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => Signal::Interrupt,
-        _ = term => Signal::Terminate,
+        Signal::Interrupt
     }
 }
 

@@ -94,7 +94,7 @@ impl GroupCommit {
         conn.pragma_update(None, "wal_autocheckpoint", BACKSTOP_PAGES)
             .map_err(error)?;
         conn.set_prepared_statement_cache_capacity(CACHED_STATEMENTS);
-        let committed = start_checkpoints(path)?;
+        let committed = start_checkpoints(path, busy_timeout)?;
         let (jobs, queue) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("ledger-commit".into())
@@ -157,8 +157,14 @@ impl GroupCommit {
 /// Starts the checkpoint thread on a connection of its own to the ledger file at `path`
 /// (see the module's "Checkpoints"). Returns the sender the commit thread tells of each
 /// commit through; the thread ends when it is dropped.
-fn start_checkpoints(path: &Path) -> Result<mpsc::SyncSender<()>, LedgerError> {
+fn start_checkpoints(
+    path: &Path,
+    busy_timeout: Duration,
+) -> Result<mpsc::SyncSender<()>, LedgerError> {
     let conn = Connection::open(path).map_err(error)?;
+    // A `PASSIVE` checkpoint waits for no reader or writer; this covers the rest (reading the
+    // schema while another connection recovers the WAL).
+    conn.busy_timeout(busy_timeout).map_err(error)?;
     // As the commits: a checkpoint fsyncs the ledger file before the WAL is reused.
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(error)?;
