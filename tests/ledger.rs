@@ -158,6 +158,7 @@ both_ledgers!(
     unknown_keys_and_kinds_are_recorded_and_skipped,
     concurrent_writers_apply_each_event_once,
     large_import_pages_through_keys_after,
+    order_events_page_by_recording_order,
 );
 
 /// The behaviours of applying events, once more on an in-memory SQLite ledger (see
@@ -1083,6 +1084,69 @@ async fn the_latest_order_and_redemption_follow_the_engine_whatever_commits_last
     early.order_id = Some("early".into());
     l.apply_events(&[late, early]).await.expect("one batch");
     assert_eq!(get(l, "card.1").await.order_id.as_deref(), Some("late"));
+}
+
+/// A rebuild restores a SKU's orders page by page (`order_events_after`, as
+/// `inventory::warm::restore_orders` calls it): every order event of the SKU once, in the
+/// order the ledger recorded them, none of another SKU's and no redemption (it names no order).
+async fn order_events_page_by_recording_order(env: &Env) {
+    let l = env.ledger.as_ref();
+    let mut reusable = key("R1");
+    reusable.max_issues = 100;
+    reusable.max_uses = 100;
+    stocked(l, "gift", std::slice::from_ref(&reusable)).await;
+    stocked(l, "card", &[reusable]).await;
+    // Recorded in three commits, the stream's order not the ledger's: a later entry of
+    // "gift" committed before an earlier one (a batch a writer took over).
+    let gift = |n: i64| event("gift", n, "claim", &[1]);
+    l.apply_events(&[gift(7), gift(8), event("card", 1, "claim", &[1])])
+        .await
+        .expect("first commit");
+    l.apply_events(&[
+        redemption("gift", 9, "someone"),
+        gift(3),
+        event("card", 2, "claim", &[1]),
+        gift(4),
+    ])
+    .await
+    .expect("second commit");
+    l.apply_events(&[gift(10), gift(11), gift(12)])
+        .await
+        .expect("third commit");
+    let recorded = ["o-7", "o-8", "o-3", "o-4", "o-10", "o-11", "o-12"];
+
+    for limit in [1, 2, 3, 7, 100] {
+        let mut cursor = 0;
+        let mut seen: Vec<String> = Vec::new();
+        let mut last_seq = 0;
+        for _ in 0..=recorded.len() {
+            let page = l
+                .order_events_after("gift", cursor, limit)
+                .await
+                .expect("a page of order events");
+            assert!(
+                page.len() <= limit as usize,
+                "limit {limit}: a page of {}",
+                page.len()
+            );
+            let Some((last, _)) = page.last() else { break };
+            for (seq, e) in &page {
+                assert!(*seq > last_seq, "limit {limit}: seq {seq} after {last_seq}");
+                last_seq = *seq;
+                assert_eq!(e.sku, "gift");
+                seen.push(e.order_id.clone().expect("an order event names its order"));
+            }
+            cursor = *last;
+        }
+        assert_eq!(seen, recorded, "limit {limit}");
+    }
+    let card = l.order_events_after("card", 0, 100).await.expect("card");
+    assert_eq!(card.len(), 2);
+    assert!(l
+        .order_events_after("none", 0, 100)
+        .await
+        .expect("none")
+        .is_empty());
 }
 
 async fn counts_group_active_keys_by_state(env: &Env) {
