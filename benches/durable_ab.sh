@@ -50,53 +50,32 @@ threads() {
 
 # one <label> <binary> <durability>
 one() {
-  local label=$1 bin=$2 durability=$3 dir redis_pid pid rp public admin
+  local label=$1 bin=$2 durability=$3 dir redis_port redis_pid kg_pid kg_public kg_admin
   dir=$(mktemp -d "$work/run.XXXX")
-  rp=$(free_port); public=$(free_port); admin=$(free_port)
-  redis-server --port "$rp" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
-    --daemonize no >"$dir/redis.log" 2>&1 &
-  redis_pid=$!; pids+=("$redis_pid")
-  for _ in $(seq 100); do redis-cli -p "$rp" ping >/dev/null 2>&1 && break; sleep 0.05; done
-  {
-    echo "listen = \"127.0.0.1:$public\""
-    echo "admin_listen = \"127.0.0.1:$admin\""
-    echo "data_dir = \"$dir/data\""
-    echo "admin_token = \"$ADMIN\""
-    echo "merchant_token = \"$MERCHANT\""
-    echo "durability = \"$durability\""
-    echo "shutdown_delay_ms = 0"
-    [ "$ENGINE" = redis ] && echo "redis_url = \"redis://127.0.0.1:$rp/1\""
-    echo "[limits.public]"; echo "per_second = 10000000"; echo "burst = 10000000"
-    echo "[limits.merchant]"; echo "per_second = 10000000"; echo "burst = 10000000"
-    echo "[limits.failed_redemptions]"; echo "max_failures = 10000000"
-  } >"$dir/kamigate.toml"
-  RUST_LOG=warn "$bin" serve --config "$dir/kamigate.toml" >"$dir/log" 2>&1 &
-  pid=$!; pids+=("$pid")
-  for _ in $(seq 200); do curl -fs -o /dev/null "http://127.0.0.1:$admin/readyz" && break; sleep 0.05; done
-  curl -fs -X PUT "http://127.0.0.1:$admin/v1/skus/sbs" -H "Authorization: Bearer $ADMIN" \
-    -d '{"max_issues":1000000,"max_uses":1000000}' >/dev/null
-  seq 0 $((CODES - 1)) | sed 's/^/sbs-/' | curl -fs -X POST \
-    "http://127.0.0.1:$admin/v1/skus/sbs/batches?batch_id=b1" -H "Authorization: Bearer $ADMIN" \
-    -H 'content-type: text/plain' --data-binary @- >/dev/null
-  local url="http://127.0.0.1:$public/v1/skus/sbs/claims" script=claim.lua
+  start_redis "$dir"
+  local rp=$redis_port redis_url=""
+  [ "$ENGINE" = redis ] && redis_url="redis://127.0.0.1:$rp/1"
+  start_kamigate "$bin" "$dir" "$durability" "$redis_url"
+  local pid=$kg_pid public=$kg_public admin=$kg_admin
+  local url="$public/v1/skus/sbs/claims" script=claim.lua
   if [ "$PER" -gt 1 ]; then url="$url/batch" script=claim_batch.lua; fi
   # A second of warm-up: connections, caches, the writer's first passes.
   TOKEN=$MERCHANT ORDER_PREFIX="warm-$RANDOM" BATCH=$PER wrk -t1 -c"$CONNS" -d1s \
     -s "benches/wrk/$script" "$url" >/dev/null
-  caught_up "http://127.0.0.1:$public/v1/skus/sbs" "$MERCHANT"
+  caught_up "$public/v1/skus/sbs" "$MERCHANT"
   # The warm-up sold every code (each can be sold and redeemed a million times).
-  if [ "$KIND" = redeem ]; then url="http://127.0.0.1:$public/v1/redeem" script=redeem.lua; fi
+  if [ "$KIND" = redeem ]; then url="$public/v1/redeem" script=redeem.lua; fi
   local r0 r1 d0 d1 c0 c1 out
   if [ "$COMMANDS" = 1 ] && [ "$ENGINE" = redis ]; then
     redis-cli -p "$rp" CONFIG RESETSTAT >/dev/null
   fi
   threads "$pid" >"$dir/t0"; r0=$(ticks "$redis_pid"); d0=$(disk "$pid")
-  c0=$(commits "http://127.0.0.1:$admin")
+  c0=$(commits "$admin")
   out=$(TOKEN=$MERCHANT ORDER_PREFIX="run-$RANDOM" BATCH=$PER SKU=sbs CODES=$CODES \
     wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -s "benches/wrk/$script" "$url")
-  caught_up "http://127.0.0.1:$public/v1/skus/sbs" "$MERCHANT"
+  caught_up "$public/v1/skus/sbs" "$MERCHANT"
   threads "$pid" >"$dir/t1"; r1=$(ticks "$redis_pid"); d1=$(disk "$pid")
-  c1=$(commits "http://127.0.0.1:$admin")
+  c1=$(commits "$admin")
   local n hz
   n=$(awk -v per="$PER" '/requests in/ { print $1 * per }' <<<"$out"); hz=$(getconf CLK_TCK)
   # A run whose answers were not all 2xx measured something else: said on its line.

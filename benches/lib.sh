@@ -1,6 +1,6 @@
 # Shared by the bench scripts (sourced): a work dir removed on exit, the processes started
-# into `pids` stopped on exit, a free loopback port, wrk required, and a wait for the ledger
-# to catch up.
+# into `pids` stopped on exit, a free loopback port, wrk required, a wait for the ledger to
+# catch up, and the start of a scratch Redis and of a gateway stocked for the wrk scripts.
 command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; exit 1; }
 
 work=$(mktemp -d)
@@ -25,4 +25,51 @@ caught_up() { # <SKU view url> <merchant token>
     sleep 0.1
   done
   echo "the ledger never caught up: $body" >&2; return 1
+}
+
+# Starts a scratch redis-server (nothing persisted) with its files in <dir>, on a free port,
+# and waits until it answers: sets redis_port and redis_pid (also added to `pids`).
+start_redis() { # <dir>
+  redis_port=$(free_port)
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$1" \
+    --daemonize no >"$1/redis.log" 2>&1 &
+  redis_pid=$!; pids+=("$redis_pid")
+  for _ in $(seq 200); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && return 0; sleep 0.05; done
+  echo "redis-server on port $redis_port never answered" >&2; return 1
+}
+
+# Starts a gateway as the benches run it: defaults, limits raised so they never trigger, the
+# tokens $ADMIN and $MERCHANT, its data dir under <dir>; waits until it is ready and stocks
+# SKU `sbs` with CODES codes that can each be issued and redeemed a million times. Sets
+# kg_pid (also added to `pids`), kg_public and kg_admin (base URLs).
+start_kamigate() { # <binary> <dir> <durability> [redis url: none for the embedded engine]
+  local bin=$1 dir=$2 durability=$3 redis_url=${4:-} public admin
+  public=$(free_port); admin=$(free_port)
+  {
+    echo "listen = \"127.0.0.1:$public\""
+    echo "admin_listen = \"127.0.0.1:$admin\""
+    echo "data_dir = \"$dir/data\""
+    echo "admin_token = \"$ADMIN\""
+    echo "merchant_token = \"$MERCHANT\""
+    echo "durability = \"$durability\""
+    echo "shutdown_delay_ms = 0"
+    [ -z "$redis_url" ] || echo "redis_url = \"$redis_url\""
+    echo "[limits.public]"; echo "per_second = 10000000"; echo "burst = 10000000"
+    echo "[limits.merchant]"; echo "per_second = 10000000"; echo "burst = 10000000"
+    echo "[limits.failed_redemptions]"; echo "max_failures = 10000000"
+  } >"$dir/kamigate.toml"
+  RUST_LOG=warn "$bin" serve --config "$dir/kamigate.toml" >"$dir/log" 2>&1 &
+  kg_pid=$!; pids+=("$kg_pid")
+  kg_public="http://127.0.0.1:$public" kg_admin="http://127.0.0.1:$admin"
+  local ready=0
+  for _ in $(seq 200); do
+    curl -fs -o /dev/null "$kg_admin/readyz" && { ready=1; break; }
+    sleep 0.05
+  done
+  [ "$ready" = 1 ] || { echo "kamigate never became ready: see $dir/log" >&2; return 1; }
+  curl -fs -X PUT "$kg_admin/v1/skus/sbs" -H "Authorization: Bearer $ADMIN" \
+    -d '{"max_issues":1000000,"max_uses":1000000}' >/dev/null
+  seq 0 $((CODES - 1)) | sed 's/^/sbs-/' | curl -fs -X POST \
+    "$kg_admin/v1/skus/sbs/batches?batch_id=b1" -H "Authorization: Bearer $ADMIN" \
+    -H 'content-type: text/plain' --data-binary @- >/dev/null
 }

@@ -39,16 +39,8 @@ fi
 
 # CPU seconds (user + system) a process has used so far.
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / hz }' "/proc/$1/stat"; }
-wait_http() {
-  for _ in $(seq 200); do curl -fs -o /dev/null "$1" && return 0; sleep 0.05; done
-  echo "never answered: $1" >&2; return 1
-}
 
-redis_port=$(free_port)
-redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
-  --dir "$work" --daemonize no >"$work/redis.log" 2>&1 &
-redis_pid=$!; pids+=("$redis_pid")
-for _ in $(seq 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.05; done
+start_redis "$work"
 
 ADMIN=admin-token-side-by-side-01
 MERCHANT=merchant-token-side-by-side
@@ -94,42 +86,24 @@ kill "$pid"
 kamigate() {
   local system=$1 db=$2 durability=$3 with_redis=1
   [ "$db" = 0 ] && with_redis=0
-  local public admin dir
-  public=$(free_port); admin=$(free_port); dir="$work/$system"; mkdir -p "$dir"
-  {
-    echo "listen = \"127.0.0.1:$public\""
-    echo "admin_listen = \"127.0.0.1:$admin\""
-    echo "data_dir = \"$dir\""
-    echo "admin_token = \"$ADMIN\""
-    echo "merchant_token = \"$MERCHANT\""
-    echo "durability = \"$durability\""
-    echo "shutdown_delay_ms = 0"
-    [ "$with_redis" = 1 ] && echo "redis_url = \"redis://127.0.0.1:$redis_port/$db\""
-    echo "[limits.public]"; echo "per_second = 10000000"; echo "burst = 10000000"
-    echo "[limits.merchant]"; echo "per_second = 10000000"; echo "burst = 10000000"
-    echo "[limits.failed_redemptions]"; echo "max_failures = 10000000"
-  } >"$dir/kamigate.toml"
-  RUST_LOG=warn "$KAMIGATE_BIN" serve --config "$dir/kamigate.toml" >"$dir/log" 2>&1 &
-  local pid=$!; pids+=("$pid")
-  wait_http "http://127.0.0.1:$admin/readyz"
-  SKU_VIEW="http://127.0.0.1:$public/v1/skus/sbs"
-  curl -fs -X PUT "http://127.0.0.1:$admin/v1/skus/sbs" -H "Authorization: Bearer $ADMIN" \
-    -d '{"max_issues":1000000,"max_uses":1000000}' >/dev/null
-  seq 0 $((CODES - 1)) | sed 's/^/sbs-/' | curl -fs -X POST \
-    "http://127.0.0.1:$admin/v1/skus/sbs/batches?batch_id=b1" -H "Authorization: Bearer $ADMIN" \
-    -H 'content-type: text/plain' --data-binary @- >/dev/null
-  run "$system" claim "http://127.0.0.1:$public/v1/skus/sbs/claims" claim.lua "$pid" "$with_redis"
-  run "$system" redeem "http://127.0.0.1:$public/v1/redeem" redeem.lua "$pid" "$with_redis"
-  run "$system" batch "http://127.0.0.1:$public/v1/skus/sbs/claims/batch" claim_batch.lua \
+  local dir="$work/$system" redis_url=""
+  mkdir -p "$dir"
+  [ "$with_redis" = 1 ] && redis_url="redis://127.0.0.1:$redis_port/$db"
+  start_kamigate "$KAMIGATE_BIN" "$dir" "$durability" "$redis_url"
+  local pid=$kg_pid public=$kg_public admin=$kg_admin
+  SKU_VIEW="$public/v1/skus/sbs"
+  run "$system" claim "$public/v1/skus/sbs/claims" claim.lua "$pid" "$with_redis"
+  run "$system" redeem "$public/v1/redeem" redeem.lua "$pid" "$with_redis"
+  run "$system" batch "$public/v1/skus/sbs/claims/batch" claim_batch.lua \
     "$pid" "$with_redis" 100
   # Sold out: a SKU whose one code is gone; every claim is a new order answered 409.
-  curl -fs -X PUT "http://127.0.0.1:$admin/v1/skus/gone" -H "Authorization: Bearer $ADMIN" \
+  curl -fs -X PUT "$admin/v1/skus/gone" -H "Authorization: Bearer $ADMIN" \
     -d '{}' >/dev/null
-  echo gone-0 | curl -fs -X POST "http://127.0.0.1:$admin/v1/skus/gone/batches?batch_id=b1" \
+  echo gone-0 | curl -fs -X POST "$admin/v1/skus/gone/batches?batch_id=b1" \
     -H "Authorization: Bearer $ADMIN" -H 'content-type: text/plain' --data-binary @- >/dev/null
-  curl -fs -X POST "http://127.0.0.1:$public/v1/skus/gone/claims" \
+  curl -fs -X POST "$public/v1/skus/gone/claims" \
     -H "Authorization: Bearer $MERCHANT" -d '{"order_id":"first"}' >/dev/null
-  run "$system" soldout "http://127.0.0.1:$public/v1/skus/gone/claims" claim.lua "$pid" \
+  run "$system" soldout "$public/v1/skus/gone/claims" claim.lua "$pid" \
     "$with_redis"
   kill "$pid"; wait "$pid" 2>/dev/null || true
   SKU_VIEW=
