@@ -311,6 +311,16 @@ local function append(kind, now, fields, text)
   return GEN .. ':' .. id, id
 end
 
+-- Appends the event (its values text) with stream id `id` if the stream's ids have not
+-- passed it yet, as append does; nil when they have. A SKU rebuilt from the ledger raises
+-- its stream's ids above every id the ledger holds of it this way (sku.lua 'put', 'floor').
+local function append_at(id, kind, now, fields)
+  local added = redis.pcall('XADD', K.events, id, 't', kind, 'at', int(now), unpack(fields))
+  if type(added) ~= 'string' then return nil end
+  if not GEN then GEN = redis.call('HGET', K.meta, 'gen') or '' end
+  return GEN .. ':' .. added, added
+end
+
 local function emit(kind, now, fields)
   local eid, id = append(kind, now, fields)
   EMITTED = { id, 't', kind, 'at', int(now) }

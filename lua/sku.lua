@@ -1,11 +1,12 @@
 -- sku.lua — create or update a SKU's settings, or read them.
 -- KEYS: the SKU key set (prelude.lua)
 -- ARGV: 'put', config JSON, per_user_limit (0 = none), allow_late ('1'|'0'), max_issues,
---       max_uses, now (ms), gen, loading ('1'|'0')
+--       max_uses, now (ms), gen, loading ('1'|'0'), floor (a stream id, or '' or none)
 --                                                Reply: {'created'} | {'updated'}
---         gen and loading apply only when the call creates the SKU: gen names this
+--         gen, loading and floor apply only when the call creates the SKU: gen names this
 --         incarnation (see emit in the prelude); loading = '1' creates it for a rebuild
---         from the ledger, unservable until 'ready'.
+--         from the ledger, unservable until 'ready'; floor is the least stream id its
+--         events may take (see 'floor'), given when the ledger holds events of the SKU.
 --     | 'get'                                    Reply: {config JSON, gen, loading,
 --                                                      created_at, acks} | {'no_sku'}
 --         acks: ',<gateway>,<gateway>,' the gateways that wrote what they answered into
@@ -21,6 +22,16 @@
 --                                                     | {'no_sku'}
 --         A rebuild of generation gen starts reading the ledger: acknowledgements are late
 --         from now on. 'done' when gen is no longer loading.
+--     | 'floor', gen, id, now (ms)               Reply: {'raised'} | {'above'} | {'stale'}
+--                                                     | {'no_sku'}
+--         Makes the stream ids of generation gen at least `id` (the id just above the
+--         largest the ledger holds of the SKU: a rebuild reads it after 'read', an epoch
+--         check when it finds the engine replaced): 'raised' by appending a `sku` event
+--         {op = 'floor'} with id `id`, 'above' when its ids had passed it. A recreated
+--         stream's ids come from the engine's clock, which may be behind the one that made
+--         the ledger's events: their ids would come again (the ledger takes a repeated id
+--         for an event it has and drops it) or sort a later take of a key before an
+--         earlier one (src/ledger/rules.rs, `later_entry`).
 --     | 'ready', gen, epoch                      Reply: {'ready'} | {'done'} | {'stale'}
 --                                                     | {'no_sku'}
 --         Ends a rebuild of generation gen and marks the engine with epoch (see below): the
@@ -92,6 +103,14 @@ if op == 'ack' then
   end
   return { m[5] and 'late' or 'acked' }
 end
+if op == 'floor' then
+  if redis.call('EXISTS', K.meta) == 0 then return { 'no_sku' } end
+  if (redis.call('HGET', K.meta, 'gen') or '') ~= ARGV[2] then return { 'stale' } end
+  if append_at(ARGV[3], 'sku', tonumber(ARGV[4]), { 'op', 'floor' }) then
+    return { 'raised' }
+  end
+  return { 'above' }
+end
 if op == 'read' or op == 'ready' then
   if redis.call('EXISTS', K.meta) == 0 then return { 'no_sku' } end
   if (redis.call('HGET', K.meta, 'gen') or '') ~= ARGV[2] then return { 'stale' } end
@@ -113,5 +132,8 @@ if created then
 end
 redis.call('HSET', K.meta, 'config', ARGV[2], 'per_user_limit', ARGV[3], 'allow_late', ARGV[4],
   'max_issues', ARGV[5], 'max_uses', ARGV[6], 'updated_at', now)
-emit('sku', now, { 'op', created and 'create' or 'update' })
+local floor = created and ARGV[10] or ''
+if floor == '' or not append_at(floor, 'sku', now, { 'op', 'create' }) then
+  emit('sku', now, { 'op', created and 'create' or 'update' })
+end
 return { created and 'created' or 'updated' }

@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 use kamigate::engine::embedded::EmbeddedEngine;
 use kamigate::engine::keys::sku_keys;
 use kamigate::engine::redis::{RedisEngine, RedisOptions};
+use kamigate::engine::stream_id::StreamId;
 use kamigate::engine::{Script, ScriptEngine};
 use kamigate::error::Error;
 use kamigate::inventory::{
@@ -139,6 +140,26 @@ impl Harness {
             sku,
         )
         .await
+    }
+
+    /// The ids of the entries in the SKU's stream, oldest first.
+    async fn stream_ids(&self, sku: &str) -> Vec<StreamId> {
+        static PROBE: OnceLock<&'static Script> = OnceLock::new();
+        let ids: Vec<String> = self
+            .probe(
+                &PROBE,
+                "probe_stream_ids",
+                "local out = {}\n\
+                 for _, e in ipairs(redis.call('XRANGE', K.events, '-', '+')) do\n\
+                   out[#out + 1] = e[1]\n\
+                 end\n\
+                 return out",
+                sku,
+            )
+            .await;
+        ids.iter()
+            .map(|id| StreamId::parse(id).expect("a stream id"))
+            .collect()
     }
 
     /// The key ids in the SKU's `avail` list, head first (put back as they were).
@@ -1433,6 +1454,7 @@ conformance!(
     answers_name_the_generation_of_the_sku,
     a_rebuild_overtaken_by_a_newer_loss_never_declares_the_sku_ready,
     a_late_order_rebuild_never_overwrites_a_live_order,
+    a_rebuilt_skus_events_take_ids_above_the_ledgers,
     a_batch_claims_each_order_as_if_it_came_alone,
     coalesced_claims_each_get_the_answer_they_would_get_alone,
     coalesced_redemptions_each_get_the_answer_they_would_get_alone,
@@ -1853,12 +1875,12 @@ async fn a_rebuild_overtaken_by_a_newer_loss_never_declares_the_sku_ready(h: Har
     let inv = &h.inv;
     let config = SkuConfig::default();
     let first = inv
-        .create_loading("again", &config)
+        .create_loading("again", &config, None)
         .await
         .expect("created")
         .expect("new");
     assert_eq!(
-        inv.create_loading("again", &config)
+        inv.create_loading("again", &config, None)
             .await
             .expect("answered"),
         None,
@@ -1876,7 +1898,7 @@ async fn a_rebuild_overtaken_by_a_newer_loss_never_declares_the_sku_ready(h: Har
         .await
         .expect("wiped");
     let second = inv
-        .create_loading("again", &config)
+        .create_loading("again", &config, None)
         .await
         .expect("created")
         .expect("new");
@@ -1902,6 +1924,70 @@ async fn a_rebuild_overtaken_by_a_newer_loss_never_declares_the_sku_ready(h: Har
             .expect("sku")
             .loading
     );
+}
+
+/// A rebuilt SKU's stream starts empty, its ids from the engine's clock; a clock behind the
+/// one that made the ledger's events would repeat their ids. Here the ledger's ids lie in a
+/// future no clock has reached.
+async fn a_rebuilt_skus_events_take_ids_above_the_ledgers(h: Harness) {
+    h.index_complete().await;
+    let inv = &h.inv;
+    let floor = StreamId {
+        ms: 4_000_000_000_000,
+        seq: 7,
+    };
+    let gen = inv
+        .create_loading("floor", &SkuConfig::default(), Some(floor))
+        .await
+        .expect("created")
+        .expect("new");
+    assert_eq!(
+        h.stream_ids("floor").await,
+        [floor],
+        "the creation's own event takes the floor"
+    );
+    assert_eq!(h.events("floor").await, ["sku"]);
+    inv.start_reading("floor", &gen).await.expect("reading");
+    inv.raise_floor("floor", &gen, StreamId { ms: 1, seq: 0 })
+        .await
+        .expect("a floor the ids passed");
+    assert_eq!(h.stream_ids("floor").await, [floor], "nothing appended");
+    let raised = StreamId {
+        ms: floor.ms,
+        seq: u64::MAX,
+    };
+    inv.raise_floor("floor", &gen, raised)
+        .await
+        .expect("raised");
+    assert_eq!(h.stream_ids("floor").await, [floor, raised]);
+    assert!(matches!(
+        inv.raise_floor("floor", "another", raised).await,
+        Err(Error::Unavailable(_))
+    ));
+    h.add("floor", &["CODE-1".into()], None).await;
+    inv.mark_ready("floor", &gen, "e").await.expect("ready");
+    h.claim("floor", "o-1", 1).await.expect("claimed");
+    let ids = h.stream_ids("floor").await;
+    assert!(ids.len() >= 4, "{ids:?}");
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]) && ids[2] > raised,
+        "every later event goes above the floor: {ids:?}"
+    );
+    // A serving SKU's too (an engine replaced behind the gateway's back).
+    let later = StreamId {
+        ms: 4_000_000_000_100,
+        seq: 0,
+    };
+    inv.raise_floor("floor", &gen, later).await.expect("raised");
+    h.claim("floor", "o-1", 1).await.expect("a replay");
+    assert!(matches!(
+        h.claim("floor", "o-2", 1).await,
+        Err(Error::SoldOut)
+    ));
+    let after = h.stream_ids("floor").await;
+    assert_eq!(after[..ids.len()], ids[..]);
+    assert_eq!(after[ids.len()], later);
+    assert!(after.windows(2).all(|w| w[0] < w[1]), "{after:?}");
 }
 
 async fn expired_codes_are_never_issued_and_are_retired(h: Harness) {
@@ -1963,7 +2049,7 @@ async fn a_sku_being_rebuilt_answers_unavailable_never_sold_out_or_unknown(h: Ha
     h.index_complete().await;
     let inv = &h.inv;
     let gen = inv
-        .create_loading("rebuild", &SkuConfig::default())
+        .create_loading("rebuild", &SkuConfig::default(), None)
         .await
         .expect("created loading")
         .expect("new");
@@ -2076,7 +2162,7 @@ async fn a_rebuild_that_reads_the_ledger_is_drained_by_answers_written_late(h: H
     h.index_complete().await;
     let inv = &h.inv;
     let gen = inv
-        .create_loading("late", &SkuConfig::default())
+        .create_loading("late", &SkuConfig::default(), None)
         .await
         .expect("created loading")
         .expect("new");
@@ -2126,7 +2212,7 @@ async fn a_rebuild_that_reads_the_ledger_is_drained_by_answers_written_late(h: H
 
     // A rebuild that ended is drained like any generation serving.
     let gen = inv
-        .create_loading("late", &SkuConfig::default())
+        .create_loading("late", &SkuConfig::default(), None)
         .await
         .expect("created loading")
         .expect("new");
@@ -2148,7 +2234,7 @@ async fn a_load_for_a_serving_sku_never_goes_into_one_being_rebuilt(h: Harness) 
     h.index_complete().await;
     let gen = h
         .inv
-        .create_loading("warm", &SkuConfig::default())
+        .create_loading("warm", &SkuConfig::default(), None)
         .await
         .expect("created loading")
         .expect("new");

@@ -7,6 +7,7 @@ mod pg_support;
 use std::sync::Arc;
 
 use kamigate::code::digest;
+use kamigate::engine::stream_id::StreamId;
 use kamigate::ledger::{
     open, BatchCounts, BatchStart, InsertOutcome, KeyRecord, Ledger, LedgerError, LedgerEvent,
     NewKey, Seal, StateCounts, UPLOAD_LEASE_MS,
@@ -159,6 +160,7 @@ both_ledgers!(
     concurrent_writers_apply_each_event_once,
     large_import_pages_through_keys_after,
     order_events_page_by_recording_order,
+    the_last_entry_is_the_largest_stream_id_of_the_sku,
 );
 
 /// The behaviours of applying events, once more on an in-memory SQLite ledger (see
@@ -1089,6 +1091,40 @@ async fn the_latest_order_and_redemption_follow_the_engine_whatever_commits_last
 /// A rebuild restores a SKU's orders page by page (`order_events_after`, as
 /// `inventory::warm::restore_orders` calls it): every order event of the SKU once, in the
 /// order the ledger recorded them, none of another SKU's and no redemption (it names no order).
+async fn the_last_entry_is_the_largest_stream_id_of_the_sku(env: &Env) {
+    let l = env.ledger.as_ref();
+    let mut reusable = key("R1");
+    reusable.max_issues = 100;
+    reusable.max_uses = 100;
+    stocked(l, "gift", std::slice::from_ref(&reusable)).await;
+    stocked(l, "gift2", &[reusable]).await;
+    assert_eq!(l.last_entry("gift").await.expect("none yet"), None);
+    // Ids compare as numbers (`10-0` after `9-0`, `9-10` after `9-9`), whatever order the
+    // events were committed in; another SKU's, even one whose name starts alike, and an
+    // id no engine made count for nothing.
+    let mut late = redemption("gift", 9, "someone");
+    late.event_id = "gift/9-10".into();
+    let mut odd = event("gift", 11, "claim", &[1]);
+    odd.event_id = "gift/imported".into();
+    l.apply_events(&[
+        event("gift", 10, "claim", &[1]),
+        event("gift2", 99, "claim", &[1]),
+    ])
+    .await
+    .expect("first commit");
+    l.apply_events(&[event("gift", 9, "claim", &[1]), late, odd])
+        .await
+        .expect("second commit");
+    let id = |ms, seq| Some(StreamId { ms, seq });
+    assert_eq!(l.last_entry("gift").await.expect("gift"), id(10, 0));
+    assert_eq!(l.last_entry("gift2").await.expect("gift2"), id(99, 0));
+    let mut far = event("gift", 12, "claim", &[1]);
+    far.event_id = "gift/18446744073709551615-3".into();
+    l.apply_events(&[far]).await.expect("third commit");
+    assert_eq!(l.last_entry("gift").await.expect("gift"), id(u64::MAX, 3));
+    assert_eq!(l.last_entry("none").await.expect("unknown SKU"), None);
+}
+
 async fn order_events_page_by_recording_order(env: &Env) {
     let l = env.ledger.as_ref();
     let mut reusable = key("R1");

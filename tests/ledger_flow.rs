@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use kamigate::config::{Config, Durability};
+use kamigate::engine::keys::events_key;
+use kamigate::engine::stream_id::StreamId;
 use kamigate::engine::{EngineError, EngineKind, Reply, Script, ScriptEngine, SCRIPTS};
 use kamigate::inventory::warm::{begin_restore, finish_restore};
 use reqwest::StatusCode;
@@ -165,6 +167,55 @@ async fn flushall_is_rebuilt_from_the_ledger_without_selling_twice() {
     gw.stop().await;
 }
 
+/// A stream's ids come from the engine's clock. Here Redis loses its data and comes back with
+/// a clock behind the one that made the ledger's events (the SKU's ids were set ahead, as by
+/// a clock since put back): the rebuilt SKU's events still go above every id the ledger
+/// holds, so the key's latest order in the ledger is the one that took it last, not the
+/// hold released before the loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sku_rebuilt_under_a_clock_put_back_keeps_its_latest_order() {
+    let redis = RedisServer::start().await;
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    cfg.durability = Some(Durability::Ledger);
+    let gw = TestGateway::start(cfg).await;
+    gw.stock("clock", &["K-1"]).await;
+    redis
+        .redis_cli(&["XSETID", &events_key("clock"), "4000000000000-0"])
+        .await;
+    let (status, held) = gw
+        .claim(
+            "clock",
+            json!({"order_id": "h-1", "user_id": "u-h", "hold_ms": 60000}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{held}");
+    let (status, released) = gw
+        .merchant_post("/v1/skus/clock/claims/h-1/release", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{released}");
+    settled(&gw, "clock").await;
+    let ledger = &gw.gateway.app.ledger;
+    let key = ledger.get_key("clock.1").await.expect("read").expect("key");
+    assert_eq!(key.order_id.as_deref(), Some("h-1"));
+
+    lose_and_rebuild(&redis, &gw, "clock").await;
+    let (status, claimed) = gw
+        .claim("clock", json!({"order_id": "c-1", "user_id": "u-c"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{claimed}");
+    settled(&gw, "clock").await;
+    let key = ledger.get_key("clock.1").await.expect("read").expect("key");
+    assert_eq!(
+        (key.order_id.as_deref(), key.user_id.as_deref()),
+        (Some("c-1"), Some("u-c")),
+        "the ledger names the order that took the key last"
+    );
+    let (trail, kinds) = audit_trail(&gw.client, &gw.admin, "clock.1").await;
+    assert_eq!(kinds, ["hold", "release", "claim"], "{trail}");
+    gw.stop().await;
+}
+
 /// The hold sweep finds SKUs through the engine's registry of SKUs, which lives apart from
 /// the SKU's own keys (in Redis Cluster, on another shard). A SKU the registry lost (its
 /// shard failed over to a replica that missed the write, or the engine failed between
@@ -218,6 +269,14 @@ async fn a_lost_engine_hidden_by_a_recreated_sku_is_caught_by_the_epoch_marker()
     cfg.redis_url = Some(redis.url());
     let gw = TestGateway::start(cfg).await;
     gw.stock("epoch", &["E-1", "E-2", "E-3"]).await;
+    // The lost stream's ids ahead of the clock the recreated one takes its ids from.
+    let ahead = StreamId {
+        ms: 4_000_000_000_000,
+        seq: 0,
+    };
+    redis
+        .redis_cli(&["XSETID", &events_key("epoch"), &ahead.to_string()])
+        .await;
     let (_, order) = gw.claim("epoch", json!({"order_id": "o-1"})).await;
     let sold = code_of(&order);
     settled(&gw, "epoch").await;
@@ -268,6 +327,19 @@ async fn a_lost_engine_hidden_by_a_recreated_sku_is_caught_by_the_epoch_marker()
         retried["replayed"], true,
         "the order was rebuilt too: {retried}"
     );
+    // The reconciled SKU's events go above the ledger's: none is taken for one it has.
+    let (status, fresh) = gw.claim("epoch", json!({"order_id": "o-2"})).await;
+    assert_eq!(status, StatusCode::OK, "{fresh}");
+    settled(&gw, "epoch").await;
+    let key_id = fresh["keys"][0]["key_id"].as_str().expect("key id");
+    let (trail, kinds) = audit_trail(&gw.client, &gw.admin, key_id).await;
+    assert_eq!(kinds, ["claim"], "{trail}");
+    let entry = trail["events"][0]["event_id"]
+        .as_str()
+        .and_then(|id| id.strip_prefix("epoch/"))
+        .and_then(StreamId::parse)
+        .expect("a stream id");
+    assert!(entry > ahead, "{trail}");
     gw.stop().await;
 }
 

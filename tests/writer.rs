@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use kamigate::engine::embedded::EmbeddedEngine;
 use kamigate::engine::keys::{dead_letters_key, events_key, meta_key, sku_keys};
 use kamigate::engine::redis::{RedisEngine, RedisOptions};
+use kamigate::engine::stream_id::StreamId;
 use kamigate::engine::{EngineError, Reply, Script, ScriptEngine, SCRIPTS};
 use kamigate::inventory::drift::Drift;
 use kamigate::inventory::reconcile::reconcile_sku;
@@ -891,6 +892,76 @@ async fn a_rebuild_waits_for_every_gateway_alive_to_write_its_answers(env: Env) 
         .is_empty());
 }
 
+/// A rebuild reads the ledger's largest stream id of the SKU only once it reads the ledger:
+/// answers of the lost generation a gateway writes while the rebuild waits for it may carry
+/// larger ids than any the ledger had when the SKU was recreated (the lost stream's clock
+/// ahead of the one the new stream takes its ids from). The new generation's events go above
+/// them all the same.
+async fn answers_written_while_a_rebuild_waits_set_its_stream_ids(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 3).await;
+    let writer = env.writer("w1");
+    env.claim(sku, "o-1", 1, None).await;
+    drain(&writer, sku).await;
+    let before = env
+        .ledger
+        .last_entry(sku)
+        .await
+        .expect("read")
+        .expect("an id");
+    env.lose_sku(sku).await;
+    let rebuild = begin_restore(env.ledger.as_ref(), &env.inv, sku)
+        .await
+        .expect("begun")
+        .expect("the engine lacked the SKU");
+    // A gateway writes an answer of the lost generation: key 2 sold to `o-2`.
+    let ahead = StreamId {
+        ms: 4_000_000_000_000,
+        seq: 5,
+    };
+    assert!(ahead > before);
+    let answered = LedgerEvent {
+        event_id: format!("{sku}/{ahead}"),
+        sku: sku.into(),
+        kind: "claim".into(),
+        at_ms: env.now(),
+        key_local_ids: vec![2],
+        order_id: Some("o-2".into()),
+        user_id: Some("u-9".into()),
+        redeemer: None,
+        reason: None,
+        late: false,
+        fields_json: r#"{"t":"claim"}"#.into(),
+    };
+    assert_eq!(
+        env.ledger.apply_events(&[answered]).await.expect("written"),
+        1
+    );
+    finish_restore(env.ledger.as_ref(), &env.inv, sku, &rebuild.gen)
+        .await
+        .expect("finished");
+    let order = env.claim(sku, "o-3", 1, None).await;
+    assert_eq!(order.keys.len(), 1);
+    assert_eq!(
+        order.keys[0].key_id,
+        format!("{sku}.3"),
+        "keys 1 and 2 are sold"
+    );
+    drain(&writer, sku).await;
+    let trail = env
+        .ledger
+        .key_events(&format!("{sku}.3"))
+        .await
+        .expect("read");
+    let entry = trail
+        .last()
+        .and_then(|e| e.event_id.rsplit_once('/'))
+        .and_then(|(_, id)| StreamId::parse(id))
+        .expect("key 3's claim is in the ledger");
+    assert!(entry > ahead, "{entry} after {ahead}");
+    assert_eq!(env.ledger.last_entry(sku).await.expect("read"), Some(entry));
+}
+
 /// Drift counts keys, not events: one claim of 20 codes in flight explains 20 differing
 /// keys, so the SKU shows no drift while it is on its way.
 async fn a_claim_of_many_codes_in_flight_is_no_drift(env: Env) {
@@ -1621,6 +1692,9 @@ impl Ledger for Flaky {
     ) -> Result<Vec<(i64, EventRecord)>, LedgerError> {
         self.inner.order_events(sku, order_id).await
     }
+    async fn last_entry(&self, sku: &str) -> Result<Option<StreamId>, LedgerError> {
+        self.inner.last_entry(sku).await
+    }
     async fn get_key(&self, key_id: &str) -> Result<Option<KeyRecord>, LedgerError> {
         self.inner.get_key(key_id).await
     }
@@ -1774,6 +1848,7 @@ on_both_engines!(
     a_void_taken_over_after_its_restore_leaves_the_key_restored,
     failed_commits_behind_reads_ahead_are_retried_oldest_first,
     a_rebuild_waits_for_every_gateway_alive_to_write_its_answers,
+    answers_written_while_a_rebuild_waits_set_its_stream_ids,
 );
 
 mod postgres {

@@ -26,6 +26,7 @@ use crate::engine::keys::{
     sku_keys, REGISTRY,
 };
 use crate::engine::measured::measured;
+use crate::engine::stream_id::StreamId;
 use crate::engine::{Reply, Script, ScriptEngine, SCRIPTS};
 use crate::error::{mask, timestamp, Error};
 use crate::secrets::Keyring;
@@ -534,19 +535,41 @@ impl Inventory {
 
     /// Creates or updates a SKU. Returns whether it was created.
     pub async fn put_sku(&self, sku: &str, config: &SkuConfig) -> Result<bool, Error> {
-        Ok(self.put_sku_as(sku, config, false).await?.is_some())
+        Ok(self.put_sku_as(sku, config, false, None).await?.is_some())
     }
 
     /// Creates a SKU for a rebuild from the ledger: it answers `ERR_UNAVAILABLE` until
     /// [`Inventory::mark_ready`], so no client sees a partly loaded stock. Returns the new
     /// generation, or `None` when the engine had the SKU already (nothing about loading
-    /// changed).
+    /// changed). Its events take stream ids from `floor` up, if given (see
+    /// [`Inventory::raise_floor`]).
     pub async fn create_loading(
         &self,
         sku: &str,
         config: &SkuConfig,
+        floor: Option<StreamId>,
     ) -> Result<Option<String>, Error> {
-        self.put_sku_as(sku, config, true).await
+        self.put_sku_as(sku, config, true, floor).await
+    }
+
+    /// Makes the stream ids of generation `gen` of `sku` at least `floor`: the id above the
+    /// largest the ledger holds of the SKU ([`Ledger::last_entry`]), for a stream the engine
+    /// recreated (rebuilt, or replaced behind the gateway's back). Fails when the SKU was
+    /// lost and recreated since.
+    ///
+    /// [`Ledger::last_entry`]: crate::ledger::Ledger::last_entry
+    pub async fn raise_floor(&self, sku: &str, gen: &str, floor: StreamId) -> Result<(), Error> {
+        let args = vec![
+            "floor".into(),
+            gen.into(),
+            floor.to_string(),
+            self.now_ms().to_string(),
+        ];
+        let reply = self.run(&SCRIPTS.sku, sku, args).await?;
+        match tag(&reply) {
+            "raised" | "above" => Ok(()),
+            _ => Err(lost_again(sku)),
+        }
     }
 
     /// Ends the rebuild of generation `gen`, marking the engine with `epoch`: the SKU serves
@@ -618,6 +641,7 @@ impl Inventory {
         sku: &str,
         config: &SkuConfig,
         loading: bool,
+        floor: Option<StreamId>,
     ) -> Result<Option<String>, Error> {
         let gen = hex::encode(rand::random::<[u8; 8]>());
         let json = serde_json::to_string(config)
@@ -633,6 +657,7 @@ impl Inventory {
             // A fresh generation each time the SKU is created in an engine (see emit).
             gen.clone(),
             if loading { "1" } else { "0" }.into(),
+            floor.map(|id| id.to_string()).unwrap_or_default(),
         ];
         // Registered first: the hold sweep and retention find SKUs through the registry,
         // and a SKU created but left unregistered (the engine failing between the two

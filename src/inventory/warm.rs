@@ -9,6 +9,7 @@
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 
+use crate::engine::stream_id::StreamId;
 use crate::error::Error;
 use crate::ledger::{EventRecord, KeyRecord, Ledger};
 use crate::sku::SkuConfig;
@@ -258,7 +259,20 @@ pub async fn begin_restore(
     };
     let config: SkuConfig = serde_json::from_str(&record.config_json)
         .map_err(|e| Error::Internal(format!("ledger settings of SKU {sku}: {e}")))?;
-    if let Some(gen) = inventory.create_loading(sku, &config).await? {
+    // Its first event (`sku` create) already above the ledger's (see `finish_restore`), and
+    // not below this gateway's clock: an id that reads as old would show as the writer's
+    // oldest entry waiting since then.
+    let floor = ledger
+        .last_entry(sku)
+        .await?
+        .and_then(StreamId::next)
+        .map(|id| {
+            id.max(StreamId {
+                ms: inventory.now_ms(),
+                seq: 0,
+            })
+        });
+    if let Some(gen) = inventory.create_loading(sku, &config, floor).await? {
         tracing::warn!(
             sku,
             "the engine lacks the SKU: rebuilding it from the ledger"
@@ -290,6 +304,13 @@ pub async fn finish_restore(
     // learns that this rebuild may lack them (its acknowledgement is late), and has it
     // done again.
     inventory.start_reading(sku, gen).await?;
+    // The new stream's ids come from the engine's clock, which may be behind the one that
+    // made the ledger's events of the SKU (the lost generation's, answers written since the
+    // rebuild began among them): its events go above every id the ledger holds, so none
+    // repeats one (the ledger would drop it as a copy) or sorts before an earlier take.
+    if let Some(floor) = ledger.last_entry(sku).await?.and_then(StreamId::next) {
+        inventory.raise_floor(sku, gen, floor).await?;
+    }
     let report = warm_generation(ledger, inventory, sku, 0, gen, |_| {}).await?;
     let orders = restore_orders(ledger, inventory, sku, gen).await?;
     restore_pools(ledger, inventory, sku, gen).await?;
@@ -513,6 +534,16 @@ pub async fn check_epoch(
     let outcome = if engine_epoch.is_empty() && ledger_epoch.is_empty() {
         EpochCheck::Marked
     } else {
+        // The replaced engine's stream may be a recreated one, its ids from a clock behind
+        // the ledger's events (see `finish_restore`).
+        let gen = inventory
+            .sku_state(sku)
+            .await?
+            .map(|s| s.gen)
+            .unwrap_or_default();
+        if let Some(floor) = ledger.last_entry(sku).await?.and_then(StreamId::next) {
+            inventory.raise_floor(sku, &gen, floor).await?;
+        }
         let report =
             super::reconcile::reconcile_sku(ledger, inventory, sku, true, in_flight).await?;
         // If the engine lost its orders too (its oldest order is gone), rebuild them. One
@@ -521,11 +552,6 @@ pub async fn check_epoch(
         if let Some((_, first)) = oldest.first() {
             let order_id = first.order_id.as_deref().unwrap_or_default();
             if !inventory.order_exists(sku, order_id).await? {
-                let gen = inventory
-                    .sku_state(sku)
-                    .await?
-                    .map(|s| s.gen)
-                    .unwrap_or_default();
                 restore_orders(ledger, inventory, sku, &gen).await?;
             }
         }

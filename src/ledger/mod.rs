@@ -59,6 +59,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::engine::stream_id::StreamId;
+
 pub use rules::{apply_to_key, key_state, EventKind, KeyState, KeyStatus};
 
 /// The durable record behind the engine. Implemented for SQLite and PostgreSQL; get one with
@@ -274,6 +276,14 @@ pub trait Ledger: Send + Sync + 'static {
         sku: &str,
         order_id: &str,
     ) -> Result<Vec<(i64, EventRecord)>, LedgerError>;
+
+    /// The largest stream entry id among the events of `sku` the ledger holds; `None` when it
+    /// holds none. A SKU rebuilt into an engine appends its events above it (see
+    /// `lua/sku.lua` 'put' and 'floor'): a new stream's ids come from the engine's clock,
+    /// and a clock behind the one that made the ledger's events would reuse their ids (the
+    /// ledger takes an event whose id it holds for a copy and drops it) or sort a later take
+    /// of a key before an earlier one (see `rules::later_entry`).
+    async fn last_entry(&self, sku: &str) -> Result<Option<StreamId>, LedgerError>;
 
     /// A key by its public id (`<sku>.<local id>`), in any batch state.
     async fn get_key(&self, key_id: &str) -> Result<Option<KeyRecord>, LedgerError>;

@@ -42,6 +42,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use futures_util::TryStreamExt;
 use sqlx::database::HasStatementCache;
 use sqlx::{
     ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Transaction, Type,
@@ -64,6 +65,7 @@ use super::{
     OrderCursor, OrderRecord, PauseEventRecord, PauseRecord, Recode, Seal, SkuRecord, StateCounts,
     StoredCode,
 };
+use crate::engine::stream_id::StreamId;
 use crate::sku::{key_id, parse_key_id};
 
 /// Most rows one multi-row statement carries, whatever the parameter limit allows: keeps
@@ -619,6 +621,26 @@ where
         rows.iter()
             .map(|row| Ok((row.try_get(9)?, Self::event_from_row(row)?)))
             .collect()
+    }
+
+    async fn last_entry(&self, sku: &str) -> Result<Option<StreamId>, LedgerError> {
+        // Every event of the SKU, read as a stream: ids are text, and their order is numeric
+        // (`<ms>-<seq>`), so no SQL `max` over the column finds the largest. Only a rebuild
+        // (which reads every key and order event of the SKU besides) and an epoch check that
+        // found the engine replaced ask.
+        let prefix = format!("{sku}/");
+        let mut rows = sqlx::query("SELECT event_id FROM events WHERE sku = $1")
+            .bind(sku)
+            .fetch(&self.read);
+        let mut last = None;
+        while let Some(row) = rows.try_next().await? {
+            let event_id: String = row.try_get(0)?;
+            let id = event_id
+                .strip_prefix(prefix.as_str())
+                .and_then(StreamId::parse);
+            last = last.max(id);
+        }
+        Ok(last)
     }
 
     async fn get_key(&self, key_id: &str) -> Result<Option<KeyRecord>, LedgerError> {
