@@ -290,6 +290,16 @@ fn duplicate(local_id: i64, sku: &str, same_batch: bool) -> InsertOutcome {
     }
 }
 
+/// Creates each of `skus` with one key, `R1`, that may be issued and used 100 times.
+async fn stocked_reusable(l: &dyn Ledger, skus: &[&str]) {
+    let mut reusable = key("R1");
+    reusable.max_issues = 100;
+    reusable.max_uses = 100;
+    for sku in skus {
+        stocked(l, sku, std::slice::from_ref(&reusable)).await;
+    }
+}
+
 /// Creates `sku` with one active batch holding `rows`; returns the batch's outcomes.
 async fn stocked(l: &dyn Ledger, sku: &str, rows: &[NewKey]) -> Vec<InsertOutcome> {
     l.put_sku(sku, "{}", 1, NOW).await.expect("put_sku");
@@ -1088,16 +1098,11 @@ async fn the_latest_order_and_redemption_follow_the_engine_whatever_commits_last
     assert_eq!(get(l, "card.1").await.order_id.as_deref(), Some("late"));
 }
 
-/// A rebuild restores a SKU's orders page by page (`order_events_after`, as
-/// `inventory::warm::restore_orders` calls it): every order event of the SKU once, in the
-/// order the ledger recorded them, none of another SKU's and no redemption (it names no order).
+/// The largest stream id the ledger holds of a SKU, which a rebuilt engine's events go
+/// above (`inventory::warm::begin_restore`).
 async fn the_last_entry_is_the_largest_stream_id_of_the_sku(env: &Env) {
     let l = env.ledger.as_ref();
-    let mut reusable = key("R1");
-    reusable.max_issues = 100;
-    reusable.max_uses = 100;
-    stocked(l, "gift", std::slice::from_ref(&reusable)).await;
-    stocked(l, "gift2", &[reusable]).await;
+    stocked_reusable(l, &["gift", "gift2"]).await;
     assert_eq!(l.last_entry("gift").await.expect("none yet"), None);
     // Ids compare as numbers (`10-0` after `9-0`, `9-10` after `9-9`), whatever order the
     // events were committed in; another SKU's, even one whose name starts alike, and an
@@ -1125,13 +1130,12 @@ async fn the_last_entry_is_the_largest_stream_id_of_the_sku(env: &Env) {
     assert_eq!(l.last_entry("none").await.expect("unknown SKU"), None);
 }
 
+/// A rebuild restores a SKU's orders page by page (`order_events_after`, as
+/// `inventory::warm::restore_orders` calls it): every order event of the SKU once, in the
+/// order the ledger recorded them, none of another SKU's and no redemption (it names no order).
 async fn order_events_page_by_recording_order(env: &Env) {
     let l = env.ledger.as_ref();
-    let mut reusable = key("R1");
-    reusable.max_issues = 100;
-    reusable.max_uses = 100;
-    stocked(l, "gift", std::slice::from_ref(&reusable)).await;
-    stocked(l, "card", &[reusable]).await;
+    stocked_reusable(l, &["gift", "card"]).await;
     // Recorded in three commits, the stream's order not the ledger's: a later entry of
     // "gift" committed before an earlier one (a batch a writer took over).
     let gift = |n: i64| event("gift", n, "claim", &[1]);
