@@ -6,6 +6,7 @@
 //! the confirm, redeem, void and restore scripts) and nothing else. They are pure, so both
 //! backends share them and unit tests pin them down without a database.
 
+use super::stream::entry_of;
 use super::LedgerEvent;
 use crate::engine::stream_id::StreamId;
 
@@ -248,10 +249,7 @@ fn take_for_order(key: &mut KeyStatus, event: &LedgerEvent) {
 /// An id that does not read as one (none of the engine's) compares as later, so the event
 /// applied last wins, as it did before entries were compared.
 fn later_entry<'e>(event: &'e LedgerEvent, applied: Option<&str>) -> Option<&'e str> {
-    let entry = event
-        .event_id
-        .rsplit_once('/')
-        .map_or(event.event_id.as_str(), |(_, id)| id);
+    let entry = entry_of(&event.event_id);
     match (StreamId::parse(entry), applied.and_then(StreamId::parse)) {
         (Some(this), Some(that)) if this < that => None,
         _ => Some(entry),

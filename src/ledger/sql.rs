@@ -59,6 +59,7 @@ pub(crate) use statements::{tuples, STATEMENT_CACHE};
 
 use super::rules::KeyState;
 use super::sqlite::GroupCommit;
+use super::stream::entry_of;
 use super::{
     BatchCounts, BatchRecord, BatchStart, ChannelEventRecord, ChannelRecord, ChannelTokenRecord,
     EventRecord, InsertOutcome, KeyRecord, Ledger, LedgerError, LedgerEvent, NewKey, NewPause,
@@ -628,17 +629,13 @@ where
         // (`<ms>-<seq>`), so no SQL `max` over the column finds the largest. Only a rebuild
         // (which reads every key and order event of the SKU besides) and an epoch check that
         // found the engine replaced ask.
-        let prefix = format!("{sku}/");
         let mut rows = sqlx::query("SELECT event_id FROM events WHERE sku = $1")
             .bind(sku)
             .fetch(&self.read);
         let mut last = None;
         while let Some(row) = rows.try_next().await? {
             let event_id: String = row.try_get(0)?;
-            let id = event_id
-                .strip_prefix(prefix.as_str())
-                .and_then(StreamId::parse);
-            last = last.max(id);
+            last = last.max(StreamId::parse(entry_of(&event_id)));
         }
         Ok(last)
     }

@@ -10,6 +10,12 @@ use std::collections::BTreeMap;
 
 use super::{LedgerError, LedgerEvent};
 
+/// The stream entry id an event id (`<sku>/<entry id>`, see [`event_from_entry`]) names; the
+/// whole id when it has no `/` (none of the engine's).
+pub fn entry_of(event_id: &str) -> &str {
+    event_id.rsplit_once('/').map_or(event_id, |(_, id)| id)
+}
+
 /// Builds the event for stream entry `entry_id` of `sku`'s stream from its field/value pairs.
 ///
 /// Fails with [`LedgerError::Corrupt`] for an entry no script writes (no `t`, a non-numeric
