@@ -104,6 +104,26 @@ impl Env {
         Some(lines.join("\n"))
     }
 
+    /// The first column of the first row of `sql`, read through a connection of its own;
+    /// `None` on PostgreSQL.
+    async fn sqlite_number(&self, sql: &str) -> Option<i64> {
+        use sqlx::Connection;
+        if self.url.is_some() {
+            return None;
+        }
+        let path = self.dir.path().join("ledger.sqlite3");
+        let url = format!("sqlite://{}", path.display());
+        let mut conn = sqlx::SqliteConnection::connect(&url)
+            .await
+            .expect("connect");
+        Some(
+            sqlx::query_scalar(sql)
+                .fetch_one(&mut conn)
+                .await
+                .expect("query"),
+        )
+    }
+
     /// Opens the same database again (migrations run again).
     async fn reopen(&self) -> Arc<dyn Ledger> {
         open(self.url.as_deref(), self.dir.path())
@@ -160,6 +180,7 @@ both_ledgers!(
     concurrent_writers_apply_each_event_once,
     large_import_pages_through_keys_after,
     order_events_page_by_recording_order,
+    orders_are_found_by_id_as_the_ledger_grows,
     the_last_entry_is_the_largest_stream_id_of_the_sku,
 );
 
@@ -1187,6 +1208,118 @@ async fn order_events_page_by_recording_order(env: &Env) {
         .await
         .expect("none")
         .is_empty());
+}
+
+/// Statements, reconciliation and the restore of a retired order find an order's events by
+/// its id however long the ledger has run: on SQLite through the runs built behind the
+/// commits (`src/ledger/sqlite/order_runs.rs`) and the events above them, on PostgreSQL
+/// through its index. Orders recorded early (in the runs), late (above them) and across the
+/// two; an order of another SKU under the same id; an unknown id.
+async fn orders_are_found_by_id_as_the_ledger_grows(env: &Env) {
+    const HOLDS: i64 = 25_000;
+    const CONFIRMS: i64 = 2_000;
+    const PER_COMMIT: i64 = 500;
+    let l = env.ledger.as_ref();
+    let commit = |events: Vec<LedgerEvent>| async move {
+        for part in events.chunks(PER_COMMIT as usize) {
+            l.apply_events(part).await.expect("commit");
+        }
+    };
+    // Orders o-1 … o-25000, each made by a hold.
+    commit((1..=HOLDS).map(|n| event("gift", n, "hold", &[])).collect()).await;
+
+    let covered = "SELECT coalesce(max(last_seq), 0) FROM order_run_list WHERE state = 'live'";
+    if env.sqlite_number(covered).await.is_some() {
+        // Built behind the commits: wait for the first run.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while env.sqlite_number(covered).await < Some(20_000) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the runs cover {:?} events",
+                env.sqlite_number(covered).await
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    // Then confirms of o-1 … o-2000, recorded above the runs (until a cut covers them: a
+    // few thousand events are cut once they have waited 10 s), and another SKU's o-1.
+    commit(
+        (1..=CONFIRMS)
+            .map(|n| {
+                let mut e = event("gift", HOLDS + n, "confirm", &[]);
+                e.order_id = Some(format!("o-{n}"));
+                e
+            })
+            .collect(),
+    )
+    .await;
+    let mut card_o1 = event("card", HOLDS + CONFIRMS + 1, "hold", &[]);
+    card_o1.order_id = Some("o-1".into());
+    commit(vec![card_o1]).await;
+
+    let kinds = |events: Vec<(i64, kamigate::ledger::EventRecord)>| -> Vec<(String, i64)> {
+        events
+            .into_iter()
+            .map(|(_, e)| (e.kind, e.at_ms - NOW))
+            .collect()
+    };
+    for l in [env.ledger.clone(), env.reopen().await] {
+        for n in [1, 7, 1_999, 2_000, 2_001, 19_999, 20_001, 24_999, HOLDS] {
+            let mut expected = vec![("hold".to_owned(), n)];
+            if n <= CONFIRMS {
+                expected.push(("confirm".to_owned(), HOLDS + n));
+            }
+            let found = l
+                .order_events("gift", &format!("o-{n}"))
+                .await
+                .expect("o-n");
+            assert_eq!(kinds(found), expected, "o-{n}");
+        }
+        assert_eq!(
+            kinds(l.order_events("card", "o-1").await.expect("card o-1")),
+            [("hold".to_owned(), HOLDS + CONFIRMS + 1)]
+        );
+        assert!(l.order_events("gift", "o-0").await.expect("o-0").is_empty());
+        assert!(l
+            .order_events("none", "o-1")
+            .await
+            .expect("none")
+            .is_empty());
+
+        let names: Vec<String> = ["o-1", "o-2001", "o-24999", "o-none"]
+            .map(String::from)
+            .to_vec();
+        let mut orders: Vec<(String, String, String, i64, i64)> = l
+            .find_orders(&names)
+            .await
+            .expect("find")
+            .into_iter()
+            .map(|o| {
+                let created = o.created_at_ms - NOW;
+                let updated = o.updated_at_ms - NOW;
+                (o.sku, o.order_key, o.last_kind, created, updated)
+            })
+            .collect();
+        orders.sort();
+        let order = |sku: &str, name: &str, kind: &str, created: i64, updated: i64| {
+            (sku.into(), name.into(), kind.into(), created, updated)
+        };
+        assert_eq!(
+            orders,
+            [
+                order(
+                    "card",
+                    "o-1",
+                    "hold",
+                    HOLDS + CONFIRMS + 1,
+                    HOLDS + CONFIRMS + 1
+                ),
+                order("gift", "o-1", "confirm", 1, HOLDS + 1),
+                order("gift", "o-2001", "hold", 2_001, 2_001),
+                order("gift", "o-24999", "hold", 24_999, 24_999),
+            ]
+        );
+    }
 }
 
 async fn counts_group_active_keys_by_state(env: &Env) {

@@ -25,7 +25,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{Postgres, Row};
 
 use super::rules::key_state;
-use super::sql::{Bulk, Dialect, Placeholders, SqlLedger};
+use super::sql::{Bulk, Dialect, OrderIndex, Placeholders, SqlLedger};
 use super::{LedgerError, NewKey};
 
 /// The protocol's limit on bind parameters per statement.
@@ -43,6 +43,7 @@ const DIALECT: Dialect = Dialect {
     share_rows: " FOR SHARE",
     max_binds: MAX_BINDS,
     placeholders: Placeholders::Numbered,
+    order_index: OrderIndex::Events,
 };
 
 /// Connects to `url` and migrates the database.

@@ -86,6 +86,18 @@ pub(crate) struct Dialect {
     pub max_binds: usize,
     /// How generated multi-row statements write their parameters.
     pub placeholders: Placeholders,
+    /// How an order's events are found by its id.
+    pub order_index: OrderIndex,
+}
+
+/// How an order's events are found by its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OrderIndex {
+    /// The `events_order` index (PostgreSQL).
+    Events,
+    /// Sorted runs built behind the commits, and the events above them by `seq` (SQLite:
+    /// `sqlite/order_runs.rs`).
+    Runs,
 }
 
 /// How generated multi-row statements write their parameters. Either way a generated
@@ -103,6 +115,28 @@ pub(crate) enum Placeholders {
 }
 
 impl Dialect {
+    /// A condition on the events `e` that holds for those naming one of the orders `names`
+    /// (a parenthesised list or subquery of order ids), answered through the order index.
+    pub(crate) fn naming(&self, names: &str) -> String {
+        match self.order_index {
+            OrderIndex::Events => format!("e.order_id IN {names}"),
+            // The runs and the events above them are read in one statement, one snapshot, so
+            // the events the live runs cover and those above them meet without a gap. (Every
+            // entry of every run names a true event; runs not live, a merge's output being
+            // written and its inputs until deleted, would only be read twice.)
+            // `CROSS JOIN` makes SQLite seek each live run for the names; left to itself,
+            // with no statistics, it may scan every entry instead.
+            OrderIndex::Runs => format!(
+                "e.order_id IN {names} AND e.seq IN (\
+                 SELECT r.seq FROM order_run_list l CROSS JOIN order_runs r ON r.run = l.run \
+                 WHERE l.state = 'live' AND r.order_id IN {names} \
+                 UNION ALL SELECT t.seq FROM events t WHERE t.seq > (\
+                 SELECT coalesce(max(last_seq), 0) FROM order_run_list WHERE state = 'live') \
+                 AND t.order_id IN {names})"
+            ),
+        }
+    }
+
     /// Rows per multi-row statement when each row binds `per_row` parameters and the
     /// statement `fixed` more.
     pub(crate) fn rows_per_statement(&self, per_row: usize, fixed: usize) -> usize {
@@ -611,8 +645,8 @@ where
         order_id: &str,
     ) -> Result<Vec<(i64, EventRecord)>, LedgerError> {
         let sql = format!(
-            "SELECT {EVENT_COLUMNS}, e.seq FROM events e \
-             WHERE e.sku = $1 AND e.order_id = $2 ORDER BY e.seq"
+            "SELECT {EVENT_COLUMNS}, e.seq FROM events e WHERE e.sku = $1 AND {} ORDER BY e.seq",
+            self.dialect.naming("($2)")
         );
         let rows = sqlx::query(&sql)
             .bind(sku)

@@ -121,10 +121,13 @@ where
         let names: Vec<&str> = names.iter().copied().collect();
         let p = self.dialect.placeholders;
         for chunk in names.chunks(NAMES_PER_STATEMENT) {
+            // The names are bound once: SQLite's runs read them three times (`naming`).
             let sql = format!(
-                "SELECT seq, sku, order_id, kind, at_ms, key_local_ids FROM events \
-                 WHERE order_id IN {} ORDER BY seq",
-                tuples(p, 1, chunk.len(), 1)
+                "WITH names (id) AS (VALUES {}) \
+                 SELECT e.seq, e.sku, e.order_id, e.kind, e.at_ms, e.key_local_ids FROM events e \
+                 WHERE {} ORDER BY e.seq",
+                tuples(p, chunk.len(), 1, 1),
+                self.dialect.naming("(SELECT id FROM names)")
             );
             let mut query = sqlx::query(&sql).persistent(false);
             for name in chunk {

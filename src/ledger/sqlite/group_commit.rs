@@ -71,7 +71,11 @@ pub(crate) struct GroupCommit {
 impl GroupCommit {
     /// Opens a connection to the ledger file at `path` (already created and migrated) with
     /// the pool's settings, and starts the thread.
-    pub(crate) fn start(path: &Path, busy_timeout: Duration) -> Result<GroupCommit, LedgerError> {
+    pub(crate) fn start(
+        path: &Path,
+        busy_timeout: Duration,
+        turns: super::order_runs::Turns,
+    ) -> Result<GroupCommit, LedgerError> {
         let conn = Connection::open(path).map_err(error)?;
         // As the pool's connections (see the module above): WAL, every commit on disk,
         // foreign keys checked, deleted content zeroed.
@@ -95,6 +99,7 @@ impl GroupCommit {
             .map_err(error)?;
         conn.set_prepared_statement_cache_capacity(CACHED_STATEMENTS);
         let committed = start_checkpoints(path, busy_timeout)?;
+        let indexed = super::order_runs::start(path, busy_timeout, turns)?;
         let (jobs, queue) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("ledger-commit".into())
@@ -110,8 +115,10 @@ impl GroupCommit {
                         Err(LedgerError::Corrupt("a group commit panicked".into()))
                     });
                     if result.is_ok() {
-                        // Full: a checkpoint is already due, and covers this commit too.
+                        // Full: a checkpoint (an index pass) is already due, and covers this
+                        // commit too.
                         let _ = committed.try_send(());
+                        let _ = indexed.try_send(());
                     }
                     let _ = job.done.send(result);
                 }

@@ -40,11 +40,12 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite};
 
 mod group_commit;
+pub(crate) mod order_runs;
 
 pub(crate) use group_commit::GroupCommit;
 
 use super::rules::key_state;
-use super::sql::{tuples, Bulk, Dialect, Placeholders, SqlLedger};
+use super::sql::{tuples, Bulk, Dialect, OrderIndex, Placeholders, SqlLedger};
 use super::{LedgerError, NewKey};
 
 /// SQLite's default `SQLITE_MAX_VARIABLE_NUMBER` since 3.32.
@@ -66,6 +67,7 @@ const DIALECT: Dialect = Dialect {
     share_rows: "",
     max_binds: MAX_BINDS,
     placeholders: Placeholders::InOrder,
+    order_index: OrderIndex::Runs,
 };
 
 /// Opens (creating it and its directory if needed) the ledger file at `path`.
@@ -126,7 +128,11 @@ async fn open_with(options: SqliteConnectOptions) -> Result<SqlLedger<Sqlite>, L
     if file.is_empty() {
         return Ok(ledger);
     }
-    Ok(ledger.with_group_commit(GroupCommit::start(Path::new(&file), BUSY_TIMEOUT)?))
+    let turns = order_runs::Turns {
+        pool: write,
+        runtime: tokio::runtime::Handle::current(),
+    };
+    Ok(ledger.with_group_commit(GroupCommit::start(Path::new(&file), BUSY_TIMEOUT, turns)?))
 }
 
 #[async_trait::async_trait]
