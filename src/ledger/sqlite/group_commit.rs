@@ -179,29 +179,47 @@ fn start_checkpoints(
     std::thread::Builder::new()
         .name("ledger-checkpt".into())
         .spawn(move || {
-            let mut failing = false;
-            while commits.recv().is_ok() {
-                let started = std::time::Instant::now();
-                // (busy, WAL pages, pages copied): busy when a reader still needs older pages,
-                // which the next checkpoint copies.
-                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    Ok(()) if failing => {
-                        failing = false;
-                        tracing::info!("ledger checkpoints succeed again");
-                    }
-                    Ok(()) => {}
-                    // Said once a streak, not at every commit while it lasts.
-                    Err(e) if !failing => {
-                        failing = true;
-                        tracing::warn!(error = %e, "ledger checkpoint failed; the WAL grows until one succeeds");
-                    }
-                    Err(_) => {}
-                }
-                std::thread::sleep(CHECKPOINT_EVERY.saturating_sub(started.elapsed()));
-            }
+            // (busy, WAL pages, pages copied): busy when a reader still needs older pages,
+            // which the next checkpoint copies.
+            after_commits(
+                &commits,
+                CHECKPOINT_EVERY,
+                || conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())),
+                "ledger checkpoint failed; the WAL grows until one succeeds",
+                "ledger checkpoints succeed again",
+            );
         })
         .map_err(|e| LedgerError::Unavailable(format!("starting the checkpoint thread: {e}")))?;
     Ok(committed)
+}
+
+/// Runs `work` after commits, at most once every `every`, until the commit thread ends
+/// (`commits` disconnects). A failure is said once a streak (`failed`, then `recovered`),
+/// not at every pass while it lasts.
+pub(super) fn after_commits(
+    commits: &mpsc::Receiver<()>,
+    every: Duration,
+    mut work: impl FnMut() -> rusqlite::Result<()>,
+    failed: &str,
+    recovered: &str,
+) {
+    let mut failing = false;
+    while commits.recv().is_ok() {
+        let started = std::time::Instant::now();
+        match work() {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!("{recovered}");
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "{failed}");
+            }
+            Err(_) => {}
+        }
+        std::thread::sleep(every.saturating_sub(started.elapsed()));
+    }
 }
 
 /// One group commit: the same steps as the generic path, in one transaction.

@@ -101,24 +101,14 @@ pub(super) fn start(
             // A pool connection returns to the pool through a task of the runtime.
             let _runtime = turns.runtime.enter();
             let mut index = OrderRuns::new(conn, Tiers::DEFAULT, Some(turns));
-            let mut failing = false;
-            while commits.recv().is_ok() {
-                let started = Instant::now();
-                match index.pass() {
-                    Ok(()) if failing => {
-                        failing = false;
-                        tracing::info!("the ledger's order index is built again");
-                    }
-                    Ok(()) => {}
-                    // Said once a streak: lookups stay right, reading more events by `seq`.
-                    Err(e) if !failing => {
-                        failing = true;
-                        tracing::warn!(error = %e, "building the ledger's order index failed; lookups read the events it does not cover");
-                    }
-                    Err(_) => {}
-                }
-                std::thread::sleep(PASS_EVERY.saturating_sub(started.elapsed()));
-            }
+            // Lookups stay right while this fails, reading more events by `seq`.
+            super::group_commit::after_commits(
+                &commits,
+                PASS_EVERY,
+                || index.pass(),
+                "building the ledger's order index failed; lookups read the events it does not cover",
+                "the ledger's order index is built again",
+            );
         })
         .map_err(|e| LedgerError::Unavailable(format!("starting the order index thread: {e}")))?;
     Ok(committed)
