@@ -17,7 +17,10 @@
 # figures per redemption. CPU is counted until the ledger has every event of the run, so an
 # engine-mode writer's backlog is counted in its run. COMMANDS=1 (Redis engine) also prints
 # Redis's `INFO commandstats` of the run per claim or redemption: the calls of each command
-# (those inside scripts included) and their microseconds.
+# (those inside scripts included) and their microseconds. Ends with the paired ratios of
+# the rounds and their medians: B ÷ A per mode, and ledger ÷ engine mode per binary, each
+# taken within a round (a single run's rate says more about the machine's minute than
+# about the build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,9 +84,11 @@ one() {
   # A run whose answers were not all 2xx measured something else: said on its line.
   local bad
   bad=$(awk '/Non-2xx/ { print "  non-2xx " $NF }' <<<"$out")
+  local rate
+  rate=$(awk -v per="$PER" '/^Requests\/sec/ { print $2 * per }' <<<"$out")
+  echo "$round $label $durability $rate" >>"$work/rates"
   printf "%-3s %-6s %s/s %7.0f  p50 %8s  p99 %8s  redis us %6.1f  %s/commit %5.1f  disk KiB/%s %5.1f%s\n" \
-    "$label" "$durability" "${KIND}s" \
-    "$(awk -v per="$PER" '/^Requests\/sec/ { print $2 * per }' <<<"$out")" \
+    "$label" "$durability" "${KIND}s" "$rate" \
     "$(awk '$1 == "50%" { print $2 }' <<<"$out")" "$(awk '$1 == "99%" { print $2 }' <<<"$out")" \
     "$(awk -v a="$r0" -v b="$r1" -v n="$n" -v hz="$hz" 'BEGIN { print (b - a) * 1e6 / hz / n }')" \
     "$KIND" "$(awk -v a="$c0" -v b="$c1" -v n="$n" 'BEGIN { print (b > a ? n / (b - a) : 0) }')" \
@@ -109,3 +114,26 @@ for round in $(seq "$ROUNDS"); do
     for mode in $MODES; do one "$side" "$bin" "$mode"; done
   done
 done
+
+# Paired ratios per round, then their median (of an even count, the mean of the middle two).
+ratios() { # <label> <numerator: side mode> <denominator: side mode>
+  awk -v label="$1" -v num="$2" -v den="$3" '
+    { rate[$1 " " $2 " " $3] = $4; if ($1 > rounds) rounds = $1 }
+    END {
+      n = 0; list = ""
+      for (r = 1; r <= rounds; r++) {
+        a = rate[r " " num]; b = rate[r " " den]
+        if (a == "" || b == "" || b == 0) continue
+        v[++n] = a / b; list = list sprintf(" %.2f", a / b)
+      }
+      if (n == 0) exit
+      for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
+      median = n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+      printf "  %-22s median %.2f  (rounds:%s)\n", label, median, list
+    }' "$work/rates"
+}
+echo "paired ratios of ${KIND}s/s"
+for mode in $MODES; do ratios "$mode: B ÷ A" "B $mode" "A $mode"; done
+if [[ " $MODES " == *" engine "* && " $MODES " == *" ledger "* ]]; then
+  for side in A B; do ratios "$side: ledger ÷ engine" "$side ledger" "$side engine"; done
+fi
