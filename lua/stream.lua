@@ -120,18 +120,36 @@ end
 local function owed(g)
   local pending = tonumber(g['pending'])
   local last = g['last-delivered-id']
+  local looked, after = false, nil
+  local function first_undelivered()
+    if not looked then looked, after = true, entry_after(last) end
+    return after
+  end
   local floor = nil
   if pending > 0 then floor = redis.call('XPENDING', events, g['name'])[2] end
   -- A pending entry was delivered, so it is no later than the last delivered one and older
   -- than any entry after it: the first undelivered entry matters only without one (or past
   -- one, which only a group moved back by hand could have).
-  if not floor or id_less(last, floor) then floor = min_id(floor, entry_after(last)) end
+  if not floor or id_less(last, floor) then floor = min_id(floor, first_undelivered()) end
   local lag = g['lag']
   if not lag then
     -- Redis 7.0 cannot tell after an XDEL behind the group: count, up to a bound.
     lag = #redis.call('XRANGE', events, '(' .. last, '+', 'COUNT', LAG_COUNT_MAX)
   end
-  return pending, tonumber(lag), floor, last
+  lag = tonumber(lag)
+  if lag > 0 then
+    -- Redis 7.0 counts the lag from a read counter of the group's that can fall behind its
+    -- deliveries (seen after Redis was killed, restarted from its AOF and paused under
+    -- load): the lag then stays too high for good, a backlog that never drains. Nothing is
+    -- undelivered when no entry follows the last delivered one, and never more than the
+    -- stream holds beyond the pending entries.
+    if not first_undelivered() then
+      lag = 0
+    else
+      lag = math.min(lag, math.max(redis.call('XLEN', events) - pending, 1))
+    end
+  end
+  return pending, lag, floor, last
 end
 
 -- Trims what every group has settled (see the header). Returns how many entries went.
