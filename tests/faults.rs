@@ -1,7 +1,7 @@
 //! Faults with real processes: the gateway binary killed with SIGKILL in the middle of
-//! concurrent claims, and redis-server (AOF `always`) killed and restarted under load.
-//! Afterwards every code answered to a client is claimed in the ledger and none was issued
-//! twice.
+//! concurrent claims, redis-server (AOF `always`) killed and restarted under load, and
+//! redis-server paused past the gateway's command timeout. Afterwards every code answered
+//! to a client is claimed in the ledger and none was issued twice.
 
 mod support;
 
@@ -44,6 +44,8 @@ struct Told {
     codes: Mutex<Vec<String>>,
     /// Requests that got no answer, or another answer than `200`.
     failed: AtomicUsize,
+    /// Each answer of a storm whose clients retry: order id and the code it was told.
+    answers: Mutex<Vec<(String, String)>>,
 }
 
 impl Told {
@@ -118,6 +120,55 @@ fn claim_storm(
                         if let Some(code) = order["keys"][0]["code"].as_str() {
                             told.codes.lock().expect("lock").push(code.to_owned());
                         }
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// As [`claim_storm`], but each client retries an order until it is answered `200`, with
+/// the same `order_id`, as an order system does; each answer is kept with its order.
+fn retrying_claim_storm(
+    public: String,
+    sku: &'static str,
+    workers: usize,
+    told: Arc<Told>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..workers)
+        .map(|w| {
+            let public = public.clone();
+            let told = told.clone();
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(2))
+                    .build()
+                    .expect("client");
+                for i in 0.. {
+                    let order = format!("retry-{w}-{i}");
+                    loop {
+                        let res = client
+                            .post(format!("{public}/v1/skus/{sku}/claims"))
+                            .bearer_auth(MERCHANT_TOKEN)
+                            .json(&json!({"order_id": order}))
+                            .send()
+                            .await;
+                        let answer = match res {
+                            Ok(res) if res.status() == StatusCode::OK => {
+                                res.json::<Value>().await.ok()
+                            }
+                            _ => None,
+                        };
+                        let code = answer
+                            .as_ref()
+                            .and_then(|a| a["keys"][0]["code"].as_str().map(str::to_owned));
+                        if let Some(code) = code {
+                            told.codes.lock().expect("lock").push(code.clone());
+                            told.answers.lock().expect("lock").push((order, code));
+                            break;
+                        }
+                        told.failed.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
             })
@@ -289,6 +340,73 @@ async fn redis_killed_and_restarted_under_load_loses_no_answered_claim() {
     let claimed = view["ledger"]["claimed"].as_u64().unwrap_or(0);
     assert!(claimed >= codes.len() as u64, "{view}");
     check_answered(&gw.client, &gw.admin, &gw.public, "aof", &codes).await;
+    gw.stop().await;
+}
+
+/// Redis paused (SIGSTOP) for longer than the gateway's command timeout (2 s) in the middle
+/// of claims whose clients retry: calls time out and are answered as failed, and when Redis
+/// is continued it runs them late, behind the retries of the same orders. No code goes to
+/// two orders, a retried order is told the code its late call claimed, and every answered
+/// code is claimed in the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_paused_past_the_command_timeout_sells_nothing_twice() {
+    let redis = RedisServer::start().await;
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    cfg.limits.public = kamigate::limit::BucketRule::enforced(100_000, 100_000);
+    let gw = TestGateway::start(cfg).await;
+    gw.stock(
+        "paused",
+        &(0..300)
+            .map(|i| format!("PAUSED-{i:05}"))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let told = Arc::new(Told::default());
+    let storm = retrying_claim_storm(gw.public.clone(), "paused", 6, told.clone());
+    told.codes_beyond(0, 30, "30 claims answered").await;
+    let failed = told.failed();
+    redis.signal("-STOP");
+    told.failures_beyond(failed, "a claim failed while Redis is paused")
+        .await;
+    // Past the command timeout for the calls sent last, too.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    redis.signal("-CONT");
+    told.codes_beyond(told.codes(), 30, "claims to resume once Redis is continued")
+        .await;
+    for task in &storm {
+        task.abort();
+    }
+    let view = settled(&gw.client, &gw.public, "paused").await;
+    let answers = told.answers.lock().expect("lock").clone();
+    let mut by_code: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    for (order, code) in &answers {
+        if let Some(other) = by_code.insert(code, order) {
+            assert_eq!(other, order, "{code} was answered to two orders");
+        }
+    }
+    let codes: Vec<String> = answers.iter().map(|(_, code)| code.clone()).collect();
+    let claimed = view["ledger"]["claimed"].as_u64().unwrap_or(0);
+    assert!(claimed >= codes.len() as u64, "{view}");
+    check_answered(&gw.client, &gw.admin, &gw.public, "paused", &codes).await;
+    // Each order answered is answered the same again, whatever ran late.
+    for (order, code) in answers.iter().step_by(7) {
+        let again: Value = gw
+            .client
+            .post(format!("{}/v1/skus/paused/claims", gw.public))
+            .bearer_auth(MERCHANT_TOKEN)
+            .json(&json!({"order_id": order}))
+            .send()
+            .await
+            .expect("answered")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(again["keys"][0]["code"], code.as_str(), "{order}: {again}");
+    }
     gw.stop().await;
 }
 

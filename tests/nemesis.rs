@@ -5,8 +5,10 @@
 //! redeemer) on any answer that is not final (a transport error, 429, 5xx), as a merchant's
 //! order system does. Meanwhile a nemesis injects random faults: gateways killed with
 //! SIGKILL and restarted, paused (SIGSTOP) for longer than `event_reclaim_idle_ms`, Redis
-//! killed and restarted (AOF `always`) or losing all its data (FLUSHALL), the ledger's
-//! PostgreSQL stopped and started. Once the faults stop and the clients have final answers,
+//! killed and restarted (AOF `always`), losing all its data (FLUSHALL) or paused (SIGSTOP)
+//! for up to twice the gateways' command timeout (the calls that time out are answered as
+//! failed, and Redis runs them when it is continued: late scripts, late reads of the
+//! writer), the ledger's PostgreSQL stopped and started. Once the faults stop and the clients have final answers,
 //! a checker verifies:
 //!
 //! - no code was answered to two orders, and a retried order always got the same codes;
@@ -84,6 +86,7 @@ enum Fault {
     PauseGateway,
     KillRedis,
     FlushRedis,
+    PauseRedis,
     RestartLedger,
 }
 
@@ -246,7 +249,7 @@ impl World {
     fn faults(&self) -> Vec<Fault> {
         let mut faults = vec![Fault::KillGateway, Fault::PauseGateway];
         if self.redis.is_some() {
-            faults.extend([Fault::KillRedis, Fault::FlushRedis]);
+            faults.extend([Fault::KillRedis, Fault::FlushRedis, Fault::PauseRedis]);
         }
         if self.postgres.is_some() {
             faults.push(Fault::RestartLedger);
@@ -296,6 +299,16 @@ impl World {
                 self.flushed = self.answers_in_gateways;
                 // The entries went with the data; nothing of a killed gateway is left.
                 self.orphaned.clear();
+            }
+            Fault::PauseRedis => {
+                // Around the gateways' command timeout (2 s): some calls answer late,
+                // others time out and still run.
+                let paused = pause(rng, 300, 4_000);
+                note(log, format!("SIGSTOP redis for {paused:?}"));
+                let redis = self.redis.as_ref().expect("redis");
+                redis.signal("-STOP");
+                tokio::time::sleep(paused).await;
+                redis.signal("-CONT");
             }
             Fault::RestartLedger => {
                 note(log, "stop PostgreSQL");
@@ -738,7 +751,21 @@ async fn settle(
         }
         if Instant::now() >= deadline {
             let held = match redis {
-                Some(redis) => held_keys(client, gw, redis, sku).await,
+                Some(redis) => {
+                    let mut held = held_keys(client, gw, redis, sku).await;
+                    // Where the events not yet settled are: pending with which consumer,
+                    // or never delivered.
+                    let events = format!("kg:{{{sku}}}:events");
+                    for args in [
+                        vec!["XINFO", "GROUPS", events.as_str()],
+                        vec!["XINFO", "CONSUMERS", events.as_str(), "ledger"],
+                        vec!["XPENDING", events.as_str(), "ledger", "-", "+", "10"],
+                        vec!["XINFO", "STREAM", events.as_str()],
+                    ] {
+                        held.push_str(&format!("\n{args:?}: {:?}", redis.cmd(&args).await));
+                    }
+                    held
+                }
                 None => String::new(),
             };
             panic!(

@@ -175,6 +175,22 @@ impl RedisServer {
         }
     }
 
+    /// Sends `signal` (e.g. `"-STOP"`, `"-CONT"`) to the server process: a paused server
+    /// keeps its connections open and answers nothing until it is continued, when it runs
+    /// whatever its clients sent meanwhile.
+    pub fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .map(|c| c.id().to_string())
+            .expect("redis-server running");
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} redis-server");
+    }
+
     /// Whether the server process is running (not killed or stopped).
     pub fn is_running(&mut self) -> bool {
         self.child
