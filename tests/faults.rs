@@ -44,7 +44,7 @@ struct Told {
     codes: Mutex<Vec<String>>,
     /// Requests that got no answer, or another answer than `200`.
     failed: AtomicUsize,
-    /// Each answer of a storm whose clients retry: order id and the code it was told.
+    /// Each answer: order id and the code it was told.
     answers: Mutex<Vec<(String, String)>>,
 }
 
@@ -81,13 +81,16 @@ impl Told {
 }
 
 /// Claims one code per order, from `workers` concurrent clients, until stopped; records
-/// what each client was told.
+/// what each client was told. With `retry`, a client sends an order again until it is
+/// answered `200`, with the same `order_id`, as an order system does; without, it goes on
+/// to the next order.
 fn claim_storm(
     public: String,
     sku: &'static str,
     prefix: &'static str,
     workers: usize,
     told: Arc<Told>,
+    retry: bool,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..workers)
         .map(|w| {
@@ -99,53 +102,7 @@ fn claim_storm(
                     .build()
                     .expect("client");
                 for i in 0.. {
-                    let res = client
-                        .post(format!("{public}/v1/skus/{sku}/claims"))
-                        .bearer_auth(MERCHANT_TOKEN)
-                        .json(&json!({"order_id": format!("{prefix}-{w}-{i}")}))
-                        .send()
-                        .await;
-                    let Ok(res) = res else {
-                        told.failed.fetch_add(1, Ordering::Relaxed);
-                        // A client's pause before it retries a refused connection, as an
-                        // order system's would be; without it the storm spins.
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    };
-                    if res.status() != StatusCode::OK {
-                        told.failed.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    if let Ok(order) = res.json::<Value>().await {
-                        if let Some(code) = order["keys"][0]["code"].as_str() {
-                            told.codes.lock().expect("lock").push(code.to_owned());
-                        }
-                    }
-                }
-            })
-        })
-        .collect()
-}
-
-/// As [`claim_storm`], but each client retries an order until it is answered `200`, with
-/// the same `order_id`, as an order system does; each answer is kept with its order.
-fn retrying_claim_storm(
-    public: String,
-    sku: &'static str,
-    workers: usize,
-    told: Arc<Told>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..workers)
-        .map(|w| {
-            let public = public.clone();
-            let told = told.clone();
-            tokio::spawn(async move {
-                let client = reqwest::Client::builder()
-                    .timeout(Duration::from_secs(2))
-                    .build()
-                    .expect("client");
-                for i in 0.. {
-                    let order = format!("retry-{w}-{i}");
+                    let order = format!("{prefix}-{w}-{i}");
                     loop {
                         let res = client
                             .post(format!("{public}/v1/skus/{sku}/claims"))
@@ -153,27 +110,51 @@ fn retrying_claim_storm(
                             .json(&json!({"order_id": order}))
                             .send()
                             .await;
+                        let refused = res.is_err();
                         let answer = match res {
                             Ok(res) if res.status() == StatusCode::OK => {
                                 res.json::<Value>().await.ok()
                             }
                             _ => None,
                         };
-                        let code = answer
-                            .as_ref()
-                            .and_then(|a| a["keys"][0]["code"].as_str().map(str::to_owned));
-                        if let Some(code) = code {
-                            told.codes.lock().expect("lock").push(code.clone());
-                            told.answers.lock().expect("lock").push((order, code));
+                        let Some(answer) = answer else {
+                            told.failed.fetch_add(1, Ordering::Relaxed);
+                            if refused || retry {
+                                // A client's pause before it sends again, as an order
+                                // system's would be; without it the storm spins.
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            if retry {
+                                continue;
+                            }
                             break;
+                        };
+                        if let Some(code) = answer["keys"][0]["code"].as_str() {
+                            told.codes.lock().expect("lock").push(code.to_owned());
+                            told.answers
+                                .lock()
+                                .expect("lock")
+                                .push((order, code.to_owned()));
                         }
-                        told.failed.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        break;
                     }
                 }
             })
         })
         .collect()
+}
+
+/// A gateway over `redis`, with `sku` stocked with 300 codes named `<prefix>-<n>`.
+async fn stocked_over(redis: &RedisServer, sku: &str, prefix: &str) -> TestGateway {
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    // The audit at the end redeems every answered code from one client.
+    cfg.limits.public = kamigate::limit::BucketRule::enforced(100_000, 100_000);
+    let gw = TestGateway::start(cfg).await;
+    let codes: Vec<String> = (0..300).map(|i| format!("{prefix}-{i:05}")).collect();
+    let codes: Vec<&str> = codes.iter().map(String::as_str).collect();
+    gw.stock(sku, &codes).await;
+    gw
 }
 
 /// Waits until the ledger holds every change of the engine, then returns the SKU view.
@@ -272,7 +253,7 @@ async fn a_killed_gateway_loses_no_answered_claim() {
     assert_eq!(import.status(), StatusCode::OK);
 
     let told = Arc::new(Told::default());
-    let storm = claim_storm(gw.public.clone(), "storm", "a", 8, told.clone());
+    let storm = claim_storm(gw.public.clone(), "storm", "a", 8, told.clone(), false);
     told.codes_beyond(0, 50, "50 claims answered").await;
     gw.child.start_kill().expect("SIGKILL sent");
     gw.child.wait().await.expect("reaped");
@@ -304,23 +285,9 @@ async fn a_killed_gateway_loses_no_answered_claim() {
 async fn redis_killed_and_restarted_under_load_loses_no_answered_claim() {
     let mut redis =
         RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await;
-    let mut cfg = config();
-    cfg.redis_url = Some(redis.url());
-    // The audit at the end redeems every answered code from one client.
-    cfg.limits.public = kamigate::limit::BucketRule::enforced(100_000, 100_000);
-    let gw = TestGateway::start(cfg).await;
-    gw.stock(
-        "aof",
-        &(0..300)
-            .map(|i| format!("AOF-{i:05}"))
-            .collect::<Vec<_>>()
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )
-    .await;
+    let gw = stocked_over(&redis, "aof", "AOF").await;
     let told = Arc::new(Told::default());
-    let storm = claim_storm(gw.public.clone(), "aof", "r", 6, told.clone());
+    let storm = claim_storm(gw.public.clone(), "aof", "r", 6, told.clone(), false);
     told.codes_beyond(0, 30, "30 claims answered").await;
     let failed = told.failed();
     redis.kill9();
@@ -351,22 +318,9 @@ async fn redis_killed_and_restarted_under_load_loses_no_answered_claim() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_past_the_command_timeout_sells_nothing_twice() {
     let redis = RedisServer::start().await;
-    let mut cfg = config();
-    cfg.redis_url = Some(redis.url());
-    cfg.limits.public = kamigate::limit::BucketRule::enforced(100_000, 100_000);
-    let gw = TestGateway::start(cfg).await;
-    gw.stock(
-        "paused",
-        &(0..300)
-            .map(|i| format!("PAUSED-{i:05}"))
-            .collect::<Vec<_>>()
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )
-    .await;
+    let gw = stocked_over(&redis, "paused", "PAUSED").await;
     let told = Arc::new(Told::default());
-    let storm = retrying_claim_storm(gw.public.clone(), "paused", 6, told.clone());
+    let storm = claim_storm(gw.public.clone(), "paused", "retry", 6, told.clone(), true);
     told.codes_beyond(0, 30, "30 claims answered").await;
     let failed = told.failed();
     redis.signal("-STOP");
@@ -447,7 +401,7 @@ async fn the_writers_read_connection_killed_under_durable_claims_loses_nothing()
     };
     restock(0).await;
     let told = Arc::new(Told::default());
-    let storm = claim_storm(gw.public.clone(), "reads", "k", 8, told.clone());
+    let storm = claim_storm(gw.public.clone(), "reads", "k", 8, told.clone(), false);
     told.codes_beyond(0, 20, "20 durable claims answered").await;
     let mut killed = HashSet::new();
     for round in 0..5 {
