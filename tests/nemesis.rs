@@ -8,8 +8,8 @@
 //! killed and restarted (AOF `always`), losing all its data (FLUSHALL) or paused (SIGSTOP)
 //! for up to twice the gateways' command timeout (the calls that time out are answered as
 //! failed, and Redis runs them when it is continued: late scripts, late reads of the
-//! writer), the ledger's PostgreSQL stopped and started. Once the faults stop and the clients have final answers,
-//! a checker verifies:
+//! writer), the ledger's PostgreSQL stopped and started. Once the faults stop and the
+//! clients have final answers, a checker verifies:
 //!
 //! - no code was answered to two orders, and a retried order always got the same codes;
 //! - no code was redeemed by two redeemers;
