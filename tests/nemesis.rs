@@ -1,9 +1,10 @@
 //! Faults injected *while* requests are in flight, then every answer checked.
 //!
-//! A workload of claims, holds, confirms, releases and redemptions runs from many clients
-//! against gateway binaries; each client retries the same request (same `order_id`, same
-//! redeemer) on any answer that is not final (a transport error, 429, 5xx), as a merchant's
-//! order system does. Meanwhile a nemesis injects random faults: gateways killed with
+//! A workload of claims (alone and in batch claims), holds, confirms, releases and
+//! redemptions runs from many clients against gateway binaries; each client retries the
+//! same request (same `order_id`, same redeemer) on any answer that is not final (a
+//! transport error, 429, 5xx; in a batch claim also an order's own such error), as a
+//! merchant's order system does. Meanwhile a nemesis injects random faults: gateways killed with
 //! SIGKILL and restarted, paused (SIGSTOP) for longer than `event_reclaim_idle_ms`, Redis
 //! killed and restarted (AOF `always`), losing all its data (FLUSHALL) or paused (SIGSTOP)
 //! for up to twice the gateways' command timeout (the calls that time out are answered as
@@ -691,6 +692,148 @@ async fn client_loop(w: usize, orders: usize, seed: u64, bases: Vec<String>, sha
     }
 }
 
+/// Is a batch claim's per-order error one a client sends again (as it would the request's
+/// 5xx or 429 alone)?
+fn retried(code: &str) -> bool {
+    matches!(
+        code,
+        "ERR_UNAVAILABLE" | "ERR_PAUSED" | "ERR_INTERNAL" | "ERR_RATE_LIMITED"
+    )
+}
+
+/// The status an order's error envelope in a batch answer would have had alone (enough to
+/// tell the checker's allowed answers from the others).
+fn status_of(code: &str) -> StatusCode {
+    match code {
+        "ERR_BAD_REQUEST" => StatusCode::BAD_REQUEST,
+        "ERR_FORBIDDEN" => StatusCode::FORBIDDEN,
+        "ERR_NOT_FOUND" => StatusCode::NOT_FOUND,
+        _ => StatusCode::CONFLICT,
+    }
+}
+
+/// Sends a batch claim until each of its orders has a final answer: the whole request again
+/// on a transport error, 5xx or 429, and then only the orders whose own answer was a
+/// retried error, as a merchant's order system would. `None` for an order: no final
+/// answer by the deadline.
+async fn batch_until_final(
+    client: &reqwest::Client,
+    bases: &[String],
+    rng: &Mutex<StdRng>,
+    sku: &str,
+    mut pending: Vec<(String, Value)>,
+    deadline: Instant,
+) -> Vec<(String, Option<(StatusCode, Value)>)> {
+    let path = format!("/v1/skus/{sku}/claims/batch");
+    let mut answered = Vec::new();
+    while !pending.is_empty() {
+        let claims: Vec<Value> = pending.iter().map(|(_, claim)| claim.clone()).collect();
+        let body = json!({ "claims": claims });
+        let got = until_final(
+            client,
+            bases,
+            rng,
+            &path,
+            body,
+            Some(MERCHANT_TOKEN),
+            deadline,
+        );
+        let Some((status, reply)) = got.await else {
+            answered.extend(pending.drain(..).map(|(order, _)| (order, None)));
+            break;
+        };
+        let answers = reply["claims"]
+            .as_array()
+            .filter(|a| a.len() == pending.len());
+        let Some(answers) = answers.filter(|_| status == StatusCode::OK) else {
+            // A final answer for the whole request that is not one per order: every order's.
+            let whole = Some((status, reply.clone()));
+            answered.extend(pending.drain(..).map(|(order, _)| (order, whole.clone())));
+            break;
+        };
+        let mut again = Vec::new();
+        for ((order, claim), answer) in pending.drain(..).zip(answers) {
+            match answer["error"]["code"].as_str() {
+                None => answered.push((order, Some((StatusCode::OK, answer.clone())))),
+                Some(code) if retried(code) => again.push((order, claim)),
+                Some(code) => answered.push((order, Some((status_of(code), answer.clone())))),
+            }
+        }
+        pending = again;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+    answered
+}
+
+/// The batcher: claims through `POST /v1/skus/{sku}/claims/batch`, 2–8 new orders a request
+/// (at most `max_orders` in all), now and then with an order it was already answered sent
+/// again among them (a replay must answer its codes again) or the whole request sent twice
+/// at once, and redeems a code of some of its orders. Its answers go with the clients' (op `claim`, `redeem`).
+async fn batcher_loop(seed: u64, max_orders: usize, bases: Vec<String>, shared: Clients) {
+    let client = Clients::http();
+    let rng = Mutex::new(StdRng::seed_from_u64(seed ^ 0x6261_7463));
+    let pick = |lo: usize, hi: usize| rng.lock().expect("rng").random_range(lo..hi);
+    let mut sold: HashMap<&'static str, Vec<(String, Value)>> = HashMap::new();
+    let mut placed = 0;
+    for round in 0.. {
+        if shared.stopped() || placed >= max_orders {
+            return;
+        }
+        // Paced to spread its orders (some five a round) over the whole fault window.
+        tokio::time::sleep(Duration::from_millis(pick(100, 400) as u64)).await;
+        let sku = SKUS[pick(0, 2)];
+        let mut orders: Vec<(String, Value)> = (0..pick(2, 9))
+            .map(|i| {
+                let order = format!("b{round}-{i}");
+                let claim = json!({"order_id": order, "quantity": pick(1, 3)});
+                (order, claim)
+            })
+            .collect();
+        placed += orders.len();
+        let earlier = sold.get(sku).filter(|s| !s.is_empty());
+        if let Some(earlier) = earlier.filter(|_| pick(0, 3) == 0) {
+            let replay = earlier[pick(0, earlier.len())].clone();
+            orders.insert(pick(0, orders.len() + 1), replay);
+        }
+        let claims: HashMap<String, Value> = orders.iter().cloned().collect();
+        let deadline = shared.hard_deadline;
+        let send = || batch_until_final(&client, &bases, &rng, sku, orders.clone(), deadline);
+        // Now and then the same request twice at once, as from an order system that gave up
+        // waiting and sent it again (to any gateway) while the first was still running.
+        let answers = if pick(0, 4) == 0 {
+            let (first, second) = tokio::join!(send(), send());
+            first.into_iter().chain(second).collect()
+        } else {
+            send().await
+        };
+        let this_round = format!("b{round}-");
+        let mut sold_now = HashSet::new();
+        for (order, got) in answers {
+            let replayed = !order.starts_with(&this_round) || sold_now.contains(&order);
+            let Some(answer) = shared.record("claim", sku, &order, got) else {
+                return;
+            };
+            let codes = answer.codes();
+            if replayed || answer.status != StatusCode::OK || codes.is_empty() {
+                continue;
+            }
+            sold_now.insert(order.clone());
+            sold.entry(sku)
+                .or_default()
+                .push((order.clone(), claims[&order].clone()));
+            if pick(0, 4) == 0 {
+                let body = json!({"code": codes[0], "redeemer": format!("r0-{order}"), "sku": sku});
+                let got = until_final(&client, &bases, &rng, "/v1/redeem", body, None, deadline);
+                if shared.record("redeem", sku, &order, got.await).is_none() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// The voider: voids and restores codes of [`VOIDED_SKU`] in turn, through any gateway's
 /// admin listener, until told to stop; every code it voided it ends restored. Its answers
 /// go with the clients' (op `void` or `restore`, the key id as the order).
@@ -885,6 +1028,14 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         world.gateways.iter().map(|g| g.admin.clone()).collect(),
         shared.clone(),
     ));
+    // The batcher's orders, each of at most two codes, stay within an eighth of the stock;
+    // paced, they take about the fault window.
+    let batcher = tokio::spawn(batcher_loop(
+        seed,
+        stock / 16,
+        bases.clone(),
+        shared.clone(),
+    ));
     let clients: Vec<_> = (0..WORKERS)
         .map(|w| tokio::spawn(client_loop(w, orders, seed, bases.clone(), shared.clone())))
         .collect();
@@ -911,6 +1062,7 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         c.await.expect("client finished");
     }
     voider.await.expect("voider finished");
+    batcher.await.expect("batcher finished");
     eprintln!("nemesis: faults injected: {log:?}");
     let answers = shared.answers.lock().expect("answers").clone();
     let unfinished = shared.unfinished.lock().expect("unfinished").clone();
@@ -1131,10 +1283,11 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         }
     }
     eprintln!(
-        "nemesis: {} answers checked ({} orders sold {} codes, {} voids and restores), {} faults",
+        "nemesis: {} answers checked ({} orders sold {} codes, {} of them in batch claims; {} voids and restores), {} faults",
         answers.len(),
         order_codes.len(),
         sold,
+        order_codes.keys().filter(|(_, o)| o.starts_with('b')).count(),
         answers.iter().filter(|a| a.sku == VOIDED_SKU).count(),
         log.len()
     );
