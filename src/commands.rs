@@ -114,6 +114,7 @@ pub async fn import(
         batch_id,
         &settings,
         format,
+        None,
     )
     .await?;
     let mut importer = match begun {

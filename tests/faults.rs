@@ -435,3 +435,123 @@ async fn the_writers_read_connection_killed_under_durable_claims_loses_nothing()
     check_answered(&gw.client, &gw.admin, &gw.public, "reads", &codes).await;
     gw.stop().await;
 }
+
+/// A gateway killed with SIGKILL in the middle of an upload (the embedded default, SQLite):
+/// the merchant's retry of the same batch id is told the batch is in progress only until the
+/// dead gateway is presumed gone (seconds, not the five-minute lease), then imports the whole
+/// file, nothing of the cut-off upload counted twice or left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cut_off_by_a_killed_gateway_is_imported_whole_by_the_retry() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (public, admin) = (free_port(), free_port());
+    let config = dir.path().join("kamigate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{public}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+             data_dir = \"{}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n\
+             merchant_token = \"{MERCHANT_TOKEN}\"\nshutdown_delay_ms = 0\n",
+            dir.path().display()
+        ),
+    )
+    .expect("config written");
+    let mut gw = spawn_gateway(&config, public, admin).await;
+    let client = support::gateway::client();
+    let put = client
+        .put(format!("{}/v1/skus/cut", gw.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(put.status(), StatusCode::CREATED);
+    const CODES: usize = 30_000;
+    let file: String = (0..CODES).map(|i| format!("CUT-{i:06}\n")).collect();
+    let batch = format!("{}/v1/skus/cut/batches?batch_id=b-cut", gw.admin);
+
+    // Two thirds of the file, then the upload stalls with its body open.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(4);
+    let body = reqwest::Body::wrap_stream(futures_util::stream::poll_fn({
+        let mut rx = rx;
+        move |cx| rx.poll_recv(cx)
+    }));
+    let cut = tokio::spawn(
+        client
+            .post(&batch)
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "text/plain")
+            .body(body)
+            .send(),
+    );
+    tx.send(Ok(file[..file.len() * 2 / 3].to_owned()))
+        .await
+        .expect("sent");
+    // Killed once some of it is in the ledger (10,000 keys to a transaction).
+    let ledger = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}?mode=ro",
+        dir.path().join("ledger.sqlite3").display()
+    ))
+    .await
+    .expect("the ledger opens");
+    let written = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM keys WHERE sku = 'cut'")
+            .fetch_one(&ledger)
+            .await
+            .unwrap_or(0)
+    };
+    eventually(
+        Duration::from_secs(30),
+        "part of the upload in the ledger",
+        written,
+        |n| *n >= 10_000,
+    )
+    .await;
+    gw.child.start_kill().expect("SIGKILL sent");
+    gw.child.wait().await.expect("reaped");
+    drop(tx);
+    assert!(
+        cut.await.expect("joined").is_err(),
+        "the upload was cut off"
+    );
+    let gw = spawn_gateway(&config, public, admin).await;
+
+    // The merchant retries until the answer is final: in progress for a while, then imported.
+    let retry = || async {
+        let res = client
+            .post(&batch)
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "text/plain")
+            .body(file.clone())
+            .send()
+            .await
+            .expect("answered");
+        let status = res.status();
+        (status, res.json::<Value>().await.expect("json"))
+    };
+    let (status, report) = eventually(
+        Duration::from_secs(60),
+        "the retry to be imported",
+        retry,
+        |(status, _)| *status != StatusCode::CONFLICT,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(
+        (
+            &report["accepted"],
+            &report["duplicate"],
+            &report["rejected"],
+            &report["replayed"]
+        ),
+        (&json!(CODES), &json!(0), &json!(0), &json!(false)),
+        "{report}"
+    );
+    assert_eq!(
+        written().await,
+        CODES as i64,
+        "no key of the cut-off upload left"
+    );
+    let view = settled(&client, &gw.public, "cut").await;
+    assert_eq!(view["ledger"]["available"], CODES, "{view}");
+    assert_eq!(view["engine"]["available"], CODES, "{view}");
+}

@@ -10,7 +10,7 @@ use kamigate::code::digest;
 use kamigate::engine::stream_id::StreamId;
 use kamigate::ledger::{
     open, BatchCounts, BatchStart, InsertOutcome, KeyRecord, Ledger, LedgerError, LedgerEvent,
-    NewKey, Seal, StateCounts, UPLOAD_LEASE_MS,
+    NewKey, Seal, StateCounts, UPLOAD_LEASE_MS, UPLOAD_OWNER_SILENT_MS,
 };
 use tempfile::TempDir;
 
@@ -164,6 +164,7 @@ both_ledgers!(
     resent_batch_id_is_existing,
     a_batch_being_uploaded_is_in_progress_for_other_uploads,
     a_silent_upload_is_taken_over_and_fenced_off,
+    the_uploads_of_a_gateway_gone_are_aborted_by_the_next_upload,
     pending_batch_is_invisible_until_activated,
     abort_removes_the_batch_keys,
     applying_the_same_events_twice_changes_nothing,
@@ -728,6 +729,131 @@ async fn a_silent_upload_is_taken_over_and_fenced_off(env: &Env) {
         .await
         .expect("finish");
     assert_eq!(l.counts("gift").await.expect("counts").available, 1);
+}
+
+/// A gateway killed mid-upload stops reporting alive: its upload is presumed dead long before
+/// the lease ends. The next upload of the SKU, under any batch id, aborts it (its codes then
+/// import afresh, not as duplicates of keys nobody could activate); the dead upload, woken,
+/// changes nothing; an upload whose gateway is seen alive, or one made outside a gateway,
+/// keeps its batch.
+async fn the_uploads_of_a_gateway_gone_are_aborted_by_the_next_upload(env: &Env) {
+    let l = env.ledger.as_ref();
+    l.put_sku("gift", "{}", 1, NOW).await.expect("put_sku");
+    let dead = kamigate::ledger::upload_token(Some("gw-dead"));
+    let live = kamigate::ledger::upload_token(Some("gw-live"));
+    l.gateway_seen("gw-dead", NOW).await.expect("seen");
+    for (batch, upload, code) in [("b-dead", &dead, "D1"), ("b-live", &live, "L1")] {
+        l.begin_batch("gift", batch, upload, NOW)
+            .await
+            .expect("begin");
+        l.insert_keys("gift", batch, upload, &keys(&[code]), &Clear)
+            .await
+            .expect("insert");
+    }
+    // Not seen yet (it reports every half second), but the upload has only just begun.
+    l.begin_batch("gift", "b-cli", "cli-upload", NOW)
+        .await
+        .expect("begin");
+    l.insert_keys("gift", "b-cli", "cli-upload", &keys(&["C1"]), &Clear)
+        .await
+        .expect("insert");
+    let in_progress =
+        |start: Result<BatchStart, LedgerError>| matches!(start, Ok(BatchStart::InProgress(_)));
+
+    // Within the silence allowed, every upload keeps its batch.
+    let soon = NOW + UPLOAD_OWNER_SILENT_MS - 1;
+    assert!(in_progress(
+        l.begin_batch("gift", "b-dead", "retry", soon).await
+    ));
+    assert!(in_progress(
+        l.begin_batch("gift", "b-live", "retry", soon).await
+    ));
+    l.gateway_seen("gw-live", soon).await.expect("seen");
+
+    // Past it: the dead gateway's upload is aborted by an upload of another batch id, whose
+    // code it had is no duplicate; the others stand.
+    let later = NOW + UPLOAD_OWNER_SILENT_MS;
+    assert_eq!(
+        l.begin_batch("gift", "b-again", UPLOAD, later)
+            .await
+            .expect("begin"),
+        BatchStart::New
+    );
+    let out = l
+        .insert_keys(
+            "gift",
+            "b-again",
+            UPLOAD,
+            &keys(&["D1", "L1", "C1"]),
+            &Clear,
+        )
+        .await
+        .expect("insert");
+    assert!(matches!(out[0], InsertOutcome::Inserted { .. }), "{out:?}");
+    assert!(matches!(out[1], InsertOutcome::Duplicate { .. }), "{out:?}");
+    assert!(matches!(out[2], InsertOutcome::Duplicate { .. }), "{out:?}");
+    let b = l
+        .get_batch("gift", "b-dead")
+        .await
+        .expect("get")
+        .expect("kept");
+    assert_eq!((b.state.as_str(), b.upload_id), ("aborted", None));
+    for (batch, upload) in [("b-live", live.as_str()), ("b-cli", "cli-upload")] {
+        let b = l
+            .get_batch("gift", batch)
+            .await
+            .expect("get")
+            .expect("kept");
+        assert_eq!(
+            (b.state.as_str(), b.upload_id.as_deref()),
+            ("pending", Some(upload))
+        );
+    }
+    assert!(in_progress(
+        l.begin_batch("gift", "b-live", "retry", later).await
+    ));
+
+    // The dead upload, woken, can change nothing; its batch id starts afresh for a retry,
+    // and activating it finds nothing to activate.
+    assert!(matches!(
+        l.insert_keys("gift", "b-dead", &dead, &keys(&["D2"]), &Clear)
+            .await,
+        Err(LedgerError::BatchBusy(_))
+    ));
+    assert!(matches!(
+        l.finish_batch(
+            "gift",
+            "b-dead",
+            &dead,
+            &BatchCounts::default(),
+            true,
+            later
+        )
+        .await,
+        Err(LedgerError::BatchBusy(_))
+    ));
+    assert!(matches!(
+        l.activate_batch("gift", "b-dead", later).await,
+        Err(LedgerError::NotFound(_))
+    ));
+    assert_eq!(
+        l.begin_batch("gift", "b-dead", "retry", later)
+            .await
+            .expect("begin"),
+        BatchStart::New
+    );
+
+    // The live gateway falls silent in turn: activating its batch aborts it instead.
+    let silent = soon + UPLOAD_OWNER_SILENT_MS;
+    assert!(matches!(
+        l.activate_batch("gift", "b-live", silent).await,
+        Err(LedgerError::NotFound(_))
+    ));
+    // The upload outside a gateway keeps its batch for the whole lease.
+    assert!(in_progress(
+        l.begin_batch("gift", "b-cli", "retry", NOW + UPLOAD_LEASE_MS - 1)
+            .await
+    ));
 }
 
 async fn pending_batch_is_invisible_until_activated(env: &Env) {

@@ -68,6 +68,7 @@ impl Env {
             "b-1",
             &config,
             UploadFormat::Lines,
+            None,
         )
         .await
         .expect("batch begins");

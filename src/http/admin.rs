@@ -167,6 +167,7 @@ pub async fn import(app: &App, params: Params, req: Request<Incoming>) -> Result
         &batch_id,
         &settings,
         format,
+        Some(&app.writer.options().consumer),
     )
     .await?;
     let mut importer = match importer {

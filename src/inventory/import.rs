@@ -25,7 +25,8 @@ use super::warm::{warm_sku, WarmReport};
 use super::Inventory;
 use crate::error::{timestamp, Error};
 use crate::ledger::{
-    BatchCounts, BatchStart, InsertOutcome, Ledger, LedgerError, NewKey, UPLOAD_LEASE_MS,
+    upload_token, BatchCounts, BatchStart, InsertOutcome, Ledger, LedgerError, NewKey,
+    UPLOAD_LEASE_MS,
 };
 use crate::sku::SkuConfig;
 
@@ -116,7 +117,8 @@ pub struct Importer<'a> {
 }
 
 impl<'a> Importer<'a> {
-    /// Opens batch `batch_id` of `sku` in the ledger. [`Error::BatchInProgress`] while
+    /// Opens batch `batch_id` of `sku` in the ledger, as an upload run by `gateway` (as it
+    /// reports itself alive; `None` outside a gateway). [`Error::BatchInProgress`] while
     /// another upload is filling it.
     pub async fn begin(
         ledger: &'a dyn Ledger,
@@ -125,11 +127,13 @@ impl<'a> Importer<'a> {
         batch_id: &'a str,
         settings: &'a SkuConfig,
         format: UploadFormat,
+        gateway: Option<&str>,
     ) -> Result<Begun<'a>, Error> {
         // Before the batch is begun: never an import without its blacklist, and a blacklist
         // that does not open leaves the batch id unused.
         let blacklist = blacklist_digests(inventory, settings, sku)?;
-        let upload_id = format!("{:032x}", rand::random::<u128>());
+        // Naming the gateway lets the next upload tell, soon after a crash, that this one died.
+        let upload_id = upload_token(gateway);
         let now = inventory.now_ms();
         let started = ledger
             .begin_batch(sku, batch_id, &upload_id, now as i64)

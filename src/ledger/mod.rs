@@ -17,9 +17,11 @@
 //!   recognised ([`BatchStart::Existing`]), and a code already in the SKU is reported as a
 //!   duplicate, never stored twice.
 //! - **One upload fills a batch.** Each upload names itself with a token; while it is alive
-//!   (see [`UPLOAD_LEASE_MS`]) another upload of the same batch id is told so
-//!   ([`BatchStart::InProgress`]) instead of being answered with counts it did not produce,
-//!   and a presumed-dead upload taken over cannot write into its successor's batch.
+//!   (see [`UPLOAD_LEASE_MS`], [`UPLOAD_OWNER_SILENT_MS`]) another upload of the same batch
+//!   id is told so ([`BatchStart::InProgress`]) instead of being answered with counts it did
+//!   not produce, and a presumed-dead upload taken over cannot write into its successor's
+//!   batch. A presumed-dead upload's codes never count as the SKU's: the next upload of the
+//!   SKU, under any batch id, clears them.
 //! - **Events apply exactly once.** Stream delivery is at-least-once (a writer may crash between
 //!   commit and acknowledgement); the ledger records each `event_id` in the same transaction as
 //!   its effect, so a redelivered event changes nothing.
@@ -102,10 +104,15 @@ pub trait Ledger: Send + Sync + 'static {
     ///
     /// - A batch id never seen (or aborted) starts afresh: [`BatchStart::New`].
     /// - A batch another upload is still filling answers [`BatchStart::InProgress`], unless
-    ///   that upload gave no sign of life for [`UPLOAD_LEASE_MS`]: it is presumed dead, its
-    ///   keys are deleted and the batch starts afresh for this upload ([`BatchStart::New`]).
-    ///   The presumed-dead upload, should it wake up, is refused with
-    ///   [`LedgerError::BatchBusy`] on its next call.
+    ///   that upload is presumed dead (it gave no sign of life for [`UPLOAD_LEASE_MS`], or
+    ///   the gateway running it was not seen for [`UPLOAD_OWNER_SILENT_MS`]): its keys are
+    ///   deleted and the batch starts afresh for this upload ([`BatchStart::New`]). The
+    ///   presumed-dead upload, should it wake up, is refused with [`LedgerError::BatchBusy`]
+    ///   on its next call.
+    /// - Every other batch of the SKU whose upload is presumed dead is aborted, its keys
+    ///   deleted: a merchant who never got the batch id of an upload cut off by a crash
+    ///   uploads the file again under another, and its codes are not duplicates of keys
+    ///   nobody can activate.
     /// - A finished batch answers [`BatchStart::Existing`] with its record, so a re-sent import
     ///   adds nothing twice.
     async fn begin_batch(
@@ -495,6 +502,28 @@ pub struct BatchRecord {
 /// long (its process died mid-upload, or its client stalled) is presumed dead, and the next
 /// upload of the same batch id takes the batch over instead of waiting forever.
 pub const UPLOAD_LEASE_MS: i64 = 5 * 60 * 1000;
+
+/// How long the gateway running an upload may go unseen (it reports alive every half
+/// second, [`Ledger::gateway_seen`]) before the upload is presumed dead with it, in
+/// milliseconds: a gateway killed mid-upload frees its batch this long after, not after
+/// [`UPLOAD_LEASE_MS`]. An upload made through a gateway names it ([`upload_token`]); one
+/// made by `kamigate import` names none and is held by its lease alone.
+pub const UPLOAD_OWNER_SILENT_MS: i64 = 10_000;
+
+/// The token of a new upload: random, and naming the gateway running it (`gateway`, as it
+/// reports itself alive), if any.
+pub fn upload_token(gateway: Option<&str>) -> String {
+    let random = format!("{:032x}", rand::random::<u128>());
+    match gateway {
+        Some(gateway) => format!("{gateway}/{random}"),
+        None => random,
+    }
+}
+
+/// The gateway an upload token names ([`upload_token`]).
+pub fn upload_gateway(upload_id: &str) -> Option<&str> {
+    upload_id.rsplit_once('/').map(|(gateway, _)| gateway)
+}
 
 /// What [`Ledger::begin_batch`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]

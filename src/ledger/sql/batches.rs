@@ -10,7 +10,8 @@ use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Row, 
 
 use super::{count, Bulk, SqlLedger, ANALYZE_AFTER_KEYS};
 use crate::ledger::{
-    BatchCounts, BatchRecord, BatchStart, InsertOutcome, LedgerError, NewKey, Seal, UPLOAD_LEASE_MS,
+    upload_gateway, BatchCounts, BatchRecord, BatchStart, InsertOutcome, LedgerError, NewKey, Seal,
+    UPLOAD_LEASE_MS, UPLOAD_OWNER_SILENT_MS,
 };
 use crate::sku::key_id;
 
@@ -39,6 +40,7 @@ where
         now_ms: i64,
     ) -> Result<BatchStart, LedgerError> {
         let mut tx = self.begin_write().await?;
+        Self::abort_dead_uploads(&mut tx, sku, now_ms, self.dialect.lock_rows).await?;
         // Concurrent first attempts race on the primary key; exactly one inserts.
         let inserted = sqlx::query(
             "INSERT INTO batches (sku, batch_id, state, created_at_ms, upload_id, touched_at_ms) \
@@ -63,22 +65,8 @@ where
         let start = match (batch.state.as_str(), &batch.upload_id) {
             // An aborted import left nothing behind: the merchant's retry starts afresh.
             ("aborted", _) => BatchStart::New,
-            ("pending", Some(_)) => {
-                let silent_ms = silent_ms(&batch, now_ms);
-                if silent_ms < UPLOAD_LEASE_MS {
-                    return Ok(BatchStart::InProgress(batch));
-                }
-                // Its uploader died mid-upload (or stalled): nothing of it was ever visible,
-                // and its successor starts the batch afresh.
-                tracing::warn!(
-                    sku,
-                    batch_id,
-                    silent_ms,
-                    "taking over a batch whose upload gave no sign of life"
-                );
-                Self::delete_keys(&mut tx, sku, batch_id).await?;
-                BatchStart::New
-            }
+            // Not presumed dead: `abort_dead_uploads` left it to its upload.
+            ("pending", Some(_)) => return Ok(BatchStart::InProgress(batch)),
             _ => BatchStart::Existing(batch),
         };
         if start == BatchStart::New {
@@ -252,23 +240,17 @@ where
         now_ms: i64,
     ) -> Result<BatchRecord, LedgerError> {
         let mut tx = self.begin_write().await?;
+        // An upload presumed dead left its batch unused, as one interrupted in a live gateway.
+        Self::abort_dead_uploads(&mut tx, sku, now_ms, self.dialect.lock_rows).await?;
         let batch = Self::known_batch(&mut tx, sku, batch_id, self.dialect.lock_rows).await?;
         let batch = match (batch.state.as_str(), &batch.upload_id) {
             ("active", _) => batch,
             // Its upload has not finished: part of the file may not be here yet, and the
             // upload would find its batch gone from under it.
             ("pending", Some(_)) => {
-                let silent_ms = silent_ms(&batch, now_ms);
-                let why = if silent_ms < UPLOAD_LEASE_MS {
-                    "its upload has not finished".to_owned()
-                } else {
-                    format!(
-                        "its upload gave no sign of life for {} s: upload the file again",
-                        silent_ms / 1000
-                    )
-                };
                 return Err(LedgerError::BatchBusy(format!(
-                    "batch {batch_id} of SKU {sku} cannot be activated yet: {why}"
+                    "batch {batch_id} of SKU {sku} cannot be activated yet: its upload has \
+                     not finished"
                 )));
             }
             ("pending", None) => {
@@ -322,6 +304,63 @@ where
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Aborts every batch of `sku` whose upload is presumed dead ([`upload_presumed_dead`]),
+    /// deleting its keys: nothing of it was ever visible, and its codes must not count as
+    /// duplicates of a new upload (perhaps the same file again, under a batch id of its own).
+    /// The dead upload, should it wake up, is refused on its next call ([`check_owner`]).
+    async fn abort_dead_uploads(
+        conn: &mut DB::Connection,
+        sku: &str,
+        now_ms: i64,
+        lock: &str,
+    ) -> Result<(), LedgerError> {
+        let sql = format!(
+            "SELECT {BATCH_COLUMNS} FROM batches \
+             WHERE sku = $1 AND state = 'pending' AND upload_id IS NOT NULL{lock}"
+        );
+        let rows = sqlx::query(&sql).bind(sku).fetch_all(&mut *conn).await?;
+        for row in rows {
+            let batch = Self::batch_from_row(&row)?;
+            let gateway = batch.upload_id.as_deref().and_then(upload_gateway);
+            let seen_ms = match gateway {
+                Some(gateway) => Self::gateway_seen_at(conn, gateway).await?,
+                None => None,
+            };
+            if !upload_presumed_dead(&batch, gateway.is_some(), seen_ms, now_ms) {
+                continue;
+            }
+            tracing::warn!(
+                sku,
+                batch_id = batch.batch_id,
+                gateway,
+                silent_ms = silent_ms(&batch, now_ms),
+                "aborting a batch whose upload is presumed dead"
+            );
+            Self::delete_keys(conn, sku, &batch.batch_id).await?;
+            sqlx::query(
+                "UPDATE batches SET state = 'aborted', upload_id = NULL \
+                 WHERE sku = $1 AND batch_id = $2",
+            )
+            .bind(sku)
+            .bind(&batch.batch_id)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// When gateway `id` last reported alive (`None`: never, or it stopped or died long ago).
+    async fn gateway_seen_at(
+        conn: &mut DB::Connection,
+        id: &str,
+    ) -> Result<Option<i64>, LedgerError> {
+        let row = sqlx::query("SELECT seen_at_ms FROM gateways WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
     }
 
     /// A batch, read inside `conn`'s transaction with the lock clause `lock`.
@@ -417,29 +456,46 @@ where
     }
 }
 
-/// Whether upload `upload_id` may still write into `batch`: [`LedgerError::Conflict`] when the
-/// batch is no longer pending, [`LedgerError::BatchBusy`] when another upload took it over.
+/// Whether upload `upload_id` may still write into `batch`: [`LedgerError::BatchBusy`] when
+/// it was presumed dead and its batch taken over or aborted ([`upload_presumed_dead`]),
+/// [`LedgerError::Conflict`] when the batch is finished.
 fn check_owner(batch: &BatchRecord, upload_id: &str) -> Result<(), LedgerError> {
     let (sku, batch_id) = (&batch.sku, &batch.batch_id);
-    if batch.state != "pending" {
-        return Err(LedgerError::Conflict(format!(
-            "batch {batch_id} of SKU {sku} is {}, not pending",
-            batch.state
-        )));
+    match batch.state.as_str() {
+        "pending" if batch.upload_id.as_deref() == Some(upload_id) => Ok(()),
+        "pending" | "aborted" => Err(LedgerError::BatchBusy(format!(
+            "batch {batch_id} of SKU {sku} was taken from this upload, presumed dead after no \
+             sign of life for {} s (or its gateway unseen for {} s)",
+            UPLOAD_LEASE_MS / 1000,
+            UPLOAD_OWNER_SILENT_MS / 1000
+        ))),
+        state => Err(LedgerError::Conflict(format!(
+            "batch {batch_id} of SKU {sku} is {state}, not pending"
+        ))),
     }
-    if batch.upload_id.as_deref() != Some(upload_id) {
-        return Err(LedgerError::BatchBusy(format!(
-            "batch {batch_id} of SKU {sku} was taken over by another upload after this one \
-             gave no sign of life for {} s",
-            UPLOAD_LEASE_MS / 1000
-        )));
-    }
-    Ok(())
 }
 
 /// The answer for a batch id the SKU does not have.
 fn no_such_batch(sku: &str, batch_id: &str) -> LedgerError {
     LedgerError::NotFound(format!("batch {batch_id} of SKU {sku}"))
+}
+
+/// Whether the upload filling `batch` is presumed dead at `now_ms`: it gave no sign of life
+/// for [`UPLOAD_LEASE_MS`] (its client stalled, or the process running it died), or it runs
+/// in a gateway (`named`) that has not been seen alive for [`UPLOAD_OWNER_SILENT_MS`] (last
+/// seen at `seen_ms`; `None`: not since it stopped or died), counted from no earlier than the
+/// upload's start, so a gateway's upload in the moments before its first report is safe.
+fn upload_presumed_dead(
+    batch: &BatchRecord,
+    named: bool,
+    seen_ms: Option<i64>,
+    now_ms: i64,
+) -> bool {
+    if silent_ms(batch, now_ms) >= UPLOAD_LEASE_MS {
+        return true;
+    }
+    let since = seen_ms.map_or(batch.created_at_ms, |seen| seen.max(batch.created_at_ms));
+    named && now_ms.saturating_sub(since) >= UPLOAD_OWNER_SILENT_MS
 }
 
 /// How long a batch's upload has given no sign of life, at `now_ms`.
