@@ -143,7 +143,17 @@ pub async fn import(
         bar.inc(n as u64);
     }
     bar.finish_and_clear();
-    Ok(importer.finish(activate, shared_engine).await?)
+    let report = importer.finish(activate, shared_engine).await?;
+    if let Some(why) = &report.unloaded {
+        return Err(Error::Unavailable(format!(
+            "batch {batch_id} was imported ({} codes accepted, {} duplicate, {} rejected), \
+             but loading it into Redis failed: {why}; `kamigate warm --sku {sku}` or a \
+             running gateway loads it",
+            report.accepted, report.duplicate, report.rejected
+        ))
+        .into());
+    }
+    Ok(report)
 }
 
 /// `kamigate warm [--sku S]`: loads ledger keys Redis lacks. The embedded engine lives

@@ -167,6 +167,56 @@ async fn flushall_is_rebuilt_from_the_ledger_without_selling_twice() {
     gw.stop().await;
 }
 
+/// Codes imported while Redis has lost its data (before the SKU is rebuilt): the import is
+/// in the ledger, so it is answered as done, not `404` for a SKU the merchant has; the
+/// rebuild brings its codes, and activating a pending batch meanwhile is a retry, not `404`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_while_redis_lost_its_data_is_answered_and_goes_on_sale() {
+    let redis = RedisServer::start().await;
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    let gw = TestGateway::start(cfg).await;
+    gw.stock("lost", &["L-1", "L-2"]).await;
+    let (status, pending) = gw
+        .upload("lost", "batch_id=b-p&activate=false", "text/plain", "P-1\n")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{pending}");
+
+    redis.cmd(&["FLUSHALL"]).await.expect("flushed");
+    let (status, report) = gw
+        .upload("lost", "batch_id=b-new", "text/plain", "N-1\nN-2\nN-3\n")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(
+        (&report["accepted"], &report["state"]),
+        (&json!(3), &json!("active")),
+        "{report}"
+    );
+    let (status, body) = gw
+        .admin_post("/v1/skus/lost/batches/b-p/activate", json!({}))
+        .await;
+    assert!(
+        status == StatusCode::OK || body["error"]["code"] == "ERR_UNAVAILABLE",
+        "{status} {body}"
+    );
+    let activated = eventually(
+        Duration::from_secs(15),
+        "the pending batch to be activated",
+        || gw.admin_post("/v1/skus/lost/batches/b-p/activate", json!({})),
+        |(status, _)| *status == StatusCode::OK,
+    )
+    .await;
+    assert_eq!(activated.1["state"], "active", "{}", activated.1);
+    eventually(
+        Duration::from_secs(15),
+        "the SKU rebuilt with every code",
+        || gw.merchant_get("/v1/skus/lost"),
+        |(status, view)| *status == StatusCode::OK && view["engine"]["available"] == 6,
+    )
+    .await;
+    gw.stop().await;
+}
+
 /// A stream's ids come from the engine's clock. Here Redis loses its data and comes back with
 /// a clock behind the one that made the ledger's events (the SKU's ids were set ahead, as by
 /// a clock since put back): the rebuilt SKU's events still go above every id the ledger

@@ -56,6 +56,10 @@ pub struct ImportReport {
     /// The SKU format version the rows were validated under (the current one); `None` for
     /// a replayed batch.
     pub format_version: Option<u32>,
+    /// Why a batch recorded active is not in the engine yet: loading it failed (the engine
+    /// unreachable, or rebuilding the SKU after losing its data). The import stands; a
+    /// gateway's sync pass loads the batch (not part of the API answer).
+    pub unloaded: Option<String>,
 }
 
 impl ImportReport {
@@ -149,6 +153,7 @@ impl<'a> Importer<'a> {
                     state: batch.state,
                     replayed: true,
                     format_version: None,
+                    unloaded: None,
                 }))
             }
             BatchStart::InProgress(batch) => {
@@ -318,7 +323,18 @@ impl<'a> Importer<'a> {
         self.report.state = if activate { "active" } else { "pending" }.into();
         if activate && warm {
             if let Some(first) = self.first_local {
-                warm_sku(self.ledger, self.inventory, self.sku, first - 1, |_| {}).await?;
+                // The batch is in the ledger, active: the import has happened whatever loading
+                // it does, and answering it failed would have the merchant upload it again.
+                let warmed = warm_sku(self.ledger, self.inventory, self.sku, first - 1, |_| {});
+                if let Err(e) = warmed.await {
+                    tracing::warn!(
+                        sku = self.sku,
+                        batch_id = self.batch_id,
+                        error = %e,
+                        "imported a batch that could not be loaded into the engine yet"
+                    );
+                    self.report.unloaded = Some(e.to_string());
+                }
             }
         }
         Ok(self.report)

@@ -483,9 +483,10 @@ impl Inventory {
             .run_sku(&crate::engine::SCRIPTS.warm, sku, args)
             .await?;
         match reply.first().and_then(|r| r.as_str()) {
-            Some("no_sku") => return Err(Error::NotFound(format!("SKU {sku}"))),
+            // Warming is for SKUs the ledger has: one the engine lacks was lost with its data
+            // (a rebuild is on its way), not unknown.
+            Some("no_sku" | "loading") => return Err(super::rebuilding(sku)),
             Some("stale") => return Err(super::lost_again(sku)),
-            Some("loading") => return Err(super::rebuilding(sku)),
             _ => {}
         }
         let loaded = reply
