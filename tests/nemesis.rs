@@ -1,10 +1,11 @@
 //! Faults injected *while* requests are in flight, then every answer checked.
 //!
 //! A workload of claims (alone and in batch claims), holds, confirms, releases and
-//! redemptions runs from many clients against gateway binaries; each client retries the
-//! same request (same `order_id`, same redeemer) on any answer that is not final (a
-//! transport error, 429, 5xx; in a batch claim also an order's own such error), as a
-//! merchant's order system does. Meanwhile a nemesis injects random faults: gateways killed with
+//! redemptions runs from many clients against gateway binaries, while new codes are imported
+//! for the same SKUs; each client retries the same request (same `order_id`, same redeemer,
+//! same `batch_id`) on any answer that is not final (a transport error, 429, 5xx,
+//! `ERR_BATCH_IN_PROGRESS`; in a batch claim also an order's own such error), as a merchant's
+//! order system does. Meanwhile a nemesis injects random faults: gateways killed with
 //! SIGKILL and restarted, paused (SIGSTOP) for longer than `event_reclaim_idle_ms`, Redis
 //! killed and restarted (AOF `always`), losing all its data (FLUSHALL) or paused (SIGSTOP)
 //! for up to twice the gateways' command timeout (the calls that time out are answered as
@@ -12,6 +13,8 @@
 //! writer), the ledger's PostgreSQL stopped and started. Once the faults stop and the
 //! clients have final answers, a checker verifies:
 //!
+//! - every import answered counts exactly its file's new codes as accepted, the rest as
+//!   duplicates, and in the end each SKU has its stock and every code imported, each once;
 //! - no code was answered to two orders, and a retried order always got the same codes;
 //! - no code was redeemed by two redeemers;
 //! - every answered claim, hold, confirm and redemption is in the ledger, and the engine
@@ -498,16 +501,32 @@ impl Answer {
     }
 }
 
+/// A request's body: JSON, or a file uploaded as text.
+#[derive(Clone)]
+enum Payload {
+    Json(Value),
+    Text(String),
+}
+
+impl From<Value> for Payload {
+    fn from(value: Value) -> Payload {
+        Payload::Json(value)
+    }
+}
+
 /// Sends one request until it gets a final answer (or the hard deadline passes: `None`).
+/// Not final: a transport error, a 5xx, a 429, and `ERR_BATCH_IN_PROGRESS` (an upload of the
+/// batch id still runs, or one cut off is not yet presumed dead).
 async fn until_final(
     client: &reqwest::Client,
     bases: &[String],
     rng: &Mutex<StdRng>,
     path: &str,
-    body: Value,
+    body: impl Into<Payload>,
     token: Option<&str>,
     deadline: Instant,
 ) -> Option<(StatusCode, Value)> {
+    let body = body.into();
     loop {
         if Instant::now() >= deadline {
             return None;
@@ -516,7 +535,11 @@ async fn until_final(
             let mut rng = rng.lock().expect("rng");
             bases[rng.random_range(0..bases.len())].clone()
         };
-        let mut req = client.post(format!("{base}{path}")).json(&body);
+        let mut req = client.post(format!("{base}{path}"));
+        req = match &body {
+            Payload::Json(json) => req.json(json),
+            Payload::Text(text) => req.header("content-type", "text/plain").body(text.clone()),
+        };
         if let Some(token) = token {
             req = req.bearer_auth(token);
         }
@@ -524,7 +547,7 @@ async fn until_final(
             let status = res.status();
             let retry = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
             if let Ok(body) = res.json::<Value>().await {
-                if !retry {
+                if !retry && body["error"]["code"] != "ERR_BATCH_IN_PROGRESS" {
                     return Some((status, body));
                 }
             }
@@ -834,6 +857,76 @@ async fn batcher_loop(seed: u64, max_orders: usize, bases: Vec<String>, shared: 
     }
 }
 
+/// The importer: uploads files of new codes for the SKUs the clients claim, a batch at a
+/// time through any gateway's admin listener, until told to stop. Each file also repeats
+/// some codes the SKU already has (duplicates), in odd rounds with CRLF line ends and a
+/// blank line, and is sent again with its batch id until it has a final answer, as a
+/// merchant does after a gateway crash. Each final answer must count exactly the file's new
+/// codes as accepted and the others as duplicates (a replay answers the first upload's
+/// counts, which are the same). Its answers go with the clients' (op `import`, the batch id
+/// as the order); returns the codes imported into each SKU.
+async fn importer_loop(
+    seed: u64,
+    admins: Vec<String>,
+    shared: Clients,
+) -> HashMap<&'static str, HashSet<String>> {
+    let client = Clients::http();
+    let rng = Mutex::new(StdRng::seed_from_u64(seed ^ 0x696d_706f));
+    let pick = |lo: usize, hi: usize| rng.lock().expect("rng").random_range(lo..hi);
+    let mut imported: HashMap<&'static str, HashSet<String>> = HashMap::new();
+    for round in 0.. {
+        if shared.stopped() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(pick(500, 1500) as u64)).await;
+        let sku = SKUS[pick(0, 2)];
+        let had = imported.entry(sku).or_default();
+        let mut codes: Vec<String> = (0..200).map(|i| format!("imp{round}-{i:04}")).collect();
+        let fresh = codes.len();
+        codes.extend(had.iter().take(20).cloned());
+        let repeated = codes.len() - fresh;
+        let mut lines = codes.clone();
+        let end = if round % 2 == 1 {
+            lines.insert(lines.len() / 2, String::new());
+            "\r\n"
+        } else {
+            "\n"
+        };
+        let file = lines.join(end) + end;
+        let batch = format!("imp-{round}");
+        let path = format!("/v1/skus/{sku}/batches?batch_id={batch}");
+        let deadline = shared.hard_deadline;
+        let got = until_final(
+            &client,
+            &admins,
+            &rng,
+            &path,
+            Payload::Text(file),
+            Some(ADMIN_TOKEN),
+            deadline,
+        );
+        let Some(answer) = shared.record("import", sku, &batch, got.await) else {
+            break;
+        };
+        if answer.status == StatusCode::OK {
+            let counts = (
+                &answer.body["accepted"],
+                &answer.body["duplicate"],
+                &answer.body["rejected"],
+            );
+            assert_eq!(
+                counts,
+                (&json!(fresh), &json!(repeated), &json!(0)),
+                "import {batch} into {sku} at {}: {}",
+                answer.at,
+                answer.body
+            );
+            had.extend(codes);
+        }
+    }
+    imported
+}
+
 /// The voider: voids and restores codes of [`VOIDED_SKU`] in turn, through any gateway's
 /// admin listener, until told to stop; every code it voided it ends restored. Its answers
 /// go with the clients' (op `void` or `restore`, the key id as the order).
@@ -1023,6 +1116,11 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
 
     let bases: Vec<String> = world.gateways.iter().map(|g| g.public.clone()).collect();
     let shared = Clients::new(Instant::now() + Duration::from_secs(secs + 120));
+    let importer = tokio::spawn(importer_loop(
+        seed,
+        world.gateways.iter().map(|g| g.admin.clone()).collect(),
+        shared.clone(),
+    ));
     let voider = tokio::spawn(voider_loop(
         seed,
         world.gateways.iter().map(|g| g.admin.clone()).collect(),
@@ -1063,6 +1161,7 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
     }
     voider.await.expect("voider finished");
     batcher.await.expect("batcher finished");
+    let imported = importer.await.expect("importer finished");
     eprintln!("nemesis: faults injected: {log:?}");
     let answers = shared.answers.lock().expect("answers").clone();
     let unfinished = shared.unfinished.lock().expect("unfinished").clone();
@@ -1122,12 +1221,20 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         }
     }
 
-    // 4. Everything settles: nothing in flight, no drift, engine and ledger agree.
+    // 4. Everything settles: nothing in flight, no drift, engine and ledger agree, and the
+    // SKUs hold their stock and every code imported, each once.
     let mut claimed = 0;
     for sku in SKUS {
         let view = settle(&client, &world.gateways[0], world.redis.as_ref(), sku).await;
-        claimed += view["ledger"]["claimed"].as_u64().unwrap_or(0)
-            + view["ledger"]["redeemed"].as_u64().unwrap_or(0);
+        let ledger = &view["ledger"];
+        claimed +=
+            ledger["claimed"].as_u64().unwrap_or(0) + ledger["redeemed"].as_u64().unwrap_or(0);
+        let keys: u64 = ["available", "held", "claimed", "redeemed", "void"]
+            .iter()
+            .map(|state| ledger[state].as_u64().unwrap_or(0))
+            .sum();
+        let codes = stock + imported.get(sku).map_or(0, HashSet::len);
+        assert_eq!(keys, codes as u64, "{sku}: {view}\nfaults: {log:?}");
     }
     // Every code voided was restored last: engine and ledger agree that none is void.
     let view = settle(
@@ -1233,6 +1340,8 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
                 "answered release {} not in the ledger",
                 a.order
             ),
+            // Checked by the SKUs' totals (4.).
+            "import" => {}
             "void" | "restore" => {
                 let key = ledger
                     .get_key(&a.order)
@@ -1283,12 +1392,13 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         }
     }
     eprintln!(
-        "nemesis: {} answers checked ({} orders sold {} codes, {} of them in batch claims; {} voids and restores), {} faults",
+        "nemesis: {} answers checked ({} orders sold {} codes, {} of them in batch claims; {} voids and restores; {} codes imported), {} faults",
         answers.len(),
         order_codes.len(),
         sold,
         order_codes.keys().filter(|(_, o)| o.starts_with('b')).count(),
         answers.iter().filter(|a| a.sku == VOIDED_SKU).count(),
+        imported.values().map(HashSet::len).sum::<usize>(),
         log.len()
     );
 }
