@@ -26,6 +26,20 @@ struct Binary {
     admin: String,
 }
 
+impl Binary {
+    /// Creates `sku` with default settings.
+    async fn create_sku(&self, client: &reqwest::Client, sku: &str) {
+        let put = client
+            .put(format!("{}/v1/skus/{sku}", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(put.status(), StatusCode::CREATED);
+    }
+}
+
 async fn spawn_gateway(config: &std::path::Path, public: u16, admin: u16) -> Binary {
     let child = spawn_serve(config);
     let gw = Binary {
@@ -234,14 +248,7 @@ async fn a_killed_gateway_loses_no_answered_claim() {
     .expect("config written");
     let mut gw = spawn_gateway(&config, public, admin).await;
     let client = support::gateway::client();
-    let put = client
-        .put(format!("{}/v1/skus/storm", gw.admin))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("answered");
-    assert_eq!(put.status(), StatusCode::CREATED);
+    gw.create_sku(&client, "storm").await;
     let codes: String = (0..400).map(|i| format!("STORM-{i:05}\n")).collect();
     let import = client
         .post(format!("{}/v1/skus/storm/batches?batch_id=b1", gw.admin))
@@ -457,14 +464,7 @@ async fn an_upload_cut_off_by_a_killed_gateway_is_imported_whole_by_the_retry() 
     .expect("config written");
     let mut gw = spawn_gateway(&config, public, admin).await;
     let client = support::gateway::client();
-    let put = client
-        .put(format!("{}/v1/skus/cut", gw.admin))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("answered");
-    assert_eq!(put.status(), StatusCode::CREATED);
+    gw.create_sku(&client, "cut").await;
     const CODES: usize = 30_000;
     let file: String = (0..CODES).map(|i| format!("CUT-{i:06}\n")).collect();
     let batch = format!("{}/v1/skus/cut/batches?batch_id=b-cut", gw.admin);
