@@ -2067,6 +2067,11 @@ async fn a_sku_being_rebuilt_answers_unavailable_never_sold_out_or_unknown(h: Ha
         inv.counts("rebuild").await,
         Err(Error::Unavailable(_))
     ));
+    // The edge's question "a retry, or a new order?" has no answer yet.
+    assert!(matches!(
+        inv.knows_order("rebuild", "o-1").await,
+        Err(Error::Unavailable(_))
+    ));
     assert_eq!(
         inv.expire_due("rebuild", 10).await.expect("sweep"),
         (0, false)
@@ -2092,8 +2097,14 @@ async fn a_sku_being_rebuilt_answers_unavailable_never_sold_out_or_unknown(h: Ha
     h.claim("rebuild", "o-1", 1)
         .await
         .expect("claimable once ready");
+    assert!(inv.knows_order("rebuild", "o-1").await.expect("read"));
+    assert!(!inv.knows_order("rebuild", "o-2").await.expect("read"));
     // A SKU the engine lost while a request was on its way: unavailable, not unknown.
     assert!(unavailable(&h.claim("never-created", "o-1", 1).await));
+    assert!(matches!(
+        inv.knows_order("never-created", "o-1").await,
+        Err(Error::Unavailable(_))
+    ));
 }
 
 /// A generation drained for a rebuild (its answers of a lost generation reached the ledger

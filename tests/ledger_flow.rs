@@ -217,6 +217,49 @@ async fn an_import_while_redis_lost_its_data_is_answered_and_goes_on_sale() {
     gw.stop().await;
 }
 
+/// An order that bought a SKU's last code, sent again (its answer was lost) while Redis has
+/// lost its data, must not be told `ERR_SOLD_OUT` by a gateway that remembers the SKU sold
+/// out: its code is sold to it in the ledger, and a buyer told "sold out" never gets it.
+/// The retry is answered as a retry (`ERR_UNAVAILABLE`) until the SKU is rebuilt, then with
+/// its code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_order_of_a_sold_out_sku_is_not_sold_out_while_redis_lost_its_data() {
+    let redis = RedisServer::start().await;
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    // Longer than this test takes, however busy the machine: the gateway remembers the SKU
+    // sold out throughout.
+    cfg.limits.sold_out_cache_ms = 60_000;
+    let gw = TestGateway::start(cfg).await;
+    gw.stock("last", &["Z-1"]).await;
+    let (status, bought) = gw.claim("last", json!({"order_id": "o-1"})).await;
+    assert_eq!(status, StatusCode::OK, "{bought}");
+    let (status, late) = gw.claim("last", json!({"order_id": "o-2"})).await;
+    assert_eq!(late["error"]["code"], "ERR_SOLD_OUT", "{status} {late}");
+    settled(&gw, "last").await;
+
+    let code = code_of(&bought);
+    redis.cmd(&["FLUSHALL"]).await.expect("flushed");
+    let (status, retried) = gw.claim("last", json!({"order_id": "o-1"})).await;
+    assert!(
+        (status == StatusCode::OK && code_of(&retried) == code)
+            || retried["error"]["code"] == "ERR_UNAVAILABLE",
+        "the buyer of {code}, retrying, was told {status} {retried}"
+    );
+    let (_, retried) = eventually(
+        Duration::from_secs(30),
+        "the retried order answered once the SKU is rebuilt",
+        || gw.claim("last", json!({"order_id": "o-1"})),
+        |(status, _)| *status == StatusCode::OK,
+    )
+    .await;
+    assert_eq!(code_of(&retried), code, "{retried}");
+    // A new order is still sold out, from the cache or the engine alike.
+    let (_, late) = gw.claim("last", json!({"order_id": "o-3"})).await;
+    assert_eq!(late["error"]["code"], "ERR_SOLD_OUT", "{late}");
+    gw.stop().await;
+}
+
 /// A stream's ids come from the engine's clock. Here Redis loses its data and comes back with
 /// a clock behind the one that made the ledger's events (the SKU's ids were set ahead, as by
 /// a clock since put back): the rebuilt SKU's events still go above every id the ledger

@@ -292,7 +292,7 @@ async fn retired_orders_and_redemptions_replay_their_first_answer(h: Harness) {
         h.has_record("ret", "o-live").await,
         "a live hold never retires"
     );
-    assert!(!h.inv.order_exists("ret", "o-never").await.expect("read"));
+    assert!(!h.inv.knows_order("ret", "o-never").await.expect("read"));
     let events = h.events("ret").await;
 
     // Each retry answers as before.
@@ -364,7 +364,7 @@ async fn retired_orders_and_redemptions_replay_their_first_answer(h: Harness) {
     for order in ["o-claim", "o-conf", "o-rel", "o-exp"] {
         assert!(!h.has_record("ret", order).await, "{order} retired again");
         assert!(
-            h.inv.order_exists("ret", order).await.expect("read"),
+            h.inv.knows_order("ret", order).await.expect("read"),
             "{order} is known by its fingerprint"
         );
         assert!(h.has_record("ret", order).await, "{order} restored");
@@ -404,7 +404,7 @@ async fn an_order_id_matching_another_fingerprint_is_claimed_as_new(h: Harness) 
     h.plant_fingerprint("fp", "o-new").await;
     h.plant_fingerprint("fp", "o-ghost").await;
     assert!(
-        !h.inv.order_exists("fp", "o-new").await.expect("read"),
+        !h.inv.knows_order("fp", "o-new").await.expect("read"),
         "a fingerprint the ledger knows no order of is no order: the edge may refuse it as new"
     );
     assert!(matches!(

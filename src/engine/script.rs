@@ -164,6 +164,7 @@ scripts!(
     redeem,
     redeems_batch,
     order,
+    known,
     counts,
     void,
     restore,

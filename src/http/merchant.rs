@@ -115,16 +115,17 @@ async fn claim_request(
         // could be claimed either way.
         if !app
             .inventory
-            .order_exists(sku, order_id)
+            .knows_order(sku, order_id)
             .await
             .unwrap_or(false)
         {
             return Err(paused);
         }
     }
-    if app.edge.sold_out.is_sold_out(sku) && !app.inventory.order_exists(sku, order_id).await? {
-        // Known sold out, and not a retry: answered without a script. A retried order
-        // still goes to the engine, which answers it as it did the first time.
+    if app.edge.sold_out.is_sold_out(sku) && !app.inventory.knows_order(sku, order_id).await? {
+        // Known sold out, and not a retry: answered without a claim. A retried order still
+        // goes to the engine, which answers it as it did the first time; while the engine
+        // has lost the SKU's orders, nobody can tell, and the answer is a retry.
         app.edge.sold_out_at_edge();
         return Err(Error::SoldOut);
     }

@@ -409,12 +409,31 @@ impl Inventory {
         self.clock.clone()
     }
 
+    /// Whether the engine has order `order_id` of `sku`, for the edge, which answers a new
+    /// order without a claim (a SKU remembered sold out, a pause) but must let a retried one
+    /// reach the engine, which answers it as the first time. One script call that knows
+    /// whether the SKU is loaded: while the engine lacks it or rebuilds it, its orders may
+    /// be missing, so this is `ERR_UNAVAILABLE`, never "no such order" (an order the engine
+    /// lost is not a new order). A retired order is an order all the same: it is restored
+    /// from the ledger here (see the `retire` module). A fingerprint of another order (the
+    /// ledger has no such order) is no order.
+    pub async fn knows_order(&self, sku: &str, order_id: &str) -> Result<bool, Error> {
+        let args = vec![order_id.to_owned()];
+        let reply = self
+            .run_order(&SCRIPTS.known, sku, order_id, args, None)
+            .await?;
+        match tag(&reply) {
+            "found" => Ok(true),
+            "not_found" => Ok(false),
+            "no_sku" | "loading" => Err(rebuilding(sku)),
+            _ => Err(unexpected(SCRIPTS.known.name(), &Reply::Array(reply))),
+        }
+    }
+
     /// Whether `sku` has an order `order_id`, by plain reads rather than a script: its
-    /// record, else the fingerprint a retired order left (see the `retire` module). A
-    /// retired order is an order all the same, and its retry must reach the engine, which
-    /// answers it as the first time: it is restored from the ledger here. A fingerprint of
-    /// another order (the ledger has no such order) is no order: the edge may refuse it as
-    /// new (sold out, paused).
+    /// record, else the fingerprint a retired order left (see the `retire` module), restored
+    /// from the ledger. Reads a SKU the engine lacks as having no orders: for the rebuild's
+    /// own probes, never the edge's (see [`Inventory::knows_order`]).
     pub async fn order_exists(&self, sku: &str, order_id: &str) -> Result<bool, Error> {
         if self
             .engine
