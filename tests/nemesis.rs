@@ -2,7 +2,7 @@
 //!
 //! A workload of claims (alone and in batch claims), holds, confirms, releases and
 //! redemptions runs from many clients against gateway binaries, while new codes are imported
-//! for the same SKUs; each client retries the same request (same `order_id`, same redeemer,
+//! for the same SKUs and a rush of buyers sells out a scarce SKU; each client retries the same request (same `order_id`, same redeemer,
 //! same `batch_id`) on any answer that is not final (a transport error, 429, 5xx,
 //! `ERR_BATCH_IN_PROGRESS`; in a batch claim also an order's own such error), as a merchant's
 //! order system does. Meanwhile a nemesis injects random faults: gateways killed with
@@ -19,7 +19,12 @@
 //! - no code was redeemed by two redeemers;
 //! - every answered claim, hold, confirm and redemption is in the ledger, and the engine
 //!   (rebuilt or not) still answers every answered order as it was answered;
-//! - no `ERR_SOLD_OUT` (the stock always exceeds the demand) and no `404` of any kind;
+//! - no `ERR_SOLD_OUT` (the stock always exceeds the demand) and no `404` of any kind,
+//!   except on the scarce SKU, where each order gets its code or `ERR_SOLD_OUT`;
+//! - on the scarce SKU, an order that bought a code is never told sold out when it asks
+//!   again; no new order gets a code after another was told sold out (nothing returns to its
+//!   stock), unless Redis lost its data in between (which undoes claims nobody was answered);
+//!   and the ledger sells each code to an order answered with it, or keeps it;
 //! - in-flight events and drift return to 0, and engine and ledger counts agree;
 //! - stock pools hold: the first SKU has a pool for the merchant's own (default) channel,
 //!   which the workload claims from first, and one for a rival channel that never claims.
@@ -60,6 +65,12 @@ use tokio::time::Instant;
 
 /// Two SKUs: one grace period covers both when Redis loses them together.
 const SKUS: [&str; 2] = ["nemesis-a", "nemesis-b"];
+/// A SKU the rush sells out while the faults strike.
+const SCARCE_SKU: &str = "nemesis-scarce";
+/// Every SKU that orders claim from.
+const CLAIMED_SKUS: [&str; 3] = [SKUS[0], SKUS[1], SCARCE_SKU];
+/// The rush's buyers.
+const RUSHERS: usize = 3;
 /// A SKU nobody claims: its codes are voided and restored, in turn, while the faults strike.
 const VOIDED_SKU: &str = "nemesis-void";
 /// How many of its codes the voider takes in turn.
@@ -176,6 +187,8 @@ struct World {
     /// Per SKU, the last stream entry when a gateway was killed: what it answered is only
     /// in the stream until another gateway commits it.
     orphaned: Vec<(&'static str, (u64, u64))>,
+    /// When Redis lost its data.
+    flushes: Vec<Instant>,
     _dir: tempfile::TempDir,
 }
 
@@ -246,6 +259,7 @@ impl World {
             answers_in_gateways,
             flushed: false,
             orphaned: Vec::new(),
+            flushes: Vec::new(),
             _dir: dir,
         }
     }
@@ -273,7 +287,7 @@ impl World {
                 self.gateways[i].kill9().await;
                 if self.answers_in_gateways {
                     let redis = self.redis.as_ref().expect("redis");
-                    for sku in SKUS {
+                    for sku in CLAIMED_SKUS {
                         if let Some(last) = last_entry(redis, sku).await {
                             self.orphaned.push((sku, last));
                         }
@@ -300,6 +314,7 @@ impl World {
                 note(log, "redis FLUSHALL");
                 let redis = self.redis.as_ref().expect("redis");
                 redis.cmd(&["FLUSHALL"]).await.expect("FLUSHALL");
+                self.flushes.push(Instant::now());
                 self.flushed = self.answers_in_gateways;
                 // The entries went with the data; nothing of a killed gateway is left.
                 self.orphaned.clear();
@@ -338,7 +353,7 @@ impl World {
         match fault {
             Fault::KillGateway if self.flushed => {
                 note(log, "(waited for the rebuild)");
-                for sku in SKUS {
+                for sku in CLAIMED_SKUS {
                     eventually(
                         Duration::from_secs(120),
                         "a SKU Redis lost to be rebuilt",
@@ -857,6 +872,93 @@ async fn batcher_loop(seed: u64, max_orders: usize, bases: Vec<String>, shared: 
     }
 }
 
+/// A first-time order of the rush, and its final answer.
+struct Rushed {
+    order: String,
+    /// When it was first sent.
+    sent: Instant,
+    /// When its final answer came.
+    answered: Instant,
+    sold_out: bool,
+}
+
+/// One buyer of the rush on [`SCARCE_SKU`], which sells out while the faults strike: new
+/// orders of one code each, alone or two to four in a batch claim, and now and then an
+/// order already answered sent again (its answer lost, as the order system sees it), which
+/// must be answered as the first time: its code, or sold out. Until told to stop. Its
+/// answers go with the clients' (op `rush`); returns its first-time orders.
+async fn rush_loop(r: usize, seed: u64, bases: Vec<String>, shared: Clients) -> Vec<Rushed> {
+    let client = Clients::http();
+    let rng = Mutex::new(StdRng::seed_from_u64(
+        seed ^ 0x7275_7368 ^ (r as u64).wrapping_mul(0x9e37_79b9),
+    ));
+    let pick = |lo: usize, hi: usize| rng.lock().expect("rng").random_range(lo..hi);
+    let deadline = shared.hard_deadline;
+    let claims = format!("/v1/skus/{SCARCE_SKU}/claims");
+    let mut rushed: Vec<Rushed> = Vec::new();
+    for round in 0.. {
+        if shared.stopped() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(pick(100, 500) as u64)).await;
+        if !rushed.is_empty() && pick(0, 3) == 0 {
+            let order = rushed[pick(0, rushed.len())].order.clone();
+            let body = json!({"order_id": order});
+            let got = until_final(
+                &client,
+                &bases,
+                &rng,
+                &claims,
+                body,
+                Some(MERCHANT_TOKEN),
+                deadline,
+            );
+            if shared
+                .record("rush", SCARCE_SKU, &order, got.await)
+                .is_none()
+            {
+                break;
+            }
+            continue;
+        }
+        let orders: Vec<(String, Value)> = (0..[1, 1, 2, 3, 4][pick(0, 5)])
+            .map(|i| {
+                let order = format!("rush{r}-{round}-{i}");
+                let claim = json!({"order_id": order});
+                (order, claim)
+            })
+            .collect();
+        let sent = Instant::now();
+        let answers = if let [(order, claim)] = orders.as_slice() {
+            let got = until_final(
+                &client,
+                &bases,
+                &rng,
+                &claims,
+                claim.clone(),
+                Some(MERCHANT_TOKEN),
+                deadline,
+            );
+            vec![(order.clone(), got.await)]
+        } else {
+            batch_until_final(&client, &bases, &rng, SCARCE_SKU, orders, deadline).await
+        };
+        let answered = Instant::now();
+        for (order, got) in answers {
+            let Some(answer) = shared.record("rush", SCARCE_SKU, &order, got) else {
+                return rushed;
+            };
+            rushed.push(Rushed {
+                order,
+                sent,
+                answered,
+                sold_out: answer.error() == "ERR_SOLD_OUT",
+            });
+        }
+    }
+    rushed
+}
+
 /// The importer: uploads files of new codes for the SKUs the clients claim, a batch at a
 /// time through any gateway's admin listener, until told to stop. Each file also repeats
 /// some codes the SKU already has (duplicates), in odd rounds with CRLF line ends and a
@@ -1090,6 +1192,10 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
     }
     let codes = (0..VOIDED_KEYS).map(|i| format!("void-{i:06}\n")).collect();
     stock_sku(&client, &admin, VOIDED_SKU, codes).await;
+    // Fewer codes than the rush wants: it sells out some time into the faults.
+    let scarce = 2 * secs.max(10) as usize;
+    let codes = (0..scarce).map(|i| format!("scarce-{i:06}\n")).collect();
+    stock_sku(&client, &admin, SCARCE_SKU, codes).await;
     // Stock pools on the first SKU: the default channel's, drawn from first, and a rival's
     // that nobody claims from, which no fault may touch.
     let (own_pool, rival_pool) = (stock as u64 / 3, stock as u64 / 10);
@@ -1137,6 +1243,9 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
     let clients: Vec<_> = (0..WORKERS)
         .map(|w| tokio::spawn(client_loop(w, orders, seed, bases.clone(), shared.clone())))
         .collect();
+    let rushers: Vec<_> = (0..RUSHERS)
+        .map(|r| tokio::spawn(rush_loop(r, seed, bases.clone(), shared.clone())))
+        .collect();
 
     // The nemesis: faults while the clients run.
     let mut rng = StdRng::seed_from_u64(seed);
@@ -1160,6 +1269,10 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         c.await.expect("client finished");
     }
     voider.await.expect("voider finished");
+    let mut rushed = Vec::new();
+    for r in rushers {
+        rushed.extend(r.await.expect("rusher finished"));
+    }
     batcher.await.expect("batcher finished");
     let imported = importer.await.expect("importer finished");
     eprintln!("nemesis: faults injected: {log:?}");
@@ -1180,6 +1293,7 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         let allowed = match (a.op, a.status) {
             (_, StatusCode::OK) => true,
             ("redeem-again", StatusCode::CONFLICT) => a.error() == "ERR_CARD_USED",
+            ("rush", StatusCode::CONFLICT) => a.error() == "ERR_SOLD_OUT",
             _ => false,
         };
         assert!(allowed, "answer a client must never get: {a:?}");
@@ -1208,6 +1322,38 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
             }
         }
     }
+    // 2b. The rush: an order that bought a code is never told sold out when it asks again,
+    // and no new order got a code after another was told sold out (no code comes back to
+    // the scarce SKU), unless Redis lost data in between, which may undo a claim nobody was
+    // answered (its order, asking again, claims afresh).
+    // (One rusher sends an order's requests one after another: its answers are in order.)
+    let mut bought: HashSet<&str> = HashSet::new();
+    for a in answers.iter().filter(|a| a.op == "rush") {
+        if !a.codes().is_empty() {
+            bought.insert(a.order.as_str());
+        }
+        assert!(
+            a.status == StatusCode::OK || !bought.contains(a.order.as_str()),
+            "an order that bought a code was told sold out: at {} {a:?}\nfaults: {log:?}",
+            a.at
+        );
+    }
+    let flushed_between =
+        |from: Instant, to: Instant| world.flushes.iter().any(|&t| from <= t && t <= to);
+    for out in rushed.iter().filter(|r| r.sold_out) {
+        for sold in rushed
+            .iter()
+            .filter(|r| !r.sold_out && r.sent > out.answered)
+        {
+            assert!(
+                flushed_between(out.answered, sold.answered),
+                "{} was told sold out, then {} sent later bought a code\nfaults: {log:?}",
+                out.order,
+                sold.order
+            );
+        }
+    }
+
     // 3. No code redeemed by two redeemers.
     let mut redeemed: HashMap<String, String> = HashMap::new();
     for a in answers
@@ -1223,19 +1369,42 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
 
     // 4. Everything settles: nothing in flight, no drift, engine and ledger agree, and the
     // SKUs hold their stock and every code imported, each once.
+    // A ledger's view: (codes sold, codes in all).
+    let ledger_codes = |view: &Value| {
+        let n = |state: &str| view["ledger"][state].as_u64().unwrap_or(0);
+        let states = ["available", "held", "claimed", "redeemed", "void"];
+        (
+            n("claimed") + n("redeemed"),
+            states.iter().map(|s| n(s)).sum::<u64>(),
+        )
+    };
     let mut claimed = 0;
     for sku in SKUS {
         let view = settle(&client, &world.gateways[0], world.redis.as_ref(), sku).await;
-        let ledger = &view["ledger"];
-        claimed +=
-            ledger["claimed"].as_u64().unwrap_or(0) + ledger["redeemed"].as_u64().unwrap_or(0);
-        let keys: u64 = ["available", "held", "claimed", "redeemed", "void"]
-            .iter()
-            .map(|state| ledger[state].as_u64().unwrap_or(0))
-            .sum();
+        let (sold, keys) = ledger_codes(&view);
+        claimed += sold;
         let codes = stock + imported.get(sku).map_or(0, HashSet::len);
         assert_eq!(keys, codes as u64, "{sku}: {view}\nfaults: {log:?}");
     }
+    // The scarce SKU sold each of its codes to an order answered with it, or kept it.
+    let view = settle(
+        &client,
+        &world.gateways[0],
+        world.redis.as_ref(),
+        SCARCE_SKU,
+    )
+    .await;
+    let scarce_sold: usize = order_codes
+        .iter()
+        .filter(|((sku, _), _)| *sku == SCARCE_SKU)
+        .map(|(_, codes)| codes.len())
+        .sum();
+    assert_eq!(
+        ledger_codes(&view),
+        (scarce_sold as u64, scarce as u64),
+        "{SCARCE_SKU}: (codes the ledger sold, codes) against those answered: {view}\nfaults: {log:?}"
+    );
+    claimed += scarce_sold as u64;
     // Every code voided was restored last: engine and ledger agree that none is void.
     let view = settle(
         &client,
@@ -1306,7 +1475,7 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         .await
         .expect("ledger opens");
     let mut kinds: HashMap<(&str, String), HashSet<String>> = HashMap::new();
-    for sku in SKUS {
+    for sku in CLAIMED_SKUS {
         let mut cursor = 0;
         loop {
             let events = ledger
@@ -1328,7 +1497,9 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         let order = (a.sku, a.order.clone());
         let has = |kind: &str| kinds.get(&order).is_some_and(|k| k.contains(kind));
         match a.op {
-            "claim" => assert!(has("claim"), "answered claim {} not in the ledger", a.order),
+            "claim" | "rush" => {
+                assert!(has("claim"), "answered claim {} not in the ledger", a.order)
+            }
             "hold" => assert!(has("hold"), "answered hold {} not in the ledger", a.order),
             "confirm" => assert!(
                 has("confirm"),
@@ -1374,7 +1545,7 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
                 .await
                 .expect("readable")
                 .expect("key");
-            if matches!(a.op, "claim" | "confirm") && !a.codes().is_empty() {
+            if matches!(a.op, "claim" | "rush" | "confirm") && !a.codes().is_empty() {
                 assert!(
                     key.sold >= 1,
                     "{key_id} answered sold, ledger says {}",
@@ -1392,11 +1563,14 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         }
     }
     eprintln!(
-        "nemesis: {} answers checked ({} orders sold {} codes, {} of them in batch claims; {} voids and restores; {} codes imported), {} faults",
+        "nemesis: {} answers checked ({} orders sold {} codes, {} of them in batch claims; {} of {} codes sold in the rush, {} answers sold out; {} voids and restores; {} codes imported), {} faults",
         answers.len(),
         order_codes.len(),
         sold,
         order_codes.keys().filter(|(_, o)| o.starts_with('b')).count(),
+        scarce_sold,
+        scarce,
+        answers.iter().filter(|a| a.error() == "ERR_SOLD_OUT").count(),
         answers.iter().filter(|a| a.sku == VOIDED_SKU).count(),
         imported.values().map(HashSet::len).sum::<usize>(),
         log.len()
