@@ -14,7 +14,8 @@
 # sends N orders a request through the batch claim route instead, figures per claim; MODES
 # (default "engine ledger") picks the durability modes. KIND=redeem measures redemptions of
 # the codes the warm-up claimed instead (a new redeemer each, the lockout windows on),
-# figures per redemption. CPU is counted until the ledger has every event of the run, so an
+# figures per redemption; KIND=soldout claims of a SKU with nothing left (new orders, every
+# answer 409), figures per claim. CPU is counted until the ledger has every event of the run, so an
 # engine-mode writer's backlog is counted in its run. COMMANDS=1 (Redis engine) also prints
 # Redis's `INFO commandstats` of the run per claim or redemption: the calls of each command
 # (those inside scripts included) and their microseconds. Ends with the paired ratios of
@@ -68,6 +69,7 @@ one() {
   caught_up "$public/v1/skus/sbs" "$MERCHANT"
   # The warm-up sold every code (each can be sold and redeemed a million times).
   if [ "$KIND" = redeem ]; then url="$public/v1/redeem" script=redeem.lua; fi
+  if [ "$KIND" = soldout ]; then sell_out; url="$public/v1/skus/gone/claims"; fi
   local r0 r1 d0 d1 c0 c1 out
   if [ "$COMMANDS" = 1 ] && [ "$ENGINE" = redis ]; then
     redis-cli -p "$rp" CONFIG RESETSTAT >/dev/null

@@ -1,6 +1,7 @@
 # Shared by the bench scripts (sourced): a work dir removed on exit, the processes started
 # into `pids` stopped on exit, a free loopback port, wrk required, a wait for the ledger to
-# catch up, and the start of a scratch Redis and of a gateway stocked for the wrk scripts.
+# catch up, the start of a scratch Redis and of a gateway stocked for the wrk scripts, and a
+# SKU sold out on it.
 command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; exit 1; }
 
 work=$(mktemp -d)
@@ -72,4 +73,15 @@ start_kamigate() { # <binary> <dir> <durability> [redis url: none for the embedd
   seq 0 $((CODES - 1)) | sed 's/^/sbs-/' | curl -fs -X POST \
     "$kg_admin/v1/skus/sbs/batches?batch_id=b1" -H "Authorization: Bearer $ADMIN" \
     -H 'content-type: text/plain' --data-binary @- >/dev/null
+}
+
+# Creates SKU `gone` on the gateway started last, with one code, and claims it: every claim
+# of it after that is a new order answered 409 ERR_SOLD_OUT.
+sell_out() {
+  curl -fs -X PUT "$kg_admin/v1/skus/gone" -H "Authorization: Bearer $ADMIN" \
+    -d '{}' >/dev/null
+  echo gone-0 | curl -fs -X POST "$kg_admin/v1/skus/gone/batches?batch_id=b1" \
+    -H "Authorization: Bearer $ADMIN" -H 'content-type: text/plain' --data-binary @- >/dev/null
+  curl -fs -X POST "$kg_public/v1/skus/gone/claims" \
+    -H "Authorization: Bearer $MERCHANT" -d '{"order_id":"first"}' >/dev/null
 }

@@ -97,12 +97,7 @@ kamigate() {
   run "$system" batch "$public/v1/skus/sbs/claims/batch" claim_batch.lua \
     "$pid" "$with_redis" 100
   # Sold out: a SKU whose one code is gone; every claim is a new order answered 409.
-  curl -fs -X PUT "$admin/v1/skus/gone" -H "Authorization: Bearer $ADMIN" \
-    -d '{}' >/dev/null
-  echo gone-0 | curl -fs -X POST "$admin/v1/skus/gone/batches?batch_id=b1" \
-    -H "Authorization: Bearer $ADMIN" -H 'content-type: text/plain' --data-binary @- >/dev/null
-  curl -fs -X POST "$public/v1/skus/gone/claims" \
-    -H "Authorization: Bearer $MERCHANT" -d '{"order_id":"first"}' >/dev/null
+  sell_out
   run "$system" soldout "$public/v1/skus/gone/claims" claim.lua "$pid" \
     "$with_redis"
   kill "$pid"; wait "$pid" 2>/dev/null || true
