@@ -16,6 +16,7 @@
 //! - every import answered counts exactly its file's new codes as accepted, the rest as
 //!   duplicates, and in the end each SKU has its stock and every code imported, each once;
 //! - no code was answered to two orders, and a retried order always got the same codes;
+//! - a hold confirmed in time reveals the keys it held;
 //! - no code was redeemed by two redeemers;
 //! - every answered claim, hold, confirm and redemption is in the ledger, and the engine
 //!   (rebuilt or not) still answers every answered order as it was answered;
@@ -1354,6 +1355,29 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         }
     }
 
+    // 2c. A hold confirmed in time reveals the very keys it held (a late one takes fresh
+    // codes, and says so).
+    let held: HashMap<(&str, &str), Vec<String>> = answers
+        .iter()
+        .filter(|a| a.op == "hold" && a.status == StatusCode::OK)
+        .map(|a| ((a.sku, a.order.as_str()), a.key_ids()))
+        .collect();
+    let mut confirmed_in_time = 0;
+    for a in answers
+        .iter()
+        .filter(|a| a.op == "confirm" && a.status == StatusCode::OK)
+    {
+        if a.body["late"] == false {
+            confirmed_in_time += 1;
+            assert_eq!(
+                held.get(&(a.sku, a.order.as_str())),
+                Some(&a.key_ids()),
+                "a hold confirmed in time revealed other keys than it held: at {} {a:?}",
+                a.at
+            );
+        }
+    }
+
     // 3. No code redeemed by two redeemers.
     let mut redeemed: HashMap<String, String> = HashMap::new();
     for a in answers
@@ -1563,7 +1587,7 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         }
     }
     eprintln!(
-        "nemesis: {} answers checked ({} orders sold {} codes, {} of them in batch claims; {} of {} codes sold in the rush, {} answers sold out; {} voids and restores; {} codes imported), {} faults",
+        "nemesis: {} answers checked ({} orders sold {} codes, {} of them in batch claims; {} of {} codes sold in the rush, {} answers sold out; {} holds confirmed in time; {} voids and restores; {} codes imported), {} faults",
         answers.len(),
         order_codes.len(),
         sold,
@@ -1571,6 +1595,7 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         scarce_sold,
         scarce,
         answers.iter().filter(|a| a.error() == "ERR_SOLD_OUT").count(),
+        confirmed_in_time,
         answers.iter().filter(|a| a.sku == VOIDED_SKU).count(),
         imported.values().map(HashSet::len).sum::<usize>(),
         log.len()
