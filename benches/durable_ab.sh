@@ -69,7 +69,10 @@ one() {
   caught_up "$public/v1/skus/sbs" "$MERCHANT"
   # The warm-up sold every code (each can be sold and redeemed a million times).
   if [ "$KIND" = redeem ]; then url="$public/v1/redeem" script=redeem.lua; fi
-  if [ "$KIND" = soldout ]; then sell_out; url="$public/v1/skus/gone/claims"; fi
+  if [ "$KIND" = soldout ]; then
+    sell_out; url="$public/v1/skus/gone/claims"
+    if [ "$PER" -gt 1 ]; then url="$url/batch"; fi
+  fi
   local r0 r1 d0 d1 c0 c1 out
   if [ "$COMMANDS" = 1 ] && [ "$ENGINE" = redis ]; then
     redis-cli -p "$rp" CONFIG RESETSTAT >/dev/null

@@ -866,6 +866,19 @@ async fn a_batch_claim_answers_each_order_as_if_it_came_alone() {
     assert_eq!(claims[2]["error"]["code"], "ERR_BAD_REQUEST");
     assert_eq!(claims[3]["error"]["code"], "ERR_BAD_REQUEST");
     assert_eq!(claims[4]["error"]["code"], "ERR_SOLD_OUT");
+    // Remembered sold out at the edge: a batch still answers each of its orders, a retry
+    // with its codes.
+    let (_, late) = gw.claim("bulk", json!({"order_id": "o-5"})).await;
+    assert_eq!(late["error"]["code"], "ERR_SOLD_OUT", "{late}");
+    let (status, body) = gw
+        .merchant_post(
+            "/v1/skus/bulk/claims/batch",
+            json!({"claims": [{"order_id": "o-6"}, {"order_id": "o-1"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["claims"][0]["error"]["code"], "ERR_SOLD_OUT", "{body}");
+    assert_eq!(body["claims"][1]["keys"], alone["keys"], "{body}");
     // Bad claims changed nothing: the orders do not exist.
     let (status, _) = gw.merchant_get("/v1/skus/bulk/claims/o-3").await;
     assert_eq!(status, StatusCode::NOT_FOUND);

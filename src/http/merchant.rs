@@ -63,10 +63,17 @@ fn count_claim(channel: &Channel, outcome: &'static str) {
 async fn claim_body(app: &App, channel: &Channel, sku: &str, bytes: &[u8]) -> Result<Order, Error> {
     let body = JsonBody::parse(bytes, CLAIM_FIELDS)?;
     let settings = app.skus.require(&app.inventory, sku).await?;
-    let request = claim_request(app, channel, sku, &settings, &body).await?;
+    let request = claim_request(app, channel, sku, &settings, &body, Sent::Alone).await?;
     let (result, exhausted) = app.inventory.claim_checked(sku, &request).await;
     let order = claimed(app, sku, result, exhausted).await?;
     Ok(order.displayed(&settings.format))
+}
+
+/// How a claim came: alone, or as one order of a batch claim.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    Alone,
+    InBatch,
 }
 
 /// Checks one claim's fields against the SKU's settings and the edge's limits: the request
@@ -77,6 +84,7 @@ async fn claim_request(
     sku: &str,
     settings: &SkuConfig,
     body: &JsonBody,
+    sent: Sent,
 ) -> Result<ClaimRequest, Error> {
     let order_id = body.str("order_id", MAX_ID_LEN)?;
     check_id("order_id", order_id, MAX_ID_LEN)?;
@@ -122,7 +130,12 @@ async fn claim_request(
             return Err(paused);
         }
     }
-    if app.edge.sold_out.is_sold_out(sku) && !app.inventory.knows_order(sku, order_id).await? {
+    // Not for an order of a batch claim: telling its retries from new orders would cost a
+    // read per order, where the batch's one engine call answers each of them anyway.
+    if sent == Sent::Alone
+        && app.edge.sold_out.is_sold_out(sku)
+        && !app.inventory.knows_order(sku, order_id).await?
+    {
         // Known sold out, and not a retry: answered without a claim. A retried order still
         // goes to the engine, which answers it as it did the first time; while the engine
         // has lost the SKU's orders, nobody can tell, and the answer is a retry.
@@ -197,7 +210,7 @@ pub async fn claim_batch(
     let mut slots = Vec::new();
     for claim in claims {
         let checked = match JsonBody::from_value(claim, CLAIM_FIELDS) {
-            Ok(body) => claim_request(app, channel, sku, &settings, &body).await,
+            Ok(body) => claim_request(app, channel, sku, &settings, &body, Sent::InBatch).await,
             Err(e) => Err(e),
         };
         match checked {
