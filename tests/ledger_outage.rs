@@ -173,3 +173,46 @@ async fn a_late_confirm_keeps_its_lapse_when_redis_loses_both() {
     assert_eq!(status, StatusCode::CONFLICT, "sold out: {body}");
     gw.stop().await;
 }
+
+/// With `durability = "ledger"`, a void whose answer timed out waiting for the database is
+/// retried, and the retry finds the key void already: it too is answered only once the
+/// ledger has the void (an answered change is in the ledger, whatever becomes of the engine
+/// next: the embedded engine's unwritten changes die with its process). Likewise a restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_void_or_restore_is_answered_once_the_ledger_has_it() {
+    let pg = Postgres::start();
+    let mut cfg = config();
+    cfg.durability = Some(kamigate::config::Durability::Ledger);
+    cfg.database_url = Some(pg.url());
+    cfg.ledger_wait_ms = 300;
+    let gw = TestGateway::start(cfg).await;
+    gw.stock("vr", &["VR-1"]).await;
+    let key = || async {
+        let ledger = &gw.gateway.app.ledger;
+        ledger.get_key("vr.1").await.expect("read").expect("key")
+    };
+    for (op, void) in [("void", true), ("restore", false)] {
+        let path = format!("/v1/keys/vr.1/{op}");
+        let body = json!({"reason": "retried"});
+        pg.down();
+        let (status, first) = gw.admin_post(&path, body.clone()).await;
+        assert!(status.is_server_error(), "{op}: {status} {first}");
+        let (status, again) = gw.admin_post(&path, body.clone()).await;
+        assert_eq!(
+            (status, &again["error"]["code"]),
+            (StatusCode::SERVICE_UNAVAILABLE, &json!("ERR_UNAVAILABLE")),
+            "{op}: the retry was answered before the ledger had the change: {again}"
+        );
+        pg.up();
+        let (_, done) = eventually(
+            Duration::from_secs(30),
+            "the retry answered once the database is back",
+            || gw.admin_post(&path, body.clone()),
+            |(status, _)| *status == StatusCode::OK,
+        )
+        .await;
+        assert_eq!(done["changed"], false, "{op}: {done}");
+        assert_eq!(key().await.void, void, "{op}: answered, so in the ledger");
+    }
+    gw.stop().await;
+}
