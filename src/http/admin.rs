@@ -13,7 +13,6 @@ use serde_json::json;
 use super::body::{self, JsonBody, Reply};
 use super::target::query_param;
 use super::{App, Params};
-use crate::config::Durability;
 use crate::error::timestamp;
 use crate::error::Error;
 use crate::inventory::formats::UploadFormat;
@@ -383,8 +382,14 @@ pub async fn void(
             app.edge.sold_out.invalidate(sku);
         }
     }
-    if change.is_none() && app.durability == Durability::Ledger {
-        ledger_agrees(app, &key_id, void).await?;
+    if change.is_none() {
+        // Void already (or not): the state may stand on an earlier call's change, whose
+        // answer timed out waiting for the ledger (the call a client now retries).
+        app.ledger_agrees(|| async {
+            let key = app.ledger.get_key(&key_id).await?;
+            Ok(key.is_some_and(|key| key.void == void))
+        })
+        .await?;
     }
     let (changed, state) = match (void, change) {
         (true, change) => (change.is_some(), "void".to_owned()),
@@ -396,28 +401,6 @@ pub async fn void(
         answer["state"] = state.into();
     }
     Ok(body::json(StatusCode::OK, &answer))
-}
-
-/// A void or restore that changed nothing (the key was void already, or not void) stands on
-/// an earlier change, maybe an earlier call's whose answer timed out waiting for the ledger
-/// (the call a client now retries): with `durability = "ledger"` it is answered once the
-/// ledger records the key as the engine has it (`void`), within `ledger_wait`, else it is a
-/// retry. The engine's record tells nothing of which event made it, so the ledger's key is
-/// read until it agrees.
-async fn ledger_agrees(app: &App, key_id: &str, void: bool) -> Result<(), Error> {
-    let deadline = tokio::time::Instant::now() + app.ledger_wait;
-    loop {
-        let key = app.ledger.get_key(key_id).await?;
-        if key.is_some_and(|key| key.void == void) {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(Error::Unavailable(
-                "the ledger has not confirmed the change yet".into(),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// A SKU's settings as the ledger records them, or `None` for a new SKU.

@@ -221,6 +221,34 @@ impl App {
         Ok(())
     }
 
+    /// With `durability = "ledger"`, answers a request that changed nothing (the state it
+    /// asked for was there already) only once `agrees`, a read of the ledger, finds that
+    /// state there too, within `ledger_wait`: the state may stand on an earlier call's
+    /// change whose answer timed out waiting for the ledger, the call the client now
+    /// retries. Such a change left no event this call could wait on, hence the reads.
+    /// Nothing to wait for in engine mode, where the engine's state is the answer.
+    pub async fn ledger_agrees<F, Fut>(&self, agrees: F) -> Result<(), Error>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<bool, Error>>,
+    {
+        if self.durability != Durability::Ledger {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + self.ledger_wait;
+        loop {
+            if agrees().await? {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Unavailable(
+                    "the ledger has not confirmed the change yet".into(),
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Whether shutdown has begun (readiness then answers 503).
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
