@@ -11,7 +11,8 @@
 --         pools after the engine lost the SKU: set as they are, no event)
 -- Reply: {'levels', available, shared remainder, channel, count, channel, count, …} ('levels')
 --      | {'done', from level, to level, moved, event id, event} (for 'set', from is the
---        shared remainder and to the channel; moved may be negative, 0 when nothing changed)
+--        shared remainder and to the channel; moved may be negative, 0 when nothing changed,
+--        and then the event is the SKU's last change of a pool while the stream has it)
 --      | {'short', from level} (from holds fewer than asked)
 --      | {'changed', from level} (from does not hold the count the move expected)
 --      | {'loaded', total} | {'stale'} ('load': the SKU is another generation)
@@ -47,6 +48,7 @@ local function move(from, to, n, now, by, reason)
   if from ~= '' then add_to_pool(from, -n) end
   if to ~= '' then add_to_pool(to, n) end
   local eid = emit('pool', now, { 'from', from, 'to', to, 'delta', n, 'by', by, 'reason', reason })
+  redis.call('HSET', K.meta, 'pool_event', eid)
   return { 'done', level(from), level(to), n, eid, EMITTED }
 end
 
@@ -66,7 +68,15 @@ end
 if ARGV[1] == 'set' then
   local channel, want, now = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
   local have = level(channel)
-  if want == have then return { 'done', level(''), have, 0, '', {} } end
+  if want == have then
+    -- Nothing to change, but the level may stand on an earlier call's change whose answer
+    -- timed out waiting for the ledger, the call a client now retries: this answer waits
+    -- for the last change of a pool the stream still has, as that answer would have.
+    local eid = redis.call('HGET', K.meta, 'pool_event')
+    local entry = stream_entry(eid)
+    if entry then return { 'done', level(''), have, 0, eid, entry } end
+    return { 'done', level(''), have, 0, '', {} }
+  end
   if want > have then
     local shared = level('')
     if shared < want - have then return { 'short', shared } end

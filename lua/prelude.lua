@@ -13,7 +13,8 @@
 --                        {'loading'} instead of judging stock from a partial load; '2' while
 --                        the SKU is drained for a rebuild, see sku.lua 'drain'); acks and
 --                        reading (while loading: the gateways that wrote their answers,
---                        and whether the rebuild reads the ledger, see sku.lua 'ack')
+--                        and whether the rebuild reads the ledger, see sku.lua 'ack');
+--                        pool_event (the answer id of the last change of a pool, pool.lua)
 --   2 avail        LIST  key ids that can be issued now, oldest first; may also hold stale
 --                        entries (keys no longer issuable, or gone), dropped when popped
 --   3 keys         HASH  key id -> key record (see decode_key)
@@ -428,7 +429,8 @@ local function fit_pools(now, why)
     local cut = math.min(p[2], excess)
     add_to_pool(p[1], -cut)
     excess = excess - cut
-    emit('pool', now, { 'pool', p[1], 'delta', -cut, 'reason', why })
+    local eid = emit('pool', now, { 'pool', p[1], 'delta', -cut, 'reason', why })
+    redis.call('HSET', K.meta, 'pool_event', eid)
   end
   EMITTED = answer -- not the change a client is answered about
 end

@@ -216,3 +216,54 @@ async fn a_retried_void_or_restore_is_answered_once_the_ledger_has_it() {
     }
     gw.stop().await;
 }
+
+/// With `durability = "ledger"`, a pool set whose answer timed out waiting for the database
+/// is retried, and the retry finds the pool at the level asked: it too is answered only once
+/// the ledger has the change that put it there, as the change itself would have been.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_pool_set_is_answered_once_the_ledger_has_it() {
+    let pg = Postgres::start();
+    let mut cfg = config();
+    cfg.durability = Some(kamigate::config::Durability::Ledger);
+    cfg.database_url = Some(pg.url());
+    cfg.ledger_wait_ms = 300;
+    let gw = TestGateway::start(cfg).await;
+    gw.stock("ps", &["PS-1", "PS-2", "PS-3"]).await;
+    let (status, made) = gw.admin_put("/v1/channels/shop", json!({})).await;
+    assert!(status.is_success(), "{status} {made}");
+    let ledger_level = || async {
+        let pools = gw.gateway.app.ledger.pools("ps").await.expect("read");
+        pools
+            .iter()
+            .find(|(pool, _)| pool == "shop")
+            .map_or(0, |(_, n)| *n)
+    };
+    for count in [2, 1] {
+        let body = json!({"count": count, "reason": "retried"});
+        pg.down();
+        let (status, first) = gw.admin_put("/v1/skus/ps/pools/shop", body.clone()).await;
+        assert!(status.is_server_error(), "{count}: {status} {first}");
+        let (status, again) = gw.admin_put("/v1/skus/ps/pools/shop", body.clone()).await;
+        assert_eq!(
+            (status, &again["error"]["code"]),
+            (StatusCode::SERVICE_UNAVAILABLE, &json!("ERR_UNAVAILABLE")),
+            "{count}: the retry was answered before the ledger had the change: {again}"
+        );
+        pg.up();
+        let (_, done) = eventually(
+            Duration::from_secs(30),
+            "the retry answered once the database is back",
+            || gw.admin_put("/v1/skus/ps/pools/shop", body.clone()),
+            |(status, _)| *status == StatusCode::OK,
+        )
+        .await;
+        assert_eq!(done["moved"], 0, "{count}: {done}");
+        assert_eq!(done["pools"]["shop"], count, "{count}: {done}");
+        assert_eq!(
+            ledger_level().await,
+            count,
+            "{count}: answered, so in the ledger"
+        );
+    }
+    gw.stop().await;
+}

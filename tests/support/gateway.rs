@@ -216,6 +216,17 @@ impl TestGateway {
         .await
     }
 
+    /// An admin `PUT`.
+    pub async fn admin_put(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        Self::send(
+            self.client
+                .put(format!("{}{path}", self.admin))
+                .bearer_auth(ADMIN_TOKEN)
+                .json(&body),
+        )
+        .await
+    }
+
     /// Engine counts of a SKU, through the API.
     pub async fn counts(&self, sku: &str) -> Value {
         let (status, body) = self.merchant_get(&format!("/v1/skus/{sku}")).await;
