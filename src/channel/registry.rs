@@ -235,9 +235,16 @@ impl Channels {
         }
     }
 
-    /// A channel by name, as this gateway serves it.
-    pub fn get(&self, name: &str) -> Option<Arc<Channel>> {
-        self.current().by_name.get(name).cloned()
+    /// A channel by name, as this gateway serves it: `NotFound` only once the ledger was
+    /// read (before, a channel made through another gateway may exist: retry).
+    pub fn serving(&self, name: &str) -> Result<Arc<Channel>, Error> {
+        match self.current().by_name.get(name) {
+            Some(channel) => Ok(channel.clone()),
+            None if !self.loaded.load(Ordering::Acquire) => Err(Error::Unavailable(
+                "the channels are not read from the ledger yet".into(),
+            )),
+            None => Err(Error::NotFound(format!("channel {name}"))),
+        }
     }
 
     /// Every channel the ledger holds, as last read.
@@ -329,5 +336,34 @@ impl std::fmt::Debug for Channels {
         f.debug_struct("Channels")
             .field("channels", &self.names())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_channel_is_denied_only_once_the_ledger_was_read() {
+        let defaults = Defaults {
+            bucket: BucketRule {
+                per_second: 0,
+                burst: 0,
+                shadow: false,
+            },
+            breaker: BreakerRule::default(),
+        };
+        let channels = Channels::new("merchant", defaults);
+        assert!(matches!(
+            channels.serving("shop"),
+            Err(Error::Unavailable(_))
+        ));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ledger = crate::ledger::open(Some("sqlite::memory:"), dir.path())
+            .await
+            .expect("ledger");
+        assert!(channels.refresh(ledger.as_ref()).await);
+        assert!(matches!(channels.serving("shop"), Err(Error::NotFound(_))));
+        assert!(channels.serving(crate::channel::DEFAULT).is_ok());
     }
 }

@@ -213,7 +213,8 @@ fn channel_json(app: &App, record: &ChannelRecord, now_ms: u64) -> Value {
     let config = serde_json::from_str::<Value>(&record.config_json).unwrap_or(Value::Null);
     let breaker = app
         .channels
-        .get(&record.channel)
+        .serving(&record.channel)
+        .ok()
         .map(|c| c.breaker_state(now_ms).as_str());
     json!({
         "channel": record.channel,

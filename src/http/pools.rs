@@ -154,9 +154,7 @@ async fn require(app: &App, sku: &str, channels: &[&str]) -> Result<(), Error> {
         )));
     }
     for channel in channels {
-        if app.channels.get(channel).is_none() {
-            return Err(Error::NotFound(format!("channel {channel}")));
-        }
+        app.channels.serving(channel)?;
     }
     Ok(())
 }
