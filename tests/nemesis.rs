@@ -31,7 +31,9 @@
 //!   which the workload claims from first, and one for a rival channel that never claims.
 //!   Whatever the faults (Redis losing everything included), the rival's pool keeps exactly
 //!   its codes, in the engine and in the ledger, and the pools never promise more than is
-//!   available.
+//!   available; a third channel's pool of the second SKU, set to one level and another in
+//!   turn while the faults strike (retried until answered), ends at the level last
+//!   answered, in the engine and in the ledger.
 //!
 //! With Redis and `durability = "engine"`, an answer outlives Redis losing its data only in
 //! the memory of the gateway that gave it, so the nemesis never kills both at once (README,
@@ -76,6 +78,10 @@ const RUSHERS: usize = 3;
 const VOIDED_SKU: &str = "nemesis-void";
 /// How many of its codes the voider takes in turn.
 const VOIDED_KEYS: usize = 6;
+/// A channel nobody claims through: its pool of the second SKU is set, in turn, to each of
+/// these levels while the faults strike.
+const POOLED_CHANNEL: &str = "pooled";
+const POOL_LEVELS: [u64; 2] = [10, 20];
 const WORKERS: usize = 8;
 const RECLAIM_IDLE_MS: u64 = 800;
 /// Answers a run must have checked for its verdict to mean something.
@@ -530,7 +536,7 @@ impl From<Value> for Payload {
     }
 }
 
-/// Sends one request until it gets a final answer (or the hard deadline passes: `None`).
+/// Sends one `POST` until it gets a final answer (or the hard deadline passes: `None`).
 /// Not final: a transport error, a 5xx, a 429, and `ERR_BATCH_IN_PROGRESS` (an upload of the
 /// batch id still runs, or one cut off is not yet presumed dead).
 async fn until_final(
@@ -542,7 +548,37 @@ async fn until_final(
     token: Option<&str>,
     deadline: Instant,
 ) -> Option<(StatusCode, Value)> {
-    let body = body.into();
+    let request = Request {
+        method: reqwest::Method::POST,
+        path,
+        body: body.into(),
+        token,
+    };
+    until_final_as(client, bases, rng, request, deadline).await
+}
+
+/// A request [`until_final_as`] sends.
+struct Request<'a> {
+    method: reqwest::Method,
+    path: &'a str,
+    body: Payload,
+    token: Option<&'a str>,
+}
+
+/// [`until_final`] for any method.
+async fn until_final_as(
+    client: &reqwest::Client,
+    bases: &[String],
+    rng: &Mutex<StdRng>,
+    request: Request<'_>,
+    deadline: Instant,
+) -> Option<(StatusCode, Value)> {
+    let Request {
+        method,
+        path,
+        body,
+        token,
+    } = request;
     loop {
         if Instant::now() >= deadline {
             return None;
@@ -551,7 +587,7 @@ async fn until_final(
             let mut rng = rng.lock().expect("rng");
             bases[rng.random_range(0..bases.len())].clone()
         };
-        let mut req = client.post(format!("{base}{path}"));
+        let mut req = client.request(method.clone(), format!("{base}{path}"));
         req = match &body {
             Payload::Json(json) => req.json(json),
             Payload::Text(text) => req.header("content-type", "text/plain").body(text.clone()),
@@ -1059,6 +1095,34 @@ async fn voider_loop(seed: u64, admins: Vec<String>, shared: Clients) {
     }
 }
 
+/// The pooler: sets [`POOLED_CHANNEL`]'s pool of the second SKU to one of two levels in
+/// turn, through any gateway's admin listener, each until it gets a final answer.
+async fn pooler_loop(seed: u64, admins: Vec<String>, shared: Clients) {
+    let client = Clients::http();
+    let rng = Mutex::new(StdRng::seed_from_u64(seed ^ 0x706f_6f6c));
+    let path = format!("/v1/skus/{}/pools/{POOLED_CHANNEL}", SKUS[1]);
+    for round in 0.. {
+        let count = POOL_LEVELS[round % POOL_LEVELS.len()];
+        let request = Request {
+            method: reqwest::Method::PUT,
+            path: &path,
+            body: json!({"count": count, "reason": format!("nemesis round {round}")}).into(),
+            token: Some(ADMIN_TOKEN),
+        };
+        let got = until_final_as(&client, &admins, &rng, request, shared.hard_deadline).await;
+        // Paced: sets in flight when the faults strike are the point, not a flood of events.
+        let pause = rng.lock().expect("rng").random_range(0..40);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        if shared
+            .record("pool", SKUS[1], &count.to_string(), got)
+            .is_none()
+            || shared.stopped()
+        {
+            return;
+        }
+    }
+}
+
 /// Waits until the ledger has every change and engine and ledger agree. If they never do,
 /// the failure shows, for a Redis engine, every key still held: its engine record, the
 /// ledger's events for it and the engine's record of the orders those events name, which
@@ -1208,6 +1272,38 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         .await
         .expect("answered");
     assert_eq!(put.status(), StatusCode::CREATED);
+    let put = client
+        .put(format!("{admin}/v1/channels/{POOLED_CHANNEL}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(put.status(), StatusCode::CREATED);
+    // Other gateways learn of a channel within `channel_refresh_ms`: the pooler starts once
+    // every one serves it (a set to the level the pool has changes nothing).
+    for gateway in &world.gateways {
+        let path = format!(
+            "{}/v1/skus/{}/pools/{POOLED_CHANNEL}",
+            gateway.admin, SKUS[1]
+        );
+        let (client, path) = (&client, &path);
+        eventually(
+            Duration::from_secs(30),
+            "every gateway serves the pooled channel",
+            move || async move {
+                let res = client
+                    .put(path)
+                    .bearer_auth(ADMIN_TOKEN)
+                    .json(&json!({"count": 0}))
+                    .send()
+                    .await;
+                res.map(|r| r.status()).ok()
+            },
+            |status| *status == Some(StatusCode::OK),
+        )
+        .await;
+    }
     for (channel, count) in [("default", own_pool), ("rival", rival_pool)] {
         let put = client
             .put(format!("{admin}/v1/skus/{}/pools/{channel}", SKUS[0]))
@@ -1229,6 +1325,11 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         shared.clone(),
     ));
     let voider = tokio::spawn(voider_loop(
+        seed,
+        world.gateways.iter().map(|g| g.admin.clone()).collect(),
+        shared.clone(),
+    ));
+    let pooler = tokio::spawn(pooler_loop(
         seed,
         world.gateways.iter().map(|g| g.admin.clone()).collect(),
         shared.clone(),
@@ -1270,6 +1371,7 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         c.await.expect("client finished");
     }
     voider.await.expect("voider finished");
+    pooler.await.expect("pooler finished");
     let mut rushed = Vec::new();
     for r in rushers {
         rushed.extend(r.await.expect("rusher finished"));
@@ -1462,6 +1564,33 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         .expect("json");
     assert_eq!(pools["pools"]["rival"], rival_pool, "{pools}");
     assert_eq!(pools["ledger"]["rival"], rival_pool, "{pools}");
+    // The pooled channel's pool is at the level last answered, in the engine and the ledger.
+    let last_set = answers
+        .iter()
+        .rfind(|a| a.op == "pool")
+        .map(|a| a.order.parse::<u64>().expect("a level"));
+    if let Some(level) = last_set {
+        let pools: Value = client
+            .get(format!(
+                "{}/v1/skus/{}/pools",
+                world.gateways[0].admin, SKUS[1]
+            ))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("answered")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(
+            (
+                &pools["pools"][POOLED_CHANNEL],
+                &pools["ledger"][POOLED_CHANNEL]
+            ),
+            (&json!(level), &json!(level)),
+            "the pool set last was answered {level}: {pools}\nfaults: {log:?}"
+        );
+    }
     let own = pools["pools"]["default"].as_u64().unwrap_or(0);
     assert!(own <= own_pool, "{pools}");
     let reserved = own + rival_pool;
@@ -1535,8 +1664,8 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
                 "answered release {} not in the ledger",
                 a.order
             ),
-            // Checked by the SKUs' totals (4.).
-            "import" => {}
+            // Checked by the SKUs' totals (4.); the pools by the last level set.
+            "import" | "pool" => {}
             "void" | "restore" => {
                 let key = ledger
                     .get_key(&a.order)
@@ -1587,7 +1716,7 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         }
     }
     eprintln!(
-        "nemesis: {} answers checked ({} orders sold {} codes, {} of them in batch claims; {} of {} codes sold in the rush, {} answers sold out; {} holds confirmed in time; {} voids and restores; {} codes imported), {} faults",
+        "nemesis: {} answers checked ({} orders sold {} codes, {} of them in batch claims; {} of {} codes sold in the rush, {} answers sold out; {} holds confirmed in time; {} voids and restores; {} pool sets; {} codes imported), {} faults",
         answers.len(),
         order_codes.len(),
         sold,
@@ -1597,6 +1726,7 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
         answers.iter().filter(|a| a.error() == "ERR_SOLD_OUT").count(),
         confirmed_in_time,
         answers.iter().filter(|a| a.sku == VOIDED_SKU).count(),
+        answers.iter().filter(|a| a.op == "pool").count(),
         imported.values().map(HashSet::len).sum::<usize>(),
         log.len()
     );
