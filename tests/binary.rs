@@ -328,6 +328,78 @@ async fn warm_and_reconcile_commands_work_against_redis() {
     );
 }
 
+/// An import whose codes reach the ledger but not Redis (full: `maxmemory` with
+/// `noeviction`) fails, saying what was imported and how to load it; `kamigate warm` then
+/// loads it once Redis has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_redis_cannot_take_says_it_is_in_the_ledger_and_how_to_load_it() {
+    let redis =
+        support::redis_server::RedisServer::start_with(&["--maxmemory-policy", "noeviction"]).await;
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut cfg = support::gateway::config();
+    cfg.data_dir = data.path().to_owned();
+    cfg.redis_url = Some(redis.url());
+    let gw = support::gateway::TestGateway::start(cfg).await;
+    gw.put_sku("full", json!({})).await;
+    gw.stop().await;
+    let file = data.path().join("codes.txt");
+    let codes: String = (0..5000).map(|i| format!("FULL-{i:06}\n")).collect();
+    std::fs::write(&file, codes).expect("file written");
+    // Room for the import's first steps, not for 5,000 codes.
+    let used = match redis.cmd(&["MEMORY", "STATS"]).await.expect("stats") {
+        support::redis_server::Resp::Array(Some(stats)) => stats
+            .chunks(2)
+            .find(|pair| pair[0].as_str() == Some("total.allocated"))
+            .and_then(|pair| pair[1].as_int())
+            .expect("total.allocated"),
+        other => panic!("MEMORY STATS: {other:?}"),
+    };
+    let limit = (used + 256 * 1024).to_string();
+    redis
+        .cmd(&["CONFIG", "SET", "maxmemory", &limit])
+        .await
+        .expect("limited");
+
+    let run = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .env("KAMIGATE_DATA_DIR", data.path())
+            .env("KAMIGATE_REDIS_URL", redis.url())
+            .env_remove("KAMIGATE_DATABASE_URL")
+            .env("KAMIGATE_DATA_KEY", support::gateway::DATA_KEY)
+            .env("RUST_LOG", "error")
+            .output()
+            .expect("command runs")
+    };
+    let file = file.to_str().expect("utf-8 path");
+    let out = run(&["import", file, "--sku", "full", "--batch", "b1"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("batch b1 was imported (5000 codes accepted, 0 duplicate, 0 rejected), but loading it into Redis failed")
+            && said.contains("`kamigate warm --sku full` or a running gateway loads it"),
+        "{said}"
+    );
+
+    redis
+        .cmd(&["CONFIG", "SET", "maxmemory", "0"])
+        .await
+        .expect("unlimited");
+    let out = run(&["warm", "--sku", "full"]);
+    let warm = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{warm}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["reconcile", "--sku", "full"]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("full: 5000 checked, 0 missing in engine"),
+        "{warm}{report}"
+    );
+}
+
 /// Runs operator command `command` against the embedded engine: it must refuse (the
 /// engine would be thrown away with the process) and point to `pointer` instead.
 fn refuses_the_embedded_engine(command: &str, pointer: &str) {

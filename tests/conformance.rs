@@ -1294,6 +1294,17 @@ async fn holds_give_their_codes_back_to_their_pool(h: Harness) {
         .await
         .expect("moved");
     assert_eq!((moved.from_level, moved.to_level, moved.moved), (1, 2, 2));
+    // A set that finds its level answers on the SKU's last change of a pool, which a
+    // durable answer waits for (a retry of a set whose answer timed out).
+    let same = h
+        .inv
+        .set_pool("back", "b", 2, "test", "t")
+        .await
+        .expect("nothing to change");
+    assert_eq!(same.moved, 0);
+    assert_eq!(same.event_id, moved.event_id, "{same:?}");
+    let entry = same.emitted.as_ref().expect("the stream's entry");
+    assert_eq!(Some(&entry.answer_id), moved.event_id.as_ref());
     let again = h
         .inv
         .move_pool("back", Some("a"), Some("b"), 2, "test", "t", Some(3))

@@ -1547,7 +1547,9 @@ pub struct PoolChange {
     pub to_level: u64,
     /// Codes moved (for a set: into the channel's pool; negative when it shrank).
     pub moved: i64,
-    /// Answer id of its event, for `durability = "ledger"`; `None` when nothing changed.
+    /// Answer id of its event, for `durability = "ledger"`. When nothing changed, that of
+    /// the SKU's last change of a pool while the engine's stream has it (the level found may
+    /// stand on it), else `None`.
     pub event_id: Option<String>,
     pub emitted: Option<Emitted>,
 }
