@@ -174,6 +174,34 @@ async fn a_late_confirm_keeps_its_lapse_when_redis_loses_both() {
     gw.stop().await;
 }
 
+/// Sends a change with the database down (its answer times out), sends it again (the
+/// retry must not be answered before the ledger has the change), brings the database back
+/// and returns the retry's answer once it is `200`. `what` names the case in failures.
+async fn answered_once_the_ledger_has_it<F, Fut>(pg: &Postgres, what: &str, send: F) -> Value
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = (StatusCode, Value)>,
+{
+    pg.down();
+    let (status, first) = send().await;
+    assert!(status.is_server_error(), "{what}: {status} {first}");
+    let (status, again) = send().await;
+    assert_eq!(
+        (status, &again["error"]["code"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &json!("ERR_UNAVAILABLE")),
+        "{what}: the retry was answered before the ledger had the change: {again}"
+    );
+    pg.up();
+    let (_, done) = eventually(
+        Duration::from_secs(30),
+        "the retry answered once the database is back",
+        send,
+        |(status, _)| *status == StatusCode::OK,
+    )
+    .await;
+    done
+}
+
 /// With `durability = "ledger"`, a void whose answer timed out waiting for the database is
 /// retried, and the retry finds the key void already: it too is answered only once the
 /// ledger has the void (an answered change is in the ledger, whatever becomes of the engine
@@ -194,23 +222,8 @@ async fn a_retried_void_or_restore_is_answered_once_the_ledger_has_it() {
     for (op, void) in [("void", true), ("restore", false)] {
         let path = format!("/v1/keys/vr.1/{op}");
         let body = json!({"reason": "retried"});
-        pg.down();
-        let (status, first) = gw.admin_post(&path, body.clone()).await;
-        assert!(status.is_server_error(), "{op}: {status} {first}");
-        let (status, again) = gw.admin_post(&path, body.clone()).await;
-        assert_eq!(
-            (status, &again["error"]["code"]),
-            (StatusCode::SERVICE_UNAVAILABLE, &json!("ERR_UNAVAILABLE")),
-            "{op}: the retry was answered before the ledger had the change: {again}"
-        );
-        pg.up();
-        let (_, done) = eventually(
-            Duration::from_secs(30),
-            "the retry answered once the database is back",
-            || gw.admin_post(&path, body.clone()),
-            |(status, _)| *status == StatusCode::OK,
-        )
-        .await;
+        let done =
+            answered_once_the_ledger_has_it(&pg, op, || gw.admin_post(&path, body.clone())).await;
         assert_eq!(done["changed"], false, "{op}: {done}");
         assert_eq!(key().await.void, void, "{op}: answered, so in the ledger");
     }
@@ -240,23 +253,8 @@ async fn a_retried_pool_set_is_answered_once_the_ledger_has_it() {
     };
     for count in [2, 1] {
         let body = json!({"count": count, "reason": "retried"});
-        pg.down();
-        let (status, first) = gw.admin_put("/v1/skus/ps/pools/shop", body.clone()).await;
-        assert!(status.is_server_error(), "{count}: {status} {first}");
-        let (status, again) = gw.admin_put("/v1/skus/ps/pools/shop", body.clone()).await;
-        assert_eq!(
-            (status, &again["error"]["code"]),
-            (StatusCode::SERVICE_UNAVAILABLE, &json!("ERR_UNAVAILABLE")),
-            "{count}: the retry was answered before the ledger had the change: {again}"
-        );
-        pg.up();
-        let (_, done) = eventually(
-            Duration::from_secs(30),
-            "the retry answered once the database is back",
-            || gw.admin_put("/v1/skus/ps/pools/shop", body.clone()),
-            |(status, _)| *status == StatusCode::OK,
-        )
-        .await;
+        let set = || gw.admin_put("/v1/skus/ps/pools/shop", body.clone());
+        let done = answered_once_the_ledger_has_it(&pg, &count.to_string(), set).await;
         assert_eq!(done["moved"], 0, "{count}: {done}");
         assert_eq!(done["pools"]["shop"], count, "{count}: {done}");
         assert_eq!(

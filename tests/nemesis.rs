@@ -1296,22 +1296,19 @@ async fn run(engine: Engine, ledger: LedgerDb, durability: Option<&str>) {
     // Stock pools on the first SKU: the default channel's, drawn from first, and a rival's
     // that nobody claims from, which no fault may touch.
     let (own_pool, rival_pool) = (stock as u64 / 3, stock as u64 / 10);
-    let put = client
-        .put(format!("{admin}/v1/channels/rival"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"own_pool_only": true}))
-        .send()
-        .await
-        .expect("answered");
-    assert_eq!(put.status(), StatusCode::CREATED);
-    let put = client
-        .put(format!("{admin}/v1/channels/{POOLED_CHANNEL}"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("answered");
-    assert_eq!(put.status(), StatusCode::CREATED);
+    for (channel, settings) in [
+        ("rival", json!({"own_pool_only": true})),
+        (POOLED_CHANNEL, json!({})),
+    ] {
+        let put = client
+            .put(format!("{admin}/v1/channels/{channel}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&settings)
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(put.status(), StatusCode::CREATED);
+    }
     // Other gateways learn of a channel within `channel_refresh_ms`: the pooler starts once
     // every one serves it (a set to the level the pool has changes nothing).
     for gateway in &world.gateways {
