@@ -265,3 +265,90 @@ async fn a_retried_pool_set_is_answered_once_the_ledger_has_it() {
     }
     gw.stop().await;
 }
+
+/// An upload cut off while the database is down (its client gave up waiting, and the
+/// gateway dropped the request with the connection, or its abort found no database) leaves
+/// a pending batch under an upload nobody runs, in a gateway that is alive. Once the
+/// database is back the batch is aborted and the merchant's retry of the batch id imports
+/// the file, instead of being refused with `ERR_BATCH_IN_PROGRESS` for the upload lease's
+/// minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cut_off_while_the_database_is_down_frees_its_batch_id() {
+    use tokio::io::AsyncWriteExt;
+
+    let pg = Postgres::start();
+    let mut cfg = config();
+    cfg.database_url = Some(pg.url());
+    let gw = TestGateway::start(cfg).await;
+    let (status, body) = gw.put_sku("cut", json!({})).await;
+    assert!(status.is_success(), "{status} {body}");
+    let codes: Vec<String> = (0..50).map(|i| format!("CUT-{i:04}")).collect();
+    let file = codes.join("\n") + "\n";
+    let (head, tail) = file.split_at(file.len() / 2);
+
+    // The first half of the body, on a connection of its own.
+    let admin = gw.gateway.admin_addr;
+    let mut conn = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
+    let request = format!(
+        "POST /v1/skus/cut/batches?batch_id=b1 HTTP/1.1\r\nhost: {admin}\r\n\
+         authorization: Bearer {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{head}",
+        support::gateway::ADMIN_TOKEN,
+        file.len()
+    );
+    conn.write_all(request.as_bytes()).await.expect("send");
+    let ledger = gw.gateway.app.ledger.clone();
+    eventually(
+        Duration::from_secs(30),
+        "the upload began its batch",
+        || async { ledger.get_batch("cut", "b1").await.ok().flatten() },
+        |batch| batch.as_ref().is_some_and(|b| b.state == "pending"),
+    )
+    .await;
+
+    // The database goes; the rest of the body arrives, and the client hangs up at once.
+    pg.down();
+    conn.write_all(tail.as_bytes()).await.expect("send");
+    drop(conn);
+    pg.up();
+
+    let path = format!("{}/v1/skus/cut/batches?batch_id=b1", gw.admin);
+    let (_, done) = eventually(
+        Duration::from_secs(60),
+        "the retry of the batch id imports the file",
+        || async {
+            let res = gw
+                .client
+                .post(&path)
+                .bearer_auth(support::gateway::ADMIN_TOKEN)
+                .header("content-type", "text/plain")
+                .body(file.clone())
+                .send()
+                .await;
+            match res {
+                Ok(res) => (
+                    res.status(),
+                    res.json::<Value>().await.unwrap_or(Value::Null),
+                ),
+                Err(_) => (StatusCode::BAD_GATEWAY, Value::Null),
+            }
+        },
+        |(status, _)| *status == StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (&done["accepted"], &done["duplicate"], &done["state"]),
+        (&json!(50), &json!(0), &json!("active")),
+        "the whole file, once: {done}"
+    );
+    let (status, sku) = eventually(
+        Duration::from_secs(30),
+        "the SKU counts the file's codes",
+        || view(&gw, "cut"),
+        |(status, sku)| *status == StatusCode::OK && sku["engine"]["available"] == 50,
+    )
+    .await;
+    assert_eq!(sku["ledger"]["available"], 50, "{status} {sku}");
+    gw.stop().await;
+}

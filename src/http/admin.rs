@@ -16,7 +16,7 @@ use super::{App, Params};
 use crate::error::timestamp;
 use crate::error::Error;
 use crate::inventory::formats::UploadFormat;
-use crate::inventory::import::{self, Begun, Importer};
+use crate::inventory::import::{self, Begun, Importer, Runner};
 use crate::inventory::reconcile;
 use crate::inventory::warm::{restore_sku, warm_sku};
 use crate::metrics as m;
@@ -167,7 +167,10 @@ pub async fn import(app: &App, params: Params, req: Request<Incoming>) -> Result
         &batch_id,
         &settings,
         format,
-        Some(&app.writer.options().consumer),
+        Some(Runner {
+            name: &app.writer.options().consumer,
+            ledger: app.ledger.clone(),
+        }),
     )
     .await?;
     let mut importer = match importer {

@@ -18,6 +18,9 @@
 //! already passed are refused too: they could be sold but never redeemed. A CSV upload whose
 //! header cannot be used fails as a whole before anything is written ([`Error::BadRequest`]).
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use serde_json::{json, Value};
 
 use super::formats::{Parsed, RowParser, UploadFormat};
@@ -97,6 +100,80 @@ pub enum Begun<'a> {
     Replayed(ImportReport),
 }
 
+/// The gateway running an upload ([`Importer::begin`]).
+pub struct Runner<'g> {
+    /// Its name, as it reports itself alive: the next upload of the batch id can tell, soon
+    /// after a crash, that this one died with it.
+    pub name: &'g str,
+    /// The ledger, to abort the batch in the background should the upload end unsettled
+    /// ([`Abandoned`]).
+    pub ledger: Arc<dyn Ledger>,
+}
+
+/// An upload's batch that nothing has settled yet. Should the upload end without settling it,
+/// it is aborted in the background, retried while the ledger is unreachable: the request was
+/// dropped mid-way (its client went away, and the HTTP server drops the handler with the
+/// connection) or the upload's own abort failed (the ledger down). Left as it is, the batch
+/// would stay pending under an upload nobody runs, its gateway alive, and every retry of the
+/// batch id would be refused with `ERR_BATCH_IN_PROGRESS` until the lease ran out
+/// ([`UPLOAD_LEASE_MS`], minutes). The abort names this upload, so it never touches a
+/// batch the upload finished or another upload took over.
+struct Abandoned {
+    ledger: Arc<dyn Ledger>,
+    sku: String,
+    batch_id: String,
+    upload_id: String,
+    settled: bool,
+}
+
+/// How long an unsettled upload's abort is retried at most: past the lease, the next upload
+/// of the batch id takes it over anyway.
+const ABANDONED_RETRY_FOR: Duration = Duration::from_millis(UPLOAD_LEASE_MS as u64);
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let ledger = self.ledger.clone();
+        let (sku, batch_id) = (
+            std::mem::take(&mut self.sku),
+            std::mem::take(&mut self.batch_id),
+        );
+        let upload_id = std::mem::take(&mut self.upload_id);
+        runtime.spawn(async move {
+            let give_up = tokio::time::Instant::now() + ABANDONED_RETRY_FOR;
+            let mut pause = Duration::from_millis(100);
+            loop {
+                match ledger.abort_batch(&sku, &batch_id, &upload_id).await {
+                    Ok(()) => {
+                        tracing::info!(sku, batch_id, "aborted the batch of an unfinished upload");
+                        return;
+                    }
+                    Err(e) if e.is_retryable() && tokio::time::Instant::now() < give_up => {
+                        tracing::debug!(sku, batch_id, error = %e, "aborting an unfinished upload's batch; retrying");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                    // Finished, taken over, or never begun: nothing of this upload to undo.
+                    Err(
+                        LedgerError::Conflict(_)
+                        | LedgerError::BatchBusy(_)
+                        | LedgerError::NotFound(_),
+                    ) => return,
+                    Err(e) => {
+                        tracing::warn!(sku, batch_id, error = %e, "gave up aborting an unfinished upload's batch");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
 /// Feeds one upload into a SKU, through the ledger.
 pub struct Importer<'a> {
     ledger: &'a dyn Ledger,
@@ -105,6 +182,8 @@ pub struct Importer<'a> {
     batch_id: &'a str,
     /// This upload's token in the ledger: the batch is its own while the token matches.
     upload_id: String,
+    /// Aborts the batch should this upload end before settling it (a gateway's upload).
+    abandoned: Option<Abandoned>,
     /// When this upload last renewed its hold on the batch.
     renewed_at_ms: u64,
     settings: &'a SkuConfig,
@@ -121,9 +200,9 @@ pub struct Importer<'a> {
 }
 
 impl<'a> Importer<'a> {
-    /// Opens batch `batch_id` of `sku` in the ledger, as an upload run by `gateway` (as it
-    /// reports itself alive; `None` outside a gateway). [`Error::BatchInProgress`] while
-    /// another upload is filling it.
+    /// Opens batch `batch_id` of `sku` in the ledger, as an upload run by a gateway
+    /// (`None`: outside a gateway, where the caller aborts a failed upload itself).
+    /// [`Error::BatchInProgress`] while another upload is filling it.
     pub async fn begin(
         ledger: &'a dyn Ledger,
         inventory: &'a Inventory,
@@ -131,17 +210,31 @@ impl<'a> Importer<'a> {
         batch_id: &'a str,
         settings: &'a SkuConfig,
         format: UploadFormat,
-        gateway: Option<&str>,
+        runner: Option<Runner<'_>>,
     ) -> Result<Begun<'a>, Error> {
         // Before the batch is begun: never an import without its blacklist, and a blacklist
         // that does not open leaves the batch id unused.
         let blacklist = blacklist_digests(inventory, settings, sku)?;
-        // Naming the gateway lets the next upload tell, soon after a crash, that this one died.
-        let upload_id = upload_token(gateway);
+        let upload_id = upload_token(runner.as_ref().map(|r| r.name));
+        // Armed before the batch is begun: a request dropped while the ledger commits it
+        // leaves a batch too.
+        let mut abandoned = runner.map(|r| Abandoned {
+            ledger: r.ledger,
+            sku: sku.to_owned(),
+            batch_id: batch_id.to_owned(),
+            upload_id: upload_id.clone(),
+            settled: false,
+        });
         let now = inventory.now_ms();
         let started = ledger
             .begin_batch(sku, batch_id, &upload_id, now as i64)
             .await?;
+        if !matches!(started, BatchStart::New) {
+            // Another upload's batch: nothing of this one to undo.
+            if let Some(abandoned) = &mut abandoned {
+                abandoned.settled = true;
+            }
+        }
         match started {
             BatchStart::New => {}
             BatchStart::Existing(batch) => {
@@ -172,6 +265,7 @@ impl<'a> Importer<'a> {
             sku,
             batch_id,
             upload_id,
+            abandoned,
             renewed_at_ms: now,
             settings,
             parser: RowParser::new(format),
@@ -318,6 +412,7 @@ impl<'a> Importer<'a> {
             self.abort().await;
             return Err(e);
         }
+        self.settle();
         // Rejections are noted as rows are parsed, duplicates when their chunk is written.
         self.report.lines.sort_by_key(|(line, _)| *line);
         self.report.state = if activate { "active" } else { "pending" }.into();
@@ -366,23 +461,38 @@ impl<'a> Importer<'a> {
     }
 
     /// Gives up on the upload: the ledger forgets the batch and its keys, and the batch id
-    /// can be used again. A batch another upload took over is left to that upload.
-    pub async fn abort(self: Box<Self>) {
+    /// can be used again. A batch another upload took over is left to that upload. If the
+    /// ledger cannot be reached, a gateway's upload goes on trying in the background.
+    pub async fn abort(mut self: Box<Self>) {
         let (sku, batch_id) = (self.sku, self.batch_id);
         match self
             .ledger
             .abort_batch(sku, batch_id, &self.upload_id)
             .await
         {
-            Ok(()) => {}
+            Ok(()) => self.settle(),
             Err(LedgerError::BatchBusy(_)) => {
                 tracing::info!(
                     sku,
                     batch_id,
                     "not aborting a batch another upload took over"
                 );
+                self.settle();
             }
-            Err(e) => tracing::error!(sku, batch_id, error = %e, "aborting a batch failed"),
+            Err(e) if e.is_retryable() && self.abandoned.is_some() => {
+                tracing::warn!(sku, batch_id, error = %e, "aborting a batch failed; retrying in the background");
+            }
+            Err(e) => {
+                tracing::error!(sku, batch_id, error = %e, "aborting a batch failed");
+                self.settle();
+            }
+        }
+    }
+
+    /// The batch is settled: recorded, or aborted, or left to another upload.
+    fn settle(&mut self) {
+        if let Some(abandoned) = &mut self.abandoned {
+            abandoned.settled = true;
         }
     }
 }
