@@ -445,8 +445,9 @@ struct Sync {
     /// longer waits for it (zero: nobody else shares the engine).
     grace: Duration,
     cursors: Arc<WarmCursors>,
-    /// The last pass left a SKU draining, or to drain (see [`Sync::rebuild_again`]): the
-    /// next one comes soon, not after [`SYNC_EVERY`].
+    /// The last pass left a SKU draining, or to drain (see [`Sync::rebuild_again`]), or a
+    /// rebuild waiting for this gateway's writer: the next one comes soon, not after
+    /// [`SYNC_EVERY`].
     draining: bool,
     /// SKUs for which this gateway wrote answers of a lost generation into the ledger that
     /// the generation the engine has may lack, until it is known that whatever rebuilds the
@@ -579,6 +580,18 @@ impl Sync {
             // this gateway tells the rebuild it has them.
             if let Err(e) = self.write_lost(writer, sku, Some(&rebuild.gen)).await {
                 failed(sku, "writing answered changes the engine lost failed", &e);
+                continue;
+            }
+            // And what this gateway's writer read of the lost stream: a change whose answer
+            // waited for the ledger and was cut off is in nobody's journal, and committed
+            // after the rebuild read the ledger it would be in the ledger alone.
+            if !writer.commit_what_was_read(sku, ACK_WAIT).await {
+                draining = true;
+                failed(
+                    sku,
+                    "committing what the writer read of a lost stream",
+                    &"still under way",
+                );
                 continue;
             }
             match inventory.ack_rebuild(sku, &rebuild.gen, &self.id).await {

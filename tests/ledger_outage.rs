@@ -352,3 +352,83 @@ async fn an_upload_cut_off_while_the_database_is_down_frees_its_batch_id() {
     assert_eq!(sku["ledger"]["available"], 50, "{status} {sku}");
     gw.stop().await;
 }
+
+/// Redis loses its data while the event writer commits a pool change nobody was answered
+/// (`durability = "ledger"`: its answer timed out waiting for that commit). The rebuild
+/// reads the ledger's pools only once the commit under way has ended, so the engine and the
+/// ledger end at the same level; read before, the engine would lack the change the ledger
+/// then got, for good (pool events move levels by deltas, and nothing else compares them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_reads_the_pools_after_the_commit_under_way() {
+    let pg = Postgres::start();
+    let redis = RedisServer::start().await;
+    let mut cfg = config();
+    cfg.durability = Some(kamigate::config::Durability::Ledger);
+    cfg.database_url = Some(pg.url());
+    cfg.redis_url = Some(redis.url());
+    cfg.ledger_wait_ms = 300;
+    let gw = TestGateway::start(cfg).await;
+    gw.stock("rp", &["RP-1", "RP-2", "RP-3", "RP-4", "RP-5"])
+        .await;
+    let (status, made) = gw.admin_put("/v1/channels/shop", json!({})).await;
+    assert!(status.is_success(), "{status} {made}");
+    let set = |count: u32| gw.admin_put("/v1/skus/rp/pools/shop", json!({"count": count}));
+    let (status, body) = set(2).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // A session holding the pools table: the writer's next commit waits at its pool update,
+    // and reads of the table go on.
+    let db = sqlx::PgPool::connect(&pg.url()).await.expect("PostgreSQL");
+    let mut lock = db.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE pools IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let (status, body) = set(4).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &json!("ERR_UNAVAILABLE")),
+        "the answer waits for the commit: {body}"
+    );
+    let waiting =
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'pools'::regclass";
+    eventually(
+        Duration::from_secs(30),
+        "the writer's commit waits for the pools table",
+        || async {
+            sqlx::query_scalar::<_, i64>(waiting)
+                .fetch_one(&db)
+                .await
+                .unwrap_or(0)
+        },
+        |n| *n > 0,
+    )
+    .await;
+
+    redis.cmd(&["FLUSHALL"]).await.expect("FLUSHALL");
+    // Time for a rebuild that does not wait to read the ledger and serve the SKU again
+    // (one that waits serves it only after the commit): the SKU served, or 15 s.
+    let until = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < until {
+        let (status, v) = view(&gw, "rp").await;
+        if status == StatusCode::OK && v["engine"].is_object() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    lock.rollback().await.expect("unlock");
+
+    let pools = || gw.admin_get("/v1/skus/rp/pools");
+    let (_, seen) = eventually(
+        Duration::from_secs(60),
+        "the engine's pools agreeing with the ledger's",
+        pools,
+        |(status, v)| *status == StatusCode::OK && v["pools"] == v["ledger"],
+    )
+    .await;
+    assert_eq!(
+        seen["pools"]["shop"], 4,
+        "the change committed is in both: {seen}"
+    );
+    gw.stop().await;
+}

@@ -105,6 +105,7 @@ use crate::engine::stream_id::StreamId;
 use crate::engine::{EngineError, Reply, ScriptEngine, SCRIPTS};
 
 mod backoff;
+mod inflight;
 mod pass;
 mod reply;
 mod run;
@@ -243,6 +244,8 @@ struct Inner {
     wake: Notify,
     /// What this gateway answered and the ledger may not have yet.
     journal: Journal,
+    /// What passes hold read and not yet committed, per SKU.
+    in_flight: inflight::InFlight,
 }
 
 impl fmt::Debug for EventWriter {
@@ -271,6 +274,7 @@ impl EventWriter {
                 settled: DashMap::new(),
                 relist: AtomicBool::new(false),
                 wake: Notify::new(),
+                in_flight: inflight::InFlight::default(),
             }),
         }
     }

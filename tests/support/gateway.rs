@@ -216,6 +216,16 @@ impl TestGateway {
         .await
     }
 
+    /// `GET` on the admin listener, with the admin token.
+    pub async fn admin_get(&self, path: &str) -> (StatusCode, Value) {
+        Self::send(
+            self.client
+                .get(format!("{}{path}", self.admin))
+                .bearer_auth(ADMIN_TOKEN),
+        )
+        .await
+    }
+
     /// An admin `PUT`.
     pub async fn admin_put(&self, path: &str, body: Value) -> (StatusCode, Value) {
         Self::send(

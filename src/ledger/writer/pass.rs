@@ -135,8 +135,21 @@ impl EventWriter {
     /// One pass: commits the batch read ahead, or a batch read now. With `read_ahead`, the
     /// next batch is read while this one commits (see "Pipelined passes" in the writer's
     /// docs) and left in `cursor`; the acknowledgement of this batch is left in `cursor` for
-    /// the next read either way.
+    /// the next read either way. Marked, so a rebuild can wait for what it read
+    /// ([`EventWriter::commit_what_was_read`]).
     pub(super) async fn pass(
+        &self,
+        sku: &str,
+        cursor: &mut Cursor,
+        read_ahead: bool,
+    ) -> Result<Pass, WriterError> {
+        let mark = self.inner.in_flight.begin(sku);
+        let pass = self.unmarked_pass(sku, cursor, read_ahead).await;
+        mark.end(cursor.has_ahead());
+        pass
+    }
+
+    async fn unmarked_pass(
         &self,
         sku: &str,
         cursor: &mut Cursor,
