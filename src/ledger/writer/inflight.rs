@@ -28,12 +28,21 @@ struct Mark {
 impl InFlight {
     /// A pass over `sku` begins; it ends when the returned guard is ended or dropped.
     pub(super) fn begin<'a>(&'a self, sku: &'a str) -> PassMark<'a> {
-        self.marks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(sku.to_owned())
-            .or_default()
-            .begun += 1;
+        let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        // Every pass comes here: no allocation but a SKU's first.
+        match marks.get_mut(sku) {
+            Some(mark) => mark.begun += 1,
+            None => {
+                marks.insert(
+                    sku.to_owned(),
+                    Mark {
+                        begun: 1,
+                        ..Mark::default()
+                    },
+                );
+            }
+        }
+        drop(marks);
         PassMark {
             in_flight: self,
             sku,
