@@ -510,6 +510,7 @@ impl Sync {
         let mut loading: Vec<(&String, Rebuild)> = Vec::new();
         let mut serving: Vec<&String> = Vec::new();
         let mut draining = false;
+        let mut writer_wait = ACK_WAIT;
         for sku in &skus {
             let state = match inventory.sku_state(sku).await {
                 Ok(state) => state,
@@ -585,7 +586,10 @@ impl Sync {
             // And what this gateway's writer read of the lost stream: a change whose answer
             // waited for the ledger and was cut off is in nobody's journal, and committed
             // after the rebuild read the ledger it would be in the ledger alone.
-            if !writer.commit_what_was_read(sku, ACK_WAIT).await {
+            if !writer.commit_what_was_read(sku, writer_wait).await {
+                // A writer stuck on one SKU's commit holds up every SKU: the others of
+                // this pass do not wait for it again.
+                writer_wait = Duration::ZERO;
                 draining = true;
                 failed(
                     sku,
