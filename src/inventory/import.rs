@@ -106,7 +106,7 @@ pub struct Runner<'g> {
     /// after a crash, that this one died with it.
     pub name: &'g str,
     /// The ledger, to abort the batch in the background should the upload end unsettled
-    /// ([`Abandoned`]).
+    /// (dropped with its connection, or its own abort failing on a ledger out of reach).
     pub ledger: Arc<dyn Ledger>,
 }
 
