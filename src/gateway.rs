@@ -500,6 +500,15 @@ impl Sync {
                 return skus;
             }
         };
+        // SKUs whose generation may lack a lost one's events a writer committed after the
+        // rebuild read the ledger (the fence in `Ledger::fence_rebuild`): drained, as below.
+        let rereads: HashSet<String> = match ledger.rereads().await {
+            Ok(skus) => skus.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing the SKUs to rebuild again failed");
+                HashSet::new()
+            }
+        };
         let mut complete = true;
         let mut failed = |sku: &str, what: &str, e: &dyn std::fmt::Display| {
             complete = false;
@@ -527,17 +536,18 @@ impl Sync {
                 failed(sku, "writing answered changes the engine lost failed", &e);
                 continue;
             }
-            let drained = if self.unread.contains(sku) {
+            let drained = if self.unread.contains(sku) || rereads.contains(sku) {
                 // The generation the engine has now may have read the ledger before they
                 // were in it: then it is drained. Otherwise (no SKU, or a rebuild that has
-                // not read yet) whatever rebuilds the SKU reads the ledger after them.
+                // not read yet) whatever rebuilds the SKU reads the ledger after them (and
+                // its fence clears the mark).
                 match inventory.drain(sku).await {
                     Ok(drained) => {
                         self.unread.remove(sku);
                         if drained.is_some() {
                             tracing::warn!(
                                 sku,
-                                "answers of a lost generation reached the ledger after the \
+                                "changes of a lost generation reached the ledger after the \
                                  SKU's rebuild read it: rebuilding it again"
                             );
                         }

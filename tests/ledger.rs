@@ -183,6 +183,7 @@ both_ledgers!(
     order_events_page_by_recording_order,
     orders_are_found_by_id_as_the_ledger_grows,
     the_last_entry_is_the_largest_stream_id_of_the_sku,
+    a_commit_behind_a_rebuilds_fence_marks_the_sku_to_rebuild_again,
 );
 
 /// The behaviours of applying events, once more on an in-memory SQLite ledger (see
@@ -212,6 +213,7 @@ sqlite_in_memory_too!(
     key_events_are_an_audit_trail_oldest_first,
     unknown_keys_and_kinds_are_recorded_and_skipped,
     concurrent_writers_apply_each_event_once,
+    a_commit_behind_a_rebuilds_fence_marks_the_sku_to_rebuild_again,
 );
 
 const NOW: i64 = 1_700_000_000_000;
@@ -287,6 +289,7 @@ fn event(sku: &str, n: i64, kind: &str, ids: &[i64]) -> LedgerEvent {
         reason: None,
         late: false,
         fields_json: format!(r#"{{"t":"{kind}"}}"#),
+        gen: None,
     }
 }
 
@@ -1275,6 +1278,59 @@ async fn the_last_entry_is_the_largest_stream_id_of_the_sku(env: &Env) {
     l.apply_events(&[far]).await.expect("third commit");
     assert_eq!(l.last_entry("gift").await.expect("gift"), id(u64::MAX, 3));
     assert_eq!(l.last_entry("none").await.expect("unknown SKU"), None);
+}
+
+/// A rebuild's fence (`fence_rebuild`, before it reads the ledger): a commit of another
+/// generation's events after it marks the SKU to be rebuilt again, and is committed all the
+/// same; a fence of a new generation clears the mark.
+async fn a_commit_behind_a_rebuilds_fence_marks_the_sku_to_rebuild_again(env: &Env) {
+    let l = env.ledger.as_ref();
+    stocked(l, "gift", &keys(&["K1", "K2", "K3"])).await;
+    stocked(l, "card", &keys(&["C1"])).await;
+    let of = |mut e: LedgerEvent, gen: &str| {
+        e.gen = Some(gen.to_owned());
+        e
+    };
+    let rereads = || async { l.rereads().await.expect("rereads") };
+    // Never rebuilt: no fence, whatever the generation.
+    l.apply_events(&[of(event("gift", 1, "claim", &[1]), "g1")])
+        .await
+        .expect("commit");
+    assert!(rereads().await.is_empty());
+
+    l.fence_rebuild("gift", "g2").await.expect("fence");
+    // Of the generation fenced, or of none known: nothing marked.
+    l.apply_events(&[
+        of(event("gift", 2, "hold", &[2]), "g2"),
+        event("gift", 3, "release", &[2]),
+    ])
+    .await
+    .expect("commit");
+    assert!(rereads().await.is_empty());
+    // Of another generation (the lost one): marked, and committed.
+    let late = of(event("gift", 4, "claim", &[2]), "g1");
+    assert_eq!(
+        l.apply_events(std::slice::from_ref(&late))
+            .await
+            .expect("commit"),
+        1
+    );
+    assert_eq!(rereads().await, ["gift"]);
+    assert_eq!(tally(l, "gift.2").await, tallied(0, 1, 0, false, "claimed"));
+    // The fence of the same generation again (another gateway finishing that rebuild) does
+    // not clear it: that rebuild may have read the ledger before the commit.
+    l.fence_rebuild("gift", "g2").await.expect("fence again");
+    assert_eq!(rereads().await, ["gift"]);
+    // The fence of a new generation does: its rebuild reads the ledger after the commit.
+    l.fence_rebuild("gift", "g3").await.expect("new fence");
+    assert!(rereads().await.is_empty());
+    // A copy of an event the ledger has changes nothing, and marks nothing; another SKU's
+    // fences are its own.
+    assert_eq!(l.apply_events(&[late]).await.expect("copy"), 0);
+    l.apply_events(&[of(event("card", 5, "claim", &[1]), "c1")])
+        .await
+        .expect("commit");
+    assert!(rereads().await.is_empty());
 }
 
 /// A rebuild restores a SKU's orders page by page (`order_events_after`, as

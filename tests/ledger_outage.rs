@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use support::eventually::eventually;
 use support::gateway::{config, metric, TestGateway};
 use support::postgres_server::Postgres;
+use support::proxy::Proxy;
 use support::redis_server::{RedisServer, Resp};
 
 async fn view(gw: &TestGateway, sku: &str) -> (StatusCode, Value) {
@@ -431,4 +432,102 @@ async fn a_rebuild_reads_the_pools_after_the_commit_under_way() {
         "the change committed is in both: {seen}"
     );
     gw.stop().await;
+}
+
+/// A gateway cut off from the database while its writer holds a pool change of a stream
+/// Redis then loses (`durability = "ledger"`: the change's answer timed out waiting for the
+/// commit). Past `rebuild_grace_ms` the other gateway presumes it gone, rebuilds the SKU
+/// from the ledger without the change, and serves it. Once the cut-off gateway reaches the
+/// database again, its writer commits the change, after the rebuild read the ledger: the
+/// commit finds the rebuild's fence and marks the SKU, which is rebuilt again, so engine and
+/// ledger end at the same level. Without the fence the engine would keep the level the
+/// rebuild read, for good (pool events move levels by deltas, and nothing else compares
+/// them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_generation_committed_after_the_rebuild_read_has_the_sku_rebuilt_again() {
+    let pg = Postgres::start();
+    let redis = RedisServer::start().await;
+    let target = pg
+        .url()
+        .split_once("@")
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .map(|(addr, _)| addr.parse().expect("address"))
+        .expect("PostgreSQL address");
+    let proxy = Proxy::start(target).await;
+    let gateway = |database_url: String| {
+        let mut cfg = config();
+        cfg.durability = Some(kamigate::config::Durability::Ledger);
+        cfg.database_url = Some(database_url);
+        cfg.redis_url = Some(redis.url());
+        cfg.ledger_wait_ms = 300;
+        cfg.rebuild_grace_ms = 1000;
+        cfg
+    };
+    let cut = TestGateway::start(gateway(format!(
+        "postgres://postgres@{}/postgres",
+        proxy.addr
+    )))
+    .await;
+    cut.stock("rf", &["RF-1", "RF-2", "RF-3", "RF-4", "RF-5"])
+        .await;
+    let (status, made) = cut.admin_put("/v1/channels/shop", json!({})).await;
+    assert!(status.is_success(), "{status} {made}");
+    let (status, body) = cut
+        .admin_put("/v1/skus/rf/pools/shop", json!({"count": 2}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // The change reaches the engine, and its commit cannot reach the database.
+    proxy.freeze();
+    let (status, body) = cut
+        .admin_put("/v1/skus/rf/pools/shop", json!({"count": 4}))
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &json!("ERR_UNAVAILABLE")),
+        "the answer waits for the commit: {body}"
+    );
+    // The writer read it: the entry is delivered and unacknowledged.
+    eventually(
+        Duration::from_secs(30),
+        "the cut-off gateway's writer holding the change",
+        || async {
+            match redis.cmd(&["XPENDING", "kg:{rf}:events", "ledger"]).await {
+                Ok(Resp::Array(Some(summary))) => summary.first().and_then(Resp::as_int),
+                _ => None,
+            }
+        },
+        |pending| pending.is_some_and(|n| n > 0),
+    )
+    .await;
+    redis.cmd(&["FLUSHALL"]).await.expect("FLUSHALL");
+
+    let other = TestGateway::start(gateway(pg.url())).await;
+    let pools = || other.admin_get("/v1/skus/rf/pools");
+    let (_, rebuilt) = eventually(
+        Duration::from_secs(60),
+        "the other gateway serving the SKU rebuilt without the change",
+        pools,
+        |(status, v)| *status == StatusCode::OK && v["pools"].is_object(),
+    )
+    .await;
+    assert_eq!(
+        (&rebuilt["pools"]["shop"], &rebuilt["ledger"]["shop"]),
+        (&json!(2), &json!(2)),
+        "{rebuilt}"
+    );
+
+    proxy.thaw();
+    let (_, seen) = eventually(
+        Duration::from_secs(60),
+        "the engine's pools agreeing with the ledger's once the change is committed",
+        pools,
+        |(status, v)| {
+            *status == StatusCode::OK && v["ledger"]["shop"] == 4 && v["pools"] == v["ledger"]
+        },
+    )
+    .await;
+    assert_eq!(seen["pools"]["shop"], 4, "{seen}");
+    other.stop().await;
+    cut.stop().await;
 }

@@ -135,6 +135,7 @@ async fn scenario(env: Env) {
         reason: None,
         late: false,
         fields_json: "{}".into(),
+        gen: None,
     };
     ledger.apply_events(&[sale]).await.expect("applied");
     let claim = ClaimRequest {

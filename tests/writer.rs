@@ -932,6 +932,7 @@ async fn answers_written_while_a_rebuild_waits_set_its_stream_ids(env: Env) {
         reason: None,
         late: false,
         fields_json: r#"{"t":"claim"}"#.into(),
+        gen: None,
     };
     assert_eq!(
         env.ledger.apply_events(&[answered]).await.expect("written"),
@@ -1556,6 +1557,12 @@ impl Ledger for Flaky {
     }
     async fn set_epoch(&self, sku: &str, epoch: &str) -> Result<(), LedgerError> {
         self.inner.set_epoch(sku, epoch).await
+    }
+    async fn fence_rebuild(&self, sku: &str, gen: &str) -> Result<(), LedgerError> {
+        self.inner.fence_rebuild(sku, gen).await
+    }
+    async fn rereads(&self) -> Result<Vec<String>, LedgerError> {
+        self.inner.rereads().await
     }
     async fn begin_batch(
         &self,

@@ -304,6 +304,10 @@ pub async fn finish_restore(
     // learns that this rebuild may lack them (its acknowledgement is late), and has it
     // done again.
     inventory.start_reading(sku, gen).await?;
+    // And a writer that commits events of a lost generation from now on (its gateway was
+    // presumed gone, or held them past its acknowledgement) marks the SKU to be rebuilt
+    // again, in the commit's own transaction.
+    ledger.fence_rebuild(sku, gen).await?;
     // The new stream's ids come from the engine's clock, which may be behind the one that
     // made the ledger's events of the SKU (the lost generation's, answers written since the
     // rebuild began among them): its events go above every id the ledger holds, so none

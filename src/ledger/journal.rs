@@ -164,11 +164,12 @@ impl Journal {
                 self.len.fetch_sub(entries.len(), Ordering::Relaxed);
                 // A script's own entry always parses; one that did not could not reach the
                 // ledger through the stream either.
-                events.extend(
-                    entries
-                        .into_values()
-                        .filter_map(|e| event_from_entry(sku, &e.stream_id, &e.fields).ok()),
-                );
+                events.extend(entries.into_values().filter_map(|e| {
+                    let mut event = event_from_entry(sku, &e.stream_id, &e.fields).ok()?;
+                    // Not the placeholder of events of no known generation (`restore`).
+                    event.gen = (!gen.starts_with('\u{0}')).then(|| gen.clone());
+                    Some(event)
+                }));
             }
             journal.mark_lost(gen);
         }
@@ -197,9 +198,11 @@ impl Journal {
     pub fn restore(&self, sku: &str, events: Vec<LedgerEvent>) {
         let mut skus = self.lock();
         let journal = skus.entry(sku.to_owned()).or_default();
-        // Their generation is lost: keep them under a name no live generation has.
-        let entries = journal.by_gen.entry("\u{0}lost".to_owned()).or_default();
         for event in events {
+            // Under their own generation, which is lost (`take_lost` named it); else under a
+            // name no live generation has.
+            let gen = event.gen.clone().unwrap_or_else(|| "\u{0}lost".to_owned());
+            let entries = journal.by_gen.entry(gen).or_default();
             let stream_id = event
                 .event_id
                 .rsplit_once('/')

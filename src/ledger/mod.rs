@@ -99,6 +99,18 @@ pub trait Ledger: Send + Sync + 'static {
     /// engine without the marker lost its data and must be warmed again.
     async fn set_epoch(&self, sku: &str, epoch: &str) -> Result<(), LedgerError>;
 
+    /// Records that a rebuild of generation `gen` of `sku` reads the ledger from now on
+    /// (call before its first read): events of any other generation committed afterwards
+    /// mark the SKU in [`Ledger::rereads`]. A fence of a new generation clears that mark
+    /// (the rebuild reads whatever set it); one of the generation fenced already changes
+    /// nothing.
+    async fn fence_rebuild(&self, sku: &str, gen: &str) -> Result<(), LedgerError>;
+
+    /// SKUs whose engine generation may lack events the ledger has: a lost generation's,
+    /// committed after the rebuild that replaced it read the ledger (see
+    /// [`Ledger::fence_rebuild`]). Each is to be drained and rebuilt again.
+    async fn rereads(&self) -> Result<Vec<String>, LedgerError>;
+
     /// Starts an import as upload `upload_id` (a token unique to this attempt, which every
     /// later call of the upload names).
     ///
@@ -674,6 +686,10 @@ pub struct LedgerEvent {
     pub late: bool,
     /// Every raw field of the stream entry as a JSON object, kept for the audit.
     pub fields_json: String,
+    /// The generation of the SKU in the engine whose stream held the event (`None`: not
+    /// known). Committed after a rebuild of another generation read the ledger, the event
+    /// marks the SKU to be rebuilt again (migrations/*/*_rebuild_fences.sql).
+    pub gen: Option<String>,
 }
 
 /// A recorded event, as the audit trail shows it.

@@ -152,6 +152,16 @@ pub(crate) fn pool_changes<'e>(events: &[NewEvent<'e>]) -> BTreeMap<(&'e str, St
     out
 }
 
+/// The (SKU, generation) pairs newly recorded events came from, events of no known
+/// generation left out: a commit checks each against the SKU's rebuild fence
+/// (migrations/*/*_rebuild_fences.sql).
+pub(crate) fn generations<'e>(events: &[NewEvent<'e>]) -> BTreeSet<(&'e str, &'e str)> {
+    events
+        .iter()
+        .filter_map(|e| Some((e.event.sku.as_str(), e.event.gen.as_deref()?)))
+        .collect()
+}
+
 /// Rows of the audit index: (SKU, local id, event seq), once per key an event names.
 pub(crate) fn audit_links<'e>(events: &[NewEvent<'e>]) -> Vec<(&'e str, i64, i64)> {
     let mut links = Vec::new();
@@ -179,6 +189,7 @@ mod tests {
             reason: None,
             late: false,
             fields_json: "{}".into(),
+            gen: None,
         }
     }
 

@@ -299,6 +299,7 @@ mod tests {
             reason: None,
             late: false,
             fields_json: "{}".into(),
+            gen: None,
         }
     }
 

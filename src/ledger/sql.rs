@@ -341,7 +341,15 @@ where
         .fetch_optional(&mut *tx)
         .await?
         .is_some();
-        if !created {
+        if created {
+            // Before any event of the SKU: a commit's fence check locks this row.
+            sqlx::query(
+                "INSERT INTO rebuild_fences (sku) VALUES ($1) ON CONFLICT (sku) DO NOTHING",
+            )
+            .bind(sku)
+            .execute(&mut *tx)
+            .await?;
+        } else {
             sqlx::query(
                 "UPDATE skus SET config_json = $2, format_version = $3, updated_at_ms = $4 \
                  WHERE sku = $1",
@@ -405,6 +413,39 @@ where
             return Err(LedgerError::NotFound(format!("SKU {sku}")));
         }
         Ok(())
+    }
+
+    async fn fence_rebuild(&self, sku: &str, gen: &str) -> Result<(), LedgerError> {
+        let mut tx = self.begin_write().await?;
+        // Waits for the commits holding the row for share (`pass_fence`).
+        let moved = sqlx::query(
+            "INSERT INTO rebuild_fences (sku, read_gen) VALUES ($1, $2) \
+             ON CONFLICT (sku) DO UPDATE SET read_gen = excluded.read_gen \
+             WHERE rebuild_fences.read_gen IS NULL OR rebuild_fences.read_gen <> excluded.read_gen \
+             RETURNING sku",
+        )
+        .bind(sku)
+        .bind(gen)
+        .fetch_optional(&mut *tx)
+        .await?
+        .is_some();
+        if moved {
+            sqlx::query("DELETE FROM rereads WHERE sku = $1")
+                .bind(sku)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn rereads(&self) -> Result<Vec<String>, LedgerError> {
+        let rows = sqlx::query("SELECT sku FROM rereads ORDER BY sku")
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get(0).map_err(LedgerError::from))
+            .collect()
     }
 
     async fn begin_batch(

@@ -70,6 +70,7 @@ pub fn event_from_entry(
         reason: text("reason"),
         late: get("late") == Some("1"),
         fields_json,
+        gen: None,
     })
 }
 

@@ -6,4 +6,5 @@ pub mod dump;
 pub mod eventually;
 pub mod gateway;
 pub mod postgres_server;
+pub mod proxy;
 pub mod redis_server;

@@ -96,6 +96,10 @@ where
             .filter_map(|e| Some(NewEvent::new(e, *recorded.get(&e.event_id)?)))
             .collect();
 
+        for (sku, gen) in replay::generations(&applied) {
+            self.pass_fence(&mut tx, sku, gen).await?;
+        }
+
         let mut keys = BTreeMap::new();
         for (sku, ids) in replay::keys_to_load(&applied) {
             for (id, status) in self.load_statuses(&mut tx, sku, &ids).await? {
@@ -144,6 +148,49 @@ where
             None => tx.commit().await?,
         }
         Ok(applied.len() as u64)
+    }
+
+    /// Checks a commit of events of generation `gen` of `sku` against the SKU's rebuild
+    /// fence (migrations/*/*_rebuild_fences.sql): the row is locked for share until the
+    /// commit, so a rebuild's fence comes wholly before or after it; behind the fence of
+    /// another generation, the SKU is marked to be rebuilt again.
+    async fn pass_fence(
+        &self,
+        conn: &mut DB::Connection,
+        sku: &str,
+        gen: &str,
+    ) -> Result<(), LedgerError> {
+        let sql = format!(
+            "SELECT read_gen FROM rebuild_fences WHERE sku = $1{}",
+            self.dialect.share_rows
+        );
+        let fence: Option<Option<String>> = match sqlx::query(&sql)
+            .bind(sku)
+            .fetch_optional(&mut *conn)
+            .await?
+        {
+            Some(row) => Some(row.try_get(0)?),
+            None => None,
+        };
+        if fence.flatten().is_some_and(|read| read != gen) {
+            let marked = sqlx::query(
+                "INSERT INTO rereads (sku, marked_at_ms) VALUES ($1, $2) \
+                 ON CONFLICT (sku) DO NOTHING RETURNING sku",
+            )
+            .bind(sku)
+            .bind(crate::clock::now_ms() as i64)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if marked.is_some() {
+                tracing::warn!(
+                    sku,
+                    gen,
+                    "events of a lost generation committed after the SKU's rebuild read \
+                     the ledger: it is to be rebuilt again"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Loads the status of `ids` of `sku` (those that exist), locking them for the update.

@@ -280,6 +280,35 @@ fn commit(
         }
     }
 
+    // The rebuild fence (src/ledger/sql/events.rs, `pass_fence`): SQLite runs one write
+    // transaction at a time, so reading the row inside this one orders it.
+    for (sku, gen) in replay::generations(&applied) {
+        let fence: Option<Option<String>> = tx
+            .prepare_cached("SELECT read_gen FROM rebuild_fences WHERE sku = ?")
+            .map_err(error)?
+            .query_row(params![sku], |row| row.get(0))
+            .optional()
+            .map_err(error)?;
+        if fence.flatten().is_some_and(|read| read != gen) {
+            let marked = tx
+                .prepare_cached(
+                    "INSERT INTO rereads (sku, marked_at_ms) VALUES (?, ?) \
+                     ON CONFLICT (sku) DO NOTHING",
+                )
+                .map_err(error)?
+                .execute(params![sku, crate::clock::now_ms() as i64])
+                .map_err(error)?;
+            if marked > 0 {
+                tracing::warn!(
+                    sku,
+                    gen,
+                    "events of a lost generation committed after the SKU's rebuild read \
+                     the ledger: it is to be rebuilt again"
+                );
+            }
+        }
+    }
+
     let mut keys = std::collections::BTreeMap::new();
     {
         let mut load = tx

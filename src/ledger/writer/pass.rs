@@ -209,6 +209,9 @@ impl EventWriter {
         let mut events = Vec::with_capacity(read.entries.len());
         let mut committed: Vec<(usize, StreamId, String)> = Vec::with_capacity(read.entries.len());
         let mut dead = 0;
+        // Each event names its generation, so a commit after a rebuild of another read the
+        // ledger is seen as late (`rebuild_fences`).
+        let gen = (!read.gen.is_empty()).then(|| read.gen.to_owned());
         for (at, entry) in read.entries.iter().enumerate() {
             if at % DECODED_PER_TURN == DECODED_PER_TURN - 1 {
                 // A large batch takes milliseconds to decode: the requests sharing this
@@ -217,7 +220,8 @@ impl EventWriter {
             }
             let (id_text, id, decoded) = decode(sku, entry)?;
             match decoded {
-                Ok(event) => {
+                Ok(mut event) => {
+                    event.gen.clone_from(&gen);
                     events.push(event);
                     committed.push((at, id, id_text));
                 }
