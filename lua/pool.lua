@@ -8,7 +8,8 @@
 --         a retried move with it cannot move twice)
 --       1 'levels': nothing else
 --       1 'load': 2 the SKU generation being rebuilt, then channel, count, … (the ledger's
---         pools after the engine lost the SKU: set as they are, no event)
+--         pools after the engine lost the SKU: set as they are, no event; only while that
+--         generation loads)
 -- Reply: {'levels', available, shared remainder, channel, count, channel, count, …} ('levels')
 --      | {'done', from level, to level, moved, event id, event} (for 'set', from is the
 --        shared remainder and to the channel; moved may be negative, 0 when nothing changed,
@@ -16,11 +17,18 @@
 --      | {'short', from level} (from holds fewer than asked)
 --      | {'changed', from level} (from does not hold the count the move expected)
 --      | {'loaded', total} | {'stale'} ('load': the SKU is another generation)
+--      | {'done'} ('load': the generation no longer loads: another gateway's rebuild of it
+--        ended, and its pools have moved on since)
 --      | {'no_sku'} | {'loading'}
 
 -- While the SKU is rebuilt (loading), before it serves anyone.
 if ARGV[1] == 'load' then
-  if (redis.call('HGET', K.meta, 'gen') or '') ~= ARGV[2] then return { 'stale' } end
+  local m = redis.call('HMGET', K.meta, 'gen', 'loading')
+  if (m[1] or '') ~= ARGV[2] then return { 'stale' } end
+  -- A rebuild that reached this after another one of the same generation ended (it was
+  -- paused, or slow) read the ledger's pools before the changes made since: loading them
+  -- would undo those changes in the engine alone.
+  if m[2] ~= '1' then return { 'done' } end
   redis.call('DEL', K.pools)
   local total = 0
   for i = 3, #ARGV, 2 do

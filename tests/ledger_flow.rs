@@ -1294,3 +1294,55 @@ async fn answers_written_after_a_rebuild_began_reading_have_it_done_again() {
     rebuilt_with_the_claim(&gw, sku, &code).await;
     gw.stop().await;
 }
+
+/// A rebuild of a lost SKU that reaches the stock pools only after another rebuild of the
+/// same generation ended (this one was paused, or slow) holds the ledger's pools as they
+/// were before the changes made since the SKU serves again: it must not load them over
+/// the levels the engine has moved to (a pool would differ between engine and ledger for
+/// good, and promise codes another channel was given).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_ending_late_leaves_the_pools_as_they_moved_since() {
+    let redis = RedisServer::start().await;
+    let sku = "late-pools";
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    let gw = TestGateway::start(cfg).await;
+    gw.stock(sku, &["LP-1", "LP-2", "LP-3", "LP-4", "LP-5"])
+        .await;
+    let (status, made) = gw.admin_put("/v1/channels/shop", json!({})).await;
+    assert!(status.is_success(), "{status} {made}");
+    let path = format!("/v1/skus/{sku}/pools/shop");
+    let (status, body) = gw.admin_put(&path, json!({"count": 2})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    settled(&gw, sku).await;
+
+    redis.cmd(&["FLUSHALL"]).await.expect("flushed");
+    let halfway = HalfwayRebuild::start(&redis, &gw, sku).await;
+    // The gateway ends the same rebuild, and the pool moves on.
+    let pools = format!("/v1/skus/{sku}/pools");
+    eventually(
+        Duration::from_secs(30),
+        "the gateway serving the rebuilt SKU",
+        || gw.admin_get(&pools),
+        |(status, v)| *status == StatusCode::OK && v["pools"]["shop"] == 2,
+    )
+    .await;
+    let (status, body) = gw.admin_put(&path, json!({"count": 4})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    settled(&gw, sku).await;
+
+    // The late rebuild goes on, with the pools it read.
+    halfway.stop.send_replace(false);
+    halfway
+        .finishing
+        .await
+        .expect("the rebuild task ends")
+        .expect("the late rebuild ends without error");
+    let (_, seen) = gw.admin_get(&pools).await;
+    assert_eq!(
+        (&seen["pools"]["shop"], &seen["ledger"]["shop"]),
+        (&json!(4), &json!(4)),
+        "{seen}"
+    );
+    gw.stop().await;
+}

@@ -335,7 +335,8 @@ pub async fn finish_restore(
 }
 
 /// Sets the stock pools of `sku` (generation `gen`, being rebuilt) to what the ledger's
-/// applied events leave them, so each channel keeps the codes reserved for it.
+/// applied events leave them, so each channel keeps the codes reserved for it. Nothing
+/// changes once `gen` serves: another rebuild of it ended first.
 pub async fn restore_pools(
     ledger: &dyn Ledger,
     inventory: &Inventory,
@@ -352,7 +353,8 @@ pub async fn restore_pools(
         .eval_plain(&crate::engine::SCRIPTS.pool, sku, args)
         .await?;
     match reply.item(0).and_then(crate::engine::Reply::as_str) {
-        Some("loaded") => Ok(()),
+        // Done: another rebuild of `gen` ended (and loaded them); `mark_ready` says so.
+        Some("loaded" | "done") => Ok(()),
         _ => Err(super::lost_again(sku)),
     }
 }
