@@ -33,6 +33,9 @@ pub enum EventKind {
     Void,
     /// A void was undone (`restore.lua`).
     Restore,
+    /// Stock pools were set, moved or cut (`pool.lua`, `fit_pools` in the prelude): no key
+    /// changes, only pool levels (`replay::pool_changes`).
+    Pool,
     /// A kind this version does not know: recorded for the audit, changes nothing.
     Unknown,
 }
@@ -51,13 +54,17 @@ impl EventKind {
             "redeem" => EventKind::Redeem,
             "void" => EventKind::Void,
             "restore" => EventKind::Restore,
+            "pool" => EventKind::Pool,
             _ => EventKind::Unknown,
         }
     }
 
     /// Whether applying the event changes the keys it names.
     pub fn changes_keys(self) -> bool {
-        !matches!(self, EventKind::Add | EventKind::Sku | EventKind::Unknown)
+        !matches!(
+            self,
+            EventKind::Add | EventKind::Sku | EventKind::Pool | EventKind::Unknown
+        )
     }
 }
 
@@ -185,13 +192,13 @@ impl KeyStatus {
 
 /// Applies one event to one key it names, exactly as the engine changed that key.
 ///
-/// Returns whether the key changed. Events of kinds that change no key (`add`, `sku`, unknown
-/// kinds) leave it alone. A key named twice by an event is applied twice, as the scripts loop
+/// Returns whether the key changed. Events of kinds that change no key (`add`, `sku`, `pool`,
+/// unknown kinds) leave it alone. A key named twice by an event is applied twice, as the scripts loop
 /// over ids.
 pub fn apply_to_key(key: &mut KeyStatus, kind: EventKind, event: &LedgerEvent) -> bool {
     let before = key.clone();
     match kind {
-        EventKind::Add | EventKind::Sku | EventKind::Unknown => return false,
+        EventKind::Add | EventKind::Sku | EventKind::Pool | EventKind::Unknown => return false,
         EventKind::Hold => {
             key.held += 1;
             take_for_order(key, event);
@@ -525,12 +532,14 @@ mod tests {
 
     #[test]
     fn record_only_kinds_change_nothing() {
-        for kind in ["add", "sku", "teleport"] {
+        for kind in ["add", "sku", "pool", "teleport"] {
             let mut k = fresh(1, 1);
             assert!(!apply(&mut k, &event(kind, 9)), "{kind}");
             assert_eq!(k, fresh(1, 1));
         }
         assert!(!EventKind::parse("teleport").changes_keys());
+        // Known, so not logged as a kind this version does not understand.
+        assert_eq!(EventKind::parse("pool"), EventKind::Pool);
         assert!(EventKind::parse("hold").changes_keys());
     }
 
