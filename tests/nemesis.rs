@@ -32,9 +32,10 @@
 //!   Whatever the faults (Redis losing everything included), the rival's pool keeps exactly
 //!   its codes, in the engine and in the ledger, and the pools never promise more than is
 //!   available; a third channel's pool of the second SKU, set to one level and another in
-//!   turn while the faults strike (retried until answered): on the embedded engine it ends
-//!   at the level last answered, in the engine and in the ledger, and the ledger has every
-//!   answered set (with Redis, see the check, not yet).
+//!   turn while the faults strike (retried until answered): engine and ledger end at the
+//!   same level (with Redis once the events in flight settle); on the embedded engine that
+//!   is the level last answered, and the ledger has every answered set (with Redis a stale
+//!   write of a set may come first, see the checks).
 //!
 //! With Redis and `durability = "engine"`, an answer outlives Redis losing its data only in
 //! the memory of the gateway that gave it, so the nemesis never kills both at once (README,
