@@ -3,6 +3,8 @@
 
 #[path = "support/postgres.rs"]
 mod pg_support;
+#[path = "support/proxy.rs"]
+mod proxy;
 
 use std::sync::Arc;
 
@@ -1331,6 +1333,83 @@ async fn a_commit_behind_a_rebuilds_fence_marks_the_sku_to_rebuild_again(env: &E
         .await
         .expect("commit");
     assert!(rereads().await.is_empty());
+}
+
+/// A commit whose gateway stops in the middle of its transaction (paused, or cut off from the
+/// database) holds its SKUs' rebuild fences for share (`pass_fence`), and a rebuild of those
+/// SKUs waits for it. PostgreSQL ends a ledger session idle in a transaction after 10 s (the
+/// ledger's `idle_in_transaction_session_timeout`), which rolls the commit back: the rebuild
+/// goes on, and the commit, sent again as a writer does, lands behind the new fence and marks
+/// the SKU to be rebuilt again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_stalled_mid_transaction_holds_a_rebuild_back_only_until_its_session_times_out() {
+    let Some(pg) = TestDatabase::create().await else {
+        return;
+    };
+    let dir = TempDir::new().expect("temp dir");
+    let direct = open(Some(pg.url()), dir.path()).await.expect("open");
+    stocked(direct.as_ref(), "gift", &keys(&["K1", "K2"])).await;
+    // Text no statement holds: of the commit's replies, only the fence's row carries it.
+    const FENCED: &str = "fenced-5c1e9a";
+    direct.fence_rebuild("gift", FENCED).await.expect("fence");
+
+    let authority = pg
+        .url()
+        .split_once('@')
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .map(|(authority, _)| authority.to_owned())
+        .expect("PostgreSQL address");
+    let proxy = proxy::Proxy::start(authority.parse().expect("address")).await;
+    let stalled = open(
+        Some(&pg.url().replacen(&authority, &proxy.addr.to_string(), 1)),
+        dir.path(),
+    )
+    .await
+    .expect("open through the proxy");
+    // The commit stops right after PostgreSQL answered its fence check: the row is locked
+    // for share, the answer is held, and the session waits for a next statement.
+    proxy.freeze_on(FENCED.as_bytes());
+    let mut late = event("gift", 1, "claim", &[1]);
+    late.gen = Some("lost".to_owned());
+    let committing = tokio::spawn({
+        let (stalled, late) = (stalled.clone(), late.clone());
+        async move { stalled.apply_events(&[late]).await }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !proxy.is_frozen() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the commit never checked the fence"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        direct.fence_rebuild("gift", "rebuilt"),
+    )
+    .await
+    .expect("a rebuild's fence waited on a stalled commit for good")
+    .expect("fence");
+    proxy.thaw();
+    // The session was ended under the commit: nothing of it is in the ledger.
+    let first = committing.await.expect("commit task");
+    assert!(
+        matches!(first, Err(LedgerError::Unavailable(_))),
+        "the stalled commit went through, or failed for good: {first:?}"
+    );
+    assert_eq!(
+        tally(direct.as_ref(), "gift.1").await,
+        tallied(0, 0, 0, false, "available")
+    );
+    assert!(direct.rereads().await.expect("rereads").is_empty());
+    // Sent again, it commits behind the new fence and marks the SKU.
+    assert_eq!(stalled.apply_events(&[late]).await.expect("sent again"), 1);
+    assert_eq!(
+        tally(direct.as_ref(), "gift.1").await,
+        tallied(0, 1, 0, false, "claimed")
+    );
+    assert_eq!(direct.rereads().await.expect("rereads"), ["gift"]);
 }
 
 /// A rebuild restores a SKU's orders page by page (`order_events_after`, as

@@ -895,10 +895,13 @@ fn transient(db: &dyn sqlx::error::DatabaseError) -> bool {
     if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
         // SQLSTATE classes: 08 connection, 40 transaction rollback (serialisation failure,
         // deadlock), 53 insufficient resources, 57 operator intervention (shutdown,
-        // cancel), 58 system error (I/O).
-        return ["08", "40", "53", "57", "58"]
-            .iter()
-            .any(|class| pg.code().starts_with(class));
+        // cancel), 58 system error (I/O); and 25P03, a session ended idle in a transaction
+        // (`idle_in_transaction_session_timeout`, see `postgres.rs`): its transaction rolled
+        // back, and a new session can do it again.
+        return pg.code() == "25P03"
+            || ["08", "40", "53", "57", "58"]
+                .iter()
+                .any(|class| pg.code().starts_with(class));
     }
     if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
         // Primary result codes: BUSY, LOCKED, IOERR, FULL, CANTOPEN.

@@ -46,10 +46,33 @@ const DIALECT: Dialect = Dialect {
     order_index: OrderIndex::Events,
 };
 
-/// Connects to `url` and migrates the database.
-pub(crate) async fn open(url: &str) -> Result<SqlLedger<Postgres>, LedgerError> {
+/// How long PostgreSQL lets a ledger session sit idle inside a transaction before it ends
+/// the session, unless the URL's options set `idle_in_transaction_session_timeout`. A
+/// gateway paused, or cut off from the database, in the middle of a commit holds the locks
+/// its transaction took, its SKUs' rebuild fences among them (`pass_fence` in
+/// `sql/events.rs`): unbounded, a rebuild of those SKUs would wait on it for as long as it
+/// stays away. Ended, the commit rolls back, and its writer commits the events again later,
+/// behind the fence. No commit or import waits this long on its own client between two
+/// statements.
+const IDLE_IN_TRANSACTION: &str = "10s";
+
+/// The options of `url`, with the ledger's session settings the URL leaves unset.
+fn connect_options(url: &str) -> Result<PgConnectOptions, LedgerError> {
     let options =
         PgConnectOptions::from_str(url)?.statement_cache_capacity(super::sql::STATEMENT_CACHE);
+    let set_by_url = options
+        .get_options()
+        .is_some_and(|o| o.contains("idle_in_transaction_session_timeout"));
+    Ok(if set_by_url {
+        options
+    } else {
+        options.options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION)])
+    })
+}
+
+/// Connects to `url` and migrates the database.
+pub(crate) async fn open(url: &str) -> Result<SqlLedger<Postgres>, LedgerError> {
+    let options = connect_options(url)?;
     // One connection first: the pool retries a refused connection until its acquire timeout
     // and then reports only that it timed out, while this says why.
     match <PgConnection as sqlx::Connection>::connect_with(&options).await {
@@ -176,4 +199,35 @@ fn copy_text(out: &mut Vec<u8>, value: &str) {
 fn copy_value(out: &mut Vec<u8>, value: impl std::fmt::Display) {
     // Writing into a `Vec` cannot fail.
     let _ = write!(out, "{value}\t");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_end_when_idle_in_a_transaction_unless_the_url_says_otherwise() {
+        let options = connect_options("postgres://kg@db.example/kg").expect("options");
+        assert_eq!(
+            options.get_options(),
+            Some("-c idle_in_transaction_session_timeout=10s")
+        );
+        // The URL's own setting is kept, and no second one follows it (the later would win).
+        let options = connect_options(
+            "postgres://kg@db.example/kg?options[idle_in_transaction_session_timeout]=1min",
+        )
+        .expect("options");
+        assert_eq!(
+            options.get_options(),
+            Some("-c idle_in_transaction_session_timeout=1min")
+        );
+        // Other options of the URL stay, with the default added.
+        let options =
+            connect_options("postgres://kg@db.example/kg?options=-c%20statement_timeout%3D5min")
+                .expect("options");
+        assert_eq!(
+            options.get_options(),
+            Some("-c statement_timeout=5min -c idle_in_transaction_session_timeout=10s")
+        );
+    }
 }

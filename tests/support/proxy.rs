@@ -2,7 +2,9 @@
 //! held, not lost, and go on once it thaws. One client's view of a server it cannot reach
 //! for a while (a partition, a stalled route), without touching the server or other clients.
 
+#![allow(dead_code)]
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -10,8 +12,14 @@ use tokio::sync::watch;
 
 pub struct Proxy {
     pub addr: SocketAddr,
-    frozen: watch::Sender<bool>,
+    state: Arc<State>,
     accepting: tokio::task::JoinHandle<()>,
+}
+
+struct State {
+    frozen: watch::Sender<bool>,
+    /// Bytes that freeze the proxy when a read either way holds them (see `freeze_on`).
+    trigger: Mutex<Option<Vec<u8>>>,
 }
 
 impl Proxy {
@@ -19,7 +27,11 @@ impl Proxy {
     pub async fn start(target: SocketAddr) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
-        let (frozen, watching) = watch::channel(false);
+        let state = Arc::new(State {
+            frozen: watch::channel(false).0,
+            trigger: Mutex::new(None),
+        });
+        let shared = state.clone();
         let accepting = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(target).await else {
@@ -27,25 +39,39 @@ impl Proxy {
                 };
                 let (client_read, client_write) = client.into_split();
                 let (server_read, server_write) = server.into_split();
-                tokio::spawn(pipe(client_read, server_write, watching.clone()));
-                tokio::spawn(pipe(server_read, client_write, watching.clone()));
+                tokio::spawn(pipe(client_read, server_write, shared.clone()));
+                tokio::spawn(pipe(server_read, client_write, shared.clone()));
             }
         });
         Proxy {
             addr,
-            frozen,
+            state,
             accepting,
         }
     }
 
     /// Holds every byte from now on, both ways, on every connection.
     pub fn freeze(&self) {
-        self.frozen.send_replace(true);
+        self.state.frozen.send_replace(true);
+    }
+
+    /// Freezes the proxy once a read either way holds `marker`, before that read goes on:
+    /// the sender has sent it, the receiver never sees it. A test stops a client at one
+    /// exact step of a conversation this way, e.g. just after the server answered a query
+    /// whose reply carries `marker`. The marker is looked for within one read, so it should
+    /// be short.
+    pub fn freeze_on(&self, marker: &[u8]) {
+        *self.state.trigger.lock().expect("trigger") = Some(marker.to_vec());
+    }
+
+    /// Whether the proxy is frozen now.
+    pub fn is_frozen(&self) -> bool {
+        *self.state.frozen.borrow()
     }
 
     /// Lets what was held, and what comes, through.
     pub fn thaw(&self) {
-        self.frozen.send_replace(false);
+        self.state.frozen.send_replace(false);
     }
 }
 
@@ -59,14 +85,25 @@ impl Drop for Proxy {
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut frozen: watch::Receiver<bool>,
+    state: Arc<State>,
 ) {
+    let mut frozen = state.frozen.subscribe();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        {
+            let mut trigger = state.trigger.lock().expect("trigger");
+            let hit = trigger
+                .as_deref()
+                .is_some_and(|m| buf[..n].windows(m.len()).any(|w| w == m));
+            if hit {
+                *trigger = None;
+                state.frozen.send_replace(true);
+            }
+        }
         if frozen.wait_for(|f| !*f).await.is_err() {
             break;
         }
