@@ -15,7 +15,9 @@
 # (default "engine ledger") picks the durability modes. KIND=redeem measures redemptions of
 # the codes the warm-up claimed instead (a new redeemer each, the lockout windows on),
 # figures per redemption; KIND=soldout claims of a SKU with nothing left (new orders, every
-# answer 409), figures per claim. CPU is counted until the ledger has every event of the run, so an
+# answer 409), figures per claim. POSTGRES=<server URL without a database> puts each run's
+# ledger in a fresh database of that server (see benches/lib.sh) and prints the server's CPU
+# per claim too. CPU is counted until the ledger has every event of the run, so an
 # engine-mode writer's backlog is counted in its run. COMMANDS=1 (Redis engine) also prints
 # Redis's `INFO commandstats` of the run per claim or redemption: the calls of each command
 # (those inside scripts included) and their microseconds. Ends with the paired ratios of
@@ -33,6 +35,16 @@ KIND=${KIND:-claim} COMMANDS=${COMMANDS:-0}
 ADMIN=admin-token-durable-ab-0001
 MERCHANT=merchant-token-durable-ab
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# With POSTGRES set: CPU ticks of the server's processes so far (the gateway's backends live
+# through a run; the WAL writer and checkpointer are counted too).
+db_ticks() {
+  [ -n "${POSTGRES:-}" ] || { echo 0; return; }
+  local p t=0
+  for p in $(pgrep -x postgres); do
+    t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$t"
+}
 # Bytes the process has caused to be written to storage so far (the WAL, checkpoints).
 disk() { awk '/^write_bytes/ { print $2 }' "/proc/$1/io"; }
 # Group commits so far: the count of the ledger's write-duration histogram.
@@ -73,16 +85,16 @@ one() {
     sell_out; url="$public/v1/skus/gone/claims"
     if [ "$PER" -gt 1 ]; then url="$url/batch"; fi
   fi
-  local r0 r1 d0 d1 c0 c1 out
+  local r0 r1 d0 d1 c0 c1 p0 p1 out
   if [ "$COMMANDS" = 1 ] && [ "$ENGINE" = redis ]; then
     redis-cli -p "$rp" CONFIG RESETSTAT >/dev/null
   fi
-  threads "$pid" >"$dir/t0"; r0=$(ticks "$redis_pid"); d0=$(disk "$pid")
+  threads "$pid" >"$dir/t0"; r0=$(ticks "$redis_pid"); d0=$(disk "$pid"); p0=$(db_ticks)
   c0=$(commits "$admin")
   out=$(TOKEN=$MERCHANT ORDER_PREFIX="run-$RANDOM" BATCH=$PER SKU=sbs CODES=$CODES \
     wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -s "benches/wrk/$script" "$url")
   caught_up "$public/v1/skus/sbs" "$MERCHANT"
-  threads "$pid" >"$dir/t1"; r1=$(ticks "$redis_pid"); d1=$(disk "$pid")
+  threads "$pid" >"$dir/t1"; r1=$(ticks "$redis_pid"); d1=$(disk "$pid"); p1=$(db_ticks)
   c1=$(commits "$admin")
   local n hz
   n=$(awk -v per="$PER" '/requests in/ { print $1 * per }' <<<"$out"); hz=$(getconf CLK_TCK)
@@ -98,6 +110,10 @@ one() {
     "$(awk -v a="$r0" -v b="$r1" -v n="$n" -v hz="$hz" 'BEGIN { print (b - a) * 1e6 / hz / n }')" \
     "$KIND" "$(awk -v a="$c0" -v b="$c1" -v n="$n" 'BEGIN { print (b > a ? n / (b - a) : 0) }')" \
     "$KIND" "$(awk -v a="$d0" -v b="$d1" -v n="$n" 'BEGIN { print (b - a) / 1024 / n }')" "$bad"
+  if [ -n "${POSTGRES:-}" ]; then
+    printf "      %-16s cpu us/%s %6.1f\n" postgres "$KIND" \
+      "$(awk -v a="$p0" -v b="$p1" -v n="$n" -v hz="$hz" 'BEGIN { print (b - a) * 1e6 / hz / n }')"
+  fi
   join "$dir/t0" "$dir/t1" | awk -v n="$n" -v hz="$hz" -v k="$KIND" '
     { printf "      %-16s cpu us/%s %6.1f  switches/%s %5.2f\n", $1, k, ($4 - $2) * 1e6 / hz / n, k, ($5 - $3) / n }'
   if [ "$COMMANDS" = 1 ] && [ "$ENGINE" = redis ]; then

@@ -6,9 +6,13 @@ command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; e
 
 work=$(mktemp -d)
 pids=()
+databases=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  for db in "${databases[@]}"; do
+    psql -q "$POSTGRES/postgres" -c "DROP DATABASE IF EXISTS $db" 2>/dev/null || true
+  done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -42,10 +46,18 @@ start_redis() { # <dir>
 # Starts a gateway as the benches run it: defaults, limits raised so they never trigger, the
 # tokens $ADMIN and $MERCHANT, its data dir under <dir>; waits until it is ready and stocks
 # SKU `sbs` with CODES codes that can each be issued and redeemed a million times. Sets
-# kg_pid (also added to `pids`), kg_public and kg_admin (base URLs).
+# kg_pid (also added to `pids`), kg_public and kg_admin (base URLs). The ledger is SQLite in
+# the data dir, or with POSTGRES set (a server's URL without a database, e.g.
+# postgres://postgres@127.0.0.1:5432) a fresh database of that server, dropped on exit.
 start_kamigate() { # <binary> <dir> <durability> [redis url: none for the embedded engine]
   local bin=$1 dir=$2 durability=$3 redis_url=${4:-} public admin
   public=$(free_port); admin=$(free_port)
+  local database=""
+  if [ -n "${POSTGRES:-}" ]; then
+    database=kg_bench_$$_$public
+    psql -q "$POSTGRES/postgres" -c "CREATE DATABASE $database" >/dev/null
+    databases+=("$database")
+  fi
   {
     echo "listen = \"127.0.0.1:$public\""
     echo "admin_listen = \"127.0.0.1:$admin\""
@@ -55,6 +67,7 @@ start_kamigate() { # <binary> <dir> <durability> [redis url: none for the embedd
     echo "durability = \"$durability\""
     echo "shutdown_delay_ms = 0"
     [ -z "$redis_url" ] || echo "redis_url = \"$redis_url\""
+    [ -z "$database" ] || echo "database_url = \"$POSTGRES/$database\""
     echo "[limits.public]"; echo "per_second = 10000000"; echo "burst = 10000000"
     echo "[limits.merchant]"; echo "per_second = 10000000"; echo "burst = 10000000"
     echo "[limits.failed_redemptions]"; echo "max_failures = 10000000"
