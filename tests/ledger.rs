@@ -1412,6 +1412,72 @@ async fn a_commit_stalled_mid_transaction_holds_a_rebuild_back_only_until_its_se
     assert_eq!(direct.rereads().await.expect("rereads"), ["gift"]);
 }
 
+/// Commits cost the same after PostgreSQL took the statistics of a small ledger: autovacuum
+/// analyzes a fresh ledger's events table after its first few dozen events, and a plan made
+/// from those statistics and kept (a foreign key's check, once) read the whole events table
+/// for every key an event named, ever slower as the table grew, until the next analyze. The
+/// commits after such an analyze never scan the events table.
+#[tokio::test]
+async fn commits_never_scan_the_events_table_after_it_was_analyzed_small() {
+    let Some(env) = Env::postgres().await else {
+        return;
+    };
+    let l = env.ledger.as_ref();
+    let mut reusable = key("R1");
+    reusable.max_issues = 1_000_000;
+    reusable.max_uses = 1_000_000;
+    stocked(l, "gift", std::slice::from_ref(&reusable)).await;
+    let claim = |n: i64| event("gift", n, "claim", &[1]);
+    for n in 1..=40 {
+        l.apply_events(&[claim(n)]).await.expect("commit");
+    }
+    env.exec_aside("ANALYZE events").await;
+
+    let url = env.url.clone().expect("PostgreSQL");
+    // (sequential scans of `events`, rows inserted into `event_keys`) as the server's
+    // statistics have them: a session reports its counts when idle, within seconds.
+    let counters = || async {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+        let row: (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'events'), \
+             (SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'event_keys')",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .expect("statistics");
+        row
+    };
+    let settled = |links: i64| {
+        let counters = &counters;
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                let now = counters().await;
+                // All links counted: the scans of the same transactions are too.
+                if now.1 >= links {
+                    return now;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the commits' statistics never arrived: {now:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let before = settled(40).await;
+    for n in 41..=200 {
+        l.apply_events(&[claim(n)]).await.expect("commit");
+    }
+    let after = settled(200).await;
+    assert_eq!(
+        after.0 - before.0,
+        0,
+        "commits scanned the events table ({before:?} → {after:?})"
+    );
+}
+
 /// A rebuild restores a SKU's orders page by page (`order_events_after`, as
 /// `inventory::warm::restore_orders` calls it): every order event of the SKU once, in the
 /// order the ledger recorded them, none of another SKU's and no redemption (it names no order).

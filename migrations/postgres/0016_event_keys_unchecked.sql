@@ -1,0 +1,15 @@
+-- event_keys without its foreign key to events, on PostgreSQL.
+--
+-- Only a commit of events writes event_keys (src/ledger/sql/events.rs), in the transaction
+-- that records the events it links, with the `seq`s that insert returned, and no event is
+-- ever deleted: the check cannot fail. It was not free. PostgreSQL checks each new row with
+-- a query of its own (`SELECT 1 FROM events WHERE seq = $1 FOR KEY SHARE`), planned per
+-- session and kept until the table's statistics change. Planned while they describe a small
+-- events table (a fresh ledger that autovacuum analyzed after its first few dozen events),
+-- it reads the whole table, for every row linked, until the next analyze: durable claims
+-- ran at less than half their rate, slower as the table grew, through the first sale of a
+-- new ledger (BENCHMARKS.md, "A fresh PostgreSQL ledger's first sale"). Its lock also wrote
+-- each linked event's row a second time.
+--
+-- SQLite keeps the constraint: its check is a lookup by rowid, with no plan to go stale.
+ALTER TABLE event_keys DROP CONSTRAINT IF EXISTS event_keys_event_seq_fkey;
