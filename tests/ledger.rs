@@ -1,6 +1,8 @@
 //! The ledger, on both backends: every behaviour runs once on SQLite (a temp dir) and once on
 //! PostgreSQL (a fresh database on the local server; see `support/postgres.rs`).
 
+#[path = "support/eventually.rs"]
+mod eventually;
 #[path = "support/postgres.rs"]
 mod pg_support;
 #[path = "support/proxy.rs"]
@@ -1375,14 +1377,13 @@ async fn a_commit_stalled_mid_transaction_holds_a_rebuild_back_only_until_its_se
         let (stalled, late) = (stalled.clone(), late.clone());
         async move { stalled.apply_events(&[late]).await }
     });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !proxy.is_frozen() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the commit never checked the fence"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    eventually::eventually(
+        std::time::Duration::from_secs(60),
+        "the commit checking the fence",
+        || async { proxy.is_frozen() },
+        |frozen| *frozen,
+    )
+    .await;
 
     tokio::time::timeout(
         std::time::Duration::from_secs(120),
@@ -1448,23 +1449,14 @@ async fn commits_never_scan_the_events_table_after_it_was_analyzed_small() {
         .expect("statistics");
         row
     };
+    // All links counted: the scans of the same transactions are too.
     let settled = |links: i64| {
-        let counters = &counters;
-        async move {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-            loop {
-                let now = counters().await;
-                // All links counted: the scans of the same transactions are too.
-                if now.1 >= links {
-                    return now;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the commits' statistics never arrived: {now:?}"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
+        eventually::eventually(
+            std::time::Duration::from_secs(60),
+            "the commits' statistics",
+            &counters,
+            move |seen: &(i64, i64)| seen.1 >= links,
+        )
     };
     let before = settled(40).await;
     for n in 41..=200 {
