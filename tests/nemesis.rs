@@ -10,8 +10,10 @@
 //! killed and restarted (AOF `always`), losing all its data (FLUSHALL) or paused (SIGSTOP)
 //! for up to twice the gateways' command timeout (the calls that time out are answered as
 //! failed, and Redis runs them when it is continued: late scripts, late reads of the
-//! writer), the ledger's PostgreSQL stopped and started. Once the faults stop and the
-//! clients have final answers, a checker verifies:
+//! writer), the ledger's PostgreSQL stopped and started, or one gateway cut off from it in
+//! the middle of a commit for longer than the server lets a session idle in a transaction
+//! (the server rolls the commit back unseen, and the gateway commits those events again).
+//! Once the faults stop and the clients have final answers, a checker verifies:
 //!
 //! - every import answered counts exactly its file's new codes as accepted, the rest as
 //!   duplicates, and in the end each SKU has its stock and every code imported, each once;
@@ -64,6 +66,7 @@ use serde_json::{json, Value};
 use support::eventually::eventually;
 use support::gateway::{free_port, spawn_serve, ADMIN_TOKEN, MERCHANT_TOKEN};
 use support::postgres_server::Postgres;
+use support::proxy::Proxy;
 use support::redis_server::{RedisServer, Resp};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
@@ -86,6 +89,10 @@ const POOLED_CHANNEL: &str = "pooled";
 const POOL_LEVELS: [u64; 2] = [10, 20];
 const WORKERS: usize = 8;
 const RECLAIM_IDLE_MS: u64 = 800;
+/// How long PostgreSQL lets a gateway's session sit idle inside a transaction (the
+/// `idle_in_transaction_session_timeout` their URLs set, 10 s by default): a gateway cut
+/// off from the database mid-commit for longer has that commit rolled back under it.
+const SESSION_IDLE_MS: u64 = 2_000;
 /// Answers a run must have checked for its verdict to mean something.
 const MIN_ANSWERS: usize = 50;
 
@@ -112,6 +119,8 @@ enum Fault {
     FlushRedis,
     PauseRedis,
     RestartLedger,
+    CutLedgerLink,
+    CutRedisLink,
 }
 
 /// A gateway binary.
@@ -182,8 +191,15 @@ impl Gateway {
 struct World {
     gateways: Vec<Gateway>,
     redis: Option<RedisServer>,
+    /// With Redis, each gateway's way to it, which a fault can cut.
+    redis_links: Vec<Proxy>,
     postgres: Option<Postgres>,
+    /// The ledger's URL, straight to the server (the checker's).
     database_url: Option<String>,
+    /// On PostgreSQL, each gateway's way to the server, which a fault can cut.
+    ledger_links: Vec<Proxy>,
+    /// Straight to the server: what the ledger links' cuts leave of the gateways' sessions.
+    pg_stat: Option<sqlx::PgPool>,
     data_dir: PathBuf,
     /// Redis with `durability = "engine"`: an answer outlives Redis losing its data only in
     /// the memory of the gateway that gave it (README, "Guarantees"), so losing Redis's data
@@ -229,6 +245,27 @@ impl World {
             Engine::Redis => 2,
             Engine::Embedded => 1,
         };
+        let mut redis_links = Vec::new();
+        if let Some(redis) = &redis {
+            let server = ([127, 0, 0, 1], redis.port()).into();
+            for _ in 0..count {
+                redis_links.push(Proxy::start(server).await);
+            }
+        }
+        let mut ledger_links = Vec::new();
+        let mut pg_stat = None;
+        if let Some(pg) = &postgres {
+            let server = pg
+                .url()
+                .split_once('@')
+                .and_then(|(_, rest)| rest.split_once('/'))
+                .map(|(addr, _)| addr.parse().expect("address"))
+                .expect("PostgreSQL address");
+            for _ in 0..count {
+                ledger_links.push(Proxy::start(server).await);
+            }
+            pg_stat = Some(sqlx::PgPool::connect_lazy(&pg.url()).expect("PostgreSQL URL"));
+        }
         let mut gateways = Vec::new();
         for i in 0..count {
             let (public, admin) = (free_port(), free_port());
@@ -240,10 +277,16 @@ impl World {
                  hold_sweep_interval_ms = 200\nrebuild_grace_ms = {grace_ms}\n",
                 data_dir.display()
             );
-            if let Some(redis) = &redis {
-                toml.push_str(&format!("redis_url = \"{}\"\n", redis.url()));
+            if let Some(link) = redis_links.get(i) {
+                toml.push_str(&format!("redis_url = \"redis://{}\"\n", link.addr));
             }
-            if let Some(url) = &database_url {
+            if let Some(link) = ledger_links.get(i) {
+                toml.push_str(&format!(
+                    "database_url = \"postgres://postgres@{}/postgres?application_name=gateway-{i}\
+                     &options[idle_in_transaction_session_timeout]={SESSION_IDLE_MS}ms\"\n",
+                    link.addr
+                ));
+            } else if let Some(url) = &database_url {
                 toml.push_str(&format!("database_url = \"{url}\"\n"));
             }
             if let Some(d) = durability {
@@ -262,8 +305,11 @@ impl World {
         World {
             gateways,
             redis,
+            redis_links,
             postgres,
             database_url,
+            ledger_links,
+            pg_stat,
             data_dir,
             answers_in_gateways,
             flushed: false,
@@ -276,10 +322,15 @@ impl World {
     fn faults(&self) -> Vec<Fault> {
         let mut faults = vec![Fault::KillGateway, Fault::PauseGateway];
         if self.redis.is_some() {
-            faults.extend([Fault::KillRedis, Fault::FlushRedis, Fault::PauseRedis]);
+            faults.extend([
+                Fault::KillRedis,
+                Fault::FlushRedis,
+                Fault::PauseRedis,
+                Fault::CutRedisLink,
+            ]);
         }
         if self.postgres.is_some() {
-            faults.push(Fault::RestartLedger);
+            faults.extend([Fault::RestartLedger, Fault::CutLedgerLink]);
         }
         faults
     }
@@ -345,7 +396,80 @@ impl World {
                 tokio::time::sleep(pause(rng, 200, 1500)).await;
                 pg.up();
             }
+            Fault::CutLedgerLink => {
+                // Cut as a commit's keys `UPDATE` is answered, so its transaction holds its
+                // events, the keys and the SKU's fence, and stays cut for longer than the
+                // server lets a session idle in a transaction: the server ends the session
+                // and rolls the commit back while its gateway cannot see it, and the writer,
+                // reconnected, commits those events again. Under no commit for a while, cut
+                // anyway.
+                let i = rng.random_range(0..self.ledger_links.len());
+                let link = &self.ledger_links[i];
+                link.freeze_on(b"UPDATE ");
+                let armed = Instant::now() + Duration::from_secs(3);
+                while !link.is_frozen() && Instant::now() < armed {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let at = if link.is_frozen() {
+                    "at an UPDATE"
+                } else {
+                    "at once"
+                };
+                link.freeze();
+                let held = pause(rng, SESSION_IDLE_MS + 500, SESSION_IDLE_MS + 2_000);
+                let before = self.idle_in_transaction(i).await;
+                tokio::time::sleep(held).await;
+                let after = self.idle_in_transaction(i).await;
+                note(
+                    log,
+                    format!(
+                        "cut gateway {i} from PostgreSQL {at} for {held:?}: its sessions idle \
+                         in a transaction {before} then {after}"
+                    ),
+                );
+                self.ledger_links[i].thaw();
+            }
+            Fault::CutRedisLink => {
+                // One gateway cannot reach Redis while the other can: cut as it sends a
+                // script, around its command timeout (2 s). Its calls time out and are
+                // answered as failed, the clients retry (maybe through the other gateway),
+                // and what it sent reaches Redis late, once the link is back; meanwhile the
+                // other gateway's writer takes over its unacknowledged entries.
+                let i = rng.random_range(0..self.redis_links.len());
+                let link = &self.redis_links[i];
+                link.freeze_on(b"FCALL");
+                let armed = Instant::now() + Duration::from_secs(3);
+                while !link.is_frozen() && Instant::now() < armed {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let at = if link.is_frozen() {
+                    "at a script"
+                } else {
+                    "at once"
+                };
+                link.freeze();
+                let held = pause(rng, 300, 4_000);
+                note(log, format!("cut gateway {i} from Redis {at} for {held:?}"));
+                tokio::time::sleep(held).await;
+                link.thaw();
+            }
         }
+    }
+
+    /// How many sessions of gateway `i` the server sees idle inside a transaction (`?` when
+    /// the server cannot say).
+    async fn idle_in_transaction(&self, i: usize) -> String {
+        let Some(db) = &self.pg_stat else {
+            return "?".into();
+        };
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = $1 AND state LIKE 'idle in transaction%'",
+        )
+        .bind(format!("gateway-{i}"))
+        .fetch_one(db)
+        .await
+        .map_or_else(|_| "?".into(), |n| n.to_string())
     }
 
     /// With `durability = "engine"` on Redis, waits until `fault` no longer loses an answer

@@ -69,8 +69,10 @@ impl Proxy {
         *self.state.frozen.borrow()
     }
 
-    /// Lets what was held, and what comes, through.
+    /// Lets what was held, and what comes, through. A marker armed by `freeze_on` and not
+    /// seen yet is dropped: it would freeze the proxy again at some later, unplanned moment.
     pub fn thaw(&self) {
+        *self.state.trigger.lock().expect("trigger") = None;
         self.state.frozen.send_replace(false);
     }
 }
