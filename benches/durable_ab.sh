@@ -7,7 +7,8 @@
 #
 # Prints per run: claims/s, p50, p99, the gateway's CPU per claim (utime + stime from /proc)
 # split by thread name (the runtime's workers, the ledger's threads), its context switches
-# per claim, Redis's CPU per claim, the claims a group commit carried and the bytes the
+# per claim, Redis's CPU per claim, the claims a group commit carried (with SKUS > 1, a
+# SKU's part of one: the SKUs' batches that meet share a transaction) and the bytes the
 # gateway wrote to disk per claim (the WAL and its checkpoints). Runs alternate A, B, A, B…
 # so that a machine whose load drifts treats both alike: compare the binaries within a
 # round, and ledger mode with engine mode of the same binary and round. PER=N (default 1)
@@ -17,7 +18,8 @@
 # figures per redemption; KIND=soldout claims of a SKU with nothing left (new orders, every
 # answer 409), figures per claim. POSTGRES=<server URL without a database> puts each run's
 # ledger in a fresh database of that server (see benches/lib.sh) and prints the server's CPU
-# per claim too. CPU is counted until the ledger has every event of the run, so an
+# per claim too. SKUS=N (claims only, one a request) spreads the claims over N SKUs in turn,
+# as a sale of several products does. CPU is counted until the ledger has every event of the run, so an
 # engine-mode writer's backlog is counted in its run. COMMANDS=1 (Redis engine) also prints
 # Redis's `INFO commandstats` of the run per claim or redemption: the calls of each command
 # (those inside scripts included) and their microseconds. Ends with the paired ratios of
@@ -29,7 +31,11 @@ cd "$(dirname "$0")/.."
 
 A=${1:?binary A} B=${2:?binary B} ROUNDS=${3:-3} ENGINE=${4:-redis}
 SECS=${SECS:-6} CONNS=${CONNS:-32} CODES=1000 PER=${PER:-1} MODES=${MODES:-engine ledger}
-KIND=${KIND:-claim} COMMANDS=${COMMANDS:-0}
+KIND=${KIND:-claim} COMMANDS=${COMMANDS:-0} SKUS=${SKUS:-1}
+if [ "$SKUS" -gt 1 ] && { [ "$KIND" != claim ] || [ "$PER" -gt 1 ]; }; then
+  echo "SKUS spreads claims of one order a request only" >&2; exit 2
+fi
+export SKUS
 . benches/lib.sh
 
 ADMIN=admin-token-durable-ab-0001
@@ -64,6 +70,12 @@ threads() {
   done | awk '{ c[$1] += $2; x[$1] += $3 } END { for (k in c) print k, c[k], x[k] }' | sort
 }
 
+# Waits until the ledger has every event of every SKU the gateway at <public url> serves.
+all_caught_up() {
+  local sku
+  for sku in $(bench_skus); do caught_up "$1/v1/skus/$sku" "$MERCHANT"; done
+}
+
 # one <label> <binary> <durability>
 one() {
   local label=$1 bin=$2 durability=$3 dir redis_port redis_pid kg_pid kg_public kg_admin
@@ -78,7 +90,7 @@ one() {
   # A second of warm-up: connections, caches, the writer's first passes.
   TOKEN=$MERCHANT ORDER_PREFIX="warm-$RANDOM" BATCH=$PER wrk -t1 -c"$CONNS" -d1s \
     -s "benches/wrk/$script" "$url" >/dev/null
-  caught_up "$public/v1/skus/sbs" "$MERCHANT"
+  all_caught_up "$public"
   # The warm-up sold every code (each can be sold and redeemed a million times).
   if [ "$KIND" = redeem ]; then url="$public/v1/redeem" script=redeem.lua; fi
   if [ "$KIND" = soldout ]; then
@@ -93,7 +105,7 @@ one() {
   c0=$(commits "$admin")
   out=$(TOKEN=$MERCHANT ORDER_PREFIX="run-$RANDOM" BATCH=$PER SKU=sbs CODES=$CODES \
     wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -s "benches/wrk/$script" "$url")
-  caught_up "$public/v1/skus/sbs" "$MERCHANT"
+  all_caught_up "$public"
   threads "$pid" >"$dir/t1"; r1=$(ticks "$redis_pid"); d1=$(disk "$pid"); p1=$(db_ticks)
   c1=$(commits "$admin")
   local n hz
@@ -125,7 +137,7 @@ one() {
   kill "$pid" "$redis_pid"; wait "$pid" "$redis_pid" 2>/dev/null || true
 }
 
-echo "durable A/B: $ENGINE engine, ${SECS}s of wrk -t1 -c$CONNS ${KIND}s ($PER a request) per run ($(date -u '+%F %H:%M') UTC)"
+echo "durable A/B: $ENGINE engine, ${SECS}s of wrk -t1 -c$CONNS ${KIND}s ($PER a request, $SKUS SKU(s)) per run ($(date -u '+%F %H:%M') UTC)"
 echo "A = $A"
 echo "B = $B"
 for round in $(seq "$ROUNDS"); do

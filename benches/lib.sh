@@ -43,9 +43,17 @@ start_redis() { # <dir>
   echo "redis-server on port $redis_port never answered" >&2; return 1
 }
 
+# The SKUs a gateway is stocked with: `sbs`, and with SKUS=N also `sbs1` … `sbs<N-1>`.
+bench_skus() {
+  echo sbs
+  local i
+  for i in $(seq 1 $((${SKUS:-1} - 1))); do echo "sbs$i"; done
+}
+
 # Starts a gateway as the benches run it: defaults, limits raised so they never trigger, the
 # tokens $ADMIN and $MERCHANT, its data dir under <dir>; waits until it is ready and stocks
-# SKU `sbs` with CODES codes that can each be issued and redeemed a million times. Sets
+# SKU `sbs` with CODES codes that can each be issued and redeemed a million times (with
+# SKUS=N, N > 1, also SKUs `sbs1` … `sbs<N-1>` alike, for benches/wrk/claim.lua). Sets
 # kg_pid (also added to `pids`), kg_public and kg_admin (base URLs). The ledger is SQLite in
 # the data dir, or with POSTGRES set (a server's URL without a database, e.g.
 # postgres://postgres@127.0.0.1:5432) a fresh database of that server, dropped on exit
@@ -82,11 +90,14 @@ start_kamigate() { # <binary> <dir> <durability> [redis url: none for the embedd
     sleep 0.05
   done
   [ "$ready" = 1 ] || { echo "kamigate never became ready: see $dir/log" >&2; return 1; }
-  curl -fs -X PUT "$kg_admin/v1/skus/sbs" -H "Authorization: Bearer $ADMIN" \
-    -d '{"max_issues":1000000,"max_uses":1000000}' >/dev/null
-  seq 0 $((CODES - 1)) | sed 's/^/sbs-/' | curl -fs -X POST \
-    "$kg_admin/v1/skus/sbs/batches?batch_id=b1" -H "Authorization: Bearer $ADMIN" \
-    -H 'content-type: text/plain' --data-binary @- >/dev/null
+  local sku
+  for sku in $(bench_skus); do
+    curl -fs -X PUT "$kg_admin/v1/skus/$sku" -H "Authorization: Bearer $ADMIN" \
+      -d '{"max_issues":1000000,"max_uses":1000000}' >/dev/null
+    seq 0 $((CODES - 1)) | sed "s/^/$sku-/" | curl -fs -X POST \
+      "$kg_admin/v1/skus/$sku/batches?batch_id=b1" -H "Authorization: Bearer $ADMIN" \
+      -H 'content-type: text/plain' --data-binary @- >/dev/null
+  done
   # ANALYZED=1: the statistics of the fresh ledger's events table taken now, as autovacuum
   # takes them after a new ledger's first few dozen events.
   if [ -n "$database" ] && [ "${ANALYZED:-0}" = 1 ]; then
