@@ -310,7 +310,7 @@ pub const CATALOGUE: &[Metric] = &[
         LEDGER_WRITE_DURATION,
         Kind::Histogram,
         &[],
-        "Latency of one group commit of stream events to the ledger.",
+        "Latency of one group commit of a SKU's stream events to the ledger, its wait for the ledger's turn included (batches of several SKUs that meet share one commit).",
     ),
     metric(
         LEDGER_WRITE_FAILURES,

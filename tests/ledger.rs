@@ -173,6 +173,7 @@ both_ledgers!(
     abort_removes_the_batch_keys,
     applying_the_same_events_twice_changes_nothing,
     a_failed_group_commit_changes_nothing_and_runs_nothing_beside,
+    batches_that_meet_commit_together_and_each_gets_its_own_answer,
     hold_confirm_release_and_expire_follow_the_engine,
     claim_redeem_void_and_restore_follow_the_engine,
     late_confirm_sells_fresh_keys,
@@ -1051,6 +1052,80 @@ async fn a_failed_group_commit_changes_nothing_and_runs_nothing_beside(env: &Env
             .expect("events")
             .is_empty(),
         "the failed commit recorded no event"
+    );
+}
+
+/// The event writer commits each SKU's batches on its own, concurrently, and batches that
+/// meet at the ledger go in one transaction ("Commits that meet go together",
+/// `src/ledger/sql/events.rs`). Each call still gets the answer it would have got alone: its
+/// own count of new events (an event two batches carry counts for the first), and a batch
+/// the ledger rejects fails alone, recording nothing, while the others commit.
+async fn batches_that_meet_commit_together_and_each_gets_its_own_answer(env: &Env) {
+    let l = env.ledger.as_ref();
+    stocked(l, "gift", &keys(&["G1", "G2", "G3"])).await;
+    stocked(l, "card", &keys(&["C1", "C2", "C3"])).await;
+    stocked(l, "bad", &keys(&["B1"])).await;
+    l.apply_events(&[event("gift", 1, "claim", &[1])])
+        .await
+        .expect("recorded before");
+    // Every event of SKU `bad` is refused: its batch fails as one the ledger rejects.
+    if env.url.is_some() {
+        env.exec_aside(
+            "CREATE FUNCTION reject_bad() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'rejected'; END $$; \
+             CREATE TRIGGER reject_bad BEFORE INSERT ON events FOR EACH ROW \
+             WHEN (NEW.sku = 'bad') EXECUTE FUNCTION reject_bad();",
+        )
+        .await;
+    } else {
+        env.exec_aside(
+            "CREATE TRIGGER reject_bad BEFORE INSERT ON events WHEN NEW.sku = 'bad' \
+             BEGIN SELECT RAISE(ABORT, 'rejected'); END",
+        )
+        .await;
+    }
+
+    // The first call commits alone; the others come while it runs, and meet.
+    let first = [event("gift", 2, "claim", &[2])];
+    let gift = [
+        event("gift", 1, "claim", &[1]),
+        event("gift", 3, "claim", &[3]),
+    ];
+    let card = [
+        event("card", 1, "claim", &[1]),
+        event("card", 2, "claim", &[2]),
+    ];
+    let bad = [event("bad", 1, "claim", &[1])];
+    let again = [
+        event("card", 2, "claim", &[2]),
+        event("card", 3, "claim", &[3]),
+    ];
+    let (first, gift, card, bad, again) = tokio::join!(
+        l.apply_events(&first),
+        l.apply_events(&gift),
+        l.apply_events(&card),
+        l.apply_events(&bad),
+        l.apply_events(&again),
+    );
+    assert_eq!(first, Ok(1));
+    assert_eq!(gift, Ok(1), "gift/1 was recorded before");
+    assert_eq!(card, Ok(2));
+    assert!(matches!(bad, Err(LedgerError::Corrupt(_))), "{bad:?}");
+    assert_eq!(again, Ok(1), "card/2 counts for the batch before");
+
+    for id in ["gift.1", "gift.2", "gift.3", "card.1", "card.2", "card.3"] {
+        assert_eq!(get(l, id).await.state, "claimed", "{id}");
+    }
+    assert_eq!(get(l, "bad.1").await.state, "available");
+    assert!(l
+        .order_events("bad", "o-1")
+        .await
+        .expect("events")
+        .is_empty());
+    assert_eq!(
+        l.key_events("card.2").await.expect("audit").len(),
+        1,
+        "recorded once"
     );
 }
 

@@ -164,6 +164,8 @@ pub(crate) struct SqlLedger<DB: Database> {
     /// Where the event writer's group commits go instead of through `write` (SQLite files:
     /// see [`GroupCommit`]).
     group_commit: Option<GroupCommit>,
+    /// Event batches waiting to commit together (`sql/events.rs`).
+    turns: events::Turns,
 }
 
 /// What each backend does its own way in an import: per chunk, one query finds which codes
@@ -236,6 +238,7 @@ where
             write,
             dialect,
             group_commit: None,
+            turns: events::Turns::default(),
         }
     }
 

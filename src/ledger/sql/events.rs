@@ -2,10 +2,24 @@
 //! unique), the keys it names loaded and locked, replayed in memory with the same rules as
 //! the engine, written back, and linked to the event for the audit trail, all in one
 //! transaction.
+//!
+//! # Commits that meet go together
+//!
+//! The event writer commits each SKU's batches on its own, concurrently for different SKUs.
+//! Calls that come while a commit of this ledger runs wait for their turn, and the next turn
+//! commits every batch waiting then in one transaction, in the order they came: one fsync,
+//! one round of statements, for a sale of several SKUs as for one. Each call still gets its
+//! own answer: how many of its events were new, or the error. A batch the ledger rejects
+//! (not a passing outage) is not allowed to fail the others: the batches of a rejected turn
+//! are committed again one by one, so each gets the answer it would have got alone.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use tokio::sync::oneshot;
 
 use sqlx::database::HasStatementCache;
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Row, Type};
@@ -15,6 +29,28 @@ use super::{Bulk, SqlLedger};
 use crate::ledger::replay::{self, NewEvent};
 use crate::ledger::rules::KeyStatus;
 use crate::ledger::{LedgerError, LedgerEvent};
+
+/// Work `apply_events_beside` runs beside a commit.
+type Beside<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// The batches waiting for the next turn to commit (see "Commits that meet go together").
+#[derive(Default)]
+pub(crate) struct Turns {
+    /// Held by the call committing.
+    turn: tokio::sync::Mutex<()>,
+    waiting: Mutex<Vec<Waiting>>,
+    next_id: AtomicU64,
+}
+
+/// One call's batch, waiting.
+struct Waiting {
+    id: u64,
+    events: Vec<LedgerEvent>,
+    /// Told once the statements ran (the caller starts its work beside the commit then);
+    /// dropped if they failed.
+    ran: Option<oneshot::Sender<()>>,
+    done: oneshot::Sender<Result<u64, LedgerError>>,
+}
 
 /// What applying events reads and writes of a key ([`KeyStatus`] plus its id).
 const STATUS_COLUMNS: &str = "local_id, voids, held, sold, uses, max_issues, max_uses, \
@@ -34,17 +70,20 @@ where
     usize: ColumnIndex<DB::Row>,
 {
     /// [`Ledger::apply_events`](crate::ledger::Ledger::apply_events), with `beside` run
-    /// alongside the commit ([`Ledger::apply_events_beside`](crate::ledger::Ledger::apply_events_beside)).
+    /// alongside the commit ([`Ledger::apply_events_beside`](crate::ledger::Ledger::apply_events_beside)),
+    /// in one transaction with the batches of other calls waiting at the same time (see
+    /// "Commits that meet go together").
     pub(super) async fn record_events(
         &self,
         events: &[LedgerEvent],
-        beside: Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>>,
+        beside: Option<Beside<'_>>,
     ) -> Result<u64, LedgerError> {
         // A writer's batch may carry an entry twice (a reclaim racing a read): once is enough.
         let mut seen = HashSet::new();
-        let events: Vec<&LedgerEvent> = events
+        let events: Vec<LedgerEvent> = events
             .iter()
             .filter(|e| seen.insert(e.event_id.as_str()))
+            .cloned()
             .collect();
         if events.is_empty() {
             if let Some(beside) = beside {
@@ -52,19 +91,126 @@ where
             }
             return Ok(0);
         }
+        let turns = &self.turns;
+        let id = turns.next_id.fetch_add(1, Ordering::Relaxed);
+        let (ran, statements_ran) = oneshot::channel();
+        let (done, answer) = oneshot::channel();
+        turns
+            .waiting
+            .lock()
+            .expect("waiting batches")
+            .push(Waiting {
+                id,
+                events,
+                ran: Some(ran),
+                done,
+            });
+        let commit = async {
+            let _turn = turns.turn.lock().await;
+            let batches = {
+                let mut waiting = turns.waiting.lock().expect("waiting batches");
+                if !waiting.iter().any(|w| w.id == id) {
+                    // An earlier turn took this batch along: its answer is on the way.
+                    return;
+                }
+                std::mem::take(&mut *waiting)
+            };
+            self.commit_turn(batches).await;
+        };
+        let alongside = async {
+            if let Some(beside) = beside {
+                if statements_ran.await.is_ok() {
+                    beside.await;
+                }
+            }
+        };
+        tokio::join!(commit, alongside);
+        answer
+            .await
+            .unwrap_or_else(|_| Err(LedgerError::Unavailable("a commit was dropped".into())))
+    }
+
+    /// Commits `batches` (in the order they came) in one transaction, and answers each.
+    async fn commit_turn(&self, mut batches: Vec<Waiting>) {
+        if let [one] = batches.as_mut_slice() {
+            let signal = one.ran.take().map(|ran| {
+                Box::pin(async move {
+                    let _ = ran.send(());
+                }) as Beside<'static>
+            });
+            let result = self.commit_events(&one.events, signal).await;
+            let batch = batches.pop().expect("one batch");
+            let _ = batch
+                .done
+                .send(result.map(|new| new.iter().filter(|n| **n).count() as u64));
+            return;
+        }
+        // Each event once, the first batch that has it first: as if committed in turn.
+        let mut seen = HashSet::new();
+        let events: Vec<LedgerEvent> = batches
+            .iter()
+            .flat_map(|b| &b.events)
+            .filter(|e| seen.insert(e.event_id.as_str()))
+            .cloned()
+            .collect();
+        let rans: Vec<_> = batches.iter_mut().filter_map(|b| b.ran.take()).collect();
+        let signal: Beside<'static> = Box::pin(async move {
+            for ran in rans {
+                let _ = ran.send(());
+            }
+        });
+        match self.commit_events(&events, Some(signal)).await {
+            Ok(new) => {
+                let mut new: HashMap<&str, bool> = events
+                    .iter()
+                    .map(|e| e.event_id.as_str())
+                    .zip(new)
+                    .collect();
+                for batch in batches {
+                    // An event two batches carry counts for the first.
+                    let n = batch
+                        .events
+                        .iter()
+                        .filter(|e| new.get_mut(e.event_id.as_str()).is_some_and(std::mem::take))
+                        .count();
+                    let _ = batch.done.send(Ok(n as u64));
+                }
+            }
+            Err(e) if e.is_retryable() => {
+                for batch in batches {
+                    let _ = batch.done.send(Err(e.clone()));
+                }
+            }
+            Err(_) => {
+                for batch in batches {
+                    let result = self.commit_events(&batch.events, None).await;
+                    let _ = batch
+                        .done
+                        .send(result.map(|new| new.iter().filter(|n| **n).count() as u64));
+                }
+            }
+        }
+    }
+
+    /// Records `events` (each `event_id` once) in one transaction, `beside` run alongside
+    /// its `COMMIT` (dropped unrun if a statement fails). Says of each event whether it was
+    /// new to the ledger.
+    async fn commit_events(
+        &self,
+        events: &[LedgerEvent],
+        beside: Option<Beside<'static>>,
+    ) -> Result<Vec<bool>, LedgerError> {
         if let Some(group_commit) = &self.group_commit {
             // Held for the job: this process's writes take turns on one lock.
             let _writer = self.write.acquire().await?;
-            return group_commit
-                .record(events.into_iter().cloned().collect(), beside)
-                .await;
+            return group_commit.record(events.to_vec(), beside).await;
         }
         let mut tx = self.begin_write().await?;
 
         // Record the events; those already recorded are not returned and change nothing.
         let mut recorded: HashMap<String, i64> = HashMap::new();
         let p = self.dialect.placeholders;
-        for chunk in pow2_chunks(&events, self.dialect.rows_per_statement(11, 0)) {
+        for chunk in pow2_chunks(events, self.dialect.rows_per_statement(11, 0)) {
             let sql = format!(
                 "INSERT INTO events (event_id, sku, kind, at_ms, key_local_ids, order_id, \
                  user_id, redeemer, reason, late, fields_json) VALUES {} \
@@ -91,6 +237,10 @@ where
                 recorded.insert(row.try_get(1)?, row.try_get(0)?);
             }
         }
+        let new: Vec<bool> = events
+            .iter()
+            .map(|e| recorded.contains_key(&e.event_id))
+            .collect();
         let applied: Vec<NewEvent> = events
             .iter()
             .filter_map(|e| Some(NewEvent::new(e, *recorded.get(&e.event_id)?)))
@@ -147,7 +297,7 @@ where
             }
             None => tx.commit().await?,
         }
-        Ok(applied.len() as u64)
+        Ok(new)
     }
 
     /// Checks a commit of events of generation `gen` of `sku` against the SKU's rebuild

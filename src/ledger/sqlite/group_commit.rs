@@ -59,7 +59,7 @@ struct Job {
     /// Told once the statements ran, before `COMMIT`: the caller starts its work beside the
     /// commit then ([`crate::ledger::Ledger::apply_events_beside`]).
     statements_done: oneshot::Sender<()>,
-    done: oneshot::Sender<Result<u64, LedgerError>>,
+    done: oneshot::Sender<Result<Vec<bool>, LedgerError>>,
 }
 
 /// The thread's handle: jobs go in, answers come back on each job's channel. The thread
@@ -129,12 +129,13 @@ impl GroupCommit {
 
     /// Records `events` (each `event_id` once) as
     /// [`crate::ledger::Ledger::apply_events_beside`] does: `beside` runs while the
-    /// transaction commits, and is dropped unrun if a statement fails.
+    /// transaction commits, and is dropped unrun if a statement fails. Says of each event
+    /// whether it was new to the ledger.
     pub(crate) async fn record(
         &self,
         events: Vec<LedgerEvent>,
         beside: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>>,
-    ) -> Result<u64, LedgerError> {
+    ) -> Result<Vec<bool>, LedgerError> {
         let (statements_done, ran) = oneshot::channel();
         let (done, answer) = oneshot::channel();
         let job = Job {
@@ -222,15 +223,16 @@ pub(super) fn after_commits(
     }
 }
 
-/// One group commit: the same steps as the generic path, in one transaction.
+/// One group commit: the same steps as the generic path, in one transaction. Says of each
+/// event whether it was new to the ledger.
 fn commit(
     conn: &mut Connection,
     events: &[LedgerEvent],
     statements_done: oneshot::Sender<()>,
-) -> Result<u64, LedgerError> {
+) -> Result<Vec<bool>, LedgerError> {
     if events.is_empty() {
         let _ = statements_done.send(());
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -241,6 +243,7 @@ fn commit(
     // copy of every page it touches (the leaves of the table and its five indexes), two fifths of
     // this insert's time. A row inserted is the one change, its `seq` the last rowid.
     let mut applied = Vec::with_capacity(events.len());
+    let mut new = Vec::with_capacity(events.len());
     {
         let mut insert = tx
             .prepare_cached(
@@ -277,6 +280,7 @@ fn commit(
             if inserted == 1 {
                 applied.push(NewEvent::new(e, tx.last_insert_rowid()));
             }
+            new.push(inserted == 1);
         }
     }
 
@@ -407,7 +411,7 @@ fn commit(
 
     let _ = statements_done.send(());
     tx.commit().map_err(error)?;
-    Ok(applied.len() as u64)
+    Ok(new)
 }
 
 /// As the pool's errors map ([`LedgerError`]'s `From<sqlx::Error>`): busy, locked, I/O, a
