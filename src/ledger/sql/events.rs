@@ -105,17 +105,28 @@ where
                 ran: Some(ran),
                 done,
             });
+        let mut answer = answer;
         let commit = async {
-            let _turn = turns.turn.lock().await;
-            let batches = {
-                let mut waiting = turns.waiting.lock().expect("waiting batches");
-                if !waiting.iter().any(|w| w.id == id) {
-                    // An earlier turn took this batch along: its answer is on the way.
-                    return;
+            tokio::select! {
+                // A turn under way took this batch along: its answer comes when that commit
+                // ends, not after the next turn's, which would hold the lock by then.
+                answered = &mut answer => answered,
+                turn = turns.turn.lock() => {
+                    let batches = {
+                        let mut waiting = turns.waiting.lock().expect("waiting batches");
+                        if waiting.iter().any(|w| w.id == id) {
+                            std::mem::take(&mut *waiting)
+                        } else {
+                            Vec::new()
+                        }
+                    };
+                    if !batches.is_empty() {
+                        self.commit_turn(batches).await;
+                    }
+                    drop(turn);
+                    (&mut answer).await
                 }
-                std::mem::take(&mut *waiting)
-            };
-            self.commit_turn(batches).await;
+            }
         };
         let alongside = async {
             if let Some(beside) = beside {
@@ -124,10 +135,8 @@ where
                 }
             }
         };
-        tokio::join!(commit, alongside);
-        answer
-            .await
-            .unwrap_or_else(|_| Err(LedgerError::Unavailable("a commit was dropped".into())))
+        let (answered, ()) = tokio::join!(commit, alongside);
+        answered.unwrap_or_else(|_| Err(LedgerError::Unavailable("a commit was dropped".into())))
     }
 
     /// Commits `batches` (in the order they came) in one transaction, and answers each.
