@@ -40,17 +40,22 @@ d = sys.argv[1]
 out = ['#!lua name=kgbench\n', open(os.path.join(d, 'prelude.lua')).read(), '\n']
 for f in sorted(os.listdir(d)):
     if f.endswith('.lua') and f != 'prelude.lua':
-        out.append("redis.register_function('kgbench_%s', function(KEYS, ARGV)\nbegin(KEYS)\n%s\nend)\n"
+        out.append("redis.register_function('kgbench_%s', function(KEYS, ARGV)\nbegin(KEYS, ARGV)\n%s\nend)\n"
                    % (f[:-4], open(os.path.join(d, f)).read()))
 sys.stdout.write(''.join(out))
 PY
 }
 
-# CALLS FCALLs of PER new orders each, order ids starting with $1, as redis-cli input.
+# CALLS FCALLs of PER new orders each, order ids starting with $1, as redis-cli input, for
+# the scripts of lua dir $2 (whose calls end with a deadline, an hour on, as a gateway's do, if
+# its prelude's begin takes one).
 calls() {
-  python3 - "$1" "$PER" "$CALLS" "$HOLD" "$USER_ID" "$(($(date +%s) * 1000))" <<'PY'
+  local deadline=0
+  grep -q 'function begin(keys, argv)' "$2/prelude.lua" && deadline=1
+  python3 - "$1" "$PER" "$CALLS" "$HOLD" "$USER_ID" "$(($(date +%s) * 1000))" "$deadline" <<'PY'
 import sys
 prefix, per, calls, hold, user, now = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6])
+deadline = sys.argv[7] == '1'
 parts = 'meta avail keys codes idx orders holds users redemptions counts events pools settled retired'
 keys = ['kg:{ir}:' + p for p in parts.split()]
 n = 0
@@ -59,6 +64,8 @@ for c in range(calls):
     for _ in range(per):
         n += 1
         args += ['%s-%d' % (prefix, n), '1', user or '""', hold, 'default', '1']
+    if deadline:
+        args.append(str(now + 3600000))
     print('FCALL kgbench_claims_batch', len(keys), *keys, *args)
 PY
 }
@@ -99,9 +106,9 @@ one() {
   kill "$pid"; wait "$pid" 2>/dev/null || true
   library "$dir" | redis-cli -p "$rp" -x FUNCTION LOAD REPLACE >/dev/null
   # The first round warms up: the library's first calls, the hashes' growth.
-  calls warm | redis-cli -p "$rp" -n 1 >"$run/warm.out"
+  calls warm "$dir" | redis-cli -p "$rp" -n 1 >"$run/warm.out"
   callgrind_control -z "$redis_pid" >/dev/null 2>&1
-  calls run | redis-cli -p "$rp" -n 1 >"$run/run.out"
+  calls run "$dir" | redis-cli -p "$rp" -n 1 >"$run/run.out"
   callgrind_control -d "$redis_pid" >/dev/null 2>&1
   kill "$redis_pid"; wait "$redis_pid" 2>/dev/null || true
   if grep -q '^ERR\|^WRONGTYPE\|sold_out' "$run/run.out"; then

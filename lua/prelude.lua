@@ -727,10 +727,24 @@ local function flush()
   end
 end
 
--- Starts a script call: names its keys (in the order listed at the top) and clears what an
--- earlier call left in the per-call state, which a library keeps between calls.
-local function begin(keys)
+-- Starts a script call: refuses it if it comes too late (below), names its keys (in the order
+-- listed at the top) and clears what an earlier call left in the per-call state, which a
+-- library keeps between calls.
+--
+-- Every call's last argument is its deadline, ms since the epoch by the engine's clock, or ''
+-- for none; it is taken off here, so a script never sees it. A call that starts after its
+-- deadline runs nothing and raises LATE: its caller has given up on it and answered it as
+-- failed, and what the client did next (a retry through another gateway, the void's restore)
+-- must not be undone by this call arriving now.
+local function begin(keys, argv)
   string, table, math, tonumber, type, ipairs, pairs, unpack = run_time_globals()
+  local deadline = tonumber(table.remove(argv))
+  if deadline then
+    local time = redis.call('TIME')
+    if tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) > deadline then
+      error({ err = 'LATE the call reached the engine after its deadline and ran nothing' })
+    end
+  end
   K = {
     meta = keys[1], avail = keys[2], keys = keys[3], codes = keys[4], idx = keys[5],
     orders = keys[6], holds = keys[7], users = keys[8], redemptions = keys[9],

@@ -5,6 +5,7 @@ mod support;
 
 use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use kamigate::engine::embedded::EmbeddedEngine;
 use kamigate::engine::keys::sku_keys;
@@ -18,6 +19,8 @@ use kamigate::inventory::{
 use kamigate::ledger::KeyRecord;
 use kamigate::sku::{Candidate, SkuConfig};
 use support::clock::ManualClock;
+use support::eventually::eventually;
+use support::proxy::Proxy;
 use support::redis_server::RedisServer;
 
 struct Harness {
@@ -88,16 +91,8 @@ impl Harness {
 
     /// Script calls the Redis server has run so far (`None` on the embedded engine).
     async fn script_calls(&self) -> Option<u64> {
-        let redis = self._redis.as_ref()?;
-        let info = redis.redis_cli(&["INFO", "commandstats"]).await;
-        let text = info.as_str().expect("INFO answers text").to_owned();
-        let calls = |cmd: &str| -> u64 {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
-                .and_then(|rest| rest.split(',').next()?.parse().ok())
-                .unwrap_or(0)
-        };
-        Some(calls("fcall") + calls("evalsha") + calls("eval"))
+        let calls = commands_run(self._redis.as_ref()?, &["fcall", "evalsha", "eval"]).await;
+        Some(calls)
     }
 
     async fn claim(&self, sku: &str, order: &str, quantity: u64) -> Result<Order, Error> {
@@ -2487,4 +2482,82 @@ async fn warming_loads_each_key_once_in_the_state_the_ledger_records(h: Harness)
         h.inv.redeem("warm", &code, "user-2").await,
         Err(Error::CardUsed { .. })
     ));
+}
+
+/// A void whose call timed out on a stalled link to Redis, then retried through another
+/// connection and undone by a restore, stays undone when the stalled call reaches Redis at
+/// last: it arrives after its deadline and runs nothing. Redis only: the embedded engine has
+/// no link to stall, and runs a call only while its caller still waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_void_that_arrives_after_its_caller_gave_up_runs_nothing() {
+    let redis = RedisServer::start().await;
+    let options = RedisOptions {
+        command_timeout_ms: 500,
+        ..RedisOptions::default()
+    };
+    let connect = |url: String| {
+        let options = options.clone();
+        async move {
+            RedisEngine::connect(&url, options)
+                .await
+                .expect("connects to its redis-server")
+        }
+    };
+    let link = Proxy::start(([127, 0, 0, 1], redis.port()).into()).await;
+    let stalled = connect(format!("redis://{}", link.addr)).await;
+    let h = Harness::over(Arc::new(connect(redis.url()).await), None);
+    let other = Inventory::with_clock(Arc::new(stalled), h.clock.clock());
+    h.stock("late", SkuConfig::default(), 2).await;
+    let key = "late.1";
+
+    link.freeze_on(b"FCALL");
+    assert!(
+        matches!(other.void(key, "leaked").await, Err(Error::Unavailable(_))),
+        "the stalled void times out"
+    );
+    assert!(link.is_frozen(), "the void is held on its way to Redis");
+    // The operator retries through another gateway, then thinks better of it.
+    assert_eq!(
+        h.inv.void(key, "leaked").await.expect("void"),
+        Some("available".into())
+    );
+    assert_eq!(
+        h.inv.restore(key, "false alarm").await.expect("restore"),
+        Some("available".into())
+    );
+
+    let calls = fcalls(&redis).await;
+    link.thaw();
+    eventually(
+        Duration::from_secs(10),
+        "the held void to reach Redis",
+        || fcalls(&redis),
+        |n| *n > calls,
+    )
+    .await;
+    let counts = h.inv.counts("late").await.expect("counts");
+    assert_eq!((counts.available, counts.void), (2, 0), "{counts:?}");
+    // And the link serves again, on time.
+    assert_eq!(
+        other.void(key, "leaked").await.expect("void"),
+        Some("available".into())
+    );
+}
+
+/// `FCALL`s the server has run, refused ones included.
+async fn fcalls(redis: &RedisServer) -> u64 {
+    commands_run(redis, &["fcall"]).await
+}
+
+/// Calls of `commands` (lower case) the server has run, from `INFO commandstats`.
+async fn commands_run(redis: &RedisServer, commands: &[&str]) -> u64 {
+    let info = redis.redis_cli(&["INFO", "commandstats"]).await;
+    let text = info.as_str().expect("INFO answers text").to_owned();
+    let calls = |cmd: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    commands.iter().map(|cmd| calls(cmd)).sum()
 }

@@ -120,6 +120,7 @@ enum Fault {
     PauseRedis,
     RestartLedger,
     CutLedgerLink,
+    CutRedisLink,
 }
 
 /// A gateway binary.
@@ -190,6 +191,8 @@ impl Gateway {
 struct World {
     gateways: Vec<Gateway>,
     redis: Option<RedisServer>,
+    /// With Redis, each gateway's way to it, which a fault can cut.
+    redis_links: Vec<Proxy>,
     postgres: Option<Postgres>,
     /// The ledger's URL, straight to the server (the checker's).
     database_url: Option<String>,
@@ -242,6 +245,13 @@ impl World {
             Engine::Redis => 2,
             Engine::Embedded => 1,
         };
+        let mut redis_links = Vec::new();
+        if let Some(redis) = &redis {
+            let server = ([127, 0, 0, 1], redis.port()).into();
+            for _ in 0..count {
+                redis_links.push(Proxy::start(server).await);
+            }
+        }
         let mut ledger_links = Vec::new();
         let mut pg_stat = None;
         if let Some(pg) = &postgres {
@@ -267,8 +277,8 @@ impl World {
                  hold_sweep_interval_ms = 200\nrebuild_grace_ms = {grace_ms}\n",
                 data_dir.display()
             );
-            if let Some(redis) = &redis {
-                toml.push_str(&format!("redis_url = \"{}\"\n", redis.url()));
+            if let Some(link) = redis_links.get(i) {
+                toml.push_str(&format!("redis_url = \"redis://{}\"\n", link.addr));
             }
             if let Some(link) = ledger_links.get(i) {
                 toml.push_str(&format!(
@@ -295,6 +305,7 @@ impl World {
         World {
             gateways,
             redis,
+            redis_links,
             postgres,
             database_url,
             ledger_links,
@@ -311,7 +322,12 @@ impl World {
     fn faults(&self) -> Vec<Fault> {
         let mut faults = vec![Fault::KillGateway, Fault::PauseGateway];
         if self.redis.is_some() {
-            faults.extend([Fault::KillRedis, Fault::FlushRedis, Fault::PauseRedis]);
+            faults.extend([
+                Fault::KillRedis,
+                Fault::FlushRedis,
+                Fault::PauseRedis,
+                Fault::CutRedisLink,
+            ]);
         }
         if self.postgres.is_some() {
             faults.extend([Fault::RestartLedger, Fault::CutLedgerLink]);
@@ -412,6 +428,31 @@ impl World {
                     ),
                 );
                 self.ledger_links[i].thaw();
+            }
+            Fault::CutRedisLink => {
+                // One gateway cannot reach Redis while the other can: cut as it sends a
+                // script, around its command timeout (2 s). Its calls time out and are
+                // answered as failed, the clients retry (maybe through the other gateway),
+                // and what it sent reaches Redis late, once the link is back, where what
+                // came after it must stand (a call past its deadline runs nothing);
+                // meanwhile the other gateway's writer takes over its unacknowledged entries.
+                let i = rng.random_range(0..self.redis_links.len());
+                let link = &self.redis_links[i];
+                link.freeze_on(b"FCALL");
+                let armed = Instant::now() + Duration::from_secs(3);
+                while !link.is_frozen() && Instant::now() < armed {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let at = if link.is_frozen() {
+                    "at a script"
+                } else {
+                    "at once"
+                };
+                link.freeze();
+                let held = pause(rng, 300, 4_000);
+                note(log, format!("cut gateway {i} from Redis {at} for {held:?}"));
+                tokio::time::sleep(held).await;
+                link.thaw();
             }
         }
     }

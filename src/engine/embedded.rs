@@ -547,9 +547,12 @@ impl Vm {
             .lua
             .create_sequence_from(keys.iter().map(String::as_str))
             .map_err(lua_fail)?;
+        // The last argument is the call's deadline (`begin` in the prelude): none here. A
+        // call queued here runs only if its caller still waits for it (the engine's `eval`), so
+        // it never takes effect after its caller gave up.
         let args = self
             .lua
-            .create_sequence_from(args.iter().map(String::as_str))
+            .create_sequence_from(args.iter().map(String::as_str).chain([""]))
             .map_err(lua_fail)?;
         let out = if let Some(name) = script.function() {
             // A library function takes KEYS and ARGV as its parameters, as under FCALL.

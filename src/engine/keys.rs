@@ -114,9 +114,9 @@ mod tests {
     #[test]
     fn sku_keys_follow_the_order_of_the_prelude() {
         let prelude = include_str!("../../lua/prelude.lua");
-        // `local function begin(keys) K = { meta = keys[1], avail = keys[2], … }`
+        // `local function begin(keys, argv) … K = { meta = keys[1], avail = keys[2], … }`
         let table = prelude
-            .split_once("local function begin(keys)")
+            .split_once("local function begin(keys, argv)")
             .and_then(|(_, rest)| rest.split_once("K = {"))
             .and_then(|(_, rest)| rest.split_once('}'))
             .map(|(table, _)| table)

@@ -108,6 +108,9 @@ pub enum EngineError {
 pub trait ScriptEngine: Any + Send + Sync + 'static {
     /// Runs `script` with `KEYS` = `keys` and `ARGV` = `args`, atomically with respect to every
     /// other script on the same keys.
+    ///
+    /// The engine appends the call's deadline to `args` (`begin` in `lua/prelude.lua` takes it
+    /// off again): a call either runs while its caller waits for it, or never.
     fn eval(
         &self,
         script: &'static Script,

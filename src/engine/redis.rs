@@ -39,13 +39,20 @@
 //!   the caller knows whether retrying is safe). Meanwhile the client reconnects in the
 //!   background with capped exponential backoff, forever, so the gateway survives Redis
 //!   restarts and failovers without being recreated.
+//! - **A deadline on every call.** A call that timed out may still be on its way: held in a
+//!   stalled connection, a proxy, a kernel buffer. Were it to run once it arrives, after its
+//!   caller answered it as failed and the client went on (a void retried through another
+//!   gateway, then restored), it would undo what came after it. So each call carries the
+//!   latest moment it may start ([`RedisOptions::clock_skew_margin_ms`]), and the prelude's
+//!   `begin` refuses a late one with `LATE`, which reads as [`EngineError::Unavailable`]:
+//!   every call runs before its caller gives up on it, or never.
 //! - **No secrets in errors.** Error messages carry Redis's error text and fred's transport
 //!   error, never the keys or arguments of a call (they can hold secret codes).
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fred::prelude::{
     Client, ClientLike, ClusterInterface, Config, EventInterface, HashesInterface, Options,
@@ -78,6 +85,13 @@ pub struct RedisOptions {
     /// Cap on the delay between reconnection attempts, which go on forever. It is also the
     /// longest the engine may stay unavailable after Redis is back. Default 2,000 ms.
     pub reconnect_max_delay_ms: u32,
+    /// How far Redis's clock may be behind the gateway's. A script call carries a deadline,
+    /// the moment it is sent plus [`RedisOptions::command_timeout_ms`] less this margin, and
+    /// Redis refuses to run a script it starts after it (`begin` in `lua/prelude.lua`), so a
+    /// call the gateway gave up on never takes effect later, when it may undo what came after
+    /// it (a restore after a retried void). At most half the command timeout is taken. Default
+    /// 250 ms.
+    pub clock_skew_margin_ms: u64,
     /// A connection with a command outstanding for longer than this is considered dead (a
     /// silently dropped network path, a frozen server) and is closed and reconnected. Must
     /// exceed the slowest legitimate script. `0` disables the check. Default 10,000 ms.
@@ -91,6 +105,7 @@ impl Default for RedisOptions {
             command_timeout_ms: 2_000,
             reconnect_min_delay_ms: 50,
             reconnect_max_delay_ms: 2_000,
+            clock_skew_margin_ms: 250,
             unresponsive_timeout_ms: 10_000,
         }
     }
@@ -111,6 +126,8 @@ pub struct RedisEngine {
     reads: Client,
     /// Throttles reconnections forced by `READONLY` replies after a Sentinel failover.
     last_forced_reconnect: std::sync::Mutex<Option<Instant>>,
+    /// How long after it is sent a script may still start ([`RedisOptions::clock_skew_margin_ms`]).
+    late_after: Duration,
 }
 
 impl fmt::Debug for RedisEngine {
@@ -125,6 +142,8 @@ impl fmt::Debug for RedisEngine {
 /// Error prefixes of replies that mean "Redis cannot serve this now", not "the script is
 /// wrong": they map to [`EngineError::Unavailable`] so callers answer 503 and retry later.
 const UNAVAILABLE_PREFIXES: &[&str] = &[
+    // The prelude's: the call reached Redis after its deadline and ran nothing.
+    "LATE",
     "LOADING",
     "BUSY",
     "MASTERDOWN",
@@ -231,11 +250,13 @@ impl RedisEngine {
             fail_fast: true,
             ..Options::default()
         });
+        let margin = Duration::from_millis(opts.clock_skew_margin_ms).min(command_timeout / 2);
         Ok(RedisEngine {
             client,
             calls,
             reads,
             last_forced_reconnect: std::sync::Mutex::new(None),
+            late_after: command_timeout - margin,
         })
     }
 
@@ -349,6 +370,14 @@ impl RedisEngine {
         Ok(())
     }
 
+    /// The deadline a call sent now carries, as its last argument: ms since the epoch by the
+    /// gateway's clock, which Redis's `TIME` is compared with.
+    fn deadline(&self) -> Value {
+        let at = SystemTime::now() + self.late_after;
+        let ms = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        Value::from(ms.to_string())
+    }
+
     async fn eval_script(
         &self,
         script: &'static Script,
@@ -365,13 +394,15 @@ impl RedisEngine {
             Some(function) => ("FCALL", function),
             None => ("EVALSHA", script.sha1()),
         };
-        let mut argv = Vec::with_capacity(2 + keys.len() + args.len());
+        let mut argv = Vec::with_capacity(3 + keys.len() + args.len());
         argv.push(Value::from(name));
         argv.push(Value::Integer(numkeys));
         argv.extend(keys.into_iter().map(Value::from));
         argv.extend(args.into_iter().map(Value::from));
+        argv.push(self.deadline());
 
-        // Keeps the arguments for a second attempt (clones share the buffers).
+        // Keeps the arguments for a second attempt (clones share the buffers). It keeps the
+        // first attempt's deadline too: it must start before the caller can give up on it.
         let fallback = argv.clone();
         let frame = self
             .calls
@@ -446,13 +477,14 @@ impl RedisEngine {
         .collect();
         let hash = ClusterHash::Custom(fred::util::redis_keyslot(events.as_bytes()));
         args[5].clear();
-        let mut fcall = Vec::with_capacity(2 + keys.len() + args.len());
+        let mut fcall = Vec::with_capacity(3 + keys.len() + args.len());
         fcall.push(Value::from(function));
         fcall.push(Value::Integer(
             i64::try_from(keys.len()).unwrap_or(i64::MAX),
         ));
         fcall.extend(keys.into_iter().map(Value::from));
         fcall.extend(args.into_iter().map(Value::from));
+        fcall.push(self.deadline());
 
         let transaction = self.reads.multi();
         let queue = transaction.with_options(self.calls.options());

@@ -3,11 +3,11 @@
 //! Redis scripts cannot share functions, so `lua/prelude.lua` holds the helpers every script
 //! needs, and each script is assembled from it in one of two forms:
 //!
-//! - **EVAL form** ([`Script::source`]): the prelude, then `begin(KEYS)`, then the script's
+//! - **EVAL form** ([`Script::source`]): the prelude, then `begin(KEYS, ARGV)`, then the script's
 //!   own file. Both engines run it for scripts outside the shipped set (tests' probes);
 //!   Redis by `EVALSHA` of its SHA-1. The prelude runs on every call.
 //! - **Library form** ([`LIBRARY`]): one Redis Functions library holding every shipped
-//!   script as a function, `function(KEYS, ARGV) begin(KEYS) <file> end`, after one copy of
+//!   script as a function, `function(KEYS, ARGV) begin(KEYS, ARGV) <file> end`, after one copy of
 //!   the prelude. Loading it runs the prelude once; each call (`FCALL` in Redis, a function
 //!   call in the embedded engine) runs only its function, which saves Redis about 2 µs a
 //!   call and the embedded engine about 4 µs (BENCHMARKS.md).
@@ -114,7 +114,7 @@ impl Library {
 const PRELUDE: &str = include_str!("../../lua/prelude.lua");
 
 /// Starts each call in either form (see `begin` in the prelude).
-const BEGIN: &str = "begin(KEYS)";
+const BEGIN: &str = "begin(KEYS, ARGV)";
 
 macro_rules! scripts {
     ($($field:ident),* $(,)?) => {

@@ -72,6 +72,7 @@ const COMMANDS: &[Command] = &[
     command("RPUSH", -3, Keyspace::rpush),
     command("SADD", -3, Keyspace::sadd),
     command("SMEMBERS", 2, Keyspace::smembers),
+    command("TIME", 1, Keyspace::time),
     command("XACK", -4, Keyspace::xack),
     command("XADD", -5, Keyspace::xadd),
     command("XAUTOCLAIM", -6, Keyspace::xautoclaim),
@@ -212,7 +213,7 @@ mod tests {
     #[test]
     fn command_table_is_sorted_and_complete() {
         assert!(COMMANDS.windows(2).all(|w| w[0].name < w[1].name));
-        assert_eq!(COMMANDS.len(), 32);
+        assert_eq!(COMMANDS.len(), 33);
         for command in COMMANDS {
             if let Run::Container(subcommands) = command.run {
                 assert!(subcommands.windows(2).all(|w| w[0].name < w[1].name));

@@ -1,4 +1,4 @@
-//! Commands on keys of any type: `DEL`, `EXISTS`, `PEXPIRE`.
+//! Commands on keys of any type, `DEL`, `EXISTS`, `PEXPIRE`, and on none: `TIME`.
 
 use bytes::Bytes;
 
@@ -24,6 +24,14 @@ impl Keyspace {
             }
         }
         Ok(Resp::Int(n))
+    }
+
+    /// `TIME`: the keyspace's clock as seconds and microseconds, as Redis answers it (the
+    /// clock counts milliseconds, so the microseconds are whole thousands).
+    pub(super) fn time(&mut self, _: &[Bytes]) -> Result<Resp> {
+        let now = self.now();
+        let part = |n: u64| Resp::Bulk(Bytes::from(n.to_string()));
+        Ok(Resp::Array(vec![part(now / 1000), part(now % 1000 * 1000)]))
     }
 
     /// `PEXPIRE key ms [NX|XX|GT|LT]`

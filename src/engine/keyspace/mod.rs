@@ -362,6 +362,14 @@ mod tests {
     }
 
     #[test]
+    fn time_is_the_clock_in_seconds_and_microseconds() {
+        let (mut ks, now) = keyspace();
+        now.store(1_700_000_123_456, AtomicOrdering::SeqCst);
+        assert_eq!(ok(&mut ks, "TIME"), bulks(&["1700000123", "456000"]));
+        assert!(err(&mut ks, "TIME now").starts_with("ERR wrong number of arguments"));
+    }
+
+    #[test]
     fn wrongtype_everywhere() {
         let (mut ks, _) = keyspace();
         ok(&mut ks, "HSET h f v");
