@@ -659,7 +659,7 @@ fn error_message(error: &Value) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
 
     use super::*;
@@ -694,6 +694,48 @@ mod tests {
                 .expect("get"),
             Reply::from("100")
         );
+    }
+
+    /// A call whose caller gave up while it waited behind another never runs: the embedded
+    /// engine's side of "a call runs while its caller waits for it, or never" (the Redis
+    /// engine's is the deadline, `conformance::redis_a_void_that_arrives_after_its_caller_gave_up_runs_nothing`).
+    #[tokio::test]
+    async fn a_call_given_up_before_it_starts_never_runs() {
+        let engine = EmbeddedEngine::start().expect("engine starts");
+        let write = probe("return redis.call('HSET', KEYS[1], 'f', ARGV[1])");
+        let read = probe("return redis.call('HGET', KEYS[1], 'f')");
+        let clear = probe("return redis.call('DEL', KEYS[1])");
+        // Keeps the engine busy while the write is queued behind it and given up on.
+        let spin = probe("local n = 0 for i = 1, tonumber(ARGV[1]) do n = n + 1 end return n");
+        let mut spins: u64 = 20_000_000;
+        loop {
+            let spun = AtomicBool::new(false);
+            // `join` polls the spin first: it is queued before the write.
+            let (_, conclusive) = futures_util::future::join(
+                async {
+                    let n = engine.eval(spin, vec![], vec![spins.to_string()]).await;
+                    spun.store(true, Ordering::SeqCst);
+                    n.expect("spin")
+                },
+                async {
+                    let call = engine.eval(write, strings(&["h"]), strings(&["late"]));
+                    let given_up = tokio::time::timeout(Duration::from_millis(5), call).await;
+                    // Conclusive only if the spin still ran when the write was given up on.
+                    given_up.is_err() && !spun.load(Ordering::SeqCst)
+                },
+            )
+            .await;
+            if conclusive {
+                break;
+            }
+            engine
+                .eval(clear, strings(&["h"]), vec![])
+                .await
+                .expect("cleared");
+            spins = spins.saturating_mul(4);
+        }
+        let after = engine.eval(read, strings(&["h"]), vec![]).await;
+        assert_eq!(after.expect("read"), Reply::Nil, "the given-up write ran");
     }
 
     /// The plain reads answer what `exists.lua`, which served them before, answers, and in
