@@ -405,17 +405,11 @@ impl World {
                 // anyway.
                 let i = rng.random_range(0..self.ledger_links.len());
                 let link = &self.ledger_links[i];
-                link.freeze_on(b"UPDATE ");
-                let armed = Instant::now() + Duration::from_secs(3);
-                while !link.is_frozen() && Instant::now() < armed {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                let at = if link.is_frozen() {
+                let at = if link.freeze_at(b"UPDATE ", Duration::from_secs(3)).await {
                     "at an UPDATE"
                 } else {
                     "at once"
                 };
-                link.freeze();
                 let held = pause(rng, SESSION_IDLE_MS + 500, SESSION_IDLE_MS + 2_000);
                 let before = self.idle_in_transaction(i).await;
                 tokio::time::sleep(held).await;
@@ -438,17 +432,11 @@ impl World {
                 // meanwhile the other gateway's writer takes over its unacknowledged entries.
                 let i = rng.random_range(0..self.redis_links.len());
                 let link = &self.redis_links[i];
-                link.freeze_on(b"FCALL");
-                let armed = Instant::now() + Duration::from_secs(3);
-                while !link.is_frozen() && Instant::now() < armed {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                let at = if link.is_frozen() {
+                let at = if link.freeze_at(b"FCALL", Duration::from_secs(3)).await {
                     "at a script"
                 } else {
                     "at once"
                 };
-                link.freeze();
                 let held = pause(rng, 300, 4_000);
                 note(log, format!("cut gateway {i} from Redis {at} for {held:?}"));
                 tokio::time::sleep(held).await;

@@ -64,6 +64,19 @@ impl Proxy {
         *self.state.trigger.lock().expect("trigger") = Some(marker.to_vec());
     }
 
+    /// Freezes the proxy at `marker` (see `freeze_on`) if a read holds it within `within`, or
+    /// else at once; says whether the marker froze it.
+    pub async fn freeze_at(&self, marker: &[u8], within: std::time::Duration) -> bool {
+        self.freeze_on(marker);
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.is_frozen() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let seen = self.is_frozen();
+        self.freeze();
+        seen
+    }
+
     /// Whether the proxy is frozen now.
     pub fn is_frozen(&self) -> bool {
         *self.state.frozen.borrow()
