@@ -16,7 +16,10 @@ use kamigate::inventory::Inventory;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use support::eventually::eventually;
-use support::gateway::{config, metric, TestGateway};
+use support::gateway::{
+    config, free_port, metric, spawn_serve, wait_ready, TestGateway, ADMIN_TOKEN, DATA_KEY,
+    MERCHANT_TOKEN,
+};
 use support::postgres_server::Postgres;
 use support::proxy::Proxy;
 use support::redis_server::{RedisServer, Resp};
@@ -530,4 +533,160 @@ async fn a_lost_generation_committed_after_the_rebuild_read_has_the_sku_rebuilt_
     assert_eq!(seen["pools"]["shop"], 4, "{seen}");
     other.stop().await;
     cut.stop().await;
+}
+
+/// As above, but the cut-off gateway's commit of the change *fails* (its connections to the
+/// database close, and new ones are refused) after Redis lost the stream the change was read
+/// from: the writer keeps the batch and commits it once the database is back, so the change
+/// still reaches the ledger, and the SKU is rebuilt again. Read again from Redis instead,
+/// the change would be gone. The cut-off gateway runs as its own process, so its metrics
+/// tell when its commit failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_commit_failed_after_redis_lost_its_stream_is_committed_later() {
+    let pg = Postgres::start();
+    let redis = RedisServer::start().await;
+    let target = pg
+        .url()
+        .split_once("@")
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .map(|(addr, _)| addr.parse().expect("address"))
+        .expect("PostgreSQL address");
+    let proxy = Proxy::start(target).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (public, admin) = (free_port(), free_port());
+    let config_file = dir.path().join("cut.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "listen = \"127.0.0.1:{public}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+             redis_url = \"{}\"\ndatabase_url = \"postgres://postgres@{}/postgres\"\n\
+             data_dir = \"{}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n\
+             merchant_token = \"{MERCHANT_TOKEN}\"\ndurability = \"ledger\"\n\
+             ledger_wait_ms = 300\nrebuild_grace_ms = 1000\nshutdown_delay_ms = 0\n",
+            redis.url(),
+            proxy.addr,
+            dir.path().display()
+        ),
+    )
+    .expect("config written");
+    // The test gateways' data keys, so the other gateway reads the codes this one seals.
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.path().join("data.key"))
+            .and_then(|mut f| f.write_all(DATA_KEY.as_bytes()))
+            .expect("key file written");
+    }
+    let mut cut = spawn_serve(&config_file);
+    let admin = format!("http://127.0.0.1:{admin}");
+    wait_ready(&admin, Duration::from_secs(60)).await;
+    let client = support::gateway::client();
+    let put = |path: &str, body: Value| {
+        let request = client
+            .put(format!("{admin}{path}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body);
+        async move {
+            let res = request.send().await.expect("answered");
+            let status = res.status();
+            (status, res.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (status, body) = put("/v1/skus/rk", json!({})).await;
+    assert!(status.is_success(), "{status} {body}");
+    let import = client
+        .post(format!("{admin}/v1/skus/rk/batches?batch_id=b1"))
+        .bearer_auth(ADMIN_TOKEN)
+        .body("RK-1\nRK-2\nRK-3\nRK-4\nRK-5\n")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(import.status(), StatusCode::OK);
+    let (status, body) = put("/v1/channels/shop", json!({})).await;
+    assert!(status.is_success(), "{status} {body}");
+    let (status, body) = put("/v1/skus/rk/pools/shop", json!({"count": 2})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // The change reaches the engine; its commit waits behind the frozen link.
+    proxy.freeze();
+    let (status, body) = put("/v1/skus/rk/pools/shop", json!({"count": 4})).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &json!("ERR_UNAVAILABLE")),
+        "the answer waits for the commit: {body}"
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the cut-off gateway's writer holding the change",
+        || async {
+            match redis.cmd(&["XPENDING", "kg:{rk}:events", "ledger"]).await {
+                Ok(Resp::Array(Some(summary))) => summary.first().and_then(Resp::as_int),
+                _ => None,
+            }
+        },
+        |pending| pending.is_some_and(|n| n > 0),
+    )
+    .await;
+    redis.cmd(&["FLUSHALL"]).await.expect("FLUSHALL");
+    // The database goes away under the commit: it fails, with nothing left in Redis to read
+    // it from again.
+    proxy.sever();
+    let failures = || async {
+        let text = match client.get(format!("{admin}/metrics")).send().await {
+            Ok(res) => res.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        metric(
+            &text,
+            "kamigate_ledger_write_failures_total",
+            &["kind=\"unavailable\""],
+        )
+    };
+    eventually(
+        Duration::from_secs(60),
+        "the cut-off gateway's commit failing",
+        failures,
+        |n| n.is_some_and(|n| n >= 1.0),
+    )
+    .await;
+
+    let mut cfg = config();
+    cfg.durability = Some(kamigate::config::Durability::Ledger);
+    cfg.database_url = Some(pg.url());
+    cfg.redis_url = Some(redis.url());
+    cfg.ledger_wait_ms = 300;
+    cfg.rebuild_grace_ms = 1000;
+    let other = TestGateway::start(cfg).await;
+    let pools = || other.admin_get("/v1/skus/rk/pools");
+    let (_, rebuilt) = eventually(
+        Duration::from_secs(60),
+        "the other gateway serving the SKU rebuilt without the change",
+        pools,
+        |(status, v)| *status == StatusCode::OK && v["pools"].is_object(),
+    )
+    .await;
+    assert_eq!(
+        (&rebuilt["pools"]["shop"], &rebuilt["ledger"]["shop"]),
+        (&json!(2), &json!(2)),
+        "{rebuilt}"
+    );
+
+    proxy.restore();
+    let (_, seen) = eventually(
+        Duration::from_secs(60),
+        "the kept change committed, and the SKU rebuilt with it",
+        pools,
+        |(status, v)| {
+            *status == StatusCode::OK && v["ledger"]["shop"] == 4 && v["pools"] == v["ledger"]
+        },
+    )
+    .await;
+    assert_eq!(seen["pools"]["shop"], 4, "{seen}");
+    other.stop().await;
+    cut.start_kill().expect("SIGKILL sent");
+    cut.wait().await.expect("reaped");
 }

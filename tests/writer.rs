@@ -1072,6 +1072,39 @@ async fn failed_commits_behind_reads_ahead_are_retried_oldest_first(env: Env) {
     running.stop().await;
 }
 
+/// A batch whose commit failed is kept and committed again before anything is read: the
+/// engine may lose the stream it came from meanwhile (a FLUSHALL, a restart without
+/// persistence), and read again from the stream it would be gone. Here the SKU's keys go
+/// while the ledger is away; the claim still reaches the ledger.
+async fn a_failed_batch_reaches_the_ledger_after_the_engine_lost_its_stream(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 4).await;
+    let flaky = Flaky::new(env.ledger.clone());
+    let writer = env.writer_over(flaky.clone(), "w1", 60_000);
+    drain(&writer, sku).await;
+    env.claim(sku, "o-1", 1, None).await;
+    let before = flaky.calls();
+    flaky.fail_next(u32::MAX);
+    let running = Running::start(&writer);
+    eventually(
+        Duration::from_secs(20),
+        "the claim's commit failing",
+        || async { flaky.calls() },
+        |calls| *calls > before,
+    )
+    .await;
+    env.lose_sku(sku).await;
+    flaky.fail_next(0);
+    eventually(
+        Duration::from_secs(30),
+        "the claim in the ledger",
+        || async { env.ledger.counts(sku).await.expect("counts").claimed },
+        |claimed| *claimed == 1,
+    )
+    .await;
+    running.stop().await;
+}
+
 /// Consumers of stopped gateways, owning nothing, are deleted from the group once silent for
 /// long; a consumer that still owns entries is kept whatever its silence.
 async fn consumers_of_stopped_gateways_are_reaped(env: Env) {
@@ -1854,6 +1887,7 @@ on_both_engines!(
     a_read_sent_twice_keeps_the_events_in_order,
     a_void_taken_over_after_its_restore_leaves_the_key_restored,
     failed_commits_behind_reads_ahead_are_retried_oldest_first,
+    a_failed_batch_reaches_the_ledger_after_the_engine_lost_its_stream,
     a_rebuild_waits_for_every_gateway_alive_to_write_its_answers,
     answers_written_while_a_rebuild_waits_set_its_stream_ids,
 );

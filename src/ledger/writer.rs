@@ -31,7 +31,8 @@
 //! costs one script call per commit, and a commit starts as soon as the previous one ends.
 //! The read ahead leaves out this writer's own pending entries (the batch being committed is
 //! among them, and would otherwise be read again); if the commit fails, the read ahead is
-//! dropped and the next read takes every pending entry of this writer again, in order.
+//! dropped, the failed batch is committed again (see "Failed commits"), and the next read
+//! takes every pending entry of this writer again, in order.
 //! Acknowledgements carried to the next read wait at most until the writer goes idle, when
 //! they are sent on their own.
 //!
@@ -61,6 +62,19 @@
 //! starts waiting ([`EventWriter::wait_committed`]) wakes it at once, and while answers wait
 //! the writer reads ahead as described above. So the ledger trails the engine by up to a
 //! linger more when nobody waits for it, at a fraction of the CPU per event.
+//!
+//! # Failed commits
+//!
+//! A batch whose commit failed because the ledger was unavailable (down, cut off, a session
+//! ended under the transaction) is kept, and the SKU's next pass commits it again before it
+//! reads anything; then it reads this writer's own pending entries first, as after any
+//! failure. Read again instead, the batch would be gone if the engine lost the stream in the
+//! meantime (a FLUSHALL, a restart without persistence): a change whose answer was cut off
+//! waiting for the ledger is in no gateway's journal, and this copy is its last one.
+//! Committed late, its events name the lost generation, so a rebuild that read the ledger
+//! before them is redone (`rebuild_fences`). A rebuild on this gateway waits for the kept
+//! batch ([`EventWriter::commit_what_was_read`]). A batch the ledger *rejects* is not kept
+//! (see "Poison"): it is read again while the stream has it.
 //!
 //! # Poison
 //!

@@ -1,9 +1,12 @@
 //! A TCP proxy on loopback that can be frozen: while frozen, bytes it reads either way are
 //! held, not lost, and go on once it thaws. One client's view of a server it cannot reach
 //! for a while (a partition, a stalled route), without touching the server or other clients.
+//! It can also be severed: its connections close, and new ones are closed as they come, the
+//! view of a server that went away.
 
 #![allow(dead_code)]
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,6 +21,9 @@ pub struct Proxy {
 
 struct State {
     frozen: watch::Sender<bool>,
+    severed: watch::Sender<bool>,
+    /// Connections closed as they came while severed.
+    refused: std::sync::atomic::AtomicUsize,
     /// Bytes that freeze the proxy when a read either way holds them (see `freeze_on`).
     trigger: Mutex<Option<Vec<u8>>>,
 }
@@ -29,11 +35,18 @@ impl Proxy {
         let addr = listener.local_addr().expect("address");
         let state = Arc::new(State {
             frozen: watch::channel(false).0,
+            severed: watch::channel(false).0,
+            refused: Default::default(),
             trigger: Mutex::new(None),
         });
         let shared = state.clone();
         let accepting = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if *shared.severed.borrow() {
+                    shared.refused.fetch_add(1, Ordering::Relaxed);
+                    drop(client);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(target).await else {
                     continue;
                 };
@@ -82,6 +95,23 @@ impl Proxy {
         *self.state.frozen.borrow()
     }
 
+    /// Closes every connection, dropping what was held, and closes new ones as they come
+    /// until `restore`.
+    pub fn sever(&self) {
+        self.state.severed.send_replace(true);
+    }
+
+    /// Connections closed as they came while severed, so far.
+    pub fn refused(&self) -> usize {
+        self.state.refused.load(Ordering::Relaxed)
+    }
+
+    /// Ends `sever` and thaws: new connections go through again.
+    pub fn restore(&self) {
+        self.state.severed.send_replace(false);
+        self.thaw();
+    }
+
     /// Lets what was held, and what comes, through. A marker armed by `freeze_on` and not
     /// seen yet is dropped: it would freeze the proxy again at some later, unplanned moment.
     pub fn thaw(&self) {
@@ -103,11 +133,15 @@ async fn pipe(
     state: Arc<State>,
 ) {
     let mut frozen = state.frozen.subscribe();
+    let mut severed = state.severed.subscribe();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            },
+            _ = severed.wait_for(|s| *s) => return,
         };
         {
             let mut trigger = state.trigger.lock().expect("trigger");
@@ -119,8 +153,9 @@ async fn pipe(
                 state.frozen.send_replace(true);
             }
         }
-        if frozen.wait_for(|f| !*f).await.is_err() {
-            break;
+        tokio::select! {
+            thawed = frozen.wait_for(|f| !*f) => if thawed.is_err() { break },
+            _ = severed.wait_for(|s| *s) => return,
         }
         if to.write_all(&buf[..n]).await.is_err() {
             break;

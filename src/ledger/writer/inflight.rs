@@ -1,6 +1,6 @@
 //! What this writer holds read from a SKU's stream and not yet committed: the batch of a pass
-//! under way, and a batch read ahead for the next pass. A rebuild from the ledger waits for
-//! it ([`EventWriter::commit_what_was_read`]).
+//! under way, a batch read ahead for the next pass, and a batch whose commit failed. A
+//! rebuild from the ledger waits for it ([`EventWriter::commit_what_was_read`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::EventWriter;
 
-/// Passes per SKU, begun and ended, and whether the last one left a batch read ahead.
+/// Passes per SKU, begun and ended, and what the last one left held.
 #[derive(Default)]
 pub(super) struct InFlight {
     marks: Mutex<HashMap<String, Mark>>,
@@ -22,7 +22,19 @@ pub(super) struct InFlight {
 struct Mark {
     begun: u64,
     ended: u64,
-    ahead: bool,
+    held: Held,
+}
+
+/// What a pass leaves held, read and not committed, for the next pass.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Held {
+    #[default]
+    Nothing,
+    /// A batch read ahead: the next pass commits it, or drops it if its own commit fails.
+    Ahead,
+    /// A batch whose commit failed, kept to be committed again: it may hold anything read
+    /// before, until a pass ends without one.
+    Failed,
 }
 
 impl InFlight {
@@ -50,7 +62,7 @@ impl InFlight {
         }
     }
 
-    fn end(&self, sku: &str, ahead: bool) {
+    fn end(&self, sku: &str, held: Held) {
         if let Some(mark) = self
             .marks
             .lock()
@@ -58,27 +70,29 @@ impl InFlight {
             .get_mut(sku)
         {
             mark.ended += 1;
-            mark.ahead = ahead;
+            mark.held = held;
         }
         self.ended.notify_waiters();
     }
 
     /// The passes begun so far, if this writer holds anything of `sku` read and not yet
-    /// committed (a pass under way, or a batch read ahead).
+    /// committed (a pass under way, a batch read ahead, a failed batch).
     fn holding(&self, sku: &str) -> Option<u64> {
         let marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
         let mark = marks.get(sku)?;
-        (mark.begun > mark.ended || mark.ahead).then_some(mark.begun)
+        (mark.begun > mark.ended || mark.held != Held::Nothing).then_some(mark.begun)
     }
 
     /// Whether what was held when `begun` passes had begun is committed or dropped: those
-    /// passes ended without leaving a batch read ahead, or the pass after them (which takes
-    /// that batch) ended too.
+    /// passes ended leaving nothing held, or the pass after them (which takes a batch read
+    /// ahead) ended too, without keeping a failed batch.
     fn released(&self, sku: &str, begun: u64) -> bool {
         let marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
-        marks
-            .get(sku)
-            .is_none_or(|m| m.ended > begun || (m.ended == begun && !m.ahead))
+        marks.get(sku).is_none_or(|m| match m.held {
+            Held::Nothing => m.ended >= begun,
+            Held::Ahead => m.ended > begun,
+            Held::Failed => false,
+        })
     }
 }
 
@@ -90,10 +104,10 @@ pub(super) struct PassMark<'a> {
 }
 
 impl PassMark<'_> {
-    /// The pass ended, leaving a batch read ahead or not.
-    pub(super) fn end(mut self, ahead: bool) {
+    /// The pass ended, leaving `held` for the next.
+    pub(super) fn end(mut self, held: Held) {
         self.done = true;
-        self.in_flight.end(self.sku, ahead);
+        self.in_flight.end(self.sku, held);
     }
 }
 
@@ -101,15 +115,16 @@ impl Drop for PassMark<'_> {
     fn drop(&mut self) {
         // A pass cut off (the writer stopping) keeps nothing of what it read.
         if !self.done {
-            self.in_flight.end(self.sku, false);
+            self.in_flight.end(self.sku, Held::Nothing);
         }
     }
 }
 
 impl EventWriter {
     /// Waits until everything this writer had read of `sku`'s stream when called is
-    /// committed, or its commit failed (then nothing of it is kept: it is read again from
-    /// the stream, or was lost with it). False if that takes longer than `within`.
+    /// committed, or dropped because the ledger rejected it (then it is read again from the
+    /// stream, or was lost with it). A batch whose commit failed while the ledger was away is
+    /// kept and committed again, and waited for. False if that takes longer than `within`.
     ///
     /// A rebuild of a SKU that lost its data reads the ledger only once every gateway has
     /// called this: a change nobody was answered yet (its answer waiting for the ledger) may
@@ -152,7 +167,7 @@ mod tests {
             .holding("s")
             .expect("a pass under way holds its batch");
         assert!(!in_flight.released("s", begun));
-        pass.end(true);
+        pass.end(Held::Ahead);
         assert!(
             !in_flight.released("s", begun),
             "its read ahead is not committed yet"
@@ -163,7 +178,7 @@ mod tests {
             "the read ahead is held"
         );
 
-        in_flight.begin("s").end(false);
+        in_flight.begin("s").end(Held::Nothing);
         assert!(in_flight.released("s", begun), "the next pass committed it");
         assert_eq!(in_flight.holding("s"), None);
 
@@ -171,5 +186,21 @@ mod tests {
         drop(in_flight.begin("s"));
         assert_eq!(in_flight.holding("s"), None);
         assert_eq!(in_flight.holding("other"), None, "per SKU");
+    }
+
+    #[test]
+    fn a_failed_batch_is_held_until_a_pass_ends_without_one() {
+        let in_flight = InFlight::default();
+        in_flight.begin("s").end(Held::Ahead);
+        let begun = in_flight.holding("s").expect("the read ahead is held");
+        // The pass taking the read ahead fails to commit it, and so do the next ones.
+        in_flight.begin("s").end(Held::Failed);
+        assert!(!in_flight.released("s", begun), "kept, not committed");
+        in_flight.begin("s").end(Held::Failed);
+        assert!(!in_flight.released("s", begun), "failed again");
+        assert!(in_flight.holding("s").is_some());
+        // Committed at last, with a new read ahead beside it.
+        in_flight.begin("s").end(Held::Ahead);
+        assert!(in_flight.released("s", begun));
     }
 }

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::inflight::Held;
 use super::reply::{decode, ReadReply, READ_HEAD};
 use super::{EventWriter, WriterError, MAX_BATCH};
 use crate::engine::keys::dead_letters_key;
@@ -30,6 +31,9 @@ pub(super) struct Cursor {
     unacked_gen: String,
     /// A read taken while the last batch committed, to be committed next.
     ahead: Option<Reply>,
+    /// A batch whose commit failed while the ledger was unavailable: the next pass commits
+    /// it again before anything is read (see "Failed commits" in the writer's docs).
+    failed: Option<Reply>,
     /// How many entries that batch held delivered and unacknowledged when `ahead` was read.
     ahead_beside: u64,
     /// When a read last looked for entries dead consumers left.
@@ -44,6 +48,17 @@ impl Cursor {
     /// Whether the read ahead holds entries.
     pub(super) fn has_ahead(&self) -> bool {
         self.ahead.as_ref().is_some_and(holds_entries)
+    }
+
+    /// What this cursor holds read and not committed, between two passes.
+    fn held(&self) -> Held {
+        if self.failed.is_some() {
+            Held::Failed
+        } else if self.has_ahead() {
+            Held::Ahead
+        } else {
+            Held::Nothing
+        }
     }
 }
 
@@ -145,7 +160,7 @@ impl EventWriter {
     ) -> Result<Pass, WriterError> {
         let mark = self.inner.in_flight.begin(sku);
         let pass = self.unmarked_pass(sku, cursor, read_ahead).await;
-        mark.end(cursor.has_ahead());
+        mark.end(cursor.held());
         pass
     }
 
@@ -162,9 +177,13 @@ impl EventWriter {
         // woke the writer since) came after it, so it reads now. Taken as a batch, it made
         // the woken pass find nothing and the answer wait for the idle poll.
         let ahead = cursor.ahead.take().filter(holds_entries);
-        let (reply, from_ahead) = match ahead {
-            Some(reply) => (reply, true),
-            None => (self.read(sku, cursor, own).await?, false),
+        // A batch whose commit failed goes first: it is older than anything read now.
+        let retried = cursor.failed.take();
+        let retry = retried.is_some();
+        let (reply, from_ahead) = match (retried, ahead) {
+            (Some(reply), _) => (reply, false),
+            (None, Some(reply)) => (reply, true),
+            (None, None) => (self.read(sku, cursor, own).await?, false),
         };
         let read = ReadReply::parse(&reply)?;
         // A read without this writer's own entries finds it holding as many delivered and
@@ -173,21 +192,27 @@ impl EventWriter {
         // ran it, or a client that sent it again and got the next entries): the next read
         // takes them, instead of leaving them until they are reclaimed as a dead consumer's.
         let known = if from_ahead { cursor.ahead_beside } else { 0 };
-        let stray = (from_ahead || !own) && read.owned > known;
+        let stray = !retry && (from_ahead || !own) && read.owned > known;
         let batch = self.inner.opts.batch as usize;
         // A read of its own entries that filled the batch may have left more of them.
         let own_left = own && !from_ahead && read.own >= batch;
         // A read ahead leaves this writer's own pending entries out, so it must not run while
         // more of them wait than this batch holds (after a failed commit, or a read whose
         // answer was lost): they are older, and are committed first.
-        let read_ahead = read_ahead && (from_ahead || read.own < batch);
+        // Nor beside a batch committed again: the failed pass may have delivered a read
+        // ahead it dropped, and the next read takes this writer's own entries first.
+        let read_ahead = read_ahead && !retry && (from_ahead || read.own < batch);
         // Only a full batch says more is waiting now; after a partial one the next batch is
         // read while the transaction commits, not before its statements (see "Pipelined
         // passes" in the writer's docs), and only if an answer waits for it: otherwise
         // what comes meanwhile waits for a larger commit ("Lingering" in the docs).
         let backlog = read.entries.len() >= batch;
         let read_ahead = read_ahead && (backlog || self.awaited(sku));
-        self.observe(sku, &read);
+        if !retry {
+            // A batch committed again says nothing of the stream now (it may be of a
+            // generation the engine has lost since).
+            self.observe(sku, &read);
+        }
         if read.entries.is_empty() {
             cursor.clean = !stray;
             return Ok(Pass::default());
@@ -226,7 +251,10 @@ impl EventWriter {
                     committed.push((at, id, id_text));
                 }
                 Err(reason) => {
-                    self.dead_letter(sku, &id_text, &reason).await?;
+                    // Moved aside already by the pass whose commit failed.
+                    if !retry {
+                        self.dead_letter(sku, &id_text, &reason).await?;
+                    }
                     dead += 1;
                 }
             }
@@ -274,13 +302,19 @@ impl EventWriter {
             )
         };
         if let Err(e) = result {
-            // The read ahead is dropped: the next read takes this batch again, then it.
             let kind = if e.is_retryable() {
                 "unavailable"
             } else {
                 "rejected"
             };
             metrics::counter!(LEDGER_WRITE_FAILURES, "kind" => kind).increment(1);
+            // The read ahead is dropped: the next read takes it again. This batch is kept
+            // and committed again first (see "Failed commits" in the writer's docs). One the
+            // ledger rejects is not: it may never commit, and kept it would hold a rebuild
+            // of the SKU back for good; it is read again while the stream has it.
+            if e.is_retryable() {
+                cursor.failed = Some(reply);
+            }
             return Err(e.into());
         }
 
@@ -304,7 +338,7 @@ impl EventWriter {
             .extend(committed.into_iter().map(|(_, _, text)| text));
         // A failed read ahead is no failure of this pass: the next pass reads again, its
         // own pending entries first (the failed read may have delivered some).
-        cursor.clean = !own_left && !matches!(ahead, Some(Err(_)));
+        cursor.clean = !retry && !own_left && !matches!(ahead, Some(Err(_)));
         cursor.ahead = ahead.and_then(Result::ok);
         cursor.ahead_beside = pass.committed as u64;
         Ok(pass)

@@ -165,7 +165,7 @@ impl EventWriter {
         if let Ok(list) = self.inner.ledger.list_skus().await {
             skus = list;
         }
-        self.drain_before_exit(&skus).await;
+        self.drain_before_exit(&skus, &mut cursors).await;
         tracing::info!(consumer = %opts.consumer, "event writer stopped");
     }
 
@@ -206,11 +206,12 @@ impl EventWriter {
 
     /// On stop, commits what the streams still hold, for a bounded time: the gateway stops
     /// the writer after its last request, and an embedded engine's streams end with the
-    /// process, so what is not committed now would be lost.
-    async fn drain_before_exit(&self, skus: &[String]) {
+    /// process, so what is not committed now would be lost. Each SKU's drain goes on from
+    /// its cursor: a batch read ahead, or kept after a failed commit, is committed first.
+    async fn drain_before_exit(&self, skus: &[String], cursors: &mut HashMap<String, Cursor>) {
         let deadline = Instant::now() + DRAIN_ON_STOP;
         for sku in skus {
-            let mut cursor = Cursor::default();
+            let mut cursor = cursors.remove(sku).unwrap_or_default();
             loop {
                 if Instant::now() >= deadline {
                     tracing::warn!("stopping with events not yet committed to the ledger");
