@@ -28,6 +28,78 @@ async fn view(gw: &TestGateway, sku: &str) -> (StatusCode, Value) {
     gw.merchant_get(&format!("/v1/skus/{sku}")).await
 }
 
+/// The address of `pg`'s server.
+fn pg_addr(pg: &Postgres) -> std::net::SocketAddr {
+    pg.url()
+        .split_once("@")
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .map(|(addr, _)| addr.parse().expect("address"))
+        .expect("PostgreSQL address")
+}
+
+/// A gateway over `redis` and the ledger at `database_url` with `durability = "ledger"`,
+/// answers waiting 300 ms for the ledger, and a silent gateway presumed gone after 1 s.
+fn durable_over(redis: &RedisServer, database_url: String) -> kamigate::config::Config {
+    let mut cfg = config();
+    cfg.durability = Some(kamigate::config::Durability::Ledger);
+    cfg.database_url = Some(database_url);
+    cfg.redis_url = Some(redis.url());
+    cfg.ledger_wait_ms = 300;
+    cfg.rebuild_grace_ms = 1000;
+    cfg
+}
+
+/// Waits until a writer has read `sku`'s change: an entry delivered and unacknowledged.
+async fn writer_holding(redis: &RedisServer, sku: &str) {
+    let events = format!("kg:{{{sku}}}:events");
+    eventually(
+        Duration::from_secs(30),
+        "the cut-off gateway's writer holding the change",
+        || async {
+            match redis.cmd(&["XPENDING", &events, "ledger"]).await {
+                Ok(Resp::Array(Some(summary))) => summary.first().and_then(Resp::as_int),
+                _ => None,
+            }
+        },
+        |pending| pending.is_some_and(|n| n > 0),
+    )
+    .await;
+}
+
+/// Waits until `gw` serves `sku`, rebuilt after Redis lost it, and checks that its pool
+/// `shop` is at `level` there, in the engine and in the ledger alike.
+async fn rebuilt_with_shop_pool(gw: &TestGateway, sku: &str, level: u64) {
+    let path = format!("/v1/skus/{sku}/pools");
+    let (_, rebuilt) = eventually(
+        Duration::from_secs(60),
+        "the other gateway serving the SKU rebuilt without the change",
+        || gw.admin_get(&path),
+        |(status, v)| *status == StatusCode::OK && v["pools"].is_object(),
+    )
+    .await;
+    assert_eq!(
+        (&rebuilt["pools"]["shop"], &rebuilt["ledger"]["shop"]),
+        (&json!(level), &json!(level)),
+        "{rebuilt}"
+    );
+}
+
+/// Waits until `gw` has `sku`'s pool `shop` at `level` in the ledger, and the engine's
+/// pools agree with the ledger's.
+async fn shop_pool_at(gw: &TestGateway, sku: &str, level: u64, what: &str) {
+    let path = format!("/v1/skus/{sku}/pools");
+    let (_, seen) = eventually(
+        Duration::from_secs(60),
+        what,
+        || gw.admin_get(&path),
+        |(status, v)| {
+            *status == StatusCode::OK && v["ledger"]["shop"] == level && v["pools"] == v["ledger"]
+        },
+    )
+    .await;
+    assert_eq!(seen["pools"]["shop"], level, "{seen}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_go_on_while_the_database_is_down_and_the_ledger_catches_up() {
     let pg = Postgres::start();
@@ -450,26 +522,11 @@ async fn a_rebuild_reads_the_pools_after_the_commit_under_way() {
 async fn a_lost_generation_committed_after_the_rebuild_read_has_the_sku_rebuilt_again() {
     let pg = Postgres::start();
     let redis = RedisServer::start().await;
-    let target = pg
-        .url()
-        .split_once("@")
-        .and_then(|(_, rest)| rest.split_once('/'))
-        .map(|(addr, _)| addr.parse().expect("address"))
-        .expect("PostgreSQL address");
-    let proxy = Proxy::start(target).await;
-    let gateway = |database_url: String| {
-        let mut cfg = config();
-        cfg.durability = Some(kamigate::config::Durability::Ledger);
-        cfg.database_url = Some(database_url);
-        cfg.redis_url = Some(redis.url());
-        cfg.ledger_wait_ms = 300;
-        cfg.rebuild_grace_ms = 1000;
-        cfg
-    };
-    let cut = TestGateway::start(gateway(format!(
-        "postgres://postgres@{}/postgres",
-        proxy.addr
-    )))
+    let proxy = Proxy::start(pg_addr(&pg)).await;
+    let cut = TestGateway::start(durable_over(
+        &redis,
+        format!("postgres://postgres@{}/postgres", proxy.addr),
+    ))
     .await;
     cut.stock("rf", &["RF-1", "RF-2", "RF-3", "RF-4", "RF-5"])
         .await;
@@ -490,47 +547,20 @@ async fn a_lost_generation_committed_after_the_rebuild_read_has_the_sku_rebuilt_
         (StatusCode::SERVICE_UNAVAILABLE, &json!("ERR_UNAVAILABLE")),
         "the answer waits for the commit: {body}"
     );
-    // The writer read it: the entry is delivered and unacknowledged.
-    eventually(
-        Duration::from_secs(30),
-        "the cut-off gateway's writer holding the change",
-        || async {
-            match redis.cmd(&["XPENDING", "kg:{rf}:events", "ledger"]).await {
-                Ok(Resp::Array(Some(summary))) => summary.first().and_then(Resp::as_int),
-                _ => None,
-            }
-        },
-        |pending| pending.is_some_and(|n| n > 0),
-    )
-    .await;
+    writer_holding(&redis, "rf").await;
     redis.cmd(&["FLUSHALL"]).await.expect("FLUSHALL");
 
-    let other = TestGateway::start(gateway(pg.url())).await;
-    let pools = || other.admin_get("/v1/skus/rf/pools");
-    let (_, rebuilt) = eventually(
-        Duration::from_secs(60),
-        "the other gateway serving the SKU rebuilt without the change",
-        pools,
-        |(status, v)| *status == StatusCode::OK && v["pools"].is_object(),
-    )
-    .await;
-    assert_eq!(
-        (&rebuilt["pools"]["shop"], &rebuilt["ledger"]["shop"]),
-        (&json!(2), &json!(2)),
-        "{rebuilt}"
-    );
+    let other = TestGateway::start(durable_over(&redis, pg.url())).await;
+    rebuilt_with_shop_pool(&other, "rf", 2).await;
 
     proxy.thaw();
-    let (_, seen) = eventually(
-        Duration::from_secs(60),
+    shop_pool_at(
+        &other,
+        "rf",
+        4,
         "the engine's pools agreeing with the ledger's once the change is committed",
-        pools,
-        |(status, v)| {
-            *status == StatusCode::OK && v["ledger"]["shop"] == 4 && v["pools"] == v["ledger"]
-        },
     )
     .await;
-    assert_eq!(seen["pools"]["shop"], 4, "{seen}");
     other.stop().await;
     cut.stop().await;
 }
@@ -545,13 +575,7 @@ async fn a_lost_generation_committed_after_the_rebuild_read_has_the_sku_rebuilt_
 async fn a_batch_whose_commit_failed_after_redis_lost_its_stream_is_committed_later() {
     let pg = Postgres::start();
     let redis = RedisServer::start().await;
-    let target = pg
-        .url()
-        .split_once("@")
-        .and_then(|(_, rest)| rest.split_once('/'))
-        .map(|(addr, _)| addr.parse().expect("address"))
-        .expect("PostgreSQL address");
-    let proxy = Proxy::start(target).await;
+    let proxy = Proxy::start(pg_addr(&pg)).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let (public, admin) = (free_port(), free_port());
     let config_file = dir.path().join("cut.toml");
@@ -619,18 +643,7 @@ async fn a_batch_whose_commit_failed_after_redis_lost_its_stream_is_committed_la
         (StatusCode::SERVICE_UNAVAILABLE, &json!("ERR_UNAVAILABLE")),
         "the answer waits for the commit: {body}"
     );
-    eventually(
-        Duration::from_secs(30),
-        "the cut-off gateway's writer holding the change",
-        || async {
-            match redis.cmd(&["XPENDING", "kg:{rk}:events", "ledger"]).await {
-                Ok(Resp::Array(Some(summary))) => summary.first().and_then(Resp::as_int),
-                _ => None,
-            }
-        },
-        |pending| pending.is_some_and(|n| n > 0),
-    )
-    .await;
+    writer_holding(&redis, "rk").await;
     redis.cmd(&["FLUSHALL"]).await.expect("FLUSHALL");
     // The database goes away under the commit: it fails, with nothing left in Redis to read
     // it from again.
@@ -654,38 +667,17 @@ async fn a_batch_whose_commit_failed_after_redis_lost_its_stream_is_committed_la
     )
     .await;
 
-    let mut cfg = config();
-    cfg.durability = Some(kamigate::config::Durability::Ledger);
-    cfg.database_url = Some(pg.url());
-    cfg.redis_url = Some(redis.url());
-    cfg.ledger_wait_ms = 300;
-    cfg.rebuild_grace_ms = 1000;
-    let other = TestGateway::start(cfg).await;
-    let pools = || other.admin_get("/v1/skus/rk/pools");
-    let (_, rebuilt) = eventually(
-        Duration::from_secs(60),
-        "the other gateway serving the SKU rebuilt without the change",
-        pools,
-        |(status, v)| *status == StatusCode::OK && v["pools"].is_object(),
-    )
-    .await;
-    assert_eq!(
-        (&rebuilt["pools"]["shop"], &rebuilt["ledger"]["shop"]),
-        (&json!(2), &json!(2)),
-        "{rebuilt}"
-    );
+    let other = TestGateway::start(durable_over(&redis, pg.url())).await;
+    rebuilt_with_shop_pool(&other, "rk", 2).await;
 
     proxy.restore();
-    let (_, seen) = eventually(
-        Duration::from_secs(60),
+    shop_pool_at(
+        &other,
+        "rk",
+        4,
         "the kept change committed, and the SKU rebuilt with it",
-        pools,
-        |(status, v)| {
-            *status == StatusCode::OK && v["ledger"]["shop"] == 4 && v["pools"] == v["ledger"]
-        },
     )
     .await;
-    assert_eq!(seen["pools"]["shop"], 4, "{seen}");
     other.stop().await;
     cut.start_kill().expect("SIGKILL sent");
     cut.wait().await.expect("reaped");
