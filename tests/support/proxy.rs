@@ -6,7 +6,6 @@
 
 #![allow(dead_code)]
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,8 +21,6 @@ pub struct Proxy {
 struct State {
     frozen: watch::Sender<bool>,
     severed: watch::Sender<bool>,
-    /// Connections closed as they came while severed.
-    refused: std::sync::atomic::AtomicUsize,
     /// Bytes that freeze the proxy when a read either way holds them (see `freeze_on`).
     trigger: Mutex<Option<Vec<u8>>>,
 }
@@ -36,14 +33,12 @@ impl Proxy {
         let state = Arc::new(State {
             frozen: watch::channel(false).0,
             severed: watch::channel(false).0,
-            refused: Default::default(),
             trigger: Mutex::new(None),
         });
         let shared = state.clone();
         let accepting = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if *shared.severed.borrow() {
-                    shared.refused.fetch_add(1, Ordering::Relaxed);
                     drop(client);
                     continue;
                 }
@@ -99,11 +94,6 @@ impl Proxy {
     /// until `restore`.
     pub fn sever(&self) {
         self.state.severed.send_replace(true);
-    }
-
-    /// Connections closed as they came while severed, so far.
-    pub fn refused(&self) -> usize {
-        self.state.refused.load(Ordering::Relaxed)
     }
 
     /// Ends `sever` and thaws: new connections go through again.
