@@ -25,12 +25,14 @@
 # (those inside scripts included) and their microseconds. Ends with the paired ratios of
 # the rounds and their medians: B ÷ A per mode, and ledger ÷ engine mode per binary, each
 # taken within a round (a single run's rate says more about the machine's minute than
-# about the build).
+# about the build). CODES (default 1000) and SKU_JSON (default: each code issued and redeemed
+# up to a million times) set the stock: `CODES=200000 SKU_JSON='{}'` sells single-use codes,
+# as a flash sale does, each key's row then changed once rather than thousands of times.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 A=${1:?binary A} B=${2:?binary B} ROUNDS=${3:-3} ENGINE=${4:-redis}
-SECS=${SECS:-6} CONNS=${CONNS:-32} CODES=1000 PER=${PER:-1} MODES=${MODES:-engine ledger}
+SECS=${SECS:-6} CONNS=${CONNS:-32} CODES=${CODES:-1000} PER=${PER:-1} MODES=${MODES:-engine ledger}
 KIND=${KIND:-claim} COMMANDS=${COMMANDS:-0} SKUS=${SKUS:-1}
 if [ "$SKUS" -gt 1 ] && { [ "$KIND" != claim ] || [ "$PER" -gt 1 ]; }; then
   echo "SKUS spreads claims of one order a request only" >&2; exit 2

@@ -52,8 +52,9 @@ bench_skus() {
 
 # Starts a gateway as the benches run it: defaults, limits raised so they never trigger, the
 # tokens $ADMIN and $MERCHANT, its data dir under <dir>; waits until it is ready and stocks
-# SKU `sbs` with CODES codes that can each be issued and redeemed a million times (with
-# SKUS=N, N > 1, also SKUs `sbs1` … `sbs<N-1>` alike, for benches/wrk/claim.lua). Sets
+# SKU `sbs` with CODES codes that can each be issued and redeemed a million times, or as
+# SKU_JSON sets (`{}`: single-use codes, a flash sale's stock; CODES must then outlast the
+# run) (with SKUS=N, N > 1, also SKUs `sbs1` … `sbs<N-1>` alike, for benches/wrk/claim.lua). Sets
 # kg_pid (also added to `pids`), kg_public and kg_admin (base URLs). The ledger is SQLite in
 # the data dir, or with POSTGRES set (a server's URL without a database, e.g.
 # postgres://postgres@127.0.0.1:5432) a fresh database of that server, dropped on exit
@@ -90,10 +91,10 @@ start_kamigate() { # <binary> <dir> <durability> [redis url: none for the embedd
     sleep 0.05
   done
   [ "$ready" = 1 ] || { echo "kamigate never became ready: see $dir/log" >&2; return 1; }
-  local sku
+  local sku sku_json=${SKU_JSON:-'{"max_issues":1000000,"max_uses":1000000}'}
   for sku in $(bench_skus); do
     curl -fs -X PUT "$kg_admin/v1/skus/$sku" -H "Authorization: Bearer $ADMIN" \
-      -d '{"max_issues":1000000,"max_uses":1000000}' >/dev/null
+      -d "$sku_json" >/dev/null
     seq 0 $((CODES - 1)) | sed "s/^/$sku-/" | curl -fs -X POST \
       "$kg_admin/v1/skus/$sku/batches?batch_id=b1" -H "Authorization: Bearer $ADMIN" \
       -H 'content-type: text/plain' --data-binary @- >/dev/null
