@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use std::io::Write;
 
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::query::Query;
 use sqlx::{Postgres, Row};
 
 use super::rules::key_state;
@@ -114,6 +115,27 @@ impl Bulk for Postgres {
         // page of a million-key SKU, against under a millisecond through the primary key.
         sqlx::query("ANALYZE keys").execute(write).await?;
         Ok(())
+    }
+
+    fn links_and_fences(first: usize) -> Option<String> {
+        let (skus, ids, seqs, fenced) = (first, first + 1, first + 2, first + 3);
+        Some(format!(
+            "linked AS (INSERT INTO event_keys (sku, local_id, event_seq) \
+             SELECT * FROM unnest(${skus}::text[], ${ids}::int8[], ${seqs}::int8[])) \
+             SELECT sku, read_gen FROM rebuild_fences WHERE sku = ANY(${fenced}::text[]) \
+             FOR SHARE"
+        ))
+    }
+
+    fn bind_links_and_fences<'q>(
+        query: Query<'q, Postgres, PgArguments>,
+        links: &[(&'q str, i64, i64)],
+        fenced: &[&'q str],
+    ) -> Query<'q, Postgres, PgArguments> {
+        let skus: Vec<&'q str> = links.iter().map(|(sku, _, _)| *sku).collect();
+        let ids: Vec<i64> = links.iter().map(|(_, id, _)| *id).collect();
+        let seqs: Vec<i64> = links.iter().map(|(_, _, seq)| *seq).collect();
+        query.bind(skus).bind(ids).bind(seqs).bind(fenced.to_vec())
     }
 
     async fn existing_digests(

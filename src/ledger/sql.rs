@@ -201,6 +201,26 @@ pub(crate) trait Bulk: Database {
     /// Brings the planner's statistics of `keys` up to date after an upload added many rows,
     /// before they are read back (warm-up pages through them at once).
     async fn analyze_keys(write: &Pool<Self>) -> Result<(), LedgerError>;
+
+    /// The end of a commit's writes in one part of a `WITH`, where the database takes it
+    /// there (PostgreSQL; `None` elsewhere, and they are statements of their own): an insert
+    /// of the audit links `(sku, local id, event seq)` into `event_keys`, one shape whatever
+    /// their number, then a read of the rebuild fences of the SKUs the commit passes,
+    /// `(sku, read_gen)`, locked for share until it ends (`pass_fence` in `sql/events.rs`).
+    /// It follows `WITH`, or the update of the keys in one, its parameters numbered from
+    /// `first`.
+    fn links_and_fences(_first: usize) -> Option<String> {
+        None
+    }
+
+    /// Binds `links` and the SKUs `fenced` to the parameters of [`Bulk::links_and_fences`].
+    fn bind_links_and_fences<'q>(
+        query: sqlx::query::Query<'q, Self, Self::Arguments<'q>>,
+        _links: &[(&'q str, i64, i64)],
+        _fenced: &[&'q str],
+    ) -> sqlx::query::Query<'q, Self, Self::Arguments<'q>> {
+        query
+    }
 }
 
 /// Keys an upload must have added for its end to refresh the statistics ([`Bulk::analyze_keys`]).

@@ -255,10 +255,6 @@ where
             .filter_map(|e| Some(NewEvent::new(e, *recorded.get(&e.event_id)?)))
             .collect();
 
-        for (sku, gen) in replay::generations(&applied) {
-            self.pass_fence(&mut tx, sku, gen).await?;
-        }
-
         let mut keys = BTreeMap::new();
         for (sku, ids) in replay::keys_to_load(&applied) {
             for (id, status) in self.load_statuses(&mut tx, sku, &ids).await? {
@@ -267,10 +263,21 @@ where
         }
         let replayed = replay::replay(&applied, keys);
         replayed.log_skipped();
+        let links = replay::audit_links(&applied);
+        let gens = replay::generations(&applied);
+        let fenced: BTreeSet<&str> = gens.iter().map(|(sku, _)| *sku).collect();
+        let fenced: Vec<&str> = fenced.into_iter().collect();
+        // Where the database can, the audit links and the rebuild fences go with the first
+        // update of the keys: two round trips fewer in the commit every durable answer waits
+        // for.
+        let mut tail = Tail {
+            links: &links,
+            fenced: &fenced,
+            fences: None,
+        };
         for (sku, rows) in &replayed.changed {
-            self.store_statuses(&mut tx, sku, rows).await?;
+            self.store_statuses(&mut tx, sku, rows, &mut tail).await?;
         }
-
         for ((sku, pool), (delta, at_ms)) in replay::pool_changes(&applied) {
             sqlx::query(
                 "INSERT INTO pools (sku, pool, level, updated_at_ms) VALUES ($1, $2, $3, $4) \
@@ -285,18 +292,37 @@ where
             .await?;
         }
 
-        let links = replay::audit_links(&applied);
-        let p = self.dialect.placeholders;
-        for chunk in pow2_chunks(&links, self.dialect.rows_per_statement(3, 0)) {
-            let sql = format!(
-                "INSERT INTO event_keys (sku, local_id, event_seq) VALUES {}",
-                tuples(p, chunk.len(), 3, 1)
-            );
-            let mut query = sqlx::query(&sql);
-            for (sku, id, seq) in chunk {
-                query = query.bind(*sku).bind(*id).bind(*seq);
+        if tail.fences.is_none() && !(links.is_empty() && fenced.is_empty()) {
+            if let Some(alone) = DB::links_and_fences(1) {
+                let sql = format!("WITH {alone}");
+                let query = DB::bind_links_and_fences(sqlx::query(&sql), &links, &fenced);
+                tail.fences = Some(fences_read(query.fetch_all(&mut *tx).await?)?);
             }
-            query.execute(&mut *tx).await?;
+        }
+        match &tail.fences {
+            Some(fences) => {
+                for (sku, gen) in gens {
+                    let read = fences.get(sku).and_then(Option::as_deref);
+                    self.mark_if_behind(&mut tx, sku, gen, read).await?;
+                }
+            }
+            None => {
+                let p = self.dialect.placeholders;
+                for chunk in pow2_chunks(&links, self.dialect.rows_per_statement(3, 0)) {
+                    let sql = format!(
+                        "INSERT INTO event_keys (sku, local_id, event_seq) VALUES {}",
+                        tuples(p, chunk.len(), 3, 1)
+                    );
+                    let mut query = sqlx::query(&sql);
+                    for (sku, id, seq) in chunk {
+                        query = query.bind(*sku).bind(*id).bind(*seq);
+                    }
+                    query.execute(&mut *tx).await?;
+                }
+                for (sku, gen) in gens {
+                    self.pass_fence(&mut tx, sku, gen).await?;
+                }
+            }
         }
 
         match beside {
@@ -312,7 +338,10 @@ where
     /// Checks a commit of events of generation `gen` of `sku` against the SKU's rebuild
     /// fence (migrations/*/*_rebuild_fences.sql): the row is locked for share until the
     /// commit, so a rebuild's fence comes wholly before or after it; behind the fence of
-    /// another generation, the SKU is marked to be rebuilt again.
+    /// another generation, the SKU is marked to be rebuilt again. Where the database reads
+    /// the fences with the commit's last writes ([`Bulk::links_and_fences`]), only the mark
+    /// is left ([`Self::mark_if_behind`]): when in the transaction the lock is taken does
+    /// not matter, as long as the fence is read under it and held until `COMMIT`.
     async fn pass_fence(
         &self,
         conn: &mut DB::Connection,
@@ -323,7 +352,7 @@ where
             "SELECT read_gen FROM rebuild_fences WHERE sku = $1{}",
             self.dialect.share_rows
         );
-        let fence: Option<Option<String>> = match sqlx::query(&sql)
+        let read: Option<Option<String>> = match sqlx::query(&sql)
             .bind(sku)
             .fetch_optional(&mut *conn)
             .await?
@@ -331,7 +360,20 @@ where
             Some(row) => Some(row.try_get(0)?),
             None => None,
         };
-        if fence.flatten().is_some_and(|read| read != gen) {
+        self.mark_if_behind(conn, sku, gen, read.flatten().as_deref())
+            .await
+    }
+
+    /// Marks `sku` to be rebuilt again if its fence, read under the lock [`Self::pass_fence`]
+    /// takes, names a generation (`read`) other than `gen`, that of events this commit records.
+    async fn mark_if_behind(
+        &self,
+        conn: &mut DB::Connection,
+        sku: &str,
+        gen: &str,
+        read: Option<&str>,
+    ) -> Result<(), LedgerError> {
+        if read.is_some_and(|read| read != gen) {
             let marked = sqlx::query(
                 "INSERT INTO rereads (sku, marked_at_ms) VALUES ($1, $2) \
                  ON CONFLICT (sku) DO NOTHING RETURNING sku",
@@ -396,29 +438,42 @@ where
         Ok(out)
     }
 
-    /// Writes changed key statuses back, many rows per `UPDATE … FROM (VALUES …)`.
+    /// Writes changed key statuses back, many rows per `UPDATE … FROM (VALUES …)`, the first
+    /// of them with `tail` where the database takes it in the same statement
+    /// ([`Bulk::links_and_fences`]).
     async fn store_statuses(
         &self,
         conn: &mut DB::Connection,
         sku: &str,
         rows: &[(i64, KeyStatus)],
+        tail: &mut Tail<'_, '_>,
     ) -> Result<(), LedgerError> {
         let p = self.dialect.placeholders;
-        for chunk in pow2_chunks(rows, self.dialect.rows_per_statement(14, 1)) {
-            // The SKU comes last in the text, so it is bound last.
-            let sql = format!(
-                "WITH v (local_id, voids, void, held, sold, uses, state, order_id, user_id, \
-                 redeemer, redeemed_at_ms, updated_at_ms, order_entry, redeem_entry) \
-                 AS (VALUES {}) \
-                 UPDATE keys SET voids = v.voids, void = v.void, held = v.held, sold = v.sold, \
+        // The SKU, and the tail's parameters.
+        for chunk in pow2_chunks(rows, self.dialect.rows_per_statement(14, 5)) {
+            let values = tuples(p, chunk.len(), 14, 1);
+            // The SKU comes last in the update's text, so it is bound last, then the tail's.
+            let sku_param = p.param(chunk.len() * 14 + 1);
+            let then = match tail.fences {
+                None => DB::links_and_fences(chunk.len() * 14 + 2),
+                Some(_) => None,
+            };
+            let update = format!(
+                "UPDATE keys SET voids = v.voids, void = v.void, held = v.held, sold = v.sold, \
                  uses = v.uses, state = v.state, order_id = v.order_id, user_id = v.user_id, \
                  redeemer = v.redeemer, redeemed_at_ms = v.redeemed_at_ms, \
                  updated_at_ms = v.updated_at_ms, order_entry = v.order_entry, \
                  redeem_entry = v.redeem_entry \
-                 FROM v WHERE keys.sku = {} AND keys.local_id = v.local_id",
-                tuples(p, chunk.len(), 14, 1),
-                p.param(chunk.len() * 14 + 1)
+                 FROM v WHERE keys.sku = {sku_param} AND keys.local_id = v.local_id"
             );
+            let columns = "v (local_id, voids, void, held, sold, uses, state, order_id, user_id, \
+                 redeemer, redeemed_at_ms, updated_at_ms, order_entry, redeem_entry)";
+            let sql = match &then {
+                Some(then) => {
+                    format!("WITH {columns} AS (VALUES {values}), changed AS ({update}), {then}")
+                }
+                None => format!("WITH {columns} AS (VALUES {values}) {update}"),
+            };
             let mut query = sqlx::query(&sql);
             for (local_id, k) in chunk {
                 query = query
@@ -437,8 +492,38 @@ where
                     .bind(k.order_entry.as_deref())
                     .bind(k.redeem_entry.as_deref());
             }
-            query.bind(sku).execute(&mut *conn).await?;
+            query = query.bind(sku);
+            if then.is_some() {
+                query = DB::bind_links_and_fences(query, tail.links, tail.fenced);
+                tail.fences = Some(fences_read(query.fetch_all(&mut *conn).await?)?);
+            } else {
+                query.execute(&mut *conn).await?;
+            }
         }
         Ok(())
     }
+}
+
+/// What a commit writes after the keys where the database can take it with their first
+/// update ([`Bulk::links_and_fences`]).
+struct Tail<'a, 'l> {
+    /// The audit links, `(sku, local id, event seq)`.
+    links: &'a [(&'l str, i64, i64)],
+    /// The SKUs whose rebuild fences the commit passes.
+    fenced: &'a [&'l str],
+    /// Once written: the fences read, by SKU (a fence not yet set is `None`).
+    fences: Option<HashMap<String, Option<String>>>,
+}
+
+/// The rows of [`Bulk::links_and_fences`]: each fence's SKU and `read_gen`.
+fn fences_read<R>(rows: Vec<R>) -> Result<HashMap<String, Option<String>>, LedgerError>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    rows.iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect()
 }
