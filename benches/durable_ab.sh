@@ -26,7 +26,7 @@
 # the rounds and their medians: B ÷ A per mode, and ledger ÷ engine mode per binary, each
 # taken within a round (a single run's rate says more about the machine's minute than
 # about the build). CODES (default 1000) and SKU_JSON (default: each code issued and redeemed
-# up to a million times) set the stock: `CODES=200000 SKU_JSON='{}'` sells single-use codes,
+# up to a million times) set the stock: `CODES=150000 SKU_JSON='{}'` sells single-use codes,
 # as a flash sale does, each key's row then changed once rather than thousands of times.
 set -euo pipefail
 cd "$(dirname "$0")/.."

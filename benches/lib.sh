@@ -54,7 +54,7 @@ bench_skus() {
 # tokens $ADMIN and $MERCHANT, its data dir under <dir>; waits until it is ready and stocks
 # SKU `sbs` with CODES codes that can each be issued and redeemed a million times, or as
 # SKU_JSON sets (`{}`: single-use codes, a flash sale's stock; CODES must then outlast the
-# run) (with SKUS=N, N > 1, also SKUs `sbs1` … `sbs<N-1>` alike, for benches/wrk/claim.lua). Sets
+# run); with SKUS=N, N > 1, also SKUs `sbs1` … `sbs<N-1>` alike, for benches/wrk/claim.lua. Sets
 # kg_pid (also added to `pids`), kg_public and kg_admin (base URLs). The ledger is SQLite in
 # the data dir, or with POSTGRES set (a server's URL without a database, e.g.
 # postgres://postgres@127.0.0.1:5432) a fresh database of that server, dropped on exit
