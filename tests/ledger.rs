@@ -172,6 +172,7 @@ both_ledgers!(
     pending_batch_is_invisible_until_activated,
     abort_removes_the_batch_keys,
     applying_the_same_events_twice_changes_nothing,
+    events_had_before_beside_new_ones_change_their_keys_once,
     a_failed_group_commit_changes_nothing_and_runs_nothing_beside,
     batches_that_meet_commit_together_and_each_gets_its_own_answer,
     hold_confirm_release_and_expire_follow_the_engine,
@@ -209,6 +210,7 @@ macro_rules! sqlite_in_memory_too {
 
 sqlite_in_memory_too!(
     applying_the_same_events_twice_changes_nothing,
+    events_had_before_beside_new_ones_change_their_keys_once,
     hold_confirm_release_and_expire_follow_the_engine,
     claim_redeem_void_and_restore_follow_the_engine,
     late_confirm_sells_fresh_keys,
@@ -1002,6 +1004,69 @@ async fn applying_the_same_events_twice_changes_nothing(env: &Env) {
     assert_eq!(before, after);
     assert_eq!(tally(l, "gift.1").await, tallied(0, 1, 0, false, "claimed"));
     assert_eq!(l.apply_events(&[]).await.expect("empty"), 0);
+}
+
+/// A batch read again after a commit whose answer was lost carries events the ledger has,
+/// beside new ones naming the same keys: only the new ones change them, whether the keys are
+/// read by the statement recording the events (PostgreSQL, for one SKU's keys and one
+/// statement's events: `Bulk::record_and_lock`) or on their own (keys of two SKUs, more
+/// events than one statement takes).
+async fn events_had_before_beside_new_ones_change_their_keys_once(env: &Env) {
+    let l = env.ledger.as_ref();
+    let codes: Vec<String> = (1..=80).map(|i| format!("K{i}")).collect();
+    let codes: Vec<&str> = codes.iter().map(String::as_str).collect();
+    stocked(l, "gift", &keys(&codes)).await;
+    stocked(l, "card", &keys(&["C1", "C2"])).await;
+
+    let claim = event("gift", 1, "claim", &[1]);
+    assert_eq!(
+        l.apply_events(std::slice::from_ref(&claim))
+            .await
+            .expect("claim"),
+        1
+    );
+    let again = [
+        claim.clone(),
+        redemption("gift", 2, "r-2"),
+        event("gift", 3, "claim", &[2]),
+    ];
+    assert_eq!(l.apply_events(&again).await.expect("again"), 2);
+    let k = get(l, "gift.1").await;
+    assert_eq!((k.sold, k.uses, k.state.as_str()), (1, 1, "redeemed"));
+    assert_eq!(k.order_id.as_deref(), Some("o-1"));
+    assert_eq!(k.redeemer.as_deref(), Some("r-2"));
+    assert_eq!(tally(l, "gift.2").await, tallied(0, 1, 0, false, "claimed"));
+
+    // Keys of two SKUs.
+    let two = [
+        event("gift", 3, "claim", &[2]),
+        event("card", 4, "claim", &[1]),
+        event("gift", 5, "claim", &[3]),
+    ];
+    assert_eq!(l.apply_events(&two).await.expect("two SKUs"), 2);
+    assert_eq!(tally(l, "gift.2").await, tallied(0, 1, 0, false, "claimed"));
+    assert_eq!(tally(l, "card.1").await, tallied(0, 1, 0, false, "claimed"));
+    assert_eq!(tally(l, "gift.3").await, tallied(0, 1, 0, false, "claimed"));
+
+    // More events than one statement of their exact number takes, two of them had before.
+    let many: Vec<LedgerEvent> = (4..=80)
+        .map(|id| event("gift", id + 10, "claim", &[id]))
+        .chain([
+            event("gift", 3, "claim", &[2]),
+            event("gift", 5, "claim", &[3]),
+        ])
+        .collect();
+    assert_eq!(l.apply_events(&many).await.expect("many"), 77);
+    assert_eq!(tally(l, "gift.3").await, tallied(0, 1, 0, false, "claimed"));
+    assert_eq!(
+        tally(l, "gift.80").await,
+        tallied(0, 1, 0, false, "claimed")
+    );
+    let counts = l.counts("gift").await.expect("counts");
+    assert_eq!(
+        (counts.claimed, counts.redeemed, counts.available),
+        (79, 1, 0)
+    );
 }
 
 /// The event writer reads its next batch beside a commit

@@ -38,8 +38,19 @@ const MAX_CONNECTIONS: u32 = 16;
 /// How long a caller waits for a connection before the ledger reports itself unavailable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Opens a commit of engine events, in the same round trip as its `BEGIN` (one simple query
+/// of two statements). Its statements are prepared once per connection and shape, and
+/// PostgreSQL would otherwise plan them afresh at every execution (a custom plan for the
+/// parameters: a bound `UPDATE` of sixteen keys took 0.12 ms to bind against 0.04 with the
+/// generic plan, a tenth of the server's time in a durable commit every answer waits for).
+/// Their generic plans are the custom ones: lookups by primary key and unique index, and
+/// inserts. Set for the transaction only: imports and reads keep their custom plans, which
+/// depend on the statistics of the moment (see "Imports").
+const BEGIN_EVENTS: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan";
+
 const DIALECT: Dialect = Dialect {
     begin_write: None,
+    begin_events: Some(BEGIN_EVENTS),
     lock_rows: " FOR UPDATE",
     share_rows: " FOR SHARE",
     max_binds: MAX_BINDS,
@@ -125,6 +136,26 @@ impl Bulk for Postgres {
              SELECT sku, read_gen FROM rebuild_fences WHERE sku = ANY(${fenced}::text[]) \
              FOR SHARE"
         ))
+    }
+
+    fn record_and_lock(insert: &str, columns: &str, width: usize, first: usize) -> Option<String> {
+        let (sku, ids) = (first, first + 1);
+        let nulls = vec!["NULL"; width].join(", ");
+        Some(format!(
+            "WITH recorded AS ({insert}), \
+             locked AS (SELECT {columns} FROM keys WHERE sku = ${sku} \
+             AND local_id = ANY(${ids}::int8[]) ORDER BY local_id FOR UPDATE) \
+             SELECT seq, event_id, {nulls} FROM recorded \
+             UNION ALL SELECT NULL, NULL, {columns} FROM locked"
+        ))
+    }
+
+    fn bind_record_and_lock<'q>(
+        query: Query<'q, Postgres, PgArguments>,
+        sku: &'q str,
+        ids: Vec<i64>,
+    ) -> Query<'q, Postgres, PgArguments> {
+        query.bind(sku).bind(ids)
     }
 
     fn bind_links_and_fences<'q>(

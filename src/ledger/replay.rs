@@ -51,6 +51,22 @@ pub(crate) fn keys_to_load<'e>(events: &[NewEvent<'e>]) -> BTreeMap<&'e str, BTr
     wanted
 }
 
+/// The keys `events` name that change keys, per SKU, whether or not the events are new to
+/// the ledger: what a commit may lock before it knows which are ([`keys_to_load`] then
+/// picks the keys it loads for the new ones).
+pub(crate) fn keys_named(events: &[LedgerEvent]) -> BTreeMap<&str, BTreeSet<i64>> {
+    let mut named: BTreeMap<&str, BTreeSet<i64>> = BTreeMap::new();
+    for e in events {
+        if EventKind::parse(&e.kind).changes_keys() {
+            named
+                .entry(e.sku.as_str())
+                .or_default()
+                .extend(&e.key_local_ids);
+        }
+    }
+    named
+}
+
 /// What replaying changed.
 #[derive(Debug, Default)]
 pub(crate) struct Replayed<'e> {

@@ -78,6 +78,9 @@ pub(crate) const MAX_ROWS_PER_STATEMENT: usize = 1000;
 pub(crate) struct Dialect {
     /// Statement opening a write transaction; `None` for the driver's default `BEGIN`.
     pub begin_write: Option<&'static str>,
+    /// Statement opening a commit of engine events (`sql/events.rs`); `None` for
+    /// [`Self::begin_write`]'s.
+    pub begin_events: Option<&'static str>,
     /// Appended to a read of rows the transaction will change.
     pub lock_rows: &'static str,
     /// Appended to a read of rows that must not change before the transaction commits.
@@ -213,6 +216,31 @@ pub(crate) trait Bulk: Database {
         None
     }
 
+    /// A commit's first two steps as one statement, where the database takes them so
+    /// (PostgreSQL; `None` elsewhere, and they are statements of their own): `insert`, an
+    /// `INSERT INTO events … RETURNING seq, event_id`, then a read of `columns` (`width` of
+    /// them) of one SKU's keys by local id, locked for update in order of local id. Its rows
+    /// are `(seq, event_id, NULL…)` for each event recorded and `(NULL, NULL, columns…)` for
+    /// each key found. The SKU and the ids are parameters `first` and `first + 1`: one shape
+    /// whatever the ids' number.
+    fn record_and_lock(
+        _insert: &str,
+        _columns: &str,
+        _width: usize,
+        _first: usize,
+    ) -> Option<String> {
+        None
+    }
+
+    /// Binds the SKU and the local ids to the parameters of [`Bulk::record_and_lock`].
+    fn bind_record_and_lock<'q>(
+        query: sqlx::query::Query<'q, Self, Self::Arguments<'q>>,
+        _sku: &'q str,
+        _ids: Vec<i64>,
+    ) -> sqlx::query::Query<'q, Self, Self::Arguments<'q>> {
+        query
+    }
+
     /// Binds `links` and the SKUs `fenced` to the parameters of [`Bulk::links_and_fences`].
     fn bind_links_and_fences<'q>(
         query: sqlx::query::Query<'q, Self, Self::Arguments<'q>>,
@@ -273,6 +301,14 @@ where
             Some(statement) => self.write.begin_with(statement).await?,
             None => self.write.begin().await?,
         })
+    }
+
+    /// Opens a commit of engine events ([`Dialect::begin_events`]).
+    async fn begin_events(&self) -> Result<Transaction<'static, DB>, LedgerError> {
+        match self.dialect.begin_events {
+            Some(statement) => Ok(self.write.begin_with(statement).await?),
+            None => self.begin_write().await,
+        }
     }
 
     fn sku_from_row(row: &DB::Row) -> Result<SkuRecord, LedgerError> {

@@ -214,19 +214,35 @@ where
             let _writer = self.write.acquire().await?;
             return group_commit.record(events.to_vec(), beside).await;
         }
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_events().await?;
 
         // Record the events; those already recorded are not returned and change nothing.
+        // Where the database can, the statement that records them also reads and locks the
+        // keys they name (all of them: which events are new is known only after), one round
+        // trip fewer in the commit every durable answer waits for. For one statement's events
+        // naming one SKU's keys, a durable commit's usual shape; otherwise the keys are read
+        // on their own below.
         let mut recorded: HashMap<String, i64> = HashMap::new();
         let p = self.dialect.placeholders;
-        for chunk in pow2_chunks(events, self.dialect.rows_per_statement(11, 0)) {
-            let sql = format!(
+        let chunks = pow2_chunks(events, self.dialect.rows_per_statement(11, 2));
+        let named = replay::keys_named(events);
+        let lock_with = match (chunks.len(), named.len()) {
+            (1, 1) => named.iter().next(),
+            _ => None,
+        };
+        let mut locked: Option<(&str, Vec<(i64, KeyStatus)>)> = None;
+        for chunk in chunks {
+            let insert = format!(
                 "INSERT INTO events (event_id, sku, kind, at_ms, key_local_ids, order_id, \
                  user_id, redeemer, reason, late, fields_json) VALUES {} \
                  ON CONFLICT (event_id) DO NOTHING RETURNING seq, event_id",
                 tuples(p, chunk.len(), 11, 1)
             );
-            let mut query = sqlx::query(&sql);
+            let with_keys = lock_with.and_then(|(sku, ids)| {
+                let sql = DB::record_and_lock(&insert, STATUS_COLUMNS, 14, chunk.len() * 11 + 1)?;
+                Some((sql, *sku, ids))
+            });
+            let mut query = sqlx::query(with_keys.as_ref().map_or(&insert, |(sql, ..)| sql));
             for e in chunk {
                 let ids: Vec<String> = e.key_local_ids.iter().map(i64::to_string).collect();
                 query = query
@@ -242,8 +258,21 @@ where
                     .bind(e.late)
                     .bind(e.fields_json.as_str());
             }
+            if let Some((_, sku, ids)) = &with_keys {
+                query = DB::bind_record_and_lock(query, sku, ids.iter().copied().collect());
+            }
+            let mut statuses = Vec::new();
             for row in query.fetch_all(&mut *tx).await? {
-                recorded.insert(row.try_get(1)?, row.try_get(0)?);
+                // An event's row has its seq; a key's has none (see `Bulk::record_and_lock`).
+                match row.try_get::<Option<i64>, _>(0)? {
+                    Some(seq) => {
+                        recorded.insert(row.try_get(1)?, seq);
+                    }
+                    None => statuses.push(Self::status_from_row(&row, 2)?),
+                }
+            }
+            if let Some((_, sku, _)) = with_keys {
+                locked = Some((sku, statuses));
             }
         }
         let new: Vec<bool> = events
@@ -257,7 +286,13 @@ where
 
         let mut keys = BTreeMap::new();
         for (sku, ids) in replay::keys_to_load(&applied) {
-            for (id, status) in self.load_statuses(&mut tx, sku, &ids).await? {
+            // Read with the events, the keys of events already recorded too: replay changes
+            // only those the new ones name.
+            let statuses = match locked.take_if(|(read, _)| *read == sku) {
+                Some((_, statuses)) => statuses,
+                None => self.load_statuses(&mut tx, sku, &ids).await?,
+            };
+            for (id, status) in statuses {
                 keys.insert((sku, id), status);
             }
         }
@@ -417,25 +452,30 @@ where
                 query = query.bind(*id);
             }
             for row in query.fetch_all(&mut *conn).await? {
-                let status = KeyStatus {
-                    voids: row.try_get(1)?,
-                    held: row.try_get(2)?,
-                    sold: row.try_get(3)?,
-                    uses: row.try_get(4)?,
-                    max_issues: row.try_get(5)?,
-                    max_uses: row.try_get(6)?,
-                    order_id: row.try_get(7)?,
-                    user_id: row.try_get(8)?,
-                    redeemer: row.try_get(9)?,
-                    redeemed_at_ms: row.try_get(10)?,
-                    updated_at_ms: row.try_get(11)?,
-                    order_entry: row.try_get(12)?,
-                    redeem_entry: row.try_get(13)?,
-                };
-                out.push((row.try_get(0)?, status));
+                out.push(Self::status_from_row(&row, 0)?);
             }
         }
         Ok(out)
+    }
+
+    /// A key's id and status from [`STATUS_COLUMNS`] in `row`, from column `at` on.
+    fn status_from_row(row: &DB::Row, at: usize) -> Result<(i64, KeyStatus), LedgerError> {
+        let status = KeyStatus {
+            voids: row.try_get(at + 1)?,
+            held: row.try_get(at + 2)?,
+            sold: row.try_get(at + 3)?,
+            uses: row.try_get(at + 4)?,
+            max_issues: row.try_get(at + 5)?,
+            max_uses: row.try_get(at + 6)?,
+            order_id: row.try_get(at + 7)?,
+            user_id: row.try_get(at + 8)?,
+            redeemer: row.try_get(at + 9)?,
+            redeemed_at_ms: row.try_get(at + 10)?,
+            updated_at_ms: row.try_get(at + 11)?,
+            order_entry: row.try_get(at + 12)?,
+            redeem_entry: row.try_get(at + 13)?,
+        };
+        Ok((row.try_get(at)?, status))
     }
 
     /// Writes changed key statuses back, many rows per `UPDATE … FROM (VALUES …)`, the first

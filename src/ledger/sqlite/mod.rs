@@ -63,6 +63,7 @@ const READERS: u32 = 4;
 
 const DIALECT: Dialect = Dialect {
     begin_write: Some("BEGIN IMMEDIATE"),
+    begin_events: None,
     lock_rows: "",
     share_rows: "",
     max_binds: MAX_BINDS,
