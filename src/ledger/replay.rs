@@ -125,12 +125,17 @@ pub(crate) fn replay<'e>(
 pub(crate) fn pool_changes<'e>(events: &[NewEvent<'e>]) -> BTreeMap<(&'e str, String), (i64, i64)> {
     let mut out: BTreeMap<(&str, String), (i64, i64)> = BTreeMap::new();
     for e in events {
-        // Most events move no pool: only these kinds can, and then only with a `pool` field
-        // (a key `"pool"` in the JSON; a value holding quotes is escaped, so it cannot look
-        // like one). Skipping the rest spares parsing every event's fields again.
+        // Most events move no pool: only these kinds can, and then only with a `pool` that
+        // names one and a `pooled` other than 0 (keys of the JSON; a value holding quotes is
+        // escaped, so it cannot look like one). A claim of the shared stock has `"pool":""`,
+        // a claim through a channel without a pool of its own `"pooled":"0"`: skipping those
+        // spares parsing nearly every event's fields again.
         let may_move = match e.event.kind.as_str() {
             "claim" | "hold" | "confirm" | "release" | "expire" => {
-                e.event.fields_json.contains("\"pool\"")
+                let fields = e.event.fields_json.as_str();
+                fields.contains("\"pooled\":\"")
+                    && !fields.contains("\"pooled\":\"0\"")
+                    && !fields.contains("\"pool\":\"\"")
             }
             "pool" => true,
             _ => false,
@@ -255,6 +260,70 @@ mod tests {
         assert_eq!(changed.len(), 1, "key 2 was not touched");
         let (id, status) = &changed[0];
         assert_eq!((*id, status.held, status.sold), (1, 0, 1));
+    }
+
+    #[test]
+    fn pools_move_by_the_pool_fields_of_the_events() {
+        let with = |kind: &str, at_ms: i64, fields: serde_json::Value| {
+            let mut e = event("a", kind, &[1]);
+            e.event_id = format!("a/{kind}-{at_ms}");
+            e.at_ms = at_ms;
+            e.fields_json = fields.to_string();
+            e
+        };
+        let events = [
+            with("claim", 1, serde_json::json!({"pool": "", "pooled": "0"})),
+            with(
+                "claim",
+                2,
+                serde_json::json!({"pool": "ch1", "pooled": "3"}),
+            ),
+            // Another field's value holding the text of an empty pool changes nothing.
+            with(
+                "hold",
+                3,
+                serde_json::json!({"user": "\"pool\":\"\"", "pool": "ch1", "pooled": "2"}),
+            ),
+            with(
+                "release",
+                4,
+                serde_json::json!({"pool": "ch1", "pooled": "1"}),
+            ),
+            with(
+                "claim",
+                5,
+                serde_json::json!({"pool": "ch2", "pooled": "0"}),
+            ),
+            with(
+                "expire",
+                5,
+                serde_json::json!({"pool": "ch2", "pooled": "05"}),
+            ),
+            with(
+                "pool",
+                6,
+                serde_json::json!({"from": "", "to": "ch2", "delta": "7"}),
+            ),
+            with("pool", 7, serde_json::json!({"pool": "ch1", "delta": "-1"})),
+            with(
+                "redeem",
+                8,
+                serde_json::json!({"pool": "ch1", "pooled": "5"}),
+            ),
+        ];
+        let new: Vec<NewEvent> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| NewEvent::new(e, i as i64))
+            .collect();
+        let changes = pool_changes(&new);
+        assert_eq!(
+            changes.into_iter().collect::<Vec<_>>(),
+            vec![
+                (("a", "ch1".to_owned()), (-3 - 2 + 1 - 1, 7)),
+                (("a", "ch2".to_owned()), (5 + 7, 6)),
+            ]
+        );
     }
 
     #[test]
