@@ -127,9 +127,10 @@ pub(crate) fn pool_changes<'e>(events: &[NewEvent<'e>]) -> BTreeMap<(&'e str, St
     for e in events {
         // Most events move no pool: only these kinds can, and then only with a `pool` that
         // names one and a `pooled` other than 0 (keys of the JSON; a value holding quotes is
-        // escaped, so it cannot look like one). A claim of the shared stock has `"pool":""`,
-        // a claim through a channel without a pool of its own `"pooled":"0"`: skipping those
-        // spares parsing nearly every event's fields again.
+        // escaped, so it cannot look like one). A claim names its channel (the default one
+        // unless the token is another's) and how many codes it drew from that channel's pool,
+        // `"pooled":"0"` for a channel without one: skipping those spares parsing nearly
+        // every event's fields again.
         let may_move = match e.event.kind.as_str() {
             "claim" | "hold" | "confirm" | "release" | "expire" => {
                 let fields = e.event.fields_json.as_str();
