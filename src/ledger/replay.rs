@@ -51,9 +51,9 @@ pub(crate) fn keys_to_load<'e>(events: &[NewEvent<'e>]) -> BTreeMap<&'e str, BTr
     wanted
 }
 
-/// The keys `events` name that change keys, per SKU, whether or not the events are new to
-/// the ledger: what a commit may lock before it knows which are ([`keys_to_load`] then
-/// picks the keys it loads for the new ones).
+/// The keys named by those of `events` that change keys, per SKU, whether or not the events
+/// are new to the ledger: what a commit may lock before it knows which are new
+/// ([`keys_to_load`] then picks the keys the new ones name).
 pub(crate) fn keys_named(events: &[LedgerEvent]) -> BTreeMap<&str, BTreeSet<i64>> {
     let mut named: BTreeMap<&str, BTreeSet<i64>> = BTreeMap::new();
     for e in events {
