@@ -1559,6 +1559,43 @@ async fn a_commit_stalled_mid_transaction_holds_a_rebuild_back_only_until_its_se
     assert_eq!(direct.rereads().await.expect("rereads"), ["gift"]);
 }
 
+/// Commits of events keep one connection from one commit to the next (PostgreSQL). One
+/// ended while it waited (a restarted server, an operator's `pg_terminate_backend`, a
+/// server-side idle timeout) costs the next commit nothing: it goes through on a new one,
+/// and every event is recorded once.
+#[tokio::test]
+async fn a_commit_after_the_ledgers_sessions_ended_goes_through() {
+    let Some(env) = Env::postgres().await else {
+        return;
+    };
+    let l = env.ledger.as_ref();
+    stocked(l, "gift", &keys(&["K1", "K2", "K3"])).await;
+    let claim = |n: i64| event("gift", n, "claim", &[n]);
+    assert_eq!(l.apply_events(&[claim(1)]).await.expect("first"), 1);
+
+    for round in 2..=3 {
+        // Every other session of the ledger's database ended, and gone before this goes on.
+        env.exec_aside(
+            "SELECT pg_terminate_backend(pid, 60000) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .await;
+        assert_eq!(
+            l.apply_events(&[claim(round - 1), claim(round)])
+                .await
+                .expect("a commit after the sessions ended"),
+            1,
+            "round {round}"
+        );
+    }
+    for n in 1..=3 {
+        let id = format!("gift.{n}");
+        assert_eq!(get(l, &id).await.state, "claimed", "{id}");
+    }
+    let events = l.order_events("gift", "o-2").await.expect("events");
+    assert_eq!(events.len(), 1, "recorded once: {events:?}");
+}
+
 /// Commits cost the same after PostgreSQL took the statistics of a small ledger: autovacuum
 /// analyzes a fresh ledger's events table after its first few dozen events, and a plan made
 /// from those statistics and kept (a foreign key's check, once) read the whole events table

@@ -32,7 +32,8 @@ use super::{LedgerError, NewKey};
 /// The protocol's limit on bind parameters per statement.
 const MAX_BINDS: usize = 65_535;
 
-/// Connections per gateway.
+/// Connections per gateway in the pool; commits of engine events keep one more of their own
+/// (`hold_events_connection`).
 const MAX_CONNECTIONS: u32 = 16;
 
 /// How long a caller waits for a connection before the ledger reports itself unavailable.
@@ -51,6 +52,7 @@ const BEGIN_EVENTS: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_pla
 const DIALECT: Dialect = Dialect {
     begin_write: None,
     begin_events: Some(BEGIN_EVENTS),
+    hold_events_connection: true,
     lock_rows: " FOR UPDATE",
     share_rows: " FOR SHARE",
     max_binds: MAX_BINDS,

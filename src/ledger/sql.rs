@@ -81,6 +81,10 @@ pub(crate) struct Dialect {
     /// Statement opening a commit of engine events (`sql/events.rs`); `None` for
     /// [`Self::begin_write`]'s.
     pub begin_events: Option<&'static str>,
+    /// Whether commits of engine events keep a connection of their own from one commit to
+    /// the next rather than taking one from the pool each time
+    /// ([`SqlLedger::events_connection`]).
+    pub hold_events_connection: bool,
     /// Appended to a read of rows the transaction will change.
     pub lock_rows: &'static str,
     /// Appended to a read of rows that must not change before the transaction commits.
@@ -169,6 +173,9 @@ pub(crate) struct SqlLedger<DB: Database> {
     group_commit: Option<GroupCommit>,
     /// Event batches waiting to commit together (`sql/events.rs`).
     turns: events::Turns,
+    /// The connection commits of engine events keep between two commits, out of the pool
+    /// ([`Dialect::hold_events_connection`]).
+    events_conn: std::sync::Mutex<Option<DB::Connection>>,
 }
 
 /// What each backend does its own way in an import: per chunk, one query finds which codes
@@ -287,6 +294,7 @@ where
             dialect,
             group_commit: None,
             turns: events::Turns::default(),
+            events_conn: std::sync::Mutex::new(None),
         }
     }
 
@@ -309,6 +317,24 @@ where
             Some(statement) => Ok(self.write.begin_with(statement).await?),
             None => self.begin_write().await,
         }
+    }
+
+    /// The connection the last commit of engine events kept, if any
+    /// ([`Dialect::hold_events_connection`]).
+    ///
+    /// Commits take turns (`sql/events.rs`), so one connection serves them all. Taken from
+    /// the pool, a connection costs a commit two more round trips, each a wake-up of a
+    /// server process: the pool's check of a connection it hands out, in the commit every
+    /// durable answer waits for, and the one of a connection handed back.
+    fn kept_events_connection(&self) -> Option<DB::Connection> {
+        self.events_conn.lock().expect("events connection").take()
+    }
+
+    /// Keeps `conn`, its commit done, for the next commit of engine events. A connection
+    /// whose commit failed is not kept but dropped, which ends its session and rolls back
+    /// whatever its transaction did.
+    fn keep_events_connection(&self, conn: DB::Connection) {
+        *self.events_conn.lock().expect("events connection") = Some(conn);
     }
 
     fn sku_from_row(row: &DB::Row) -> Result<SkuRecord, LedgerError> {

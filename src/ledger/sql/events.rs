@@ -22,7 +22,9 @@ use std::sync::Mutex;
 use tokio::sync::oneshot;
 
 use sqlx::database::HasStatementCache;
-use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Row, Type};
+use sqlx::{
+    ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Row, Transaction, Type,
+};
 
 use super::statements::{pow2_chunks, tuples};
 use super::{Bulk, SqlLedger};
@@ -207,15 +209,60 @@ where
     async fn commit_events(
         &self,
         events: &[LedgerEvent],
-        beside: Option<Beside<'static>>,
+        mut beside: Option<Beside<'static>>,
     ) -> Result<Vec<bool>, LedgerError> {
         if let Some(group_commit) = &self.group_commit {
             // Held for the job: this process's writes take turns on one lock.
             let _writer = self.write.acquire().await?;
             return group_commit.record(events.to_vec(), beside).await;
         }
-        let mut tx = self.begin_events().await?;
+        if !self.dialect.hold_events_connection {
+            let mut tx = self.begin_events().await?;
+            let new = self.record(&mut tx, events).await?;
+            commit_beside(tx.commit(), beside).await?;
+            return Ok(new);
+        }
+        let begin = self.dialect.begin_events.unwrap_or("BEGIN");
+        if let Some(mut conn) = self.kept_events_connection() {
+            let done = match sqlx::Connection::begin_with(&mut conn, begin).await {
+                Ok(tx) => Some(self.record_and_commit(tx, events, beside.take()).await),
+                // Ended while it waited (a restarted server, an operator, a server-side idle
+                // timeout): nothing ran on it, so a new connection takes the commit.
+                Err(_) => None,
+            };
+            if let Some(done) = done {
+                let new = done?;
+                self.keep_events_connection(conn);
+                return Ok(new);
+            }
+        }
+        let mut conn = self.write.acquire().await?.detach();
+        let tx = sqlx::Connection::begin_with(&mut conn, begin).await?;
+        let new = self.record_and_commit(tx, events, beside).await?;
+        self.keep_events_connection(conn);
+        Ok(new)
+    }
 
+    /// Records `events` in `tx` and commits it, `beside` run alongside the `COMMIT`. On an
+    /// error the transaction is rolled back (its connection is then dropped, not kept).
+    async fn record_and_commit(
+        &self,
+        mut tx: Transaction<'_, DB>,
+        events: &[LedgerEvent],
+        beside: Option<Beside<'static>>,
+    ) -> Result<Vec<bool>, LedgerError> {
+        let new = self.record(&mut tx, events).await?;
+        commit_beside(tx.commit(), beside).await?;
+        Ok(new)
+    }
+
+    /// The statements of a commit of `events`, on `conn`, in its transaction: says of each
+    /// event whether it was new to the ledger.
+    async fn record(
+        &self,
+        conn: &mut DB::Connection,
+        events: &[LedgerEvent],
+    ) -> Result<Vec<bool>, LedgerError> {
         // Record the events; those already recorded are not returned and change nothing.
         // Where the database can, the statement that records them also reads and locks the
         // keys they name (all of them: which events are new is known only after), one round
@@ -262,7 +309,7 @@ where
                 query = DB::bind_record_and_lock(query, sku, ids.iter().copied().collect());
             }
             let mut statuses = Vec::new();
-            for row in query.fetch_all(&mut *tx).await? {
+            for row in query.fetch_all(&mut *conn).await? {
                 // An event's row has its seq; a key's has none (see `Bulk::record_and_lock`).
                 match row.try_get::<Option<i64>, _>(0)? {
                     Some(seq) => {
@@ -290,7 +337,7 @@ where
             // only those the new ones name.
             let statuses = match locked.take_if(|(read, _)| *read == sku) {
                 Some((_, statuses)) => statuses,
-                None => self.load_statuses(&mut tx, sku, &ids).await?,
+                None => self.load_statuses(conn, sku, &ids).await?,
             };
             for (id, status) in statuses {
                 keys.insert((sku, id), status);
@@ -311,7 +358,7 @@ where
             fences: None,
         };
         for (sku, rows) in &replayed.changed {
-            self.store_statuses(&mut tx, sku, rows, &mut tail).await?;
+            self.store_statuses(conn, sku, rows, &mut tail).await?;
         }
         for ((sku, pool), (delta, at_ms)) in replay::pool_changes(&applied) {
             sqlx::query(
@@ -323,7 +370,7 @@ where
             .bind(pool.as_str())
             .bind(delta)
             .bind(at_ms)
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await?;
         }
 
@@ -331,14 +378,14 @@ where
             if let Some(alone) = DB::links_and_fences(1) {
                 let sql = format!("WITH {alone}");
                 let query = DB::bind_links_and_fences(sqlx::query(&sql), &links, &fenced);
-                tail.fences = Some(fences_read(query.fetch_all(&mut *tx).await?)?);
+                tail.fences = Some(fences_read(query.fetch_all(&mut *conn).await?)?);
             }
         }
         match &tail.fences {
             Some(fences) => {
                 for (sku, gen) in gens {
                     let read = fences.get(sku).and_then(Option::as_deref);
-                    self.mark_if_behind(&mut tx, sku, gen, read).await?;
+                    self.mark_if_behind(conn, sku, gen, read).await?;
                 }
             }
             None => {
@@ -352,21 +399,14 @@ where
                     for (sku, id, seq) in chunk {
                         query = query.bind(*sku).bind(*id).bind(*seq);
                     }
-                    query.execute(&mut *tx).await?;
+                    query.execute(&mut *conn).await?;
                 }
                 for (sku, gen) in gens {
-                    self.pass_fence(&mut tx, sku, gen).await?;
+                    self.pass_fence(conn, sku, gen).await?;
                 }
             }
         }
 
-        match beside {
-            Some(beside) => {
-                let (committed, ()) = tokio::join!(tx.commit(), beside);
-                committed?;
-            }
-            None => tx.commit().await?,
-        }
         Ok(new)
     }
 
@@ -542,6 +582,18 @@ where
         }
         Ok(())
     }
+}
+
+/// Runs `commit` (a transaction's `COMMIT`) with `beside` alongside.
+async fn commit_beside<T>(
+    commit: impl Future<Output = Result<T, sqlx::Error>>,
+    beside: Option<Beside<'static>>,
+) -> Result<(), LedgerError> {
+    match beside {
+        Some(beside) => tokio::join!(commit, beside).0?,
+        None => commit.await?,
+    };
+    Ok(())
 }
 
 /// What a commit writes after the keys where the database can take it with their first

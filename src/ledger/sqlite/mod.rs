@@ -64,6 +64,9 @@ const READERS: u32 = 4;
 const DIALECT: Dialect = Dialect {
     begin_write: Some("BEGIN IMMEDIATE"),
     begin_events: None,
+    // An in-memory ledger's pool has one connection, its database: taken out, the pool
+    // would open an empty one. Files commit through `GroupCommit`.
+    hold_events_connection: false,
     lock_rows: "",
     share_rows: "",
     max_binds: MAX_BINDS,
