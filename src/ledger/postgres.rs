@@ -16,6 +16,7 @@
 //! in with one `COPY`, which PostgreSQL parses far cheaper than a statement of thousands of
 //! bind parameters.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -140,24 +141,28 @@ impl Bulk for Postgres {
         ))
     }
 
-    fn record_and_lock(insert: &str, columns: &str, width: usize, first: usize) -> Option<String> {
-        let (sku, ids) = (first, first + 1);
-        let nulls = vec!["NULL"; width].join(", ");
+    fn record_and_lock(insert: &str, columns: &str, first: usize) -> Option<String> {
+        let (skus, ids) = (first, first + 1);
+        let nulls = vec!["NULL"; columns.split(',').count()].join(", ");
         Some(format!(
             "WITH recorded AS ({insert}), \
-             locked AS (SELECT {columns} FROM keys WHERE sku = ${sku} \
-             AND local_id = ANY(${ids}::int8[]) ORDER BY local_id FOR UPDATE) \
+             locked AS (SELECT sku, {columns} FROM keys WHERE (sku, local_id) IN \
+             (SELECT * FROM unnest(${skus}::text[], ${ids}::int8[])) \
+             ORDER BY sku COLLATE \"C\", local_id FOR UPDATE) \
              SELECT seq, event_id, {nulls} FROM recorded \
-             UNION ALL SELECT NULL, NULL, {columns} FROM locked"
+             UNION ALL SELECT NULL, sku, {columns} FROM locked"
         ))
     }
 
     fn bind_record_and_lock<'q>(
         query: Query<'q, Postgres, PgArguments>,
-        sku: &'q str,
-        ids: Vec<i64>,
+        keys: &BTreeMap<&'q str, BTreeSet<i64>>,
     ) -> Query<'q, Postgres, PgArguments> {
-        query.bind(sku).bind(ids)
+        let (skus, ids): (Vec<&'q str>, Vec<i64>) = keys
+            .iter()
+            .flat_map(|(sku, ids)| ids.iter().map(move |id| (*sku, *id)))
+            .unzip();
+        query.bind(skus).bind(ids)
     }
 
     fn bind_links_and_fences<'q>(

@@ -39,6 +39,7 @@
 //! tokens; `orders`: a channel's orders read back from their events; `statements`:
 //! multi-row statement shapes.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 
@@ -225,25 +226,20 @@ pub(crate) trait Bulk: Database {
 
     /// A commit's first two steps as one statement, where the database takes them so
     /// (PostgreSQL; `None` elsewhere, and they are statements of their own): `insert`, an
-    /// `INSERT INTO events … RETURNING seq, event_id`, then a read of `columns` (`width` of
-    /// them) of one SKU's keys by local id, locked for update in order of local id. Its rows
-    /// are `(seq, event_id, NULL…)` for each event recorded and `(NULL, NULL, columns…)` for
-    /// each key found. The SKU and the ids are parameters `first` and `first + 1`: one shape
-    /// whatever the ids' number.
-    fn record_and_lock(
-        _insert: &str,
-        _columns: &str,
-        _width: usize,
-        _first: usize,
-    ) -> Option<String> {
+    /// `INSERT INTO events … RETURNING seq, event_id`, then a read of `columns` (a list of
+    /// plain column names) of keys by SKU and local id, locked for update in order of SKU
+    /// (bytewise, as Rust orders strings) and local id, the order the keys are read in a SKU
+    /// at a time. Its rows are `(seq, event_id, NULL…)` for each event recorded and
+    /// `(NULL, sku, columns…)` for each key found. The keys are parameters `first` and
+    /// `first + 1`: one shape whatever their number.
+    fn record_and_lock(_insert: &str, _columns: &str, _first: usize) -> Option<String> {
         None
     }
 
-    /// Binds the SKU and the local ids to the parameters of [`Bulk::record_and_lock`].
+    /// Binds the keys, local ids by SKU, to the parameters of [`Bulk::record_and_lock`].
     fn bind_record_and_lock<'q>(
         query: sqlx::query::Query<'q, Self, Self::Arguments<'q>>,
-        _sku: &'q str,
-        _ids: Vec<i64>,
+        _keys: &BTreeMap<&'q str, BTreeSet<i64>>,
     ) -> sqlx::query::Query<'q, Self, Self::Arguments<'q>> {
         query
     }

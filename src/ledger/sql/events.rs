@@ -265,19 +265,17 @@ where
     ) -> Result<Vec<bool>, LedgerError> {
         // Record the events; those already recorded are not returned and change nothing.
         // Where the database can, the statement that records them also reads and locks the
-        // keys they name (all of them: which events are new is known only after), one round
-        // trip fewer in the commit every durable answer waits for. For one statement's events
-        // naming one SKU's keys, a durable commit's usual shape; otherwise the keys are read
-        // on their own below.
+        // keys they name (all of them: which events are new is known only after), whatever
+        // their SKUs: a round trip per SKU fewer in the commit every durable answer waits
+        // for. For one statement's events, a durable commit's usual shape; otherwise the keys
+        // are read on their own below, a SKU at a time.
         let mut recorded: HashMap<String, i64> = HashMap::new();
         let p = self.dialect.placeholders;
         let chunks = pow2_chunks(events, self.dialect.rows_per_statement(11, 2));
         let named = replay::keys_named(events);
-        let lock_with = match (chunks.len(), named.len()) {
-            (1, 1) => named.iter().next(),
-            _ => None,
-        };
-        let mut locked: Option<(&str, Vec<(i64, KeyStatus)>)> = None;
+        let lock_with = (chunks.len() == 1 && !named.is_empty()).then_some(&named);
+        // The keys read with the events, by SKU: every SKU `named` has, once read.
+        let mut locked: Option<BTreeMap<&str, Vec<(i64, KeyStatus)>>> = None;
         for chunk in chunks {
             let insert = format!(
                 "INSERT INTO events (event_id, sku, kind, at_ms, key_local_ids, order_id, \
@@ -285,11 +283,11 @@ where
                  ON CONFLICT (event_id) DO NOTHING RETURNING seq, event_id",
                 tuples(p, chunk.len(), 11, 1)
             );
-            let with_keys = lock_with.and_then(|(sku, ids)| {
-                let sql = DB::record_and_lock(&insert, STATUS_COLUMNS, 14, chunk.len() * 11 + 1)?;
-                Some((sql, *sku, ids))
+            let with_keys = lock_with.and_then(|named| {
+                let sql = DB::record_and_lock(&insert, STATUS_COLUMNS, chunk.len() * 11 + 1)?;
+                Some((sql, named))
             });
-            let mut query = sqlx::query(with_keys.as_ref().map_or(&insert, |(sql, ..)| sql));
+            let mut query = sqlx::query(with_keys.as_ref().map_or(&insert, |(sql, _)| sql));
             for e in chunk {
                 let ids: Vec<String> = e.key_local_ids.iter().map(i64::to_string).collect();
                 query = query
@@ -305,21 +303,31 @@ where
                     .bind(e.late)
                     .bind(e.fields_json.as_str());
             }
-            if let Some((_, sku, ids)) = &with_keys {
-                query = DB::bind_record_and_lock(query, sku, ids.iter().copied().collect());
+            if let Some((_, named)) = &with_keys {
+                query = DB::bind_record_and_lock(query, named);
             }
-            let mut statuses = Vec::new();
+            let mut statuses: BTreeMap<&str, Vec<(i64, KeyStatus)>> = BTreeMap::new();
             for row in query.fetch_all(&mut *conn).await? {
-                // An event's row has its seq; a key's has none (see `Bulk::record_and_lock`).
+                // An event's row has its seq; a key's has none, and its SKU instead of an
+                // event id (see `Bulk::record_and_lock`).
                 match row.try_get::<Option<i64>, _>(0)? {
                     Some(seq) => {
                         recorded.insert(row.try_get(1)?, seq);
                     }
-                    None => statuses.push(Self::status_from_row(&row, 2)?),
+                    None => {
+                        let sku: String = row.try_get(1)?;
+                        let (sku, _) = named.get_key_value(sku.as_str()).ok_or_else(|| {
+                            LedgerError::Corrupt(format!("a key of {sku} read unasked"))
+                        })?;
+                        statuses
+                            .entry(sku)
+                            .or_default()
+                            .push(Self::status_from_row(&row, 2)?);
+                    }
                 }
             }
-            if let Some((_, sku, _)) = with_keys {
-                locked = Some((sku, statuses));
+            if with_keys.is_some() {
+                locked = Some(statuses);
             }
         }
         let new: Vec<bool> = events
@@ -335,8 +343,8 @@ where
         for (sku, ids) in replay::keys_to_load(&applied) {
             // Read with the events, the keys of events already recorded too: replay changes
             // only those the new ones name.
-            let statuses = match locked.take_if(|(read, _)| *read == sku) {
-                Some((_, statuses)) => statuses,
+            let statuses = match &mut locked {
+                Some(locked) => locked.remove(sku).unwrap_or_default(),
                 None => self.load_statuses(conn, sku, &ids).await?,
             };
             for (id, status) in statuses {
