@@ -84,7 +84,7 @@ pub(crate) struct Dialect {
     pub begin_events: Option<&'static str>,
     /// Whether commits of engine events keep a connection of their own from one commit to
     /// the next rather than taking one from the pool each time
-    /// ([`SqlLedger::events_connection`]).
+    /// ([`SqlLedger::kept_events_connection`]).
     pub hold_events_connection: bool,
     /// Appended to a read of rows the transaction will change.
     pub lock_rows: &'static str,
