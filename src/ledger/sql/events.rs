@@ -217,10 +217,8 @@ where
             return group_commit.record(events.to_vec(), beside).await;
         }
         if !self.dialect.hold_events_connection {
-            let mut tx = self.begin_events().await?;
-            let new = self.record(&mut tx, events).await?;
-            commit_beside(tx.commit(), beside).await?;
-            return Ok(new);
+            let tx = self.begin_events().await?;
+            return self.record_and_commit(tx, events, beside).await;
         }
         let begin = self.dialect.begin_events.unwrap_or("BEGIN");
         if let Some(mut conn) = self.kept_events_connection() {
