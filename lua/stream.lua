@@ -98,13 +98,28 @@ local function as_map(flat)
   return m
 end
 
+-- The stream's XINFO GROUPS records (none when the stream does not exist), and the one
+-- of group `name` among them, or nil.
+local function groups_info(name)
+  if redis.call('EXISTS', events) == 0 then return {}, nil end
+  local groups, found = {}, nil
+  for i, g in ipairs(redis.call('XINFO', 'GROUPS', events)) do
+    local m = as_map(g)
+    groups[i] = m
+    if m['name'] == name then found = m end
+  end
+  return groups, found
+end
+
 -- The group's XINFO GROUPS record, or nil (also when the stream does not exist).
 local function group_info(name)
-  if redis.call('EXISTS', events) == 0 then return nil end
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', events)) do
-    local m = as_map(g)
-    if m['name'] == name then return m end
-  end
+  local _, g = groups_info(name)
+  return g
+end
+
+-- The oldest entry group `g` (an XINFO GROUPS record) holds pending, or nil.
+local function oldest_pending(g)
+  if tonumber(g['pending']) > 0 then return redis.call('XPENDING', events, g['name'])[2] end
   return nil
 end
 
@@ -116,8 +131,9 @@ local function entry_after(id)
 end
 
 -- What group `g` (an XINFO GROUPS record) still owes the ledger:
--- pending, lag, the oldest unsettled id (nil when none), the last delivered id.
-local function owed(g)
+-- pending, lag, the oldest unsettled id (nil when none), the last delivered id. `oldest`
+-- (default `oldest_pending`) gives the group's oldest pending id.
+local function owed(g, oldest)
   local pending = tonumber(g['pending'])
   local last = g['last-delivered-id']
   local looked, after = false, nil
@@ -125,8 +141,7 @@ local function owed(g)
     if not looked then looked, after = true, entry_after(last) end
     return after
   end
-  local floor = nil
-  if pending > 0 then floor = redis.call('XPENDING', events, g['name'])[2] end
+  local floor = (oldest or oldest_pending)(g)
   -- A pending entry was delivered, so it is no later than the last delivered one and older
   -- than any entry after it: the first undelivered entry matters only without one (or past
   -- one, which only a group moved back by hand could have).
@@ -152,26 +167,24 @@ local function owed(g)
   return pending, lag, floor, last
 end
 
--- Trims what every group has settled (see the header). Returns how many entries went.
-local function trim_settled()
-  if redis.call('EXISTS', events) == 0 then return 0 end
+-- Trims what every group of `groups` (XINFO GROUPS records, true now) has settled (see the
+-- header); `oldest` (default `oldest_pending`) gives a group's oldest pending id. Returns
+-- how many entries went.
+local function trim_settled(groups, oldest)
+  if not groups then groups = groups_info() end
+  oldest = oldest or oldest_pending
   local floor = nil
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', events)) do
-    local m = as_map(g)
-    local bound = m['last-delivered-id']
-    if tonumber(m['pending']) > 0 then
-      bound = min_id(redis.call('XPENDING', events, m['name'])[2], bound)
-    end
-    floor = min_id(floor, bound)
+  for _, m in ipairs(groups) do
+    floor = min_id(floor, min_id(oldest(m), m['last-delivered-id']))
   end
   if not floor then return 0 end
   return redis.call('XTRIM', events, 'MINID', floor)
 end
 
--- Acknowledges ARGV[first…] if the SKU's generation is `gen`, and trims; returns how many
--- were pending.
-local function ack(gen, first)
-  if #ARGV < first or (redis.call('HGET', meta, 'gen') or '') ~= gen then return 0 end
+-- Acknowledges ARGV[first…] if the SKU's generation `current` is `gen`, and trims; returns
+-- how many were pending.
+local function ack(current, gen, first)
+  if #ARGV < first or current ~= gen then return 0 end
   local acked = redis.call('XACK', events, group, unpack(ARGV, first))
   trim_settled()
   return acked
@@ -183,19 +196,33 @@ if op == 'read' then
   local with_own = string.find(sources, 'o', 1, true) ~= nil
   local with_claimed = string.find(sources, 'c', 1, true) ~= nil
   local with_new = string.find(sources, 'n', 1, true) ~= nil
-  local g = group_info(group)
+  local gen = redis.call('HGET', meta, 'gen') or ''
+  local groups, g = groups_info(group)
+  -- Each group's oldest pending id, asked once: after the acknowledgements below nothing
+  -- this read does changes a pending list before the report (trimming cuts below every
+  -- oldest pending entry).
+  local oldest_of = {}
+  local function oldest(m)
+    local id = oldest_of[m['name']]
+    if id == nil then
+      id = oldest_pending(m) or false
+      oldest_of[m['name']] = id
+    end
+    return id or nil
+  end
   if not g then
     -- From the first entry: events written before any writer ran are owed too.
     redis.call('XGROUP', 'CREATE', events, group, '0', 'MKSTREAM')
     g = group_info(group)
-  elseif #ARGV > 7 then
-    -- Before the report below, so it counts them as settled. They leave the group's pending
-    -- entries and nothing else of the group changes (trimming cuts only below what every
-    -- group has settled), so the record read above stays true with its count lowered.
-    local acked = ack(ARGV[7], 8)
-    if acked > 0 then g['pending'] = tonumber(g['pending']) - acked end
+  elseif #ARGV > 7 and ARGV[7] == gen then
+    -- As 'ack' does, before the report below, so it counts them as settled. They leave the
+    -- group's pending entries and nothing else of any group changes, so the records read
+    -- above stay true with this group's count lowered.
+    local acked = redis.call('XACK', events, group, unpack(ARGV, 8))
+    g['pending'] = tonumber(g['pending']) - acked
+    trim_settled(groups, oldest)
   end
-  local pending, lag, floor, last = owed(g)
+  local pending, lag, floor, last = owed(g, oldest)
   local owned = 0
   if not with_own and pending > 0 then
     for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', events, group)) do
@@ -250,14 +277,13 @@ if op == 'read' then
     end
   end
 
-  local gen = redis.call('HGET', meta, 'gen') or ''
   local reply = { pending, lag, floor or '', last, own, claimed, new, gen, owned }
   for _, e in ipairs(entries) do reply[#reply + 1] = e end
   return reply
 end
 
 if op == 'ack' then
-  return ack(ARGV[3], 4)
+  return ack(redis.call('HGET', meta, 'gen') or '', ARGV[3], 4)
 end
 
 if op == 'dead' then

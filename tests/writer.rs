@@ -619,6 +619,104 @@ async fn acked_entries_are_trimmed_and_pending_ones_kept(env: Env) {
     env.assert_in_step(sku).await;
 }
 
+/// A read that carries acknowledgements settles them before it reports and trims, as the
+/// writer's reads do beside each commit: the entries acknowledged leave the stream, the
+/// report's floor is past them, and what another consumer or another group still holds
+/// stays.
+async fn a_read_carrying_acknowledgements_trims_what_they_settle(env: Env) {
+    let sku = "gift";
+    env.stock(sku, 6).await;
+    for order in ["o-1", "o-2", "o-3"] {
+        env.claim(sku, order, 1, None).await;
+    }
+    let ids = env.entry_ids(sku).await;
+    assert!(ids.len() >= 5, "sku, add and claim events: {ids:?}");
+    let events = events_key(sku);
+    let total = ids.len() as i64;
+    let read = |consumer: &'static str, count: u32, acks: Vec<String>| {
+        let env = &env;
+        async move {
+            let mut args = vec![
+                "read".to_owned(),
+                GROUP.to_owned(),
+                consumer.to_owned(),
+                count.to_string(),
+                "3600000".to_owned(),
+                "n".to_owned(),
+            ];
+            args.extend(acks);
+            env.engine
+                .eval(
+                    &SCRIPTS.stream,
+                    vec![events_key(sku), dead_letters_key(sku), meta_key(sku)],
+                    args,
+                )
+                .await
+                .expect("read")
+                .as_array()
+                .expect("an array")
+                .to_vec()
+        }
+    };
+    // The head: pending, lag, floor, last delivered, own, claimed, new, gen, owned.
+    let text = |reply: &[Reply], at: usize| reply[at].as_str().unwrap_or_default().to_owned();
+    let number = |reply: &[Reply], at: usize| reply[at].as_i64().expect("a number");
+
+    let first = read("c1", 2, Vec::new()).await;
+    assert_eq!(first.len() - 9, 2, "two entries read");
+    let gen = text(&first, 7);
+    let with_acks = |gen: &str, acked: &[String]| {
+        let mut acks = vec![gen.to_owned()];
+        acks.extend(acked.iter().cloned());
+        acks
+    };
+
+    // c1 acknowledges both with its next read: they are settled, and the report starts after
+    // them.
+    let second = read("c1", 1, with_acks(&gen, &ids[..2])).await;
+    assert_eq!(number(&second, 0), 0, "nothing pending once acknowledged");
+    assert_eq!(
+        text(&second, 2),
+        ids[2],
+        "the floor is the first entry not settled"
+    );
+    assert_eq!(second.len() - 9, 1, "one entry read");
+    // The last entry delivered stays (the stream is cut below it; see stream.lua).
+    assert_eq!(
+        env.xlen(&events).await,
+        total - 1,
+        "the acknowledged entries are trimmed up to the last delivered"
+    );
+
+    // c2 reads the next one and holds it; c1 acknowledges the one it read: only that goes.
+    let held = read("c2", 1, Vec::new()).await;
+    assert_eq!(held.len() - 9, 1);
+    let third = read("c1", 1, with_acks(&gen, &ids[2..3])).await;
+    assert_eq!(number(&third, 0), 1, "c2's entry is still pending");
+    assert_eq!(text(&third, 2), ids[3], "the floor is c2's pending entry");
+    assert_eq!(env.xlen(&events).await, total - 3);
+
+    // Another group that has delivered less holds the stream back for itself: c2's
+    // acknowledgement settles its entry for this group only.
+    env.cmd(&["XGROUP", "CREATE", &events, "audit", &ids[3]])
+        .await;
+    let fourth = read("c2", 1, with_acks(&gen, &ids[3..4])).await;
+    assert_eq!(number(&fourth, 0), 1, "c1's entry is still pending");
+    assert_eq!(text(&fourth, 2), ids[4]);
+    assert_eq!(
+        env.xlen(&events).await,
+        total - 3,
+        "nothing the other group has not delivered goes"
+    );
+
+    // Acknowledgements of another generation settle nothing.
+    let pending = 1 + (fourth.len() - 9) as i64;
+    let stale = read("c1", 1, with_acks("another-gen", &ids[4..5])).await;
+    assert_eq!(number(&stale, 0), pending, "nothing acknowledged");
+    assert_eq!(text(&stale, 2), ids[4]);
+    assert_eq!(env.xlen(&events).await, total - 3);
+}
+
 /// The backlog counts entries pending on a consumer and entries not yet delivered, and how
 /// old the oldest of them is.
 async fn backlog_reports_pending_and_lag(env: Env) {
@@ -1871,6 +1969,7 @@ on_both_engines!(
     poison_is_dead_lettered_and_does_not_block_later_entries,
     entries_of_a_dead_consumer_are_taken_over,
     acked_entries_are_trimmed_and_pending_ones_kept,
+    a_read_carrying_acknowledgements_trims_what_they_settle,
     backlog_reports_pending_and_lag,
     wait_committed_answers_after_the_commit,
     an_answer_of_a_lost_generation_is_never_taken_as_committed,
