@@ -688,7 +688,8 @@ async fn a_read_carrying_acknowledgements_trims_what_they_settle(env: Env) {
         "the acknowledged entries are trimmed up to the last delivered"
     );
 
-    // c2 reads the next one and holds it; c1 acknowledges the one it read: only that goes.
+    // c2 reads the next one and holds it; c1 acknowledges the one it read: that goes, with
+    // the one kept before as the last delivered, and c2's stays.
     let held = read("c2", 1, Vec::new()).await;
     assert_eq!(held.len() - 9, 1);
     let third = read("c1", 1, with_acks(&gen, &ids[2..3])).await;
